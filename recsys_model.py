@@ -1,0 +1,298 @@
+"""Phoenix ranking model (spec sections 2, 3, 5).
+
+Shape glossary
+  B  batch (users)                 S  history length
+  C  candidates per user           D  embedding size (emb_size)
+  A  actions                       T  sequence length = 1 + S + C
+  Hu / Hi / Ha  number of user / item (post) / author hashes
+"""
+
+import dataclasses
+import logging
+from typing import Any, NamedTuple, Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grok import Transformer, TransformerConfig, layer_norm
+from validation import check_candidate_inputs, check_inputs
+
+logger = logging.getLogger(__name__)
+
+SURFACE_TABLE = "product_surface_embedding_table"  # shared by history and candidates
+
+
+@dataclasses.dataclass
+class HashConfig:
+    """How many hash functions each id type uses (spec section 2), and the hash tables behind them."""
+
+    num_user_hashes: int = 2
+    num_item_hashes: int = 2
+    num_author_hashes: int = 2
+    # Rows of each embedding table (hashing.py). Hash values lie in [1, size); row 0 is padding.
+    user_table_size: int = 100_000
+    post_table_size: int = 100_000
+    author_table_size: int = 100_000
+    # Seed of the hash family; hash function i of an id type is derived from (hash_seed, type, i).
+    hash_seed: int = 0
+
+
+class RecsysBatch(NamedTuple):
+    """Hashed inputs of one batch (spec section 2). Hash value 0 means padding."""
+
+    user_hashes: jax.Array  # [B, Hu] int
+    history_post_hashes: jax.Array  # [B, S, Hi] int
+    history_author_hashes: jax.Array  # [B, S, Ha] int
+    history_actions: jax.Array  # [B, S, A] float multi-hot
+    history_product_surface: jax.Array  # [B, S] int
+    candidate_post_hashes: jax.Array  # [B, C, Hi] int
+    candidate_author_hashes: jax.Array  # [B, C, Ha] int
+    candidate_product_surface: jax.Array  # [B, C] int
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RecsysEmbeddings:
+    """Looked-up hash embeddings (spec section 2); a registered pytree so jit/vmap/device_put work."""
+
+    user_embeddings: jax.Array  # [B, Hu, D]
+    history_post_embeddings: jax.Array  # [B, S, Hi, D]
+    candidate_post_embeddings: jax.Array  # [B, C, Hi, D]
+    history_author_embeddings: jax.Array  # [B, S, Ha, D]
+    candidate_author_embeddings: jax.Array  # [B, C, Ha, D]
+
+
+class RecsysModelOutput(NamedTuple):
+    logits: jax.Array  # [B, C, A]
+
+
+def _transposed_init(scale: float):
+    """VarianceScaling(scale, fan_out) drawn for the transposed shape, as the release does."""
+    init = hk.initializers.VarianceScaling(scale, mode="fan_out")
+    return lambda shape, dtype: init(list(reversed(shape)), dtype).T
+
+
+def _project(x: jax.Array, name: str, out_size: int, embed_init_scale: float) -> jax.Array:
+    """x [..., K] @ float32 parameter `name` [K, out] in float32, cast back to x's dtype."""
+    w = hk.get_parameter(name, [x.shape[-1], out_size], jnp.float32, init=_transposed_init(embed_init_scale))
+    return jnp.dot(x.astype(jnp.float32), w).astype(x.dtype)
+
+
+def block_user_reduce(user_hashes, user_embeddings, num_user_hashes, emb_size, embed_init_scale=1.0):
+    """User hashes' embeddings [B, Hu, D] -> ([B, 1, D], valid [B, 1]) via proj_mat_1 (spec section 3)."""
+    B = user_embeddings.shape[0]
+    x = user_embeddings.reshape(B, 1, num_user_hashes * emb_size)  # [B, 1, Hu*D]
+    user_embedding = _project(x, "proj_mat_1", emb_size, embed_init_scale)  # [B, 1, D]
+    return user_embedding, (user_hashes[:, 0] != 0).reshape(B, 1)
+
+
+def block_history_reduce(history_post_hashes, history_post_embeddings, history_author_embeddings,
+                         history_product_surface_embeddings, history_actions_embeddings, num_item_hashes,
+                         num_author_hashes, embed_init_scale=1.0):
+    """History -> ([B, S, D], valid [B, S]) via proj_mat_3 over [post, author, actions, surface]."""
+    B, S, _, D = history_post_embeddings.shape
+    x = jnp.concatenate([
+        history_post_embeddings.reshape(B, S, num_item_hashes * D),  # [B, S, Hi*D]
+        history_author_embeddings.reshape(B, S, num_author_hashes * D),  # [B, S, Ha*D]
+        history_actions_embeddings,  # [B, S, D]
+        history_product_surface_embeddings,  # [B, S, D]
+    ], axis=-1)  # [B, S, (Hi+Ha+2)*D]
+    history_embedding = _project(x, "proj_mat_3", D, embed_init_scale)  # [B, S, D]
+    return history_embedding, history_post_hashes[:, :, 0] != 0
+
+
+def block_candidate_reduce(candidate_post_hashes, candidate_post_embeddings, candidate_author_embeddings,
+                           candidate_product_surface_embeddings, num_item_hashes, num_author_hashes,
+                           embed_init_scale=1.0):
+    """Candidates -> ([B, C, D], valid [B, C]) via proj_mat_2 over [post, author, surface]."""
+    B, C, _, D = candidate_post_embeddings.shape
+    x = jnp.concatenate([
+        candidate_post_embeddings.reshape(B, C, num_item_hashes * D),  # [B, C, Hi*D]
+        candidate_author_embeddings.reshape(B, C, num_author_hashes * D),  # [B, C, Ha*D]
+        candidate_product_surface_embeddings,  # [B, C, D]
+    ], axis=-1)  # [B, C, (Hi+Ha+1)*D]
+    candidate_embedding = _project(x, "proj_mat_2", D, embed_init_scale)  # [B, C, D]
+    return candidate_embedding, candidate_post_hashes[:, :, 0] != 0
+
+
+@dataclasses.dataclass
+class PhoenixModelConfig:
+    """Ranking model configuration (spec section 5). `.make()` builds a `PhoenixModel`."""
+
+    model: TransformerConfig  # the shared transformer; its emb_size must equal emb_size
+    emb_size: int  # D
+    num_actions: int  # A, engagement actions predicted per candidate
+    history_seq_len: int = 128  # S the runners build dummy inputs with; the model accepts any S
+    candidate_seq_len: int = 32  # C likewise
+    name: Optional[str] = None
+    fprop_dtype: Any = jnp.bfloat16  # activations' dtype; parameters stay float32
+    hash_config: Optional[HashConfig] = None  # -> HashConfig() by initialize()
+    product_surface_vocab_size: int = 16
+
+    _initialized = False
+
+    def initialize(self):
+        if self.hash_config is None:
+            self.hash_config = HashConfig()
+        validate_model_config(self)
+        self._initialized = True
+        return self
+
+    def make(self) -> "PhoenixModel":
+        if not self._initialized:
+            logger.warning("PhoenixModelConfig.make() called before initialize(); initialising now.")
+            self.initialize()
+        return PhoenixModel(model=self.model.make(), config=self, fprop_dtype=self.fprop_dtype,
+                            name=self.name or "phoenix_model")
+
+
+def validate_model_config(cfg) -> None:
+    """Rejects configurations that cannot work, naming the field (shared with the retrieval config)."""
+    kind = type(cfg).__name__
+    for field in ("emb_size", "history_seq_len", "candidate_seq_len", "product_surface_vocab_size") + (
+            ("num_actions",) if hasattr(cfg, "num_actions") else ()):
+        value = getattr(cfg, field)
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{kind}.{field} must be a positive int, got {value!r}")
+    if not isinstance(cfg.model, TransformerConfig):
+        raise TypeError(f"{kind}.model must be a TransformerConfig, got {type(cfg.model).__name__}")
+    if cfg.model.emb_size != cfg.emb_size:
+        raise ValueError(f"{kind}: model.emb_size ({cfg.model.emb_size}) must equal emb_size ({cfg.emb_size})")
+    for field in ("num_user_hashes", "num_item_hashes", "num_author_hashes"):
+        value = getattr(cfg.hash_config, field)
+        if not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{kind}.hash_config.{field} must be a positive int, got {value!r}")
+    if jnp.dtype(cfg.fprop_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"{kind}.fprop_dtype must be float32, bfloat16 or float16, got {cfg.fprop_dtype}")
+
+
+class PhoenixModel(hk.Module):
+    """Transformer ranker with candidate isolation and multi-action logits (spec section 5)."""
+
+    def __init__(self, model: Transformer, config: PhoenixModelConfig, fprop_dtype=jnp.bfloat16,
+                 name: Optional[str] = None):
+        super().__init__(name=name or "phoenix_model")
+        self.model = model
+        self.config = config
+        self.fprop_dtype = fprop_dtype
+
+    def _get_action_embeddings(self, actions: jax.Array) -> jax.Array:
+        """Multi-hot actions [B, S, A] -> (2*actions - 1) @ action_projection, zero where none is set."""
+        A = actions.shape[-1]
+        w = hk.get_parameter("action_projection", [A, self.config.emb_size], jnp.float32,
+                             init=hk.initializers.VarianceScaling(1.0, mode="fan_out"))
+        signed = (2 * actions - 1).astype(jnp.float32)  # [B, S, A]
+        emb = jnp.dot(signed, w) * jnp.any(actions != 0, axis=-1, keepdims=True)  # [B, S, D]
+        return emb.astype(self.fprop_dtype)
+
+    def _single_hot_to_embeddings(self, input, vocab_size: int, emb_size: int, name: str) -> jax.Array:
+        """Ids [B, S] -> one-hot @ table [vocab, D], cast to fprop dtype (release arithmetic)."""
+        table = hk.get_parameter(name, [vocab_size, emb_size], jnp.float32,
+                                 init=hk.initializers.VarianceScaling(1.0, mode="fan_out"))
+        return jnp.dot(jax.nn.one_hot(input, vocab_size), table).astype(self.fprop_dtype)  # [B, S, D]
+
+    def _get_unembedding(self) -> jax.Array:
+        return hk.get_parameter("unembeddings", [self.config.emb_size, self.config.num_actions], jnp.float32,
+                                init=hk.initializers.VarianceScaling(1.0, mode="fan_in"))
+
+    def _user_history_inputs(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings):
+        """User [B, 1, D] and history [B, S, D] inputs with their validity masks."""
+        cfg = self.config
+        hc = cfg.hash_config
+        hist_surface = self._single_hot_to_embeddings(
+            batch.history_product_surface, cfg.product_surface_vocab_size, cfg.emb_size, SURFACE_TABLE)
+        hist_actions = self._get_action_embeddings(batch.history_actions)
+        user, user_mask = block_user_reduce(batch.user_hashes, recsys_embeddings.user_embeddings,
+                                            hc.num_user_hashes, cfg.emb_size)
+        history, history_mask = block_history_reduce(
+            batch.history_post_hashes, recsys_embeddings.history_post_embeddings,
+            recsys_embeddings.history_author_embeddings, hist_surface, hist_actions,
+            hc.num_item_hashes, hc.num_author_hashes)
+        return user, user_mask, history, history_mask
+
+    def _candidate_inputs(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings):
+        cfg = self.config
+        hc = cfg.hash_config
+        cand_surface = self._single_hot_to_embeddings(
+            batch.candidate_product_surface, cfg.product_surface_vocab_size, cfg.emb_size, SURFACE_TABLE)
+        return block_candidate_reduce(
+            batch.candidate_post_hashes, recsys_embeddings.candidate_post_embeddings,
+            recsys_embeddings.candidate_author_embeddings, cand_surface, hc.num_item_hashes,
+            hc.num_author_hashes)
+
+    def _check(self, batch, recsys_embeddings, need_candidates=True):
+        cfg = self.config
+        check_inputs(batch, recsys_embeddings, cfg.hash_config, cfg.emb_size, getattr(cfg, "num_actions", None),
+                     need_candidates=need_candidates)
+
+    def build_inputs(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings):
+        """-> (embeddings [B, 1+S+C, D] fprop dtype, padding_mask [B, 1+S+C], candidate_start_offset 1+S)."""
+        self._check(batch, recsys_embeddings)
+        user, user_mask, history, history_mask = self._user_history_inputs(batch, recsys_embeddings)
+        cand, cand_mask = self._candidate_inputs(batch, recsys_embeddings)
+        embeddings = jnp.concatenate([user, history, cand], axis=1)  # [B, 1+S+C, D]
+        padding_mask = jnp.concatenate([user_mask, history_mask, cand_mask], axis=1)  # [B, 1+S+C]
+        candidate_start_offset = user_mask.shape[1] + history_mask.shape[1]
+        return embeddings.astype(self.fprop_dtype), padding_mask, candidate_start_offset
+
+    @hk.transparent  # the final norm must be named phoenix_model/rms_norm, not ~_logits/rms_norm
+    def _logits(self, candidate_outputs: jax.Array) -> RecsysModelOutput:
+        """Final RMSNorm, then candidate outputs [B, C, D] @ unembeddings [D, A] in float32."""
+        h = layer_norm(candidate_outputs)
+        unembeddings = self._get_unembedding()
+        logits = jnp.dot(h.astype(jnp.float32), unembeddings)  # [B, C, A]
+        return RecsysModelOutput(logits.astype(self.fprop_dtype))
+
+    def __call__(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings, *, path: str = "masked",
+                 prefix: Optional["PrefixCache"] = None, candidate_start: Any = 0):
+        """Candidate logits [B, C, A] (spec section 5).
+
+        path="masked" (default): the release's full-sequence pass over [user, history, candidates]
+          with the candidate-isolation mask, O((1+S+C)^2).
+        path="isolated": user+history run once (their rows never see candidates) keeping every
+          layer's keys/values; each candidate then attends to that prefix plus itself, O(C*(1+S)).
+          Equal to "masked" up to float rounding.
+        path="prefix": returns only the PrefixCache of user+history (candidate fields unused).
+        path="candidates": scores the batch's candidates against `prefix` (user/history fields
+          unused). Candidate c sits at rotary position 1 + S + candidate_start + c, its slot in the
+          full candidate list, so scoring a list in chunks (candidate_start = chunk offset) gives
+          the same logits as one call.
+        Each path is a branch of __call__ so that every path creates the same parameter names.
+        """
+        if path == "masked":
+            embeddings, padding_mask, offset = self.build_inputs(batch, recsys_embeddings)
+            out = self.model(embeddings, padding_mask, candidate_start_offset=offset).embeddings
+            return self._logits(out[:, offset:, :])
+        if path in ("isolated", "prefix"):
+            self._check(batch, recsys_embeddings, need_candidates=path == "isolated")
+            user, user_mask, history, history_mask = self._user_history_inputs(batch, recsys_embeddings)
+            x = jnp.concatenate([user, history], axis=1).astype(self.fprop_dtype)  # [B, 1+S, D]
+            x_mask = jnp.concatenate([user_mask, history_mask], axis=1)  # [B, 1+S]
+            memory = self.model(x, x_mask, candidate_start_offset=None).memory
+            prefix = PrefixCache(memory, x_mask)
+            if path == "prefix":
+                return prefix
+        elif path == "candidates":
+            if prefix is None:
+                raise ValueError("PhoenixModel(path='candidates') needs prefix=PrefixCache from path='prefix'")
+            # User/history fields are not read on this path; only the candidates are checked.
+            check_candidate_inputs(batch, recsys_embeddings, self.config.hash_config, self.config.emb_size)
+        else:
+            raise ValueError(f"PhoenixModel path: expected 'masked', 'isolated', 'prefix' or 'candidates', "
+                             f"got {path!r}")
+        cand, cand_mask = self._candidate_inputs(batch, recsys_embeddings)
+        C = cand.shape[1]
+        P = prefix.mask.shape[1]
+        positions = (P + candidate_start + jnp.arange(C, dtype=jnp.float32))[None, :]  # [1, C]
+        out = self.model(cand.astype(self.fprop_dtype), cand_mask, positions=positions,
+                         prefix=prefix.memory).embeddings  # [B, C, D]
+        return self._logits(out)
+
+
+class PrefixCache(NamedTuple):
+    """User+history keys/values of every layer: what isolated ranking reuses across candidates."""
+
+    memory: list  # num_layers x grok.KVMemory, keys/values [B, 1+S, h, d]
+    mask: jax.Array  # [B, 1+S] bool, valid user/history positions

@@ -1,0 +1,397 @@
+"""Runners: parameter init and compiled inference for the ranker and the retrieval model (spec section 7).
+
+Shape glossary
+  B batch   S history length   C candidates   D embedding size   A actions   N corpus   K top-k
+
+Unlike the release, which re-dispatched every op on every call, each runner entry point is one
+`jax.jit` function: it compiles once per input shape (and top-k) and is reused afterwards.
+`trace_counts` records how often each was traced, so tests can prove there is no retracing.
+"""
+
+import collections
+from typing import NamedTuple, Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grok import TrainingState
+from recsys_model import HashConfig, PhoenixModelConfig, RecsysBatch, RecsysEmbeddings
+from recsys_retrieval_model import INF, PhoenixRetrievalModelConfig, check_top_k, retrieve_top_k
+from validation import check_array, check_inputs, check_values
+
+ACTIONS = [
+    "favorite_score",
+    "reply_score",
+    "repost_score",
+    "photo_expand_score",
+    "click_score",
+    "profile_click_score",
+    "vqv_score",
+    "share_score",
+    "share_via_dm_score",
+    "share_via_copy_link_score",
+    "dwell_score",
+    "quote_score",
+    "quoted_click_score",
+    "follow_author_score",
+    "not_interested_score",
+    "block_author_score",
+    "mute_author_score",
+    "report_score",
+    "dwell_time",
+]
+
+
+class RankingOutput(NamedTuple):
+    """Ranking result: probabilities [B, C, A], candidates best-first [B, C], one [B, C] per action.
+
+    A `p_<action>` field is None when the model predicts fewer actions than ACTIONS lists.
+    """
+
+    scores: jax.Array  # [B, C, A] sigmoid probabilities
+    ranked_indices: jax.Array  # [B, C] by the first action's probability, padded candidates last
+    p_favorite_score: Optional[jax.Array] = None
+    p_reply_score: Optional[jax.Array] = None
+    p_repost_score: Optional[jax.Array] = None
+    p_photo_expand_score: Optional[jax.Array] = None
+    p_click_score: Optional[jax.Array] = None
+    p_profile_click_score: Optional[jax.Array] = None
+    p_vqv_score: Optional[jax.Array] = None
+    p_share_score: Optional[jax.Array] = None
+    p_share_via_dm_score: Optional[jax.Array] = None
+    p_share_via_copy_link_score: Optional[jax.Array] = None
+    p_dwell_score: Optional[jax.Array] = None
+    p_quote_score: Optional[jax.Array] = None
+    p_quoted_click_score: Optional[jax.Array] = None
+    p_follow_author_score: Optional[jax.Array] = None
+    p_not_interested_score: Optional[jax.Array] = None
+    p_block_author_score: Optional[jax.Array] = None
+    p_mute_author_score: Optional[jax.Array] = None
+    p_report_score: Optional[jax.Array] = None
+    p_dwell_time: Optional[jax.Array] = None
+
+
+class RetrievalOutput(NamedTuple):
+    user_representation: jax.Array  # [B, D]
+    top_k_indices: jax.Array  # [B, K] into the corpus
+    top_k_scores: jax.Array  # [B, K] best first
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def create_dummy_batch_from_config(hash_config: HashConfig, history_len: int, num_candidates: int,
+                                   num_actions: int, batch_size: int = 1) -> RecsysBatch:
+    """All-zero (all-padding) batch of the right shapes, for parameter init."""
+    B, S, C = batch_size, history_len, num_candidates
+    hc = hash_config
+    return RecsysBatch(
+        user_hashes=np.zeros((B, hc.num_user_hashes), np.int32),
+        history_post_hashes=np.zeros((B, S, hc.num_item_hashes), np.int32),
+        history_author_hashes=np.zeros((B, S, hc.num_author_hashes), np.int32),
+        history_actions=np.zeros((B, S, num_actions), np.float32),
+        history_product_surface=np.zeros((B, S), np.int32),
+        candidate_post_hashes=np.zeros((B, C, hc.num_item_hashes), np.int32),
+        candidate_author_hashes=np.zeros((B, C, hc.num_author_hashes), np.int32),
+        candidate_product_surface=np.zeros((B, C), np.int32),
+    )
+
+
+def create_dummy_embeddings_from_config(hash_config: HashConfig, emb_size: int, history_len: int,
+                                        num_candidates: int, batch_size: int = 1) -> RecsysEmbeddings:
+    """All-zero float32 embeddings of the right shapes."""
+    B, S, C, D = batch_size, history_len, num_candidates, emb_size
+    hc = hash_config
+    return RecsysEmbeddings(
+        user_embeddings=np.zeros((B, hc.num_user_hashes, D), np.float32),
+        history_post_embeddings=np.zeros((B, S, hc.num_item_hashes, D), np.float32),
+        candidate_post_embeddings=np.zeros((B, C, hc.num_item_hashes, D), np.float32),
+        history_author_embeddings=np.zeros((B, S, hc.num_author_hashes, D), np.float32),
+        candidate_author_embeddings=np.zeros((B, C, hc.num_author_hashes, D), np.float32),
+    )
+
+
+ACTION_PROBABILITY = 0.3  # chance that each action is set at a history position in example batches
+
+
+def create_example_batch(batch_size: int, emb_size: int, history_len: int, num_candidates: int,
+                         num_actions: int, num_user_hashes: int = 2, num_item_hashes: int = 2,
+                         num_author_hashes: int = 2, product_surface_vocab_size: int = 16,
+                         num_user_embeddings: int = 100000, num_post_embeddings: int = 100000,
+                         num_author_embeddings: int = 100000, seed: int = 0):
+    """Deterministic random (RecsysBatch, RecsysEmbeddings) (spec section 7).
+
+    Hashes in [1, table size); each user's history is valid for a random length in [S/2, S] and
+    padded (hash 0, no actions, surface 0) after it; actions multi-hot with probability 0.3;
+    embeddings standard normal float32.
+    """
+    rng = np.random.default_rng(seed)
+    B, S, C, D, A = batch_size, history_len, num_candidates, emb_size, num_actions
+    user_hashes = rng.integers(1, num_user_embeddings, (B, num_user_hashes)).astype(np.int32)
+    hist_post = rng.integers(1, num_post_embeddings, (B, S, num_item_hashes)).astype(np.int32)
+    hist_author = rng.integers(1, num_author_embeddings, (B, S, num_author_hashes)).astype(np.int32)
+    hist_actions = (rng.random((B, S, A)) < ACTION_PROBABILITY).astype(np.float32)
+    hist_surface = rng.integers(0, product_surface_vocab_size, (B, S)).astype(np.int32)
+    valid_len = rng.integers(max(1, S // 2), S + 1, (B,))  # [B]
+    valid = np.arange(S)[None, :] < valid_len[:, None]  # [B, S]
+    hist_post *= valid[:, :, None]
+    hist_author *= valid[:, :, None]
+    hist_actions *= valid[:, :, None]
+    hist_surface *= valid
+    batch = RecsysBatch(
+        user_hashes=user_hashes,
+        history_post_hashes=hist_post,
+        history_author_hashes=hist_author,
+        history_actions=hist_actions,
+        history_product_surface=hist_surface,
+        candidate_post_hashes=rng.integers(1, num_post_embeddings, (B, C, num_item_hashes)).astype(np.int32),
+        candidate_author_hashes=rng.integers(1, num_author_embeddings, (B, C, num_author_hashes)).astype(np.int32),
+        candidate_product_surface=rng.integers(0, product_surface_vocab_size, (B, C)).astype(np.int32),
+    )
+    normal = lambda *shape: rng.standard_normal(shape, dtype=np.float32)  # noqa: E731
+    embeddings = RecsysEmbeddings(
+        user_embeddings=normal(B, num_user_hashes, D),
+        history_post_embeddings=normal(B, S, num_item_hashes, D),
+        candidate_post_embeddings=normal(B, C, num_item_hashes, D),
+        history_author_embeddings=normal(B, S, num_author_hashes, D),
+        candidate_author_embeddings=normal(B, C, num_author_hashes, D),
+    )
+    return batch, embeddings
+
+
+def create_example_corpus(corpus_size: int, emb_size: int, seed: int = 123):
+    """-> (corpus [N, D] float32 L2-normalised, corpus_post_ids [N] int64)."""
+    rng = np.random.default_rng(seed)
+    corpus = rng.standard_normal((corpus_size, emb_size), dtype=np.float32)  # [N, D]
+    corpus /= np.linalg.norm(corpus, axis=-1, keepdims=True)
+    return corpus, np.arange(corpus_size, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model runners: build the transformed forward function and its parameters.
+
+
+class BaseModelRunner:
+    """Holds a model config, builds `self.forward` (an hk.Transformed) and initialises parameters."""
+
+    def __init__(self, bs_per_device: float = 2.0, rng_seed: int = 42):
+        self.bs_per_device = bs_per_device
+        self.rng_seed = rng_seed
+
+    def initialize(self):
+        self.model.initialize()
+        self.batch_size = max(1, int(self.bs_per_device * jax.local_device_count()))
+        self.forward = self.make_forward_fn()
+
+    def make_forward_fn(self) -> hk.Transformed:
+        raise NotImplementedError
+
+
+class ModelRunner(BaseModelRunner):
+    """Ranking model runner: `forward(batch, recsys_embeddings) -> RecsysModelOutput`."""
+
+    def __init__(self, model: PhoenixModelConfig, bs_per_device: float = 2.0, rng_seed: int = 42):
+        super().__init__(bs_per_device, rng_seed)
+        self.model = model
+
+    def make_forward_fn(self) -> hk.Transformed:
+        model_config = self.model
+        return hk.transform(lambda batch, emb, **kw: model_config.make()(batch, emb, **kw))
+
+    def init(self, rng, data: RecsysBatch, embeddings: RecsysEmbeddings) -> TrainingState:
+        # Jitted: eager init re-dispatches every initializer op and is ~3x slower.
+        return TrainingState(params=jax.jit(self.forward.init)(rng, data, embeddings))
+
+    def load_or_init(self, init_data: RecsysBatch, init_embeddings: RecsysEmbeddings) -> TrainingState:
+        return self.init(jax.random.PRNGKey(self.rng_seed), init_data, init_embeddings)
+
+
+class RetrievalModelRunner(BaseModelRunner):
+    """Retrieval runner: its forward also runs the candidate tower, so init creates its params."""
+
+    def __init__(self, model: PhoenixRetrievalModelConfig, bs_per_device: float = 2.0, rng_seed: int = 42):
+        super().__init__(bs_per_device, rng_seed)
+        self.model = model
+
+    def make_forward_fn(self) -> hk.Transformed:
+        model_config = self.model
+
+        def forward(batch, emb, corpus_embeddings, top_k, corpus_mask=None):
+            model = model_config.make()
+            out = model(batch, emb, corpus_embeddings, top_k, corpus_mask)
+            model.build_candidate_representation(batch, emb)  # creates the candidate tower's params
+            return out
+
+        return hk.transform(forward)
+
+    def init(self, rng, data, embeddings, corpus_embeddings, top_k) -> TrainingState:
+        init = jax.jit(self.forward.init, static_argnums=4)  # top_k fixes the output shape
+        return TrainingState(params=init(rng, data, embeddings, corpus_embeddings, top_k))
+
+    def load_or_init(self, init_data, init_embeddings, corpus_embeddings, top_k) -> TrainingState:
+        return self.init(jax.random.PRNGKey(self.rng_seed), init_data, init_embeddings, corpus_embeddings, top_k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference runners: compiled entry points.
+
+
+class BaseInferenceRunner:
+    def __init__(self, runner: BaseModelRunner, name: str = "phoenix"):
+        self.runner = runner
+        self.name = name
+        self.trace_counts = collections.Counter()  # entry point -> number of traces (compiles)
+
+    def _jit(self, name: str, fn, **jit_kwargs):
+        """jax.jit of fn that counts its traces under `name`."""
+        def traced(*args, **kwargs):
+            self.trace_counts[name] += 1
+            return fn(*args, **kwargs)
+        return jax.jit(traced, **jit_kwargs)
+
+    def _check(self, batch, recsys_embeddings, need_candidates=True):
+        cfg = self.runner.model
+        if not isinstance(batch, RecsysBatch):
+            raise TypeError(f"batch: expected a RecsysBatch, got {type(batch).__name__}")
+        if not isinstance(recsys_embeddings, RecsysEmbeddings):
+            raise TypeError(f"recsys_embeddings: expected RecsysEmbeddings, got {type(recsys_embeddings).__name__}")
+        check_inputs(batch, recsys_embeddings, cfg.hash_config, cfg.emb_size, getattr(cfg, "num_actions", None),
+                     need_candidates=need_candidates)
+        check_values(batch, recsys_embeddings, cfg.product_surface_vocab_size)
+
+
+def rank_candidates(logits: jax.Array, candidate_mask: jax.Array):
+    """-> (probabilities [B, C, A] float32, ranked_indices [B, C]) by the first action, padding last."""
+    probs = jax.nn.sigmoid(logits.astype(jnp.float32))  # [B, C, A]
+    key = jnp.where(candidate_mask, probs[..., 0], -1.0)  # probabilities lie in [0, 1]
+    _, ranked = jax.lax.top_k(key, key.shape[-1])  # stable: ties keep candidate order
+    return probs, ranked
+
+
+class RecsysInferenceRunner(BaseInferenceRunner):
+    """Ranks candidates: `rank(batch, recsys_embeddings) -> RankingOutput` (compiled per shape).
+
+    `path` picks the ranker's computation: "isolated" (default; user+history once, each candidate
+    against that prefix, O(C*S)) or "masked" (the release's full-sequence pass, the reference).
+    """
+
+    def __init__(self, runner: ModelRunner, name: str = "ranker", path: str = "isolated"):
+        super().__init__(runner, name)
+        self.path = path
+
+    def initialize(self):
+        runner = self.runner
+        runner.initialize()
+        cfg = runner.model
+        dummy_batch = create_dummy_batch_from_config(cfg.hash_config, cfg.history_seq_len, cfg.candidate_seq_len,
+                                                     cfg.num_actions, runner.batch_size)
+        dummy_emb = create_dummy_embeddings_from_config(cfg.hash_config, cfg.emb_size, cfg.history_seq_len,
+                                                        cfg.candidate_seq_len, runner.batch_size)
+        self.params = runner.load_or_init(dummy_batch, dummy_emb).params
+        apply = runner.forward.apply
+
+        def rank_fn(params, batch, emb, path):
+            logits = apply(params, None, batch, emb, path=path).logits
+            probs, ranked = rank_candidates(logits, batch.candidate_post_hashes[:, :, 0] != 0)
+            return probs, ranked
+
+        self._rank = self._jit("rank", rank_fn, static_argnames="path")
+
+    def rank(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings) -> RankingOutput:
+        self._check(batch, recsys_embeddings)
+        probs, ranked = self._rank(self.params, batch, recsys_embeddings, path=self.path)
+        per_action = {f"p_{a}": probs[..., i] for i, a in enumerate(ACTIONS[: probs.shape[-1]])}
+        return RankingOutput(scores=probs, ranked_indices=ranked, **per_action)
+
+
+class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
+    """Encodes users and candidates and retrieves top-k from a corpus (compiled per shape and k)."""
+
+    def __init__(self, runner: RetrievalModelRunner, name: str = "retrieval"):
+        super().__init__(runner, name)
+        self.corpus_embeddings = None
+        self.corpus_post_ids = None
+
+    def initialize(self):
+        runner = self.runner
+        runner.initialize()
+        cfg = runner.model
+        num_actions = len(ACTIONS)
+        dummy_batch = create_dummy_batch_from_config(cfg.hash_config, cfg.history_seq_len, cfg.candidate_seq_len,
+                                                     num_actions, runner.batch_size)
+        dummy_emb = create_dummy_embeddings_from_config(cfg.hash_config, cfg.emb_size, cfg.history_seq_len,
+                                                        cfg.candidate_seq_len, runner.batch_size)
+        dummy_corpus = np.zeros((1, cfg.emb_size), np.float32)
+        self.params = runner.load_or_init(dummy_batch, dummy_emb, dummy_corpus, 1).params
+        model_config = cfg
+        tx = hk.transform(lambda fn, *args: getattr(model_config.make(), fn)(*args))
+        apply = lambda name, params, *args: tx.apply(params, None, name, *args)  # noqa: E731
+
+        def retrieve_fn(params, batch, emb, corpus, corpus_mask, top_k):
+            user, _ = apply("build_user_representation", params, batch, emb)
+            indices, scores = retrieve_top_k(user, corpus, top_k, corpus_mask)
+            return RetrievalOutput(user, indices, scores)
+
+        self._encode_user = self._jit(
+            "encode_user", lambda p, b, e: apply("build_user_representation", p, b, e)[0])
+        self._encode_candidates = self._jit(
+            "encode_candidates", lambda p, b, e: apply("build_candidate_representation", p, b, e)[0])
+        self._retrieve = self._jit("retrieve", retrieve_fn, static_argnames="top_k")
+
+    def encode_user(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings) -> jax.Array:
+        """-> user representations [B, D], unit norm."""
+        self._check(batch, recsys_embeddings, need_candidates=False)
+        return self._encode_user(self.params, batch, recsys_embeddings)
+
+    def encode_candidates(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings) -> jax.Array:
+        """-> candidate representations [B, C, D], unit norm."""
+        self._check(batch, recsys_embeddings)
+        return self._encode_candidates(self.params, batch, recsys_embeddings)
+
+    def _checked_corpus(self, corpus_embeddings, corpus_post_ids=None):
+        D = self.runner.model.emb_size
+        check_array(corpus_embeddings, "corpus_embeddings", (None, D), "float")
+        N = corpus_embeddings.shape[0]
+        if N == 0:
+            raise ValueError("corpus_embeddings: expected at least one row, got an empty corpus")
+        if corpus_post_ids is not None:
+            check_array(corpus_post_ids, "corpus_post_ids", (N,), "int")
+        return jnp.asarray(corpus_embeddings, jnp.float32)
+
+    def set_corpus(self, corpus_embeddings, corpus_post_ids=None):
+        """Keeps the corpus [N, D] on device once, so `retrieve` does not transfer it per call."""
+        corpus = self._checked_corpus(corpus_embeddings, corpus_post_ids)
+        self.corpus_embeddings = corpus
+        self.corpus_post_ids = (np.arange(corpus.shape[0]) if corpus_post_ids is None
+                                else np.asarray(corpus_post_ids))
+
+    def retrieve(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings, top_k: int = 100,
+                 corpus_embeddings=None, corpus_mask=None) -> RetrievalOutput:
+        """Top-k corpus entries per user (indices into the corpus; map with `corpus_post_ids`).
+
+        Uses `corpus_embeddings` when given, else the corpus from `set_corpus`. Masked entries
+        (corpus_mask False) score -1e12 and come after every valid entry.
+        """
+        self._check(batch, recsys_embeddings, need_candidates=False)
+        if corpus_embeddings is None:
+            if self.corpus_embeddings is None:
+                raise ValueError("corpus_embeddings: none given and no corpus set; call set_corpus(...) first")
+            corpus = self.corpus_embeddings
+        else:
+            corpus = self._checked_corpus(corpus_embeddings)
+        N = corpus.shape[0]
+        top_k = check_top_k(top_k, N, "corpus size")
+        if corpus_mask is not None:
+            check_array(corpus_mask, "corpus_mask", (N,), "bool")
+        return self._retrieve(self.params, batch, recsys_embeddings, corpus, corpus_mask, top_k=top_k)
+
+
+__all__ = [
+    "ACTIONS", "BaseInferenceRunner", "BaseModelRunner", "INF", "ModelRunner", "RankingOutput",
+    "RecsysInferenceRunner", "RecsysRetrievalInferenceRunner", "RetrievalModelRunner", "RetrievalOutput",
+    "create_dummy_batch_from_config", "create_dummy_embeddings_from_config", "create_example_batch",
+    "create_example_corpus",
+]

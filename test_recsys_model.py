@@ -1,0 +1,224 @@
+"""Ranking model: release parity, candidate isolation, padding invariance, fast paths, trainable init."""
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import numpy_reference as ref
+from conftest import A, C, D, S, random_release_params, release_layout, tiny_ranker_config
+from recsys_model import PrefixCache, RecsysBatch, RecsysEmbeddings
+from runners import create_example_batch
+
+F32_TOL = dict(rtol=1e-4, atol=2e-5)  # float32 model vs float64 NumPy reference
+PATH_TOL = dict(rtol=1e-5, atol=1e-5)  # float32 isolated/cached paths vs the masked path
+
+
+def forward(cfg):
+    return hk.transform(lambda b, e, **kw: cfg.make()(b, e, **kw))
+
+
+def apply_fn(cfg):
+    return jax.jit(forward(cfg).apply, static_argnames=("path",))
+
+
+def example(B=3, S_=S, C_=C, seed=0):
+    return create_example_batch(B, D, S_, C_, A, seed=seed)
+
+
+def logits_of(cfg, params, batch, emb, **kw):
+    return np.asarray(apply_fn(cfg)(params, None, batch, emb, **kw).logits, np.float32)
+
+
+def pad_candidates(batch, b, cs):
+    post = np.array(batch.candidate_post_hashes)
+    post[b, cs] = 0
+    return batch._replace(candidate_post_hashes=post)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return tiny_ranker_config()
+
+
+@pytest.fixture(scope="module")
+def release_params(cfg):
+    return random_release_params(cfg, "phoenix_model")
+
+
+def test_param_tree_is_release_layout(cfg):
+    batch, emb = example()
+    params = forward(cfg).init(jax.random.PRNGKey(0), batch, emb)
+    shapes = {m: {n: tuple(v.shape) for n, v in d.items()} for m, d in params.items()}
+    assert shapes == release_layout(cfg, "phoenix_model")
+    assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(params))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
+def test_release_params_match_numpy_reference_f32(bidirectional):
+    cfg = tiny_ranker_config(bidirectional_history=bidirectional)
+    params = random_release_params(cfg, "phoenix_model", seed=3)
+    batch, emb = example()
+    batch = pad_candidates(batch, 0, [1])
+    got = logits_of(cfg, params, batch, emb)
+    want = ref.ranker_logits(params, batch, emb, cfg)
+    assert got.shape == (3, C, A)
+    np.testing.assert_allclose(got, want, **F32_TOL)
+
+
+def test_bf16_within_bf16_rounding(release_params):
+    cfg16 = tiny_ranker_config(fprop_dtype=jnp.bfloat16)
+    batch, emb = example()
+    got = apply_fn(cfg16)(release_params, None, batch, emb).logits
+    assert got.dtype == jnp.bfloat16
+    want = ref.ranker_logits(release_params, batch, emb, cfg16)
+    # bf16 keeps 8 mantissa bits (relative step 2^-8 ~ 0.4%); a 2-layer pass compounds a few of those
+    err = np.abs(np.float32(got) - want)
+    assert np.max(err) < 0.1 * np.max(np.abs(want)) and np.mean(err) < 0.02 * np.mean(np.abs(want))
+
+
+def test_jit_equals_eager(cfg, release_params):
+    batch, emb = example(B=2)
+    eager = forward(cfg).apply(release_params, None, batch, emb).logits
+    jitted = jax.jit(forward(cfg).apply)(release_params, None, batch, emb).logits
+    np.testing.assert_allclose(jitted, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_candidate_isolation(cfg, release_params):
+    """Changing other candidates' embeddings, hashes or surfaces leaves candidate 0 unchanged."""
+    batch, emb = example()
+    base = logits_of(cfg, release_params, batch, emb)
+    rng = np.random.default_rng(7)
+    cpe = np.array(emb.candidate_post_embeddings)
+    cpe[:, 1:] = rng.standard_normal(cpe[:, 1:].shape)
+    cae = np.array(emb.candidate_author_embeddings)
+    cae[:, 1:] *= -3.0
+    cps = np.array(batch.candidate_product_surface)
+    cps[:, 1:] = (cps[:, 1:] + 5) % 16
+    batch2 = pad_candidates(batch._replace(candidate_product_surface=cps), 1, [2, 3])
+    emb2 = RecsysEmbeddings(emb.user_embeddings, emb.history_post_embeddings, cpe, emb.history_author_embeddings,
+                            cae)
+    changed = logits_of(cfg, release_params, batch2, emb2)
+    np.testing.assert_allclose(changed[:, 0], base[:, 0], rtol=1e-6, atol=1e-6)
+    assert np.abs(changed[:, 1] - base[:, 1]).max() > 1e-3  # the changes did reach the other candidates
+
+
+def test_padding_invariance(cfg, release_params):
+    """Embeddings, actions and surfaces at padded history positions change nothing."""
+    batch, emb = example()
+    valid = np.asarray(batch.history_post_hashes[:, :, 0] != 0)
+    assert (~valid).any()
+    rng = np.random.default_rng(3)
+    hpe = np.where(valid[:, :, None, None], emb.history_post_embeddings,
+                   100 * rng.standard_normal(emb.history_post_embeddings.shape)).astype(np.float32)
+    hae = np.where(valid[:, :, None, None], emb.history_author_embeddings, -7.0).astype(np.float32)
+    acts = np.where(valid[:, :, None], batch.history_actions, 1.0).astype(np.float32)
+    emb2 = RecsysEmbeddings(emb.user_embeddings, hpe, emb.candidate_post_embeddings, hae,
+                            emb.candidate_author_embeddings)
+    batch2 = batch._replace(history_actions=acts)
+    for path in ("masked", "isolated"):
+        np.testing.assert_allclose(logits_of(cfg, release_params, batch2, emb2, path=path),
+                                   logits_of(cfg, release_params, batch, emb, path=path), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("B,S_,C_", [(1, S, C), (2, S, 1), (2, 1, C), (1, 1, 1)],
+                         ids=["B1", "C1", "S1", "all_ones"])
+def test_shape_edge_cases(cfg, release_params, B, S_, C_):
+    batch, emb = example(B, S_, C_)
+    got = logits_of(cfg, release_params, batch, emb)
+    assert got.shape == (B, C_, A)
+    np.testing.assert_allclose(got, ref.ranker_logits(release_params, batch, emb, cfg), **F32_TOL)
+
+
+def test_all_padding_history(cfg, release_params):
+    batch, emb = example()
+    zero = np.zeros_like(batch.history_post_hashes)
+    batch = batch._replace(history_post_hashes=zero, history_author_hashes=np.zeros_like(zero))
+    got = logits_of(cfg, release_params, batch, emb)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, ref.ranker_logits(release_params, batch, emb, cfg), **F32_TOL)
+
+
+@pytest.mark.parametrize("kw", [{}, {"bidirectional_history": True}, {"num_kv_heads": 1}, {"num_kv_heads": 4}],
+                         ids=["causal", "bidirectional", "mqa", "mha"])
+def test_isolated_path_equals_masked(kw):
+    cfg = tiny_ranker_config(**kw)
+    params = random_release_params(cfg, "phoenix_model", seed=5)
+    batch, emb = example(B=3, C_=6)
+    batch = pad_candidates(batch, 2, [0, 4])  # padded candidates too (history padding comes from the example)
+    masked = logits_of(cfg, params, batch, emb, path="masked")
+    isolated = logits_of(cfg, params, batch, emb, path="isolated")
+    np.testing.assert_allclose(isolated, masked, **PATH_TOL)
+
+
+def test_prefix_cache_in_chunks_equals_one_call(cfg, release_params):
+    """Encode user+history once, score candidates in chunks: same logits as ranking all at once."""
+    batch, emb = example(B=2, C_=7)
+    full = logits_of(cfg, release_params, batch, emb, path="masked")
+    f = forward(cfg)
+    prefix = jax.jit(lambda p, b, e: f.apply(p, None, b, e, path="prefix"))(release_params, batch, emb)
+    assert isinstance(prefix, PrefixCache)
+    score = jax.jit(lambda p, b, e, pre, start: f.apply(p, None, b, e, path="candidates", prefix=pre,
+                                                        candidate_start=start))
+    chunks = []
+    for start, stop in [(0, 3), (3, 6), (6, 7)]:
+        sub_b = batch._replace(candidate_post_hashes=batch.candidate_post_hashes[:, start:stop],
+                               candidate_author_hashes=batch.candidate_author_hashes[:, start:stop],
+                               candidate_product_surface=batch.candidate_product_surface[:, start:stop])
+        sub_e = RecsysEmbeddings(emb.user_embeddings, emb.history_post_embeddings,
+                                 emb.candidate_post_embeddings[:, start:stop], emb.history_author_embeddings,
+                                 emb.candidate_author_embeddings[:, start:stop])
+        chunks.append(np.asarray(score(release_params, sub_b, sub_e, prefix, start).logits))
+    np.testing.assert_allclose(np.concatenate(chunks, axis=1), full, **PATH_TOL)
+
+
+def test_bidirectional_history_changes_prefix_but_keeps_isolation(release_params):
+    causal, bidir = tiny_ranker_config(), tiny_ranker_config(bidirectional_history=True)
+    batch, emb = example()
+    a, b = logits_of(causal, release_params, batch, emb), logits_of(bidir, release_params, batch, emb)
+    assert np.abs(a - b).max() > 1e-3  # the option changes the computation
+
+
+def test_default_init_is_trainable(cfg):
+    """Logits vary at init and a ranking loss sends a non-zero gradient to every parameter."""
+    batch, emb = example(B=4)
+    f = forward(cfg)
+    params = f.init(jax.random.PRNGKey(0), batch, emb)
+    logits = np.asarray(f.apply(params, None, batch, emb).logits)
+    assert logits.std(axis=1).mean() > 1e-2 and logits.std(axis=2).mean() > 1e-2
+    labels = (np.random.default_rng(0).random(logits.shape) < 0.3).astype(np.float32)
+
+    def loss(p):
+        lg = f.apply(p, None, batch, emb).logits.astype(jnp.float32)
+        return jnp.mean(jnp.maximum(lg, 0) - lg * labels + jnp.log1p(jnp.exp(-jnp.abs(lg))))
+
+    grads = jax.jit(jax.grad(loss))(params)
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        assert float(jnp.abs(g).max()) > 0, f"zero gradient for {jax.tree_util.keystr(path)}"
+
+
+def test_bad_inputs_raise_clear_errors(cfg, release_params):
+    batch, emb = example()
+    f = forward(cfg)
+    with pytest.raises(ValueError, match=r"recsys_embeddings.user_embeddings: expected shape \[3, 2, 16\]"):
+        f.apply(release_params, None, batch,
+                RecsysEmbeddings(np.zeros((3, 2, 8), np.float32), *jax.tree_util.tree_leaves(emb)[1:]))
+    with pytest.raises(ValueError, match="batch.history_author_hashes"):
+        f.apply(release_params, None, batch._replace(history_author_hashes=batch.history_author_hashes[:, :2]), emb)
+    with pytest.raises(TypeError, match="batch.candidate_post_hashes: expected int dtype"):
+        f.apply(release_params, None,
+                batch._replace(candidate_post_hashes=batch.candidate_post_hashes.astype(np.float32)), emb)
+    with pytest.raises(ValueError, match="path"):
+        f.apply(release_params, None, batch, emb, path="fast")
+
+
+def test_recsys_embeddings_is_pytree():
+    _, emb = example()
+    leaves, treedef = jax.tree_util.tree_flatten(emb)
+    assert len(leaves) == 5
+    back = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert isinstance(back, RecsysEmbeddings)
+    doubled = jax.jit(lambda e: jax.tree_util.tree_map(lambda x: 2 * x, e))(emb)
+    np.testing.assert_array_equal(doubled.user_embeddings, 2 * emb.user_embeddings)
+    assert isinstance(RecsysBatch(*[np.zeros(1)] * 8), tuple)

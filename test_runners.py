@@ -1,0 +1,144 @@
+"""Runners: compiled once per shape, outputs equal to the models, errors before tracing."""
+
+import jax
+import numpy as np
+import pytest
+
+import numpy_reference as ref
+from conftest import A, C, D, S, tiny_ranker_config, tiny_retrieval_config
+from runners import (ACTIONS, ModelRunner, RankingOutput, RecsysInferenceRunner, RecsysRetrievalInferenceRunner,
+                     RetrievalModelRunner, create_dummy_batch_from_config, create_dummy_embeddings_from_config,
+                     create_example_batch, create_example_corpus)
+
+
+@pytest.fixture(scope="module")
+def ranker():
+    r = RecsysInferenceRunner(ModelRunner(tiny_ranker_config()), name="test")
+    r.initialize()
+    return r
+
+
+@pytest.fixture(scope="module")
+def retriever():
+    r = RecsysRetrievalInferenceRunner(RetrievalModelRunner(tiny_retrieval_config()), name="test")
+    r.initialize()
+    corpus, ids = create_example_corpus(200, D)
+    r.set_corpus(corpus, ids + 1000)
+    return r
+
+
+def test_rank_output_matches_reference_and_orders_candidates(ranker):
+    batch, emb = create_example_batch(2, D, S, C, A, seed=1)
+    post = np.array(batch.candidate_post_hashes)
+    post[1, 0] = 0  # a padded candidate
+    batch = batch._replace(candidate_post_hashes=post)
+    out = ranker.rank(batch, emb)
+    assert isinstance(out, RankingOutput) and out.scores.shape == (2, C, A)
+    want = 1 / (1 + np.exp(-ref.ranker_logits(ranker.params, batch, emb, ranker.runner.model)))
+    np.testing.assert_allclose(out.scores, want, rtol=1e-4, atol=1e-5)
+    for i, a in enumerate(ACTIONS):
+        np.testing.assert_array_equal(getattr(out, f"p_{a}"), out.scores[..., i])
+    fav = np.asarray(out.scores[..., 0])
+    ranked = np.asarray(out.ranked_indices)
+    assert np.all(np.diff(fav[0, ranked[0]]) <= 0)
+    assert ranked[1, -1] == 0  # padded candidate ranked last
+    assert np.all(np.diff(fav[1, ranked[1, :-1]]) <= 0)
+
+
+def test_rank_does_not_retrace(ranker):
+    batch, emb = create_example_batch(2, D, S, C, A, seed=2)
+    ranker.rank(batch, emb)
+    before = ranker.trace_counts["rank"]
+    for seed in range(3, 6):
+        ranker.rank(*create_example_batch(2, D, S, C, A, seed=seed))
+    assert ranker.trace_counts["rank"] == before
+    ranker.rank(*create_example_batch(2, D, S, C + 1, A, seed=2))  # a new shape compiles once more
+    assert ranker.trace_counts["rank"] == before + 1
+
+
+def test_masked_and_isolated_runner_paths_agree(ranker):
+    batch, emb = create_example_batch(2, D, S, C, A, seed=4)
+    masked = RecsysInferenceRunner(ranker.runner, path="masked")
+    masked.initialize()
+    masked.params = ranker.params
+    np.testing.assert_allclose(masked.rank(batch, emb).scores, ranker.rank(batch, emb).scores, rtol=1e-5, atol=1e-6)
+
+
+def test_retrieve_matches_brute_force_and_does_not_retrace(retriever):
+    batch, emb = create_example_batch(3, D, S, C, A, seed=5)
+    out = retriever.retrieve(batch, emb, top_k=7)
+    user = np.asarray(retriever.encode_user(batch, emb))
+    np.testing.assert_allclose(out.user_representation, user, rtol=1e-6, atol=1e-6)
+    idx, top = ref.top_k(user @ np.asarray(retriever.corpus_embeddings).T, 7)
+    np.testing.assert_array_equal(out.top_k_indices, idx)
+    np.testing.assert_allclose(out.top_k_scores, top, rtol=1e-5, atol=1e-6)
+    counts = dict(retriever.trace_counts)
+    for seed in (6, 7):
+        b, e = create_example_batch(3, D, S, C, A, seed=seed)
+        retriever.retrieve(b, e, top_k=7)
+        retriever.encode_user(b, e)
+        retriever.encode_candidates(b, e)
+    retriever.encode_candidates(batch, emb)
+    assert retriever.trace_counts["retrieve"] == counts["retrieve"]
+    assert retriever.trace_counts["encode_user"] == counts["encode_user"]
+    assert retriever.trace_counts["encode_candidates"] == 1
+
+
+def test_retrieve_with_mask_and_explicit_corpus(retriever):
+    batch, emb = create_example_batch(2, D, S, C, A, seed=8)
+    corpus, _ = create_example_corpus(30, D, seed=9)
+    mask = np.arange(30) % 3 != 0  # 20 valid entries
+    out = retriever.retrieve(batch, emb, top_k=25, corpus_embeddings=corpus, corpus_mask=mask)
+    idx = np.asarray(out.top_k_indices)
+    assert mask[idx[:, :20]].all() and not mask[idx[:, 20:]].any()  # masked entries fill the tail
+    np.testing.assert_allclose(np.asarray(out.top_k_scores)[:, 20:], -1e12)
+
+
+def test_encode_candidates_unit_norm(retriever):
+    batch, emb = create_example_batch(2, D, S, C, A, seed=10)
+    cand = np.asarray(retriever.encode_candidates(batch, emb))
+    assert cand.shape == (2, C, D)
+    np.testing.assert_allclose(np.linalg.norm(cand, axis=-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("top_k,err", [(201, ValueError), (0, ValueError), (2.5, TypeError)],
+                         ids=["above_N", "zero", "float"])
+def test_retrieve_top_k_errors(retriever, top_k, err):
+    batch, emb = create_example_batch(1, D, S, C, A)
+    with pytest.raises(err, match="top_k"):
+        retriever.retrieve(batch, emb, top_k=top_k)
+
+
+def test_runner_value_checks(ranker):
+    batch, emb = create_example_batch(1, D, S, C, A)
+    with pytest.raises(ValueError, match="batch.history_post_hashes: hashes must be >= 0"):
+        ranker.rank(batch._replace(history_post_hashes=-np.abs(batch.history_post_hashes)), emb)
+    with pytest.raises(ValueError, match=r"batch.candidate_product_surface: ids must lie in \[0, 16\)"):
+        ranker.rank(batch._replace(candidate_product_surface=np.full((1, C), 16, np.int32)), emb)
+    bad = np.array(emb.user_embeddings)
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="user_embeddings: contains NaN"):
+        ranker.rank(batch, emb.__class__(bad, *jax.tree_util.tree_leaves(emb)[1:]))
+    with pytest.raises(ValueError, match=rf"batch.history_actions: expected shape \[1, {S}, {A}\]"):
+        ranker.rank(batch._replace(history_actions=batch.history_actions[..., :5]), emb)
+
+
+def test_dummy_inputs_are_all_padding():
+    cfg = tiny_ranker_config()
+    b = create_dummy_batch_from_config(cfg.hash_config, S, C, A, batch_size=2)
+    e = create_dummy_embeddings_from_config(cfg.hash_config, D, S, C, batch_size=2)
+    assert b.history_post_hashes.shape == (2, S, 2) and not np.any(b.candidate_post_hashes)
+    assert e.candidate_author_embeddings.shape == (2, C, 2, D)
+
+
+def test_example_batch_follows_spec():
+    batch, emb = create_example_batch(4, D, 10, C, A, seed=3)
+    valid = batch.history_post_hashes[:, :, 0] != 0
+    lengths = valid.sum(1)
+    assert np.all(lengths >= 5) and np.all(lengths <= 10)
+    assert np.all(valid[:, :-1] >= valid[:, 1:])  # padding only after the valid prefix
+    assert batch.candidate_post_hashes.min() >= 1 and emb.user_embeddings.dtype == np.float32
+    again, _ = create_example_batch(4, D, 10, C, A, seed=3)
+    np.testing.assert_array_equal(again.history_post_hashes, batch.history_post_hashes)
+    corpus, ids = create_example_corpus(10, D)
+    np.testing.assert_allclose(np.linalg.norm(corpus, axis=1), 1.0, rtol=1e-6)

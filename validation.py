@@ -1,0 +1,119 @@
+"""Input checks shared by the models and runners: clear errors before anything is traced.
+
+Shape checks (`check_inputs`) read only static shapes and dtypes, so the models call them at trace
+time at no run-time cost. Value checks (`check_values`: negative hashes, out-of-range product
+surfaces, NaN/inf) need concrete arrays; the runners call them on the host before dispatching the
+compiled function, never inside jitted code. Set PHOENIX_VALIDATE_VALUES=0 to skip the value
+checks in trusted hot loops (shape checks always run: they are free).
+"""
+
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+
+
+def _fail(kind, name: str, expected: str, got) -> None:
+    raise kind(f"{name}: expected {expected}, got {got}")
+
+
+def _is_int(x) -> bool:
+    return np.issubdtype(np.dtype(x.dtype), np.integer)
+
+
+def _is_float(x) -> bool:
+    return np.issubdtype(np.dtype(x.dtype), np.floating) or np.dtype(x.dtype) == jax.numpy.bfloat16
+
+
+def check_array(x, name: str, shape: tuple, kind: str) -> None:
+    """Checks rank, shape (None = any size) and dtype kind ('int', 'float', 'bool', 'number')."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        _fail(TypeError, name, f"an array of shape {_fmt(shape)}", type(x).__name__)
+    if len(x.shape) != len(shape):
+        _fail(ValueError, name, f"rank {len(shape)} with shape {_fmt(shape)}", f"shape {tuple(x.shape)}")
+    for want, got in zip(shape, x.shape):
+        if want is not None and want != got:
+            _fail(ValueError, name, f"shape {_fmt(shape)}", f"shape {tuple(x.shape)}")
+    ok = {"int": _is_int, "float": _is_float, "bool": lambda a: np.dtype(a.dtype) == np.bool_,
+          "number": lambda a: _is_int(a) or _is_float(a) or np.dtype(a.dtype) == np.bool_}[kind]
+    if not ok(x):
+        _fail(TypeError, name, f"{kind} dtype", f"dtype {x.dtype}")
+
+
+def _fmt(shape) -> str:
+    return "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+
+
+def check_inputs(batch, embeddings, hash_config, emb_size: int, num_actions: Optional[int] = None,
+                 history_len: Optional[int] = None, num_candidates: Optional[int] = None,
+                 need_candidates: bool = True) -> None:
+    """Checks a RecsysBatch and RecsysEmbeddings against each other and the config (spec section 2).
+
+    B, S and C are taken from `user_hashes`, `history_post_hashes` and `candidate_post_hashes`;
+    `history_len`/`num_candidates`, when given, must match them.
+    """
+    hu, hi, ha = hash_config.num_user_hashes, hash_config.num_item_hashes, hash_config.num_author_hashes
+    check_array(batch.user_hashes, "batch.user_hashes", (None, hu), "int")
+    B = batch.user_hashes.shape[0]
+    check_array(batch.history_post_hashes, "batch.history_post_hashes", (B, history_len, hi), "int")
+    S = batch.history_post_hashes.shape[1]
+    check_array(batch.history_author_hashes, "batch.history_author_hashes", (B, S, ha), "int")
+    check_array(batch.history_actions, "batch.history_actions", (B, S, num_actions), "number")
+    check_array(batch.history_product_surface, "batch.history_product_surface", (B, S), "int")
+    D = emb_size
+    check_array(embeddings.user_embeddings, "recsys_embeddings.user_embeddings", (B, hu, D), "float")
+    check_array(embeddings.history_post_embeddings, "recsys_embeddings.history_post_embeddings",
+                (B, S, hi, D), "float")
+    check_array(embeddings.history_author_embeddings, "recsys_embeddings.history_author_embeddings",
+                (B, S, ha, D), "float")
+    if need_candidates:
+        check_candidate_inputs(batch, embeddings, hash_config, emb_size, B, num_candidates)
+
+
+def check_candidate_inputs(batch, embeddings, hash_config, emb_size: int, batch_size: Optional[int] = None,
+                           num_candidates: Optional[int] = None) -> None:
+    """Checks the candidate fields of a RecsysBatch / RecsysEmbeddings."""
+    hi, ha, D = hash_config.num_item_hashes, hash_config.num_author_hashes, emb_size
+    check_array(batch.candidate_post_hashes, "batch.candidate_post_hashes", (batch_size, num_candidates, hi), "int")
+    B = batch.candidate_post_hashes.shape[0]
+    C = batch.candidate_post_hashes.shape[1]
+    check_array(batch.candidate_author_hashes, "batch.candidate_author_hashes", (B, C, ha), "int")
+    check_array(batch.candidate_product_surface, "batch.candidate_product_surface", (B, C), "int")
+    check_array(embeddings.candidate_post_embeddings, "recsys_embeddings.candidate_post_embeddings",
+                (B, C, hi, D), "float")
+    check_array(embeddings.candidate_author_embeddings, "recsys_embeddings.candidate_author_embeddings",
+                (B, C, ha, D), "float")
+
+
+def values_enabled() -> bool:
+    return os.environ.get("PHOENIX_VALIDATE_VALUES", "1") != "0"
+
+
+def _concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_values(batch, embeddings, product_surface_vocab_size: int) -> None:
+    """Host-side value checks: hashes >= 0, surfaces in [0, vocab), finite embeddings."""
+    if not values_enabled():
+        return
+    for name in batch._fields:
+        x = getattr(batch, name)
+        if not _concrete(x):
+            continue
+        x = np.asarray(x)
+        if name.endswith("hashes") and x.size and x.min() < 0:
+            raise ValueError(f"batch.{name}: hashes must be >= 0 (0 = padding), got minimum {x.min()}")
+        if name.endswith("product_surface") and x.size and (x.min() < 0 or x.max() >= product_surface_vocab_size):
+            raise ValueError(f"batch.{name}: ids must lie in [0, {product_surface_vocab_size}) "
+                             f"(product_surface_vocab_size), got range [{x.min()}, {x.max()}]")
+        if name == "history_actions" and x.size and not np.all(np.isfinite(x)):
+            raise ValueError(f"batch.{name}: contains NaN or inf")
+    if embeddings is None:
+        return
+    for name, x in zip(("user_embeddings", "history_post_embeddings", "candidate_post_embeddings",
+                        "history_author_embeddings", "candidate_author_embeddings"),
+                       jax.tree_util.tree_leaves(embeddings)):
+        if _concrete(x) and not bool(np.all(np.isfinite(np.asarray(x, np.float32)))):
+            raise ValueError(f"recsys_embeddings.{name}: contains NaN or inf")

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok import TrainingState
-from recsys_model import HashConfig, PhoenixModelConfig, RecsysBatch, RecsysEmbeddings
+from recsys_model import HashConfig, PhoenixModelConfig, PrefixCache, RecsysBatch, RecsysEmbeddings
 from recsys_retrieval_model import INF, PhoenixRetrievalModelConfig, check_top_k, retrieve_top_k
-from validation import check_array, check_inputs, check_values
+from validation import check_array, check_candidate_inputs, check_inputs, check_values
 
 ACTIONS = [
     "favorite_score",
@@ -263,12 +263,30 @@ class BaseInferenceRunner:
         check_values(batch, recsys_embeddings, cfg.product_surface_vocab_size)
 
 
-def rank_candidates(logits: jax.Array, candidate_mask: jax.Array):
-    """-> (probabilities [B, C, A] float32, ranked_indices [B, C]) by the first action, padding last."""
-    probs = jax.nn.sigmoid(logits.astype(jnp.float32))  # [B, C, A]
+def _candidate_slice(batch: RecsysBatch, emb: RecsysEmbeddings, start: int, stop: int):
+    """Candidates [start, stop) of a batch, padded with padding candidates (hash 0) up to stop - start."""
+    C = batch.candidate_post_hashes.shape[1]
+    pad = max(0, stop - C)
+
+    def take(x):
+        x = np.asarray(x)[:, start:stop]
+        if pad:
+            x = np.concatenate([x, np.zeros((x.shape[0], pad) + x.shape[2:], x.dtype)], axis=1)
+        return x
+
+    return (batch._replace(candidate_post_hashes=take(batch.candidate_post_hashes),
+                           candidate_author_hashes=take(batch.candidate_author_hashes),
+                           candidate_product_surface=take(batch.candidate_product_surface)),
+            RecsysEmbeddings(emb.user_embeddings, emb.history_post_embeddings, take(emb.candidate_post_embeddings),
+                             emb.history_author_embeddings, take(emb.candidate_author_embeddings)))
+
+
+def ranking_output(probs: jax.Array, candidate_mask: jax.Array) -> RankingOutput:
+    """probabilities [B, C, A] -> RankingOutput; ranked by the first action, padded candidates last."""
     key = jnp.where(candidate_mask, probs[..., 0], -1.0)  # probabilities lie in [0, 1]
-    _, ranked = jax.lax.top_k(key, key.shape[-1])  # stable: ties keep candidate order
-    return probs, ranked
+    _, ranked = jax.lax.top_k(key, key.shape[-1])  # [B, C]; ties keep candidate order
+    per_action = {f"p_{a}": probs[..., i] for i, a in enumerate(ACTIONS[: probs.shape[-1]])}
+    return RankingOutput(scores=probs, ranked_indices=ranked, **per_action)
 
 
 class RecsysInferenceRunner(BaseInferenceRunner):
@@ -294,17 +312,66 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         apply = runner.forward.apply
 
         def rank_fn(params, batch, emb, path):
-            logits = apply(params, None, batch, emb, path=path).logits
-            probs, ranked = rank_candidates(logits, batch.candidate_post_hashes[:, :, 0] != 0)
-            return probs, ranked
+            probs = jax.nn.sigmoid(apply(params, None, batch, emb, path=path).logits.astype(jnp.float32))
+            # inside jit: 19 eager per-action slices outside it would cost more than the model
+            return ranking_output(probs, batch.candidate_post_hashes[:, :, 0] != 0)
 
         self._rank = self._jit("rank", rank_fn, static_argnames="path")
+        self._prefix = self._jit("encode_prefix", lambda p, b, e: apply(p, None, b, e, path="prefix"))
+        self._score = self._jit(
+            "score_candidates",
+            lambda p, b, e, pre, start: jax.nn.sigmoid(
+                apply(p, None, b, e, path="candidates", prefix=pre, candidate_start=start).logits.astype(jnp.float32)))
+        self._order = self._jit("order", ranking_output)
 
     def rank(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings) -> RankingOutput:
         self._check(batch, recsys_embeddings)
-        probs, ranked = self._rank(self.params, batch, recsys_embeddings, path=self.path)
-        per_action = {f"p_{a}": probs[..., i] for i, a in enumerate(ACTIONS[: probs.shape[-1]])}
-        return RankingOutput(scores=probs, ranked_indices=ranked, **per_action)
+        return self._rank(self.params, batch, recsys_embeddings, path=self.path)
+
+    # Serving with a cached prefix: encode a user once, score any number of candidate sets.
+
+    def encode_prefix(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings) -> PrefixCache:
+        """User+history once -> PrefixCache (each layer's keys/values [B, 1+S, h, d]).
+
+        Candidate fields of `batch`/`recsys_embeddings` are not read (they may be empty, C = 0).
+        """
+        self._check(batch, recsys_embeddings, need_candidates=False)
+        return self._prefix(self.params, batch, recsys_embeddings)
+
+    def score_candidates(self, prefix: PrefixCache, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings,
+                         candidate_start: int = 0) -> jax.Array:
+        """Probabilities [B, C, A] of the batch's candidates against a cached prefix.
+
+        Only the candidate fields are read. Candidate c takes rotary slot `candidate_start + c`, its
+        index in the full candidate list; with that, scores equal ranking the whole list in one call.
+        `candidate_start` is traced, so every chunk of one shape reuses one compiled function.
+        """
+        cfg = self.runner.model
+        check_candidate_inputs(batch, recsys_embeddings, cfg.hash_config, cfg.emb_size,
+                               batch_size=prefix.mask.shape[0])
+        check_values(batch, recsys_embeddings, cfg.product_surface_vocab_size)
+        return self._score(self.params, batch, recsys_embeddings, prefix, jnp.int32(candidate_start))
+
+    def rank_large(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings,
+                   chunk_size: int = 1024) -> RankingOutput:
+        """Ranks any number of candidates with memory bounded by `chunk_size`.
+
+        Encodes the prefix once, scores the candidates in chunks of `chunk_size` (the last chunk is
+        padded, so one compiled function serves every chunk), then ranks all of them. Equal to
+        `rank` on the same inputs; peak activation memory grows with chunk_size, not with C.
+        """
+        self._check(batch, recsys_embeddings)
+        if not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+        prefix = self._prefix(self.params, batch, recsys_embeddings)
+        C = batch.candidate_post_hashes.shape[1]
+        chunk = min(chunk_size, C)
+        probs = []
+        for start in range(0, C, chunk):
+            cb, ce = _candidate_slice(batch, recsys_embeddings, start, start + chunk)
+            probs.append(self._score(self.params, cb, ce, prefix, jnp.int32(start)))
+        probs = jnp.concatenate(probs, axis=1)[:, :C]  # [B, C, A]
+        return self._order(probs, batch.candidate_post_hashes[:, :, 0] != 0)
 
 
 class RecsysRetrievalInferenceRunner(BaseInferenceRunner):

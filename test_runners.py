@@ -142,3 +142,41 @@ def test_example_batch_follows_spec():
     np.testing.assert_array_equal(again.history_post_hashes, batch.history_post_hashes)
     corpus, ids = create_example_corpus(10, D)
     np.testing.assert_allclose(np.linalg.norm(corpus, axis=1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 5, 11, 64], ids=["chunk1", "chunk3", "chunk5_ragged", "chunk_eq_C",
+                                                               "chunk_gt_C"])
+def test_rank_large_equals_rank(ranker, chunk_size):
+    batch, emb = create_example_batch(2, D, S, 11, A, seed=11)
+    post = np.array(batch.candidate_post_hashes)
+    post[0, 4] = 0  # a padded candidate among the real ones
+    batch = batch._replace(candidate_post_hashes=post)
+    whole = ranker.rank(batch, emb)
+    large = ranker.rank_large(batch, emb, chunk_size=chunk_size)
+    np.testing.assert_allclose(large.scores, whole.scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(large.ranked_indices, whole.ranked_indices)
+    np.testing.assert_array_equal(large.p_report_score, large.scores[..., ACTIONS.index("report_score")])
+
+
+def test_prefix_reuse_across_requests_compiles_once(ranker):
+    """One encoded user scored against several candidate sets; each equals a fresh full ranking."""
+    batch, emb = create_example_batch(1, D, S, 6, A, seed=12)
+    prefix = ranker.encode_prefix(batch, emb)
+    before = ranker.trace_counts["score_candidates"]
+    for seed in (13, 14, 15):
+        other, other_emb = create_example_batch(1, D, S, 6, A, seed=seed)
+        cand_batch = batch._replace(candidate_post_hashes=other.candidate_post_hashes,
+                                    candidate_author_hashes=other.candidate_author_hashes,
+                                    candidate_product_surface=other.candidate_product_surface)
+        cand_emb = emb.__class__(emb.user_embeddings, emb.history_post_embeddings,
+                                 other_emb.candidate_post_embeddings, emb.history_author_embeddings,
+                                 other_emb.candidate_author_embeddings)
+        probs = ranker.score_candidates(prefix, cand_batch, cand_emb)
+        np.testing.assert_allclose(probs, ranker.rank(cand_batch, cand_emb).scores, rtol=1e-5, atol=1e-6)
+    assert ranker.trace_counts["score_candidates"] - before <= 1
+
+
+def test_rank_large_bad_chunk_size(ranker):
+    batch, emb = create_example_batch(1, D, S, C, A)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ranker.rank_large(batch, emb, chunk_size=0)

@@ -15,6 +15,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from grok import TrainingState
 from recsys_model import HashConfig, PhoenixModelConfig, PrefixCache, RecsysBatch, RecsysEmbeddings
@@ -240,10 +241,38 @@ class RetrievalModelRunner(BaseModelRunner):
 
 
 class BaseInferenceRunner:
-    def __init__(self, runner: BaseModelRunner, name: str = "phoenix"):
+    """Shared machinery: traced-count jit, input checks, and optional data parallelism.
+
+    With `data_parallel=True` and several local devices, parameters are replicated and every
+    batch is split along B over a 1-D device mesh ("data"); the same compiled functions then run
+    on all devices (XLA partitions them). B must then be a multiple of the device count.
+    Multi-host: call `jax.distributed.initialize()` first; each host feeds its own slice of users.
+    """
+
+    def __init__(self, runner: BaseModelRunner, name: str = "phoenix", data_parallel: bool = False):
         self.runner = runner
         self.name = name
         self.trace_counts = collections.Counter()  # entry point -> number of traces (compiles)
+        # Auto axes: XLA partitions the unchanged model code (explicit axes would need per-op shardings).
+        self.mesh = (jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+                     if data_parallel else None)
+
+    def _replicate(self, tree):
+        if self.mesh is None:
+            return tree
+        return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
+
+    def _shard(self, *trees):
+        """Places inputs split along their leading (batch) axis over the mesh."""
+        if self.mesh is None:
+            return trees if len(trees) > 1 else trees[0]
+        n = self.mesh.size
+        B = jax.tree_util.tree_leaves(trees[0])[0].shape[0]
+        if B % n:
+            raise ValueError(f"batch: with data_parallel=True the batch size must be a multiple of the "
+                             f"{n} devices, got B={B}; pad with all-padding users (hash 0)")
+        placed = jax.device_put(trees, NamedSharding(self.mesh, PartitionSpec("data")))
+        return placed if len(trees) > 1 else placed[0]
 
     def _jit(self, name: str, fn, **jit_kwargs):
         """jax.jit of fn that counts its traces under `name`."""
@@ -296,8 +325,11 @@ class RecsysInferenceRunner(BaseInferenceRunner):
     against that prefix, O(C*S)) or "masked" (the release's full-sequence pass, the reference).
     """
 
-    def __init__(self, runner: ModelRunner, name: str = "ranker", path: str = "isolated"):
-        super().__init__(runner, name)
+    def __init__(self, runner: ModelRunner, name: str = "ranker", path: str = "isolated",
+                 data_parallel: bool = False):
+        super().__init__(runner, name, data_parallel)
+        if path not in ("isolated", "masked"):
+            raise ValueError(f"path: expected 'isolated' or 'masked', got {path!r}")
         self.path = path
 
     def initialize(self):
@@ -308,7 +340,7 @@ class RecsysInferenceRunner(BaseInferenceRunner):
                                                      cfg.num_actions, runner.batch_size)
         dummy_emb = create_dummy_embeddings_from_config(cfg.hash_config, cfg.emb_size, cfg.history_seq_len,
                                                         cfg.candidate_seq_len, runner.batch_size)
-        self.params = runner.load_or_init(dummy_batch, dummy_emb).params
+        self.params = self._replicate(runner.load_or_init(dummy_batch, dummy_emb).params)
         apply = runner.forward.apply
 
         def rank_fn(params, batch, emb, path):
@@ -326,6 +358,7 @@ class RecsysInferenceRunner(BaseInferenceRunner):
 
     def rank(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings) -> RankingOutput:
         self._check(batch, recsys_embeddings)
+        batch, recsys_embeddings = self._shard(batch, recsys_embeddings)
         return self._rank(self.params, batch, recsys_embeddings, path=self.path)
 
     # Serving with a cached prefix: encode a user once, score any number of candidate sets.
@@ -336,7 +369,7 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         Candidate fields of `batch`/`recsys_embeddings` are not read (they may be empty, C = 0).
         """
         self._check(batch, recsys_embeddings, need_candidates=False)
-        return self._prefix(self.params, batch, recsys_embeddings)
+        return self._prefix(self.params, *self._shard(batch, recsys_embeddings))
 
     def score_candidates(self, prefix: PrefixCache, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings,
                          candidate_start: int = 0) -> jax.Array:
@@ -350,6 +383,7 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         check_candidate_inputs(batch, recsys_embeddings, cfg.hash_config, cfg.emb_size,
                                batch_size=prefix.mask.shape[0])
         check_values(batch, recsys_embeddings, cfg.product_surface_vocab_size)
+        batch, recsys_embeddings = self._shard(batch, recsys_embeddings)
         return self._score(self.params, batch, recsys_embeddings, prefix, jnp.int32(candidate_start))
 
     def rank_large(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings,
@@ -363,13 +397,13 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         self._check(batch, recsys_embeddings)
         if not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
-        prefix = self._prefix(self.params, batch, recsys_embeddings)
+        prefix = self._prefix(self.params, *self._shard(batch, recsys_embeddings))
         C = batch.candidate_post_hashes.shape[1]
         chunk = min(chunk_size, C)
         probs = []
         for start in range(0, C, chunk):
             cb, ce = _candidate_slice(batch, recsys_embeddings, start, start + chunk)
-            probs.append(self._score(self.params, cb, ce, prefix, jnp.int32(start)))
+            probs.append(self._score(self.params, *self._shard(cb, ce), prefix, jnp.int32(start)))
         probs = jnp.concatenate(probs, axis=1)[:, :C]  # [B, C, A]
         return self._order(probs, batch.candidate_post_hashes[:, :, 0] != 0)
 
@@ -377,8 +411,8 @@ class RecsysInferenceRunner(BaseInferenceRunner):
 class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
     """Encodes users and candidates and retrieves top-k from a corpus (compiled per shape and k)."""
 
-    def __init__(self, runner: RetrievalModelRunner, name: str = "retrieval"):
-        super().__init__(runner, name)
+    def __init__(self, runner: RetrievalModelRunner, name: str = "retrieval", data_parallel: bool = False):
+        super().__init__(runner, name, data_parallel)
         self.corpus_embeddings = None
         self.corpus_post_ids = None
 
@@ -392,7 +426,7 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
         dummy_emb = create_dummy_embeddings_from_config(cfg.hash_config, cfg.emb_size, cfg.history_seq_len,
                                                         cfg.candidate_seq_len, runner.batch_size)
         dummy_corpus = np.zeros((1, cfg.emb_size), np.float32)
-        self.params = runner.load_or_init(dummy_batch, dummy_emb, dummy_corpus, 1).params
+        self.params = self._replicate(runner.load_or_init(dummy_batch, dummy_emb, dummy_corpus, 1).params)
         model_config = cfg
         tx = hk.transform(lambda fn, *args: getattr(model_config.make(), fn)(*args))
         apply = lambda name, params, *args: tx.apply(params, None, name, *args)  # noqa: E731
@@ -411,12 +445,12 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
     def encode_user(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings) -> jax.Array:
         """-> user representations [B, D], unit norm."""
         self._check(batch, recsys_embeddings, need_candidates=False)
-        return self._encode_user(self.params, batch, recsys_embeddings)
+        return self._encode_user(self.params, *self._shard(batch, recsys_embeddings))
 
     def encode_candidates(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings) -> jax.Array:
         """-> candidate representations [B, C, D], unit norm."""
         self._check(batch, recsys_embeddings)
-        return self._encode_candidates(self.params, batch, recsys_embeddings)
+        return self._encode_candidates(self.params, *self._shard(batch, recsys_embeddings))
 
     def _checked_corpus(self, corpus_embeddings, corpus_post_ids=None):
         D = self.runner.model.emb_size
@@ -426,7 +460,7 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
             raise ValueError("corpus_embeddings: expected at least one row, got an empty corpus")
         if corpus_post_ids is not None:
             check_array(corpus_post_ids, "corpus_post_ids", (N,), "int")
-        return jnp.asarray(corpus_embeddings, jnp.float32)
+        return self._replicate(jnp.asarray(corpus_embeddings, jnp.float32))
 
     def set_corpus(self, corpus_embeddings, corpus_post_ids=None):
         """Keeps the corpus [N, D] on device once, so `retrieve` does not transfer it per call."""
@@ -453,6 +487,8 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
         top_k = check_top_k(top_k, N, "corpus size")
         if corpus_mask is not None:
             check_array(corpus_mask, "corpus_mask", (N,), "bool")
+        batch, recsys_embeddings = self._shard(batch, recsys_embeddings)
+        corpus_mask = None if corpus_mask is None else self._replicate(jnp.asarray(corpus_mask))
         return self._retrieve(self.params, batch, recsys_embeddings, corpus, corpus_mask, top_k=top_k)
 
 

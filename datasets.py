@@ -1,0 +1,522 @@
+"""A synthetic recommendation world with planted signal, for training and evaluating Phoenix.
+
+Shape glossary
+  B  batch (users)        S  history length        C  candidates per user
+  A  actions (19, runners.ACTIONS order)           L  latent dimension
+  U  users                N  posts                 M  authors
+  I  impressions drawn per user                    P  product surfaces
+
+Generative model (NumPy, deterministic by WorldConfig.seed)
+  users u and authors m:  latent x ~ N(0, I_L).
+  posts n:  author m(n) (every author has >= 1 post; lognormal author weights make some prolific),
+            latent p_n = sqrt(1 - s^2) x_m(n) + s eps with s = author_spread (unit variance),
+            popularity pop_n ~ N(0, popularity_std^2).
+  affinity(u, n) = <x_u, p_n> / sqrt(L), about N(0, 1) over random pairs.
+  P(action a | u, n, surface k) = sigmoid(base[a] + surface_shift[k, a]
+                                          + sign[a] * scale[a] * affinity_scale * affinity(u, n)
+                                          + [a is positive] * popularity_weight * pop_n)
+  sign[a] = -1 for the NEGATIVE_ACTIONS (not_interested, block_author, mute_author, report), +1 for
+  the rest; `dwell_time` is a binary "long dwell" label. `true_probabilities` is this oracle.
+  Impressions of user u: with probability impression_affinity_share an author drawn from
+  softmax(affinity(u, author) / impression_temperature) and a uniform post of that author, else a
+  post drawn from softmax(pop); surfaces uniform; actions ~ Bernoulli(P). An impression is
+  engaged iff it has at least one positive action.
+  History: the user's engaged impressions in time order, cut to a random length in
+  [min_history_len, S] (shorter only if too few were engaged), then padded.
+  Ranking candidates: a share `candidate_relevant_fraction` drawn by the affinity sampler, the rest
+  uniform over all posts, in random order; labels ~ Bernoulli(oracle).
+  Retrieval positive: the engaged impression right after the history (the user's next engagement).
+
+Raw ids are indices: users 0..U-1, posts 0..N-1, authors 0..M-1 (int64).
+Padding (hashing.py's convention): post and author ids PAD_ID (-1), actions 0, surface 0.
+
+Cost: the world is O(N L) memory (1M posts: about 1 s to build, ~150 MB); a batch costs
+O(B (M + I A)) and never touches all N posts, so batches are generated on the fly (WorldConfig()
+with B = 128: ~15 ms; WorldConfig.large() with B = 256: ~0.1-0.3 s on one CPU core).
+"""
+
+import dataclasses
+import math
+from typing import Iterator
+
+import numpy as np
+
+from hashing import PAD_ID, batch_from_ids
+from recsys_model import HashConfig, RecsysBatch
+from runners import ACTIONS
+
+NEGATIVE_ACTIONS = ("not_interested_score", "block_author_score", "mute_author_score",
+                    "report_score")
+
+# (base logit, affinity scale) per action. Base logits order the rates as in a real feed (dwell
+# common, reports rare); impressions drawn by affinity lift the absolute rates (favorite ~35% of
+# candidates with the defaults), so a short demo sees enough positives of every action. Scales say
+# how personal an action is (follows and shares more than photo expands).
+ACTION_PARAMS = {
+    "favorite_score": (-2.0, 1.0),
+    "reply_score": (-4.0, 1.2),
+    "repost_score": (-3.5, 1.2),
+    "photo_expand_score": (-3.0, 0.6),
+    "click_score": (-2.0, 0.8),
+    "profile_click_score": (-3.5, 1.0),
+    "vqv_score": (-2.5, 0.6),
+    "share_score": (-4.5, 1.2),
+    "share_via_dm_score": (-5.0, 1.2),
+    "share_via_copy_link_score": (-5.5, 1.0),
+    "dwell_score": (-1.0, 0.8),
+    "quote_score": (-5.0, 1.2),
+    "quoted_click_score": (-4.5, 0.8),
+    "follow_author_score": (-5.0, 1.5),
+    "not_interested_score": (-4.0, 1.0),
+    "block_author_score": (-6.0, 1.2),
+    "mute_author_score": (-5.5, 1.2),
+    "report_score": (-7.0, 1.0),
+    "dwell_time": (-1.5, 1.0),
+}
+
+MAX_PRODUCT_SURFACES = 16  # the models' product_surface_vocab_size default (spec section 5)
+# Rows that got too few engaged impressions are redrawn this many times before we give up.
+_MAX_REDRAWS = 20
+# Independent random streams derived from the world seed (SeedSequence spawn keys).
+_WORLD_STREAM, _SPLIT_STREAM, _EXAMPLE_STREAM, _RANKING_STREAM, _RETRIEVAL_STREAM = range(5)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldConfig:
+    """Sizes and knobs of a `SyntheticWorld`; defaults are the laptop demo (builds in ~10 ms)."""
+
+    num_users: int = 1_000
+    num_posts: int = 5_000
+    num_authors: int = 200  # each author has >= 1 post, so num_authors <= num_posts
+    latent_dim: int = 16  # L; affinity is a dot product in this space
+    num_product_surfaces: int = 4  # P <= 16, the models' surface vocabulary
+    history_len: int = 32  # S
+    num_candidates: int = 16  # C
+    min_history_len: int = 4  # histories are cut to a uniform length in [min_history_len, S]
+    # Multiplies affinity in every action logit: the strength of the personal signal.
+    affinity_scale: float = 1.5
+    popularity_std: float = 1.0  # spread of pop_n; also the skew of popularity sampling
+    popularity_weight: float = 0.75  # how much popularity lifts positive-action logits
+    surface_shift_std: float = 0.5  # spread of the per-(surface, action) logit shifts
+    author_spread: float = 0.5  # 0: posts copy their author's latent, 1: independent of it
+    impression_affinity_share: float = 0.7  # rest of the impressions are drawn by popularity
+    impression_temperature: float = 0.5  # lower: impressions concentrate on the closest authors
+    impressions_per_slot: float = 3.0  # I = ceil(this * S) impressions drawn per user
+    candidate_relevant_fraction: float = 0.5  # share of candidates drawn by affinity
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.num_authors <= self.num_posts:
+            raise ValueError("need 1 <= num_authors <= num_posts")
+        if not 1 <= self.num_product_surfaces <= MAX_PRODUCT_SURFACES:
+            raise ValueError(f"num_product_surfaces must be in [1, {MAX_PRODUCT_SURFACES}]")
+        if not 0 <= self.min_history_len <= self.history_len:
+            raise ValueError("need 0 <= min_history_len <= history_len")
+        if self.num_candidates < 1 or self.num_users < 1 or self.latent_dim < 1:
+            raise ValueError("num_candidates, num_users and latent_dim must be >= 1")
+        if not 0.0 <= self.author_spread <= 1.0:
+            raise ValueError("author_spread must be in [0, 1]")
+        if self.impressions_per_slot < 1.0:
+            raise ValueError("impressions_per_slot must be >= 1 (a history needs S impressions)")
+
+    @property
+    def num_impressions(self) -> int:
+        return math.ceil(self.impressions_per_slot * self.history_len)
+
+    @classmethod
+    def large(cls, **overrides) -> "WorldConfig":
+        """1M posts, 100k users, 10k authors, S=128, C=32 (the models' default sequence lengths)."""
+        kwargs = dict(num_users=100_000, num_posts=1_000_000, num_authors=10_000,
+                      history_len=128, num_candidates=32, min_history_len=16)
+        return cls(**{**kwargs, **overrides})
+
+
+def _generator(seed: int, stream: int, sub_seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed & (2**63 - 1), stream, sub_seed]))
+
+
+def split_users(num_users: int, held_out_fraction: float = 0.1, seed: int = 0):
+    """Deterministic split of user ids 0..U-1 into (train_ids, held_out_ids), both sorted int64."""
+    if not 0.0 <= held_out_fraction <= 1.0:
+        raise ValueError("held_out_fraction must be in [0, 1]")
+    perm = _generator(seed, _SPLIT_STREAM).permutation(num_users)  # [U]
+    num_held_out = int(round(held_out_fraction * num_users))
+    return np.sort(perm[num_held_out:]).astype(np.int64), np.sort(perm[:num_held_out]).astype(np.int64)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free
+
+
+def _searchsorted_right(sorted_array: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """np.searchsorted(side="right") with the queries sorted first: ~5x faster for large arrays,
+    because the binary searches then walk memory in order."""
+    flat = queries.ravel()
+    order = np.argsort(flat)
+    idx = np.empty(flat.shape, np.int64)
+    idx[order] = np.searchsorted(sorted_array, flat[order], side="right")
+    return idx.reshape(queries.shape)
+
+
+class _RowSampler:
+    """Categorical draws from one distribution per row, probs [B, K]; build once per batch.
+
+    Row r's CDF is shifted by r so that all rows live in one sorted array and one searchsorted
+    serves every row (or any subset of rows, for redraws).
+    """
+
+    def __init__(self, probs: np.ndarray):
+        self.num_rows, self.num_classes = probs.shape
+        cdf = np.cumsum(probs, axis=1, dtype=np.float64)  # [B, K]
+        cdf[:, -1] = 1.0  # absorb rounding so every uniform in [0, 1) lands in its row
+        self.flat_cdf = (cdf + np.arange(self.num_rows)[:, None]).ravel()  # [B*K], sorted
+
+    def draw(self, rows: np.ndarray, num: int, rng) -> np.ndarray:
+        """`num` draws for each of `rows` [b] -> class indices [b, num]."""
+        queries = rng.random((len(rows), num)) + rows[:, None]  # [b, num]
+        idx = _searchsorted_right(self.flat_cdf, queries) - rows[:, None] * self.num_classes
+        return np.minimum(idx, self.num_classes - 1)
+
+
+class SyntheticWorld:
+    """Users, authors and posts with latent vectors, and the oracle engagement model above."""
+
+    def __init__(self, cfg: WorldConfig = WorldConfig()):
+        self.cfg = cfg
+        rng = _generator(cfg.seed, _WORLD_STREAM)
+        num_users, num_posts, num_authors, dim = (cfg.num_users, cfg.num_posts, cfg.num_authors,
+                                                  cfg.latent_dim)
+        self.user_latent = rng.standard_normal((num_users, dim), dtype=np.float32)  # [U, L]
+        self.author_latent = rng.standard_normal((num_authors, dim), dtype=np.float32)  # [M, L]
+        # One post per author first (so none is empty), the rest by lognormal author weights.
+        weights = rng.lognormal(0.0, 1.0, num_authors)  # [M]
+        extra = rng.choice(num_authors, num_posts - num_authors, p=weights / weights.sum())
+        self.post_author = rng.permutation(
+            np.concatenate([np.arange(num_authors), extra])).astype(np.int64)  # [N]
+        noise = rng.standard_normal((num_posts, dim), dtype=np.float32)  # [N, L]
+        spread = np.float32(cfg.author_spread)
+        self.post_latent = np.sqrt(np.float32(1.0) - spread**2) * self.author_latent[
+            self.post_author] + spread * noise  # [N, L]
+        self.post_popularity = (cfg.popularity_std * rng.standard_normal(num_posts)).astype(
+            np.float32)  # [N]
+        self.surface_shift = (cfg.surface_shift_std * rng.standard_normal(
+            (cfg.num_product_surfaces, len(ACTIONS)))).astype(np.float32)  # [P, A]
+
+        self.action_base = np.array([ACTION_PARAMS[a][0] for a in ACTIONS], np.float32)  # [A]
+        self.action_sign = np.array([-1.0 if a in NEGATIVE_ACTIONS else 1.0 for a in ACTIONS],
+                                    np.float32)  # [A]
+        self.action_scale = np.array([ACTION_PARAMS[a][1] for a in ACTIONS], np.float32)  # [A]
+        self.positive_actions = self.action_sign > 0  # [A] bool
+
+        # Samplers: popularity CDF over posts; posts grouped by author for the affinity sampler.
+        pop_weights = np.exp(self.post_popularity.astype(np.float64))  # [N]
+        self.popularity_probs = pop_weights / pop_weights.sum()  # [N]
+        self._popularity_cdf = np.cumsum(self.popularity_probs)  # [N]
+        self._posts_by_author = np.argsort(self.post_author, kind="stable")  # [N]
+        self.author_num_posts = np.bincount(self.post_author, minlength=num_authors)  # [M]
+        self._author_offsets = np.concatenate([[0], np.cumsum(self.author_num_posts)])  # [M+1]
+
+    # ----------------------------------------------------------------------------- oracle
+
+    def affinity(self, user_ids, post_ids) -> np.ndarray:
+        """<x_u, p_n> / sqrt(L) for broadcastable user_ids and post_ids -> [...] float32."""
+        users = self.user_latent[np.asarray(user_ids)]  # [..., L]
+        posts = self.post_latent[np.asarray(post_ids)]  # [..., L]
+        return (users * posts).sum(-1) / np.float32(math.sqrt(self.cfg.latent_dim))
+
+    def probabilities_from_affinity(self, affinity, popularity, surfaces) -> np.ndarray:
+        """The link function: affinity, popularity, surfaces (broadcastable [...]) -> [..., A]."""
+        cfg = self.cfg
+        affinity = np.asarray(affinity, np.float32)[..., None]  # [..., 1]
+        popularity = np.asarray(popularity, np.float32)[..., None]  # [..., 1]
+        logits = (self.action_base + self.surface_shift[np.asarray(surfaces)]
+                  + self.action_sign * self.action_scale * np.float32(cfg.affinity_scale) * affinity
+                  + self.positive_actions * np.float32(cfg.popularity_weight) * popularity)
+        return _sigmoid(logits).astype(np.float32)  # [..., A]
+
+    def true_probabilities(self, user_ids, post_ids, surfaces) -> np.ndarray:
+        """Oracle P(action | user, post, surface) for broadcastable ids [...] -> [..., A] float32."""
+        post_ids = np.asarray(post_ids)
+        return self.probabilities_from_affinity(
+            self.affinity(user_ids, post_ids), self.post_popularity[post_ids], surfaces)
+
+    # ----------------------------------------------------------------------------- samplers
+
+    def author_probabilities(self, user_ids) -> np.ndarray:
+        """softmax(affinity(u, author) / impression_temperature): user_ids [B] -> [B, M] float32."""
+        users = self.user_latent[np.asarray(user_ids)]  # [B, L]
+        logits = users @ self.author_latent.T  # [B, M]
+        logits *= np.float32(1.0 / (math.sqrt(self.cfg.latent_dim) * self.cfg.impression_temperature))
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits, out=logits)
+        return probs / probs.sum(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+
+    def _author_sampler(self, user_ids) -> _RowSampler:
+        return _RowSampler(self.author_probabilities(user_ids))
+
+    def _affinity_posts(self, sampler: _RowSampler, rows, num: int, rng) -> np.ndarray:
+        """Posts drawn by affinity for the users at `rows` [b] of `sampler` -> post ids [b, num]."""
+        authors = sampler.draw(rows, num, rng)  # [b, num]
+        within = np.floor(rng.random(authors.shape) * self.author_num_posts[authors]).astype(np.int64)
+        return self._posts_by_author[self._author_offsets[authors] + within]  # [b, num]
+
+    def _popular_posts(self, shape, rng) -> np.ndarray:
+        idx = _searchsorted_right(self._popularity_cdf, rng.random(shape))
+        return np.minimum(idx, self.cfg.num_posts - 1).astype(np.int64)
+
+    def impression_probabilities(self, user_ids, chunk: int = 1024) -> np.ndarray:
+        """Exact probability [N] that an impression of a user drawn uniformly from user_ids is post n."""
+        share = self.cfg.impression_affinity_share
+        user_ids = np.asarray(user_ids)
+        author_probs = np.zeros(self.cfg.num_authors)  # [M]
+        for start in range(0, len(user_ids), chunk):
+            author_probs += self.author_probabilities(user_ids[start:start + chunk]).sum(
+                axis=0, dtype=np.float64)
+        author_probs /= len(user_ids)
+        per_post = author_probs[self.post_author] / self.author_num_posts[self.post_author]  # [N]
+        return share * per_post + (1.0 - share) * self.popularity_probs
+
+    def _impression_posts(self, sampler: _RowSampler, rows, num: int, rng):
+        """`num` impressions for each user at `rows` [b] of `sampler`: post ids, surfaces [b, num]."""
+        shape = (len(rows), num)
+        by_affinity = rng.random(shape) < self.cfg.impression_affinity_share  # [b, num]
+        posts = np.where(by_affinity, self._affinity_posts(sampler, rows, num, rng),
+                         self._popular_posts(shape, rng))  # [b, num]
+        return posts, rng.integers(0, self.cfg.num_product_surfaces, size=shape)
+
+    def _impressions(self, user_ids, sampler: _RowSampler, rows, rng):
+        """I impressions per user in time order: post ids [b, I], surfaces [b, I], actions [b, I, A]."""
+        posts, surfaces = self._impression_posts(sampler, rows, self.cfg.num_impressions, rng)
+        probs = self.true_probabilities(user_ids[rows][:, None], posts, surfaces)  # [b, I, A]
+        actions = (rng.random(probs.shape) < probs).astype(np.float32)  # [b, I, A]
+        return posts, surfaces, actions
+
+    def _is_engaged(self, actions) -> np.ndarray:
+        """At least one positive action: actions [..., A] -> [...] bool."""
+        return (actions[..., self.positive_actions] > 0).any(-1)
+
+    def _engaged_sequences(self, user_ids, sampler: _RowSampler, rng, min_engaged: int):
+        """Engaged impressions first, in time order: posts, surfaces [B, I], actions [B, I, A], counts [B].
+
+        Users with fewer than `min_engaged` engagements are redrawn (up to _MAX_REDRAWS times).
+        """
+        user_ids = np.asarray(user_ids)
+        posts, surfaces, actions = self._impressions(user_ids, sampler, np.arange(len(user_ids)),
+                                                     rng)
+        for _ in range(_MAX_REDRAWS):
+            short = np.flatnonzero(self._is_engaged(actions).sum(axis=1) < min_engaged)
+            if len(short) == 0:
+                break
+            posts[short], surfaces[short], actions[short] = self._impressions(user_ids, sampler,
+                                                                              short, rng)
+        engaged = self._is_engaged(actions)  # [B, I]
+        counts = engaged.sum(axis=1)  # [B]
+        order = np.argsort(~engaged, axis=1, kind="stable")  # [B, I]: engaged first, time kept
+        rows = np.arange(len(user_ids))[:, None]
+        return posts[rows, order], surfaces[rows, order], actions[rows, order], counts
+
+    def _history(self, posts, surfaces, actions, lengths):
+        """First `lengths` [B] of the engaged sequences as padded history arrays of length S."""
+        history_len = self.cfg.history_len
+        valid = np.arange(history_len)[None, :] < lengths[:, None]  # [B, S]
+        post_ids = np.where(valid, posts[:, :history_len], PAD_ID)  # [B, S]
+        return {
+            "history_post_ids": post_ids,
+            "history_author_ids": np.where(valid, self.post_author[np.maximum(post_ids, 0)],
+                                           PAD_ID),  # [B, S]
+            "history_actions": actions[:, :history_len] * valid[..., None],  # [B, S, A]
+            "history_surfaces": np.where(valid, surfaces[:, :history_len], 0).astype(np.int32),
+            "history_lengths": lengths.astype(np.int32),  # [B]
+        }
+
+    def _rng(self, rng_or_seed) -> np.random.Generator:
+        if isinstance(rng_or_seed, np.random.Generator):
+            return rng_or_seed
+        return _generator(self.cfg.seed, _EXAMPLE_STREAM, int(rng_or_seed))
+
+    # ----------------------------------------------------------------------------- examples
+
+    def split_users(self, held_out_fraction: float = 0.1):
+        """`split_users` of this world's users with its seed: (train_ids, held_out_ids)."""
+        return split_users(self.cfg.num_users, held_out_fraction, self.cfg.seed)
+
+    def ranking_examples(self, user_ids, rng_or_seed=0) -> dict:
+        """One ranking example per user id [B]: history, C candidates, labels and oracle.
+
+        Keys: user_ids [B] int64; history_post_ids, history_author_ids [B, S] int64 (PAD_ID after
+        history_lengths [B]); history_actions [B, S, A] float32; history_surfaces [B, S] int32;
+        candidate_post_ids, candidate_author_ids [B, C] int64; candidate_surfaces [B, C] int32;
+        labels [B, C, A] float32 sampled from oracle [B, C, A] float32.
+        """
+        cfg, rng = self.cfg, self._rng(rng_or_seed)
+        user_ids = np.asarray(user_ids, np.int64)
+        batch = len(user_ids)
+        sampler = self._author_sampler(user_ids)
+        posts, surfaces, actions, counts = self._engaged_sequences(user_ids, sampler, rng,
+                                                                   cfg.min_history_len)
+        target = rng.integers(cfg.min_history_len, cfg.history_len + 1, size=batch)  # [B]
+        example = {"user_ids": user_ids,
+                   **self._history(posts, surfaces, actions, np.minimum(target, counts))}
+
+        num_relevant = int(round(cfg.candidate_relevant_fraction * cfg.num_candidates))
+        candidates = np.concatenate([
+            self._affinity_posts(sampler, np.arange(batch), num_relevant, rng),
+            rng.integers(0, cfg.num_posts, size=(batch, cfg.num_candidates - num_relevant)),
+        ], axis=1)  # [B, C]
+        # Shuffle so that a candidate's slot says nothing about how it was drawn.
+        candidates = rng.permuted(candidates, axis=1)
+        candidate_surfaces = rng.integers(0, cfg.num_product_surfaces, size=candidates.shape)
+        oracle = self.true_probabilities(user_ids[:, None], candidates, candidate_surfaces)
+        example.update(
+            candidate_post_ids=candidates,
+            candidate_author_ids=self.post_author[candidates],  # [B, C]
+            candidate_surfaces=candidate_surfaces.astype(np.int32),  # [B, C]
+            labels=(rng.random(oracle.shape) < oracle).astype(np.float32),  # [B, C, A]
+            oracle=oracle,  # [B, C, A]
+        )
+        return example
+
+    def retrieval_examples(self, user_ids, rng_or_seed=0) -> dict:
+        """One retrieval example per user id [B]: history and the next engaged post (the positive).
+
+        Keys: the history keys of `ranking_examples` (user_ids, history_* [B, S], history_lengths)
+        plus positive_post_ids, positive_author_ids [B] int64 and positive_surfaces [B] int32.
+        The history holds >= 1 engagement unless a user had only one after all redraws.
+        """
+        cfg, rng = self.cfg, self._rng(rng_or_seed)
+        user_ids = np.asarray(user_ids, np.int64)
+        posts, surfaces, actions, counts = self._engaged_sequences(
+            user_ids, self._author_sampler(user_ids), rng, cfg.min_history_len + 1)
+        if np.any(counts < 1):
+            raise RuntimeError("a user engaged with nothing in all redraws; raise "
+                               "impressions_per_slot or the base rates")
+        target = rng.integers(cfg.min_history_len, cfg.history_len + 1, size=len(user_ids))
+        lengths = np.minimum(target, counts - 1)  # [B], leaves the next engagement for the positive
+        rows = np.arange(len(user_ids))
+        positives = posts[rows, lengths]  # [B]
+        return {
+            "user_ids": user_ids,
+            **self._history(posts, surfaces, actions, lengths),
+            "positive_post_ids": positives,
+            "positive_author_ids": self.post_author[positives],
+            "positive_surfaces": surfaces[rows, lengths].astype(np.int32),
+        }
+
+    def corpus(self) -> dict:
+        """All posts, for recall@K over the full corpus: post_ids [N] and author_ids [N], int64."""
+        return {"post_ids": np.arange(self.cfg.num_posts, dtype=np.int64),
+                "author_ids": self.post_author.copy()}
+
+    def engagement_probability(self, user_ids, post_ids, surfaces) -> np.ndarray:
+        """P(at least one positive action) for broadcastable ids [...] -> [...] float64."""
+        probs = self.true_probabilities(user_ids, post_ids, surfaces)[..., self.positive_actions]
+        return 1.0 - np.prod(1.0 - probs.astype(np.float64), axis=-1)
+
+    def positive_frequencies(self, user_ids, num_users: int = 20_000, seed: int = 0,
+                             impressions_per_user: int = 16, pseudo_counts_per_post: float = 0.5,
+                             chunk: int = 1024) -> np.ndarray:
+        """Probability [N] (float64, sums to 1) that a post is the positive of a retrieval example.
+
+        For logQ correction of in-batch softmax: log_q = log(freq[positive_post_ids]).
+        Impressions are i.i.d. given the user, so a user's next engaged post is distributed as
+        P(n | u) e(u, n) / Z_u, with e the engagement probability and Z_u its mean over P(. | u).
+        We sample `num_users` users from user_ids (as `retrieval_batches` does) and
+        `impressions_per_user` impressions each, and add e / (K * Z_hat_u) per impression: every
+        sampled user contributes mass 1 without sampling any actions (Rao-Blackwellised, so far
+        less noisy than counting sampled positives). `pseudo_counts_per_post * N` pseudo-users
+        spread as the impression distribution (`impression_probabilities`) smooth the estimate so
+        that unseen posts keep a sensible non-zero frequency.
+        """
+        cfg = self.cfg
+        rng = _generator(cfg.seed, _RETRIEVAL_STREAM, 2**32 + seed)
+        users = rng.choice(np.asarray(user_ids, np.int64), size=num_users)  # [U']
+        mass = np.zeros(cfg.num_posts)  # [N]
+        for start in range(0, num_users, chunk):
+            batch = users[start:start + chunk]  # [b]
+            posts, surfaces = self._impression_posts(self._author_sampler(batch),
+                                                     np.arange(len(batch)), impressions_per_user,
+                                                     rng)  # [b, K]
+            engage = self.engagement_probability(batch[:, None], posts, surfaces)  # [b, K]
+            weights = engage / engage.sum(axis=1, keepdims=True)  # [b, K], rows sum to 1
+            mass += np.bincount(posts.ravel(), weights.ravel(), minlength=cfg.num_posts)
+        prior_users = users[:chunk * 4]  # the prior is a smoother: a few thousand users suffice
+        freq = mass + pseudo_counts_per_post * cfg.num_posts * self.impression_probabilities(
+            prior_users)
+        return freq / freq.sum()
+
+    # ----------------------------------------------------------------------------- streams
+
+    def ranking_batches(self, user_ids, batch_size: int, seed: int = 0,
+                        hash_config: HashConfig | None = None) -> Iterator:
+        """Endless ranking batches of users drawn with replacement from user_ids (deterministic by seed).
+
+        Yields `ranking_examples` dicts, or (RecsysBatch, labels, oracle) when hash_config is given.
+        """
+        rng = _generator(self.cfg.seed, _RANKING_STREAM, seed)
+        user_ids = np.asarray(user_ids, np.int64)
+        while True:
+            examples = self.ranking_examples(rng.choice(user_ids, size=batch_size), rng)
+            yield examples if hash_config is None else to_recsys_batch(examples, hash_config)
+
+    def retrieval_batches(self, user_ids, batch_size: int, seed: int = 0,
+                          hash_config: HashConfig | None = None) -> Iterator:
+        """Endless retrieval batches (deterministic by seed).
+
+        Yields `retrieval_examples` dicts, or (RecsysBatch with the positive in candidate slot 0,
+        positive_post_ids [B]) when hash_config is given.
+        """
+        rng = _generator(self.cfg.seed, _RETRIEVAL_STREAM, seed)
+        user_ids = np.asarray(user_ids, np.int64)
+        while True:
+            examples = self.retrieval_examples(rng.choice(user_ids, size=batch_size), rng)
+            if hash_config is None:
+                yield examples
+            else:
+                yield to_retrieval_batch(examples, hash_config), examples["positive_post_ids"]
+
+
+def to_recsys_batch(examples: dict, hash_config: HashConfig):
+    """`ranking_examples` dict -> (RecsysBatch of NumPy arrays, labels [B, C, A], oracle [B, C, A])."""
+    batch = batch_from_ids(
+        examples["user_ids"], examples["history_post_ids"], examples["history_author_ids"],
+        examples["history_actions"], examples["history_surfaces"],
+        examples["candidate_post_ids"], examples["candidate_author_ids"],
+        examples["candidate_surfaces"], hash_config)
+    return batch, examples["labels"], examples["oracle"]
+
+
+def to_retrieval_batch(examples: dict, hash_config: HashConfig) -> RecsysBatch:
+    """`retrieval_examples` dict -> RecsysBatch whose single candidate slot (C = 1) is the positive."""
+    return batch_from_ids(
+        examples["user_ids"], examples["history_post_ids"], examples["history_author_ids"],
+        examples["history_actions"], examples["history_surfaces"],
+        examples["positive_post_ids"][:, None], examples["positive_author_ids"][:, None],
+        examples["positive_surfaces"][:, None], hash_config)
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC of scores [n] against binary labels [n] (Mann-Whitney, ties count half); NaN if one class."""
+    scores, labels = np.asarray(scores, np.float64).ravel(), np.asarray(labels).ravel() > 0
+    num_pos, num_neg = labels.sum(), (~labels).sum()
+    if num_pos == 0 or num_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    # Mid-ranks (1-based) of tied groups.
+    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
+    return float((ranks[labels].sum() - num_pos * (num_pos + 1) / 2.0) / (num_pos * num_neg))
+
+
+def main() -> None:
+    """Prints per-action label rates and oracle AUCs of the default world (a few seconds)."""
+    world = SyntheticWorld(WorldConfig())
+    train_ids, _ = world.split_users()
+    ex = world.ranking_examples(train_ids[:512], 0)
+    print(f"history lengths: mean {ex['history_lengths'].mean():.1f} of {world.cfg.history_len}")
+    print(f"{'action':<28} {'rate':>7} {'oracle AUC':>10}")
+    for a, name in enumerate(ACTIONS):
+        labels = ex["labels"][..., a]
+        print(f"{name:<28} {labels.mean():>7.4f} {auc(ex['oracle'][..., a], labels):>10.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Property-based tests (hypothesis) of the models' invariants.
+
+Shapes stay fixed so each jitted function compiles once; hypothesis varies the values: which
+candidates or history positions change or are padded, and by how much. Tolerances are float32
+round-off of a two-layer pass (1e-5).
+"""
+
+import haiku as hk
+import jax
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import numpy_reference as ref
+from conftest import A, D, random_release_params, tiny_ranker_config, tiny_retrieval_config
+from recsys_model import RecsysEmbeddings
+from recsys_retrieval_model import INF, retrieve_top_k
+from runners import create_example_batch
+
+B, S_, C_ = 2, 5, 5
+CFG = tiny_ranker_config()
+PARAMS = random_release_params(CFG, "phoenix_model", seed=11)
+RANK = jax.jit(hk.transform(lambda b, e, **kw: CFG.make()(b, e, **kw)).apply, static_argnames="path")
+RCFG = tiny_retrieval_config()
+RPARAMS = random_release_params(RCFG, "phoenix_retrieval_model", retrieval=True, seed=12)
+USER = jax.jit(hk.transform(lambda b, e: RCFG.make().build_user_representation(b, e)).apply)
+TOPK = jax.jit(retrieve_top_k, static_argnums=2)
+MATMUL = jax.jit(lambda u, c: u @ c.T)
+SETTINGS = settings(max_examples=15, deadline=None)
+
+
+def logits(batch, emb, path="masked"):
+    return np.asarray(RANK(PARAMS, None, batch, emb, path=path).logits)
+
+
+def with_candidates(batch, emb, post_emb, post_hashes):
+    return (batch._replace(candidate_post_hashes=post_hashes),
+            RecsysEmbeddings(emb.user_embeddings, emb.history_post_embeddings, post_emb,
+                             emb.history_author_embeddings, emb.candidate_author_embeddings))
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**16), keep=st.integers(0, C_ - 1), scale=st.floats(0.1, 10.0),
+       pad_others=st.lists(st.booleans(), min_size=C_, max_size=C_), path=st.sampled_from(["masked", "isolated"]))
+def test_candidate_isolation_property(seed, keep, scale, pad_others, path):
+    """Candidate `keep` scores the same whatever the other candidates are, and whether they are padded."""
+    batch, emb = create_example_batch(B, D, S_, C_, A, seed=seed)
+    base = logits(batch, emb, path)[:, keep]
+    rng = np.random.default_rng(seed + 1)
+    post_emb = np.array(emb.candidate_post_embeddings)
+    others = np.arange(C_) != keep
+    post_emb[:, others] = scale * rng.standard_normal(post_emb[:, others].shape)
+    hashes = np.array(batch.candidate_post_hashes)
+    pad = np.array(pad_others) & others
+    hashes[:, pad] = 0
+    changed = logits(*with_candidates(batch, emb, post_emb, hashes), path)[:, keep]
+    np.testing.assert_allclose(changed, base, rtol=1e-5, atol=1e-5)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**16), fill=st.floats(-100.0, 100.0))
+def test_padding_invariance_property(seed, fill):
+    """Whatever sits at padded history positions (embeddings, actions), nothing changes."""
+    batch, emb = create_example_batch(B, D, S_, C_, A, seed=seed)
+    valid = np.asarray(batch.history_post_hashes[:, :, 0] != 0)
+    hpe = np.where(valid[:, :, None, None], emb.history_post_embeddings, fill).astype(np.float32)
+    acts = np.where(valid[:, :, None], batch.history_actions, 1.0).astype(np.float32)
+    emb2 = RecsysEmbeddings(emb.user_embeddings, hpe, emb.candidate_post_embeddings, emb.history_author_embeddings,
+                            emb.candidate_author_embeddings)
+    batch2 = batch._replace(history_actions=acts)
+    np.testing.assert_allclose(logits(batch2, emb2), logits(batch, emb), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(USER(RPARAMS, None, batch2, emb2)[0], USER(RPARAMS, None, batch, emb)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 40), k_frac=st.floats(0.0, 1.0),
+       mask_p=st.sampled_from([None, 0.0, 0.3, 0.9, 1.0]), ties=st.booleans())
+def test_top_k_equals_brute_force_property(seed, n, k_frac, mask_p, ties):
+    rng = np.random.default_rng(seed)
+    users = rng.standard_normal((3, 8)).astype(np.float32)
+    corpus = rng.standard_normal((n, 8)).astype(np.float32)
+    if ties:  # duplicated rows give exactly tied scores: lower index must come first
+        corpus[n // 2:] = corpus[: n - n // 2]
+    k = max(1, int(round(k_frac * n)))
+    mask = None if mask_p is None else rng.random(n) >= mask_p
+    idx, scores = TOPK(users, corpus, k, mask)
+    # brute force over the same float32 products XLA computes, so exact ties stay ties
+    s = np.asarray(MATMUL(users, corpus))
+    if mask is not None:
+        s = np.where(mask[None], s, -INF)
+    want_idx, want_scores = ref.top_k(s, k)
+    np.testing.assert_array_equal(np.asarray(idx), want_idx)
+    np.testing.assert_allclose(np.asarray(scores), want_scores, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,799 @@
+"""Training for both Phoenix models: losses, optimiser, jitted train steps, and a fit loop.
+
+Shape glossary
+  B  batch (users)          S  history length          C  candidates per user
+  D  embedding size         A  actions                 R  rows of the in-batch softmax
+  M  rows of a hash table   H  hashes per id (Hi for posts)
+
+The hash embedding tables (hashing.HashEmbeddings) and the model live in one `hk.transform`, so
+one gradient step trains both. Parameters stay float32; the models compute in their fprop dtype
+and every loss is computed in float32.
+
+Large tables. A table of M rows costs M*D*4 bytes; AdamW keeps two more copies (first and
+second moments), and a dense gradient would be one more: 4x, or 6 GB for three 1M x 128 tables,
+with every step reading and writing all of it (~5 s per step on a 2-core CPU). By default
+(`OptimizerConfig.sparse_table_updates`) the step differentiates with respect to the rows the
+batch looks up only, and gathers/scatters those rows of the tables and their moments: no dense
+gradient, and a step costs the same with 1M-row tables as with 1k-row ones. AdamW on tables then
+acts as "lazy" Adam. `table_optimizer="rowwise_adagrad"` replaces the two moment copies by one
+float per row (the DLRM/FBGEMM choice for big tables). The train step donates its state, so
+parameters and optimiser state are updated in place.
+
+Determinism: a fixed seed gives bit-identical parameters on CPU. On GPU the gradient of a table
+lookup is a scatter-add with atomics; run with XLA_FLAGS=--xla_gpu_deterministic_ops=true for
+bit-identical runs there (this module does not set flags: no side effects at import).
+"""
+
+import collections
+import dataclasses
+import math
+import sys
+import time
+from typing import Any, Callable, Iterable, NamedTuple, Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import checkpoint
+from hashing import HashEmbeddings
+from recsys_model import HashConfig, PhoenixModelConfig, RecsysBatch
+from recsys_retrieval_model import PhoenixRetrievalModelConfig
+
+# A finite stand-in for -inf on masked softmax logits: exp() underflows to exactly 0, and unlike
+# -inf it never produces inf - inf = NaN in a row whose entries are all masked.
+MASKED_LOGIT = -1e9
+# Name of the HashEmbeddings module; parameters under it are the hash tables.
+TABLE_MODULE = "hash_embeddings"
+# Added under the square root of row-wise Adagrad, as in FBGEMM's default.
+ROWWISE_ADAGRAD_EPS = 1e-8
+# Default softmax temperature of the retrieval loss. Scores are cosines in [-1, 1]; dividing by
+# 0.05 spans logits over [-20, 20], enough for a sharp softmax (the common range is 0.02-0.1).
+DEFAULT_TEMPERATURE = 0.05
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Elementwise -[y log s(x) + (1-y) log(1-s(x))] in the overflow-free form
+    max(x, 0) - x*y + log(1 + exp(-|x|)), computed in float32."""
+    x = logits.astype(jnp.float32)
+    y = labels.astype(jnp.float32)
+    return jnp.maximum(x, 0.0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def _guarded(denominator: jax.Array) -> jax.Array:
+    """The denominator where positive, 1 where zero, so an all-masked batch gives loss 0, not NaN."""
+    return jnp.where(denominator > 0, denominator, 1.0)
+
+
+class RankingLossTerms(NamedTuple):
+    loss: jax.Array  # [] weighted mean cross-entropy over unmasked labels
+    per_action_loss: jax.Array  # [A] mean cross-entropy over each action's unmasked labels
+    label_weight: jax.Array  # [] the loss's normaliser: sum of label weights
+
+
+def ranking_loss_terms(logits, labels, candidate_mask, label_mask=None, action_weights=None) -> RankingLossTerms:
+    """Per-action sigmoid cross-entropy of the ranker's multi-action logits (spec section 5).
+
+    logits, labels [B, C, A]; candidate_mask [B, C] (False for padded candidates);
+    label_mask [B, C, A] (optional, False/0 where a label is unknown); action_weights [A] (optional).
+    Each label's weight is candidate_mask * label_mask * action_weight; the loss is the weighted sum
+    of cross-entropies divided by the sum of weights (0 if every label is masked). Masked entries
+    are selected away with `where`, so their logits, even inf/NaN, reach neither loss nor gradient.
+    """
+    mask = jnp.broadcast_to(candidate_mask[:, :, None], logits.shape).astype(jnp.float32)  # [B, C, A]
+    if label_mask is not None:
+        mask = mask * label_mask.astype(jnp.float32)
+    keep = mask > 0  # [B, C, A]
+    safe_logits = jnp.where(keep, logits.astype(jnp.float32), 0.0)
+    ce = jnp.where(keep, sigmoid_cross_entropy(safe_logits, labels), 0.0)  # [B, C, A]
+    action_sum = jnp.sum(ce * mask, axis=(0, 1))  # [A]
+    action_count = jnp.sum(mask, axis=(0, 1))  # [A]
+    weights = jnp.ones(logits.shape[-1], jnp.float32) if action_weights is None else (
+        jnp.asarray(action_weights, jnp.float32))  # [A]
+    total_weight = jnp.sum(weights * action_count)
+    loss = jnp.sum(weights * action_sum) / _guarded(total_weight)
+    return RankingLossTerms(loss, action_sum / _guarded(action_count), total_weight)
+
+
+def ranking_loss(logits, labels, candidate_mask, label_mask=None, action_weights=None) -> jax.Array:
+    """Scalar ranking loss; see `ranking_loss_terms` (which also gives the per-action losses)."""
+    return ranking_loss_terms(logits, labels, candidate_mask, label_mask, action_weights).loss
+
+
+class RetrievalLossTerms(NamedTuple):
+    loss: jax.Array  # [] mean over valid rows
+    accuracy: jax.Array  # [] share of valid rows whose positive outscores every in-batch negative
+    num_valid: jax.Array  # [] number of valid rows
+
+
+def _same_item(positive_ids: jax.Array) -> jax.Array:
+    """[R] or [R, H] ids -> [R, R] bool: rows i, j hold the same item (all H ids equal)."""
+    ids = positive_ids if positive_ids.ndim == 2 else positive_ids[:, None]  # [R, H]
+    return jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)  # [R, R]
+
+
+def retrieval_loss_terms(user, positive, temperature, positive_ids, log_q=None, valid=None) -> RetrievalLossTerms:
+    """In-batch sampled softmax for the two-tower model.
+
+    user, positive [R, D]: row i's user and the item it engaged with; the other rows' positives
+    are its negatives. logits = user @ positive.T / temperature, in float32.
+    log_q [R]: log probability with which each positive was sampled into batches; it is subtracted
+      from every logit of that item's column (logQ correction, Yi et al. 2019, "Sampling-bias-
+      corrected neural modeling for large corpus item recommendations", eq. 3), which removes the
+      popularity bias of in-batch negatives.
+    positive_ids [R] (or [R, H], e.g. an item's hash values: equal iff all H equal): a column j != i
+      holding the same item as row i is an accidental hit, not a negative, and is masked out.
+    valid [R] bool: invalid rows add nothing to the loss, and their items are no one's negative.
+    Returns the mean over valid rows of logsumexp(row) - logit(positive) (0 if none is valid).
+    """
+    num_rows = user.shape[0]
+    logits = jnp.einsum("id,jd->ij", user.astype(jnp.float32), positive.astype(jnp.float32))  # [R, R]
+    logits = logits / temperature
+    if log_q is not None:
+        logits = logits - log_q.astype(jnp.float32)[None, :]
+    valid = jnp.ones(num_rows, bool) if valid is None else valid.astype(bool)  # [R]
+    diagonal = jnp.eye(num_rows, dtype=bool)  # [R, R]
+    accidental_hit = _same_item(positive_ids) & ~diagonal  # [R, R]
+    keep = (diagonal | ~accidental_hit) & valid[None, :]  # [R, R]
+    logits = jnp.where(keep, logits, MASKED_LOGIT)
+    positive_logit = jnp.diagonal(logits)  # [R]
+    row_loss = jax.nn.logsumexp(logits, axis=1) - positive_logit  # [R]
+    num_valid = jnp.sum(valid.astype(jnp.float32))
+    loss = jnp.sum(jnp.where(valid, row_loss, 0.0)) / _guarded(num_valid)
+    # Ties count as misses; negatives are the kept off-diagonal columns.
+    best_negative = jnp.max(jnp.where(diagonal, MASKED_LOGIT, logits), axis=1)  # [R]
+    correct = (positive_logit > best_negative) & valid
+    accuracy = jnp.sum(correct.astype(jnp.float32)) / _guarded(num_valid)
+    return RetrievalLossTerms(loss, accuracy, num_valid)
+
+
+def retrieval_loss(user, positive, temperature, positive_ids, log_q=None, valid=None) -> jax.Array:
+    """Scalar in-batch sampled-softmax loss; see `retrieval_loss_terms`."""
+    return retrieval_loss_terms(user, positive, temperature, positive_ids, log_q, valid).loss
+
+
+# --------------------------------------------------------------------------- optimiser
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with global-norm clipping and a linear-warmup / cosine (or constant) schedule."""
+
+    learning_rate: float = 1e-3  # peak; AdamW's usual safe value for small transformers
+    # Linear ramp from learning_rate/warmup_steps up to the peak: Adam's first second-moment
+    # estimates are noisy, and full steps on them can blow up a fresh transformer.
+    warmup_steps: int = 100
+    # Step at which the cosine decay reaches its floor (counted from step 0, warmup included);
+    # None keeps the peak rate after warmup, for runs of unknown length.
+    decay_steps: Optional[int] = None
+    final_learning_rate_fraction: float = 0.1  # cosine floor as a fraction of the peak
+    b1: float = 0.9  # Adam's defaults
+    b2: float = 0.999
+    eps: float = 1e-8
+    # Decoupled weight decay on weight matrices only: norm scales are not decayed (decay would
+    # pull them toward 0, not toward their identity value 1), nor are hash tables (decay applied
+    # densely every step would shrink the rows of rare ids that get no gradient to balance it).
+    weight_decay: float = 0.01
+    clip_global_norm: Optional[float] = 1.0  # caps rare huge gradients (a bad batch); None = off
+    # Optimiser of the hash tables: "adamw" (same as the rest, 2 extra copies of each table) or
+    # "rowwise_adagrad" (one accumulator per row; for tables of millions of rows).
+    table_optimizer: str = "adamw"
+    table_learning_rate: Optional[float] = None  # None = learning_rate; scheduled like it
+    # Update only the table rows the batch looks up (gradient, moments and rows gathered and
+    # scattered back), so a step costs O(rows used), not O(table size): ~20x faster steps with
+    # 1M-row tables. AdamW then becomes "lazy" Adam (TF LazyAdam, torch SparseAdam): rows not in
+    # the batch keep their moments and do not drift on stale momentum. Row-wise Adagrad is
+    # unchanged by it (a zero-gradient row gets a zero update either way). False: dense updates
+    # of whole tables through optax, the reference this path is tested against.
+    sparse_table_updates: bool = True
+
+    def __post_init__(self):
+        if self.table_optimizer not in ("adamw", "rowwise_adagrad"):
+            raise ValueError(f"OptimizerConfig.table_optimizer: expected 'adamw' or 'rowwise_adagrad', "
+                             f"got {self.table_optimizer!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"OptimizerConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            raise ValueError(f"OptimizerConfig.decay_steps ({self.decay_steps}) must exceed "
+                             f"warmup_steps ({self.warmup_steps})")
+
+
+def learning_rate_schedule(config: OptimizerConfig, peak: Optional[float] = None) -> Callable:
+    """step -> learning rate: peak * min(1, (step+1)/warmup) * cosine factor.
+
+    The cosine factor is f + (1-f) * (1 + cos(pi * p)) / 2 with f the final fraction and
+    p = clip((step - warmup) / (decay_steps - warmup), 0, 1); it is 1 when decay_steps is None.
+    Warmup counts from step+1 so that the very first update is not wasted at rate 0.
+    """
+    peak = config.learning_rate if peak is None else peak
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = jnp.minimum(1.0, (step + 1.0) / config.warmup_steps) if config.warmup_steps else 1.0
+        if config.decay_steps is None:
+            decay = 1.0
+        else:
+            progress = jnp.clip((step - config.warmup_steps) / (config.decay_steps - config.warmup_steps), 0.0, 1.0)
+            cosine = 0.5 * (1.0 + jnp.cos(math.pi * progress))
+            floor = config.final_learning_rate_fraction
+            decay = floor + (1.0 - floor) * cosine
+        return peak * warm * decay
+
+    return schedule
+
+
+def _module_is_table(module_name: str) -> bool:
+    return module_name == TABLE_MODULE or module_name.endswith("/" + TABLE_MODULE)
+
+
+def _is_table_path(path) -> bool:
+    """Haiku params are {module name: {param name: array}}; the first key is the module."""
+    return _module_is_table(str(path[0].key))
+
+
+def _decay_mask(params):
+    """True for weight matrices outside the hash tables (see OptimizerConfig.weight_decay).
+    Mapping over leaves keeps the parts optax.multi_transform masked out (no leaves) as they are."""
+    return jax.tree_util.tree_map_with_path(lambda path, p: p.ndim >= 2 and not _is_table_path(path), params)
+
+
+def _table_labels(params):
+    return jax.tree_util.tree_map_with_path(lambda path, p: "table" if _is_table_path(path) else "dense", params)
+
+
+class RowwiseAdagradState(NamedTuple):
+    accumulators: Any  # per parameter [M] sum over steps of the row's mean squared gradient
+
+
+def rowwise_adagrad(learning_rate) -> optax.GradientTransformation:
+    """Row-wise Adagrad (the DLRM/FBGEMM embedding optimiser) for [M, D] tables:
+    acc[m] += mean_d g[m, d]^2;  update[m] = -lr * g[m] / sqrt(acc[m] + eps).
+
+    One float of state per row instead of Adam's 2*D, and a row with zero gradient gets an update
+    of exactly zero. `learning_rate` is a float or a schedule (step -> rate).
+    """
+
+    def init(params):
+        return (optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)),
+                RowwiseAdagradState(jax.tree.map(lambda p: jnp.zeros(p.shape[:1], jnp.float32), params)))
+
+    def update(updates, state, params=None):
+        del params
+        count_state, adagrad_state = state
+        rate = learning_rate(count_state.count) if callable(learning_rate) else learning_rate
+        accumulators = jax.tree.map(
+            lambda acc, g: acc + jnp.mean(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim))),
+            adagrad_state.accumulators, updates)
+        updates = jax.tree.map(
+            lambda g, acc: -rate * g / jnp.sqrt(acc + ROWWISE_ADAGRAD_EPS).reshape(acc.shape + (1,) * (g.ndim - 1)),
+            updates, accumulators)
+        return updates, (optax.ScaleByScheduleState(count=optax.safe_increment(count_state.count)),
+                         RowwiseAdagradState(accumulators))
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(config: OptimizerConfig, dense_only: bool = False) -> optax.GradientTransformation:
+    """The optax transformation described by `config`: global-norm clipping, then AdamW (and
+    row-wise Adagrad on the tables if so configured), updating whole tables densely.
+    `dense_only`: AdamW alone, unclipped, for the non-table parameters of the sparse path (which
+    clips gradients itself, over dense and table gradients together)."""
+    adamw = optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
+                        weight_decay=config.weight_decay, mask=_decay_mask)
+    if dense_only:
+        return adamw
+    if config.table_optimizer == "adamw":
+        update = adamw
+    else:
+        table_rate = config.learning_rate if config.table_learning_rate is None else config.table_learning_rate
+        update = optax.multi_transform(
+            {"dense": adamw, "table": rowwise_adagrad(learning_rate_schedule(config, table_rate))},
+            _table_labels)
+    if config.clip_global_norm is None:
+        return update
+    return optax.chain(optax.clip_by_global_norm(config.clip_global_norm), update)
+
+
+# --------------------------------------------------------------------------- sparse table updates
+
+# Which RecsysBatch fields index each HashEmbeddings table (hashing.HashEmbeddings.__call__:
+# history and candidates share the post and author tables). Row = hash value; 0 is padding.
+TABLE_FIELDS = {
+    "user_table": ("user_hashes",),
+    "post_table": ("history_post_hashes", "candidate_post_hashes"),
+    "author_table": ("history_author_hashes", "candidate_author_hashes"),
+}
+# The HashConfig field holding each table's number of rows.
+TABLE_SIZE_FIELDS = {"user_table": "user_table_size", "post_table": "post_table_size",
+                     "author_table": "author_table_size"}
+
+
+def split_tables(params) -> tuple[dict, dict]:
+    """Haiku params -> (non-table params, {table module: {table name: [M, D]}})."""
+    dense = {m: v for m, v in params.items() if not _module_is_table(m)}
+    tables = {m: v for m, v in params.items() if _module_is_table(m)}
+    return dense, tables
+
+
+def compact_table_lookups(batch: RecsysBatch) -> tuple[RecsysBatch, dict]:
+    """Renumbers each table's hashes to positions in the sorted list of the rows the batch uses.
+
+    Returns (batch with renumbered hashes, {table name: rows [K]}), K = 1 + number of lookups
+    (static). rows[0] = 0 (padding keeps position 0, so padding stays padding); then the distinct
+    hash values, ascending; then 0s filling up to K. Looking up position p of `table[rows]` equals
+    looking up hash rows[p] of `table`.
+    """
+    replaced, rows = {}, {}
+    for table, fields in TABLE_FIELDS.items():
+        hashes = [getattr(batch, f) for f in fields]
+        flat = jnp.concatenate([jnp.zeros(1, jnp.int32)] + [h.reshape(-1).astype(jnp.int32) for h in hashes])  # [K]
+        unique, inverse = jnp.unique(flat, size=flat.shape[0], fill_value=0, return_inverse=True)  # [K], [K]
+        inverse = inverse.reshape(-1)[1:]
+        offset = 0
+        for field, h in zip(fields, hashes, strict=True):
+            replaced[field] = inverse[offset:offset + h.size].reshape(h.shape).astype(jnp.int32)
+            offset += h.size
+        rows[table] = unique
+    return batch._replace(**replaced), rows
+
+
+class LazyAdamState(NamedTuple):
+    mu: Any  # {module: {table: [M, D]}} first moments
+    nu: Any  # second moments
+
+
+def _table_optimizer_init(config: OptimizerConfig, tables):
+    if config.table_optimizer == "adamw":
+        zeros = jax.tree.map(jnp.zeros_like, tables)
+        return LazyAdamState(zeros, jax.tree.map(jnp.zeros_like, tables))
+    return RowwiseAdagradState(jax.tree.map(lambda t: jnp.zeros(t.shape[:1], jnp.float32), tables))
+
+
+def sparse_table_update(config: OptimizerConfig, tables, state, rows: dict, row_grads, step):
+    """Updates only `rows` (from compact_table_lookups) of each table, given gradients
+    `row_grads` {module: {table: [K, D]}} for `table[rows]` (already clipped) and `step` updates
+    done so far. Same arithmetic per row as the dense optax path (AdamW without decay, bias
+    correction by the global step, or row-wise Adagrad). Returns (tables, state)."""
+    peak = config.learning_rate if config.table_learning_rate is None else config.table_learning_rate
+    rate = learning_rate_schedule(config, peak)(step)
+    count = optax.safe_increment(jnp.asarray(step, jnp.int32))  # optax's count after this update
+    new_tables = {m: {} for m in tables}
+    new_state = jax.tree.map(lambda x: x, state)  # a copy of the containers, filled below
+    for module, named in tables.items():
+        for name, table in named.items():
+            index = rows[name]  # [K]
+            real = index != 0  # [K]: padding and fill entries are not written back
+            write = jnp.where(real, index, table.shape[0])  # [K]; out of range -> dropped
+            grad = row_grads[module][name]  # [K, D]
+
+            def scatter(target, values, write=write):
+                return target.at[write].set(values, mode="drop", unique_indices=True)
+
+            if config.table_optimizer == "adamw":
+                mu = config.b1 * state.mu[module][name][index] + (1 - config.b1) * grad  # [K, D]
+                nu = config.b2 * state.nu[module][name][index] + (1 - config.b2) * jnp.square(grad)
+                mu_hat = mu / (1 - config.b1 ** count).astype(mu.dtype)
+                nu_hat = nu / (1 - config.b2 ** count).astype(nu.dtype)
+                step_rows = -rate * (mu_hat / (jnp.sqrt(nu_hat) + config.eps))  # [K, D]
+                new_state.mu[module][name] = scatter(state.mu[module][name], mu)
+                new_state.nu[module][name] = scatter(state.nu[module][name], nu)
+            else:
+                acc = state.accumulators[module][name][index] + jnp.mean(jnp.square(grad), axis=1)  # [K]
+                step_rows = -rate * grad / jnp.sqrt(acc + ROWWISE_ADAGRAD_EPS)[:, None]  # [K, D]
+                new_state.accumulators[module][name] = scatter(state.accumulators[module][name], acc)
+            new_tables[module][name] = scatter(table, table[index] + step_rows)
+    return new_tables, new_state
+
+
+def clip_by_global_norm(grads, max_norm: Optional[float]):
+    """(grads scaled to global norm <= max_norm, the norm before); optax's formula."""
+    norm = optax.tree.norm(grads)
+    if max_norm is None:
+        return grads, norm
+    return jax.tree.map(lambda g: jnp.where(norm < max_norm, g, (g / norm.astype(g.dtype)) * max_norm), grads), norm
+
+
+# --------------------------------------------------------------------------- trainers
+
+
+class TrainState(NamedTuple):
+    params: Any  # Haiku params: hash tables under `hash_embeddings/`, then the model's
+    opt_state: Any
+    step: jax.Array  # [] int32, optimiser steps taken
+    rng: jax.Array  # PRNG key, split once per step (for stochastic layers; the models use none yet)
+    metric_sums: dict  # running on-device sums of per-step metrics since the host last read them
+
+
+def _candidate_mask(batch: RecsysBatch) -> jax.Array:
+    return batch.candidate_post_hashes[:, :, 0] != 0  # [B, C]
+
+
+class Trainer:
+    """Shared machinery: init, the jitted donated train step, on-device metric sums.
+
+    Subclasses provide `_transformed` (hk.Transformed of HashEmbeddings + model, whose forward
+    takes `(batch, table_sizes=None)`), `_loss(params, rng, batch, *args, table_sizes=None) ->
+    (loss, metrics dict)`, `_metric_shapes` {name: shape}, and may override `_prepare_batch`.
+    `trace_counts["step"]` counts traces of the train step (a retrace means a recompile).
+    """
+
+    _transformed: hk.Transformed
+    _metric_shapes: dict
+
+    def __init__(self, optimizer_config: Optional[OptimizerConfig]):
+        self.optimizer_config = config = optimizer_config or OptimizerConfig()
+        self.sparse = config.sparse_table_updates
+        self.optimizer = make_optimizer(config, dense_only=self.sparse)
+        self._schedule = learning_rate_schedule(config)
+        self.trace_counts = collections.Counter()
+        self._jit_step = jax.jit(self._train_step, donate_argnums=0)
+        self._jit_init = jax.jit(self._init)
+
+    def _loss(self, params, rng, batch, *args, table_sizes=None):
+        raise NotImplementedError
+
+    def _prepare_batch(self, batch: RecsysBatch) -> RecsysBatch:
+        return batch
+
+    def _zero_metrics(self) -> dict:
+        sums = {name: jnp.zeros(shape, jnp.float32) for name, shape in self._metric_shapes.items()}
+        return {**sums, "grad_norm": jnp.zeros([], jnp.float32), "learning_rate": jnp.zeros([], jnp.float32),
+                "count": jnp.zeros([], jnp.float32)}
+
+    def _init(self, rng, example_batch) -> TrainState:
+        init_rng, state_rng = jax.random.split(rng)
+        params = self._transformed.init(init_rng, self._prepare_batch(example_batch))
+        if self.sparse:
+            dense, tables = split_tables(params)
+            opt_state = {"dense": self.optimizer.init(dense),
+                         "tables": _table_optimizer_init(self.optimizer_config, tables)}
+        else:
+            opt_state = self.optimizer.init(params)
+        return TrainState(params, opt_state, jnp.zeros([], jnp.int32), state_rng, self._zero_metrics())
+
+    def init(self, rng, example_batch: RecsysBatch) -> TrainState:
+        """Fresh parameters (tables and model) and optimiser state; deterministic in `rng`."""
+        return self._jit_init(rng, example_batch)
+
+    def _dense_update(self, state, rng, batch, args):
+        """Reference path: gradients of whole tables, one optax update of everything."""
+        (loss, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(state.params, rng, batch, *args)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates), opt_state, loss, metrics, optax.tree.norm(grads)
+
+    def _sparse_update(self, state, rng, batch, args):
+        """Differentiates with respect to the looked-up rows only, then scatters the updates: the
+        model runs with each table replaced by `table[rows]` (K rows; HashEmbeddings built for
+        that size) and the batch's hashes renumbered to positions in `rows`, which looks up
+        exactly the same embeddings."""
+        config = self.optimizer_config
+        compact_batch, rows = compact_table_lookups(batch)
+        dense, tables = split_tables(state.params)
+        table_rows = {m: {name: table[rows[name]] for name, table in named.items()}
+                      for m, named in tables.items()}  # {module: {table: [K, D]}}
+
+        table_sizes = {name: int(r.shape[0]) for name, r in rows.items()}
+
+        def loss_fn(dense, table_rows):
+            return self._loss({**dense, **table_rows}, rng, compact_batch, *args, table_sizes=table_sizes)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(dense, table_rows)
+        (dense_grads, row_grads), norm = clip_by_global_norm(grads, config.clip_global_norm)
+        updates, dense_state = self.optimizer.update(dense_grads, state.opt_state["dense"], dense)
+        tables, table_state = sparse_table_update(config, tables, state.opt_state["tables"], rows, row_grads,
+                                                  state.step)
+        params = {**optax.apply_updates(dense, updates), **tables}
+        return params, {"dense": dense_state, "tables": table_state}, loss, metrics, norm
+
+    def _train_step(self, state: TrainState, batch: RecsysBatch, *args):
+        self.trace_counts["step"] += 1
+        rng, step_rng = jax.random.split(state.rng)
+        update = self._sparse_update if self.sparse else self._dense_update
+        params, opt_state, loss, metrics, grad_norm = update(state, step_rng, self._prepare_batch(batch), args)
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm,
+                   "learning_rate": jnp.asarray(self._schedule(state.step), jnp.float32)}
+        sums = {name: total + (1.0 if name == "count" else metrics[name])
+                for name, total in state.metric_sums.items()}
+        return TrainState(params, opt_state, state.step + 1, rng, sums), metrics
+
+    def pop_metrics(self, state: TrainState) -> tuple[TrainState, dict]:
+        """Means of the metrics over the steps since the last pop, read to the host (this syncs),
+        and the state with its sums reset."""
+        sums = jax.device_get(state.metric_sums)
+        count = float(sums.pop("count"))
+        means = {name: np.asarray(value) / max(count, 1.0) for name, value in sums.items()}
+        means = {name: float(v) if v.ndim == 0 else v for name, v in means.items()}
+        means["steps"] = int(count)
+        return state._replace(metric_sums=self._zero_metrics()), means
+
+    def learning_rate(self, step: int) -> float:
+        return float(self._schedule(step))
+
+    # ---- checkpoints
+
+    def _config_for_checkpoint(self) -> dict:
+        # The tables' config separately: it may differ from model_config.hash_config in table sizes.
+        return {"model": self.model_config, "hash_config": self.hash_config, "optimizer": self.optimizer_config}
+
+    def save(self, path, state: TrainState, extra: Optional[dict] = None) -> str:
+        """Writes params, optimiser state, step, rng and configs as a checkpoint (checkpoint.py)."""
+        rng = np.asarray(jax.device_get(jax.random.key_data(state.rng) if jnp.issubdtype(
+            state.rng.dtype, jax.dtypes.prng_key) else state.rng))
+        return checkpoint.save_checkpoint(
+            path, state.params, state.opt_state, step=int(jax.device_get(state.step)),
+            config=self._config_for_checkpoint(),
+            extra={"rng": rng.tolist(), "trainer": type(self).__name__, **(extra or {})})
+
+    def restore(self, path, example_batch: RecsysBatch) -> TrainState:
+        """The TrainState saved by `save`, checked against this trainer's parameter and optimiser
+        layout (a mismatch raises ValueError naming the parameter); metric sums start at zero."""
+        template = jax.eval_shape(self._init, jax.random.PRNGKey(0), example_batch)
+        ckpt = checkpoint.load_checkpoint(path, params_template=template.params,
+                                          opt_state_template=template.opt_state,
+                                          config_types=(OptimizerConfig,))
+        rng = (ckpt.extra or {}).get("rng")
+        rng = jax.random.PRNGKey(0) if rng is None else jnp.asarray(np.asarray(rng, np.uint32))
+        return TrainState(jax.device_put(ckpt.params), jax.device_put(ckpt.opt_state),
+                          jnp.asarray(ckpt.step, jnp.int32), rng, self._zero_metrics())
+
+
+def _compact_hash_config(hash_config: HashConfig, table_sizes: Optional[dict]) -> HashConfig:
+    """The hash config with table sizes replaced by the compact sizes of the sparse step
+    ({table name: K}), so that HashEmbeddings creates (and looks up) tables of K rows."""
+    if table_sizes is None:
+        return hash_config
+    return dataclasses.replace(hash_config, **{TABLE_SIZE_FIELDS[name]: size for name, size in table_sizes.items()})
+
+
+def _check_hash_config(model_hash: HashConfig, table_hash: HashConfig) -> None:
+    for field in ("num_user_hashes", "num_item_hashes", "num_author_hashes"):
+        if getattr(model_hash, field) != getattr(table_hash, field):
+            raise ValueError(f"hash_config.{field} ({getattr(table_hash, field)}) differs from the model "
+                             f"config's ({getattr(model_hash, field)})")
+
+
+class RankingTrainer(Trainer):
+    """Trains HashEmbeddings + PhoenixModel with `ranking_loss`.
+
+    step(state, batch, labels [B, C, A], label_mask=None [B, C, A]) -> (state, metrics)
+    predict(params, batch) -> logits [B, C, A] float32
+    evaluate(params, batch, labels, label_mask=None) -> {"loss", "per_action_loss" [A]}
+    """
+
+    def __init__(self, model_config: PhoenixModelConfig, hash_config: Optional[HashConfig] = None,
+                 optimizer_config: Optional[OptimizerConfig] = None, action_weights=None,
+                 table_init_stddev: Optional[float] = None):
+        self.model_config = model_config.initialize()
+        self.hash_config = hash_config or self.model_config.hash_config
+        _check_hash_config(self.model_config.hash_config, self.hash_config)
+        num_actions = self.model_config.num_actions
+        self.action_weights = None if action_weights is None else np.asarray(action_weights, np.float32)
+        if self.action_weights is not None and self.action_weights.shape != (num_actions,):
+            raise ValueError(f"action_weights: expected shape ({num_actions},), got {self.action_weights.shape}")
+        table_kwargs = {} if table_init_stddev is None else {"init_stddev": table_init_stddev}
+
+        def forward(batch, table_sizes=None):
+            hash_config = _compact_hash_config(self.hash_config, table_sizes)
+            embeddings = HashEmbeddings(hash_config, self.model_config.emb_size, **table_kwargs)(batch)
+            return self.model_config.make()(batch, embeddings).logits  # [B, C, A]
+
+        self._transformed = hk.transform(forward)
+        self._metric_shapes = {"loss": (), "per_action_loss": (num_actions,)}
+        super().__init__(optimizer_config)
+        self._jit_predict = jax.jit(self._predict)
+        self._jit_evaluate = jax.jit(self._evaluate)
+
+    def _loss(self, params, rng, batch, labels, label_mask, table_sizes=None):
+        logits = self._transformed.apply(params, rng, batch, table_sizes)  # [B, C, A]
+        terms = ranking_loss_terms(logits, labels, _candidate_mask(batch), label_mask, self.action_weights)
+        return terms.loss, {"per_action_loss": terms.per_action_loss}
+
+    def step(self, state: TrainState, batch: RecsysBatch, labels, label_mask=None):
+        """One optimiser step. `state` is donated: use the returned one."""
+        return self._jit_step(state, batch, labels, label_mask)
+
+    def _predict(self, params, batch):
+        return self._transformed.apply(params, None, batch).astype(jnp.float32)
+
+    def predict(self, params, batch: RecsysBatch) -> jax.Array:
+        """Logits [B, C, A] in float32 (sigmoid gives the action probabilities)."""
+        return self._jit_predict(params, batch)
+
+    def _evaluate(self, params, batch, labels, label_mask):
+        logits = self._transformed.apply(params, None, batch)
+        terms = ranking_loss_terms(logits, labels, _candidate_mask(batch), label_mask, self.action_weights)
+        return {"loss": terms.loss, "per_action_loss": terms.per_action_loss}
+
+    def evaluate(self, params, batch: RecsysBatch, labels, label_mask=None) -> dict:
+        """Loss and per-action losses on one batch, as device arrays (no host sync)."""
+        return self._jit_evaluate(params, batch, labels, label_mask)
+
+
+def positive_slot_batch(batch: RecsysBatch) -> RecsysBatch:
+    """The batch cut to candidate slot 0, which holds each user's positive in retrieval training."""
+    return batch._replace(candidate_post_hashes=batch.candidate_post_hashes[:, :1],
+                          candidate_author_hashes=batch.candidate_author_hashes[:, :1],
+                          candidate_product_surface=batch.candidate_product_surface[:, :1])
+
+
+class RetrievalTrainer(Trainer):
+    """Trains HashEmbeddings + PhoenixRetrievalModel (both towers) with `retrieval_loss`.
+
+    Each batch row is one (user, engaged item) example: the item sits in candidate slot 0 (other
+    slots are ignored; C = 1 is fine). A row is valid iff its user and its positive are not padding.
+    Negatives are the other rows' positives.
+
+    step(state, batch, log_q=None [B], positive_ids=None [B] or [B, H]) -> (state, metrics)
+      positive_ids default to the positive's post hashes [B, Hi] (same item iff all hashes equal).
+    predict(params, batch) -> (user [B, D], candidates [B, C, D], candidate_mask [B, C]) float32
+    evaluate(params, batch, log_q=None, positive_ids=None) -> {"loss", "accuracy"}
+    """
+
+    def __init__(self, model_config: PhoenixRetrievalModelConfig, hash_config: Optional[HashConfig] = None,
+                 optimizer_config: Optional[OptimizerConfig] = None, temperature: float = DEFAULT_TEMPERATURE,
+                 table_init_stddev: Optional[float] = None):
+        self.model_config = model_config.initialize()
+        self.hash_config = hash_config or self.model_config.hash_config
+        _check_hash_config(self.model_config.hash_config, self.hash_config)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        table_kwargs = {} if table_init_stddev is None else {"init_stddev": table_init_stddev}
+
+        def forward(batch, table_sizes=None):
+            hash_config = _compact_hash_config(self.hash_config, table_sizes)
+            embeddings = HashEmbeddings(hash_config, self.model_config.emb_size, **table_kwargs)(batch)
+            model = self.model_config.make()
+            user, _ = model.build_user_representation(batch, embeddings)  # [B, D]
+            candidates, candidate_mask = model.build_candidate_representation(batch, embeddings)  # [B, C, D]
+            return user.astype(jnp.float32), candidates.astype(jnp.float32), candidate_mask
+
+        self._transformed = hk.transform(forward)
+        self._metric_shapes = {"loss": (), "accuracy": ()}
+        super().__init__(optimizer_config)
+        self._jit_predict = jax.jit(self._predict)
+        self._jit_evaluate = jax.jit(self._evaluate)
+
+    def _prepare_batch(self, batch: RecsysBatch) -> RecsysBatch:
+        # Before the sparse step collects looked-up rows: the ignored slots must not count as used.
+        return positive_slot_batch(batch)
+
+    def _terms(self, params, rng, batch, log_q, positive_ids, table_sizes=None) -> RetrievalLossTerms:
+        """Loss terms of a batch already cut to its positive slot."""
+        user, candidates, candidate_mask = self._transformed.apply(params, rng, batch, table_sizes)
+        valid = (batch.user_hashes[:, 0] != 0) & candidate_mask[:, 0]  # [B]
+        ids = batch.candidate_post_hashes[:, 0, :] if positive_ids is None else positive_ids  # [B, Hi] or [B]
+        return retrieval_loss_terms(user, candidates[:, 0], self.temperature, ids, log_q, valid)
+
+    def _loss(self, params, rng, batch, log_q, positive_ids, table_sizes=None):
+        terms = self._terms(params, rng, batch, log_q, positive_ids, table_sizes)
+        return terms.loss, {"accuracy": terms.accuracy}
+
+    def step(self, state: TrainState, batch: RecsysBatch, log_q=None, positive_ids=None):
+        """One optimiser step. `state` is donated: use the returned one."""
+        return self._jit_step(state, batch, log_q, positive_ids)
+
+    def _predict(self, params, batch):
+        return self._transformed.apply(params, None, batch)
+
+    def predict(self, params, batch: RecsysBatch):
+        """(user [B, D], candidates [B, C, D], candidate_mask [B, C]): unit-norm representations."""
+        return self._jit_predict(params, batch)
+
+    def _evaluate(self, params, batch, log_q, positive_ids):
+        terms = self._terms(params, None, positive_slot_batch(batch), log_q, positive_ids)
+        return {"loss": terms.loss, "accuracy": terms.accuracy}
+
+    def evaluate(self, params, batch: RecsysBatch, log_q=None, positive_ids=None) -> dict:
+        """In-batch loss and top-1 accuracy on one batch, as device arrays (no host sync)."""
+        return self._jit_evaluate(params, batch, log_q, positive_ids)
+
+
+def make_ranking_trainer(model_config: PhoenixModelConfig, hash_config: Optional[HashConfig] = None,
+                         optimizer_config: Optional[OptimizerConfig] = None, **kwargs) -> RankingTrainer:
+    """A RankingTrainer (kwargs: action_weights [A], table_init_stddev)."""
+    return RankingTrainer(model_config, hash_config, optimizer_config, **kwargs)
+
+
+def make_retrieval_trainer(model_config: PhoenixRetrievalModelConfig, hash_config: Optional[HashConfig] = None,
+                           optimizer_config: Optional[OptimizerConfig] = None, **kwargs) -> RetrievalTrainer:
+    """A RetrievalTrainer (kwargs: temperature, table_init_stddev)."""
+    return RetrievalTrainer(model_config, hash_config, optimizer_config, **kwargs)
+
+
+# --------------------------------------------------------------------------- fit loop
+
+
+def _format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def _call_step(trainer: Trainer, state: TrainState, item):
+    """An iterator item is a tuple of step arguments after the state, a dict of keyword
+    arguments, or a lone batch."""
+    if isinstance(item, dict):
+        return trainer.step(state, **item)
+    if isinstance(item, tuple) and not isinstance(item, RecsysBatch):
+        return trainer.step(state, *item)
+    return trainer.step(state, item)
+
+
+def fit(trainer: Trainer, state: TrainState, batch_iterator: Iterable, num_steps: int, log_every: int = 100,
+        eval_fn: Optional[Callable[[TrainState], dict]] = None, eval_every: Optional[int] = None,
+        stream=None) -> tuple[TrainState, list[dict]]:
+    """Runs `num_steps` train steps; returns the final state and the logged history.
+
+    Items of `batch_iterator`: `(batch, labels)` / `(batch, labels, label_mask)` for the ranker,
+    `batch` or `(batch, log_q)` for retrieval, or a dict of step keyword arguments.
+    The host reads metrics only every `log_every` steps (between reads the device runs ahead), then
+    rewrites a one-line progress report on `stream` (default stderr): step, loss, steps/s, ETA.
+    The first step's time (tracing + compilation + one step) is reported on its own line and kept
+    out of steps/s. `eval_fn(state) -> dict` runs every `eval_every` steps (default: at the end).
+    History entries: {"step", "loss", ..., "steps_per_s"} per log, {"step", "eval/...": ...} per eval.
+    """
+    stream = sys.stderr if stream is None else stream
+    iterator = iter(batch_iterator)
+    history: list[dict] = []
+    start_step = int(jax.device_get(state.step))
+    window_start = None
+    window_steps = 0
+    done = 0
+
+    def log_progress(final: bool) -> None:
+        nonlocal state, window_start, window_steps
+        state, means = trainer.pop_metrics(state)  # syncs with the device
+        now = time.perf_counter()
+        rate = window_steps / (now - window_start) if window_steps and now > window_start else float("nan")
+        eta = (num_steps - done) / rate if math.isfinite(rate) and rate > 0 else float("nan")
+        history.append({"step": start_step + done, **means, "steps_per_s": rate})
+        loss = means.get("loss", float("nan"))
+        stream.write(f"\rstep {start_step + done}/{start_step + num_steps}  loss {loss:.4f}  "
+                     f"{rate:.2f} steps/s  ETA {_format_duration(eta)}   ")
+        if final:
+            stream.write("\n")
+        stream.flush()
+        window_start, window_steps = time.perf_counter(), 0
+
+    def run_eval() -> None:
+        results = eval_fn(state)
+        entry = {"step": start_step + done, **{f"eval/{k}": v for k, v in results.items()}}
+        history.append(entry)
+        shown = "  ".join(f"{k} {float(np.mean(v)):.4f}" for k, v in results.items())
+        stream.write(f"\neval at step {start_step + done}: {shown}\n")
+        stream.flush()
+
+    while done < num_steps:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            stream.write(f"\nbatch iterator exhausted after {done} of {num_steps} steps\n")
+            break
+        if done == 0:
+            first_start = time.perf_counter()
+            state, _ = _call_step(trainer, state, item)
+            jax.block_until_ready(state.step)
+            stream.write(f"first step (trace + compile + run): {time.perf_counter() - first_start:.2f} s\n")
+            window_start = time.perf_counter()
+        else:
+            state, _ = _call_step(trainer, state, item)
+            window_steps += 1
+        done += 1
+        if done % log_every == 0 or done == num_steps:
+            log_progress(final=done == num_steps)
+        if eval_fn is not None and eval_every and done % eval_every == 0 and done != num_steps:
+            run_eval()
+    if done and done % log_every and done != num_steps:
+        log_progress(final=True)
+    if eval_fn is not None:
+        run_eval()
+    return state, history

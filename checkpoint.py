@@ -70,6 +70,8 @@ class Checkpoint(NamedTuple):
 
 
 def _known_config_types() -> dict[str, type]:
+    from training import OptimizerConfig  # lazy: training imports this module
+
     return {
         cls.__name__: cls
         for cls in (
@@ -77,6 +79,7 @@ def _known_config_types() -> dict[str, type]:
             recsys_model.HashConfig,
             recsys_model.PhoenixModelConfig,
             recsys_retrieval_model.PhoenixRetrievalModelConfig,
+            OptimizerConfig,
         )
     }
 
@@ -477,3 +480,22 @@ def load_checkpoint(path, params_template=None, opt_state_template=None, ignore_
             warnings.warn(f"{path}: config left as JSON data: {e}", stacklevel=2)
     return Checkpoint(params=params, opt_state=opt_state, step=int(meta["step"]), config=config,
                       extra=meta.get("extra"), meta=meta)
+
+
+def read_meta(path) -> dict:
+    """The meta.json of a checkpoint directory (or of the copy an interrupted save left aside)."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        aside = _find_aside_copy(path)
+        if aside is None:
+            raise FileNotFoundError(f"{path}: no checkpoint directory")
+        path = aside
+    return _read_meta(os.path.join(path, META_FILE))
+
+
+def load_config(path, config_types=()):
+    """The config saved in a checkpoint, as dataclasses (e.g. {"model": PhoenixModelConfig, ...})."""
+    meta = read_meta(path)
+    if meta.get("config") is None:
+        raise CheckpointError(f"{os.path.join(os.fspath(path), META_FILE)}: no config saved in this checkpoint")
+    return config_from_dict(meta["config"], extra_types=config_types)

@@ -9,6 +9,7 @@ Unlike the release, which re-dispatched every op on every call, each runner entr
 """
 
 import collections
+import os
 from typing import NamedTuple, Optional
 
 import haiku as hk
@@ -17,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+import checkpoint
 from grok import TrainingState
+from hashing import HashEmbeddings
 from recsys_model import HashConfig, PhoenixModelConfig, PrefixCache, RecsysBatch, RecsysEmbeddings
 from recsys_retrieval_model import INF, PhoenixRetrievalModelConfig, check_top_k, retrieve_top_k
-from validation import check_array, check_candidate_inputs, check_inputs, check_values
+from validation import check_array, check_candidate_inputs, check_hash_range, check_inputs, check_values
 
 ACTIONS = [
     "favorite_score",
@@ -176,11 +179,39 @@ def create_example_corpus(corpus_size: int, emb_size: int, seed: int = 123):
 
 
 class BaseModelRunner:
-    """Holds a model config, builds `self.forward` (an hk.Transformed) and initialises parameters."""
+    """Holds a model config, builds `self.forward` (an hk.Transformed) and initialises parameters.
 
-    def __init__(self, bs_per_device: float = 2.0, rng_seed: int = 42):
+    With `checkpoint_path` (a directory written by checkpoint.py / a training.Trainer),
+    `load_or_init` loads the model's parameters from it instead of initialising them, checking
+    every parameter's path, shape and dtype against the model (a mismatch names the parameter and
+    the file). Hash tables saved beside the model (`hash_embeddings/*`) are loaded into
+    `self.hash_tables`, so inference runners can embed raw batches themselves.
+    """
+
+    def __init__(self, bs_per_device: float = 2.0, rng_seed: int = 42, checkpoint_path: Optional[str] = None):
         self.bs_per_device = bs_per_device
         self.rng_seed = rng_seed
+        self.checkpoint_path = checkpoint_path
+        self.hash_tables = None
+
+    def _load_or_init(self, init_fn) -> TrainingState:
+        """init_fn() -> TrainingState; its shapes are the template a checkpoint must match."""
+        if self.checkpoint_path is None:
+            return init_fn()
+        template = jax.eval_shape(lambda: init_fn().params)
+        cfg = self.model
+        D, hc = cfg.emb_size, cfg.hash_config
+        tables = {"hash_embeddings": {
+            name: jax.ShapeDtypeStruct((size, D), jnp.float32)
+            for name, size in (("user_table", hc.user_table_size), ("post_table", hc.post_table_size),
+                               ("author_table", hc.author_table_size))}}
+        has_tables = any(p.startswith("hash_embeddings/") for p in checkpoint.read_meta(self.checkpoint_path)["params"])
+        ckpt = checkpoint.load_checkpoint(self.checkpoint_path, params_template={**template, **tables} if has_tables
+                                          else template, ignore_unexpected=True)
+        params = dict(ckpt.params)
+        if has_tables:
+            self.hash_tables = {"hash_embeddings": params.pop("hash_embeddings")}
+        return TrainingState(params=params)
 
     def initialize(self):
         self.model.initialize()
@@ -194,8 +225,9 @@ class BaseModelRunner:
 class ModelRunner(BaseModelRunner):
     """Ranking model runner: `forward(batch, recsys_embeddings) -> RecsysModelOutput`."""
 
-    def __init__(self, model: PhoenixModelConfig, bs_per_device: float = 2.0, rng_seed: int = 42):
-        super().__init__(bs_per_device, rng_seed)
+    def __init__(self, model: PhoenixModelConfig, bs_per_device: float = 2.0, rng_seed: int = 42,
+                 checkpoint_path: Optional[str] = None):
+        super().__init__(bs_per_device, rng_seed, checkpoint_path)
         self.model = model
 
     def make_forward_fn(self) -> hk.Transformed:
@@ -207,14 +239,15 @@ class ModelRunner(BaseModelRunner):
         return TrainingState(params=jax.jit(self.forward.init)(rng, data, embeddings))
 
     def load_or_init(self, init_data: RecsysBatch, init_embeddings: RecsysEmbeddings) -> TrainingState:
-        return self.init(jax.random.PRNGKey(self.rng_seed), init_data, init_embeddings)
+        return self._load_or_init(lambda: self.init(jax.random.PRNGKey(self.rng_seed), init_data, init_embeddings))
 
 
 class RetrievalModelRunner(BaseModelRunner):
     """Retrieval runner: its forward also runs the candidate tower, so init creates its params."""
 
-    def __init__(self, model: PhoenixRetrievalModelConfig, bs_per_device: float = 2.0, rng_seed: int = 42):
-        super().__init__(bs_per_device, rng_seed)
+    def __init__(self, model: PhoenixRetrievalModelConfig, bs_per_device: float = 2.0, rng_seed: int = 42,
+                 checkpoint_path: Optional[str] = None):
+        super().__init__(bs_per_device, rng_seed, checkpoint_path)
         self.model = model
 
     def make_forward_fn(self) -> hk.Transformed:
@@ -233,7 +266,8 @@ class RetrievalModelRunner(BaseModelRunner):
         return TrainingState(params=init(rng, data, embeddings, corpus_embeddings, top_k))
 
     def load_or_init(self, init_data, init_embeddings, corpus_embeddings, top_k) -> TrainingState:
-        return self.init(jax.random.PRNGKey(self.rng_seed), init_data, init_embeddings, corpus_embeddings, top_k)
+        return self._load_or_init(lambda: self.init(jax.random.PRNGKey(self.rng_seed), init_data, init_embeddings,
+                                                    corpus_embeddings, top_k))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,6 +290,34 @@ class BaseInferenceRunner:
         # Auto axes: XLA partitions the unchanged model code (explicit axes would need per-op shardings).
         self.mesh = (jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
                      if data_parallel else None)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, name: Optional[str] = None, **kwargs):
+        """An initialised runner whose config, parameters and hash tables come from a checkpoint."""
+        config = checkpoint.load_config(path)
+        model_config = config["model"] if isinstance(config, dict) else config
+        if isinstance(config, dict) and config.get("hash_config") is not None:
+            model_config.hash_config = config["hash_config"]  # the tables' sizes, as trained
+        model_runner = cls.MODEL_RUNNER(model_config, checkpoint_path=path)
+        runner = cls(model_runner, name=name or os.path.basename(os.path.normpath(path)), **kwargs)
+        runner.initialize()
+        return runner
+
+    def _init_embedder(self):
+        cfg = self.runner.model
+        tx = hk.transform(lambda b: HashEmbeddings(cfg.hash_config, cfg.emb_size)(b))
+        self._embed = self._jit("embed", lambda tables, b: tx.apply(tables, None, b))
+
+    def embed(self, batch: RecsysBatch) -> RecsysEmbeddings:
+        """Looks the batch's hashes up in the hash tables loaded from the checkpoint."""
+        if self.runner.hash_tables is None:
+            raise ValueError("recsys_embeddings: not given, and this runner has no hash tables "
+                             "(load a checkpoint saved by a training.Trainer, or pass embeddings)")
+        check_hash_range(batch, self.runner.model.hash_config)
+        return self._embed(self.runner.hash_tables, batch)
+
+    def _embedded(self, batch, recsys_embeddings):
+        return self.embed(batch) if recsys_embeddings is None else recsys_embeddings
 
     def _replicate(self, tree):
         if self.mesh is None:
@@ -319,6 +381,8 @@ def ranking_output(probs: jax.Array, candidate_mask: jax.Array) -> RankingOutput
 
 
 class RecsysInferenceRunner(BaseInferenceRunner):
+    MODEL_RUNNER = ModelRunner
+
     """Ranks candidates: `rank(batch, recsys_embeddings) -> RankingOutput` (compiled per shape).
 
     `path` picks the ranker's computation: "isolated" (default; user+history once, each candidate
@@ -355,23 +419,27 @@ class RecsysInferenceRunner(BaseInferenceRunner):
             lambda p, b, e, pre, start: jax.nn.sigmoid(
                 apply(p, None, b, e, path="candidates", prefix=pre, candidate_start=start).logits.astype(jnp.float32)))
         self._order = self._jit("order", ranking_output)
+        self._init_embedder()
 
-    def rank(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings) -> RankingOutput:
+    def rank(self, batch: RecsysBatch, recsys_embeddings: Optional[RecsysEmbeddings] = None) -> RankingOutput:
+        recsys_embeddings = self._embedded(batch, recsys_embeddings)
         self._check(batch, recsys_embeddings)
         batch, recsys_embeddings = self._shard(batch, recsys_embeddings)
         return self._rank(self.params, batch, recsys_embeddings, path=self.path)
 
     # Serving with a cached prefix: encode a user once, score any number of candidate sets.
 
-    def encode_prefix(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings) -> PrefixCache:
+    def encode_prefix(self, batch: RecsysBatch, recsys_embeddings: Optional[RecsysEmbeddings] = None) -> PrefixCache:
         """User+history once -> PrefixCache (each layer's keys/values [B, 1+S, h, d]).
 
         Candidate fields of `batch`/`recsys_embeddings` are not read (they may be empty, C = 0).
         """
+        recsys_embeddings = self._embedded(batch, recsys_embeddings)
         self._check(batch, recsys_embeddings, need_candidates=False)
         return self._prefix(self.params, *self._shard(batch, recsys_embeddings))
 
-    def score_candidates(self, prefix: PrefixCache, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings,
+    def score_candidates(self, prefix: PrefixCache, batch: RecsysBatch,
+                         recsys_embeddings: Optional[RecsysEmbeddings] = None,
                          candidate_start: int = 0) -> jax.Array:
         """Probabilities [B, C, A] of the batch's candidates against a cached prefix.
 
@@ -380,13 +448,14 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         `candidate_start` is traced, so every chunk of one shape reuses one compiled function.
         """
         cfg = self.runner.model
+        recsys_embeddings = self._embedded(batch, recsys_embeddings)
         check_candidate_inputs(batch, recsys_embeddings, cfg.hash_config, cfg.emb_size,
                                batch_size=prefix.mask.shape[0])
         check_values(batch, recsys_embeddings, cfg.product_surface_vocab_size)
         batch, recsys_embeddings = self._shard(batch, recsys_embeddings)
         return self._score(self.params, batch, recsys_embeddings, prefix, jnp.int32(candidate_start))
 
-    def rank_large(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings,
+    def rank_large(self, batch: RecsysBatch, recsys_embeddings: Optional[RecsysEmbeddings] = None,
                    chunk_size: int = 1024) -> RankingOutput:
         """Ranks any number of candidates with memory bounded by `chunk_size`.
 
@@ -394,6 +463,7 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         padded, so one compiled function serves every chunk), then ranks all of them. Equal to
         `rank` on the same inputs; peak activation memory grows with chunk_size, not with C.
         """
+        recsys_embeddings = self._embedded(batch, recsys_embeddings)
         self._check(batch, recsys_embeddings)
         if not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
@@ -409,6 +479,8 @@ class RecsysInferenceRunner(BaseInferenceRunner):
 
 
 class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
+    MODEL_RUNNER = RetrievalModelRunner
+
     """Encodes users and candidates and retrieves top-k from a corpus (compiled per shape and k)."""
 
     def __init__(self, runner: RetrievalModelRunner, name: str = "retrieval", data_parallel: bool = False):
@@ -441,14 +513,17 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
         self._encode_candidates = self._jit(
             "encode_candidates", lambda p, b, e: apply("build_candidate_representation", p, b, e)[0])
         self._retrieve = self._jit("retrieve", retrieve_fn, static_argnames="top_k")
+        self._init_embedder()
 
-    def encode_user(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings) -> jax.Array:
+    def encode_user(self, batch: RecsysBatch, recsys_embeddings: Optional[RecsysEmbeddings] = None) -> jax.Array:
         """-> user representations [B, D], unit norm."""
+        recsys_embeddings = self._embedded(batch, recsys_embeddings)
         self._check(batch, recsys_embeddings, need_candidates=False)
         return self._encode_user(self.params, *self._shard(batch, recsys_embeddings))
 
-    def encode_candidates(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings) -> jax.Array:
+    def encode_candidates(self, batch: RecsysBatch, recsys_embeddings: Optional[RecsysEmbeddings] = None) -> jax.Array:
         """-> candidate representations [B, C, D], unit norm."""
+        recsys_embeddings = self._embedded(batch, recsys_embeddings)
         self._check(batch, recsys_embeddings)
         return self._encode_candidates(self.params, *self._shard(batch, recsys_embeddings))
 
@@ -469,13 +544,14 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
         self.corpus_post_ids = (np.arange(corpus.shape[0]) if corpus_post_ids is None
                                 else np.asarray(corpus_post_ids))
 
-    def retrieve(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings, top_k: int = 100,
+    def retrieve(self, batch: RecsysBatch, recsys_embeddings: Optional[RecsysEmbeddings] = None, top_k: int = 100,
                  corpus_embeddings=None, corpus_mask=None) -> RetrievalOutput:
         """Top-k corpus entries per user (indices into the corpus; map with `corpus_post_ids`).
 
         Uses `corpus_embeddings` when given, else the corpus from `set_corpus`. Masked entries
         (corpus_mask False) score -1e12 and come after every valid entry.
         """
+        recsys_embeddings = self._embedded(batch, recsys_embeddings)
         self._check(batch, recsys_embeddings, need_candidates=False)
         if corpus_embeddings is None:
             if self.corpus_embeddings is None:

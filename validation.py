@@ -117,3 +117,21 @@ def check_values(batch, embeddings, product_surface_vocab_size: int) -> None:
                        jax.tree_util.tree_leaves(embeddings)):
         if _concrete(x) and not bool(np.all(np.isfinite(np.asarray(x, np.float32)))):
             raise ValueError(f"recsys_embeddings.{name}: contains NaN or inf")
+
+
+def check_hash_range(batch, hash_config) -> None:
+    """Hashes must index their table: 0 <= hash < table size (a gather would silently clamp)."""
+    if not values_enabled():
+        return
+    sizes = {"user_hashes": hash_config.user_table_size, "history_post_hashes": hash_config.post_table_size,
+             "candidate_post_hashes": hash_config.post_table_size,
+             "history_author_hashes": hash_config.author_table_size,
+             "candidate_author_hashes": hash_config.author_table_size}
+    for name, size in sizes.items():
+        x = getattr(batch, name)
+        if not _concrete(x) or not np.size(x):
+            continue
+        x = np.asarray(x)
+        if x.min() < 0 or x.max() >= size:
+            raise ValueError(f"batch.{name}: hashes must lie in [0, {size}) (the table size in HashConfig), "
+                             f"got range [{x.min()}, {x.max()}]")

@@ -41,6 +41,7 @@ import checkpoint
 from hashing import HashEmbeddings
 from recsys_model import HashConfig, PhoenixModelConfig, RecsysBatch
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
+from validation import check_array, check_batch, check_hash_range, check_values
 
 # A finite stand-in for -inf on masked softmax logits: exp() underflows to exactly 0, and unlike
 # -inf it never produces inf - inf = NaN in a row whose entries are all masked.
@@ -85,6 +86,14 @@ def ranking_loss_terms(logits, labels, candidate_mask, label_mask=None, action_w
     of cross-entropies divided by the sum of weights (0 if every label is masked). Masked entries
     are selected away with `where`, so their logits, even inf/NaN, reach neither loss nor gradient.
     """
+    check_array(logits, "logits", (None, None, None), "float")
+    B, C, A = logits.shape
+    check_array(labels, "labels", (B, C, A), "number")
+    check_array(candidate_mask, "candidate_mask", (B, C), "number")
+    if label_mask is not None:
+        check_array(label_mask, "label_mask", (B, C, A), "number")
+    if action_weights is not None:
+        check_array(jnp.asarray(action_weights), "action_weights", (A,), "number")
     mask = jnp.broadcast_to(candidate_mask[:, :, None], logits.shape).astype(jnp.float32)  # [B, C, A]
     if label_mask is not None:
         mask = mask * label_mask.astype(jnp.float32)
@@ -131,7 +140,19 @@ def retrieval_loss_terms(user, positive, temperature, positive_ids, log_q=None, 
     valid [R] bool: invalid rows add nothing to the loss, and their items are no one's negative.
     Returns the mean over valid rows of logsumexp(row) - logit(positive) (0 if none is valid).
     """
-    num_rows = user.shape[0]
+    check_array(user, "user", (None, None), "float")
+    num_rows, D = user.shape
+    check_array(positive, "positive", (num_rows, D), "float")
+    if positive_ids is None or positive_ids.ndim not in (1, 2):
+        raise ValueError(f"positive_ids: expected [R] or [R, H] item ids, got "
+                         f"{None if positive_ids is None else tuple(positive_ids.shape)}")
+    check_array(positive_ids, "positive_ids", (num_rows,) + (None,) * (positive_ids.ndim - 1), "int")
+    if log_q is not None:
+        check_array(log_q, "log_q", (num_rows,), "float")
+    if valid is not None:
+        check_array(valid, "valid", (num_rows,), "number")
+    if isinstance(temperature, (int, float)) and not temperature > 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature}")
     logits = jnp.einsum("id,jd->ij", user.astype(jnp.float32), positive.astype(jnp.float32))  # [R, R]
     logits = logits / temperature
     if log_q is not None:
@@ -458,7 +479,17 @@ class Trainer:
 
     def init(self, rng, example_batch: RecsysBatch) -> TrainState:
         """Fresh parameters (tables and model) and optimiser state; deterministic in `rng`."""
+        self._validate(example_batch)
         return self._jit_init(rng, example_batch)
+
+    def _validate(self, batch: RecsysBatch):
+        """Host-side checks before tracing: field shapes/dtypes, and values that a gather would
+        silently clamp (hashes beyond a table, surfaces beyond the vocabulary). -> (B, S, C)."""
+        cfg = self.model_config
+        shape = check_batch(batch, self.hash_config, getattr(cfg, "num_actions", None))
+        check_values(batch, None, cfg.product_surface_vocab_size)
+        check_hash_range(batch, self.hash_config)
+        return shape
 
     def _dense_update(self, state, rng, batch, args):
         """Reference path: gradients of whole tables, one optax update of everything."""
@@ -595,6 +626,11 @@ class RankingTrainer(Trainer):
 
     def step(self, state: TrainState, batch: RecsysBatch, labels, label_mask=None):
         """One optimiser step. `state` is donated: use the returned one."""
+        B, _, C = self._validate(batch)
+        A = self.model_config.num_actions
+        check_array(labels, "labels", (B, C, A), "number")
+        if label_mask is not None:
+            check_array(label_mask, "label_mask", (B, C, A), "number")
         return self._jit_step(state, batch, labels, label_mask)
 
     def _predict(self, params, batch):
@@ -676,6 +712,13 @@ class RetrievalTrainer(Trainer):
 
     def step(self, state: TrainState, batch: RecsysBatch, log_q=None, positive_ids=None):
         """One optimiser step. `state` is donated: use the returned one."""
+        B, _, _ = self._validate(batch)
+        if log_q is not None:
+            check_array(log_q, "log_q", (B,), "float")
+            if not isinstance(log_q, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(log_q))):
+                raise ValueError("log_q: contains NaN or inf (an item with sampling probability 0?)")
+        if positive_ids is not None and np.ndim(positive_ids) not in (1, 2):
+            raise ValueError(f"positive_ids: expected [B] or [B, H], got shape {np.shape(positive_ids)}")
         return self._jit_step(state, batch, log_q, positive_ids)
 
     def _predict(self, params, batch):

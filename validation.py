@@ -45,14 +45,11 @@ def _fmt(shape) -> str:
     return "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
 
 
-def check_inputs(batch, embeddings, hash_config, emb_size: int, num_actions: Optional[int] = None,
-                 history_len: Optional[int] = None, num_candidates: Optional[int] = None,
-                 need_candidates: bool = True) -> None:
-    """Checks a RecsysBatch and RecsysEmbeddings against each other and the config (spec section 2).
-
-    B, S and C are taken from `user_hashes`, `history_post_hashes` and `candidate_post_hashes`;
-    `history_len`/`num_candidates`, when given, must match them.
-    """
+def check_batch(batch, hash_config, num_actions: Optional[int] = None, history_len: Optional[int] = None,
+                num_candidates: Optional[int] = None, need_candidates: bool = True) -> tuple:
+    """Shapes and dtypes of a RecsysBatch's fields against each other and the hash config -> (B, S, C)."""
+    if not hasattr(batch, "user_hashes") or not hasattr(batch, "candidate_post_hashes"):
+        raise TypeError(f"batch: expected a RecsysBatch, got {type(batch).__name__}")
     hu, hi, ha = hash_config.num_user_hashes, hash_config.num_item_hashes, hash_config.num_author_hashes
     check_array(batch.user_hashes, "batch.user_hashes", (None, hu), "int")
     B = batch.user_hashes.shape[0]
@@ -61,6 +58,28 @@ def check_inputs(batch, embeddings, hash_config, emb_size: int, num_actions: Opt
     check_array(batch.history_author_hashes, "batch.history_author_hashes", (B, S, ha), "int")
     check_array(batch.history_actions, "batch.history_actions", (B, S, num_actions), "number")
     check_array(batch.history_product_surface, "batch.history_product_surface", (B, S), "int")
+    C = None
+    if need_candidates:
+        check_array(batch.candidate_post_hashes, "batch.candidate_post_hashes", (B, num_candidates, hi), "int")
+        C = batch.candidate_post_hashes.shape[1]
+        check_array(batch.candidate_author_hashes, "batch.candidate_author_hashes", (B, C, ha), "int")
+        check_array(batch.candidate_product_surface, "batch.candidate_product_surface", (B, C), "int")
+    return B, S, C
+
+
+def check_inputs(batch, embeddings, hash_config, emb_size: int, num_actions: Optional[int] = None,
+                 history_len: Optional[int] = None, num_candidates: Optional[int] = None,
+                 need_candidates: bool = True) -> None:
+    """Checks a RecsysBatch and RecsysEmbeddings against each other and the config (spec section 2).
+
+    B, S and C are taken from `user_hashes`, `history_post_hashes` and `candidate_post_hashes`;
+    `history_len`/`num_candidates`, when given, must match them. The model accepts any S and C:
+    a config's history_seq_len / candidate_seq_len only size the runners' dummy init inputs.
+    """
+    B, S, _ = check_batch(batch, hash_config, num_actions, history_len, num_candidates, need_candidates=False)
+    if not hasattr(embeddings, "user_embeddings"):
+        raise TypeError(f"recsys_embeddings: expected RecsysEmbeddings, got {type(embeddings).__name__}")
+    hu, hi, ha = hash_config.num_user_hashes, hash_config.num_item_hashes, hash_config.num_author_hashes
     D = emb_size
     check_array(embeddings.user_embeddings, "recsys_embeddings.user_embeddings", (B, hu, D), "float")
     check_array(embeddings.history_post_embeddings, "recsys_embeddings.history_post_embeddings",

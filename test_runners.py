@@ -180,3 +180,18 @@ def test_rank_large_bad_chunk_size(ranker):
     batch, emb = create_example_batch(1, D, S, C, A)
     with pytest.raises(ValueError, match="chunk_size"):
         ranker.rank_large(batch, emb, chunk_size=0)
+
+
+def test_all_candidates_padded(ranker):
+    batch, emb = create_example_batch(2, D, S, C, A, seed=16)
+    batch = batch._replace(candidate_post_hashes=np.zeros_like(batch.candidate_post_hashes))
+    out = ranker.rank(batch, emb)
+    assert np.all(np.isfinite(out.scores))
+    np.testing.assert_array_equal(out.ranked_indices, np.broadcast_to(np.arange(C), (2, C)))
+
+
+def test_all_corpus_masked(retriever):
+    batch, emb = create_example_batch(2, D, S, C, A, seed=17)
+    out = retriever.retrieve(batch, emb, top_k=5, corpus_mask=np.zeros(200, bool))
+    np.testing.assert_allclose(out.top_k_scores, -1e12)
+    np.testing.assert_array_equal(out.top_k_indices, np.broadcast_to(np.arange(5), (2, 5)))

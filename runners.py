@@ -10,20 +10,23 @@ Unlike the release, which re-dispatched every op on every call, each runner entr
 
 import collections
 import os
+import warnings
 from typing import NamedTuple, Optional
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 import checkpoint
 from grok import TrainingState
 from hashing import HashEmbeddings
 from recsys_model import HashConfig, PhoenixModelConfig, PrefixCache, RecsysBatch, RecsysEmbeddings
-from recsys_retrieval_model import INF, PhoenixRetrievalModelConfig, check_top_k, retrieve_top_k
-from validation import check_array, check_candidate_inputs, check_hash_range, check_inputs, check_values
+from index import CorpusIndex, ShardedCorpusIndex
+from recsys_retrieval_model import INF, PhoenixRetrievalModelConfig, check_top_k, l2_normalize, retrieve_top_k
+from validation import (check_array, check_candidate_inputs, check_hash_range, check_inputs, check_values,
+                        values_enabled)
 
 ACTIONS = [
     "favorite_score",
@@ -485,6 +488,7 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
 
     def __init__(self, runner: RetrievalModelRunner, name: str = "retrieval", data_parallel: bool = False):
         super().__init__(runner, name, data_parallel)
+        self.index = None  # CorpusIndex / ShardedCorpusIndex built by set_corpus
         self.corpus_embeddings = None
         self.corpus_post_ids = None
 
@@ -527,38 +531,65 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
         self._check(batch, recsys_embeddings)
         return self._encode_candidates(self.params, *self._shard(batch, recsys_embeddings))
 
-    def _checked_corpus(self, corpus_embeddings, corpus_post_ids=None):
+    def _checked_corpus(self, corpus_embeddings):
+        """A per-call corpus: checked like set_corpus's, placed on device (replicated if data-parallel)."""
+        check_array(corpus_embeddings, "corpus_embeddings", (None, self.runner.model.emb_size), "float")
+        if corpus_embeddings.shape[0] == 0:
+            raise ValueError("corpus_embeddings: expected at least one row, got an empty corpus")
+        corpus = self._replicate(jnp.asarray(corpus_embeddings, jnp.float32))
+        if values_enabled() and not bool(_all_finite(corpus)):
+            raise ValueError("corpus_embeddings: contains NaN or inf")
+        return corpus
+
+    def set_corpus(self, corpus_embeddings, corpus_post_ids=None, normalize: bool = False):
+        """Builds the exact top-k index over the corpus [N, D] once (index.py).
+
+        The corpus stays on device (a 64-byte-aligned float32 NumPy array is used in place, see
+        index.aligned_empty), is scored in chunks with bounded memory, and with data_parallel=True
+        is sharded row-wise over the devices (ShardedCorpusIndex). Rows should be L2-normalised:
+        a corpus that is not gives a warning, or is normalised (a copy) with normalize=True.
+        """
         D = self.runner.model.emb_size
         check_array(corpus_embeddings, "corpus_embeddings", (None, D), "float")
-        N = corpus_embeddings.shape[0]
-        if N == 0:
-            raise ValueError("corpus_embeddings: expected at least one row, got an empty corpus")
-        if corpus_post_ids is not None:
-            check_array(corpus_post_ids, "corpus_post_ids", (N,), "int")
-        return self._replicate(jnp.asarray(corpus_embeddings, jnp.float32))
-
-    def set_corpus(self, corpus_embeddings, corpus_post_ids=None):
-        """Keeps the corpus [N, D] on device once, so `retrieve` does not transfer it per call."""
-        corpus = self._checked_corpus(corpus_embeddings, corpus_post_ids)
-        self.corpus_embeddings = corpus
-        self.corpus_post_ids = (np.arange(corpus.shape[0]) if corpus_post_ids is None
-                                else np.asarray(corpus_post_ids))
+        if normalize:
+            corpus_embeddings = _normalize_rows(jnp.asarray(corpus_embeddings, jnp.float32))
+        if self.mesh is not None:
+            mesh = Mesh(self.mesh.devices, ("corpus",))
+            self.index = ShardedCorpusIndex(corpus_embeddings, corpus_post_ids, mesh=mesh)
+        else:
+            self.index = CorpusIndex(corpus_embeddings, corpus_post_ids)
+        norm_error = float(_max_norm_error(self.index.corpus_embeddings))
+        if norm_error > NORM_TOLERANCE:
+            warnings.warn(f"corpus_embeddings: rows are not L2-normalised (max |norm - 1| = {norm_error:.3g}); "
+                          f"scores are then not cosine similarities. Pass normalize=True to normalise.",
+                          stacklevel=2)
+        self.corpus_embeddings = self.index.corpus_embeddings[: self.index.num_rows]
+        self.corpus_post_ids = (np.arange(self.index.num_rows) if self.index.corpus_post_ids is None
+                                else self.index.corpus_post_ids)
 
     def retrieve(self, batch: RecsysBatch, recsys_embeddings: Optional[RecsysEmbeddings] = None, top_k: int = 100,
                  corpus_embeddings=None, corpus_mask=None) -> RetrievalOutput:
         """Top-k corpus entries per user (indices into the corpus; map with `corpus_post_ids`).
 
-        Uses `corpus_embeddings` when given, else the corpus from `set_corpus`. Masked entries
-        (corpus_mask False) score -1e12 and come after every valid entry.
+        With the corpus from `set_corpus`: the user tower (compiled per batch shape), then the
+        exact index (compiled per (B, K)). With `corpus_embeddings` given for this call: one fused
+        compiled function (user tower + matmul + top_k). Masked entries (corpus_mask False) score
+        -1e12 and come after every valid entry; with top_k above the number of valid entries they
+        fill the tail.
         """
         recsys_embeddings = self._embedded(batch, recsys_embeddings)
         self._check(batch, recsys_embeddings, need_candidates=False)
         if corpus_embeddings is None:
-            if self.corpus_embeddings is None:
+            if self.index is None:
                 raise ValueError("corpus_embeddings: none given and no corpus set; call set_corpus(...) first")
-            corpus = self.corpus_embeddings
-        else:
-            corpus = self._checked_corpus(corpus_embeddings)
+            N = self.index.num_rows
+            top_k = check_top_k(top_k, N, "corpus size")
+            if corpus_mask is not None:
+                check_array(corpus_mask, "corpus_mask", (N,), "bool")
+            user = self._encode_user(self.params, *self._shard(batch, recsys_embeddings))
+            indices, scores = self.index.search(user, top_k, corpus_mask)
+            return RetrievalOutput(user, indices, scores)
+        corpus = self._checked_corpus(corpus_embeddings)
         N = corpus.shape[0]
         top_k = check_top_k(top_k, N, "corpus size")
         if corpus_mask is not None:
@@ -566,6 +597,24 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
         batch, recsys_embeddings = self._shard(batch, recsys_embeddings)
         corpus_mask = None if corpus_mask is None else self._replicate(jnp.asarray(corpus_mask))
         return self._retrieve(self.params, batch, recsys_embeddings, corpus, corpus_mask, top_k=top_k)
+
+
+NORM_TOLERANCE = 1e-3  # corpus rows whose L2 norm is further than this from 1 trigger a warning
+
+
+@jax.jit
+def _all_finite(corpus):
+    return jnp.isfinite(jnp.sum(corpus * 0.0))  # NaN/inf propagate through the sum; fused, no [N, D] temp
+
+
+@jax.jit
+def _max_norm_error(corpus):
+    return jnp.max(jnp.abs(jnp.sqrt(jnp.sum(corpus * corpus, axis=1)) - 1.0))
+
+
+@jax.jit
+def _normalize_rows(corpus):
+    return l2_normalize(corpus)[0]
 
 
 __all__ = [

@@ -213,3 +213,18 @@ def test_validation_can_be_switched_off_for_hot_loops(ranker, monkeypatch):
     ranker.rank(BATCH._replace(history_product_surface=BATCH.history_product_surface), nan_user())  # no raise
     with pytest.raises(ValueError, match="user_embeddings: expected shape"):
         ranker.rank(BATCH, emb_with(user_embeddings=EMB.user_embeddings[..., :8]))
+
+
+def test_set_corpus_rejects_nan_and_warns_on_unnormalised(retriever):
+    corpus, ids = create_example_corpus(40, D)
+    bad = corpus.copy()
+    bad[7, 2] = np.nan
+    with pytest.raises(ValueError, match=r"corpus_embeddings.*(NaN|finite)"):
+        retriever.set_corpus(bad, ids)
+    with pytest.raises(ValueError, match=r"corpus_embeddings: contains NaN or inf"):
+        retriever.retrieve(BATCH, EMB, top_k=3, corpus_embeddings=bad)
+    with pytest.warns(UserWarning, match=r"corpus_embeddings: rows are not L2-normalised"):
+        retriever.set_corpus(3.0 * corpus, ids)
+    retriever.set_corpus(3.0 * corpus, ids, normalize=True)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(retriever.corpus_embeddings), axis=1), 1.0, rtol=1e-5)
+    retriever.set_corpus(corpus, ids)

@@ -1,0 +1,529 @@
+"""Corpus indexes for the retrieval stage: exact chunked top-k, sharded exact top-k, FAISS ANN.
+
+Retrieval semantics (spec section 6): scores = user [B, D] @ corpus [N, D].T, corpus entries
+masked out by `corpus_mask` (bool [N], True = valid) score -INF, results best first. Ties
+between exactly equal scores go to the lower corpus index, as `jax.lax.top_k` and
+`np.argsort(-scores, kind="stable")` order them, so `CorpusIndex` and `ShardedCorpusIndex`
+return the same indices as brute force whenever the scores themselves are identical.
+
+Shape glossary
+  B  batch (users)                 D  embedding size
+  N  corpus size                   K  top-k
+  R  corpus rows per chunk         W  rows per block (the unit of the block-max pre-selection)
+  M  blocks kept per user (min(K, number of blocks))
+  P  devices (corpus shards)       n  corpus rows per shard
+
+How the exact search works (`CorpusIndex`):
+  1. Scan the corpus in chunks of R rows inside one jitted `fori_loop`: score the chunk
+     (`[B, R]`, small enough to stay in cache) and keep only the max of every block of W rows
+     (`[B, N/W]` in total). No top-k runs inside the loop. Up to MAX_UNCHUNKED_BATCH users
+     the whole corpus is one chunk: reading the corpus bounds that case, and a sliced chunk
+     would be copied first.
+  2. `top_k` over the block maxima picks the M best blocks per user; gather their rows and
+     rescore them, one user at a time.
+  3. `top_k` over the M * W candidates gives the answer.
+  This is exact: if row i is in the top K, fewer than K rows beat it, so fewer than K blocks
+  have a better maximum and i's block is among the M kept. Ties are safe because blocks are
+  contiguous: ordering blocks by (max desc, block index asc) orders them by their best row
+  under (score desc, index asc), and the kept blocks are re-sorted by index before step 3.
+  (Rescoring can round differently from step 1 in the last bit; the result is then exact for
+  the rescored values, which are the scores returned.)
+  Memory beyond the corpus: [B, R] scores, [B, N/W] maxima, [M, W, D] gathered rows.
+  When K is large next to N (N <= DIRECT_ROWS_PER_K * K) and the [B, N] scores are small, one
+  plain top_k over them is faster, and `plan` picks that instead.
+  Why not a running top-k merged chunk by chunk: with K = 1000 the per-chunk `top_k` cost more
+  than the matmul itself (measured 2.5x a bare matmul + top_k at B=1, N=1M on CPU).
+
+Multi-host use (`ShardedCorpusIndex`): call `jax.distributed.initialize()` on every host first;
+`jax.devices()` then lists the devices of all hosts and a `Mesh` over them shards the corpus
+across hosts. Each host only has to hold its own rows: build the global array with
+`jax.make_array_from_process_local_data(sharding, local_rows)` (or
+`jax.make_array_from_callback`, reading only the addressable shards) instead of passing the
+whole corpus to the constructor; the search is unchanged: every device computes a per-shard
+top-k, an `all_gather` moves only [P, B, K] scores and indices, and every host ends with the
+same merged global top-k. `corpus_post_ids` must then be the full id table on every host (ids
+are small) or be mapped by the caller.
+"""
+
+import collections
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from recsys_retrieval_model import INF, check_top_k
+from validation import check_array
+
+# Full float32 products: GPUs may otherwise round f32 matmul inputs to TF32 (~1e-3 relative),
+# and the index promises brute-force results. Same code and speed as the default on CPU (measured).
+SCORE_PRECISION = lax.Precision.HIGHEST
+# Padding rows (ragged blocks, shard padding) score below a masked real entry's -INF, so a
+# masked entry may fill the tail of a result but padding never appears in one.
+PAD_SCORE = -np.inf
+# Host buffers at this alignment can back a CPU jax.Array without a copy (XLA's alignment).
+CPU_ALIGNMENT_BYTES = 64
+# Bytes of one chunk's corpus rows plus its [B, R] scores: small enough to stay in cache (L3),
+# large enough that the loop's per-step overhead stays small (2.5-5 MiB measured best at B=16).
+CHUNK_BYTES = 4 * 2**20
+# XLA copies each dynamically sliced chunk before its dot. For a few users the matmul is bound by
+# reading the corpus, and that copy costs as much as the matmul, while a [B, N] score row is
+# small next to the [N, D] corpus; so up to this batch size and score budget the corpus is
+# scored in one piece (no slicing). Measured crossover on CPU: B=8 still faster unchunked, B=16 not.
+MAX_UNCHUNKED_BATCH = 8
+UNCHUNKED_SCORE_BYTES = 256 * 2**20
+# When K is a sizeable fraction of N the block pre-selection saves little, and one top_k over
+# the [B, N] scores (within UNCHUNKED_SCORE_BYTES) is faster: measured at N/K = 100-500 (B=1, 16).
+DIRECT_ROWS_PER_K = 512
+# Block size W balances top_k over N/W block maxima against gathering M * W rows of D floats:
+# cost ~ a * N / W + b * K * W * D, minimised at W = sqrt(N / (K * D) * a / b), a / b measured ~ 8.
+BLOCK_COST_RATIO = 8.0
+MAX_BLOCK_SIZE = 64
+# Shards are padded to a multiple of this many rows so every shard starts 64-byte aligned.
+SHARD_ROW_MULTIPLE = 16
+# FAISS IVF defaults: nlist = NLIST_PER_SQRT_N * sqrt(N) lists (faiss' guideline is 1-16x);
+# k-means trains on at most TRAIN_POINTS_PER_LIST points per list (faiss warns below 39).
+NLIST_PER_SQRT_N = 1.0
+TRAIN_POINTS_PER_LIST = 64
+DEFAULT_NPROBE = 32
+FAISS_MISSING = "FaissIndex needs faiss: pip install 'phoenix-recsys[faiss]' (or: uv sync --extra faiss)"
+
+# How many times each jitted search has been traced; tests use it to catch silent recompiles.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+def aligned_empty(shape, dtype=np.float32) -> np.ndarray:
+    """An uninitialised C-contiguous NumPy array whose data is 64-byte aligned.
+
+    `jax.device_put` of such a float32 array aliases it on CPU instead of copying, so a corpus
+    filled in place here costs its size once, not twice (a plain `np.empty` is only 16-byte
+    aligned and `jnp.asarray` always copies).
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + CPU_ALIGNMENT_BYTES, np.uint8)
+    offset = (-raw.ctypes.data) % CPU_ALIGNMENT_BYTES
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def auto_block_size(num_rows: int, top_k: int, dim: int) -> int:
+    """Power-of-two W minimising top_k over N/W maxima plus the M * W * D gather (see module doc)."""
+    ideal = math.sqrt(BLOCK_COST_RATIO * num_rows / (top_k * dim))
+    block = 2 ** max(0, round(math.log2(max(ideal, 1.0))))
+    return int(min(block, MAX_BLOCK_SIZE, 2 ** int(math.log2(num_rows))))
+
+
+def auto_chunk_size(batch: int, num_rows: int, dim: int, block_size: int) -> int:
+    """Rows per chunk: all N for a few users (see MAX_UNCHUNKED_BATCH), else chunk rows plus
+    [B, R] scores fill CHUNK_BYTES; a multiple of W."""
+    if batch <= MAX_UNCHUNKED_BATCH and 4 * batch * num_rows <= UNCHUNKED_SCORE_BYTES:
+        return -(-num_rows // block_size) * block_size
+    rows = CHUNK_BYTES // (4 * (dim + batch))
+    rows = 2 ** int(math.log2(max(rows, 1)))
+    return max(rows, block_size)
+
+
+def _plan(num_rows, dim, batch, top_k, chunk_size, block_size) -> tuple[int, int]:
+    """(R, W): given or automatic sizes, W <= N and R a multiple of W. (N, 1) means direct."""
+    direct = num_rows <= DIRECT_ROWS_PER_K * top_k and 4 * batch * num_rows <= UNCHUNKED_SCORE_BYTES
+    if chunk_size is None and block_size is None and direct:
+        return num_rows, 1
+    block = min(block_size or auto_block_size(num_rows, top_k, dim), num_rows)
+    chunk = chunk_size or auto_chunk_size(batch, num_rows, dim, block)
+    return -(-chunk // block) * block, block
+
+
+def _check_finite_device(corpus: jax.Array) -> None:
+    """Rejects NaN/inf rows with a pointer to the first one; a fused reduction, no [N, D] temporary.
+    Only scalars come back to the host, so this also works on a corpus sharded across hosts."""
+    row_ok = _rows_finite(corpus)  # [N]
+    num_bad = int(jnp.sum(~row_ok))
+    if num_bad:
+        raise ValueError(f"corpus_embeddings: expected finite values, got NaN or inf in {num_bad} rows "
+                         f"(first: row {int(jnp.argmin(row_ok))})")
+
+
+@jax.jit
+def _rows_finite(corpus):
+    # x * 0 is NaN exactly for NaN and +-inf, and a sum keeps any NaN (IEEE), so this row sum is
+    # finite iff the row is. A float sum fuses with its input; isfinite(corpus).all(1)
+    # materialised an [N, D] bool (1.3 GB at N = 10M), and XNNPACK's max drops NaNs.
+    return jnp.isfinite(jnp.sum(corpus * 0.0, axis=1))  # [N]
+
+
+def _check_corpus(corpus_embeddings) -> None:
+    check_array(corpus_embeddings, "corpus_embeddings", (None, None), "float")
+    num_rows, dim = corpus_embeddings.shape
+    if num_rows == 0 or dim == 0:
+        raise ValueError(f"corpus_embeddings: expected a non-empty [N, D] array, got shape "
+                         f"{tuple(corpus_embeddings.shape)}")
+
+
+def _check_post_ids(corpus_post_ids, num_rows: int) -> Optional[np.ndarray]:
+    if corpus_post_ids is None:
+        return None  # ids are the indices; no [N] table to hold
+    ids = np.asarray(corpus_post_ids)
+    if ids.shape != (num_rows,):
+        raise ValueError(f"corpus_post_ids: expected shape ({num_rows},) to match corpus_embeddings, "
+                         f"got shape {ids.shape}")
+    return ids
+
+
+def _check_positive(value, name: str) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__}")
+    if int(value) < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
+    return int(value)
+
+
+def _to_device_corpus(corpus_embeddings, device=None) -> jax.Array:
+    """float32 device array; a 64-byte-aligned float32 NumPy corpus is aliased on CPU, not copied."""
+    if isinstance(corpus_embeddings, jax.Array):
+        corpus = corpus_embeddings.astype(jnp.float32)  # no-op (no copy) when already float32
+        return corpus if device is None else jax.device_put(corpus, device)
+    host = np.ascontiguousarray(corpus_embeddings, dtype=np.float32)
+    return jax.device_put(host, device, may_alias=True)
+
+
+class _Index:
+    """What all indexes share: sizes, argument checks, and the index -> post id map."""
+
+    num_rows: int
+    dim: int
+    corpus_post_ids: Optional[np.ndarray]
+
+    def _check_query(self, user_representation, top_k, corpus_mask):
+        check_array(user_representation, "user_representation", (None, self.dim), "float")
+        if user_representation.shape[0] == 0:
+            raise ValueError(f"user_representation: expected at least one user, got shape "
+                             f"{tuple(user_representation.shape)}")
+        top_k = check_top_k(top_k, self.num_rows, "corpus entries")
+        if corpus_mask is not None:
+            check_array(corpus_mask, "corpus_mask", (self.num_rows,), "bool")
+        return top_k
+
+    def post_ids(self, indices) -> np.ndarray:
+        """Maps corpus indices [B, K] to `corpus_post_ids` [B, K] (host NumPy); index -1 maps to -1."""
+        indices = np.asarray(indices)
+        if self.corpus_post_ids is None:
+            return indices
+        ids = self.corpus_post_ids[np.maximum(indices, 0)]
+        return np.where(indices < 0, -1, ids) if (indices < 0).any() else ids
+
+
+class CorpusIndex(_Index):
+    """Exact top-k over a fixed corpus on one device, in bounded memory (spec section 6).
+
+    Args:
+      corpus_embeddings: [N, D] float (cast to float32), finite, N >= 1. A 64-byte-aligned float32
+        NumPy array (see `aligned_empty`) or a jax.Array is used in place, not copied: do not
+        modify it while the index is alive. Other inputs are copied once.
+      corpus_post_ids: [N] ids returned by `post_ids`; None means ids = indices.
+      chunk_size: corpus rows scored per loop step (rounded up to a multiple of the block size);
+        None picks one per batch size (`auto_chunk_size`).
+      block_size: rows per block of the block-max pre-selection; None picks one per (N, K, D)
+        (`auto_block_size`). Any value gives the same result; it only changes speed.
+      device: where the corpus lives; None = JAX's default device.
+    """
+
+    def __init__(self, corpus_embeddings, corpus_post_ids=None, *, chunk_size: Optional[int] = None,
+                 block_size: Optional[int] = None, device=None):
+        _check_corpus(corpus_embeddings)
+        self.num_rows, self.dim = (int(s) for s in corpus_embeddings.shape)
+        self.corpus_post_ids = _check_post_ids(corpus_post_ids, self.num_rows)
+        self.chunk_size = _check_positive(chunk_size, "chunk_size")
+        self.block_size = _check_positive(block_size, "block_size")
+        self.corpus_embeddings = _to_device_corpus(corpus_embeddings, device)  # [N, D]
+        _check_finite_device(self.corpus_embeddings)
+
+    def plan(self, batch: int, top_k: int) -> tuple[int, int]:
+        """(chunk rows R, block rows W) a search of B users for the top K uses; static under jit."""
+        return _plan(self.num_rows, self.dim, batch, top_k, self.chunk_size, self.block_size)
+
+    def search(self, user_representation, top_k: int, corpus_mask=None):
+        """Exact top-k of user [B, D] @ corpus.T -> (top_k_indices [B, K] int32, top_k_scores [B, K] f32).
+
+        Best first; equal scores in corpus-index order. Masked entries score -INF, so when
+        `top_k` exceeds the number of valid entries the tail is filled with masked entries (in
+        index order) scored -INF, exactly as brute force does. One compile per (B, K, mask or
+        not); no host sync (results are not blocked on).
+        """
+        top_k = self._check_query(user_representation, top_k, corpus_mask)
+        chunk, block = self.plan(user_representation.shape[0], top_k)
+        user = jnp.asarray(user_representation, jnp.float32)  # [B, D]
+        mask = None if corpus_mask is None else jnp.asarray(corpus_mask)  # [N]
+        return _exact_top_k(user, self.corpus_embeddings, mask, top_k=top_k, chunk_size=chunk,
+                            block_size=block)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "chunk_size", "block_size"))
+def _exact_top_k(user, corpus, mask, *, top_k, chunk_size, block_size):
+    TRACE_COUNTS["exact"] += 1
+    return _local_top_k(user, corpus, mask, None, top_k=top_k, chunk_size=chunk_size,
+                        block_size=block_size)
+
+
+def _mask_scores(scores, row_ids, mask_rows, num_valid):
+    """Masked entries -> -INF, rows at or past `num_valid` (padding) -> PAD_SCORE."""
+    if mask_rows is not None:
+        scores = jnp.where(mask_rows, scores, -INF)
+    if num_valid is not None:
+        scores = jnp.where(row_ids < num_valid, scores, PAD_SCORE)
+    return scores
+
+
+def _local_top_k(user, corpus, mask, num_valid, *, top_k, chunk_size, block_size):
+    """Exact top-k over `corpus` [n, D] (module doc, steps 1-3) -> (indices [B, K'], scores [B, K']).
+
+    K' = min(top_k, n). Rows >= `num_valid` (a traced scalar, or None = all rows) are padding.
+    """
+    B = user.shape[0]
+    n = corpus.shape[0]
+    R, W = chunk_size, block_size
+    if R >= n and W == 1:  # direct: one top_k over all scores (see DIRECT_ROWS_PER_K)
+        scores = jnp.matmul(user, corpus.T, precision=SCORE_PRECISION)  # [B, n]
+        scores = _mask_scores(scores, jnp.arange(n), mask, num_valid)
+        top_scores, top_indices = lax.top_k(scores, min(top_k, n))  # [B, K']
+        return top_indices.astype(jnp.int32), top_scores
+    num_chunks, tail = divmod(n, R) if R < n else (0, n)  # one piece: a static, copy-free slice
+    num_blocks = -(-n // W)
+
+    def chunk_block_max(start, rows, chunk, mask_rows):
+        # `user @ chunk.T`, not einsum("bd,rd->br"): for B=1 XLA CPU turns this form into a fused
+        # multiply-reduce that reads the corpus in place, measured 1.6x faster than the GEMV call.
+        scores = jnp.matmul(user, chunk.T, precision=SCORE_PRECISION)  # [B, rows]
+        row_ids = start + jnp.arange(rows)  # [rows]
+        scores = _mask_scores(scores, row_ids, mask_rows, num_valid)
+        pad = -rows % W  # only the tail chunk can be ragged (R % W == 0)
+        scores = jnp.pad(scores, ((0, 0), (0, pad)), constant_values=PAD_SCORE)  # [B, rows + pad]
+        return scores.reshape(B, -1, W).max(axis=-1)  # [B, ceil(rows / W)]
+
+    def body(g, block_max):
+        start = g * R
+        chunk = lax.dynamic_slice_in_dim(corpus, start, R)  # [R, D]
+        mask_rows = None if mask is None else lax.dynamic_slice_in_dim(mask, start, R)  # [R]
+        new = chunk_block_max(start, R, chunk, mask_rows)  # [B, R / W]
+        return lax.dynamic_update_slice_in_dim(block_max, new, g * (R // W), axis=1)
+
+    block_max = jnp.full((B, num_blocks), PAD_SCORE, jnp.float32)  # [B, N / W]
+    if num_chunks:
+        block_max = lax.fori_loop(0, num_chunks, body, block_max)
+    if tail:
+        start = num_chunks * R
+        mask_rows = None if mask is None else mask[start:]
+        new = chunk_block_max(start, tail, corpus[start:], mask_rows)  # [B, ceil(tail / W)]
+        block_max = lax.dynamic_update_slice_in_dim(block_max, new, start // W, axis=1)
+
+    M = min(top_k, num_blocks)
+    _, blocks = lax.top_k(block_max, M)  # [B, M]
+    blocks = jnp.sort(blocks, axis=1)  # index order, so the stable top_k below breaks ties by index
+
+    def refine(args):
+        # One user at a time keeps the M * W gathered rows in cache (a [B, M, W, D] gather
+        # spills to DRAM and measured 3x slower at B=16).
+        user_b, blocks_b = args  # [D], [M]
+        # The last block may be short: its slice is shifted back to fit, and the rows it borrows
+        # from the previous block are dropped (they are candidates there if that block is kept).
+        starts = jnp.minimum(blocks_b * W, n - W)  # [M]
+        rows = (starts[:, None] + jnp.arange(W)).reshape(M * W)  # [M * W]
+        cand = jax.vmap(lambda s: lax.dynamic_slice_in_dim(corpus, s, W))(starts)  # [M, W, D]
+        scores = jnp.matmul(cand.reshape(M * W, -1), user_b, precision=SCORE_PRECISION)  # [M * W]
+        mask_rows = None if mask is None else mask[rows]  # [M * W]
+        scores = _mask_scores(scores, rows, mask_rows, num_valid)
+        borrowed = rows < jnp.repeat(blocks_b * W, W)  # [M * W]
+        scores = jnp.where(borrowed, PAD_SCORE, scores)
+        top_scores, pos = lax.top_k(scores, min(top_k, n))  # [K']
+        return rows[pos].astype(jnp.int32), top_scores
+
+    return lax.map(refine, (user, blocks))  # [B, K'] each
+
+
+class ShardedCorpusIndex(_Index):
+    """Exact top-k with the corpus sharded row-wise over the devices of a mesh axis.
+
+    Each device runs `CorpusIndex`'s algorithm on its shard, an `all_gather` collects the P
+    per-shard [B, K] results, and one `top_k` over [B, P * K] (shards in corpus order, each
+    sorted with ties in index order) merges them, so results are identical to one device.
+    A jax.Array already sharded as `NamedSharding(mesh, P(axis_name, None))` with N divisible
+    by P is used in place (the multi-host route, see the module doc). Anything else is placed
+    shard by shard, rows padded to P * n with n a multiple of 16 so shards stay aligned;
+    padding never appears in a result.
+
+    Args: as `CorpusIndex`, plus
+      mesh: a `jax.sharding.Mesh`; None = a 1-D mesh over all `jax.devices()`.
+      axis_name: the mesh axis the corpus rows are split over.
+    """
+
+    def __init__(self, corpus_embeddings, corpus_post_ids=None, *, mesh: Optional[Mesh] = None,
+                 axis_name: str = "corpus", chunk_size: Optional[int] = None,
+                 block_size: Optional[int] = None):
+        _check_corpus(corpus_embeddings)
+        self.num_rows, self.dim = (int(s) for s in corpus_embeddings.shape)
+        self.corpus_post_ids = _check_post_ids(corpus_post_ids, self.num_rows)
+        self.chunk_size = _check_positive(chunk_size, "chunk_size")
+        self.block_size = _check_positive(block_size, "block_size")
+        self.mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()), (axis_name,))
+        if axis_name not in self.mesh.axis_names:
+            raise ValueError(f"axis_name: expected one of {self.mesh.axis_names}, got {axis_name!r}")
+        self.axis_name = axis_name
+        self.num_shards = self.mesh.shape[axis_name]
+        sharding = NamedSharding(self.mesh, PartitionSpec(axis_name, None))
+        if (isinstance(corpus_embeddings, jax.Array) and self.num_rows % self.num_shards == 0
+                and corpus_embeddings.sharding.is_equivalent_to(sharding, 2)):
+            # Already laid out as we would (e.g. built per host, see the module doc): use as is.
+            self.shard_rows = self.num_rows // self.num_shards
+            self.corpus_embeddings = corpus_embeddings.astype(jnp.float32)  # [N, D]
+        else:
+            per_shard = -(-self.num_rows // self.num_shards)
+            self.shard_rows = -(-per_shard // SHARD_ROW_MULTIPLE) * SHARD_ROW_MULTIPLE
+            self.corpus_embeddings = self._place(corpus_embeddings, sharding)  # [P * n, D]
+        _check_finite_device(self.corpus_embeddings)
+
+    def _place(self, corpus_embeddings, sharding) -> jax.Array:
+        # Host rows are handed out shard by shard (aliased where aligned), so no device ever
+        # holds more than its shard and only the last, padded shard is a fresh copy.
+        host = np.ascontiguousarray(corpus_embeddings, dtype=np.float32)  # view for CPU jax.Array
+        padded = (self.num_shards * self.shard_rows, self.dim)
+
+        def shard(index):
+            start, stop = index[0].start or 0, index[0].stop or padded[0]
+            rows = host[start:min(stop, self.num_rows)]
+            if rows.shape[0] < stop - start:
+                out = np.zeros((stop - start, self.dim), np.float32)  # zero rows: finite padding
+                out[:rows.shape[0]] = rows
+                return out
+            return rows
+
+        return jax.make_array_from_callback(padded, sharding, shard)
+
+    def plan(self, batch: int, top_k: int) -> tuple[int, int]:
+        """(chunk rows R, block rows W) each shard uses for B users and the top K."""
+        return _plan(self.shard_rows, self.dim, batch, min(top_k, self.shard_rows), self.chunk_size,
+                     self.block_size)
+
+    def search(self, user_representation, top_k: int, corpus_mask=None):
+        """As `CorpusIndex.search` (same results, same -INF tail rule), corpus split over devices."""
+        top_k = self._check_query(user_representation, top_k, corpus_mask)
+        chunk, block = self.plan(user_representation.shape[0], top_k)
+        user = jnp.asarray(user_representation, jnp.float32)  # [B, D]
+        mask = None if corpus_mask is None else jnp.asarray(corpus_mask)  # [N]
+        return _sharded_top_k(user, self.corpus_embeddings, mask, mesh=self.mesh, axis_name=self.axis_name,
+                              num_rows=self.num_rows, top_k=top_k, chunk_size=chunk, block_size=block)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "axis_name", "num_rows", "top_k", "chunk_size",
+                                             "block_size"))
+def _sharded_top_k(user, corpus, mask, *, mesh, axis_name, num_rows, top_k, chunk_size, block_size):
+    TRACE_COUNTS["sharded"] += 1
+    shard_rows = corpus.shape[0] // mesh.shape[axis_name]
+    if mask is not None:
+        mask = jnp.pad(mask, (0, corpus.shape[0] - num_rows))  # [P * n]; padding is PAD_SCORE anyway
+
+    def per_shard(user, corpus, mask):
+        offset = lax.axis_index(axis_name) * shard_rows
+        padded = corpus.shape[0] * mesh.shape[axis_name] > num_rows
+        num_valid = jnp.clip(num_rows - offset, 0, shard_rows) if padded else None
+        idx, scores = _local_top_k(user, corpus, mask, num_valid, top_k=top_k, chunk_size=chunk_size,
+                                   block_size=block_size)  # [B, K'] each, K' = min(K, n)
+        idx = lax.all_gather(idx + offset, axis_name, axis=1, tiled=True)  # [B, P * K']
+        scores = lax.all_gather(scores, axis_name, axis=1, tiled=True)  # [B, P * K']
+        top_scores, pos = lax.top_k(scores, top_k)  # [B, K]
+        return jnp.take_along_axis(idx, pos, axis=1), top_scores
+
+    rows = PartitionSpec(axis_name)
+    in_specs = (PartitionSpec(), PartitionSpec(axis_name, None), None if mask is None else rows)
+    if mesh.axis_types[mesh.axis_names.index(axis_name)] == AxisType.Explicit:
+        # Explicit axes (jax.make_mesh's default) want inputs laid out as in_specs says.
+        user = jax.reshard(user, NamedSharding(mesh, PartitionSpec()))
+        if mask is not None:
+            mask = jax.reshard(mask, NamedSharding(mesh, rows))
+    # Every device merges the same gathered [B, P * K'] arrays, so the outputs are replicated;
+    # shard_map cannot infer that through all_gather, hence check_vma=False.
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=in_specs, out_specs=(PartitionSpec(), PartitionSpec()),
+                         check_vma=False)(user, corpus, mask)
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError as err:
+        raise ImportError(FAISS_MISSING) from err
+    return faiss
+
+
+class FaissIndex(_Index):
+    """Approximate top-k with a FAISS IVF-Flat inner-product index (optional extra `faiss`).
+
+    k-means splits the corpus into `nlist` lists; a search scans the `nprobe` lists whose
+    centroids score best. Vectors are stored uncompressed, so the scores of returned entries
+    are exact and only recall is approximate (`recall_at_k`). Runs on the host, returns NumPy.
+    Unlike the exact indexes, masked entries are never returned: if fewer than K valid entries
+    lie in the probed lists, the tail has index -1 and score -INF.
+
+    Args:
+      corpus_embeddings: [N, D] float, finite (copied into the FAISS index).
+      corpus_post_ids: [N] ids returned by `post_ids`; None means ids = indices.
+      nlist: number of inverted lists; None = NLIST_PER_SQRT_N * sqrt(N).
+      nprobe: lists scanned per query (speed/recall knob, can be changed on the instance).
+      seed: seed of the k-means training sample.
+    """
+
+    def __init__(self, corpus_embeddings, corpus_post_ids=None, *, nlist: Optional[int] = None,
+                 nprobe: int = DEFAULT_NPROBE, seed: int = 0):
+        faiss = _import_faiss()
+        _check_corpus(corpus_embeddings)
+        self.num_rows, self.dim = (int(s) for s in corpus_embeddings.shape)
+        self.corpus_post_ids = _check_post_ids(corpus_post_ids, self.num_rows)
+        corpus = np.ascontiguousarray(corpus_embeddings, dtype=np.float32)  # [N, D]
+        _check_finite_host(corpus)
+        nlist = _check_positive(nlist, "nlist") or max(1, round(NLIST_PER_SQRT_N * math.sqrt(self.num_rows)))
+        self.nlist = min(nlist, self.num_rows)
+        self.nprobe = _check_positive(nprobe, "nprobe")
+        quantizer = faiss.IndexFlatIP(self.dim)
+        self.index = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        self.index.cp.seed = seed
+        num_train = min(self.num_rows, TRAIN_POINTS_PER_LIST * self.nlist)
+        sample = np.random.default_rng(seed).choice(self.num_rows, num_train, replace=False)
+        self.index.train(corpus[np.sort(sample)])
+        self.index.add(corpus)
+        self._faiss = faiss
+
+    def search(self, user_representation, top_k: int, corpus_mask=None):
+        """Approximate top-k -> (indices [B, K] int32, scores [B, K] float32), NumPy, best first."""
+        top_k = self._check_query(user_representation, top_k, corpus_mask)
+        faiss = self._faiss
+        user = np.ascontiguousarray(np.asarray(user_representation, np.float32))  # [B, D]
+        selector = None
+        if corpus_mask is not None:
+            bits = np.packbits(np.asarray(corpus_mask), bitorder="little")  # faiss' bitmap layout
+            selector = faiss.IDSelectorBitmap(self.num_rows, faiss.swig_ptr(bits))
+        params = faiss.SearchParametersIVF(nprobe=min(self.nprobe, self.nlist), sel=selector)
+        scores, indices = self.index.search(user, top_k, params=params)  # [B, K] each
+        missing = indices < 0
+        return indices.astype(np.int32), np.where(missing, -INF, scores).astype(np.float32)
+
+
+def _check_finite_host(corpus: np.ndarray, rows_per_step: int = 2**16) -> None:
+    """Host twin of `_check_finite_device`, in slices so the bool temporary stays small."""
+    for start in range(0, corpus.shape[0], rows_per_step):
+        row_ok = np.isfinite(corpus[start:start + rows_per_step]).all(axis=1)  # [rows]
+        if not row_ok.all():
+            raise ValueError(f"corpus_embeddings: expected finite values, got NaN or inf "
+                             f"(first: row {start + int(np.argmin(row_ok))})")
+
+
+def recall_at_k(approx_indices, exact_indices) -> float:
+    """Mean over users of |approx_b ∩ exact_b| / K for [B, K] index arrays; -1 entries never match."""
+    approx, exact = np.asarray(approx_indices), np.asarray(exact_indices)
+    if approx.ndim != 2 or approx.shape != exact.shape:
+        raise ValueError(f"approx_indices: expected shape {exact.shape} (that of exact_indices, [B, K]), "
+                         f"got shape {approx.shape}")
+    hits = [np.intersect1d(a[a >= 0], e).size for a, e in zip(approx, exact)]
+    return float(np.mean(hits) / exact.shape[1])

@@ -1,0 +1,381 @@
+"""Tests for index.py: exact and sharded top-k vs a NumPy brute force, FAISS recall, errors.
+
+Most corpora are small integers: their dot products are exact in float32 whatever the summation
+order, so indices and scores must match brute force exactly, and the many exact ties check that
+equal scores come back in corpus-index order (spec section 6).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import index
+from index import INF, CorpusIndex, FaissIndex, ShardedCorpusIndex, recall_at_k
+
+SCORE_RTOL = 1e-6  # float32 dot products of unit vectors, XLA vs NumPy summation order
+SCORE_ATOL = 1e-6
+MASKED = np.float32(-INF)  # what a masked entry scores in float32
+MIN_FAISS_RECALL = 0.95  # clustered corpus, default nprobe: measured 1.0 (0.98 at nprobe=4)
+
+
+def brute_force(user, corpus, top_k, corpus_mask=None):
+    """Reference: full score matrix, masked entries -INF, stable descending sort."""
+    scores = np.asarray(user, np.float32) @ np.asarray(corpus, np.float32).T  # [B, N]
+    if corpus_mask is not None:
+        scores = np.where(corpus_mask[None, :], scores, MASKED)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]  # [B, K]
+    return order, np.take_along_axis(scores, order, axis=1)
+
+
+def int_corpus(num_rows, dim, batch, seed=0, valid_fraction=0.7):
+    """Small-integer user [B, D], corpus [N, D] and a random mask [N]: exact scores, many ties."""
+    rng = np.random.default_rng(seed)
+    corpus = rng.integers(-2, 3, (num_rows, dim)).astype(np.float32)
+    user = rng.integers(-2, 3, (batch, dim)).astype(np.float32)
+    return user, corpus, rng.random(num_rows) < valid_fraction
+
+
+def unit_rows(x):
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def assert_same_as_brute_force(search_out, user, corpus, top_k, corpus_mask=None):
+    indices, scores = (np.asarray(a) for a in search_out)
+    want_indices, want_scores = brute_force(user, corpus, top_k, corpus_mask)
+    assert indices.dtype == np.int32 and scores.dtype == np.float32
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_allclose(scores, want_scores, rtol=SCORE_RTOL)
+
+
+# (N, D, B, K, chunk_size, block_size); None = automatic.
+EXACT_CASES = {
+    "B=1": (1000, 8, 1, 10, None, None),
+    "auto-direct": (3000, 8, 4, 100, None, None),
+    "auto-two-stage": (20000, 8, 2, 10, None, None),
+    "B=16": (1000, 8, 16, 25, None, None),
+    "B=16-chunked": (2000, 8, 16, 50, 256, 8),
+    "ragged-last-chunk": (1000, 8, 3, 40, 96, 8),
+    "ragged-last-block": (1003, 8, 2, 30, 128, 8),
+    "chunk>N": (500, 8, 2, 20, 4096, 4),
+    "K=N": (300, 4, 2, 300, 64, 8),
+    "K=1": (700, 8, 4, 1, 64, 16),
+    "K>blocks": (900, 8, 2, 200, 128, 8),
+    "block=1": (600, 8, 2, 30, 64, 1),
+    "block>N": (50, 4, 2, 20, None, 64),
+    "N=1": (1, 4, 2, 1, None, None),
+}
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("case", EXACT_CASES.values(), ids=EXACT_CASES.keys())
+def test_exact_matches_brute_force(case, masked):
+    num_rows, dim, batch, top_k, chunk_size, block_size = case
+    user, corpus, mask = int_corpus(num_rows, dim, batch)
+    mask = mask if masked else None
+    idx = CorpusIndex(corpus, chunk_size=chunk_size, block_size=block_size)
+    assert_same_as_brute_force(idx.search(user, top_k, mask), user, corpus, top_k, mask)
+
+
+def test_plan_picks_direct_or_two_stage():
+    idx = CorpusIndex(np.zeros((20000, 8), np.float32))
+    assert idx.plan(4, 100) == (20000, 1)  # N / K = 200: one top_k over [B, N]
+    chunk, block = idx.plan(2, 10)  # N / K = 2000: block pre-selection
+    assert block > 1 and chunk % block == 0
+
+
+def test_exact_unit_vectors_scores_within_tolerance():
+    """Random unit vectors (the real use): scores match brute force, and each returned index
+    really has the returned score, so the result is the top-k up to float32 rounding."""
+    rng = np.random.default_rng(1)
+    corpus = unit_rows(rng.standard_normal((5000, 32)))
+    user = unit_rows(rng.standard_normal((4, 32)))
+    indices, scores = (np.asarray(a) for a in CorpusIndex(corpus, chunk_size=512).search(user, 100))
+    _, want_scores = brute_force(user, corpus, 100)
+    np.testing.assert_allclose(scores, want_scores, rtol=SCORE_RTOL, atol=SCORE_ATOL)
+    own = np.take_along_axis(user @ corpus.T, indices, axis=1)  # [B, K]
+    np.testing.assert_allclose(scores, own, rtol=SCORE_RTOL, atol=SCORE_ATOL)
+    assert all(len(set(row)) == 100 for row in indices)
+
+
+def test_ties_come_in_index_order():
+    corpus = np.ones((100, 4), np.float32)  # every score ties
+    indices, scores = CorpusIndex(corpus, block_size=8, chunk_size=16).search(np.ones((2, 4)), 30)
+    np.testing.assert_array_equal(np.asarray(indices), np.tile(np.arange(30), (2, 1)))
+    np.testing.assert_array_equal(np.asarray(scores), np.full((2, 30), 4.0))
+
+
+def test_top_k_above_valid_count_fills_tail_with_masked_entries():
+    user, corpus, _ = int_corpus(400, 8, 3)
+    mask = np.zeros(400, bool)
+    mask[[5, 77, 300, 399]] = True
+    indices, scores = (np.asarray(a) for a in CorpusIndex(corpus, chunk_size=64).search(user, 10, mask))
+    assert set(indices[0, :4]) == {5, 77, 300, 399}
+    np.testing.assert_array_equal(indices[:, 4:], np.tile([0, 1, 2, 3, 4, 6], (3, 1)))  # lowest masked
+    np.testing.assert_array_equal(scores[:, 4:], MASKED)
+    assert_same_as_brute_force((indices, scores), user, corpus, 10, mask)
+
+
+def test_all_masked_corpus_returns_lowest_indices_at_minus_inf():
+    user, corpus, _ = int_corpus(300, 8, 2)
+    indices, scores = CorpusIndex(corpus).search(user, 7, np.zeros(300, bool))
+    np.testing.assert_array_equal(np.asarray(indices), np.tile(np.arange(7), (2, 1)))
+    np.testing.assert_array_equal(np.asarray(scores), MASKED)
+
+
+def test_mask_changes_only_masked_entries():
+    """Masking entries outside the unmasked top-k leaves the result unchanged."""
+    user, corpus, _ = int_corpus(800, 8, 1)
+    idx = CorpusIndex(corpus)
+    indices, scores = (np.asarray(a) for a in idx.search(user, 20))
+    mask = np.zeros(800, bool)
+    mask[indices[0]] = True
+    masked_indices, masked_scores = (np.asarray(a) for a in idx.search(user, 20, mask))
+    np.testing.assert_array_equal(masked_indices, indices)
+    np.testing.assert_array_equal(masked_scores, scores)
+
+
+def test_post_ids_map_indices():
+    user, corpus, _ = int_corpus(500, 8, 2)
+    post_ids = 10_000 + 7 * np.arange(500, dtype=np.int64)
+    idx = CorpusIndex(corpus, post_ids)
+    indices, _ = idx.search(user, 12)
+    np.testing.assert_array_equal(idx.post_ids(indices), post_ids[np.asarray(indices)])
+    np.testing.assert_array_equal(CorpusIndex(corpus).post_ids(indices), np.asarray(indices))
+
+
+def test_bf16_query_and_jax_inputs():
+    user, corpus, mask = int_corpus(600, 8, 2)
+    idx = CorpusIndex(jnp.asarray(corpus))
+    out = idx.search(jnp.asarray(user, jnp.bfloat16), 15, jnp.asarray(mask))  # small ints: exact in bf16
+    assert isinstance(out[0], jax.Array)
+    assert_same_as_brute_force(out, user, corpus, 15, mask)
+
+
+def test_search_compiles_once_per_shape():
+    user, corpus, mask = int_corpus(900, 8, 4)
+    idx = CorpusIndex(corpus, chunk_size=128)
+    before = index.TRACE_COUNTS["exact"]
+    for seed in range(3):  # new values, NumPy and jax inputs: same (B, K) -> one trace
+        query = np.random.default_rng(seed).standard_normal((4, 8)).astype(np.float32)
+        idx.search(query if seed % 2 else jnp.asarray(query), 17)
+    assert index.TRACE_COUNTS["exact"] == before + 1
+    CorpusIndex(corpus, chunk_size=128).search(user, 17)  # another index of the same shape
+    assert index.TRACE_COUNTS["exact"] == before + 1
+    idx.search(user, 18)
+    idx.search(user, 18, mask)
+    assert index.TRACE_COUNTS["exact"] == before + 3
+
+
+def test_corpus_is_not_copied_when_aligned():
+    if jax.default_backend() != "cpu":
+        pytest.skip("zero-copy aliasing of host memory is a CPU property")
+    corpus = index.aligned_empty((256, 16))
+    assert corpus.ctypes.data % index.CPU_ALIGNMENT_BYTES == 0
+    corpus[:] = np.random.default_rng(0).standard_normal(corpus.shape)
+    idx = CorpusIndex(corpus)
+    assert idx.corpus_embeddings.unsafe_buffer_pointer() == corpus.ctypes.data
+
+
+def test_single_device_mesh_matches_brute_force():
+    user, corpus, mask = int_corpus(1000, 8, 3)
+    idx = ShardedCorpusIndex(corpus, chunk_size=128, block_size=8)
+    for m in (None, mask):
+        assert_same_as_brute_force(idx.search(user, 60, m), user, corpus, 60, m)
+
+
+EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import jax
+    import index
+    from test_index import assert_same_as_brute_force, int_corpus, unit_rows
+
+    assert "faiss" not in sys.modules, "index.py must import faiss lazily"
+    assert jax.device_count() == 8, jax.devices()
+    # (N, D, B, K, chunk_size, block_size): N not a multiple of 8 * 16 rows, K above a shard's
+    # 128 rows, ragged chunks; fewer rows than shards; automatic sizes with B=16.
+    cases = [(1001, 8, 2, 300, 32, 4), (5, 4, 1, 5, None, None), (3000, 8, 16, 100, None, None)]
+    for n, d, b, k, chunk, block in cases:
+        user, corpus, mask = int_corpus(n, d, b, seed=n)
+        sharded = index.ShardedCorpusIndex(corpus, chunk_size=chunk, block_size=block)
+        assert len(sharded.corpus_embeddings.sharding.device_set) == 8
+        for m in (None, mask):
+            assert_same_as_brute_force(sharded.search(user, k, m), user, corpus, k, m)
+    rng = np.random.default_rng(0)
+    corpus, user = unit_rows(rng.standard_normal((4096, 16))), unit_rows(rng.standard_normal((2, 16)))
+    got = index.ShardedCorpusIndex(corpus).search(user, 50)
+    want = index.CorpusIndex(corpus).search(user, 50)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    # jax.make_mesh's explicit axes; a corpus already sharded the way the index wants (as each
+    # host would build it) is used as is, any other is padded and placed.
+    mesh = jax.make_mesh((8,), ("corpus",))
+    for n in (800, 801):
+        user, corpus, mask = int_corpus(n, 8, 2)
+        placed = jax.device_put(corpus, jax.sharding.NamedSharding(mesh, jax.P("corpus", None))) if n == 800 else corpus
+        sharded = index.ShardedCorpusIndex(placed, mesh=mesh)
+        assert (sharded.corpus_embeddings is placed) == (n == 800), n
+        assert_same_as_brute_force(sharded.search(user, 120, mask), user, corpus, 120, mask)
+    print("OK")
+""")
+
+
+def test_eight_devices_match_brute_force_and_one_device():
+    """The XLA flag must be set before jax is imported, hence a fresh interpreter."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICE_SCRIPT], cwd=here, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("OK")
+
+
+def _error_cases():
+    user, corpus, mask = int_corpus(50, 8, 2)
+    idx = lambda **kw: CorpusIndex(corpus, **kw)
+    nan_corpus, inf_corpus = corpus.copy(), corpus.copy()
+    nan_corpus[17, 3] = np.nan
+    inf_corpus[4, 0] = np.inf
+    return {
+        "top_k=0": (lambda: idx().search(user, 0), ValueError, r"top_k: expected 1 <= top_k <= 50.*got 0"),
+        "top_k>N": (lambda: idx().search(user, 51), ValueError, r"top_k: expected 1 <= top_k <= 50.*got 51"),
+        "top_k<0": (lambda: idx().search(user, -3), ValueError, r"top_k.*got -3"),
+        "top_k-float": (lambda: idx().search(user, 2.5), TypeError, r"top_k: expected an int, got float"),
+        "top_k-bool": (lambda: idx().search(user, True), TypeError, r"top_k: expected an int, got bool"),
+        "query-wrong-D": (lambda: idx().search(user[:, :5], 3), ValueError,
+                          r"user_representation: expected shape \[\*, 8\], got shape \(2, 5\)"),
+        "query-1d": (lambda: idx().search(user[0], 3), ValueError, r"user_representation: expected rank 2"),
+        "query-int": (lambda: idx().search(user.astype(np.int32), 3), TypeError,
+                      r"user_representation: expected float dtype, got dtype int32"),
+        "query-empty-batch": (lambda: idx().search(user[:0], 3), ValueError, r"user_representation.*at least one"),
+        "mask-wrong-length": (lambda: idx().search(user, 3, mask[:49]), ValueError,
+                              r"corpus_mask: expected shape \[50\], got shape \(49,\)"),
+        "mask-not-bool": (lambda: idx().search(user, 3, mask.astype(np.int32)), TypeError,
+                          r"corpus_mask: expected bool dtype, got dtype int32"),
+        "mask-2d": (lambda: idx().search(user, 3, mask[None]), ValueError, r"corpus_mask: expected rank 1"),
+        "corpus-empty": (lambda: CorpusIndex(np.zeros((0, 8), np.float32)), ValueError,
+                         r"corpus_embeddings: expected a non-empty \[N, D\] array, got shape \(0, 8\)"),
+        "corpus-1d": (lambda: CorpusIndex(np.zeros(8, np.float32)), ValueError, r"corpus_embeddings: expected rank 2"),
+        "corpus-int": (lambda: CorpusIndex(corpus.astype(np.int64)), TypeError, r"corpus_embeddings: expected float"),
+        "corpus-nan": (lambda: CorpusIndex(nan_corpus), ValueError, r"corpus_embeddings:.*NaN or inf in 1 rows.*row 17"),
+        "corpus-inf": (lambda: CorpusIndex(inf_corpus), ValueError, r"corpus_embeddings:.*NaN or inf.*row 4"),
+        "sharded-corpus-nan": (lambda: ShardedCorpusIndex(nan_corpus), ValueError, r"NaN or inf.*row 17"),
+        "post-ids-length": (lambda: CorpusIndex(corpus, np.arange(49)), ValueError,
+                            r"corpus_post_ids: expected shape \(50,\).*got shape \(49,\)"),
+        "chunk_size=0": (lambda: CorpusIndex(corpus, chunk_size=0), ValueError, r"chunk_size: expected a positive int, got 0"),
+        "block_size-float": (lambda: CorpusIndex(corpus, block_size=2.0), TypeError, r"block_size: expected a positive int"),
+        "sharded-bad-axis": (lambda: ShardedCorpusIndex(corpus, axis_name="rows", mesh=jax.make_mesh((1,), ("x",))),
+                             ValueError, r"axis_name: expected one of \('x',\), got 'rows'"),
+    }
+
+
+ERROR_CASES = _error_cases()
+
+
+@pytest.mark.parametrize("call, error, message", ERROR_CASES.values(), ids=ERROR_CASES.keys())
+def test_bad_arguments_raise_clear_errors(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+@pytest.mark.parametrize("column", [0, 63, 127])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_value_anywhere_in_a_large_corpus_is_caught(bad, column):
+    """Large enough that XLA CPU hands the row reduction to XNNPACK (whose max drops NaNs)."""
+    corpus = np.full((100_000, 128), 0.5, np.float32)
+    corpus[54_321, column] = bad
+    with pytest.raises(ValueError, match=r"corpus_embeddings:.*NaN or inf in 1 rows \(first: row 54321\)"):
+        CorpusIndex(corpus)
+
+
+def clustered(num_rows, dim, num_clusters, seed, spread=0.5):
+    """Unit vectors around random centres: the structure IVF relies on (and real embeddings have)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((num_clusters, dim))
+    return unit_rows(centres[rng.integers(0, num_clusters, num_rows)] + spread * rng.standard_normal((num_rows, dim)))
+
+
+@pytest.fixture(scope="module")
+def faiss_setup():
+    pytest.importorskip("faiss")
+    corpus = clustered(20_000, 32, 50, seed=0)
+    user = unit_rows(corpus[:8] + 0.1 * np.random.default_rng(1).standard_normal((8, 32)))
+    return corpus, user, FaissIndex(corpus)
+
+
+def test_faiss_recall_against_exact(faiss_setup):
+    corpus, user, ann = faiss_setup
+    exact_indices, exact_scores = CorpusIndex(corpus).search(user, 100)
+    indices, scores = ann.search(user, 100)
+    assert indices.shape == scores.shape == (8, 100)
+    assert recall_at_k(indices, exact_indices) >= MIN_FAISS_RECALL
+    # Flat lists hold the raw vectors: every returned score is that entry's exact score.
+    np.testing.assert_allclose(scores, np.take_along_axis(user @ corpus.T, indices, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_faiss_probing_every_list_is_exact(faiss_setup):
+    corpus, user, ann = faiss_setup
+    exact_indices, exact_scores = CorpusIndex(corpus).search(user, 100)
+    ann.nprobe, nprobe = ann.nlist, ann.nprobe
+    try:
+        _, scores = ann.search(user, 100)
+    finally:
+        ann.nprobe = nprobe
+    np.testing.assert_allclose(scores, np.asarray(exact_scores), rtol=1e-5, atol=1e-5)
+
+
+def test_faiss_never_returns_masked_entries(faiss_setup):
+    corpus, user, ann = faiss_setup
+    mask = np.random.default_rng(2).random(len(corpus)) < 0.3
+    indices, scores = ann.search(user, 50, mask)
+    assert mask[indices].all()
+    exact_indices, _ = CorpusIndex(corpus).search(user, 50, mask)
+    assert recall_at_k(indices, exact_indices) >= MIN_FAISS_RECALL
+
+
+def test_faiss_missing_results_are_minus_one(faiss_setup):
+    corpus, user, ann = faiss_setup
+    mask = np.zeros(len(corpus), bool)
+    mask[:3] = True
+    indices, scores = ann.search(user, 10, mask)
+    assert (indices[:, 3:] == -1).all() and (scores[:, 3:] == MASKED).all()
+    np.testing.assert_array_equal(ann.post_ids(indices)[:, 3:], -1)
+
+
+def test_faiss_missing_extra_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
+    with pytest.raises(ImportError, match=r"pip install 'phoenix-recsys\[faiss\]'.*uv sync --extra faiss"):
+        FaissIndex(np.eye(4, dtype=np.float32))
+
+
+RECALL_GOLDEN = {
+    "all-hits": ([[1, 2, 3]], [[3, 1, 2]], 1.0),
+    "one-of-three": ([[1, 2, 3], [4, 5, 6]], [[3, 2, 1], [4, 7, 8]], (1 + 1 / 3) / 2),
+    "none": ([[1, 2]], [[3, 4]], 0.0),
+    "missing-entries": ([[5, -1, -1]], [[5, 6, 7]], 1 / 3),
+}
+
+
+@pytest.mark.parametrize("approx, exact, want", RECALL_GOLDEN.values(), ids=RECALL_GOLDEN.keys())
+def test_recall_at_k_golden_values(approx, exact, want):
+    assert recall_at_k(np.array(approx), np.array(exact)) == pytest.approx(want)
+
+
+def test_recall_at_k_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"approx_indices: expected shape \(1, 3\)"):
+        recall_at_k(np.zeros((1, 2), int), np.zeros((1, 3), int))
+
+
+@pytest.mark.parametrize("num_rows, top_k, dim", [(1, 1, 128), (1000, 1000, 128), (10**6, 1000, 128),
+                                                  (10**7, 1000, 128), (5000, 10, 8)])
+def test_auto_sizes_are_valid(num_rows, top_k, dim):
+    block = index.auto_block_size(num_rows, top_k, dim)
+    assert block >= 1 and block & (block - 1) == 0 and block <= num_rows
+    for batch in (1, 16, 64):
+        chunk = index.auto_chunk_size(batch, num_rows, dim, block)
+        assert chunk % block == 0 and chunk >= block

@@ -1,5 +1,7 @@
 """Phoenix benchmarks. Retrieval: exact top-k (bare matmul, CorpusIndex on 1 and 8 devices) and
-FAISS IVF with its recall. Ranking: not yet (see `bench_ranking`).
+FAISS IVF with its recall. Ranking: the masked full-sequence path vs the isolated path vs scoring
+against a cached prefix, and the release's op-by-op (un-jitted) dispatch, for C in {32, 500, 2000},
+B in {1, 8}, S = 128 on the release's demo model (D = 128, 2 layers, bfloat16 activations).
 
 Command:
   uv run bench.py                   # N = 1M and 10M, B = 1 and 16, top-1000: 7-11 min on 2 busy CPU cores
@@ -199,9 +201,71 @@ def bench_retrieval(args) -> list[dict]:
     return rows
 
 
+RANK_METHODS = ("masked", "isolated", "prefix_reuse", "release_eager")
+RANK_CANDIDATES = (32, 500, 2000)
+EAGER_MAX_C = 500  # op-by-op dispatch at C=2000 takes minutes per call; skipped there
+
+
+def run_rank_worker(args) -> list[dict]:
+    """One ranking method at one C, every B, in this process (its peak RSS is this method's)."""
+    import jax
+
+    from run_ranker import demo_config
+    from runners import ACTIONS, ModelRunner, RecsysInferenceRunner, create_example_batch
+
+    method, C, S = args.rank_worker, args.c, args.history_len
+    cfg = demo_config(history_len=S, num_candidates=C)  # the release's demo model: D=128, 2 layers
+    cfg.fprop_dtype = jax.numpy.dtype(args.rank_dtype)
+    ranker = RecsysInferenceRunner(ModelRunner(cfg, rng_seed=args.seed), path="masked" if method == "masked"
+                                   else "isolated")
+    ranker.initialize()
+    rows = []
+    for B in args.rank_batches:
+        batch, emb = create_example_batch(B, cfg.emb_size, S, C, len(ACTIONS), seed=args.seed)
+        if method in ("masked", "isolated"):
+            fn = lambda: ranker.rank(batch, emb).scores  # noqa: E731
+        elif method == "prefix_reuse":  # user+history encoded once; a new candidate set scored against it
+            prefix = ranker.encode_prefix(batch, emb)
+            fn = lambda: ranker.score_candidates(prefix, batch, emb)  # noqa: E731
+        else:  # the release's runner: the transformed model applied without jit, op by op
+            fn = lambda: ranker.runner.forward.apply(ranker.params, None, batch, emb).logits  # noqa: E731
+        runs = max(2, args.runs // 2) if method == "release_eager" else args.runs
+        first, median, low = time_calls(fn, runs)
+        rows.append(dict(section="ranking", method=method, c=C, b=B, s=S, dtype=args.rank_dtype,
+                         compile_s=round(max(first - median / 1e3, 0.0), 2), median_ms=round(median, 2),
+                         min_ms=round(low, 2), peak_rss_gb=round(peak_rss_gb(), 2)))
+    return rows
+
+
 def bench_ranking(args) -> list[dict]:
-    """Ranking-model rows. TODO: not written yet; to be added with the ranking fast paths."""
-    return []
+    """Ranking rows: masked full-sequence path vs isolated path vs prefix reuse (vs eager release)."""
+    rows = []
+    for C in args.rank_candidates:
+        for method in RANK_METHODS:
+            if method == "release_eager" and C > EAGER_MAX_C:
+                rows += [dict(section="ranking", method=method, c=C, b=b, s=args.history_len,
+                              note=f"skipped: eager dispatch at C > {EAGER_MAX_C} is minutes per call")
+                         for b in args.rank_batches]
+                continue
+            cmd = [sys.executable, os.path.abspath(__file__), "--rank-worker", method, "--c", str(C),
+                   "--history-len", str(args.history_len), "--rank-batches",
+                   ",".join(map(str, args.rank_batches)), "--runs", str(args.runs), "--seed", str(args.seed),
+                   "--rank-dtype", args.rank_dtype]
+            rows += _worker_rows(cmd, dict(os.environ))
+    by_key = {(r["c"], r["b"], r["method"]): r for r in rows}
+    for row in rows:
+        masked = by_key.get((row["c"], row["b"], "masked"), {})
+        if "median_ms" in row and "median_ms" in masked:
+            row["vs_masked"] = round(row["median_ms"] / masked["median_ms"], 2)
+    return rows
+
+
+def _worker_rows(cmd, env) -> list[dict]:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("ROWS "):
+            return json.loads(line[5:])
+    raise RuntimeError(f"benchmark worker failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
 
 
 def _have_faiss() -> bool:
@@ -212,12 +276,14 @@ def _have_faiss() -> bool:
 
 COLUMNS = ("method", "n", "b", "k", "devices", "build_s", "compile_s", "median_ms", "min_ms", "vs_bare", "recall",
            "peak_rss_gb", "note")
+RANK_COLUMNS = ("method", "c", "b", "s", "dtype", "compile_s", "median_ms", "min_ms", "vs_masked", "peak_rss_gb",
+                "note")
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(str(row.get(c, "")) for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)
 
 
@@ -234,13 +300,22 @@ def parse_args(argv=None):
     parser.add_argument("--nlist", type=int, default=None, help="FAISS lists (default: index's sqrt(N) rule)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help=f"N = {QUICK_SIZE:,} only, finishes in < 1 minute")
+    parser.add_argument("--rank-candidates", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="ranking: candidates per user C (default 32,500,2000; --quick: 32,500)")
+    parser.add_argument("--rank-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
+    parser.add_argument("--history-len", type=int, default=128, help="ranking: history length S")
+    parser.add_argument("--rank-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="ranking activations (the release's default is bfloat16)")
     # Internal: run one (method, N) in this process and print its rows.
+    parser.add_argument("--rank-worker", choices=RANK_METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--c", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--exact-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.sizes = args.sizes or ([QUICK_SIZE] if args.quick else list(DEFAULT_SIZES))
     args.runs = args.runs or (5 if args.quick else 7)
+    args.rank_candidates = args.rank_candidates or ([32, 500] if args.quick else list(RANK_CANDIDATES))
     return args
 
 
@@ -249,13 +324,18 @@ def main(argv=None):
     if args.worker:
         print("ROWS " + json.dumps(run_worker(args)), flush=True)
         return
-    rows = []
-    if args.only in ("all", "retrieval"):
-        rows += bench_retrieval(args)
-    if args.only in ("all", "ranking"):
-        rows += bench_ranking(args)
-    print(markdown_table(rows))
-    print(json.dumps(rows))
+    if args.rank_worker:
+        print("ROWS " + json.dumps(run_rank_worker(args)), flush=True)
+        return
+    retrieval = bench_retrieval(args) if args.only in ("all", "retrieval") else []
+    ranking = bench_ranking(args) if args.only in ("all", "ranking") else []
+    if ranking:
+        print(f"## Ranking (S={args.history_len}, D=128, 2 layers; vs_masked = median / masked median)\n")
+        print(markdown_table(ranking, RANK_COLUMNS) + "\n")
+    if retrieval:
+        print(f"## Retrieval top-{args.top_k}\n")
+        print(markdown_table(retrieval) + "\n")
+    print(json.dumps(retrieval + ranking))
 
 
 if __name__ == "__main__":

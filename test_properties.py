@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import numpy_reference as ref
+import training
 from conftest import A, D, random_release_params, tiny_ranker_config, tiny_retrieval_config
 from recsys_model import RecsysEmbeddings
 from recsys_retrieval_model import INF, retrieve_top_k
@@ -92,3 +93,42 @@ def test_top_k_equals_brute_force_property(seed, n, k_frac, mask_p, ties):
     want_idx, want_scores = ref.top_k(s, k)
     np.testing.assert_array_equal(np.asarray(idx), want_idx)
     np.testing.assert_allclose(np.asarray(scores), want_scores, rtol=1e-6, atol=1e-6)
+
+
+RANK_LOSS = jax.jit(lambda lg, lb, cm, lm: training.ranking_loss(lg, lb, cm, lm))
+RETR_LOSS = jax.jit(lambda u, p, ids, lq, v: training.retrieval_loss(u, p, 0.1, ids, lq, v))
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**16), scale=st.floats(0.01, 50.0), mask_p=st.floats(0.0, 1.0))
+def test_ranking_loss_non_negative_and_blind_to_masked_labels(seed, scale, mask_p):
+    rng = np.random.default_rng(seed)
+    logits = (scale * rng.standard_normal((3, 4, 5))).astype(np.float32)
+    labels = (rng.random((3, 4, 5)) < 0.4).astype(np.float32)
+    cand_mask = rng.random((3, 4)) >= mask_p
+    label_mask = rng.random((3, 4, 5)) >= mask_p / 2
+    loss = float(RANK_LOSS(logits, labels, cand_mask, label_mask))
+    assert loss >= 0.0 and np.isfinite(loss)
+    keep = cand_mask[:, :, None] & label_mask
+    changed_logits = np.where(keep, logits, -logits * 7 + 3).astype(np.float32)
+    changed_labels = np.where(keep, labels, 1 - labels).astype(np.float32)
+    np.testing.assert_allclose(float(RANK_LOSS(changed_logits, changed_labels, cand_mask, label_mask)), loss,
+                               rtol=1e-5, atol=1e-6)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 6), dup=st.booleans())
+def test_retrieval_loss_non_negative_and_blind_to_invalid_rows(seed, rows, dup):
+    rng = np.random.default_rng(seed)
+    user = rng.standard_normal((6, 8)).astype(np.float32)
+    pos = rng.standard_normal((6, 8)).astype(np.float32)
+    ids = np.arange(6, dtype=np.int32) % (3 if dup else 6)  # duplicates are accidental hits
+    log_q = np.log(rng.uniform(0.01, 1.0, 6)).astype(np.float32)
+    valid = np.arange(6) < rows
+    loss = float(RETR_LOSS(user, pos, ids, log_q, valid))
+    assert loss >= -1e-6 and np.isfinite(loss)
+    # invalid rows' own vectors change nothing: they are neither a query nor anyone's negative
+    user2, pos2 = user.copy(), pos.copy()
+    user2[~valid] *= -5
+    pos2[~valid] = rng.standard_normal(pos2[~valid].shape)
+    np.testing.assert_allclose(float(RETR_LOSS(user2, pos2, ids, log_q, valid)), loss, rtol=1e-5, atol=1e-6)

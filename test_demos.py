@@ -1,0 +1,102 @@
+"""The demos run end to end in-process: untrained release-style demo, a short training run that
+caches its checkpoint, and a second run that loads that cache instead of retraining."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import checkpoint
+import run_ranker
+import run_retrieval
+import train_synthetic as ts
+
+TINY_MODEL = ["--emb-size", "16", "--num-layers", "1", "--history-len", "8"]
+TINY_WORLD = ["--num-users", "60", "--num-posts", "200", "--num-authors", "20", "--eval-examples", "8"]
+
+
+def test_ranker_demo_untrained(capsys):
+    out = run_ranker.main(["--no-train", *TINY_MODEL, "--num-candidates", "4"])
+    text = capsys.readouterr().out
+    assert "random init, untrained" in text and "steady-state rank()" in text
+    spread = out["scores"].max(axis=1) - out["scores"].min(axis=1)  # [B, A] across candidates
+    assert np.all(spread > 1e-4)
+
+
+def test_retrieval_demo_untrained(capsys):
+    out = run_retrieval.main(["--no-train", *TINY_MODEL, "--corpus-size", "50", "--top-k", "5"])
+    text = capsys.readouterr().out
+    assert "(random init)" in text and "steady-state retrieve()" in text
+    assert np.all(np.diff(out["scores"], axis=1) <= 0)  # best first
+    assert len(np.unique(out["scores"])) > 1
+
+
+def test_ranker_demo_trains_then_reuses_its_cache(tmp_path, capsys):
+    argv = ["--steps", "3", "--checkpoint", str(tmp_path / "ranker"), *TINY_MODEL, "--num-candidates", "4",
+            *TINY_WORLD]
+    first = run_ranker.main(argv)
+    text = capsys.readouterr().out
+    assert not first["loaded"] and "training the demo ranker: 3 steps" in text
+    assert "true P(fav)" in text and "Spearman rank correlation" in text and "P(favorite):" in text
+    assert np.isfinite(first["spearman_favorite"]) and -1 <= first["spearman_favorite"] <= 1
+    assert np.all(first["scores"].max(axis=1) - first["scores"].min(axis=1) > 0)  # not constant over candidates
+
+    second = run_ranker.main(argv)
+    text = capsys.readouterr().out
+    assert second["loaded"] and "loading the cached demo ranker" in text and "training" not in text
+    np.testing.assert_allclose(second["scores"], first["scores"], rtol=1e-6)
+    assert second["spearman_favorite"] == pytest.approx(first["spearman_favorite"])
+
+
+def test_retrieval_demo_trains_then_reuses_its_cache(tmp_path, capsys):
+    argv = ["--steps", "3", "--checkpoint", str(tmp_path / "retrieval"), *TINY_MODEL, *TINY_WORLD, "--top-k", "5"]
+    first = run_retrieval.main(argv)
+    text = capsys.readouterr().out
+    assert not first["loaded"] and "training the demo retrieval model: 3 steps" in text
+    assert "true top-5" in text and "overlap of the retrieved top-5" in text and "recall@100" in text
+    assert first["retrieved"].shape == (2, 100) and len(np.unique(first["retrieved"][0])) == 100
+
+    second = run_retrieval.main(argv)
+    text = capsys.readouterr().out
+    assert second["loaded"] and "loading the cached demo retrieval model" in text and "training" not in text
+    np.testing.assert_array_equal(second["retrieved"], first["retrieved"])
+    assert second["recall"] == first["recall"]
+
+
+def test_cache_is_keyed_and_a_stale_cache_is_not_reused(tmp_path):
+    path = str(tmp_path / "ckpt")
+    assert run_ranker.cached_checkpoint(path, "k") == "missing"
+    checkpoint.save_checkpoint(path, {"m": {"w": np.zeros(2, np.float32)}}, extra={"cache_key": "k"})
+    assert run_ranker.cached_checkpoint(path, "k") == "hit"
+    assert run_ranker.cached_checkpoint(path, "other") == "stale"
+    # Every part of the key matters: model config, world, seed, steps.
+    args = run_ranker.parse_args([*TINY_MODEL, *TINY_WORLD])
+    world_cfg = run_ranker.demo_world_config(args)
+    cfg = run_ranker.demo_config(16, 1, 8, 4, hash_config=run_ranker.demo_hash_config(world_cfg))
+    deeper = run_ranker.demo_config(16, 2, 8, 4, hash_config=run_ranker.demo_hash_config(world_cfg))
+    other_world = dataclasses.replace(world_cfg, seed=1)
+    base = ts.cache_key(cfg, world_cfg, 0, 2)
+    assert base == ts.cache_key(cfg, world_cfg, 0, 2)
+    keys = {base, ts.cache_key(cfg, world_cfg, 1, 2), ts.cache_key(cfg, world_cfg, 0, 3),
+            ts.cache_key(deeper, world_cfg, 0, 2), ts.cache_key(cfg, other_world, 0, 2)}
+    assert len(keys) == 5
+
+
+@pytest.mark.parametrize("x, y, want", [
+    ([1, 2, 3, 4], [10, 20, 30, 40], 1.0),
+    ([1, 2, 3, 4], [4, 3, 2, 1], -1.0),
+    ([1, 2, 3, 4, 5], [2, 1, 4, 3, 5], 0.8),  # 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 6*4/120
+    ([1, 1, 2, 3], [1, 2, 3, 4], 0.9486832980505138),  # ties: Pearson of mid-ranks [1.5, 1.5, 3, 4]
+], ids=["identical", "reversed", "swaps", "ties"])
+def test_spearman_golden(x, y, want):
+    assert run_ranker.spearman(np.array(x, float), np.array(y, float)) == pytest.approx(want)
+
+
+def test_spearman_along_axes_matches_rows():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((5, 7)), rng.standard_normal((5, 7))
+    rows = [run_ranker.spearman(a, b) for a, b in zip(x, y)]
+    np.testing.assert_allclose(run_ranker.spearman(x, y, axis=1), rows, rtol=1e-12)
+    np.testing.assert_allclose(run_ranker.spearman(x.T, y.T, axis=0), rows, rtol=1e-12)
+    np.testing.assert_array_equal(run_ranker.rankdata([3.0, 1.0, 3.0, 2.0]), [3.5, 1.0, 3.5, 2.0])
+    assert np.isnan(run_ranker.spearman(np.ones(4), np.arange(4.0)))

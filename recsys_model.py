@@ -117,8 +117,32 @@ def block_candidate_reduce(candidate_post_hashes, candidate_post_embeddings, can
     return candidate_embedding, candidate_post_hashes[:, :, 0] != 0
 
 
+class PhoenixConfigMethods:
+    """initialize() / make() shared by the ranking and the retrieval configs (spec sections 5, 6)."""
+
+    _initialized = False
+    DEFAULT_NAME = "phoenix_model"
+
+    def model_class(self) -> type:
+        return PhoenixModel
+
+    def initialize(self):
+        if self.hash_config is None:
+            self.hash_config = HashConfig()
+        validate_model_config(self)
+        self._initialized = True
+        return self
+
+    def make(self):
+        if not self._initialized:
+            logger.warning(f"{type(self).__name__}.make() called before initialize(); initialising now.")
+            self.initialize()
+        return self.model_class()(model=self.model.make(), config=self, fprop_dtype=self.fprop_dtype,
+                                  name=self.name or self.DEFAULT_NAME)
+
+
 @dataclasses.dataclass
-class PhoenixModelConfig:
+class PhoenixModelConfig(PhoenixConfigMethods):
     """Ranking model configuration (spec section 5). `.make()` builds a `PhoenixModel`."""
 
     model: TransformerConfig  # the shared transformer; its emb_size must equal emb_size
@@ -130,22 +154,6 @@ class PhoenixModelConfig:
     fprop_dtype: Any = jnp.bfloat16  # activations' dtype; parameters stay float32
     hash_config: Optional[HashConfig] = None  # -> HashConfig() by initialize()
     product_surface_vocab_size: int = 16
-
-    _initialized = False
-
-    def initialize(self):
-        if self.hash_config is None:
-            self.hash_config = HashConfig()
-        validate_model_config(self)
-        self._initialized = True
-        return self
-
-    def make(self) -> "PhoenixModel":
-        if not self._initialized:
-            logger.warning("PhoenixModelConfig.make() called before initialize(); initialising now.")
-            self.initialize()
-        return PhoenixModel(model=self.model.make(), config=self, fprop_dtype=self.fprop_dtype,
-                            name=self.name or "phoenix_model")
 
 
 def validate_model_config(cfg) -> None:

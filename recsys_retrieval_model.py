@@ -11,7 +11,6 @@ and author hash embeddings, L2-normalised. Scores are dot products; top-k is exa
 """
 
 import dataclasses
-import logging
 from typing import Any, NamedTuple, Optional
 
 import haiku as hk
@@ -19,10 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from grok import TransformerConfig
-from recsys_model import HashConfig, PhoenixModel, RecsysBatch, RecsysEmbeddings, validate_model_config
+from recsys_model import HashConfig, PhoenixConfigMethods, PhoenixModel, RecsysBatch, RecsysEmbeddings
 from validation import check_array, check_candidate_inputs
 
-logger = logging.getLogger(__name__)
 
 EPS = 1e-12  # clamp on squared norms before the square root
 INF = 1e12  # masked corpus entries and padded candidates score -INF
@@ -62,7 +60,7 @@ class CandidateTower(hk.Module):
 
 
 @dataclasses.dataclass
-class PhoenixRetrievalModelConfig:
+class PhoenixRetrievalModelConfig(PhoenixConfigMethods):
     """Two-tower retrieval configuration (spec section 6). `.make()` builds the model."""
 
     model: TransformerConfig  # the user tower's transformer; its emb_size must equal emb_size
@@ -74,21 +72,10 @@ class PhoenixRetrievalModelConfig:
     hash_config: Optional[HashConfig] = None  # -> HashConfig() by initialize()
     product_surface_vocab_size: int = 16
 
-    _initialized = False
+    DEFAULT_NAME = "phoenix_retrieval_model"
 
-    def initialize(self):
-        if self.hash_config is None:
-            self.hash_config = HashConfig()
-        validate_model_config(self)
-        self._initialized = True
-        return self
-
-    def make(self) -> "PhoenixRetrievalModel":
-        if not self._initialized:
-            logger.warning("PhoenixRetrievalModelConfig.make() called before initialize(); initialising now.")
-            self.initialize()
-        return PhoenixRetrievalModel(model=self.model.make(), config=self, fprop_dtype=self.fprop_dtype,
-                                     name=self.name or "phoenix_retrieval_model")
+    def model_class(self) -> type:
+        return PhoenixRetrievalModel
 
 
 def check_top_k(top_k, available: int, what: str) -> int:

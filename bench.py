@@ -51,7 +51,7 @@ EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
 
 def make_clustered_corpus(num_rows: int, dim: int, seed: int = 0):
     """Unit vectors [N, D] from a Gaussian mixture, in an aligned buffer, plus the centres [C, D]."""
-    from index import aligned_empty
+    from phoenix_index import aligned_empty
 
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((NUM_CLUSTERS, dim), dtype=np.float32)  # [C, D]
@@ -95,7 +95,7 @@ def run_worker(args) -> list[dict]:
     """One method at one N, in this process; returns its rows (one per batch size)."""
     import jax
 
-    import index
+    import phoenix_index as index
 
     method, n, k = args.worker, args.n, args.top_k
     start = time.perf_counter()

@@ -28,9 +28,9 @@ Leave-one-out (SASRec, BERT4Rec, HSTU)
   MIN_EVAL_RATINGS ratings (none in ML-100K / ML-1M) only train, as in SASRec. The history of a
   target is the up-to-S items before it. Training examples: every position t >= 1 of a user's
   training part. Evaluation ranks all N catalog items except every earlier item of the user (not
-  only the last S), never the target (metrics.py has the tie rule: smaller item id first).
+  only the last S), never the target (phoenix_metrics.py has the tie rule: smaller item id first).
 
-Mapping to Phoenix inputs (hashing.py hashes the raw ids later)
+Mapping to Phoenix inputs (phoenix_hashing.py hashes the raw ids later)
   user, post   raw MovieLens user and movie ids.
   author       the movie's genre signature: bit g of the id is set iff the movie has genre g
                (GENRES order; "unknown" is bit 0; 0 = no metadata). ML-100K has no director or
@@ -46,7 +46,7 @@ Mapping to Phoenix inputs (hashing.py hashes the raw ids later)
   surface      SURFACE = 0 everywhere: all ratings come from one web UI and nothing in the data
                tells pages apart. A time-gap bucket would smuggle the target's timing into the
                candidate. Padding also has surface 0; the model masks by the post hash.
-  padding      right-padded: valid items first (oldest .. most recent), then PAD_ID (-1, hashing.py's
+  padding      right-padded: valid items first (oldest .. most recent), then PAD_ID (-1, phoenix_hashing.py's
                convention) posts and authors, zero actions, surface 0.
 
 Baselines (same evaluation code; "visible" = what training may use for the split evaluated)
@@ -82,7 +82,7 @@ from pathlib import Path
 
 import numpy as np
 
-import metrics
+import phoenix_metrics as metrics
 
 SOURCE_ML100K = "movielens-100k"
 WHEEL_REQUIREMENT = "recbole==1.2.1"
@@ -99,7 +99,7 @@ GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy",
           "Romance", "Sci-Fi", "Thriller", "War", "Western")
 YEAR_UNKNOWN = 0
 
-# Same ids as runners.ACTIONS / datasets.py; duplicated so this module imports no JAX.
+# Same ids as runners.ACTIONS / phoenix_datasets.py; duplicated so this module imports no JAX.
 ACTIONS = ("favorite_score", "reply_score", "repost_score", "photo_expand_score", "click_score",
            "profile_click_score", "vqv_score", "share_score", "share_via_dm_score",
            "share_via_copy_link_score", "dwell_score", "quote_score", "quoted_click_score",
@@ -482,7 +482,7 @@ def phoenix_examples(split: Split, which: str = "train", history_len: int = 200,
 
 def phoenix_batch(split: Split, examples: dict, hash_config, candidate_post_ids=None):
     """hashing.batch_from_ids of `examples`; candidates [E, C] raw movie ids, default the targets [E, 1]."""
-    from hashing import batch_from_ids  # imports JAX; the rest of this module is NumPy only
+    from phoenix_hashing import batch_from_ids  # imports JAX; the rest of this module is NumPy only
 
     if candidate_post_ids is None:
         candidate_post_ids = examples["target_post_ids"][:, None]  # [E, 1]
@@ -592,7 +592,7 @@ def dump_topk(path, user_ids, topk_items) -> None:
 def recompute_from_dump(path, source=SOURCE_ML100K, cache=None, k: int = 10) -> dict:
     """HR@k and NDCG@k of a dump against test targets rebuilt from the raw ratings in plain Python.
 
-    Independent of `leave_one_out` and metrics.py (only the file reader is shared), as a judge's
+    Independent of `leave_one_out` and phoenix_metrics.py (only the file reader is shared), as a judge's
     script would be. Users missing from the dump count as misses. Also counts dumped items that
     are in the user's history (an unfiltered ranking) and rows with repeated items.
     """

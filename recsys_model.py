@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok import Transformer, TransformerConfig, layer_norm
-from validation import check_candidate_inputs, check_inputs
+from phoenix_validation import check_candidate_inputs, check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class HashConfig:
     num_user_hashes: int = 2
     num_item_hashes: int = 2
     num_author_hashes: int = 2
-    # Rows of each embedding table (hashing.py). Hash values lie in [1, size); row 0 is padding.
+    # Rows of each embedding table (phoenix_hashing.py). Hash values lie in [1, size); row 0 is padding.
     user_table_size: int = 100_000
     post_table_size: int = 100_000
     author_table_size: int = 100_000

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from grok import TransformerConfig
 from recsys_model import HashConfig, PhoenixConfigMethods, PhoenixModel, RecsysBatch, RecsysEmbeddings
-from validation import check_array, check_candidate_inputs
+from phoenix_validation import check_array, check_candidate_inputs
 
 
 EPS = 1e-12  # clamp on squared norms before the square root

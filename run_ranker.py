@@ -52,10 +52,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import checkpoint
+import phoenix_checkpoint as checkpoint
 import train_synthetic as ts
-import training
-from datasets import SyntheticWorld, to_recsys_batch
+import phoenix_training as training
+from phoenix_datasets import SyntheticWorld, to_recsys_batch
 from grok import TransformerConfig
 from recsys_model import HashConfig, PhoenixModelConfig
 from runners import ACTIONS, ModelRunner, RecsysInferenceRunner, create_example_batch

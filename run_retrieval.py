@@ -52,8 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import train_synthetic as ts
-import training
-from datasets import SyntheticWorld, to_retrieval_batch
+import phoenix_training as training
+from phoenix_datasets import SyntheticWorld, to_retrieval_batch
 from grok import TransformerConfig
 from recsys_model import HashConfig
 from recsys_retrieval_model import PhoenixRetrievalModelConfig

@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-import checkpoint
+import phoenix_checkpoint as checkpoint
 from grok import TrainingState
-from hashing import HashEmbeddings
+from phoenix_hashing import HashEmbeddings
 from recsys_model import HashConfig, PhoenixModelConfig, PrefixCache, RecsysBatch, RecsysEmbeddings
-from index import CorpusIndex, ShardedCorpusIndex
+from phoenix_index import CorpusIndex, ShardedCorpusIndex
 from recsys_retrieval_model import INF, PhoenixRetrievalModelConfig, check_top_k, l2_normalize, retrieve_top_k
-from validation import (check_array, check_candidate_inputs, check_hash_range, check_inputs, check_values,
+from phoenix_validation import (check_array, check_candidate_inputs, check_hash_range, check_inputs, check_values,
                         values_enabled)
 
 ACTIONS = [
@@ -184,7 +184,7 @@ def create_example_corpus(corpus_size: int, emb_size: int, seed: int = 123):
 class BaseModelRunner:
     """Holds a model config, builds `self.forward` (an hk.Transformed) and initialises parameters.
 
-    With `checkpoint_path` (a directory written by checkpoint.py / a training.Trainer),
+    With `checkpoint_path` (a directory written by phoenix_checkpoint.py / a training.Trainer),
     `load_or_init` loads the model's parameters from it instead of initialising them, checking
     every parameter's path, shape and dtype against the model (a mismatch names the parameter and
     the file). Hash tables saved beside the model (`hash_embeddings/*`) are loaded into
@@ -542,7 +542,7 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
         return corpus
 
     def set_corpus(self, corpus_embeddings, corpus_post_ids=None, normalize: bool = False):
-        """Builds the exact top-k index over the corpus [N, D] once (index.py).
+        """Builds the exact top-k index over the corpus [N, D] once (phoenix_index.py).
 
         The corpus stays on device (a 64-byte-aligned float32 NumPy array is used in place, see
         index.aligned_empty), is scored in chunks with bounded memory, and with data_parallel=True

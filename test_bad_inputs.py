@@ -11,10 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-import checkpoint
-import hashing
+import phoenix_checkpoint as checkpoint
+import phoenix_hashing as hashing
 import movielens
-import training
+import phoenix_training as training
 from conftest import A, C, D, S, tiny_ranker_config, tiny_retrieval_config, tiny_transformer
 from recsys_model import HashConfig, PhoenixModelConfig, RecsysEmbeddings
 from runners import (ModelRunner, RecsysInferenceRunner, RecsysRetrievalInferenceRunner, RetrievalModelRunner,

@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-import checkpoint
+import phoenix_checkpoint as checkpoint
 import run_ranker
 import run_retrieval
 import train_synthetic as ts

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-import hashing
-import metrics
+import phoenix_hashing as hashing
+import phoenix_metrics as metrics
 import movielens as ml
 import runners
 from recsys_model import HashConfig

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import numpy_reference as ref
-import training
+import phoenix_training as training
 from conftest import A, D, random_release_params, tiny_ranker_config, tiny_retrieval_config
 from recsys_model import RecsysEmbeddings
 from recsys_retrieval_model import INF, retrieve_top_k

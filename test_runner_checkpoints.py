@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-import training
+import phoenix_training as training
 from conftest import A, C, D, S, tiny_ranker_config, tiny_retrieval_config
 from recsys_model import HashConfig
 from runners import ModelRunner, RecsysInferenceRunner, RecsysRetrievalInferenceRunner, create_example_batch

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-import index
+import phoenix_index as index
 import numpy_reference as ref
 from conftest import A, C, D, S, tiny_ranker_config, tiny_retrieval_config
 from runners import (ACTIONS, ModelRunner, RankingOutput, RecsysInferenceRunner, RecsysRetrievalInferenceRunner,

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-import checkpoint
-import metrics
+import phoenix_checkpoint as checkpoint
+import phoenix_metrics as metrics
 import movielens as ml
 import train_movielens as tm
 from runners import RecsysRetrievalInferenceRunner

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import train_synthetic as ts
-from datasets import SyntheticWorld, WorldConfig, to_recsys_batch, to_retrieval_batch
+from phoenix_datasets import SyntheticWorld, WorldConfig, to_recsys_batch, to_retrieval_batch
 from runners import ACTIONS, RecsysInferenceRunner, RecsysRetrievalInferenceRunner
 
 TINY = ["--num-users", "200", "--num-posts", "500", "--num-authors", "20", "--history-len", "8",

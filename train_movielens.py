@@ -93,11 +93,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import checkpoint
-import hashing
-import metrics
+import phoenix_checkpoint as checkpoint
+import phoenix_hashing as hashing
+import phoenix_metrics as metrics
 import movielens as ml
-import training
+import phoenix_training as training
 from grok import TransformerConfig
 from recsys_model import HashConfig, PhoenixModelConfig
 from recsys_retrieval_model import PhoenixRetrievalModelConfig, l2_normalize
@@ -430,7 +430,7 @@ def encode_users(trainer: training.RetrievalTrainer, params, split: ml.Split, ex
 
 
 def eval_mask(split: ml.Split, which: str) -> np.ndarray:
-    """[U, N]: items ranked for nobody: the user's earlier items, except the target (metrics.py's rule)."""
+    """[U, N]: items ranked for nobody: the user's earlier items, except the target (phoenix_metrics.py's rule)."""
     exclude = split.exclude_mask(which)
     exclude[np.arange(exclude.shape[0]), split.targets(which)] = False
     return exclude

@@ -93,11 +93,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import checkpoint
-import training
-from datasets import SyntheticWorld, WorldConfig, auc, to_recsys_batch, to_retrieval_batch
+import phoenix_checkpoint as checkpoint
+import phoenix_training as training
+from phoenix_datasets import SyntheticWorld, WorldConfig, auc, to_recsys_batch, to_retrieval_batch
 from grok import TransformerConfig
-from hashing import PAD_ID, batch_from_ids
+from phoenix_hashing import PAD_ID, batch_from_ids
 from recsys_model import HashConfig, PhoenixModelConfig, RecsysBatch
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
 from runners import ACTIONS

@@ -1,4 +1,4 @@
-"""Tests of training.py: loss golden values, masking, NumPy references, optimiser, trainers, fit."""
+"""Tests of phoenix_training.py: loss golden values, masking, NumPy references, optimiser, trainers, fit."""
 
 import io
 import math
@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-import checkpoint
-import training
+import phoenix_checkpoint as checkpoint
+import phoenix_training as training
 from grok import TransformerConfig
 from recsys_model import HashConfig, PhoenixModelConfig, RecsysBatch
 from recsys_retrieval_model import PhoenixRetrievalModelConfig

@@ -37,11 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import checkpoint
-from hashing import HashEmbeddings
+import phoenix_checkpoint as checkpoint
+from phoenix_hashing import HashEmbeddings
 from recsys_model import HashConfig, PhoenixModelConfig, RecsysBatch
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
-from validation import check_array, check_batch, check_hash_range, check_values
+from phoenix_validation import check_array, check_batch, check_hash_range, check_values
 
 # A finite stand-in for -inf on masked softmax logits: exp() underflows to exactly 0, and unlike
 # -inf it never produces inf - inf = NaN in a row whose entries are all masked.
@@ -552,7 +552,7 @@ class Trainer:
         return {"model": self.model_config, "hash_config": self.hash_config, "optimizer": self.optimizer_config}
 
     def save(self, path, state: TrainState, extra: Optional[dict] = None) -> str:
-        """Writes params, optimiser state, step, rng and configs as a checkpoint (checkpoint.py)."""
+        """Writes params, optimiser state, step, rng and configs as a checkpoint (phoenix_checkpoint.py)."""
         rng = np.asarray(jax.device_get(jax.random.key_data(state.rng) if jnp.issubdtype(
             state.rng.dtype, jax.dtypes.prng_key) else state.rng))
         return checkpoint.save_checkpoint(

@@ -1,4 +1,4 @@
-"""Tests of hashing.py: the hash family (NumPy == JAX == reference murmur3), batches, tables."""
+"""Tests of phoenix_hashing.py: the hash family (NumPy == JAX == reference murmur3), batches, tables."""
 
 import haiku as hk
 import hypothesis
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import hashing
+import phoenix_hashing as hashing
 from recsys_model import HashConfig, RecsysEmbeddings
 
 ID_TYPES = ("user", "post", "author")
@@ -39,7 +39,7 @@ def random_ids(n: int, seed: int = 0) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference murmur3: the textbook byte-wise algorithm, independent of hashing.py's word version.
+# Reference murmur3: the textbook byte-wise algorithm, independent of phoenix_hashing.py's word version.
 # ---------------------------------------------------------------------------------------------
 
 

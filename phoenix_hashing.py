@@ -30,7 +30,7 @@ Why two uint32 words
   `hash_ids` (NumPy) and `hash_ids_jax` (jittable) agree bit for bit. Padding is the sign bit of
   the high word. Ids that are already int32 inside a jitted function can use `split_ids_jax`.
 
-Collisions (`uv run python hashing.py`; ids 0..V-1, hash_seed 0): share of ids whose H-tuple of
+Collisions (`uv run python phoenix_hashing.py`; ids 0..V-1, hash_seed 0): share of ids whose H-tuple of
 hash values is shared with another id, measured vs the random-hash expectation
 1 - (1 - 1/(M-1)**H)**(V-1).
 

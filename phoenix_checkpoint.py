@@ -70,7 +70,7 @@ class Checkpoint(NamedTuple):
 
 
 def _known_config_types() -> dict[str, type]:
-    from training import OptimizerConfig  # lazy: training imports this module
+    from phoenix_training import OptimizerConfig  # lazy: training imports this module
 
     return {
         cls.__name__: cls

@@ -57,7 +57,7 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from recsys_retrieval_model import INF, check_top_k
-from validation import check_array
+from phoenix_validation import check_array
 
 # Full float32 products: GPUs may otherwise round f32 matmul inputs to TF32 (~1e-3 relative),
 # and the index promises brute-force results. Same code and speed as the default on CPU (measured).

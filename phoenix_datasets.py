@@ -28,7 +28,7 @@ Generative model (NumPy, deterministic by WorldConfig.seed)
   Retrieval positive: the engaged impression right after the history (the user's next engagement).
 
 Raw ids are indices: users 0..U-1, posts 0..N-1, authors 0..M-1 (int64).
-Padding (hashing.py's convention): post and author ids PAD_ID (-1), actions 0, surface 0.
+Padding (phoenix_hashing.py's convention): post and author ids PAD_ID (-1), actions 0, surface 0.
 
 Cost: the world is O(N L) memory (1M posts: about 1 s to build, ~150 MB); a batch costs
 O(B (M + I A)) and never touches all N posts, so batches are generated on the fly (WorldConfig()
@@ -41,7 +41,7 @@ from typing import Iterator
 
 import numpy as np
 
-from hashing import PAD_ID, batch_from_ids
+from phoenix_hashing import PAD_ID, batch_from_ids
 from recsys_model import HashConfig, RecsysBatch
 from runners import ACTIONS
 

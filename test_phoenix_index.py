@@ -1,4 +1,4 @@
-"""Tests for index.py: exact and sharded top-k vs a NumPy brute force, FAISS recall, errors.
+"""Tests for phoenix_index.py: exact and sharded top-k vs a NumPy brute force, FAISS recall, errors.
 
 Most corpora are small integers: their dot products are exact in float32 whatever the summation
 order, so indices and scores must match brute force exactly, and the many exact ties check that
@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import index
-from index import INF, CorpusIndex, FaissIndex, ShardedCorpusIndex, recall_at_k
+import phoenix_index as index
+from phoenix_index import INF, CorpusIndex, FaissIndex, ShardedCorpusIndex, recall_at_k
 
 SCORE_RTOL = 1e-6  # float32 dot products of unit vectors, XLA vs NumPy summation order
 SCORE_ATOL = 1e-6
@@ -193,10 +193,10 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
     import jax
-    import index
+    import phoenix_index as index
     from test_index import assert_same_as_brute_force, int_corpus, unit_rows
 
-    assert "faiss" not in sys.modules, "index.py must import faiss lazily"
+    assert "faiss" not in sys.modules, "phoenix_index.py must import faiss lazily"
     assert jax.device_count() == 8, jax.devices()
     # (N, D, B, K, chunk_size, block_size): N not a multiple of 8 * 16 rows, K above a shard's
     # 128 rows, ragged chunks; fewer rows than shards; automatic sizes with B=16.

@@ -1,4 +1,4 @@
-"""Tests of datasets.py: determinism, shapes, padding, the planted signal and its oracle."""
+"""Tests of phoenix_datasets.py: determinism, shapes, padding, the planted signal and its oracle."""
 
 import itertools
 import math
@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-import datasets
-from datasets import ACTIONS, NEGATIVE_ACTIONS, SyntheticWorld, WorldConfig
-from hashing import PAD_ID, hash_post_ids, hash_user_ids
+import phoenix_datasets as datasets
+from phoenix_datasets import ACTIONS, NEGATIVE_ACTIONS, SyntheticWorld, WorldConfig
+from phoenix_hashing import PAD_ID, hash_post_ids, hash_user_ids
 from recsys_model import HashConfig, RecsysBatch
 
 A = len(ACTIONS)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-import metrics
+import phoenix_metrics as metrics
 
 INV_LOG2_3 = 0.6309297535714575  # 1 / log2(3): NDCG gain at rank 1
 INV_LOG2_11 = 0.2890648263178879  # 1 / log2(11): NDCG gain at rank 9

@@ -1,4 +1,4 @@
-"""Tests of checkpoint.py: exact round trips, atomic saves, template checks, corrupt files, no pickle."""
+"""Tests of phoenix_checkpoint.py: exact round trips, atomic saves, template checks, corrupt files, no pickle."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-import checkpoint
+import phoenix_checkpoint as checkpoint
 from conftest import random_release_params, tiny_ranker_config, tiny_retrieval_config
 from grok import TransformerConfig
 from recsys_model import HashConfig, PhoenixModelConfig

@@ -7,26 +7,53 @@ Layout of a checkpoint directory `path/`:
               `phoenix_model/proj_mat_1` or
               `transformer/decoder_layer_0/multi_head_attention/query/w` (spec section 8);
               optimiser-state arrays by `opt_state/<path>`, e.g. `opt_state/1/0/mu/phoenix_model/proj_mat_1`.
-  meta.json   format version, step, config (dataclasses as tagged JSON, dtypes by name), caller's
-              `extra` JSON, the byte size of arrays.npz, and for every array its path components,
-              shape, logical dtype and the dtype it is stored as.
+  meta.json   format marker and version, a random save id, step, config (dataclasses as tagged
+              JSON, dtypes by name), caller's `extra` JSON, the byte size and sha256 of
+              arrays.npz, and for every array its path components, shape, logical dtype and the
+              dtype it is stored as. Its schema is checked on every read (CheckpointError naming
+              the file, the key, expected and actual).
 
 Arrays whose dtype numpy cannot store without pickle (bfloat16 and the other ml_dtypes types)
 are stored as an unsigned-integer view of the same width; meta.json records the real dtype.
 
-A save is atomic: everything is written and fsynced in a temporary sibling directory, which is
-then renamed over the target. An existing checkpoint is first renamed aside and removed only once
-the new one is in place, so a crash at any point leaves a loadable checkpoint (the new one, the
-old one in place, or the old one aside, which `load_checkpoint` finds).
+What a save may overwrite. `save_checkpoint(path)` replaces `path` only if it is absent, an empty
+directory, or a Phoenix checkpoint: a directory holding nothing but arrays.npz and meta.json,
+with meta.json valid and ours (the "format" marker; version 1 has none, its schema alone counts).
+Anything else (a file, a run directory, the working directory, a directory that merely has a
+meta.json) is refused with CheckpointError before anything is written or moved; so are "", "."
+and "/". Symlinks are followed: a save through a link replaces the checkpoint the link points to
+and leaves the link itself in place.
+
+How a save works. Everything is written and fsynced in a temporary sibling `.NAME.tmp-PID-*`,
+then the old checkpoint is renamed aside to `.NAME.old-*`, the new one renamed in, and the old
+one deleted. A write error (OSError naming the path) removes the temporary directory and leaves
+the previous checkpoint as it was. A killed save leaves the old checkpoint in place (plus a
+temporary directory), or, killed between its two renames, only the aside copy, which loads find
+(with a warning). The next successful save of that path deletes such leftovers once the new
+checkpoint is in place: only `.NAME.tmp-*` / `.NAME.old-*` siblings that hold nothing but our two
+files, and not the temporary directory of a save whose process is still alive.
+
+What a concurrent load sees. A load opens the checkpoint directory once and reads meta.json and
+arrays.npz through that handle, so it never mixes two saves; arrays.npz must match the sha256
+recorded in meta.json (a file copied from another save, or corrupted, raises CheckpointError). A
+directory that a save replaces or deletes during the read is reopened, up to LOAD_ATTEMPTS
+times. One writer per path: concurrent saves to the same path are not supported.
 """
 
 import dataclasses
+import hashlib
 import json
+import operator
 import os
+import re
 import shutil
-import tempfile
+import stat
+import time
+import typing
+import uuid
 import warnings
 import zipfile
+from types import UnionType
 from typing import Any, NamedTuple
 
 import jax
@@ -37,9 +64,18 @@ import grok
 import recsys_model
 import recsys_retrieval_model
 
-FORMAT_VERSION = 1
+# Version 2 added the format marker, a save id and the sha256 of arrays.npz; version 1 still loads.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# meta.json's "format": tells a checkpoint directory from a user's that happens to hold a meta.json.
+FORMAT_MARKER = "phoenix-checkpoint"
 ARRAYS_FILE = "arrays.npz"
 META_FILE = "meta.json"
+SAVE_FILES = frozenset({ARRAYS_FILE, META_FILE})  # all that a save writes in its directory
+# Times a load reopens a checkpoint that concurrent saves keep replacing before it gives up.
+LOAD_ATTEMPTS = 5
+# How long a load that finds only a set-aside copy waits for a save between its two renames.
+RENAME_GAP_WAIT_S = 0.05
 # Prefix of optimiser-state keys in arrays.npz; parameter keys carry no prefix so that the file
 # reads like the release's parameter listing (spec section 8).
 OPT_STATE_PREFIX = "opt_state/"
@@ -52,7 +88,8 @@ TUPLE_TAG = "__tuple__"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated, corrupted or of an unknown format."""
+    """A checkpoint file is missing, truncated, corrupted, mismatched or of an unknown format, or
+    a save was refused because its path holds something that is not a checkpoint."""
 
 
 class Checkpoint(NamedTuple):
@@ -134,36 +171,86 @@ def _dtype_from_name(name: str):
     return np.dtype(name)
 
 
+def _field_type_problem(hint, value) -> str | None:
+    """Why `value` does not fit a simple field type (int, float, bool, str, a config dataclass, or
+    Optional of one); None when it fits or when the hint is none of these (e.g. Any for dtypes)."""
+    if typing.get_origin(hint) in (typing.Union, UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) != 1:
+            return None
+        hint = rest[0]
+    if hint is bool:
+        fits = isinstance(value, bool)
+    elif hint is int:
+        fits = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        fits = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif hint is str:
+        fits = isinstance(value, str)
+    elif dataclasses.is_dataclass(hint):
+        fits = isinstance(value, hint)
+    else:
+        return None
+    return None if fits else f"expected {hint.__name__}, got {_short(value)}"
+
+
 def config_from_dict(data, extra_types=()):
     """Inverse of `config_to_dict`. Dataclass types are looked up by name among the model configs
     (TransformerConfig, HashConfig, PhoenixModelConfig, PhoenixRetrievalModelConfig) and
-    `extra_types`; fields missing from `data` take their defaults, unknown fields raise."""
-    types = _known_config_types()
-    types.update({cls.__name__: cls for cls in extra_types})
+    `extra_types`; fields missing from `data` take their defaults. Unknown types or fields, values
+    of the wrong type for int/float/bool/str/config fields and malformed tags raise ValueError
+    naming the location (e.g. `config.model.emb_size`)."""
+    known = _known_config_types()
+    known.update({cls.__name__: cls for cls in extra_types})
 
-    def decode(value):
+    def decode(value, where):
         if isinstance(value, list):
-            return [decode(v) for v in value]
+            return [decode(v, f"{where}[{i}]") for i, v in enumerate(value)]
         if not isinstance(value, dict):
             return value
         if DTYPE_TAG in value:
-            return _dtype_from_name(value[DTYPE_TAG])
+            name = value[DTYPE_TAG]
+            if len(value) != 1 or not isinstance(name, str):
+                raise ValueError(f"{where}: expected {{{DTYPE_TAG!r}: dtype name}}, got {_short(value)}")
+            try:
+                return _dtype_from_name(name)
+            except TypeError:
+                raise ValueError(f"{where}: unknown dtype {name!r}") from None
         if TUPLE_TAG in value:
-            return tuple(decode(v) for v in value[TUPLE_TAG])
+            items = value[TUPLE_TAG]
+            if len(value) != 1 or not isinstance(items, list):
+                raise ValueError(f"{where}: expected {{{TUPLE_TAG!r}: [items]}}, got {_short(value)}")
+            return tuple(decode(v, f"{where}[{i}]") for i, v in enumerate(items))
         if TYPE_TAG in value:
             name = value[TYPE_TAG]
-            if name not in types:
-                raise ValueError(f"unknown config type {name!r}; pass it in extra_types")
-            cls = types[name]
+            if not isinstance(name, str):
+                raise ValueError(f"{where}.{TYPE_TAG}: expected a class name, got {_short(name)}")
+            if name not in known:
+                raise ValueError(f"{where}: unknown config type {name!r}; pass it in extra_types")
+            cls = known[name]
             init_fields = {f.name for f in dataclasses.fields(cls) if f.init}
-            kwargs = {k: decode(v) for k, v in value.items() if k != TYPE_TAG}
+            kwargs = {k: decode(v, f"{where}.{k}") for k, v in value.items() if k != TYPE_TAG}
             unknown = sorted(set(kwargs) - init_fields)
             if unknown:
-                raise ValueError(f"config type {name} has no field(s) {unknown}")
-            return cls(**kwargs)
-        return {k: decode(v) for k, v in value.items()}
+                raise ValueError(f"{where}: config type {name} has no field(s) {unknown}")
+            try:
+                hints = typing.get_type_hints(cls)
+            except Exception:  # unresolvable annotations: leave the checks to the class itself
+                hints = {}
+            for k, v in kwargs.items():
+                problem = _field_type_problem(hints.get(k), v)
+                if problem:
+                    raise ValueError(f"{where}.{k} ({name}): {problem}")
+            try:
+                return cls(**kwargs)
+            except (TypeError, ValueError) as e:  # a required field missing, __post_init__ checks
+                raise ValueError(f"{where}: cannot build {name}: {e}") from None
+        return {k: decode(v, f"{where}.{k}") for k, v in value.items()}
 
-    return decode(data)
+    return decode(data, "config")
 
 
 def config_to_json(config, indent: int | None = 2) -> str:
@@ -229,6 +316,242 @@ def _shape_dtype(leaf) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(int(d) for d in np.shape(leaf)), np.dtype(leaf.dtype)
 
 
+# --------------------------------------------------------------------------- meta.json schema
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr of a value for an error message, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _type_name(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _storable_dtype_name(dtype: np.dtype) -> str | None:
+    """The dtype name `_to_storable` stores `dtype` as; None if it cannot be stored."""
+    if dtype.hasobject:
+        return None
+    if dtype.kind in "biufc":
+        return dtype.name
+    width = _UINT_OF_WIDTH.get(dtype.itemsize)
+    return None if width is None else np.dtype(width).name
+
+
+def _check_entry(meta_path: str, key: str, path, entry) -> None:
+    """One array's entry in meta.json: {"keys": [...], "shape": [...], "dtype": ..., "stored_as": ...}."""
+    where = f"{key}[{path!r}]"
+
+    def bad(field, expected, got):
+        raise CheckpointError(f"{meta_path}: {where}{field}: expected {expected}, got {got}")
+
+    if not isinstance(entry, dict):
+        bad("", "an object with keys, shape, dtype, stored_as", _type_name(entry))
+    for field in ("keys", "shape", "dtype", "stored_as"):
+        if field not in entry:
+            bad("", f"a {field!r} field", f"only {sorted(entry)}")
+    keys, shape = entry["keys"], entry["shape"]
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) or _is_int(k) for k in keys):
+        bad(".keys", "a non-empty list of strings and integers", _short(keys))
+    if "/".join(str(k) for k in keys) != path:
+        bad(".keys", f"components joining to {path!r}", _short(keys))
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        bad(".shape", "a list of non-negative integers", _short(shape))
+    if not isinstance(entry["dtype"], str):
+        bad(".dtype", "a dtype name", _short(entry["dtype"]))
+    try:
+        dtype = _dtype_of_name(entry["dtype"])
+    except (TypeError, AttributeError):
+        bad(".dtype", "a numpy or ml_dtypes dtype name", _short(entry["dtype"]))
+    stored_as = _storable_dtype_name(dtype)
+    if stored_as is None:
+        bad(".dtype", "a dtype a checkpoint can store", _short(entry["dtype"]))
+    if entry["stored_as"] != stored_as:
+        bad(".stored_as", f"{stored_as!r} (how {dtype.name} is stored)", _short(entry["stored_as"]))
+
+
+def _check_config_tags(meta_path: str, value, where: str = "config") -> None:
+    """Tagged config values are well formed (decoding them may still fail on an unknown type)."""
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_config_tags(meta_path, v, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        if DTYPE_TAG in value and (len(value) != 1 or not isinstance(value[DTYPE_TAG], str)):
+            raise CheckpointError(f"{meta_path}: {where}: expected {{{DTYPE_TAG!r}: dtype name}}, "
+                                  f"got {_short(value)}")
+        if TUPLE_TAG in value and (len(value) != 1 or not isinstance(value[TUPLE_TAG], list)):
+            raise CheckpointError(f"{meta_path}: {where}: expected {{{TUPLE_TAG!r}: [items]}}, got {_short(value)}")
+        if TYPE_TAG in value and not isinstance(value[TYPE_TAG], str):
+            raise CheckpointError(f"{meta_path}: {where}.{TYPE_TAG}: expected a class name, "
+                                  f"got {_short(value[TYPE_TAG])}")
+        for k, v in value.items():
+            _check_config_tags(meta_path, v, f"{where}.{k}")
+
+
+def _check_meta(meta, meta_path: str) -> dict:
+    """meta.json's schema, for every format version this code reads; returns `meta`."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: expected a JSON object, got a JSON {_type_name(meta)}")
+    version = meta.get("format_version")
+    if not _is_int(version) or version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{meta_path}: unsupported checkpoint format version {_short(version)}, "
+                              f"this code reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+
+    def bad(key, expected):
+        got = f"{_type_name(meta[key])} {_short(meta[key])}" if key in meta else "no such key"
+        raise CheckpointError(f"{meta_path}: {key!r}: expected {expected}, got {got}")
+
+    required = {"step": "an integer", "arrays_file_bytes": "a byte count", "params": "an object of arrays"}
+    if version >= 2:
+        required.update(format=repr(FORMAT_MARKER), save_id="a save id string", arrays_sha256="a sha256 hex digest")
+    for key, expected in required.items():
+        if key not in meta:
+            bad(key, expected)
+    if not _is_int(meta["step"]):
+        bad("step", "an integer")
+    if not _is_int(meta["arrays_file_bytes"]) or meta["arrays_file_bytes"] < 0:
+        bad("arrays_file_bytes", "a non-negative integer")
+    if version >= 2:
+        if meta["format"] != FORMAT_MARKER:
+            bad("format", repr(FORMAT_MARKER))
+        if not isinstance(meta["save_id"], str):
+            bad("save_id", "a string")
+        if not isinstance(meta["arrays_sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", meta["arrays_sha256"]):
+            bad("arrays_sha256", "64 lowercase hex digits")
+    for key in ("params", "opt_state"):
+        entries = meta.get(key)
+        if key == "opt_state" and entries is None:
+            continue
+        if not isinstance(entries, dict):
+            bad(key, "an object of arrays" + (" or null" if key == "opt_state" else ""))
+        for path, entry in entries.items():
+            _check_entry(meta_path, key, path, entry)
+    # Parameters become nested dicts: no array may sit where another one's module would.
+    nested = {tuple(str(k) for k in entry["keys"]) for entry in meta["params"].values()}
+    for keys in nested:
+        for i in range(1, len(keys)):
+            if keys[:i] in nested:
+                raise CheckpointError(f"{meta_path}: 'params': array {'/'.join(keys)!r} lies inside "
+                                      f"array {'/'.join(keys[:i])!r}")
+    _check_config_tags(meta_path, meta.get("config"))
+    return meta
+
+
+# --------------------------------------------------------------------------- paths a save may use
+
+
+def _checked_path(path, for_save: bool = False) -> str:
+    """`path` as an absolute str. Refuses "" (not the working directory), and for a save also
+    paths that name no entry of their own (".", "..", "/"): a save replaces the entry it names."""
+    try:
+        raw = os.fspath(path)
+    except TypeError:
+        raw = path
+    if not isinstance(raw, str):
+        raise TypeError(f"path: expected a str or os.PathLike of str, got {type(raw).__name__} {raw!r}")
+    name = os.path.basename(os.path.normpath(raw)) if raw else ""
+    if not raw or (for_save and name in ("", ".", "..")):
+        raise ValueError(f"path: expected a checkpoint directory's name (e.g. 'checkpoints/run1'), got {raw!r}")
+    return os.path.abspath(raw)
+
+
+def _orphan_match(entry: str, name: str, kind: str):
+    """A match of `.name.<kind>-<suffix>` (kind "tmp" or "old"), the names a save gives its
+    temporary and set-aside directories; group 1 is the saving process's pid where recorded."""
+    return re.fullmatch(rf"\.{re.escape(name)}\.{kind}-(?:(\d+)-)?[A-Za-z0-9_]+", entry)
+
+
+def _why_not_ours(path: str, complete: bool = True) -> str | None:
+    """None if `path` is absent, an empty directory, or a directory that looks written by a save:
+    only arrays.npz and meta.json, both regular files, meta.json valid and ours. Otherwise why not.
+    `complete=False` accepts a save's unfinished temporary directory (meta.json missing or partial)."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):  # absent; a parent that is a file fails later
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is a file, not a directory"
+    entries = os.listdir(path)
+    foreign = sorted(set(entries) - SAVE_FILES)
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        return f"holds {listed}, which a save does not write"
+    for entry in entries:
+        if not stat.S_ISREG(os.lstat(os.path.join(path, entry)).st_mode):
+            return f"its {entry} is not a regular file"
+    if not complete or not entries:
+        return None
+    meta_path = os.path.join(path, META_FILE)
+    if META_FILE not in entries:
+        return f"has no {META_FILE}"
+    try:
+        with open(meta_path, "rb") as f:
+            _parse_meta(f.read(), meta_path)
+    except CheckpointError as e:
+        return f"its {META_FILE} is not a Phoenix checkpoint's ({e})"
+    return None
+
+
+def _save_target(path: str) -> str:
+    """The directory a save to `path` writes: symlinks (the path or its parents) are followed, so
+    a save through a link replaces the checkpoint the link points to and leaves the link alone.
+    Refuses, before anything is written, a target that is not absent, empty or a checkpoint."""
+    target = os.path.realpath(path)
+    if os.path.islink(target):
+        raise CheckpointError(f"{path}: is a symlink that does not resolve (a loop?); refusing to save through it")
+    problem = _why_not_ours(target)
+    if problem:
+        shown = path if target == path else f"{path} (-> {target})"
+        raise CheckpointError(f"{shown}: {problem}; refusing to overwrite what is not a Phoenix checkpoint. "
+                              f"Save to a new or empty directory, or remove it yourself")
+    return target
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # another thread of this process may be saving
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _remove_orphans(parent: str, name: str) -> None:
+    """Deletes the `.name.tmp-*` / `.name.old-*` directories of this path that killed saves left,
+    once a new save is in place: only those that look like ours, and not the temporary
+    directories of a save still running (its pid is alive)."""
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return
+    for entry in entries:
+        full = os.path.join(parent, entry)
+        tmp, old = _orphan_match(entry, name, "tmp"), _orphan_match(entry, name, "old")
+        if tmp and tmp.group(1) is not None and _pid_alive(int(tmp.group(1))):
+            continue
+        try:
+            ours = (tmp or old) and _why_not_ours(full, complete=bool(old)) is None
+        except OSError:  # unreadable: not ours to judge, and the save itself succeeded
+            continue
+        if ours:
+            shutil.rmtree(full, ignore_errors=True)
+
+
+def _os_error(e: OSError, message: str) -> OSError:
+    """An OSError of e's kind (OSError(errno, ...) picks PermissionError, ...) with `message`."""
+    return OSError(message) if e.errno is None else OSError(e.errno, message)
+
+
 # --------------------------------------------------------------------------- save
 
 
@@ -255,6 +578,11 @@ def _write_meta(file_path: str, meta: dict) -> None:
         os.fsync(f.fileno())
 
 
+def _sha256_of_file(file_path: str) -> str:
+    with open(file_path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _describe_tree(tree, prefix: str, arrays: dict, where: str) -> dict:
     """Adds the tree's leaves to `arrays` (as storable numpy) and returns their meta entries."""
     entries = {}
@@ -275,17 +603,43 @@ def _describe_tree(tree, prefix: str, arrays: dict, where: str) -> dict:
     return entries
 
 
+def _move_aside(target: str, parent: str, name: str) -> str | None:
+    """Renames the directory at `target` to a fresh `.name.old-*` sibling; None if there is none.
+    Checks again after the rename (the check before could be stale) and undoes it if not ours."""
+    if not os.path.lexists(target):
+        return None
+    aside = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:16]}")
+    os.rename(target, aside)
+    problem = _why_not_ours(aside)
+    if problem:
+        os.rename(aside, target)
+        raise CheckpointError(f"{target}: changed while being saved over and now {problem}; left it as it is")
+    return aside
+
+
 def save_checkpoint(path, params, opt_state=None, step=0, config=None, extra=None) -> str:
     """Writes params (and optionally optimiser state, step, config and JSON `extra`) to the
-    directory `path`, atomically replacing any checkpoint there. Returns the path."""
-    path = os.path.abspath(os.fspath(path))
-    parent, name = os.path.dirname(path), os.path.basename(path)
-    os.makedirs(parent, exist_ok=True)
+    directory `path`, atomically replacing the Phoenix checkpoint there, if any. Returns the
+    absolute path.
+
+    Refuses (CheckpointError, nothing written or moved) a `path` holding anything else: a file, a
+    non-empty directory that is not a checkpoint (see the module docstring). A failed write
+    raises OSError naming the path and leaves the previous checkpoint as it was.
+    """
+    given = _checked_path(path, for_save=True)
+    try:
+        step = operator.index(step)
+    except TypeError:
+        raise TypeError(f"step: expected an integer, got {type(step).__name__} {_short(step)}") from None
+    target = _save_target(given)
+    parent, name = os.path.dirname(target), os.path.basename(target)
 
     arrays: dict[str, np.ndarray] = {}
     meta = {
+        "format": FORMAT_MARKER,
         "format_version": FORMAT_VERSION,
-        "step": int(step),
+        "save_id": uuid.uuid4().hex,
+        "step": step,
         "config": None if config is None else config_to_dict(config),
         "extra": extra,
         "params": _describe_tree(params, "", arrays, "parameter"),
@@ -294,66 +648,146 @@ def save_checkpoint(path, params, opt_state=None, step=0, config=None, extra=Non
     }
     json.dumps(meta)  # fail on a non-JSON `extra` before anything is written
 
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    # The pid in the name tells the next save whether this one is still running.
+    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:16]}")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        os.mkdir(tmp)
+    except OSError as e:
+        raise _os_error(e, f"cannot save checkpoint {given}: cannot create a directory in {parent}: {e}") from e
     aside = None
     try:
         arrays_path = os.path.join(tmp, ARRAYS_FILE)
         _write_arrays(arrays_path, arrays)
         meta["arrays_file_bytes"] = os.path.getsize(arrays_path)
+        meta["arrays_sha256"] = _sha256_of_file(arrays_path)
         _write_meta(os.path.join(tmp, META_FILE), meta)
         _fsync_path(tmp)
-        if os.path.exists(path):
-            aside = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.rmdir(aside)  # mkdtemp only reserved a unique name; rename needs it absent
-            os.rename(path, aside)
+        aside = _move_aside(target, parent, name)
         try:
-            os.rename(tmp, path)
+            os.rename(tmp, target)
         except BaseException:
             if aside is not None:
-                os.rename(aside, path)
+                os.rename(aside, target)
                 aside = None
             raise
         _fsync_path(parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _os_error(e, f"saving checkpoint {given} failed, the previous one (if any) is kept: {e}") from e
         raise
     if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-    # Copies set aside by earlier saves that crashed are superseded by the one just written.
-    while (stale := _find_aside_copy(path)) is not None:
-        shutil.rmtree(stale)
-    return path
+        if _why_not_ours(aside) is None:
+            shutil.rmtree(aside, ignore_errors=True)
+        else:  # someone wrote into it since it was checked: theirs now
+            warnings.warn(f"{aside}: the previous checkpoint of {given} was changed during the save; left in place",
+                          stacklevel=2)
+    # Directories of earlier saves that were killed are superseded by the one just written.
+    _remove_orphans(parent, name)
+    return given
 
 
 # --------------------------------------------------------------------------- load
 
 
 def _find_aside_copy(path: str) -> str | None:
-    """The newest `.name.old-*` sibling left by a save that crashed between its two renames."""
-    parent, name = os.path.dirname(path), os.path.basename(path)
-    if not os.path.isdir(parent):
-        return None
-    candidates = [
-        os.path.join(parent, entry)
-        for entry in os.listdir(parent)
-        if entry.startswith(f".{name}.old-") and os.path.isfile(os.path.join(parent, entry, META_FILE))
-    ]
-    return max(candidates, key=os.path.getmtime) if candidates else None
-
-
-def _read_meta(meta_path: str) -> dict:
+    """The newest complete `.name.old-*` sibling of the directory `path` resolves to, left by a
+    save killed between its two renames."""
+    real = os.path.realpath(path)
+    parent, name = os.path.dirname(real), os.path.basename(real)
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
+        entries = os.listdir(parent)
+    except OSError:
+        return None
+    candidates = []
+    for entry in entries:
+        full = os.path.join(parent, entry)
+        if _orphan_match(entry, name, "old") and os.path.isfile(os.path.join(full, META_FILE)):
+            try:
+                candidates.append((os.path.getmtime(full), full))
+            except FileNotFoundError:  # removed by a save meanwhile
+                pass
+    return max(candidates)[1] if candidates else None
+
+
+def _open_dir(path: str) -> tuple[int, str]:
+    """(fd, directory) of the checkpoint at `path`, or of the copy a killed save left aside.
+
+    The files of one checkpoint are read through this one fd, so a save that renames a new
+    directory in meanwhile cannot mix its files with this one's."""
+    for _ in range(LOAD_ATTEMPTS):
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECTORY), path
+        except FileNotFoundError:
+            pass
+        except NotADirectoryError:
+            raise CheckpointError(f"{path}: is a file, not a checkpoint directory") from None
+        aside = _find_aside_copy(path)
+        if aside is None:
+            if os.path.exists(path):
+                continue  # a save moved its new directory in meanwhile
+            raise FileNotFoundError(f"{path}: no checkpoint directory")
+        # A save between its two renames (microseconds) also leaves only the aside copy.
+        time.sleep(RENAME_GAP_WAIT_S)
+        if os.path.exists(path):
+            continue
+        try:
+            fd = os.open(aside, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue
+        warnings.warn(f"{path} is missing; loading {aside}, left by a save that was interrupted", stacklevel=4)
+        return fd, aside
+    raise CheckpointError(f"{path}: replaced {LOAD_ATTEMPTS} times while being opened; is a save running in a loop?")
+
+
+def _still_at(fd: int, dir_path: str) -> bool:
+    """Whether the directory open as `fd` is still the one at `dir_path` (no save replaced it)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(dir_path))
+    except FileNotFoundError:
+        return False
+
+
+def _read_consistently(path: str, read):
+    """read(fd, directory) on one whole checkpoint at `path`. A CheckpointError or missing file
+    from a directory that a concurrent save has since replaced is retried on the new one."""
+    last = None
+    for _ in range(LOAD_ATTEMPTS):
+        fd, dir_path = _open_dir(path)
+        try:
+            return read(fd, dir_path)
+        except (CheckpointError, FileNotFoundError) as e:
+            if _still_at(fd, dir_path):
+                raise  # nothing changed under the read: the error is the checkpoint's
+            last = e
+        finally:
+            os.close(fd)
+    raise CheckpointError(f"{path}: replaced by concurrent saves {LOAD_ATTEMPTS} times while being read; "
+                          f"last error: {last}")
+
+
+def _open_at(fd: int, name: str):
+    """The file `name` of the directory open as `fd`, opened for binary reading."""
+    return open(name, "rb", opener=lambda n, flags: os.open(n, flags, dir_fd=fd))
+
+
+def _parse_meta(data: bytes, meta_path: str) -> dict:
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{meta_path}: corrupted or truncated JSON ({e})") from None
+    return _check_meta(meta, meta_path)
+
+
+def _read_meta(meta_path: str, fd: int | None = None) -> dict:
+    """meta.json, schema-checked; read through the directory fd `fd` where given."""
+    try:
+        with (open(meta_path, "rb") if fd is None else _open_at(fd, META_FILE)) as f:
+            data = f.read()
     except FileNotFoundError:
         raise CheckpointError(f"{meta_path}: missing; not a checkpoint directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{meta_path}: corrupted or truncated JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{meta_path}: unsupported checkpoint format version {version!r}, "
-                              f"this code reads version {FORMAT_VERSION}")
-    return meta
+    return _parse_meta(data, meta_path)
 
 
 def _check_against_template(arrays_path: str, what: str, entries: dict, template) -> None:
@@ -409,6 +843,52 @@ def _unflatten_dicts(entries: dict, values: dict):
     return root
 
 
+def _read_checkpoint(fd: int, path: str, params_template, opt_state_template, ignore_unexpected):
+    """(meta, param values, optimiser-state values) of the checkpoint directory open as `fd`."""
+    meta = _read_meta(os.path.join(path, META_FILE), fd)
+    arrays_path = os.path.join(path, ARRAYS_FILE)
+    try:
+        f = _open_at(fd, ARRAYS_FILE)
+    except FileNotFoundError:
+        raise CheckpointError(f"{arrays_path}: missing") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size != meta["arrays_file_bytes"]:
+            raise CheckpointError(f"{arrays_path}: {size} bytes but {META_FILE} records "
+                                  f"{meta['arrays_file_bytes']}; the file is truncated or corrupted")
+        param_entries = meta["params"]
+        if params_template is not None and ignore_unexpected:
+            wanted = {p for p, _, _ in _flatten(params_template)[0]}
+            param_entries = {p: e for p, e in param_entries.items() if p in wanted}
+        if params_template is not None:
+            _check_against_template(arrays_path, "parameter", param_entries, params_template)
+        opt_entries = meta.get("opt_state")
+        if opt_state_template is not None:
+            if opt_entries is None:
+                raise ValueError(f"{arrays_path}: the checkpoint holds no optimiser state")
+            _check_against_template(arrays_path, "optimiser state", opt_entries, opt_state_template)
+
+        # Version 1 recorded no hash: its size check above is all that ties the two files.
+        digest = hashlib.file_digest(f, "sha256").hexdigest() if "arrays_sha256" in meta else None
+        f.seek(0)
+        try:
+            npz = np.load(f, allow_pickle=False)
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+            raise CheckpointError(f"{arrays_path}: not a readable npz archive (corrupted?): {e}") from None
+        # The arrays are read before the hash is compared so that a damaged member is named.
+        with npz:
+            param_values = {p: _read_array(npz, arrays_path, p, e) for p, e in param_entries.items()}
+            opt_values = None
+            if opt_entries is not None:
+                opt_values = {p: _read_array(npz, arrays_path, OPT_STATE_PREFIX + p, e)
+                              for p, e in opt_entries.items()}
+    if digest is not None and digest != meta["arrays_sha256"]:
+        raise CheckpointError(f"{arrays_path}: sha256 {digest[:16]}... differs from the "
+                              f"{meta['arrays_sha256'][:16]}... that {META_FILE} records for save "
+                              f"{meta['save_id']}; the file was copied from another save or corrupted")
+    return meta, param_entries, param_values, opt_values
+
+
 def load_checkpoint(path, params_template=None, opt_state_template=None, ignore_unexpected=False,
                     config_types=()) -> Checkpoint:
     """Reads a checkpoint written by `save_checkpoint`.
@@ -421,46 +901,12 @@ def load_checkpoint(path, params_template=None, opt_state_template=None, ignore_
     parameters absent from the template are skipped instead of raising (e.g. loading a trainer
     checkpoint, which also holds the hash tables, into a model-only template). `config_types`:
     dataclasses besides the model configs that the saved config may contain (config_from_dict).
-    Truncated or corrupted files raise CheckpointError (a ValueError) naming the file.
+    Truncated, corrupted or mismatched files and malformed meta.json raise CheckpointError (a
+    ValueError) naming the file; a load concurrent with saves returns one whole save.
     """
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(path):
-        aside = _find_aside_copy(path)
-        if aside is None:
-            raise FileNotFoundError(f"{path}: no checkpoint directory")
-        warnings.warn(f"{path} is missing; loading {aside}, left by a save that was interrupted", stacklevel=2)
-        path = aside
-    meta = _read_meta(os.path.join(path, META_FILE))
-    arrays_path = os.path.join(path, ARRAYS_FILE)
-    if not os.path.isfile(arrays_path):
-        raise CheckpointError(f"{arrays_path}: missing")
-    size = os.path.getsize(arrays_path)
-    if size != meta.get("arrays_file_bytes"):
-        raise CheckpointError(f"{arrays_path}: {size} bytes but {META_FILE} records "
-                              f"{meta.get('arrays_file_bytes')}; the file is truncated or corrupted")
-
-    param_entries = meta["params"]
-    if params_template is not None and ignore_unexpected:
-        wanted = {p for p, _, _ in _flatten(params_template)[0]}
-        param_entries = {p: e for p, e in param_entries.items() if p in wanted}
-    if params_template is not None:
-        _check_against_template(arrays_path, "parameter", param_entries, params_template)
-    opt_entries = meta.get("opt_state")
-    if opt_state_template is not None:
-        if opt_entries is None:
-            raise ValueError(f"{arrays_path}: the checkpoint holds no optimiser state")
-        _check_against_template(arrays_path, "optimiser state", opt_entries, opt_state_template)
-
-    try:
-        npz = np.load(arrays_path, allow_pickle=False)
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise CheckpointError(f"{arrays_path}: not a readable npz archive (corrupted?): {e}") from None
-    with npz:
-        param_values = {p: _read_array(npz, arrays_path, p, e) for p, e in param_entries.items()}
-        opt_values = None
-        if opt_entries is not None:
-            opt_values = {p: _read_array(npz, arrays_path, OPT_STATE_PREFIX + p, e)
-                          for p, e in opt_entries.items()}
+    path = _checked_path(path)
+    meta, param_entries, param_values, opt_values = _read_consistently(
+        path, lambda fd, d: _read_checkpoint(fd, d, params_template, opt_state_template, ignore_unexpected))
 
     if params_template is not None:
         flat, treedef = _flatten(params_template)
@@ -476,26 +922,52 @@ def load_checkpoint(path, params_template=None, opt_state_template=None, ignore_
     if config is not None:
         try:
             config = config_from_dict(config, extra_types=config_types)
-        except (ValueError, TypeError) as e:
+        except ValueError as e:  # e.g. a config type this caller did not pass in config_types
             warnings.warn(f"{path}: config left as JSON data: {e}", stacklevel=2)
-    return Checkpoint(params=params, opt_state=opt_state, step=int(meta["step"]), config=config,
+    return Checkpoint(params=params, opt_state=opt_state, step=meta["step"], config=config,
                       extra=meta.get("extra"), meta=meta)
 
 
 def read_meta(path) -> dict:
-    """The meta.json of a checkpoint directory (or of the copy an interrupted save left aside)."""
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(path):
-        aside = _find_aside_copy(path)
-        if aside is None:
-            raise FileNotFoundError(f"{path}: no checkpoint directory")
-        path = aside
-    return _read_meta(os.path.join(path, META_FILE))
+    """The schema-checked meta.json of a checkpoint directory (or of the copy an interrupted save
+    left aside)."""
+    return _read_consistently(_checked_path(path), lambda fd, d: _read_meta(os.path.join(d, META_FILE), fd))
 
 
 def load_config(path, config_types=()):
-    """The config saved in a checkpoint, as dataclasses (e.g. {"model": PhoenixModelConfig, ...})."""
+    """The config saved in a checkpoint, as dataclasses (e.g. {"model": PhoenixModelConfig, ...}).
+    A missing or undecodable config raises CheckpointError naming the file and the location."""
     meta = read_meta(path)
+    meta_path = os.path.join(_checked_path(path), META_FILE)
     if meta.get("config") is None:
-        raise CheckpointError(f"{os.path.join(os.fspath(path), META_FILE)}: no config saved in this checkpoint")
-    return config_from_dict(meta["config"], extra_types=config_types)
+        raise CheckpointError(f"{meta_path}: no config saved in this checkpoint")
+    try:
+        return config_from_dict(meta["config"], extra_types=config_types)
+    except ValueError as e:
+        raise CheckpointError(f"{meta_path}: {e}") from None
+
+
+class CheckpointInfo(NamedTuple):
+    """What `describe_checkpoint` returns."""
+
+    kind: str | None  # "ranker", "retrieval", or None when no model config was saved
+    model_config_type: str | None  # e.g. "PhoenixModelConfig"
+    step: int
+    format_version: int
+    save_id: str | None  # None for version-1 checkpoints
+
+
+# Model config type -> the kind of model a checkpoint holds.
+MODEL_KINDS = {"PhoenixModelConfig": "ranker", "PhoenixRetrievalModelConfig": "retrieval"}
+
+
+def describe_checkpoint(path) -> CheckpointInfo:
+    """The kind of model a checkpoint holds (from the type of its saved config, or of the config's
+    "model" entry as a Trainer saves it), with its step and save id; reads meta.json only."""
+    meta = read_meta(path)
+    config = meta.get("config")
+    if isinstance(config, dict) and TYPE_TAG not in config:
+        config = config.get("model")
+    type_name = config.get(TYPE_TAG) if isinstance(config, dict) else None
+    return CheckpointInfo(kind=MODEL_KINDS.get(type_name), model_config_type=type_name, step=meta["step"],
+                          format_version=meta["format_version"], save_id=meta.get("save_id"))

@@ -1,7 +1,15 @@
-"""Tests of phoenix_checkpoint.py: exact round trips, atomic saves, template checks, corrupt files, no pickle."""
+"""Tests of phoenix_checkpoint.py: exact round trips, atomic saves, template checks, corrupt files, no pickle,
+saves that refuse to destroy what is not a checkpoint, loads concurrent with saves, meta.json schema."""
 
+import errno
+import hashlib
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
 import zipfile
 
 import jax
@@ -277,3 +285,575 @@ def test_unknown_format_version(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(checkpoint.CheckpointError, match="unsupported checkpoint format version 99"):
         checkpoint.load_checkpoint(tmp_path / "ckpt")
+
+
+# --------------------------------------------------------------------------- saves never destroy what is not ours
+
+
+def snapshot(root) -> dict:
+    """{relative path: bytes, or "<dir>" / "-> target" for directories and symlinks} under root."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root)
+            if os.path.islink(full):
+                out[rel] = "-> " + os.readlink(full)
+            elif os.path.isdir(full):
+                out[rel] = "<dir>"
+            else:
+                with open(full, "rb") as f:
+                    out[rel] = f.read()
+    return out
+
+
+def small_params(value=0.0) -> dict:
+    return {"m": {"w": np.full((4, 3), value, np.float32)}}
+
+
+def make_run_dir(root):
+    """A parent directory holding a user's run: a checkpoint beside their own files."""
+    checkpoint.save_checkpoint(root / "run1", small_params(1.0), step=1)
+    (root / "notes.txt").write_text("my notes")
+    (root / "data").mkdir()
+    (root / "data" / "table.csv").write_text("a,b\n1,2\n")
+
+
+def make_user_meta_dir(root):
+    """A user's directory that happens to hold a meta.json (and an arrays.npz) of its own."""
+    (root / "meta.json").write_text(json.dumps({"format_version": 1, "author": "me"}))
+    np.savez(root / "arrays.npz", x=np.arange(3))
+
+
+def make_checkpoint_with_user_file(root):
+    checkpoint.save_checkpoint(root, small_params(), step=1)
+    (root / "README").write_text("what this run was")
+
+
+def make_checkpoint_with_subdir(root):
+    checkpoint.save_checkpoint(root, small_params(), step=1)
+    (root / "eval").mkdir()
+
+
+def make_only_meta_json(root):
+    (root / "meta.json").write_text('{"my": "settings"}')
+
+
+def make_meta_json_directory(root):
+    (root / "meta.json").mkdir()
+
+
+@pytest.mark.parametrize("make, expected", [
+    (make_run_dir, r"holds data, notes.txt, run1, which a save does not write"),
+    (make_user_meta_dir, r"its meta.json is not a Phoenix checkpoint's .*'step': expected an integer, got no such key"),
+    (make_checkpoint_with_user_file, r"holds README, which a save does not write"),
+    (make_checkpoint_with_subdir, r"holds eval, which a save does not write"),
+    (make_only_meta_json, r"its meta.json is not a Phoenix checkpoint's .*unsupported checkpoint format version None"),
+    (make_meta_json_directory, r"its meta.json is not a regular file"),
+], ids=["parent_of_runs", "user_dir_with_meta_json", "checkpoint_plus_user_file", "checkpoint_plus_subdir",
+        "only_a_foreign_meta_json", "meta_json_is_a_directory"])
+def test_save_refuses_a_directory_that_is_not_a_checkpoint(tmp_path, make, expected):
+    target = tmp_path / "target"
+    target.mkdir()
+    make(target)
+    before = snapshot(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match=f"{target}: {expected}.*refusing to overwrite"):
+        checkpoint.save_checkpoint(target, small_params(9.0), step=9)
+    assert snapshot(tmp_path) == before  # nothing written, moved or deleted
+
+
+def test_save_refuses_a_regular_file(tmp_path):
+    target = tmp_path / "ckpt"
+    target.write_text("not a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError, match=f"{target}: is a file, not a directory; refusing"):
+        checkpoint.save_checkpoint(target, small_params())
+    assert os.listdir(tmp_path) == ["ckpt"] and target.read_text() == "not a checkpoint"
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "/", "sub/.."])
+def test_save_refuses_paths_naming_no_entry_of_their_own(tmp_path, monkeypatch, name):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "precious.txt").write_text("keep me")
+    monkeypatch.chdir(tmp_path / "sub" if name == ".." else tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=f"path: expected a checkpoint directory's name .*got {re.escape(repr(name))}"):
+        checkpoint.save_checkpoint(name, small_params())
+    assert snapshot(tmp_path) == before
+
+
+def test_save_refuses_the_working_directory_by_its_absolute_path(tmp_path, monkeypatch):
+    (tmp_path / "precious.txt").write_text("keep me")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="holds precious.txt"):
+        checkpoint.save_checkpoint(os.getcwd(), small_params())
+    assert sorted(os.listdir(tmp_path)) == ["precious.txt"]
+
+
+def test_path_must_be_a_string(tmp_path):
+    with pytest.raises(TypeError, match="path: expected a str or os.PathLike of str, got int 3"):
+        checkpoint.save_checkpoint(3, small_params())
+    with pytest.raises(TypeError, match="path: expected a str or os.PathLike of str, got bytes"):
+        checkpoint.load_checkpoint(os.fsencode(tmp_path / "ckpt"))
+
+
+def test_load_refuses_the_empty_path():
+    with pytest.raises(ValueError, match="path: expected a checkpoint directory's name"):
+        checkpoint.load_checkpoint("")
+    with pytest.raises(ValueError, match="path: expected a checkpoint directory's name"):
+        checkpoint.read_meta("")
+
+
+def test_save_into_an_empty_directory(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    checkpoint.save_checkpoint(tmp_path / "ckpt", small_params(3.0), step=3)
+    assert checkpoint.load_checkpoint(tmp_path / "ckpt").step == 3
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_save_through_a_symlink_replaces_the_link_target(tmp_path):
+    (tmp_path / "runs").mkdir()
+    real = tmp_path / "runs" / "ckpt"
+    checkpoint.save_checkpoint(real, small_params(1.0), step=1)
+    link = tmp_path / "latest"
+    link.symlink_to(real)
+    assert checkpoint.save_checkpoint(link, small_params(2.0), step=2) == str(link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert checkpoint.load_checkpoint(real).step == 2 and checkpoint.load_checkpoint(link).step == 2
+    assert sorted(os.listdir(tmp_path)) == ["latest", "runs"]
+    assert sorted(os.listdir(tmp_path / "runs")) == ["ckpt"]
+
+
+def test_save_through_a_dangling_symlink_creates_its_target(tmp_path):
+    link = tmp_path / "latest"
+    link.symlink_to(tmp_path / "runs" / "ckpt")
+    checkpoint.save_checkpoint(link, small_params(1.0), step=1)
+    assert link.is_symlink() and (tmp_path / "runs" / "ckpt" / "meta.json").is_file()
+    assert checkpoint.load_checkpoint(link).step == 1
+
+
+def test_save_under_a_symlinked_parent(tmp_path):
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "runs").symlink_to(tmp_path / "disk")
+    checkpoint.save_checkpoint(tmp_path / "runs" / "ckpt", small_params(1.0), step=1)
+    checkpoint.save_checkpoint(tmp_path / "runs" / "ckpt", small_params(2.0), step=2)
+    assert (tmp_path / "runs").is_symlink() and os.listdir(tmp_path / "disk") == ["ckpt"]
+    assert checkpoint.load_checkpoint(tmp_path / "runs" / "ckpt").step == 2
+
+
+def test_save_through_a_symlink_to_a_user_directory_is_refused(tmp_path):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "thesis.tex").write_text("chapter 1")
+    (tmp_path / "ckpt").symlink_to(tmp_path / "work")
+    before = snapshot(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match=rf"ckpt \(-> {tmp_path / 'work'}\): holds thesis.tex"):
+        checkpoint.save_checkpoint(tmp_path / "ckpt", small_params())
+    assert snapshot(tmp_path) == before
+
+
+def test_save_through_a_symlink_loop_is_refused(tmp_path):
+    (tmp_path / "ckpt").symlink_to(tmp_path / "ckpt")
+    with pytest.raises(checkpoint.CheckpointError, match="symlink that does not resolve"):
+        checkpoint.save_checkpoint(tmp_path / "ckpt", small_params())
+    assert os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_directory_changed_between_check_and_rename_is_put_back(tmp_path, monkeypatch):
+    # A user writes into the old checkpoint just as the save moves it aside: it is not deleted.
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, small_params(1.0), step=1)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".ckpt.old-" in os.fspath(dst):
+            (path / "late_file.txt").write_text("written during the save")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(checkpoint.CheckpointError, match="changed while being saved over"):
+        checkpoint.save_checkpoint(path, small_params(2.0), step=2)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    assert sorted(os.listdir(path)) == ["arrays.npz", "late_file.txt", "meta.json"]
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_next_save_removes_only_our_orphans(tmp_path):
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, small_params(1.0), step=1)
+    old_ckpt = snapshot(path)
+
+    def leave(name, files):
+        (tmp_path / name).mkdir()
+        for file, data in files.items():
+            (tmp_path / name / file).write_bytes(data)
+
+    leave(".ckpt.tmp-abcd_123", {"arrays.npz": b"partial"})  # killed save (pre-pid naming)
+    leave(f".ckpt.tmp-{dead_pid()}-0123456789abcdef", {"arrays.npz": b"x", "meta.json": b"{"})  # process gone
+    leave(".ckpt.old-a1b2c3d4", old_ckpt)  # complete aside copy, superseded by the next save
+    kept = {
+        f".ckpt.tmp-{os.getpid()}-fedcba9876543210": {"arrays.npz": b"x"},  # a save still running
+        ".ckpt.tmp-mine": {"results.csv": b"1,2"},  # our name pattern, not our files
+        ".ckpt.old-mine": {"meta.json": b'{"mine": true}'},  # has a meta.json, not ours
+        ".other.tmp-abcd1234": {"arrays.npz": b"x"},  # another checkpoint's
+        ".ckpt.tmp-x.tmp-abc": {"arrays.npz": b"x"},  # not exactly our pattern
+    }
+    for name, files in kept.items():
+        leave(name, files)
+    checkpoint.save_checkpoint(path, small_params(2.0), step=2)
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", *kept])
+    assert checkpoint.load_checkpoint(path).step == 2
+
+
+def test_aside_copy_survives_a_failed_save(tmp_path, monkeypatch):
+    # Killed between its renames, a save left only the aside copy; a failing save must keep it.
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, small_params(5.0), step=5)
+    os.rename(path, tmp_path / ".ckpt.old-abc123")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(checkpoint, "_write_meta", crash)
+    with pytest.raises(OSError, match="simulated"):
+        checkpoint.save_checkpoint(path, small_params(6.0), step=6)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == [".ckpt.old-abc123"]
+    with pytest.warns(UserWarning, match="interrupted"):
+        assert checkpoint.load_checkpoint(path).step == 5
+
+
+@pytest.mark.parametrize("failing", ["_write_arrays", "_write_meta", "_fsync_path"])
+def test_failed_write_keeps_the_previous_checkpoint_and_names_the_path(tmp_path, monkeypatch, failing):
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, small_params(1.0), step=1)
+
+    def crash(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+    monkeypatch.setattr(checkpoint, failing, crash)
+    with pytest.raises(OSError, match=f"saving checkpoint {path} failed.*No space left") as info:
+        checkpoint.save_checkpoint(path, small_params(2.0), step=2)
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    ckpt = checkpoint.load_checkpoint(path)
+    assert ckpt.step == 1 and np.all(ckpt.params["m"]["w"] == 1.0)
+
+
+def test_read_only_parent_names_the_directory(tmp_path, monkeypatch):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anyway: simulate the kernel's refusal
+        real_mkdir = os.mkdir
+
+        def mkdir(p, *args, **kwargs):
+            if os.path.dirname(os.fspath(p)) == str(parent):
+                raise PermissionError(errno.EACCES, "Permission denied", os.fspath(p))
+            return real_mkdir(p, *args, **kwargs)
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+    try:
+        with pytest.raises(PermissionError, match=f"cannot save checkpoint {parent / 'ckpt'}: "
+                                                  f"cannot create a directory in {parent}"):
+            checkpoint.save_checkpoint(parent / "ckpt", small_params())
+    finally:
+        parent.chmod(0o755)
+    assert os.listdir(parent) == []
+
+
+def test_parent_that_is_a_file_names_the_path(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    path = tmp_path / "notes.txt" / "ckpt"
+    with pytest.raises(FileExistsError, match=f"cannot save checkpoint {path}: cannot create a directory"):
+        checkpoint.save_checkpoint(path, small_params())
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_step_must_be_an_integer(tmp_path):
+    with pytest.raises(TypeError, match="step: expected an integer, got float 1.5"):
+        checkpoint.save_checkpoint(tmp_path / "ckpt", small_params(), step=1.5)
+    checkpoint.save_checkpoint(tmp_path / "ckpt", small_params(), step=np.int64(7))
+    assert checkpoint.load_checkpoint(tmp_path / "ckpt").step == 7
+
+
+# --------------------------------------------------------------------------- loads see one whole save
+
+
+def params_of_step(step: int) -> dict:
+    """Every array equal to the step, so a load that mixes two saves shows it."""
+    return {"m": {"w": np.full((64, 32), step, np.float32), "b": np.full(5, step, np.int32)}}
+
+
+def assert_consistent(ckpt):
+    for name, value in ckpt.params["m"].items():
+        assert np.all(value == ckpt.step), f"step {ckpt.step} loaded with {name} of step {value.flat[0]}"
+
+
+def test_load_racing_a_save_sees_one_whole_checkpoint(tmp_path, monkeypatch):
+    # A save lands between the load's read of meta.json and of arrays.npz (deterministically).
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, params_of_step(1), step=1)
+    real_read_meta = checkpoint._read_meta
+    saved = []
+
+    def read_meta_then_save(*args, **kwargs):
+        meta = real_read_meta(*args, **kwargs)
+        if not saved:
+            saved.append(True)
+            checkpoint.save_checkpoint(path, params_of_step(2), step=2)
+        return meta
+
+    monkeypatch.setattr(checkpoint, "_read_meta", read_meta_then_save)
+    ckpt = checkpoint.load_checkpoint(path)
+    assert saved
+    assert_consistent(ckpt)
+    assert ckpt.step == 2  # the first directory was gone before its arrays were read
+
+
+@pytest.mark.filterwarnings("ignore:.*interrupted")
+def test_concurrent_saves_and_loads_never_mix(tmp_path):
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, params_of_step(0), step=0)
+    done = threading.Event()
+    loaded, clear_errors, failures = [], [], []
+
+    def saver():
+        try:
+            for step in range(1, 31):
+                checkpoint.save_checkpoint(path, params_of_step(step), step=step)
+        except BaseException as e:
+            failures.append(e)
+        finally:
+            done.set()
+
+    def loader():
+        while not done.is_set():
+            try:
+                ckpt = checkpoint.load_checkpoint(path)
+            except checkpoint.CheckpointError as e:
+                clear_errors.append(e)
+                continue
+            except BaseException as e:
+                failures.append(e)
+                return
+            loaded.append((ckpt.step, {k: np.unique(v).tolist() for k, v in ckpt.params["m"].items()}))
+
+    threads = [threading.Thread(target=saver)] + [threading.Thread(target=loader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not failures, failures
+    assert loaded
+    mixed = [(step, values) for step, values in loaded if any(v != [step] for v in values.values())]
+    assert not mixed, f"{len(mixed)} of {len(loaded)} loads mixed two saves, e.g. {mixed[:3]}"
+    assert all("replaced" in str(e) for e in clear_errors), clear_errors[:3]  # retries ran out: said so
+    assert checkpoint.load_checkpoint(path).step == 30
+
+
+def test_arrays_copied_from_another_save_are_detected(tmp_path):
+    checkpoint.save_checkpoint(tmp_path / "a", params_of_step(1), step=1)
+    checkpoint.save_checkpoint(tmp_path / "b", params_of_step(2), step=2)
+    shutil.copyfile(tmp_path / "b" / "arrays.npz", tmp_path / "a" / "arrays.npz")  # same shapes, same size
+    save_id = checkpoint.read_meta(tmp_path / "a")["save_id"]
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=f"{tmp_path / 'a' / 'arrays.npz'}: sha256 .* differs .* save {save_id}; "
+                             "the file was copied from another save or corrupted"):
+        checkpoint.load_checkpoint(tmp_path / "a")
+
+
+def as_version_1(path):
+    """Rewrites a checkpoint's meta.json as format version 1 wrote it (no marker, id or hash)."""
+    meta_path = path / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for key in ("format", "save_id", "arrays_sha256"):
+        del meta[key]
+    meta["format_version"] = 1
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_version_1_checkpoints_load_and_can_be_overwritten(tmp_path):
+    path = tmp_path / "ckpt"
+    params = release_params()
+    checkpoint.save_checkpoint(path, params, step=3, config=tiny_ranker_config())
+    as_version_1(path)
+    ckpt = checkpoint.load_checkpoint(path, params_template=params)
+    assert ckpt.step == 3 and ckpt.meta["format_version"] == 1 and ckpt.config == tiny_ranker_config()
+    assert_bit_identical(ckpt.params, params)
+    assert checkpoint.describe_checkpoint(path).save_id is None
+    checkpoint.save_checkpoint(path, params, step=4)  # a version-1 directory is ours to replace
+    assert checkpoint.read_meta(path)["format_version"] == checkpoint.FORMAT_VERSION
+    assert checkpoint.load_checkpoint(path).step == 4
+
+
+def test_meta_records_marker_save_id_and_hash(tmp_path):
+    checkpoint.save_checkpoint(tmp_path / "a", small_params(), step=1)
+    checkpoint.save_checkpoint(tmp_path / "b", small_params(), step=1)
+    a, b = checkpoint.read_meta(tmp_path / "a"), checkpoint.read_meta(tmp_path / "b")
+    assert a["format"] == "phoenix-checkpoint" and a["format_version"] == 2
+    assert a["save_id"] != b["save_id"]
+    assert a["arrays_sha256"] == hashlib.sha256((tmp_path / "a" / "arrays.npz").read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- meta.json schema
+
+
+def set_key(key, value):
+    def change(meta):
+        meta[key] = value
+        return meta
+    return change
+
+
+def del_key(key):
+    def change(meta):
+        del meta[key]
+        return meta
+    return change
+
+
+def set_entry(field, value, delete=False):
+    def change(meta):
+        entry = meta["params"]["m/w"]
+        if delete:
+            del entry[field]
+        else:
+            entry[field] = value
+        return meta
+    return change
+
+
+def add_param(path, entry):
+    def change(meta):
+        meta["params"][path] = entry
+        return meta
+    return change
+
+
+W_ENTRY = {"keys": ["m", "w"], "shape": [4, 3], "dtype": "float32", "stored_as": "float32"}
+
+META_CORRUPTIONS = [
+    ("list", lambda m: [m], r"expected a JSON object, got a JSON list"),
+    ("null", lambda m: None, r"expected a JSON object, got a JSON null"),
+    ("version_missing", del_key("format_version"), r"unsupported checkpoint format version None"),
+    ("version_string", set_key("format_version", "2"), r"unsupported checkpoint format version '2'"),
+    ("version_bool", set_key("format_version", True), r"unsupported checkpoint format version True"),
+    ("marker_missing", del_key("format"), r"'format': expected 'phoenix-checkpoint', got no such key"),
+    ("marker_wrong", set_key("format", "other"), r"'format': expected 'phoenix-checkpoint', got str 'other'"),
+    ("step_string", set_key("step", "5"), r"'step': expected an integer, got str '5'"),
+    ("step_float", set_key("step", 1.5), r"'step': expected an integer, got float 1.5"),
+    ("step_missing", del_key("step"), r"'step': expected an integer, got no such key"),
+    ("bytes_missing", del_key("arrays_file_bytes"), r"'arrays_file_bytes': expected a byte count, got no such key"),
+    ("bytes_negative", set_key("arrays_file_bytes", -1), r"'arrays_file_bytes': expected a non-negative integer"),
+    ("save_id_int", set_key("save_id", 7), r"'save_id': expected a string, got int 7"),
+    ("sha_short", set_key("arrays_sha256", "abc"), r"'arrays_sha256': expected 64 lowercase hex digits"),
+    ("params_missing", del_key("params"), r"'params': expected an object of arrays, got no such key"),
+    ("params_list", set_key("params", []), r"'params': expected an object of arrays, got list \[\]"),
+    ("opt_state_string", set_key("opt_state", "adam"), r"'opt_state': expected an object of arrays or null"),
+    ("entry_not_object", set_key("params", {"m/w": [4, 3]}),
+     r"params\['m/w'\]: expected an object with keys, shape, dtype, stored_as, got list"),
+    ("no_shape", set_entry("shape", None, delete=True), r"params\['m/w'\]: expected a 'shape' field"),
+    ("no_dtype", set_entry("dtype", None, delete=True), r"params\['m/w'\]: expected a 'dtype' field"),
+    ("no_keys", set_entry("keys", None, delete=True), r"params\['m/w'\]: expected a 'keys' field"),
+    ("no_stored_as", set_entry("stored_as", None, delete=True), r"params\['m/w'\]: expected a 'stored_as' field"),
+    ("shape_string", set_entry("shape", "4x3"), r"params\['m/w'\].shape: expected a list of non-negative integers"),
+    ("shape_floats", set_entry("shape", [4.0, 3]), r"params\['m/w'\].shape: expected a list of non-negative"),
+    ("shape_negative", set_entry("shape", [-4, 3]), r"params\['m/w'\].shape: expected a list of non-negative"),
+    ("keys_empty", set_entry("keys", []), r"params\['m/w'\].keys: expected a non-empty list"),
+    ("keys_other_path", set_entry("keys", ["m", "v"]), r"params\['m/w'\].keys: expected components joining to 'm/w'"),
+    ("dtype_unknown", set_entry("dtype", "float33"), r"params\['m/w'\].dtype: expected a numpy or ml_dtypes dtype"),
+    ("dtype_not_string", set_entry("dtype", 5), r"params\['m/w'\].dtype: expected a dtype name, got 5"),
+    ("dtype_object", set_entry("dtype", "object"), r"params\['m/w'\].dtype: expected a dtype a checkpoint can"),
+    ("stored_as_wrong", set_entry("stored_as", "float64"),
+     r"params\['m/w'\].stored_as: expected 'float32' \(how float32 is stored\), got 'float64'"),
+    ("array_inside_array", add_param("m/w/x", {**W_ENTRY, "keys": ["m", "w", "x"]}),
+     r"'params': array 'm/w/x' lies inside array 'm/w'"),
+    ("config_dtype_tag", set_key("config", {"fprop_dtype": {"__dtype__": 5}}),
+     r"config.fprop_dtype: expected \{'__dtype__': dtype name\}"),
+    ("config_tuple_tag", set_key("config", {"__tuple__": 3}), r"config: expected \{'__tuple__': \[items\]\}"),
+    ("config_type_tag", set_key("config", {"model": {"__type__": ["x"]}}),
+     r"config.model.__type__: expected a class name, got \['x'\]"),
+]
+
+
+@pytest.mark.parametrize("corrupt, expected", [c[1:] for c in META_CORRUPTIONS], ids=[c[0] for c in META_CORRUPTIONS])
+@pytest.mark.parametrize("reader", ["load_checkpoint", "read_meta", "load_config"])
+def test_malformed_meta_names_file_and_key(tmp_path, corrupt, expected, reader):
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, small_params(), step=1, config=tiny_ranker_config())
+    meta_path = path / "meta.json"
+    meta_path.write_text(json.dumps(corrupt(json.loads(meta_path.read_text()))))
+    with pytest.raises(checkpoint.CheckpointError, match=f"{meta_path}: {expected}"):
+        getattr(checkpoint, reader)(path)
+
+
+def with_config_field(field, value):
+    def change(config):
+        config[field] = value
+        return config
+    return change
+
+
+CONFIG_CORRUPTIONS = [
+    ("unknown_type", lambda c: {**c, "__type__": "Mystery"}, r"config: unknown config type 'Mystery'"),
+    ("unknown_field", with_config_field("num_buckets", 3), r"config: config type PhoenixModelConfig has no field"),
+    ("int_field_string", with_config_field("emb_size", "8"),
+     r"config.emb_size \(PhoenixModelConfig\): expected int, got '8'"),
+    ("int_field_float", with_config_field("num_actions", 2.5), r"config.num_actions .*: expected int, got 2.5"),
+    ("bool_field_int", lambda c: {**c, "model": {**c["model"], "bidirectional_history": 1}},
+     r"config.model.bidirectional_history \(TransformerConfig\): expected bool, got 1"),
+    ("config_field_scalar", with_config_field("model", 5), r"config.model \(PhoenixModelConfig\): expected TransformerConfig"),
+    ("optional_config_list", with_config_field("hash_config", [1, 2]),
+     r"config.hash_config \(PhoenixModelConfig\): expected HashConfig, got \[1, 2\]"),
+    ("required_field_missing", lambda c: {**c, "model": {"__type__": "TransformerConfig", "emb_size": 8}},
+     r"config.model: cannot build TransformerConfig: .*missing"),
+    ("post_init_check", lambda c: {**c, "model": {**c["model"], "num_q_heads": 3, "num_kv_heads": 2}},
+     r"config.model: cannot build TransformerConfig: .*num_q_heads \(3\) must be a multiple"),
+    ("unknown_dtype", with_config_field("fprop_dtype", {"__dtype__": "float33"}),
+     r"config.fprop_dtype: unknown dtype 'float33'"),
+]
+
+
+@pytest.mark.parametrize("corrupt, expected", [c[1:] for c in CONFIG_CORRUPTIONS], ids=[c[0] for c in CONFIG_CORRUPTIONS])
+def test_malformed_config_names_file_and_field(tmp_path, corrupt, expected):
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, small_params(), step=1, config=tiny_ranker_config())
+    meta_path = path / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"] = corrupt(meta["config"])
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.CheckpointError, match=f"{meta_path}: {expected}"):
+        checkpoint.load_config(path)
+    # The parameters still load; the undecodable config comes back as JSON with a warning.
+    with pytest.warns(UserWarning, match=f"config left as JSON data: {expected}"):
+        ckpt = checkpoint.load_checkpoint(path)
+    assert ckpt.config == meta["config"]
+
+
+def test_no_config_saved(tmp_path):
+    checkpoint.save_checkpoint(tmp_path / "ckpt", small_params())
+    with pytest.raises(checkpoint.CheckpointError, match="meta.json: no config saved"):
+        checkpoint.load_config(tmp_path / "ckpt")
+
+
+# --------------------------------------------------------------------------- describe_checkpoint
+
+
+@pytest.mark.parametrize("config, kind, type_name", [
+    (tiny_ranker_config(), "ranker", "PhoenixModelConfig"),
+    (tiny_retrieval_config(), "retrieval", "PhoenixRetrievalModelConfig"),
+    ({"model": tiny_retrieval_config(), "hash_config": HashConfig()}, "retrieval", "PhoenixRetrievalModelConfig"),
+    (HashConfig(), None, "HashConfig"),
+    (None, None, None),
+], ids=["ranker", "retrieval", "trainer_dict", "other_config", "no_config"])
+def test_describe_checkpoint(tmp_path, config, kind, type_name):
+    checkpoint.save_checkpoint(tmp_path / "ckpt", small_params(), step=4, config=config)
+    info = checkpoint.describe_checkpoint(tmp_path / "ckpt")
+    assert (info.kind, info.model_config_type, info.step, info.format_version) == (kind, type_name, 4, 2)
+    assert info.save_id == checkpoint.read_meta(tmp_path / "ckpt")["save_id"]

@@ -14,7 +14,10 @@ Data
   fetched with pip (that wheel only, `--no-deps`), checked against WHEEL_SHA256 and cached in
   $PHOENIX_CACHE_DIR (default ~/.cache/phoenix). A directory of your own works too: RecBole's
   `*.inter` / `*.item`, GroupLens's ML-100K `u.data` / `u.item`, or ML-1M `ratings.dat` /
-  `movies.dat`; the item file is optional.
+  `movies.dat`; the item file is optional. Every line is checked (RatingsFileError naming file,
+  line and column): ids and timestamps are non-negative integers parsed exactly as int64 (never
+  through float64, which merges ids above 2**53), ratings finite and within RATING_RANGE (a
+  `load_ratings` argument), every line has its format's number of fields.
 
 Shape glossary
   R  ratings      U  users        N  catalog items (movies with at least one rating)
@@ -25,7 +28,10 @@ Leave-one-out (SASRec, BERT4Rec, HSTU)
   Each user's ratings are sorted by timestamp with a stable sort, so equal timestamps keep file
   order (ML-100K users often rate many movies within one second). The last rating is the test
   target, the one before it the validation target, all earlier ones train. Users with fewer than
-  MIN_EVAL_RATINGS ratings (none in ML-100K / ML-1M) only train, as in SASRec. The history of a
+  MIN_EVAL_RATINGS ratings (none in ML-100K / ML-1M) only train, as in SASRec; a log where no user
+  has that many is an error. A movie rated twice by one user (none in ML-100K / ML-1M) would put a
+  target in its own history: leave_one_out rejects it, or with duplicates="first" keeps only the
+  earliest rating of each (user, movie). The history of a
   target is the up-to-S items before it. Training examples: every position t >= 1 of a user's
   training part. Evaluation ranks all N catalog items except every earlier item of the user (not
   only the last S), never the target (phoenix_metrics.py has the tie rule: smaller item id first).
@@ -115,6 +121,8 @@ RATING_ACTIONS = {
 PAD_ID = -1  # hashing.PAD_ID: raw id of padded positions
 SURFACE = 0  # the one product surface of MovieLens (module docstring)
 MIN_EVAL_RATINGS = 3  # a user needs a training item, a validation and a test target
+RATING_RANGE = (1.0, 5.0)  # MovieLens stars, inclusive (ML-10M and later have half stars from 0.5)
+DUPLICATE_RULES = ("error", "first")  # leave_one_out: reject repeated (user, movie) or keep the first
 AUTHOR_SCHEMES = ("genres", "first_genre")
 SPLITS = ("train", "val", "test")
 BASELINES = ("popularity", "transition")
@@ -178,56 +186,174 @@ def ensure_wheel(cache=None) -> Path:
                        + "\n".join(errors or ["no pip found"]))
 
 
+class RatingsFileError(ValueError):
+    """A ratings or movies file that is not in its documented format; the message names file and line."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Ratings:
-    """Ratings in file order, and movie metadata sorted by item id."""
+    """Ratings in file order, and movie metadata sorted by item id (checked on construction)."""
 
-    user: np.ndarray  # [R] int64 raw user ids
-    item: np.ndarray  # [R] int64 raw movie ids
-    rating: np.ndarray  # [R] float32 stars
-    timestamp: np.ndarray  # [R] int64 Unix seconds
-    item_ids: np.ndarray  # [M] int64 movies with metadata, ascending
+    user: np.ndarray  # [R] int64 raw user ids, >= 0
+    item: np.ndarray  # [R] int64 raw movie ids, >= 0
+    rating: np.ndarray  # [R] float32 stars, finite
+    timestamp: np.ndarray  # [R] int64 Unix seconds, >= 0
+    item_ids: np.ndarray  # [M] int64 movies with metadata, ascending, unique
     titles: np.ndarray  # [M] object str, without the "(year)" suffix
     years: np.ndarray  # [M] int32 release year, YEAR_UNKNOWN if absent
     genres: np.ndarray  # [M, G] bool multi-hot over GENRES
     source: str
 
+    def __post_init__(self):
+        # The parsers already check every line; this catches hand-built Ratings (negative ids
+        # would silently become padding downstream, float ids would be truncated).
+        num = len(np.asarray(self.user))
+        for name in ("user", "item", "rating", "timestamp"):
+            x = np.asarray(getattr(self, name))
+            if x.shape != (num,):
+                raise ValueError(f"Ratings.{name}: expected shape [R={num}], got {x.shape}")
+            integer = np.issubdtype(x.dtype, np.integer)
+            if name != "rating" and not integer:
+                raise TypeError(f"Ratings.{name}: expected an integer dtype, got {x.dtype}")
+            if name == "rating" and not (integer or np.issubdtype(x.dtype, np.floating)):
+                raise TypeError(f"Ratings.rating: expected a float dtype, got {x.dtype}")
+            if name == "rating" and not np.all(np.isfinite(x)):
+                raise ValueError(f"Ratings.rating: expected finite stars, got {x[~np.isfinite(x)][0]} "
+                                 f"at rating {np.flatnonzero(~np.isfinite(x))[0]}")
+            if name != "rating" and num and x.min() < 0:
+                why = "" if name == "timestamp" else " (negative ids are padding)"
+                raise ValueError(f"Ratings.{name}: expected values >= 0{why}, got {x.min()} at rating "
+                                 f"{np.argmin(x)}")
+        item_ids = np.asarray(self.item_ids)
+        if len(item_ids) > 1 and not np.all(np.diff(item_ids) > 0):
+            raise ValueError("Ratings.item_ids: expected ascending unique movie ids")
+        for name in ("titles", "years", "genres"):
+            if len(getattr(self, name)) != len(item_ids):
+                raise ValueError(f"Ratings.{name}: expected {len(item_ids)} rows (one per item_ids), "
+                                 f"got {len(getattr(self, name))}")
 
-def _table(text: str, sep: str, columns, skip_header: bool) -> list[np.ndarray]:
-    """Numeric columns of a delimited text as float64 arrays [R] each."""
-    if sep != "\t":
-        text = text.replace(sep, "\t")  # np.loadtxt wants a one-character delimiter
-    data = np.loadtxt(io.StringIO(text), delimiter="\t", dtype=np.float64, usecols=columns,
-                      skiprows=int(skip_header), ndmin=2)  # [R, 4]
-    if data.shape[0] == 0:
-        raise ValueError("no ratings in the file")
-    return [data[:, j] for j in range(data.shape[1])]
+
+def _decode(data: bytes, encoding: str, where: str) -> str:
+    """bytes -> text; a decode error names the file, the 1-based line and the byte."""
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise RatingsFileError(
+            f"{where}:{line}: not valid {encoding} (byte {data[error.start]:#04x}); GroupLens files "
+            "are Latin-1, RecBole's UTF-8") from None
 
 
-def _as_int(values: np.ndarray, name: str) -> np.ndarray:
-    if not np.array_equal(values, np.round(values)):
-        raise ValueError(f"{name} must be integers")
-    return values.astype(np.int64)
+def _lines(text: str):
+    """(1-based line number, line) of the non-blank lines. Splits on "\\n" only: str.splitlines
+    would also split at U+0085, which Latin-1 byte 0x85 decodes to, and shift every line number."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if line.strip():
+            yield number, line
 
 
-def _ratings_arrays(user, item, rating, timestamp):
-    return (_as_int(user, "user ids"), _as_int(item, "item ids"), rating.astype(np.float32),
-            _as_int(timestamp, "timestamps"))
+_INTEGER = re.compile(r"\s*(-?[0-9]+)\s*")
+# RecBole declares timestamps "float"; an integral value written as "881250949.0" is fine.
+_INTEGRAL_DECIMAL = re.compile(r"\s*(-?[0-9]+)(?:\.0*)?\s*")
+_DECIMAL = re.compile(r"\s*-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*")
+_INT64_MAX = np.iinfo(np.int64).max
 
 
-def parse_inter(text: str):
+def _parse_int(field: str, what: str, where: str, column: int, pattern=_INTEGER) -> int:
+    """A non-negative int64 from decimal text, exactly (no float round trip), else RatingsFileError."""
+    match = pattern.fullmatch(field)
+    if match is None:
+        raise RatingsFileError(f"{where}: column {column} ({what}): expected a non-negative integer, "
+                               f"got {field.strip()!r}")
+    digits = match.group(1).lstrip("-").lstrip("0")
+    # More than 19 digits cannot fit int64 (and int() refuses > 4300 digits).
+    value = _INT64_MAX + 1 if len(digits) > 19 else int(match.group(1))
+    if value < 0:
+        why = "" if what == "timestamp" else " (negative ids are padding)"
+        raise RatingsFileError(f"{where}: column {column} ({what}): expected a non-negative integer{why}, "
+                               f"got {value}")
+    if value > _INT64_MAX:
+        raise RatingsFileError(f"{where}: column {column} ({what}): expected a value that fits int64 "
+                               f"(<= 2**63 - 1), got {field.strip()[:40]!r}")
+    return value
+
+
+def _parse_rating(field: str, where: str, column: int, rating_range) -> float:
+    low, high = rating_range
+    value = float(field) if _DECIMAL.fullmatch(field) else None  # float() alone takes "nan", "1_0"
+    if value is None or not low <= value <= high:
+        raise RatingsFileError(f"{where}: column {column} (rating): expected a number in "
+                               f"[{low:g}, {high:g}], got {field.strip()!r}")
+    return value
+
+
+def _check_rating_range(rating_range) -> tuple[float, float]:
+    low, high = (float(x) for x in rating_range)
+    if not (np.isfinite(low) and np.isfinite(high) and low <= high):
+        raise ValueError(f"rating_range: expected finite (low, high) with low <= high, got {rating_range}")
+    return low, high
+
+
+def _parse_ratings_fast(body: str, sep: str, width: int, columns, rating_range):
+    """`_parse_ratings` for clean files, vectorised (np.loadtxt parses int64 exactly and rejects
+    "1.5", "1e20" and overflow): None wherever the per-line parser must run for its error message."""
+    if width != 4 or not body.strip() or (sep != "\t" and "\t" in body):
+        return None
+    kinds = ["i8"] * 4
+    kinds[columns[2]] = "f8"
+    try:
+        data = np.loadtxt(io.StringIO(body if sep == "\t" else body.replace(sep, "\t")), delimiter="\t",
+                          dtype=[(f"c{j}", kind) for j, kind in enumerate(kinds)], comments=None, ndmin=1)
+    except (ValueError, OverflowError):
+        return None
+    user, item, stars, stamp = (np.ascontiguousarray(data[f"c{c}"]) for c in columns)  # [R] each
+    low, high = rating_range
+    if min(user.min(), item.min(), stamp.min()) < 0 or not np.all((stars >= low) & (stars <= high)):
+        return None
+    return user, item, stars.astype(np.float32), stamp
+
+
+def _parse_ratings(body: str, first_line: int, where: str, sep: str, width: int, columns, rating_range):
+    """Ratings arrays (user, item [R] int64, rating [R] float32, timestamp [R] int64) of the lines
+    of `body`, which starts at 1-based line `first_line` of the file."""
+    rating_range = _check_rating_range(rating_range)
+    fast = _parse_ratings_fast(body, sep, width, columns, rating_range)
+    if fast is not None:
+        return fast
+    user_col, item_col, rating_col, stamp_col = columns
+    users, items, stars, stamps = [], [], [], []
+    for number, line in _lines(body):
+        at = f"{where}:{number + first_line - 1}"
+        fields = line.split(sep)
+        if len(fields) != width:
+            raise RatingsFileError(f"{at}: expected {width} fields separated by {sep!r}, got {len(fields)}: "
+                                   f"{line[:80]!r}")
+        users.append(_parse_int(fields[user_col], "user id", at, user_col + 1))
+        items.append(_parse_int(fields[item_col], "item id", at, item_col + 1))
+        stars.append(_parse_rating(fields[rating_col], at, rating_col + 1, rating_range))
+        stamps.append(_parse_int(fields[stamp_col], "timestamp", at, stamp_col + 1, _INTEGRAL_DECIMAL))
+    if not users:
+        raise RatingsFileError(f"{where}: no ratings in the file")
+    return (np.array(users, np.int64), np.array(items, np.int64), np.array(stars, np.float32),
+            np.array(stamps, np.int64))
+
+
+def parse_inter(text: str, source: str = "<.inter>", rating_range=RATING_RANGE):
     """RecBole atomic `.inter` (header `user_id:token<TAB>item_id:token<TAB>rating:float<TAB>timestamp:float`)."""
-    header = [field.split(":")[0] for field in text.split("\n", 1)[0].strip().split("\t")]
+    first, _, body = text.partition("\n")
+    header = [field.split(":")[0].strip() for field in first.strip().split("\t")]
     try:
         columns = [header.index(name) for name in ("user_id", "item_id", "rating", "timestamp")]
     except ValueError:
-        raise ValueError(f"unexpected .inter header {header}") from None
-    return _ratings_arrays(*_table(text, "\t", columns, skip_header=True))
+        raise RatingsFileError(f"{source}:1: expected a header with user_id, item_id, rating and "
+                               f"timestamp, got {header}") from None
+    return _parse_ratings(body, 2, source, "\t", len(header), columns, rating_range)
 
 
-def parse_grouplens_ratings(text: str, sep: str):
+def parse_grouplens_ratings(text: str, sep: str, source: str = "<ratings>", rating_range=RATING_RANGE):
     """GroupLens `u.data` (sep TAB) or ML-1M `ratings.dat` (sep `::`): user, item, rating, timestamp."""
-    return _ratings_arrays(*_table(text, sep, (0, 1, 2, 3), skip_header=False))
+    return _parse_ratings(text, 1, source, sep, 4, (0, 1, 2, 3), rating_range)
 
 
 _TITLE_YEAR = re.compile(r"\s*\((\d{4})\)\s*$")
@@ -242,55 +368,75 @@ def _title_and_year(title: str, year_field: str) -> tuple[str, int]:
     return (title[: in_title.start()] if in_title else title).strip(), year
 
 
-def _metadata(rows):
-    """Sorted metadata arrays from (id, title, year, genre names) tuples."""
-    rows = sorted(rows)
+def _metadata(rows, where: str):
+    """Sorted metadata arrays from (id, title, year, genre names, line number) tuples."""
+    rows = sorted(rows, key=lambda row: (row[0], row[4]))  # by id, then file order
     genres = np.zeros((len(rows), len(GENRES)), dtype=bool)  # [M, G]
-    for m, (_, _, _, names) in enumerate(rows):
+    for m, (movie_id, _, _, names, number) in enumerate(rows):
+        if m and rows[m - 1][0] == movie_id:
+            raise RatingsFileError(f"{where}:{number}: movie id {movie_id} already listed on line "
+                                   f"{rows[m - 1][4]}")
         for name in names:
             if name not in GENRES:
-                raise ValueError(f"unknown genre {name!r}")
+                raise RatingsFileError(f"{where}:{number}: unknown genre {name!r}; expected one of {GENRES}")
             genres[m, GENRES.index(name)] = True
     return (np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=object),
             np.array([r[2] for r in rows], dtype=np.int32), genres)
 
 
-def parse_recbole_items(text: str):
+def _fields(line: str, sep: str, width: int, at: str) -> list[str]:
+    fields = line.split(sep)
+    if len(fields) != width:  # a short or long line would shift every later field
+        raise RatingsFileError(f"{at}: expected {width} fields separated by {sep!r}, got {len(fields)}: "
+                               f"{line[:80]!r}")
+    return fields
+
+
+def parse_recbole_items(text: str, source: str = "<.item>"):
     """RecBole `.item`: item_id, movie_title, release_year, class (space-separated genres)."""
-    lines = [line for line in text.splitlines() if line.strip()]
-    header = [field.split(":")[0] for field in lines[0].split("\t")]
-    col = {name: header.index(name) for name in ("item_id", "movie_title", "release_year", "class")}
+    lines = _lines(text)
+    number, first = next(lines, (1, ""))
+    header = [field.split(":")[0].strip() for field in first.split("\t")]
+    names = ("item_id", "movie_title", "release_year", "class")
+    if not set(names) <= set(header):
+        raise RatingsFileError(f"{source}:{number}: expected a header with {', '.join(names)}, got {header}")
+    col = {name: header.index(name) for name in names}
     rows = []
-    for line in lines[1:]:
-        fields = line.split("\t")
+    for number, line in lines:
+        at = f"{source}:{number}"
+        fields = _fields(line, "\t", len(header), at)
         title, year = _title_and_year(fields[col["movie_title"]], fields[col["release_year"]])
-        rows.append((int(fields[col["item_id"]]), title, year, fields[col["class"]].split()))
-    return _metadata(rows)
+        movie_id = _parse_int(fields[col["item_id"]], "item id", at, col["item_id"] + 1)
+        rows.append((movie_id, title, year, fields[col["class"]].split(), number))
+    return _metadata(rows, source)
 
 
-def parse_grouplens_items(text: str):
+def parse_grouplens_items(text: str, source: str = "<u.item>"):
     """GroupLens `u.item`: id|title|release date|video date|IMDb URL|19 genre flags (GENRES order)."""
     rows = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        fields = line.split("|")
-        flags = fields[-len(GENRES):]
+    for number, line in _lines(text):
+        at = f"{source}:{number}"
+        fields = _fields(line, "|", 5 + len(GENRES), at)
+        flags = [f.strip() for f in fields[5:]]
+        bad = [f for f in flags if f not in ("0", "1")]
+        if bad:
+            raise RatingsFileError(f"{at}: genre flags (columns 6-{5 + len(GENRES)}): expected 0 or 1, "
+                                   f"got {bad[0]!r}")
         title, year = _title_and_year(fields[1], fields[2])
-        rows.append((int(fields[0]), title, year, [g for g, f in zip(GENRES, flags) if f.strip() == "1"]))
-    return _metadata(rows)
+        movie_id = _parse_int(fields[0], "item id", at, 1)
+        rows.append((movie_id, title, year, [g for g, f in zip(GENRES, flags) if f == "1"], number))
+    return _metadata(rows, source)
 
 
-def parse_ml1m_movies(text: str):
+def parse_ml1m_movies(text: str, source: str = "<movies.dat>"):
     """ML-1M `movies.dat`: id::Title (Year)::Genre|Genre."""
     rows = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        movie_id, title, genres = line.split("::")
+    for number, line in _lines(text):
+        at = f"{source}:{number}"
+        movie_id, title, genres = _fields(line, "::", 3, at)
         title, year = _title_and_year(title, "")
-        rows.append((int(movie_id), title, year, genres.strip().split("|")))
-    return _metadata(rows)
+        rows.append((_parse_int(movie_id, "item id", at, 1), title, year, genres.strip().split("|"), number))
+    return _metadata(rows, source)
 
 
 def _no_metadata():
@@ -298,32 +444,57 @@ def _no_metadata():
             np.zeros((0, len(GENRES)), bool))
 
 
-def load_ratings(source: str | os.PathLike = SOURCE_ML100K, cache=None) -> Ratings:
+def _read(path: Path, encoding: str) -> str:
+    return _decode(path.read_bytes(), encoding, str(path))
+
+
+def _read_wheel(wheel: Path) -> tuple[str, str]:
+    """(.inter text, .item text) of the recbole wheel; a bad archive or member names the wheel."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            return tuple(_decode(archive.read(member), "utf-8", f"{wheel}!{member}")
+                         for member in (WHEEL_INTER, WHEEL_ITEM))
+    except (zipfile.BadZipFile, KeyError) as error:
+        raise RatingsFileError(f"{wheel}: not a recbole wheel with {WHEEL_INTER} and {WHEEL_ITEM} "
+                               f"({error})") from None
+
+
+def load_ratings(source: str | os.PathLike = SOURCE_ML100K, cache=None, rating_range=RATING_RANGE) -> Ratings:
     """Reads ratings (file order) and movie metadata from SOURCE_ML100K, a recbole wheel or a directory.
 
     A directory may hold RecBole's `*.inter` (+ `*.item`), GroupLens's `u.data` (+ `u.item`) or
-    ML-1M's `ratings.dat` (+ `movies.dat`). GroupLens files are Latin-1, RecBole's UTF-8.
+    ML-1M's `ratings.dat` (+ `movies.dat`). GroupLens files are Latin-1, RecBole's UTF-8. Ids and
+    timestamps must be non-negative integers (parsed exactly, as int64), ratings numbers within
+    `rating_range` (inclusive); any other line raises RatingsFileError naming file and line.
     """
     if str(source) == SOURCE_ML100K:
         source = ensure_wheel(cache)
     path = Path(source)
+    inter_files = sorted(path.glob("*.inter")) if path.is_dir() else []
     if path.is_file() and path.suffix in (".whl", ".zip"):
-        with zipfile.ZipFile(path) as wheel:
-            ratings = parse_inter(wheel.read(WHEEL_INTER).decode("utf-8"))
-            items = parse_recbole_items(wheel.read(WHEEL_ITEM).decode("utf-8"))
-    elif path.is_dir() and sorted(path.glob("*.inter")):
-        inter = sorted(path.glob("*.inter"))[0]
-        ratings = parse_inter(inter.read_text("utf-8"))
+        inter_text, item_text = _read_wheel(path)
+        ratings = parse_inter(inter_text, f"{path}!{WHEEL_INTER}", rating_range)
+        items = parse_recbole_items(item_text, f"{path}!{WHEEL_ITEM}")
+    elif len(inter_files) > 1:  # which one is meant? silently taking the first could be wrong
+        raise ValueError(f"{source}: expected one *.inter file, got {[p.name for p in inter_files]}")
+    elif inter_files:
+        inter = inter_files[0]
+        ratings = parse_inter(_read(inter, "utf-8-sig"), str(inter), rating_range)
         item_file = inter.with_suffix(".item")
-        items = parse_recbole_items(item_file.read_text("utf-8")) if item_file.exists() else _no_metadata()
+        items = (parse_recbole_items(_read(item_file, "utf-8-sig"), str(item_file)) if item_file.exists()
+                 else _no_metadata())
     elif path.is_dir() and (path / "u.data").exists():
-        ratings = parse_grouplens_ratings((path / "u.data").read_text("latin-1"), "\t")
+        ratings = parse_grouplens_ratings(_read(path / "u.data", "latin-1"), "\t", str(path / "u.data"),
+                                          rating_range)
         item_file = path / "u.item"
-        items = parse_grouplens_items(item_file.read_text("latin-1")) if item_file.exists() else _no_metadata()
+        items = (parse_grouplens_items(_read(item_file, "latin-1"), str(item_file)) if item_file.exists()
+                 else _no_metadata())
     elif path.is_dir() and (path / "ratings.dat").exists():
-        ratings = parse_grouplens_ratings((path / "ratings.dat").read_text("latin-1"), "::")
+        ratings = parse_grouplens_ratings(_read(path / "ratings.dat", "latin-1"), "::",
+                                          str(path / "ratings.dat"), rating_range)
         item_file = path / "movies.dat"
-        items = parse_ml1m_movies(item_file.read_text("latin-1")) if item_file.exists() else _no_metadata()
+        items = (parse_ml1m_movies(_read(item_file, "latin-1"), str(item_file)) if item_file.exists()
+                 else _no_metadata())
     else:
         raise FileNotFoundError(f"{source}: expected {SOURCE_ML100K!r}, a recbole wheel, or a directory "
                                 "with *.inter, u.data or ratings.dat")
@@ -338,6 +509,8 @@ def load_ratings(source: str | os.PathLike = SOURCE_ML100K, cache=None) -> Ratin
 def rating_actions(rating) -> np.ndarray:
     """Ratings [...] -> action multi-hot [..., A] bool in ACTIONS order (RATING_ACTIONS)."""
     rating = np.asarray(rating, dtype=np.float32)
+    if not np.all(np.isfinite(rating)):  # NaN would silently set no action at all
+        raise ValueError("rating: expected finite stars, got NaN or inf")
     actions = np.zeros(rating.shape + (len(ACTIONS),), dtype=bool)  # [..., A]
     for name, (low, high) in RATING_ACTIONS.items():
         actions[..., ACTIONS.index(name)] = (rating >= low) & (rating <= high)
@@ -411,7 +584,7 @@ class Split:
 
     def authors_of(self, item_ids) -> np.ndarray:
         """Author ids [...] of raw movie ids [...]; PAD_ID stays PAD_ID; unknown movies raise."""
-        item_ids = np.asarray(item_ids, dtype=np.int64)
+        item_ids = _integer_ids(item_ids, "item_ids")
         columns = np.clip(np.searchsorted(self.item_ids, item_ids), 0, len(self.item_ids) - 1)
         known = self.item_ids[columns] == item_ids
         if not np.all(known | (item_ids < 0)):
@@ -419,14 +592,52 @@ class Split:
         return np.where(item_ids < 0, PAD_ID, self.item_authors[columns])
 
 
-def leave_one_out(ratings: Ratings, author_scheme: str = "genres") -> Split:
-    """Stable per-user time sort; last rating = test, the one before = validation, earlier = train."""
+def _integer_ids(ids, name: str) -> np.ndarray:
+    """ids as int64; floats, bools and strings raise TypeError (a cast would truncate 10.7 to 10)."""
+    ids = np.asarray(ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"{name}: expected integer movie ids, got dtype {ids.dtype}")
+    return ids.astype(np.int64)
+
+
+def _later_duplicates(users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """[R] bool over time-ordered ratings: True where the user already rated the item earlier."""
+    by_pair = np.lexsort((np.arange(len(users)), items, users))  # (user, item), then time order
+    repeat = np.zeros(len(users), dtype=bool)
+    repeat[1:] = (users[by_pair][1:] == users[by_pair][:-1]) & (items[by_pair][1:] == items[by_pair][:-1])
+    later = np.zeros(len(users), dtype=bool)
+    later[by_pair] = repeat
+    return later
+
+
+def leave_one_out(ratings: Ratings, author_scheme: str = "genres", duplicates: str = "error") -> Split:
+    """Stable per-user time sort; last rating = test, the one before = validation, earlier = train.
+
+    A movie a user rated twice would leak a target into its own history, so repeated (user, movie)
+    pairs raise ValueError (duplicates="error"), or only each pair's earliest rating (time, then
+    file order) is kept (duplicates="first"). Raises ValueError if no user has MIN_EVAL_RATINGS.
+    """
+    if author_scheme not in AUTHOR_SCHEMES:
+        raise ValueError(f"author_scheme must be one of {AUTHOR_SCHEMES}, got {author_scheme!r}")
+    if duplicates not in DUPLICATE_RULES:
+        raise ValueError(f"duplicates must be one of {DUPLICATE_RULES}, got {duplicates!r}")
     order = np.argsort(ratings.timestamp, kind="stable")  # ties keep file order ...
     order = order[np.argsort(ratings.user[order], kind="stable")]  # ... and stay sorted within a user
-    user_ids, counts = np.unique(ratings.user, return_counts=True)  # [U]
+    later = _later_duplicates(ratings.user[order], ratings.item[order])  # [R]
+    if later.any() and duplicates == "error":
+        pairs = sorted({(int(ratings.user[r]), int(ratings.item[r])) for r in order[later]})
+        raise ValueError(f"{ratings.source}: {int(later.sum())} ratings repeat an earlier (user, movie) pair, "
+                         f"e.g. {pairs[:5]}; a repeat would put a target in its own history. Pass "
+                         "duplicates='first' to keep each pair's earliest rating")
+    order = order[~later]
+    user_ids, counts = np.unique(ratings.user[order], return_counts=True)  # [U]
     has_eval = counts >= MIN_EVAL_RATINGS
+    if not has_eval.any():  # nothing to validate or test on: the baselines would fail much later
+        raise ValueError(f"{ratings.source}: no user has >= {MIN_EVAL_RATINGS} ratings (MIN_EVAL_RATINGS: a "
+                         f"training item, a validation and a test target); found max "
+                         f"{counts.max() if len(counts) else 0} over {len(user_ids)} users")
     items = ratings.item[order]  # [R]
-    item_ids = np.unique(ratings.item)  # [N]
+    item_ids = np.unique(items)  # [N]
     genres = np.zeros((len(item_ids), len(GENRES)), dtype=bool)  # [N, G]; no metadata -> author 0
     meta_rows = np.searchsorted(ratings.item_ids, item_ids)  # [N]
     with_meta = meta_rows < len(ratings.item_ids)
@@ -456,6 +667,8 @@ def phoenix_examples(split: Split, which: str = "train", history_len: int = 200,
     target_actions [E, A] bool, target_surfaces [E], user_rows [E]. Histories hold the up-to-S items
     right before the target, oldest first, then padding.
     """
+    if history_len < 1:
+        raise ValueError(f"history_len: expected >= 1, got {history_len}")
     rows, positions = split.target_positions(which)  # [E], [E]
     if example_indices is not None:
         rows, positions = rows[example_indices], positions[example_indices]
@@ -486,7 +699,7 @@ def phoenix_batch(split: Split, examples: dict, hash_config, candidate_post_ids=
 
     if candidate_post_ids is None:
         candidate_post_ids = examples["target_post_ids"][:, None]  # [E, 1]
-    candidate_post_ids = np.asarray(candidate_post_ids, dtype=np.int64)
+    candidate_post_ids = _integer_ids(candidate_post_ids, "candidate_post_ids")
     return batch_from_ids(
         examples["user_ids"], examples["history_post_ids"], examples["history_author_ids"],
         examples["history_actions"], examples["history_surfaces"], candidate_post_ids,
@@ -575,6 +788,7 @@ def dump_topk(path, user_ids, topk_items) -> None:
     user_ids, topk_items = np.asarray(user_ids), np.asarray(topk_items)
     if topk_items.ndim != 2 or user_ids.shape != topk_items.shape[:1]:
         raise ValueError(f"need user_ids [U] and topk_items [U, K], got {user_ids.shape}, {topk_items.shape}")
+    _integer_ids(user_ids, "user_ids"), _integer_ids(topk_items, "topk_items")  # "1.0" is no movie id
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
@@ -589,28 +803,51 @@ def dump_topk(path, user_ids, topk_items) -> None:
         raise
 
 
+def _read_dump(path, k: int) -> dict:
+    """{user id: first k dumped movie ids} of a `dump_topk` CSV; bad rows name the file and line."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or not rows[0] or rows[0][0] != "user_id":
+        raise RatingsFileError(f"{path}:1: expected the header 'user_id,item_1,...', got {rows[:1]}")
+    dumped, lines = {}, {}
+    for number, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        try:
+            user, *top = (int(x) for x in row[:k + 1])
+        except ValueError:
+            raise RatingsFileError(f"{path}:{number}: expected integer ids, got {row[:k + 1]}") from None
+        if user in dumped:  # a second row would silently replace the first
+            raise RatingsFileError(f"{path}:{number}: user {user} already has a row on line {lines[user]}")
+        dumped[user], lines[user] = top, number
+    return dumped
+
+
 def recompute_from_dump(path, source=SOURCE_ML100K, cache=None, k: int = 10) -> dict:
     """HR@k and NDCG@k of a dump against test targets rebuilt from the raw ratings in plain Python.
 
     Independent of `leave_one_out` and phoenix_metrics.py (only the file reader is shared), as a judge's
-    script would be. Users missing from the dump count as misses. Also counts dumped items that
-    are in the user's history (an unfiltered ranking) and rows with repeated items.
+    script would be. A movie rated twice by a user counts at its first rating (duplicates="first").
+    Users missing from the dump count as misses. Also counts dumped items that are in the user's
+    history (an unfiltered ranking) and rows with repeated items.
     """
     ratings = load_ratings(source, cache)
     by_user = {}
     for index, (user, item, stamp) in enumerate(zip(ratings.user.tolist(), ratings.item.tolist(),
                                                     ratings.timestamp.tolist())):
         by_user.setdefault(user, []).append((stamp, index, item))  # index: ties keep file order
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    dumped = {int(row[0]): [int(x) for x in row[1:k + 1]] for row in rows[1:]}
+    dumped = _read_dump(path, k)
     hits = gain = history_hits = repeated = missing = 0
     evaluated = 0
     for user, events in by_user.items():
-        if len(events) < MIN_EVAL_RATINGS:
+        sequence, seen = [], set()
+        for _, _, item in sorted(events):
+            if item not in seen:
+                sequence.append(item)
+                seen.add(item)
+        if len(sequence) < MIN_EVAL_RATINGS:
             continue
         evaluated += 1
-        sequence = [item for _, _, item in sorted(events)]
         target, history = sequence[-1], set(sequence[:-1])
         if user not in dumped:
             missing += 1
@@ -621,6 +858,9 @@ def recompute_from_dump(path, source=SOURCE_ML100K, cache=None, k: int = 10) -> 
         if target in top:
             hits += 1
             gain += 1.0 / np.log2(top.index(target) + 2)
+    if not evaluated:
+        raise ValueError(f"{ratings.source}: no user has >= {MIN_EVAL_RATINGS} ratings (MIN_EVAL_RATINGS); "
+                         "nothing to evaluate")
     return {f"HR@{k}": hits / evaluated, f"NDCG@{k}": gain / evaluated, "num_users": evaluated,
             "missing_users": missing, "extra_users": len(set(dumped) - set(by_user)),
             "history_items_in_topk": history_hits, "rows_with_repeats": repeated}
@@ -658,6 +898,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cache-dir", default=None,
                         help=f"download cache (default ${CACHE_ENV} or ~/.cache/phoenix)")
     parser.add_argument("--history-len", type=int, default=200, help="S for the example statistics")
+    parser.add_argument("--duplicates", choices=DUPLICATE_RULES, default="error",
+                        help="a repeated (user, movie) rating: reject it, or keep the first (leave_one_out)")
     parser.add_argument("--dump-topk", default=None, metavar="PATH",
                         help="write the transition baseline's test top-10 as CSV and re-check it")
     args = parser.parse_args(argv)
@@ -665,7 +907,7 @@ def main(argv=None) -> None:
         print(f"wheel: {ensure_wheel(args.cache_dir)}")
     start = time.perf_counter()
     ratings = load_ratings(args.data, args.cache_dir)
-    split = leave_one_out(ratings)
+    split = leave_one_out(ratings, duplicates=args.duplicates)
     loaded = time.perf_counter()
     _print_stats(ratings, split, args.history_len)
     print(f"\n{'split':<5} {'baseline':<11} {'HR@10':>7} {'NDCG@10':>8} {'HR@50':>7} {'MRR':>7}")

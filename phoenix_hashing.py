@@ -28,7 +28,9 @@ Why two uint32 words
   JAX. `split_ids` turns int64 ids into (lo, hi) uint32 words on the host; `multi_hash` does all
   arithmetic in uint32 with wrap-around, and the *same* code runs under NumPy and under jnp, so
   `hash_ids` (NumPy) and `hash_ids_jax` (jittable) agree bit for bit. Padding is the sign bit of
-  the high word. Ids that are already int32 inside a jitted function can use `split_ids_jax`.
+  the high word. `split_ids_jax` gives the words as jax arrays: host ids go through `split_ids`
+  (an int64 array handed to jnp with x64 off would be truncated to int32 and collide), jax ids
+  (int32, or int64 with x64 on) are split in JAX, so it can run inside a jitted function.
 
 Collisions (`uv run python phoenix_hashing.py`; ids 0..V-1, hash_seed 0): share of ids whose H-tuple of
 hash values is shared with another id, measured vs the random-hash expectation
@@ -61,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phoenix_validation import check_array, values_enabled
 from recsys_model import HashConfig, RecsysBatch, RecsysEmbeddings
 
 # Raw id written at padded positions; every negative id is treated as padding.
@@ -109,25 +112,48 @@ DEFAULT_INIT_STDDEV = 1.0
 # ---------------------------------------------------------------------------------------------
 
 
-def split_ids(ids) -> tuple[np.ndarray, np.ndarray]:
+def split_ids(ids, name: str = "ids") -> tuple[np.ndarray, np.ndarray]:
     """Splits integer ids [...] into their two's-complement uint32 words (lo [...], hi [...]).
 
     Negative ids (padding) get a high word with the sign bit set, which `multi_hash` maps to 0.
+    Floats, bools, strings and objects raise TypeError (a float id may already have lost digits:
+    float64 holds integers exactly only up to 2**53); uint64 ids >= 2**63 raise ValueError.
     """
     ids = np.asarray(ids)
     if not np.issubdtype(ids.dtype, np.integer):
-        raise TypeError(f"ids must be integers, got dtype {ids.dtype}")
+        raise TypeError(f"{name} must be integers (int64 raw ids, negative = padding), got dtype {ids.dtype}")
     if ids.dtype == np.uint64 and ids.size and ids.max() >= 1 << 63:
-        raise ValueError("ids must fit in int64")
+        raise ValueError(f"{name} must fit in int64 (< 2**63), got maximum {ids.max()}")
     words = ids.astype(np.int64, copy=True).view(np.uint64)  # [...]; a copy is contiguous
     lo = (words & np.uint64(_MASK32)).astype(np.uint32)  # [...]
     hi = (words >> np.uint64(_WORD_BITS)).astype(np.uint32)  # [...]
     return lo, hi
 
 
-def split_ids_jax(ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`split_ids` for int32 ids inside JAX: sign-extends to 64 bits, so it agrees with NumPy."""
-    ids = jnp.asarray(ids, jnp.int32)
+def split_ids_jax(ids, name: str = "ids") -> tuple[jax.Array, jax.Array]:
+    """`split_ids` returning jax arrays; agrees with it for every integer dtype, jitted or not.
+
+    Host values (NumPy arrays, lists, Python ints) are split by `split_ids` on the host: with
+    jax_enable_x64 off an int64 array must never reach jnp, which would truncate it to int32 and
+    send 2**40 + 5 and 5 to the same hashes. jax arrays (tracers included) are split by dtype:
+    signed ids are sign-extended, unsigned ones zero-extended, 64-bit ones (x64 on) cut in words.
+    Under tracing a uint64 id >= 2**63 cannot raise; its high word has the sign bit: padding.
+    To hash int64 ids in a jitted function, split them on the host and pass the words: `jax.jit`
+    itself casts an int64 argument to int32 (x64 off) before this function could see it.
+    """
+    if not isinstance(ids, jax.Array):  # host value, possibly int64: never truncate it
+        lo, hi = split_ids(ids, name)
+        return jnp.asarray(lo), jnp.asarray(hi)
+    dtype = np.dtype(ids.dtype)
+    if not np.issubdtype(dtype, np.integer):
+        raise TypeError(f"{name} must be integers (raw ids, negative = padding), got dtype {dtype}")
+    if dtype.itemsize == 8:  # only exists with jax_enable_x64 on
+        lo = (ids & _MASK32).astype(jnp.uint32)  # [...]
+        hi = (ids >> _WORD_BITS).astype(jnp.uint32)  # [...]; arithmetic shift keeps the sign
+        return lo, hi
+    if np.issubdtype(dtype, np.unsignedinteger):
+        return ids.astype(jnp.uint32), jnp.zeros(ids.shape, jnp.uint32)
+    ids = ids.astype(jnp.int32)
     lo = jax.lax.bitcast_convert_type(ids, jnp.uint32)  # [...]
     hi = jnp.where(ids < 0, jnp.uint32(_MASK32), jnp.uint32(0))  # [...]
     return lo, hi
@@ -174,14 +200,26 @@ def _check_table_size(table_size: int) -> None:
         raise ValueError(f"table_size must be in [2, 2**31], got {table_size}")
 
 
+def _check_words(lo, hi) -> None:
+    """The words must be uint32 of one shape: casting raw int64 ids to uint32 would drop digits."""
+    for name, word in (("lo", lo), ("hi", hi)):
+        dtype = getattr(word, "dtype", None)
+        if dtype is None or np.dtype(dtype) != np.uint32:
+            raise TypeError(f"{name} must be the uint32 words of split_ids / split_ids_jax, got "
+                            f"{'dtype ' + str(dtype) if dtype is not None else type(word).__name__}")
+    if np.shape(lo) != np.shape(hi):
+        raise ValueError(f"lo and hi must have one shape, got {np.shape(lo)} and {np.shape(hi)}")
+
+
 def multi_hash(lo, hi, seeds, table_size: int, xp=np):
     """Hash values [..., H] int32 in [1, table_size) of ids given as words (lo, hi) [...]; 0 for padding.
 
     `xp` is `np` or `jnp`: the same uint32 arithmetic runs in both, so the results are identical.
     """
     _check_table_size(table_size)
-    lo = xp.asarray(lo, dtype=xp.uint32)
-    hi = xp.asarray(hi, dtype=xp.uint32)
+    _check_words(lo, hi)
+    lo = xp.asarray(lo)
+    hi = xp.asarray(hi)
     seeds = xp.asarray(seeds, dtype=xp.uint32)
     h = _murmur3_words(lo, hi, seeds, xp)  # [..., H] uint32
     h = h % xp.uint32(table_size - 1) + xp.uint32(1)  # [..., H] in [1, M)
@@ -200,10 +238,10 @@ def _type_params(cfg: HashConfig, id_type: str) -> tuple[int, int]:
     raise ValueError(f"id_type must be one of {sorted(ID_TYPE_SALTS)}, got {id_type!r}")
 
 
-def hash_ids(ids, cfg: HashConfig, id_type: str) -> np.ndarray:
+def hash_ids(ids, cfg: HashConfig, id_type: str, name: str = "ids") -> np.ndarray:
     """NumPy: raw int64 ids [...] -> hash values [..., H] int32 of one id type ("user"/"post"/"author")."""
     num_hashes, table_size = _type_params(cfg, id_type)
-    lo, hi = split_ids(ids)
+    lo, hi = split_ids(ids, name)
     seeds = hash_seeds(cfg.hash_seed, id_type, num_hashes)
     # uint32 wrap-around is the point; silence NumPy's overflow warnings on 0-d inputs.
     with np.errstate(over="ignore"):
@@ -213,27 +251,37 @@ def hash_ids(ids, cfg: HashConfig, id_type: str) -> np.ndarray:
 def hash_ids_jax(lo: jax.Array, hi: jax.Array, cfg: HashConfig, id_type: str) -> jax.Array:
     """JAX (jittable; close over `cfg` and `id_type`): words (lo, hi) [...] -> [..., H] int32.
 
-    Bit-identical to `hash_ids`. Get the words with `split_ids` on the host (int64 ids) or
-    `split_ids_jax` inside a jitted function (int32 ids).
+    Bit-identical to `hash_ids`. Get the words with `split_ids_jax` (or `split_ids` on the host);
+    anything but uint32 words raises TypeError, since casting raw ids to uint32 would drop digits.
     """
     num_hashes, table_size = _type_params(cfg, id_type)
     seeds = hash_seeds(cfg.hash_seed, id_type, num_hashes)
     return multi_hash(lo, hi, seeds, table_size, jnp)
 
 
-def hash_user_ids(ids, cfg: HashConfig) -> np.ndarray:
+def hash_user_ids(ids, cfg: HashConfig, name: str = "user_ids") -> np.ndarray:
     """Raw user ids [...] -> user hashes [..., Hu] int32."""
-    return hash_ids(ids, cfg, "user")
+    return hash_ids(ids, cfg, "user", name)
 
 
-def hash_post_ids(ids, cfg: HashConfig) -> np.ndarray:
+def hash_post_ids(ids, cfg: HashConfig, name: str = "post_ids") -> np.ndarray:
     """Raw post ids [...] -> post hashes [..., Hi] int32."""
-    return hash_ids(ids, cfg, "post")
+    return hash_ids(ids, cfg, "post", name)
 
 
-def hash_author_ids(ids, cfg: HashConfig) -> np.ndarray:
+def hash_author_ids(ids, cfg: HashConfig, name: str = "author_ids") -> np.ndarray:
     """Raw author ids [...] -> author hashes [..., Ha] int32."""
-    return hash_ids(ids, cfg, "author")
+    return hash_ids(ids, cfg, "author", name)
+
+
+def _int32_field(x, name: str, shape: tuple) -> np.ndarray:
+    """An integer array of `shape` whose values fit int32 (surfaces): no silent truncation or wrap."""
+    x = np.asarray(x)
+    check_array(x, name, shape, "int")
+    info = np.iinfo(np.int32)
+    if x.size and (x.min() < info.min or x.max() > info.max):
+        raise ValueError(f"{name}: expected values in int32 range, got range [{x.min()}, {x.max()}]")
+    return x.astype(np.int32)
 
 
 def batch_from_ids(
@@ -251,8 +299,9 @@ def batch_from_ids(
 
     Shapes: user_ids [B], history_post_ids / history_author_ids / history_surfaces [B, S],
     history_actions [B, S, A], candidate_post_ids / candidate_author_ids / candidate_surfaces [B, C].
-    Actions and surfaces pass through unchanged (as float32 / int32): the model ignores them at
-    padded positions because it masks by the post hash.
+    Ids and surfaces must have integer dtypes (floats would be truncated); actions bool, integer
+    or float, finite. Actions and surfaces pass through unchanged (as float32 / int32): the model
+    ignores them at padded positions because it masks by the post hash.
     """
     user_ids = np.asarray(user_ids)
     history_post_ids = np.asarray(history_post_ids)
@@ -275,19 +324,28 @@ def batch_from_ids(
     ]:
         if np.shape(arr) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {np.shape(arr)}")
-    history_actions = np.asarray(history_actions, np.float32)
+    history_actions = np.asarray(history_actions)
     if history_actions.ndim != 3 or history_actions.shape[:2] != hist_shape:
         raise ValueError(f"history_actions must be [B, S, A] with [B, S]={hist_shape}, got "
                          f"{history_actions.shape}")
+    check_array(history_actions, "history_actions", (*hist_shape, None), "number")
+    history_actions = history_actions.astype(np.float32)
+    if values_enabled() and not np.all(np.isfinite(history_actions)):
+        raise ValueError("history_actions: expected finite values, got NaN or inf")
+    history_surfaces = _int32_field(history_surfaces, "history_surfaces", hist_shape)
+    candidate_surfaces = _int32_field(candidate_surfaces, "candidate_surfaces", cand_shape)
     return RecsysBatch(
-        user_hashes=hash_user_ids(user_ids, hash_config),  # [B, Hu]
-        history_post_hashes=hash_post_ids(history_post_ids, hash_config),  # [B, S, Hi]
-        history_author_hashes=hash_author_ids(history_author_ids, hash_config),  # [B, S, Ha]
+        user_hashes=hash_user_ids(user_ids, hash_config, "user_ids"),  # [B, Hu]
+        history_post_hashes=hash_post_ids(history_post_ids, hash_config, "history_post_ids"),  # [B, S, Hi]
+        history_author_hashes=hash_author_ids(
+            history_author_ids, hash_config, "history_author_ids"),  # [B, S, Ha]
         history_actions=history_actions,  # [B, S, A]
-        history_product_surface=np.asarray(history_surfaces, np.int32),  # [B, S]
-        candidate_post_hashes=hash_post_ids(candidate_post_ids, hash_config),  # [B, C, Hi]
-        candidate_author_hashes=hash_author_ids(candidate_author_ids, hash_config),  # [B, C, Ha]
-        candidate_product_surface=np.asarray(candidate_surfaces, np.int32),  # [B, C]
+        history_product_surface=history_surfaces,  # [B, S]
+        candidate_post_hashes=hash_post_ids(
+            candidate_post_ids, hash_config, "candidate_post_ids"),  # [B, C, Hi]
+        candidate_author_hashes=hash_author_ids(
+            candidate_author_ids, hash_config, "candidate_author_ids"),  # [B, C, Ha]
+        candidate_product_surface=candidate_surfaces,  # [B, C]
     )
 
 

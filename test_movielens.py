@@ -239,14 +239,15 @@ def test_baselines_match_brute_force():
     rng = np.random.default_rng(0)
     rows = [(int(u), int(i), 3, int(t)) for u, i, t in zip(rng.integers(0, 8, 120), rng.integers(0, 15, 120),
                                                             rng.integers(0, 30, 120))]  # many ties
-    split = ml.leave_one_out(make_ratings(rows))
+    # 8 users x 15 movies: many repeated (user, movie) pairs; the first rating of each counts.
+    split = ml.leave_one_out(make_ratings(rows), duplicates="first")
     catalog = split.item_ids.tolist()
     for which in ("val", "test"):
         cut = 2 if which == "val" else 1  # items held out after the visible part
         sequences = {}
         for index, (u, i, _, t) in enumerate(rows):
             sequences.setdefault(u, []).append((t, index, i))
-        sequences = {u: [i for _, _, i in sorted(s)] for u, s in sequences.items()}
+        sequences = {u: list(dict.fromkeys(i for _, _, i in sorted(s))) for u, s in sequences.items()}
         visible = {u: (s[:-cut] if len(s) >= ml.MIN_EVAL_RATINGS else s) for u, s in sequences.items()}
         pop = {i: sum(s.count(i) for s in visible.values()) for i in catalog}
         pairs = {}
@@ -331,3 +332,266 @@ def test_ml100k_end_to_end(ml100k, tmp_path):
     assert check["HR@10"] == pytest.approx(81 / 943)
     assert check["NDCG@10"] == pytest.approx(ML100K_BASELINES["test", "popularity"][1], abs=ML100K_TOL)
     assert check["history_items_in_topk"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input: every bad line is an error naming file, line and column; nothing turns into padding
+# ---------------------------------------------------------------------------------------------
+
+GOOD_LINES = ["1\t10\t5\t100", "1\t11\t4\t101", "1\t12\t3\t102"]
+
+
+def write_u_data(directory, lines) -> str:
+    path = directory / "u.data"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_ids_above_2_to_53_are_parsed_exactly(tmp_path):
+    # float64 parsing merged 2**53 and 2**53 + 1 into one user, and made 1e20-like ids padding.
+    big = [2**53, 2**53 + 1, 2**63 - 1]
+    write_u_data(tmp_path, [f"{u}\t{10 + j}\t3\t{100 + j}" for u in big for j in range(3)])
+    ratings = ml.load_ratings(tmp_path)
+    assert ratings.user.dtype == np.int64
+    assert sorted(set(ratings.user.tolist())) == big
+    assert ml.leave_one_out(ratings).user_ids.tolist() == big
+
+
+@pytest.mark.parametrize("field, column, match", [
+    ("1.5", 1, r"column 1 \(user id\): expected a non-negative integer, got '1.5'"),
+    ("1e20", 1, r"column 1 \(user id\): expected a non-negative integer, got '1e20'"),
+    ("-3", 1, r"column 1 \(user id\): .*negative ids are padding.*got -3"),
+    ("-1", 2, r"column 2 \(item id\): .*negative ids are padding.*got -1"),
+    ("9223372036854775808", 2, r"column 2 \(item id\): expected a value that fits int64"),
+    ("1" * 5000, 1, r"column 1 \(user id\): expected a value that fits int64"),
+    ("x", 2, r"column 2 \(item id\): expected a non-negative integer, got 'x'"),
+    ("nan", 3, r"column 3 \(rating\): expected a number in \[1, 5\], got 'nan'"),
+    ("inf", 3, r"column 3 \(rating\): expected a number in \[1, 5\], got 'inf'"),
+    ("0", 3, r"column 3 \(rating\): expected a number in \[1, 5\], got '0'"),
+    ("6", 3, r"column 3 \(rating\): expected a number in \[1, 5\], got '6'"),
+    ("1_0", 3, r"column 3 \(rating\): expected a number in \[1, 5\], got '1_0'"),
+    ("", 3, r"column 3 \(rating\): expected a number in \[1, 5\], got ''"),
+    ("100.5", 4, r"column 4 \(timestamp\): expected a non-negative integer, got '100.5'"),
+    ("-100", 4, r"column 4 \(timestamp\): expected a non-negative integer.*got -100"),
+], ids=["float-id", "exp-id", "negative-user", "pad-item", "int64-overflow", "5000-digits", "text-id",
+        "nan-rating", "inf-rating", "rating-0", "rating-6", "underscore-rating", "empty-rating",
+        "float-timestamp", "negative-timestamp"])
+def test_bad_rating_fields_name_file_line_and_column(tmp_path, field, column, match):
+    fields = GOOD_LINES[1].split("\t")
+    fields[column - 1] = field
+    path = write_u_data(tmp_path, [GOOD_LINES[0], "\t".join(fields), GOOD_LINES[2]])
+    with pytest.raises(ml.RatingsFileError, match=rf"{path}:2: {match}"):
+        ml.load_ratings(tmp_path)
+
+
+@pytest.mark.parametrize("fmt, sep, where", [("grouplens_100k", "\t", "u.data"), ("ml_1m", "::", "ratings.dat"),
+                                             ("recbole", "\t", "toy.inter")])
+def test_bad_fields_are_caught_in_every_ratings_format(tmp_path, fmt, sep, where):
+    write_format(tmp_path, fmt, TIES)
+    path = tmp_path / where
+    lines = path.read_text().splitlines()
+    header = int(fmt == "recbole")
+    fields = lines[header + 4].split(sep)
+    fields[0] = "-2"  # user of file line header + 5
+    lines[header + 4] = sep.join(fields)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ml.RatingsFileError, match=rf"{where}:{header + 5}: column 1 \(user id\).*got -2"):
+        ml.load_ratings(tmp_path)
+
+
+@pytest.mark.parametrize("line, match", [
+    ("1\t11\t4", r"expected 4 fields separated by '\\t', got 3"),
+    ("1\t11\t4\t101\t7", r"expected 4 fields separated by '\\t', got 5"),
+])
+def test_rating_lines_with_wrong_field_count(tmp_path, line, match):
+    path = write_u_data(tmp_path, [GOOD_LINES[0], GOOD_LINES[2], line])
+    with pytest.raises(ml.RatingsFileError, match=rf"{path}:3: {match}"):
+        ml.load_ratings(tmp_path)
+
+
+def test_rating_range_is_a_parameter(tmp_path):
+    write_u_data(tmp_path, GOOD_LINES[:2] + ["1\t12\t0.5\t102"])  # ML-10M style half star
+    with pytest.raises(ml.RatingsFileError, match=r"u.data:3: column 3 \(rating\)"):
+        ml.load_ratings(tmp_path)
+    assert ml.load_ratings(tmp_path, rating_range=(0.5, 5.0)).rating.tolist() == [5.0, 4.0, 0.5]
+    with pytest.raises(ValueError, match=r"rating_range: expected finite \(low, high\)"):
+        ml.load_ratings(tmp_path, rating_range=(5.0, 1.0))
+
+
+def test_per_line_parser_equals_fast_path(tmp_path):
+    # The vectorised parse covers clean files; blank lines, CRLF, spaces or "100.0" timestamps take
+    # the per-line parser. Both must give identical arrays.
+    lines = [f"{u}\t{i}\t{r}\t{t}" for u, i, r, t in TIES]
+    write_u_data(tmp_path, lines)
+    fast = ml.load_ratings(tmp_path)
+    messy = [lines[0] + "\r", "   ", f" {lines[1]} ", lines[2].rsplit("\t", 1)[0] + f"\t{TIES[2][3]}.0"] + lines[3:]
+    write_u_data(tmp_path, messy)
+    slow = ml.load_ratings(tmp_path)
+    for name in ("user", "item", "rating", "timestamp"):
+        np.testing.assert_array_equal(getattr(slow, name), getattr(fast, name), err_msg=name)
+        assert getattr(slow, name).dtype == getattr(fast, name).dtype, name
+
+
+def test_empty_ratings_file(tmp_path):
+    path = write_u_data(tmp_path, ["  "])
+    with pytest.raises(ml.RatingsFileError, match=rf"{path}: no ratings in the file"):
+        ml.load_ratings(tmp_path)
+
+
+def test_inter_header_and_decode_errors_name_file_and_line(tmp_path):
+    header = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+    inter = tmp_path / "toy.inter"
+    inter.write_bytes((header + "1\t10\t5\t100\n").encode() + b"1\t1\xff1\t4\t101\n")
+    with pytest.raises(ml.RatingsFileError, match=rf"{inter}:3: not valid utf-8-sig \(byte 0xff\)"):
+        ml.load_ratings(tmp_path)
+    inter.write_text("user:token\titem:token\n1\t2\n")
+    with pytest.raises(ml.RatingsFileError, match=rf"{inter}:1: expected a header with user_id"):
+        ml.load_ratings(tmp_path)
+    (tmp_path / "other.inter").write_text(header)
+    with pytest.raises(ValueError, match=r"expected one \*.inter file, got \['other.inter', 'toy.inter'\]"):
+        ml.load_ratings(tmp_path)
+
+
+def test_broken_wheel_names_the_wheel(tmp_path):
+    wheel = tmp_path / "recbole.whl"
+    wheel.write_bytes(b"not a zip")
+    with pytest.raises(ml.RatingsFileError, match=rf"{wheel}: not a recbole wheel"):
+        ml.load_ratings(wheel)
+
+
+@pytest.mark.parametrize("fmt, name, text, line, match", [
+    ("grouplens_100k", "u.item", f"10|Short|01-Jan-1995|{TOY_FLAGS}\n", 2,
+     r"expected 24 fields separated by '\|', got 22"),
+    ("grouplens_100k", "u.item", f"10|T|01-Jan-1995||u|{TOY_FLAGS.replace('1', 'x', 1)}\n", 2,
+     r"genre flags \(columns 6-24\): expected 0 or 1, got 'x'"),
+    ("grouplens_100k", "u.item", f"-4|T|||u|{TOY_FLAGS}\n", 2, r"column 1 \(item id\).*got -4"),
+    ("grouplens_100k", "u.item", f"11|Again|||u|{TOY_FLAGS}\n", 2, r"movie id 11 already listed on line 1"),
+    ("ml_1m", "movies.dat", "12::Title (1990)\n", 2, r"expected 3 fields separated by '::', got 2"),
+    ("ml_1m", "movies.dat", "12::Title (1990)::Comedy|Space opera\n", 2, r"unknown genre 'Space opera'"),
+    ("recbole", "toy.item", "12\tTitle\t1990\n", 4, r"expected 4 fields separated by '\\t', got 3"),
+], ids=["short-u.item", "bad-flag", "negative-movie", "duplicate-movie", "short-movies.dat", "unknown-genre",
+        "short-recbole-item"])
+def test_bad_movie_lines_name_file_and_line(tmp_path, fmt, name, text, line, match):
+    # A short u.item line used to shift the title into the date and the flags into the genres.
+    write_format(tmp_path, fmt)
+    path = tmp_path / name
+    first = {"u.item": f"11|unknown||||{UNKNOWN_FLAGS}\n", "movies.dat": "11::unknown::unknown\n",
+             "toy.item": RECBOLE_ITEM}[name]
+    path.write_bytes((first + text).encode("utf-8" if fmt == "recbole" else "latin-1"))
+    with pytest.raises(ml.RatingsFileError, match=rf"{path}:{line}: {match}"):
+        ml.load_ratings(tmp_path)
+
+
+def test_latin1_byte_0x85_stays_inside_its_line(tmp_path):
+    # Latin-1 0x85 decodes to U+0085, a line break for str.splitlines: it split u.item lines.
+    write_format(tmp_path, "grouplens_100k")
+    (tmp_path / "u.item").write_bytes(f"10|Dots\x85Dashes (1995)|01-Jan-1995||u|{TOY_FLAGS}\n".encode("latin-1"))
+    ratings = ml.load_ratings(tmp_path)
+    assert ratings.titles.tolist() == ["Dots\x85Dashes"] and ratings.years.tolist() == [1995]
+
+
+@pytest.mark.parametrize("field, value, err, match", [
+    ("user", np.array([1, -1, 1], np.int64), ValueError,
+     r"Ratings.user: expected values >= 0 \(negative ids are padding\), got -1"),
+    ("item", np.array([1.0, 2.5, 3.0]), TypeError, r"Ratings.item: expected an integer dtype, got float64"),
+    ("rating", np.array([1.0, np.nan, 3.0], np.float32), ValueError,
+     r"Ratings.rating: expected finite stars, got nan at rating 1"),
+    ("timestamp", np.array([1, 2, -3], np.int64), ValueError, r"Ratings.timestamp: expected values >= 0, got -3"),
+    ("item", np.array([1, 2], np.int64), ValueError, r"Ratings.item: expected shape \[R=3\]"),
+], ids=["negative-user", "float-item", "nan-rating", "negative-time", "short"])
+def test_hand_built_ratings_are_checked(field, value, err, match):
+    columns = {"user": np.array([1, 1, 1]), "item": np.array([4, 5, 6]), "rating": np.array([3.0, 4.0, 5.0]),
+               "timestamp": np.array([1, 2, 3])}
+    columns[field] = value
+    with pytest.raises(err, match=match):
+        ml.Ratings(**columns, **dict(zip(("item_ids", "titles", "years", "genres"), ml._no_metadata())),
+                   source="test")
+
+
+# (user, item, rating, timestamp): user 1 re-rates 10 after 11 and 12; the re-rating is the last in
+# time, so without a rule 10 would be the test target *and* in the test history.
+DUPLICATES = [(1, 10, 3, 100), (1, 11, 4, 101), (1, 12, 5, 102), (1, 13, 2, 103), (1, 10, 5, 104),
+              (2, 20, 3, 10), (2, 21, 3, 11), (2, 22, 3, 12), (2, 21, 1, 13), (2, 21, 1, 14)]
+
+
+def test_duplicate_ratings_are_rejected_by_default():
+    with pytest.raises(ValueError, match=r"3 ratings repeat an earlier \(user, movie\) pair, e.g. \[\(1, 10\), "
+                                         r"\(2, 21\)\].*duplicates='first'"):
+        ml.leave_one_out(make_ratings(DUPLICATES))
+    with pytest.raises(ValueError, match=r"duplicates must be one of \('error', 'first'\)"):
+        ml.leave_one_out(make_ratings(TIES), duplicates="last")
+
+
+def test_duplicates_first_keeps_earliest_and_never_leaks_the_target():
+    split = ml.leave_one_out(make_ratings(DUPLICATES), duplicates="first")
+    assert split.items[split.offsets[0]:split.offsets[1]].tolist() == [10, 11, 12, 13]
+    assert split.ratings[split.offsets[0]:split.offsets[1]].tolist() == [3, 4, 5, 2]  # first rating of 10
+    assert split.items[split.offsets[1]:split.offsets[2]].tolist() == [20, 21, 22]
+    for which in ("val", "test"):
+        targets = split.targets(which)
+        mask = split.exclude_mask(which)
+        assert not mask[np.arange(len(targets)), targets].any(), which  # target not in visible history
+        ex = ml.phoenix_examples(split, which, history_len=10)
+        assert not (ex["history_post_ids"] == ex["target_post_ids"][:, None]).any(), which
+
+
+def test_recompute_from_dump_follows_the_duplicate_rule(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_format(data, "grouplens_100k", DUPLICATES)
+    split = ml.leave_one_out(ml.load_ratings(data), duplicates="first")
+    path = tmp_path / "topk.csv"
+    ml.dump_topk(path, split.user_ids[split.eval_users()], ml.baseline_topk(split, "test", "popularity", k=10))
+    check = ml.recompute_from_dump(path, data)
+    table = ml.evaluate_baseline(split, "test", "popularity")
+    assert (check["HR@10"], check["NDCG@10"]) == (pytest.approx(table["HR@10"]), pytest.approx(table["NDCG@10"]))
+    assert check["history_items_in_topk"] == 0
+
+
+def test_no_user_with_enough_ratings_is_a_clear_error(tmp_path):
+    rows = [(1, 10, 3, 1), (1, 11, 3, 2), (2, 10, 3, 1)]
+    with pytest.raises(ValueError, match=r"no user has >= 3 ratings \(MIN_EVAL_RATINGS.*found max 2 over 2 users"):
+        ml.leave_one_out(make_ratings(rows))
+    # The dump checker used to divide by zero on the same data.
+    write_format(tmp_path, "grouplens_100k", rows)
+    (tmp_path / "dump.csv").write_text("user_id,item_1\n1,10\n")
+    with pytest.raises(ValueError, match=r"no user has >= 3 ratings"):
+        ml.recompute_from_dump(tmp_path / "dump.csv", tmp_path)
+
+
+@pytest.mark.parametrize("text, line, match", [
+    ("user,item_1\n1,10\n", 1, r"expected the header 'user_id,item_1,...'"),
+    ("user_id,item_1\n1,10\n1,11\n", 3, r"user 1 already has a row on line 2"),
+    ("user_id,item_1\n1,ten\n", 2, r"expected integer ids, got \['1', 'ten'\]"),
+], ids=["header", "duplicate-user", "text"])
+def test_bad_dump_rows_name_file_and_line(tmp_path, text, line, match):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_format(data, "grouplens_100k")
+    path = tmp_path / "dump.csv"
+    path.write_text(text)
+    with pytest.raises(ml.RatingsFileError, match=rf"{path}:{line}: {match}"):
+        ml.recompute_from_dump(path, data)
+
+
+def test_float_movie_ids_and_bad_history_len_are_rejected():
+    split = ml.leave_one_out(make_ratings(TIES))
+    with pytest.raises(TypeError, match=r"item_ids: expected integer movie ids, got dtype float64"):
+        split.authors_of(np.array([10.7]))  # used to be truncated to movie 10
+    ex = ml.phoenix_examples(split, "val", 3)
+    with pytest.raises(TypeError, match=r"candidate_post_ids: expected integer movie ids"):
+        ml.phoenix_batch(split, ex, HashConfig(), candidate_post_ids=np.array([[10.0], [20.5]]))
+    with pytest.raises(ValueError, match=r"history_len: expected >= 1, got 0"):
+        ml.phoenix_examples(split, "val", 0)
+    with pytest.raises(ValueError, match=r"rating: expected finite stars"):
+        ml.rating_actions([3.0, np.nan])
+    with pytest.raises(TypeError, match=r"topk_items: expected integer movie ids"):
+        ml.dump_topk("unused.csv", np.array([1]), np.array([[10.5]]))
+
+
+def test_movielens_imports_without_jax():
+    # NumPy-only by design (phoenix_batch imports hashing lazily): no JAX in a fresh interpreter.
+    import subprocess
+    code = ("import sys, movielens; bad = [m for m in sys.modules if m == 'jax' or m.startswith('jax.')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.abspath(ml.__file__)))

@@ -140,6 +140,74 @@ def test_split_ids_jax_matches_split_ids_for_int32():
     np.testing.assert_array_equal(np.asarray(in_jit(ids)), hashing.hash_ids(ids, cfg, "author"))
 
 
+# jax.Array ids of every integer dtype JAX has without x64, and the host ids that used to reach jnp.
+_jitted_post_hash_of_ids = jax.jit(
+    lambda ids: hashing.hash_ids_jax(*hashing.split_ids_jax(ids), small_config(), "post"))
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(st.lists(st.integers(INT64_MIN, INT64_MAX), min_size=8, max_size=8))
+@hypothesis.example([2**40 + 5, 5, 2**32, 0, -1, INT64_MIN, INT64_MAX, 2**31])
+def test_split_ids_jax_of_host_int64_ids_matches_numpy_property(id_list):
+    # Raw int64 ids handed to the JAX path: jnp with x64 off would truncate them to int32.
+    ids = np.array(id_list, dtype=np.int64)
+    np.testing.assert_array_equal(
+        np.asarray(hashing.hash_ids_jax(*hashing.split_ids_jax(ids), small_config(), "post")),
+        hashing.hash_ids(ids, small_config(), "post"))
+    # Jitted: the host splits, the words are the jit arguments (jit itself would truncate int64).
+    np.testing.assert_array_equal(np.asarray(_jitted_post_hash(*hashing.split_ids_jax(ids))),
+                                  hashing.hash_ids(ids, small_config(), "post"))
+
+
+def test_split_ids_jax_keeps_high_word_of_host_ids():
+    cfg = small_config()
+    hashes = np.asarray(hashing.hash_ids_jax(*hashing.split_ids_jax([2**40 + 5, 5]), cfg, "post"))
+    assert not np.array_equal(hashes[0], hashes[1])  # they collided when truncated to int32
+    np.testing.assert_array_equal(hashes, hashing.hash_ids(np.array([2**40 + 5, 5]), cfg, "post"))
+
+
+@hypothesis.settings(max_examples=30, deadline=None)
+@hypothesis.given(st.lists(st.integers(INT64_MIN, INT64_MAX), min_size=8, max_size=8))
+@hypothesis.example([2**40 + 5, 5, 2**32, 0, -1, INT64_MIN, INT64_MAX, 2**31])
+def test_split_ids_jax_of_traced_int64_ids_matches_numpy_with_x64_property(id_list):
+    # With jax_enable_x64 on, int64 ids can be jax arrays inside jit; they are cut into words there.
+    ids = np.array(id_list, dtype=np.int64)
+    with jax.enable_x64(True):
+        traced = jax.jit(lambda x: hashing.hash_ids_jax(*hashing.split_ids_jax(x), small_config(), "post"))
+        got = np.asarray(traced(jnp.asarray(ids)))
+    np.testing.assert_array_equal(got, hashing.hash_ids(ids, small_config(), "post"))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int16, jnp.int32, jnp.uint8, jnp.uint16, jnp.uint32])
+def test_split_ids_jax_matches_numpy_for_every_jax_integer_dtype(dtype):
+    info = np.iinfo(dtype)
+    ids = np.unique(np.array([info.min, info.min + 1, -1, 0, 1, info.max // 2, info.max - 1, info.max],
+                             dtype=np.int64).clip(info.min, info.max)).astype(dtype)
+    # uint32 ids >= 2**31 used to be read as negative int32, i.e. padding.
+    np.testing.assert_array_equal(np.asarray(_jitted_post_hash_of_ids(jnp.asarray(ids))),
+                                  hashing.hash_ids(ids, small_config(), "post"), err_msg=str(dtype))
+
+
+@pytest.mark.parametrize("ids", [jnp.array([1.0, 2.0]), jnp.array([True, False]), np.array([1.5]),
+                                 np.array(["7"]), np.array([1, None], dtype=object)],
+                         ids=["jax-float", "jax-bool", "numpy-float", "string", "object"])
+def test_split_ids_jax_rejects_non_integer_ids(ids):
+    with pytest.raises(TypeError, match=r"user_ids must be integers.*got dtype"):
+        hashing.split_ids_jax(ids, "user_ids")
+
+
+@pytest.mark.parametrize("lo,hi,err,match", [
+    (np.array([2**40 + 5]), np.zeros(1, np.uint32), TypeError, r"lo must be the uint32 words.*int64"),
+    (np.zeros(1, np.uint32), jnp.zeros(1, jnp.int32), TypeError, r"hi must be the uint32 words.*int32"),
+    ([5], np.zeros(1, np.uint32), TypeError, r"lo must be the uint32 words.*list"),
+    (np.zeros(2, np.uint32), np.zeros(3, np.uint32), ValueError, r"lo and hi must have one shape"),
+], ids=["raw-int64-ids-as-words", "int32-word", "list", "shape-mismatch"])
+def test_hash_ids_jax_rejects_anything_but_uint32_words(lo, hi, err, match):
+    # jnp.asarray(lo, uint32) used to cast raw ids silently, dropping their high digits.
+    with pytest.raises(err, match=match):
+        hashing.hash_ids_jax(lo, hi, small_config(), "post")
+
+
 def test_split_ids_golden():
     lo, hi = hashing.split_ids(np.array([0, 1, 2**32 + 3, -1, 2**62], dtype=np.int64))
     np.testing.assert_array_equal(lo, [0, 1, 3, 0xFFFFFFFF, 0])
@@ -316,6 +384,68 @@ def test_batch_from_ids_rejects_bad_shapes(field, bad_shape):
     raw = make_raw_batch()
     raw[field] = np.zeros(bad_shape, dtype=np.int64)
     with pytest.raises(ValueError):
+        hashing.batch_from_ids(**raw, hash_config=small_config())
+
+
+ID_FIELDS = ("user_ids", "history_post_ids", "history_author_ids", "candidate_post_ids",
+             "candidate_author_ids")
+
+
+@pytest.mark.parametrize("field", ID_FIELDS + ("history_surfaces", "candidate_surfaces"))
+@pytest.mark.parametrize("bad", ["float", "integral-float", "nan", "bool", "string", "object"])
+def test_batch_from_ids_rejects_non_integer_ids_and_surfaces(field, bad):
+    # Floats used to be truncated (1.9 -> 1) for surfaces; bool/str/object arrays are no ids either.
+    raw = make_raw_batch()
+    shape = np.shape(raw[field])
+    raw[field] = {"float": np.full(shape, 1.9), "integral-float": np.full(shape, 2.0),
+                  "nan": np.full(shape, np.nan), "bool": np.ones(shape, bool),
+                  "string": np.full(shape, "3"), "object": np.full(shape, 3, dtype=object)}[bad]
+    with pytest.raises(TypeError, match=rf"{field}.*(must be integers|expected int dtype).*dtype"):
+        hashing.batch_from_ids(**raw, hash_config=small_config())
+
+
+@pytest.mark.parametrize("field", ["history_surfaces", "candidate_surfaces"])
+def test_batch_from_ids_rejects_surfaces_outside_int32(field):
+    raw = make_raw_batch()
+    raw[field] = np.asarray(raw[field], np.int64)
+    raw[field][0, 0] = 2**33  # used to wrap to 0 in the int32 cast
+    with pytest.raises(ValueError, match=rf"{field}: expected values in int32 range.*8589934592"):
+        hashing.batch_from_ids(**raw, hash_config=small_config())
+
+
+@pytest.mark.parametrize("bad,err,match", [
+    ("nan", ValueError, r"history_actions: expected finite values, got NaN or inf"),
+    ("inf", ValueError, r"history_actions: expected finite values, got NaN or inf"),
+    ("string", TypeError, r"history_actions: expected number dtype"),
+])
+def test_batch_from_ids_rejects_bad_actions(bad, err, match):
+    raw = make_raw_batch()
+    actions = raw["history_actions"]
+    raw["history_actions"] = actions.astype(str) if bad == "string" else actions
+    if bad != "string":
+        raw["history_actions"][1, 2, 3] = float(bad)
+    with pytest.raises(err, match=match):
+        hashing.batch_from_ids(**raw, hash_config=small_config())
+
+
+def test_batch_from_ids_accepts_every_integer_dtype_and_bool_actions():
+    cfg = small_config()
+    raw = make_raw_batch()
+    expected = hashing.batch_from_ids(**raw, hash_config=cfg)
+    raw["history_surfaces"] = raw["history_surfaces"].astype(np.uint8)
+    raw["candidate_author_ids"] = raw["candidate_author_ids"].astype(np.int16)
+    raw["history_actions"] = raw["history_actions"].astype(bool)
+    got = hashing.batch_from_ids(**raw, hash_config=cfg)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+
+
+def test_batch_from_ids_rejects_uint64_ids_beyond_int64():
+    raw = make_raw_batch()
+    raw["candidate_post_ids"] = raw["candidate_post_ids"].astype(np.uint64)
+    raw["candidate_post_ids"][2, 1] = 2**63
+    with pytest.raises(ValueError, match=r"candidate_post_ids must fit in int64.*9223372036854775808"):
         hashing.batch_from_ids(**raw, hash_config=small_config())
 
 

@@ -2,14 +2,16 @@
 
     uv run run_ranker.py                     # train (or reuse the cached checkpoint), rank, compare
     uv run run_ranker.py --no-train          # the release's demo: random init, random example batch
-    uv run run_ranker.py [--steps 250] [--checkpoint checkpoints/demo_ranker] [--seed 0] [--batch-size 2]
+    uv run run_ranker.py [--steps 250] [--checkpoint DIR] [--seed 0] [--batch-size 2]
+    phoenix-rank [flags]                     # the same, once the package is installed (pip install .)
 
 The model is the release's demo ranker (D=128, 2 layers, key size 64, 2 query + 2 kv heads,
 widening 2, attention multiplier 0.125, S=32, C=8), with hash tables sized to the synthetic world
 (train_synthetic.py: 1k users, 5k posts, 200 authors) and float32 activations (faster than
 bfloat16 on CPU). By default it is trained for --steps steps of 64 users (~60 s on 2 CPU cores,
-progress on stderr) and saved to --checkpoint together with a key of its config, world, seed and
-steps; a later run with the same key loads that checkpoint (`RecsysInferenceRunner.from_checkpoint`)
+progress on stderr) and saved to --checkpoint (default $PHOENIX_CACHE_DIR/checkpoints/demo_ranker,
+$PHOENIX_CACHE_DIR defaulting to ~/.cache/phoenix) together with a key of its config, world, seed
+and steps; a later run with the same key loads that checkpoint (`RecsysInferenceRunner.from_checkpoint`)
 instead of training, a run with another key retrains and overwrites it.
 
 It then ranks the candidates of --batch-size users held out of training (cold-start users: the
@@ -22,7 +24,7 @@ compile time and steady-state time per `rank` call.
 
 Output (seed 0, the defaults; 2 of the 19 bar rows shown):
 
-    trained in 57 s (compile included), saved to checkpoints/demo_ranker (key 754221ffc4679724)
+    trained in 57 s (compile included), saved to ~/.cache/phoenix/checkpoints/demo_ranker (key 754221ffc4679724)
     Held-out user 37 (25 history engagements, id unknown to the model): candidates ranked by [...]
       rank  cand   post  author   predicted   true P(fav)   true rank
          1     3   2544      41      0.9451        0.9689           1
@@ -44,7 +46,6 @@ release's zero-initialised demo.
 """
 
 import argparse
-import os
 import sys
 import time
 
@@ -61,7 +62,7 @@ from recsys_model import HashConfig, PhoenixModelConfig
 from runners import ACTIONS, ModelRunner, RecsysInferenceRunner, create_example_batch
 
 BAR_WIDTH = 30
-DEFAULT_CHECKPOINT = os.path.join("checkpoints", "demo_ranker")
+CHECKPOINT_NAME = "demo_ranker"  # under $PHOENIX_CACHE_DIR/checkpoints (train_synthetic.checkpoint_path)
 DEMO_LEARNING_RATE = 6e-3  # as train_synthetic; 3e-3 learned less in the demo's 250 steps
 DISPLAY_SEED = 20_000  # example stream of the displayed users (evaluation examples use 10_000 + seed)
 
@@ -270,7 +271,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-train", action="store_true", help="untrained release-style demo on a random batch")
     parser.add_argument("--steps", type=int, default=250, help="training steps (part of the cache key)")
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="cached trained ranker")
+    parser.add_argument("--checkpoint", default=ts.checkpoint_path(CHECKPOINT_NAME),
+                        help="cached trained ranker (default: under $PHOENIX_CACHE_DIR, else ~/.cache/phoenix)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and the training stream")
     parser.add_argument("--batch-size", type=int, default=2, help="users per rank call (shown and timed)")
     parser.add_argument("--train-batch-size", type=int, default=64, help="users per training step")
@@ -290,6 +292,12 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     return main_untrained(args) if args.no_train else main_trained(args)
+
+
+def cli() -> None:
+    """The `phoenix-rank` console script: main() without its result dict, which sys.exit would print
+    as an error and turn into exit status 1."""
+    main()
 
 
 if __name__ == "__main__":

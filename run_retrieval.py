@@ -2,38 +2,42 @@
 
     uv run run_retrieval.py                  # train (or reuse the cached checkpoint), retrieve, compare
     uv run run_retrieval.py --no-train       # the release's demo: random init, random batch and corpus
-    uv run run_retrieval.py [--steps 250] [--checkpoint checkpoints/demo_retrieval] [--seed 0] [--top-k 10]
+    uv run run_retrieval.py [--steps 250] [--checkpoint DIR] [--seed 0] [--top-k 10]
+    phoenix-retrieve [flags]                 # the same, once the package is installed (pip install .)
 
 The model is the release's demo two-tower model (user tower: D=128, 2 layers, key size 64, 2+2
 heads, widening 2, multiplier 0.125, S=32; MLP candidate tower), with hash tables sized to the
 synthetic world (train_synthetic.py: 1k users, 5k posts, 200 authors) and float32 activations. By
 default it is trained for --steps steps of in-batch softmax (64 rows) with logQ correction (~45
-s on 2 CPU cores, progress on stderr) and saved to --checkpoint with a key of its config, world,
-seed and steps; a later run with the same key loads it (`RecsysRetrievalInferenceRunner.from_checkpoint`)
-instead of training, a run with another key retrains and overwrites it.
+s on 2 CPU cores, progress on stderr) and saved to --checkpoint (default
+$PHOENIX_CACHE_DIR/checkpoints/demo_retrieval, $PHOENIX_CACHE_DIR defaulting to ~/.cache/phoenix)
+with a key of its config, world, seed and steps; a later run with the same key loads it
+(`RecsysRetrievalInferenceRunner.from_checkpoint`) instead of training, a run with another key
+retrains and overwrites it.
 
 It then encodes every post of the world with the candidate tower (the full corpus), retrieves the
 top --top-k posts for --batch-size users held out of training (cold-start: the model sees their
 history, not their id) and prints them beside the user's TRUE top posts, ranked by the world's
-P(next engaged post | user) (impressions drawn by affinity x engagement probability), with each
-post's true affinity, its true rank and how often the user's history engaged with its author.
+P(next engaged post | user) (impression probability, from affinity, x engagement probability),
+with each post's true affinity, that probability (column P(next)), its true rank and how often
+the user's history engaged with its author.
 Then, over --eval-examples held-out examples: the overlap of the retrieved top-K with the true
 top-K, and recall@100 of the user's actual next engagement over the full corpus for the model, a
 popularity ranking and the oracle; and compile time and steady-state time per `retrieve` call.
 
-Output (seed 0, the defaults; excerpt):
+Output (seed 0, the defaults; excerpt; the true top-10 is sorted by P(next), not by affinity):
 
-    trained in 41 s (compile included), saved to checkpoints/demo_retrieval (key cd493a6b4853c537)
+    trained in 41 s (compile included), saved to ~/.cache/phoenix/checkpoints/demo_retrieval (key cd493a6b4853c537)
     Held-out user 40 (29 history engagements, id unknown to the model): retrieved top-10 | the
-    user's true top-10 (world's P(next engagement)); overlap 6/10
-      rank   post author hist  score  affinity true-rank |   post author hist  affinity
-         1    352     11   14 +0.321     +2.68         6 |    319     11   14     +2.63
-         2   1645     11   14 +0.315     +2.77         5 |    532     11   14     +2.76
+    user's true top-10, sorted by P(next); overlap 7/10
+      rank   post author hist  score  affinity  P(next) true-rank |   post author hist  affinity  P(next)
+         1    532     11   14 +0.279     +2.76   2.820%         2 |    319     11   14     +2.63   2.827%
+         2    352     11   14 +0.277     +2.68   2.802%         6 |    532     11   14     +2.76   2.820%
       ...
     Over 1000 held-out examples (100 users):
-      overlap of the retrieved top-10 with the true top-10: 29.2% (random posts: 0.20%)
-      mean true affinity of the retrieved top-10: +1.57 (random posts: +0.00)
-      recall@100 of the next engaged post over all 5,000 posts: model 0.343, popularity 0.125, oracle 0.577
+      overlap of the retrieved top-10 with the true top-10: 28.0% (random posts: 0.20%)
+      mean true affinity of the retrieved top-10: +1.52 (random posts: +0.00)
+      recall@100 of the next engaged post over all 5,000 posts: model 0.347, popularity 0.125, oracle 0.577
     compile + first call: 0.63 s   steady-state retrieve(top_k=100): 2.07 ms/call (B=2, median of 20)
 
 Duration (2 CPU cores shared with another training job): 47 s from a fresh copy of the repository
@@ -43,7 +47,6 @@ is arbitrary).
 """
 
 import argparse
-import os
 import sys
 import time
 
@@ -61,7 +64,7 @@ from run_ranker import cached_checkpoint, demo_hash_config, demo_world_config, t
 from runners import (ACTIONS, RecsysRetrievalInferenceRunner, RetrievalModelRunner, create_example_batch,
                      create_example_corpus)
 
-DEFAULT_CHECKPOINT = os.path.join("checkpoints", "demo_retrieval")
+CHECKPOINT_NAME = "demo_retrieval"  # under $PHOENIX_CACHE_DIR/checkpoints (train_synthetic.checkpoint_path)
 DEMO_LEARNING_RATE = 6e-3
 DISPLAY_SEED = 20_000  # example stream of the displayed users (evaluation examples use 10_000 + seed)
 RECALL_K = ts.RECALL_K
@@ -142,6 +145,7 @@ def main_trained(args) -> dict:
     retrieved = retriever.corpus_post_ids[np.asarray(out.top_k_indices)]  # [B, K] post ids
     scores = np.asarray(out.top_k_scores)  # [B, K]
     oracle = ts.retrieval_oracle_scores(world, shown["true_user_ids"])  # [B, N]
+    p_next = oracle / oracle.sum(axis=1, keepdims=True)  # [B, N] P(next engaged post = n | user)
 
     print(f"\nPhoenix retrieval: D={args.emb_size}, {args.num_layers} layers, S={args.history_len}, corpus "
           f"{num_posts:,} posts (every post of the world, encoded in {encode_s:.1f} s), top-{top_k}, "
@@ -155,16 +159,17 @@ def main_trained(args) -> dict:
         true_top = np.argsort(-oracle[b])[:top_k]
         overlap = len(set(retrieved[b, :top_k]) & set(true_top))
         print(f"\nHeld-out user {user} ({len(history_authors)} history engagements, id unknown to the model): "
-              f"retrieved top-{top_k} | the user's true top-{top_k} (world's P(next engagement)); "
-              f"overlap {overlap}/{top_k}")
-        print("  rank   post author hist  score  affinity true-rank |   post author hist  affinity")
+              f"retrieved top-{top_k} | the user's true top-{top_k}, sorted by P(next); overlap {overlap}/{top_k}")
+        print("  rank   post author hist  score  affinity  P(next) true-rank |   post author hist  affinity  P(next)")
         for r in range(top_k):
             p, q = retrieved[b, r], true_top[r]
             pa, qa = world.post_author[p], world.post_author[q]
             print(f"  {r + 1:>4}  {p:>5} {pa:>6} {author_counts[pa]:>4} {scores[b, r]:+.3f} "
-                  f"{float(world.affinity(user, p)):>+9.2f} {true_rank[p]:>9} | {q:>6} {qa:>6} "
-                  f"{author_counts[qa]:>4} {float(world.affinity(user, q)):>+9.2f}")
-    print("  (hist: the user's history engagements with the post's author; affinity ~ N(0, 1) over random pairs)")
+                  f"{float(world.affinity(user, p)):>+9.2f} {p_next[b, p]:>8.3%} {true_rank[p]:>9} | "
+                  f"{q:>6} {qa:>6} {author_counts[qa]:>4} {float(world.affinity(user, q)):>+9.2f} {p_next[b, q]:>8.3%}")
+    print("  (P(next): the world's probability that the user's next engaged post is this one, P(impression) x\n"
+          "   P(engagement) averaged over surfaces, normalised over the corpus; the true top and true-rank sort by it.\n"
+          "   hist: the user's history engagements with the post's author; affinity ~ N(0, 1) over random pairs)")
 
     # Over many held-out users, in calls of the displayed shape.
     repeats = max(1, -(-args.eval_examples // len(held_out)))
@@ -223,7 +228,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-train", action="store_true", help="untrained release-style demo on random data")
     parser.add_argument("--steps", type=int, default=250, help="training steps (part of the cache key)")
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="cached trained model")
+    parser.add_argument("--checkpoint", default=ts.checkpoint_path(CHECKPOINT_NAME),
+                        help="cached trained model (default: under $PHOENIX_CACHE_DIR, else ~/.cache/phoenix)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and the training stream")
     parser.add_argument("--batch-size", type=int, default=2, help="users per retrieve call (shown and timed)")
     parser.add_argument("--train-batch-size", type=int, default=64, help="in-batch softmax rows per step")
@@ -244,6 +250,12 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     return main_untrained(args) if args.no_train else main_trained(args)
+
+
+def cli() -> None:
+    """The `phoenix-retrieve` console script: main() without its result dict (sys.exit would print it
+    and exit with status 1)."""
+    main()
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
     uv run run_train.py --data synthetic [flags]          # the synthetic world with planted signal
     uv run run_train.py --data movielens-100k [flags]     # MovieLens-100K, leave-one-out protocol
     uv run run_train.py --data DIR [flags]                # your own MovieLens copy (u.data / ratings.dat)
+    phoenix-train --data ... [flags]                      # the same, once the package is installed
 
 Each data source has its own experiment module (train_synthetic.py, train_movielens.py) holding
 the recipe, the flags (`--help` after `--data ...` lists them), what it prints and how long it
-takes; this script only dispatches.
+takes; this script only dispatches. Checkpoints and downloads go under $PHOENIX_CACHE_DIR (default
+~/.cache/phoenix) unless --checkpoint-dir / --cache-dir say otherwise.
 """
 
 import sys
@@ -25,6 +27,12 @@ def main(argv=None):
     else:
         import train_movielens as experiment
     return experiment.main(argv)
+
+
+def cli() -> None:
+    """The `phoenix-train` console script: main() without its result dict (sys.exit would print it
+    and exit with status 1)."""
+    main()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The demos run end to end in-process: untrained release-style demo, a short training run that
-caches its checkpoint, and a second run that loads that cache instead of retraining."""
+caches its checkpoint (under $PHOENIX_CACHE_DIR, never the working directory), and a second run that
+loads that cache instead of retraining."""
 
 import dataclasses
+import sys
 
 import numpy as np
 import pytest
@@ -9,10 +11,36 @@ import pytest
 import phoenix_checkpoint as checkpoint
 import run_ranker
 import run_retrieval
+import run_train
 import train_synthetic as ts
 
 TINY_MODEL = ["--emb-size", "16", "--num-layers", "1", "--history-len", "8"]
 TINY_WORLD = ["--num-users", "60", "--num-posts", "200", "--num-authors", "20", "--eval-examples", "8"]
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    """Every demo here runs with $PHOENIX_CACHE_DIR in tmp_path and an empty working directory."""
+    cache = tmp_path / "phoenix_cache"
+    monkeypatch.setenv("PHOENIX_CACHE_DIR", str(cache))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    return cache
+
+
+def test_default_checkpoints_live_under_the_cache_dir(cache_dir):
+    assert run_ranker.parse_args([]).checkpoint == str(cache_dir / "checkpoints" / "demo_ranker")
+    assert run_retrieval.parse_args([]).checkpoint == str(cache_dir / "checkpoints" / "demo_retrieval")
+    assert run_ranker.parse_args(["--checkpoint", "mine"]).checkpoint == "mine"
+
+
+@pytest.mark.parametrize("module", [run_ranker, run_retrieval, run_train], ids=lambda m: m.__name__)
+def test_console_script_entry_returns_none(module, monkeypatch):
+    # The console-script wrapper calls sys.exit(cli()): a dict there prints and exits with status 1.
+    calls = []
+    monkeypatch.setattr(module, "main", lambda argv=None: calls.append(argv) or {"scores": 1})
+    monkeypatch.setattr(sys, "argv", ["phoenix-x", "--seed", "1"])
+    assert module.cli() is None and calls == [None]
 
 
 def test_ranker_demo_untrained(capsys):
@@ -31,12 +59,14 @@ def test_retrieval_demo_untrained(capsys):
     assert len(np.unique(out["scores"])) > 1
 
 
-def test_ranker_demo_trains_then_reuses_its_cache(tmp_path, capsys):
-    argv = ["--steps", "3", "--checkpoint", str(tmp_path / "ranker"), *TINY_MODEL, "--num-candidates", "4",
-            *TINY_WORLD]
+def test_ranker_demo_trains_then_reuses_its_cache(cache_dir, tmp_path, capsys):
+    argv = ["--steps", "3", *TINY_MODEL, "--num-candidates", "4", *TINY_WORLD]  # default --checkpoint
     first = run_ranker.main(argv)
     text = capsys.readouterr().out
     assert not first["loaded"] and "training the demo ranker: 3 steps" in text
+    saved = cache_dir / "checkpoints" / "demo_ranker"
+    assert f"saved to {saved}" in text and run_ranker.cached_checkpoint(str(saved), "none") == "stale"
+    assert not list((tmp_path / "cwd").iterdir())  # nothing written into the working directory
     assert "true P(fav)" in text and "Spearman rank correlation" in text and "P(favorite):" in text
     assert np.isfinite(first["spearman_favorite"]) and -1 <= first["spearman_favorite"] <= 1
     assert np.all(first["scores"].max(axis=1) - first["scores"].min(axis=1) > 0)  # not constant over candidates
@@ -55,12 +85,31 @@ def test_retrieval_demo_trains_then_reuses_its_cache(tmp_path, capsys):
     assert not first["loaded"] and "training the demo retrieval model: 3 steps" in text
     assert "true top-5" in text and "overlap of the retrieved top-5" in text and "recall@100" in text
     assert first["retrieved"].shape == (2, 100) and len(np.unique(first["retrieved"][0])) == 100
+    check_true_top_is_sorted_by_printed_p_next(text, top_k=5)
 
     second = run_retrieval.main(argv)
     text = capsys.readouterr().out
     assert second["loaded"] and "loading the cached demo retrieval model" in text and "training" not in text
     np.testing.assert_array_equal(second["retrieved"], first["retrieved"])
     assert second["recall"] == first["recall"]
+
+
+def check_true_top_is_sorted_by_printed_p_next(text: str, top_k: int):
+    """The printed table shows P(next) for both halves and the true top-K is sorted by it."""
+    assert "sorted by P(next)" in text and text.count("affinity  P(next)") == 4  # 2 users x 2 halves
+    rows = [line.split("|") for line in text.splitlines()
+            if "|" in line and line.split()[0].isdigit()]  # [2 * top_k] table rows
+    assert len(rows) == 2 * top_k
+    percent = lambda cell: float(cell.rstrip("%")) / 100
+    for user in range(2):
+        block = rows[user * top_k:(user + 1) * top_k]
+        left = [(percent(l.split()[6]), int(l.split()[7])) for l, _ in block]  # (P(next), true rank)
+        right = [percent(r.split()[-1]) for _, r in block]
+        assert right == sorted(right, reverse=True) and right[0] > 0
+        for p, true_rank in left:  # a retrieved post's probability sits where its true rank says
+            assert p <= right[0]
+            if true_rank <= top_k:
+                assert p == right[true_rank - 1]
 
 
 def test_cache_is_keyed_and_a_stale_cache_is_not_reused(tmp_path):

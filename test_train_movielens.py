@@ -272,9 +272,11 @@ def test_training_steps_reduce_the_loss(world, experiment):
 # --------------------------------------------------------------------------- real data
 
 
-def test_real_movielens_windows_cover_the_97171_training_examples():
+def test_real_movielens_windows_cover_the_97171_training_examples(tmp_path):
+    # Read the user's cached copy if there is one; a download goes to tmp_path, never into their cache.
+    cache = None if (ml.cache_dir() / ml.WHEEL_FILE).exists() else tmp_path
     try:
-        ratings = ml.load_ratings(ml.SOURCE_ML100K)
+        ratings = ml.load_ratings(ml.SOURCE_ML100K, cache)
     except Exception as error:  # no network and no cached wheel
         pytest.skip(f"MovieLens-100K unavailable: {error}")
     split = ml.leave_one_out(ratings)
@@ -282,3 +284,11 @@ def test_real_movielens_windows_cover_the_97171_training_examples():
     rows, starts, lengths = tm.training_windows(split, history_len, np.random.default_rng(0))
     assert int((lengths - 1).sum()) == len(split.target_positions("train")[0]) == 97_171
     assert lengths.max() <= history_len + 1
+
+
+def test_default_checkpoint_dir_is_under_phoenix_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHOENIX_CACHE_DIR", str(tmp_path))
+    args, _ = tm.parse_args([])
+    assert args.checkpoint_dir == str(tmp_path / "checkpoints" / "movielens") and args.cache_dir is None
+    monkeypatch.delenv("PHOENIX_CACHE_DIR")
+    assert tm.parse_args([])[0].checkpoint_dir == str(ml.DEFAULT_CACHE_DIR / "checkpoints" / "movielens")

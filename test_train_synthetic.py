@@ -157,3 +157,11 @@ def test_checkpoints_reproduce_the_reported_figures(tiny_run):
     top = np.asarray(retriever.retrieve(to_retrieval_batch(examples, hashes), top_k=ts.RECALL_K).top_k_indices)
     recall = np.mean([p in row for p, row in zip(examples["positive_post_ids"], top)])
     assert recall == pytest.approx(result["retrieval"]["model"], abs=0.01)
+
+
+def test_default_checkpoint_dir_is_under_phoenix_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHOENIX_CACHE_DIR", str(tmp_path))
+    assert ts.parse_args([]).checkpoint_dir == str(tmp_path / "checkpoints" / "synthetic")
+    monkeypatch.delenv("PHOENIX_CACHE_DIR")
+    assert ts.parse_args([]).checkpoint_dir == str(ts.ml.DEFAULT_CACHE_DIR / "checkpoints" / "synthetic")
+    assert ts.parse_args(["--checkpoint-dir", "mine"]).checkpoint_dir == "mine"

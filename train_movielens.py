@@ -6,9 +6,10 @@
 Prints, on stderr, each stage's progress bar (training.fit: step, loss, steps/s, ETA; the first
 step's compile time on its own line) and its validation HR@10 / NDCG@10 four times; the best of
 those (by NDCG@10) is saved with Trainer.save to DIR/retrieval and DIR/ranker (default
-checkpoints/movielens/; runners.*.from_checkpoint load them) and read back for the final
-evaluation. On stdout: a markdown table of HR@10, NDCG@10, HR@50 and MRR on validation and test
-for popularity, transition, retrieval alone and two-stage, with the seed and wall time. With
+$PHOENIX_CACHE_DIR/checkpoints/movielens/, $PHOENIX_CACHE_DIR defaulting to ~/.cache/phoenix;
+runners.*.from_checkpoint load them) and read back for the final evaluation. On stdout: a markdown
+table of HR@10, NDCG@10, HR@50 and MRR on validation and test for popularity, transition,
+retrieval alone and two-stage, with the seed and wall time. With
 --dump-topk, every test user's final top-10 (raw MovieLens ids) goes to PATH as CSV
 (movielens.dump_topk) and movielens.recompute_from_dump's HR@10 / NDCG@10 of that file are printed
 next to the table's.
@@ -111,7 +112,6 @@ from recsys_retrieval_model import PhoenixRetrievalModelConfig, l2_normalize
 NUM_ACTIONS = len(ml.ACTIONS)
 RETRIEVE_K = 100  # the retrieval stage hands this many movies per user to the ranker
 FINAL_K = 10  # the list a user sees (and the dump holds)
-DEFAULT_CHECKPOINT_DIR = os.path.join("checkpoints", "movielens")
 # Actions the ratings can set (movielens.RATING_ACTIONS); the other 15 are always 0 and only
 # dilute the ranking loss, so they get weight 0.
 TRAINED_ACTIONS = ("click_score", "favorite_score", "share_score", "not_interested_score")
@@ -711,7 +711,8 @@ def parse_args(argv):
     parser.add_argument("--data", default=ml.SOURCE_ML100K, help=f"{ml.SOURCE_ML100K!r} or a directory")
     parser.add_argument("--cache-dir", default=None, help="download cache (movielens.py)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR)
+    parser.add_argument("--checkpoint-dir", default=str(ml.cache_dir() / "checkpoints" / "movielens"),
+                        help="where retrieval/ and ranker/ are saved (default: under $PHOENIX_CACHE_DIR)")
     parser.add_argument("--dump-topk", default=None, metavar="PATH",
                         help="write every test user's final top-10 (raw movie ids) as CSV and re-check it")
     for field in dataclasses.fields(Recipe):

@@ -1,7 +1,7 @@
 """Train both Phoenix models on the synthetic world and show that they learn.
 
     uv run run_train.py --data synthetic [--seed 0] [--steps-ranker 1200] [--steps-retrieval 800]
-                                         [--checkpoint-dir checkpoints/synthetic] [sizes, see --help]
+                                         [--checkpoint-dir DIR] [sizes, see --help]
 
 Shape glossary
   B batch (users)   S history length   C candidates   D embedding size   A actions (19)
@@ -19,8 +19,9 @@ measured on users held out of training (10% of the world's users, `SyntheticWorl
              post encoded by the candidate tower, scored against the user tower's representation;
 
 then one row per action, and the wall times. Checkpoints (trainer format: parameters, hash tables,
-optimiser state, config; `runners.*.from_checkpoint` loads them) go to
-`<checkpoint-dir>/ranker` and `<checkpoint-dir>/retrieval`. `main` returns the figures as a dict.
+optimiser state, config; `runners.*.from_checkpoint` loads them) go to `<checkpoint-dir>/ranker` and
+`<checkpoint-dir>/retrieval`, by default under the cache directory: $PHOENIX_CACHE_DIR/checkpoints/synthetic
+($PHOENIX_CACHE_DIR defaults to ~/.cache/phoenix). `main` returns the figures as a dict.
 
 Measured (`uv run run_train.py --data synthetic`, seed 0, 2 CPU cores shared with another
 training job, float32), 100 held-out users x 50 examples:
@@ -93,6 +94,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import movielens as ml
 import phoenix_checkpoint as checkpoint
 import phoenix_training as training
 from phoenix_datasets import SyntheticWorld, WorldConfig, auc, to_recsys_batch, to_retrieval_batch
@@ -102,7 +104,6 @@ from recsys_model import HashConfig, PhoenixModelConfig, RecsysBatch
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
 from runners import ACTIONS
 
-DEFAULT_CHECKPOINT_DIR = os.path.join("checkpoints", "synthetic")
 FAVORITE = ACTIONS.index("favorite_score")
 RECALL_K = 100
 EVAL_BATCH = 250  # rows per predict call in evaluation; the default 5,000 examples split evenly
@@ -156,6 +157,12 @@ def optimizer_config(learning_rate: float, steps: int, warmup_steps: int = 50) -
     return training.OptimizerConfig(learning_rate=learning_rate, warmup_steps=warmup,
                                     decay_steps=steps if steps > warmup else None,
                                     sparse_table_updates=False)
+
+
+def checkpoint_path(name: str) -> str:
+    """Default checkpoint location: <cache>/checkpoints/<name>, the cache being $PHOENIX_CACHE_DIR or
+    ~/.cache/phoenix (movielens.cache_dir). Read when called, not at import, so that tests can redirect it."""
+    return str(ml.cache_dir() / "checkpoints" / name)
 
 
 def cache_key(*parts) -> str:
@@ -489,7 +496,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="parameter init, batch streams, evaluation examples")
     p.add_argument("--steps-ranker", type=int, default=1200)
     p.add_argument("--steps-retrieval", type=int, default=800)
-    p.add_argument("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR)
+    p.add_argument("--checkpoint-dir", default=checkpoint_path("synthetic"),
+                   help="where ranker/ and retrieval/ are saved (default: under $PHOENIX_CACHE_DIR)")
     p.add_argument("--only", choices=("ranker", "retrieval"), default=None, help="train one model only")
     g = p.add_argument_group("world (defaults: module docstring)")
     g.add_argument("--world-seed", type=int, default=world.seed)

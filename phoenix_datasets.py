@@ -37,11 +37,12 @@ with B = 128: ~15 ms; WorldConfig.large() with B = 256: ~0.1-0.3 s on one CPU co
 
 import dataclasses
 import math
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
 from phoenix_hashing import PAD_ID, batch_from_ids
+from phoenix_validation import check_number
 from recsys_model import HashConfig, RecsysBatch
 from runners import ACTIONS
 
@@ -81,6 +82,53 @@ _MAX_REDRAWS = 20
 _WORLD_STREAM, _SPLIT_STREAM, _EXAMPLE_STREAM, _RANKING_STREAM, _RETRIEVAL_STREAM = range(5)
 
 
+# Smallest allowed value of each integer field of WorldConfig (None: any int).
+_INT_FIELDS = {"num_users": 1, "num_posts": 1, "num_authors": 1, "latent_dim": 1, "num_product_surfaces": 1,
+               "history_len": 1, "num_candidates": 1, "min_history_len": 0, "seed": None}
+# Closed range [low, high] of each real field; all must be finite (impression_temperature: > 0).
+_REAL_FIELDS = {"affinity_scale": (0.0, math.inf), "popularity_std": (0.0, math.inf),
+                "popularity_weight": (0.0, math.inf), "surface_shift_std": (0.0, math.inf),
+                "author_spread": (0.0, 1.0), "impression_affinity_share": (0.0, 1.0),
+                "impression_temperature": (0.0, math.inf), "impressions_per_slot": (1.0, math.inf),
+                "candidate_relevant_fraction": (0.0, 1.0)}
+
+
+def _check_int(value, name: str, low: Optional[int] = 1) -> int:
+    """An int (NumPy ints too, bool not) >= low; low=None allows any int."""
+    if low is None:
+        check_number(value, name, "an int", lambda v: True, integer=True)
+    else:
+        check_number(value, name, f"an int >= {low}", lambda v: v >= low, integer=True)
+    return int(value)
+
+
+def _check_real(value, name: str, low: float = -math.inf, high: float = math.inf) -> float:
+    """A finite real number (not bool) in [low, high]."""
+    check_number(value, name, f"a finite number in [{low}, {high}]", lambda v: low <= v <= high)
+    return float(value)
+
+
+def _check_ids(ids, name: str, size: int, size_name: str, ndim: Optional[int] = None,
+               nonempty: bool = False) -> np.ndarray:
+    """Ids as int64: an integer array (`ndim` dims if given) with values in [0, size).
+
+    NumPy would wrap negative ids around to the last rows and truncate float ids; both are refused.
+    """
+    ids = np.asarray(ids)
+    if ids.size == 0 and ids.dtype == np.float64:
+        ids = ids.astype(np.int64)  # np.asarray([]) is float64; an empty list is a fine empty batch
+    if not np.issubdtype(ids.dtype, np.integer):  # bool is not an np.integer
+        raise TypeError(f"{name}: expected integer ids, got dtype {ids.dtype}")
+    if ndim is not None and ids.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array of ids, got shape {ids.shape}")
+    if nonempty and ids.size == 0:
+        raise ValueError(f"{name}: expected at least one id, got shape {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= size):
+        raise ValueError(f"{name}: expected ids in [0, {size}) ({size_name}), got range "
+                         f"[{ids.min()}, {ids.max()}]")
+    return ids.astype(np.int64, copy=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
     """Sizes and knobs of a `SyntheticWorld`; defaults are the laptop demo (builds in ~10 ms)."""
@@ -106,18 +154,21 @@ class WorldConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not 1 <= self.num_authors <= self.num_posts:
-            raise ValueError("need 1 <= num_authors <= num_posts")
-        if not 1 <= self.num_product_surfaces <= MAX_PRODUCT_SURFACES:
-            raise ValueError(f"num_product_surfaces must be in [1, {MAX_PRODUCT_SURFACES}]")
-        if not 0 <= self.min_history_len <= self.history_len:
-            raise ValueError("need 0 <= min_history_len <= history_len")
-        if self.num_candidates < 1 or self.num_users < 1 or self.latent_dim < 1:
-            raise ValueError("num_candidates, num_users and latent_dim must be >= 1")
-        if not 0.0 <= self.author_spread <= 1.0:
-            raise ValueError("author_spread must be in [0, 1]")
-        if self.impressions_per_slot < 1.0:
-            raise ValueError("impressions_per_slot must be >= 1 (a history needs S impressions)")
+        for name, low in _INT_FIELDS.items():
+            _check_int(getattr(self, name), f"WorldConfig.{name}", low)
+        for name, (low, high) in _REAL_FIELDS.items():
+            _check_real(getattr(self, name), f"WorldConfig.{name}", low, high)
+        if not self.impression_temperature > 0:  # it divides the affinity logits
+            raise ValueError(f"WorldConfig.impression_temperature: expected > 0, got {self.impression_temperature}")
+        if self.num_authors > self.num_posts:
+            raise ValueError(f"WorldConfig.num_authors: expected <= num_posts ({self.num_posts}; every author "
+                             f"has a post), got {self.num_authors}")
+        if self.num_product_surfaces > MAX_PRODUCT_SURFACES:
+            raise ValueError(f"WorldConfig.num_product_surfaces: expected <= {MAX_PRODUCT_SURFACES} (the "
+                             f"models' surface vocabulary), got {self.num_product_surfaces}")
+        if self.min_history_len > self.history_len:
+            raise ValueError(f"WorldConfig.min_history_len: expected <= history_len ({self.history_len}), "
+                             f"got {self.min_history_len}")
 
     @property
     def num_impressions(self) -> int:
@@ -137,8 +188,8 @@ def _generator(seed: int, stream: int, sub_seed: int = 0) -> np.random.Generator
 
 def split_users(num_users: int, held_out_fraction: float = 0.1, seed: int = 0):
     """Deterministic split of user ids 0..U-1 into (train_ids, held_out_ids), both sorted int64."""
-    if not 0.0 <= held_out_fraction <= 1.0:
-        raise ValueError("held_out_fraction must be in [0, 1]")
+    _check_int(num_users, "num_users", 0)
+    _check_real(held_out_fraction, "held_out_fraction", 0.0, 1.0)
     perm = _generator(seed, _SPLIT_STREAM).permutation(num_users)  # [U]
     num_held_out = int(round(held_out_fraction * num_users))
     return np.sort(perm[num_held_out:]).astype(np.int64), np.sort(perm[:num_held_out]).astype(np.int64)
@@ -218,33 +269,56 @@ class SyntheticWorld:
 
     # ----------------------------------------------------------------------------- oracle
 
+    def _check_users(self, user_ids, name: str = "user_ids", **kwargs) -> np.ndarray:
+        return _check_ids(user_ids, name, self.cfg.num_users, "num_users", **kwargs)
+
+    def _check_posts(self, post_ids, name: str = "post_ids") -> np.ndarray:
+        return _check_ids(post_ids, name, self.cfg.num_posts, "num_posts")
+
+    def _check_surfaces(self, surfaces) -> np.ndarray:
+        return _check_ids(surfaces, "surfaces", self.cfg.num_product_surfaces, "num_product_surfaces")
+
     def affinity(self, user_ids, post_ids) -> np.ndarray:
         """<x_u, p_n> / sqrt(L) for broadcastable user_ids and post_ids -> [...] float32."""
-        users = self.user_latent[np.asarray(user_ids)]  # [..., L]
-        posts = self.post_latent[np.asarray(post_ids)]  # [..., L]
+        return self._affinity(self._check_users(user_ids), self._check_posts(post_ids))
+
+    def _affinity(self, user_ids, post_ids) -> np.ndarray:
+        users = self.user_latent[user_ids]  # [..., L]
+        posts = self.post_latent[post_ids]  # [..., L]
         return (users * posts).sum(-1) / np.float32(math.sqrt(self.cfg.latent_dim))
 
     def probabilities_from_affinity(self, affinity, popularity, surfaces) -> np.ndarray:
         """The link function: affinity, popularity, surfaces (broadcastable [...]) -> [..., A]."""
+        for name, x in (("affinity", affinity), ("popularity", popularity)):
+            if not np.all(np.isfinite(np.asarray(x, np.float64))):
+                raise ValueError(f"{name}: expected finite values, got NaN or inf")
+        return self._link(affinity, popularity, self._check_surfaces(surfaces))
+
+    def _link(self, affinity, popularity, surfaces) -> np.ndarray:
         cfg = self.cfg
         affinity = np.asarray(affinity, np.float32)[..., None]  # [..., 1]
         popularity = np.asarray(popularity, np.float32)[..., None]  # [..., 1]
-        logits = (self.action_base + self.surface_shift[np.asarray(surfaces)]
+        logits = (self.action_base + self.surface_shift[surfaces]
                   + self.action_sign * self.action_scale * np.float32(cfg.affinity_scale) * affinity
                   + self.positive_actions * np.float32(cfg.popularity_weight) * popularity)
         return _sigmoid(logits).astype(np.float32)  # [..., A]
 
     def true_probabilities(self, user_ids, post_ids, surfaces) -> np.ndarray:
         """Oracle P(action | user, post, surface) for broadcastable ids [...] -> [..., A] float32."""
-        post_ids = np.asarray(post_ids)
-        return self.probabilities_from_affinity(
-            self.affinity(user_ids, post_ids), self.post_popularity[post_ids], surfaces)
+        return self._true_probabilities(self._check_users(user_ids), self._check_posts(post_ids),
+                                        self._check_surfaces(surfaces))
+
+    def _true_probabilities(self, user_ids, post_ids, surfaces) -> np.ndarray:
+        return self._link(self._affinity(user_ids, post_ids), self.post_popularity[post_ids], surfaces)
 
     # ----------------------------------------------------------------------------- samplers
 
     def author_probabilities(self, user_ids) -> np.ndarray:
         """softmax(affinity(u, author) / impression_temperature): user_ids [B] -> [B, M] float32."""
-        users = self.user_latent[np.asarray(user_ids)]  # [B, L]
+        return self._author_probabilities(self._check_users(user_ids, ndim=1))
+
+    def _author_probabilities(self, user_ids) -> np.ndarray:
+        users = self.user_latent[user_ids]  # [B, L]
         logits = users @ self.author_latent.T  # [B, M]
         logits *= np.float32(1.0 / (math.sqrt(self.cfg.latent_dim) * self.cfg.impression_temperature))
         logits -= logits.max(axis=1, keepdims=True)
@@ -252,7 +326,7 @@ class SyntheticWorld:
         return probs / probs.sum(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
 
     def _author_sampler(self, user_ids) -> _RowSampler:
-        return _RowSampler(self.author_probabilities(user_ids))
+        return _RowSampler(self._author_probabilities(user_ids))
 
     def _affinity_posts(self, sampler: _RowSampler, rows, num: int, rng) -> np.ndarray:
         """Posts drawn by affinity for the users at `rows` [b] of `sampler` -> post ids [b, num]."""
@@ -267,10 +341,11 @@ class SyntheticWorld:
     def impression_probabilities(self, user_ids, chunk: int = 1024) -> np.ndarray:
         """Exact probability [N] that an impression of a user drawn uniformly from user_ids is post n."""
         share = self.cfg.impression_affinity_share
-        user_ids = np.asarray(user_ids)
+        user_ids = self._check_users(user_ids, ndim=1, nonempty=True)
+        chunk = _check_int(chunk, "chunk")
         author_probs = np.zeros(self.cfg.num_authors)  # [M]
         for start in range(0, len(user_ids), chunk):
-            author_probs += self.author_probabilities(user_ids[start:start + chunk]).sum(
+            author_probs += self._author_probabilities(user_ids[start:start + chunk]).sum(
                 axis=0, dtype=np.float64)
         author_probs /= len(user_ids)
         per_post = author_probs[self.post_author] / self.author_num_posts[self.post_author]  # [N]
@@ -287,7 +362,7 @@ class SyntheticWorld:
     def _impressions(self, user_ids, sampler: _RowSampler, rows, rng):
         """I impressions per user in time order: post ids [b, I], surfaces [b, I], actions [b, I, A]."""
         posts, surfaces = self._impression_posts(sampler, rows, self.cfg.num_impressions, rng)
-        probs = self.true_probabilities(user_ids[rows][:, None], posts, surfaces)  # [b, I, A]
+        probs = self._true_probabilities(user_ids[rows][:, None], posts, surfaces)  # [b, I, A]
         actions = (rng.random(probs.shape) < probs).astype(np.float32)  # [b, I, A]
         return posts, surfaces, actions
 
@@ -332,7 +407,7 @@ class SyntheticWorld:
     def _rng(self, rng_or_seed) -> np.random.Generator:
         if isinstance(rng_or_seed, np.random.Generator):
             return rng_or_seed
-        return _generator(self.cfg.seed, _EXAMPLE_STREAM, int(rng_or_seed))
+        return _generator(self.cfg.seed, _EXAMPLE_STREAM, _check_int(rng_or_seed, "rng_or_seed", 0))
 
     # ----------------------------------------------------------------------------- examples
 
@@ -349,7 +424,7 @@ class SyntheticWorld:
         labels [B, C, A] float32 sampled from oracle [B, C, A] float32.
         """
         cfg, rng = self.cfg, self._rng(rng_or_seed)
-        user_ids = np.asarray(user_ids, np.int64)
+        user_ids = self._check_users(user_ids, ndim=1)
         batch = len(user_ids)
         sampler = self._author_sampler(user_ids)
         posts, surfaces, actions, counts = self._engaged_sequences(user_ids, sampler, rng,
@@ -366,7 +441,7 @@ class SyntheticWorld:
         # Shuffle so that a candidate's slot says nothing about how it was drawn.
         candidates = rng.permuted(candidates, axis=1)
         candidate_surfaces = rng.integers(0, cfg.num_product_surfaces, size=candidates.shape)
-        oracle = self.true_probabilities(user_ids[:, None], candidates, candidate_surfaces)
+        oracle = self._true_probabilities(user_ids[:, None], candidates, candidate_surfaces)
         example.update(
             candidate_post_ids=candidates,
             candidate_author_ids=self.post_author[candidates],  # [B, C]
@@ -384,7 +459,7 @@ class SyntheticWorld:
         The history holds >= 1 engagement unless a user had only one after all redraws.
         """
         cfg, rng = self.cfg, self._rng(rng_or_seed)
-        user_ids = np.asarray(user_ids, np.int64)
+        user_ids = self._check_users(user_ids, ndim=1)
         posts, surfaces, actions, counts = self._engaged_sequences(
             user_ids, self._author_sampler(user_ids), rng, cfg.min_history_len + 1)
         if np.any(counts < 1):
@@ -409,7 +484,11 @@ class SyntheticWorld:
 
     def engagement_probability(self, user_ids, post_ids, surfaces) -> np.ndarray:
         """P(at least one positive action) for broadcastable ids [...] -> [...] float64."""
-        probs = self.true_probabilities(user_ids, post_ids, surfaces)[..., self.positive_actions]
+        return self._engagement_probability(self._check_users(user_ids), self._check_posts(post_ids),
+                                            self._check_surfaces(surfaces))
+
+    def _engagement_probability(self, user_ids, post_ids, surfaces) -> np.ndarray:
+        probs = self._true_probabilities(user_ids, post_ids, surfaces)[..., self.positive_actions]
         return 1.0 - np.prod(1.0 - probs.astype(np.float64), axis=-1)
 
     def positive_frequencies(self, user_ids, num_users: int = 20_000, seed: int = 0,
@@ -428,15 +507,19 @@ class SyntheticWorld:
         that unseen posts keep a sensible non-zero frequency.
         """
         cfg = self.cfg
-        rng = _generator(cfg.seed, _RETRIEVAL_STREAM, 2**32 + seed)
-        users = rng.choice(np.asarray(user_ids, np.int64), size=num_users)  # [U']
+        user_ids = self._check_users(user_ids, ndim=1, nonempty=True)
+        num_users, chunk = _check_int(num_users, "num_users"), _check_int(chunk, "chunk")
+        impressions_per_user = _check_int(impressions_per_user, "impressions_per_user")
+        _check_real(pseudo_counts_per_post, "pseudo_counts_per_post", 0.0)
+        rng = _generator(cfg.seed, _RETRIEVAL_STREAM, 2**32 + _check_int(seed, "seed", 0))
+        users = rng.choice(user_ids, size=num_users)  # [U']
         mass = np.zeros(cfg.num_posts)  # [N]
         for start in range(0, num_users, chunk):
             batch = users[start:start + chunk]  # [b]
             posts, surfaces = self._impression_posts(self._author_sampler(batch),
                                                      np.arange(len(batch)), impressions_per_user,
                                                      rng)  # [b, K]
-            engage = self.engagement_probability(batch[:, None], posts, surfaces)  # [b, K]
+            engage = self._engagement_probability(batch[:, None], posts, surfaces)  # [b, K]
             weights = engage / engage.sum(axis=1, keepdims=True)  # [b, K], rows sum to 1
             mass += np.bincount(posts.ravel(), weights.ravel(), minlength=cfg.num_posts)
         prior_users = users[:chunk * 4]  # the prior is a smoother: a few thousand users suffice
@@ -452,8 +535,9 @@ class SyntheticWorld:
 
         Yields `ranking_examples` dicts, or (RecsysBatch, labels, oracle) when hash_config is given.
         """
-        rng = _generator(self.cfg.seed, _RANKING_STREAM, seed)
-        user_ids = np.asarray(user_ids, np.int64)
+        user_ids = self._check_users(user_ids, ndim=1, nonempty=True)
+        batch_size = _check_int(batch_size, "batch_size")
+        rng = _generator(self.cfg.seed, _RANKING_STREAM, _check_int(seed, "seed", 0))
         while True:
             examples = self.ranking_examples(rng.choice(user_ids, size=batch_size), rng)
             yield examples if hash_config is None else to_recsys_batch(examples, hash_config)
@@ -465,8 +549,9 @@ class SyntheticWorld:
         Yields `retrieval_examples` dicts, or (RecsysBatch with the positive in candidate slot 0,
         positive_post_ids [B]) when hash_config is given.
         """
-        rng = _generator(self.cfg.seed, _RETRIEVAL_STREAM, seed)
-        user_ids = np.asarray(user_ids, np.int64)
+        user_ids = self._check_users(user_ids, ndim=1, nonempty=True)
+        batch_size = _check_int(batch_size, "batch_size")
+        rng = _generator(self.cfg.seed, _RETRIEVAL_STREAM, _check_int(seed, "seed", 0))
         while True:
             examples = self.retrieval_examples(rng.choice(user_ids, size=batch_size), rng)
             if hash_config is None:
@@ -497,6 +582,10 @@ def to_retrieval_batch(examples: dict, hash_config: HashConfig) -> RecsysBatch:
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """ROC AUC of scores [n] against binary labels [n] (Mann-Whitney, ties count half); NaN if one class."""
     scores, labels = np.asarray(scores, np.float64).ravel(), np.asarray(labels).ravel() > 0
+    if scores.shape != labels.shape:
+        raise ValueError(f"labels: expected {scores.size} values (one per score), got {labels.size}")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores: expected finite values, got NaN or inf")
     num_pos, num_neg = labels.sum(), (~labels).sum()
     if num_pos == 0 or num_neg == 0:
         return float("nan")

@@ -57,7 +57,7 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from recsys_retrieval_model import INF, check_top_k
-from phoenix_validation import check_array
+from phoenix_validation import check_array, check_number, values_enabled
 
 # Full float32 products: GPUs may otherwise round f32 matmul inputs to TF32 (~1e-3 relative),
 # and the index promises brute-force results. Same code and speed as the default on CPU (measured).
@@ -170,17 +170,36 @@ def _check_post_ids(corpus_post_ids, num_rows: int) -> Optional[np.ndarray]:
     if ids.shape != (num_rows,):
         raise ValueError(f"corpus_post_ids: expected shape ({num_rows},) to match corpus_embeddings, "
                          f"got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):  # post_ids maps missing results to -1
+        raise TypeError(f"corpus_post_ids: expected integer dtype, got dtype {ids.dtype}")
     return ids
 
 
 def _check_positive(value, name: str) -> Optional[int]:
+    """None, or an int >= 1: Python or NumPy ints; bool (an int subclass) and floats are refused."""
     if value is None:
         return None
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__}")
-    if int(value) < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value}")
+    check_number(value, name, "a positive int", lambda v: v >= 1, integer=True)
     return int(value)
+
+
+def _check_finite_query(user_representation) -> None:
+    """A NaN/inf user would score every entry NaN (exact indexes) or find nothing (FAISS: -1).
+
+    Not validation.check_finite: this checks after the float32 cast the search applies (a float64
+    1e39 is inf there), and a device array costs one [B] reduction and a sync, not a copy to the
+    host. Skipped under PHOENIX_VALIDATE_VALUES=0 and when traced (inside the caller's jit).
+    """
+    if not values_enabled() or isinstance(user_representation, jax.core.Tracer):
+        return
+    if isinstance(user_representation, jax.Array):
+        row_ok = np.asarray(_rows_finite(user_representation.astype(jnp.float32)))  # [B]
+    else:
+        with np.errstate(over="ignore"):  # overflowing the cast is what we are looking for
+            row_ok = np.isfinite(np.asarray(user_representation, np.float32)).all(axis=1)  # [B]
+    if not row_ok.all():
+        raise ValueError(f"user_representation: expected finite values, got NaN or inf in "
+                         f"{int((~row_ok).sum())} rows (first: row {int(np.argmin(row_ok))})")
 
 
 def _to_device_corpus(corpus_embeddings, device=None) -> jax.Array:
@@ -207,11 +226,18 @@ class _Index:
         top_k = check_top_k(top_k, self.num_rows, "corpus entries")
         if corpus_mask is not None:
             check_array(corpus_mask, "corpus_mask", (self.num_rows,), "bool")
+        _check_finite_query(user_representation)
         return top_k
 
     def post_ids(self, indices) -> np.ndarray:
         """Maps corpus indices [B, K] to `corpus_post_ids` [B, K] (host NumPy); index -1 maps to -1."""
         indices = np.asarray(indices)
+        if not np.issubdtype(indices.dtype, np.integer):
+            raise TypeError(f"indices: expected integer corpus indices, got dtype {indices.dtype}")
+        if indices.size and (indices.min() < -1 or indices.max() >= self.num_rows):
+            # NumPy would wrap -2 to the last row; -1 is FaissIndex's "no result".
+            raise ValueError(f"indices: expected corpus indices in [-1, {self.num_rows}), got range "
+                             f"[{indices.min()}, {indices.max()}]")
         if self.corpus_post_ids is None:
             return indices
         ids = self.corpus_post_ids[np.maximum(indices, 0)]
@@ -465,7 +491,9 @@ class FaissIndex(_Index):
     centroids score best. Vectors are stored uncompressed, so the scores of returned entries
     are exact and only recall is approximate (`recall_at_k`). Runs on the host, returns NumPy.
     Unlike the exact indexes, masked entries are never returned: if fewer than K valid entries
-    lie in the probed lists, the tail has index -1 and score -INF.
+    lie in the probed lists (a mask, or small lists with a small nprobe), the tail has index -1
+    and score -INF. Check for it (`indices < 0`) before indexing with the result; `post_ids`
+    maps -1 to -1.
 
     Args:
       corpus_embeddings: [N, D] float, finite (copied into the FAISS index).
@@ -485,18 +513,33 @@ class FaissIndex(_Index):
         _check_finite_host(corpus)
         nlist = _check_positive(nlist, "nlist") or max(1, round(NLIST_PER_SQRT_N * math.sqrt(self.num_rows)))
         self.nlist = min(nlist, self.num_rows)
-        self.nprobe = _check_positive(nprobe, "nprobe")
+        self.nprobe = nprobe
+        check_number(seed, "seed", "an int >= 0", lambda v: v >= 0, integer=True)
         quantizer = faiss.IndexFlatIP(self.dim)
         self.index = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
-        self.index.cp.seed = seed
+        self.index.cp.seed = int(seed)
         num_train = min(self.num_rows, TRAIN_POINTS_PER_LIST * self.nlist)
         sample = np.random.default_rng(seed).choice(self.num_rows, num_train, replace=False)
         self.index.train(corpus[np.sort(sample)])
         self.index.add(corpus)
         self._faiss = faiss
 
+    @property
+    def nprobe(self) -> int:
+        """Lists scanned per query; may be changed between searches (capped at nlist)."""
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value) -> None:
+        if value is None:
+            raise TypeError("nprobe: expected a positive int, got None")
+        self._nprobe = _check_positive(value, "nprobe")
+
     def search(self, user_representation, top_k: int, corpus_mask=None):
-        """Approximate top-k -> (indices [B, K] int32, scores [B, K] float32), NumPy, best first."""
+        """Approximate top-k -> (indices [B, K] int32, scores [B, K] float32), NumPy, best first.
+
+        Entries FAISS found nothing for are index -1 with score -INF (see the class doc).
+        """
         top_k = self._check_query(user_representation, top_k, corpus_mask)
         faiss = self._faiss
         user = np.ascontiguousarray(np.asarray(user_representation, np.float32))  # [B, D]

@@ -50,6 +50,107 @@ def test_config_validation(overrides):
         WorldConfig(**overrides)
 
 
+BAD_CONFIGS = {
+    "nan-affinity_scale": (dict(affinity_scale=float("nan")), ValueError, r"WorldConfig.affinity_scale:.*got nan"),
+    "inf-popularity_std": (dict(popularity_std=math.inf), ValueError, r"WorldConfig.popularity_std:.*got inf"),
+    "negative-popularity_std": (dict(popularity_std=-1.0), ValueError, r"WorldConfig.popularity_std:.*got -1.0"),
+    "negative-surface_shift_std": (dict(surface_shift_std=-0.1), ValueError, r"WorldConfig.surface_shift_std"),
+    "negative-popularity_weight": (dict(popularity_weight=-0.5), ValueError, r"WorldConfig.popularity_weight"),
+    "negative-affinity_scale": (dict(affinity_scale=-1.0), ValueError, r"WorldConfig.affinity_scale"),
+    "nan-author_spread": (dict(author_spread=float("nan")), ValueError, r"WorldConfig.author_spread:.*got nan"),
+    "nan-share": (dict(impression_affinity_share=float("nan")), ValueError, r"WorldConfig.impression_affinity_share"),
+    "share>1": (dict(impression_affinity_share=1.5), ValueError, r"WorldConfig.impression_affinity_share"),
+    "zero-temperature": (dict(impression_temperature=0.0), ValueError,
+                         r"WorldConfig.impression_temperature: expected > 0, got 0.0"),
+    "nan-temperature": (dict(impression_temperature=float("nan")), ValueError, r"WorldConfig.impression_temperature"),
+    "inf-impressions": (dict(impressions_per_slot=math.inf), ValueError, r"WorldConfig.impressions_per_slot"),
+    "nan-relevant-fraction": (dict(candidate_relevant_fraction=float("nan")), ValueError,
+                              r"WorldConfig.candidate_relevant_fraction"),
+    "float-num_users": (dict(num_users=10.5), TypeError, r"WorldConfig.num_users: expected an int >= 1, got float"),
+    "bool-num_candidates": (dict(num_candidates=True), TypeError, r"WorldConfig.num_candidates: expected an int"),
+    "zero-latent_dim": (dict(latent_dim=0), ValueError, r"WorldConfig.latent_dim: expected an int >= 1, got 0"),
+    "zero-history_len": (dict(history_len=0, min_history_len=0), ValueError, r"WorldConfig.history_len"),
+    "negative-min_history": (dict(min_history_len=-1), ValueError, r"WorldConfig.min_history_len"),
+    "string-affinity_scale": (dict(affinity_scale="1.5"), TypeError, r"WorldConfig.affinity_scale: expected a finite"),
+    "authors>posts": (dict(num_authors=10, num_posts=5), ValueError,
+                      r"WorldConfig.num_authors: expected <= num_posts \(5.*got 10"),
+}
+
+
+@pytest.mark.parametrize("overrides, error, message", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
+def test_config_rejects_bad_values_naming_the_field(overrides, error, message):
+    with pytest.raises(error, match=message):
+        WorldConfig(**overrides)
+
+
+def test_config_accepts_numpy_numbers():
+    cfg = WorldConfig(num_users=np.int64(10), num_posts=np.int32(50), num_authors=np.int64(5),
+                      affinity_scale=np.float32(2.0))
+    assert SyntheticWorld(cfg).user_latent.shape == (10, cfg.latent_dim)
+
+
+def _bad_id_calls():
+    w = SyntheticWorld(SMALL)
+    U, N, P = SMALL.num_users, SMALL.num_posts, SMALL.num_product_surfaces
+    users = rf"user_ids: expected ids in \[0, {U}\) \(num_users\)"
+    posts = rf"post_ids: expected ids in \[0, {N}\) \(num_posts\)"
+    return {
+        "ranking-negative": (lambda: w.ranking_examples([-1]), ValueError, users + r", got range \[-1, -1\]"),
+        "ranking-too-large": (lambda: w.ranking_examples([U]), ValueError, users + rf", got range \[{U}, {U}\]"),
+        "ranking-float": (lambda: w.ranking_examples([1.0, 2.0]), TypeError,
+                          r"user_ids: expected integer ids, got dtype float64"),
+        "ranking-bool": (lambda: w.ranking_examples(np.array([True])), TypeError, r"user_ids:.*got dtype bool"),
+        "ranking-2d": (lambda: w.ranking_examples([[1, 2]]), ValueError,
+                       r"user_ids: expected a 1-D array of ids, got shape \(1, 2\)"),
+        "ranking-scalar": (lambda: w.ranking_examples(3), ValueError, r"user_ids: expected a 1-D.*shape \(\)"),
+        "ranking-float-seed": (lambda: w.ranking_examples([1], 1.5), TypeError, r"rng_or_seed: expected an int"),
+        "retrieval-negative": (lambda: w.retrieval_examples(np.array([3, -2])), ValueError,
+                               users + r", got range \[-2, 3\]"),
+        "retrieval-float": (lambda: w.retrieval_examples(np.array([0.5])), TypeError, r"user_ids: expected integer"),
+        "affinity-negative-user": (lambda: w.affinity(-1, 3), ValueError, users),
+        "affinity-negative-post": (lambda: w.affinity(1, -3), ValueError, posts),
+        "affinity-post-too-large": (lambda: w.affinity(1, N), ValueError, posts),
+        "true-prob-float-post": (lambda: w.true_probabilities(1, 2.0, 0), TypeError, r"post_ids: expected integer"),
+        "true-prob-surface": (lambda: w.true_probabilities(1, 2, P), ValueError,
+                              rf"surfaces: expected ids in \[0, {P}\) \(num_product_surfaces\)"),
+        "true-prob-negative-surface": (lambda: w.true_probabilities(1, 2, -1), ValueError, r"surfaces:"),
+        "engagement-negative-user": (lambda: w.engagement_probability([0, -1], [1, 2], [0, 0]), ValueError, users),
+        "engagement-negative-post": (lambda: w.engagement_probability(0, -1, 0), ValueError, posts),
+        "link-nan-affinity": (lambda: w.probabilities_from_affinity(np.nan, 0.0, 0), ValueError,
+                              r"affinity: expected finite"),
+        "link-bad-surface": (lambda: w.probabilities_from_affinity(0.0, 0.0, P), ValueError, r"surfaces:"),
+        "author-probs-2d": (lambda: w.author_probabilities([[0]]), ValueError, r"user_ids: expected a 1-D"),
+        "author-probs-negative": (lambda: w.author_probabilities([-1]), ValueError, users),
+        "impressions-empty": (lambda: w.impression_probabilities([]), ValueError, r"user_ids: expected at least one"),
+        "frequencies-negative": (lambda: w.positive_frequencies([-1], num_users=4), ValueError, users),
+        "ranking-batches-empty": (lambda: next(w.ranking_batches([], 4)), ValueError, r"user_ids: expected at least"),
+        "ranking-batches-bool-size": (lambda: next(w.ranking_batches([0], True)), TypeError, r"batch_size"),
+        "retrieval-batches-negative": (lambda: next(w.retrieval_batches([-1], 2)), ValueError, users),
+        "split-nan-fraction": (lambda: datasets.split_users(10, float("nan")), ValueError, r"held_out_fraction"),
+        "auc-length-mismatch": (lambda: datasets.auc(np.zeros(3), np.zeros(2)), ValueError, r"labels: expected 3"),
+        "auc-nan-score": (lambda: datasets.auc(np.array([0.1, np.nan]), np.array([0, 1])), ValueError, r"scores:"),
+    }
+
+
+BAD_ID_CALLS = _bad_id_calls()
+
+
+@pytest.mark.parametrize("call, error, message", BAD_ID_CALLS.values(), ids=BAD_ID_CALLS.keys())
+def test_bad_ids_and_arguments_raise_clear_errors(call, error, message):
+    """NumPy would silently wrap -1 to the last user and truncate float ids: both must raise."""
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_valid_ids_in_any_integer_dtype_and_empty_batches(world):
+    want = world.ranking_examples(np.array([3, 7], np.int64), 0)
+    got = world.ranking_examples(np.array([3, 7], np.int32), 0)
+    assert_dicts_equal(got, want)
+    assert world.ranking_examples([], 0)["candidate_post_ids"].shape == (0, SMALL.num_candidates)
+    np.testing.assert_array_equal(world.affinity(np.uint16(SMALL.num_users - 1), 0),
+                                  world.affinity(SMALL.num_users - 1, 0))
+
+
 # ---------------------------------------------------------------------------------------------
 # Determinism
 # ---------------------------------------------------------------------------------------------

@@ -194,7 +194,7 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     import numpy as np
     import jax
     import phoenix_index as index
-    from test_index import assert_same_as_brute_force, int_corpus, unit_rows
+    from test_phoenix_index import assert_same_as_brute_force, int_corpus, unit_rows
 
     assert "faiss" not in sys.modules, "phoenix_index.py must import faiss lazily"
     assert jax.device_count() == 8, jax.devices()
@@ -241,6 +241,9 @@ def _error_cases():
     nan_corpus, inf_corpus = corpus.copy(), corpus.copy()
     nan_corpus[17, 3] = np.nan
     inf_corpus[4, 0] = np.inf
+    nan_user, inf_user = user.copy(), user.copy()
+    nan_user[1, 2] = np.nan
+    inf_user[0, 7] = -np.inf
     return {
         "top_k=0": (lambda: idx().search(user, 0), ValueError, r"top_k: expected 1 <= top_k <= 50.*got 0"),
         "top_k>N": (lambda: idx().search(user, 51), ValueError, r"top_k: expected 1 <= top_k <= 50.*got 51"),
@@ -271,6 +274,29 @@ def _error_cases():
         "block_size-float": (lambda: CorpusIndex(corpus, block_size=2.0), TypeError, r"block_size: expected a positive int"),
         "sharded-bad-axis": (lambda: ShardedCorpusIndex(corpus, axis_name="rows", mesh=jax.make_mesh((1,), ("x",))),
                              ValueError, r"axis_name: expected one of \('x',\), got 'rows'"),
+        "query-nan": (lambda: idx().search(nan_user, 3), ValueError,
+                      r"user_representation: expected finite values, got NaN or inf in 1 rows \(first: row 1\)"),
+        "query-inf": (lambda: idx().search(inf_user, 3), ValueError, r"user_representation:.*NaN or inf.*row 0"),
+        "query-nan-jax": (lambda: idx().search(jnp.asarray(nan_user), 3), ValueError,
+                          r"user_representation:.*NaN or inf.*row 1"),
+        "query-overflows-float32": (lambda: idx().search(np.full((1, 8), 1e39), 3), ValueError,
+                                    r"user_representation:.*NaN or inf"),
+        "query-nan-masked": (lambda: idx().search(nan_user, 3, mask), ValueError, r"user_representation:.*NaN"),
+        "sharded-query-nan": (lambda: ShardedCorpusIndex(corpus).search(nan_user, 3), ValueError,
+                              r"user_representation:.*NaN or inf.*row 1"),
+        "chunk_size-bool": (lambda: CorpusIndex(corpus, chunk_size=True), TypeError,
+                            r"chunk_size: expected a positive int, got bool"),
+        "block_size-numpy-bool": (lambda: CorpusIndex(corpus, block_size=np.True_), TypeError, r"block_size:.*got bool"),
+        "block_size=-1": (lambda: CorpusIndex(corpus, block_size=-1), ValueError,
+                          r"block_size: expected a positive int, got -1"),
+        "sharded-chunk_size-bool": (lambda: ShardedCorpusIndex(corpus, chunk_size=True), TypeError, r"chunk_size"),
+        "post-ids-float": (lambda: CorpusIndex(corpus, np.arange(50.0)), TypeError,
+                           r"corpus_post_ids: expected integer dtype, got dtype float64"),
+        "post_ids-below-minus-one": (lambda: idx().post_ids(np.array([[0, -2]])), ValueError,
+                                     r"indices: expected corpus indices in \[-1, 50\), got range \[-2, 0\]"),
+        "post_ids-past-the-end": (lambda: CorpusIndex(corpus, np.arange(50) + 7).post_ids(np.array([[50]])),
+                                  ValueError, r"indices: expected corpus indices in \[-1, 50\)"),
+        "post_ids-float": (lambda: idx().post_ids(np.array([[1.0]])), TypeError, r"indices: expected integer"),
     }
 
 
@@ -281,6 +307,22 @@ ERROR_CASES = _error_cases()
 def test_bad_arguments_raise_clear_errors(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_numpy_ints_are_valid_sizes():
+    user, corpus, mask = int_corpus(300, 8, 2)
+    idx = CorpusIndex(corpus, chunk_size=np.int64(64), block_size=np.int32(8))
+    assert idx.plan(2, 10) == (64, 8) and type(idx.chunk_size) is int
+    assert_same_as_brute_force(idx.search(user, np.int64(10), mask), user, corpus, 10, mask)
+
+
+def test_finite_check_can_be_switched_off_for_trusted_loops(monkeypatch):
+    """PHOENIX_VALIDATE_VALUES=0 skips the query's value check (its sync), as for the models."""
+    user, corpus, _ = int_corpus(50, 8, 2)
+    user[0, 0] = np.nan
+    monkeypatch.setenv("PHOENIX_VALIDATE_VALUES", "0")
+    _, scores = CorpusIndex(corpus).search(user, 3)
+    assert np.isnan(np.asarray(scores)[0]).all()
 
 
 @pytest.mark.parametrize("column", [0, 63, 127])
@@ -345,6 +387,44 @@ def test_faiss_missing_results_are_minus_one(faiss_setup):
     indices, scores = ann.search(user, 10, mask)
     assert (indices[:, 3:] == -1).all() and (scores[:, 3:] == MASKED).all()
     np.testing.assert_array_equal(ann.post_ids(indices)[:, 3:], -1)
+
+
+def test_faiss_small_probed_lists_leave_a_documented_minus_one_tail(faiss_setup):
+    """No mask: one probed list holds far fewer than K entries, so the tail is -1 / -INF."""
+    corpus, user, ann = faiss_setup
+    ann.nprobe, nprobe = 1, ann.nprobe
+    try:
+        indices, scores = ann.search(user, 1000)
+    finally:
+        ann.nprobe = nprobe
+    missing = indices < 0
+    assert missing.any() and (indices[missing] == -1).all() and (scores[missing] == MASKED).all()
+    assert np.isfinite(scores[~missing]).all()
+    assert (np.diff(missing.astype(int), axis=1) >= 0).all()  # found entries first, then the -1 tail
+    np.testing.assert_array_equal(ann.post_ids(indices)[missing], -1)
+
+
+FAISS_ERRORS = {
+    "query-nan": (lambda ann, user: ann.search(np.where(np.arange(32) == 3, np.nan, user), 5), ValueError,
+                  r"user_representation: expected finite values, got NaN or inf in 8 rows"),
+    "nprobe=0": (lambda ann, user: setattr(ann, "nprobe", 0), ValueError, r"nprobe: expected a positive int, got 0"),
+    "nprobe-bool": (lambda ann, user: setattr(ann, "nprobe", True), TypeError, r"nprobe:.*got bool"),
+    "nprobe-float": (lambda ann, user: setattr(ann, "nprobe", 4.0), TypeError, r"nprobe:.*got float"),
+    "nlist-bool": (lambda ann, user: FaissIndex(np.eye(4, dtype=np.float32), nlist=True), TypeError, r"nlist"),
+    "seed-float": (lambda ann, user: FaissIndex(np.eye(4, dtype=np.float32), seed=0.5), TypeError, r"seed"),
+    "top_k>N": (lambda ann, user: ann.search(user, 20_001), ValueError, r"top_k: expected 1 <= top_k <= 20000"),
+}
+
+
+@pytest.mark.parametrize("call, error, message", FAISS_ERRORS.values(), ids=FAISS_ERRORS.keys())
+def test_faiss_bad_arguments_raise_clear_errors(faiss_setup, call, error, message):
+    _, user, ann = faiss_setup
+    nprobe = ann.nprobe
+    try:
+        with pytest.raises(error, match=message):
+            call(ann, user)
+    finally:
+        ann.nprobe = nprobe
 
 
 def test_faiss_missing_extra_names_the_install_command(monkeypatch):

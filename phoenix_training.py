@@ -41,7 +41,8 @@ import phoenix_checkpoint as checkpoint
 from phoenix_hashing import HashEmbeddings
 from recsys_model import HashConfig, PhoenixModelConfig, RecsysBatch
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
-from phoenix_validation import check_array, check_batch, check_hash_range, check_values
+from phoenix_validation import (check_array, check_at_least_one, check_batch, check_binary, check_finite,
+                                check_hash_range, check_number, check_range, check_values)
 
 # A finite stand-in for -inf on masked softmax logits: exp() underflows to exactly 0, and unlike
 # -inf it never produces inf - inf = NaN in a row whose entries are all masked.
@@ -77,23 +78,41 @@ class RankingLossTerms(NamedTuple):
     label_weight: jax.Array  # [] the loss's normaliser: sum of label weights
 
 
+def check_ranking_targets(labels, label_mask, B: int, C: int, A: int) -> None:
+    """Shapes [B, C, A] of labels and label_mask; on host values (not traced ones), labels finite
+    in [0, 1] and masks 0/1. NaN or a label of 2 would otherwise give a silently wrong loss."""
+    check_array(labels, "labels", (B, C, A), "number")
+    check_range(labels, "labels", 0.0, 1.0, " (0/1 or soft labels)")
+    if label_mask is not None:
+        check_array(label_mask, "label_mask", (B, C, A), "number")
+        check_binary(label_mask, "label_mask")
+
+
+def check_action_weights(action_weights, A: int) -> None:
+    """[A] weights, finite and >= 0 (a negative weight would reward the wrong predictions)."""
+    weights = action_weights if hasattr(action_weights, "shape") else np.asarray(action_weights)
+    check_array(weights, "action_weights", (A,), "number")
+    check_range(weights, "action_weights", 0.0)
+
+
 def ranking_loss_terms(logits, labels, candidate_mask, label_mask=None, action_weights=None) -> RankingLossTerms:
     """Per-action sigmoid cross-entropy of the ranker's multi-action logits (spec section 5).
 
     logits, labels [B, C, A]; candidate_mask [B, C] (False for padded candidates);
     label_mask [B, C, A] (optional, False/0 where a label is unknown); action_weights [A] (optional).
+    Labels lie in [0, 1]: 0/1 engagements, or soft labels (e.g. smoothed), which sigmoid
+    cross-entropy takes as target probabilities. Masks hold 0/1; action weights are >= 0.
     Each label's weight is candidate_mask * label_mask * action_weight; the loss is the weighted sum
     of cross-entropies divided by the sum of weights (0 if every label is masked). Masked entries
     are selected away with `where`, so their logits, even inf/NaN, reach neither loss nor gradient.
     """
     check_array(logits, "logits", (None, None, None), "float")
     B, C, A = logits.shape
-    check_array(labels, "labels", (B, C, A), "number")
+    check_ranking_targets(labels, label_mask, B, C, A)
     check_array(candidate_mask, "candidate_mask", (B, C), "number")
-    if label_mask is not None:
-        check_array(label_mask, "label_mask", (B, C, A), "number")
+    check_binary(candidate_mask, "candidate_mask")
     if action_weights is not None:
-        check_array(jnp.asarray(action_weights), "action_weights", (A,), "number")
+        check_action_weights(action_weights, A)
     mask = jnp.broadcast_to(candidate_mask[:, :, None], logits.shape).astype(jnp.float32)  # [B, C, A]
     if label_mask is not None:
         mask = mask * label_mask.astype(jnp.float32)
@@ -126,6 +145,35 @@ def _same_item(positive_ids: jax.Array) -> jax.Array:
     return jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)  # [R, R]
 
 
+def check_temperature(temperature) -> None:
+    """A finite scalar > 0 (0 or NaN would make every logit inf or NaN); traced values pass."""
+    if isinstance(temperature, jax.core.Tracer):
+        return
+    value = np.asarray(temperature)
+    if value.ndim:
+        raise ValueError(f"temperature: expected a scalar > 0, got shape {list(value.shape)}")
+    check_number(value.item(), "temperature", "> 0 and finite", lambda t: t > 0)
+
+
+def check_retrieval_targets(positive_ids, log_q, valid, num_rows: int, letter: str) -> None:
+    """positive_ids [R] or [R, H] ints (H >= 1), log_q [R] finite floats, valid [R] 0/1 (R = num_rows,
+    called `letter` in messages); None skips a check. An [R, 0] id array would make every pair an
+    accidental hit, leaving no negatives."""
+    if positive_ids is not None:
+        if hasattr(positive_ids, "shape") and np.ndim(positive_ids) not in (1, 2):
+            raise ValueError(f"positive_ids: expected [{letter}] or [{letter}, H] item ids, got shape "
+                             f"{list(np.shape(positive_ids))}")
+        check_array(positive_ids, "positive_ids", (num_rows,) + (None,) * (np.ndim(positive_ids) - 1), "int")
+        if np.ndim(positive_ids) == 2:
+            check_at_least_one(positive_ids, "positive_ids", 1, "id per item (H >= 1)")
+    if log_q is not None:
+        check_array(log_q, "log_q", (num_rows,), "float")
+        check_finite(log_q, "log_q", " (log sampling probabilities; an item sampled with probability 0?)")
+    if valid is not None:
+        check_array(valid, "valid", (num_rows,), "number")
+        check_binary(valid, "valid")
+
+
 def retrieval_loss_terms(user, positive, temperature, positive_ids, log_q=None, valid=None) -> RetrievalLossTerms:
     """In-batch sampled softmax for the two-tower model.
 
@@ -138,21 +186,19 @@ def retrieval_loss_terms(user, positive, temperature, positive_ids, log_q=None, 
     positive_ids [R] (or [R, H], e.g. an item's hash values: equal iff all H equal): a column j != i
       holding the same item as row i is an accidental hit, not a negative, and is masked out.
     valid [R] bool: invalid rows add nothing to the loss, and their items are no one's negative.
+    R >= 2: with one row there is no negative, and the loss would be 0 whatever the model.
     Returns the mean over valid rows of logsumexp(row) - logit(positive) (0 if none is valid).
     """
     check_array(user, "user", (None, None), "float")
     num_rows, D = user.shape
+    if num_rows < 2:
+        raise ValueError(f"user: expected at least 2 rows (R >= 2; a row's negatives are the other rows' "
+                         f"positives), got shape {list(user.shape)}")
     check_array(positive, "positive", (num_rows, D), "float")
-    if positive_ids is None or positive_ids.ndim not in (1, 2):
-        raise ValueError(f"positive_ids: expected [R] or [R, H] item ids, got "
-                         f"{None if positive_ids is None else tuple(positive_ids.shape)}")
-    check_array(positive_ids, "positive_ids", (num_rows,) + (None,) * (positive_ids.ndim - 1), "int")
-    if log_q is not None:
-        check_array(log_q, "log_q", (num_rows,), "float")
-    if valid is not None:
-        check_array(valid, "valid", (num_rows,), "number")
-    if isinstance(temperature, (int, float)) and not temperature > 0:
-        raise ValueError(f"temperature: expected > 0, got {temperature}")
+    if positive_ids is None:
+        raise ValueError("positive_ids: expected [R] or [R, H] item ids, got None")
+    check_retrieval_targets(positive_ids, log_q, valid, num_rows, "R")
+    check_temperature(temperature)
     logits = jnp.einsum("id,jd->ij", user.astype(jnp.float32), positive.astype(jnp.float32))  # [R, R]
     logits = logits / temperature
     if log_q is not None:
@@ -214,14 +260,31 @@ class OptimizerConfig:
     sparse_table_updates: bool = True
 
     def __post_init__(self):
+        """Every field checked here: a NaN rate or b1 = 1 would otherwise train to NaN silently."""
+        def field(name, expected, ok, integer=False, optional=False):
+            value = getattr(self, name)
+            if not (optional and value is None):
+                check_number(value, f"OptimizerConfig.{name}", expected + (", or None" if optional else ""), ok,
+                             integer=integer)
+
+        positive = "a finite number > 0"
+        field("learning_rate", positive, lambda v: v > 0)
+        field("table_learning_rate", positive, lambda v: v > 0, optional=True)
+        field("warmup_steps", "an int >= 0", lambda v: v >= 0, integer=True)
+        field("decay_steps", f"an int > warmup_steps ({self.warmup_steps})",
+              lambda v: v > self.warmup_steps, integer=True, optional=True)
+        field("final_learning_rate_fraction", "a number in [0, 1]", lambda v: 0 <= v <= 1)
+        field("b1", "a number in [0, 1)", lambda v: 0 <= v < 1)  # b = 1: bias correction divides by 0
+        field("b2", "a number in [0, 1)", lambda v: 0 <= v < 1)
+        field("eps", positive, lambda v: v > 0)  # eps = 0: 0/0 for a parameter with zero gradient
+        field("weight_decay", "a finite number >= 0", lambda v: v >= 0)
+        field("clip_global_norm", positive, lambda v: v > 0, optional=True)
         if self.table_optimizer not in ("adamw", "rowwise_adagrad"):
             raise ValueError(f"OptimizerConfig.table_optimizer: expected 'adamw' or 'rowwise_adagrad', "
                              f"got {self.table_optimizer!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"OptimizerConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
-            raise ValueError(f"OptimizerConfig.decay_steps ({self.decay_steps}) must exceed "
-                             f"warmup_steps ({self.warmup_steps})")
+        if not isinstance(self.sparse_table_updates, (bool, np.bool_)):
+            raise TypeError(f"OptimizerConfig.sparse_table_updates: expected a bool, "
+                            f"got {type(self.sparse_table_updates).__name__} {self.sparse_table_updates!r}")
 
 
 def learning_rate_schedule(config: OptimizerConfig, peak: Optional[float] = None) -> Callable:
@@ -604,8 +667,8 @@ class RankingTrainer(Trainer):
         _check_hash_config(self.model_config.hash_config, self.hash_config)
         num_actions = self.model_config.num_actions
         self.action_weights = None if action_weights is None else np.asarray(action_weights, np.float32)
-        if self.action_weights is not None and self.action_weights.shape != (num_actions,):
-            raise ValueError(f"action_weights: expected shape ({num_actions},), got {self.action_weights.shape}")
+        if self.action_weights is not None:
+            check_action_weights(self.action_weights, num_actions)
         table_kwargs = {} if table_init_stddev is None else {"init_stddev": table_init_stddev}
 
         def forward(batch, table_sizes=None):
@@ -624,13 +687,13 @@ class RankingTrainer(Trainer):
         terms = ranking_loss_terms(logits, labels, _candidate_mask(batch), label_mask, self.action_weights)
         return terms.loss, {"per_action_loss": terms.per_action_loss}
 
+    def _validate_with_labels(self, batch, labels, label_mask) -> None:
+        B, _, C = self._validate(batch)
+        check_ranking_targets(labels, label_mask, B, C, self.model_config.num_actions)
+
     def step(self, state: TrainState, batch: RecsysBatch, labels, label_mask=None):
         """One optimiser step. `state` is donated: use the returned one."""
-        B, _, C = self._validate(batch)
-        A = self.model_config.num_actions
-        check_array(labels, "labels", (B, C, A), "number")
-        if label_mask is not None:
-            check_array(label_mask, "label_mask", (B, C, A), "number")
+        self._validate_with_labels(batch, labels, label_mask)
         return self._jit_step(state, batch, labels, label_mask)
 
     def _predict(self, params, batch):
@@ -638,6 +701,7 @@ class RankingTrainer(Trainer):
 
     def predict(self, params, batch: RecsysBatch) -> jax.Array:
         """Logits [B, C, A] in float32 (sigmoid gives the action probabilities)."""
+        self._validate(batch)
         return self._jit_predict(params, batch)
 
     def _evaluate(self, params, batch, labels, label_mask):
@@ -646,7 +710,8 @@ class RankingTrainer(Trainer):
         return {"loss": terms.loss, "per_action_loss": terms.per_action_loss}
 
     def evaluate(self, params, batch: RecsysBatch, labels, label_mask=None) -> dict:
-        """Loss and per-action losses on one batch, as device arrays (no host sync)."""
+        """Loss and per-action losses on one batch, as device arrays (no host sync of the results)."""
+        self._validate_with_labels(batch, labels, label_mask)
         return self._jit_evaluate(params, batch, labels, label_mask)
 
 
@@ -676,8 +741,7 @@ class RetrievalTrainer(Trainer):
         self.model_config = model_config.initialize()
         self.hash_config = hash_config or self.model_config.hash_config
         _check_hash_config(self.model_config.hash_config, self.hash_config)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_temperature(temperature)
         self.temperature = float(temperature)
         table_kwargs = {} if table_init_stddev is None else {"init_stddev": table_init_stddev}
 
@@ -710,15 +774,16 @@ class RetrievalTrainer(Trainer):
         terms = self._terms(params, rng, batch, log_q, positive_ids, table_sizes)
         return terms.loss, {"accuracy": terms.accuracy}
 
+    def _validate_with_targets(self, batch, log_q, positive_ids) -> None:
+        B, _, _ = self._validate(batch)
+        if B < 2:
+            raise ValueError(f"batch.user_hashes: expected at least 2 users (B >= 2; a row's negatives are "
+                             f"the other rows' positives), got shape {list(batch.user_hashes.shape)}")
+        check_retrieval_targets(positive_ids, log_q, None, B, "B")
+
     def step(self, state: TrainState, batch: RecsysBatch, log_q=None, positive_ids=None):
         """One optimiser step. `state` is donated: use the returned one."""
-        B, _, _ = self._validate(batch)
-        if log_q is not None:
-            check_array(log_q, "log_q", (B,), "float")
-            if not isinstance(log_q, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(log_q))):
-                raise ValueError("log_q: contains NaN or inf (an item with sampling probability 0?)")
-        if positive_ids is not None and np.ndim(positive_ids) not in (1, 2):
-            raise ValueError(f"positive_ids: expected [B] or [B, H], got shape {np.shape(positive_ids)}")
+        self._validate_with_targets(batch, log_q, positive_ids)
         return self._jit_step(state, batch, log_q, positive_ids)
 
     def _predict(self, params, batch):
@@ -726,6 +791,7 @@ class RetrievalTrainer(Trainer):
 
     def predict(self, params, batch: RecsysBatch):
         """(user [B, D], candidates [B, C, D], candidate_mask [B, C]): unit-norm representations."""
+        self._validate(batch)
         return self._jit_predict(params, batch)
 
     def _evaluate(self, params, batch, log_q, positive_ids):
@@ -733,7 +799,8 @@ class RetrievalTrainer(Trainer):
         return {"loss": terms.loss, "accuracy": terms.accuracy}
 
     def evaluate(self, params, batch: RecsysBatch, log_q=None, positive_ids=None) -> dict:
-        """In-batch loss and top-1 accuracy on one batch, as device arrays (no host sync)."""
+        """In-batch loss and top-1 accuracy on one batch, as device arrays (no host sync of the results)."""
+        self._validate_with_targets(batch, log_q, positive_ids)
         return self._jit_evaluate(params, batch, log_q, positive_ids)
 
 
@@ -771,6 +838,26 @@ def _call_step(trainer: Trainer, state: TrainState, item):
     return trainer.step(state, item)
 
 
+def _is_tty(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except ValueError:  # isatty() on a closed file
+        return False
+
+
+def _check_fit_args(num_steps, log_every, eval_every, eval_fn, stream) -> None:
+    check_number(num_steps, "num_steps", "an int >= 0", lambda v: v >= 0, integer=True)
+    check_number(log_every, "log_every", "an int >= 1", lambda v: v >= 1, integer=True)
+    if eval_every is not None:
+        check_number(eval_every, "eval_every", "an int >= 0 (0 or None: evaluate at the end only), or None",
+                     lambda v: v >= 0, integer=True)
+    if eval_fn is not None and not callable(eval_fn):
+        raise TypeError(f"eval_fn: expected a callable (state -> dict) or None, got {type(eval_fn).__name__}")
+    if not callable(getattr(stream, "write", None)):
+        raise TypeError(f"stream: expected a text stream with .write(), got {type(stream).__name__}")
+
+
 def fit(trainer: Trainer, state: TrainState, batch_iterator: Iterable, num_steps: int, log_every: int = 100,
         eval_fn: Optional[Callable[[TrainState], dict]] = None, eval_every: Optional[int] = None,
         stream=None) -> tuple[TrainState, list[dict]]:
@@ -779,32 +866,46 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator: Iterable, num_steps
     Items of `batch_iterator`: `(batch, labels)` / `(batch, labels, label_mask)` for the ranker,
     `batch` or `(batch, log_q)` for retrieval, or a dict of step keyword arguments.
     The host reads metrics only every `log_every` steps (between reads the device runs ahead), then
-    rewrites a one-line progress report on `stream` (default stderr): step, loss, steps/s, ETA.
+    reports step, loss, steps/s and ETA on `stream` (default stderr): on a terminal it rewrites one
+    line with "\\r"; elsewhere (a log file, a pipe) it writes one plain line per report.
     The first step's time (tracing + compilation + one step) is reported on its own line and kept
-    out of steps/s. `eval_fn(state) -> dict` runs every `eval_every` steps (default: at the end).
+    out of steps/s. `eval_fn(state) -> dict` runs every `eval_every` steps (None or 0: at the end only).
     History entries: {"step", "loss", ..., "steps_per_s"} per log, {"step", "eval/...": ...} per eval.
     """
     stream = sys.stderr if stream is None else stream
+    _check_fit_args(num_steps, log_every, eval_every, eval_fn, stream)
+    tty = _is_tty(stream)
     iterator = iter(batch_iterator)
     history: list[dict] = []
     start_step = int(jax.device_get(state.step))
     window_start = None
     window_steps = 0
     done = 0
+    line_open = False  # a "\r" progress line is on the terminal, not yet ended by "\n"
+
+    def write_line(text: str) -> None:
+        """`text` on a line of its own, ending any open progress line first."""
+        nonlocal line_open
+        stream.write(("\n" if line_open else "") + text + "\n")
+        line_open = False
+        stream.flush()
 
     def log_progress(final: bool) -> None:
-        nonlocal state, window_start, window_steps
+        nonlocal state, window_start, window_steps, line_open
         state, means = trainer.pop_metrics(state)  # syncs with the device
         now = time.perf_counter()
         rate = window_steps / (now - window_start) if window_steps and now > window_start else float("nan")
         eta = (num_steps - done) / rate if math.isfinite(rate) and rate > 0 else float("nan")
         history.append({"step": start_step + done, **means, "steps_per_s": rate})
         loss = means.get("loss", float("nan"))
-        stream.write(f"\rstep {start_step + done}/{start_step + num_steps}  loss {loss:.4f}  "
-                     f"{rate:.2f} steps/s  ETA {_format_duration(eta)}   ")
-        if final:
-            stream.write("\n")
-        stream.flush()
+        report = (f"step {start_step + done}/{start_step + num_steps}  loss {loss:.4f}  "
+                  f"{rate:.2f} steps/s  ETA {_format_duration(eta)}")
+        if tty:
+            stream.write(f"\r{report}   " + ("\n" if final else ""))
+            line_open = not final
+            stream.flush()
+        else:
+            write_line(report)
         window_start, window_steps = time.perf_counter(), 0
 
     def run_eval() -> None:
@@ -812,20 +913,19 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator: Iterable, num_steps
         entry = {"step": start_step + done, **{f"eval/{k}": v for k, v in results.items()}}
         history.append(entry)
         shown = "  ".join(f"{k} {float(np.mean(v)):.4f}" for k, v in results.items())
-        stream.write(f"\neval at step {start_step + done}: {shown}\n")
-        stream.flush()
+        write_line(f"eval at step {start_step + done}: {shown}")
 
     while done < num_steps:
         try:
             item = next(iterator)
         except StopIteration:
-            stream.write(f"\nbatch iterator exhausted after {done} of {num_steps} steps\n")
+            write_line(f"batch iterator exhausted after {done} of {num_steps} steps")
             break
         if done == 0:
             first_start = time.perf_counter()
             state, _ = _call_step(trainer, state, item)
             jax.block_until_ready(state.step)
-            stream.write(f"first step (trace + compile + run): {time.perf_counter() - first_start:.2f} s\n")
+            write_line(f"first step (trace + compile + run): {time.perf_counter() - first_start:.2f} s")
             window_start = time.perf_counter()
         else:
             state, _ = _call_step(trainer, state, item)

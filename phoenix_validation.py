@@ -1,14 +1,18 @@
 """Input checks shared by the models and runners: clear errors before anything is traced.
 
 Shape checks (`check_inputs`) read only static shapes and dtypes, so the models call them at trace
-time at no run-time cost. Value checks (`check_values`: negative hashes, out-of-range product
-surfaces, NaN/inf) need concrete arrays; the runners call them on the host before dispatching the
-compiled function, never inside jitted code. Set PHOENIX_VALIDATE_VALUES=0 to skip the value
-checks in trusted hot loops (shape checks always run: they are free).
+time at no run-time cost; they also reject empty batches (B = 0, C = 0). Value checks
+(`check_values`: negative hashes, out-of-range product surfaces, NaN/inf; `check_range`,
+`check_binary`, `check_finite` for labels, masks and weights) need concrete arrays; the runners and
+trainers call them on the host before dispatching the compiled function, and they pass traced
+values unchecked, so jitted code never syncs for them. Set PHOENIX_VALIDATE_VALUES=0 to skip the
+value checks in trusted hot loops (shape checks always run: they are free).
 """
 
+import math
+import numbers
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -45,6 +49,23 @@ def _fmt(shape) -> str:
     return "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
 
 
+def check_at_least_one(x, name: str, axis: int, what: str) -> None:
+    """Axis `axis` of x is not empty. An empty batch or candidate list would reach an integer
+    modulo by zero inside attention; `what` reads e.g. "candidate (C >= 1)"."""
+    if x.shape[axis] < 1:
+        _fail(ValueError, name, f"at least 1 {what}", f"shape {_fmt(x.shape)}")
+
+
+def check_number(value, name: str, expected: str, ok: Callable[[float], bool], integer: bool = False) -> None:
+    """A Python/NumPy scalar (an int if `integer`; bools are neither), finite, with ok(value) true.
+    `expected` describes the allowed values for the error message, e.g. "a number in [0, 1)"."""
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        _fail(TypeError, name, expected, f"{type(value).__name__} {value!r}")
+    if not math.isfinite(value) or not ok(value):
+        _fail(ValueError, name, expected, repr(value))
+
+
 def check_batch(batch, hash_config, num_actions: Optional[int] = None, history_len: Optional[int] = None,
                 num_candidates: Optional[int] = None, need_candidates: bool = True) -> tuple:
     """Shapes and dtypes of a RecsysBatch's fields against each other and the hash config -> (B, S, C)."""
@@ -52,6 +73,7 @@ def check_batch(batch, hash_config, num_actions: Optional[int] = None, history_l
         raise TypeError(f"batch: expected a RecsysBatch, got {type(batch).__name__}")
     hu, hi, ha = hash_config.num_user_hashes, hash_config.num_item_hashes, hash_config.num_author_hashes
     check_array(batch.user_hashes, "batch.user_hashes", (None, hu), "int")
+    check_at_least_one(batch.user_hashes, "batch.user_hashes", 0, "user (B >= 1)")
     B = batch.user_hashes.shape[0]
     check_array(batch.history_post_hashes, "batch.history_post_hashes", (B, history_len, hi), "int")
     S = batch.history_post_hashes.shape[1]
@@ -61,6 +83,7 @@ def check_batch(batch, hash_config, num_actions: Optional[int] = None, history_l
     C = None
     if need_candidates:
         check_array(batch.candidate_post_hashes, "batch.candidate_post_hashes", (B, num_candidates, hi), "int")
+        check_at_least_one(batch.candidate_post_hashes, "batch.candidate_post_hashes", 1, "candidate (C >= 1)")
         C = batch.candidate_post_hashes.shape[1]
         check_array(batch.candidate_author_hashes, "batch.candidate_author_hashes", (B, C, ha), "int")
         check_array(batch.candidate_product_surface, "batch.candidate_product_surface", (B, C), "int")
@@ -95,6 +118,8 @@ def check_candidate_inputs(batch, embeddings, hash_config, emb_size: int, batch_
     """Checks the candidate fields of a RecsysBatch / RecsysEmbeddings."""
     hi, ha, D = hash_config.num_item_hashes, hash_config.num_author_hashes, emb_size
     check_array(batch.candidate_post_hashes, "batch.candidate_post_hashes", (batch_size, num_candidates, hi), "int")
+    check_at_least_one(batch.candidate_post_hashes, "batch.candidate_post_hashes", 0, "user (B >= 1)")
+    check_at_least_one(batch.candidate_post_hashes, "batch.candidate_post_hashes", 1, "candidate (C >= 1)")
     B = batch.candidate_post_hashes.shape[0]
     C = batch.candidate_post_hashes.shape[1]
     check_array(batch.candidate_author_hashes, "batch.candidate_author_hashes", (B, C, ha), "int")
@@ -154,3 +179,36 @@ def check_hash_range(batch, hash_config) -> None:
         if x.min() < 0 or x.max() >= size:
             raise ValueError(f"batch.{name}: hashes must lie in [0, {size}) (the table size in HashConfig), "
                              f"got range [{x.min()}, {x.max()}]")
+
+
+def _check_each(x, name: str, expected: str, bad_fn) -> None:
+    """Host-side: raises naming the first entry where bad_fn(values) is true. Skipped for traced
+    values and with PHOENIX_VALIDATE_VALUES=0, like check_values."""
+    if x is None or not values_enabled() or not _concrete(x) or not np.size(x):
+        return
+    x = np.asarray(x)
+    if x.dtype == np.bool_:
+        return  # booleans are 0/1 and finite
+    values = x.astype(np.float64)
+    bad = bad_fn(values)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        _fail(ValueError, name, expected,
+              f"{values[where]} at index {list(where)} ({int(bad.sum())} bad of {values.size} entries)")
+
+
+def check_range(x, name: str, low: float, high: Optional[float] = None, note: str = "") -> None:
+    """Host-side: every entry of x finite with low <= x (<= high, if given); e.g. labels in [0, 1]."""
+    expected = f"finite values >= {low:g}" if high is None else f"finite values in [{low:g}, {high:g}]"
+    high = np.inf if high is None else high
+    _check_each(x, name, expected + note, lambda v: ~np.isfinite(v) | (v < low) | (v > high))
+
+
+def check_finite(x, name: str, note: str = "") -> None:
+    """Host-side: no NaN or inf in x."""
+    _check_each(x, name, f"finite values{note}", lambda v: ~np.isfinite(v))
+
+
+def check_binary(x, name: str) -> None:
+    """Host-side: a mask holds only 0/1 (or False/True); NaN, 0.5 or -1 would be silently read as a weight."""
+    _check_each(x, name, "a mask of 0/1 or bool values", lambda v: (v != 0) & (v != 1))

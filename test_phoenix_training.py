@@ -2,6 +2,7 @@
 
 import io
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -448,10 +449,17 @@ def test_metrics_accumulate_on_device_until_popped(ranking):
     assert means["steps"] == 0 and means["loss"] == 0.0
 
 
-def test_fit_logs_progress_and_history(ranking):
+class TerminalStream(io.StringIO):
+    """A StringIO that says it is a terminal, as sys.stderr does in an interactive shell."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def fit_five_steps(ranking, stream):
+    """5 steps, logs every 2, evals every 4 -> (final state, history, evaluated steps)."""
     batch, labels = random_batch(4), random_labels(4)
     state = ranking.init(jax.random.PRNGKey(2), batch)
-    stream = io.StringIO()
     evals = []
 
     def eval_fn(s):
@@ -460,12 +468,44 @@ def test_fit_logs_progress_and_history(ranking):
 
     state, history = training.fit(ranking, state, iter([(batch, labels)] * 5), num_steps=5, log_every=2,
                                   eval_fn=eval_fn, eval_every=4, stream=stream)
+    return state, history, evals
+
+
+REPORT = r"step {}/5  loss \d+\.\d{{4}}  (\d+\.\d\d|nan) steps/s  ETA (\dm\d\ds|\?)"
+EVAL = r"eval at step {}: loss \d+\.\d{{4}}  per_action_loss \d+\.\d{{4}}"
+
+
+@pytest.mark.parametrize("tty", [True, False], ids=["terminal", "file"])
+def test_fit_logs_progress_and_history(ranking, tty):
+    stream = TerminalStream() if tty else io.StringIO()
+    state, history, evals = fit_five_steps(ranking, stream)
     text = stream.getvalue()
-    assert "first step (trace + compile + run)" in text
-    assert "\rstep 2/5" in text and "\rstep 5/5" in text and "steps/s" in text and "ETA" in text
+    first = r"first step \(trace \+ compile \+ run\): \d+\.\d\d s\n"
+    if tty:
+        # One line rewritten in place with \r; an eval line first ends it with \n.
+        pattern = (first + r"\r" + REPORT.format(2) + r"   \r" + REPORT.format(4) + r"   \n" + EVAL.format(4) + r"\n"
+                   + r"\r" + REPORT.format(5) + r"   \n" + EVAL.format(5) + r"\n")
+    else:
+        # A log file gets one plain line per report and no carriage returns.
+        assert "\r" not in text
+        pattern = first + "".join(line + r"\n" for line in (REPORT.format(2), REPORT.format(4), EVAL.format(4),
+                                                             REPORT.format(5), EVAL.format(5)))
+    assert re.fullmatch(pattern, text), repr(text)
     logs = [h for h in history if "loss" in h]
     assert [h["step"] for h in logs] == [2, 4, 5] and [h["steps"] for h in logs] == [2, 2, 1]
     assert evals == [4, 5] and int(state.step) == 5
+
+
+def test_fit_reports_an_exhausted_iterator_on_its_own_line(ranking):
+    batch, labels = random_batch(4), random_labels(4)
+    state = ranking.init(jax.random.PRNGKey(2), batch)
+    stream = TerminalStream()
+    state, history = training.fit(ranking, state, iter([(batch, labels)] * 3), num_steps=5, log_every=2,
+                                  stream=stream)
+    lines = stream.getvalue().split("\n")
+    assert lines[2] == "batch iterator exhausted after 3 of 5 steps", lines
+    assert re.fullmatch(r"\r" + REPORT.format(3) + "   ", lines[3]), lines
+    assert [h["step"] for h in history] == [2, 3] and int(state.step) == 3
 
 
 def test_trainer_checkpoint_resumes_bit_identically(ranking, tmp_path):

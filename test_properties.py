@@ -132,3 +132,28 @@ def test_retrieval_loss_non_negative_and_blind_to_invalid_rows(seed, rows, dup):
     user2[~valid] *= -5
     pos2[~valid] = rng.standard_normal(pos2[~valid].shape)
     np.testing.assert_allclose(float(RETR_LOSS(user2, pos2, ids, log_q, valid)), loss, rtol=1e-5, atol=1e-6)
+
+
+RANK_LOSS_WEIGHTED = jax.jit(training.ranking_loss)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**16), soft=st.booleans(), int_masks=st.booleans(), zero_weight=st.booleans())
+def test_ranking_loss_value_checks_accept_every_valid_input(seed, soft, int_masks, zero_weight):
+    """The host value checks (labels in [0, 1], 0/1 masks, weights >= 0) reject nothing valid:
+    soft or hard labels including the bounds 0 and 1, bool or 0/1 int masks, a zero action weight.
+    Eager calls run the checks, jitted calls skip them (traced values); both give the same loss."""
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    labels = rng.random((3, 4, 5)) if soft else (rng.random((3, 4, 5)) < 0.4)
+    labels = np.where(rng.random((3, 4, 5)) < 0.2, rng.integers(0, 2, (3, 4, 5)), labels).astype(np.float32)
+    cand_mask, label_mask = rng.random((3, 4)) < 0.8, rng.random((3, 4, 5)) < 0.8
+    if int_masks:
+        cand_mask, label_mask = cand_mask.astype(np.int32), label_mask.astype(np.float32)
+    weights = rng.uniform(0.0, 3.0, 5).astype(np.float32)
+    if zero_weight:
+        weights[rng.integers(0, 5)] = 0.0
+    eager = float(training.ranking_loss(logits, labels, cand_mask, label_mask, weights))
+    jitted = float(RANK_LOSS_WEIGHTED(logits, labels, cand_mask, label_mask, weights))
+    assert np.isfinite(eager) and eager >= 0.0
+    np.testing.assert_allclose(eager, jitted, rtol=1e-6, atol=1e-7)

@@ -7,6 +7,14 @@ Command:
   uv run bench.py                   # N = 1M and 10M, B = 1 and 16, top-1000: 7-11 min on 2 busy CPU cores
   uv run bench.py --quick           # N = 100k, fewer runs: under a minute
   uv run bench.py --only retrieval --sizes 1000000 --batches 1,16 --top-k 1000
+  uv run bench.py --profile         # C=500 ranking split into parts beside their FLOP floors: ~20 s
+  uv run bench.py --device-suite --out suite --plot   # ranking + retrieval on the default JAX backend,
+                                    # one process, one table (+ suite.md/.json/.png): ~80 s on 2 CPU cores
+
+Ranking rows: "masked" is the release's model under jax.jit (the reference of vs_masked);
+"isolated" is runner.rank with its default compute_dtype="auto" (float32 on CPU), and
+"isolated_fprop" runner.rank in the model's own dtype. --out OUT also writes the table to OUT.md
+and the rows to OUT.json; --plot adds OUT.png (latency vs C and vs N; needs matplotlib).
 
 Prints a markdown table (one row per method x N x B: compile/build time, steady-state median,
 peak memory, recall@K against the exact index) and then ONE line of JSON with all rows.
@@ -32,6 +40,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from typing import Optional
 
 import numpy as np
 
@@ -201,7 +211,7 @@ def bench_retrieval(args) -> list[dict]:
     return rows
 
 
-RANK_METHODS = ("masked", "isolated", "prefix_reuse", "release_eager")
+RANK_METHODS = ("masked", "isolated", "isolated_fprop", "prefix_reuse", "release_eager")
 RANK_CANDIDATES = (32, 500, 2000)
 EAGER_MAX_C = 500  # op-by-op dispatch at C=2000 takes minutes per call; skipped there
 
@@ -216,13 +226,16 @@ def run_rank_worker(args) -> list[dict]:
     method, C, S = args.rank_worker, args.c, args.history_len
     cfg = demo_config(history_len=S, num_candidates=C)  # the release's demo model: D=128, 2 layers
     cfg.fprop_dtype = jax.numpy.dtype(args.rank_dtype)
-    ranker = RecsysInferenceRunner(ModelRunner(cfg, rng_seed=args.seed), path="masked" if method == "masked"
-                                   else "isolated")
+    ranker = RecsysInferenceRunner(ModelRunner(cfg, rng_seed=args.seed),
+                                   compute_dtype=None if method == "isolated_fprop" else "auto")
     ranker.initialize()
+    release = jax.jit(ranker.runner.forward.apply)  # the release's masked model, compiled
     rows = []
     for B in args.rank_batches:
         batch, emb = create_example_batch(B, cfg.emb_size, S, C, len(ACTIONS), seed=args.seed)
-        if method in ("masked", "isolated"):
+        if method == "masked":
+            fn = lambda: release(ranker.params, None, batch, emb).logits  # noqa: E731
+        elif method in ("isolated", "isolated_fprop"):
             fn = lambda: ranker.rank(batch, emb).scores  # noqa: E731
         elif method == "prefix_reuse":  # user+history encoded once; a new candidate set scored against it
             prefix = ranker.encode_prefix(batch, emb)
@@ -231,7 +244,8 @@ def run_rank_worker(args) -> list[dict]:
             fn = lambda: ranker.runner.forward.apply(ranker.params, None, batch, emb).logits  # noqa: E731
         runs = max(2, args.runs // 2) if method == "release_eager" else args.runs
         first, median, low = time_calls(fn, runs)
-        rows.append(dict(section="ranking", method=method, c=C, b=B, s=S, dtype=args.rank_dtype,
+        dtype = args.rank_dtype if method in ("masked", "release_eager") else ranker.serving_dtype.name
+        rows.append(dict(section="ranking", method=method, c=C, b=B, s=S, dtype=dtype,
                          compile_s=round(max(first - median / 1e3, 0.0), 2), median_ms=round(median, 2),
                          min_ms=round(low, 2), peak_rss_gb=round(peak_rss_gb(), 2)))
     return rows
@@ -274,6 +288,259 @@ def _have_faiss() -> bool:
     return importlib.util.find_spec("faiss") is not None
 
 
+# ---------------------------------------------------------------------------------------------
+# Serving profile and the device suite: everything in one process, calls interleaved.
+
+
+def interleaved_ms(fns: dict, rounds: int) -> dict:
+    """{name: (median ms, min ms)}. Each round calls every fn once, in turn, each waited on: load
+    from other processes then falls on all of them alike, and ratios stay comparable."""
+    import jax
+
+    for fn in fns.values():
+        jax.block_until_ready(fn())  # compile outside the timings
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: (1e3 * statistics.median(t), 1e3 * min(t)) for name, t in times.items()}
+
+
+PEAK_N = 1024  # the peak is measured on a PEAK_N^3 float32 matmul
+
+
+def peak_macs_per_ms(rounds: int) -> float:
+    """Multiply-adds per ms of a large float32 matmul under jit: this machine's practical peak."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((PEAK_N, PEAK_N), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    _, best = interleaved_ms({"matmul": lambda: matmul(x)}, rounds)["matmul"]
+    return PEAK_N**3 / best
+
+
+def ranking_macs(cfg, B: int, S: int, C: int) -> dict:
+    """Multiply-adds of each part of isolated ranking as this library computes it (the floor)."""
+    from grok import ffn_size
+
+    t, hc = cfg.model, cfg.hash_config
+    D, A, V = cfg.emb_size, cfg.num_actions, cfg.product_surface_vocab_size
+    F = ffn_size(D, t.widening_factor)
+    q, kv = t.num_q_heads * t.key_size, t.num_kv_heads * t.key_size
+    P = 1 + S
+    proj, ffn = D * (q + 2 * kv) + q * D, 3 * D * F  # per row: Q/K/V + output projection; gated FFN
+    prefix = (hc.num_user_hashes * D * D + S * ((hc.num_item_hashes + hc.num_author_hashes + 2) * D * D + (A + V) * D)
+              + (t.num_layers - 1) * (P * (proj + ffn) + 2 * P * P * q) + P * D * 2 * kv)  # last layer: K, V only
+    return {"prefix": B * prefix,
+            "candidate projections": B * C * ((hc.num_item_hashes + hc.num_author_hashes) * D * D + V * D) + V * D * D,
+            "attention": B * C * t.num_layers * (proj + 2 * (P + 1) * q + q),
+            "ffn": B * C * t.num_layers * ffn,
+            "output head": B * C * D * A}
+
+
+def profile_ranking(C: int, S: int, B: int, rank_dtype: str, rounds: int, seed: int = 0) -> list[dict]:
+    """C-candidate ranking split into parts, each jitted alone and timed beside its FLOP floor.
+
+    Parts: the prefix (user+history through every layer, path="prefix"); the candidate input
+    projection; one candidate attention block (norm, fused Q/K/V, rotary, attention to the
+    prefix, output projection, norm, residual) times the layer count; one feed-forward block
+    likewise; the output head (final norm, unembedding, sigmoid, ranking). "rank, device inputs"
+    is the whole compiled function; "host overhead" is runner.rank on NumPy inputs (checks,
+    transfer, dispatch) minus that. Each part pays one dispatch, so their sum exceeds the whole.
+    """
+    import haiku as hk
+    import jax
+    import jax.numpy as jnp
+
+    import grok
+    from recsys_model import with_fprop_dtype
+    from run_ranker import demo_config
+    from runners import ACTIONS, ModelRunner, RecsysInferenceRunner, create_example_batch, ranking_output
+
+    cfg = demo_config(history_len=S, num_candidates=C, fprop_dtype=jnp.dtype(rank_dtype))
+    ranker = RecsysInferenceRunner(ModelRunner(cfg, rng_seed=seed))
+    ranker.initialize()
+    dtype, t, params = ranker.serving_dtype, cfg.model, ranker.params
+    serving_cfg = with_fprop_dtype(cfg, dtype)
+    serving = hk.transform(lambda b, e, **kw: serving_cfg.make()(b, e, **kw))
+    batch, emb = create_example_batch(B, cfg.emb_size, S, C, len(ACTIONS), seed=seed)
+    dev_batch, dev_emb = jax.device_put((batch, emb))
+    prefix_fn = jax.jit(lambda p, b, e: serving.apply(p, None, b, e, path="prefix"))
+    prefix = prefix_fn(params, dev_batch, dev_emb)
+    cand_tx = hk.transform(lambda b, e: serving_cfg.make()._fast_candidate_inputs(b, e)[0].astype(dtype))
+    cand_fn = jax.jit(cand_tx.apply)
+    x = cand_fn(params, None, dev_batch, dev_emb)  # [B, C, D]
+    x_mask = dev_batch.candidate_post_hashes[:, :, 0] != 0
+    positions = (1 + S + jnp.arange(C, dtype=jnp.float32))[None, :]
+
+    def attention_block(x, mask, positions, memory):
+        mha = grok.MHABlock(t.num_q_heads, t.num_kv_heads, t.key_size, t.attn_output_multiplier)
+        return x + grok.layer_norm(mha(grok.layer_norm(x), mask, positions, memory, fused=True).embeddings)
+
+    def ffn_block(h):
+        return h + grok.layer_norm(grok.DenseBlock(t.widening_factor)(grok.layer_norm(h), fused=True))
+
+    def head(h, b):
+        h = grok.layer_norm(h)
+        w = hk.get_parameter("unembeddings", [cfg.emb_size, cfg.num_actions], jnp.float32, init=jnp.zeros)
+        probs = jax.nn.sigmoid(jnp.dot(h.astype(jnp.float32), w).astype(dtype).astype(jnp.float32))
+        return ranking_output(probs, b.candidate_post_hashes[:, :, 0] != 0)
+
+    key = jax.random.PRNGKey(seed)
+    parts = {}
+    for name, fn, fn_args in (("attention", attention_block, (x, x_mask, positions, prefix.memory[0])),
+                              ("ffn", ffn_block, (x,)), ("output head", head, (x, dev_batch))):
+        tx = hk.transform(fn)
+        part_params = tx.init(key, *fn_args)
+        parts[name] = (jax.jit(tx.apply), part_params, fn_args)
+    release = jax.jit(ranker.runner.forward.apply)
+    fns = {
+        "prefix": lambda: prefix_fn(params, dev_batch, dev_emb),
+        "candidate projections": lambda: cand_fn(params, None, dev_batch, dev_emb),
+        **{name: (lambda f=f, p=p, a=a: f(p, None, *a)) for name, (f, p, a) in parts.items()},
+        "rank, device inputs": lambda: ranker._rank(params, dev_batch, dev_emb, path="isolated"),
+        "runner.rank": lambda: ranker.rank(batch, emb),
+        "release masked, jit": lambda: release(params, None, dev_batch, dev_emb).logits,
+    }
+    timed = interleaved_ms(fns, rounds)
+    peak = peak_macs_per_ms(max(3, rounds // 3))
+    macs = ranking_macs(cfg, B, S, C)
+    per_layer = {"attention": t.num_layers, "ffn": t.num_layers}
+    macs["rank, device inputs"] = sum(macs.values())
+    on_host, on_device = timed.pop("runner.rank"), timed["rank, device inputs"]
+    timed["host overhead"] = (on_host[0] - on_device[0], on_host[1] - on_device[1])
+    notes = {"host overhead": "runner.rank (NumPy inputs) minus the compiled rank",
+             "release masked, jit": "the release's model, the reference"}
+    rows = []
+    for name, (median, low) in timed.items():
+        scale = t.num_layers if name in ("attention", "ffn") else 1
+        row_dtype = rank_dtype if name == "release masked, jit" else dtype.name
+        row = dict(section="profile", part=name, c=C, b=B, s=S, dtype=row_dtype, median_ms=round(scale * median, 3),
+                   min_ms=round(scale * low, 3), note=notes.get(name, f"one layer x {scale}" if scale > 1 else ""),
+                   peak_gflops=round(2 * peak / 1e6, 1))
+        if name in macs:
+            row.update(mmacs=round(macs[name] / 1e6, 3), floor_ms=round(macs[name] / peak, 4),
+                       x_floor=round(scale * low / (macs[name] / peak), 1))
+        rows.append(row)
+    return rows
+
+
+SUITE_RANK = ((500, 1), (2000, 1), (500, 8))  # (C, B)
+SUITE_SIZES_CPU, SUITE_SIZES_ACCELERATOR = (1_000_000,), (1_000_000, 10_000_000)
+APPROX_RECALL_TARGET = 0.95  # lax.approx_max_k's recall target (exact on CPU, which has no approximate kernel)
+
+
+def device_suite(args) -> list[dict]:
+    """Ranking and retrieval rows on the default JAX backend, in this process (< 5 min on a GPU).
+
+    Ranking: the release's masked model under jax.jit vs runner.rank (compute_dtype "auto") and
+    runner.rank in the model's own dtype. Retrieval: the bare jitted matmul + lax.top_k vs the
+    exact CorpusIndex vs matmul + lax.approx_max_k, with recall against the exact result.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    import phoenix_index as index
+    from run_ranker import demo_config
+    from runners import ACTIONS, ModelRunner, RecsysInferenceRunner, create_example_batch
+
+    backend = jax.default_backend()
+    device = f"{backend}: {jax.devices()[0].device_kind} x{jax.device_count()}"
+    rows = []
+    for C, B in args.suite_rank:
+        cfg = demo_config(history_len=args.history_len, num_candidates=C, fprop_dtype=jnp.dtype(args.rank_dtype))
+        rankers = {}
+        for name, compute in (("runner", "auto"), ("runner_fprop", None)):
+            rankers[name] = RecsysInferenceRunner(ModelRunner(cfg, rng_seed=args.seed), compute_dtype=compute)
+            rankers[name].initialize()
+        params = rankers["runner"].params
+        release = jax.jit(rankers["runner"].runner.forward.apply)
+        batch, emb = create_example_batch(B, cfg.emb_size, args.history_len, C, len(ACTIONS), seed=args.seed)
+        dev_batch, dev_emb = jax.device_put((batch, emb))
+        fns = {"release_masked_jit": lambda: release(params, None, dev_batch, dev_emb).logits,
+               **{name: (lambda r=r: r.rank(batch, emb).scores) for name, r in rankers.items()}}
+        timed = interleaved_ms(fns, args.runs)
+        for name, (median, low) in timed.items():
+            dtype = args.rank_dtype if name != "runner" else rankers["runner"].serving_dtype.name
+            rows.append(dict(section="suite_ranking", method=name, c=C, b=B, s=args.history_len, dtype=dtype,
+                             median_ms=round(median, 3), min_ms=round(low, 3),
+                             vs_release=round(median / timed["release_masked_jit"][0], 3), device=device))
+    k = args.top_k
+    bare = jax.jit(lambda u, c: jax.lax.top_k(u @ c.T, k))
+    approx = jax.jit(lambda u, c: jax.lax.approx_max_k(u @ c.T, k, recall_target=APPROX_RECALL_TARGET))
+    for n in args.suite_sizes:
+        corpus = jax.random.normal(jax.random.PRNGKey(args.seed), (n, DIM), jnp.float32)  # [N, D], built on device
+        corpus = corpus / jnp.linalg.norm(corpus, axis=1, keepdims=True)
+        exact_index = index.CorpusIndex(corpus)
+        for B in args.batches:
+            user = jax.random.normal(jax.random.PRNGKey(args.seed + B), (B, DIM), jnp.float32)
+            user = user / jnp.linalg.norm(user, axis=1, keepdims=True)
+            fns = {"bare_matmul_top_k": lambda: bare(user, corpus)[1],
+                   "corpus_index": lambda: exact_index.search(user, k)[0],
+                   "approx_max_k": lambda: approx(user, corpus)[1]}
+            timed = interleaved_ms(fns, args.runs)
+            exact = np.asarray(bare(user, corpus)[1])
+            found = {"bare_matmul_top_k": exact, "corpus_index": np.asarray(exact_index.search(user, k)[0]),
+                     "approx_max_k": np.asarray(approx(user, corpus)[1])}
+            for name, (median, low) in timed.items():
+                rows.append(dict(section="suite_retrieval", method=name, n=n, b=B, k=k, median_ms=round(median, 3),
+                                 min_ms=round(low, 3), runs=args.runs,
+                                 vs_bare=round(median / timed["bare_matmul_top_k"][0], 3),
+                                 recall=round(index.recall_at_k(found[name], exact), 4), device=device))
+        del exact_index, corpus
+    return rows
+
+
+PROFILE_COLUMNS = ("part", "c", "b", "s", "dtype", "median_ms", "min_ms", "mmacs", "floor_ms", "x_floor", "note")
+SUITE_RANK_COLUMNS = ("method", "c", "b", "s", "dtype", "median_ms", "min_ms", "vs_release", "device")
+SUITE_RETRIEVAL_COLUMNS = ("method", "n", "b", "k", "median_ms", "min_ms", "vs_bare", "recall", "runs", "device")
+
+
+def write_outputs(rows: list[dict], markdown: str, out: Optional[str], plot: bool) -> list[str]:
+    """Writes OUT.md and OUT.json (and OUT.png with plot); returns the paths written."""
+    if out is None:
+        return []
+    paths = [out + ".md", out + ".json"]
+    with open(paths[0], "w") as f:
+        f.write(markdown + "\n")
+    with open(paths[1], "w") as f:
+        json.dump(rows, f, indent=1)
+    if plot:
+        paths.append(plot_rows(rows, out + ".png"))
+    return paths
+
+
+def plot_rows(rows: list[dict], path: str) -> str:
+    """PNG: ranking latency vs C (one line per method and B), retrieval latency vs N (per method and B)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib, an optional extra: uv sync --extra plot") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_rank, ax_ret) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, x_key, sections, title in ((ax_rank, "c", ("ranking", "suite_ranking"), "ranking latency vs candidates C"),
+                                       (ax_ret, "n", ("retrieval", "suite_retrieval"), "top-k latency vs corpus size N")):
+        lines = {}
+        for row in rows:
+            if row.get("section") in sections and "median_ms" in row:
+                lines.setdefault((row["method"], row["b"]), []).append((row[x_key], row["median_ms"]))
+        for (method, b), points in sorted(lines.items()):
+            points.sort()
+            ax.plot(*zip(*points), marker="o", label=f"{method}, B={b}")
+        ax.set(xscale="log", yscale="log", xlabel=x_key.upper(), ylabel="median ms", title=title)
+        if lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 COLUMNS = ("method", "n", "b", "k", "devices", "build_s", "compile_s", "median_ms", "min_ms", "vs_bare", "recall",
            "peak_rss_gb", "note")
 RANK_COLUMNS = ("method", "c", "b", "s", "dtype", "compile_s", "median_ms", "min_ms", "vs_masked", "peak_rss_gb",
@@ -305,7 +572,18 @@ def parse_args(argv=None):
     parser.add_argument("--rank-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     parser.add_argument("--history-len", type=int, default=128, help="ranking: history length S")
     parser.add_argument("--rank-dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                        help="ranking activations (the release's default is bfloat16)")
+                        help="ranking model's fprop_dtype (the release's default is bfloat16)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile ranking of --profile-c candidates (one process): parts vs FLOP floor")
+    parser.add_argument("--profile-c", type=int, default=500, help="--profile: candidates C (B = first --rank-batches)")
+    parser.add_argument("--device-suite", action="store_true",
+                        help="ranking + retrieval rows on the default JAX backend, one process, one table")
+    parser.add_argument("--suite-rank", type=lambda s: [tuple(int(v) for v in x.split("x")) for x in s.split(",")],
+                        default=list(SUITE_RANK), help="--device-suite ranking cases CxB (default 500x1,2000x1,500x8)")
+    parser.add_argument("--suite-sizes", type=lambda s: [int(float(x)) for x in s.split(",")], default=None,
+                        help="--device-suite corpus sizes (default 1e6 on CPU; 1e6,1e7 on an accelerator)")
+    parser.add_argument("--out", default=None, help="also write the table to OUT.md and the rows to OUT.json")
+    parser.add_argument("--plot", action="store_true", help="with --out: OUT.png, latency vs C and vs N (matplotlib)")
     # Internal: run one (method, N) in this process and print its rows.
     parser.add_argument("--rank-worker", choices=RANK_METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--c", type=int, help=argparse.SUPPRESS)
@@ -314,7 +592,9 @@ def parse_args(argv=None):
     parser.add_argument("--exact-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.sizes = args.sizes or ([QUICK_SIZE] if args.quick else list(DEFAULT_SIZES))
-    args.runs = args.runs or (5 if args.quick else 7)
+    args.runs = args.runs or (5 if args.quick else 20 if args.device_suite or args.profile else 7)
+    if args.plot and args.out is None:
+        parser.error("--plot needs --out (the PNG is written to OUT.png)")
     args.rank_candidates = args.rank_candidates or ([32, 500] if args.quick else list(RANK_CANDIDATES))
     return args
 
@@ -327,15 +607,37 @@ def main(argv=None):
     if args.rank_worker:
         print("ROWS " + json.dumps(run_rank_worker(args)), flush=True)
         return
-    retrieval = bench_retrieval(args) if args.only in ("all", "retrieval") else []
-    ranking = bench_ranking(args) if args.only in ("all", "ranking") else []
-    if ranking:
-        print(f"## Ranking (S={args.history_len}, D=128, 2 layers; vs_masked = median / masked median)\n")
-        print(markdown_table(ranking, RANK_COLUMNS) + "\n")
-    if retrieval:
-        print(f"## Retrieval top-{args.top_k}\n")
-        print(markdown_table(retrieval) + "\n")
-    print(json.dumps(retrieval + ranking))
+    load = "load average %.2f %.2f %.2f" % os.getloadavg()
+    if args.profile:
+        rows = profile_ranking(args.profile_c, args.history_len, args.rank_batches[0], args.rank_dtype, args.runs,
+                               args.seed)
+        markdown = (f"## Ranking profile (C={args.profile_c}, S={args.history_len}, B={args.rank_batches[0]}; "
+                    f"floor = multiply-adds / measured f32 matmul peak {rows[0]['peak_gflops']} GFLOP/s; {load})\n\n"
+                    + markdown_table(rows, PROFILE_COLUMNS))
+    elif args.device_suite:
+        import jax
+
+        if args.suite_sizes is None:
+            args.suite_sizes = list(SUITE_SIZES_CPU if jax.default_backend() == "cpu" else SUITE_SIZES_ACCELERATOR)
+        rows = device_suite(args)
+        rank_rows = [r for r in rows if r["section"] == "suite_ranking"]
+        markdown = (f"## Device suite ({rows[0]['device']}; medians of {args.runs} interleaved calls; {load})\n\n"
+                    + markdown_table(rank_rows, SUITE_RANK_COLUMNS) + "\n\n"
+                    + markdown_table([r for r in rows if r["section"] == "suite_retrieval"], SUITE_RETRIEVAL_COLUMNS))
+    else:
+        retrieval = bench_retrieval(args) if args.only in ("all", "retrieval") else []
+        ranking = bench_ranking(args) if args.only in ("all", "ranking") else []
+        rows, parts = retrieval + ranking, []
+        if ranking:
+            parts.append(f"## Ranking (S={args.history_len}, D=128, 2 layers; vs_masked = median / median of the "
+                         f"release's masked model under jax.jit; {load})\n\n" + markdown_table(ranking, RANK_COLUMNS))
+        if retrieval:
+            parts.append(f"## Retrieval top-{args.top_k}\n\n" + markdown_table(retrieval))
+        markdown = "\n\n".join(parts)
+    print(markdown + "\n")
+    print(json.dumps(rows))
+    for path in write_outputs(rows, markdown, args.out, args.plot):
+        print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

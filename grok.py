@@ -146,15 +146,29 @@ class Linear(hk.Linear):
     def __init__(self, output_size: int, with_bias: bool = True, name: Optional[str] = None):
         super().__init__(output_size=output_size, with_bias=with_bias, name=name)
 
+    def weight(self, input_size: int) -> jax.Array:
+        """The float32 weight `w` [in, out], created on first use (lets callers fuse matmuls)."""
+        return hk.get_parameter("w", [input_size, self.output_size], jnp.float32, init=_default_w_init())
+
     def __call__(self, inputs: jax.Array) -> jax.Array:
         fprop_dtype = inputs.dtype
-        input_size = inputs.shape[-1]
-        w = hk.get_parameter("w", [input_size, self.output_size], jnp.float32, init=_default_w_init())
+        w = self.weight(inputs.shape[-1])
         out = jnp.dot(inputs, w.astype(fprop_dtype))
         if self.with_bias:
             b = hk.get_parameter("b", [self.output_size], jnp.float32, init=jnp.zeros)
             out = out + b.astype(fprop_dtype)
         return out
+
+
+def fused_linear(inputs: jax.Array, layers: list) -> list:
+    """Bias-free `Linear`s applied to one input as a single matmul against [w_1 | w_2 | ...].
+
+    Each output column is the same dot product as the separate layer's; one wide matmul instead
+    of several narrow ones saves a kernel launch and a pass over `inputs` per extra layer.
+    """
+    ws = [layer.weight(inputs.shape[-1]) for layer in layers]  # created in list order
+    out = jnp.dot(inputs, jnp.concatenate(ws, axis=1).astype(inputs.dtype))  # [..., sum of outs]
+    return jnp.split(out, np.cumsum([w.shape[1] for w in ws])[:-1].tolist(), axis=-1)
 
 
 class RMSNorm(hk.RMSNorm):
@@ -235,25 +249,28 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, multipl
     return out.reshape(B, t, -1)
 
 
-def isolated_attention(q: jax.Array, k_self: jax.Array, v_self: jax.Array, self_mask: jax.Array,
+def isolated_attention(q: jax.Array, self_logits: jax.Array, v_self: jax.Array, self_mask: jax.Array,
                        prefix: KVMemory, multiplier: float) -> jax.Array:
     """Each candidate attends to the cached prefix and to its own key only.
 
-    q [B, C, h, H, d]; k_self, v_self [B, C, h, d]; self_mask [B, C] (False = padded candidate);
-    prefix keys/values [B, P, h, d]. The softmax spans the P prefix logits plus the one self logit:
-    the same terms as the masked path, whose other logits are -1e30 and vanish. O(C*P), not O(C^2).
+    q [B, C, h, H, d] rotated; self_logits [B, C, h, H] in q's dtype, each candidate's query.key
+    with its own key; v_self [B, C, h, d]; self_mask [B, C] (False = padded candidate); prefix
+    keys/values [B, P, h, d]. The softmax spans the P prefix logits plus the one self logit: the
+    same terms as the masked path, whose other logits are -1e30 and vanish. O(C*P), not O(C^2).
+    Logits stay candidate-major ([B, C, ...], the projections' layout): no transposes around the
+    two batched matmuls.
     """
     B, C = q.shape[:2]
-    logits_p = jnp.einsum("bchHd,bPhd->bhHcP", q, prefix.keys).astype(jnp.float32)  # [B, h, H, C, P]
-    logits_s = jnp.einsum("bchHd,bchd->bhHc", q, k_self).astype(jnp.float32)[..., None]  # [B, h, H, C, 1]
+    logits_p = jnp.einsum("bchHd,bPhd->bchHP", q, prefix.keys).astype(jnp.float32)  # [B, C, h, H, P]
+    logits_s = self_logits.astype(jnp.float32)[..., None]  # [B, C, h, H, 1]
     logits_p = soft_cap(logits_p * multiplier)
     logits_s = soft_cap(logits_s * multiplier)
     logits_p = jnp.where(prefix.mask[:, None, None, None, :], logits_p, MASKED_LOGIT)
-    logits_s = jnp.where(self_mask[:, None, None, :, None], logits_s, MASKED_LOGIT)
+    logits_s = jnp.where(self_mask[:, :, None, None, None], logits_s, MASKED_LOGIT)
     weights = jax.nn.softmax(jnp.concatenate([logits_p, logits_s], axis=-1)).astype(q.dtype)
-    w_p, w_s = weights[..., :-1], weights[..., -1]  # [B, h, H, C, P], [B, h, H, C]
-    out = jnp.einsum("bhHcP,bPhd->bchHd", w_p, prefix.values)
-    out = out + jnp.einsum("bhHc,bchd->bchHd", w_s, v_self)  # [B, C, h, H, d]
+    w_p, w_s = weights[..., :-1], weights[..., -1:]  # [B, C, h, H, P], [B, C, h, H, 1]
+    out = jnp.einsum("bchHP,bPhd->bchHd", w_p, prefix.values)
+    out = out + w_s * v_self[:, :, :, None, :]  # [B, C, h, H, d]
     return out.reshape(B, C, -1)
 
 
@@ -269,28 +286,43 @@ class MultiHeadAttention(hk.Module):
     name: Optional[str] = None
 
     def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
-                 positions: Optional[jax.Array] = None, prefix: Optional[KVMemory] = None) -> MHAOutput:
+                 positions: Optional[jax.Array] = None, prefix: Optional[KVMemory] = None,
+                 fused: bool = False) -> MHAOutput:
         """Self-attention over query [B, T, D] (key and value are the same array, as in the release).
 
         mask [B, 1, T, T] (1 = may attend). With `prefix` (isolated mode) the rows are candidates:
-        each attends to the prefix keys/values and itself; `mask` is then [B, T] candidate validity.
+        each attends to the prefix keys/values and itself; `mask` is then [B, T] candidate validity,
+        and the output has no memory (no row ever attends to a candidate's key).
         positions [1 or B, T]: rotary positions (default 0..T-1).
+        fused: Q, K and V in one matmul (same parameters; equal up to float summation order).
         """
         del key, value
         B, T, _ = query.shape
         h, H, d = self.num_kv_heads, self.num_q_heads // self.num_kv_heads, self.key_size
-        q = Linear(h * H * d, with_bias=False, name="query")(query).reshape(B, T, h * H, d)
-        k = Linear(h * d, with_bias=False, name="key")(query).reshape(B, T, h, d)
-        v = Linear(h * d, with_bias=False, name="value")(query).reshape(B, T, h, d)
-        rotate = RotaryEmbedding(dim=d, base_exponent=ROPE_BASE)
-        k = rotate(k, seq_dim=1, offset=0, positions=positions)
-        q = rotate(q, seq_dim=1, offset=0, positions=positions).reshape(B, T, h, H, d)  # query head = h*H + H
-        if prefix is None:
-            out = attention(q, k, v, mask, self.attn_output_multiplier)
+        projections = [Linear(h * H * d, with_bias=False, name="query"), Linear(h * d, with_bias=False, name="key"),
+                       Linear(h * d, with_bias=False, name="value")]
+        if fused:
+            q, k, v = fused_linear(query, projections)
         else:
-            out = isolated_attention(q, k, v, mask, prefix, self.attn_output_multiplier)
+            q, k, v = (layer(query) for layer in projections)
+        q = q.reshape(B, T, h * H, d)
+        k = k.reshape(B, T, h, d)
+        v = v.reshape(B, T, h, d)
+        rotate = RotaryEmbedding(dim=d, base_exponent=ROPE_BASE)
+        if prefix is None:
+            k = rotate(k, seq_dim=1, offset=0, positions=positions)
+            q = rotate(q, seq_dim=1, offset=0, positions=positions).reshape(B, T, h, H, d)  # query head = h*H + H
+            out = attention(q, k, v, mask, self.attn_output_multiplier)
+            memory = KVMemory(k, v, jnp.ones((B, T), jnp.bool_))
+        else:
+            # A candidate's own key sits at its own position: rotating query and key by the same
+            # angle leaves their dot product unchanged, so that logit needs neither rotated.
+            self_logits = jnp.einsum("bchHd,bchd->bchH", q.reshape(B, T, h, H, d), k)  # [B, C, h, H]
+            q = rotate(q, seq_dim=1, offset=0, positions=positions).reshape(B, T, h, H, d)
+            out = isolated_attention(q, self_logits, v, mask, prefix, self.attn_output_multiplier)
+            memory = None
         out = Linear(self.model_size, with_bias=False, name="linear")(out)  # [B, T, D]
-        return MHAOutput(out, KVMemory(k, v, jnp.ones((B, T), jnp.bool_)))
+        return MHAOutput(out, memory)
 
 
 @dataclasses.dataclass
@@ -304,14 +336,15 @@ class MHABlock(hk.Module):
     name: Optional[str] = None
 
     @hk.transparent
-    def __call__(self, inputs: jax.Array, mask: jax.Array, positions=None, prefix=None) -> MHAOutput:
+    def __call__(self, inputs: jax.Array, mask: jax.Array, positions=None, prefix=None,
+                 fused: bool = False) -> MHAOutput:
         return MultiHeadAttention(
             num_q_heads=self.num_q_heads,
             num_kv_heads=self.num_kv_heads,
             key_size=self.key_size,
             model_size=inputs.shape[-1],
             attn_output_multiplier=self.attn_output_multiplier,
-        )(inputs, inputs, inputs, mask, positions, prefix)
+        )(inputs, inputs, inputs, mask, positions, prefix, fused=fused)
 
 
 @dataclasses.dataclass
@@ -322,12 +355,16 @@ class DenseBlock(hk.Module):
     name: Optional[str] = None
 
     @hk.transparent
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, fused: bool = False) -> jax.Array:
+        """fused: both input projections in one matmul (same parameters and creation order)."""
         D = inputs.shape[-1]
         F = ffn_size(D, self.widening_factor)
-        h_v = Linear(F, with_bias=False, name="linear_v")(inputs)  # [B, T, F] gate branch
-        h_w1 = jax.nn.gelu(Linear(F, with_bias=False)(inputs))  # [B, T, F], named "linear"
-        return Linear(D, with_bias=False)(h_w1 * h_v)  # [B, T, D], named "linear_1"
+        gate, up = Linear(F, with_bias=False, name="linear_v"), Linear(F, with_bias=False)  # the latter "linear"
+        if fused:
+            h_v, h_w1 = fused_linear(inputs, [gate, up])  # [B, T, F] each
+        else:
+            h_v, h_w1 = gate(inputs), up(inputs)  # [B, T, F] gate branch, GELU branch
+        return Linear(D, with_bias=False)(jax.nn.gelu(h_w1) * h_v)  # [B, T, D], named "linear_1"
 
 
 @dataclasses.dataclass
@@ -345,12 +382,12 @@ class DecoderLayer(hk.Module):
     name: Optional[str] = None
 
     def __call__(self, inputs: jax.Array, mask: jax.Array, padding_mask=None, positions=None,
-                 prefix: Optional[KVMemory] = None) -> DecoderOutput:
+                 prefix: Optional[KVMemory] = None, fused: bool = False) -> DecoderOutput:
         del padding_mask  # already folded into `mask` by the Transformer
         mha = MHABlock(self.num_q_heads, self.num_kv_heads, self.key_size, self.attn_output_multiplier)
-        attn = mha(layer_norm(inputs), mask, positions, prefix)
+        attn = mha(layer_norm(inputs), mask, positions, prefix, fused=fused)
         h = inputs + layer_norm(attn.embeddings)
-        h = h + layer_norm(DenseBlock(self.widening_factor)(layer_norm(h)))
+        h = h + layer_norm(DenseBlock(self.widening_factor)(layer_norm(h), fused=fused))
         return DecoderOutput(h, attn.memory)
 
 
@@ -368,7 +405,8 @@ class Transformer(hk.Module):
     name: Optional[str] = None
 
     def __call__(self, embeddings: jax.Array, mask: jax.Array, candidate_start_offset: Optional[int] = None,
-                 *, positions: Optional[jax.Array] = None, prefix: Optional[list] = None) -> TransformerOutput:
+                 *, positions: Optional[jax.Array] = None, prefix: Optional[list] = None,
+                 fused: bool = False) -> TransformerOutput:
         """embeddings [B, T, D] in fprop dtype; mask [B, T] bool (False = padding).
 
         Full path (prefix None): attention mask = key padding x (candidate-isolation mask when
@@ -379,6 +417,10 @@ class Transformer(hk.Module):
         Isolated path (prefix = that memory): `embeddings` are candidates [B, C, D], `mask` their
         validity [B, C], `positions` [1 or B, C] their rotary positions in the full sequence
         (1 + S + c). Each candidate attends to the prefix and itself, equal to the masked path.
+        The output then has no memory (candidates' keys are never attended to).
+
+        fused: each layer's Q/K/V and its two feed-forward input projections as one matmul each
+        (the serving fast path; same parameters, equal up to float summation order).
         """
         fprop_dtype = embeddings.dtype
         T = embeddings.shape[1]
@@ -403,7 +445,8 @@ class Transformer(hk.Module):
                 attn_output_multiplier=self.attn_output_multiplier,
                 name=f"decoder_layer_{i}",
             )
-            out = layer(h, layer_mask, mask, positions, None if prefix is None else prefix[i])
+            out = layer(h, layer_mask, mask, positions, None if prefix is None else prefix[i], fused=fused)
             h = out.embeddings
-            memory.append(out.memory._replace(mask=mask))
-        return TransformerOutput(h, memory)
+            if prefix is None:
+                memory.append(out.memory._replace(mask=mask))
+        return TransformerOutput(h, memory if prefix is None else None)

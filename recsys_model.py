@@ -176,6 +176,39 @@ def validate_model_config(cfg) -> None:
         raise ValueError(f"{kind}.fprop_dtype must be float32, bfloat16 or float16, got {cfg.fprop_dtype}")
 
 
+SERVING_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def resolve_compute_dtype(compute_dtype, fprop_dtype, backend: Optional[str] = None) -> jnp.dtype:
+    """The activations' dtype a serving runner computes in (parameters stay float32 either way).
+
+    None: the model's `fprop_dtype` (the release's arithmetic). "auto": float32 on CPU, where
+    XLA's bfloat16 path converts around every op and is no faster; `fprop_dtype` on GPU/TPU,
+    whose matrix units run bfloat16 at several times float32's rate. Or float32 / bfloat16 /
+    float16 explicitly. `backend` defaults to jax.default_backend().
+    """
+    if compute_dtype is None:
+        return jnp.dtype(fprop_dtype)
+    if isinstance(compute_dtype, str) and compute_dtype == "auto":
+        cpu = (backend or jax.default_backend()) == "cpu"
+        return jnp.dtype(jnp.float32) if cpu else jnp.dtype(fprop_dtype)
+    try:
+        dtype = jnp.dtype(compute_dtype)
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype not in SERVING_DTYPES:
+        raise ValueError(f"compute_dtype: expected None, 'auto', 'float32', 'bfloat16' or 'float16', "
+                         f"got {compute_dtype!r}")
+    return dtype
+
+
+def with_fprop_dtype(cfg: PhoenixModelConfig, dtype) -> PhoenixModelConfig:
+    """An initialised copy of `cfg` computing in `dtype` (the same parameter tree), or cfg itself."""
+    if jnp.dtype(dtype) == jnp.dtype(cfg.fprop_dtype):
+        return cfg
+    return dataclasses.replace(cfg, fprop_dtype=jnp.dtype(dtype).type).initialize()
+
+
 class PhoenixModel(hk.Module):
     """Transformer ranker with candidate isolation and multi-action logits (spec section 5)."""
 
@@ -219,6 +252,31 @@ class PhoenixModel(hk.Module):
             recsys_embeddings.history_author_embeddings, hist_surface, hist_actions,
             hc.num_item_hashes, hc.num_author_hashes)
         return user, user_mask, history, history_mask
+
+    def _fast_candidate_inputs(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings):
+        """block_candidate_reduce's result without its [B, C, (Hi+Ha+1)*D] concatenation.
+
+        proj_mat_2 splits by rows into post, author and surface blocks; the surface block only
+        ever meets the vocab's rows of the table, so it is applied to the [vocab, D] table once
+        and its rows picked. Same float32 products, summed in another order.
+        """
+        cfg = self.config
+        hc = cfg.hash_config
+        D, vocab = cfg.emb_size, cfg.product_surface_vocab_size
+        table = hk.get_parameter(SURFACE_TABLE, [vocab, D], jnp.float32,
+                                 init=hk.initializers.VarianceScaling(1.0, mode="fan_out"))
+        w = hk.get_parameter("proj_mat_2", [(hc.num_item_hashes + hc.num_author_hashes + 1) * D, D], jnp.float32,
+                             init=_transposed_init(1.0))
+        B, C = batch.candidate_product_surface.shape
+        post = recsys_embeddings.candidate_post_embeddings.reshape(B, C, -1).astype(jnp.float32)  # [B, C, Hi*D]
+        author = recsys_embeddings.candidate_author_embeddings.reshape(B, C, -1).astype(jnp.float32)  # [B, C, Ha*D]
+        w_post, w_author, w_surface = jnp.split(w, [post.shape[-1], post.shape[-1] + author.shape[-1]])
+        # The release rounds the surface embedding to the fprop dtype before the projection.
+        surface = jnp.dot(table.astype(self.fprop_dtype).astype(jnp.float32), w_surface)  # [vocab, D]
+        # A one-hot matmul (not a gather): out-of-range ids give zero rows, as in the release.
+        surface = jnp.dot(jax.nn.one_hot(batch.candidate_product_surface, vocab), surface)  # [B, C, D]
+        cand = jnp.dot(post, w_post) + jnp.dot(author, w_author) + surface
+        return cand, batch.candidate_post_hashes[:, :, 0] != 0  # [B, C, D] float32, [B, C]
 
     def _candidate_inputs(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings):
         cfg = self.config
@@ -278,7 +336,7 @@ class PhoenixModel(hk.Module):
             user, user_mask, history, history_mask = self._user_history_inputs(batch, recsys_embeddings)
             x = jnp.concatenate([user, history], axis=1).astype(self.fprop_dtype)  # [B, 1+S, D]
             x_mask = jnp.concatenate([user_mask, history_mask], axis=1)  # [B, 1+S]
-            memory = self.model(x, x_mask, candidate_start_offset=None).memory
+            memory = self.model(x, x_mask, candidate_start_offset=None, fused=True).memory
             prefix = PrefixCache(memory, x_mask)
             if path == "prefix":
                 return prefix
@@ -290,12 +348,12 @@ class PhoenixModel(hk.Module):
         else:
             raise ValueError(f"PhoenixModel path: expected 'masked', 'isolated', 'prefix' or 'candidates', "
                              f"got {path!r}")
-        cand, cand_mask = self._candidate_inputs(batch, recsys_embeddings)
+        cand, cand_mask = self._fast_candidate_inputs(batch, recsys_embeddings)
         C = cand.shape[1]
         P = prefix.mask.shape[1]
         positions = (P + candidate_start + jnp.arange(C, dtype=jnp.float32))[None, :]  # [1, C]
         out = self.model(cand.astype(self.fprop_dtype), cand_mask, positions=positions,
-                         prefix=prefix.memory).embeddings  # [B, C, D]
+                         prefix=prefix.memory, fused=True).embeddings  # [B, C, D]
         return self._logits(out)
 
 

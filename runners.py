@@ -22,11 +22,12 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 import phoenix_checkpoint as checkpoint
 from grok import TrainingState
 from phoenix_hashing import HashEmbeddings
-from recsys_model import HashConfig, PhoenixModelConfig, PrefixCache, RecsysBatch, RecsysEmbeddings
+from recsys_model import (HashConfig, PhoenixModelConfig, PrefixCache, RecsysBatch, RecsysEmbeddings,
+                          resolve_compute_dtype, with_fprop_dtype)
 from phoenix_index import CorpusIndex, ShardedCorpusIndex
 from recsys_retrieval_model import INF, PhoenixRetrievalModelConfig, check_top_k, l2_normalize, retrieve_top_k
-from phoenix_validation import (check_array, check_candidate_inputs, check_hash_range, check_inputs, check_values,
-                        values_enabled)
+from phoenix_validation import (check_array, check_candidate_inputs, check_hash_range, check_inputs, check_number,
+                                check_values, values_enabled)
 
 ACTIONS = [
     "favorite_score",
@@ -177,6 +178,50 @@ def create_example_corpus(corpus_size: int, emb_size: int, seed: int = 123):
     return corpus, np.arange(corpus_size, dtype=np.int64)
 
 
+def _check_int(value, name: str, low: int = 1) -> int:
+    """An int >= low: Python or NumPy ints; bool (an int subclass) and floats are refused."""
+    check_number(value, name, f"an int >= {low}", lambda v: v >= low, integer=True)
+    return int(value)
+
+
+# Which runner loads a checkpoint, by the class of the model config saved in it.
+_RUNNER_FOR_CONFIG = {"PhoenixModelConfig": ("ranking", "RecsysInferenceRunner"),
+                     "PhoenixRetrievalModelConfig": ("retrieval", "RecsysRetrievalInferenceRunner")}
+
+
+def _saved_model_config_name(path) -> Optional[str]:
+    """Class name of the model config in a checkpoint's meta.json; None if it saved no config.
+
+    Read from the JSON, before any model is built: a ranker checkpoint given to the retrieval
+    runner (or back) would otherwise fail deep inside Haiku.
+    """
+    config = checkpoint.read_meta(path).get("config")
+    if isinstance(config, dict) and checkpoint.TYPE_TAG not in config:  # a trainer's {"model": ..., ...}
+        config = config.get("model")
+    return config.get(checkpoint.TYPE_TAG) if isinstance(config, dict) else None
+
+
+def _check_checkpoint_kind(path, want: type) -> None:
+    """Raises CheckpointError unless the checkpoint at `path` holds a `want` model config (or none)."""
+    saved = _saved_model_config_name(path)
+    if saved is None or saved == want.__name__:
+        return
+    if saved in _RUNNER_FOR_CONFIG:
+        kind, runner = _RUNNER_FOR_CONFIG[saved]
+        raise checkpoint.CheckpointError(
+            f"{path}: holds a {kind} model checkpoint ({saved}); load it with {runner}.from_checkpoint "
+            f"(this runner needs a {want.__name__})")
+    raise checkpoint.CheckpointError(f"{path}: holds a {saved} config, expected a {want.__name__}")
+
+
+def _check_model_config(model, want: type):
+    if not isinstance(model, want):
+        other = _RUNNER_FOR_CONFIG.get(type(model).__name__)
+        hint = f"; a {other[0]} config goes to {other[1]}" if other else ""
+        raise TypeError(f"model: expected a {want.__name__}, got {type(model).__name__}{hint}")
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 # Model runners: build the transformed forward function and its parameters.
 
@@ -187,11 +232,14 @@ class BaseModelRunner:
     With `checkpoint_path` (a directory written by phoenix_checkpoint.py / a training.Trainer),
     `load_or_init` loads the model's parameters from it instead of initialising them, checking
     every parameter's path, shape and dtype against the model (a mismatch names the parameter and
-    the file). Hash tables saved beside the model (`hash_embeddings/*`) are loaded into
+    the file; a checkpoint of the other model kind is refused before anything is built). Hash tables saved beside the model (`hash_embeddings/*`) are loaded into
     `self.hash_tables`, so inference runners can embed raw batches themselves.
     """
 
+    CONFIG: type  # the model config class this runner builds
+
     def __init__(self, bs_per_device: float = 2.0, rng_seed: int = 42, checkpoint_path: Optional[str] = None):
+        check_number(bs_per_device, "bs_per_device", "a finite number > 0", lambda v: v > 0)
         self.bs_per_device = bs_per_device
         self.rng_seed = rng_seed
         self.checkpoint_path = checkpoint_path
@@ -201,6 +249,7 @@ class BaseModelRunner:
         """init_fn() -> TrainingState; its shapes are the template a checkpoint must match."""
         if self.checkpoint_path is None:
             return init_fn()
+        _check_checkpoint_kind(self.checkpoint_path, type(self.model))
         template = jax.eval_shape(lambda: init_fn().params)
         cfg = self.model
         D, hc = cfg.emb_size, cfg.hash_config
@@ -228,10 +277,12 @@ class BaseModelRunner:
 class ModelRunner(BaseModelRunner):
     """Ranking model runner: `forward(batch, recsys_embeddings) -> RecsysModelOutput`."""
 
+    CONFIG = PhoenixModelConfig
+
     def __init__(self, model: PhoenixModelConfig, bs_per_device: float = 2.0, rng_seed: int = 42,
                  checkpoint_path: Optional[str] = None):
         super().__init__(bs_per_device, rng_seed, checkpoint_path)
-        self.model = model
+        self.model = _check_model_config(model, self.CONFIG)
 
     def make_forward_fn(self) -> hk.Transformed:
         model_config = self.model
@@ -248,10 +299,12 @@ class ModelRunner(BaseModelRunner):
 class RetrievalModelRunner(BaseModelRunner):
     """Retrieval runner: its forward also runs the candidate tower, so init creates its params."""
 
+    CONFIG = PhoenixRetrievalModelConfig
+
     def __init__(self, model: PhoenixRetrievalModelConfig, bs_per_device: float = 2.0, rng_seed: int = 42,
                  checkpoint_path: Optional[str] = None):
         super().__init__(bs_per_device, rng_seed, checkpoint_path)
-        self.model = model
+        self.model = _check_model_config(model, self.CONFIG)
 
     def make_forward_fn(self) -> hk.Transformed:
         model_config = self.model
@@ -286,19 +339,32 @@ class BaseInferenceRunner:
     Multi-host: call `jax.distributed.initialize()` first; each host feeds its own slice of users.
     """
 
+    MODEL_RUNNER: type = BaseModelRunner  # the model runner (and so the config) this runner drives
+
     def __init__(self, runner: BaseModelRunner, name: str = "phoenix", data_parallel: bool = False):
+        if not isinstance(runner, self.MODEL_RUNNER):
+            raise TypeError(f"runner: expected a {self.MODEL_RUNNER.__name__} for {type(self).__name__}, "
+                            f"got {type(runner).__name__}")
         self.runner = runner
         self.name = name
         self.trace_counts = collections.Counter()  # entry point -> number of traces (compiles)
+        self._initialized = False  # set by initialize(); the entry points need its compiled functions
         # Auto axes: XLA partitions the unchanged model code (explicit axes would need per-op shardings).
         self.mesh = (jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
                      if data_parallel else None)
 
     @classmethod
     def from_checkpoint(cls, path: str, name: Optional[str] = None, **kwargs):
-        """An initialised runner whose config, parameters and hash tables come from a checkpoint."""
+        """An initialised runner whose config, parameters and hash tables come from a checkpoint.
+
+        A checkpoint of the other model kind (a ranker's for the retrieval runner, or back) raises
+        CheckpointError naming the runner that loads it.
+        """
+        _check_checkpoint_kind(path, cls.MODEL_RUNNER.CONFIG)
         config = checkpoint.load_config(path)
-        model_config = config["model"] if isinstance(config, dict) else config
+        model_config = config.get("model") if isinstance(config, dict) else config
+        if not isinstance(model_config, cls.MODEL_RUNNER.CONFIG):
+            raise checkpoint.CheckpointError(f"{path}: holds no {cls.MODEL_RUNNER.CONFIG.__name__} config")
         if isinstance(config, dict) and config.get("hash_config") is not None:
             model_config.hash_config = config["hash_config"]  # the tables' sizes, as trained
         model_runner = cls.MODEL_RUNNER(model_config, checkpoint_path=path)
@@ -310,9 +376,16 @@ class BaseInferenceRunner:
         cfg = self.runner.model
         tx = hk.transform(lambda b: HashEmbeddings(cfg.hash_config, cfg.emb_size)(b))
         self._embed = self._jit("embed", lambda tables, b: tx.apply(tables, None, b))
+        self._initialized = True  # the last step of every initialize()
+
+    def _require_initialized(self, method: str) -> None:
+        if not self._initialized:
+            raise RuntimeError(f"{type(self).__name__} {self.name!r}: call initialize() first "
+                               f"(before {method}(); from_checkpoint returns an initialised runner)")
 
     def embed(self, batch: RecsysBatch) -> RecsysEmbeddings:
         """Looks the batch's hashes up in the hash tables loaded from the checkpoint."""
+        self._require_initialized("embed")
         if self.runner.hash_tables is None:
             raise ValueError("recsys_embeddings: not given, and this runner has no hash tables "
                              "(load a checkpoint saved by a training.Trainer, or pass embeddings)")
@@ -384,20 +457,26 @@ def ranking_output(probs: jax.Array, candidate_mask: jax.Array) -> RankingOutput
 
 
 class RecsysInferenceRunner(BaseInferenceRunner):
-    MODEL_RUNNER = ModelRunner
-
     """Ranks candidates: `rank(batch, recsys_embeddings) -> RankingOutput` (compiled per shape).
 
     `path` picks the ranker's computation: "isolated" (default; user+history once, each candidate
     against that prefix, O(C*S)) or "masked" (the release's full-sequence pass, the reference).
+    `compute_dtype` picks the activations' dtype on every path (recsys_model.resolve_compute_dtype):
+    "auto" (default) computes in float32 on CPU and in the model's fprop_dtype (the release's
+    bfloat16) on GPU/TPU; None always uses fprop_dtype; or a dtype. Parameters are float32
+    either way, so one checkpoint serves every choice; `serving_dtype` holds the one in use.
     """
 
+    MODEL_RUNNER = ModelRunner
+
     def __init__(self, runner: ModelRunner, name: str = "ranker", path: str = "isolated",
-                 data_parallel: bool = False):
+                 data_parallel: bool = False, compute_dtype="auto"):
         super().__init__(runner, name, data_parallel)
         if path not in ("isolated", "masked"):
             raise ValueError(f"path: expected 'isolated' or 'masked', got {path!r}")
         self.path = path
+        resolve_compute_dtype(compute_dtype, jnp.float32)  # refuses a bad value before initialize()
+        self.compute_dtype = compute_dtype
 
     def initialize(self):
         runner = self.runner
@@ -408,7 +487,9 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         dummy_emb = create_dummy_embeddings_from_config(cfg.hash_config, cfg.emb_size, cfg.history_seq_len,
                                                         cfg.candidate_seq_len, runner.batch_size)
         self.params = self._replicate(runner.load_or_init(dummy_batch, dummy_emb).params)
-        apply = runner.forward.apply
+        self.serving_dtype = resolve_compute_dtype(self.compute_dtype, cfg.fprop_dtype)
+        serving_cfg = with_fprop_dtype(cfg, self.serving_dtype)
+        apply = hk.transform(lambda b, e, **kw: serving_cfg.make()(b, e, **kw)).apply
 
         def rank_fn(params, batch, emb, path):
             probs = jax.nn.sigmoid(apply(params, None, batch, emb, path=path).logits.astype(jnp.float32))
@@ -425,6 +506,7 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         self._init_embedder()
 
     def rank(self, batch: RecsysBatch, recsys_embeddings: Optional[RecsysEmbeddings] = None) -> RankingOutput:
+        self._require_initialized("rank")
         recsys_embeddings = self._embedded(batch, recsys_embeddings)
         self._check(batch, recsys_embeddings)
         batch, recsys_embeddings = self._shard(batch, recsys_embeddings)
@@ -437,6 +519,7 @@ class RecsysInferenceRunner(BaseInferenceRunner):
 
         Candidate fields of `batch`/`recsys_embeddings` are not read (they may be empty, C = 0).
         """
+        self._require_initialized("encode_prefix")
         recsys_embeddings = self._embedded(batch, recsys_embeddings)
         self._check(batch, recsys_embeddings, need_candidates=False)
         return self._prefix(self.params, *self._shard(batch, recsys_embeddings))
@@ -450,7 +533,10 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         index in the full candidate list; with that, scores equal ranking the whole list in one call.
         `candidate_start` is traced, so every chunk of one shape reuses one compiled function.
         """
+        self._require_initialized("score_candidates")
         cfg = self.runner.model
+        candidate_start = _check_int(candidate_start, "candidate_start", 0)
+        self._check_prefix(prefix)
         recsys_embeddings = self._embedded(batch, recsys_embeddings)
         check_candidate_inputs(batch, recsys_embeddings, cfg.hash_config, cfg.emb_size,
                                batch_size=prefix.mask.shape[0])
@@ -466,12 +552,12 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         padded, so one compiled function serves every chunk), then ranks all of them. Equal to
         `rank` on the same inputs; peak activation memory grows with chunk_size, not with C.
         """
+        self._require_initialized("rank_large")
+        chunk_size = _check_int(chunk_size, "chunk_size")
         recsys_embeddings = self._embedded(batch, recsys_embeddings)
         self._check(batch, recsys_embeddings)
-        if not isinstance(chunk_size, int) or chunk_size <= 0:
-            raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
         prefix = self._prefix(self.params, *self._shard(batch, recsys_embeddings))
-        C = batch.candidate_post_hashes.shape[1]
+        C = batch.candidate_post_hashes.shape[1]  # >= 1 (checked), so the chunk below is too
         chunk = min(chunk_size, C)
         probs = []
         for start in range(0, C, chunk):
@@ -480,11 +566,21 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         probs = jnp.concatenate(probs, axis=1)[:, :C]  # [B, C, A]
         return self._order(probs, batch.candidate_post_hashes[:, :, 0] != 0)
 
+    def _check_prefix(self, prefix) -> None:
+        """A PrefixCache from encode_prefix of a model with this runner's layer count."""
+        if not isinstance(prefix, PrefixCache):
+            raise TypeError(f"prefix: expected a PrefixCache (from encode_prefix), got {type(prefix).__name__}")
+        num_layers = self.runner.model.model.num_layers
+        if len(prefix.memory) != num_layers:
+            raise ValueError(f"prefix: expected keys/values of {num_layers} layers (this runner's model), "
+                             f"got {len(prefix.memory)}")
+        check_array(prefix.mask, "prefix.mask", (None, None), "bool")
+
 
 class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
-    MODEL_RUNNER = RetrievalModelRunner
-
     """Encodes users and candidates and retrieves top-k from a corpus (compiled per shape and k)."""
+
+    MODEL_RUNNER = RetrievalModelRunner
 
     def __init__(self, runner: RetrievalModelRunner, name: str = "retrieval", data_parallel: bool = False):
         super().__init__(runner, name, data_parallel)
@@ -521,12 +617,14 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
 
     def encode_user(self, batch: RecsysBatch, recsys_embeddings: Optional[RecsysEmbeddings] = None) -> jax.Array:
         """-> user representations [B, D], unit norm."""
+        self._require_initialized("encode_user")
         recsys_embeddings = self._embedded(batch, recsys_embeddings)
         self._check(batch, recsys_embeddings, need_candidates=False)
         return self._encode_user(self.params, *self._shard(batch, recsys_embeddings))
 
     def encode_candidates(self, batch: RecsysBatch, recsys_embeddings: Optional[RecsysEmbeddings] = None) -> jax.Array:
         """-> candidate representations [B, C, D], unit norm."""
+        self._require_initialized("encode_candidates")
         recsys_embeddings = self._embedded(batch, recsys_embeddings)
         self._check(batch, recsys_embeddings)
         return self._encode_candidates(self.params, *self._shard(batch, recsys_embeddings))
@@ -577,6 +675,7 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
         -1e12 and come after every valid entry; with top_k above the number of valid entries they
         fill the tail.
         """
+        self._require_initialized("retrieve")
         recsys_embeddings = self._embedded(batch, recsys_embeddings)
         self._check(batch, recsys_embeddings, need_candidates=False)
         if corpus_embeddings is None:

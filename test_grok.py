@@ -106,3 +106,24 @@ def test_config_rejects_impossible_values():
         tiny_transformer(key_size=7)
     with pytest.raises(ValueError, match="num_layers"):
         tiny_transformer(num_layers=0)
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4], ids=["mqa", "gqa", "mha"])
+def test_fused_projections_equal_separate_ones(num_kv_heads):
+    """fused=True (one Q/K/V matmul, one FFN input matmul) creates the same parameters, in the same
+    order, and computes the same embeddings and prefix memory as the release's separate matmuls."""
+    cfg = tiny_transformer(num_kv_heads=num_kv_heads)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 7, cfg.emb_size)), jnp.float32)
+    mask = jnp.asarray(np.arange(7)[None, :] < np.array([[7], [5]]))  # [B, T], second row padded
+
+    def run(fused):
+        return hk.transform(lambda x, m: cfg.make()(x, m, candidate_start_offset=None, fused=fused))
+
+    params = run(False).init(jax.random.PRNGKey(0), x, mask)
+    fused_params = run(True).init(jax.random.PRNGKey(0), x, mask)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, fused_params, params)  # same names, order, values
+    separate, fused = (jax.jit(run(f).apply)(params, None, x, mask) for f in (False, True))
+    np.testing.assert_allclose(fused.embeddings, separate.embeddings, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused.memory, separate.memory):
+        np.testing.assert_allclose(a.keys, b.keys, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a.values, b.values, rtol=1e-5, atol=1e-5)

@@ -222,3 +222,28 @@ def test_recsys_embeddings_is_pytree():
     doubled = jax.jit(lambda e: jax.tree_util.tree_map(lambda x: 2 * x, e))(emb)
     np.testing.assert_array_equal(doubled.user_embeddings, 2 * emb.user_embeddings)
     assert isinstance(RecsysBatch(*[np.zeros(1)] * 8), tuple)
+
+
+@pytest.mark.parametrize("fprop_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_fast_candidate_inputs_equal_block_candidate_reduce(release_params, fprop_dtype):
+    """The isolated path's candidate projection (proj_mat_2 split by blocks, the surface block applied
+    to the table once) equals the release's concatenate-then-project, out-of-range surfaces included."""
+    cfg = tiny_ranker_config(fprop_dtype=fprop_dtype)
+    batch, emb = example()
+    surface = np.array(batch.candidate_product_surface)
+    surface[0, 0], surface[1, 1] = 16, -1  # outside [0, vocab): a zero one-hot row in the release
+    batch = batch._replace(candidate_product_surface=surface)
+
+    def inputs(method):
+        return hk.transform(lambda b, e: getattr(cfg.make(), method)(b, e)).apply(release_params, None, batch, emb)
+
+    (want, want_mask), (got, got_mask) = inputs("_candidate_inputs"), inputs("_fast_candidate_inputs")
+    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got_mask, want_mask)
+
+
+def test_isolated_path_creates_the_release_layout(cfg):
+    batch, emb = example()
+    params = forward(cfg).init(jax.random.PRNGKey(0), batch, emb, path="isolated")
+    shapes = {m: {n: tuple(v.shape) for n, v in d.items()} for m, d in params.items()}
+    assert shapes == release_layout(cfg, "phoenix_model")

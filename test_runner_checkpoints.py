@@ -8,8 +8,10 @@ import pytest
 
 import phoenix_training as training
 from conftest import A, C, D, S, tiny_ranker_config, tiny_retrieval_config
+from phoenix_checkpoint import CheckpointError
 from recsys_model import HashConfig
-from runners import ModelRunner, RecsysInferenceRunner, RecsysRetrievalInferenceRunner, create_example_batch
+from runners import (ModelRunner, RecsysInferenceRunner, RecsysRetrievalInferenceRunner, RetrievalModelRunner,
+                     create_example_batch)
 
 SMALL_TABLES = HashConfig(user_table_size=101, post_table_size=211, author_table_size=53)
 
@@ -71,14 +73,50 @@ def test_runner_without_tables_needs_embeddings():
         runner.rank(small_batch())
 
 
-def test_retrieval_from_checkpoint_matches_trainer(tmp_path):
+@pytest.fixture(scope="module")
+def retrieval_checkpoint(tmp_path_factory):
     cfg = dataclasses.replace(tiny_retrieval_config(), hash_config=SMALL_TABLES).initialize()
     trainer = training.make_retrieval_trainer(cfg)
     batch = small_batch(seed=5)
     state = trainer.init(jax.random.PRNGKey(1), batch)
     state, _ = trainer.step(state, batch)
-    trainer.save(str(tmp_path / "retrieval"), state)
-    runner = RecsysRetrievalInferenceRunner.from_checkpoint(str(tmp_path / "retrieval"))
+    path = str(tmp_path_factory.mktemp("ckpt") / "retrieval")
+    trainer.save(path, state)
+    return path, trainer, state
+
+
+def test_retrieval_from_checkpoint_matches_trainer(retrieval_checkpoint):
+    path, trainer, state = retrieval_checkpoint
+    batch = small_batch(seed=5)
+    runner = RecsysRetrievalInferenceRunner.from_checkpoint(path)
     user, cand, _ = trainer.predict(state.params, batch)
     np.testing.assert_allclose(runner.encode_user(batch), user, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(runner.encode_candidates(batch), cand, rtol=1e-5, atol=1e-6)
+
+
+RANKING_HELD = (r"holds a ranking model checkpoint \(PhoenixModelConfig\); "
+                r"load it with RecsysInferenceRunner.from_checkpoint")
+RETRIEVAL_HELD = (r"holds a retrieval model checkpoint \(PhoenixRetrievalModelConfig\); "
+                  r"load it with RecsysRetrievalInferenceRunner.from_checkpoint")
+
+
+def test_ranker_checkpoint_loaded_as_retrieval_names_the_right_runner(ranker_checkpoint):
+    path = ranker_checkpoint[0]
+    with pytest.raises(CheckpointError, match=RANKING_HELD) as err:
+        RecsysRetrievalInferenceRunner.from_checkpoint(path)
+    assert str(err.value).startswith(path)
+    retrieval = dataclasses.replace(tiny_retrieval_config(), hash_config=SMALL_TABLES).initialize()
+    runner = RecsysRetrievalInferenceRunner(RetrievalModelRunner(retrieval, checkpoint_path=path))
+    with pytest.raises(CheckpointError, match=RANKING_HELD):
+        runner.initialize()
+
+
+def test_retrieval_checkpoint_loaded_as_ranker_names_the_right_runner(retrieval_checkpoint):
+    path = retrieval_checkpoint[0]
+    with pytest.raises(CheckpointError, match=RETRIEVAL_HELD) as err:
+        RecsysInferenceRunner.from_checkpoint(path)
+    assert str(err.value).startswith(path)
+    ranker = dataclasses.replace(tiny_ranker_config(), hash_config=SMALL_TABLES).initialize()
+    runner = RecsysInferenceRunner(ModelRunner(ranker, checkpoint_path=path))
+    with pytest.raises(CheckpointError, match=RETRIEVAL_HELD):
+        runner.initialize()

@@ -197,3 +197,112 @@ def test_all_corpus_masked(retriever):
     out = retriever.retrieve(batch, emb, top_k=5, corpus_mask=np.zeros(200, bool))
     np.testing.assert_allclose(out.top_k_scores, -1e12)
     np.testing.assert_array_equal(out.top_k_indices, np.broadcast_to(np.arange(5), (2, 5)))
+
+
+def _uninitialised_calls():
+    batch, emb = create_example_batch(1, D, S, C, A)
+    ranker = RecsysInferenceRunner(ModelRunner(tiny_ranker_config()), name="cold")
+    retriever = RecsysRetrievalInferenceRunner(RetrievalModelRunner(tiny_retrieval_config()), name="cold")
+    return {
+        "rank": lambda: ranker.rank(batch, emb),
+        "encode_prefix": lambda: ranker.encode_prefix(batch, emb),
+        "score_candidates": lambda: ranker.score_candidates(None, batch, emb),
+        "rank_large": lambda: ranker.rank_large(batch, emb),
+        "embed": lambda: ranker.embed(batch),
+        "retrieve": lambda: retriever.retrieve(batch, emb, top_k=1),
+        "encode_user": lambda: retriever.encode_user(batch, emb),
+        "encode_candidates": lambda: retriever.encode_candidates(batch, emb),
+        "retriever-embed": lambda: retriever.embed(batch),
+    }
+
+
+UNINITIALISED_CALLS = _uninitialised_calls()
+
+
+@pytest.mark.parametrize("call", UNINITIALISED_CALLS.values(), ids=UNINITIALISED_CALLS.keys())
+def test_entry_points_before_initialize_say_so(call):
+    with pytest.raises(RuntimeError, match=r"Recsys\w*InferenceRunner 'cold': call initialize\(\) first \(before \w+\("):
+        call()
+
+
+def test_set_corpus_before_initialize_is_fine():
+    """set_corpus needs only the config, so it may come first; retrieval then uses that corpus."""
+    r = RecsysRetrievalInferenceRunner(RetrievalModelRunner(tiny_retrieval_config()))
+    corpus, ids = create_example_corpus(20, D)
+    r.set_corpus(corpus, ids)
+    r.initialize()
+    batch, emb = create_example_batch(2, D, S, C, A, seed=18)
+    user = np.asarray(r.encode_user(batch, emb))
+    np.testing.assert_array_equal(r.retrieve(batch, emb, top_k=4).top_k_indices, ref.top_k(user @ corpus.T, 4)[0])
+
+
+def _without_candidates(batch, emb):
+    return (batch._replace(candidate_post_hashes=batch.candidate_post_hashes[:, :0],
+                           candidate_author_hashes=batch.candidate_author_hashes[:, :0],
+                           candidate_product_surface=batch.candidate_product_surface[:, :0]),
+            emb.__class__(emb.user_embeddings, emb.history_post_embeddings, emb.candidate_post_embeddings[:, :0],
+                          emb.history_author_embeddings, emb.candidate_author_embeddings[:, :0]))
+
+
+# id -> (call(ranker, batch, emb, prefix), error, message)
+RANKER_ERRORS = {
+    "candidate_start=-1": (lambda r, b, e, p: r.score_candidates(p, b, e, candidate_start=-1), ValueError,
+                           r"candidate_start: expected an int >= 0, got -1"),
+    "candidate_start-float": (lambda r, b, e, p: r.score_candidates(p, b, e, candidate_start=1.5), TypeError,
+                              r"candidate_start: expected an int >= 0, got float 1.5"),
+    "candidate_start-bool": (lambda r, b, e, p: r.score_candidates(p, b, e, candidate_start=True), TypeError,
+                             r"candidate_start:.*got bool"),
+    "prefix-not-a-cache": (lambda r, b, e, p: r.score_candidates((1, 2), b, e), TypeError,
+                           r"prefix: expected a PrefixCache \(from encode_prefix\), got tuple"),
+    "prefix-other-model": (lambda r, b, e, p: r.score_candidates(p._replace(memory=p.memory[:1]), b, e), ValueError,
+                           r"prefix: expected keys/values of 2 layers.*got 1"),
+    "chunk_size-bool": (lambda r, b, e, p: r.rank_large(b, e, chunk_size=True), TypeError,
+                        r"chunk_size: expected an int >= 1, got bool True"),
+    "chunk_size-float": (lambda r, b, e, p: r.rank_large(b, e, chunk_size=2.0), TypeError, r"chunk_size:.*float"),
+    "chunk_size-negative": (lambda r, b, e, p: r.rank_large(b, e, chunk_size=-2), ValueError,
+                                  r"chunk_size: expected an int >= 1, got -2"),
+    "rank_large-no-candidates": (lambda r, b, e, p: r.rank_large(*_without_candidates(b, e)), ValueError,
+                                 r"batch.candidate_post_hashes: expected at least 1 candidate"),
+}
+
+
+@pytest.mark.parametrize("call, error, message", RANKER_ERRORS.values(), ids=RANKER_ERRORS.keys())
+def test_ranker_bad_arguments_raise_clear_errors(ranker, call, error, message):
+    batch, emb = create_example_batch(1, D, S, C, A, seed=19)
+    prefix = ranker.encode_prefix(batch, emb)
+    with pytest.raises(error, match=message):
+        call(ranker, batch, emb, prefix)
+
+
+def test_numpy_ints_are_valid_chunk_sizes_and_offsets(ranker):
+    batch, emb = create_example_batch(2, D, S, 7, A, seed=20)
+    whole = ranker.rank(batch, emb)
+    np.testing.assert_allclose(ranker.rank_large(batch, emb, chunk_size=np.int64(3)).scores, whole.scores,
+                               rtol=1e-5, atol=1e-6)
+    prefix = ranker.encode_prefix(batch, emb)
+    np.testing.assert_array_equal(ranker.score_candidates(prefix, batch, emb, candidate_start=np.int32(2)),
+                                  ranker.score_candidates(prefix, batch, emb, candidate_start=2))
+
+
+MISMATCHED_RUNNERS = {
+    "ranker-with-retrieval-config": (lambda: ModelRunner(tiny_retrieval_config()), TypeError,
+                                     r"model: expected a PhoenixModelConfig, got PhoenixRetrievalModelConfig; "
+                                     r"a retrieval config goes to RecsysRetrievalInferenceRunner"),
+    "retrieval-with-ranker-config": (lambda: RetrievalModelRunner(tiny_ranker_config()), TypeError,
+                                     r"model: expected a PhoenixRetrievalModelConfig, got PhoenixModelConfig"),
+    "ranking-runner-around-retrieval": (
+        lambda: RecsysInferenceRunner(RetrievalModelRunner(tiny_retrieval_config())), TypeError,
+        r"runner: expected a ModelRunner for RecsysInferenceRunner, got RetrievalModelRunner"),
+    "retrieval-runner-around-ranker": (
+        lambda: RecsysRetrievalInferenceRunner(ModelRunner(tiny_ranker_config())), TypeError,
+        r"runner: expected a RetrievalModelRunner"),
+    "bs_per_device-nan": (lambda: ModelRunner(tiny_ranker_config(), bs_per_device=float("nan")), ValueError,
+                          r"bs_per_device: expected a finite number > 0, got nan"),
+    "bs_per_device-zero": (lambda: ModelRunner(tiny_ranker_config(), bs_per_device=0), ValueError, r"bs_per_device"),
+}
+
+
+@pytest.mark.parametrize("call, error, message", MISMATCHED_RUNNERS.values(), ids=MISMATCHED_RUNNERS.keys())
+def test_mismatched_configs_and_runners_are_refused_before_haiku(call, error, message):
+    with pytest.raises(error, match=message):
+        call()

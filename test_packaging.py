@@ -24,7 +24,7 @@ PROJECT = "phoenix_recsys"
 # The wheel's modules: the library, then the console scripts' modules and the experiments they run.
 LIBRARY = ["grok", "recsys_model", "recsys_retrieval_model", "runners", "phoenix_checkpoint", "phoenix_datasets",
            "phoenix_hashing", "phoenix_index", "phoenix_metrics", "phoenix_training", "phoenix_validation",
-           "movielens"]
+           "movielens", "phoenix_pipeline"]
 ENTRY_POINTS = ["run_ranker", "run_retrieval", "run_train", "train_synthetic", "train_movielens"]
 SHIPPED = LIBRARY + ENTRY_POINTS
 # Top-level modules deliberately left out: dev-only (bench.py, numpy_reference.py: the tests' oracle,
@@ -141,6 +141,7 @@ def test_wheel_holds_exactly_the_library_modules(wheel):
     parser.read_string(entry_points)
     assert dict(parser["console_scripts"]) == CONSOLE_SCRIPTS
     assert "Provides-Extra: cuda12" in metadata and "Requires-Dist: jax[cuda12]>=0.4.30; extra == 'cuda12'" in metadata
+    assert "Provides-Extra: plot" in metadata and "Requires-Dist: matplotlib>=3.8; extra == 'plot'" in metadata
 
 
 def test_every_top_level_module_is_shipped_or_left_out_on_purpose():

@@ -1,5 +1,6 @@
-"""train_movielens.py on a tiny synthetic ratings file: windows, prefix representations, the
-evaluation path against NumPy brute force, two-stage re-ranking, the top-k dump, training.
+"""train_movielens.py (and the phoenix_pipeline.py recipe it runs) on a tiny synthetic ratings file:
+windows, prefix representations, the evaluation path against NumPy brute force, two-stage
+re-ranking, the top-k dump, training.
 
 WORLD: 14 users watch runs of consecutive movies (movie m is usually followed by m + 1) among 40,
 written as GroupLens u.data into tmp_path. Models are tiny (D=16, one layer) so that each jitted
@@ -15,8 +16,10 @@ import numpy as np
 import pytest
 
 import phoenix_checkpoint as checkpoint
+import phoenix_hashing as hashing
 import phoenix_metrics as metrics
 import movielens as ml
+import phoenix_pipeline as pipeline
 import train_movielens as tm
 from runners import RecsysRetrievalInferenceRunner
 
@@ -51,7 +54,7 @@ def write_world(directory, seed: int = 0) -> None:
 def world(tmp_path_factory):
     directory = tmp_path_factory.mktemp("ml_tiny")
     write_world(directory)
-    return directory, ml.leave_one_out(ml.load_ratings(directory))
+    return directory, tm.movielens_split(ml.load_ratings(directory))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,7 @@ def experiment(world, tmp_path_factory):
     directory, split = world
     out = tmp_path_factory.mktemp("run")
     args = argparse.Namespace(data=str(directory), cache_dir=None, seed=0, checkpoint_dir=str(out / "ckpt"),
-                              dump_topk=str(out / "top10.csv"))
+                              dump_topk=str(out / "top10.csv"), overwrite=False, plot=False)
     result = tm.run(args, TINY, stream=io.StringIO())
     return args, split, result
 
@@ -72,6 +75,24 @@ def retrieval(experiment):
     return result["retrieval"], result["retrieval_params"]
 
 
+# --------------------------------------------------------------------------- the mapping
+
+
+def test_split_and_examples_equal_movielens_leave_one_out(world):
+    """The pipeline's split of the MovieLens log is movielens.leave_one_out's, field by field, and
+    its examples (actions from the log) equal movielens.phoenix_examples (actions from the stars)."""
+    directory, split = world
+    ratings = ml.load_ratings(directory)
+    reference = ml.leave_one_out(ratings)
+    for field in dataclasses.fields(ml.Split):
+        np.testing.assert_array_equal(getattr(split, field.name), getattr(reference, field.name), err_msg=field.name)
+    for which, S in (("train", 4), ("val", 3), ("test", 50)):
+        ours, theirs = pipeline.phoenix_examples(split, which, S), ml.phoenix_examples(reference, which, S)
+        assert set(ours) == set(theirs)
+        for key in theirs:
+            np.testing.assert_array_equal(ours[key], theirs[key], err_msg=f"{which} {key}")
+
+
 # --------------------------------------------------------------------------- windows
 
 
@@ -80,9 +101,9 @@ def retrieval(experiment):
 def test_windows_cover_every_training_example_once(world, history_len, shuffled):
     _, split = world
     rng = np.random.default_rng(7) if shuffled else None
-    rows, starts, lengths = tm.training_windows(split, history_len, rng)
+    rows, starts, lengths = pipeline.training_windows(split, history_len, rng)
     assert lengths.min() >= 2 and lengths.max() <= history_len + 1
-    _, positions, valid = tm.window_examples(split, rows, starts, lengths, history_len)
+    _, positions, valid = pipeline.window_examples(split, rows, starts, lengths, history_len)
     targets = np.sort(positions[:, 1:][valid[:, 1:]])  # every movie after a window's first is a target
     np.testing.assert_array_equal(targets, np.sort(split.target_positions("train")[1]))
     owner = np.repeat(np.arange(len(split.user_ids)), split.lengths)
@@ -91,26 +112,30 @@ def test_windows_cover_every_training_example_once(world, history_len, shuffled)
 
 def test_retrieval_batches_pair_prefixes_with_the_next_movie(world):
     _, split = world
-    batch_iter = tm.retrieval_batches(split, TINY, tm.hash_config(TINY), np.random.default_rng(0))
+    batch_iter = pipeline.retrieval_batches(split, TINY, pipeline.hash_config(TINY), np.random.default_rng(0))
     batch, log_q, positive_ids = next(batch_iter)
     B, S = TINY.retrieval_batch_size, TINY.history_len
     assert batch.history_post_hashes.shape[:2] == (B, S + 1) and batch.candidate_post_hashes.shape[:2] == (B, S)
     np.testing.assert_array_equal(batch.candidate_post_hashes, batch.history_post_hashes[:, 1:])
     q = ml.item_sampling_frequencies(split)
-    valid = positive_ids >= 0
-    columns = np.searchsorted(split.item_ids, positive_ids[valid])
+    valid = positive_ids >= 0  # catalog columns of the targets, -1 at padding
+    columns = positive_ids[valid]
     np.testing.assert_allclose(log_q[valid], np.log(q[columns]), rtol=1e-6)
     assert np.all(log_q[~valid] == 0.0)
+    # The columns are the candidates' items: accidental hits compare exactly what the batch holds.
+    hashes = hashing.hash_ids(split.item_ids[columns], pipeline.hash_config(TINY), "post")
+    np.testing.assert_array_equal(hashes, np.asarray(batch.candidate_post_hashes)[valid])
+    assert np.all(np.asarray(batch.candidate_post_hashes)[~valid] == 0)
 
 
 def test_ranker_candidates_hold_the_target_once_at_a_random_slot(world):
     _, split = world
-    examples = ml.phoenix_examples(split, "train", TINY.ranker_history_len)
+    examples = pipeline.phoenix_examples(split, "train", TINY.ranker_history_len)
     rng = np.random.default_rng(0)
     E = len(examples["user_ids"])
     pool = (examples["target_columns"][:, None] + 1 + np.arange(5)[None, :]) % len(split.item_ids)  # [E, 5]
     rows = np.arange(E)
-    columns, slot = tm.ranker_candidates(examples, rows, pool, 2, 3, len(split.item_ids), rng)
+    columns, slot = pipeline.ranker_candidates(examples, rows, pool, 2, 3, len(split.item_ids), rng)
     target = examples["target_columns"]
     assert columns.shape == (E, 6)
     np.testing.assert_array_equal(columns[rows, slot], target)
@@ -129,22 +154,22 @@ def test_prefix_representations_equal_each_examples_user_tower(world, retrieval)
     _, split = world
     trainer, params = retrieval
     S = 50  # longer than every user's training part: each window starts at 0, histories are exact
-    by_windows = tm.example_representations(trainer, params, split, S)
-    direct = tm.encode_users(trainer, params, split, ml.phoenix_examples(split, "train", S))
+    by_windows = pipeline.example_representations(trainer, params, split, S)
+    direct = pipeline.encode_users(trainer, params, split, pipeline.phoenix_examples(split, "train", S))
     np.testing.assert_allclose(by_windows, direct, atol=2e-5)
 
 
 def test_sequence_trainer_checkpoint_loads_into_the_retrieval_runner(world, retrieval, tmp_path):
     _, split = world
     trainer, params = retrieval
-    batch = next(tm.retrieval_batches(split, TINY, trainer.hash_config, np.random.default_rng(0)))[0]
+    batch = next(pipeline.retrieval_batches(split, TINY, trainer.hash_config, np.random.default_rng(0)))[0]
     state = trainer.init(jax.random.PRNGKey(0), batch)._replace(params=jax.device_put(params))
     trainer.save(tmp_path / "ckpt", state)
     runner = RecsysRetrievalInferenceRunner.from_checkpoint(str(tmp_path / "ckpt"))
-    items = ml.phoenix_batch(split, ml.phoenix_examples(split, "val", 2), runner.runner.model.hash_config,
+    items = ml.phoenix_batch(split, pipeline.phoenix_examples(split, "val", 2), runner.runner.model.hash_config,
                              np.tile(split.item_ids, (len(split.eval_users()), 1)))
     from_runner = np.asarray(runner.encode_candidates(items))[0]  # [N, D]
-    np.testing.assert_allclose(tm.encode_items(trainer, params, split), from_runner, atol=1e-5)
+    np.testing.assert_allclose(pipeline.encode_items(trainer, params, split), from_runner, atol=1e-5)
 
 
 def brute_force(users, items, split: ml.Split, which: str, k: int):
@@ -166,9 +191,9 @@ def brute_force(users, items, split: ml.Split, which: str, k: int):
 def test_evaluation_ranks_as_numpy_brute_force(world, retrieval, which):
     _, split = world
     trainer, params = retrieval
-    one = tm.StageOne(trainer, params, split, which, TINY.history_len, TINY.retrieve_k)
-    users = tm.encode_users(trainer, params, split, one.examples)
-    items = tm.encode_items(trainer, params, split)
+    one = pipeline.StageOne(trainer, params, split, which, TINY.history_len, TINY.retrieve_k)
+    users = pipeline.encode_users(trainer, params, split, one.examples)
+    items = pipeline.encode_items(trainer, params, split)
     ranks, tops = brute_force(users, items, split, which, TINY.retrieve_k)
     np.testing.assert_array_equal(one.ranks, ranks)
     np.testing.assert_array_equal(one.topk, tops)
@@ -183,14 +208,14 @@ def test_ranker_logits_do_not_depend_on_chunk_mates(experiment):
     K candidates in chunks of C gives each the same logits whatever the other candidates are."""
     args, split, result = experiment
     ranker, params = result["ranker"], result["ranker_params"]
-    examples = ml.phoenix_examples(split, "val", TINY.ranker_history_len)
+    examples = pipeline.phoenix_examples(split, "val", TINY.ranker_history_len)
     rng = np.random.default_rng(3)
     U, K, C = len(examples["user_ids"]), TINY.retrieve_k, TINY.num_candidates
     a = np.stack([rng.permutation(len(split.item_ids))[:K] for _ in range(U)])
     b = np.stack([rng.permutation(len(split.item_ids))[:K] for _ in range(U)])
     b[:, ::C] = a[:, ::C]  # slot 0 of every chunk shared
-    la = tm.ranker_logits(ranker, params, split, examples, a, C)
-    lb = tm.ranker_logits(ranker, params, split, examples, b, C)
+    la = pipeline.ranker_logits(ranker, params, split, examples, a, C)
+    lb = pipeline.ranker_logits(ranker, params, split, examples, b, C)
     np.testing.assert_allclose(la[:, ::C], lb[:, ::C], atol=1e-5)
     assert not np.allclose(la[:, 1::C], lb[:, 1::C], atol=1e-5)  # different movies, different logits
 
@@ -200,7 +225,7 @@ def test_warm_start_copies_every_parameter_the_models_share(experiment):
     ranker's own (proj_mat_2, unembeddings, final norm) and the candidate tower: not."""
     result = experiment[2]
     retrieval_params = result["retrieval_params"]
-    warm = tm.warm_start(jax.tree.map(np.zeros_like, result["ranker_params"]), retrieval_params)
+    warm = pipeline.warm_start(jax.tree.map(np.zeros_like, result["ranker_params"]), retrieval_params)
     copied = {(m, n) for m, named in warm.items() for n, v in named.items() if np.any(v != 0)}
     shared = {(m.replace("phoenix_retrieval_model", "phoenix_model"), n)
               for m, named in retrieval_params.items() if "candidate_tower" not in m for n in named}
@@ -214,7 +239,7 @@ def test_two_stage_only_permutes_the_retrieved_movies(experiment):
     for weight in (0.0, 1.0):
         m, reranked = two.evaluate(weight, TINY.temperature)
         np.testing.assert_array_equal(np.sort(reranked, axis=1), np.sort(one.topk, axis=1))
-        assert np.all(np.isin(reranked[:, :tm.FINAL_K], one.topk))
+        assert np.all(np.isin(reranked[:, :pipeline.FINAL_K], one.topk))
         # The target's rank: its place in the re-ranked list, else its retrieval rank (>= K).
         in_list = metrics.ranks_in_topk(reranked, one.target)
         outside = in_list == metrics.NOT_RANKED
@@ -256,10 +281,10 @@ def test_training_steps_reduce_the_loss(world, experiment):
     _, split = world
     retrieval, ranker = experiment[2]["retrieval"], experiment[2]["ranker"]
     rng = np.random.default_rng(0)
-    examples = ml.phoenix_examples(split, "train", TINY.ranker_history_len)
+    examples = pipeline.phoenix_examples(split, "train", TINY.ranker_history_len)
     random_only = dataclasses.replace(TINY, hard_negatives=0, random_negatives=3)  # same C, no pool needed
-    batches = [(retrieval, next(tm.retrieval_batches(split, TINY, retrieval.hash_config, rng))),
-               (ranker, next(tm.ranker_batches(split, examples, None, random_only, ranker.hash_config, rng)))]
+    batches = [(retrieval, next(pipeline.retrieval_batches(split, TINY, retrieval.hash_config, rng))),
+               (ranker, next(pipeline.ranker_batches(split, examples, None, random_only, ranker.hash_config, rng)))]
     for trainer, batch in batches:
         state = trainer.init(jax.random.PRNGKey(1), batch[0])
         losses = []
@@ -281,7 +306,7 @@ def test_real_movielens_windows_cover_the_97171_training_examples(tmp_path):
         pytest.skip(f"MovieLens-100K unavailable: {error}")
     split = ml.leave_one_out(ratings)
     history_len = tm.Recipe().history_len
-    rows, starts, lengths = tm.training_windows(split, history_len, np.random.default_rng(0))
+    rows, starts, lengths = pipeline.training_windows(split, history_len, np.random.default_rng(0))
     assert int((lengths - 1).sum()) == len(split.target_positions("train")[0]) == 97_171
     assert lengths.max() <= history_len + 1
 

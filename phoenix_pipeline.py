@@ -889,12 +889,7 @@ def prefix_user_representations(model, batch, embeddings) -> jax.Array:
     a right-padded history puts slot j at rotary position 1 + j in both cases, so the running mean
     of the outputs over valid positions is that representation (tested against it).
     """
-    # PhoenixModel has no public per-position user tower yet (the change is described in the
-    # report on issue 9): its input builder is the one private piece used here.
-    user, user_mask, history, history_mask = model._user_history_inputs(batch, embeddings)
-    x = jnp.concatenate([user, history], axis=1).astype(model.fprop_dtype)  # [B, 1+S, D]
-    mask = jnp.concatenate([user_mask, history_mask], axis=1)  # [B, 1+S]
-    out = model.model(x, mask, candidate_start_offset=None).embeddings  # [B, 1+S, D]
+    out, mask = model.build_user_sequence(batch, embeddings)  # [B, 1+S, D], [B, 1+S]
     mask_f = mask.astype(jnp.float32)[:, :, None]  # [B, 1+S, 1]
     running = jnp.cumsum(out * mask_f, axis=1) / jnp.maximum(jnp.cumsum(mask_f, axis=1), 1.0)  # [B, 1+S, D]
     return l2_normalize(running)[0]

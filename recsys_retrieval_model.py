@@ -109,13 +109,22 @@ class PhoenixRetrievalModel(PhoenixModel):
         super().__init__(model=model, config=config, fprop_dtype=fprop_dtype,
                          name=name or "phoenix_retrieval_model")
 
-    def build_user_representation(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings):
-        """-> (user_representation [B, D] unit norm, user_norm [B, 1] before normalising)."""
+    def build_user_sequence(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings):
+        """-> (outputs [B, 1+S, D], mask [B, 1+S]): the user tower's transformer output at every
+        user/history position, before pooling; `build_user_representation` is its masked mean.
+
+        With causal attention (the release's) position p depends on positions 0..p only, so e.g.
+        the running mean over valid positions gives the representation of every history prefix.
+        """
         self._check(batch, recsys_embeddings, need_candidates=False)
         user, user_mask, history, history_mask = self._user_history_inputs(batch, recsys_embeddings)
         x = jnp.concatenate([user, history], axis=1).astype(self.fprop_dtype)  # [B, 1+S, D]
         mask = jnp.concatenate([user_mask, history_mask], axis=1)  # [B, 1+S]
-        out = self.model(x, mask, candidate_start_offset=None).embeddings  # [B, 1+S, D]
+        return self.model(x, mask, candidate_start_offset=None).embeddings, mask  # [B, 1+S, D], [B, 1+S]
+
+    def build_user_representation(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings):
+        """-> (user_representation [B, D] unit norm, user_norm [B, 1] before normalising)."""
+        out, mask = self.build_user_sequence(batch, recsys_embeddings)  # [B, 1+S, D], [B, 1+S]
         mask_f = mask.astype(jnp.float32)[:, :, None]  # [B, 1+S, 1]
         mean = jnp.sum(out * mask_f, axis=1) / jnp.maximum(jnp.sum(mask_f, axis=1), 1.0)  # [B, D]
         return l2_normalize(mean)

@@ -170,3 +170,27 @@ def test_bf16_user_representation_close_to_f32(params):
     b16 = transformed(tiny_retrieval_config(fprop_dtype=jnp.bfloat16), "build_user_representation").apply(
         params, None, batch, emb)[0]
     assert np.max(np.abs(np.float32(b16) - np.asarray(f32))) < 0.05  # unit vectors, bf16 rounding compounded
+
+
+def _cut_history(batch, emb, s):
+    """The batch with history slots 0..s-1 only."""
+    import dataclasses
+    batch = batch._replace(**{f: getattr(batch, f)[:, :s] for f in batch._fields if f.startswith("history_")})
+    emb = dataclasses.replace(emb, history_post_embeddings=emb.history_post_embeddings[:, :s],
+                              history_author_embeddings=emb.history_author_embeddings[:, :s])
+    return batch, emb
+
+
+def test_user_sequence_pools_to_the_representation_and_is_causal(cfg, params):
+    """build_user_sequence's masked mean, normalised, is build_user_representation; with causal
+    attention its position p equals the last position of the batch cut to history slots 0..p-1."""
+    batch, emb = example()
+    out, mask = transformed(cfg, "build_user_sequence").apply(params, None, batch, emb)  # [B, 1+S, D]
+    assert out.shape == (3, 1 + S, D) and mask.shape == (3, 1 + S)
+    user, _ = transformed(cfg, "build_user_representation").apply(params, None, batch, emb)
+    m = np.asarray(mask, np.float32)[:, :, None]
+    mean = (np.asarray(out, np.float32) * m).sum(1) / np.maximum(m.sum(1), 1.0)
+    np.testing.assert_allclose(mean / np.linalg.norm(mean, axis=-1, keepdims=True), user, **F32_TOL)
+    for p in (1, S // 2, S):
+        cut_out, _ = transformed(cfg, "build_user_sequence").apply(params, None, *_cut_history(batch, emb, p))
+        np.testing.assert_allclose(cut_out[:, -1], out[:, p], **F32_TOL)

@@ -6,7 +6,8 @@ Layout of a checkpoint directory `path/`:
               `np.load(..., allow_pickle=False)`. Parameters are keyed by their pytree path, e.g.
               `phoenix_model/proj_mat_1` or
               `transformer/decoder_layer_0/multi_head_attention/query/w` (spec section 8);
-              optimiser-state arrays by `opt_state/<path>`, e.g. `opt_state/1/0/mu/phoenix_model/proj_mat_1`.
+              optimiser-state arrays by `opt_state/<path>`, e.g. `opt_state/1/0/mu/phoenix_model/proj_mat_1`;
+              the caller's other arrays (`aux`, e.g. a data pipeline's counters) by `aux/<path>`.
   meta.json   format marker and version, a random save id, step, config (dataclasses as tagged
               JSON, dtypes by name), caller's `extra` JSON, the byte size and sha256 of
               arrays.npz, and for every array its path components, shape, logical dtype and the
@@ -79,6 +80,9 @@ RENAME_GAP_WAIT_S = 0.05
 # Prefix of optimiser-state keys in arrays.npz; parameter keys carry no prefix so that the file
 # reads like the release's parameter listing (spec section 8).
 OPT_STATE_PREFIX = "opt_state/"
+AUX_PREFIX = "aux/"
+# Name of the checkpoints `step_checkpoint_path` puts in a run's directory: step-00001200.
+STEP_PATTERN = re.compile(r"step-(\d+)")
 # Problems listed in one mismatch error before the rest are summarised as a count.
 MAX_LISTED_PROBLEMS = 20
 # JSON tags for values that JSON has no type for.
@@ -101,6 +105,7 @@ class Checkpoint(NamedTuple):
     config: Any  # the saved config, dataclasses rebuilt; None if none was saved
     extra: Any  # the caller's JSON `extra`, or None
     meta: dict  # meta.json as read
+    aux: Any = None  # the caller's `aux` arrays as nested dicts, or None if none were saved
 
 
 # --------------------------------------------------------------------------- configs as JSON
@@ -423,21 +428,22 @@ def _check_meta(meta, meta_path: str) -> dict:
             bad("save_id", "a string")
         if not isinstance(meta["arrays_sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", meta["arrays_sha256"]):
             bad("arrays_sha256", "64 lowercase hex digits")
-    for key in ("params", "opt_state"):
+    for key in ("params", "opt_state", "aux"):
         entries = meta.get(key)
-        if key == "opt_state" and entries is None:
+        if key != "params" and entries is None:
             continue
         if not isinstance(entries, dict):
-            bad(key, "an object of arrays" + (" or null" if key == "opt_state" else ""))
+            bad(key, "an object of arrays" + (" or null" if key != "params" else ""))
         for path, entry in entries.items():
             _check_entry(meta_path, key, path, entry)
-    # Parameters become nested dicts: no array may sit where another one's module would.
-    nested = {tuple(str(k) for k in entry["keys"]) for entry in meta["params"].values()}
-    for keys in nested:
-        for i in range(1, len(keys)):
-            if keys[:i] in nested:
-                raise CheckpointError(f"{meta_path}: 'params': array {'/'.join(keys)!r} lies inside "
-                                      f"array {'/'.join(keys[:i])!r}")
+    # Parameters and aux arrays become nested dicts: no array may sit where another one's module would.
+    for key in ("params", "aux"):
+        nested = {tuple(str(k) for k in entry["keys"]) for entry in (meta.get(key) or {}).values()}
+        for keys in nested:
+            for i in range(1, len(keys)):
+                if keys[:i] in nested:
+                    raise CheckpointError(f"{meta_path}: {key!r}: array {'/'.join(keys)!r} lies inside "
+                                          f"array {'/'.join(keys[:i])!r}")
     _check_config_tags(meta_path, meta.get("config"))
     return meta
 
@@ -617,10 +623,10 @@ def _move_aside(target: str, parent: str, name: str) -> str | None:
     return aside
 
 
-def save_checkpoint(path, params, opt_state=None, step=0, config=None, extra=None) -> str:
-    """Writes params (and optionally optimiser state, step, config and JSON `extra`) to the
-    directory `path`, atomically replacing the Phoenix checkpoint there, if any. Returns the
-    absolute path.
+def save_checkpoint(path, params, opt_state=None, step=0, config=None, extra=None, aux=None) -> str:
+    """Writes params (and optionally optimiser state, step, config, JSON `extra` and `aux`, a
+    pytree of other arrays) to the directory `path`, atomically replacing the Phoenix checkpoint
+    there, if any. Returns the absolute path.
 
     Refuses (CheckpointError, nothing written or moved) a `path` holding anything else: a file, a
     non-empty directory that is not a checkpoint (see the module docstring). A failed write
@@ -646,6 +652,8 @@ def save_checkpoint(path, params, opt_state=None, step=0, config=None, extra=Non
         "opt_state": None if opt_state is None else _describe_tree(opt_state, OPT_STATE_PREFIX, arrays,
                                                                    "optimiser state"),
     }
+    if aux is not None:  # absent rather than null: readers older than `aux` see the same meta.json
+        meta["aux"] = _describe_tree(aux, AUX_PREFIX, arrays, "aux")
     json.dumps(meta)  # fail on a non-JSON `extra` before anything is written
 
     # The pid in the name tells the next save whether this one is still running.
@@ -882,11 +890,14 @@ def _read_checkpoint(fd: int, path: str, params_template, opt_state_template, ig
             if opt_entries is not None:
                 opt_values = {p: _read_array(npz, arrays_path, OPT_STATE_PREFIX + p, e)
                               for p, e in opt_entries.items()}
+            aux_entries = meta.get("aux")
+            aux = None if aux_entries is None else _unflatten_dicts(
+                aux_entries, {p: _read_array(npz, arrays_path, AUX_PREFIX + p, e) for p, e in aux_entries.items()})
     if digest is not None and digest != meta["arrays_sha256"]:
         raise CheckpointError(f"{arrays_path}: sha256 {digest[:16]}... differs from the "
                               f"{meta['arrays_sha256'][:16]}... that {META_FILE} records for save "
                               f"{meta['save_id']}; the file was copied from another save or corrupted")
-    return meta, param_entries, param_values, opt_values
+    return meta, param_entries, param_values, opt_values, aux
 
 
 def load_checkpoint(path, params_template=None, opt_state_template=None, ignore_unexpected=False,
@@ -897,7 +908,8 @@ def load_checkpoint(path, params_template=None, opt_state_template=None, ignore_
     e.g. real params or `jax.eval_shape` output), every path, shape and dtype must match, else
     ValueError naming the file, the path and expected vs actual; the result then has the template's
     structure (the way optax NamedTuple states come back). Without a template, params come back
-    as nested dicts and optimiser state as a flat {path: array} dict. With `ignore_unexpected`,
+    as nested dicts and optimiser state as a flat {path: array} dict; `aux` arrays always come
+    back as nested dicts. With `ignore_unexpected`,
     parameters absent from the template are skipped instead of raising (e.g. loading a trainer
     checkpoint, which also holds the hash tables, into a model-only template). `config_types`:
     dataclasses besides the model configs that the saved config may contain (config_from_dict).
@@ -905,7 +917,7 @@ def load_checkpoint(path, params_template=None, opt_state_template=None, ignore_
     ValueError) naming the file; a load concurrent with saves returns one whole save.
     """
     path = _checked_path(path)
-    meta, param_entries, param_values, opt_values = _read_consistently(
+    meta, param_entries, param_values, opt_values, aux = _read_consistently(
         path, lambda fd, d: _read_checkpoint(fd, d, params_template, opt_state_template, ignore_unexpected))
 
     if params_template is not None:
@@ -925,7 +937,7 @@ def load_checkpoint(path, params_template=None, opt_state_template=None, ignore_
         except ValueError as e:  # e.g. a config type this caller did not pass in config_types
             warnings.warn(f"{path}: config left as JSON data: {e}", stacklevel=2)
     return Checkpoint(params=params, opt_state=opt_state, step=meta["step"], config=config,
-                      extra=meta.get("extra"), meta=meta)
+                      extra=meta.get("extra"), meta=meta, aux=aux)
 
 
 def read_meta(path) -> dict:
@@ -971,3 +983,60 @@ def describe_checkpoint(path) -> CheckpointInfo:
     type_name = config.get(TYPE_TAG) if isinstance(config, dict) else None
     return CheckpointInfo(kind=MODEL_KINDS.get(type_name), model_config_type=type_name, step=meta["step"],
                           format_version=meta["format_version"], save_id=meta.get("save_id"))
+
+
+# --------------------------------------------------------------------------- a run's step checkpoints
+
+
+def step_checkpoint_path(directory, step: int) -> str:
+    """`directory/step-00001200`: where a run keeps its checkpoint of `step` (zero-padded, so
+    that names sort by step)."""
+    return os.path.join(_checked_path(directory), f"step-{operator.index(step):08d}")
+
+
+def list_step_checkpoints(directory) -> list[tuple[int, str]]:
+    """(step, path) of the step checkpoints in `directory`, oldest first; none if it is missing.
+    Only directories that a save renamed into place carry a step name (a save in progress or
+    killed leaves a `.step-N.tmp-*` sibling instead), so each listed one is complete unless
+    damaged after its save (a load then raises CheckpointError)."""
+    directory = _checked_path(directory)
+    try:
+        entries = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        match = STEP_PATTERN.fullmatch(entry)
+        if match and os.path.isdir(os.path.join(directory, entry)):
+            found.append((int(match.group(1)), os.path.join(directory, entry)))
+    return sorted(found)
+
+
+def prune_step_checkpoints(directory, keep: int) -> list[str]:
+    """Deletes all but the `keep` (>= 1) newest step checkpoints of `directory`, and the leftovers
+    of saves and prunes that were killed there. Call it once a save is complete, so that the newest
+    checkpoint is never deleted before its successor is in place. A checkpoint is first renamed to
+    `.step-N.del-*` and then deleted, so a prune killed midway leaves no half-deleted checkpoint
+    under a step name (the next prune finishes it). Returns the paths deleted."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep: expected an int >= 1 (the newest checkpoint is always kept), got {keep!r}")
+    directory = _checked_path(directory)
+    deleted = []
+    for _, path in list_step_checkpoints(directory)[:-keep]:
+        if _why_not_ours(path) is not None:
+            continue  # not written by a save (or damaged): not ours to delete
+        doomed = os.path.join(directory, f".{os.path.basename(path)}.del-{uuid.uuid4().hex[:16]}")
+        os.rename(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        deleted.append(path)
+    for entry in os.listdir(directory):
+        match = re.fullmatch(r"\.(step-\d+)\.(tmp|old|del)-.*", entry)
+        if match is None:
+            continue
+        name, kind = match.groups()
+        full = os.path.join(directory, entry)
+        if kind == "del" and _orphan_match(entry, name, "del") and _why_not_ours(full, complete=False) is None:
+            shutil.rmtree(full, ignore_errors=True)  # a prune killed while deleting it
+        elif kind != "del":
+            _remove_orphans(directory, name)  # skips the temporary directories of live saves
+    return deleted

@@ -26,7 +26,10 @@ bit-identical runs there (this module does not set flags: no side effects at imp
 
 import collections
 import dataclasses
+import fcntl
+import json
 import math
+import os
 import sys
 import time
 from typing import Any, Callable, Iterable, NamedTuple, Optional
@@ -614,26 +617,44 @@ class Trainer:
         # The tables' config separately: it may differ from model_config.hash_config in table sizes.
         return {"model": self.model_config, "hash_config": self.hash_config, "optimizer": self.optimizer_config}
 
-    def save(self, path, state: TrainState, extra: Optional[dict] = None) -> str:
-        """Writes params, optimiser state, step, rng and configs as a checkpoint (phoenix_checkpoint.py)."""
+    def save(self, path, state: TrainState, extra: Optional[dict] = None, aux=None) -> str:
+        """Writes params, optimiser state, step, rng, the metric sums not yet popped and configs as a
+        checkpoint (phoenix_checkpoint.py), plus the caller's JSON `extra` and `aux` arrays."""
         rng = np.asarray(jax.device_get(jax.random.key_data(state.rng) if jnp.issubdtype(
             state.rng.dtype, jax.dtypes.prng_key) else state.rng))
+        # Sums are float32; tolist() gives floats that convert back to the same float32 values.
+        sums = {name: np.asarray(value).tolist() for name, value in jax.device_get(state.metric_sums).items()}
         return checkpoint.save_checkpoint(
             path, state.params, state.opt_state, step=int(jax.device_get(state.step)),
-            config=self._config_for_checkpoint(),
-            extra={"rng": rng.tolist(), "trainer": type(self).__name__, **(extra or {})})
+            config=self._config_for_checkpoint(), aux=aux,
+            extra={"rng": rng.tolist(), "trainer": type(self).__name__, "metric_sums": sums, **(extra or {})})
 
-    def restore(self, path, example_batch: RecsysBatch) -> TrainState:
+    def restore(self, path, example_batch: Optional[RecsysBatch] = None, like: Optional[TrainState] = None
+                ) -> TrainState:
         """The TrainState saved by `save`, checked against this trainer's parameter and optimiser
-        layout (a mismatch raises ValueError naming the parameter); metric sums start at zero."""
-        template = jax.eval_shape(self._init, jax.random.PRNGKey(0), example_batch)
+        layout (a mismatch raises ValueError naming the parameter), taken from `like` (a state of
+        this trainer) or else from `example_batch`. Metric sums continue from the saved ones
+        (zero for checkpoints that hold none), so a resumed run logs the same means."""
+        return self._load(path, example_batch, like)[0]
+
+    def _load(self, path, example_batch=None, like=None) -> tuple[TrainState, checkpoint.Checkpoint]:
+        if like is None and example_batch is None:
+            raise TypeError("restore: pass example_batch (a RecsysBatch) or like (a TrainState of this trainer)")
+        template = like if like is not None else jax.eval_shape(self._init, jax.random.PRNGKey(0), example_batch)
         ckpt = checkpoint.load_checkpoint(path, params_template=template.params,
                                           opt_state_template=template.opt_state,
                                           config_types=(OptimizerConfig,))
-        rng = (ckpt.extra or {}).get("rng")
+        extra = ckpt.extra or {}
+        rng = extra.get("rng")
         rng = jax.random.PRNGKey(0) if rng is None else jnp.asarray(np.asarray(rng, np.uint32))
-        return TrainState(jax.device_put(ckpt.params), jax.device_put(ckpt.opt_state),
-                          jnp.asarray(ckpt.step, jnp.int32), rng, self._zero_metrics())
+        sums = self._zero_metrics()
+        saved = extra.get("metric_sums") or {}
+        if set(saved) == set(sums):
+            sums = {name: jnp.asarray(np.asarray(saved[name], np.float32).reshape(sums[name].shape))
+                    for name in sums}
+        state = TrainState(jax.device_put(ckpt.params), jax.device_put(ckpt.opt_state),
+                           jnp.asarray(ckpt.step, jnp.int32), rng, sums)
+        return state, ckpt
 
 
 def _compact_hash_config(hash_config: HashConfig, table_sizes: Optional[dict]) -> HashConfig:
@@ -858,26 +879,219 @@ def _check_fit_args(num_steps, log_every, eval_every, eval_fn, stream) -> None:
         raise TypeError(f"stream: expected a text stream with .write(), got {type(stream).__name__}")
 
 
-def fit(trainer: Trainer, state: TrainState, batch_iterator: Iterable, num_steps: int, log_every: int = 100,
+# --------------------------------------------------------------------------- resumable runs
+
+# Step checkpoints a resumable run keeps: the newest, and older ones to fall back on should the
+# newest be damaged after its save (its sha256 no longer matching).
+DEFAULT_KEEP_CHECKPOINTS = 3
+# The file a run holds an exclusive lock on, in its checkpoint directory, while it trains.
+LOCK_FILE = ".lock"
+ARRAY_TAG = "__array__"  # JSON tag of an array in a saved history
+FLOAT_TAG = "__float__"  # JSON tag of nan / inf, which strict JSON has no literal for
+
+
+class ResumeError(ValueError):
+    """A run cannot continue from the checkpoints in its directory: they were written with another
+    configuration (the message lists what differs), or they belong to an earlier run and resuming
+    was not asked for."""
+
+
+def _check_checkpoint_args(checkpoint_dir, checkpoint_every, keep_checkpoints, resume, batch_iterator, aux) -> None:
+    check_number(checkpoint_every, "checkpoint_every", "an int >= 0 (0: save at the end only)",
+                 lambda v: v >= 0, integer=True)
+    check_number(keep_checkpoints, "keep_checkpoints", "an int >= 1", lambda v: v >= 1, integer=True)
+    if checkpoint_dir is None:
+        for name, value in (("resume", resume), ("checkpoint_every", checkpoint_every)):
+            if value:
+                raise ValueError(f"{name}: needs checkpoint_dir (where step checkpoints are kept), got {value!r} "
+                                 f"with checkpoint_dir None")
+        return
+    if not callable(batch_iterator):
+        raise TypeError(f"batch_iterator: a resumable run (checkpoint_dir given) needs a callable "
+                        f"first_step -> iterable yielding the batches from that step on, got "
+                        f"{type(batch_iterator).__name__}")
+    if aux is not None and not (callable(getattr(aux, "state_dict", None))
+                                and callable(getattr(aux, "load_state_dict", None))):
+        raise TypeError(f"aux: expected an object with state_dict() -> {{name: array}} and "
+                        f"load_state_dict(dict), got {type(aux).__name__}")
+
+
+def _finite_or_text(values):
+    """Nested lists with nan / inf as the strings 'nan' / 'inf' / '-inf' (numpy parses them back)."""
+    if isinstance(values, list):
+        return [_finite_or_text(v) for v in values]
+    return repr(values) if isinstance(values, float) and not math.isfinite(values) else values
+
+
+def encode_json(value):
+    """Histories and results as strict JSON: arrays (numpy, JAX) tagged with their dtype, numpy
+    scalars as numbers, nan / inf tagged."""
+    if isinstance(value, dict):
+        return {k: encode_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_json(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return {FLOAT_TAG: repr(value)}
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        array = np.asarray(jax.device_get(value))
+        return {ARRAY_TAG: _finite_or_text(array.tolist()), "dtype": array.dtype.name}
+    return value
+
+
+def decode_json(value):
+    """Inverse of `encode_json` (arrays come back as numpy arrays of their dtype)."""
+    if isinstance(value, dict):
+        if ARRAY_TAG in value:
+            return np.asarray(value[ARRAY_TAG], dtype=np.dtype(value["dtype"]))
+        if FLOAT_TAG in value:
+            return float(value[FLOAT_TAG])
+        return {k: decode_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_json(v) for v in value]
+    return value
+
+
+def _json_normal(value):
+    """`value` as it reads back from a checkpoint's JSON (configs tagged, tuples tagged, ...)."""
+    return json.loads(json.dumps(checkpoint.config_to_dict(value)))
+
+
+def config_differences(saved, current, where: str = "") -> list[str]:
+    """'path: checkpoint X, now Y' for every value that differs between two JSON-like trees."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current), key=str):
+            sub = f"{where}.{key}" if where else str(key)
+            if key not in saved:
+                out.append(f"{sub}: absent in the checkpoint, now {current[key]!r}")
+            elif key not in current:
+                out.append(f"{sub}: checkpoint {saved[key]!r}, now absent")
+            else:
+                out.extend(config_differences(saved[key], current[key], sub))
+        return out
+    return [] if saved == current else [f"{where or 'value'}: checkpoint {saved!r}, now {current!r}"]
+
+
+def _check_resumable(meta: dict, path: str, expected: dict) -> None:
+    """Raises ResumeError listing every difference between the run a checkpoint was written by
+    (configs, trainer, the caller's run config, first step) and this one."""
+    extra = meta.get("extra") or {}
+    saved = {"config": meta.get("config"), "trainer": extra.get("trainer"),
+             "run_config": extra.get("run_config"), "run_start_step": extra.get("run_start_step")}
+    problems = config_differences(saved, expected)
+    if problems:
+        listed = problems[:checkpoint.MAX_LISTED_PROBLEMS]
+        if len(problems) > len(listed):
+            listed.append(f"... and {len(problems) - len(listed)} more")
+        raise ResumeError(f"{path}: cannot resume, the checkpoint was written by a run configured otherwise "
+                          f"({len(problems)} difference(s)):\n  " + "\n  ".join(listed)
+                          + "\nRun with the same configuration, or start afresh in another directory.")
+
+
+class RunLock:
+    """An exclusive lock on a run's checkpoint directory (flock on LOCK_FILE), so that two processes
+    never write one run; the kernel releases it when its holder dies, even by SIGKILL."""
+
+    def __init__(self, directory: str, notify: Callable[[str], None]):
+        path = os.path.join(directory, LOCK_FILE)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OSError(e.errno, f"checkpoint_dir {directory}: cannot create the run lock {path} ({e.strerror}); "
+                                   f"checkpoints could not be written there either") from e
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
+            notify(f"{directory}: another process (pid {holder}) is training this run; waiting for it to stop")
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        os.close(self._fd)  # closing drops the flock
+
+
+def _resume_point(trainer: Trainer, state: TrainState, checkpoint_dir: str, resume: bool, expected: dict,
+                  end_step: int, aux, notify) -> Optional[tuple[TrainState, list]]:
+    """The state and history of the newest readable step checkpoint in `checkpoint_dir` (None if
+    there is none), after checking that it belongs to this run. A checkpoint damaged after its save
+    is reported and skipped for the one before it; one of another configuration raises ResumeError."""
+    found = checkpoint.list_step_checkpoints(checkpoint_dir)
+    if found and not resume:
+        raise ResumeError(f"checkpoint_dir {checkpoint_dir}: holds checkpoints of an earlier run (newest "
+                          f"{os.path.basename(found[-1][1])}); pass resume=True (--resume) to continue it, or "
+                          f"use another directory (nothing there was changed)")
+    if not found:
+        if resume:
+            notify(f"no checkpoint in {checkpoint_dir} to resume from: starting at step {int(state.step)}")
+        return None
+    damaged = []
+    for step, path in reversed(found):
+        try:
+            _check_resumable(checkpoint.read_meta(path), path, expected)
+            if step > end_step:
+                raise ResumeError(f"{path}: cannot resume, the checkpoint is at step {step}, past this run's "
+                                  f"last step {end_step}")
+            restored, ckpt = trainer._load(path, like=state)
+        except checkpoint.CheckpointError as e:
+            notify(f"skipping damaged checkpoint {path}: {e}")
+            damaged.append(path)
+            continue
+        if aux is not None:
+            if ckpt.aux is None:
+                raise ResumeError(f"{path}: cannot resume, it holds no aux arrays and this run keeps some "
+                                  f"({type(aux).__name__})")
+            aux.load_state_dict(ckpt.aux)
+        notify(f"resuming from {path} (step {step} of {end_step})")
+        return restored, decode_json((ckpt.extra or {}).get("history") or [])
+    raise checkpoint.CheckpointError(f"checkpoint_dir {checkpoint_dir}: none of its {len(found)} checkpoints "
+                                     f"can be read ({', '.join(damaged)}); remove them to start afresh")
+
+
+# --------------------------------------------------------------------------- fit loop
+
+
+def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log_every: int = 100,
         eval_fn: Optional[Callable[[TrainState], dict]] = None, eval_every: Optional[int] = None,
-        stream=None) -> tuple[TrainState, list[dict]]:
-    """Runs `num_steps` train steps; returns the final state and the logged history.
+        stream=None, checkpoint_dir=None, checkpoint_every: int = 0,
+        keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS, resume: bool = False, run_config=None,
+        aux=None) -> tuple[TrainState, list[dict]]:
+    """Runs `num_steps` train steps from `state`; returns the final state and the logged history.
 
     Items of `batch_iterator`: `(batch, labels)` / `(batch, labels, label_mask)` for the ranker,
-    `batch` or `(batch, log_q)` for retrieval, or a dict of step keyword arguments.
+    `batch` or `(batch, log_q)` for retrieval, or a dict of step keyword arguments. It may also be a
+    callable `first_step -> iterable` of the items from that step on (required for resuming).
     The host reads metrics only every `log_every` steps (between reads the device runs ahead), then
     reports step, loss, steps/s and ETA on `stream` (default stderr): on a terminal it rewrites one
     line with "\\r"; elsewhere (a log file, a pipe) it writes one plain line per report.
     The first step's time (tracing + compilation + one step) is reported on its own line and kept
     out of steps/s. `eval_fn(state) -> dict` runs every `eval_every` steps (None or 0: at the end only).
     History entries: {"step", "loss", ..., "steps_per_s"} per log, {"step", "eval/...": ...} per eval.
+
+    Resumable runs (`checkpoint_dir` given). The state is saved as `checkpoint_dir/step-N` (a
+    Trainer checkpoint, plus the history so far, `run_config` and `aux.state_dict()`) every
+    `checkpoint_every` steps (0: only at the end) and after the last step; once a save is complete,
+    all but the `keep_checkpoints` newest are deleted. With `resume`, the run continues from the newest
+    readable checkpoint there: its configs (model, tables, optimiser), trainer type, `run_config`
+    (JSON data describing everything else that shapes the run, e.g. data seed and batch size) and
+    first step must equal this run's, else ResumeError lists the differences; the returned history
+    then covers the whole run. With a data stream reproducible from the step, the result is bit for
+    bit that of an uninterrupted run (on CPU). Without `resume`, checkpoints already there raise
+    ResumeError. A failed save (disk full, read-only) raises OSError naming the newest checkpoint,
+    which is intact. `aux`: an object with state_dict() -> {name: array} and load_state_dict(dict),
+    saved and restored with the state (e.g. counters that the data stream updates).
     """
     stream = sys.stderr if stream is None else stream
     _check_fit_args(num_steps, log_every, eval_every, eval_fn, stream)
+    _check_checkpoint_args(checkpoint_dir, checkpoint_every, keep_checkpoints, resume, batch_iterator, aux)
     tty = _is_tty(stream)
-    iterator = iter(batch_iterator)
     history: list[dict] = []
-    start_step = int(jax.device_get(state.step))
+    start_step = int(jax.device_get(state.step))  # the run's first step: steps count from here
+    end_step = start_step + num_steps
     window_start = None
     window_steps = 0
     done = 0
@@ -890,53 +1104,100 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator: Iterable, num_steps
         line_open = False
         stream.flush()
 
-    def log_progress(final: bool) -> None:
-        nonlocal state, window_start, window_steps, line_open
-        state, means = trainer.pop_metrics(state)  # syncs with the device
-        now = time.perf_counter()
-        rate = window_steps / (now - window_start) if window_steps and now > window_start else float("nan")
-        eta = (num_steps - done) / rate if math.isfinite(rate) and rate > 0 else float("nan")
-        history.append({"step": start_step + done, **means, "steps_per_s": rate})
-        loss = means.get("loss", float("nan"))
-        report = (f"step {start_step + done}/{start_step + num_steps}  loss {loss:.4f}  "
-                  f"{rate:.2f} steps/s  ETA {_format_duration(eta)}")
-        if tty:
-            stream.write(f"\r{report}   " + ("\n" if final else ""))
-            line_open = not final
-            stream.flush()
-        else:
-            write_line(report)
-        window_start, window_steps = time.perf_counter(), 0
+    lock = opened = None
+    if checkpoint_dir is not None:
+        checkpoint_dir = os.path.abspath(os.fspath(checkpoint_dir))
+        lock = RunLock(checkpoint_dir, write_line)
+    try:
+        restored = None
+        if checkpoint_dir is not None:
+            expected = _json_normal({"config": trainer._config_for_checkpoint(), "trainer": type(trainer).__name__,
+                                     "run_config": run_config, "run_start_step": start_step})
+            restored = _resume_point(trainer, state, checkpoint_dir, resume, expected, end_step, aux, write_line)
+            if restored is not None:
+                state, history = restored
+                done = int(state.step) - start_step
+        last_saved = None if restored is None else int(state.step)
+        iterator = iter(batch_iterator(start_step + done) if callable(batch_iterator) else batch_iterator)
+        if callable(batch_iterator):
+            opened = iterator  # ours to close (e.g. to stop a prefetch thread)
 
-    def run_eval() -> None:
-        results = eval_fn(state)
-        entry = {"step": start_step + done, **{f"eval/{k}": v for k, v in results.items()}}
-        history.append(entry)
-        shown = "  ".join(f"{k} {float(np.mean(v)):.4f}" for k, v in results.items())
-        write_line(f"eval at step {start_step + done}: {shown}")
+        def log_progress(final: bool) -> None:
+            nonlocal state, window_start, window_steps, line_open
+            state, means = trainer.pop_metrics(state)  # syncs with the device
+            now = time.perf_counter()
+            rate = window_steps / (now - window_start) if window_steps and now > window_start else float("nan")
+            eta = (num_steps - done) / rate if math.isfinite(rate) and rate > 0 else float("nan")
+            history.append({"step": start_step + done, **means, "steps_per_s": rate})
+            loss = means.get("loss", float("nan"))
+            report = (f"step {start_step + done}/{end_step}  loss {loss:.4f}  "
+                      f"{rate:.2f} steps/s  ETA {_format_duration(eta)}")
+            if tty:
+                stream.write(f"\r{report}   " + ("\n" if final else ""))
+                line_open = not final
+                stream.flush()
+            else:
+                write_line(report)
+            window_start, window_steps = time.perf_counter(), 0
 
-    while done < num_steps:
-        try:
-            item = next(iterator)
-        except StopIteration:
-            write_line(f"batch iterator exhausted after {done} of {num_steps} steps")
-            break
-        if done == 0:
-            first_start = time.perf_counter()
-            state, _ = _call_step(trainer, state, item)
-            jax.block_until_ready(state.step)
-            write_line(f"first step (trace + compile + run): {time.perf_counter() - first_start:.2f} s")
-            window_start = time.perf_counter()
-        else:
-            state, _ = _call_step(trainer, state, item)
-            window_steps += 1
-        done += 1
-        if done % log_every == 0 or done == num_steps:
-            log_progress(final=done == num_steps)
-        if eval_fn is not None and eval_every and done % eval_every == 0 and done != num_steps:
+        def run_eval() -> None:
+            results = eval_fn(state)
+            entry = {"step": start_step + done, **{f"eval/{k}": v for k, v in results.items()}}
+            history.append(entry)
+            shown = "  ".join(f"{k} {float(np.mean(v)):.4f}" for k, v in results.items())
+            write_line(f"eval at step {start_step + done}: {shown}")
+
+        def save() -> None:
+            nonlocal last_saved
+            step = start_step + done
+            path = checkpoint.step_checkpoint_path(checkpoint_dir, step)
+            try:
+                trainer.save(path, state, aux=None if aux is None else aux.state_dict(), extra={
+                    "run_config": expected["run_config"], "run_start_step": start_step,
+                    "history": encode_json(history)})
+            except OSError as e:
+                newest = checkpoint.list_step_checkpoints(checkpoint_dir)
+                kept = newest[-1][1] if newest else "none yet"
+                why = e.strerror if e.errno is not None else str(e)  # str(e) would repeat "[Errno N]"
+                raise OSError(e.errno, f"checkpoint of step {step} was not written, training stopped: {why}. "
+                                       f"The newest complete checkpoint, intact: {kept}") from e
+            checkpoint.prune_step_checkpoints(checkpoint_dir, keep_checkpoints)
+            last_saved = step
+
+        first = True
+        while done < num_steps:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                write_line(f"batch iterator exhausted after {done} of {num_steps} steps")
+                break
+            if first:
+                first_start = time.perf_counter()
+                state, _ = _call_step(trainer, state, item)
+                jax.block_until_ready(state.step)
+                write_line(f"first step (trace + compile + run): {time.perf_counter() - first_start:.2f} s")
+                window_start = time.perf_counter()
+                first = False
+            else:
+                state, _ = _call_step(trainer, state, item)
+                window_steps += 1
+            done += 1
+            if done % log_every == 0 or done == num_steps:
+                log_progress(final=done == num_steps)
+            if eval_fn is not None and eval_every and done % eval_every == 0 and done != num_steps:
+                run_eval()
+            if checkpoint_dir is not None and ((checkpoint_every and done % checkpoint_every == 0)
+                                               or done == num_steps):
+                save()
+        if done and done % log_every and done != num_steps:
+            log_progress(final=True)
+        if checkpoint_dir is not None and last_saved != start_step + done:
+            save()  # the iterator ran out: keep what was trained
+        if eval_fn is not None:
             run_eval()
-    if done and done % log_every and done != num_steps:
-        log_progress(final=True)
-    if eval_fn is not None:
-        run_eval()
+    finally:
+        if callable(getattr(opened, "close", None)):
+            opened.close()
+        if lock is not None:
+            lock.release()
     return state, history

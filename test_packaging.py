@@ -29,7 +29,7 @@ ENTRY_POINTS = ["run_ranker", "run_retrieval", "run_train", "train_synthetic", "
 SHIPPED = LIBRARY + ENTRY_POINTS
 # Top-level modules deliberately left out: dev-only (bench.py, numpy_reference.py: the tests' oracle,
 # imported by no shipped module) and pytest's.
-LEFT_OUT = {"bench", "numpy_reference", "conftest"}
+LEFT_OUT = {"bench", "numpy_reference", "conftest", "resume_harness"}
 CONSOLE_SCRIPTS = {"phoenix-rank": "run_ranker:cli", "phoenix-retrieve": "run_retrieval:cli",
                    "phoenix-train": "run_train:cli"}
 TINY_DEMO = ["--no-train", "--emb-size", "16", "--num-layers", "1", "--history-len", "8", "--num-candidates", "4"]

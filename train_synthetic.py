@@ -1,7 +1,8 @@
 """Train both Phoenix models on the synthetic world and show that they learn.
 
     uv run run_train.py --data synthetic [--seed 0] [--steps-ranker 1200] [--steps-retrieval 800]
-                                         [--checkpoint-dir DIR] [sizes, see --help]
+                                         [--checkpoint-dir DIR] [--checkpoint-every N --resume]
+                                         [--keep-checkpoints K] [sizes, see --help]
 
 Shape glossary
   B batch (users)   S history length   C candidates   D embedding size   A actions (19)
@@ -23,19 +24,37 @@ optimiser state, config; `runners.*.from_checkpoint` loads them) go to `<checkpo
 `<checkpoint-dir>/retrieval`, by default under the cache directory: $PHOENIX_CACHE_DIR/checkpoints/synthetic
 ($PHOENIX_CACHE_DIR defaults to ~/.cache/phoenix). `main` returns the figures as a dict.
 
+Resuming (preemptible machines). With --checkpoint-every N the training state is saved every N
+steps to <checkpoint-dir>/steps/{ranker,retrieval}/step-NNNNNNNN (the newest --keep-checkpoints,
+default 3, are kept). After a kill, run the same command with --resume: each model continues from
+its newest complete checkpoint, a model whose final checkpoint is there is not trained again, and
+the final parameters, figures and training history are bit for bit those of an uninterrupted run
+(on CPU). Training batches are a function of (world seed, --seed, step) alone (`step_rng`), so a
+resume at step k draws exactly the batches k, k+1, ...; the popularity counts travel in the
+checkpoint. A step checkpoint holds parameters and hash tables, optimiser state, step, PRNG key,
+the metric sums not yet logged, the history, the popularity counts and the run config (every flag
+that changes results, `run_config`); a resume with other flags stops and lists what differs.
+--resume on an empty directory starts afresh; without it, step checkpoints already there stop the
+run rather than be overwritten. A saving or deleting process killed at any moment leaves the
+newest complete checkpoint intact (resume_harness.py checks it with SIGKILLs).
+Cost: a save takes ~0.1 s at the default sizes (6 MB; fsync included), ~1-2% of the step time
+at --checkpoint-every 50.
+
 Measured (`uv run run_train.py --data synthetic`, seed 0, 2 CPU cores shared with another
 training job, float32), 100 held-out users x 50 examples:
 
   | model | metric | trained | oracle | popularity | trained vs oracle/popularity |
   |---|---|---|---|---|---|
-  | ranker | AUC favorite | 0.827 | 0.886 | 0.729 | gap closed 84.5% (popularity 59.3%) |
-  | ranker | mean AUC, 19 actions | 0.827 | 0.891 | 0.708 | gap closed 83.6% (popularity 53.1%) |
-  | retrieval | recall@100 of 5,000 posts | 0.443 | 0.557 | 0.131 | 3.39x popularity, 79.5% of oracle |
+  | ranker | AUC favorite | 0.826 | 0.886 | 0.729 | gap closed 84.3% (popularity 59.2%) |
+  | ranker | mean AUC, 19 actions | 0.825 | 0.891 | 0.708 | gap closed 83.3% (popularity 53.3%) |
+  | retrieval | recall@100 of 5,000 posts | 0.443 | 0.557 | 0.131 | 3.39x popularity, 79.6% of oracle |
 
   The four negative actions (not_interested, block, mute, report: 0.1-1.3% positive) close
-  68-77% of their gap, the 15 others 82-90%.
+  67-77% of their gap, the 15 others 82-90%.
   Duration: 5 min 22 s wall (ranker 1200 steps in 183 s at ~7 steps/s, retrieval 800 steps in
-  117 s at ~8 steps/s, compile ~8 s each included; evaluation ~7 s; the rest start-up).
+  117 s at ~8 steps/s, compile ~8 s each included; evaluation ~7 s; the rest start-up). The
+  figures above were measured again after batches became per-step draws (`step_rng`), with
+  --checkpoint-every 50, on 2 cores shared with 2-3 other jobs: 14 min 28 s wall there.
 
 The world (datasets.WorldConfig defaults except two knobs, both documented in `WORLD_OVERRIDES`):
 1k users, 5k posts, 200 authors, latent dim 16, S = 32, C = 16, histories of 16-32 engagements,
@@ -82,6 +101,7 @@ Recipe, and why:
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -117,6 +137,15 @@ TABLE_INIT_STDDEV = 0.1  # hash-table rows start small, so Adam's fixed-size ste
 # Targets the run checks and prints.
 MIN_GAP_CLOSED = 0.8
 MIN_RECALL_RATIO = 3.0
+# Keys of the per-step batch generators (step_rng), one per training stream.
+RANKING_STREAM, RETRIEVAL_STREAM = 1, 2
+# How training batches are drawn; recorded in checkpoints so that a resume never mixes two ways.
+STREAM_VERSION = "per-step rng of (world seed, stream, seed, step)"
+# Flags that do not change what a run computes, left out of the config a resume must match.
+NOT_RUN_CONFIG = {"data", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "log_every", "only"}
+# Flags of one phase only: the other phase's checkpoints do not depend on them.
+PHASE_FLAGS = {"ranker": {"steps_ranker", "batch_size", "eval_every"},
+               "retrieval": {"steps_retrieval", "retrieval_batch_size", "temperature"}}
 
 
 # --------------------------------------------------------------------------- configs
@@ -225,6 +254,18 @@ class PopularityCounts:
         self.surface = np.zeros((num_surfaces, num_actions))
         self.surface_n = np.zeros(num_surfaces)
 
+    def state_dict(self) -> dict:
+        """The counts as arrays, for a checkpoint (a resumed run continues counting from them)."""
+        return {"post": self.post, "post_n": self.post_n, "surface": self.surface, "surface_n": self.surface_n}
+
+    def load_state_dict(self, arrays: dict) -> None:
+        for name, current in self.state_dict().items():
+            value = np.asarray(arrays.get(name))
+            if value.shape != current.shape:
+                raise ValueError(f"PopularityCounts.{name}: expected shape {list(current.shape)}, "
+                                 f"got {list(value.shape)}")
+            setattr(self, name, value.astype(current.dtype))
+
     def add(self, examples: dict) -> None:
         posts = examples["candidate_post_ids"].ravel()  # [B*C]
         surfaces = examples["candidate_surfaces"].ravel()  # [B*C]
@@ -247,19 +288,30 @@ class PopularityCounts:
                 + logit(surface_rate)[examples["candidate_surfaces"]] - logit(overall))
 
 
-def ranking_examples_stream(world, user_ids, batch_size, seed, hashes, user_id_dropout):
-    """Endless (examples dict, RecsysBatch, labels [B, C, A]) of `user_ids`, ids dropped as configured."""
-    rng = np.random.default_rng([seed, 1])
-    for examples in world.ranking_batches(user_ids, batch_size, seed=seed):
-        batch_ids = drop_user_ids(examples["user_ids"], user_id_dropout, rng, unknown_user_id(world.cfg))
+def step_rng(world_cfg: WorldConfig, stream: int, seed: int, step: int) -> np.random.Generator:
+    """The generator of one training batch, a function of (world seed, stream, seed, step) alone:
+    a run resumed at step k draws exactly the batches k, k+1, ... of an uninterrupted one."""
+    mask = 2**63 - 1  # SeedSequence takes non-negative entropy; seeds may be negative
+    return np.random.default_rng(np.random.SeedSequence([world_cfg.seed & mask, stream, seed & mask, step]))
+
+
+def ranking_examples_stream(world, user_ids, batch_size, seed, hashes, user_id_dropout, start_step=0):
+    """Endless (examples dict, RecsysBatch, labels [B, C, A]) of `user_ids` for the steps
+    start_step, start_step + 1, ...: users drawn with replacement, ids dropped as configured."""
+    unknown = unknown_user_id(world.cfg)
+    for step in itertools.count(start_step):
+        rng = step_rng(world.cfg, RANKING_STREAM, seed, step)
+        examples = world.ranking_examples(rng.choice(user_ids, size=batch_size), rng)
+        batch_ids = drop_user_ids(examples["user_ids"], user_id_dropout, rng, unknown)
         batch, labels, _ = to_recsys_batch({**examples, "user_ids": batch_ids}, hashes)
         yield examples, batch, labels
 
 
-def ranking_stream(world, user_ids, batch_size, seed, hashes, user_id_dropout, counts=None):
-    """Endless (RecsysBatch, labels) step arguments, generated in a background thread; `counts`
-    (PopularityCounts) sees exactly the examples handed to the trainer."""
-    items = prefetch(ranking_examples_stream(world, user_ids, batch_size, seed, hashes, user_id_dropout))
+def ranking_stream(world, user_ids, batch_size, seed, hashes, user_id_dropout, counts=None, start_step=0):
+    """Endless (RecsysBatch, labels) step arguments from `start_step` on, generated in a background
+    thread; `counts` (PopularityCounts) sees exactly the examples handed to the trainer."""
+    items = prefetch(ranking_examples_stream(world, user_ids, batch_size, seed, hashes, user_id_dropout,
+                                             start_step))
     try:
         for examples, batch, labels in items:
             if counts is not None:
@@ -269,13 +321,15 @@ def ranking_stream(world, user_ids, batch_size, seed, hashes, user_id_dropout, c
         items.close()
 
 
-def retrieval_stream(world, user_ids, batch_size, seed, hashes, user_id_dropout, log_freq):
-    """Endless {"batch", "log_q" [B]} step arguments (positive in candidate slot 0), prefetched."""
+def retrieval_stream(world, user_ids, batch_size, seed, hashes, user_id_dropout, log_freq, start_step=0):
+    """Endless {"batch", "log_q" [B]} step arguments (positive in candidate slot 0) from
+    `start_step` on, prefetched."""
     def generate():
-        rng = np.random.default_rng([seed, 2])
-        for examples in world.retrieval_batches(user_ids, batch_size, seed=seed):
-            examples["user_ids"] = drop_user_ids(examples["user_ids"], user_id_dropout, rng,
-                                                 unknown_user_id(world.cfg))
+        unknown = unknown_user_id(world.cfg)
+        for step in itertools.count(start_step):
+            rng = step_rng(world.cfg, RETRIEVAL_STREAM, seed, step)
+            examples = world.retrieval_examples(rng.choice(user_ids, size=batch_size), rng)
+            examples["user_ids"] = drop_user_ids(examples["user_ids"], user_id_dropout, rng, unknown)
             yield {"batch": to_retrieval_batch(examples, hashes),
                    "log_q": log_freq[examples["positive_post_ids"]].astype(np.float32)}
 
@@ -430,13 +484,63 @@ def format_action_table(ranker: dict) -> str:
 # --------------------------------------------------------------------------- training
 
 
+def run_config(args, phase: str) -> dict:
+    """What a `phase` ("ranker" or "retrieval") of this run computes from: every flag but those in
+    NOT_RUN_CONFIG and the other phase's, and the batch stream's formula. A resume must match it."""
+    other = PHASE_FLAGS["retrieval" if phase == "ranker" else "ranker"]
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RUN_CONFIG | other}
+    return {"phase": phase, "stream": STREAM_VERSION, **flags}
+
+
+def resumable(args, phase: str) -> dict:
+    """fit's keyword arguments for a phase: step checkpoints in <checkpoint-dir>/steps/<phase> when
+    --checkpoint-every or --resume asks for them (the final checkpoint alone otherwise, as before)."""
+    if not (args.checkpoint_every or args.resume):
+        return {}
+    return {"checkpoint_dir": os.path.join(args.checkpoint_dir, "steps", phase),
+            "checkpoint_every": args.checkpoint_every, "keep_checkpoints": args.keep_checkpoints,
+            "resume": args.resume, "run_config": run_config(args, phase)}
+
+
+def finished_phase(args, phase: str, log) -> dict | None:
+    """With --resume, the figures of a phase already finished by this run: its final checkpoint is
+    written last (atomically) and records the run config and figures. None if it still has to run."""
+    path = os.path.join(args.checkpoint_dir, phase)
+    if not args.resume or not os.path.exists(path):
+        return None
+    extra = checkpoint.read_meta(path).get("extra") or {}
+    expected = json.loads(json.dumps(run_config(args, phase)))  # as it reads back from meta.json
+    differences = training.config_differences(extra.get("run_config"), expected)
+    if differences or "result" not in extra:
+        why = "; ".join(differences[:3]) if differences else "no figures recorded"
+        log.write(f"{phase}: {path} holds another run's checkpoint ({why}); this run replaces it when its "
+                  f"{phase} is trained\n")
+        return None
+    log.write(f"{phase}: already trained by this run, figures read from {path}\n")
+    return {**training.decode_json(extra["result"]), "checkpoint": path}
+
+
+def save_final(trainer, args, phase: str, state, world, result: dict, **extra) -> str:
+    """The phase's final checkpoint, `runners.*.from_checkpoint`'s input, which also marks the phase
+    finished for --resume (run config, and the figures with the training history, in its extra)."""
+    return trainer.save(os.path.join(args.checkpoint_dir, phase), state, extra={
+        "world": dataclasses.asdict(world.cfg), "seed": args.seed, "unknown_user_id": unknown_user_id(world.cfg),
+        **extra, "run_config": run_config(args, phase), "result": training.encode_json(result)})
+
+
 def train_ranker(args, world, train_ids, held_out, log=sys.stderr) -> dict:
+    if (done := finished_phase(args, "ranker", log)) is not None:
+        return done
     cfg = ranker_config(args, world.cfg)
     hashes = cfg.hash_config
     trainer = training.make_ranking_trainer(cfg, hashes, optimizer_config(args.learning_rate, args.steps_ranker),
                                             table_init_stddev=args.table_init_stddev)
     counts = PopularityCounts(world.cfg.num_posts, world.cfg.num_product_surfaces, len(ACTIONS))
-    stream = ranking_stream(world, train_ids, args.batch_size, args.seed, hashes, args.user_id_dropout, counts)
+
+    def stream(first_step):
+        return ranking_stream(world, train_ids, args.batch_size, args.seed, hashes, args.user_id_dropout, counts,
+                              start_step=first_step)
+
     state = trainer.init(jax.random.PRNGKey(args.seed), example_ranking_batch(world, hashes))
     examples = held_out_examples(world, held_out, args.eval_repeats, "ranking", args.seed)
 
@@ -447,20 +551,21 @@ def train_ranker(args, world, train_ids, held_out, log=sys.stderr) -> dict:
     log.write(f"ranker: {args.steps_ranker} steps of {args.batch_size} users x {world.cfg.num_candidates} "
               f"candidates\n")
     t0 = time.perf_counter()
-    state, _ = training.fit(trainer, state, stream, args.steps_ranker, log_every=args.log_every,
-                            eval_fn=curve if args.eval_every else None, eval_every=args.eval_every, stream=log)
-    stream.close()
+    state, history = training.fit(trainer, state, stream, args.steps_ranker, log_every=args.log_every,
+                                  eval_fn=curve if args.eval_every else None, eval_every=args.eval_every,
+                                  stream=log, aux=counts, **resumable(args, "ranker"))
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = evaluate_ranker(trainer, state.params, examples, counts)
-    eval_s = time.perf_counter() - t0
-    path = trainer.save(os.path.join(args.checkpoint_dir, "ranker"), state, extra={
-        "world": dataclasses.asdict(world.cfg), "seed": args.seed, "unknown_user_id": unknown_user_id(world.cfg),
-        "auc_favorite": float(result["model"][FAVORITE]), "mean_auc": float(np.nanmean(result["model"]))})
-    return {**result, "train_s": train_s, "eval_s": eval_s, "checkpoint": path}
+    result.update(train_s=train_s, eval_s=time.perf_counter() - t0, history=history)
+    path = save_final(trainer, args, "ranker", state, world, result,
+                      auc_favorite=float(result["model"][FAVORITE]), mean_auc=float(np.nanmean(result["model"])))
+    return {**result, "checkpoint": path}
 
 
 def train_retrieval(args, world, train_ids, held_out, log=sys.stderr) -> dict:
+    if (done := finished_phase(args, "retrieval", log)) is not None:
+        return done
     cfg = retrieval_config(args, world.cfg)
     hashes = cfg.hash_config
     trainer = training.make_retrieval_trainer(cfg, hashes,
@@ -469,24 +574,26 @@ def train_retrieval(args, world, train_ids, held_out, log=sys.stderr) -> dict:
     t0 = time.perf_counter()
     freq = world.positive_frequencies(train_ids)  # [N] logQ of in-batch negatives; popularity baseline
     freq_s = time.perf_counter() - t0
-    stream = retrieval_stream(world, train_ids, args.retrieval_batch_size, args.seed, hashes,
-                              args.user_id_dropout, np.log(freq))
+
+    def stream(first_step):
+        return retrieval_stream(world, train_ids, args.retrieval_batch_size, args.seed, hashes,
+                                args.user_id_dropout, np.log(freq), start_step=first_step)
+
     state = trainer.init(jax.random.PRNGKey(args.seed), to_retrieval_batch(
         world.retrieval_examples(np.zeros(2, np.int64), 0), hashes))
     examples = held_out_examples(world, held_out, args.eval_repeats, "retrieval", args.seed)
     log.write(f"retrieval: {args.steps_retrieval} steps of {args.retrieval_batch_size} (user, next engaged post) "
               f"rows, in-batch softmax with logQ\n")
     t0 = time.perf_counter()
-    state, _ = training.fit(trainer, state, stream, args.steps_retrieval, log_every=args.log_every, stream=log)
-    stream.close()
+    state, history = training.fit(trainer, state, stream, args.steps_retrieval, log_every=args.log_every,
+                                  stream=log, **resumable(args, "retrieval"))
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = evaluate_retrieval(trainer, state.params, world, examples, freq)
-    eval_s = time.perf_counter() - t0 + freq_s
-    path = trainer.save(os.path.join(args.checkpoint_dir, "retrieval"), state, extra={
-        "world": dataclasses.asdict(world.cfg), "seed": args.seed, "unknown_user_id": unknown_user_id(world.cfg),
-        f"recall_at_{RECALL_K}": result["model"]})
-    return {**result, "train_s": train_s, "eval_s": eval_s, "checkpoint": path}
+    result.update(train_s=train_s, eval_s=time.perf_counter() - t0 + freq_s, history=history)
+    path = save_final(trainer, args, "retrieval", state, world, result,
+                      **{f"recall_at_{RECALL_K}": result["model"]})
+    return {**result, "checkpoint": path}
 
 
 def parse_args(argv):
@@ -499,6 +606,13 @@ def parse_args(argv):
     p.add_argument("--checkpoint-dir", default=checkpoint_path("synthetic"),
                    help="where ranker/ and retrieval/ are saved (default: under $PHOENIX_CACHE_DIR)")
     p.add_argument("--only", choices=("ranker", "retrieval"), default=None, help="train one model only")
+    g = p.add_argument_group("preemption (module docstring: resuming)")
+    g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="save the training state every N steps under <checkpoint-dir>/steps (0: off)")
+    g.add_argument("--keep-checkpoints", type=int, default=training.DEFAULT_KEEP_CHECKPOINTS, metavar="K",
+                   help="step checkpoints kept per model (the newest K)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --checkpoint-dir where it stopped (a fresh start if it has none)")
     g = p.add_argument_group("world (defaults: module docstring)")
     g.add_argument("--world-seed", type=int, default=world.seed)
     g.add_argument("--num-users", type=int, default=world.num_users)
@@ -528,7 +642,12 @@ def parse_args(argv):
     g.add_argument("--eval-repeats", type=int, default=50, help="evaluation examples per held-out user")
     g.add_argument("--eval-every", type=int, default=0, help="ranker learning curve every N steps (0: off)")
     g.add_argument("--log-every", type=int, default=100)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.checkpoint_every < 0:
+        p.error(f"--checkpoint-every: expected an int >= 0 (0: off), got {args.checkpoint_every}")
+    if args.keep_checkpoints < 1:
+        p.error(f"--keep-checkpoints: expected an int >= 1 (the newest is always kept), got {args.keep_checkpoints}")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -543,8 +662,15 @@ def main(argv=None) -> dict:
           f"{world.cfg.num_authors} authors, S={world.cfg.history_len}, C={world.cfg.num_candidates}, "
           f"histories of {world.cfg.min_history_len}-{world.cfg.history_len}, impression temperature "
           f"{world.cfg.impression_temperature}; seed {args.seed}", flush=True)
-    ranker = None if args.only == "retrieval" else train_ranker(args, world, train_ids, held_out)
-    retrieval = None if args.only == "ranker" else train_retrieval(args, world, train_ids, held_out)
+    # One process at a time trains a resumable run (a resume started while a killed run's process
+    # is still exiting waits for it).
+    lock = training.RunLock(args.checkpoint_dir, lambda m: print(m, file=sys.stderr, flush=True)) if args.checkpoint_every or args.resume else None
+    try:
+        ranker = None if args.only == "retrieval" else train_ranker(args, world, train_ids, held_out)
+        retrieval = None if args.only == "ranker" else train_retrieval(args, world, train_ids, held_out)
+    finally:
+        if lock is not None:
+            lock.release()
     total_s = time.perf_counter() - t_start
 
     print(f"\nHeld-out users: {len(held_out)} x {args.eval_repeats} examples each, user ids unknown to the models\n")

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import phoenix_checkpoint as checkpoint
 from phoenix_hashing import HashEmbeddings
@@ -500,6 +501,18 @@ def _candidate_mask(batch: RecsysBatch) -> jax.Array:
     return batch.candidate_post_hashes[:, :, 0] != 0  # [B, C]
 
 
+def _data_mesh(data_parallel) -> Optional[Mesh]:
+    """None for False; a 1-D "data" mesh over every device for True; a given Mesh with a "data" axis."""
+    if isinstance(data_parallel, Mesh):
+        if "data" not in data_parallel.axis_names or data_parallel.devices.ndim != 1:
+            raise ValueError(f"data_parallel: expected a 1-D Mesh with axis 'data', got axes "
+                             f"{data_parallel.axis_names}")
+        return data_parallel
+    if not isinstance(data_parallel, bool):
+        raise TypeError(f"data_parallel: expected a bool or a jax.sharding.Mesh, got {type(data_parallel).__name__}")
+    return Mesh(np.array(jax.devices()), ("data",)) if data_parallel else None
+
+
 class Trainer:
     """Shared machinery: init, the jitted donated train step, on-device metric sums.
 
@@ -512,14 +525,37 @@ class Trainer:
     _transformed: hk.Transformed
     _metric_shapes: dict
 
-    def __init__(self, optimizer_config: Optional[OptimizerConfig]):
+    def __init__(self, optimizer_config: Optional[OptimizerConfig], data_parallel=False):
         self.optimizer_config = config = optimizer_config or OptimizerConfig()
         self.sparse = config.sparse_table_updates
         self.optimizer = make_optimizer(config, dense_only=self.sparse)
         self._schedule = learning_rate_schedule(config)
         self.trace_counts = collections.Counter()
-        self._jit_step = jax.jit(self._train_step, donate_argnums=0)
-        self._jit_init = jax.jit(self._init)
+        self.mesh = _data_mesh(data_parallel)
+        if self.mesh is None:
+            self._jit_step = jax.jit(self._train_step, donate_argnums=0)
+            self._jit_init = jax.jit(self._init)
+        else:  # the state stays replicated on every device; XLA all-reduces the gradients
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            self._jit_step = jax.jit(self._train_step, donate_argnums=0, out_shardings=replicated)
+            self._jit_init = jax.jit(self._init, out_shardings=replicated)
+
+    def _place(self, *per_example):
+        """Per-example inputs (batch, labels, masks, log_q, ids; None passes through) split along
+        their leading axis over the data mesh; unchanged without one."""
+        if self.mesh is None:
+            return per_example
+        n = self.mesh.size
+        B = jax.tree_util.tree_leaves(per_example[0])[0].shape[0]
+        if B % n:
+            raise ValueError(f"batch: with data_parallel the batch size must be a multiple of the {n} devices, "
+                             f"got B={B}")
+        return jax.device_put(per_example, NamedSharding(self.mesh, PartitionSpec("data")))
+
+    def _place_state(self, state: "TrainState") -> "TrainState":
+        if self.mesh is None:
+            return state
+        return jax.device_put(state, NamedSharding(self.mesh, PartitionSpec()))
 
     def _loss(self, params, rng, batch, *args, table_sizes=None):
         raise NotImplementedError
@@ -654,7 +690,7 @@ class Trainer:
                     for name in sums}
         state = TrainState(jax.device_put(ckpt.params), jax.device_put(ckpt.opt_state),
                            jnp.asarray(ckpt.step, jnp.int32), rng, sums)
-        return state, ckpt
+        return self._place_state(state), ckpt
 
 
 def _compact_hash_config(hash_config: HashConfig, table_sizes: Optional[dict]) -> HashConfig:
@@ -682,7 +718,7 @@ class RankingTrainer(Trainer):
 
     def __init__(self, model_config: PhoenixModelConfig, hash_config: Optional[HashConfig] = None,
                  optimizer_config: Optional[OptimizerConfig] = None, action_weights=None,
-                 table_init_stddev: Optional[float] = None):
+                 table_init_stddev: Optional[float] = None, data_parallel=False):
         self.model_config = model_config.initialize()
         self.hash_config = hash_config or self.model_config.hash_config
         _check_hash_config(self.model_config.hash_config, self.hash_config)
@@ -699,7 +735,7 @@ class RankingTrainer(Trainer):
 
         self._transformed = hk.transform(forward)
         self._metric_shapes = {"loss": (), "per_action_loss": (num_actions,)}
-        super().__init__(optimizer_config)
+        super().__init__(optimizer_config, data_parallel)
         self._jit_predict = jax.jit(self._predict)
         self._jit_evaluate = jax.jit(self._evaluate)
 
@@ -715,7 +751,7 @@ class RankingTrainer(Trainer):
     def step(self, state: TrainState, batch: RecsysBatch, labels, label_mask=None):
         """One optimiser step. `state` is donated: use the returned one."""
         self._validate_with_labels(batch, labels, label_mask)
-        return self._jit_step(state, batch, labels, label_mask)
+        return self._jit_step(state, *self._place(batch, labels, label_mask))
 
     def _predict(self, params, batch):
         return self._transformed.apply(params, None, batch).astype(jnp.float32)
@@ -758,7 +794,7 @@ class RetrievalTrainer(Trainer):
 
     def __init__(self, model_config: PhoenixRetrievalModelConfig, hash_config: Optional[HashConfig] = None,
                  optimizer_config: Optional[OptimizerConfig] = None, temperature: float = DEFAULT_TEMPERATURE,
-                 table_init_stddev: Optional[float] = None):
+                 table_init_stddev: Optional[float] = None, data_parallel=False):
         self.model_config = model_config.initialize()
         self.hash_config = hash_config or self.model_config.hash_config
         _check_hash_config(self.model_config.hash_config, self.hash_config)
@@ -776,7 +812,7 @@ class RetrievalTrainer(Trainer):
 
         self._transformed = hk.transform(forward)
         self._metric_shapes = {"loss": (), "accuracy": ()}
-        super().__init__(optimizer_config)
+        super().__init__(optimizer_config, data_parallel)
         self._jit_predict = jax.jit(self._predict)
         self._jit_evaluate = jax.jit(self._evaluate)
 
@@ -805,7 +841,7 @@ class RetrievalTrainer(Trainer):
     def step(self, state: TrainState, batch: RecsysBatch, log_q=None, positive_ids=None):
         """One optimiser step. `state` is donated: use the returned one."""
         self._validate_with_targets(batch, log_q, positive_ids)
-        return self._jit_step(state, batch, log_q, positive_ids)
+        return self._jit_step(state, *self._place(batch, log_q, positive_ids))
 
     def _predict(self, params, batch):
         return self._transformed.apply(params, None, batch)
@@ -827,13 +863,13 @@ class RetrievalTrainer(Trainer):
 
 def make_ranking_trainer(model_config: PhoenixModelConfig, hash_config: Optional[HashConfig] = None,
                          optimizer_config: Optional[OptimizerConfig] = None, **kwargs) -> RankingTrainer:
-    """A RankingTrainer (kwargs: action_weights [A], table_init_stddev)."""
+    """A RankingTrainer (kwargs: action_weights [A], table_init_stddev, data_parallel)."""
     return RankingTrainer(model_config, hash_config, optimizer_config, **kwargs)
 
 
 def make_retrieval_trainer(model_config: PhoenixRetrievalModelConfig, hash_config: Optional[HashConfig] = None,
                            optimizer_config: Optional[OptimizerConfig] = None, **kwargs) -> RetrievalTrainer:
-    """A RetrievalTrainer (kwargs: temperature, table_init_stddev)."""
+    """A RetrievalTrainer (kwargs: temperature, table_init_stddev, data_parallel)."""
     return RetrievalTrainer(model_config, hash_config, optimizer_config, **kwargs)
 
 

@@ -534,7 +534,8 @@ def train_ranker(args, world, train_ids, held_out, log=sys.stderr) -> dict:
     cfg = ranker_config(args, world.cfg)
     hashes = cfg.hash_config
     trainer = training.make_ranking_trainer(cfg, hashes, optimizer_config(args.learning_rate, args.steps_ranker),
-                                            table_init_stddev=args.table_init_stddev)
+                                            table_init_stddev=args.table_init_stddev,
+                                            data_parallel=args.data_parallel)
     counts = PopularityCounts(world.cfg.num_posts, world.cfg.num_product_surfaces, len(ACTIONS))
 
     def stream(first_step):
@@ -570,7 +571,8 @@ def train_retrieval(args, world, train_ids, held_out, log=sys.stderr) -> dict:
     hashes = cfg.hash_config
     trainer = training.make_retrieval_trainer(cfg, hashes,
                                               optimizer_config(args.learning_rate, args.steps_retrieval),
-                                              temperature=args.temperature, table_init_stddev=args.table_init_stddev)
+                                              temperature=args.temperature, table_init_stddev=args.table_init_stddev,
+                                              data_parallel=args.data_parallel)
     t0 = time.perf_counter()
     freq = world.positive_frequencies(train_ids)  # [N] logQ of in-batch negatives; popularity baseline
     freq_s = time.perf_counter() - t0
@@ -636,6 +638,8 @@ def parse_args(argv):
     g.add_argument("--batch-size", type=int, default=128, help="ranker users per step")
     g.add_argument("--retrieval-batch-size", type=int, default=256, help="retrieval softmax rows per step")
     g.add_argument("--learning-rate", type=float, default=6e-3)
+    g.add_argument("--data-parallel", action="store_true",
+                   help="split each batch over all devices JAX finds (batch sizes must divide evenly)")
     g.add_argument("--temperature", type=float, default=training.DEFAULT_TEMPERATURE)
     g.add_argument("--user-id-dropout", type=float, default=1.0,
                    help="share of training rows whose user id is replaced by the unknown user")

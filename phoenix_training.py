@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import phoenix_checkpoint as checkpoint
@@ -1102,8 +1103,8 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
     `batch` or `(batch, log_q)` for retrieval, or a dict of step keyword arguments. It may also be a
     callable `first_step -> iterable` of the items from that step on (required for resuming).
     The host reads metrics only every `log_every` steps (between reads the device runs ahead), then
-    reports step, loss, steps/s and ETA on `stream` (default stderr): on a terminal it rewrites one
-    line with "\\r"; elsewhere (a log file, a pipe) it writes one plain line per report.
+    reports step, loss, steps/s and ETA on `stream` (default stderr): on a terminal as a tqdm bar
+    (advanced once per report); elsewhere (a log file, a pipe) as one plain line per report.
     The first step's time (tracing + compilation + one step) is reported on its own line and kept
     out of steps/s. `eval_fn(state) -> dict` runs every `eval_every` steps (None or 0: at the end only).
     History entries: {"step", "loss", ..., "steps_per_s"} per log, {"step", "eval/...": ...} per eval.
@@ -1131,11 +1132,15 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
     window_start = None
     window_steps = 0
     done = 0
-    line_open = False  # a "\r" progress line is on the terminal, not yet ended by "\n"
+    line_open = False  # plain mode: a progress line is on the stream, not yet ended by "\n"
+    bar = None  # terminal mode: a tqdm bar, advanced once per log interval (no per-step host sync)
 
     def write_line(text: str) -> None:
-        """`text` on a line of its own, ending any open progress line first."""
+        """`text` on a line of its own (above the bar on a terminal)."""
         nonlocal line_open
+        if bar is not None:
+            bar.write(text, file=stream)
+            return
         stream.write(("\n" if line_open else "") + text + "\n")
         line_open = False
         stream.flush()
@@ -1159,7 +1164,7 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
             opened = iterator  # ours to close (e.g. to stop a prefetch thread)
 
         def log_progress(final: bool) -> None:
-            nonlocal state, window_start, window_steps, line_open
+            nonlocal state, window_start, window_steps, line_open, bar
             state, means = trainer.pop_metrics(state)  # syncs with the device
             now = time.perf_counter()
             rate = window_steps / (now - window_start) if window_steps and now > window_start else float("nan")
@@ -1168,10 +1173,12 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
             loss = means.get("loss", float("nan"))
             report = (f"step {start_step + done}/{end_step}  loss {loss:.4f}  "
                       f"{rate:.2f} steps/s  ETA {_format_duration(eta)}")
-            if tty:
-                stream.write(f"\r{report}   " + ("\n" if final else ""))
-                line_open = not final
-                stream.flush()
+            if bar is not None:
+                bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+                bar.update(start_step + done - bar.n)  # tqdm's own rate and ETA over the steps
+                if final:
+                    bar.close()
+                    bar = None
             else:
                 write_line(report)
             window_start, window_steps = time.perf_counter(), 0
@@ -1214,6 +1221,9 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
                 write_line(f"first step (trace + compile + run): {time.perf_counter() - first_start:.2f} s")
                 window_start = time.perf_counter()
                 first = False
+                if tty:  # its clock starts after compilation, like steps/s
+                    bar = tqdm.tqdm(total=end_step, initial=start_step + done + 1, file=stream, unit="step",
+                                    dynamic_ncols=True, mininterval=0)
             else:
                 state, _ = _call_step(trainer, state, item)
                 window_steps += 1
@@ -1232,6 +1242,8 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
         if eval_fn is not None:
             run_eval()
     finally:
+        if bar is not None:
+            bar.close()
         if callable(getattr(opened, "close", None)):
             opened.close()
         if lock is not None:

@@ -482,9 +482,12 @@ def test_fit_logs_progress_and_history(ranking, tty):
     text = stream.getvalue()
     first = r"first step \(trace \+ compile \+ run\): \d+\.\d\d s\n"
     if tty:
-        # One line rewritten in place with \r; an eval line first ends it with \n.
-        pattern = (first + r"\r" + REPORT.format(2) + r"   \r" + REPORT.format(4) + r"   \n" + EVAL.format(4) + r"\n"
-                   + r"\r" + REPORT.format(5) + r"   \n" + EVAL.format(5) + r"\n")
+        # A tqdm bar advanced at each report (2, 4, 5 of 5) with the loss; eval lines printed above
+        # it on lines of their own; the bar ends with its final state.
+        bar = r"\r *\d+%\|[^|]*\| {}/5 \[[^\]]*\]"
+        with_loss = r"\r *\d+%\|[^|]*\| {}/5 \[[^\]]*, loss \d+\.\d{{4}}\]"
+        pattern = (first + bar.format(1) + with_loss.format(2) + with_loss.format(4) + r"\r *\r"
+                   + EVAL.format(4) + r"\n" + with_loss.format(4) + with_loss.format(5) + r" *\n" + EVAL.format(5) + r"\n")
     else:
         # A log file gets one plain line per report and no carriage returns.
         assert "\r" not in text
@@ -502,9 +505,10 @@ def test_fit_reports_an_exhausted_iterator_on_its_own_line(ranking):
     stream = TerminalStream()
     state, history = training.fit(ranking, state, iter([(batch, labels)] * 3), num_steps=5, log_every=2,
                                   stream=stream)
-    lines = stream.getvalue().split("\n")
-    assert lines[2] == "batch iterator exhausted after 3 of 5 steps", lines
-    assert re.fullmatch(r"\r" + REPORT.format(3) + "   ", lines[3]), lines
+    text = stream.getvalue()
+    # On a line of its own above the bar (tqdm clears the bar's line first), then the bar's last state.
+    assert re.search(r"(\n|\r *\r)batch iterator exhausted after 3 of 5 steps\n", text), repr(text)
+    assert re.search(r"\| 3/5 \[[^\]]*, loss \d+\.\d{4}\]\s*$", text), repr(text)
     assert [h["step"] for h in history] == [2, 3] and int(state.step) == 3
 
 

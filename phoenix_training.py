@@ -1096,7 +1096,7 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
         eval_fn: Optional[Callable[[TrainState], dict]] = None, eval_every: Optional[int] = None,
         stream=None, checkpoint_dir=None, checkpoint_every: int = 0,
         keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS, resume: bool = False, run_config=None,
-        aux=None) -> tuple[TrainState, list[dict]]:
+        aux=None, on_log: Optional[Callable[[dict], None]] = None) -> tuple[TrainState, list[dict]]:
     """Runs `num_steps` train steps from `state`; returns the final state and the logged history.
 
     Items of `batch_iterator`: `(batch, labels)` / `(batch, labels, label_mask)` for the ranker,
@@ -1107,7 +1107,8 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
     (advanced once per report); elsewhere (a log file, a pipe) as one plain line per report.
     The first step's time (tracing + compilation + one step) is reported on its own line and kept
     out of steps/s. `eval_fn(state) -> dict` runs every `eval_every` steps (None or 0: at the end only).
-    History entries: {"step", "loss", ..., "steps_per_s"} per log, {"step", "eval/...": ...} per eval.
+    History entries: {"step", "loss", ..., "steps_per_s"} per log, {"step", "eval/...": ...} per eval;
+    `on_log(entry)`, if given, is called with each as it is made (e.g. to append to a metrics file).
 
     Resumable runs (`checkpoint_dir` given). The state is saved as `checkpoint_dir/step-N` (a
     Trainer checkpoint, plus the history so far, `run_config` and `aux.state_dict()`) every
@@ -1124,6 +1125,8 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
     """
     stream = sys.stderr if stream is None else stream
     _check_fit_args(num_steps, log_every, eval_every, eval_fn, stream)
+    if on_log is not None and not callable(on_log):
+        raise TypeError(f"on_log: expected a callable (entry dict -> None) or None, got {type(on_log).__name__}")
     _check_checkpoint_args(checkpoint_dir, checkpoint_every, keep_checkpoints, resume, batch_iterator, aux)
     tty = _is_tty(stream)
     history: list[dict] = []
@@ -1170,6 +1173,8 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
             rate = window_steps / (now - window_start) if window_steps and now > window_start else float("nan")
             eta = (num_steps - done) / rate if math.isfinite(rate) and rate > 0 else float("nan")
             history.append({"step": start_step + done, **means, "steps_per_s": rate})
+            if on_log is not None:
+                on_log(history[-1])
             loss = means.get("loss", float("nan"))
             report = (f"step {start_step + done}/{end_step}  loss {loss:.4f}  "
                       f"{rate:.2f} steps/s  ETA {_format_duration(eta)}")
@@ -1187,6 +1192,8 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
             results = eval_fn(state)
             entry = {"step": start_step + done, **{f"eval/{k}": v for k, v in results.items()}}
             history.append(entry)
+            if on_log is not None:
+                on_log(entry)
             shown = "  ".join(f"{k} {float(np.mean(v)):.4f}" for k, v in results.items())
             write_line(f"eval at step {start_step + done}: {shown}")
 

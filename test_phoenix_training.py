@@ -512,6 +512,21 @@ def test_fit_reports_an_exhausted_iterator_on_its_own_line(ranking):
     assert [h["step"] for h in history] == [2, 3] and int(state.step) == 3
 
 
+def test_fit_calls_on_log_with_each_history_entry_as_it_is_made(ranking):
+    batch, labels = random_batch(6), random_labels(6)
+    state = ranking.init(jax.random.PRNGKey(3), batch)
+    seen = []
+
+    def on_log(entry):
+        seen.append((entry["step"], len(seen)))  # the entry arrives before the next one is made
+
+    _, history = training.fit(ranking, state, iter([(batch, labels)] * 5), num_steps=5, log_every=2,
+                              eval_fn=lambda s: {"loss": 0.0}, eval_every=4, stream=io.StringIO(), on_log=on_log)
+    assert [step for step, _ in seen] == [h["step"] for h in history] == [2, 4, 4, 5, 5]
+    with pytest.raises(TypeError, match="on_log: expected a callable"):
+        training.fit(ranking, state, iter([]), num_steps=1, stream=io.StringIO(), on_log="metrics.jsonl")
+
+
 def test_trainer_checkpoint_resumes_bit_identically(ranking, tmp_path):
     batch, labels = random_batch(5), random_labels(5)
     state = run_steps(ranking, 3, [(batch, labels)], 2)

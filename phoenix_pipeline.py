@@ -123,7 +123,7 @@ import phoenix_metrics as metrics
 import phoenix_training as training
 from grok import TransformerConfig
 from recsys_model import HashConfig, PhoenixModelConfig
-from recsys_retrieval_model import PhoenixRetrievalModelConfig, l2_normalize
+from recsys_retrieval_model import POOLINGS, PhoenixRetrievalModelConfig, check_pooling, l2_normalize, last_valid
 
 ACTIONS = ml.ACTIONS
 NUM_ACTIONS = len(ACTIONS)
@@ -628,6 +628,7 @@ class Recipe:
     num_layers: int = 2
     num_heads: int = 2  # of D / heads = 32 dimensions each
     history_len: int = 5  # S of the retrieval user tower: its mean pooling dilutes longer histories
+    pooling: str = "mean"  # the user tower's pooling (recsys_retrieval_model.POOLINGS)
     ranker_history_len: int = 5  # S of the ranker
     retrieval_batch_size: int = 256  # windows of S + 1 items per step: ~1,200 rows of the softmax
     ranker_batch_size: Optional[int] = None  # examples per step, each with C candidates; None: 256 (fewer
@@ -701,7 +702,8 @@ def transformer_config(recipe: Recipe) -> TransformerConfig:
 def retrieval_config(recipe: Recipe) -> PhoenixRetrievalModelConfig:
     return PhoenixRetrievalModelConfig(model=transformer_config(recipe), emb_size=recipe.emb_size,
                                        history_seq_len=recipe.history_len, candidate_seq_len=1,
-                                       fprop_dtype=np.float32, hash_config=hash_config(recipe)).initialize()
+                                       fprop_dtype=np.float32, hash_config=hash_config(recipe),
+                                       pooling=recipe.pooling).initialize()
 
 
 def ranker_config(recipe: Recipe) -> PhoenixModelConfig:
@@ -726,6 +728,8 @@ def check_recipe(split: LogSplit, recipe: Recipe) -> None:
     if recipe.score_action not in ACTIONS or not action_weights(split)[ACTIONS.index(recipe.score_action)]:
         raise RecipeError(f"score_action (--score-action): expected an action the log sets, one of "
                          f"{[a for a, w in zip(ACTIONS, action_weights(split)) if w]}, got {recipe.score_action!r}")
+    if recipe.pooling not in POOLINGS:
+        raise RecipeError(f"pooling (--pooling): expected one of {POOLINGS}, got {recipe.pooling!r}")
     room = _recommendable(split)
     if not 0 < recipe.retrieve_k <= room:
         raise RecipeError(f"retrieve_k (--retrieve-k): expected in [1, {room}] (the {len(split.item_ids)} items minus "
@@ -886,10 +890,17 @@ def prefix_user_representations(model, batch, embeddings) -> jax.Array:
     i.e. `build_user_representation` of the batch cut to history slots 0..p-1.
 
     Causal attention makes the transformer output at position p depend on positions 0..p only, and
-    a right-padded history puts slot j at rotary position 1 + j in both cases, so the running mean
-    of the outputs over valid positions is that representation (tested against it).
+    a right-padded history puts slot j at rotary position 1 + j in both cases, so pooling the
+    outputs up to p gives that representation (tested against it): the running mean over valid
+    positions for "mean" pooling, the output at the last valid position <= p for "last".
     """
+    if model.config.model.bidirectional_history:
+        raise ValueError("prefix_user_representations: needs causal attention over the history "
+                         "(model.bidirectional_history=False): with bidirectional attention a position "
+                         "sees later slots, so no prefix's representation can be read off one pass")
     out, mask = model.build_user_sequence(batch, embeddings)  # [B, 1+S, D], [B, 1+S]
+    if check_pooling(model.config.pooling) == "last":
+        return l2_normalize(last_valid(out, mask))[0]  # [B, 1+S, D]
     mask_f = mask.astype(jnp.float32)[:, :, None]  # [B, 1+S, 1]
     running = jnp.cumsum(out * mask_f, axis=1) / jnp.maximum(jnp.cumsum(mask_f, axis=1), 1.0)  # [B, 1+S, D]
     return l2_normalize(running)[0]
@@ -1547,8 +1558,9 @@ def _optional(kind):
     return lambda text: None if text.lower() in ("none", "auto") else kind(text)
 
 
-def add_run_flags(parser: argparse.ArgumentParser, default_checkpoint_dir) -> None:
-    """--seed, --checkpoint-dir, --overwrite, --dump-topk, --plot and one flag per Recipe field."""
+def add_run_flags(parser: argparse.ArgumentParser, default_checkpoint_dir, defaults: Optional["Recipe"] = None) -> None:
+    """--seed, --checkpoint-dir, --overwrite, --dump-topk, --plot and one flag per Recipe field,
+    each defaulting to `defaults`' value (default Recipe())."""
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-dir", default=default_checkpoint_dir,
                         help="the run directory: retrieval/, ranker/, metrics.jsonl (default: "
@@ -1559,7 +1571,7 @@ def add_run_flags(parser: argparse.ArgumentParser, default_checkpoint_dir) -> No
                         help="write every test user's final top-10 (original ids) as CSV and re-check it")
     parser.add_argument("--plot", action="store_true",
                         help=f"write {PLOT_FILE} (training loss, validation curves) to the run directory (matplotlib)")
-    defaults = Recipe()
+    defaults = Recipe() if defaults is None else defaults
     hints = typing.get_type_hints(Recipe)
     for field in dataclasses.fields(Recipe):
         flag = "--" + field.name.replace("_", "-")

@@ -5,9 +5,10 @@ Shape glossary
   D  embedding size       N  corpus size          K  top-k
   H  hashes per candidate (Hi + Ha)
 
-User tower: the shared transformer over [user, history] (causal, no candidates), mean-pooled over
-valid positions and L2-normalised. Candidate tower: a two-layer SiLU MLP over a candidate's post
-and author hash embeddings, L2-normalised. Scores are dot products; top-k is exact.
+User tower: the shared transformer over [user, history] (causal, no candidates), pooled over
+valid positions (config.pooling: the release's mean, or the last valid position) and
+L2-normalised. Candidate tower: a two-layer SiLU MLP over a candidate's post and author hash
+embeddings, L2-normalised. Scores are dot products; top-k is exact.
 """
 
 import dataclasses
@@ -24,6 +25,10 @@ from phoenix_validation import check_array, check_candidate_inputs
 
 EPS = 1e-12  # clamp on squared norms before the square root
 INF = 1e12  # masked corpus entries and padded candidates score -INF
+# User-tower pooling over the valid [user, history] positions: "mean" is the release's; "last" is
+# the output at the last valid position (with causal attention a function of the whole history,
+# and free to weigh the latest items most).
+POOLINGS = ("mean", "last")
 
 
 class RetrievalOutput(NamedTuple):
@@ -71,11 +76,35 @@ class PhoenixRetrievalModelConfig(PhoenixConfigMethods):
     fprop_dtype: Any = jnp.bfloat16  # activations' dtype; parameters stay float32
     hash_config: Optional[HashConfig] = None  # -> HashConfig() by initialize()
     product_surface_vocab_size: int = 16
+    pooling: str = "mean"  # POOLINGS; the release's mean by default (parity), "last" for long histories
 
     DEFAULT_NAME = "phoenix_retrieval_model"
 
+    def __post_init__(self):
+        check_pooling(self.pooling)
+
+    def initialize(self):
+        check_pooling(self.pooling)  # again: the field may have been set after construction
+        return super().initialize()
+
     def model_class(self) -> type:
         return PhoenixRetrievalModel
+
+
+def check_pooling(pooling) -> str:
+    """pooling must be one of POOLINGS."""
+    if not isinstance(pooling, str) or pooling not in POOLINGS:
+        raise ValueError(f"PhoenixRetrievalModelConfig.pooling: expected one of {POOLINGS}, got {pooling!r}")
+    return pooling
+
+
+def last_valid(outputs: jax.Array, mask: jax.Array) -> jax.Array:
+    """[B, T, D], [B, T] -> [B, T, D]: at position t, the output at the last valid position <= t
+    (zeros before the first valid one). Its last row is "last" pooling."""
+    T = mask.shape[1]
+    index = jax.lax.cummax(jnp.where(mask, jnp.arange(T)[None, :], 0), axis=1)  # [B, T]
+    seen = jax.lax.cummax(mask.astype(jnp.int32), axis=1)[:, :, None]  # [B, T, 1]
+    return jnp.take_along_axis(outputs, index[:, :, None], axis=1) * seen.astype(outputs.dtype)  # [B, T, D]
 
 
 def check_top_k(top_k, available: int, what: str) -> int:
@@ -111,7 +140,7 @@ class PhoenixRetrievalModel(PhoenixModel):
 
     def build_user_sequence(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings):
         """-> (outputs [B, 1+S, D], mask [B, 1+S]): the user tower's transformer output at every
-        user/history position, before pooling; `build_user_representation` is its masked mean.
+        user/history position, before pooling; `build_user_representation` pools it (config.pooling).
 
         With causal attention (the release's) position p depends on positions 0..p only, so e.g.
         the running mean over valid positions gives the representation of every history prefix.
@@ -123,8 +152,14 @@ class PhoenixRetrievalModel(PhoenixModel):
         return self.model(x, mask, candidate_start_offset=None).embeddings, mask  # [B, 1+S, D], [B, 1+S]
 
     def build_user_representation(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings):
-        """-> (user_representation [B, D] unit norm, user_norm [B, 1] before normalising)."""
+        """-> (user_representation [B, D] unit norm, user_norm [B, 1] before normalising).
+
+        The transformer outputs pooled over valid positions by config.pooling: their mean (the
+        release's) or the last valid one's. With no valid position both give 0 (norm sqrt(EPS)).
+        """
         out, mask = self.build_user_sequence(batch, recsys_embeddings)  # [B, 1+S, D], [B, 1+S]
+        if check_pooling(self.config.pooling) == "last":
+            return l2_normalize(last_valid(out, mask)[:, -1])  # [B, D]
         mask_f = mask.astype(jnp.float32)[:, :, None]  # [B, 1+S, 1]
         mean = jnp.sum(out * mask_f, axis=1) / jnp.maximum(jnp.sum(mask_f, axis=1), 1.0)  # [B, D]
         return l2_normalize(mean)

@@ -260,7 +260,8 @@ def test_recipes_the_log_cannot_support_name_the_flag(tmp_path):
     assert recipe.retrieve_k == pipeline._recommendable(split) < pipeline.RETRIEVE_K  # shrunk: a small log
     for change, flag in (({"retrieve_k": NUM_ITEMS}, "--retrieve-k"), ({"ranker_batch_size": 10**6}, "--ranker-batch-size"),
                          ({"negative_pool": NUM_ITEMS}, "--negative-pool"), ({"score_action": "reply_score"},
-                                                                              "--score-action")):
+                                                                              "--score-action"),
+                         ({"pooling": "max"}, "--pooling")):
         with pytest.raises(pipeline.RecipeError, match=flag):
             pipeline.check_recipe(split, pipeline.resolve_recipe(pipeline.Recipe(**change), split))
 
@@ -413,3 +414,53 @@ def test_rating_actions_flag_parses_ranges_and_names_bad_ones(tmp_path):
     log = pipeline.read_csv(path, rating_actions=pipeline.parse_rating_actions("favorite_score=8:"))
     assert log.actions[:, ml.ACTIONS.index("favorite_score")].tolist() == [True, False]
     assert log.actions[:, ml.ACTIONS.index("click_score")].all()
+
+
+# --------------------------------------------------------------------------- prefix representations
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_prefix_representations_equal_the_user_tower_on_each_cut(pooling):
+    """prefix_user_representations at position p = build_user_representation of the batch cut to
+    history slots 0..p-1, for each pooling (running mean / last valid output), with padded slots
+    (at the end and in the middle) among the history."""
+    import dataclasses
+
+    import haiku as hk
+    import jax
+
+    from conftest import A, C, D, S, tiny_retrieval_config
+    from runners import create_example_batch
+
+    cfg = tiny_retrieval_config()
+    cfg.pooling = pooling
+    cfg.initialize()
+    batch, emb = create_example_batch(3, D, S, C, A, seed=1)
+    post = np.array(batch.history_post_hashes)
+    post[0, 3:] = 0  # a short history
+    post[1, 2] = 0  # a gap
+    batch = batch._replace(history_post_hashes=post)
+    prefix = hk.transform(lambda b, e: pipeline.prefix_user_representations(cfg.make(), b, e))
+    user = hk.transform(lambda b, e: cfg.make().build_user_representation(b, e)[0])
+    params = user.init(jax.random.PRNGKey(0), batch, emb)
+    got = np.asarray(prefix.apply(params, None, batch, emb))  # [B, 1+S, D]
+    for p in range(1, S + 1):
+        cut = batch._replace(**{f: getattr(batch, f)[:, :p] for f in batch._fields if f.startswith("history_")})
+        cut_emb = dataclasses.replace(emb, history_post_embeddings=emb.history_post_embeddings[:, :p],
+                                      history_author_embeddings=emb.history_author_embeddings[:, :p])
+        np.testing.assert_allclose(got[:, p], user.apply(params, None, cut, cut_emb), rtol=1e-4, atol=2e-5,
+                                   err_msg=f"prefix of {p} slots")
+
+
+def test_prefix_representations_refuse_bidirectional_attention():
+    import haiku as hk
+    import jax
+
+    from conftest import A, C, D, S, tiny_retrieval_config
+    from runners import create_example_batch
+
+    cfg = tiny_retrieval_config(bidirectional_history=True)
+    batch, emb = create_example_batch(2, D, S, C, A, seed=0)
+    prefix = hk.transform(lambda b, e: pipeline.prefix_user_representations(cfg.make(), b, e))
+    with pytest.raises(ValueError, match="bidirectional_history"):
+        prefix.init(jax.random.PRNGKey(0), batch, emb)

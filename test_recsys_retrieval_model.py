@@ -194,3 +194,89 @@ def test_user_sequence_pools_to_the_representation_and_is_causal(cfg, params):
     for p in (1, S // 2, S):
         cut_out, _ = transformed(cfg, "build_user_sequence").apply(params, None, *_cut_history(batch, emb, p))
         np.testing.assert_allclose(cut_out[:, -1], out[:, p], **F32_TOL)
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def _pooled(pooling, params, batch, emb):
+    cfg = tiny_retrieval_config()
+    cfg.pooling = pooling
+    return jax.jit(transformed(cfg.initialize(), "build_user_representation").apply)(params, None, batch, emb)
+
+
+def test_last_pooling_is_the_last_valid_position_by_hand(params):
+    """pooling="last": the normalised transformer output at each row's last valid position
+    (histories of different lengths, one with a padded slot in the middle), not the mean."""
+    batch, emb = example()
+    post = np.array(batch.history_post_hashes)
+    post[0, 5:] = 0  # row 0: history slots 0..4 valid, so position 5 (1 + slot 4) is the last
+    post[2, S - 1] = post[1, S - 1]  # row 2: every slot valid
+    post[1, S - 1] = 0
+    post[1, 2] = 0  # row 1: a gap; the last valid slot is S - 2, position S - 1
+    batch = batch._replace(history_post_hashes=post)
+    out, mask = transformed(tiny_retrieval_config(), "build_user_sequence").apply(params, None, batch, emb)
+    last = [5, S - 1, S]
+    want = np.asarray(out)[np.arange(3), last]  # [B, D]
+    want = want / np.linalg.norm(want, axis=-1, keepdims=True)
+    user, norm = _pooled("last", params, batch, emb)
+    np.testing.assert_allclose(user, want, **F32_TOL)
+    np.testing.assert_allclose(norm[:, 0], np.linalg.norm(np.asarray(out)[np.arange(3), last], axis=-1), rtol=1e-4)
+    assert not np.allclose(user, _pooled("mean", params, batch, emb)[0], atol=1e-3)
+
+
+def test_last_pooling_of_all_padding_is_finite_zero(params):
+    batch, emb = example()
+    batch = batch._replace(user_hashes=np.zeros_like(batch.user_hashes),
+                           history_post_hashes=np.zeros_like(batch.history_post_hashes))
+    user, norm = _pooled("last", params, batch, emb)
+    assert np.all(np.isfinite(user))
+    np.testing.assert_allclose(norm, np.sqrt(1e-12), rtol=1e-3)  # as mean pooling: no valid position, 0
+
+
+def _right_padded(batch, emb, extra: int):
+    """The batch with `extra` more padded history slots on the right (their embeddings garbage)."""
+    import dataclasses
+    B = batch.user_hashes.shape[0]
+
+    def pad(x, value=0):
+        return np.concatenate([np.asarray(x), np.full((B, extra) + np.shape(x)[2:], value, np.asarray(x).dtype)], 1)
+
+    batch = batch._replace(**{f: pad(getattr(batch, f)) for f in batch._fields if f.startswith("history_")})
+    emb = dataclasses.replace(emb, history_post_embeddings=pad(emb.history_post_embeddings, 7.0),
+                              history_author_embeddings=pad(emb.history_author_embeddings, -7.0))
+    return batch, emb
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_pooling_is_invariant_to_right_padding(params, pooling):
+    """More padded history slots (S -> S + 3, garbage embeddings there) leave the representation unchanged."""
+    batch, emb = example()
+    post = np.array(batch.history_post_hashes)
+    post[0, 4:] = 0  # a short history too
+    batch = batch._replace(history_post_hashes=post)
+    np.testing.assert_allclose(_pooled(pooling, params, *_right_padded(batch, emb, 3))[0],
+                               _pooled(pooling, params, batch, emb)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["max", "", None, 1], ids=["max", "empty", "None", "int"])
+def test_unknown_pooling_is_a_clear_error(pooling):
+    cfg = tiny_retrieval_config()
+    with pytest.raises(ValueError, match=r"PhoenixRetrievalModelConfig.pooling: expected one of \('mean', 'last'\)"):
+        type(cfg)(model=cfg.model, emb_size=cfg.emb_size, pooling=pooling)
+    cfg.pooling = pooling  # set after construction: refused by initialize(), before any tracing
+    with pytest.raises(ValueError, match="pooling"):
+        cfg.initialize()
+
+
+def test_pooling_round_trips_through_the_checkpoint_config():
+    """pooling is saved with the config; an older config without the field loads as "mean"."""
+    import phoenix_checkpoint as checkpoint
+    cfg = tiny_retrieval_config()
+    cfg.pooling = "last"
+    saved = checkpoint.config_to_dict(cfg)
+    assert checkpoint.config_from_dict(saved).pooling == "last"
+    old = {k: v for k, v in saved.items() if k != "pooling"}
+    assert checkpoint.config_from_dict(old).pooling == "mean"
+    with pytest.raises(ValueError, match="pooling"):
+        checkpoint.config_from_dict({**saved, "pooling": "max"})

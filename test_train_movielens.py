@@ -159,6 +159,20 @@ def test_prefix_representations_equal_each_examples_user_tower(world, retrieval)
     np.testing.assert_allclose(by_windows, direct, atol=2e-5)
 
 
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_window_representations_follow_the_models_pooling(world, pooling):
+    """The windowed path (training, mining) pools as the user tower does, for each pooling: freshly
+    initialised models, S longer than every training part so each example's history is exact."""
+    _, split = world
+    recipe = dataclasses.replace(TINY, pooling=pooling, history_len=50)
+    trainer = pipeline.SequenceRetrievalTrainer(pipeline.retrieval_config(recipe), pipeline.hash_config(recipe))
+    batch = next(pipeline.retrieval_batches(split, recipe, trainer.hash_config, np.random.default_rng(0)))[0]
+    params = trainer.init(jax.random.PRNGKey(0), batch).params
+    by_windows = pipeline.example_representations(trainer, params, split, 50)
+    direct = pipeline.encode_users(trainer, params, split, pipeline.phoenix_examples(split, "train", 50))
+    np.testing.assert_allclose(by_windows, direct, atol=2e-5)
+
+
 def test_sequence_trainer_checkpoint_loads_into_the_retrieval_runner(world, retrieval, tmp_path):
     _, split = world
     trainer, params = retrieval
@@ -272,6 +286,46 @@ def test_run_reports_every_row_and_keeps_best_checkpoints(experiment):
         assert saved["extra"]["val"]["NDCG@10"] == pytest.approx(result[f"{stage}_best"]["NDCG@10"])
 
 
+# --------------------------------------------------------------------------- seeds
+
+
+def test_seeds_run_each_seed_dump_it_and_summarise(world, experiment, tmp_path, capsys):
+    """--seeds 0,1: one run (own directory, own dump) per seed; seed 0 reproduces the single-seed
+    run; each dump recomputes to its table; the summary is the mean and sample sd over seeds."""
+    directory, split = world
+    args, _ = tm.parse_args(["--data", str(directory), "--seeds", "0,1", "--checkpoint-dir", str(tmp_path / "runs"),
+                             "--dump-topk", str(tmp_path / "top10.csv")])
+    assert args.seeds == (0, 1)
+    result = tm.run(args, TINY, stream=io.StringIO())
+    single = experiment[2]["table"]
+    for key, row in single.items():
+        assert result["seeds"][0]["table"][key] == pytest.approx(row, abs=1e-6), key
+    for seed, one in result["seeds"].items():
+        assert (tmp_path / "runs" / f"seed{seed}" / "retrieval").is_dir()
+        check = ml.recompute_from_dump(tmp_path / f"top10.seed{seed}.csv", str(directory), k=pipeline.FINAL_K)
+        assert check["HR@10"] == pytest.approx(one["table"][("test", "two-stage")]["HR@10"], abs=1e-12)
+        assert check["NDCG@10"] == pytest.approx(one["table"][("test", "two-stage")]["NDCG@10"], abs=1e-12)
+    values = [one["table"][("test", "two-stage")]["NDCG@10"] for one in result["seeds"].values()]
+    mean, sd = result["summary"][("test", "two-stage", "NDCG@10")]
+    assert mean == pytest.approx(np.mean(values)) and sd == pytest.approx(np.std(values, ddof=1))
+    out = capsys.readouterr().out
+    assert "| seed |" in out and f"| mean +- sd |" in out and f"{mean:.4f} +- {sd:.4f}" in out
+    with pytest.raises(FileExistsError, match="seed0"):  # a second run refuses before training
+        tm.run(args, TINY, stream=io.StringIO())
+
+
+@pytest.mark.parametrize("text", ["0,x", "1,1", "-1", ""], ids=["not_int", "repeat", "negative", "empty"])
+def test_bad_seeds_are_refused_naming_the_flag(text, capsys):
+    with pytest.raises(SystemExit):
+        tm.parse_args(["--seeds", text])
+    assert "--seeds" in capsys.readouterr().err
+
+
+def test_seed_path_puts_the_seed_before_the_suffix():
+    assert tm.seed_path("out/top10.csv", 2) == "out/top10.seed2.csv"
+    assert tm.seed_path("out.d/top10", 0) == "out.d/top10.seed0"
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -317,3 +371,11 @@ def test_default_checkpoint_dir_is_under_phoenix_cache_dir(tmp_path, monkeypatch
     assert args.checkpoint_dir == str(tmp_path / "checkpoints" / "movielens") and args.cache_dir is None
     monkeypatch.delenv("PHOENIX_CACHE_DIR")
     assert tm.parse_args([])[0].checkpoint_dir == str(ml.DEFAULT_CACHE_DIR / "checkpoints" / "movielens")
+
+
+def test_the_command_lines_recipe_is_movielens_recipe():
+    """The MovieLens command line defaults to MOVIELENS_RECIPE (last pooling), flags override it,
+    and the generic Recipe() keeps the release's mean pooling."""
+    assert tm.parse_args([])[1] == tm.MOVIELENS_RECIPE and tm.MOVIELENS_RECIPE.pooling == "last"
+    assert tm.parse_args(["--pooling", "mean"])[1] == pipeline.Recipe()
+    assert pipeline.Recipe().pooling == "mean"

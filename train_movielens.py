@@ -2,6 +2,8 @@
 
     uv run run_train.py --data movielens-100k [--seed 0] [--dump-topk PATH] [--checkpoint-dir DIR]
                         [--overwrite] [--plot]
+    uv run run_train.py --data movielens-100k --seeds 0,1,2 [--dump-topk top10.csv]   # DIR/seed<N>,
+                        # top10.seed<N>.csv; then the per-seed HR@10 / NDCG@10 table and mean +- sd
     uv run run_train.py --data movielens-100k --help     # every Recipe field is a flag too
 
 This module holds only what is MovieLens's: reading the ratings (movielens.py), the mapping of
@@ -54,6 +56,27 @@ Recipe, and why
   epoch 12 and fell. Temperature 0.1, D = 128, and replacing the user id of 30% of the windows
   by a shared one measured the same within noise (943 users: one standard error of HR@10 is 0.013).
 
+  User-tower pooling (issue 11), screened on validation only (retrieval alone, seed 0, 8 epochs
+  unless noted, every other field the default; B windows per step keep ~1,300 examples per
+  softmax; best of 4 evaluations by NDCG@10):
+  | pooling | S | B | temperature | epochs | val HR@10 | val NDCG@10 |
+  |---|---:|---:|---:|---:|---:|---:|
+  | mean (default) | 5 | 256 | 0.05 | 8 | 0.2333 | 0.1326 |
+  | last | 5 | 256 | 0.05 | 8 | 0.2397 | 0.1256 |
+  | last | 20 | 64 | 0.05 | 8 | 0.2185 | 0.1162 |
+  | last | 20 | 64 | 0.1 | 8 | 0.2280 | 0.1229 |
+  | last | 20 | 64 | 0.05 | 4 | 0.2216 | 0.1166 |
+  | last | 50 | 26 | 0.05 | 8 | 0.2185 | 0.1176 |
+  Last pooling does let longer histories work (S=50: 0.2185 last vs 0.163 mean, measured earlier
+  at lr 1e-3), but none beats mean pooling over the user id and five movies on NDCG@10, the
+  selection metric. (Screened with a retrieval-only script calling
+  phoenix_pipeline.train_retrieval; 1-3.5 min each.) Both S = 5 poolings through both stages
+  (`--pooling last` vs the default, seed 0): validation two-stage HR@10 / NDCG@10 0.2587 / 0.1413
+  (last) vs 0.2481 / 0.1418 (mean); over seeds 0, 1, 2 the validation two-stage means are
+  0.2481 / 0.1375 (last) vs 0.2418 / 0.1369 (mean): better on both, if within noise on NDCG@10
+  (one standard error ~0.008), so the command line's MovieLens recipe is MOVIELENS_RECIPE (last
+  pooling, S = 5); Recipe() keeps the release's mean for other logs.
+
   Ranker: trained per example (its candidates attend to the whole history, so no prefix trick),
   S = 5 (S = 20 was no better and twice as slow), C = 8 candidates: the next movie labelled with
   its rating's actions (click; favorite at >= 4 stars; share at 5; not_interested at <= 2), 6
@@ -82,6 +105,27 @@ Measured: `uv run run_train.py --data movielens-100k --seed 0 --dump-topk top10.
   (re-ranking weight w = 1 chosen on validation; the dump recomputes to the same 0.2089 / 0.1103).
   Seeds move these more than the recipe choices above did: seed 1 (7 min, w = 1) gives test
   retrieval 0.2153 / 0.1141 and two-stage 0.2280 / 0.1206 (HR@10 / NDCG@10), val two-stage 0.2418.
+  Three seeds, this recipe: `uv run run_train.py --data movielens-100k --seeds 0,1,2 --dump-topk
+  top10.csv` (21 min wall on 2 shared cores; seed 2 alone on a quieter machine 3.5 min), every
+  dump recomputing to its table's two-stage row:
+  | seed | test retrieval HR@10 | NDCG@10 | test two-stage HR@10 | NDCG@10 | val two-stage HR@10 | NDCG@10 |
+  |---|---:|---:|---:|---:|---:|---:|
+  | 0 | 0.1951 | 0.0985 | 0.2078 | 0.1092 | 0.2481 | 0.1418 |
+  | 1 | 0.2153 | 0.1141 | 0.2248 | 0.1218 | 0.2407 | 0.1352 |
+  | 2 | 0.2110 | 0.1108 | 0.2185 | 0.1179 | 0.2365 | 0.1337 |
+  | mean +- sd | 0.2071 +- 0.0106 | 0.1078 +- 0.0082 | 0.2170 +- 0.0086 | 0.1163 +- 0.0064 | 0.2418 +- 0.0059 | 0.1369 +- 0.0043 |
+  The same with `--pooling last` (MOVIELENS_RECIPE, now the default of this command; seed 0 from
+  the single run above, seeds 1, 2 from `--seeds 1,2 --pooling last`, 7.6 min for both):
+  | seed | test retrieval HR@10 | NDCG@10 | test two-stage HR@10 | NDCG@10 | val two-stage HR@10 | NDCG@10 |
+  |---|---:|---:|---:|---:|---:|---:|
+  | 0 | 0.1983 | 0.1072 | 0.2174 | 0.1176 | 0.2587 | 0.1413 |
+  | 1 | 0.2216 | 0.1162 | 0.2365 | 0.1258 | 0.2407 | 0.1359 |
+  | 2 | 0.2291 | 0.1189 | 0.2269 | 0.1244 | 0.2450 | 0.1354 |
+  | mean +- sd | 0.2163 +- 0.0161 | 0.1141 +- 0.0061 | 0.2269 +- 0.0096 | 0.1226 +- 0.0044 | 0.2481 +- 0.0094 | 0.1375 +- 0.0033 |
+  Two-stage beats retrieval alone on every seed of the mean recipe and on NDCG@10 of every seed of
+  the last one (seed 2's HR@10: 0.2269 vs 0.2291); the issue-11 aim (two-stage test HR@10 >= 0.23,
+  NDCG@10 >= 0.125, every seed >= 0.215) is not met. (Seed 0's ranker moved since the table above:
+  0.2078 vs 0.2089 with retrieval identical; the ranker stage is not bit-reproducible here.)
   Test sits below validation for both stages (in every configuration tried) while the transition
   baseline does not move; our guess: the user-id embedding learns where each user's rating session
   stands at the end of the training part, which the validation target follows directly and the
@@ -89,13 +133,20 @@ Measured: `uv run run_train.py --data movielens-100k --seed 0 --dump-topk top10.
 """
 
 import argparse
+import os
 import sys
+import time
 
 import numpy as np
 
 import movielens as ml
 import phoenix_pipeline as pipeline
 from phoenix_pipeline import FINAL_K, Recipe  # noqa: F401 (Recipe: this experiment's flags)
+
+
+# The command line's recipe: Recipe()'s but last pooling, chosen on validation over seeds 0-2
+# (module docstring; a tie on NDCG@10, +0.006 HR@10). `--pooling mean` is the release's pooling.
+MOVIELENS_RECIPE = Recipe(pooling="last")
 
 
 def movielens_log(ratings: ml.Ratings, author_scheme: str = "genres") -> pipeline.Log:
@@ -115,34 +166,101 @@ def movielens_split(ratings: ml.Ratings) -> pipeline.LogSplit:
     return pipeline.split_log(movielens_log(ratings), "leave-one-out", duplicates="error")
 
 
+def parse_seeds(text: str) -> tuple:
+    """"0,1,2" -> (0, 1, 2): distinct non-negative ints."""
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds: expected comma-separated integers such as 0,1,2, got {text!r}") from None
+    if any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds: expected distinct non-negative integers, got {text!r}")
+    return seeds
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=ml.SOURCE_ML100K, help=f"{ml.SOURCE_ML100K!r} or a directory")
     parser.add_argument("--cache-dir", default=None, help="download cache (movielens.py)")
-    pipeline.add_run_flags(parser, str(ml.cache_dir() / "checkpoints" / "movielens"))
+    pipeline.add_run_flags(parser, str(ml.cache_dir() / "checkpoints" / "movielens"), MOVIELENS_RECIPE)
+    parser.add_argument("--seeds", type=parse_seeds, default=None, metavar="0,1,2",
+                        help="run each seed in turn (instead of --seed): checkpoints in DIR/seed<N>, dumps in "
+                             "PATH with .seed<N> before its suffix, then the per-seed table and mean +- sd")
     args = parser.parse_args(argv)
     return args, pipeline.recipe_from_args(args)
 
 
-def run(args, recipe: Recipe, stream=None) -> dict:
-    """The whole experiment; prints the table (stdout) and progress (`stream`, default stderr).
-    Returns phoenix_pipeline.run's dict plus "dump_check"."""
-    pipeline.check_run_dir(args.checkpoint_dir, getattr(args, "overwrite", False))
-    ratings = ml.load_ratings(args.data, args.cache_dir)
-    split = movielens_split(ratings)
-    result = pipeline.run(split, recipe, args.checkpoint_dir, args.seed, getattr(args, "overwrite", False),
+def seed_path(path: str, seed: int) -> str:
+    """top10.csv -> top10.seed0.csv (a path without a suffix gets .seed0 appended)."""
+    root, dot, suffix = path.rpartition(".")
+    if not dot or "/" in suffix:
+        return f"{path}.seed{seed}"
+    return f"{root}.seed{seed}.{suffix}"
+
+
+SEED_COLUMNS = (("test", "retrieval"), ("test", "two-stage"), ("val", "retrieval"), ("val", "two-stage"))
+
+
+def seed_table(tables: dict) -> tuple[str, dict]:
+    """Markdown table of {seed: run table}: HR@10 / NDCG@10 of SEED_COLUMNS per seed, then their mean
+    and sample standard deviation over seeds. Returns (text, {(split, model, metric): (mean, sd)})."""
+    keys = [(which, model, metric) for which, model in SEED_COLUMNS for metric in ("HR@10", "NDCG@10")]
+    head = " | ".join(f"{which} {model} {metric}" for which, model, metric in keys)
+    lines = [f"| seed | {head} |", "|---|" + "---:|" * len(keys)]
+    for seed, table in tables.items():
+        lines.append(f"| {seed} | " + " | ".join(f"{table[(w, m)][k]:.4f}" for w, m, k in keys) + " |")
+    stats = {}
+    for w, m, k in keys:
+        values = np.array([table[(w, m)][k] for table in tables.values()])
+        stats[(w, m, k)] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
+    lines.append("| mean +- sd | " + " | ".join(f"{stats[key][0]:.4f} +- {stats[key][1]:.4f}" for key in keys) + " |")
+    return "\n".join(lines), stats
+
+
+def run_seed(args, recipe: Recipe, split, ratings, seed: int, checkpoint_dir: str, dump_path, stream=None) -> dict:
+    """One seed of the experiment (table on stdout); phoenix_pipeline.run's dict plus "dump_check"."""
+    result = pipeline.run(split, recipe, checkpoint_dir, seed, getattr(args, "overwrite", False),
                           getattr(args, "plot", False), stream,
                           title=f"MovieLens ({ratings.source}), leave-one-out")
     check = None
-    if args.dump_topk:
+    if dump_path:
         users = split.user_ids[split.eval_users()]
-        ml.dump_topk(args.dump_topk, users, split.item_ids[result["reranked"]["test"][:, :FINAL_K]])
-        check = ml.recompute_from_dump(args.dump_topk, args.data, args.cache_dir, k=FINAL_K)
+        ml.dump_topk(dump_path, users, split.item_ids[result["reranked"]["test"][:, :FINAL_K]])
+        check = ml.recompute_from_dump(dump_path, args.data, args.cache_dir, k=FINAL_K)
         ours = result["table"][("test", "two-stage")]
-        print(f"\ndump {args.dump_topk}: table HR@10 {ours['HR@10']:.4f} NDCG@10 {ours['NDCG@10']:.4f}; "
+        print(f"\ndump {dump_path}: table HR@10 {ours['HR@10']:.4f} NDCG@10 {ours['NDCG@10']:.4f}; "
               f"recomputed from the dump HR@10 {check['HR@10']:.4f} NDCG@10 {check['NDCG@10']:.4f} "
               f"({check['num_users']} users, history items in the top-10s: {check['history_items_in_topk']})")
     return {**result, "dump_check": check}
+
+
+def run(args, recipe: Recipe, stream=None) -> dict:
+    """The whole experiment; prints the table (stdout) and progress (`stream`, default stderr).
+    Returns phoenix_pipeline.run's dict plus "dump_check". With args.seeds (--seeds), each seed in
+    turn (its own DIR/seed<N> and dump path), then seed_table; returns {"seeds": {seed: that dict},
+    "summary": seed_table's stats, "wall_s"}."""
+    seeds = getattr(args, "seeds", None)
+    overwrite = getattr(args, "overwrite", False)
+    if not seeds:
+        pipeline.check_run_dir(args.checkpoint_dir, overwrite)
+        ratings = ml.load_ratings(args.data, args.cache_dir)
+        return run_seed(args, recipe, movielens_split(ratings), ratings, args.seed, args.checkpoint_dir,
+                        args.dump_topk, stream)
+    run_dirs = {seed: os.path.join(args.checkpoint_dir, f"seed{seed}") for seed in seeds}
+    for path in run_dirs.values():  # every seed's directory before the first trains
+        pipeline.check_run_dir(path, overwrite)
+    ratings = ml.load_ratings(args.data, args.cache_dir)
+    split = movielens_split(ratings)
+    start = time.perf_counter()
+    results = {seed: run_seed(args, recipe, split, ratings, seed, run_dirs[seed],
+                              seed_path(args.dump_topk, seed) if args.dump_topk else None, stream)
+               for seed in seeds}
+    wall = time.perf_counter() - start
+    text, stats = seed_table({seed: result["table"] for seed, result in results.items()})
+    print(f"\nMovieLens ({ratings.source}), leave-one-out, seeds {','.join(map(str, seeds))}: HR@10 / NDCG@10 "
+          f"per seed, mean +- sample sd; wall time {wall:.0f} s ("
+          + ", ".join(f"seed {seed} {result['wall_s']:.0f} s" for seed, result in results.items()) + ")\n")
+    print(text)
+    return {"seeds": results, "summary": stats, "wall_s": wall}
 
 
 def main(argv=None):

@@ -921,8 +921,9 @@ class SequenceRetrievalTrainer(training.RetrievalTrainer):
 
     def __init__(self, model_config: PhoenixRetrievalModelConfig, hash_config: Optional[HashConfig] = None,
                  optimizer_config: Optional[training.OptimizerConfig] = None,
-                 temperature: float = training.DEFAULT_TEMPERATURE, table_init_stddev: Optional[float] = None):
-        super().__init__(model_config, hash_config, optimizer_config, temperature, table_init_stddev)
+                 temperature: float = training.DEFAULT_TEMPERATURE, table_init_stddev: Optional[float] = None,
+                 data_parallel=False):
+        super().__init__(model_config, hash_config, optimizer_config, temperature, table_init_stddev, data_parallel)
         init_stddev = hashing.DEFAULT_INIT_STDDEV if table_init_stddev is None else table_init_stddev
 
         def forward(batch, table_sizes=None):
@@ -949,7 +950,7 @@ class SequenceRetrievalTrainer(training.RetrievalTrainer):
                 raise ValueError(f"{name}: expected shape {(B, C)}, got {np.shape(value)}")
         if not np.all(np.isfinite(log_q)):
             raise ValueError("log_q: contains NaN or inf")
-        return self._jit_step(state, batch, log_q, positive_ids)
+        return self._jit_step(state, *self._place(batch, log_q, positive_ids))
 
     def _loss(self, params, rng, batch, log_q, positive_ids, table_sizes=None):
         users, candidates, valid = self._windows.apply(params, rng, batch, table_sizes)
@@ -1174,8 +1175,8 @@ def read_metrics(path) -> list[dict]:
 def _fit_keeping_best(trainer, state, batches, steps: int, evaluate, path: str, extra: dict, evals: int, stream,
                       stage: str, log: Optional[MetricsLog]):
     """training.fit with `evaluate(params) -> metrics` on validation `evals` times (the last at the
-    end); the best by NDCG@10 is saved to `path` and returned as (host params, its metrics). The fit
-    history goes to `log` with the stage name."""
+    end); the best by NDCG@10 is saved to `path` and returned as (host params, its metrics). Each fit
+    history entry goes to `log` with the stage name as it is made (so metrics.jsonl grows during training)."""
     best = {"NDCG@10": -math.inf}
     kept = {}
 
@@ -1188,11 +1189,9 @@ def _fit_keeping_best(trainer, state, batches, steps: int, evaluate, path: str, 
             trainer.save(path, state, extra={**extra, "val": best})
         return {k: result[k] for k in ("HR@10", "NDCG@10")}
 
-    _, history = training.fit(trainer, state, batches, steps, log_every=max(1, min(50, steps // 10)),
-                              eval_fn=validate, eval_every=max(1, -(-steps // evals)), stream=stream)
-    if log is not None:
-        for entry in history:
-            log.write(stage=stage, **entry)
+    training.fit(trainer, state, batches, steps, log_every=max(1, min(50, steps // 10)),
+                 eval_fn=validate, eval_every=max(1, -(-steps // evals)), stream=stream,
+                 on_log=None if log is None else (lambda entry: log.write(stage=stage, **entry)))
     return kept["params"], best
 
 
@@ -1208,12 +1207,14 @@ def _extra(recipe: Recipe, seed: int, split: LogSplit) -> dict:
 
 
 def train_retrieval(split: LogSplit, recipe: Recipe, seed: int, checkpoint_dir: str, stream=None,
-                    log: Optional[MetricsLog] = None):
-    """Trains the two-tower model; returns (trainer, best params, best val metrics)."""
+                    log: Optional[MetricsLog] = None, data_parallel=False):
+    """Trains the two-tower model; returns (trainer, best params, best val metrics). `data_parallel`:
+    training.Trainer's (each batch split over the devices, the state replicated)."""
     windows_per_epoch = len(training_windows(split, recipe.history_len)[0])
     steps = max(1, round(recipe.retrieval_epochs * windows_per_epoch / recipe.retrieval_batch_size))
     trainer = SequenceRetrievalTrainer(retrieval_config(recipe), hash_config(recipe), optimizer_config(recipe, steps),
-                                       temperature=recipe.temperature, table_init_stddev=recipe.table_init_stddev)
+                                       temperature=recipe.temperature, table_init_stddev=recipe.table_init_stddev,
+                                       data_parallel=data_parallel)
     batches = retrieval_batches(split, recipe, trainer.hash_config, np.random.default_rng([seed, 1]))
     first = next(batches)
     state = trainer.init(jax.random.PRNGKey(seed), first[0])
@@ -1240,19 +1241,20 @@ def warm_start(ranker_params, retrieval_params):
 
 
 def train_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, checkpoint_dir: str, val_stage_one: StageOne,
-                 retrieval_params=None, stream=None, log: Optional[MetricsLog] = None):
+                 retrieval_params=None, stream=None, log: Optional[MetricsLog] = None, data_parallel=False):
     """Trains the ranker; returns (trainer, best params, best val metrics). Model selection by the
     validation two-stage NDCG@10 of the ranker's own score (retrieval weight 0)."""
     examples = phoenix_examples(split, "train", recipe.ranker_history_len)
     steps = max(1, round(recipe.ranker_epochs * len(examples["user_ids"]) / recipe.ranker_batch_size))
     trainer = training.make_ranking_trainer(ranker_config(recipe), hash_config(recipe),
                                             optimizer_config(recipe, steps), action_weights=action_weights(split),
-                                            table_init_stddev=recipe.table_init_stddev)
+                                            table_init_stddev=recipe.table_init_stddev, data_parallel=data_parallel)
     batches = ranker_batches(split, examples, pool, recipe, trainer.hash_config, np.random.default_rng([seed, 2]))
     first = next(batches)
     state = trainer.init(jax.random.PRNGKey(seed + 1), first[0])
     if retrieval_params is not None:
-        state = state._replace(params=jax.device_put(warm_start(host_copy(state.params), retrieval_params)))
+        state = trainer._place_state(state._replace(params=jax.device_put(warm_start(host_copy(state.params),
+                                                                                     retrieval_params))))
     print(f"ranker: {steps} steps of {recipe.ranker_batch_size} examples x {recipe.num_candidates} candidates",
           file=stream)
     params, best = _fit_keeping_best(
@@ -1318,7 +1320,7 @@ def check_run_dir(path, overwrite: bool = False) -> None:
 
 
 def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrite: bool = False,
-        plot: bool = False, stream=None, title: Optional[str] = None) -> dict:
+        plot: bool = False, stream=None, title: Optional[str] = None, data_parallel=False) -> dict:
     """Trains both stages, keeps the best checkpoints, evaluates them read back; prints the table.
 
     Progress goes to `stream` (default stderr), the table to stdout. Returns {"table": {(split, name):
@@ -1342,7 +1344,8 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
 
     print("\n== stage 1: retrieval (in-batch softmax, logQ correction, accidental-hit masking)", file=stream)
     t0 = time.perf_counter()
-    retrieval, retrieval_params, retrieval_best = train_retrieval(split, recipe, seed, checkpoint_dir, stream, log)
+    retrieval, retrieval_params, retrieval_best = train_retrieval(split, recipe, seed, checkpoint_dir, stream, log,
+                                                                  data_parallel)
     times = {"retrieval": time.perf_counter() - t0}
     print(f"retrieval: best val NDCG@10 {retrieval_best['NDCG@10']:.4f} at step {retrieval_best['step']}, "
           f"{times['retrieval']:.0f} s", file=stream)
@@ -1358,7 +1361,7 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
     t0 = time.perf_counter()
     ranker, ranker_params, ranker_best = train_ranker(
         split, pool, recipe, seed, checkpoint_dir, val_one,
-        retrieval_params if recipe.ranker_init_from_retrieval else None, stream, log)
+        retrieval_params if recipe.ranker_init_from_retrieval else None, stream, log, data_parallel)
     times["ranker"] = time.perf_counter() - t0
     print(f"ranker: best val NDCG@10 {ranker_best['NDCG@10']:.4f} at step {ranker_best['step']}, "
           f"{times['ranker']:.0f} s", file=stream)
@@ -1559,7 +1562,7 @@ def _optional(kind):
 
 
 def add_run_flags(parser: argparse.ArgumentParser, default_checkpoint_dir, defaults: Optional["Recipe"] = None) -> None:
-    """--seed, --checkpoint-dir, --overwrite, --dump-topk, --plot and one flag per Recipe field,
+    """--seed, --checkpoint-dir, --overwrite, --dump-topk, --plot, --data-parallel and one flag per Recipe field,
     each defaulting to `defaults`' value (default Recipe())."""
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-dir", default=default_checkpoint_dir,
@@ -1571,6 +1574,8 @@ def add_run_flags(parser: argparse.ArgumentParser, default_checkpoint_dir, defau
                         help="write every test user's final top-10 (original ids) as CSV and re-check it")
     parser.add_argument("--plot", action="store_true",
                         help=f"write {PLOT_FILE} (training loss, validation curves) to the run directory (matplotlib)")
+    parser.add_argument("--data-parallel", action="store_true",
+                        help="split each training batch over all devices JAX finds (batch sizes must divide evenly)")
     defaults = Recipe() if defaults is None else defaults
     hints = typing.get_type_hints(Recipe)
     for field in dataclasses.fields(Recipe):
@@ -1641,7 +1646,8 @@ def main(argv=None) -> dict:
                       author=args.author_col)
     log = read_log(args.data, columns, args.rating_actions, delimiter=args.delimiter)
     split = split_log(log, args.split, args.duplicates, args.cut_time, args.cut_quantile)
-    result = run(split, recipe, args.checkpoint_dir, args.seed, args.overwrite, args.plot)
+    result = run(split, recipe, args.checkpoint_dir, args.seed, args.overwrite, args.plot,
+                 data_parallel=args.data_parallel)
     result["dump_check"] = None
     if args.dump_topk:
         dump_topk(args.dump_topk, split, result["reranked"]["test"][:, :FINAL_K])

@@ -220,7 +220,8 @@ def run_seed(args, recipe: Recipe, split, ratings, seed: int, checkpoint_dir: st
     """One seed of the experiment (table on stdout); phoenix_pipeline.run's dict plus "dump_check"."""
     result = pipeline.run(split, recipe, checkpoint_dir, seed, getattr(args, "overwrite", False),
                           getattr(args, "plot", False), stream,
-                          title=f"MovieLens ({ratings.source}), leave-one-out")
+                          title=f"MovieLens ({ratings.source}), leave-one-out",
+                          data_parallel=getattr(args, "data_parallel", False))
     check = None
     if dump_path:
         users = split.user_ids[split.eval_users()]

@@ -42,7 +42,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from phoenix_hashing import PAD_ID, batch_from_ids
-from phoenix_validation import check_number
+from phoenix_validation import check_int, check_number
 from recsys_model import HashConfig, RecsysBatch
 from runners import ACTIONS
 
@@ -91,15 +91,6 @@ _REAL_FIELDS = {"affinity_scale": (0.0, math.inf), "popularity_std": (0.0, math.
                 "author_spread": (0.0, 1.0), "impression_affinity_share": (0.0, 1.0),
                 "impression_temperature": (0.0, math.inf), "impressions_per_slot": (1.0, math.inf),
                 "candidate_relevant_fraction": (0.0, 1.0)}
-
-
-def _check_int(value, name: str, low: Optional[int] = 1) -> int:
-    """An int (NumPy ints too, bool not) >= low; low=None allows any int."""
-    if low is None:
-        check_number(value, name, "an int", lambda v: True, integer=True)
-    else:
-        check_number(value, name, f"an int >= {low}", lambda v: v >= low, integer=True)
-    return int(value)
 
 
 def _check_real(value, name: str, low: float = -math.inf, high: float = math.inf) -> float:
@@ -155,7 +146,7 @@ class WorldConfig:
 
     def __post_init__(self):
         for name, low in _INT_FIELDS.items():
-            _check_int(getattr(self, name), f"WorldConfig.{name}", low)
+            check_int(getattr(self, name), f"WorldConfig.{name}", low)
         for name, (low, high) in _REAL_FIELDS.items():
             _check_real(getattr(self, name), f"WorldConfig.{name}", low, high)
         if not self.impression_temperature > 0:  # it divides the affinity logits
@@ -188,7 +179,7 @@ def _generator(seed: int, stream: int, sub_seed: int = 0) -> np.random.Generator
 
 def split_users(num_users: int, held_out_fraction: float = 0.1, seed: int = 0):
     """Deterministic split of user ids 0..U-1 into (train_ids, held_out_ids), both sorted int64."""
-    _check_int(num_users, "num_users", 0)
+    check_int(num_users, "num_users", 0)
     _check_real(held_out_fraction, "held_out_fraction", 0.0, 1.0)
     perm = _generator(seed, _SPLIT_STREAM).permutation(num_users)  # [U]
     num_held_out = int(round(held_out_fraction * num_users))
@@ -342,7 +333,7 @@ class SyntheticWorld:
         """Exact probability [N] that an impression of a user drawn uniformly from user_ids is post n."""
         share = self.cfg.impression_affinity_share
         user_ids = self._check_users(user_ids, ndim=1, nonempty=True)
-        chunk = _check_int(chunk, "chunk")
+        chunk = check_int(chunk, "chunk")
         author_probs = np.zeros(self.cfg.num_authors)  # [M]
         for start in range(0, len(user_ids), chunk):
             author_probs += self._author_probabilities(user_ids[start:start + chunk]).sum(
@@ -407,7 +398,7 @@ class SyntheticWorld:
     def _rng(self, rng_or_seed) -> np.random.Generator:
         if isinstance(rng_or_seed, np.random.Generator):
             return rng_or_seed
-        return _generator(self.cfg.seed, _EXAMPLE_STREAM, _check_int(rng_or_seed, "rng_or_seed", 0))
+        return _generator(self.cfg.seed, _EXAMPLE_STREAM, check_int(rng_or_seed, "rng_or_seed", 0))
 
     # ----------------------------------------------------------------------------- examples
 
@@ -508,10 +499,10 @@ class SyntheticWorld:
         """
         cfg = self.cfg
         user_ids = self._check_users(user_ids, ndim=1, nonempty=True)
-        num_users, chunk = _check_int(num_users, "num_users"), _check_int(chunk, "chunk")
-        impressions_per_user = _check_int(impressions_per_user, "impressions_per_user")
+        num_users, chunk = check_int(num_users, "num_users"), check_int(chunk, "chunk")
+        impressions_per_user = check_int(impressions_per_user, "impressions_per_user")
         _check_real(pseudo_counts_per_post, "pseudo_counts_per_post", 0.0)
-        rng = _generator(cfg.seed, _RETRIEVAL_STREAM, 2**32 + _check_int(seed, "seed", 0))
+        rng = _generator(cfg.seed, _RETRIEVAL_STREAM, 2**32 + check_int(seed, "seed", 0))
         users = rng.choice(user_ids, size=num_users)  # [U']
         mass = np.zeros(cfg.num_posts)  # [N]
         for start in range(0, num_users, chunk):
@@ -536,8 +527,8 @@ class SyntheticWorld:
         Yields `ranking_examples` dicts, or (RecsysBatch, labels, oracle) when hash_config is given.
         """
         user_ids = self._check_users(user_ids, ndim=1, nonempty=True)
-        batch_size = _check_int(batch_size, "batch_size")
-        rng = _generator(self.cfg.seed, _RANKING_STREAM, _check_int(seed, "seed", 0))
+        batch_size = check_int(batch_size, "batch_size")
+        rng = _generator(self.cfg.seed, _RANKING_STREAM, check_int(seed, "seed", 0))
         while True:
             examples = self.ranking_examples(rng.choice(user_ids, size=batch_size), rng)
             yield examples if hash_config is None else to_recsys_batch(examples, hash_config)
@@ -550,8 +541,8 @@ class SyntheticWorld:
         positive_post_ids [B]) when hash_config is given.
         """
         user_ids = self._check_users(user_ids, ndim=1, nonempty=True)
-        batch_size = _check_int(batch_size, "batch_size")
-        rng = _generator(self.cfg.seed, _RETRIEVAL_STREAM, _check_int(seed, "seed", 0))
+        batch_size = check_int(batch_size, "batch_size")
+        rng = _generator(self.cfg.seed, _RETRIEVAL_STREAM, check_int(seed, "seed", 0))
         while True:
             examples = self.retrieval_examples(rng.choice(user_ids, size=batch_size), rng)
             if hash_config is None:

@@ -63,7 +63,16 @@ def check_number(value, name: str, expected: str, ok: Callable[[float], bool], i
     if isinstance(value, bool) or not isinstance(value, kind):
         _fail(TypeError, name, expected, f"{type(value).__name__} {value!r}")
     if not math.isfinite(value) or not ok(value):
-        _fail(ValueError, name, expected, repr(value))
+        _fail(ValueError, name, expected, repr(value.item() if isinstance(value, np.generic) else value))
+
+
+def check_int(value, name: str, low: Optional[int] = 1) -> int:
+    """`value` as an int: a Python or NumPy int (bool and floats are refused) >= low (None: any)."""
+    if low is None:
+        check_number(value, name, "an int", lambda v: True, integer=True)
+    else:
+        check_number(value, name, f"an int >= {low}", lambda v: v >= low, integer=True)
+    return int(value)
 
 
 def check_batch(batch, hash_config, num_actions: Optional[int] = None, history_len: Optional[int] = None,

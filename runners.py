@@ -26,8 +26,8 @@ from recsys_model import (HashConfig, PhoenixModelConfig, PrefixCache, RecsysBat
                           resolve_compute_dtype, with_fprop_dtype)
 from phoenix_index import CorpusIndex, ShardedCorpusIndex
 from recsys_retrieval_model import INF, PhoenixRetrievalModelConfig, check_top_k, l2_normalize, retrieve_top_k
-from phoenix_validation import (check_array, check_candidate_inputs, check_hash_range, check_inputs, check_number,
-                                check_values, values_enabled)
+from phoenix_validation import (check_array, check_candidate_inputs, check_hash_range, check_inputs, check_int,
+                                check_number, check_values, values_enabled)
 
 ACTIONS = [
     "favorite_score",
@@ -177,11 +177,6 @@ def create_example_corpus(corpus_size: int, emb_size: int, seed: int = 123):
     corpus /= np.linalg.norm(corpus, axis=-1, keepdims=True)
     return corpus, np.arange(corpus_size, dtype=np.int64)
 
-
-def _check_int(value, name: str, low: int = 1) -> int:
-    """An int >= low: Python or NumPy ints; bool (an int subclass) and floats are refused."""
-    check_number(value, name, f"an int >= {low}", lambda v: v >= low, integer=True)
-    return int(value)
 
 
 # Which runner loads a checkpoint, by the class of the model config saved in it.
@@ -535,7 +530,7 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         """
         self._require_initialized("score_candidates")
         cfg = self.runner.model
-        candidate_start = _check_int(candidate_start, "candidate_start", 0)
+        candidate_start = check_int(candidate_start, "candidate_start", 0)
         self._check_prefix(prefix)
         recsys_embeddings = self._embedded(batch, recsys_embeddings)
         check_candidate_inputs(batch, recsys_embeddings, cfg.hash_config, cfg.emb_size,
@@ -553,7 +548,7 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         `rank` on the same inputs; peak activation memory grows with chunk_size, not with C.
         """
         self._require_initialized("rank_large")
-        chunk_size = _check_int(chunk_size, "chunk_size")
+        chunk_size = check_int(chunk_size, "chunk_size")
         recsys_embeddings = self._embedded(batch, recsys_embeddings)
         self._check(batch, recsys_embeddings)
         prefix = self._prefix(self.params, *self._shard(batch, recsys_embeddings))

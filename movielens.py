@@ -22,7 +22,7 @@ Data
 Shape glossary
   R  ratings      U  users        N  catalog items (movies with at least one rating)
   G  genres (19)  M  movies with metadata
-  E  examples     S  history length      A  actions (19, runners.ACTIONS order)    K  top-k
+  E  examples     S  history length      A  actions (19, phoenix_inputs.ACTIONS order)    K  top-k
 
 Leave-one-out (SASRec, BERT4Rec, HSTU)
   Each user's ratings are sorted by timestamp with a stable sort, so equal timestamps keep file
@@ -52,7 +52,7 @@ Mapping to Phoenix inputs (phoenix_hashing.py hashes the raw ids later)
   surface      SURFACE = 0 everywhere: all ratings come from one web UI and nothing in the data
                tells pages apart. A time-gap bucket would smuggle the target's timing into the
                candidate. Padding also has surface 0; the model masks by the post hash.
-  padding      right-padded: valid items first (oldest .. most recent), then PAD_ID (-1, phoenix_hashing.py's
+  padding      right-padded: valid items first (oldest .. most recent), then PAD_ID (-1, phoenix_inputs.py's
                convention) posts and authors, zero actions, surface 0.
 
 Baselines (same evaluation code; "visible" = what training may use for the split evaluated)
@@ -89,6 +89,7 @@ from pathlib import Path
 import numpy as np
 
 import phoenix_metrics as metrics
+from phoenix_inputs import ACTIONS, PAD_ID, RawBatch
 
 SOURCE_ML100K = "movielens-100k"
 WHEEL_REQUIREMENT = "recbole==1.2.1"
@@ -105,20 +106,12 @@ GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy",
           "Romance", "Sci-Fi", "Thriller", "War", "Western")
 YEAR_UNKNOWN = 0
 
-# Same ids as runners.ACTIONS / phoenix_datasets.py; duplicated so this module imports no JAX.
-ACTIONS = ("favorite_score", "reply_score", "repost_score", "photo_expand_score", "click_score",
-           "profile_click_score", "vqv_score", "share_score", "share_via_dm_score",
-           "share_via_copy_link_score", "dwell_score", "quote_score", "quoted_click_score",
-           "follow_author_score", "not_interested_score", "block_author_score",
-           "mute_author_score", "report_score", "dwell_time")
-# action -> inclusive rating range that sets it (module docstring explains the choice).
 RATING_ACTIONS = {
     "click_score": (1.0, 5.0),
     "favorite_score": (4.0, 5.0),
     "share_score": (5.0, 5.0),
     "not_interested_score": (1.0, 2.0),
 }
-PAD_ID = -1  # hashing.PAD_ID: raw id of padded positions
 SURFACE = 0  # the one product surface of MovieLens (module docstring)
 MIN_EVAL_RATINGS = 3  # a user needs a training item, a validation and a test target
 RATING_RANGE = (1.0, 5.0)  # MovieLens stars, inclusive (ML-10M and later have half stars from 0.5)
@@ -694,17 +687,12 @@ def phoenix_examples(split: Split, which: str = "train", history_len: int = 200,
 
 
 def phoenix_batch(split: Split, examples: dict, hash_config, candidate_post_ids=None):
-    """hashing.batch_from_ids of `examples`; candidates [E, C] raw movie ids, default the targets [E, 1]."""
-    from phoenix_hashing import batch_from_ids  # imports JAX; the rest of this module is NumPy only
-
+    """The hashed RecsysBatch of `examples`; candidates [E, C] raw movie ids, default the targets [E, 1]."""
     if candidate_post_ids is None:
         candidate_post_ids = examples["target_post_ids"][:, None]  # [E, 1]
     candidate_post_ids = _integer_ids(candidate_post_ids, "candidate_post_ids")
-    return batch_from_ids(
-        examples["user_ids"], examples["history_post_ids"], examples["history_author_ids"],
-        examples["history_actions"], examples["history_surfaces"], candidate_post_ids,
-        split.authors_of(candidate_post_ids), np.full(candidate_post_ids.shape, SURFACE, np.int32),
-        hash_config)
+    return RawBatch.with_candidates(examples, candidate_post_ids, split.authors_of(candidate_post_ids),
+                                    np.full(candidate_post_ids.shape, SURFACE, np.int32)).hashed(hash_config)
 
 
 def item_sampling_frequencies(split: Split) -> np.ndarray:

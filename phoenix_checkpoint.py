@@ -64,6 +64,7 @@ import numpy as np
 import grok
 import recsys_model
 import recsys_retrieval_model
+from phoenix_optim import OptimizerConfig
 
 # Version 2 added the format marker, a save id and the sha256 of arrays.npz; version 1 still loads.
 FORMAT_VERSION = 2
@@ -112,8 +113,6 @@ class Checkpoint(NamedTuple):
 
 
 def _known_config_types() -> dict[str, type]:
-    from phoenix_training import OptimizerConfig  # lazy: training imports this module
-
     return {
         cls.__name__: cls
         for cls in (

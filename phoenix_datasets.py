@@ -41,10 +41,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from phoenix_hashing import PAD_ID, batch_from_ids
+from phoenix_inputs import ACTIONS, PAD_ID, HashConfig, RawBatch, RecsysBatch
 from phoenix_validation import check_int, check_number
-from recsys_model import HashConfig, RecsysBatch
-from runners import ACTIONS
 
 NEGATIVE_ACTIONS = ("not_interested_score", "block_author_score", "mute_author_score",
                     "report_score")
@@ -553,21 +551,16 @@ class SyntheticWorld:
 
 def to_recsys_batch(examples: dict, hash_config: HashConfig):
     """`ranking_examples` dict -> (RecsysBatch of NumPy arrays, labels [B, C, A], oracle [B, C, A])."""
-    batch = batch_from_ids(
-        examples["user_ids"], examples["history_post_ids"], examples["history_author_ids"],
-        examples["history_actions"], examples["history_surfaces"],
-        examples["candidate_post_ids"], examples["candidate_author_ids"],
-        examples["candidate_surfaces"], hash_config)
-    return batch, examples["labels"], examples["oracle"]
+    raw = RawBatch.with_candidates(examples, examples["candidate_post_ids"], examples["candidate_author_ids"],
+                                   examples["candidate_surfaces"])
+    return raw.hashed(hash_config), examples["labels"], examples["oracle"]
 
 
 def to_retrieval_batch(examples: dict, hash_config: HashConfig) -> RecsysBatch:
     """`retrieval_examples` dict -> RecsysBatch whose single candidate slot (C = 1) is the positive."""
-    return batch_from_ids(
-        examples["user_ids"], examples["history_post_ids"], examples["history_author_ids"],
-        examples["history_actions"], examples["history_surfaces"],
-        examples["positive_post_ids"][:, None], examples["positive_author_ids"][:, None],
-        examples["positive_surfaces"][:, None], hash_config)
+    return RawBatch.with_candidates(examples, examples["positive_post_ids"][:, None],
+                                    examples["positive_author_ids"][:, None],
+                                    examples["positive_surfaces"][:, None]).hashed(hash_config)
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:

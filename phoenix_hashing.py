@@ -1,17 +1,15 @@
-"""Multi-hash embedding tables: raw int64 ids -> hash values -> embedding rows.
+"""The hash family: raw int64 ids -> hash values (table rows), identical under NumPy and JAX.
 
-The release describes hash embeddings but ships none (spec section 9): callers had to look
-embeddings up themselves. This module supplies the hash family, a NumPy batch builder for data
-pipelines, and `HashEmbeddings`, an hk.Module that turns a `RecsysBatch` into `RecsysEmbeddings`.
+The release describes hash embeddings but ships none: callers had to look embeddings up
+themselves. This module is the arithmetic only (NumPy and jnp, no model types); the batch
+builder (`RawBatch.hashed`) and the embedding tables (`HashEmbeddings`) are in phoenix_inputs.py.
 
 Shape glossary
-  B  batch (users)          S  history length         C  candidates per user
-  D  embedding size         A  actions                V  vocabulary (number of distinct raw ids)
-  M  rows of one table      Hu / Hi / Ha  number of user / item (post) / author hashes
+  V  vocabulary (number of distinct raw ids)   M  rows of one table
   H  number of hashes of whichever id type is at hand; "..." any leading shape
 
 Padding convention
-  Raw ids are int64. Every raw id < 0 is padding (we write `PAD_ID = -1`); it hashes to 0 under
+  Raw ids are int64. Every raw id < 0 is padding (phoenix_inputs.PAD_ID = -1); it hashes to 0 under
   every hash function, and hash value 0 is padding everywhere downstream (spec section 2). Every id
   >= 0 (0 included, up to 2**63 - 1) hashes into [1, M) under each of the H functions.
 
@@ -32,42 +30,17 @@ Why two uint32 words
   (an int64 array handed to jnp with x64 off would be truncated to int32 and collide), jax ids
   (int32, or int64 with x64 on) are split in JAX, so it can run inside a jitted function.
 
-Collisions (`uv run python phoenix_hashing.py`; ids 0..V-1, hash_seed 0): share of ids whose H-tuple of
-hash values is shared with another id, measured vs the random-hash expectation
-1 - (1 - 1/(M-1)**H)**(V-1).
-
-          V          M  H   measured   expected
-    100,000    100,000  1   0.634080   0.632122
-    100,000    100,000  2   0.000020   0.000010
-    100,000    100,000  3   0.000000   0.000000
-    100,000  1,000,000  1   0.095750   0.095162
-    100,000  1,000,000  2   0.000000   0.000000
-    100,000  1,000,000  3   0.000000   0.000000
-  1,000,000    100,000  1   0.999946   0.999955
-  1,000,000    100,000  2   0.000102   0.000100
-  1,000,000    100,000  3   0.000000   0.000000
-  1,000,000  1,000,000  1   0.632535   0.632121
-  1,000,000  1,000,000  2   0.000004   0.000001
-  1,000,000  1,000,000  3   0.000000   0.000000
-
-  A single hash needs M >> V to keep collisions rare (at M = V about 63% of ids share their row);
-  with two hashes an id shares *both* rows with another id only ~V / M**2 of the time (1e-4 at
-  V = 1M, M = 100k), at the cost of H lookups per id. The H = 2, 3 shares are a handful of ids (2 ids
-  in 100k is 0.00002), so they agree with the expectation within Poisson noise.
+Collisions: `uv run python phoenix_hashing.py` prints the measured vs expected share of ids whose
+H-tuple of hash values is shared with another id (table in docs/notes.md).
 """
 
 import math
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phoenix_validation import check_array, values_enabled
-from recsys_model import HashConfig, RecsysBatch, RecsysEmbeddings
 
-# Raw id written at padded positions; every negative id is treated as padding.
-PAD_ID = -1
 # Hash value (= table row) of padding. Row 0 of every table is never read for a valid id.
 PAD_HASH = 0
 
@@ -98,13 +71,6 @@ _SPLITMIX_C2 = 0x94D049BB133111EB
 # One salt per id type (the ASCII of "user", "post", "auth") so the three families differ.
 ID_TYPE_SALTS = {"user": 0x75736572, "post": 0x706F7374, "author": 0x61757468}
 
-# Init std of the embedding tables. The release's example inputs (spec section 7,
-# create_example_batch) are standard-normal embeddings, and the input projections
-# (spec section 3, VarianceScaling fan_out over the concatenated hash axis) are scaled so that
-# unit-variance embeddings give unit-variance reduced inputs: std 1 keeps the model in the regime
-# it was designed and tested for. A smaller std (e.g. 0.05) makes rows move faster relative to
-# their size under Adam; it is a constructor argument.
-DEFAULT_INIT_STDDEV = 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +161,7 @@ def _murmur3_words(lo, hi, seeds, xp):
     return h ^ (h >> u32(16))
 
 
-def _check_table_size(table_size: int) -> None:
+def check_table_size(table_size: int) -> None:
     if not 2 <= table_size <= MAX_TABLE_SIZE:
         raise ValueError(f"table_size must be in [2, 2**31], got {table_size}")
 
@@ -216,7 +182,7 @@ def multi_hash(lo, hi, seeds, table_size: int, xp=np):
 
     `xp` is `np` or `jnp`: the same uint32 arithmetic runs in both, so the results are identical.
     """
-    _check_table_size(table_size)
+    check_table_size(table_size)
     _check_words(lo, hi)
     lo = xp.asarray(lo)
     hi = xp.asarray(hi)
@@ -227,7 +193,7 @@ def multi_hash(lo, hi, seeds, table_size: int, xp=np):
     return xp.where(is_pad[..., None], xp.uint32(PAD_HASH), h).astype(xp.int32)  # [..., H]
 
 
-def _type_params(cfg: HashConfig, id_type: str) -> tuple[int, int]:
+def _type_params(cfg, id_type: str) -> tuple[int, int]:
     """(number of hashes, table size) of one id type."""
     if id_type == "user":
         return cfg.num_user_hashes, cfg.user_table_size
@@ -238,7 +204,7 @@ def _type_params(cfg: HashConfig, id_type: str) -> tuple[int, int]:
     raise ValueError(f"id_type must be one of {sorted(ID_TYPE_SALTS)}, got {id_type!r}")
 
 
-def hash_ids(ids, cfg: HashConfig, id_type: str, name: str = "ids") -> np.ndarray:
+def hash_ids(ids, cfg, id_type: str, name: str = "ids") -> np.ndarray:
     """NumPy: raw int64 ids [...] -> hash values [..., H] int32 of one id type ("user"/"post"/"author")."""
     num_hashes, table_size = _type_params(cfg, id_type)
     lo, hi = split_ids(ids, name)
@@ -248,7 +214,7 @@ def hash_ids(ids, cfg: HashConfig, id_type: str, name: str = "ids") -> np.ndarra
         return multi_hash(lo, hi, seeds, table_size, np)
 
 
-def hash_ids_jax(lo: jax.Array, hi: jax.Array, cfg: HashConfig, id_type: str) -> jax.Array:
+def hash_ids_jax(lo: jax.Array, hi: jax.Array, cfg, id_type: str) -> jax.Array:
     """JAX (jittable; close over `cfg` and `id_type`): words (lo, hi) [...] -> [..., H] int32.
 
     Bit-identical to `hash_ids`. Get the words with `split_ids_jax` (or `split_ids` on the host);
@@ -259,155 +225,19 @@ def hash_ids_jax(lo: jax.Array, hi: jax.Array, cfg: HashConfig, id_type: str) ->
     return multi_hash(lo, hi, seeds, table_size, jnp)
 
 
-def hash_user_ids(ids, cfg: HashConfig, name: str = "user_ids") -> np.ndarray:
+def hash_user_ids(ids, cfg, name: str = "user_ids") -> np.ndarray:
     """Raw user ids [...] -> user hashes [..., Hu] int32."""
     return hash_ids(ids, cfg, "user", name)
 
 
-def hash_post_ids(ids, cfg: HashConfig, name: str = "post_ids") -> np.ndarray:
+def hash_post_ids(ids, cfg, name: str = "post_ids") -> np.ndarray:
     """Raw post ids [...] -> post hashes [..., Hi] int32."""
     return hash_ids(ids, cfg, "post", name)
 
 
-def hash_author_ids(ids, cfg: HashConfig, name: str = "author_ids") -> np.ndarray:
+def hash_author_ids(ids, cfg, name: str = "author_ids") -> np.ndarray:
     """Raw author ids [...] -> author hashes [..., Ha] int32."""
     return hash_ids(ids, cfg, "author", name)
-
-
-def _int32_field(x, name: str, shape: tuple) -> np.ndarray:
-    """An integer array of `shape` whose values fit int32 (surfaces): no silent truncation or wrap."""
-    x = np.asarray(x)
-    check_array(x, name, shape, "int")
-    info = np.iinfo(np.int32)
-    if x.size and (x.min() < info.min or x.max() > info.max):
-        raise ValueError(f"{name}: expected values in int32 range, got range [{x.min()}, {x.max()}]")
-    return x.astype(np.int32)
-
-
-def batch_from_ids(
-    user_ids,
-    history_post_ids,
-    history_author_ids,
-    history_actions,
-    history_surfaces,
-    candidate_post_ids,
-    candidate_author_ids,
-    candidate_surfaces,
-    hash_config: HashConfig,
-) -> RecsysBatch:
-    """Builds a `RecsysBatch` of NumPy arrays (spec section 2) from raw ids; negative ids are padding.
-
-    Shapes: user_ids [B], history_post_ids / history_author_ids / history_surfaces [B, S],
-    history_actions [B, S, A], candidate_post_ids / candidate_author_ids / candidate_surfaces [B, C].
-    Ids and surfaces must have integer dtypes (floats would be truncated); actions bool, integer
-    or float, finite. Actions and surfaces pass through unchanged (as float32 / int32): the model
-    ignores them at padded positions because it masks by the post hash.
-    """
-    user_ids = np.asarray(user_ids)
-    history_post_ids = np.asarray(history_post_ids)
-    candidate_post_ids = np.asarray(candidate_post_ids)
-    if user_ids.ndim != 1:
-        raise ValueError(f"user_ids must be [B], got shape {user_ids.shape}")
-    batch_size = user_ids.shape[0]
-    if history_post_ids.ndim != 2 or history_post_ids.shape[0] != batch_size:
-        raise ValueError(f"history_post_ids must be [B={batch_size}, S], got {history_post_ids.shape}")
-    if candidate_post_ids.ndim != 2 or candidate_post_ids.shape[0] != batch_size:
-        raise ValueError(
-            f"candidate_post_ids must be [B={batch_size}, C], got {candidate_post_ids.shape}"
-        )
-    hist_shape, cand_shape = history_post_ids.shape, candidate_post_ids.shape
-    for name, arr, shape in [
-        ("history_author_ids", history_author_ids, hist_shape),
-        ("history_surfaces", history_surfaces, hist_shape),
-        ("candidate_author_ids", candidate_author_ids, cand_shape),
-        ("candidate_surfaces", candidate_surfaces, cand_shape),
-    ]:
-        if np.shape(arr) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {np.shape(arr)}")
-    history_actions = np.asarray(history_actions)
-    if history_actions.ndim != 3 or history_actions.shape[:2] != hist_shape:
-        raise ValueError(f"history_actions must be [B, S, A] with [B, S]={hist_shape}, got "
-                         f"{history_actions.shape}")
-    check_array(history_actions, "history_actions", (*hist_shape, None), "number")
-    history_actions = history_actions.astype(np.float32)
-    if values_enabled() and not np.all(np.isfinite(history_actions)):
-        raise ValueError("history_actions: expected finite values, got NaN or inf")
-    history_surfaces = _int32_field(history_surfaces, "history_surfaces", hist_shape)
-    candidate_surfaces = _int32_field(candidate_surfaces, "candidate_surfaces", cand_shape)
-    return RecsysBatch(
-        user_hashes=hash_user_ids(user_ids, hash_config, "user_ids"),  # [B, Hu]
-        history_post_hashes=hash_post_ids(history_post_ids, hash_config, "history_post_ids"),  # [B, S, Hi]
-        history_author_hashes=hash_author_ids(
-            history_author_ids, hash_config, "history_author_ids"),  # [B, S, Ha]
-        history_actions=history_actions,  # [B, S, A]
-        history_product_surface=history_surfaces,  # [B, S]
-        candidate_post_hashes=hash_post_ids(
-            candidate_post_ids, hash_config, "candidate_post_ids"),  # [B, C, Hi]
-        candidate_author_hashes=hash_author_ids(
-            candidate_author_ids, hash_config, "candidate_author_ids"),  # [B, C, Ha]
-        candidate_product_surface=candidate_surfaces,  # [B, C]
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Embedding tables
-# ---------------------------------------------------------------------------------------------
-
-
-def lookup(table: jax.Array, hashes: jax.Array) -> jax.Array:
-    """Rows of `table` [M, D] at `hashes` [..., H] -> [..., H, D], zero where the hash is 0.
-
-    A gather (`jnp.take`), never a one-hot matmul, so nothing of size M x batch is built. The mask
-    multiplies the gathered rows, so padded positions also send no gradient into row 0.
-    """
-    hashes = jnp.asarray(hashes, jnp.int32)
-    rows = jnp.take(table, hashes, axis=0)  # [..., H, D]
-    valid = (hashes != PAD_HASH).astype(table.dtype)  # [..., H]
-    return rows * valid[..., None]
-
-
-class HashEmbeddings(hk.Module):
-    """Hash embedding tables that turn a `RecsysBatch` into `RecsysEmbeddings` (float32).
-
-    Parameters (names are part of the checkpoint format):
-      user_table [user_table_size, D], post_table [post_table_size, D],
-      author_table [author_table_size, D]. History and candidates share the post and author
-      tables, so a post has one representation wherever it appears.
-    Use it in the same `hk.transform` as the model:
-      `hk.transform(lambda batch: model(batch, HashEmbeddings(cfg, D)(batch)))`.
-    """
-
-    def __init__(
-        self,
-        hash_config: HashConfig,
-        emb_size: int,
-        init_stddev: float = DEFAULT_INIT_STDDEV,
-        name: str | None = "hash_embeddings",
-    ):
-        super().__init__(name=name)
-        self.hash_config = hash_config
-        self.emb_size = emb_size
-        self.init_stddev = init_stddev
-
-    def _table(self, name: str, num_rows: int) -> jax.Array:
-        _check_table_size(num_rows)
-        init = hk.initializers.RandomNormal(stddev=self.init_stddev)
-        return hk.get_parameter(name, [num_rows, self.emb_size], jnp.float32, init=init)  # [M, D]
-
-    def __call__(self, batch: RecsysBatch) -> RecsysEmbeddings:
-        cfg = self.hash_config
-        user_table = self._table("user_table", cfg.user_table_size)  # [Mu, D]
-        post_table = self._table("post_table", cfg.post_table_size)  # [Mp, D]
-        author_table = self._table("author_table", cfg.author_table_size)  # [Ma, D]
-        return RecsysEmbeddings(
-            user_embeddings=lookup(user_table, batch.user_hashes),  # [B, Hu, D]
-            history_post_embeddings=lookup(post_table, batch.history_post_hashes),  # [B, S, Hi, D]
-            candidate_post_embeddings=lookup(post_table, batch.candidate_post_hashes),  # [B, C, Hi, D]
-            history_author_embeddings=lookup(author_table, batch.history_author_hashes),  # [B, S, Ha, D]
-            candidate_author_embeddings=lookup(
-                author_table, batch.candidate_author_hashes
-            ),  # [B, C, Ha, D]
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,8 +275,9 @@ def collision_report(vocab_size: int, table_size: int, num_hashes: int, seed: in
     Returns {"vocab_size", "table_size", "num_hashes", "num_colliding", "measured_share",
     "expected_share"}; the expectation is for an ideal random hash (`expected_collision_share`).
     """
-    cfg = HashConfig(num_item_hashes=num_hashes, post_table_size=table_size, hash_seed=seed)
-    hashes = hash_ids(np.arange(vocab_size, dtype=np.int64), cfg, "post")  # [V, H]
+    lo, hi = split_ids(np.arange(vocab_size, dtype=np.int64))
+    with np.errstate(over="ignore"):
+        hashes = multi_hash(lo, hi, hash_seeds(seed, "post", num_hashes), table_size)  # [V, H]
     num_colliding = int(colliding_mask(hashes).sum())
     return {
         "vocab_size": vocab_size,

@@ -56,8 +56,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from recsys_retrieval_model import INF, check_top_k
-from phoenix_validation import check_array, check_number, values_enabled
+
+from phoenix_validation import INF, check_array, check_number, check_top_k, values_enabled
 
 # Full float32 products: GPUs may otherwise round f32 matmul inputs to TF32 (~1e-3 relative),
 # and the index promises brute-force results. Same code and speed as the default on CPU (measured).

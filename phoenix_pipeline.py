@@ -122,10 +122,10 @@ import phoenix_hashing as hashing
 import phoenix_metrics as metrics
 import phoenix_training as training
 from grok import TransformerConfig
-from recsys_model import HashConfig, PhoenixModelConfig
+from phoenix_inputs import ACTIONS, DEFAULT_INIT_STDDEV, PAD_ID, HashConfig, HashEmbeddings
+from recsys_model import PhoenixModelConfig
 from recsys_retrieval_model import POOLINGS, PhoenixRetrievalModelConfig, check_pooling, l2_normalize, last_valid
 
-ACTIONS = ml.ACTIONS
 NUM_ACTIONS = len(ACTIONS)
 INTERACTION_ACTION = "click_score"  # set by every row: the user chose the item
 # A rating column's default meaning: MovieLens stars (movielens.RATING_ACTIONS), every row a click.
@@ -216,7 +216,7 @@ class Log:
                                f"got {x[_first_bad(np.isfinite(x))]}")
         for name in ("user", "item", "author"):
             x = getattr(self, name)
-            if x.min() < 0:  # negative raw ids are padding (phoenix_hashing.PAD_ID)
+            if x.min() < 0:  # negative raw ids are padding (phoenix_inputs.PAD_ID)
                 raise LogError(f"{self.at(int(np.argmin(x)))}: Log.{name}: expected ids >= 0, got {x.min()}")
         for name, why in (("user", "in-batch negatives and evaluation need several users"),
                           ("item", "a next item is ranked against the other items")):
@@ -590,7 +590,7 @@ def _histories(split: LogSplit, rows, ends, history_len: int) -> dict:
     slots = np.arange(history_len)[None, :]  # [1, S]
     valid = slots < valid_len[:, None]  # [E, S]
     history = np.where(valid, ends[:, None] - valid_len[:, None] + slots, 0)  # [E, S] positions
-    items = np.where(valid, split.items[history], ml.PAD_ID)  # [E, S]
+    items = np.where(valid, split.items[history], PAD_ID)  # [E, S]
     return {"user_ids": split.user_ids[rows], "user_rows": rows, "history_post_ids": items,
             "history_author_ids": split.authors_of(items),
             "history_actions": split.actions[history] & valid[..., None],
@@ -798,7 +798,7 @@ def window_examples(split: LogSplit, rows, starts, lengths, history_len: int):
     slots = np.arange(history_len + 1)[None, :]  # [1, S+1]
     valid = slots < lengths[:, None]  # [W, S+1]
     positions = np.where(valid, starts[:, None] + slots, 0)  # [W, S+1]
-    items = np.where(valid, split.items[positions], ml.PAD_ID)  # [W, S+1]
+    items = np.where(valid, split.items[positions], PAD_ID)  # [W, S+1]
     examples = {"user_ids": split.user_ids[rows], "history_post_ids": items,
                 "history_author_ids": split.authors_of(items),
                 "history_actions": split.actions[positions] & valid[..., None],
@@ -831,7 +831,7 @@ def retrieval_batches(split: LogSplit, recipe: Recipe, hashes: HashConfig, rng: 
         # jitted step sees int32 (-1 marks padding, as PAD_ID did).
         yield (window_batch(split, examples, hashes),
                np.where(targets, log_q[split.item_columns[positions[:, 1:]]], 0.0).astype(np.float32),
-               np.where(targets, split.item_columns[positions[:, 1:]], ml.PAD_ID).astype(np.int32))
+               np.where(targets, split.item_columns[positions[:, 1:]], PAD_ID).astype(np.int32))
 
 
 def ranker_candidates(examples: dict, rows, pool: Optional[np.ndarray], num_hard: int, num_random: int,
@@ -924,12 +924,12 @@ class SequenceRetrievalTrainer(training.RetrievalTrainer):
                  temperature: float = training.DEFAULT_TEMPERATURE, table_init_stddev: Optional[float] = None,
                  data_parallel=False):
         super().__init__(model_config, hash_config, optimizer_config, temperature, table_init_stddev, data_parallel)
-        init_stddev = hashing.DEFAULT_INIT_STDDEV if table_init_stddev is None else table_init_stddev
+        init_stddev = DEFAULT_INIT_STDDEV if table_init_stddev is None else table_init_stddev
 
         def forward(batch, table_sizes=None):
             sizes = {training.TABLE_SIZE_FIELDS[name]: size for name, size in (table_sizes or {}).items()}
             tables = dataclasses.replace(self.hash_config, **sizes)
-            embeddings = hashing.HashEmbeddings(tables, self.model_config.emb_size, init_stddev)(batch)
+            embeddings = HashEmbeddings(tables, self.model_config.emb_size, init_stddev)(batch)
             model = self.model_config.make()
             users = prefix_user_representations(model, batch, embeddings)[:, 1:-1]  # [B, S, D]
             candidates, candidate_mask = model.build_candidate_representation(batch, embeddings)  # [B, S, D]
@@ -965,8 +965,8 @@ class SequenceRetrievalTrainer(training.RetrievalTrainer):
 
 def _item_examples(split: ml.Split) -> dict:
     """A one-row examples dict with an empty history: the carrier of candidate-only batches."""
-    return {"user_ids": split.user_ids[:1], "history_post_ids": np.full((1, 1), ml.PAD_ID),
-            "history_author_ids": np.full((1, 1), ml.PAD_ID), "history_actions": np.zeros((1, 1, NUM_ACTIONS), bool),
+    return {"user_ids": split.user_ids[:1], "history_post_ids": np.full((1, 1), PAD_ID),
+            "history_author_ids": np.full((1, 1), PAD_ID), "history_actions": np.zeros((1, 1, NUM_ACTIONS), bool),
             "history_surfaces": np.zeros((1, 1), np.int32)}
 
 
@@ -1080,7 +1080,7 @@ def ranker_logits(trainer: training.RankingTrainer, params, split: ml.Split, exa
     padded[:, :K] = columns
     chunk_columns = padded.reshape(U * num_chunks, num_candidates)  # [U*chunks, C]
     owners = np.repeat(np.arange(U), num_chunks)  # [U*chunks]
-    ids = np.where(chunk_columns >= 0, split.item_ids[np.maximum(chunk_columns, 0)], ml.PAD_ID)
+    ids = np.where(chunk_columns >= 0, split.item_ids[np.maximum(chunk_columns, 0)], PAD_ID)
     out = []
     for rows, real in padded_chunks(len(owners), batch_size):
         batch = ml.phoenix_batch(split, take(examples, owners[rows]), trainer.hash_config, ids[rows])

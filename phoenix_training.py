@@ -1,23 +1,15 @@
-"""Training for both Phoenix models: losses, optimiser, jitted train steps, and a fit loop.
+"""Trainers for both Phoenix models (jitted, donated train steps) and the fit loop.
 
 Shape glossary
   B  batch (users)          S  history length          C  candidates per user
-  D  embedding size         A  actions                 R  rows of the in-batch softmax
-  M  rows of a hash table   H  hashes per id (Hi for posts)
+  D  embedding size         A  actions                 Hi number of post hashes
 
-The hash embedding tables (hashing.HashEmbeddings) and the model live in one `hk.transform`, so
-one gradient step trains both. Parameters stay float32; the models compute in their fprop dtype
-and every loss is computed in float32.
-
-Large tables. A table of M rows costs M*D*4 bytes; AdamW keeps two more copies (first and
-second moments), and a dense gradient would be one more: 4x, or 6 GB for three 1M x 128 tables,
-with every step reading and writing all of it (~5 s per step on a 2-core CPU). By default
-(`OptimizerConfig.sparse_table_updates`) the step differentiates with respect to the rows the
-batch looks up only, and gathers/scatters those rows of the tables and their moments: no dense
-gradient, and a step costs the same with 1M-row tables as with 1k-row ones. AdamW on tables then
-acts as "lazy" Adam. `table_optimizer="rowwise_adagrad"` replaces the two moment copies by one
-float per row (the DLRM/FBGEMM choice for big tables). The train step donates its state, so
-parameters and optimiser state are updated in place.
+A trainer's parameters are the hash embedding tables (phoenix_inputs.HashEmbeddings, under
+`hash_embeddings/`) and the model's; one gradient step trains both. Parameters stay float32; the
+models compute in their fprop dtype and every loss (phoenix_losses.py) is computed in float32.
+The optimiser and the sparse table updates are in phoenix_optim.py; resumable runs' checkpoint
+handling in phoenix_resume.py. The train step donates its state, so parameters and optimiser
+state are updated in place.
 
 Determinism: a fixed seed gives bit-identical parameters on CPU. On GPU the gradient of a table
 lookup is a scatter-add with atomics; run with XLA_FLAGS=--xla_gpu_deterministic_ops=true for
@@ -26,13 +18,11 @@ bit-identical runs there (this module does not set flags: no side effects at imp
 
 import collections
 import dataclasses
-import fcntl
-import json
 import math
 import os
 import sys
 import time
-from typing import Any, Callable, Iterable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import haiku as hk
 import jax
@@ -43,448 +33,22 @@ import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import phoenix_checkpoint as checkpoint
-from phoenix_hashing import HashEmbeddings
-from recsys_model import HashConfig, PhoenixModelConfig, RecsysBatch
+from phoenix_inputs import HashConfig, HashEmbeddings, RecsysBatch
+# The losses, optimiser and resume machinery are re-exported: `training.X` is the one-stop API.
+from phoenix_losses import (DEFAULT_TEMPERATURE, MASKED_LOGIT, RankingLossTerms, RetrievalLossTerms,  # noqa: F401
+                            check_action_weights, check_ranking_targets, check_retrieval_targets,
+                            check_temperature, ranking_loss, ranking_loss_terms, retrieval_loss,
+                            retrieval_loss_terms, sigmoid_cross_entropy)
+from phoenix_optim import (TABLE_FIELDS, TABLE_SIZE_FIELDS, LazyAdamState, OptimizerConfig,  # noqa: F401
+                           RowwiseAdagradState, clip_by_global_norm, compact_table_lookups,
+                           learning_rate_schedule, make_optimizer, rowwise_adagrad, sparse_table_update,
+                           split_tables, table_optimizer_init)
+from phoenix_resume import (DEFAULT_KEEP_CHECKPOINTS, LOCK_FILE, ResumeError, RunLock,  # noqa: F401
+                            check_checkpoint_args, config_differences, decode_json, encode_json, json_normal,
+                            resume_point)
+from phoenix_validation import check_batch, check_hash_range, check_number, check_values
+from recsys_model import PhoenixModelConfig
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
-from phoenix_validation import (check_array, check_at_least_one, check_batch, check_binary, check_finite,
-                                check_hash_range, check_number, check_range, check_values)
-
-# A finite stand-in for -inf on masked softmax logits: exp() underflows to exactly 0, and unlike
-# -inf it never produces inf - inf = NaN in a row whose entries are all masked.
-MASKED_LOGIT = -1e9
-# Name of the HashEmbeddings module; parameters under it are the hash tables.
-TABLE_MODULE = "hash_embeddings"
-# Added under the square root of row-wise Adagrad, as in FBGEMM's default.
-ROWWISE_ADAGRAD_EPS = 1e-8
-# Default softmax temperature of the retrieval loss. Scores are cosines in [-1, 1]; dividing by
-# 0.05 spans logits over [-20, 20], enough for a sharp softmax (the common range is 0.02-0.1).
-DEFAULT_TEMPERATURE = 0.05
-
-
-# --------------------------------------------------------------------------- losses
-
-
-def sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Elementwise -[y log s(x) + (1-y) log(1-s(x))] in the overflow-free form
-    max(x, 0) - x*y + log(1 + exp(-|x|)), computed in float32."""
-    x = logits.astype(jnp.float32)
-    y = labels.astype(jnp.float32)
-    return jnp.maximum(x, 0.0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x)))
-
-
-def _guarded(denominator: jax.Array) -> jax.Array:
-    """The denominator where positive, 1 where zero, so an all-masked batch gives loss 0, not NaN."""
-    return jnp.where(denominator > 0, denominator, 1.0)
-
-
-class RankingLossTerms(NamedTuple):
-    loss: jax.Array  # [] weighted mean cross-entropy over unmasked labels
-    per_action_loss: jax.Array  # [A] mean cross-entropy over each action's unmasked labels
-    label_weight: jax.Array  # [] the loss's normaliser: sum of label weights
-
-
-def check_ranking_targets(labels, label_mask, B: int, C: int, A: int) -> None:
-    """Shapes [B, C, A] of labels and label_mask; on host values (not traced ones), labels finite
-    in [0, 1] and masks 0/1. NaN or a label of 2 would otherwise give a silently wrong loss."""
-    check_array(labels, "labels", (B, C, A), "number")
-    check_range(labels, "labels", 0.0, 1.0, " (0/1 or soft labels)")
-    if label_mask is not None:
-        check_array(label_mask, "label_mask", (B, C, A), "number")
-        check_binary(label_mask, "label_mask")
-
-
-def check_action_weights(action_weights, A: int) -> None:
-    """[A] weights, finite and >= 0 (a negative weight would reward the wrong predictions)."""
-    weights = action_weights if hasattr(action_weights, "shape") else np.asarray(action_weights)
-    check_array(weights, "action_weights", (A,), "number")
-    check_range(weights, "action_weights", 0.0)
-
-
-def ranking_loss_terms(logits, labels, candidate_mask, label_mask=None, action_weights=None) -> RankingLossTerms:
-    """Per-action sigmoid cross-entropy of the ranker's multi-action logits (spec section 5).
-
-    logits, labels [B, C, A]; candidate_mask [B, C] (False for padded candidates);
-    label_mask [B, C, A] (optional, False/0 where a label is unknown); action_weights [A] (optional).
-    Labels lie in [0, 1]: 0/1 engagements, or soft labels (e.g. smoothed), which sigmoid
-    cross-entropy takes as target probabilities. Masks hold 0/1; action weights are >= 0.
-    Each label's weight is candidate_mask * label_mask * action_weight; the loss is the weighted sum
-    of cross-entropies divided by the sum of weights (0 if every label is masked). Masked entries
-    are selected away with `where`, so their logits, even inf/NaN, reach neither loss nor gradient.
-    """
-    check_array(logits, "logits", (None, None, None), "float")
-    B, C, A = logits.shape
-    check_ranking_targets(labels, label_mask, B, C, A)
-    check_array(candidate_mask, "candidate_mask", (B, C), "number")
-    check_binary(candidate_mask, "candidate_mask")
-    if action_weights is not None:
-        check_action_weights(action_weights, A)
-    mask = jnp.broadcast_to(candidate_mask[:, :, None], logits.shape).astype(jnp.float32)  # [B, C, A]
-    if label_mask is not None:
-        mask = mask * label_mask.astype(jnp.float32)
-    keep = mask > 0  # [B, C, A]
-    safe_logits = jnp.where(keep, logits.astype(jnp.float32), 0.0)
-    ce = jnp.where(keep, sigmoid_cross_entropy(safe_logits, labels), 0.0)  # [B, C, A]
-    action_sum = jnp.sum(ce * mask, axis=(0, 1))  # [A]
-    action_count = jnp.sum(mask, axis=(0, 1))  # [A]
-    weights = jnp.ones(logits.shape[-1], jnp.float32) if action_weights is None else (
-        jnp.asarray(action_weights, jnp.float32))  # [A]
-    total_weight = jnp.sum(weights * action_count)
-    loss = jnp.sum(weights * action_sum) / _guarded(total_weight)
-    return RankingLossTerms(loss, action_sum / _guarded(action_count), total_weight)
-
-
-def ranking_loss(logits, labels, candidate_mask, label_mask=None, action_weights=None) -> jax.Array:
-    """Scalar ranking loss; see `ranking_loss_terms` (which also gives the per-action losses)."""
-    return ranking_loss_terms(logits, labels, candidate_mask, label_mask, action_weights).loss
-
-
-class RetrievalLossTerms(NamedTuple):
-    loss: jax.Array  # [] mean over valid rows
-    accuracy: jax.Array  # [] share of valid rows whose positive outscores every in-batch negative
-    num_valid: jax.Array  # [] number of valid rows
-
-
-def _same_item(positive_ids: jax.Array) -> jax.Array:
-    """[R] or [R, H] ids -> [R, R] bool: rows i, j hold the same item (all H ids equal)."""
-    ids = positive_ids if positive_ids.ndim == 2 else positive_ids[:, None]  # [R, H]
-    return jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)  # [R, R]
-
-
-def check_temperature(temperature) -> None:
-    """A finite scalar > 0 (0 or NaN would make every logit inf or NaN); traced values pass."""
-    if isinstance(temperature, jax.core.Tracer):
-        return
-    value = np.asarray(temperature)
-    if value.ndim:
-        raise ValueError(f"temperature: expected a scalar > 0, got shape {list(value.shape)}")
-    check_number(value.item(), "temperature", "> 0 and finite", lambda t: t > 0)
-
-
-def check_retrieval_targets(positive_ids, log_q, valid, num_rows: int, letter: str) -> None:
-    """positive_ids [R] or [R, H] ints (H >= 1), log_q [R] finite floats, valid [R] 0/1 (R = num_rows,
-    called `letter` in messages); None skips a check. An [R, 0] id array would make every pair an
-    accidental hit, leaving no negatives."""
-    if positive_ids is not None:
-        if hasattr(positive_ids, "shape") and np.ndim(positive_ids) not in (1, 2):
-            raise ValueError(f"positive_ids: expected [{letter}] or [{letter}, H] item ids, got shape "
-                             f"{list(np.shape(positive_ids))}")
-        check_array(positive_ids, "positive_ids", (num_rows,) + (None,) * (np.ndim(positive_ids) - 1), "int")
-        if np.ndim(positive_ids) == 2:
-            check_at_least_one(positive_ids, "positive_ids", 1, "id per item (H >= 1)")
-    if log_q is not None:
-        check_array(log_q, "log_q", (num_rows,), "float")
-        check_finite(log_q, "log_q", " (log sampling probabilities; an item sampled with probability 0?)")
-    if valid is not None:
-        check_array(valid, "valid", (num_rows,), "number")
-        check_binary(valid, "valid")
-
-
-def retrieval_loss_terms(user, positive, temperature, positive_ids, log_q=None, valid=None) -> RetrievalLossTerms:
-    """In-batch sampled softmax for the two-tower model.
-
-    user, positive [R, D]: row i's user and the item it engaged with; the other rows' positives
-    are its negatives. logits = user @ positive.T / temperature, in float32.
-    log_q [R]: log probability with which each positive was sampled into batches; it is subtracted
-      from every logit of that item's column (logQ correction, Yi et al. 2019, "Sampling-bias-
-      corrected neural modeling for large corpus item recommendations", eq. 3), which removes the
-      popularity bias of in-batch negatives.
-    positive_ids [R] (or [R, H], e.g. an item's hash values: equal iff all H equal): a column j != i
-      holding the same item as row i is an accidental hit, not a negative, and is masked out.
-    valid [R] bool: invalid rows add nothing to the loss, and their items are no one's negative.
-    R >= 2: with one row there is no negative, and the loss would be 0 whatever the model.
-    Returns the mean over valid rows of logsumexp(row) - logit(positive) (0 if none is valid).
-    """
-    check_array(user, "user", (None, None), "float")
-    num_rows, D = user.shape
-    if num_rows < 2:
-        raise ValueError(f"user: expected at least 2 rows (R >= 2; a row's negatives are the other rows' "
-                         f"positives), got shape {list(user.shape)}")
-    check_array(positive, "positive", (num_rows, D), "float")
-    if positive_ids is None:
-        raise ValueError("positive_ids: expected [R] or [R, H] item ids, got None")
-    check_retrieval_targets(positive_ids, log_q, valid, num_rows, "R")
-    check_temperature(temperature)
-    logits = jnp.einsum("id,jd->ij", user.astype(jnp.float32), positive.astype(jnp.float32))  # [R, R]
-    logits = logits / temperature
-    if log_q is not None:
-        logits = logits - log_q.astype(jnp.float32)[None, :]
-    valid = jnp.ones(num_rows, bool) if valid is None else valid.astype(bool)  # [R]
-    diagonal = jnp.eye(num_rows, dtype=bool)  # [R, R]
-    accidental_hit = _same_item(positive_ids) & ~diagonal  # [R, R]
-    keep = (diagonal | ~accidental_hit) & valid[None, :]  # [R, R]
-    logits = jnp.where(keep, logits, MASKED_LOGIT)
-    positive_logit = jnp.diagonal(logits)  # [R]
-    row_loss = jax.nn.logsumexp(logits, axis=1) - positive_logit  # [R]
-    num_valid = jnp.sum(valid.astype(jnp.float32))
-    loss = jnp.sum(jnp.where(valid, row_loss, 0.0)) / _guarded(num_valid)
-    # Ties count as misses; negatives are the kept off-diagonal columns.
-    best_negative = jnp.max(jnp.where(diagonal, MASKED_LOGIT, logits), axis=1)  # [R]
-    correct = (positive_logit > best_negative) & valid
-    accuracy = jnp.sum(correct.astype(jnp.float32)) / _guarded(num_valid)
-    return RetrievalLossTerms(loss, accuracy, num_valid)
-
-
-def retrieval_loss(user, positive, temperature, positive_ids, log_q=None, valid=None) -> jax.Array:
-    """Scalar in-batch sampled-softmax loss; see `retrieval_loss_terms`."""
-    return retrieval_loss_terms(user, positive, temperature, positive_ids, log_q, valid).loss
-
-
-# --------------------------------------------------------------------------- optimiser
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW with global-norm clipping and a linear-warmup / cosine (or constant) schedule."""
-
-    learning_rate: float = 1e-3  # peak; AdamW's usual safe value for small transformers
-    # Linear ramp from learning_rate/warmup_steps up to the peak: Adam's first second-moment
-    # estimates are noisy, and full steps on them can blow up a fresh transformer.
-    warmup_steps: int = 100
-    # Step at which the cosine decay reaches its floor (counted from step 0, warmup included);
-    # None keeps the peak rate after warmup, for runs of unknown length.
-    decay_steps: Optional[int] = None
-    final_learning_rate_fraction: float = 0.1  # cosine floor as a fraction of the peak
-    b1: float = 0.9  # Adam's defaults
-    b2: float = 0.999
-    eps: float = 1e-8
-    # Decoupled weight decay on weight matrices only: norm scales are not decayed (decay would
-    # pull them toward 0, not toward their identity value 1), nor are hash tables (decay applied
-    # densely every step would shrink the rows of rare ids that get no gradient to balance it).
-    weight_decay: float = 0.01
-    clip_global_norm: Optional[float] = 1.0  # caps rare huge gradients (a bad batch); None = off
-    # Optimiser of the hash tables: "adamw" (same as the rest, 2 extra copies of each table) or
-    # "rowwise_adagrad" (one accumulator per row; for tables of millions of rows).
-    table_optimizer: str = "adamw"
-    table_learning_rate: Optional[float] = None  # None = learning_rate; scheduled like it
-    # Update only the table rows the batch looks up (gradient, moments and rows gathered and
-    # scattered back), so a step costs O(rows used), not O(table size): ~20x faster steps with
-    # 1M-row tables. AdamW then becomes "lazy" Adam (TF LazyAdam, torch SparseAdam): rows not in
-    # the batch keep their moments and do not drift on stale momentum. Row-wise Adagrad is
-    # unchanged by it (a zero-gradient row gets a zero update either way). False: dense updates
-    # of whole tables through optax, the reference this path is tested against.
-    sparse_table_updates: bool = True
-
-    def __post_init__(self):
-        """Every field checked here: a NaN rate or b1 = 1 would otherwise train to NaN silently."""
-        def field(name, expected, ok, integer=False, optional=False):
-            value = getattr(self, name)
-            if not (optional and value is None):
-                check_number(value, f"OptimizerConfig.{name}", expected + (", or None" if optional else ""), ok,
-                             integer=integer)
-
-        positive = "a finite number > 0"
-        field("learning_rate", positive, lambda v: v > 0)
-        field("table_learning_rate", positive, lambda v: v > 0, optional=True)
-        field("warmup_steps", "an int >= 0", lambda v: v >= 0, integer=True)
-        field("decay_steps", f"an int > warmup_steps ({self.warmup_steps})",
-              lambda v: v > self.warmup_steps, integer=True, optional=True)
-        field("final_learning_rate_fraction", "a number in [0, 1]", lambda v: 0 <= v <= 1)
-        field("b1", "a number in [0, 1)", lambda v: 0 <= v < 1)  # b = 1: bias correction divides by 0
-        field("b2", "a number in [0, 1)", lambda v: 0 <= v < 1)
-        field("eps", positive, lambda v: v > 0)  # eps = 0: 0/0 for a parameter with zero gradient
-        field("weight_decay", "a finite number >= 0", lambda v: v >= 0)
-        field("clip_global_norm", positive, lambda v: v > 0, optional=True)
-        if self.table_optimizer not in ("adamw", "rowwise_adagrad"):
-            raise ValueError(f"OptimizerConfig.table_optimizer: expected 'adamw' or 'rowwise_adagrad', "
-                             f"got {self.table_optimizer!r}")
-        if not isinstance(self.sparse_table_updates, (bool, np.bool_)):
-            raise TypeError(f"OptimizerConfig.sparse_table_updates: expected a bool, "
-                            f"got {type(self.sparse_table_updates).__name__} {self.sparse_table_updates!r}")
-
-
-def learning_rate_schedule(config: OptimizerConfig, peak: Optional[float] = None) -> Callable:
-    """step -> learning rate: peak * min(1, (step+1)/warmup) * cosine factor.
-
-    The cosine factor is f + (1-f) * (1 + cos(pi * p)) / 2 with f the final fraction and
-    p = clip((step - warmup) / (decay_steps - warmup), 0, 1); it is 1 when decay_steps is None.
-    Warmup counts from step+1 so that the very first update is not wasted at rate 0.
-    """
-    peak = config.learning_rate if peak is None else peak
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        warm = jnp.minimum(1.0, (step + 1.0) / config.warmup_steps) if config.warmup_steps else 1.0
-        if config.decay_steps is None:
-            decay = 1.0
-        else:
-            progress = jnp.clip((step - config.warmup_steps) / (config.decay_steps - config.warmup_steps), 0.0, 1.0)
-            cosine = 0.5 * (1.0 + jnp.cos(math.pi * progress))
-            floor = config.final_learning_rate_fraction
-            decay = floor + (1.0 - floor) * cosine
-        return peak * warm * decay
-
-    return schedule
-
-
-def _module_is_table(module_name: str) -> bool:
-    return module_name == TABLE_MODULE or module_name.endswith("/" + TABLE_MODULE)
-
-
-def _is_table_path(path) -> bool:
-    """Haiku params are {module name: {param name: array}}; the first key is the module."""
-    return _module_is_table(str(path[0].key))
-
-
-def _decay_mask(params):
-    """True for weight matrices outside the hash tables (see OptimizerConfig.weight_decay).
-    Mapping over leaves keeps the parts optax.multi_transform masked out (no leaves) as they are."""
-    return jax.tree_util.tree_map_with_path(lambda path, p: p.ndim >= 2 and not _is_table_path(path), params)
-
-
-def _table_labels(params):
-    return jax.tree_util.tree_map_with_path(lambda path, p: "table" if _is_table_path(path) else "dense", params)
-
-
-class RowwiseAdagradState(NamedTuple):
-    accumulators: Any  # per parameter [M] sum over steps of the row's mean squared gradient
-
-
-def rowwise_adagrad(learning_rate) -> optax.GradientTransformation:
-    """Row-wise Adagrad (the DLRM/FBGEMM embedding optimiser) for [M, D] tables:
-    acc[m] += mean_d g[m, d]^2;  update[m] = -lr * g[m] / sqrt(acc[m] + eps).
-
-    One float of state per row instead of Adam's 2*D, and a row with zero gradient gets an update
-    of exactly zero. `learning_rate` is a float or a schedule (step -> rate).
-    """
-
-    def init(params):
-        return (optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)),
-                RowwiseAdagradState(jax.tree.map(lambda p: jnp.zeros(p.shape[:1], jnp.float32), params)))
-
-    def update(updates, state, params=None):
-        del params
-        count_state, adagrad_state = state
-        rate = learning_rate(count_state.count) if callable(learning_rate) else learning_rate
-        accumulators = jax.tree.map(
-            lambda acc, g: acc + jnp.mean(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim))),
-            adagrad_state.accumulators, updates)
-        updates = jax.tree.map(
-            lambda g, acc: -rate * g / jnp.sqrt(acc + ROWWISE_ADAGRAD_EPS).reshape(acc.shape + (1,) * (g.ndim - 1)),
-            updates, accumulators)
-        return updates, (optax.ScaleByScheduleState(count=optax.safe_increment(count_state.count)),
-                         RowwiseAdagradState(accumulators))
-
-    return optax.GradientTransformation(init, update)
-
-
-def make_optimizer(config: OptimizerConfig, dense_only: bool = False) -> optax.GradientTransformation:
-    """The optax transformation described by `config`: global-norm clipping, then AdamW (and
-    row-wise Adagrad on the tables if so configured), updating whole tables densely.
-    `dense_only`: AdamW alone, unclipped, for the non-table parameters of the sparse path (which
-    clips gradients itself, over dense and table gradients together)."""
-    adamw = optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
-                        weight_decay=config.weight_decay, mask=_decay_mask)
-    if dense_only:
-        return adamw
-    if config.table_optimizer == "adamw":
-        update = adamw
-    else:
-        table_rate = config.learning_rate if config.table_learning_rate is None else config.table_learning_rate
-        update = optax.multi_transform(
-            {"dense": adamw, "table": rowwise_adagrad(learning_rate_schedule(config, table_rate))},
-            _table_labels)
-    if config.clip_global_norm is None:
-        return update
-    return optax.chain(optax.clip_by_global_norm(config.clip_global_norm), update)
-
-
-# --------------------------------------------------------------------------- sparse table updates
-
-# Which RecsysBatch fields index each HashEmbeddings table (hashing.HashEmbeddings.__call__:
-# history and candidates share the post and author tables). Row = hash value; 0 is padding.
-TABLE_FIELDS = {
-    "user_table": ("user_hashes",),
-    "post_table": ("history_post_hashes", "candidate_post_hashes"),
-    "author_table": ("history_author_hashes", "candidate_author_hashes"),
-}
-# The HashConfig field holding each table's number of rows.
-TABLE_SIZE_FIELDS = {"user_table": "user_table_size", "post_table": "post_table_size",
-                     "author_table": "author_table_size"}
-
-
-def split_tables(params) -> tuple[dict, dict]:
-    """Haiku params -> (non-table params, {table module: {table name: [M, D]}})."""
-    dense = {m: v for m, v in params.items() if not _module_is_table(m)}
-    tables = {m: v for m, v in params.items() if _module_is_table(m)}
-    return dense, tables
-
-
-def compact_table_lookups(batch: RecsysBatch) -> tuple[RecsysBatch, dict]:
-    """Renumbers each table's hashes to positions in the sorted list of the rows the batch uses.
-
-    Returns (batch with renumbered hashes, {table name: rows [K]}), K = 1 + number of lookups
-    (static). rows[0] = 0 (padding keeps position 0, so padding stays padding); then the distinct
-    hash values, ascending; then 0s filling up to K. Looking up position p of `table[rows]` equals
-    looking up hash rows[p] of `table`.
-    """
-    replaced, rows = {}, {}
-    for table, fields in TABLE_FIELDS.items():
-        hashes = [getattr(batch, f) for f in fields]
-        flat = jnp.concatenate([jnp.zeros(1, jnp.int32)] + [h.reshape(-1).astype(jnp.int32) for h in hashes])  # [K]
-        unique, inverse = jnp.unique(flat, size=flat.shape[0], fill_value=0, return_inverse=True)  # [K], [K]
-        inverse = inverse.reshape(-1)[1:]
-        offset = 0
-        for field, h in zip(fields, hashes, strict=True):
-            replaced[field] = inverse[offset:offset + h.size].reshape(h.shape).astype(jnp.int32)
-            offset += h.size
-        rows[table] = unique
-    return batch._replace(**replaced), rows
-
-
-class LazyAdamState(NamedTuple):
-    mu: Any  # {module: {table: [M, D]}} first moments
-    nu: Any  # second moments
-
-
-def _table_optimizer_init(config: OptimizerConfig, tables):
-    if config.table_optimizer == "adamw":
-        zeros = jax.tree.map(jnp.zeros_like, tables)
-        return LazyAdamState(zeros, jax.tree.map(jnp.zeros_like, tables))
-    return RowwiseAdagradState(jax.tree.map(lambda t: jnp.zeros(t.shape[:1], jnp.float32), tables))
-
-
-def sparse_table_update(config: OptimizerConfig, tables, state, rows: dict, row_grads, step):
-    """Updates only `rows` (from compact_table_lookups) of each table, given gradients
-    `row_grads` {module: {table: [K, D]}} for `table[rows]` (already clipped) and `step` updates
-    done so far. Same arithmetic per row as the dense optax path (AdamW without decay, bias
-    correction by the global step, or row-wise Adagrad). Returns (tables, state)."""
-    peak = config.learning_rate if config.table_learning_rate is None else config.table_learning_rate
-    rate = learning_rate_schedule(config, peak)(step)
-    count = optax.safe_increment(jnp.asarray(step, jnp.int32))  # optax's count after this update
-    new_tables = {m: {} for m in tables}
-    new_state = jax.tree.map(lambda x: x, state)  # a copy of the containers, filled below
-    for module, named in tables.items():
-        for name, table in named.items():
-            index = rows[name]  # [K]
-            real = index != 0  # [K]: padding and fill entries are not written back
-            write = jnp.where(real, index, table.shape[0])  # [K]; out of range -> dropped
-            grad = row_grads[module][name]  # [K, D]
-
-            def scatter(target, values, write=write):
-                return target.at[write].set(values, mode="drop", unique_indices=True)
-
-            if config.table_optimizer == "adamw":
-                mu = config.b1 * state.mu[module][name][index] + (1 - config.b1) * grad  # [K, D]
-                nu = config.b2 * state.nu[module][name][index] + (1 - config.b2) * jnp.square(grad)
-                mu_hat = mu / (1 - config.b1 ** count).astype(mu.dtype)
-                nu_hat = nu / (1 - config.b2 ** count).astype(nu.dtype)
-                step_rows = -rate * (mu_hat / (jnp.sqrt(nu_hat) + config.eps))  # [K, D]
-                new_state.mu[module][name] = scatter(state.mu[module][name], mu)
-                new_state.nu[module][name] = scatter(state.nu[module][name], nu)
-            else:
-                acc = state.accumulators[module][name][index] + jnp.mean(jnp.square(grad), axis=1)  # [K]
-                step_rows = -rate * grad / jnp.sqrt(acc + ROWWISE_ADAGRAD_EPS)[:, None]  # [K, D]
-                new_state.accumulators[module][name] = scatter(state.accumulators[module][name], acc)
-            new_tables[module][name] = scatter(table, table[index] + step_rows)
-    return new_tables, new_state
-
-
-def clip_by_global_norm(grads, max_norm: Optional[float]):
-    """(grads scaled to global norm <= max_norm, the norm before); optax's formula."""
-    norm = optax.tree.norm(grads)
-    if max_norm is None:
-        return grads, norm
-    return jax.tree.map(lambda g: jnp.where(norm < max_norm, g, (g / norm.astype(g.dtype)) * max_norm), grads), norm
 
 
 # --------------------------------------------------------------------------- trainers
@@ -575,7 +139,7 @@ class Trainer:
         if self.sparse:
             dense, tables = split_tables(params)
             opt_state = {"dense": self.optimizer.init(dense),
-                         "tables": _table_optimizer_init(self.optimizer_config, tables)}
+                         "tables": table_optimizer_init(self.optimizer_config, tables)}
         else:
             opt_state = self.optimizer.init(params)
         return TrainState(params, opt_state, jnp.zeros([], jnp.int32), state_rng, self._zero_metrics())
@@ -916,179 +480,6 @@ def _check_fit_args(num_steps, log_every, eval_every, eval_fn, stream) -> None:
         raise TypeError(f"stream: expected a text stream with .write(), got {type(stream).__name__}")
 
 
-# --------------------------------------------------------------------------- resumable runs
-
-# Step checkpoints a resumable run keeps: the newest, and older ones to fall back on should the
-# newest be damaged after its save (its sha256 no longer matching).
-DEFAULT_KEEP_CHECKPOINTS = 3
-# The file a run holds an exclusive lock on, in its checkpoint directory, while it trains.
-LOCK_FILE = ".lock"
-ARRAY_TAG = "__array__"  # JSON tag of an array in a saved history
-FLOAT_TAG = "__float__"  # JSON tag of nan / inf, which strict JSON has no literal for
-
-
-class ResumeError(ValueError):
-    """A run cannot continue from the checkpoints in its directory: they were written with another
-    configuration (the message lists what differs), or they belong to an earlier run and resuming
-    was not asked for."""
-
-
-def _check_checkpoint_args(checkpoint_dir, checkpoint_every, keep_checkpoints, resume, batch_iterator, aux) -> None:
-    check_number(checkpoint_every, "checkpoint_every", "an int >= 0 (0: save at the end only)",
-                 lambda v: v >= 0, integer=True)
-    check_number(keep_checkpoints, "keep_checkpoints", "an int >= 1", lambda v: v >= 1, integer=True)
-    if checkpoint_dir is None:
-        for name, value in (("resume", resume), ("checkpoint_every", checkpoint_every)):
-            if value:
-                raise ValueError(f"{name}: needs checkpoint_dir (where step checkpoints are kept), got {value!r} "
-                                 f"with checkpoint_dir None")
-        return
-    if not callable(batch_iterator):
-        raise TypeError(f"batch_iterator: a resumable run (checkpoint_dir given) needs a callable "
-                        f"first_step -> iterable yielding the batches from that step on, got "
-                        f"{type(batch_iterator).__name__}")
-    if aux is not None and not (callable(getattr(aux, "state_dict", None))
-                                and callable(getattr(aux, "load_state_dict", None))):
-        raise TypeError(f"aux: expected an object with state_dict() -> {{name: array}} and "
-                        f"load_state_dict(dict), got {type(aux).__name__}")
-
-
-def _finite_or_text(values):
-    """Nested lists with nan / inf as the strings 'nan' / 'inf' / '-inf' (numpy parses them back)."""
-    if isinstance(values, list):
-        return [_finite_or_text(v) for v in values]
-    return repr(values) if isinstance(values, float) and not math.isfinite(values) else values
-
-
-def encode_json(value):
-    """Histories and results as strict JSON: arrays (numpy, JAX) tagged with their dtype, numpy
-    scalars as numbers, nan / inf tagged."""
-    if isinstance(value, dict):
-        return {k: encode_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [encode_json(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return {FLOAT_TAG: repr(value)}
-    if hasattr(value, "shape") and hasattr(value, "dtype"):
-        array = np.asarray(jax.device_get(value))
-        return {ARRAY_TAG: _finite_or_text(array.tolist()), "dtype": array.dtype.name}
-    return value
-
-
-def decode_json(value):
-    """Inverse of `encode_json` (arrays come back as numpy arrays of their dtype)."""
-    if isinstance(value, dict):
-        if ARRAY_TAG in value:
-            return np.asarray(value[ARRAY_TAG], dtype=np.dtype(value["dtype"]))
-        if FLOAT_TAG in value:
-            return float(value[FLOAT_TAG])
-        return {k: decode_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [decode_json(v) for v in value]
-    return value
-
-
-def _json_normal(value):
-    """`value` as it reads back from a checkpoint's JSON (configs tagged, tuples tagged, ...)."""
-    return json.loads(json.dumps(checkpoint.config_to_dict(value)))
-
-
-def config_differences(saved, current, where: str = "") -> list[str]:
-    """'path: checkpoint X, now Y' for every value that differs between two JSON-like trees."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        out = []
-        for key in sorted(set(saved) | set(current), key=str):
-            sub = f"{where}.{key}" if where else str(key)
-            if key not in saved:
-                out.append(f"{sub}: absent in the checkpoint, now {current[key]!r}")
-            elif key not in current:
-                out.append(f"{sub}: checkpoint {saved[key]!r}, now absent")
-            else:
-                out.extend(config_differences(saved[key], current[key], sub))
-        return out
-    return [] if saved == current else [f"{where or 'value'}: checkpoint {saved!r}, now {current!r}"]
-
-
-def _check_resumable(meta: dict, path: str, expected: dict) -> None:
-    """Raises ResumeError listing every difference between the run a checkpoint was written by
-    (configs, trainer, the caller's run config, first step) and this one."""
-    extra = meta.get("extra") or {}
-    saved = {"config": meta.get("config"), "trainer": extra.get("trainer"),
-             "run_config": extra.get("run_config"), "run_start_step": extra.get("run_start_step")}
-    problems = config_differences(saved, expected)
-    if problems:
-        listed = problems[:checkpoint.MAX_LISTED_PROBLEMS]
-        if len(problems) > len(listed):
-            listed.append(f"... and {len(problems) - len(listed)} more")
-        raise ResumeError(f"{path}: cannot resume, the checkpoint was written by a run configured otherwise "
-                          f"({len(problems)} difference(s)):\n  " + "\n  ".join(listed)
-                          + "\nRun with the same configuration, or start afresh in another directory.")
-
-
-class RunLock:
-    """An exclusive lock on a run's checkpoint directory (flock on LOCK_FILE), so that two processes
-    never write one run; the kernel releases it when its holder dies, even by SIGKILL."""
-
-    def __init__(self, directory: str, notify: Callable[[str], None]):
-        path = os.path.join(directory, LOCK_FILE)
-        try:
-            os.makedirs(directory, exist_ok=True)
-            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise OSError(e.errno, f"checkpoint_dir {directory}: cannot create the run lock {path} ({e.strerror}); "
-                                   f"checkpoints could not be written there either") from e
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
-            notify(f"{directory}: another process (pid {holder}) is training this run; waiting for it to stop")
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
-
-    def release(self) -> None:
-        os.close(self._fd)  # closing drops the flock
-
-
-def _resume_point(trainer: Trainer, state: TrainState, checkpoint_dir: str, resume: bool, expected: dict,
-                  end_step: int, aux, notify) -> Optional[tuple[TrainState, list]]:
-    """The state and history of the newest readable step checkpoint in `checkpoint_dir` (None if
-    there is none), after checking that it belongs to this run. A checkpoint damaged after its save
-    is reported and skipped for the one before it; one of another configuration raises ResumeError."""
-    found = checkpoint.list_step_checkpoints(checkpoint_dir)
-    if found and not resume:
-        raise ResumeError(f"checkpoint_dir {checkpoint_dir}: holds checkpoints of an earlier run (newest "
-                          f"{os.path.basename(found[-1][1])}); pass resume=True (--resume) to continue it, or "
-                          f"use another directory (nothing there was changed)")
-    if not found:
-        if resume:
-            notify(f"no checkpoint in {checkpoint_dir} to resume from: starting at step {int(state.step)}")
-        return None
-    damaged = []
-    for step, path in reversed(found):
-        try:
-            _check_resumable(checkpoint.read_meta(path), path, expected)
-            if step > end_step:
-                raise ResumeError(f"{path}: cannot resume, the checkpoint is at step {step}, past this run's "
-                                  f"last step {end_step}")
-            restored, ckpt = trainer._load(path, like=state)
-        except checkpoint.CheckpointError as e:
-            notify(f"skipping damaged checkpoint {path}: {e}")
-            damaged.append(path)
-            continue
-        if aux is not None:
-            if ckpt.aux is None:
-                raise ResumeError(f"{path}: cannot resume, it holds no aux arrays and this run keeps some "
-                                  f"({type(aux).__name__})")
-            aux.load_state_dict(ckpt.aux)
-        notify(f"resuming from {path} (step {step} of {end_step})")
-        return restored, decode_json((ckpt.extra or {}).get("history") or [])
-    raise checkpoint.CheckpointError(f"checkpoint_dir {checkpoint_dir}: none of its {len(found)} checkpoints "
-                                     f"can be read ({', '.join(damaged)}); remove them to start afresh")
-
-
 # --------------------------------------------------------------------------- fit loop
 
 
@@ -1127,7 +518,7 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
     _check_fit_args(num_steps, log_every, eval_every, eval_fn, stream)
     if on_log is not None and not callable(on_log):
         raise TypeError(f"on_log: expected a callable (entry dict -> None) or None, got {type(on_log).__name__}")
-    _check_checkpoint_args(checkpoint_dir, checkpoint_every, keep_checkpoints, resume, batch_iterator, aux)
+    check_checkpoint_args(checkpoint_dir, checkpoint_every, keep_checkpoints, resume, batch_iterator, aux)
     tty = _is_tty(stream)
     history: list[dict] = []
     start_step = int(jax.device_get(state.step))  # the run's first step: steps count from here
@@ -1155,9 +546,9 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
     try:
         restored = None
         if checkpoint_dir is not None:
-            expected = _json_normal({"config": trainer._config_for_checkpoint(), "trainer": type(trainer).__name__,
+            expected = json_normal({"config": trainer._config_for_checkpoint(), "trainer": type(trainer).__name__,
                                      "run_config": run_config, "run_start_step": start_step})
-            restored = _resume_point(trainer, state, checkpoint_dir, resume, expected, end_step, aux, write_line)
+            restored = resume_point(trainer, state, checkpoint_dir, resume, expected, end_step, aux, write_line)
             if restored is not None:
                 state, history = restored
                 done = int(state.step) - start_step
@@ -1167,7 +558,7 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
             opened = iterator  # ours to close (e.g. to stop a prefetch thread)
 
         def log_progress(final: bool) -> None:
-            nonlocal state, window_start, window_steps, line_open, bar
+            nonlocal state, window_start, window_steps, bar
             state, means = trainer.pop_metrics(state)  # syncs with the device
             now = time.perf_counter()
             rate = window_steps / (now - window_start) if window_steps and now > window_start else float("nan")

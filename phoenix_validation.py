@@ -18,6 +18,9 @@ import jax
 import numpy as np
 
 
+INF = 1e12  # masked corpus entries and padded candidates score -INF (the release's constant)
+
+
 def _fail(kind, name: str, expected: str, got) -> None:
     raise kind(f"{name}: expected {expected}, got {got}")
 
@@ -221,3 +224,13 @@ def check_finite(x, name: str, note: str = "") -> None:
 def check_binary(x, name: str) -> None:
     """Host-side: a mask holds only 0/1 (or False/True); NaN, 0.5 or -1 would be silently read as a weight."""
     _check_each(x, name, "a mask of 0/1 or bool values", lambda v: (v != 0) & (v != 1))
+
+
+def check_top_k(top_k, available: int, what: str) -> int:
+    """top_k must be an int in [1, available]; `what` names what is being ranked."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) and not hasattr(top_k, "__index__"):
+        raise TypeError(f"top_k: expected an int, got {type(top_k).__name__}")
+    top_k = int(top_k)
+    if not 1 <= top_k <= available:
+        raise ValueError(f"top_k: expected 1 <= top_k <= {available} ({what}), got {top_k}")
+    return top_k

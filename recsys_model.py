@@ -17,51 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok import Transformer, TransformerConfig, layer_norm
+# The input types are the release's names in this module; they live in phoenix_inputs.
+from phoenix_inputs import HashConfig, RecsysBatch, RecsysEmbeddings  # noqa: F401
 from phoenix_validation import check_candidate_inputs, check_inputs
 
 logger = logging.getLogger(__name__)
 
 SURFACE_TABLE = "product_surface_embedding_table"  # shared by history and candidates
-
-
-@dataclasses.dataclass
-class HashConfig:
-    """How many hash functions each id type uses (spec section 2), and the hash tables behind them."""
-
-    num_user_hashes: int = 2
-    num_item_hashes: int = 2
-    num_author_hashes: int = 2
-    # Rows of each embedding table (phoenix_hashing.py). Hash values lie in [1, size); row 0 is padding.
-    user_table_size: int = 100_000
-    post_table_size: int = 100_000
-    author_table_size: int = 100_000
-    # Seed of the hash family; hash function i of an id type is derived from (hash_seed, type, i).
-    hash_seed: int = 0
-
-
-class RecsysBatch(NamedTuple):
-    """Hashed inputs of one batch (spec section 2). Hash value 0 means padding."""
-
-    user_hashes: jax.Array  # [B, Hu] int
-    history_post_hashes: jax.Array  # [B, S, Hi] int
-    history_author_hashes: jax.Array  # [B, S, Ha] int
-    history_actions: jax.Array  # [B, S, A] float multi-hot
-    history_product_surface: jax.Array  # [B, S] int
-    candidate_post_hashes: jax.Array  # [B, C, Hi] int
-    candidate_author_hashes: jax.Array  # [B, C, Ha] int
-    candidate_product_surface: jax.Array  # [B, C] int
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class RecsysEmbeddings:
-    """Looked-up hash embeddings (spec section 2); a registered pytree so jit/vmap/device_put work."""
-
-    user_embeddings: jax.Array  # [B, Hu, D]
-    history_post_embeddings: jax.Array  # [B, S, Hi, D]
-    candidate_post_embeddings: jax.Array  # [B, C, Hi, D]
-    history_author_embeddings: jax.Array  # [B, S, Ha, D]
-    candidate_author_embeddings: jax.Array  # [B, C, Ha, D]
 
 
 class RecsysModelOutput(NamedTuple):

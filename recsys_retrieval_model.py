@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 
 from grok import TransformerConfig
-from recsys_model import HashConfig, PhoenixConfigMethods, PhoenixModel, RecsysBatch, RecsysEmbeddings
-from phoenix_validation import check_array, check_candidate_inputs
+from phoenix_inputs import HashConfig, RecsysBatch, RecsysEmbeddings
+from phoenix_validation import INF, check_array, check_candidate_inputs, check_top_k  # noqa: F401 (INF: release name)
+from recsys_model import PhoenixConfigMethods, PhoenixModel
 
 
 EPS = 1e-12  # clamp on squared norms before the square root
-INF = 1e12  # masked corpus entries and padded candidates score -INF
 # User-tower pooling over the valid [user, history] positions: "mean" is the release's; "last" is
 # the output at the last valid position (with causal attention a function of the whole history,
 # and free to weigh the latest items most).
@@ -105,16 +105,6 @@ def last_valid(outputs: jax.Array, mask: jax.Array) -> jax.Array:
     index = jax.lax.cummax(jnp.where(mask, jnp.arange(T)[None, :], 0), axis=1)  # [B, T]
     seen = jax.lax.cummax(mask.astype(jnp.int32), axis=1)[:, :, None]  # [B, T, 1]
     return jnp.take_along_axis(outputs, index[:, :, None], axis=1) * seen.astype(outputs.dtype)  # [B, T, D]
-
-
-def check_top_k(top_k, available: int, what: str) -> int:
-    """top_k must be an int in [1, available]; `what` names what is being ranked."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) and not hasattr(top_k, "__index__"):
-        raise TypeError(f"top_k: expected an int, got {type(top_k).__name__}")
-    top_k = int(top_k)
-    if not 1 <= top_k <= available:
-        raise ValueError(f"top_k: expected 1 <= top_k <= {available} ({what}), got {top_k}")
-    return top_k
 
 
 def retrieve_top_k(user_representation, corpus_embeddings, top_k: int, corpus_mask=None):

@@ -21,35 +21,15 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 import phoenix_checkpoint as checkpoint
 from grok import TrainingState
-from phoenix_hashing import HashEmbeddings
-from recsys_model import (HashConfig, PhoenixModelConfig, PrefixCache, RecsysBatch, RecsysEmbeddings,
-                          resolve_compute_dtype, with_fprop_dtype)
+# ACTIONS and the example factories are the release's names in this module.
+from phoenix_inputs import (ACTIONS, HashEmbeddings, create_dummy_batch_from_config,  # noqa: F401
+                            create_dummy_embeddings_from_config, create_example_batch, create_example_corpus)
+from phoenix_inputs import RecsysBatch, RecsysEmbeddings
+from recsys_model import PhoenixModelConfig, PrefixCache, resolve_compute_dtype, with_fprop_dtype
 from phoenix_index import CorpusIndex, ShardedCorpusIndex
-from recsys_retrieval_model import INF, PhoenixRetrievalModelConfig, check_top_k, l2_normalize, retrieve_top_k
-from phoenix_validation import (check_array, check_candidate_inputs, check_hash_range, check_inputs, check_int,
-                                check_number, check_values, values_enabled)
-
-ACTIONS = [
-    "favorite_score",
-    "reply_score",
-    "repost_score",
-    "photo_expand_score",
-    "click_score",
-    "profile_click_score",
-    "vqv_score",
-    "share_score",
-    "share_via_dm_score",
-    "share_via_copy_link_score",
-    "dwell_score",
-    "quote_score",
-    "quoted_click_score",
-    "follow_author_score",
-    "not_interested_score",
-    "block_author_score",
-    "mute_author_score",
-    "report_score",
-    "dwell_time",
-]
+from recsys_retrieval_model import PhoenixRetrievalModelConfig, l2_normalize, retrieve_top_k
+from phoenix_validation import (INF, check_array, check_candidate_inputs, check_hash_range, check_inputs,
+                                check_int, check_number, check_top_k, check_values, values_enabled)
 
 
 class RankingOutput(NamedTuple):
@@ -85,98 +65,6 @@ class RetrievalOutput(NamedTuple):
     user_representation: jax.Array  # [B, D]
     top_k_indices: jax.Array  # [B, K] into the corpus
     top_k_scores: jax.Array  # [B, K] best first
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs
-
-
-def create_dummy_batch_from_config(hash_config: HashConfig, history_len: int, num_candidates: int,
-                                   num_actions: int, batch_size: int = 1) -> RecsysBatch:
-    """All-zero (all-padding) batch of the right shapes, for parameter init."""
-    B, S, C = batch_size, history_len, num_candidates
-    hc = hash_config
-    return RecsysBatch(
-        user_hashes=np.zeros((B, hc.num_user_hashes), np.int32),
-        history_post_hashes=np.zeros((B, S, hc.num_item_hashes), np.int32),
-        history_author_hashes=np.zeros((B, S, hc.num_author_hashes), np.int32),
-        history_actions=np.zeros((B, S, num_actions), np.float32),
-        history_product_surface=np.zeros((B, S), np.int32),
-        candidate_post_hashes=np.zeros((B, C, hc.num_item_hashes), np.int32),
-        candidate_author_hashes=np.zeros((B, C, hc.num_author_hashes), np.int32),
-        candidate_product_surface=np.zeros((B, C), np.int32),
-    )
-
-
-def create_dummy_embeddings_from_config(hash_config: HashConfig, emb_size: int, history_len: int,
-                                        num_candidates: int, batch_size: int = 1) -> RecsysEmbeddings:
-    """All-zero float32 embeddings of the right shapes."""
-    B, S, C, D = batch_size, history_len, num_candidates, emb_size
-    hc = hash_config
-    return RecsysEmbeddings(
-        user_embeddings=np.zeros((B, hc.num_user_hashes, D), np.float32),
-        history_post_embeddings=np.zeros((B, S, hc.num_item_hashes, D), np.float32),
-        candidate_post_embeddings=np.zeros((B, C, hc.num_item_hashes, D), np.float32),
-        history_author_embeddings=np.zeros((B, S, hc.num_author_hashes, D), np.float32),
-        candidate_author_embeddings=np.zeros((B, C, hc.num_author_hashes, D), np.float32),
-    )
-
-
-ACTION_PROBABILITY = 0.3  # chance that each action is set at a history position in example batches
-
-
-def create_example_batch(batch_size: int, emb_size: int, history_len: int, num_candidates: int,
-                         num_actions: int, num_user_hashes: int = 2, num_item_hashes: int = 2,
-                         num_author_hashes: int = 2, product_surface_vocab_size: int = 16,
-                         num_user_embeddings: int = 100000, num_post_embeddings: int = 100000,
-                         num_author_embeddings: int = 100000, seed: int = 0):
-    """Deterministic random (RecsysBatch, RecsysEmbeddings) (spec section 7).
-
-    Hashes in [1, table size); each user's history is valid for a random length in [S/2, S] and
-    padded (hash 0, no actions, surface 0) after it; actions multi-hot with probability 0.3;
-    embeddings standard normal float32.
-    """
-    rng = np.random.default_rng(seed)
-    B, S, C, D, A = batch_size, history_len, num_candidates, emb_size, num_actions
-    user_hashes = rng.integers(1, num_user_embeddings, (B, num_user_hashes)).astype(np.int32)
-    hist_post = rng.integers(1, num_post_embeddings, (B, S, num_item_hashes)).astype(np.int32)
-    hist_author = rng.integers(1, num_author_embeddings, (B, S, num_author_hashes)).astype(np.int32)
-    hist_actions = (rng.random((B, S, A)) < ACTION_PROBABILITY).astype(np.float32)
-    hist_surface = rng.integers(0, product_surface_vocab_size, (B, S)).astype(np.int32)
-    valid_len = rng.integers(max(1, S // 2), S + 1, (B,))  # [B]
-    valid = np.arange(S)[None, :] < valid_len[:, None]  # [B, S]
-    hist_post *= valid[:, :, None]
-    hist_author *= valid[:, :, None]
-    hist_actions *= valid[:, :, None]
-    hist_surface *= valid
-    batch = RecsysBatch(
-        user_hashes=user_hashes,
-        history_post_hashes=hist_post,
-        history_author_hashes=hist_author,
-        history_actions=hist_actions,
-        history_product_surface=hist_surface,
-        candidate_post_hashes=rng.integers(1, num_post_embeddings, (B, C, num_item_hashes)).astype(np.int32),
-        candidate_author_hashes=rng.integers(1, num_author_embeddings, (B, C, num_author_hashes)).astype(np.int32),
-        candidate_product_surface=rng.integers(0, product_surface_vocab_size, (B, C)).astype(np.int32),
-    )
-    normal = lambda *shape: rng.standard_normal(shape, dtype=np.float32)  # noqa: E731
-    embeddings = RecsysEmbeddings(
-        user_embeddings=normal(B, num_user_hashes, D),
-        history_post_embeddings=normal(B, S, num_item_hashes, D),
-        candidate_post_embeddings=normal(B, C, num_item_hashes, D),
-        history_author_embeddings=normal(B, S, num_author_hashes, D),
-        candidate_author_embeddings=normal(B, C, num_author_hashes, D),
-    )
-    return batch, embeddings
-
-
-def create_example_corpus(corpus_size: int, emb_size: int, seed: int = 123):
-    """-> (corpus [N, D] float32 L2-normalised, corpus_post_ids [N] int64)."""
-    rng = np.random.default_rng(seed)
-    corpus = rng.standard_normal((corpus_size, emb_size), dtype=np.float32)  # [N, D]
-    corpus /= np.linalg.norm(corpus, axis=-1, keepdims=True)
-    return corpus, np.arange(corpus_size, dtype=np.int64)
-
 
 
 # Which runner loads a checkpoint, by the class of the model config saved in it.

@@ -8,7 +8,8 @@ import pytest
 
 import phoenix_datasets as datasets
 from phoenix_datasets import ACTIONS, NEGATIVE_ACTIONS, SyntheticWorld, WorldConfig
-from phoenix_hashing import PAD_ID, hash_post_ids, hash_user_ids
+from phoenix_hashing import hash_post_ids, hash_user_ids
+from phoenix_inputs import PAD_ID
 from recsys_model import HashConfig, RecsysBatch
 
 A = len(ACTIONS)

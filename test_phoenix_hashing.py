@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import phoenix_hashing as hashing
+import phoenix_inputs as inputs
 from recsys_model import HashConfig, RecsysEmbeddings
 
 ID_TYPES = ("user", "post", "author")
@@ -20,7 +21,7 @@ EDGE_IDS = np.array(
      INT64_MAX - 1, INT64_MAX],
     dtype=np.int64,
 )
-PAD_IDS = np.array([hashing.PAD_ID, -2, -(2**31), -(2**32), INT64_MIN], dtype=np.int64)
+PAD_IDS = np.array([inputs.PAD_ID, -2, -(2**31), -(2**32), INT64_MIN], dtype=np.int64)
 
 
 def small_config(**overrides) -> HashConfig:
@@ -245,7 +246,7 @@ def test_bad_table_size_raises(table_size):
 def test_scalar_ids_work():
     cfg = small_config()
     assert hashing.hash_user_ids(np.int64(5), cfg).shape == (2,)
-    np.testing.assert_array_equal(hashing.hash_user_ids(hashing.PAD_ID, cfg), [0, 0])
+    np.testing.assert_array_equal(hashing.hash_user_ids(inputs.PAD_ID, cfg), [0, 0])
 
 
 @pytest.mark.parametrize(
@@ -290,7 +291,7 @@ def test_deterministic_across_calls_and_configs():
 def test_golden_hashes_do_not_drift():
     # Pinned values: hashes are part of every checkpoint's meaning; a change silently remaps rows.
     cfg = HashConfig()  # defaults: 2 hashes per type, tables of 100k rows, seed 0
-    ids = np.array([0, 1, 2**40 + 7, hashing.PAD_ID], dtype=np.int64)
+    ids = np.array([0, 1, 2**40 + 7, inputs.PAD_ID], dtype=np.int64)
     expected = {
         "user": hashing.hash_user_ids(ids, cfg),
         "post": hashing.hash_post_ids(ids, cfg),
@@ -338,9 +339,9 @@ def test_hash_functions_of_one_id_differ():
 def make_raw_batch(batch_size=3, hist=5, cands=4, num_actions=19, seed=0):
     rng = np.random.default_rng(seed)
     history_post_ids = rng.integers(0, 2**40, size=(batch_size, hist))
-    history_post_ids[:, 3:] = hashing.PAD_ID
+    history_post_ids[:, 3:] = inputs.PAD_ID
     history_author_ids = rng.integers(0, 1000, size=(batch_size, hist))
-    history_author_ids[:, 3:] = hashing.PAD_ID
+    history_author_ids[:, 3:] = inputs.PAD_ID
     return dict(
         user_ids=rng.integers(0, 10**9, size=batch_size),
         history_post_ids=history_post_ids,
@@ -356,7 +357,7 @@ def make_raw_batch(batch_size=3, hist=5, cands=4, num_actions=19, seed=0):
 def test_batch_from_ids_shapes_dtypes_and_values():
     cfg = small_config()
     raw = make_raw_batch()
-    batch = hashing.batch_from_ids(**raw, hash_config=cfg)
+    batch = inputs.batch_from_ids(**raw, hash_config=cfg)
     assert batch.user_hashes.shape == (3, 2)
     assert batch.history_post_hashes.shape == (3, 5, 3)
     assert batch.history_author_hashes.shape == (3, 5, 1)
@@ -384,7 +385,7 @@ def test_batch_from_ids_rejects_bad_shapes(field, bad_shape):
     raw = make_raw_batch()
     raw[field] = np.zeros(bad_shape, dtype=np.int64)
     with pytest.raises(ValueError):
-        hashing.batch_from_ids(**raw, hash_config=small_config())
+        inputs.batch_from_ids(**raw, hash_config=small_config())
 
 
 ID_FIELDS = ("user_ids", "history_post_ids", "history_author_ids", "candidate_post_ids",
@@ -401,7 +402,7 @@ def test_batch_from_ids_rejects_non_integer_ids_and_surfaces(field, bad):
                   "nan": np.full(shape, np.nan), "bool": np.ones(shape, bool),
                   "string": np.full(shape, "3"), "object": np.full(shape, 3, dtype=object)}[bad]
     with pytest.raises(TypeError, match=rf"{field}.*(must be integers|expected int dtype).*dtype"):
-        hashing.batch_from_ids(**raw, hash_config=small_config())
+        inputs.batch_from_ids(**raw, hash_config=small_config())
 
 
 @pytest.mark.parametrize("field", ["history_surfaces", "candidate_surfaces"])
@@ -410,7 +411,7 @@ def test_batch_from_ids_rejects_surfaces_outside_int32(field):
     raw[field] = np.asarray(raw[field], np.int64)
     raw[field][0, 0] = 2**33  # used to wrap to 0 in the int32 cast
     with pytest.raises(ValueError, match=rf"{field}: expected values in int32 range.*8589934592"):
-        hashing.batch_from_ids(**raw, hash_config=small_config())
+        inputs.batch_from_ids(**raw, hash_config=small_config())
 
 
 @pytest.mark.parametrize("bad,err,match", [
@@ -425,17 +426,17 @@ def test_batch_from_ids_rejects_bad_actions(bad, err, match):
     if bad != "string":
         raw["history_actions"][1, 2, 3] = float(bad)
     with pytest.raises(err, match=match):
-        hashing.batch_from_ids(**raw, hash_config=small_config())
+        inputs.batch_from_ids(**raw, hash_config=small_config())
 
 
 def test_batch_from_ids_accepts_every_integer_dtype_and_bool_actions():
     cfg = small_config()
     raw = make_raw_batch()
-    expected = hashing.batch_from_ids(**raw, hash_config=cfg)
+    expected = inputs.batch_from_ids(**raw, hash_config=cfg)
     raw["history_surfaces"] = raw["history_surfaces"].astype(np.uint8)
     raw["candidate_author_ids"] = raw["candidate_author_ids"].astype(np.int16)
     raw["history_actions"] = raw["history_actions"].astype(bool)
-    got = hashing.batch_from_ids(**raw, hash_config=cfg)
+    got = inputs.batch_from_ids(**raw, hash_config=cfg)
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(a, b)
         assert a.dtype == b.dtype
@@ -446,7 +447,7 @@ def test_batch_from_ids_rejects_uint64_ids_beyond_int64():
     raw["candidate_post_ids"] = raw["candidate_post_ids"].astype(np.uint64)
     raw["candidate_post_ids"][2, 1] = 2**63
     with pytest.raises(ValueError, match=r"candidate_post_ids must fit in int64.*9223372036854775808"):
-        hashing.batch_from_ids(**raw, hash_config=small_config())
+        inputs.batch_from_ids(**raw, hash_config=small_config())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,9 +457,9 @@ def test_batch_from_ids_rejects_uint64_ids_beyond_int64():
 EMB = 8
 
 
-def embed_fn(cfg, emb_size=EMB, init_stddev=hashing.DEFAULT_INIT_STDDEV):
+def embed_fn(cfg, emb_size=EMB, init_stddev=inputs.DEFAULT_INIT_STDDEV):
     return hk.without_apply_rng(
-        hk.transform(lambda batch: hashing.HashEmbeddings(cfg, emb_size, init_stddev)(batch)))
+        hk.transform(lambda batch: inputs.HashEmbeddings(cfg, emb_size, init_stddev)(batch)))
 
 
 @pytest.fixture(scope="module")
@@ -466,9 +467,9 @@ def embedded():
     """(cfg, batch, transformed fn, params): one jitted init shared by the table tests."""
     cfg = small_config()
     raw = make_raw_batch()
-    raw["candidate_post_ids"][0, 1] = hashing.PAD_ID  # a padded candidate too
-    raw["candidate_author_ids"][0, 1] = hashing.PAD_ID
-    batch = hashing.batch_from_ids(**raw, hash_config=cfg)
+    raw["candidate_post_ids"][0, 1] = inputs.PAD_ID  # a padded candidate too
+    raw["candidate_author_ids"][0, 1] = inputs.PAD_ID
+    batch = inputs.batch_from_ids(**raw, hash_config=cfg)
     fn = embed_fn(cfg)
     params = jax.jit(fn.init)(jax.random.PRNGKey(0), batch)
     return cfg, batch, fn, params
@@ -546,7 +547,7 @@ def test_padding_gets_no_gradient(embedded):
 
 def test_hash_embeddings_compose_with_a_model_in_one_transform():
     cfg = small_config()
-    batch = hashing.batch_from_ids(**make_raw_batch(), hash_config=cfg)
+    batch = inputs.batch_from_ids(**make_raw_batch(), hash_config=cfg)
 
     def toy_model(b, emb):  # stands in for PhoenixModel: owns its own parameter
         w = hk.get_parameter("w", [EMB], jnp.float32, init=hk.initializers.Constant(1.0))
@@ -554,7 +555,7 @@ def test_hash_embeddings_compose_with_a_model_in_one_transform():
             "bhd,d->b", emb.user_embeddings, w)[:, None]
 
     fn = hk.without_apply_rng(
-        hk.transform(lambda b: toy_model(b, hashing.HashEmbeddings(cfg, EMB)(b))))
+        hk.transform(lambda b: toy_model(b, inputs.HashEmbeddings(cfg, EMB)(b))))
     params = jax.jit(fn.init)(jax.random.PRNGKey(0), batch)
     assert set(params) == {"hash_embeddings", "~"}
     out = jax.jit(fn.apply)(params, batch)
@@ -567,7 +568,7 @@ def test_million_row_tables_build_nothing_of_size_rows_times_batch():
     # up as an intermediate with >= rows x batch elements.
     rows, emb_size = 1_000_000, 128
     cfg = HashConfig(user_table_size=rows, post_table_size=rows, author_table_size=rows)
-    batch = hashing.batch_from_ids(**make_raw_batch(batch_size=4, hist=16, cands=8),
+    batch = inputs.batch_from_ids(**make_raw_batch(batch_size=4, hist=16, cands=8),
                                    hash_config=cfg)
     fn = embed_fn(cfg, emb_size=emb_size)
     params = jax.eval_shape(fn.init, jax.random.PRNGKey(0), batch)

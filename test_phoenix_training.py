@@ -312,7 +312,7 @@ def dense_table_steps(config, table, grads_per_step):
 
 def sparse_table_steps(config, table, rows_per_step, grads_per_step):
     tables = {"hash_embeddings": {"post_table": jnp.asarray(table)}}
-    state = training._table_optimizer_init(config, tables)
+    state = training.table_optimizer_init(config, tables)
     for step, (rows, grad) in enumerate(zip(rows_per_step, grads_per_step, strict=True)):
         rows = np.asarray(rows)
         tables, state = training.sparse_table_update(

@@ -119,10 +119,9 @@ import phoenix_checkpoint as checkpoint
 import phoenix_training as training
 from phoenix_datasets import SyntheticWorld, WorldConfig, auc, to_recsys_batch, to_retrieval_batch
 from grok import TransformerConfig
-from phoenix_hashing import PAD_ID, batch_from_ids
+from phoenix_inputs import ACTIONS, PAD_ID, RawBatch
 from recsys_model import HashConfig, PhoenixModelConfig, RecsysBatch
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
-from runners import ACTIONS
 
 FAVORITE = ACTIONS.index("favorite_score")
 RECALL_K = 100
@@ -346,10 +345,9 @@ def corpus_batch(world, hashes) -> RecsysBatch:
     [1, N]: what the candidate tower encodes to build the full corpus."""
     corpus = world.corpus()
     n = len(corpus["post_ids"])
-    return batch_from_ids(
-        np.array([unknown_user_id(world.cfg)]), np.full((1, 1), PAD_ID), np.full((1, 1), PAD_ID),
-        np.zeros((1, 1, len(ACTIONS)), np.float32), np.zeros((1, 1), np.int32),
-        corpus["post_ids"][None], corpus["author_ids"][None], np.zeros((1, n), np.int32), hashes)
+    return RawBatch(np.array([unknown_user_id(world.cfg)]), np.full((1, 1), PAD_ID), np.full((1, 1), PAD_ID),
+                    np.zeros((1, 1, len(ACTIONS)), np.float32), np.zeros((1, 1), np.int32),
+                    corpus["post_ids"][None], corpus["author_ids"][None], np.zeros((1, n), np.int32)).hashed(hashes)
 
 
 # --------------------------------------------------------------------------- evaluation

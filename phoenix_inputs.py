@@ -1,0 +1,355 @@
+"""Inputs of the models: hash configuration, hashed batches, looked-up embeddings, raw-id batches.
+
+The bottom of the library (it imports only phoenix_hashing and phoenix_validation): every other
+module takes its batch types, the release's ACTIONS, the padding id and the example-batch
+factories from here. recsys_model and runners re-export the release's names.
+
+Shape glossary
+  B  batch (users)          S  history length         C  candidates per user
+  D  embedding size         A  actions                M  rows of one hash table
+  Hu / Hi / Ha  number of user / item (post) / author hashes
+"""
+
+import dataclasses
+from typing import NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phoenix_hashing import PAD_HASH, check_table_size, hash_author_ids, hash_post_ids, hash_user_ids
+from phoenix_validation import check_array, values_enabled
+
+PAD_ID = -1  # raw id of a padded position: every negative id is padding and hashes to 0
+TABLE_MODULE = "hash_embeddings"  # HashEmbeddings' module name: the parameters under it are the tables
+
+# The release's 19 engagement actions, in the order of the ranker's output columns.
+ACTIONS = [
+    "favorite_score",
+    "reply_score",
+    "repost_score",
+    "photo_expand_score",
+    "click_score",
+    "profile_click_score",
+    "vqv_score",
+    "share_score",
+    "share_via_dm_score",
+    "share_via_copy_link_score",
+    "dwell_score",
+    "quote_score",
+    "quoted_click_score",
+    "follow_author_score",
+    "not_interested_score",
+    "block_author_score",
+    "mute_author_score",
+    "report_score",
+    "dwell_time",
+]
+
+
+@dataclasses.dataclass
+class HashConfig:
+    """How many hash functions each id type uses (spec section 2), and the hash tables behind them."""
+
+    num_user_hashes: int = 2
+    num_item_hashes: int = 2
+    num_author_hashes: int = 2
+    # Rows of each embedding table (phoenix_hashing.py). Hash values lie in [1, size); row 0 is padding.
+    user_table_size: int = 100_000
+    post_table_size: int = 100_000
+    author_table_size: int = 100_000
+    # Seed of the hash family; hash function i of an id type is derived from (hash_seed, type, i).
+    hash_seed: int = 0
+
+
+class RecsysBatch(NamedTuple):
+    """Hashed inputs of one batch (spec section 2). Hash value 0 means padding."""
+
+    user_hashes: jax.Array  # [B, Hu] int
+    history_post_hashes: jax.Array  # [B, S, Hi] int
+    history_author_hashes: jax.Array  # [B, S, Ha] int
+    history_actions: jax.Array  # [B, S, A] float multi-hot
+    history_product_surface: jax.Array  # [B, S] int
+    candidate_post_hashes: jax.Array  # [B, C, Hi] int
+    candidate_author_hashes: jax.Array  # [B, C, Ha] int
+    candidate_product_surface: jax.Array  # [B, C] int
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RecsysEmbeddings:
+    """Looked-up hash embeddings (spec section 2); a registered pytree so jit/vmap/device_put work."""
+
+    user_embeddings: jax.Array  # [B, Hu, D]
+    history_post_embeddings: jax.Array  # [B, S, Hi, D]
+    candidate_post_embeddings: jax.Array  # [B, C, Hi, D]
+    history_author_embeddings: jax.Array  # [B, S, Ha, D]
+    candidate_author_embeddings: jax.Array  # [B, C, Ha, D]
+
+
+
+# Init std of the embedding tables. The release's example inputs (spec section 7,
+# create_example_batch) are standard-normal embeddings, and the input projections
+# (spec section 3, VarianceScaling fan_out over the concatenated hash axis) are scaled so that
+# unit-variance embeddings give unit-variance reduced inputs: std 1 keeps the model in the regime
+# it was designed and tested for. A smaller std (e.g. 0.05) makes rows move faster relative to
+# their size under Adam; it is a constructor argument.
+DEFAULT_INIT_STDDEV = 1.0
+
+
+
+class RawBatch(NamedTuple):
+    """Raw ids of one batch (int64; negative = padding), before hashing. `hashed(cfg)` -> RecsysBatch.
+
+    Ids and surfaces must have integer dtypes (floats would be truncated); actions bool, integer
+    or float, finite.
+    """
+
+    user_ids: np.ndarray  # [B]
+    history_post_ids: np.ndarray  # [B, S]
+    history_author_ids: np.ndarray  # [B, S]
+    history_actions: np.ndarray  # [B, S, A]
+    history_surfaces: np.ndarray  # [B, S]
+    candidate_post_ids: np.ndarray  # [B, C]
+    candidate_author_ids: np.ndarray  # [B, C]
+    candidate_surfaces: np.ndarray  # [B, C]
+
+    @classmethod
+    def with_candidates(cls, examples, candidate_post_ids, candidate_author_ids, candidate_surfaces
+                        ) -> "RawBatch":
+        """The user and history fields of an examples mapping (keys as the field names) with these
+        candidates [B, C]."""
+        return cls(examples["user_ids"], examples["history_post_ids"], examples["history_author_ids"],
+                   examples["history_actions"], examples["history_surfaces"], candidate_post_ids,
+                   candidate_author_ids, candidate_surfaces)
+
+    def hashed(self, hash_config: HashConfig) -> RecsysBatch:
+        """The `RecsysBatch` of NumPy arrays of these ids (hash family: phoenix_hashing.py)."""
+        return batch_from_ids(*self, hash_config)
+
+
+def _int32_field(x, name: str, shape: tuple) -> np.ndarray:
+    """An integer array of `shape` whose values fit int32 (surfaces): no silent truncation or wrap."""
+    x = np.asarray(x)
+    check_array(x, name, shape, "int")
+    info = np.iinfo(np.int32)
+    if x.size and (x.min() < info.min or x.max() > info.max):
+        raise ValueError(f"{name}: expected values in int32 range, got range [{x.min()}, {x.max()}]")
+    return x.astype(np.int32)
+
+
+
+def batch_from_ids(
+    user_ids,
+    history_post_ids,
+    history_author_ids,
+    history_actions,
+    history_surfaces,
+    candidate_post_ids,
+    candidate_author_ids,
+    candidate_surfaces,
+    hash_config: HashConfig,
+) -> RecsysBatch:
+    """Builds a `RecsysBatch` of NumPy arrays (spec section 2) from raw ids; negative ids are padding.
+
+    Shapes: user_ids [B], history_post_ids / history_author_ids / history_surfaces [B, S],
+    history_actions [B, S, A], candidate_post_ids / candidate_author_ids / candidate_surfaces [B, C].
+    Ids and surfaces must have integer dtypes (floats would be truncated); actions bool, integer
+    or float, finite. Actions and surfaces pass through unchanged (as float32 / int32): the model
+    ignores them at padded positions because it masks by the post hash.
+    """
+    user_ids = np.asarray(user_ids)
+    history_post_ids = np.asarray(history_post_ids)
+    candidate_post_ids = np.asarray(candidate_post_ids)
+    if user_ids.ndim != 1:
+        raise ValueError(f"user_ids must be [B], got shape {user_ids.shape}")
+    batch_size = user_ids.shape[0]
+    if history_post_ids.ndim != 2 or history_post_ids.shape[0] != batch_size:
+        raise ValueError(f"history_post_ids must be [B={batch_size}, S], got {history_post_ids.shape}")
+    if candidate_post_ids.ndim != 2 or candidate_post_ids.shape[0] != batch_size:
+        raise ValueError(
+            f"candidate_post_ids must be [B={batch_size}, C], got {candidate_post_ids.shape}"
+        )
+    hist_shape, cand_shape = history_post_ids.shape, candidate_post_ids.shape
+    for name, arr, shape in [
+        ("history_author_ids", history_author_ids, hist_shape),
+        ("history_surfaces", history_surfaces, hist_shape),
+        ("candidate_author_ids", candidate_author_ids, cand_shape),
+        ("candidate_surfaces", candidate_surfaces, cand_shape),
+    ]:
+        if np.shape(arr) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {np.shape(arr)}")
+    history_actions = np.asarray(history_actions)
+    if history_actions.ndim != 3 or history_actions.shape[:2] != hist_shape:
+        raise ValueError(f"history_actions must be [B, S, A] with [B, S]={hist_shape}, got "
+                         f"{history_actions.shape}")
+    check_array(history_actions, "history_actions", (*hist_shape, None), "number")
+    history_actions = history_actions.astype(np.float32)
+    if values_enabled() and not np.all(np.isfinite(history_actions)):
+        raise ValueError("history_actions: expected finite values, got NaN or inf")
+    history_surfaces = _int32_field(history_surfaces, "history_surfaces", hist_shape)
+    candidate_surfaces = _int32_field(candidate_surfaces, "candidate_surfaces", cand_shape)
+    return RecsysBatch(
+        user_hashes=hash_user_ids(user_ids, hash_config, "user_ids"),  # [B, Hu]
+        history_post_hashes=hash_post_ids(history_post_ids, hash_config, "history_post_ids"),  # [B, S, Hi]
+        history_author_hashes=hash_author_ids(
+            history_author_ids, hash_config, "history_author_ids"),  # [B, S, Ha]
+        history_actions=history_actions,  # [B, S, A]
+        history_product_surface=history_surfaces,  # [B, S]
+        candidate_post_hashes=hash_post_ids(
+            candidate_post_ids, hash_config, "candidate_post_ids"),  # [B, C, Hi]
+        candidate_author_hashes=hash_author_ids(
+            candidate_author_ids, hash_config, "candidate_author_ids"),  # [B, C, Ha]
+        candidate_product_surface=candidate_surfaces,  # [B, C]
+    )
+
+
+
+def create_dummy_batch_from_config(hash_config: HashConfig, history_len: int, num_candidates: int,
+                                   num_actions: int, batch_size: int = 1) -> RecsysBatch:
+    """All-zero (all-padding) batch of the right shapes, for parameter init."""
+    B, S, C = batch_size, history_len, num_candidates
+    hc = hash_config
+    return RecsysBatch(
+        user_hashes=np.zeros((B, hc.num_user_hashes), np.int32),
+        history_post_hashes=np.zeros((B, S, hc.num_item_hashes), np.int32),
+        history_author_hashes=np.zeros((B, S, hc.num_author_hashes), np.int32),
+        history_actions=np.zeros((B, S, num_actions), np.float32),
+        history_product_surface=np.zeros((B, S), np.int32),
+        candidate_post_hashes=np.zeros((B, C, hc.num_item_hashes), np.int32),
+        candidate_author_hashes=np.zeros((B, C, hc.num_author_hashes), np.int32),
+        candidate_product_surface=np.zeros((B, C), np.int32),
+    )
+
+
+def create_dummy_embeddings_from_config(hash_config: HashConfig, emb_size: int, history_len: int,
+                                        num_candidates: int, batch_size: int = 1) -> RecsysEmbeddings:
+    """All-zero float32 embeddings of the right shapes."""
+    B, S, C, D = batch_size, history_len, num_candidates, emb_size
+    hc = hash_config
+    return RecsysEmbeddings(
+        user_embeddings=np.zeros((B, hc.num_user_hashes, D), np.float32),
+        history_post_embeddings=np.zeros((B, S, hc.num_item_hashes, D), np.float32),
+        candidate_post_embeddings=np.zeros((B, C, hc.num_item_hashes, D), np.float32),
+        history_author_embeddings=np.zeros((B, S, hc.num_author_hashes, D), np.float32),
+        candidate_author_embeddings=np.zeros((B, C, hc.num_author_hashes, D), np.float32),
+    )
+
+
+ACTION_PROBABILITY = 0.3  # chance that each action is set at a history position in example batches
+
+
+def create_example_batch(batch_size: int, emb_size: int, history_len: int, num_candidates: int,
+                         num_actions: int, num_user_hashes: int = 2, num_item_hashes: int = 2,
+                         num_author_hashes: int = 2, product_surface_vocab_size: int = 16,
+                         num_user_embeddings: int = 100000, num_post_embeddings: int = 100000,
+                         num_author_embeddings: int = 100000, seed: int = 0):
+    """Deterministic random (RecsysBatch, RecsysEmbeddings) (spec section 7).
+
+    Hashes in [1, table size); each user's history is valid for a random length in [S/2, S] and
+    padded (hash 0, no actions, surface 0) after it; actions multi-hot with probability 0.3;
+    embeddings standard normal float32.
+    """
+    rng = np.random.default_rng(seed)
+    B, S, C, D, A = batch_size, history_len, num_candidates, emb_size, num_actions
+    user_hashes = rng.integers(1, num_user_embeddings, (B, num_user_hashes)).astype(np.int32)
+    hist_post = rng.integers(1, num_post_embeddings, (B, S, num_item_hashes)).astype(np.int32)
+    hist_author = rng.integers(1, num_author_embeddings, (B, S, num_author_hashes)).astype(np.int32)
+    hist_actions = (rng.random((B, S, A)) < ACTION_PROBABILITY).astype(np.float32)
+    hist_surface = rng.integers(0, product_surface_vocab_size, (B, S)).astype(np.int32)
+    valid_len = rng.integers(max(1, S // 2), S + 1, (B,))  # [B]
+    valid = np.arange(S)[None, :] < valid_len[:, None]  # [B, S]
+    hist_post *= valid[:, :, None]
+    hist_author *= valid[:, :, None]
+    hist_actions *= valid[:, :, None]
+    hist_surface *= valid
+    batch = RecsysBatch(
+        user_hashes=user_hashes,
+        history_post_hashes=hist_post,
+        history_author_hashes=hist_author,
+        history_actions=hist_actions,
+        history_product_surface=hist_surface,
+        candidate_post_hashes=rng.integers(1, num_post_embeddings, (B, C, num_item_hashes)).astype(np.int32),
+        candidate_author_hashes=rng.integers(1, num_author_embeddings, (B, C, num_author_hashes)).astype(np.int32),
+        candidate_product_surface=rng.integers(0, product_surface_vocab_size, (B, C)).astype(np.int32),
+    )
+    normal = lambda *shape: rng.standard_normal(shape, dtype=np.float32)  # noqa: E731
+    embeddings = RecsysEmbeddings(
+        user_embeddings=normal(B, num_user_hashes, D),
+        history_post_embeddings=normal(B, S, num_item_hashes, D),
+        candidate_post_embeddings=normal(B, C, num_item_hashes, D),
+        history_author_embeddings=normal(B, S, num_author_hashes, D),
+        candidate_author_embeddings=normal(B, C, num_author_hashes, D),
+    )
+    return batch, embeddings
+
+
+def create_example_corpus(corpus_size: int, emb_size: int, seed: int = 123):
+    """-> (corpus [N, D] float32 L2-normalised, corpus_post_ids [N] int64)."""
+    rng = np.random.default_rng(seed)
+    corpus = rng.standard_normal((corpus_size, emb_size), dtype=np.float32)  # [N, D]
+    corpus /= np.linalg.norm(corpus, axis=-1, keepdims=True)
+    return corpus, np.arange(corpus_size, dtype=np.int64)
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding tables
+
+
+def lookup(table: jax.Array, hashes: jax.Array) -> jax.Array:
+    """Rows of `table` [M, D] at `hashes` [..., H] -> [..., H, D], zero where the hash is 0.
+
+    A gather (`jnp.take`), never a one-hot matmul, so nothing of size M x batch is built. The mask
+    multiplies the gathered rows, so padded positions also send no gradient into row 0.
+    """
+    hashes = jnp.asarray(hashes, jnp.int32)
+    rows = jnp.take(table, hashes, axis=0)  # [..., H, D]
+    valid = (hashes != PAD_HASH).astype(table.dtype)  # [..., H]
+    return rows * valid[..., None]
+
+
+class HashEmbeddings(hk.Module):
+    """Hash embedding tables that turn a `RecsysBatch` into `RecsysEmbeddings` (float32).
+
+    Parameters (names are part of the checkpoint format):
+      user_table [user_table_size, D], post_table [post_table_size, D],
+      author_table [author_table_size, D]. History and candidates share the post and author
+      tables, so a post has one representation wherever it appears.
+    Use it in the same `hk.transform` as the model:
+      `hk.transform(lambda batch: model(batch, HashEmbeddings(cfg, D)(batch)))`.
+    """
+
+    def __init__(
+        self,
+        hash_config: HashConfig,
+        emb_size: int,
+        init_stddev: float = DEFAULT_INIT_STDDEV,
+        name: str | None = TABLE_MODULE,
+    ):
+        super().__init__(name=name)
+        self.hash_config = hash_config
+        self.emb_size = emb_size
+        self.init_stddev = init_stddev
+
+    def _table(self, name: str, num_rows: int) -> jax.Array:
+        check_table_size(num_rows)
+        init = hk.initializers.RandomNormal(stddev=self.init_stddev)
+        return hk.get_parameter(name, [num_rows, self.emb_size], jnp.float32, init=init)  # [M, D]
+
+    def __call__(self, batch: RecsysBatch) -> RecsysEmbeddings:
+        cfg = self.hash_config
+        user_table = self._table("user_table", cfg.user_table_size)  # [Mu, D]
+        post_table = self._table("post_table", cfg.post_table_size)  # [Mp, D]
+        author_table = self._table("author_table", cfg.author_table_size)  # [Ma, D]
+        return RecsysEmbeddings(
+            user_embeddings=lookup(user_table, batch.user_hashes),  # [B, Hu, D]
+            history_post_embeddings=lookup(post_table, batch.history_post_hashes),  # [B, S, Hi, D]
+            candidate_post_embeddings=lookup(post_table, batch.candidate_post_hashes),  # [B, C, Hi, D]
+            history_author_embeddings=lookup(author_table, batch.history_author_hashes),  # [B, S, Ha, D]
+            candidate_author_embeddings=lookup(
+                author_table, batch.candidate_author_hashes
+            ),  # [B, C, Ha, D]
+        )

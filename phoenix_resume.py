@@ -1,0 +1,188 @@
+"""Resumable runs: step checkpoints of a fit, the run lock, and the checks that a resume is safe.
+
+`phoenix_training.fit(..., checkpoint_dir=...)` uses these: a run saves `checkpoint_dir/step-N`
+checkpoints, holds an flock on the directory while it trains, and continues only from
+checkpoints written by a run of the same configuration (ResumeError lists what differs).
+"""
+
+import fcntl
+import json
+import math
+import os
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+
+import phoenix_checkpoint as checkpoint
+from phoenix_validation import check_number
+
+# Step checkpoints a resumable run keeps: the newest, and older ones to fall back on should the
+# newest be damaged after its save (its sha256 no longer matching).
+DEFAULT_KEEP_CHECKPOINTS = 3
+# The file a run holds an exclusive lock on, in its checkpoint directory, while it trains.
+LOCK_FILE = ".lock"
+ARRAY_TAG = "__array__"  # JSON tag of an array in a saved history
+FLOAT_TAG = "__float__"  # JSON tag of nan / inf, which strict JSON has no literal for
+
+
+class ResumeError(ValueError):
+    """A run cannot continue from the checkpoints in its directory: they were written with another
+    configuration (the message lists what differs), or they belong to an earlier run and resuming
+    was not asked for."""
+
+
+def check_checkpoint_args(checkpoint_dir, checkpoint_every, keep_checkpoints, resume, batch_iterator, aux) -> None:
+    check_number(checkpoint_every, "checkpoint_every", "an int >= 0 (0: save at the end only)",
+                 lambda v: v >= 0, integer=True)
+    check_number(keep_checkpoints, "keep_checkpoints", "an int >= 1", lambda v: v >= 1, integer=True)
+    if checkpoint_dir is None:
+        for name, value in (("resume", resume), ("checkpoint_every", checkpoint_every)):
+            if value:
+                raise ValueError(f"{name}: needs checkpoint_dir (where step checkpoints are kept), got {value!r} "
+                                 f"with checkpoint_dir None")
+        return
+    if not callable(batch_iterator):
+        raise TypeError(f"batch_iterator: a resumable run (checkpoint_dir given) needs a callable "
+                        f"first_step -> iterable yielding the batches from that step on, got "
+                        f"{type(batch_iterator).__name__}")
+    if aux is not None and not (callable(getattr(aux, "state_dict", None))
+                                and callable(getattr(aux, "load_state_dict", None))):
+        raise TypeError(f"aux: expected an object with state_dict() -> {{name: array}} and "
+                        f"load_state_dict(dict), got {type(aux).__name__}")
+
+
+def _finite_or_text(values):
+    """Nested lists with nan / inf as the strings 'nan' / 'inf' / '-inf' (numpy parses them back)."""
+    if isinstance(values, list):
+        return [_finite_or_text(v) for v in values]
+    return repr(values) if isinstance(values, float) and not math.isfinite(values) else values
+
+
+def encode_json(value):
+    """Histories and results as strict JSON: arrays (numpy, JAX) tagged with their dtype, numpy
+    scalars as numbers, nan / inf tagged."""
+    if isinstance(value, dict):
+        return {k: encode_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_json(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return {FLOAT_TAG: repr(value)}
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        array = np.asarray(jax.device_get(value))
+        return {ARRAY_TAG: _finite_or_text(array.tolist()), "dtype": array.dtype.name}
+    return value
+
+
+def decode_json(value):
+    """Inverse of `encode_json` (arrays come back as numpy arrays of their dtype)."""
+    if isinstance(value, dict):
+        if ARRAY_TAG in value:
+            return np.asarray(value[ARRAY_TAG], dtype=np.dtype(value["dtype"]))
+        if FLOAT_TAG in value:
+            return float(value[FLOAT_TAG])
+        return {k: decode_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_json(v) for v in value]
+    return value
+
+
+def json_normal(value):
+    """`value` as it reads back from a checkpoint's JSON (configs tagged, tuples tagged, ...)."""
+    return json.loads(json.dumps(checkpoint.config_to_dict(value)))
+
+
+def config_differences(saved, current, where: str = "") -> list[str]:
+    """'path: checkpoint X, now Y' for every value that differs between two JSON-like trees."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current), key=str):
+            sub = f"{where}.{key}" if where else str(key)
+            if key not in saved:
+                out.append(f"{sub}: absent in the checkpoint, now {current[key]!r}")
+            elif key not in current:
+                out.append(f"{sub}: checkpoint {saved[key]!r}, now absent")
+            else:
+                out.extend(config_differences(saved[key], current[key], sub))
+        return out
+    return [] if saved == current else [f"{where or 'value'}: checkpoint {saved!r}, now {current!r}"]
+
+
+def _check_resumable(meta: dict, path: str, expected: dict) -> None:
+    """Raises ResumeError listing every difference between the run a checkpoint was written by
+    (configs, trainer, the caller's run config, first step) and this one."""
+    extra = meta.get("extra") or {}
+    saved = {"config": meta.get("config"), "trainer": extra.get("trainer"),
+             "run_config": extra.get("run_config"), "run_start_step": extra.get("run_start_step")}
+    problems = config_differences(saved, expected)
+    if problems:
+        listed = problems[:checkpoint.MAX_LISTED_PROBLEMS]
+        if len(problems) > len(listed):
+            listed.append(f"... and {len(problems) - len(listed)} more")
+        raise ResumeError(f"{path}: cannot resume, the checkpoint was written by a run configured otherwise "
+                          f"({len(problems)} difference(s)):\n  " + "\n  ".join(listed)
+                          + "\nRun with the same configuration, or start afresh in another directory.")
+
+
+class RunLock:
+    """An exclusive lock on a run's checkpoint directory (flock on LOCK_FILE), so that two processes
+    never write one run; the kernel releases it when its holder dies, even by SIGKILL."""
+
+    def __init__(self, directory: str, notify: Callable[[str], None]):
+        path = os.path.join(directory, LOCK_FILE)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OSError(e.errno, f"checkpoint_dir {directory}: cannot create the run lock {path} ({e.strerror}); "
+                                   f"checkpoints could not be written there either") from e
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
+            notify(f"{directory}: another process (pid {holder}) is training this run; waiting for it to stop")
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        os.close(self._fd)  # closing drops the flock
+
+
+def resume_point(trainer, state, checkpoint_dir: str, resume: bool, expected: dict,
+                  end_step: int, aux, notify) -> Optional[tuple]:
+    """The state and history of the newest readable step checkpoint in `checkpoint_dir` (None if
+    there is none), after checking that it belongs to this run. A checkpoint damaged after its save
+    is reported and skipped for the one before it; one of another configuration raises ResumeError."""
+    found = checkpoint.list_step_checkpoints(checkpoint_dir)
+    if found and not resume:
+        raise ResumeError(f"checkpoint_dir {checkpoint_dir}: holds checkpoints of an earlier run (newest "
+                          f"{os.path.basename(found[-1][1])}); pass resume=True (--resume) to continue it, or "
+                          f"use another directory (nothing there was changed)")
+    if not found:
+        if resume:
+            notify(f"no checkpoint in {checkpoint_dir} to resume from: starting at step {int(state.step)}")
+        return None
+    damaged = []
+    for step, path in reversed(found):
+        try:
+            _check_resumable(checkpoint.read_meta(path), path, expected)
+            if step > end_step:
+                raise ResumeError(f"{path}: cannot resume, the checkpoint is at step {step}, past this run's "
+                                  f"last step {end_step}")
+            restored, ckpt = trainer._load(path, like=state)
+        except checkpoint.CheckpointError as e:
+            notify(f"skipping damaged checkpoint {path}: {e}")
+            damaged.append(path)
+            continue
+        if aux is not None:
+            if ckpt.aux is None:
+                raise ResumeError(f"{path}: cannot resume, it holds no aux arrays and this run keeps some "
+                                  f"({type(aux).__name__})")
+            aux.load_state_dict(ckpt.aux)
+        notify(f"resuming from {path} (step {step} of {end_step})")
+        return restored, decode_json((ckpt.extra or {}).get("history") or [])
+    raise checkpoint.CheckpointError(f"checkpoint_dir {checkpoint_dir}: none of its {len(found)} checkpoints "
+                                     f"can be read ({', '.join(damaged)}); remove them to start afresh")

@@ -344,7 +344,7 @@ def ranking_macs(cfg, B: int, S: int, C: int) -> dict:
 def profile_ranking(C: int, S: int, B: int, rank_dtype: str, rounds: int, seed: int = 0) -> list[dict]:
     """C-candidate ranking split into parts, each jitted alone and timed beside its FLOP floor.
 
-    Parts: the prefix (user+history through every layer, path="prefix"); the candidate input
+    Parts: the prefix (user+history through every layer, `encode_prefix`); the candidate input
     projection; one candidate attention block (norm, fused Q/K/V, rotary, attention to the
     prefix, output projection, norm, residual) times the layer count; one feed-forward block
     likewise; the output head (final norm, unembedding, sigmoid, ranking). "rank, device inputs"
@@ -356,6 +356,7 @@ def profile_ranking(C: int, S: int, B: int, rank_dtype: str, rounds: int, seed: 
     import jax.numpy as jnp
 
     import grok
+    from phoenix_forward import ModelForward
     from recsys_model import with_fprop_dtype
     from run_ranker import demo_config
     from runners import ACTIONS, ModelRunner, RecsysInferenceRunner, create_example_batch, ranking_output
@@ -365,10 +366,10 @@ def profile_ranking(C: int, S: int, B: int, rank_dtype: str, rounds: int, seed: 
     ranker.initialize()
     dtype, t, params = ranker.serving_dtype, cfg.model, ranker.params
     serving_cfg = with_fprop_dtype(cfg, dtype)
-    serving = hk.transform(lambda b, e, **kw: serving_cfg.make()(b, e, **kw))
+    serving = ModelForward(serving_cfg)
     batch, emb = create_example_batch(B, cfg.emb_size, S, C, len(ACTIONS), seed=seed)
     dev_batch, dev_emb = jax.device_put((batch, emb))
-    prefix_fn = jax.jit(lambda p, b, e: serving.apply(p, None, b, e, path="prefix"))
+    prefix_fn = jax.jit(lambda p, b, e: serving.apply(p, b, e, "encode_prefix"))
     prefix = prefix_fn(params, dev_batch, dev_emb)
     cand_tx = hk.transform(lambda b, e: serving_cfg.make()._fast_candidate_inputs(b, e)[0].astype(dtype))
     cand_fn = jax.jit(cand_tx.apply)

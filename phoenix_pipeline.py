@@ -111,7 +111,6 @@ import typing
 from pathlib import Path
 from typing import Mapping, Optional
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,7 +121,7 @@ import phoenix_hashing as hashing
 import phoenix_metrics as metrics
 import phoenix_training as training
 from grok import TransformerConfig
-from phoenix_inputs import ACTIONS, DEFAULT_INIT_STDDEV, PAD_ID, HashConfig, HashEmbeddings
+from phoenix_inputs import ACTIONS, PAD_ID, HashConfig
 from recsys_model import PhoenixModelConfig
 from recsys_retrieval_model import POOLINGS, PhoenixRetrievalModelConfig, check_pooling, l2_normalize, last_valid
 
@@ -906,6 +905,15 @@ def prefix_user_representations(model, batch, embeddings) -> jax.Array:
     return l2_normalize(running)[0]
 
 
+def window_towers(model, batch, embeddings):
+    """(users [B, S, D], candidates [B, S, D], valid [B, S]) float32 of a batch of windows: the
+    representation of each prefix and the item that follows it."""
+    users = prefix_user_representations(model, batch, embeddings)[:, 1:-1]  # [B, S, D]
+    candidates, candidate_mask = model.build_candidate_representation(batch, embeddings)  # [B, S, D]
+    valid = candidate_mask & (batch.user_hashes[:, :1] != 0)  # [B, S]
+    return users.astype(jnp.float32), candidates.astype(jnp.float32), valid
+
+
 class SequenceRetrievalTrainer(training.RetrievalTrainer):
     """RetrievalTrainer whose train step takes every prefix of a window as an example (SASRec-style).
 
@@ -924,20 +932,10 @@ class SequenceRetrievalTrainer(training.RetrievalTrainer):
                  temperature: float = training.DEFAULT_TEMPERATURE, table_init_stddev: Optional[float] = None,
                  data_parallel=False):
         super().__init__(model_config, hash_config, optimizer_config, temperature, table_init_stddev, data_parallel)
-        init_stddev = DEFAULT_INIT_STDDEV if table_init_stddev is None else table_init_stddev
+        self._jit_predict_windows = jax.jit(lambda params, batch: self._windows(params, None, batch))
 
-        def forward(batch, table_sizes=None):
-            sizes = {training.TABLE_SIZE_FIELDS[name]: size for name, size in (table_sizes or {}).items()}
-            tables = dataclasses.replace(self.hash_config, **sizes)
-            embeddings = HashEmbeddings(tables, self.model_config.emb_size, init_stddev)(batch)
-            model = self.model_config.make()
-            users = prefix_user_representations(model, batch, embeddings)[:, 1:-1]  # [B, S, D]
-            candidates, candidate_mask = model.build_candidate_representation(batch, embeddings)  # [B, S, D]
-            valid = candidate_mask & (batch.user_hashes[:, :1] != 0)  # [B, S]
-            return users.astype(jnp.float32), candidates.astype(jnp.float32), valid
-
-        self._windows = hk.transform(forward)
-        self._jit_predict_windows = jax.jit(lambda params, batch: self._windows.apply(params, None, batch))
+    def _windows(self, params, rng, batch):
+        return self.forward.apply(params, batch, call=window_towers, rng=rng)
 
     def _prepare_batch(self, batch):
         return batch  # every candidate slot is a positive (RetrievalTrainer keeps slot 0 only)
@@ -952,8 +950,8 @@ class SequenceRetrievalTrainer(training.RetrievalTrainer):
             raise ValueError("log_q: contains NaN or inf")
         return self._jit_step(state, *self._place(batch, log_q, positive_ids))
 
-    def _loss(self, params, rng, batch, log_q, positive_ids, table_sizes=None):
-        users, candidates, valid = self._windows.apply(params, rng, batch, table_sizes)
+    def _loss(self, params, rng, batch, log_q, positive_ids):
+        users, candidates, valid = self._windows(params, rng, batch)
         D = users.shape[-1]
         terms = training.retrieval_loss_terms(users.reshape(-1, D), candidates.reshape(-1, D), self.temperature,
                                               positive_ids.reshape(-1), log_q.reshape(-1), valid.reshape(-1))

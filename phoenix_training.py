@@ -17,14 +17,12 @@ bit-identical runs there (this module does not set flags: no side effects at imp
 """
 
 import collections
-import dataclasses
 import math
 import os
 import sys
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +31,8 @@ import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import phoenix_checkpoint as checkpoint
-from phoenix_inputs import HashConfig, HashEmbeddings, RecsysBatch
+from phoenix_forward import ModelForward, both_towers
+from phoenix_inputs import HashConfig, RecsysBatch
 # The losses, optimiser and resume machinery are re-exported: `training.X` is the one-stop API.
 from phoenix_losses import (DEFAULT_TEMPERATURE, MASKED_LOGIT, RankingLossTerms, RetrievalLossTerms,  # noqa: F401
                             check_action_weights, check_ranking_targets, check_retrieval_targets,
@@ -81,13 +80,13 @@ def _data_mesh(data_parallel) -> Optional[Mesh]:
 class Trainer:
     """Shared machinery: init, the jitted donated train step, on-device metric sums.
 
-    Subclasses provide `_transformed` (hk.Transformed of HashEmbeddings + model, whose forward
-    takes `(batch, table_sizes=None)`), `_loss(params, rng, batch, *args, table_sizes=None) ->
+    Subclasses provide `forward` (phoenix_forward.ModelForward: tables + model) and `_outputs(params,
+    rng, batch)` (what the loss needs, by one `forward.apply`), `_loss(params, rng, batch, *args) ->
     (loss, metrics dict)`, `_metric_shapes` {name: shape}, and may override `_prepare_batch`.
     `trace_counts["step"]` counts traces of the train step (a retrace means a recompile).
     """
 
-    _transformed: hk.Transformed
+    forward: ModelForward
     _metric_shapes: dict
 
     def __init__(self, optimizer_config: Optional[OptimizerConfig], data_parallel=False):
@@ -122,7 +121,10 @@ class Trainer:
             return state
         return jax.device_put(state, NamedSharding(self.mesh, PartitionSpec()))
 
-    def _loss(self, params, rng, batch, *args, table_sizes=None):
+    def _outputs(self, params, rng, batch):
+        raise NotImplementedError
+
+    def _loss(self, params, rng, batch, *args):
         raise NotImplementedError
 
     def _prepare_batch(self, batch: RecsysBatch) -> RecsysBatch:
@@ -135,7 +137,7 @@ class Trainer:
 
     def _init(self, rng, example_batch) -> TrainState:
         init_rng, state_rng = jax.random.split(rng)
-        params = self._transformed.init(init_rng, self._prepare_batch(example_batch))
+        params = self.forward.init(init_rng, self._prepare_batch(example_batch), call=self._outputs_call)
         if self.sparse:
             dense, tables = split_tables(params)
             opt_state = {"dense": self.optimizer.init(dense),
@@ -166,19 +168,17 @@ class Trainer:
 
     def _sparse_update(self, state, rng, batch, args):
         """Differentiates with respect to the looked-up rows only, then scatters the updates: the
-        model runs with each table replaced by `table[rows]` (K rows; HashEmbeddings built for
-        that size) and the batch's hashes renumbered to positions in `rows`, which looks up
-        exactly the same embeddings."""
+        model runs with each table replaced by `table[rows]` (K rows) and the batch's hashes
+        renumbered to positions in `rows`, which looks up exactly the same embeddings (the
+        forward's lookup reads each table's own shape)."""
         config = self.optimizer_config
         compact_batch, rows = compact_table_lookups(batch)
         dense, tables = split_tables(state.params)
         table_rows = {m: {name: table[rows[name]] for name, table in named.items()}
                       for m, named in tables.items()}  # {module: {table: [K, D]}}
 
-        table_sizes = {name: int(r.shape[0]) for name, r in rows.items()}
-
         def loss_fn(dense, table_rows):
-            return self._loss({**dense, **table_rows}, rng, compact_batch, *args, table_sizes=table_sizes)
+            return self._loss({**dense, **table_rows}, rng, compact_batch, *args)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(dense, table_rows)
         (dense_grads, row_grads), norm = clip_by_global_norm(grads, config.clip_global_norm)
@@ -258,14 +258,6 @@ class Trainer:
         return self._place_state(state), ckpt
 
 
-def _compact_hash_config(hash_config: HashConfig, table_sizes: Optional[dict]) -> HashConfig:
-    """The hash config with table sizes replaced by the compact sizes of the sparse step
-    ({table name: K}), so that HashEmbeddings creates (and looks up) tables of K rows."""
-    if table_sizes is None:
-        return hash_config
-    return dataclasses.replace(hash_config, **{TABLE_SIZE_FIELDS[name]: size for name, size in table_sizes.items()})
-
-
 def _check_hash_config(model_hash: HashConfig, table_hash: HashConfig) -> None:
     for field in ("num_user_hashes", "num_item_hashes", "num_author_hashes"):
         if getattr(model_hash, field) != getattr(table_hash, field):
@@ -291,21 +283,19 @@ class RankingTrainer(Trainer):
         self.action_weights = None if action_weights is None else np.asarray(action_weights, np.float32)
         if self.action_weights is not None:
             check_action_weights(self.action_weights, num_actions)
-        table_kwargs = {} if table_init_stddev is None else {"init_stddev": table_init_stddev}
-
-        def forward(batch, table_sizes=None):
-            hash_config = _compact_hash_config(self.hash_config, table_sizes)
-            embeddings = HashEmbeddings(hash_config, self.model_config.emb_size, **table_kwargs)(batch)
-            return self.model_config.make()(batch, embeddings).logits  # [B, C, A]
-
-        self._transformed = hk.transform(forward)
+        self.forward = ModelForward(self.model_config, self.hash_config, table_init_stddev)
         self._metric_shapes = {"loss": (), "per_action_loss": (num_actions,)}
         super().__init__(optimizer_config, data_parallel)
         self._jit_predict = jax.jit(self._predict)
         self._jit_evaluate = jax.jit(self._evaluate)
 
-    def _loss(self, params, rng, batch, labels, label_mask, table_sizes=None):
-        logits = self._transformed.apply(params, rng, batch, table_sizes)  # [B, C, A]
+    _outputs_call = "__call__"
+
+    def _outputs(self, params, rng, batch):
+        return self.forward.apply(params, batch, rng=rng).logits  # [B, C, A]
+
+    def _loss(self, params, rng, batch, labels, label_mask):
+        logits = self._outputs(params, rng, batch)  # [B, C, A]
         terms = ranking_loss_terms(logits, labels, _candidate_mask(batch), label_mask, self.action_weights)
         return terms.loss, {"per_action_loss": terms.per_action_loss}
 
@@ -319,7 +309,7 @@ class RankingTrainer(Trainer):
         return self._jit_step(state, *self._place(batch, labels, label_mask))
 
     def _predict(self, params, batch):
-        return self._transformed.apply(params, None, batch).astype(jnp.float32)
+        return self._outputs(params, None, batch).astype(jnp.float32)
 
     def predict(self, params, batch: RecsysBatch) -> jax.Array:
         """Logits [B, C, A] in float32 (sigmoid gives the action probabilities)."""
@@ -327,7 +317,7 @@ class RankingTrainer(Trainer):
         return self._jit_predict(params, batch)
 
     def _evaluate(self, params, batch, labels, label_mask):
-        logits = self._transformed.apply(params, None, batch)
+        logits = self._outputs(params, None, batch)
         terms = ranking_loss_terms(logits, labels, _candidate_mask(batch), label_mask, self.action_weights)
         return {"loss": terms.loss, "per_action_loss": terms.per_action_loss}
 
@@ -365,17 +355,7 @@ class RetrievalTrainer(Trainer):
         _check_hash_config(self.model_config.hash_config, self.hash_config)
         check_temperature(temperature)
         self.temperature = float(temperature)
-        table_kwargs = {} if table_init_stddev is None else {"init_stddev": table_init_stddev}
-
-        def forward(batch, table_sizes=None):
-            hash_config = _compact_hash_config(self.hash_config, table_sizes)
-            embeddings = HashEmbeddings(hash_config, self.model_config.emb_size, **table_kwargs)(batch)
-            model = self.model_config.make()
-            user, _ = model.build_user_representation(batch, embeddings)  # [B, D]
-            candidates, candidate_mask = model.build_candidate_representation(batch, embeddings)  # [B, C, D]
-            return user.astype(jnp.float32), candidates.astype(jnp.float32), candidate_mask
-
-        self._transformed = hk.transform(forward)
+        self.forward = ModelForward(self.model_config, self.hash_config, table_init_stddev)
         self._metric_shapes = {"loss": (), "accuracy": ()}
         super().__init__(optimizer_config, data_parallel)
         self._jit_predict = jax.jit(self._predict)
@@ -385,15 +365,20 @@ class RetrievalTrainer(Trainer):
         # Before the sparse step collects looked-up rows: the ignored slots must not count as used.
         return positive_slot_batch(batch)
 
-    def _terms(self, params, rng, batch, log_q, positive_ids, table_sizes=None) -> RetrievalLossTerms:
+    _outputs_call = staticmethod(both_towers)
+
+    def _outputs(self, params, rng, batch):
+        return self.forward.apply(params, batch, call=both_towers, rng=rng)
+
+    def _terms(self, params, rng, batch, log_q, positive_ids) -> RetrievalLossTerms:
         """Loss terms of a batch already cut to its positive slot."""
-        user, candidates, candidate_mask = self._transformed.apply(params, rng, batch, table_sizes)
+        user, candidates, candidate_mask = self._outputs(params, rng, batch)
         valid = (batch.user_hashes[:, 0] != 0) & candidate_mask[:, 0]  # [B]
         ids = batch.candidate_post_hashes[:, 0, :] if positive_ids is None else positive_ids  # [B, Hi] or [B]
         return retrieval_loss_terms(user, candidates[:, 0], self.temperature, ids, log_q, valid)
 
-    def _loss(self, params, rng, batch, log_q, positive_ids, table_sizes=None):
-        terms = self._terms(params, rng, batch, log_q, positive_ids, table_sizes)
+    def _loss(self, params, rng, batch, log_q, positive_ids):
+        terms = self._terms(params, rng, batch, log_q, positive_ids)
         return terms.loss, {"accuracy": terms.accuracy}
 
     def _validate_with_targets(self, batch, log_q, positive_ids) -> None:
@@ -409,7 +394,7 @@ class RetrievalTrainer(Trainer):
         return self._jit_step(state, *self._place(batch, log_q, positive_ids))
 
     def _predict(self, params, batch):
-        return self._transformed.apply(params, None, batch)
+        return self._outputs(params, None, batch)
 
     def predict(self, params, batch: RecsysBatch):
         """(user [B, D], candidates [B, C, D], candidate_mask [B, C]): unit-norm representations."""

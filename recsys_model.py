@@ -273,43 +273,59 @@ class PhoenixModel(hk.Module):
         logits = jnp.dot(h.astype(jnp.float32), unembeddings)  # [B, C, A]
         return RecsysModelOutput(logits.astype(self.fprop_dtype))
 
-    def __call__(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings, *, path: str = "masked",
-                 prefix: Optional["PrefixCache"] = None, candidate_start: Any = 0):
-        """Candidate logits [B, C, A] (spec section 5).
+    def __call__(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings, *,
+                 isolated: bool = False) -> RecsysModelOutput:
+        """Candidate logits [B, C, A].
 
-        path="masked" (default): the release's full-sequence pass over [user, history, candidates]
+        isolated=False (default): the release's full-sequence pass over [user, history, candidates]
           with the candidate-isolation mask, O((1+S+C)^2).
-        path="isolated": user+history run once (their rows never see candidates) keeping every
-          layer's keys/values; each candidate then attends to that prefix plus itself, O(C*(1+S)).
-          Equal to "masked" up to float rounding.
-        path="prefix": returns only the PrefixCache of user+history (candidate fields unused).
-        path="candidates": scores the batch's candidates against `prefix` (user/history fields
-          unused). Candidate c sits at rotary position 1 + S + candidate_start + c, its slot in the
-          full candidate list, so scoring a list in chunks (candidate_start = chunk offset) gives
-          the same logits as one call.
-        Each path is a branch of __call__ so that every path creates the same parameter names.
+        isolated=True: `score_candidates(encode_prefix(...))`: user+history run once (their rows never
+          see candidates); each candidate attends to that prefix plus itself, O(C*(1+S)). Equal to
+          the masked pass up to float rounding, with the same parameters.
         """
-        if path == "masked":
-            embeddings, padding_mask, offset = self.build_inputs(batch, recsys_embeddings)
-            out = self.model(embeddings, padding_mask, candidate_start_offset=offset).embeddings
-            return self._logits(out[:, offset:, :])
-        if path in ("isolated", "prefix"):
-            self._check(batch, recsys_embeddings, need_candidates=path == "isolated")
-            user, user_mask, history, history_mask = self._user_history_inputs(batch, recsys_embeddings)
-            x = jnp.concatenate([user, history], axis=1).astype(self.fprop_dtype)  # [B, 1+S, D]
-            x_mask = jnp.concatenate([user_mask, history_mask], axis=1)  # [B, 1+S]
-            memory = self.model(x, x_mask, candidate_start_offset=None, fused=True).memory
-            prefix = PrefixCache(memory, x_mask)
-            if path == "prefix":
-                return prefix
-        elif path == "candidates":
-            if prefix is None:
-                raise ValueError("PhoenixModel(path='candidates') needs prefix=PrefixCache from path='prefix'")
-            # User/history fields are not read on this path; only the candidates are checked.
+        if isolated:
+            prefix = self.encode_prefix(batch, recsys_embeddings, need_candidates=True)
+            return self.score_candidates(batch, recsys_embeddings, prefix, checked=True)
+        embeddings, padding_mask, offset = self.build_inputs(batch, recsys_embeddings)
+        out = self.model(embeddings, padding_mask, candidate_start_offset=offset).embeddings
+        return self._logits(out[:, offset:, :])
+
+    # The public methods name their submodules like __call__ does, so every entry point creates
+    # and reads the release's parameter names (phoenix_model/rms_norm, not ~encode_prefix/...).
+
+    @hk.experimental.name_like("__call__")
+    def user_sequence(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings):
+        """-> (inputs [B, 1+S, D] fprop dtype, mask [B, 1+S]): the user and history rows of the
+        sequence the transformer reads (candidate fields are not read)."""
+        user, user_mask, history, history_mask = self._user_history_inputs(batch, recsys_embeddings)
+        x = jnp.concatenate([user, history], axis=1).astype(self.fprop_dtype)  # [B, 1+S, D]
+        return x, jnp.concatenate([user_mask, history_mask], axis=1)  # [B, 1+S]
+
+    @hk.experimental.name_like("__call__")
+    def encode_prefix(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings, *,
+                      need_candidates: bool = False) -> "PrefixCache":
+        """User+history through every layer once -> PrefixCache (each layer's keys/values).
+
+        Candidate fields are not read (they may be empty, C = 0) unless `need_candidates`.
+        """
+        self._check(batch, recsys_embeddings, need_candidates=need_candidates)
+        x, x_mask = self.user_sequence(batch, recsys_embeddings)
+        memory = self.model(x, x_mask, candidate_start_offset=None, fused=True).memory
+        return PrefixCache(memory, x_mask)
+
+    @hk.experimental.name_like("__call__")
+    def score_candidates(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings, prefix: "PrefixCache",
+                         candidate_start: Any = 0, *, checked: bool = False) -> RecsysModelOutput:
+        """Logits [B, C, A] of the batch's candidates against a cached prefix (user/history fields unused).
+
+        Candidate c sits at rotary position 1 + S + candidate_start + c, its slot in the full
+        candidate list, so scoring a list in chunks (candidate_start = chunk offset) gives the same
+        logits as one call.
+        """
+        if not isinstance(prefix, PrefixCache):
+            raise TypeError(f"prefix: expected a PrefixCache (from encode_prefix), got {type(prefix).__name__}")
+        if not checked:
             check_candidate_inputs(batch, recsys_embeddings, self.config.hash_config, self.config.emb_size)
-        else:
-            raise ValueError(f"PhoenixModel path: expected 'masked', 'isolated', 'prefix' or 'candidates', "
-                             f"got {path!r}")
         cand, cand_mask = self._fast_candidate_inputs(batch, recsys_embeddings)
         C = cand.shape[1]
         P = prefix.mask.shape[1]

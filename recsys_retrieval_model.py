@@ -136,9 +136,7 @@ class PhoenixRetrievalModel(PhoenixModel):
         the running mean over valid positions gives the representation of every history prefix.
         """
         self._check(batch, recsys_embeddings, need_candidates=False)
-        user, user_mask, history, history_mask = self._user_history_inputs(batch, recsys_embeddings)
-        x = jnp.concatenate([user, history], axis=1).astype(self.fprop_dtype)  # [B, 1+S, D]
-        mask = jnp.concatenate([user_mask, history_mask], axis=1)  # [B, 1+S]
+        x, mask = self.user_sequence(batch, recsys_embeddings)  # [B, 1+S, D], [B, 1+S]
         return self.model(x, mask, candidate_start_offset=None).embeddings, mask  # [B, 1+S, D], [B, 1+S]
 
     def build_user_representation(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings):

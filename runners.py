@@ -22,7 +22,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 import phoenix_checkpoint as checkpoint
 from grok import TrainingState
 # ACTIONS and the example factories are the release's names in this module.
-from phoenix_inputs import (ACTIONS, HashEmbeddings, create_dummy_batch_from_config,  # noqa: F401
+from phoenix_forward import ModelForward, both_towers, embed
+from phoenix_inputs import TABLE_MODULE
+from phoenix_inputs import (ACTIONS, create_dummy_batch_from_config,  # noqa: F401
                             create_dummy_embeddings_from_config, create_example_batch, create_example_corpus)
 from phoenix_inputs import RecsysBatch, RecsysEmbeddings
 from recsys_model import PhoenixModelConfig, PrefixCache, resolve_compute_dtype, with_fprop_dtype
@@ -168,8 +170,8 @@ class ModelRunner(BaseModelRunner):
         self.model = _check_model_config(model, self.CONFIG)
 
     def make_forward_fn(self) -> hk.Transformed:
-        model_config = self.model
-        return hk.transform(lambda batch, emb, **kw: model_config.make()(batch, emb, **kw))
+        # forward.apply(params, rng, batch, emb) -> RecsysModelOutput: the model of phoenix_forward.
+        return ModelForward(self.model).transformed
 
     def init(self, rng, data: RecsysBatch, embeddings: RecsysEmbeddings) -> TrainingState:
         # Jitted: eager init re-dispatches every initializer op and is ~3x slower.
@@ -190,19 +192,14 @@ class RetrievalModelRunner(BaseModelRunner):
         self.model = _check_model_config(model, self.CONFIG)
 
     def make_forward_fn(self) -> hk.Transformed:
-        model_config = self.model
+        # forward.apply(params, rng, batch, emb, call=...) runs any method of the model (phoenix_forward).
+        return ModelForward(self.model).transformed
 
-        def forward(batch, emb, corpus_embeddings, top_k, corpus_mask=None):
-            model = model_config.make()
-            out = model(batch, emb, corpus_embeddings, top_k, corpus_mask)
-            model.build_candidate_representation(batch, emb)  # creates the candidate tower's params
-            return out
-
-        return hk.transform(forward)
-
-    def init(self, rng, data, embeddings, corpus_embeddings, top_k) -> TrainingState:
-        init = jax.jit(self.forward.init, static_argnums=4)  # top_k fixes the output shape
-        return TrainingState(params=init(rng, data, embeddings, corpus_embeddings, top_k))
+    def init(self, rng, data, embeddings, corpus_embeddings=None, top_k=None) -> TrainingState:
+        """Both towers' parameters (the corpus arguments, kept for the release's signature, are not
+        needed: the parameters do not depend on them)."""
+        init = jax.jit(lambda rng, b, e: self.forward.init(rng, b, e, both_towers))
+        return TrainingState(params=init(rng, data, embeddings))
 
     def load_or_init(self, init_data, init_embeddings, corpus_embeddings, top_k) -> TrainingState:
         return self._load_or_init(lambda: self.init(jax.random.PRNGKey(self.rng_seed), init_data, init_embeddings,
@@ -256,9 +253,7 @@ class BaseInferenceRunner:
         return runner
 
     def _init_embedder(self):
-        cfg = self.runner.model
-        tx = hk.transform(lambda b: HashEmbeddings(cfg.hash_config, cfg.emb_size)(b))
-        self._embed = self._jit("embed", lambda tables, b: tx.apply(tables, None, b))
+        self._embed = self._jit("embed", lambda tables, b: embed(tables[TABLE_MODULE], b))
         self._initialized = True  # the last step of every initialize()
 
     def _require_initialized(self, method: str) -> None:
@@ -371,20 +366,20 @@ class RecsysInferenceRunner(BaseInferenceRunner):
                                                         cfg.candidate_seq_len, runner.batch_size)
         self.params = self._replicate(runner.load_or_init(dummy_batch, dummy_emb).params)
         self.serving_dtype = resolve_compute_dtype(self.compute_dtype, cfg.fprop_dtype)
-        serving_cfg = with_fprop_dtype(cfg, self.serving_dtype)
-        apply = hk.transform(lambda b, e, **kw: serving_cfg.make()(b, e, **kw)).apply
+        forward = ModelForward(with_fprop_dtype(cfg, self.serving_dtype))
 
         def rank_fn(params, batch, emb, path):
-            probs = jax.nn.sigmoid(apply(params, None, batch, emb, path=path).logits.astype(jnp.float32))
+            logits = forward.apply(params, batch, emb, isolated=path == "isolated").logits
             # inside jit: 19 eager per-action slices outside it would cost more than the model
-            return ranking_output(probs, batch.candidate_post_hashes[:, :, 0] != 0)
+            return ranking_output(jax.nn.sigmoid(logits.astype(jnp.float32)), batch.candidate_post_hashes[:, :, 0] != 0)
+
+        def score_fn(params, batch, emb, prefix, start):
+            logits = forward.apply(params, batch, emb, "score_candidates", prefix=prefix, candidate_start=start).logits
+            return jax.nn.sigmoid(logits.astype(jnp.float32))
 
         self._rank = self._jit("rank", rank_fn, static_argnames="path")
-        self._prefix = self._jit("encode_prefix", lambda p, b, e: apply(p, None, b, e, path="prefix"))
-        self._score = self._jit(
-            "score_candidates",
-            lambda p, b, e, pre, start: jax.nn.sigmoid(
-                apply(p, None, b, e, path="candidates", prefix=pre, candidate_start=start).logits.astype(jnp.float32)))
+        self._prefix = self._jit("encode_prefix", lambda p, b, e: forward.apply(p, b, e, "encode_prefix"))
+        self._score = self._jit("score_candidates", score_fn)
         self._order = self._jit("order", ranking_output)
         self._init_embedder()
 
@@ -482,19 +477,19 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
                                                         cfg.candidate_seq_len, runner.batch_size)
         dummy_corpus = np.zeros((1, cfg.emb_size), np.float32)
         self.params = self._replicate(runner.load_or_init(dummy_batch, dummy_emb, dummy_corpus, 1).params)
-        model_config = cfg
-        tx = hk.transform(lambda fn, *args: getattr(model_config.make(), fn)(*args))
-        apply = lambda name, params, *args: tx.apply(params, None, name, *args)  # noqa: E731
+        forward = ModelForward(cfg)
+
+        def encode_user(params, batch, emb):
+            return forward.apply(params, batch, emb, "build_user_representation")[0]  # [B, D]
 
         def retrieve_fn(params, batch, emb, corpus, corpus_mask, top_k):
-            user, _ = apply("build_user_representation", params, batch, emb)
+            user = encode_user(params, batch, emb)
             indices, scores = retrieve_top_k(user, corpus, top_k, corpus_mask)
             return RetrievalOutput(user, indices, scores)
 
-        self._encode_user = self._jit(
-            "encode_user", lambda p, b, e: apply("build_user_representation", p, b, e)[0])
+        self._encode_user = self._jit("encode_user", encode_user)
         self._encode_candidates = self._jit(
-            "encode_candidates", lambda p, b, e: apply("build_candidate_representation", p, b, e)[0])
+            "encode_candidates", lambda p, b, e: forward.apply(p, b, e, "build_candidate_representation")[0])
         self._retrieve = self._jit("retrieve", retrieve_fn, static_argnames="top_k")
         self._init_embedder()
 

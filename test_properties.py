@@ -21,7 +21,7 @@ from runners import create_example_batch
 B, S_, C_ = 2, 5, 5
 CFG = tiny_ranker_config()
 PARAMS = random_release_params(CFG, "phoenix_model", seed=11)
-RANK = jax.jit(hk.transform(lambda b, e, **kw: CFG.make()(b, e, **kw)).apply, static_argnames="path")
+RANK = jax.jit(hk.transform(lambda b, e, **kw: CFG.make()(b, e, **kw)).apply, static_argnames="isolated")
 RCFG = tiny_retrieval_config()
 RPARAMS = random_release_params(RCFG, "phoenix_retrieval_model", retrieval=True, seed=12)
 USER = jax.jit(hk.transform(lambda b, e: RCFG.make().build_user_representation(b, e)).apply)
@@ -31,7 +31,7 @@ SETTINGS = settings(max_examples=15, deadline=None)
 
 
 def logits(batch, emb, path="masked"):
-    return np.asarray(RANK(PARAMS, None, batch, emb, path=path).logits)
+    return np.asarray(RANK(PARAMS, None, batch, emb, isolated=path == "isolated").logits)
 
 
 def with_candidates(batch, emb, post_emb, post_hashes):

@@ -8,6 +8,7 @@ import pytest
 
 import numpy_reference as ref
 from conftest import A, C, D, S, random_release_params, release_layout, tiny_ranker_config
+from phoenix_forward import ModelForward
 from recsys_model import PrefixCache, RecsysBatch, RecsysEmbeddings
 from runners import create_example_batch
 
@@ -20,7 +21,7 @@ def forward(cfg):
 
 
 def apply_fn(cfg):
-    return jax.jit(forward(cfg).apply, static_argnames=("path",))
+    return jax.jit(forward(cfg).apply, static_argnames=("isolated",))
 
 
 def example(B=3, S_=S, C_=C, seed=0):
@@ -118,8 +119,8 @@ def test_padding_invariance(cfg, release_params):
                             emb.candidate_author_embeddings)
     batch2 = batch._replace(history_actions=acts)
     for path in ("masked", "isolated"):
-        np.testing.assert_allclose(logits_of(cfg, release_params, batch2, emb2, path=path),
-                                   logits_of(cfg, release_params, batch, emb, path=path), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(logits_of(cfg, release_params, batch2, emb2, isolated=path == "isolated"),
+                                   logits_of(cfg, release_params, batch, emb, isolated=path == "isolated"), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("B,S_,C_", [(1, S, C), (2, S, 1), (2, 1, C), (1, 1, 1)],
@@ -147,19 +148,19 @@ def test_isolated_path_equals_masked(kw):
     params = random_release_params(cfg, "phoenix_model", seed=5)
     batch, emb = example(B=3, C_=6)
     batch = pad_candidates(batch, 2, [0, 4])  # padded candidates too (history padding comes from the example)
-    masked = logits_of(cfg, params, batch, emb, path="masked")
-    isolated = logits_of(cfg, params, batch, emb, path="isolated")
+    masked = logits_of(cfg, params, batch, emb)
+    isolated = logits_of(cfg, params, batch, emb, isolated=True)
     np.testing.assert_allclose(isolated, masked, **PATH_TOL)
 
 
 def test_prefix_cache_in_chunks_equals_one_call(cfg, release_params):
     """Encode user+history once, score candidates in chunks: same logits as ranking all at once."""
     batch, emb = example(B=2, C_=7)
-    full = logits_of(cfg, release_params, batch, emb, path="masked")
-    f = forward(cfg)
-    prefix = jax.jit(lambda p, b, e: f.apply(p, None, b, e, path="prefix"))(release_params, batch, emb)
+    full = logits_of(cfg, release_params, batch, emb)
+    f = ModelForward(cfg)
+    prefix = jax.jit(lambda p, b, e: f.apply(p, b, e, "encode_prefix"))(release_params, batch, emb)
     assert isinstance(prefix, PrefixCache)
-    score = jax.jit(lambda p, b, e, pre, start: f.apply(p, None, b, e, path="candidates", prefix=pre,
+    score = jax.jit(lambda p, b, e, pre, start: f.apply(p, b, e, "score_candidates", prefix=pre,
                                                         candidate_start=start))
     chunks = []
     for start, stop in [(0, 3), (3, 6), (6, 7)]:
@@ -178,6 +179,15 @@ def test_bidirectional_history_changes_prefix_but_keeps_isolation(release_params
     batch, emb = example()
     a, b = logits_of(causal, release_params, batch, emb), logits_of(bidir, release_params, batch, emb)
     assert np.abs(a - b).max() > 1e-3  # the option changes the computation
+    # Isolation: with bidirectional history, candidate 0's logits do not move when every other
+    # candidate's embeddings change (masked pass, where candidates share one sequence).
+    other = np.array(emb.candidate_post_embeddings)
+    other[:, 1:] = np.random.default_rng(7).standard_normal(other[:, 1:].shape)
+    changed = logits_of(bidir, release_params, batch, RecsysEmbeddings(
+        emb.user_embeddings, emb.history_post_embeddings, other, emb.history_author_embeddings,
+        emb.candidate_author_embeddings))
+    assert np.abs(changed[:, 1:] - b[:, 1:]).max() > 1e-3  # the change reached the other candidates
+    np.testing.assert_allclose(changed[:, 0], b[:, 0], rtol=1e-5, atol=1e-5)
 
 
 def test_default_init_is_trainable(cfg):
@@ -209,8 +219,8 @@ def test_bad_inputs_raise_clear_errors(cfg, release_params):
     with pytest.raises(TypeError, match="batch.candidate_post_hashes: expected int dtype"):
         f.apply(release_params, None,
                 batch._replace(candidate_post_hashes=batch.candidate_post_hashes.astype(np.float32)), emb)
-    with pytest.raises(ValueError, match="path"):
-        f.apply(release_params, None, batch, emb, path="fast")
+    with pytest.raises(TypeError, match="prefix: expected a PrefixCache"):
+        ModelForward(cfg).apply(release_params, batch, emb, "score_candidates", prefix=None)
 
 
 def test_recsys_embeddings_is_pytree():
@@ -221,7 +231,6 @@ def test_recsys_embeddings_is_pytree():
     assert isinstance(back, RecsysEmbeddings)
     doubled = jax.jit(lambda e: jax.tree_util.tree_map(lambda x: 2 * x, e))(emb)
     np.testing.assert_array_equal(doubled.user_embeddings, 2 * emb.user_embeddings)
-    assert isinstance(RecsysBatch(*[np.zeros(1)] * 8), tuple)
 
 
 @pytest.mark.parametrize("fprop_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -244,6 +253,6 @@ def test_fast_candidate_inputs_equal_block_candidate_reduce(release_params, fpro
 
 def test_isolated_path_creates_the_release_layout(cfg):
     batch, emb = example()
-    params = forward(cfg).init(jax.random.PRNGKey(0), batch, emb, path="isolated")
+    params = forward(cfg).init(jax.random.PRNGKey(0), batch, emb, isolated=True)
     shapes = {m: {n: tuple(v.shape) for n, v in d.items()} for m, d in params.items()}
     assert shapes == release_layout(cfg, "phoenix_model")

@@ -175,8 +175,13 @@ def ensure_wheel(cache=None) -> Path:
                 print(f"movielens: saved {wheel}", file=sys.stderr)
                 return wheel
             errors.append(f"{' '.join(command[:4])} ...: {done.stderr.strip()[-500:]}")
-    raise RuntimeError("could not download " + WHEEL_REQUIREMENT + " (no network, or no pip?):\n"
+    raise WheelUnavailableError("could not download " + WHEEL_REQUIREMENT + " (no network, or no pip?):\n"
                        + "\n".join(errors or ["no pip found"]))
+
+
+class WheelUnavailableError(RuntimeError):
+    """No pip could fetch the recbole wheel (no registry access, or no pip): the data cannot be had here.
+    A fetched wheel whose sha256 differs raises a plain RuntimeError instead: that is never skipped."""
 
 
 class RatingsFileError(ValueError):

@@ -344,7 +344,7 @@ def clustered(num_rows, dim, num_clusters, seed, spread=0.5):
 
 @pytest.fixture(scope="module")
 def faiss_setup():
-    pytest.importorskip("faiss")
+    import faiss  # noqa: F401 (a dev dependency: its absence is a failure, not a skip)
     corpus = clustered(20_000, 32, 50, seed=0)
     user = unit_rows(corpus[:8] + 0.1 * np.random.default_rng(1).standard_normal((8, 32)))
     return corpus, user, FaissIndex(corpus)

@@ -45,6 +45,8 @@ from typing import Optional
 
 import numpy as np
 
+from phoenix_metrics import topk_recall  # NumPy only: importing it leaves XLA_FLAGS settable
+
 DIM = 128
 # ~N/1024 points per cluster; noise at 0.6x a centre's scale puts a point at cos ~0.86 from its
 # centre. IVF recall@1000 depends strongly on this: with 2048 clusters (fewer points per cluster
@@ -86,26 +88,12 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def time_calls(fn, runs: int):
-    """(first call seconds, steady-state median ms, min ms); every call is waited on."""
-    import jax
-
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return first, 1e3 * statistics.median(times), 1e3 * min(times)
-
-
 def run_worker(args) -> list[dict]:
     """One method at one N, in this process; returns its rows (one per batch size)."""
     import jax
 
     import phoenix_index as index
+    from phoenix_experiment import time_calls
 
     method, n, k = args.worker, args.n, args.top_k
     start = time.perf_counter()
@@ -146,7 +134,7 @@ def run_worker(args) -> list[dict]:
             first, median_ms, min_ms = time_calls(lambda: search(user), args.runs)
             indices = np.asarray(search(user)[0])
             saved[f"b{batch}"] = indices
-            recall = 1.0 if exact is None else index.recall_at_k(indices, exact[f"b{batch}"])
+            recall = 1.0 if exact is None else topk_recall(indices, exact[f"b{batch}"])
             rows.append(dict(section="retrieval", method=method, n=n, b=batch, k=k, build_s=round(build_s, 2),
                              compile_s=None if method == "faiss" else round(max(0.0, first - median_ms / 1e3), 3),
                              median_ms=round(median_ms, 2), min_ms=round(min_ms, 2), runs=args.runs,
@@ -220,7 +208,7 @@ def run_rank_worker(args) -> list[dict]:
     """One ranking method at one C, every B, in this process (its peak RSS is this method's)."""
     import jax
 
-    from run_ranker import demo_config
+    from phoenix_experiment import demo_ranker_config as demo_config, time_calls
     from runners import ACTIONS, ModelRunner, RecsysInferenceRunner, create_example_batch
 
     method, C, S = args.rank_worker, args.c, args.history_len
@@ -358,7 +346,7 @@ def profile_ranking(C: int, S: int, B: int, rank_dtype: str, rounds: int, seed: 
     import grok
     from phoenix_forward import ModelForward
     from recsys_model import with_fprop_dtype
-    from run_ranker import demo_config
+    from phoenix_experiment import demo_ranker_config as demo_config
     from runners import ACTIONS, ModelRunner, RecsysInferenceRunner, create_example_batch, ranking_output
 
     cfg = demo_config(history_len=S, num_candidates=C, fprop_dtype=jnp.dtype(rank_dtype))
@@ -445,7 +433,7 @@ def device_suite(args) -> list[dict]:
     import jax.numpy as jnp
 
     import phoenix_index as index
-    from run_ranker import demo_config
+    from phoenix_experiment import demo_ranker_config as demo_config
     from runners import ACTIONS, ModelRunner, RecsysInferenceRunner, create_example_batch
 
     backend = jax.default_backend()
@@ -490,7 +478,7 @@ def device_suite(args) -> list[dict]:
                 rows.append(dict(section="suite_retrieval", method=name, n=n, b=B, k=k, median_ms=round(median, 3),
                                  min_ms=round(low, 3), runs=args.runs,
                                  vs_bare=round(median / timed["bare_matmul_top_k"][0], 3),
-                                 recall=round(index.recall_at_k(found[name], exact), 4), device=device))
+                                 recall=round(topk_recall(found[name], exact), 4), device=device))
         del exact_index, corpus
     return rows
 

@@ -1,4 +1,4 @@
-"""Shared test fixtures: tiny configs and parameter trees laid out as the release's (spec section 8)."""
+"""Shared test fixtures: tiny configs and parameter trees laid out as the release's."""
 
 import numpy as np
 import pytest
@@ -29,7 +29,7 @@ def tiny_retrieval_config(fprop_dtype=np.float32, **kw) -> PhoenixRetrievalModel
 
 
 def release_layout(cfg, scope: str, retrieval: bool = False) -> dict:
-    """{module path: {name: shape}} exactly as listed in spec section 8."""
+    """{module path: {name: shape}} exactly as the release lays them out."""
     t = cfg.model
     Dm, F = cfg.emb_size, ffn_size(cfg.emb_size, t.widening_factor)
     hc = cfg.hash_config

@@ -1,14 +1,14 @@
-"""The Grok-1-derived transformer shared by Phoenix's ranker and retrieval user tower (spec section 4).
+"""The Grok-1-derived transformer shared by Phoenix's ranker and retrieval user tower.
 
 Shape glossary
   B  batch                      T  sequence length (1 + S [+ C])
   D  model width (emb_size)     F  feed-forward width, ffn_size(D, widening_factor)
-  h  kv heads                   H  query heads per kv head (num_q_heads // num_kv_heads)
+  h  kv heads                   g  query heads per kv head (num_q_heads // num_kv_heads; H is kept for hashes)
   d  key_size (head width)      t / T  query / key positions in einsums
 
 Arithmetic follows the release exactly: sandwich RMSNorms, gated-GELU feed-forward, rotary
 embeddings on queries and keys, attention logits soft-capped at 30 with tanh, float32 islands for
-norms, softmax and rotary phases. Only the default initialisation differs (spec section 9): the
+norms, softmax and rotary phases. Only the default initialisation differs: the
 release initialised every weight and norm scale to zero, which made the transformer an identity
 that no gradient could enter.
 """
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROPE_BASE = 10_000  # rotary base exponent, spec section 4
+ROPE_BASE = 10_000  # rotary base exponent
 ATTN_SOFT_CAP = 30.0  # logits -> SOFT_CAP * tanh(logits / SOFT_CAP)
 MASKED_LOGIT = -1e30  # value given to masked attention logits before the float32 softmax
 RMS_NORM_EPS = 1e-5
@@ -46,7 +46,7 @@ def make_recsys_attn_mask(
     dtype=jnp.float32,
     bidirectional_prefix: bool = False,
 ) -> jax.Array:
-    """Candidate-isolation mask [1, 1, T, T] (1 = may attend), spec section 4.
+    """Candidate-isolation mask [1, 1, T, T] (1 = may attend).
 
     Rows before `candidate_start_offset` (user + history) are causal, or fully bidirectional among
     themselves with `bidirectional_prefix`; each candidate row sees the whole prefix and itself only.
@@ -93,7 +93,7 @@ class TransformerOutput(NamedTuple):
 
 @dataclasses.dataclass
 class TransformerConfig:
-    """Transformer hyper-parameters (spec section 4). `.make()` builds the `Transformer`."""
+    """Transformer hyper-parameters. `.make()` builds the `Transformer`."""
 
     emb_size: int  # D, model width
     key_size: int  # d, width of each attention head (even: rotary pairs halves)
@@ -141,7 +141,7 @@ def _default_w_init() -> hk.initializers.Initializer:
 
 
 class Linear(hk.Linear):
-    """Dense layer with float32 weights cast to the input dtype before the matmul (spec section 4)."""
+    """Dense layer with float32 weights cast to the input dtype before the matmul."""
 
     def __init__(self, output_size: int, with_bias: bool = True, name: Optional[str] = None):
         super().__init__(output_size=output_size, with_bias=with_bias, name=name)
@@ -172,7 +172,7 @@ def fused_linear(inputs: jax.Array, layers: list) -> list:
 
 
 class RMSNorm(hk.RMSNorm):
-    """x * rsqrt(mean(x^2) + 1e-5) * scale, computed in float32 and cast back (spec section 4)."""
+    """x * rsqrt(mean(x^2) + 1e-5) * scale, computed in float32 and cast back."""
 
     def __init__(self, axis=-1, eps: float = RMS_NORM_EPS, create_scale: bool = True, name=None):
         super().__init__(axis=axis, eps=eps, create_scale=create_scale, name=name)
@@ -204,7 +204,7 @@ def rotate_half(x: jax.Array) -> jax.Array:
 
 
 class RotaryEmbedding(hk.Module):
-    """Rotary position embedding with base 10000 (spec section 4); phases in float32."""
+    """Rotary position embedding with base 10000; phases in float32."""
 
     def __init__(self, dim: int, name: Optional[str] = None, base_exponent: int = ROPE_BASE):
         super().__init__(name=name)
@@ -236,16 +236,16 @@ def soft_cap(logits: jax.Array) -> jax.Array:
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, multiplier: float) -> jax.Array:
     """Masked softmax attention with the release's arithmetic.
 
-    q [B, t, h, H, d]; k, v [B, T, h, d]; mask broadcastable to [B, 1, t, T] (nonzero = attend).
+    q [B, t, h, g, d]; k, v [B, T, h, d]; mask broadcastable to [B, 1, t, T] (nonzero = attend).
     Logits in the input dtype, then float32 for scale, soft-cap, mask and softmax; weights cast back.
-    Returns [B, t, h*H*d].
+    Returns [B, t, h*g*d].
     """
     B, t = q.shape[:2]
-    logits = jnp.einsum("bthHd,bThd->bhHtT", q, k).astype(jnp.float32)  # [B, h, H, t, T]
+    logits = jnp.einsum("bthgd,bThd->bhgtT", q, k).astype(jnp.float32)  # [B, h, g, t, T]
     logits = soft_cap(logits * multiplier)
     logits = jnp.where(mask[:, :, None, :, :] != 0, logits, MASKED_LOGIT)
     weights = jax.nn.softmax(logits).astype(q.dtype)
-    out = jnp.einsum("bhHtT,bThd->bthHd", weights, v)  # [B, t, h, H, d]
+    out = jnp.einsum("bhgtT,bThd->bthgd", weights, v)  # [B, t, h, g, d]
     return out.reshape(B, t, -1)
 
 
@@ -253,7 +253,7 @@ def isolated_attention(q: jax.Array, self_logits: jax.Array, v_self: jax.Array, 
                        prefix: KVMemory, multiplier: float) -> jax.Array:
     """Each candidate attends to the cached prefix and to its own key only.
 
-    q [B, C, h, H, d] rotated; self_logits [B, C, h, H] in q's dtype, each candidate's query.key
+    q [B, C, h, g, d] rotated; self_logits [B, C, h, g] in q's dtype, each candidate's query.key
     with its own key; v_self [B, C, h, d]; self_mask [B, C] (False = padded candidate); prefix
     keys/values [B, P, h, d]. The softmax spans the P prefix logits plus the one self logit: the
     same terms as the masked path, whose other logits are -1e30 and vanish. O(C*P), not O(C^2).
@@ -261,22 +261,22 @@ def isolated_attention(q: jax.Array, self_logits: jax.Array, v_self: jax.Array, 
     two batched matmuls.
     """
     B, C = q.shape[:2]
-    logits_p = jnp.einsum("bchHd,bPhd->bchHP", q, prefix.keys).astype(jnp.float32)  # [B, C, h, H, P]
-    logits_s = self_logits.astype(jnp.float32)[..., None]  # [B, C, h, H, 1]
+    logits_p = jnp.einsum("bchgd,bPhd->bchgP", q, prefix.keys).astype(jnp.float32)  # [B, C, h, g, P]
+    logits_s = self_logits.astype(jnp.float32)[..., None]  # [B, C, h, g, 1]
     logits_p = soft_cap(logits_p * multiplier)
     logits_s = soft_cap(logits_s * multiplier)
     logits_p = jnp.where(prefix.mask[:, None, None, None, :], logits_p, MASKED_LOGIT)
     logits_s = jnp.where(self_mask[:, :, None, None, None], logits_s, MASKED_LOGIT)
     weights = jax.nn.softmax(jnp.concatenate([logits_p, logits_s], axis=-1)).astype(q.dtype)
-    w_p, w_s = weights[..., :-1], weights[..., -1:]  # [B, C, h, H, P], [B, C, h, H, 1]
-    out = jnp.einsum("bchHP,bPhd->bchHd", w_p, prefix.values)
-    out = out + w_s * v_self[:, :, :, None, :]  # [B, C, h, H, d]
+    w_p, w_s = weights[..., :-1], weights[..., -1:]  # [B, C, h, g, P], [B, C, h, g, 1]
+    out = jnp.einsum("bchgP,bPhd->bchgd", w_p, prefix.values)
+    out = out + w_s * v_self[:, :, :, None, :]  # [B, C, h, g, d]
     return out.reshape(B, C, -1)
 
 
 @dataclasses.dataclass
 class MultiHeadAttention(hk.Module):
-    """Grouped-query self-attention with rotary embeddings and a tanh soft-cap (spec section 4)."""
+    """Grouped-query self-attention with rotary embeddings and a tanh soft-cap."""
 
     num_q_heads: int
     num_kv_heads: int
@@ -298,27 +298,27 @@ class MultiHeadAttention(hk.Module):
         """
         del key, value
         B, T, _ = query.shape
-        h, H, d = self.num_kv_heads, self.num_q_heads // self.num_kv_heads, self.key_size
-        projections = [Linear(h * H * d, with_bias=False, name="query"), Linear(h * d, with_bias=False, name="key"),
+        h, g, d = self.num_kv_heads, self.num_q_heads // self.num_kv_heads, self.key_size
+        projections = [Linear(h * g * d, with_bias=False, name="query"), Linear(h * d, with_bias=False, name="key"),
                        Linear(h * d, with_bias=False, name="value")]
         if fused:
             q, k, v = fused_linear(query, projections)
         else:
             q, k, v = (layer(query) for layer in projections)
-        q = q.reshape(B, T, h * H, d)
+        q = q.reshape(B, T, h * g, d)
         k = k.reshape(B, T, h, d)
         v = v.reshape(B, T, h, d)
         rotate = RotaryEmbedding(dim=d, base_exponent=ROPE_BASE)
         if prefix is None:
             k = rotate(k, seq_dim=1, offset=0, positions=positions)
-            q = rotate(q, seq_dim=1, offset=0, positions=positions).reshape(B, T, h, H, d)  # query head = h*H + H
+            q = rotate(q, seq_dim=1, offset=0, positions=positions).reshape(B, T, h, g, d)  # query head = h*g + g
             out = attention(q, k, v, mask, self.attn_output_multiplier)
             memory = KVMemory(k, v, jnp.ones((B, T), jnp.bool_))
         else:
             # A candidate's own key sits at its own position: rotating query and key by the same
             # angle leaves their dot product unchanged, so that logit needs neither rotated.
-            self_logits = jnp.einsum("bchHd,bchd->bchH", q.reshape(B, T, h, H, d), k)  # [B, C, h, H]
-            q = rotate(q, seq_dim=1, offset=0, positions=positions).reshape(B, T, h, H, d)
+            self_logits = jnp.einsum("bchgd,bchd->bchg", q.reshape(B, T, h, g, d), k)  # [B, C, h, g]
+            q = rotate(q, seq_dim=1, offset=0, positions=positions).reshape(B, T, h, g, d)
             out = isolated_attention(q, self_logits, v, mask, prefix, self.attn_output_multiplier)
             memory = None
         out = Linear(self.model_size, with_bias=False, name="linear")(out)  # [B, T, D]
@@ -349,7 +349,7 @@ class MHABlock(hk.Module):
 
 @dataclasses.dataclass
 class DenseBlock(hk.Module):
-    """Gated GELU feed-forward: linear_1(gelu(linear(x)) * linear_v(x)) (spec section 4)."""
+    """Gated GELU feed-forward: linear_1(gelu(linear(x)) * linear_v(x))."""
 
     widening_factor: float = 4.0
     name: Optional[str] = None
@@ -369,7 +369,7 @@ class DenseBlock(hk.Module):
 
 @dataclasses.dataclass
 class DecoderLayer(hk.Module):
-    """Sandwich-norm layer: h = x + norm(MHA(norm(x))); h = h + norm(FFN(norm(h))) (spec section 4).
+    """Sandwich-norm layer: h = x + norm(MHA(norm(x))); h = h + norm(FFN(norm(h))).
 
     Its four RMSNorms are created in that order: rms_norm, rms_norm_1, rms_norm_2, rms_norm_3.
     """
@@ -393,7 +393,7 @@ class DecoderLayer(hk.Module):
 
 @dataclasses.dataclass
 class Transformer(hk.Module):
-    """Stack of decoder layers named decoder_layer_{i} (spec section 4)."""
+    """Stack of decoder layers named decoder_layer_{i}."""
 
     num_q_heads: int
     num_kv_heads: int

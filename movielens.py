@@ -21,7 +21,7 @@ Data
 
 Shape glossary
   R  ratings      U  users        N  catalog items (movies with at least one rating)
-  G  genres (19)  M  movies with metadata
+  G  genres (19)  Nm  movies with metadata
   E  examples     S  history length      A  actions (19, phoenix_inputs.ACTIONS order)    K  top-k
 
 Leave-one-out (SASRec, BERT4Rec, HSTU)
@@ -196,10 +196,10 @@ class Ratings:
     item: np.ndarray  # [R] int64 raw movie ids, >= 0
     rating: np.ndarray  # [R] float32 stars, finite
     timestamp: np.ndarray  # [R] int64 Unix seconds, >= 0
-    item_ids: np.ndarray  # [M] int64 movies with metadata, ascending, unique
-    titles: np.ndarray  # [M] object str, without the "(year)" suffix
-    years: np.ndarray  # [M] int32 release year, YEAR_UNKNOWN if absent
-    genres: np.ndarray  # [M, G] bool multi-hot over GENRES
+    item_ids: np.ndarray  # [Nm] int64 movies with metadata, ascending, unique
+    titles: np.ndarray  # [Nm] object str, without the "(year)" suffix
+    years: np.ndarray  # [Nm] int32 release year, YEAR_UNKNOWN if absent
+    genres: np.ndarray  # [Nm, G] bool multi-hot over GENRES
     source: str
 
     def __post_init__(self):
@@ -369,7 +369,7 @@ def _title_and_year(title: str, year_field: str) -> tuple[str, int]:
 def _metadata(rows, where: str):
     """Sorted metadata arrays from (id, title, year, genre names, line number) tuples."""
     rows = sorted(rows, key=lambda row: (row[0], row[4]))  # by id, then file order
-    genres = np.zeros((len(rows), len(GENRES)), dtype=bool)  # [M, G]
+    genres = np.zeros((len(rows), len(GENRES)), dtype=bool)  # [Nm, G]
     for m, (movie_id, _, _, names, number) in enumerate(rows):
         if m and rows[m - 1][0] == movie_id:
             raise RatingsFileError(f"{where}:{number}: movie id {movie_id} already listed on line "
@@ -516,10 +516,10 @@ def rating_actions(rating) -> np.ndarray:
 
 
 def genre_authors(genres, scheme: str = "genres") -> np.ndarray:
-    """Author ids [M] int64 from genre multi-hots [M, G]: the genre bitmask, or its lowest bit."""
+    """Author ids [Nm] int64 from genre multi-hots [Nm, G]: the genre bitmask, or its lowest bit."""
     if scheme not in AUTHOR_SCHEMES:
         raise ValueError(f"scheme must be one of {AUTHOR_SCHEMES}, got {scheme!r}")
-    mask = np.asarray(genres, dtype=np.int64) @ (np.int64(1) << np.arange(len(GENRES), dtype=np.int64))  # [M]
+    mask = np.asarray(genres, dtype=np.int64) @ (np.int64(1) << np.arange(len(GENRES), dtype=np.int64))  # [Nm]
     return mask if scheme == "genres" else mask & -mask
 
 

@@ -1,7 +1,7 @@
-"""A plain NumPy (float64) re-statement of the release's arithmetic, spec sections 3-6.
+"""A plain NumPy (float64) re-statement of the release's arithmetic (inputs, transformer, ranker, retrieval).
 
 Used by the tests as the reference the JAX models must match when given the same parameter tree
-(a dict laid out as spec section 8). Written for clarity, not speed: explicit loops over heads.
+(a dict laid out as the release's). Written for clarity, not speed: explicit loops over heads.
 
 Shape glossary: B batch, S history, C candidates, T = 1+S+C, D width, A actions, N corpus.
 """
@@ -43,7 +43,7 @@ def gelu_tanh(x):
 
 
 def recsys_mask(T, offset, bidirectional=False):
-    """[T, T] 1 = may attend, built entry by entry from the spec's rule."""
+    """[T, T] 1 = may attend, built entry by entry from the release's rule."""
     m = np.zeros((T, T))
     for i in range(T):
         for j in range(T):
@@ -103,7 +103,7 @@ def _layers(params, num_layers):
 
 
 def _inputs(params, scope, batch, emb, vocab):
-    """User [B, 1, D], history [B, S, D] and their masks, per spec section 3 and 5."""
+    """User [B, 1, D], history [B, S, D] and their masks, as the release builds them."""
     g = lambda name: np.float64(params[scope][name])  # noqa: E731
     B, S = batch.history_product_surface.shape
     D = g("proj_mat_1").shape[1]

@@ -5,7 +5,7 @@ Layout of a checkpoint directory `path/`:
   arrays.npz  every array, written with `np.savez(..., allow_pickle=False)` and read with
               `np.load(..., allow_pickle=False)`. Parameters are keyed by their pytree path, e.g.
               `phoenix_model/proj_mat_1` or
-              `transformer/decoder_layer_0/multi_head_attention/query/w` (spec section 8);
+              `transformer/decoder_layer_0/multi_head_attention/query/w` ;
               optimiser-state arrays by `opt_state/<path>`, e.g. `opt_state/1/0/mu/phoenix_model/proj_mat_1`;
               the caller's other arrays (`aux`, e.g. a data pipeline's counters) by `aux/<path>`.
   meta.json   format marker and version, a random save id, step, config (dataclasses as tagged
@@ -79,7 +79,7 @@ LOAD_ATTEMPTS = 5
 # How long a load that finds only a set-aside copy waits for a save between its two renames.
 RENAME_GAP_WAIT_S = 0.05
 # Prefix of optimiser-state keys in arrays.npz; parameter keys carry no prefix so that the file
-# reads like the release's parameter listing (spec section 8).
+# reads like the release's parameter listing.
 OPT_STATE_PREFIX = "opt_state/"
 AUX_PREFIX = "aux/"
 # Name of the checkpoints `step_checkpoint_path` puts in a run's directory: step-00001200.

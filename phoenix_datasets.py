@@ -3,7 +3,7 @@
 Shape glossary
   B  batch (users)        S  history length        C  candidates per user
   A  actions (19, runners.ACTIONS order)           L  latent dimension
-  U  users                N  posts                 M  authors
+  U  users                N  posts                 Na  authors
   I  impressions drawn per user                    P  product surfaces
 
 Generative model (NumPy, deterministic by WorldConfig.seed)
@@ -27,11 +27,11 @@ Generative model (NumPy, deterministic by WorldConfig.seed)
   uniform over all posts, in random order; labels ~ Bernoulli(oracle).
   Retrieval positive: the engaged impression right after the history (the user's next engagement).
 
-Raw ids are indices: users 0..U-1, posts 0..N-1, authors 0..M-1 (int64).
+Raw ids are indices: users 0..U-1, posts 0..N-1, authors 0..Na-1 (int64).
 Padding (phoenix_hashing.py's convention): post and author ids PAD_ID (-1), actions 0, surface 0.
 
 Cost: the world is O(N L) memory (1M posts: about 1 s to build, ~150 MB); a batch costs
-O(B (M + I A)) and never touches all N posts, so batches are generated on the fly (WorldConfig()
+O(B (Na + I A)) and never touches all N posts, so batches are generated on the fly (WorldConfig()
 with B = 128: ~15 ms; WorldConfig.large() with B = 256: ~0.1-0.3 s on one CPU core).
 """
 
@@ -42,6 +42,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from phoenix_inputs import ACTIONS, PAD_ID, HashConfig, RawBatch, RecsysBatch
+from phoenix_metrics import auc  # noqa: F401 (main below; datasets.auc in notebooks)
 from phoenix_validation import check_int, check_number
 
 NEGATIVE_ACTIONS = ("not_interested_score", "block_author_score", "mute_author_score",
@@ -73,7 +74,7 @@ ACTION_PARAMS = {
     "dwell_time": (-1.5, 1.0),
 }
 
-MAX_PRODUCT_SURFACES = 16  # the models' product_surface_vocab_size default (spec section 5)
+MAX_PRODUCT_SURFACES = 16  # the models' product_surface_vocab_size default
 # Rows that got too few engaged impressions are redrawn this many times before we give up.
 _MAX_REDRAWS = 20
 # Independent random streams derived from the world seed (SeedSequence spawn keys).
@@ -227,9 +228,9 @@ class SyntheticWorld:
         num_users, num_posts, num_authors, dim = (cfg.num_users, cfg.num_posts, cfg.num_authors,
                                                   cfg.latent_dim)
         self.user_latent = rng.standard_normal((num_users, dim), dtype=np.float32)  # [U, L]
-        self.author_latent = rng.standard_normal((num_authors, dim), dtype=np.float32)  # [M, L]
+        self.author_latent = rng.standard_normal((num_authors, dim), dtype=np.float32)  # [Na, L]
         # One post per author first (so none is empty), the rest by lognormal author weights.
-        weights = rng.lognormal(0.0, 1.0, num_authors)  # [M]
+        weights = rng.lognormal(0.0, 1.0, num_authors)  # [Na]
         extra = rng.choice(num_authors, num_posts - num_authors, p=weights / weights.sum())
         self.post_author = rng.permutation(
             np.concatenate([np.arange(num_authors), extra])).astype(np.int64)  # [N]
@@ -253,8 +254,8 @@ class SyntheticWorld:
         self.popularity_probs = pop_weights / pop_weights.sum()  # [N]
         self._popularity_cdf = np.cumsum(self.popularity_probs)  # [N]
         self._posts_by_author = np.argsort(self.post_author, kind="stable")  # [N]
-        self.author_num_posts = np.bincount(self.post_author, minlength=num_authors)  # [M]
-        self._author_offsets = np.concatenate([[0], np.cumsum(self.author_num_posts)])  # [M+1]
+        self.author_num_posts = np.bincount(self.post_author, minlength=num_authors)  # [Na]
+        self._author_offsets = np.concatenate([[0], np.cumsum(self.author_num_posts)])  # [Na+1]
 
     # ----------------------------------------------------------------------------- oracle
 
@@ -303,12 +304,12 @@ class SyntheticWorld:
     # ----------------------------------------------------------------------------- samplers
 
     def author_probabilities(self, user_ids) -> np.ndarray:
-        """softmax(affinity(u, author) / impression_temperature): user_ids [B] -> [B, M] float32."""
+        """softmax(affinity(u, author) / impression_temperature): user_ids [B] -> [B, Na] float32."""
         return self._author_probabilities(self._check_users(user_ids, ndim=1))
 
     def _author_probabilities(self, user_ids) -> np.ndarray:
         users = self.user_latent[user_ids]  # [B, L]
-        logits = users @ self.author_latent.T  # [B, M]
+        logits = users @ self.author_latent.T  # [B, Na]
         logits *= np.float32(1.0 / (math.sqrt(self.cfg.latent_dim) * self.cfg.impression_temperature))
         logits -= logits.max(axis=1, keepdims=True)
         probs = np.exp(logits, out=logits)
@@ -332,7 +333,7 @@ class SyntheticWorld:
         share = self.cfg.impression_affinity_share
         user_ids = self._check_users(user_ids, ndim=1, nonempty=True)
         chunk = check_int(chunk, "chunk")
-        author_probs = np.zeros(self.cfg.num_authors)  # [M]
+        author_probs = np.zeros(self.cfg.num_authors)  # [Na]
         for start in range(0, len(user_ids), chunk):
             author_probs += self._author_probabilities(user_ids[start:start + chunk]).sum(
                 axis=0, dtype=np.float64)
@@ -561,22 +562,6 @@ def to_retrieval_batch(examples: dict, hash_config: HashConfig) -> RecsysBatch:
     return RawBatch.with_candidates(examples, examples["positive_post_ids"][:, None],
                                     examples["positive_author_ids"][:, None],
                                     examples["positive_surfaces"][:, None]).hashed(hash_config)
-
-
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC of scores [n] against binary labels [n] (Mann-Whitney, ties count half); NaN if one class."""
-    scores, labels = np.asarray(scores, np.float64).ravel(), np.asarray(labels).ravel() > 0
-    if scores.shape != labels.shape:
-        raise ValueError(f"labels: expected {scores.size} values (one per score), got {labels.size}")
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("scores: expected finite values, got NaN or inf")
-    num_pos, num_neg = labels.sum(), (~labels).sum()
-    if num_pos == 0 or num_neg == 0:
-        return float("nan")
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    # Mid-ranks (1-based) of tied groups.
-    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
-    return float((ranks[labels].sum() - num_pos * (num_pos + 1) / 2.0) / (num_pos * num_neg))
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ Shape glossary
 
 Padding convention
   Raw ids are int64. Every raw id < 0 is padding (phoenix_inputs.PAD_ID = -1); it hashes to 0 under
-  every hash function, and hash value 0 is padding everywhere downstream (spec section 2). Every id
+  every hash function, and hash value 0 is padding everywhere downstream. Every id
   >= 0 (0 included, up to 2**63 - 1) hashes into [1, M) under each of the H functions.
 
 Hash family

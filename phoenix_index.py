@@ -1,6 +1,6 @@
 """Corpus indexes for the retrieval stage: exact chunked top-k, sharded exact top-k, FAISS ANN.
 
-Retrieval semantics (spec section 6): scores = user [B, D] @ corpus [N, D].T, corpus entries
+Retrieval semantics: scores = user [B, D] @ corpus [N, D].T, corpus entries
 masked out by `corpus_mask` (bool [N], True = valid) score -INF, results best first. Ties
 between exactly equal scores go to the lower corpus index, as `jax.lax.top_k` and
 `np.argsort(-scores, kind="stable")` order them, so `CorpusIndex` and `ShardedCorpusIndex`
@@ -10,7 +10,7 @@ Shape glossary
   B  batch (users)                 D  embedding size
   N  corpus size                   K  top-k
   R  corpus rows per chunk         W  rows per block (the unit of the block-max pre-selection)
-  M  blocks kept per user (min(K, number of blocks))
+  Nb  blocks kept per user (min(K, number of blocks))
   P  devices (corpus shards)       n  corpus rows per shard
 
 How the exact search works (`CorpusIndex`):
@@ -19,16 +19,16 @@ How the exact search works (`CorpusIndex`):
      (`[B, N/W]` in total). No top-k runs inside the loop. Up to MAX_UNCHUNKED_BATCH users
      the whole corpus is one chunk: reading the corpus bounds that case, and a sliced chunk
      would be copied first.
-  2. `top_k` over the block maxima picks the M best blocks per user; gather their rows and
+  2. `top_k` over the block maxima picks the Nb best blocks per user; gather their rows and
      rescore them, one user at a time.
-  3. `top_k` over the M * W candidates gives the answer.
+  3. `top_k` over the Nb * W candidates gives the answer.
   This is exact: if row i is in the top K, fewer than K rows beat it, so fewer than K blocks
-  have a better maximum and i's block is among the M kept. Ties are safe because blocks are
+  have a better maximum and i's block is among the Nb kept. Ties are safe because blocks are
   contiguous: ordering blocks by (max desc, block index asc) orders them by their best row
   under (score desc, index asc), and the kept blocks are re-sorted by index before step 3.
   (Rescoring can round differently from step 1 in the last bit; the result is then exact for
   the rescored values, which are the scores returned.)
-  Memory beyond the corpus: [B, R] scores, [B, N/W] maxima, [M, W, D] gathered rows.
+  Memory beyond the corpus: [B, R] scores, [B, N/W] maxima, [Nb, W, D] gathered rows.
   When K is large next to N (N <= DIRECT_ROWS_PER_K * K) and the [B, N] scores are small, one
   plain top_k over them is faster, and `plan` picks that instead.
   Why not a running top-k merged chunk by chunk: with K = 1000 the per-chunk `top_k` cost more
@@ -79,7 +79,7 @@ UNCHUNKED_SCORE_BYTES = 256 * 2**20
 # When K is a sizeable fraction of N the block pre-selection saves little, and one top_k over
 # the [B, N] scores (within UNCHUNKED_SCORE_BYTES) is faster: measured at N/K = 100-500 (B=1, 16).
 DIRECT_ROWS_PER_K = 512
-# Block size W balances top_k over N/W block maxima against gathering M * W rows of D floats:
+# Block size W balances top_k over N/W block maxima against gathering Nb * W rows of D floats:
 # cost ~ a * N / W + b * K * W * D, minimised at W = sqrt(N / (K * D) * a / b), a / b measured ~ 8.
 BLOCK_COST_RATIO = 8.0
 MAX_BLOCK_SIZE = 64
@@ -111,7 +111,7 @@ def aligned_empty(shape, dtype=np.float32) -> np.ndarray:
 
 
 def auto_block_size(num_rows: int, top_k: int, dim: int) -> int:
-    """Power-of-two W minimising top_k over N/W maxima plus the M * W * D gather (see module doc)."""
+    """Power-of-two W minimising top_k over N/W maxima plus the Nb * W * D gather (see module doc)."""
     ideal = math.sqrt(BLOCK_COST_RATIO * num_rows / (top_k * dim))
     block = 2 ** max(0, round(math.log2(max(ideal, 1.0))))
     return int(min(block, MAX_BLOCK_SIZE, 2 ** int(math.log2(num_rows))))
@@ -245,7 +245,7 @@ class _Index:
 
 
 class CorpusIndex(_Index):
-    """Exact top-k over a fixed corpus on one device, in bounded memory (spec section 6).
+    """Exact top-k over a fixed corpus on one device, in bounded memory.
 
     Args:
       corpus_embeddings: [N, D] float (cast to float32), finite, N >= 1. A 64-byte-aligned float32
@@ -347,23 +347,23 @@ def _local_top_k(user, corpus, mask, num_valid, *, top_k, chunk_size, block_size
         new = chunk_block_max(start, tail, corpus[start:], mask_rows)  # [B, ceil(tail / W)]
         block_max = lax.dynamic_update_slice_in_dim(block_max, new, start // W, axis=1)
 
-    M = min(top_k, num_blocks)
-    _, blocks = lax.top_k(block_max, M)  # [B, M]
+    Nb = min(top_k, num_blocks)
+    _, blocks = lax.top_k(block_max, Nb)  # [B, Nb]
     blocks = jnp.sort(blocks, axis=1)  # index order, so the stable top_k below breaks ties by index
 
     def refine(args):
-        # One user at a time keeps the M * W gathered rows in cache (a [B, M, W, D] gather
+        # One user at a time keeps the Nb * W gathered rows in cache (a [B, Nb, W, D] gather
         # spills to DRAM and measured 3x slower at B=16).
-        user_b, blocks_b = args  # [D], [M]
+        user_b, blocks_b = args  # [D], [Nb]
         # The last block may be short: its slice is shifted back to fit, and the rows it borrows
         # from the previous block are dropped (they are candidates there if that block is kept).
-        starts = jnp.minimum(blocks_b * W, n - W)  # [M]
-        rows = (starts[:, None] + jnp.arange(W)).reshape(M * W)  # [M * W]
-        cand = jax.vmap(lambda s: lax.dynamic_slice_in_dim(corpus, s, W))(starts)  # [M, W, D]
-        scores = jnp.matmul(cand.reshape(M * W, -1), user_b, precision=SCORE_PRECISION)  # [M * W]
-        mask_rows = None if mask is None else mask[rows]  # [M * W]
+        starts = jnp.minimum(blocks_b * W, n - W)  # [Nb]
+        rows = (starts[:, None] + jnp.arange(W)).reshape(Nb * W)  # [Nb * W]
+        cand = jax.vmap(lambda s: lax.dynamic_slice_in_dim(corpus, s, W))(starts)  # [Nb, W, D]
+        scores = jnp.matmul(cand.reshape(Nb * W, -1), user_b, precision=SCORE_PRECISION)  # [Nb * W]
+        mask_rows = None if mask is None else mask[rows]  # [Nb * W]
         scores = _mask_scores(scores, rows, mask_rows, num_valid)
-        borrowed = rows < jnp.repeat(blocks_b * W, W)  # [M * W]
+        borrowed = rows < jnp.repeat(blocks_b * W, W)  # [Nb * W]
         scores = jnp.where(borrowed, PAD_SCORE, scores)
         top_scores, pos = lax.top_k(scores, min(top_k, n))  # [K']
         return rows[pos].astype(jnp.int32), top_scores
@@ -560,13 +560,3 @@ def _check_finite_host(corpus: np.ndarray, rows_per_step: int = 2**16) -> None:
         if not row_ok.all():
             raise ValueError(f"corpus_embeddings: expected finite values, got NaN or inf "
                              f"(first: row {start + int(np.argmin(row_ok))})")
-
-
-def recall_at_k(approx_indices, exact_indices) -> float:
-    """Mean over users of |approx_b ∩ exact_b| / K for [B, K] index arrays; -1 entries never match."""
-    approx, exact = np.asarray(approx_indices), np.asarray(exact_indices)
-    if approx.ndim != 2 or approx.shape != exact.shape:
-        raise ValueError(f"approx_indices: expected shape {exact.shape} (that of exact_indices, [B, K]), "
-                         f"got shape {approx.shape}")
-    hits = [np.intersect1d(a[a >= 0], e).size for a, e in zip(approx, exact)]
-    return float(np.mean(hits) / exact.shape[1])

@@ -50,7 +50,7 @@ ACTIONS = [
 
 @dataclasses.dataclass
 class HashConfig:
-    """How many hash functions each id type uses (spec section 2), and the hash tables behind them."""
+    """How many hash functions each id type uses, and the hash tables behind them."""
 
     num_user_hashes: int = 2
     num_item_hashes: int = 2
@@ -64,7 +64,7 @@ class HashConfig:
 
 
 class RecsysBatch(NamedTuple):
-    """Hashed inputs of one batch (spec section 2). Hash value 0 means padding."""
+    """Hashed inputs of one batch. Hash value 0 means padding."""
 
     user_hashes: jax.Array  # [B, Hu] int
     history_post_hashes: jax.Array  # [B, S, Hi] int
@@ -79,7 +79,7 @@ class RecsysBatch(NamedTuple):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class RecsysEmbeddings:
-    """Looked-up hash embeddings (spec section 2); a registered pytree so jit/vmap/device_put work."""
+    """Looked-up hash embeddings; a registered pytree so jit/vmap/device_put work."""
 
     user_embeddings: jax.Array  # [B, Hu, D]
     history_post_embeddings: jax.Array  # [B, S, Hi, D]
@@ -89,9 +89,9 @@ class RecsysEmbeddings:
 
 
 
-# Init std of the embedding tables. The release's example inputs (spec section 7,
-# create_example_batch) are standard-normal embeddings, and the input projections
-# (spec section 3, VarianceScaling fan_out over the concatenated hash axis) are scaled so that
+# Init std of the embedding tables. The release's example inputs
+# (create_example_batch) are standard-normal embeddings, and the input projections
+# (VarianceScaling fan_out over the concatenated hash axis) are scaled so that
 # unit-variance embeddings give unit-variance reduced inputs: std 1 keeps the model in the regime
 # it was designed and tested for. A smaller std (e.g. 0.05) makes rows move faster relative to
 # their size under Adam; it is a constructor argument.
@@ -151,7 +151,7 @@ def batch_from_ids(
     candidate_surfaces,
     hash_config: HashConfig,
 ) -> RecsysBatch:
-    """Builds a `RecsysBatch` of NumPy arrays (spec section 2) from raw ids; negative ids are padding.
+    """Builds a `RecsysBatch` of NumPy arrays from raw ids; negative ids are padding.
 
     Shapes: user_ids [B], history_post_ids / history_author_ids / history_surfaces [B, S],
     history_actions [B, S, A], candidate_post_ids / candidate_author_ids / candidate_surfaces [B, C].
@@ -245,7 +245,7 @@ def create_example_batch(batch_size: int, emb_size: int, history_len: int, num_c
                          num_author_hashes: int = 2, product_surface_vocab_size: int = 16,
                          num_user_embeddings: int = 100000, num_post_embeddings: int = 100000,
                          num_author_embeddings: int = 100000, seed: int = 0):
-    """Deterministic random (RecsysBatch, RecsysEmbeddings) (spec section 7).
+    """Deterministic random (RecsysBatch, RecsysEmbeddings).
 
     Hashes in [1, table size); each user's history is valid for a random length in [S/2, S] and
     padded (hash 0, no actions, surface 0) after it; actions multi-hot with probability 0.3;

@@ -60,7 +60,7 @@ def check_action_weights(action_weights, A: int) -> None:
 
 
 def ranking_loss_terms(logits, labels, candidate_mask, label_mask=None, action_weights=None) -> RankingLossTerms:
-    """Per-action sigmoid cross-entropy of the ranker's multi-action logits (spec section 5).
+    """Per-action sigmoid cross-entropy of the ranker's multi-action logits.
 
     logits, labels [B, C, A]; candidate_mask [B, C] (False for padded candidates);
     label_mask [B, C, A] (optional, False/0 where a label is unknown); action_weights [A] (optional).

@@ -1,8 +1,9 @@
-"""Ranking metrics for leave-one-out evaluation: HR@K, NDCG@K and MRR of one target per user.
+"""Every metric of the library: HR@K, NDCG@K and MRR of leave-one-out evaluation (below), ROC AUC,
+Spearman correlation, recall@K of a positive, and the recall of an approximate top-k.
 
 Shape glossary
   U  users (one held-out target each)      N  items, as columns 0..N-1 of a score matrix
-  K  width of a top-k list
+  K  width of a top-k list                 n  scored examples
 
 Protocol (SASRec, Kang & McAuley 2018; BERT4Rec; HSTU): every user has one target item; all N
 items are ranked except those the caller excludes (the user's history), and the target is never
@@ -137,3 +138,68 @@ def evaluate_rankings(topk_items, target) -> dict:
         raise ValueError(f"topk_items must be [U, K>={NDCG_CUTOFF}], got shape {topk_items.shape}")
     return metrics_from_ranks(ranks_in_topk(topk_items, target), list_len=topk_items.shape[1])
 
+
+# ---------------------------------------------------------------------------------------------
+# Classification, correlation and retrieval metrics
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC of scores [n] against binary labels [n] (Mann-Whitney, ties count half); NaN if one class."""
+    scores, labels = np.asarray(scores, np.float64).ravel(), np.asarray(labels).ravel() > 0
+    if scores.shape != labels.shape:
+        raise ValueError(f"labels: expected {scores.size} values (one per score), got {labels.size}")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores: expected finite values, got NaN or inf")
+    num_pos, num_neg = labels.sum(), (~labels).sum()
+    if num_pos == 0 or num_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    # Mid-ranks (1-based) of tied groups.
+    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
+    return float((ranks[labels].sum() - num_pos * (num_pos + 1) / 2.0) / (num_pos * num_neg))
+
+
+def rankdata(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Mid-ranks (1-based; ties share their mean rank) along `axis`."""
+    x = np.moveaxis(np.asarray(x, np.float64), axis, -1)
+    order = np.argsort(x, axis=-1, kind="stable")
+    sorted_x = np.take_along_axis(x, order, axis=-1)
+    ranks = np.empty_like(sorted_x)
+    n = x.shape[-1]
+    flat_sorted, flat_ranks = sorted_x.reshape(-1, n), ranks.reshape(-1, n)
+    for row, values in enumerate(flat_sorted):
+        starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])  # first index of each tie group
+        ends = np.r_[starts[1:], n]
+        flat_ranks[row] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    out = np.empty_like(ranks)
+    np.put_along_axis(out, order, ranks, axis=-1)
+    return np.moveaxis(out, -1, axis)
+
+
+def spearman(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Spearman rank correlation of x and y along `axis` (Pearson correlation of mid-ranks); NaN
+    where either is constant."""
+    rx, ry = rankdata(x, axis), rankdata(y, axis)
+    rx = rx - rx.mean(axis=axis, keepdims=True)
+    ry = ry - ry.mean(axis=axis, keepdims=True)
+    denominator = np.sqrt((rx * rx).sum(axis=axis) * (ry * ry).sum(axis=axis))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (rx * ry).sum(axis=axis) / denominator
+
+
+def recall_at_k(scores: np.ndarray, positives: np.ndarray, k: int) -> float:
+    """Share of rows whose positive (index [n]) is among the k best of scores [n, N]; a tie with the
+    positive counts against it."""
+    positive_score = scores[np.arange(len(positives)), positives]  # [n]
+    better = (scores >= positive_score[:, None]).sum(axis=1) - 1  # [n] others scoring at least as high
+    return float(np.mean(better < k))
+
+
+def topk_recall(approx_indices, exact_indices) -> float:
+    """Mean over users of |approx_b ∩ exact_b| / K for [B, K] index arrays; -1 entries never match."""
+    approx, exact = np.asarray(approx_indices), np.asarray(exact_indices)
+    if approx.ndim != 2 or approx.shape != exact.shape:
+        raise ValueError(f"approx_indices: expected shape {exact.shape} (that of exact_indices, [B, K]), "
+                         f"got shape {approx.shape}")
+    hits = [np.intersect1d(a[a >= 0], e).size for a, e in zip(approx, exact)]
+    return float(np.mean(hits) / exact.shape[1])

@@ -105,7 +105,7 @@ def check_batch(batch, hash_config, num_actions: Optional[int] = None, history_l
 def check_inputs(batch, embeddings, hash_config, emb_size: int, num_actions: Optional[int] = None,
                  history_len: Optional[int] = None, num_candidates: Optional[int] = None,
                  need_candidates: bool = True) -> None:
-    """Checks a RecsysBatch and RecsysEmbeddings against each other and the config (spec section 2).
+    """Checks a RecsysBatch and RecsysEmbeddings against each other and the config.
 
     B, S and C are taken from `user_hashes`, `history_post_hashes` and `candidate_post_hashes`;
     `history_len`/`num_candidates`, when given, must match them. The model accepts any S and C:

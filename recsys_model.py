@@ -1,4 +1,4 @@
-"""Phoenix ranking model (spec sections 2, 3, 5).
+"""Phoenix ranking model.
 
 Shape glossary
   B  batch (users)                 S  history length
@@ -43,7 +43,7 @@ def _project(x: jax.Array, name: str, out_size: int, embed_init_scale: float) ->
 
 
 def block_user_reduce(user_hashes, user_embeddings, num_user_hashes, emb_size, embed_init_scale=1.0):
-    """User hashes' embeddings [B, Hu, D] -> ([B, 1, D], valid [B, 1]) via proj_mat_1 (spec section 3)."""
+    """User hashes' embeddings [B, Hu, D] -> ([B, 1, D], valid [B, 1]) via proj_mat_1."""
     B = user_embeddings.shape[0]
     x = user_embeddings.reshape(B, 1, num_user_hashes * emb_size)  # [B, 1, Hu*D]
     user_embedding = _project(x, "proj_mat_1", emb_size, embed_init_scale)  # [B, 1, D]
@@ -80,7 +80,7 @@ def block_candidate_reduce(candidate_post_hashes, candidate_post_embeddings, can
 
 
 class PhoenixConfigMethods:
-    """initialize() / make() shared by the ranking and the retrieval configs (spec sections 5, 6)."""
+    """initialize() / make() shared by the ranking and the retrieval configs."""
 
     _initialized = False
     DEFAULT_NAME = "phoenix_model"
@@ -105,7 +105,7 @@ class PhoenixConfigMethods:
 
 @dataclasses.dataclass
 class PhoenixModelConfig(PhoenixConfigMethods):
-    """Ranking model configuration (spec section 5). `.make()` builds a `PhoenixModel`."""
+    """Ranking model configuration. `.make()` builds a `PhoenixModel`."""
 
     model: TransformerConfig  # the shared transformer; its emb_size must equal emb_size
     emb_size: int  # D
@@ -172,7 +172,7 @@ def with_fprop_dtype(cfg: PhoenixModelConfig, dtype) -> PhoenixModelConfig:
 
 
 class PhoenixModel(hk.Module):
-    """Transformer ranker with candidate isolation and multi-action logits (spec section 5)."""
+    """Transformer ranker with candidate isolation and multi-action logits."""
 
     def __init__(self, model: Transformer, config: PhoenixModelConfig, fprop_dtype=jnp.bfloat16,
                  name: Optional[str] = None):

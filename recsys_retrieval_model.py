@@ -1,4 +1,4 @@
-"""Phoenix two-tower retrieval model (spec section 6).
+"""Phoenix two-tower retrieval model.
 
 Shape glossary
   B  batch (users)        S  history length       C  candidates per user
@@ -66,7 +66,7 @@ class CandidateTower(hk.Module):
 
 @dataclasses.dataclass
 class PhoenixRetrievalModelConfig(PhoenixConfigMethods):
-    """Two-tower retrieval configuration (spec section 6). `.make()` builds the model."""
+    """Two-tower retrieval configuration. `.make()` builds the model."""
 
     model: TransformerConfig  # the user tower's transformer; its emb_size must equal emb_size
     emb_size: int  # D
@@ -118,7 +118,7 @@ def retrieve_top_k(user_representation, corpus_embeddings, top_k: int, corpus_ma
 
 
 class PhoenixRetrievalModel(PhoenixModel):
-    """Transformer user tower + MLP candidate tower (spec section 6).
+    """Transformer user tower + MLP candidate tower.
 
     Shares the ranker's input construction (its action/surface embeddings and proj_mat_1/3).
     """

@@ -45,36 +45,21 @@ arbitrary (untrained), though the scores differ between candidates and actions, 
 release's zero-initialised demo.
 """
 
-import argparse
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import phoenix_checkpoint as checkpoint
+import phoenix_experiment as ex
 import train_synthetic as ts
 import phoenix_training as training
 from phoenix_datasets import SyntheticWorld, to_recsys_batch
-from grok import TransformerConfig
-from recsys_model import HashConfig, PhoenixModelConfig
+from phoenix_metrics import spearman
 from runners import ACTIONS, ModelRunner, RecsysInferenceRunner, create_example_batch
 
 BAR_WIDTH = 30
-CHECKPOINT_NAME = "demo_ranker"  # under $PHOENIX_CACHE_DIR/checkpoints (train_synthetic.checkpoint_path)
-DEMO_LEARNING_RATE = 6e-3  # as train_synthetic; 3e-3 learned less in the demo's 250 steps
 DISPLAY_SEED = 20_000  # example stream of the displayed users (evaluation examples use 10_000 + seed)
-
-
-def demo_config(emb_size=128, num_layers=2, history_len=32, num_candidates=8, hash_config=None,
-                fprop_dtype=jnp.bfloat16) -> PhoenixModelConfig:
-    """The release's demo configuration (default: its HashConfig and bfloat16 activations)."""
-    return PhoenixModelConfig(
-        model=TransformerConfig(emb_size=emb_size, key_size=64, num_q_heads=2, num_kv_heads=2,
-                                num_layers=num_layers, widening_factor=2, attn_output_multiplier=0.125),
-        emb_size=emb_size, num_actions=len(ACTIONS), history_seq_len=history_len,
-        candidate_seq_len=num_candidates, hash_config=hash_config or HashConfig(), fprop_dtype=fprop_dtype)
 
 
 def bar(p: float) -> str:
@@ -82,118 +67,46 @@ def bar(p: float) -> str:
     return "█" * int(filled) + ("▌" if filled - int(filled) >= 0.5 else "")
 
 
-def time_calls(fn, repeats: int):
-    """-> (first call seconds, median of `repeats` later calls in seconds)."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return first, float(np.median(times))
-
-
-def rankdata(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Mid-ranks (1-based; ties share their mean rank) along `axis`."""
-    x = np.moveaxis(np.asarray(x, np.float64), axis, -1)
-    order = np.argsort(x, axis=-1, kind="stable")
-    sorted_x = np.take_along_axis(x, order, axis=-1)
-    ranks = np.empty_like(sorted_x)
-    n = x.shape[-1]
-    flat_sorted, flat_ranks = sorted_x.reshape(-1, n), ranks.reshape(-1, n)
-    for row, values in enumerate(flat_sorted):
-        starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])  # first index of each tie group
-        ends = np.r_[starts[1:], n]
-        flat_ranks[row] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    out = np.empty_like(ranks)
-    np.put_along_axis(out, order, ranks, axis=-1)
-    return np.moveaxis(out, -1, axis)
-
-
-def spearman(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Spearman rank correlation of x and y along `axis` (Pearson correlation of mid-ranks); NaN
-    where either is constant."""
-    rx, ry = rankdata(x, axis), rankdata(y, axis)
-    rx = rx - rx.mean(axis=axis, keepdims=True)
-    ry = ry - ry.mean(axis=axis, keepdims=True)
-    denominator = np.sqrt((rx * rx).sum(axis=axis) * (ry * ry).sum(axis=axis))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (rx * ry).sum(axis=axis) / denominator
-
-
-def demo_world_config(args):
-    """train_synthetic's world with the demo's sizes."""
-    return ts.world_config(num_users=args.num_users, num_posts=args.num_posts, num_authors=args.num_authors,
-                           history_len=args.history_len, num_candidates=args.num_candidates, seed=args.world_seed,
-                           min_history_len=min(ts.WORLD_OVERRIDES["min_history_len"], args.history_len))
-
-
-def demo_hash_config(world_cfg) -> HashConfig:
-    """Tables of about twice each vocabulary (+1 for the unknown user): few collisions with 2 hashes."""
-    return HashConfig(user_table_size=2 * world_cfg.num_users + 3, post_table_size=2 * world_cfg.num_posts + 7,
-                      author_table_size=2 * world_cfg.num_authors + 1)
-
-
-def cached_checkpoint(path: str, key: str) -> str:
-    """"hit" if `path` holds a checkpoint saved with cache key `key`, else "missing" or "stale"."""
-    try:
-        extra = checkpoint.read_meta(path).get("extra") or {}
-    except (FileNotFoundError, ValueError):
-        return "missing"
-    return "hit" if extra.get("cache_key") == key else "stale"
-
-
 def train_demo_ranker(args, world, cfg, path: str, key: str) -> float:
     """Trains the demo ranker on the world's training users and saves it; returns seconds taken."""
     t0 = time.perf_counter()
     train_ids, _ = world.split_users()
     trainer = training.make_ranking_trainer(cfg, cfg.hash_config,
-                                            ts.optimizer_config(DEMO_LEARNING_RATE, args.steps),
-                                            table_init_stddev=ts.TABLE_INIT_STDDEV)
+                                            ex.optimizer_config(ex.DEMO_LEARNING_RATE, args.steps),
+                                            table_init_stddev=ex.TABLE_INIT_STDDEV)
     state = trainer.init(jax.random.PRNGKey(args.seed), ts.example_ranking_batch(world, cfg.hash_config))
     stream = ts.ranking_stream(world, train_ids, args.train_batch_size, args.seed, cfg.hash_config,
                                user_id_dropout=1.0)
     print(f"training the demo ranker: {args.steps} steps of {args.train_batch_size} users x "
           f"{world.cfg.num_candidates} candidates (progress on stderr)", flush=True)
-    state, _ = training.fit(trainer, state, stream, args.steps, log_every=max(1, min(50, args.steps)))
-    stream.close()
-    trainer.save(path, state, extra={"cache_key": key, "seed": args.seed, "steps": args.steps,
-                                     "unknown_user_id": ts.unknown_user_id(world.cfg)})
+    ex.fit_and_cache(trainer, state, stream, args, path, key, ts.unknown_user_id(world.cfg))
     return time.perf_counter() - t0
 
 
 def rank_examples(ranker, examples: dict, hash_config, batch_size: int) -> np.ndarray:
     """Predicted probabilities [n, C, A] of examples, in calls of `batch_size` users (n a multiple)."""
     out = []
-    for rows in ts.chunks(len(examples["user_ids"]), batch_size):
-        batch, _, _ = to_recsys_batch(ts.take(examples, rows), hash_config)
+    for rows in ex.chunks(len(examples["user_ids"]), batch_size):
+        batch, _, _ = to_recsys_batch(ex.take(examples, rows), hash_config)
         out.append(np.asarray(ranker.rank(batch).scores))
     return np.concatenate(out)
 
 
 def main_trained(args) -> dict:
-    world = SyntheticWorld(demo_world_config(args))
-    cfg = demo_config(args.emb_size, args.num_layers, args.history_len, args.num_candidates,
-                      hash_config=demo_hash_config(world.cfg), fprop_dtype=jnp.float32).initialize()
-    key = ts.cache_key(cfg, world.cfg, args.seed, args.steps, args.train_batch_size, DEMO_LEARNING_RATE)
-    status = cached_checkpoint(args.checkpoint, key)
-    if status == "hit":
-        print(f"loading the cached demo ranker from {args.checkpoint} (key {key})")
-        train_s = 0.0
-    else:
-        if status == "stale":
-            print(f"{args.checkpoint} holds a ranker of another config/seed/steps; retraining")
-        train_s = train_demo_ranker(args, world, cfg, args.checkpoint, key)
-        print(f"trained in {train_s:.0f} s (compile included), saved to {args.checkpoint} (key {key})")
+    world = SyntheticWorld(ex.demo_world_config(args))
+    cfg = ex.demo_ranker_config(args.emb_size, args.num_layers, args.history_len, args.num_candidates,
+                                hash_config=ex.demo_hash_config(world.cfg), fprop_dtype=jnp.float32).initialize()
+    key = ex.cache_key(cfg, world.cfg, args.seed, args.steps, args.train_batch_size, ex.DEMO_LEARNING_RATE)
+    loaded, train_s = ex.load_or_train(
+        args.checkpoint, key, "demo ranker", lambda: train_demo_ranker(args, world, cfg, args.checkpoint, key))
     ranker = RecsysInferenceRunner.from_checkpoint(args.checkpoint, name="demo_ranker")
     hashes = ranker.runner.model.hash_config
 
     _, held_out = world.split_users()
     shown = ts.held_out_examples(world, held_out[:args.batch_size], 1, "ranking", DISPLAY_SEED)
     batch, _, _ = to_recsys_batch(shown, hashes)
-    compile_s, call_s = time_calls(lambda: ranker.rank(batch).scores, repeats=20)
+    compile_s, call_ms, _ = ex.time_calls(lambda: ranker.rank(batch).scores, 20)
+    call_s = call_ms / 1e3
     out = ranker.rank(batch)
     scores, ranked = np.asarray(out.scores), np.asarray(out.ranked_indices)  # [B, C, A], [B, C]
     truth = shown["oracle"]  # [B, C, A]
@@ -220,7 +133,7 @@ def main_trained(args) -> dict:
     repeats = max(1, -(-args.eval_examples // len(held_out)))
     examples = ts.held_out_examples(world, held_out, repeats, "ranking", args.seed)
     usable = len(examples["user_ids"]) // args.batch_size * args.batch_size
-    examples = ts.take(examples, slice(0, min(usable, max(args.eval_examples, args.batch_size))))
+    examples = ex.take(examples, slice(0, min(usable, max(args.eval_examples, args.batch_size))))
     predicted = rank_examples(ranker, examples, hashes, args.batch_size)  # [n, C, A]
     true = examples["oracle"]  # [n, C, A]
     n, C, A = predicted.shape
@@ -232,18 +145,19 @@ def main_trained(args) -> dict:
           f"{np.nanmean(within):.3f}")
     print(f"\ncompile + first call: {compile_s:.2f} s   steady-state rank(): {call_s * 1e3:.2f} ms/call "
           f"(B={args.batch_size}, median of 20)")
-    return {"loaded": status == "hit", "train_s": train_s, "scores": scores, "spearman_favorite": float(pooled[0]),
+    return {"loaded": loaded, "train_s": train_s, "scores": scores, "spearman_favorite": float(pooled[0]),
             "spearman_within_favorite": float(within[0]), "spearman_mean": float(np.nanmean(pooled)),
             "compile_s": compile_s, "call_s": call_s}
 
 
 def main_untrained(args) -> dict:
-    cfg = demo_config(args.emb_size, args.num_layers, args.history_len, args.num_candidates)
+    cfg = ex.demo_ranker_config(args.emb_size, args.num_layers, args.history_len, args.num_candidates)
     ranker = RecsysInferenceRunner(ModelRunner(cfg, rng_seed=args.seed), name="demo_ranker")
     ranker.initialize()
     batch, embeddings = create_example_batch(args.batch_size, args.emb_size, args.history_len,
                                              args.num_candidates, len(ACTIONS), seed=args.seed)
-    compile_s, call_s = time_calls(lambda: ranker.rank(batch, embeddings).scores, repeats=20)
+    compile_s, call_ms, _ = ex.time_calls(lambda: ranker.rank(batch, embeddings).scores, 20)
+    call_s = call_ms / 1e3
     out = ranker.rank(batch, embeddings)
     scores = np.asarray(out.scores)  # [B, C, A]
     ranked = np.asarray(out.ranked_indices)  # [B, C]
@@ -266,38 +180,8 @@ def main_untrained(args) -> dict:
     return {"loaded": False, "scores": scores, "compile_s": compile_s, "call_s": call_s}
 
 
-def parse_args(argv):
-    world = ts.world_config()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--no-train", action="store_true", help="untrained release-style demo on a random batch")
-    parser.add_argument("--steps", type=int, default=250, help="training steps (part of the cache key)")
-    parser.add_argument("--checkpoint", default=ts.checkpoint_path(CHECKPOINT_NAME),
-                        help="cached trained ranker (default: under $PHOENIX_CACHE_DIR, else ~/.cache/phoenix)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and the training stream")
-    parser.add_argument("--batch-size", type=int, default=2, help="users per rank call (shown and timed)")
-    parser.add_argument("--train-batch-size", type=int, default=64, help="users per training step")
-    parser.add_argument("--emb-size", type=int, default=128)
-    parser.add_argument("--num-layers", type=int, default=2)
-    parser.add_argument("--history-len", type=int, default=32)
-    parser.add_argument("--num-candidates", type=int, default=8)
-    parser.add_argument("--num-users", type=int, default=world.num_users)
-    parser.add_argument("--num-posts", type=int, default=world.num_posts)
-    parser.add_argument("--num-authors", type=int, default=world.num_authors)
-    parser.add_argument("--world-seed", type=int, default=world.seed)
-    parser.add_argument("--eval-examples", type=int, default=1000, help="held-out examples for the correlation")
-    parser.add_argument("--show-top", type=int, default=2, help="candidates per user shown with all action bars")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> dict:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    return main_untrained(args) if args.no_train else main_trained(args)
-
-
-def cli() -> None:
-    """The `phoenix-rank` console script: main() without its result dict, which sys.exit would print
-    as an error and turn into exit status 1."""
-    main()
+# parse_args(argv), main(argv=None) -> result dict, cli(): the console script
+parse_args, main, cli = ex.demo_entry_points(__doc__, "ranker", main_trained, main_untrained)
 
 
 if __name__ == "__main__":

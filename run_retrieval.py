@@ -46,39 +46,23 @@ the cache. With --no-train about 10 s (1,000-item random corpus; weights random,
 is arbitrary).
 """
 
-import argparse
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import phoenix_experiment as ex
+from phoenix_metrics import recall_at_k
 import train_synthetic as ts
 import phoenix_training as training
 from phoenix_datasets import SyntheticWorld, to_retrieval_batch
-from grok import TransformerConfig
-from recsys_model import HashConfig
-from recsys_retrieval_model import PhoenixRetrievalModelConfig
-from run_ranker import cached_checkpoint, demo_hash_config, demo_world_config, time_calls
 from runners import (ACTIONS, RecsysRetrievalInferenceRunner, RetrievalModelRunner, create_example_batch,
                      create_example_corpus)
 
-CHECKPOINT_NAME = "demo_retrieval"  # under $PHOENIX_CACHE_DIR/checkpoints (train_synthetic.checkpoint_path)
-DEMO_LEARNING_RATE = 6e-3
 DISPLAY_SEED = 20_000  # example stream of the displayed users (evaluation examples use 10_000 + seed)
 RECALL_K = ts.RECALL_K
 FREQUENCY_USERS = 5_000  # users sampled for the popularity / logQ estimate (the default 20k: ~4x slower)
-
-
-def demo_config(emb_size=128, num_layers=2, history_len=32, num_candidates=8, hash_config=None,
-                fprop_dtype=jnp.bfloat16) -> PhoenixRetrievalModelConfig:
-    """The release's demo configuration (default: its HashConfig and bfloat16 activations)."""
-    return PhoenixRetrievalModelConfig(
-        model=TransformerConfig(emb_size=emb_size, key_size=64, num_q_heads=2, num_kv_heads=2,
-                                num_layers=num_layers, widening_factor=2, attn_output_multiplier=0.125),
-        emb_size=emb_size, history_seq_len=history_len, candidate_seq_len=num_candidates,
-        hash_config=hash_config or HashConfig(), fprop_dtype=fprop_dtype)
 
 
 def train_demo_retrieval(args, world, cfg, log_freq, path: str, key: str) -> float:
@@ -86,46 +70,37 @@ def train_demo_retrieval(args, world, cfg, log_freq, path: str, key: str) -> flo
     t0 = time.perf_counter()
     train_ids, _ = world.split_users()
     trainer = training.make_retrieval_trainer(cfg, cfg.hash_config,
-                                              ts.optimizer_config(DEMO_LEARNING_RATE, args.steps),
-                                              table_init_stddev=ts.TABLE_INIT_STDDEV)
+                                              ex.optimizer_config(ex.DEMO_LEARNING_RATE, args.steps),
+                                              table_init_stddev=ex.TABLE_INIT_STDDEV)
     state = trainer.init(jax.random.PRNGKey(args.seed), to_retrieval_batch(
         world.retrieval_examples(np.zeros(2, np.int64), 0), cfg.hash_config))
     stream = ts.retrieval_stream(world, train_ids, args.train_batch_size, args.seed, cfg.hash_config,
                                  user_id_dropout=1.0, log_freq=log_freq)
     print(f"training the demo retrieval model: {args.steps} steps of {args.train_batch_size} (user, next "
           f"engaged post) rows (progress on stderr)", flush=True)
-    state, _ = training.fit(trainer, state, stream, args.steps, log_every=max(1, min(50, args.steps)))
-    stream.close()
-    trainer.save(path, state, extra={"cache_key": key, "seed": args.seed, "steps": args.steps,
-                                     "unknown_user_id": ts.unknown_user_id(world.cfg)})
+    ex.fit_and_cache(trainer, state, stream, args, path, key, ts.unknown_user_id(world.cfg))
     return time.perf_counter() - t0
 
 
 def retrieve_examples(retriever, examples: dict, hash_config, batch_size: int, top_k: int) -> np.ndarray:
     """Retrieved corpus indices [n, top_k] of retrieval examples, `batch_size` users per call."""
     out = []
-    for rows in ts.chunks(len(examples["user_ids"]), batch_size):
-        batch = to_retrieval_batch(ts.take(examples, rows), hash_config)
+    for rows in ex.chunks(len(examples["user_ids"]), batch_size):
+        batch = to_retrieval_batch(ex.take(examples, rows), hash_config)
         out.append(np.asarray(retriever.retrieve(batch, top_k=top_k).top_k_indices))
     return np.concatenate(out)
 
 
 def main_trained(args) -> dict:
-    world = SyntheticWorld(demo_world_config(args))
+    world = SyntheticWorld(ex.demo_world_config(args))
     train_ids, held_out = world.split_users()
-    cfg = demo_config(args.emb_size, args.num_layers, args.history_len,
-                      hash_config=demo_hash_config(world.cfg), fprop_dtype=jnp.float32).initialize()
-    key = ts.cache_key(cfg, world.cfg, args.seed, args.steps, args.train_batch_size, DEMO_LEARNING_RATE)
+    cfg = ex.demo_retrieval_config(args.emb_size, args.num_layers, args.history_len,
+                                   hash_config=ex.demo_hash_config(world.cfg), fprop_dtype=jnp.float32).initialize()
+    key = ex.cache_key(cfg, world.cfg, args.seed, args.steps, args.train_batch_size, ex.DEMO_LEARNING_RATE)
     freq = world.positive_frequencies(train_ids, num_users=FREQUENCY_USERS)  # [N] logQ and popularity
-    status = cached_checkpoint(args.checkpoint, key)
-    if status == "hit":
-        print(f"loading the cached demo retrieval model from {args.checkpoint} (key {key})")
-        train_s = 0.0
-    else:
-        if status == "stale":
-            print(f"{args.checkpoint} holds a model of another config/seed/steps; retraining")
-        train_s = train_demo_retrieval(args, world, cfg, np.log(freq), args.checkpoint, key)
-        print(f"trained in {train_s:.0f} s (compile included), saved to {args.checkpoint} (key {key})")
+    loaded, train_s = ex.load_or_train(
+        args.checkpoint, key, "demo retrieval model",
+        lambda: train_demo_retrieval(args, world, cfg, np.log(freq), args.checkpoint, key))
     retriever = RecsysRetrievalInferenceRunner.from_checkpoint(args.checkpoint, name="demo_retrieval")
     hashes = retriever.runner.model.hash_config
 
@@ -140,7 +115,8 @@ def main_trained(args) -> dict:
 
     shown = ts.held_out_examples(world, held_out[:args.batch_size], 1, "retrieval", DISPLAY_SEED)
     batch = to_retrieval_batch(shown, hashes)
-    compile_s, call_s = time_calls(lambda: retriever.retrieve(batch, top_k=search_k).top_k_indices, repeats=20)
+    compile_s, call_ms, _ = ex.time_calls(lambda: retriever.retrieve(batch, top_k=search_k).top_k_indices, 20)
+    call_s = call_ms / 1e3
     out = retriever.retrieve(batch, top_k=search_k)
     retrieved = retriever.corpus_post_ids[np.asarray(out.top_k_indices)]  # [B, K] post ids
     scores = np.asarray(out.top_k_scores)  # [B, K]
@@ -175,7 +151,7 @@ def main_trained(args) -> dict:
     repeats = max(1, -(-args.eval_examples // len(held_out)))
     examples = ts.held_out_examples(world, held_out, repeats, "retrieval", args.seed)
     usable = len(examples["user_ids"]) // args.batch_size * args.batch_size
-    examples = ts.take(examples, slice(0, min(usable, max(args.eval_examples, args.batch_size))))
+    examples = ex.take(examples, slice(0, min(usable, max(args.eval_examples, args.batch_size))))
     got = retriever.corpus_post_ids[retrieve_examples(retriever, examples, hashes, args.batch_size, search_k)]
     positives = examples["positive_post_ids"]
     users, inverse = np.unique(examples["true_user_ids"], return_inverse=True)
@@ -183,8 +159,8 @@ def main_trained(args) -> dict:
     true_top_all = np.argsort(-oracle_all, axis=1)[:, :top_k][inverse]  # [n, K]
     overlap = np.mean([len(set(g[:top_k]) & set(t)) / top_k for g, t in zip(got, true_top_all)])
     recall = {"model": float(np.mean([p in g[:RECALL_K] for p, g in zip(positives, got)])),
-              "popularity": ts.recall_at_k(np.broadcast_to(freq, (len(positives), num_posts)), positives, RECALL_K),
-              "oracle": ts.recall_at_k(oracle_all[inverse], positives, RECALL_K)}
+              "popularity": recall_at_k(np.broadcast_to(freq, (len(positives), num_posts)), positives, RECALL_K),
+              "oracle": recall_at_k(oracle_all[inverse], positives, RECALL_K)}
     affinity = np.mean(world.affinity(examples["true_user_ids"][:, None], got[:, :top_k]))
     print(f"\nOver {len(positives)} held-out examples ({len(users)} users):")
     print(f"  overlap of the retrieved top-{top_k} with the true top-{top_k}: {overlap:.1%} "
@@ -194,20 +170,21 @@ def main_trained(args) -> dict:
           f"popularity {recall['popularity']:.3f}, oracle {recall['oracle']:.3f}")
     print(f"\ncompile + first call: {compile_s:.2f} s   steady-state retrieve(top_k={search_k}): {call_s * 1e3:.2f} "
           f"ms/call (B={args.batch_size}, median of 20)")
-    return {"loaded": status == "hit", "train_s": train_s, "retrieved": retrieved, "overlap": float(overlap),
+    return {"loaded": loaded, "train_s": train_s, "retrieved": retrieved, "overlap": float(overlap),
             "recall": recall, "compile_s": compile_s, "call_s": call_s}
 
 
 def main_untrained(args) -> dict:
-    cfg = demo_config(args.emb_size, args.num_layers, args.history_len)
+    cfg = ex.demo_retrieval_config(args.emb_size, args.num_layers, args.history_len)
     retriever = RecsysRetrievalInferenceRunner(RetrievalModelRunner(cfg, rng_seed=args.seed), name="demo_retrieval")
     retriever.initialize()
     batch, embeddings = create_example_batch(args.batch_size, args.emb_size, args.history_len,
                                              cfg.candidate_seq_len, len(ACTIONS), seed=args.seed)
     corpus, post_ids = create_example_corpus(args.corpus_size, args.emb_size)
     retriever.set_corpus(corpus, post_ids)
-    compile_s, call_s = time_calls(lambda: retriever.retrieve(batch, embeddings, top_k=args.top_k).top_k_scores,
-                                   repeats=20)
+    compile_s, call_ms, _ = ex.time_calls(
+        lambda: retriever.retrieve(batch, embeddings, top_k=args.top_k).top_k_scores, 20)
+    call_s = call_ms / 1e3
     out = retriever.retrieve(batch, embeddings, top_k=args.top_k)
     indices, scores = np.asarray(out.top_k_indices), np.asarray(out.top_k_scores)
 
@@ -223,39 +200,8 @@ def main_untrained(args) -> dict:
     return {"loaded": False, "indices": indices, "scores": scores, "compile_s": compile_s, "call_s": call_s}
 
 
-def parse_args(argv):
-    world = ts.world_config()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--no-train", action="store_true", help="untrained release-style demo on random data")
-    parser.add_argument("--steps", type=int, default=250, help="training steps (part of the cache key)")
-    parser.add_argument("--checkpoint", default=ts.checkpoint_path(CHECKPOINT_NAME),
-                        help="cached trained model (default: under $PHOENIX_CACHE_DIR, else ~/.cache/phoenix)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and the training stream")
-    parser.add_argument("--batch-size", type=int, default=2, help="users per retrieve call (shown and timed)")
-    parser.add_argument("--train-batch-size", type=int, default=64, help="in-batch softmax rows per step")
-    parser.add_argument("--top-k", type=int, default=10, help="posts shown per user")
-    parser.add_argument("--emb-size", type=int, default=128)
-    parser.add_argument("--num-layers", type=int, default=2)
-    parser.add_argument("--history-len", type=int, default=32)
-    parser.add_argument("--num-candidates", type=int, default=8, help="(world's ranking candidates; unused here)")
-    parser.add_argument("--num-users", type=int, default=world.num_users)
-    parser.add_argument("--num-posts", type=int, default=world.num_posts)
-    parser.add_argument("--num-authors", type=int, default=world.num_authors)
-    parser.add_argument("--world-seed", type=int, default=world.seed)
-    parser.add_argument("--eval-examples", type=int, default=1000, help="held-out examples for overlap and recall")
-    parser.add_argument("--corpus-size", type=int, default=1000, help="random corpus of --no-train")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> dict:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    return main_untrained(args) if args.no_train else main_trained(args)
-
-
-def cli() -> None:
-    """The `phoenix-retrieve` console script: main() without its result dict (sys.exit would print it
-    and exit with status 1)."""
-    main()
+# parse_args(argv), main(argv=None) -> result dict, cli(): the console script
+parse_args, main, cli = ex.demo_entry_points(__doc__, "retrieval", main_trained, main_untrained)
 
 
 if __name__ == "__main__":

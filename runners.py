@@ -1,4 +1,4 @@
-"""Runners: parameter init and compiled inference for the ranker and the retrieval model (spec section 7).
+"""Runners: parameter init and compiled inference for the ranker and the retrieval model.
 
 Shape glossary
   B batch   S history length   C candidates   D embedding size   A actions   N corpus   K top-k
@@ -29,7 +29,8 @@ from phoenix_inputs import (ACTIONS, create_dummy_batch_from_config,  # noqa: F4
 from phoenix_inputs import RecsysBatch, RecsysEmbeddings
 from recsys_model import PhoenixModelConfig, PrefixCache, resolve_compute_dtype, with_fprop_dtype
 from phoenix_index import CorpusIndex, ShardedCorpusIndex
-from recsys_retrieval_model import PhoenixRetrievalModelConfig, l2_normalize, retrieve_top_k
+# RetrievalOutput is the model's; the release names it in this module too.
+from recsys_retrieval_model import PhoenixRetrievalModelConfig, RetrievalOutput, l2_normalize, retrieve_top_k  # noqa: F401
 from phoenix_validation import (INF, check_array, check_candidate_inputs, check_hash_range, check_inputs,
                                 check_int, check_number, check_top_k, check_values, values_enabled)
 
@@ -61,12 +62,6 @@ class RankingOutput(NamedTuple):
     p_mute_author_score: Optional[jax.Array] = None
     p_report_score: Optional[jax.Array] = None
     p_dwell_time: Optional[jax.Array] = None
-
-
-class RetrievalOutput(NamedTuple):
-    user_representation: jax.Array  # [B, D]
-    top_k_indices: jax.Array  # [B, K] into the corpus
-    top_k_scores: jax.Array  # [B, K] best first
 
 
 # Which runner loads a checkpoint, by the class of the model config saved in it.
@@ -156,22 +151,23 @@ class BaseModelRunner:
         self.forward = self.make_forward_fn()
 
     def make_forward_fn(self) -> hk.Transformed:
-        raise NotImplementedError
+        """forward.apply(params, rng, batch, emb, call="__call__", **kw): the model of phoenix_forward
+        (the ranker's __call__ -> RecsysModelOutput; any model method by name, or a function)."""
+        return ModelForward(self.model).transformed
 
 
-class ModelRunner(BaseModelRunner):
-    """Ranking model runner: `forward(batch, recsys_embeddings) -> RecsysModelOutput`."""
+class _ConfiguredModelRunner(BaseModelRunner):
+    """A model runner built from a model config of class CONFIG (refused otherwise, naming the right runner)."""
 
-    CONFIG = PhoenixModelConfig
-
-    def __init__(self, model: PhoenixModelConfig, bs_per_device: float = 2.0, rng_seed: int = 42,
-                 checkpoint_path: Optional[str] = None):
+    def __init__(self, model, bs_per_device: float = 2.0, rng_seed: int = 42, checkpoint_path: Optional[str] = None):
         super().__init__(bs_per_device, rng_seed, checkpoint_path)
         self.model = _check_model_config(model, self.CONFIG)
 
-    def make_forward_fn(self) -> hk.Transformed:
-        # forward.apply(params, rng, batch, emb) -> RecsysModelOutput: the model of phoenix_forward.
-        return ModelForward(self.model).transformed
+
+class ModelRunner(_ConfiguredModelRunner):
+    """Ranking model runner: `forward(batch, recsys_embeddings) -> RecsysModelOutput`."""
+
+    CONFIG = PhoenixModelConfig
 
     def init(self, rng, data: RecsysBatch, embeddings: RecsysEmbeddings) -> TrainingState:
         # Jitted: eager init re-dispatches every initializer op and is ~3x slower.
@@ -181,19 +177,10 @@ class ModelRunner(BaseModelRunner):
         return self._load_or_init(lambda: self.init(jax.random.PRNGKey(self.rng_seed), init_data, init_embeddings))
 
 
-class RetrievalModelRunner(BaseModelRunner):
+class RetrievalModelRunner(_ConfiguredModelRunner):
     """Retrieval runner: its forward also runs the candidate tower, so init creates its params."""
 
     CONFIG = PhoenixRetrievalModelConfig
-
-    def __init__(self, model: PhoenixRetrievalModelConfig, bs_per_device: float = 2.0, rng_seed: int = 42,
-                 checkpoint_path: Optional[str] = None):
-        super().__init__(bs_per_device, rng_seed, checkpoint_path)
-        self.model = _check_model_config(model, self.CONFIG)
-
-    def make_forward_fn(self) -> hk.Transformed:
-        # forward.apply(params, rng, batch, emb, call=...) runs any method of the model (phoenix_forward).
-        return ModelForward(self.model).transformed
 
     def init(self, rng, data, embeddings, corpus_embeddings=None, top_k=None) -> TrainingState:
         """Both towers' parameters (the corpus arguments, kept for the release's signature, are not
@@ -308,22 +295,25 @@ class BaseInferenceRunner:
         check_values(batch, recsys_embeddings, cfg.product_surface_vocab_size)
 
 
-def _candidate_slice(batch: RecsysBatch, emb: RecsysEmbeddings, start: int, stop: int):
-    """Candidates [start, stop) of a batch, padded with padding candidates (hash 0) up to stop - start."""
+def _candidate_chunks(batch: RecsysBatch, emb: RecsysEmbeddings, chunk: int):
+    """The candidate fields split into chunks of `chunk` (the last padded with padding candidates,
+    hash 0): [(batch, embeddings)] whose arrays stay where they are (device arrays stay on device)."""
     C = batch.candidate_post_hashes.shape[1]
-    pad = max(0, stop - C)
+    pad = -C % chunk
 
-    def take(x):
-        x = np.asarray(x)[:, start:stop]
-        if pad:
-            x = np.concatenate([x, np.zeros((x.shape[0], pad) + x.shape[2:], x.dtype)], axis=1)
-        return x
+    def padded(x):
+        x = jnp.asarray(x)
+        return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
 
-    return (batch._replace(candidate_post_hashes=take(batch.candidate_post_hashes),
-                           candidate_author_hashes=take(batch.candidate_author_hashes),
-                           candidate_product_surface=take(batch.candidate_product_surface)),
-            RecsysEmbeddings(emb.user_embeddings, emb.history_post_embeddings, take(emb.candidate_post_embeddings),
-                             emb.history_author_embeddings, take(emb.candidate_author_embeddings)))
+    fields = [padded(x) for x in (batch.candidate_post_hashes, batch.candidate_author_hashes,
+                                  batch.candidate_product_surface, emb.candidate_post_embeddings,
+                                  emb.candidate_author_embeddings)]
+    for start in range(0, C + pad, chunk):
+        post, author, surface, post_emb, author_emb = (x[:, start:start + chunk] for x in fields)
+        yield start, (batch._replace(candidate_post_hashes=post, candidate_author_hashes=author,
+                                     candidate_product_surface=surface),
+                      RecsysEmbeddings(emb.user_embeddings, emb.history_post_embeddings, post_emb,
+                                       emb.history_author_embeddings, author_emb))
 
 
 def ranking_output(probs: jax.Array, candidate_mask: jax.Array) -> RankingOutput:
@@ -428,7 +418,8 @@ class RecsysInferenceRunner(BaseInferenceRunner):
 
         Encodes the prefix once, scores the candidates in chunks of `chunk_size` (the last chunk is
         padded, so one compiled function serves every chunk), then ranks all of them. Equal to
-        `rank` on the same inputs; peak activation memory grows with chunk_size, not with C.
+        `rank` on the same inputs; peak activation memory grows with chunk_size, not with C. Inputs
+        already on device stay there: the chunks are sliced and padded by XLA, not on the host.
         """
         self._require_initialized("rank_large")
         chunk_size = check_int(chunk_size, "chunk_size")
@@ -437,10 +428,8 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         prefix = self._prefix(self.params, *self._shard(batch, recsys_embeddings))
         C = batch.candidate_post_hashes.shape[1]  # >= 1 (checked), so the chunk below is too
         chunk = min(chunk_size, C)
-        probs = []
-        for start in range(0, C, chunk):
-            cb, ce = _candidate_slice(batch, recsys_embeddings, start, start + chunk)
-            probs.append(self._score(self.params, *self._shard(cb, ce), prefix, jnp.int32(start)))
+        probs = [self._score(self.params, *self._shard(cb, ce), prefix, jnp.int32(start))
+                 for start, (cb, ce) in _candidate_chunks(batch, recsys_embeddings, chunk)]
         probs = jnp.concatenate(probs, axis=1)[:, :C]  # [B, C, A]
         return self._order(probs, batch.candidate_post_hashes[:, :, 0] != 0)
 

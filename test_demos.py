@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 import phoenix_checkpoint as checkpoint
+import phoenix_experiment as ex
+import phoenix_metrics as metrics
 import run_ranker
 import run_retrieval
 import run_train
-import train_synthetic as ts
 
 TINY_MODEL = ["--emb-size", "16", "--num-layers", "1", "--history-len", "8"]
 TINY_WORLD = ["--num-users", "60", "--num-posts", "200", "--num-authors", "20", "--eval-examples", "8"]
@@ -65,7 +66,7 @@ def test_ranker_demo_trains_then_reuses_its_cache(cache_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert not first["loaded"] and "training the demo ranker: 3 steps" in text
     saved = cache_dir / "checkpoints" / "demo_ranker"
-    assert f"saved to {saved}" in text and run_ranker.cached_checkpoint(str(saved), "none") == "stale"
+    assert f"saved to {saved}" in text and ex.cached_checkpoint(str(saved), "none") == "stale"
     assert not list((tmp_path / "cwd").iterdir())  # nothing written into the working directory
     assert "true P(fav)" in text and "Spearman rank correlation" in text and "P(favorite):" in text
     assert np.isfinite(first["spearman_favorite"]) and -1 <= first["spearman_favorite"] <= 1
@@ -114,20 +115,20 @@ def check_true_top_is_sorted_by_printed_p_next(text: str, top_k: int):
 
 def test_cache_is_keyed_and_a_stale_cache_is_not_reused(tmp_path):
     path = str(tmp_path / "ckpt")
-    assert run_ranker.cached_checkpoint(path, "k") == "missing"
+    assert ex.cached_checkpoint(path, "k") == "missing"
     checkpoint.save_checkpoint(path, {"m": {"w": np.zeros(2, np.float32)}}, extra={"cache_key": "k"})
-    assert run_ranker.cached_checkpoint(path, "k") == "hit"
-    assert run_ranker.cached_checkpoint(path, "other") == "stale"
+    assert ex.cached_checkpoint(path, "k") == "hit"
+    assert ex.cached_checkpoint(path, "other") == "stale"
     # Every part of the key matters: model config, world, seed, steps.
     args = run_ranker.parse_args([*TINY_MODEL, *TINY_WORLD])
-    world_cfg = run_ranker.demo_world_config(args)
-    cfg = run_ranker.demo_config(16, 1, 8, 4, hash_config=run_ranker.demo_hash_config(world_cfg))
-    deeper = run_ranker.demo_config(16, 2, 8, 4, hash_config=run_ranker.demo_hash_config(world_cfg))
+    world_cfg = ex.demo_world_config(args)
+    cfg = ex.demo_ranker_config(16, 1, 8, 4, hash_config=ex.demo_hash_config(world_cfg))
+    deeper = ex.demo_ranker_config(16, 2, 8, 4, hash_config=ex.demo_hash_config(world_cfg))
     other_world = dataclasses.replace(world_cfg, seed=1)
-    base = ts.cache_key(cfg, world_cfg, 0, 2)
-    assert base == ts.cache_key(cfg, world_cfg, 0, 2)
-    keys = {base, ts.cache_key(cfg, world_cfg, 1, 2), ts.cache_key(cfg, world_cfg, 0, 3),
-            ts.cache_key(deeper, world_cfg, 0, 2), ts.cache_key(cfg, other_world, 0, 2)}
+    base = ex.cache_key(cfg, world_cfg, 0, 2)
+    assert base == ex.cache_key(cfg, world_cfg, 0, 2)
+    keys = {base, ex.cache_key(cfg, world_cfg, 1, 2), ex.cache_key(cfg, world_cfg, 0, 3),
+            ex.cache_key(deeper, world_cfg, 0, 2), ex.cache_key(cfg, other_world, 0, 2)}
     assert len(keys) == 5
 
 
@@ -138,14 +139,14 @@ def test_cache_is_keyed_and_a_stale_cache_is_not_reused(tmp_path):
     ([1, 1, 2, 3], [1, 2, 3, 4], 0.9486832980505138),  # ties: Pearson of mid-ranks [1.5, 1.5, 3, 4]
 ], ids=["identical", "reversed", "swaps", "ties"])
 def test_spearman_golden(x, y, want):
-    assert run_ranker.spearman(np.array(x, float), np.array(y, float)) == pytest.approx(want)
+    assert metrics.spearman(np.array(x, float), np.array(y, float)) == pytest.approx(want)
 
 
 def test_spearman_along_axes_matches_rows():
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((5, 7)), rng.standard_normal((5, 7))
-    rows = [run_ranker.spearman(a, b) for a, b in zip(x, y)]
-    np.testing.assert_allclose(run_ranker.spearman(x, y, axis=1), rows, rtol=1e-12)
-    np.testing.assert_allclose(run_ranker.spearman(x.T, y.T, axis=0), rows, rtol=1e-12)
-    np.testing.assert_array_equal(run_ranker.rankdata([3.0, 1.0, 3.0, 2.0]), [3.5, 1.0, 3.5, 2.0])
-    assert np.isnan(run_ranker.spearman(np.ones(4), np.arange(4.0)))
+    rows = [metrics.spearman(a, b) for a, b in zip(x, y)]
+    np.testing.assert_allclose(metrics.spearman(x, y, axis=1), rows, rtol=1e-12)
+    np.testing.assert_allclose(metrics.spearman(x.T, y.T, axis=0), rows, rtol=1e-12)
+    np.testing.assert_array_equal(metrics.rankdata([3.0, 1.0, 3.0, 2.0]), [3.5, 1.0, 3.5, 2.0])
+    assert np.isnan(metrics.spearman(np.ones(4), np.arange(4.0)))

@@ -1,4 +1,4 @@
-"""Transformer pieces vs the spec's formulas in NumPy (spec section 4)."""
+"""Transformer pieces vs the release's formulas restated in NumPy."""
 
 import haiku as hk
 import jax

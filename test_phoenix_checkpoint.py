@@ -26,7 +26,7 @@ from recsys_retrieval_model import PhoenixRetrievalModelConfig
 
 
 def release_params(seed: int = 0) -> dict:
-    """A ranker parameter tree in the release layout (spec section 8), plus a bf16 array holding
+    """A ranker parameter tree in the release layout, plus a bf16 array holding
     values whose bits must survive: NaN, +-inf, -0, a subnormal, the largest finite bf16."""
     params = random_release_params(tiny_ranker_config(), "phoenix_model", seed=seed)
     params["extra_module"] = {"bf16": jnp.asarray([np.nan, np.inf, -np.inf, -0.0, 1e-40, 3.3895e38, 1.5],

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import phoenix_datasets as datasets
+import phoenix_metrics as metrics
 from phoenix_datasets import ACTIONS, NEGATIVE_ACTIONS, SyntheticWorld, WorldConfig
 from phoenix_hashing import hash_post_ids, hash_user_ids
 from phoenix_inputs import PAD_ID
@@ -128,8 +129,8 @@ def _bad_id_calls():
         "ranking-batches-bool-size": (lambda: next(w.ranking_batches([0], True)), TypeError, r"batch_size"),
         "retrieval-batches-negative": (lambda: next(w.retrieval_batches([-1], 2)), ValueError, users),
         "split-nan-fraction": (lambda: datasets.split_users(10, float("nan")), ValueError, r"held_out_fraction"),
-        "auc-length-mismatch": (lambda: datasets.auc(np.zeros(3), np.zeros(2)), ValueError, r"labels: expected 3"),
-        "auc-nan-score": (lambda: datasets.auc(np.array([0.1, np.nan]), np.array([0, 1])), ValueError, r"scores:"),
+        "auc-length-mismatch": (lambda: metrics.auc(np.zeros(3), np.zeros(2)), ValueError, r"labels: expected 3"),
+        "auc-nan-score": (lambda: metrics.auc(np.array([0.1, np.nan]), np.array([0, 1])), ValueError, r"scores:"),
     }
 
 
@@ -389,12 +390,12 @@ def test_oracle_auc_on_sampled_labels(ranking, world):
     for a, name in enumerate(ACTIONS):
         labels = ranking["labels"][..., a]
         if 30 <= labels.sum() <= labels.size - 30:
-            aucs[name] = datasets.auc(ranking["oracle"][..., a], labels)
+            aucs[name] = metrics.auc(ranking["oracle"][..., a], labels)
     assert len(aucs) >= 15, aucs
     assert min(aucs.values()) > 0.7, aucs
     # Popularity alone is a meaningful but beatable baseline for favorites.
     fav = ACTIONS.index("favorite_score")
-    pop_auc = datasets.auc(world.post_popularity[ranking["candidate_post_ids"]],
+    pop_auc = metrics.auc(world.post_popularity[ranking["candidate_post_ids"]],
                            ranking["labels"][..., fav])
     assert 0.55 < pop_auc < aucs["favorite_score"] - 0.1
 
@@ -438,10 +439,10 @@ def test_row_sampler_matches_probabilities():
 
 def test_auc_golden():
     # Positives 0.35 and 0.8 vs negatives 0.1 and 0.4: 3 of 4 pairs ordered -> 0.75.
-    assert datasets.auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
-    assert datasets.auc([1.0, 1.0], [1, 0]) == pytest.approx(0.5)  # a tie counts half
-    assert datasets.auc([0.2, 0.9, 0.5], [0, 1, 1]) == pytest.approx(1.0)
-    assert math.isnan(datasets.auc([0.2, 0.9], [1, 1]))
+    assert metrics.auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert metrics.auc([1.0, 1.0], [1, 0]) == pytest.approx(0.5)  # a tie counts half
+    assert metrics.auc([0.2, 0.9, 0.5], [0, 1, 1]) == pytest.approx(1.0)
+    assert math.isnan(metrics.auc([0.2, 0.9], [1, 1]))
 
 
 def test_impression_probabilities_sum_to_one(world):

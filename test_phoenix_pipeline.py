@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 import movielens as ml
+import phoenix_log as logs
+import phoenix_two_stage as two_stage
 import phoenix_pipeline as pipeline
 import run_train
 import train_movielens as tm
@@ -65,10 +67,10 @@ def write(path: Path, text: str) -> Path:
 def test_csv_columns_ids_and_actions(tmp_path):
     path = write(tmp_path / "log.csv", "u,item_id,timestamp,stars,share_score,note\n"
                                        'alice,12,100,4,0,"a, quoted"\nbob,007,90,2,1,x\nalice,7,101,5,0,y\n')
-    log = pipeline.read_csv(path, pipeline.Columns(user="u", rating="stars"))
+    log = logs.read_csv(path, logs.Columns(user="u", rating="stars"))
     assert log.tokens("user", log.user) == ["alice", "bob", "alice"]  # strings, hashed by string_id
-    np.testing.assert_array_equal(log.user, [pipeline.string_id("alice"), pipeline.string_id("bob")] * 1
-                                  + [pipeline.string_id("alice")])
+    np.testing.assert_array_equal(log.user, [logs.string_id("alice"), logs.string_id("bob")] * 1
+                                  + [logs.string_id("alice")])
     assert log.tokens("item", log.item) == ["12", "007", "7"]  # "007" is not 7: the column is strings
     assert list(log.line) == [2, 3, 4]
     A = {name: log.actions[:, ml.ACTIONS.index(name)].tolist() for name in
@@ -80,31 +82,31 @@ def test_csv_columns_ids_and_actions(tmp_path):
 
 
 def test_integer_ids_stay_raw_and_string_ids_are_stable(tmp_path):
-    log = pipeline.read_csv(write(tmp_path / "log.csv", "user_id,item_id,timestamp\n5,9223372036854775807,1\n6,0,2\n"))
+    log = logs.read_csv(write(tmp_path / "log.csv", "user_id,item_id,timestamp\n5,9223372036854775807,1\n6,0,2\n"))
     assert log.names == {} and log.user.tolist() == [5, 6] and log.item.tolist() == [2**63 - 1, 0]
     # Golden values: string_id must never change, or served ids stop matching trained rows.
-    assert pipeline.string_id("alice") == 4966672586037949734
-    assert pipeline.string_id("") == 6510301506637419378
-    assert all(0 <= pipeline.string_id(t) < 2**63 for t in ("x", "ü", "a" * 1000))
+    assert logs.string_id("alice") == 4966672586037949734
+    assert logs.string_id("") == 6510301506637419378
+    assert all(0 <= logs.string_id(t) < 2**63 for t in ("x", "ü", "a" * 1000))
 
 
 def test_a_string_id_collision_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "string_id", lambda token: 42)
-    with pytest.raises(pipeline.LogError, match=r"ids 'a' and 'b' hash to the same int64 42"):
-        pipeline.read_csv(write(tmp_path / "log.csv", "user_id,item_id,timestamp\na,1,1\nb,2,2\n"))
+    monkeypatch.setattr(logs, "string_id", lambda token: 42)
+    with pytest.raises(logs.LogError, match=r"ids 'a' and 'b' hash to the same int64 42"):
+        logs.read_csv(write(tmp_path / "log.csv", "user_id,item_id,timestamp\na,1,1\nb,2,2\n"))
 
 
 def test_from_arrays_equals_read_csv(tmp_path):
     path = tmp_path / "log.csv"
     write_log(path)
-    from_file = pipeline.read_csv(path)
+    from_file = logs.read_csv(path)
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     data = {name: [row[name] for row in rows] for name in rows[0]}
     data["timestamp"] = np.array(data["timestamp"], np.int64)
     data["rating"] = np.array(data["rating"], np.float64)
     data["favorite_score"] = np.array(data["favorite_score"], np.int64)
-    from_dict = pipeline.from_arrays(data)
+    from_dict = logs.from_arrays(data)
     for field in ("user", "item", "timestamp", "actions", "author", "rating"):
         np.testing.assert_array_equal(getattr(from_dict, field), getattr(from_file, field), err_msg=field)
     assert from_dict.names == from_file.names
@@ -116,7 +118,7 @@ def test_a_movielens_csv_splits_as_movielens(tmp_path):
     write_world(tmp_path)
     lines = [line.split("\t") for line in (tmp_path / "u.data").read_text().splitlines()]
     path = write(tmp_path / "ml.csv", "user_id,item_id,rating,timestamp\n" + "".join(",".join(f) + "\n" for f in lines))
-    ours = pipeline.split_log(pipeline.read_csv(path))
+    ours = logs.split_log(logs.read_csv(path))
     theirs = tm.movielens_split(ml.load_ratings(tmp_path))
     for field in [f.name for f in ml.Split.__dataclass_fields__.values()] + ["actions"]:
         np.testing.assert_array_equal(getattr(ours, field), getattr(theirs, field), err_msg=field)
@@ -130,8 +132,8 @@ TIES = "user_id,item_id,timestamp\n" + "".join(f"u,{i},{t}\n" for i, t in
 
 
 def test_leave_one_out_sorts_stably_and_takes_the_last_two(tmp_path):
-    split = pipeline.split_log(pipeline.read_csv(write(tmp_path / "log.csv", TIES)))
-    u = int(np.flatnonzero(split.user_ids == pipeline.string_id("u"))[0])
+    split = logs.split_log(logs.read_csv(write(tmp_path / "log.csv", TIES)))
+    u = int(np.flatnonzero(split.user_ids == logs.string_id("u"))[0])
     sequence = split.items[split.offsets[u]:split.offsets[u + 1]].tolist()
     assert sequence == [4, 1, 3, 2, 5]  # time order; items 3 and 2 tie at t=20 and keep file order
     assert split.train_len[u] == 3 and split.has_eval.all()
@@ -145,12 +147,12 @@ def test_leave_one_out_sorts_stably_and_takes_the_last_two(tmp_path):
 def test_repeats_are_dropped_keeping_the_earliest_or_refused(tmp_path):
     path = write(tmp_path / "log.csv", "user_id,item_id,timestamp\nu,1,1\nu,2,2\nu,1,3\nu,3,4\nu,3,4\nv,1,1\nv,2,2\n")
     stream = io.StringIO()
-    split = pipeline.split_log(pipeline.read_csv(path), stream=stream)
+    split = logs.split_log(logs.read_csv(path), stream=stream)
     assert "dropped 2 repeated" in stream.getvalue() and f"{path}:4 repeats {path}:2" in stream.getvalue()
     # u keeps 1 (line 2), 2, 3 (line 5: the exact duplicate on line 6 goes too); v keeps both.
     assert split.items.tolist() == [1, 2, 3, 1, 2] and split.log.line[split.rows].tolist() == [2, 3, 5, 7, 8]
-    with pytest.raises(pipeline.LogError, match=rf"{path}:4: user 'u' and item 1 already at {path}:2 \(2 such"):
-        pipeline.split_log(pipeline.read_csv(path), duplicates="error")
+    with pytest.raises(logs.LogError, match=rf"{path}:4: user 'u' and item 1 already at {path}:2 \(2 such"):
+        logs.split_log(logs.read_csv(path), duplicates="error")
 
 
 CUT_LOG = ("user_id,item_id,timestamp\n"
@@ -161,8 +163,8 @@ CUT_LOG = ("user_id,item_id,timestamp\n"
 
 
 def test_time_split_keeps_the_future_out(tmp_path):
-    log = pipeline.read_csv(write(tmp_path / "log.csv", CUT_LOG))
-    split = pipeline.split_log(log, "time", cut_time=10)
+    log = logs.read_csv(write(tmp_path / "log.csv", CUT_LOG))
+    split = logs.split_log(log, "time", cut_time=10)
     users = {log.token("user", u): r for r, u in enumerate(split.user_ids)}
     assert set(users) == {"a", "b", "d"}
     a = users["a"]
@@ -175,7 +177,7 @@ def test_time_split_keeps_the_future_out(tmp_path):
                                                                        split.lengths)]
     assert visible.max() < 10  # no training interaction at or after the cut
     # A quantile cut: the median of the 14 timestamps (method "higher") is 4.
-    by_quantile, by_time = pipeline.split_log(log, "time", cut_quantile=0.5), pipeline.split_log(log, "time", cut_time=4)
+    by_quantile, by_time = logs.split_log(log, "time", cut_quantile=0.5), logs.split_log(log, "time", cut_time=4)
     assert by_quantile.rows.tolist() == by_time.rows.tolist() and by_time.has_eval.sum() == 2
 
 
@@ -213,19 +215,19 @@ BAD_CSV = [
 
 @pytest.mark.parametrize("text, columns, message", [case[1:] for case in BAD_CSV], ids=[case[0] for case in BAD_CSV])
 def test_bad_csv_names_the_line_and_column(tmp_path, text, columns, message):
-    with pytest.raises(pipeline.LogError, match=message):
-        pipeline.read_csv(write(tmp_path / "log.csv", text), pipeline.Columns(**columns))
+    with pytest.raises(logs.LogError, match=message):
+        logs.read_csv(write(tmp_path / "log.csv", text), logs.Columns(**columns))
 
 
 def test_bad_bytes_and_formats(tmp_path):
     path = tmp_path / "log.csv"
     path.write_bytes(HEADER.encode() + b"u1,1,10,4\nu\xff,2,11,3\n")
-    with pytest.raises(pipeline.LogError, match=r"log.csv:3: not valid UTF-8 \(byte 0xff\)"):
-        pipeline.read_csv(path)
-    with pytest.raises(pipeline.LogError, match="Parquet is not supported"):
-        pipeline.read_csv(write(tmp_path / "log.parquet", ""))
+    with pytest.raises(logs.LogError, match=r"log.csv:3: not valid UTF-8 \(byte 0xff\)"):
+        logs.read_csv(path)
+    with pytest.raises(logs.LogError, match="Parquet is not supported"):
+        logs.read_csv(write(tmp_path / "log.parquet", ""))
     with pytest.raises(FileNotFoundError, match="no such log file"):
-        pipeline.read_log(tmp_path / "missing.csv")
+        logs.read_log(tmp_path / "missing.csv")
 
 
 BAD_ARRAYS = [
@@ -234,36 +236,36 @@ BAD_ARRAYS = [
     ("lengths", {"user_id": [1, 2], "item_id": [1, 2, 3], "timestamp": [1, 2]}, ValueError,
      r"expected 1-D columns of one length"),
     ("nan_rating", {"user_id": [1, 2], "item_id": [1, 2], "timestamp": [1, 2], "rating": [1.0, np.nan]},
-     pipeline.LogError, r"<arrays> row 1: column 'rating': expected a finite number, got nan"),
+     logs.LogError, r"<arrays> row 1: column 'rating': expected a finite number, got nan"),
     ("bool_time", {"user_id": [1, 2], "item_id": [1, 2], "timestamp": [True, False]}, TypeError,
      r"column 'timestamp': expected a number .* got dtype bool"),
     ("half_action", {"user_id": [1, 2], "item_id": [1, 2], "timestamp": [1, 2], "click_score": [1.0, 0.5]},
-     pipeline.LogError, r"row 1: column 'click_score': expected 0 or 1, got 0.5"),
+     logs.LogError, r"row 1: column 'click_score': expected 0 or 1, got 0.5"),
 ]
 
 
 @pytest.mark.parametrize("data, kind, message", [case[1:] for case in BAD_ARRAYS], ids=[case[0] for case in BAD_ARRAYS])
 def test_bad_arrays_name_the_column_and_row(data, kind, message):
     with pytest.raises(kind, match=message):
-        pipeline.from_arrays(data)
+        logs.from_arrays(data)
 
 
 def test_negative_integer_ids_are_strings_not_padding():
-    log = pipeline.from_arrays({"user_id": [-1, 5], "item_id": [1, 2], "timestamp": [1, 2]})
+    log = logs.from_arrays({"user_id": [-1, 5], "item_id": [1, 2], "timestamp": [1, 2]})
     assert log.tokens("user", log.user) == ["-1", "5"] and log.user.min() >= 0
 
 
 def test_recipes_the_log_cannot_support_name_the_flag(tmp_path):
     write_log(tmp_path / "log.csv")
-    split = pipeline.split_log(pipeline.read_csv(tmp_path / "log.csv"))
-    recipe = pipeline.resolve_recipe(pipeline.Recipe(), split)
-    assert recipe.retrieve_k == pipeline._recommendable(split) < pipeline.RETRIEVE_K  # shrunk: a small log
+    split = logs.split_log(logs.read_csv(tmp_path / "log.csv"))
+    recipe = two_stage.resolve_recipe(two_stage.Recipe(), split)
+    assert recipe.retrieve_k == two_stage.recommendable(split) < two_stage.RETRIEVE_K  # shrunk: a small log
     for change, flag in (({"retrieve_k": NUM_ITEMS}, "--retrieve-k"), ({"ranker_batch_size": 10**6}, "--ranker-batch-size"),
                          ({"negative_pool": NUM_ITEMS}, "--negative-pool"), ({"score_action": "reply_score"},
                                                                               "--score-action"),
                          ({"pooling": "max"}, "--pooling")):
-        with pytest.raises(pipeline.RecipeError, match=flag):
-            pipeline.check_recipe(split, pipeline.resolve_recipe(pipeline.Recipe(**change), split))
+        with pytest.raises(two_stage.RecipeError, match=flag):
+            two_stage.check_recipe(split, two_stage.resolve_recipe(two_stage.Recipe(**change), split))
 
 
 # --------------------------------------------------------------------------- the command line, end to end
@@ -318,13 +320,13 @@ def test_checkpoints_load_into_the_runners_and_score_as_the_pipeline(cli_run):
     retriever = RecsysRetrievalInferenceRunner.from_checkpoint(str(tmp / "run" / "retrieval"))
     items = pipeline.items_batch(split, retriever.runner.model.hash_config)
     np.testing.assert_allclose(np.asarray(retriever.encode_candidates(items))[0],
-                               pipeline.encode_items(result["retrieval"], result["retrieval_params"], split), atol=1e-5)
+                               two_stage.encode_items(result["retrieval"], result["retrieval_params"], split), atol=1e-5)
     ranker = RecsysInferenceRunner.from_checkpoint(str(tmp / "run" / "ranker"))
     recipe = result["recipe"]
-    examples = pipeline.phoenix_examples(split, "test", recipe.ranker_history_len)
+    examples = logs.phoenix_examples(split, "test", recipe.ranker_history_len)
     columns = result["stage_one"]["test"].topk[:, :recipe.num_candidates]  # [U, C]
     batch = ml.phoenix_batch(split, examples, ranker.runner.model.hash_config, split.item_ids[columns])
-    logits = pipeline.ranker_logits(result["ranker"], result["ranker_params"], split, examples, columns,
+    logits = two_stage.ranker_logits(result["ranker"], result["ranker_params"], split, examples, columns,
                                     recipe.num_candidates)
     np.testing.assert_allclose(np.asarray(ranker.rank(batch).scores), 1 / (1 + np.exp(-logits)), atol=1e-5)
 
@@ -352,7 +354,7 @@ def test_a_second_run_refuses_the_directory_before_reading_the_log(cli_run, monk
     assert {p: p.stat().st_mtime_ns for p in (tmp / "run").rglob("*")} == before  # nothing touched
     pipeline.check_run_dir(tmp / "run", overwrite=True)  # asked: allowed
     with pytest.raises(FileExistsError):  # the library refuses too, not only the command line
-        pipeline.run(cli_run[2]["split"], pipeline.Recipe(), tmp / "run")
+        pipeline.run(cli_run[2]["split"], two_stage.Recipe(), tmp / "run")
 
 
 def test_the_console_script_prints_bad_input_without_a_traceback(tmp_path, monkeypatch, capsys):
@@ -375,11 +377,11 @@ def test_run_train_dispatches_by_data(data, module, tmp_path, monkeypatch):
 
 def test_plot_without_matplotlib_fails_before_training(tmp_path, monkeypatch):
     write_log(tmp_path / "log.csv")
-    split = pipeline.split_log(pipeline.read_csv(tmp_path / "log.csv"))
+    split = logs.split_log(logs.read_csv(tmp_path / "log.csv"))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     monkeypatch.setattr(pipeline, "train_retrieval", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(ImportError, match=r"uv sync --extra plot"):
-        pipeline.run(split, pipeline.Recipe(), tmp_path / "run", plot=True)
+        pipeline.run(split, two_stage.Recipe(), tmp_path / "run", plot=True)
 
 
 # --------------------------------------------------------------------------- the notebook
@@ -411,7 +413,7 @@ def test_rating_actions_flag_parses_ranges_and_names_bad_ones(tmp_path):
             pipeline.parse_rating_actions(bad)
     # The mapping is what the actions become: 10-point ratings, favorite from 8.
     path = write(tmp_path / "log.csv", "user_id,item_id,timestamp,rating\nu1,1,1,9\nu2,2,2,7\n")
-    log = pipeline.read_csv(path, rating_actions=pipeline.parse_rating_actions("favorite_score=8:"))
+    log = logs.read_csv(path, rating_actions=pipeline.parse_rating_actions("favorite_score=8:"))
     assert log.actions[:, ml.ACTIONS.index("favorite_score")].tolist() == [True, False]
     assert log.actions[:, ml.ACTIONS.index("click_score")].all()
 
@@ -440,7 +442,7 @@ def test_prefix_representations_equal_the_user_tower_on_each_cut(pooling):
     post[0, 3:] = 0  # a short history
     post[1, 2] = 0  # a gap
     batch = batch._replace(history_post_hashes=post)
-    prefix = hk.transform(lambda b, e: pipeline.prefix_user_representations(cfg.make(), b, e))
+    prefix = hk.transform(lambda b, e: two_stage.prefix_user_representations(cfg.make(), b, e))
     user = hk.transform(lambda b, e: cfg.make().build_user_representation(b, e)[0])
     params = user.init(jax.random.PRNGKey(0), batch, emb)
     got = np.asarray(prefix.apply(params, None, batch, emb))  # [B, 1+S, D]
@@ -461,6 +463,6 @@ def test_prefix_representations_refuse_bidirectional_attention():
 
     cfg = tiny_retrieval_config(bidirectional_history=True)
     batch, emb = create_example_batch(2, D, S, C, A, seed=0)
-    prefix = hk.transform(lambda b, e: pipeline.prefix_user_representations(cfg.make(), b, e))
+    prefix = hk.transform(lambda b, e: two_stage.prefix_user_representations(cfg.make(), b, e))
     with pytest.raises(ValueError, match="bidirectional_history"):
         prefix.init(jax.random.PRNGKey(0), batch, emb)

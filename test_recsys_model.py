@@ -9,7 +9,7 @@ import pytest
 import numpy_reference as ref
 from conftest import A, C, D, S, random_release_params, release_layout, tiny_ranker_config
 from phoenix_forward import ModelForward
-from recsys_model import PrefixCache, RecsysBatch, RecsysEmbeddings
+from recsys_model import PrefixCache, RecsysEmbeddings
 from runners import create_example_batch
 
 F32_TOL = dict(rtol=1e-4, atol=2e-5)  # float32 model vs float64 NumPy reference

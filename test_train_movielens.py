@@ -19,6 +19,8 @@ import phoenix_checkpoint as checkpoint
 import phoenix_hashing as hashing
 import phoenix_metrics as metrics
 import movielens as ml
+import phoenix_log as logs
+import phoenix_two_stage as two_stage
 import phoenix_pipeline as pipeline
 import train_movielens as tm
 from runners import RecsysRetrievalInferenceRunner
@@ -87,7 +89,7 @@ def test_split_and_examples_equal_movielens_leave_one_out(world):
     for field in dataclasses.fields(ml.Split):
         np.testing.assert_array_equal(getattr(split, field.name), getattr(reference, field.name), err_msg=field.name)
     for which, S in (("train", 4), ("val", 3), ("test", 50)):
-        ours, theirs = pipeline.phoenix_examples(split, which, S), ml.phoenix_examples(reference, which, S)
+        ours, theirs = logs.phoenix_examples(split, which, S), ml.phoenix_examples(reference, which, S)
         assert set(ours) == set(theirs)
         for key in theirs:
             np.testing.assert_array_equal(ours[key], theirs[key], err_msg=f"{which} {key}")
@@ -101,9 +103,9 @@ def test_split_and_examples_equal_movielens_leave_one_out(world):
 def test_windows_cover_every_training_example_once(world, history_len, shuffled):
     _, split = world
     rng = np.random.default_rng(7) if shuffled else None
-    rows, starts, lengths = pipeline.training_windows(split, history_len, rng)
+    rows, starts, lengths = two_stage.training_windows(split, history_len, rng)
     assert lengths.min() >= 2 and lengths.max() <= history_len + 1
-    _, positions, valid = pipeline.window_examples(split, rows, starts, lengths, history_len)
+    _, positions, valid = two_stage.window_examples(split, rows, starts, lengths, history_len)
     targets = np.sort(positions[:, 1:][valid[:, 1:]])  # every movie after a window's first is a target
     np.testing.assert_array_equal(targets, np.sort(split.target_positions("train")[1]))
     owner = np.repeat(np.arange(len(split.user_ids)), split.lengths)
@@ -112,7 +114,7 @@ def test_windows_cover_every_training_example_once(world, history_len, shuffled)
 
 def test_retrieval_batches_pair_prefixes_with_the_next_movie(world):
     _, split = world
-    batch_iter = pipeline.retrieval_batches(split, TINY, pipeline.hash_config(TINY), np.random.default_rng(0))
+    batch_iter = two_stage.retrieval_batches(split, TINY, two_stage.hash_config(TINY), np.random.default_rng(0))
     batch, log_q, positive_ids = next(batch_iter)
     B, S = TINY.retrieval_batch_size, TINY.history_len
     assert batch.history_post_hashes.shape[:2] == (B, S + 1) and batch.candidate_post_hashes.shape[:2] == (B, S)
@@ -123,19 +125,19 @@ def test_retrieval_batches_pair_prefixes_with_the_next_movie(world):
     np.testing.assert_allclose(log_q[valid], np.log(q[columns]), rtol=1e-6)
     assert np.all(log_q[~valid] == 0.0)
     # The columns are the candidates' items: accidental hits compare exactly what the batch holds.
-    hashes = hashing.hash_ids(split.item_ids[columns], pipeline.hash_config(TINY), "post")
+    hashes = hashing.hash_ids(split.item_ids[columns], two_stage.hash_config(TINY), "post")
     np.testing.assert_array_equal(hashes, np.asarray(batch.candidate_post_hashes)[valid])
     assert np.all(np.asarray(batch.candidate_post_hashes)[~valid] == 0)
 
 
 def test_ranker_candidates_hold_the_target_once_at_a_random_slot(world):
     _, split = world
-    examples = pipeline.phoenix_examples(split, "train", TINY.ranker_history_len)
+    examples = logs.phoenix_examples(split, "train", TINY.ranker_history_len)
     rng = np.random.default_rng(0)
     E = len(examples["user_ids"])
     pool = (examples["target_columns"][:, None] + 1 + np.arange(5)[None, :]) % len(split.item_ids)  # [E, 5]
     rows = np.arange(E)
-    columns, slot = pipeline.ranker_candidates(examples, rows, pool, 2, 3, len(split.item_ids), rng)
+    columns, slot = two_stage.ranker_candidates(examples, rows, pool, 2, 3, len(split.item_ids), rng)
     target = examples["target_columns"]
     assert columns.shape == (E, 6)
     np.testing.assert_array_equal(columns[rows, slot], target)
@@ -154,8 +156,8 @@ def test_prefix_representations_equal_each_examples_user_tower(world, retrieval)
     _, split = world
     trainer, params = retrieval
     S = 50  # longer than every user's training part: each window starts at 0, histories are exact
-    by_windows = pipeline.example_representations(trainer, params, split, S)
-    direct = pipeline.encode_users(trainer, params, split, pipeline.phoenix_examples(split, "train", S))
+    by_windows = two_stage.example_representations(trainer, params, split, S)
+    direct = two_stage.encode_users(trainer, params, split, logs.phoenix_examples(split, "train", S))
     np.testing.assert_allclose(by_windows, direct, atol=2e-5)
 
 
@@ -165,25 +167,25 @@ def test_window_representations_follow_the_models_pooling(world, pooling):
     initialised models, S longer than every training part so each example's history is exact."""
     _, split = world
     recipe = dataclasses.replace(TINY, pooling=pooling, history_len=50)
-    trainer = pipeline.SequenceRetrievalTrainer(pipeline.retrieval_config(recipe), pipeline.hash_config(recipe))
-    batch = next(pipeline.retrieval_batches(split, recipe, trainer.hash_config, np.random.default_rng(0)))[0]
+    trainer = two_stage.SequenceRetrievalTrainer(two_stage.retrieval_config(recipe), two_stage.hash_config(recipe))
+    batch = next(two_stage.retrieval_batches(split, recipe, trainer.hash_config, np.random.default_rng(0)))[0]
     params = trainer.init(jax.random.PRNGKey(0), batch).params
-    by_windows = pipeline.example_representations(trainer, params, split, 50)
-    direct = pipeline.encode_users(trainer, params, split, pipeline.phoenix_examples(split, "train", 50))
+    by_windows = two_stage.example_representations(trainer, params, split, 50)
+    direct = two_stage.encode_users(trainer, params, split, logs.phoenix_examples(split, "train", 50))
     np.testing.assert_allclose(by_windows, direct, atol=2e-5)
 
 
 def test_sequence_trainer_checkpoint_loads_into_the_retrieval_runner(world, retrieval, tmp_path):
     _, split = world
     trainer, params = retrieval
-    batch = next(pipeline.retrieval_batches(split, TINY, trainer.hash_config, np.random.default_rng(0)))[0]
+    batch = next(two_stage.retrieval_batches(split, TINY, trainer.hash_config, np.random.default_rng(0)))[0]
     state = trainer.init(jax.random.PRNGKey(0), batch)._replace(params=jax.device_put(params))
     trainer.save(tmp_path / "ckpt", state)
     runner = RecsysRetrievalInferenceRunner.from_checkpoint(str(tmp_path / "ckpt"))
-    items = ml.phoenix_batch(split, pipeline.phoenix_examples(split, "val", 2), runner.runner.model.hash_config,
+    items = ml.phoenix_batch(split, logs.phoenix_examples(split, "val", 2), runner.runner.model.hash_config,
                              np.tile(split.item_ids, (len(split.eval_users()), 1)))
     from_runner = np.asarray(runner.encode_candidates(items))[0]  # [N, D]
-    np.testing.assert_allclose(pipeline.encode_items(trainer, params, split), from_runner, atol=1e-5)
+    np.testing.assert_allclose(two_stage.encode_items(trainer, params, split), from_runner, atol=1e-5)
 
 
 def brute_force(users, items, split: ml.Split, which: str, k: int):
@@ -205,9 +207,9 @@ def brute_force(users, items, split: ml.Split, which: str, k: int):
 def test_evaluation_ranks_as_numpy_brute_force(world, retrieval, which):
     _, split = world
     trainer, params = retrieval
-    one = pipeline.StageOne(trainer, params, split, which, TINY.history_len, TINY.retrieve_k)
-    users = pipeline.encode_users(trainer, params, split, one.examples)
-    items = pipeline.encode_items(trainer, params, split)
+    one = two_stage.StageOne(trainer, params, split, which, TINY.history_len, TINY.retrieve_k)
+    users = two_stage.encode_users(trainer, params, split, one.examples)
+    items = two_stage.encode_items(trainer, params, split)
     ranks, tops = brute_force(users, items, split, which, TINY.retrieve_k)
     np.testing.assert_array_equal(one.ranks, ranks)
     np.testing.assert_array_equal(one.topk, tops)
@@ -222,14 +224,14 @@ def test_ranker_logits_do_not_depend_on_chunk_mates(experiment):
     K candidates in chunks of C gives each the same logits whatever the other candidates are."""
     args, split, result = experiment
     ranker, params = result["ranker"], result["ranker_params"]
-    examples = pipeline.phoenix_examples(split, "val", TINY.ranker_history_len)
+    examples = logs.phoenix_examples(split, "val", TINY.ranker_history_len)
     rng = np.random.default_rng(3)
     U, K, C = len(examples["user_ids"]), TINY.retrieve_k, TINY.num_candidates
     a = np.stack([rng.permutation(len(split.item_ids))[:K] for _ in range(U)])
     b = np.stack([rng.permutation(len(split.item_ids))[:K] for _ in range(U)])
     b[:, ::C] = a[:, ::C]  # slot 0 of every chunk shared
-    la = pipeline.ranker_logits(ranker, params, split, examples, a, C)
-    lb = pipeline.ranker_logits(ranker, params, split, examples, b, C)
+    la = two_stage.ranker_logits(ranker, params, split, examples, a, C)
+    lb = two_stage.ranker_logits(ranker, params, split, examples, b, C)
     np.testing.assert_allclose(la[:, ::C], lb[:, ::C], atol=1e-5)
     assert not np.allclose(la[:, 1::C], lb[:, 1::C], atol=1e-5)  # different movies, different logits
 
@@ -253,7 +255,7 @@ def test_two_stage_only_permutes_the_retrieved_movies(experiment):
     for weight in (0.0, 1.0):
         m, reranked = two.evaluate(weight, TINY.temperature)
         np.testing.assert_array_equal(np.sort(reranked, axis=1), np.sort(one.topk, axis=1))
-        assert np.all(np.isin(reranked[:, :pipeline.FINAL_K], one.topk))
+        assert np.all(np.isin(reranked[:, :two_stage.FINAL_K], one.topk))
         # The target's rank: its place in the re-ranked list, else its retrieval rank (>= K).
         in_list = metrics.ranks_in_topk(reranked, one.target)
         outside = in_list == metrics.NOT_RANKED
@@ -302,7 +304,7 @@ def test_seeds_run_each_seed_dump_it_and_summarise(world, experiment, tmp_path, 
         assert result["seeds"][0]["table"][key] == pytest.approx(row, abs=1e-6), key
     for seed, one in result["seeds"].items():
         assert (tmp_path / "runs" / f"seed{seed}" / "retrieval").is_dir()
-        check = ml.recompute_from_dump(tmp_path / f"top10.seed{seed}.csv", str(directory), k=pipeline.FINAL_K)
+        check = ml.recompute_from_dump(tmp_path / f"top10.seed{seed}.csv", str(directory), k=two_stage.FINAL_K)
         assert check["HR@10"] == pytest.approx(one["table"][("test", "two-stage")]["HR@10"], abs=1e-12)
         assert check["NDCG@10"] == pytest.approx(one["table"][("test", "two-stage")]["NDCG@10"], abs=1e-12)
     values = [one["table"][("test", "two-stage")]["NDCG@10"] for one in result["seeds"].values()]
@@ -335,10 +337,10 @@ def test_training_steps_reduce_the_loss(world, experiment):
     _, split = world
     retrieval, ranker = experiment[2]["retrieval"], experiment[2]["ranker"]
     rng = np.random.default_rng(0)
-    examples = pipeline.phoenix_examples(split, "train", TINY.ranker_history_len)
+    examples = logs.phoenix_examples(split, "train", TINY.ranker_history_len)
     random_only = dataclasses.replace(TINY, hard_negatives=0, random_negatives=3)  # same C, no pool needed
-    batches = [(retrieval, next(pipeline.retrieval_batches(split, TINY, retrieval.hash_config, rng))),
-               (ranker, next(pipeline.ranker_batches(split, examples, None, random_only, ranker.hash_config, rng)))]
+    batches = [(retrieval, next(two_stage.retrieval_batches(split, TINY, retrieval.hash_config, rng))),
+               (ranker, next(two_stage.ranker_batches(split, examples, None, random_only, ranker.hash_config, rng)))]
     for trainer, batch in batches:
         state = trainer.init(jax.random.PRNGKey(1), batch[0])
         losses = []
@@ -360,7 +362,7 @@ def test_real_movielens_windows_cover_the_97171_training_examples(tmp_path):
         pytest.skip(f"MovieLens-100K unavailable: {error}")
     split = ml.leave_one_out(ratings)
     history_len = tm.Recipe().history_len
-    rows, starts, lengths = pipeline.training_windows(split, history_len, np.random.default_rng(0))
+    rows, starts, lengths = two_stage.training_windows(split, history_len, np.random.default_rng(0))
     assert int((lengths - 1).sum()) == len(split.target_positions("train")[0]) == 97_171
     assert lengths.max() <= history_len + 1
 
@@ -377,5 +379,5 @@ def test_the_command_lines_recipe_is_movielens_recipe():
     """The MovieLens command line defaults to MOVIELENS_RECIPE (last pooling), flags override it,
     and the generic Recipe() keeps the release's mean pooling."""
     assert tm.parse_args([])[1] == tm.MOVIELENS_RECIPE and tm.MOVIELENS_RECIPE.pooling == "last"
-    assert tm.parse_args(["--pooling", "mean"])[1] == pipeline.Recipe()
-    assert pipeline.Recipe().pooling == "mean"
+    assert tm.parse_args(["--pooling", "mean"])[1] == two_stage.Recipe()
+    assert two_stage.Recipe().pooling == "mean"

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+import phoenix_metrics as metrics
 import train_synthetic as ts
 from phoenix_datasets import SyntheticWorld, WorldConfig, to_recsys_batch, to_retrieval_batch
 from runners import ACTIONS, RecsysInferenceRunner, RecsysRetrievalInferenceRunner
@@ -32,16 +33,16 @@ def test_recall_at_k_matches_brute_force(k):
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 4, size=(50, 10)).astype(float)  # many ties
     positives = rng.integers(0, 10, size=50)
-    assert ts.recall_at_k(scores, positives, k) == pytest.approx(brute_force_recall(scores, positives, k))
+    assert metrics.recall_at_k(scores, positives, k) == pytest.approx(brute_force_recall(scores, positives, k))
     if k == 10:
-        assert ts.recall_at_k(scores, positives, k) == 1.0
+        assert metrics.recall_at_k(scores, positives, k) == 1.0
 
 
 def test_recall_at_k_golden():
     scores = np.array([[0.9, 0.5, 0.1], [0.2, 0.2, 0.7], [0.3, 0.6, 0.6]])
     # row 0: positive best; row 1: positive ties for 2nd with another; row 2: positive ties for 1st.
-    assert ts.recall_at_k(scores, np.array([0, 0, 1]), 1) == pytest.approx(1 / 3)
-    assert ts.recall_at_k(scores, np.array([0, 0, 1]), 2) == pytest.approx(2 / 3)
+    assert metrics.recall_at_k(scores, np.array([0, 0, 1]), 1) == pytest.approx(1 / 3)
+    assert metrics.recall_at_k(scores, np.array([0, 0, 1]), 2) == pytest.approx(2 / 3)
 
 
 def test_gap_closed_golden():

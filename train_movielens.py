@@ -23,113 +23,11 @@ retrieval alone and two-stage, with the seed and wall time. With
 (movielens.dump_topk) and movielens.recompute_from_dump's HR@10 / NDCG@10 of that file are printed
 next to the table's.
 
-Takes about 6 minutes on a 2-core CPU shared with another training job (measured 5 min 50 s at a
-load average of 2.7-5.2, median 4.3): retrieval 65 s, negative mining 3 s, ranker 276 s,
-evaluation 3 s, the rest loading and compiling (each train step compiles in ~8 s).
-
 Protocol (movielens.py): leave-one-out; every catalog movie is ranked except the user's earlier
 ones, never the target. Two-stage: the retrieval model's top K = 100 of all movies, re-ranked by
 the ranker; HR@50 and MRR rank the re-ranked 100 first, then the rest in retrieval order.
 
-Recipe, and why
-  Both models: D = 64, 2 layers, 2 heads of 32, float32 (bf16 is slower on CPU here). Hash tables of
-  20k rows for users and movies, 4k for authors (genre signatures), 2 hashes each: of 943 users,
-  1,682 movies and 216 authors none shares both rows with another (printed at start). Table init
-  std 0.05. AdamW at 2e-3, 100 warmup steps, cosine decay to 10% over each stage.
-
-  Retrieval: S = 5. The user tower mean-pools the transformer outputs over [user, history], so
-  each of S movies weighs 1/(S+1) and the latest cannot dominate, while ML-100K's next movie
-  depends most on the last few (the transition baseline, 0.145, uses the last one alone). Val
-  HR@10 after 10 epochs at lr 1e-3 (windows per step scaled to ~1,300 examples): S=50 0.163,
-  S=20 0.193, S=10 0.212, S=5 0.230. The user-id embedding carries the long-term taste, the five
-  movies the session.
-  Trained per prefix, as SASRec: a window of S + 1 movies passes the causal user tower once and
-  the running mean of its outputs is the user representation of each of its S prefixes (equal to
-  the model's pooled representation of that prefix; tested), so one pass yields S examples. One
-  epoch over the 97,171 examples (every position t >= 1 of the training parts) is ~20k windows:
-  ~8 s here (S=5), where one history per example measured 1.1 s per step of 256 examples at
-  S=50: 7 min per epoch. Window cuts move each epoch (random offset per user), so a target's history length varies.
-  256 windows per step put ~1,200 examples in the in-batch softmax (the other rows' next movies,
-  most of the catalog, are the negatives), temperature 0.05, logQ correction with
-  movielens.item_sampling_frequencies, accidental hits (the same movie in another row) masked by
-  raw movie id. 8 epochs (620 steps): validation peaks there; 20 epochs at lr 1e-3 peaked at
-  epoch 12 and fell. Temperature 0.1, D = 128, and replacing the user id of 30% of the windows
-  by a shared one measured the same within noise (943 users: one standard error of HR@10 is 0.013).
-
-  User-tower pooling (issue 11), screened on validation only (retrieval alone, seed 0, 8 epochs
-  unless noted, every other field the default; B windows per step keep ~1,300 examples per
-  softmax; best of 4 evaluations by NDCG@10):
-  | pooling | S | B | temperature | epochs | val HR@10 | val NDCG@10 |
-  |---|---:|---:|---:|---:|---:|---:|
-  | mean (default) | 5 | 256 | 0.05 | 8 | 0.2333 | 0.1326 |
-  | last | 5 | 256 | 0.05 | 8 | 0.2397 | 0.1256 |
-  | last | 20 | 64 | 0.05 | 8 | 0.2185 | 0.1162 |
-  | last | 20 | 64 | 0.1 | 8 | 0.2280 | 0.1229 |
-  | last | 20 | 64 | 0.05 | 4 | 0.2216 | 0.1166 |
-  | last | 50 | 26 | 0.05 | 8 | 0.2185 | 0.1176 |
-  Last pooling does let longer histories work (S=50: 0.2185 last vs 0.163 mean, measured earlier
-  at lr 1e-3), but none beats mean pooling over the user id and five movies on NDCG@10, the
-  selection metric. (Screened with a retrieval-only script calling
-  phoenix_pipeline.train_retrieval; 1-3.5 min each.) Both S = 5 poolings through both stages
-  (`--pooling last` vs the default, seed 0): validation two-stage HR@10 / NDCG@10 0.2587 / 0.1413
-  (last) vs 0.2481 / 0.1418 (mean); over seeds 0, 1, 2 the validation two-stage means are
-  0.2481 / 0.1375 (last) vs 0.2418 / 0.1369 (mean): better on both, if within noise on NDCG@10
-  (one standard error ~0.008), so the command line's MovieLens recipe is MOVIELENS_RECIPE (last
-  pooling, S = 5); Recipe() keeps the release's mean for other logs.
-
-  Ranker: trained per example (its candidates attend to the whole history, so no prefix trick),
-  S = 5 (S = 20 was no better and twice as slow), C = 8 candidates: the next movie labelled with
-  its rating's actions (click; favorite at >= 4 stars; share at 5; not_interested at <= 2), 6
-  negatives drawn from the retrieval model's top 100 for that example (movies the user had rated
-  before and the target removed: what the ranker must re-order at evaluation) and 1 uniform random
-  negative, all labels 0. The positive sits at a random slot: a candidate's rotary position is its
-  slot, and a fixed slot would give it away. BCE on the 4 actions ratings set (the other 15 get
-  weight 0). Warm-started from the retrieval model's hash tables, transformer and input
-  projections. 4 epochs of 256 examples per step; 16 candidates (14 hard) measured the same.
-  Re-ranking score: ranker click logit + w * retrieval cosine / temperature, w chosen on validation
-  from RETRIEVAL_WEIGHTS (the ranker alone re-ranks worse than retrieval: val HR@10 ~0.20 vs 0.23;
-  the two together beat both). The 100 are scored in chunks of C, the slots the ranker was trained
-  at; candidate isolation makes each score independent of its chunk mates (tested).
-
-Measured: `uv run run_train.py --data movielens-100k --seed 0 --dump-topk top10.csv`
-  | split | model | HR@10 | NDCG@10 | HR@50 | MRR |
-  |---|---|---:|---:|---:|---:|
-  | val | popularity | 0.0742 | 0.0345 | 0.2301 | 0.0333 |
-  | val | transition | 0.1432 | 0.0748 | 0.3319 | 0.0659 |
-  | val | retrieval | 0.2333 | 0.1326 | 0.5440 | 0.1193 |
-  | val | two-stage | 0.2460 | 0.1399 | 0.5525 | 0.1253 |
-  | test | popularity | 0.0859 | 0.0449 | 0.1983 | 0.0416 |
-  | test | transition | 0.1453 | 0.0793 | 0.3393 | 0.0719 |
-  | test | retrieval | 0.1951 | 0.0985 | 0.5111 | 0.0875 |
-  | test | two-stage | 0.2089 | 0.1103 | 0.5239 | 0.0981 |
-  (re-ranking weight w = 1 chosen on validation; the dump recomputes to the same 0.2089 / 0.1103).
-  Seeds move these more than the recipe choices above did: seed 1 (7 min, w = 1) gives test
-  retrieval 0.2153 / 0.1141 and two-stage 0.2280 / 0.1206 (HR@10 / NDCG@10), val two-stage 0.2418.
-  Three seeds, this recipe: `uv run run_train.py --data movielens-100k --seeds 0,1,2 --dump-topk
-  top10.csv` (21 min wall on 2 shared cores; seed 2 alone on a quieter machine 3.5 min), every
-  dump recomputing to its table's two-stage row:
-  | seed | test retrieval HR@10 | NDCG@10 | test two-stage HR@10 | NDCG@10 | val two-stage HR@10 | NDCG@10 |
-  |---|---:|---:|---:|---:|---:|---:|
-  | 0 | 0.1951 | 0.0985 | 0.2078 | 0.1092 | 0.2481 | 0.1418 |
-  | 1 | 0.2153 | 0.1141 | 0.2248 | 0.1218 | 0.2407 | 0.1352 |
-  | 2 | 0.2110 | 0.1108 | 0.2185 | 0.1179 | 0.2365 | 0.1337 |
-  | mean +- sd | 0.2071 +- 0.0106 | 0.1078 +- 0.0082 | 0.2170 +- 0.0086 | 0.1163 +- 0.0064 | 0.2418 +- 0.0059 | 0.1369 +- 0.0043 |
-  The same with `--pooling last` (MOVIELENS_RECIPE, now the default of this command; seed 0 from
-  the single run above, seeds 1, 2 from `--seeds 1,2 --pooling last`, 7.6 min for both):
-  | seed | test retrieval HR@10 | NDCG@10 | test two-stage HR@10 | NDCG@10 | val two-stage HR@10 | NDCG@10 |
-  |---|---:|---:|---:|---:|---:|---:|
-  | 0 | 0.1983 | 0.1072 | 0.2174 | 0.1176 | 0.2587 | 0.1413 |
-  | 1 | 0.2216 | 0.1162 | 0.2365 | 0.1258 | 0.2407 | 0.1359 |
-  | 2 | 0.2291 | 0.1189 | 0.2269 | 0.1244 | 0.2450 | 0.1354 |
-  | mean +- sd | 0.2163 +- 0.0161 | 0.1141 +- 0.0061 | 0.2269 +- 0.0096 | 0.1226 +- 0.0044 | 0.2481 +- 0.0094 | 0.1375 +- 0.0033 |
-  Two-stage beats retrieval alone on every seed of the mean recipe and on NDCG@10 of every seed of
-  the last one (seed 2's HR@10: 0.2269 vs 0.2291); the issue-11 aim (two-stage test HR@10 >= 0.23,
-  NDCG@10 >= 0.125, every seed >= 0.215) is not met. (Seed 0's ranker moved since the table above:
-  0.2078 vs 0.2089 with retrieval identical; the ranker stage is not bit-reproducible here.)
-  Test sits below validation for both stages (in every configuration tried) while the transition
-  baseline does not move; our guess: the user-id embedding learns where each user's rating session
-  stands at the end of the training part, which the validation target follows directly and the
-  test target one step later.
+The recipe's reasons and every measurement behind it: docs/notes.md ("MovieLens-100K").
 """
 
 import argparse

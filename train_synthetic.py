@@ -40,67 +40,11 @@ newest complete checkpoint intact (resume_harness.py checks it with SIGKILLs).
 Cost: a save takes ~0.1 s at the default sizes (6 MB; fsync included), ~1-2% of the step time
 at --checkpoint-every 50.
 
-Measured (`uv run run_train.py --data synthetic`, seed 0, 2 CPU cores shared with another
-training job, float32), 100 held-out users x 50 examples:
-
-  | model | metric | trained | oracle | popularity | trained vs oracle/popularity |
-  |---|---|---|---|---|---|
-  | ranker | AUC favorite | 0.826 | 0.886 | 0.729 | gap closed 84.3% (popularity 59.2%) |
-  | ranker | mean AUC, 19 actions | 0.825 | 0.891 | 0.708 | gap closed 83.3% (popularity 53.3%) |
-  | retrieval | recall@100 of 5,000 posts | 0.443 | 0.557 | 0.131 | 3.39x popularity, 79.6% of oracle |
-
-  The four negative actions (not_interested, block, mute, report: 0.1-1.3% positive) close
-  67-77% of their gap, the 15 others 82-90%.
-  Duration: 5 min 22 s wall (ranker 1200 steps in 183 s at ~7 steps/s, retrieval 800 steps in
-  117 s at ~8 steps/s, compile ~8 s each included; evaluation ~7 s; the rest start-up). The
-  figures above were measured again after batches became per-step draws (`step_rng`), with
-  --checkpoint-every 50, on 2 cores shared with 2-3 other jobs: 14 min 28 s wall there.
-
-The world (datasets.WorldConfig defaults except two knobs, both documented in `WORLD_OVERRIDES`):
-1k users, 5k posts, 200 authors, latent dim 16, S = 32, C = 16, histories of 16-32 engagements,
-impressions drawn by affinity at temperature 0.3. The oracle is the world's true P(action | user,
-post, surface) (`true_probabilities`); for retrieval it is the true P(next engaged post = n | user)
-(impression probability x engagement probability). Neither is weakened: with these knobs the
-oracle AUC is slightly higher than with the defaults (0.886 vs ~0.87 for favorite).
-
-Popularity baselines (non-personal, as strong as we could make them):
-  ranker     per-(post, action) label rates counted on the ranker's training examples, plus the
-             per-(surface, action) rates, added in logit space;
-  retrieval  the exact marginal probability that a post is a training user's next engagement
-             (`SyntheticWorld.positive_frequencies`), the best ranking that ignores the user.
-
-Recipe, and why:
-- Held-out users are cold-start users: their user-id rows were never trained. Every user id is
-  therefore replaced by one shared "unknown user" id, in training (--user-id-dropout 1.0) and in
-  evaluation, so the models learn to read a user from the history, which is what generalises. (A
-  padding user id would also work for the ranker, but the retrieval trainer treats rows whose user
-  is padding as invalid, so the unknown user is a real id: one past the last user.)
-- Why the two world knobs. The default world's histories (4-32 engagements, impressions at
-  temperature 0.5) leave a held-out user's taste only partly identifiable: estimating the user
-  latent by the mean latent of the history's posts, with the TRUE post latents, closes only ~84%
-  of the AUC gap, and at temperature 0.5 the oracle's recall@100 is only 3.5x popularity. So a
-  learned model could not reach 80% / 3x without being near-perfect. At least 16 history
-  engagements and impressions at temperature 0.3 make that estimator close ~88% of the gap and
-  put the oracle at 4.4x popularity (a history-author-count heuristic at 3.7x).
-- Small model, float32: D = 32, 2 layers, 2 heads of 16, widening 2 (the planted signal is a
-  16-dim dot product; D = 32 learns it and keeps a step at ~0.1 s on 2 CPU cores; bfloat16 is
-  slower than float32 on CPU).
-- Tables sized to the world: user 2003, post 10007, author 401 rows (2 hashes each: few
-  collisions for 5k posts / 200 authors), init std 0.1 (rows move faster under Adam than at
-  std 1), dense table updates (at this size the sparse path's row bookkeeping costs more than it
-  saves: 0.12 s vs 0.07 s per step).
-- AdamW peak lr 6e-3 (3e-3 closed ~2% less of the gap in 1000 steps; 3e-3 with row-wise Adagrad
-  on the tables at 0.05 was no better), 50 warmup steps, cosine decay to 10% over the run; batch
-  128 users x 16 candidates (ranker), 256 in-batch-softmax rows with logQ correction (retrieval,
-  temperature 0.05; 0.1 was slightly worse). Up-weighting rare actions in the loss (weights
-  ~ rate^-1/2) helped the negative actions but cost more on the common ones: not used.
-- Learning curves (--eval-every): the ranker closes ~82% of the favorite gap by 500 steps and ~84%
-  by 1000; retrieval is at 3.1x popularity after 400 steps and 3.4x after 800.
+Measured figures, the world's knobs and the recipe's reasons: docs/notes.md ("The synthetic world").
 """
 
 import argparse
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -114,10 +58,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import movielens as ml
 import phoenix_checkpoint as checkpoint
+from phoenix_experiment import TABLE_INIT_STDDEV, checkpoint_path, chunks, optimizer_config, take, world_config
 import phoenix_training as training
-from phoenix_datasets import SyntheticWorld, WorldConfig, auc, to_recsys_batch, to_retrieval_batch
+from phoenix_datasets import SyntheticWorld, WorldConfig, to_recsys_batch, to_retrieval_batch
+from phoenix_metrics import auc, recall_at_k
 from grok import TransformerConfig
 from phoenix_inputs import ACTIONS, PAD_ID, RawBatch
 from recsys_model import HashConfig, PhoenixModelConfig, RecsysBatch
@@ -128,12 +73,6 @@ RECALL_K = 100
 EVAL_BATCH = 250  # rows per predict call in evaluation; the default 5,000 examples split evenly
 # Knobs that differ from WorldConfig's defaults (module docstring: why). Everything else, the
 # oracle included, is the default world.
-WORLD_OVERRIDES = {
-    "min_history_len": 16,  # default 4: a 4-post history says little about a new user's taste
-    "impression_temperature": 0.3,  # default 0.5: feeds concentrate on the user's closest authors
-}
-TABLE_INIT_STDDEV = 0.1  # hash-table rows start small, so Adam's fixed-size steps move them fast
-# Targets the run checks and prints.
 MIN_GAP_CLOSED = 0.8
 MIN_RECALL_RATIO = 3.0
 # Keys of the per-step batch generators (step_rng), one per training stream.
@@ -148,11 +87,6 @@ PHASE_FLAGS = {"ranker": {"steps_ranker", "batch_size", "eval_every"},
 
 
 # --------------------------------------------------------------------------- configs
-
-
-def world_config(**overrides) -> WorldConfig:
-    """The experiment's world: WorldConfig defaults, then WORLD_OVERRIDES, then `overrides`."""
-    return WorldConfig(**{**WORLD_OVERRIDES, **overrides})
 
 
 def hash_config(args) -> HashConfig:
@@ -177,26 +111,6 @@ def retrieval_config(args, world_cfg: WorldConfig) -> PhoenixRetrievalModelConfi
     return PhoenixRetrievalModelConfig(model=transformer_config(args), emb_size=args.emb_size,
                                        history_seq_len=world_cfg.history_len, candidate_seq_len=1,
                                        fprop_dtype=jnp.float32, hash_config=hash_config(args)).initialize()
-
-
-def optimizer_config(learning_rate: float, steps: int, warmup_steps: int = 50) -> training.OptimizerConfig:
-    """AdamW, linear warmup, cosine decay to 10% at the last step; dense table updates."""
-    warmup = min(warmup_steps, max(steps - 1, 0))
-    return training.OptimizerConfig(learning_rate=learning_rate, warmup_steps=warmup,
-                                    decay_steps=steps if steps > warmup else None,
-                                    sparse_table_updates=False)
-
-
-def checkpoint_path(name: str) -> str:
-    """Default checkpoint location: <cache>/checkpoints/<name>, the cache being $PHOENIX_CACHE_DIR or
-    ~/.cache/phoenix (movielens.cache_dir). Read when called, not at import, so that tests can redirect it."""
-    return str(ml.cache_dir() / "checkpoints" / name)
-
-
-def cache_key(*parts) -> str:
-    """A short digest of configs (dataclasses) and plain values: equal iff they are all equal."""
-    data = [checkpoint.config_to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts]
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- data
@@ -364,15 +278,6 @@ def held_out_examples(world, held_out, repeats: int, kind: str, seed: int) -> di
     return examples
 
 
-def take(examples: dict, rows) -> dict:
-    return {k: v[rows] for k, v in examples.items()}
-
-
-def chunks(num: int, size: int):
-    for start in range(0, num, size):
-        yield slice(start, min(start + size, num))
-
-
 def ranker_logits(trainer, params, examples: dict, batch_size: int = EVAL_BATCH) -> np.ndarray:
     """Model logits [n, C, A] of ranking examples."""
     out = []
@@ -413,14 +318,6 @@ def retrieval_oracle_scores(world, user_ids) -> np.ndarray:
                           for s in range(cfg.num_product_surfaces)], axis=0)  # [N]
         scores[i] = impression * engage
     return scores
-
-
-def recall_at_k(scores: np.ndarray, positives: np.ndarray, k: int) -> float:
-    """Share of rows whose positive (index [n]) is among the k best of scores [n, N]; a tie with the
-    positive counts against it."""
-    positive_score = scores[np.arange(len(positives)), positives]  # [n]
-    better = (scores >= positive_score[:, None]).sum(axis=1) - 1  # [n] others scoring at least as high
-    return float(np.mean(better < k))
 
 
 def encode_corpus(trainer, params, world) -> np.ndarray:

@@ -1,0 +1,538 @@
+"""Interaction logs: read a CSV (or arrays), check every value, and split it for evaluation.
+
+    log = phoenix_log.read_csv("log.csv")     # or phoenix_log.from_arrays({"user_id": ..., ...})
+    split = phoenix_log.split_log(log)         # chronological leave-one-out
+
+Input
+  A CSV with a header line (stdlib csv: quoting works; --delimiter for TSV): user_id, item_id,
+  timestamp, optional rating, optional 0/1 columns named after Phoenix actions (ACTIONS, e.g.
+  favorite_score), optional author_id; names configurable (Columns, --user-col ...). Extra columns
+  are ignored. Parquet is not read: pyarrow is not a dependency (export the log as CSV).
+  Ids: a column is integer when every value is a non-negative int64 in canonical decimal form
+  ("12", not "012" or "-3"); any other column is strings, each hashed to a non-negative int64 by
+  string_id (BLAKE2b, stable across runs and machines: hash a string the same way to serve it).
+  Two distinct strings of one column hashing alike (p ~ n^2 / 2^64) is refused, naming both.
+  Timestamps: numbers (integers, or decimals such as 1.5e9); only their order is used. Ratings:
+  finite numbers. Action columns: 0 or 1. Every bad value raises LogError naming file, line and
+  column; so do a missing column, a line with the wrong number of fields, an empty log, a log
+  with one user or one item, and an item listed with two authors.
+
+
+Actions (the Phoenix labels of an interaction)
+  Every row is an interaction: click_score is set unless a click_score column says otherwise.
+  A rating column sets actions through `rating_actions` {action: inclusive rating range}, by
+  default DEFAULT_RATING_ACTIONS (MovieLens's 1-5 stars: favorite >= 4, share = 5,
+  not_interested <= 2). An action column overrides the rating for that action. The ranker is
+  trained on the actions the log ever sets (the others get weight 0) and re-ranks by
+  Recipe.score_action.
+
+
+Duplicates and ties
+  Each user's interactions are sorted by timestamp with a stable sort: equal timestamps keep file
+  order. A (user, item) pair seen again later would put a target in its own history, so by
+  default only its earliest interaction is kept (the count of dropped rows is printed; exact
+  duplicate lines are such repeats); duplicates="error" (--duplicates error) refuses them,
+  naming both lines.
+
+
+Splits (movielens.Split, so the baselines, metrics and dumps of movielens.py apply unchanged)
+  leave-one-out  last interaction = test target, second to last = validation, earlier = training
+                 (users with fewer than 3 interactions only train).
+  time           a global cut T (--cut-time, or the --cut-quantile of all timestamps): training
+                 and every history use interactions before T only; a user's test target is their
+                 first (new) item at or after T, the validation target their last item before T;
+                 users without 2 interactions before T and one after only train (on those before).
+  Evaluation ranks every catalog item except the user's earlier ones (never the target).
+
+
+Shape glossary
+  R  interactions   U  users (evaluated users: one target each)   N  catalog items
+  E  examples   S  history length   A  actions (19)
+"""
+
+import csv
+import dataclasses
+import hashlib
+import io
+import math
+import sys
+from pathlib import Path
+from typing import Mapping, Optional
+
+import numpy as np
+
+import movielens as ml
+from phoenix_inputs import ACTIONS, PAD_ID
+
+NUM_ACTIONS = len(ACTIONS)
+INTERACTION_ACTION = "click_score"  # set by every row: the user chose the item
+# A rating column's default meaning: MovieLens stars (movielens.RATING_ACTIONS), every row a click.
+DEFAULT_RATING_ACTIONS = {"click_score": (-math.inf, math.inf), "favorite_score": (4.0, math.inf),
+                          "share_score": (5.0, math.inf), "not_interested_score": (-math.inf, 2.0)}
+SPLIT_PROTOCOLS = ("leave-one-out", "time")
+DUPLICATE_RULES = ("first", "error")
+DEFAULT_CUT_QUANTILE = 0.9  # time split: the last ~10% of interactions are after the cut
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+class LogError(ml.RatingsFileError):
+    """An interaction log that cannot be trained on; the message names the file (or input), line and column."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The log: reading, ids, validation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Columns:
+    """Column names of a log. Optional columns left None are used when the default name is present."""
+
+    user: str = "user_id"
+    item: str = "item_id"
+    time: str = "timestamp"
+    rating: Optional[str] = None  # None: "rating" if the log has it
+    author: Optional[str] = None  # None: "author_id" if the log has it
+
+
+COLUMN_FLAGS = {"user": "--user-col", "item": "--item-col", "time": "--time-col", "rating": "--rating-col",
+          "author": "--author-col"}
+AUTO_COLUMN_NAMES = {"rating": "rating", "author": "author_id"}
+
+
+def string_id(token: str) -> int:
+    """A non-negative int64 for a string id: the first 63 bits of its UTF-8 BLAKE2b-64 digest."""
+    digest = hashlib.blake2b(token.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Log:
+    """Interactions in input order (checked on construction)."""
+
+    user: np.ndarray  # [R] int64 raw ids >= 0 (string ids hashed by string_id)
+    item: np.ndarray  # [R] int64
+    timestamp: np.ndarray  # [R] int64 or float64, finite
+    actions: np.ndarray  # [R, A] bool, ACTIONS order
+    author: np.ndarray  # [R] int64 author of the item (0 without an author column)
+    rating: Optional[np.ndarray]  # [R] float32, None without a rating column
+    line: np.ndarray  # [R] int64 file line (or input row) of each interaction, for messages
+    names: Mapping  # {"user"/"item"/"author": {hashed id: original string}} of string columns
+    source: str
+    from_file: bool = True  # `line` holds file lines ("path:12"), else row indices ("source row 12")
+
+    def __post_init__(self):
+        num = len(self.user)
+        if num == 0:
+            raise LogError(f"{self.source}: no interactions (expected at least one row after the header)")
+        for name, kind in (("user", "i"), ("item", "i"), ("author", "i"), ("line", "i"), ("timestamp", "if"),
+                           ("rating", "f")):
+            x = getattr(self, name)
+            if x is None and name == "rating":
+                continue
+            if np.shape(x) != (num,) or np.asarray(x).dtype.kind not in kind:
+                raise TypeError(f"Log.{name}: expected [R={num}] of kind {kind!r}, got "
+                                f"{np.shape(x)} {np.asarray(x).dtype}")
+        if np.shape(self.actions) != (num, NUM_ACTIONS) or self.actions.dtype != bool:
+            raise TypeError(f"Log.actions: expected [R={num}, A={NUM_ACTIONS}] bool, got "
+                            f"{np.shape(self.actions)} {self.actions.dtype}")
+        for name in ("timestamp", "rating"):
+            x = getattr(self, name)
+            if x is not None and not np.all(np.isfinite(x)):
+                raise LogError(f"{self.at(_first_bad(np.isfinite(x)))}: Log.{name}: expected finite numbers, "
+                               f"got {x[_first_bad(np.isfinite(x))]}")
+        for name in ("user", "item", "author"):
+            x = getattr(self, name)
+            if x.min() < 0:  # negative raw ids are padding (phoenix_inputs.PAD_ID)
+                raise LogError(f"{self.at(int(np.argmin(x)))}: Log.{name}: expected ids >= 0, got {x.min()}")
+        for name, why in (("user", "in-batch negatives and evaluation need several users"),
+                          ("item", "a next item is ranked against the other items")):
+            distinct = np.unique(getattr(self, name))
+            if len(distinct) < 2:
+                raise LogError(f"{self.source}: only one {name} ({self.token(name, distinct[0])!r}) in {num} "
+                               f"interactions: expected at least 2 ({why})")
+
+    def at(self, row: int) -> str:
+        """Where interaction `row` came from: "path:line" or "source row i"."""
+        return f"{self.source}:{self.line[row]}" if self.from_file else f"{self.source} row {self.line[row]}"
+
+    def token(self, kind: str, value: int):
+        """The original id of raw id `value` of column kind "user"/"item"/"author" (a str or an int)."""
+        names = self.names.get(kind)
+        return names[int(value)] if names else int(value)
+
+    def tokens(self, kind: str, values) -> list:
+        return [self.token(kind, v) for v in np.asarray(values).ravel().tolist()]
+
+
+def _first_bad(ok: np.ndarray) -> int:
+    return int(np.flatnonzero(~ok)[0])
+
+
+def _as_text(x: np.ndarray) -> np.ndarray:
+    return np.char.strip(x.astype(str))
+
+
+def _id_column(x: np.ndarray, column: str, at) -> tuple[np.ndarray, Optional[dict]]:
+    """Raw ids [R] int64 and, for a string column, {hashed id: string}."""
+    if x.dtype.kind in "iu" and (x.dtype.kind == "i" or x.max() <= _INT64_MAX):
+        if x.min() >= 0:
+            return x.astype(np.int64), None
+        x = x.astype(str)  # negative integers are padding to the hashing: treat them as strings
+    elif x.dtype.kind not in "UOS":
+        raise TypeError(f"column {column!r}: expected integer or string ids, got dtype {x.dtype} "
+                        "(a float id such as 1.5 would be truncated)")
+    text = _as_text(x)
+    empty = text == ""
+    if empty.any():
+        raise LogError(f"{at(_first_bad(~empty))}: column {column!r}: expected an id, got an empty field")
+    try:
+        ints = text.astype(np.int64)
+        if ints.min() >= 0 and np.array_equal(ints.astype(str), text):  # "012" and "12" stay distinct
+            return ints, None
+    except (ValueError, OverflowError):
+        pass
+    distinct, inverse = np.unique(text, return_inverse=True)
+    hashed = np.array([string_id(t) for t in distinct.tolist()], np.int64)  # [V]
+    order = np.argsort(hashed, kind="stable")
+    same = np.flatnonzero(hashed[order][1:] == hashed[order][:-1])
+    if len(same):
+        a, b = distinct[order[same[0]]].tolist(), distinct[order[same[0] + 1]].tolist()
+        raise LogError(f"column {column!r}: ids {a!r} and {b!r} hash to the same int64 {hashed[order[same[0]]]} "
+                       "(string_id); rename one of them")
+    return hashed[inverse.ravel()], dict(zip(hashed.tolist(), distinct.tolist()))
+
+
+def _number_column(x: np.ndarray, column: str, at, expected: str) -> np.ndarray:
+    """Finite numbers [R]: int64 when every value is an integer, else float64."""
+    if x.dtype.kind in "iub":
+        if x.dtype.kind == "b":
+            raise TypeError(f"column {column!r}: expected {expected}, got dtype bool")
+        return x.astype(np.int64)
+    if x.dtype.kind == "f":
+        values = x.astype(np.float64)
+    elif x.dtype.kind in "UOS":
+        text = _as_text(x)
+        try:
+            return text.astype(np.int64)
+        except (ValueError, OverflowError):
+            pass
+        values = np.empty(len(text), np.float64)
+        for r, field in enumerate(text.tolist()):
+            try:
+                if "_" in field:  # float() would read "1_0" as 10
+                    raise ValueError(field)
+                values[r] = float(field)
+            except ValueError:
+                raise LogError(f"{at(r)}: column {column!r}: expected {expected}, got {field!r}") from None
+    else:
+        raise TypeError(f"column {column!r}: expected {expected}, got dtype {x.dtype}")
+    finite = np.isfinite(values)
+    if not finite.all():
+        r = _first_bad(finite)
+        raise LogError(f"{at(r)}: column {column!r}: expected {expected}, got {values[r]}")
+    return values
+
+
+def _flag_column(x: np.ndarray, column: str, at) -> np.ndarray:
+    """0/1 [R] -> bool; anything else (2, 0.5, "yes", NaN) raises."""
+    if x.dtype.kind == "b":
+        return x
+    text = _as_text(x) if x.dtype.kind in "UOS" else None
+    ok = np.isin(text, ("0", "1")) if text is not None else np.isin(x, (0, 1))
+    if not ok.all():
+        r = _first_bad(ok)
+        raise LogError(f"{at(r)}: column {column!r}: expected 0 or 1, got "
+                       f"{(text if text is not None else x)[r].tolist()!r}")
+    return text == "1" if text is not None else x == 1
+
+
+def check_rating_actions(rating_actions: Mapping) -> dict:
+    """{action: (low, high)} with known actions and low <= high; returns it as a dict of floats."""
+    out = {}
+    for name, bounds in dict(rating_actions).items():
+        if name not in ACTIONS:
+            raise ValueError(f"rating_actions: unknown action {name!r}; expected one of {ACTIONS}")
+        try:
+            low, high = (float(b) for b in bounds)
+        except (TypeError, ValueError):
+            raise ValueError(f"rating_actions[{name!r}]: expected (low, high), got {bounds!r}") from None
+        if not low <= high:
+            raise ValueError(f"rating_actions[{name!r}]: expected low <= high, got {bounds!r}")
+        out[name] = (low, high)
+    return out
+
+
+def _actions(rating: Optional[np.ndarray], flags: Mapping, rating_actions: Mapping, num: int) -> np.ndarray:
+    """[R, A] bool: click on every row, the rating mapping, then the action columns on top."""
+    actions = np.zeros((num, NUM_ACTIONS), bool)  # [R, A]
+    actions[:, ACTIONS.index(INTERACTION_ACTION)] = True
+    if rating is not None:
+        for name, (low, high) in check_rating_actions(rating_actions).items():
+            actions[:, ACTIONS.index(name)] = (rating >= low) & (rating <= high)
+    for name, values in flags.items():
+        actions[:, ACTIONS.index(name)] = values
+    return actions
+
+
+def _build_log(values: Mapping[str, np.ndarray], names: Mapping[str, str], rating_actions, source: str,
+               lines: np.ndarray, from_file: bool) -> Log:
+    """A Log from raw columns {role or action: [R] values} (text or arrays)."""
+    def at(row):
+        return f"{source}:{lines[row]}" if from_file else f"{source} row {lines[row]}"
+
+    if len(lines) == 0:
+        raise LogError(f"{source}: no interactions (expected at least one row after the header)")
+    ids, id_names = {}, {}
+    for role in ("user", "item", "author"):
+        if role in values:
+            ids[role], mapping = _id_column(values[role], names[role], at)
+            if mapping:
+                id_names[role] = mapping
+    rating = None
+    if "rating" in values:
+        rating = _number_column(values["rating"], names["rating"], at, "a finite number").astype(np.float32)
+    flags = {name: _flag_column(values[name], name, at) for name in ACTIONS if name in values}
+    author = ids.get("author", np.zeros(len(lines), np.int64))
+    log = Log(user=ids["user"], item=ids["item"],
+              timestamp=_number_column(values["time"], names["time"], at, "a number (e.g. Unix seconds)"),
+              actions=_actions(rating, flags, rating_actions, len(lines)), author=author, rating=rating,
+              line=np.asarray(lines, np.int64), names=id_names, source=source, from_file=from_file)
+    _check_one_author_per_item(log)
+    return log
+
+
+def _check_one_author_per_item(log: Log) -> None:
+    by_item = np.lexsort((np.arange(len(log.item)), log.item))  # [R] by item, then input order
+    item, author = log.item[by_item], log.author[by_item]
+    clash = np.flatnonzero((item[1:] == item[:-1]) & (author[1:] != author[:-1]))
+    if len(clash):
+        first, second = by_item[clash[0]], by_item[clash[0] + 1]
+        raise LogError(f"{log.at(second)}: item {log.token('item', log.item[second])!r} has author "
+                       f"{log.token('author', log.author[second])!r}, but {log.token('author', log.author[first])!r} "
+                       f"at {log.at(first)}: an item has one author")
+
+
+def _resolve_columns(header: list, columns: Columns, where: str) -> dict:
+    """{role or action name: column index} for the columns the log uses."""
+    seen = {}
+    for j, name in enumerate(header):
+        if name in seen:
+            raise LogError(f"{where}: column {name!r} appears twice in the header (fields {seen[name] + 1} "
+                           f"and {j + 1})")
+        seen[name] = j
+    wanted = {}
+    for role in ("user", "item", "time", "rating", "author"):
+        name = getattr(columns, role)
+        if name is None:
+            name = AUTO_COLUMN_NAMES[role]
+            if name not in seen:
+                continue
+        elif name not in seen:
+            raise LogError(f"{where}: missing column {name!r} (the {role} column; name another with "
+                           f"{COLUMN_FLAGS[role]} / Columns({role}=...)); the header has {header}")
+        wanted[role] = (name, seen[name])
+    for name in ACTIONS:
+        if name in seen and name not in {n for n, _ in wanted.values()}:
+            wanted[name] = (name, seen[name])
+    return wanted
+
+
+def read_csv(path, columns: Columns = Columns(), rating_actions: Mapping = DEFAULT_RATING_ACTIONS,
+             delimiter: str = ",") -> Log:
+    """Reads a log CSV (header line first, UTF-8); the module docstring has the format and the checks."""
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        raise LogError(f"{path}: Parquet is not supported (pyarrow is not a dependency of Phoenix); "
+                       "export the log as CSV, e.g. pandas.read_parquet(path).to_csv(out, index=False)")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise LogError(f"{path}:{line}: not valid UTF-8 (byte {data[error.start]:#04x})") from None
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader, None)
+        if header is None or not "".join(header).strip():
+            raise LogError(f"{path}:1: expected a header line naming the columns ({columns.user}, "
+                           f"{columns.item}, {columns.time}, ...), got an empty line or file")
+        header = [name.strip() for name in header]
+        wanted = _resolve_columns(header, columns, f"{path}:1")
+        fields = {role: [] for role in wanted}
+        lines = []
+        for row in reader:
+            if not "".join(row).strip():
+                continue  # blank line
+            if len(row) != len(header):
+                raise LogError(f"{path}:{reader.line_num}: expected {len(header)} fields separated by "
+                               f"{delimiter!r} (as the header), got {len(row)}: {delimiter.join(row)[:80]!r}")
+            lines.append(reader.line_num)
+            for role, (_, j) in wanted.items():
+                fields[role].append(row[j])
+    except csv.Error as error:
+        raise LogError(f"{path}:{reader.line_num}: {error}") from None
+    values = {role: np.array(v, dtype=str) for role, v in fields.items()}
+    return _build_log(values, {role: name for role, (name, _) in wanted.items()}, rating_actions, str(path),
+                      np.array(lines, np.int64), from_file=True)
+
+
+def from_arrays(data: Mapping, columns: Columns = Columns(), rating_actions: Mapping = DEFAULT_RATING_ACTIONS,
+                source: str = "<arrays>") -> Log:
+    """A Log from {column name: [R] array or list} (ids int or str; messages name the row index)."""
+    header = list(data)
+    wanted = _resolve_columns(header, columns, source)
+    values = {role: np.asarray(data[name]) for role, (name, _) in wanted.items()}
+    shapes = {wanted[role][0]: np.shape(v) for role, v in values.items()}
+    num = np.shape(values["user"])[0] if np.ndim(values["user"]) == 1 else -1
+    if any(shape != (num,) for shape in shapes.values()):
+        raise ValueError(f"{source}: expected 1-D columns of one length [R], got shapes {shapes}")
+    return _build_log(values, {role: name for role, (name, _) in wanted.items()}, rating_actions, source,
+                      np.arange(num), from_file=False)
+
+
+def read_log(path, columns: Columns = Columns(), rating_actions: Mapping = DEFAULT_RATING_ACTIONS,
+             delimiter: str = ",") -> Log:
+    """read_csv, with FileNotFoundError naming the path if there is no such file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such log file (expected a CSV with a header line)")
+    return read_csv(path, columns, rating_actions, delimiter)
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSplit(ml.Split):
+    """movielens.Split of a Log (items and users keep their raw ids), plus what a Split lacks:
+    each position's actions and log row, and the log itself (for original ids in dumps)."""
+
+    actions: np.ndarray  # [R, A] bool, per position
+    rows: np.ndarray  # [R] the log row of each position
+    log: Log
+    protocol: str = "leave-one-out"
+
+
+def _time_order(log: Log) -> np.ndarray:
+    """Log rows [R] sorted by user, then timestamp; ties keep input order (stable sorts)."""
+    order = np.argsort(log.timestamp, kind="stable")
+    return order[np.argsort(log.user[order], kind="stable")]
+
+
+def _repeats(log: Log, order: np.ndarray) -> np.ndarray:
+    """[R] bool over `order`: True where the (user, item) pair already occurred earlier in it."""
+    by_pair = np.lexsort((np.arange(len(order)), log.item[order], log.user[order]))
+    same = np.zeros(len(order), bool)
+    same[1:] = ((log.user[order][by_pair][1:] == log.user[order][by_pair][:-1])
+                & (log.item[order][by_pair][1:] == log.item[order][by_pair][:-1]))
+    repeat = np.zeros(len(order), bool)
+    repeat[by_pair] = same
+    return repeat
+
+
+def _time_cut(log: Log, order: np.ndarray, cut) -> tuple[np.ndarray, np.ndarray]:
+    """(kept rows in `order`'s order, raw ids of the users whose last kept row is their test target)."""
+    t = log.timestamp[order]
+    users, starts, counts = np.unique(log.user[order], return_index=True, return_counts=True)  # [U]
+    owner = np.repeat(np.arange(len(users)), counts)  # [R]
+    before = t < cut  # [R]; within a user, rows before the cut come first
+    num_before = np.bincount(owner, weights=before, minlength=len(users)).astype(np.int64)  # [U]
+    evaluated = (num_before >= ml.MIN_EVAL_RATINGS - 1) & (num_before < counts)  # [U] history + a target
+    first_after = np.zeros(len(order), bool)
+    first_after[(starts + num_before)[evaluated]] = True
+    return order[before | first_after], users[evaluated]
+
+
+def split_log(log: Log, protocol: str = "leave-one-out", duplicates: str = "first", cut_time=None,
+              cut_quantile: Optional[float] = None, stream=None) -> LogSplit:
+    """The log as a LogSplit: leave-one-out or a global time cut (module docstring)."""
+    if protocol not in SPLIT_PROTOCOLS:
+        raise ValueError(f"protocol: expected one of {SPLIT_PROTOCOLS}, got {protocol!r}")
+    if duplicates not in DUPLICATE_RULES:
+        raise ValueError(f"duplicates: expected one of {DUPLICATE_RULES}, got {duplicates!r}")
+    order = _time_order(log)
+    repeat = _repeats(log, order)
+    if repeat.any():
+        r = order[_first_bad(~repeat)]
+        earlier = order[np.flatnonzero((log.user[order] == log.user[r]) & (log.item[order] == log.item[r]))[0]]
+        if duplicates == "error":
+            raise LogError(f"{log.at(r)}: user {log.token('user', log.user[r])!r} and item "
+                           f"{log.token('item', log.item[r])!r} already at {log.at(earlier)} ({int(repeat.sum())} "
+                           "such repeats): a repeat would put a target in its own history; pass "
+                           "duplicates='first' (--duplicates first) to keep each pair's earliest interaction")
+        print(f"{log.source}: dropped {int(repeat.sum())} repeated (user, item) interactions, keeping each pair's "
+              f"earliest (e.g. {log.at(r)} repeats {log.at(earlier)})", file=sys.stderr if stream is None else stream)
+        order = order[~repeat]
+    evaluated = None
+    if protocol == "time":
+        if cut_time is None:
+            quantile = DEFAULT_CUT_QUANTILE if cut_quantile is None else cut_quantile
+            if not 0.0 < quantile < 1.0:
+                raise ValueError(f"cut_quantile: expected a number in (0, 1), got {quantile}")
+            cut_time = np.quantile(log.timestamp, quantile, method="higher")
+        elif cut_quantile is not None:
+            raise ValueError("give cut_time or cut_quantile, not both")
+        order, evaluated = _time_cut(log, order, cut_time)
+        if len(evaluated) == 0:
+            raise LogError(f"{log.source}: no user has {ml.MIN_EVAL_RATINGS - 1} interactions before the time cut "
+                           f"{cut_time} and one at or after it: nothing to evaluate (move the cut)")
+    # Rows already in (user, time) order with distinct timestamps 0..R-1: leave_one_out keeps the
+    # order, so position p of its Split is row order[p] of the log.
+    ratings = ml.Ratings(user=log.user[order], item=log.item[order], rating=np.zeros(len(order), np.float32),
+                         timestamp=np.arange(len(order), dtype=np.int64), item_ids=np.zeros(0, np.int64),
+                         titles=np.zeros(0, object), years=np.zeros(0, np.int32),
+                         genres=np.zeros((0, len(ml.GENRES)), bool), source=log.source)
+    split = ml.leave_one_out(ratings)
+    rows = order[split.timestamps]  # [R]
+    fields = {f.name: getattr(split, f.name) for f in dataclasses.fields(ml.Split)}
+    items, first = np.unique(log.item, return_index=True)  # one author per item (checked by Log)
+    fields.update(ratings=np.zeros(len(rows), np.float32) if log.rating is None else log.rating[rows],
+                  timestamps=log.timestamp[rows],
+                  item_authors=log.author[first][np.searchsorted(items, split.item_ids)])
+    if evaluated is not None:  # only users with a target after the cut are evaluated
+        has_eval = np.isin(split.user_ids, evaluated)
+        fields.update(has_eval=has_eval, train_len=np.where(has_eval, split.lengths - 2, split.lengths))
+    return LogSplit(**fields, actions=log.actions[rows], rows=rows, log=log, protocol=protocol)
+
+
+def describe(split: LogSplit) -> str:
+    """One line of statistics: users, items, interactions, examples, id kinds."""
+    kinds = ", ".join(f"{kind} ids {'strings (hashed)' if kind in split.log.names else 'integers'}"
+                      for kind in ("user", "item"))
+    return (f"{split.log.source}: {len(split.user_ids):,} users ({int(split.has_eval.sum()):,} evaluated), "
+            f"{len(split.item_ids):,} items, {len(split.items):,} interactions, "
+            f"{len(split.target_positions('train')[0]):,} training examples, {split.protocol} split; {kinds}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Phoenix examples
+# ---------------------------------------------------------------------------------------------
+
+
+def histories(split: LogSplit, rows, ends, history_len: int) -> dict:
+    """History fields of users `rows` [E] whose history is the up-to-S positions before `ends` [E]."""
+    valid_len = np.minimum(ends - split.offsets[rows], history_len)  # [E]
+    slots = np.arange(history_len)[None, :]  # [1, S]
+    valid = slots < valid_len[:, None]  # [E, S]
+    history = np.where(valid, ends[:, None] - valid_len[:, None] + slots, 0)  # [E, S] positions
+    items = np.where(valid, split.items[history], PAD_ID)  # [E, S]
+    return {"user_ids": split.user_ids[rows], "user_rows": rows, "history_post_ids": items,
+            "history_author_ids": split.authors_of(items),
+            "history_actions": split.actions[history] & valid[..., None],
+            "history_surfaces": np.full(items.shape, ml.SURFACE, dtype=np.int32), "history_len": valid_len}
+
+
+def phoenix_examples(split: LogSplit, which: str = "train", history_len: int = 200, example_indices=None) -> dict:
+    """movielens.phoenix_examples with the log's actions: the same keys, shapes and order."""
+    if history_len < 1:
+        raise ValueError(f"history_len: expected >= 1, got {history_len}")
+    rows, positions = split.target_positions(which)  # [E], [E]
+    if example_indices is not None:
+        rows, positions = rows[example_indices], positions[example_indices]
+    examples = histories(split, rows, positions, history_len)
+    examples.update(target_post_ids=split.items[positions], target_author_ids=split.authors_of(split.items[positions]),
+                    target_columns=split.item_columns[positions], target_actions=split.actions[positions],
+                    target_surfaces=np.full(positions.shape, ml.SURFACE, dtype=np.int32))
+    return examples

@@ -1,0 +1,556 @@
+"""The two-stage model on a log split: its recipe, training batches, and both stages' evaluation.
+
+The retrieval stage (SequenceRetrievalTrainer: every prefix of a window is an example) retrieves
+RETRIEVE_K items per user; the ranker re-scores them (TwoStage). phoenix_pipeline.run trains both.
+
+Recipe
+  train_movielens.py's, tuned on MovieLens-100K. Fields left None adapt to the log: hash tables of
+  max(20k, 4 x ids) rows (4k for authors); retrieve_k and negative_pool 100, or fewer when some
+  user has seen all but fewer items; ranker_batch_size 256, or the number of training examples.
+  A value given explicitly is kept, and refused (RecipeError naming the flag) if the log cannot
+  support it. --rating-actions "favorite_score=8:,not_interested_score=:3" remaps a rating scale.
+
+
+Shape glossary
+  R  interactions   U  users (evaluated users: one target each)   N  catalog items
+  E  training examples   B  batch   S  history length   C  ranker candidates per row
+  D  embedding size      A  actions (19)   K  retrieved per user   P  hard-negative pool per example
+  W  windows (retrieval training)
+"""
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import movielens as ml
+import phoenix_metrics as metrics
+import phoenix_training as training
+from grok import TransformerConfig
+from phoenix_experiment import take
+from phoenix_inputs import ACTIONS, PAD_ID, HashConfig
+from phoenix_log import NUM_ACTIONS, LogError, LogSplit, phoenix_examples
+from recsys_model import PhoenixModelConfig
+from recsys_retrieval_model import POOLINGS, PhoenixRetrievalModelConfig, check_pooling, l2_normalize, last_valid
+
+RETRIEVE_K = 100  # the retrieval stage hands this many items per user to the ranker
+FINAL_K = 10  # the list a user sees (and the dump holds)
+EVAL_BATCH = 256  # rows per predict call in evaluation (fixed, so one compilation)
+MIN_TABLE_ROWS_PER_ID = 4  # auto table sizes: >= 4 rows per id, so few ids share both their rows
+
+
+class RecipeError(ValueError):
+    """A Recipe the log cannot support (a batch or top-k larger than the data); names the flag."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe and configs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Model sizes and training schedule of both stages (train_movielens.py's docstring says why)."""
+
+    emb_size: int = 64  # D, both models
+    num_layers: int = 2
+    num_heads: int = 2  # of D / heads = 32 dimensions each
+    history_len: int = 5  # S of the retrieval user tower: its mean pooling dilutes longer histories
+    pooling: str = "mean"  # the user tower's pooling (recsys_retrieval_model.POOLINGS)
+    ranker_history_len: int = 5  # S of the ranker
+    retrieval_batch_size: int = 256  # windows of S + 1 items per step: ~1,200 rows of the softmax
+    ranker_batch_size: Optional[int] = None  # examples per step, each with C candidates; None: 256 (fewer
+    # if the log has fewer training examples)
+    retrieval_epochs: float = 8.0  # passes over the training examples; longer overfits on MovieLens
+    ranker_epochs: float = 4.0
+    learning_rate: float = 2e-3  # AdamW peak, cosine decay to 10% over each stage
+    warmup_steps: int = 100
+    temperature: float = 0.05  # in-batch softmax over cosines: logits in [-20, 20]
+    hard_negatives: int = 6  # ranker negatives drawn from the retrieval model's top `negative_pool`
+    random_negatives: int = 1  # ranker negatives drawn uniformly from the catalog
+    negative_pool: Optional[int] = None  # the list the ranker re-ranks at evaluation; None: retrieve_k's default
+    retrieve_k: Optional[int] = None  # K: items the retrieval stage hands to the ranker per user; None: 100
+    # (fewer if some user has seen all but fewer items)
+    table_init_stddev: float = 0.05  # small rows move fast relative to their size under Adam
+    user_table_size: Optional[int] = None  # None: max(20k, 4 x users); MovieLens's 943 users get 20k
+    post_table_size: Optional[int] = None  # None: max(20k, 4 x items)
+    author_table_size: Optional[int] = None  # None: max(4k, 4 x authors)
+    num_hashes: int = 2
+    evals_per_stage: int = 4  # validation evaluations (and best-checkpoint chances) per stage
+    ranker_init_from_retrieval: bool = True  # start from the retrieval model's tables and transformer
+    retrieval_weight: Optional[float] = None  # None: chosen on validation from RETRIEVAL_WEIGHTS
+    score_action: str = "click_score"  # the ranker logit that re-ranks: P(the user picks this next)
+
+    @property
+    def num_candidates(self) -> int:  # C
+        return 1 + self.hard_negatives + self.random_negatives
+
+
+# Weights of the retrieval logit in the re-ranking score tried on validation (rerank_scores).
+RETRIEVAL_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+RANKER_BATCH = 256  # default examples per ranker step
+# Auto table sizes (Recipe fields left None): minimum rows.
+_TABLE_MINIMUM = {"user_table_size": 20_000, "post_table_size": 20_000, "author_table_size": 4_000}
+
+
+def recommendable(split: ml.Split) -> int:
+    """Items every evaluated user can still be recommended at test time (the catalog minus the most
+    any user has seen)."""
+    return len(split.item_ids) - int(split.visible_len("test")[split.eval_users()].max())
+
+
+def resolve_recipe(recipe: Recipe, split: ml.Split) -> Recipe:
+    """The recipe with its auto fields (None) filled in from the split: table sizes from the id
+    counts; retrieve_k, negative_pool and ranker_batch_size at their defaults unless the log is too
+    small for them. Values given explicitly are kept (check_recipe refuses those that do not fit)."""
+    counts = {"user_table_size": len(split.user_ids), "post_table_size": len(split.item_ids),
+              "author_table_size": len(np.unique(split.item_authors))}
+    auto = {name: max(minimum, MIN_TABLE_ROWS_PER_ID * counts[name]) for name, minimum in _TABLE_MINIMUM.items()}
+    auto["retrieve_k"] = min(RETRIEVE_K, recommendable(split))
+    auto["negative_pool"] = max(1, min(RETRIEVE_K, len(split.item_ids) - int(split.lengths.max()) - 1))
+    auto["ranker_batch_size"] = max(1, min(RANKER_BATCH, len(split.target_positions("train")[0])))
+    return dataclasses.replace(recipe, **{name: value for name, value in auto.items() if getattr(recipe, name) is None})
+
+
+def hash_config(recipe: Recipe) -> HashConfig:
+    """The hash tables of a recipe; auto sizes (None) not yet resolved (resolve_recipe) take the minimum."""
+    sizes = [getattr(recipe, name) or minimum for name, minimum in _TABLE_MINIMUM.items()]
+    return HashConfig(num_user_hashes=recipe.num_hashes, num_item_hashes=recipe.num_hashes,
+                      num_author_hashes=recipe.num_hashes, user_table_size=sizes[0], post_table_size=sizes[1],
+                      author_table_size=sizes[2])
+
+
+def transformer_config(recipe: Recipe) -> TransformerConfig:
+    key_size = recipe.emb_size // recipe.num_heads
+    return TransformerConfig(emb_size=recipe.emb_size, key_size=key_size, num_q_heads=recipe.num_heads,
+                             num_kv_heads=recipe.num_heads, num_layers=recipe.num_layers, widening_factor=4.0,
+                             attn_output_multiplier=1.0 / math.sqrt(key_size))
+
+
+def retrieval_config(recipe: Recipe) -> PhoenixRetrievalModelConfig:
+    return PhoenixRetrievalModelConfig(model=transformer_config(recipe), emb_size=recipe.emb_size,
+                                       history_seq_len=recipe.history_len, candidate_seq_len=1,
+                                       fprop_dtype=np.float32, hash_config=hash_config(recipe),
+                                       pooling=recipe.pooling).initialize()
+
+
+def ranker_config(recipe: Recipe) -> PhoenixModelConfig:
+    return PhoenixModelConfig(model=transformer_config(recipe), emb_size=recipe.emb_size, num_actions=NUM_ACTIONS,
+                              history_seq_len=recipe.ranker_history_len, candidate_seq_len=recipe.num_candidates,
+                              fprop_dtype=np.float32, hash_config=hash_config(recipe)).initialize()
+
+
+def optimizer_config(recipe: Recipe, num_steps: int) -> training.OptimizerConfig:
+    warmup = min(recipe.warmup_steps, max(num_steps // 4, 1))
+    return training.OptimizerConfig(learning_rate=recipe.learning_rate, warmup_steps=warmup,
+                                    decay_steps=max(num_steps, warmup + 1))
+
+
+def action_weights(split: LogSplit) -> np.ndarray:
+    """[A]: 1 for each action the log ever sets, 0 for the others (they would only dilute the loss)."""
+    return split.actions.any(axis=0).astype(np.float32)
+
+
+def check_recipe(split: LogSplit, recipe: Recipe) -> None:
+    """Recipe sizes (after resolve_recipe) the log can support; each error names the flag to change."""
+    if recipe.score_action not in ACTIONS or not action_weights(split)[ACTIONS.index(recipe.score_action)]:
+        raise RecipeError(f"score_action (--score-action): expected an action the log sets, one of "
+                         f"{[a for a, w in zip(ACTIONS, action_weights(split)) if w]}, got {recipe.score_action!r}")
+    if recipe.pooling not in POOLINGS:
+        raise RecipeError(f"pooling (--pooling): expected one of {POOLINGS}, got {recipe.pooling!r}")
+    room = recommendable(split)
+    if not 0 < recipe.retrieve_k <= room:
+        raise RecipeError(f"retrieve_k (--retrieve-k): expected in [1, {room}] (the {len(split.item_ids)} items minus "
+                          f"the most one user has seen), got {recipe.retrieve_k}")
+    if recipe.hard_negatives and not 0 < recipe.negative_pool < len(split.item_ids) - int(split.lengths.max()):
+        raise RecipeError(f"negative_pool (--negative-pool): expected in [1, {len(split.item_ids) - int(split.lengths.max())}) "
+                         f"(items a user has not seen), got {recipe.negative_pool}")
+    if recipe.hard_negatives > recipe.negative_pool:
+        raise RecipeError(f"hard_negatives (--hard-negatives): expected <= negative_pool {recipe.negative_pool}, "
+                         f"got {recipe.hard_negatives}")
+    examples = len(split.target_positions("train")[0])
+    if examples == 0:
+        raise LogError(f"{split.log.source}: no training examples (no user has 2 interactions before their "
+                       "validation target)")
+    if recipe.retrieval_batch_size < 1:  # more windows than the log holds are fine: they span epochs
+        raise RecipeError(f"retrieval_batch_size (--retrieval-batch-size): expected >= 1, got "
+                         f"{recipe.retrieval_batch_size}")
+    if not 0 < recipe.ranker_batch_size <= examples:
+        raise RecipeError(f"ranker_batch_size (--ranker-batch-size): expected in [1, {examples}] (the log's "
+                         f"training examples), got {recipe.ranker_batch_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+
+def epoch_batches(num_examples: int, batch_size: int, rng: np.random.Generator):
+    """Endless example-index batches [B]: a fresh permutation per epoch, the last partial batch dropped
+    (fixed shapes: the train step compiles once)."""
+    per_epoch = num_examples // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} exceeds the {num_examples} training examples")
+    while True:
+        order = rng.permutation(num_examples)
+        for i in range(per_epoch):
+            yield order[i * batch_size:(i + 1) * batch_size]
+
+
+def training_windows(split: ml.Split, history_len: int, rng: Optional[np.random.Generator] = None):
+    """Windows of up to S + 1 consecutive training items that cover every training target once.
+
+    Returns (user rows [W], start positions [W] into split.items, lengths [W]). Within a window the
+    item at slot j >= 1 is the target of the prefix of slots 0..j-1, so a window of n items holds
+    n - 1 examples. Window boundaries fall at r, r + S, r + 2S, ... of each user's training part,
+    with r = 0 without `rng` and r uniform in [0, S) per user with it (a new cut every epoch, so a
+    target's history length varies between epochs instead of being fixed by where the cuts fall).
+    """
+    rows, starts, lengths = [], [], []
+    for user in range(len(split.user_ids)):
+        length = int(split.train_len[user])  # targets are positions 1 .. length - 1
+        if length < 2:
+            continue
+        shift = int(rng.integers(0, history_len)) if rng is not None else 0
+        cuts = ([0] if shift > 0 else []) + list(range(shift, length - 1, history_len))
+        for begin, end in zip(cuts, cuts[1:] + [length - 1]):  # items begin..end, end - begin <= S
+            rows.append(user)
+            starts.append(split.offsets[user] + begin)
+            lengths.append(end - begin + 1)
+    return np.array(rows, np.int64), np.array(starts, np.int64), np.array(lengths, np.int64)
+
+
+def window_examples(split: LogSplit, rows, starts, lengths, history_len: int):
+    """The windows as histories: (examples dict with history fields [W, S + 1], their positions
+    [W, S + 1] into split.items, valid [W, S + 1])."""
+    slots = np.arange(history_len + 1)[None, :]  # [1, S+1]
+    valid = slots < lengths[:, None]  # [W, S+1]
+    positions = np.where(valid, starts[:, None] + slots, 0)  # [W, S+1]
+    items = np.where(valid, split.items[positions], PAD_ID)  # [W, S+1]
+    examples = {"user_ids": split.user_ids[rows], "history_post_ids": items,
+                "history_author_ids": split.authors_of(items),
+                "history_actions": split.actions[positions] & valid[..., None],
+                "history_surfaces": np.full(items.shape, ml.SURFACE, np.int32)}
+    return examples, positions, valid
+
+
+def window_batch(split: ml.Split, examples: dict, hashes: HashConfig):
+    """A RecsysBatch whose history is each window and whose candidates are the window's items 1..S
+    (candidate c is the target of the prefix ending at slot c)."""
+    return ml.phoenix_batch(split, examples, hashes, examples["history_post_ids"][:, 1:])
+
+
+def retrieval_batches(split: LogSplit, recipe: Recipe, hashes: HashConfig, rng: np.random.Generator):
+    """Endless (batch, log_q [B, S], positive_ids [B, S]) for SequenceRetrievalTrainer.step, B windows
+    each. log q is a target's share among training targets (logQ correction); positive_ids, the
+    targets' catalog columns (-1: padding), mark accidental hits (the same item as another row's positive)."""
+    q = ml.item_sampling_frequencies(split)  # [N]
+    log_q = np.log(np.where(q > 0, q, 1.0)).astype(np.float32)  # [N]; unsampled items are never targets
+    pending = np.zeros((0, 3), np.int64)
+    B, S = recipe.retrieval_batch_size, recipe.history_len
+    while True:
+        while len(pending) < B:  # the next epoch: new cuts, new order
+            windows = np.stack(training_windows(split, S, rng), axis=1)  # [W, 3]
+            pending = np.concatenate([pending, windows[rng.permutation(len(windows))]])
+        (rows, starts, lengths), pending = pending[:B].T, pending[B:]
+        examples, positions, valid = window_examples(split, rows, starts, lengths, S)
+        targets = valid[:, 1:]  # [B, S]
+        # Accidental hits by catalog column, not raw id: a hashed string id needs 63 bits, and the
+        # jitted step sees int32 (-1 marks padding, as PAD_ID did).
+        yield (window_batch(split, examples, hashes),
+               np.where(targets, log_q[split.item_columns[positions[:, 1:]]], 0.0).astype(np.float32),
+               np.where(targets, split.item_columns[positions[:, 1:]], PAD_ID).astype(np.int32))
+
+
+def ranker_candidates(examples: dict, rows, pool: Optional[np.ndarray], num_hard: int, num_random: int,
+                      num_items: int, rng: np.random.Generator):
+    """Candidate columns [B, C] with the target at a random slot, and that slot [B].
+
+    Negatives: `num_hard` distinct entries of each example's hard-negative pool (P columns, target and
+    earlier items already removed) and `num_random` uniform catalog columns other than the target. The
+    target's slot is random because a candidate's rotary position is its slot: a fixed slot would let
+    the ranker recognise the positive by position.
+    """
+    target = examples["target_columns"][rows]  # [B]
+    B = len(rows)
+    parts = [target[:, None]]
+    if num_hard:
+        if pool is None:
+            raise ValueError("hard negatives need a pool (hard_negative_pool)")
+        pick = np.argsort(rng.random((B, pool.shape[1])), axis=1)[:, :num_hard]  # [B, num_hard]
+        parts.append(np.take_along_axis(pool[rows], pick, axis=1))
+    if num_random:
+        random = rng.integers(0, num_items - 1, (B, num_random))  # [B, num_random], skipping the target:
+        parts.append(random + (random >= target[:, None]))
+    columns = np.concatenate(parts, axis=1)  # [B, C], target first
+    order = np.argsort(rng.random(columns.shape), axis=1)  # [B, C] random permutation per row
+    columns = np.take_along_axis(columns, order, axis=1)
+    return columns, np.argmax(order == 0, axis=1)
+
+
+def ranker_batches(split: ml.Split, examples: dict, pool: Optional[np.ndarray], recipe: Recipe,
+                   hashes: HashConfig, rng: np.random.Generator):
+    """Endless (batch, labels [B, C, A]) for RankingTrainer.step: the target carries its actions,
+    sampled negatives all-zero labels."""
+    num_items = len(split.item_ids)
+    for rows in epoch_batches(len(examples["user_ids"]), recipe.ranker_batch_size, rng):
+        columns, slot = ranker_candidates(examples, rows, pool, recipe.hard_negatives, recipe.random_negatives,
+                                          num_items, rng)
+        labels = np.zeros(columns.shape + (NUM_ACTIONS,), np.float32)  # [B, C, A]
+        labels[np.arange(len(rows)), slot] = examples["target_actions"][rows]
+        yield ml.phoenix_batch(split, take(examples, rows), hashes, split.item_ids[columns]), labels
+
+
+def padded_chunks(num_rows: int, size: int):
+    """(rows [size] padded by repeating the last row, number of real rows) covering 0..num_rows-1."""
+    for start in range(0, num_rows, size):
+        rows = np.arange(start, min(start + size, num_rows))
+        yield np.concatenate([rows, np.full(size - len(rows), rows[-1])]), len(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval stage: the per-prefix trainer, representations and scores
+# ---------------------------------------------------------------------------------------------
+
+
+def prefix_user_representations(model, batch, embeddings) -> jax.Array:
+    """[B, 1+S, D]: at position p, the user tower's representation of the history before slot p,
+    i.e. `build_user_representation` of the batch cut to history slots 0..p-1.
+
+    Causal attention makes the transformer output at position p depend on positions 0..p only, and
+    a right-padded history puts slot j at rotary position 1 + j in both cases, so pooling the
+    outputs up to p gives that representation (tested against it): the running mean over valid
+    positions for "mean" pooling, the output at the last valid position <= p for "last".
+    """
+    if model.config.model.bidirectional_history:
+        raise ValueError("prefix_user_representations: needs causal attention over the history "
+                         "(model.bidirectional_history=False): with bidirectional attention a position "
+                         "sees later slots, so no prefix's representation can be read off one pass")
+    out, mask = model.build_user_sequence(batch, embeddings)  # [B, 1+S, D], [B, 1+S]
+    if check_pooling(model.config.pooling) == "last":
+        return l2_normalize(last_valid(out, mask))[0]  # [B, 1+S, D]
+    mask_f = mask.astype(jnp.float32)[:, :, None]  # [B, 1+S, 1]
+    running = jnp.cumsum(out * mask_f, axis=1) / jnp.maximum(jnp.cumsum(mask_f, axis=1), 1.0)  # [B, 1+S, D]
+    return l2_normalize(running)[0]
+
+
+def window_towers(model, batch, embeddings):
+    """(users [B, S, D], candidates [B, S, D], valid [B, S]) float32 of a batch of windows: the
+    representation of each prefix and the item that follows it."""
+    users = prefix_user_representations(model, batch, embeddings)[:, 1:-1]  # [B, S, D]
+    candidates, candidate_mask = model.build_candidate_representation(batch, embeddings)  # [B, S, D]
+    valid = candidate_mask & (batch.user_hashes[:, :1] != 0)  # [B, S]
+    return users.astype(jnp.float32), candidates.astype(jnp.float32), valid
+
+
+class SequenceRetrievalTrainer(training.RetrievalTrainer):
+    """RetrievalTrainer whose train step takes every prefix of a window as an example (SASRec-style).
+
+    A batch holds windows of S + 1 items as histories and items 1..S as candidates; the row of
+    candidate c pairs the prefix representation before slot c + 1 with that item, so one pass of
+    the user tower over B windows yields up to B * S examples of the in-batch softmax (with logQ
+    correction and accidental-hit masking, training.retrieval_loss_terms), instead of B. Parameters,
+    checkpoints, `predict` and the runners are those of the plain RetrievalTrainer.
+
+    step(state, batch, log_q [B, S], positive_ids [B, S]) -> (state, metrics)
+    predict_windows(params, batch) -> (users [B, S, D], candidates [B, S, D], valid [B, S])
+    """
+
+    def __init__(self, model_config: PhoenixRetrievalModelConfig, hash_config: Optional[HashConfig] = None,
+                 optimizer_config: Optional[training.OptimizerConfig] = None,
+                 temperature: float = training.DEFAULT_TEMPERATURE, table_init_stddev: Optional[float] = None,
+                 data_parallel=False):
+        super().__init__(model_config, hash_config, optimizer_config, temperature, table_init_stddev, data_parallel)
+        self._jit_predict_windows = jax.jit(lambda params, batch: self._windows(params, None, batch))
+
+    def _windows(self, params, rng, batch):
+        return self.forward.apply(params, batch, call=window_towers, rng=rng)
+
+    def _prepare_batch(self, batch):
+        return batch  # every candidate slot is a positive (RetrievalTrainer keeps slot 0 only)
+
+    def step(self, state, batch, log_q, positive_ids):
+        """One optimiser step on B windows (C = S candidates each). `state` is donated."""
+        B, _, C = self._validate(batch)
+        for name, value in (("log_q", log_q), ("positive_ids", positive_ids)):
+            if np.shape(value) != (B, C):
+                raise ValueError(f"{name}: expected shape {(B, C)}, got {np.shape(value)}")
+        if not np.all(np.isfinite(log_q)):
+            raise ValueError("log_q: contains NaN or inf")
+        return self._jit_step(state, *self._place(batch, log_q, positive_ids))
+
+    def _loss(self, params, rng, batch, log_q, positive_ids):
+        users, candidates, valid = self._windows(params, rng, batch)
+        D = users.shape[-1]
+        terms = training.retrieval_loss_terms(users.reshape(-1, D), candidates.reshape(-1, D), self.temperature,
+                                              positive_ids.reshape(-1), log_q.reshape(-1), valid.reshape(-1))
+        return terms.loss, {"accuracy": terms.accuracy}
+
+    def predict_windows(self, params, batch):
+        return self._jit_predict_windows(params, batch)
+
+
+def item_examples(split: ml.Split) -> dict:
+    """A one-row examples dict with an empty history: the carrier of candidate-only batches."""
+    return {"user_ids": split.user_ids[:1], "history_post_ids": np.full((1, 1), PAD_ID),
+            "history_author_ids": np.full((1, 1), PAD_ID), "history_actions": np.zeros((1, 1, NUM_ACTIONS), bool),
+            "history_surfaces": np.zeros((1, 1), np.int32)}
+
+
+def encode_items(trainer: training.RetrievalTrainer, params, split: ml.Split) -> np.ndarray:
+    """Candidate-tower representations [N, D] of every catalog item (unit norm), in one call."""
+    ids = split.item_ids[None, :]  # [1, N]
+    _, candidates, _ = trainer.predict(params, ml.phoenix_batch(split, item_examples(split), trainer.hash_config, ids))
+    return np.asarray(candidates[0])  # [N, D]
+
+
+def encode_users(trainer: training.RetrievalTrainer, params, split: ml.Split, examples: dict,
+                 batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """User-tower representations [E, D] (unit norm) of the examples' histories."""
+    out = []
+    for rows, real in padded_chunks(len(examples["user_ids"]), batch_size):
+        user, _, _ = trainer.predict(params, ml.phoenix_batch(split, take(examples, rows), trainer.hash_config))
+        out.append(np.asarray(user)[:real])
+    return np.concatenate(out)
+
+
+def eval_mask(split: ml.Split, which: str) -> np.ndarray:
+    """[U, N]: items ranked for nobody: the user's earlier items, except the target (phoenix_metrics.py's rule)."""
+    exclude = split.exclude_mask(which)
+    exclude[np.arange(exclude.shape[0]), split.targets(which)] = False
+    return exclude
+
+
+def first_positions(split: ml.Split) -> np.ndarray:
+    """[U, N] int32: position (within the user's sequence) of the user's first interaction with each
+    item, or a large number where the user never had one."""
+    first = np.full((len(split.user_ids), len(split.item_ids)), np.iinfo(np.int32).max, np.int32)
+    owner = np.repeat(np.arange(len(split.user_ids)), split.lengths)  # [R]
+    within = np.arange(len(split.items)) - split.offsets[owner]  # [R]
+    np.minimum.at(first, (owner, split.item_columns), within.astype(np.int32))
+    return first
+
+
+def example_representations(trainer: SequenceRetrievalTrainer, params, split: LogSplit, history_len: int,
+                            batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """User representations [E, D] of every training example (phoenix_examples order) from one pass
+    over the windows of training_windows (cuts at 0, S, 2S, ...): an example's history is then the
+    items since its window's start (1..S of them), not always the last S; good enough to mine negatives
+    and ~S times cheaper than encoding each example's own history."""
+    rows, starts, lengths = training_windows(split, history_len)
+    by_position = np.zeros((len(split.items), trainer.model_config.emb_size), np.float32)  # [R, D]
+    for chunk, real in padded_chunks(len(rows), batch_size):
+        examples, positions, valid = window_examples(split, rows[chunk], starts[chunk], lengths[chunk], history_len)
+        users, _, _ = trainer.predict_windows(params, window_batch(split, examples, trainer.hash_config))
+        keep = valid[:real, 1:]  # [b, S]
+        by_position[positions[:real, 1:][keep]] = np.asarray(users)[:real][keep]
+    return by_position[split.target_positions("train")[1]]
+
+
+def hard_negative_pool(trainer: SequenceRetrievalTrainer, params, split: LogSplit, history_len: int,
+                       pool_size: int, chunk: int = 4096) -> np.ndarray:
+    """[E, P] catalog columns: the retrieval model's top-P for each training example among the items
+    the user had not seen before the target, the target excluded (so every entry is a negative)."""
+    items = encode_items(trainer, params, split)  # [N, D]
+    users = example_representations(trainer, params, split, history_len)  # [E, D]
+    first = first_positions(split)
+    rows, positions = split.target_positions("train")
+    within = positions - split.offsets[rows]  # [E] the target's position within its user
+    targets = split.item_columns[positions]  # [E]
+    if not 0 < pool_size < len(split.item_ids) - int(split.lengths.max()):
+        raise ValueError(f"negative pool {pool_size} must be below the items a user has not seen")
+    pool = np.empty((len(users), pool_size), np.int32)
+    for start in range(0, len(users), chunk):
+        sl = slice(start, start + chunk)
+        scores = users[sl] @ items.T  # [e, N]
+        scores[first[rows[sl]] < within[sl, None]] = -np.inf
+        scores[np.arange(scores.shape[0]), targets[sl]] = -np.inf
+        pool[sl] = np.argpartition(-scores, pool_size, axis=1)[:, :pool_size]
+    return pool
+
+
+class StageOne:
+    """Retrieval evaluation of one split: scores, the target's full rank and the top-K lists."""
+
+    def __init__(self, trainer, params, split: LogSplit, which: str, history_len: int, k: int = RETRIEVE_K,
+                 items=None):
+        self.examples = phoenix_examples(split, which, history_len)
+        self.target = split.targets(which)  # [U]
+        self.exclude = eval_mask(split, which)  # [U, N]
+        items = encode_items(trainer, params, split) if items is None else items  # [N, D]
+        users = encode_users(trainer, params, split, self.examples)  # [U, D]
+        self.scores = users @ items.T  # [U, N] cosines
+        self.ranks = metrics.target_ranks(self.scores, self.target, self.exclude)  # [U]
+        self.topk = metrics.topk_columns(self.scores, k, self.exclude)  # [U, K], best first
+        if (self.topk == metrics.NOT_RANKED).any():
+            raise ValueError(f"k={k} exceeds the items some user can be recommended")
+
+    def metrics(self) -> dict:
+        return metrics.metrics_from_ranks(self.ranks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranking stage
+# ---------------------------------------------------------------------------------------------
+
+
+def ranker_logits(trainer: training.RankingTrainer, params, split: ml.Split, examples: dict,
+                  columns: np.ndarray, num_candidates: int, batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """Ranker logits [U, K, A] of candidate columns [U, K] for each example's history.
+
+    Candidates are scored in chunks of the training C (slots 0..C-1, the rotary positions the ranker
+    was trained on); candidate isolation makes a candidate's logits independent of its chunk mates.
+    """
+    U, K = columns.shape
+    num_chunks = -(-K // num_candidates)
+    padded = np.full((U, num_chunks * num_candidates), -1, np.int64)  # [U, K'] -1 = padding
+    padded[:, :K] = columns
+    chunk_columns = padded.reshape(U * num_chunks, num_candidates)  # [U*chunks, C]
+    owners = np.repeat(np.arange(U), num_chunks)  # [U*chunks]
+    ids = np.where(chunk_columns >= 0, split.item_ids[np.maximum(chunk_columns, 0)], PAD_ID)
+    out = []
+    for rows, real in padded_chunks(len(owners), batch_size):
+        batch = ml.phoenix_batch(split, take(examples, owners[rows]), trainer.hash_config, ids[rows])
+        out.append(np.asarray(trainer.predict(params, batch))[:real])
+    logits = np.concatenate(out).reshape(U, num_chunks * num_candidates, -1)  # [U, K', A]
+    return logits[:, :K]
+
+
+def two_stage_ranks(stage_one: StageOne, rerank_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(full-ranking ranks [U], re-ranked top-K columns [U, K]).
+
+    The K retrieved items are re-ordered by `rerank_scores` [U, K] (ties keep retrieval order); the
+    rest follow in retrieval order, so a target outside the top-K keeps its retrieval rank.
+    """
+    order = np.argsort(-rerank_scores, axis=1, kind="stable")  # [U, K]
+    reranked = np.take_along_axis(stage_one.topk, order, axis=1)  # [U, K]
+    in_list = metrics.ranks_in_topk(reranked, stage_one.target)  # [U]
+    ranks = np.where(in_list == metrics.NOT_RANKED, stage_one.ranks, in_list)
+    return ranks, reranked
+
+
+def rerank_scores(logits: np.ndarray, retrieval_scores: np.ndarray, weight: float, temperature: float,
+                  score_action: str = "click_score"):
+    """Ranker `score_action` logit + weight * retrieval logit (cosine / temperature), both [U, K]."""
+    return logits[..., ACTIONS.index(score_action)] + weight * retrieval_scores / temperature
+
+
+class TwoStage:
+    """Two-stage evaluation of one split: the ranker re-scores the retrieval model's top-K."""
+
+    def __init__(self, stage_one: StageOne, ranker, ranker_params, split, which: str, recipe: Recipe):
+        self.stage_one = stage_one
+        self.score_action = recipe.score_action
+        examples = phoenix_examples(split, which, recipe.ranker_history_len)
+        self.logits = ranker_logits(ranker, ranker_params, split, examples, stage_one.topk,
+                                    recipe.num_candidates)  # [U, K, A]
+        self.retrieval = np.take_along_axis(stage_one.scores, stage_one.topk, axis=1)  # [U, K]
+
+    def evaluate(self, weight: float, temperature: float):
+        """(metrics, re-ranked top-K columns [U, K]) with the given retrieval weight."""
+        scores = rerank_scores(self.logits, self.retrieval, weight, temperature, self.score_action)
+        ranks, reranked = two_stage_ranks(self.stage_one, scores)
+        return metrics.metrics_from_ranks(ranks), reranked

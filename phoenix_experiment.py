@@ -219,10 +219,8 @@ def add_demo_flags(parser: argparse.ArgumentParser, demo: str) -> None:
 
 
 def demo_entry_points(doc: str, demo: str, main_trained, main_untrained):
-    """(parse_args, main, cli) of a demo ("ranker" or "retrieval", add_demo_flags); main(argv) runs
-    main_untrained(args) with --no-train, else main_trained(args), and returns its result dict; cli
-    is the console script (main() without the dict, which sys.exit would print as an error and exit
-    with status 1)."""
+    """(parse_args, main) of a demo ("ranker" or "retrieval", add_demo_flags); main(argv) runs
+    main_untrained(args) with --no-train, else main_trained(args), and returns its result dict."""
     def parse_args(argv):
         parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
         add_demo_flags(parser, demo)
@@ -232,7 +230,4 @@ def demo_entry_points(doc: str, demo: str, main_trained, main_untrained):
         args = parse_args(sys.argv[1:] if argv is None else argv)
         return main_untrained(args) if args.no_train else main_trained(args)
 
-    def cli() -> None:
-        main()
-
-    return parse_args, main, cli
+    return parse_args, main

@@ -318,8 +318,8 @@ class HashEmbeddings(hk.Module):
       user_table [user_table_size, D], post_table [post_table_size, D],
       author_table [author_table_size, D]. History and candidates share the post and author
       tables, so a post has one representation wherever it appears.
-    Use it in the same `hk.transform` as the model:
-      `hk.transform(lambda batch: model(batch, HashEmbeddings(cfg, D)(batch)))`.
+    phoenix_forward.ModelForward creates them at init in the same `hk.transform` as the model
+    and looks them up with the pure `lookup` afterwards.
     """
 
     def __init__(

@@ -15,7 +15,7 @@ validation HR@10 / NDCG@10; on stdout a markdown table of HR@10, NDCG@10, HR@50 
 validation and test for the popularity and transition baselines (movielens.py's code), retrieval
 alone and two-stage; with --dump-topk, every test user's top-10 (original ids) as CSV and
 check_dump's HR@10 / NDCG@10 of that file. Time grows with the number of training examples.
-train_movielens.py gives the measurements behind the recipe and runs MovieLens through this module.
+docs/notes.md gives the measurements behind the recipe; train_movielens.py runs MovieLens through it.
 
 The log (reading, splitting) is phoenix_log.py; the recipe, batches and both stages'
 evaluators are phoenix_two_stage.py; this module trains a run and serves its results.

@@ -10,7 +10,6 @@ Recipe
   A value given explicitly is kept, and refused (RecipeError naming the flag) if the log cannot
   support it. --rating-actions "favorite_score=8:,not_interested_score=:3" remaps a rating scale.
 
-
 Shape glossary
   R  interactions   U  users (evaluated users: one target each)   N  catalog items
   E  training examples   B  batch   S  history length   C  ranker candidates per row

@@ -200,8 +200,13 @@ def main_untrained(args) -> dict:
     return {"loaded": False, "indices": indices, "scores": scores, "compile_s": compile_s, "call_s": call_s}
 
 
-# parse_args(argv), main(argv=None) -> result dict, cli(): the console script
-parse_args, main, cli = ex.demo_entry_points(__doc__, "retrieval", main_trained, main_untrained)
+# parse_args(argv); main(argv=None) -> the result dict
+parse_args, main = ex.demo_entry_points(__doc__, "retrieval", main_trained, main_untrained)
+
+
+def cli() -> None:
+    """The `phoenix-retrieve` console script: main() without its result dict (sys.exit would print it as an error)."""
+    main()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+import movielens as ml
 import phoenix_metrics as metrics
 import train_synthetic as ts
 from phoenix_datasets import SyntheticWorld, WorldConfig, to_recsys_batch, to_retrieval_batch
@@ -169,7 +170,7 @@ def test_default_checkpoint_dir_is_under_phoenix_cache_dir(tmp_path, monkeypatch
     monkeypatch.setenv("PHOENIX_CACHE_DIR", str(tmp_path))
     assert ts.parse_args([]).checkpoint_dir == str(tmp_path / "checkpoints" / "synthetic")
     monkeypatch.delenv("PHOENIX_CACHE_DIR")
-    assert ts.parse_args([]).checkpoint_dir == str(ts.ml.DEFAULT_CACHE_DIR / "checkpoints" / "synthetic")
+    assert ts.parse_args([]).checkpoint_dir == str(ml.DEFAULT_CACHE_DIR / "checkpoints" / "synthetic")
     assert ts.parse_args(["--checkpoint-dir", "mine"]).checkpoint_dir == "mine"
 
 

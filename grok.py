@@ -249,29 +249,127 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, multipl
     return out.reshape(B, t, -1)
 
 
-def isolated_attention(q: jax.Array, self_logits: jax.Array, v_self: jax.Array, self_mask: jax.Array,
-                       prefix: KVMemory, multiplier: float) -> jax.Array:
-    """Each candidate attends to the cached prefix and to its own key only.
+class RowLayout(NamedTuple):
+    """How the rows of a fast-path Transformer call attend (internal; passed to layers as `mask`).
 
-    q [B, C, h, g, d] rotated; self_logits [B, C, h, g] in q's dtype, each candidate's query.key
-    with its own key; v_self [B, C, h, d]; self_mask [B, C] (False = padded candidate); prefix
-    keys/values [B, P, h, d]. The softmax spans the P prefix logits plus the one self logit: the
-    same terms as the masked path, whose other logits are -1e30 and vanish. O(C*P), not O(C^2).
-    Logits stay candidate-major ([B, C, ...], the projections' layout): no transposes around the
-    two batched matmuls.
+    Rows [0, num_prefix) are prefix rows (user + history): causal among themselves, or all-to-all
+    with `bidirectional`. The remaining rows are candidates: each attends to every valid prefix
+    key and to its own key only. With a cached prefix (`prefix=` memory) num_prefix is 0 and the
+    prefix keys come from the cache. Only rows [query_start, T) produce outputs (the last layer
+    of a ranking call needs candidate rows only; the prefix rows there only give keys/values).
     """
-    B, C = q.shape[:2]
-    logits_p = jnp.einsum("bchgd,bPhd->bchgP", q, prefix.keys).astype(jnp.float32)  # [B, C, h, g, P]
-    logits_s = self_logits.astype(jnp.float32)[..., None]  # [B, C, h, g, 1]
-    logits_p = soft_cap(logits_p * multiplier)
-    logits_s = soft_cap(logits_s * multiplier)
-    logits_p = jnp.where(prefix.mask[:, None, None, None, :], logits_p, MASKED_LOGIT)
-    logits_s = jnp.where(self_mask[:, :, None, None, None], logits_s, MASKED_LOGIT)
-    weights = jax.nn.softmax(jnp.concatenate([logits_p, logits_s], axis=-1)).astype(q.dtype)
-    w_p, w_s = weights[..., :-1], weights[..., -1:]  # [B, C, h, g, P], [B, C, h, g, 1]
-    out = jnp.einsum("bchgP,bPhd->bchgd", w_p, prefix.values)
-    out = out + w_s * v_self[:, :, :, None, :]  # [B, C, h, g, d]
-    return out.reshape(B, C, -1)
+
+    num_prefix: int  # static
+    key_mask: jax.Array  # [B, P] bool, prefix keys that may be attended (False = padding)
+    row_mask: jax.Array  # [B, T] bool, row validity: a candidate's own key may be attended
+    cos: jax.Array  # [1 or B, T, d/2] float32 rotary phases of the rows (computed once per call)
+    sin: jax.Array
+    bidirectional: bool = False
+    query_start: int = 0  # static
+
+
+def rope_phases(positions: jax.Array, dim: int, base_exponent: int = ROPE_BASE):
+    """cos, sin [B or 1, T, dim/2] of RotaryEmbedding's phases (the untiled half: both halves are equal)."""
+    exponents = jnp.arange(0, dim, 2, dtype=jnp.float32)  # [d/2]
+    inv_freq = 1.0 / (base_exponent ** (exponents / dim))  # [d/2]
+    phase = jnp.einsum("bt,j->btj", positions.astype(jnp.float32), inv_freq)  # [B, T, d/2] as RotaryEmbedding
+    return jnp.cos(phase), jnp.sin(phase)
+
+
+_jit_rope_phases = jax.jit(rope_phases, static_argnums=(1, 2))
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """RotaryEmbedding on x [B, T, heads, d] from precomputed phases: the same products and sums.
+
+    x*cos + rotate_half(x)*sin with the tiled phase is [x1*c - x2*s, x2*c + x1*s] on the halves.
+    """
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]  # [B or 1, T, 1, d/2]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+# Up to this many kv heads, attention runs head by head as plain matmuls [R*g, d] x [d, P] and
+# [R*g, P] x [P, d] (batched over B only): batched dots over a head axis in the middle of the
+# layout make XLA CPU transpose queries and outputs around slow batched kernels, and
+# block-diagonal [h*d, h*P] keys waste h-fold multiply-adds. Measured (h=2, d=64, P=129, 629
+# rows, medians): einsum over heads 1.1x (B=1) and 2.2x (B=8), block-diagonal 1.0x and 1.5x
+# the per-head time.
+PER_HEAD_MAX_KV_HEADS = 8
+
+
+def row_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: RowLayout, prefix: Optional[KVMemory],
+                  multiplier: float):
+    """The fast path's attention: prefix rows causal (or bidirectional), candidates isolated.
+
+    q [B, T, h, g, d], k, v [B, T, h, d] unrotated projections of the T rows. Keys/values: the
+    rotated prefix rows' own (prefix None), or the cached `prefix` [B, P, h, d]. Each candidate
+    row's softmax spans the P prefix logits plus its own logit (q.k with its own key, which needs
+    no rotation: both sit at the same position, so the rotation cancels); the masked model's
+    other logits are -1e30 there and vanish. The softmax is written out so the self logit joins
+    it without a [.., P+1] concatenation: exp without a max shift (see exp_logits), the weights'
+    sum from the value matmul itself (a ones column), normalised after that matmul on the
+    [R, d] outputs. Heads run one by one as plain matmuls (PER_HEAD_MAX_KV_HEADS). O(T*P).
+    Returns (outputs [B, T - query_start, h*g*d], KVMemory of the prefix rows or None).
+    """
+    B, T, h, g, d = q.shape
+    P0, Q0 = layout.num_prefix, layout.query_start
+    R = T - Q0
+    q, q_k, q_v = q[:, Q0:], k[:, Q0:], v[:, Q0:]  # query rows [B, R, ...]
+    self_logits = jnp.einsum("brhgd,brhd->brhg", q, q_k)  # [B, R, h, g], rotation cancels
+    q = apply_rope(q.reshape(B, R, h * g, d), layout.cos[:, Q0:], layout.sin[:, Q0:]).reshape(B, R, h, g, d)
+    if prefix is None:
+        keys = apply_rope(k[:, :P0], layout.cos[:, :P0], layout.sin[:, :P0])  # [B, P, h, d]
+        values = v[:, :P0]
+        memory = KVMemory(keys, values, layout.key_mask)
+    else:
+        keys, values, memory = prefix.keys, prefix.values, None
+    P = keys.shape[1]
+    rows = Q0 + jnp.arange(R)  # [R]
+    cols = jnp.arange(P)  # [P]
+    is_prefix_row = rows < P0  # [R]
+    structure = (cols[None, :] <= rows[:, None]) | ~is_prefix_row[:, None]  # [R, P]
+    if layout.bidirectional:
+        structure = jnp.ones_like(structure)
+    allowed = (layout.key_mask[:, None, :] & structure[None])[:, :, None, :]  # [B, R, 1, P]
+    # Prefix rows already have their own key among the P; candidates add theirs here.
+    self_ok = (layout.row_mask[:, Q0:] & ~is_prefix_row[None, :])[:, :, None]  # [B, R, 1]
+
+    def exp_logits(logits, self_logits):
+        """exp of the soft-capped, masked logits [B, R, g, P] and self logits [B, R, g] (float32).
+
+        No max is subtracted: soft-capped logits lie in [-30, 30], so exp stays below 1.1e13 and
+        a sum of any realistic number of them is far from float32 overflow; masked logits give
+        exactly 0, as in the masked model's max-shifted softmax.
+        """
+        logits = jnp.where(allowed, soft_cap(logits.astype(jnp.float32) * multiplier), MASKED_LOGIT)
+        self_logits = jnp.where(self_ok, soft_cap(self_logits.astype(jnp.float32) * multiplier), MASKED_LOGIT)
+        return jnp.exp(logits), jnp.exp(self_logits)
+
+    def normalise(weighted, total):
+        # A row with every key masked (a padded position) has total 0: output 0, not NaN.
+        return weighted / jnp.where(total > 0, total, 1.0)[..., None]
+
+    if h > PER_HEAD_MAX_KV_HEADS:  # many heads: one batched dot per matmul beats h small ones
+        logits = jnp.einsum("brhgd,bPhd->brhgP", q, keys).reshape(B, R, h * g, P)
+        e, e_self = exp_logits(logits, self_logits.reshape(B, R, h * g))
+        e, e_self = e.reshape(B, R, h, g, P), e_self.reshape(B, R, h, g)
+        total = jnp.sum(e, axis=-1) + e_self  # [B, R, h, g]
+        weighted = jnp.einsum("brhgP,bPhd->brhgd", e.astype(v.dtype), values, preferred_element_type=jnp.float32)
+        out = normalise(weighted + e_self[..., None] * q_v[:, :, :, None, :], total)
+        return out.astype(v.dtype).reshape(B, R, -1), memory
+    outs = []
+    for j in range(h):  # kv head j and its g query heads
+        logits = jnp.einsum("bmd,bPd->bmP", q[:, :, j].reshape(B, R * g, d), keys[:, :, j])  # [B, R*g, P]
+        e, e_self = exp_logits(logits.reshape(B, R, g, P), self_logits[:, :, j])  # [B, R, g, P], [B, R, g]
+        # A column of ones beside the values makes the same matmul return each row's sum of
+        # weights (no separate reduction pass over the [R, P] weights).
+        values_1 = jnp.concatenate([values[:, :, j], jnp.ones((B, P, 1), v.dtype)], axis=-1)  # [B, P, d+1]
+        weighted = jnp.einsum("bmP,bPd->bmd", e.reshape(B, R * g, P).astype(v.dtype), values_1,
+                              preferred_element_type=jnp.float32).reshape(B, R, g, d + 1)
+        total = weighted[..., d] + e_self  # [B, R, g]
+        outs.append(normalise(weighted[..., :d] + e_self[..., None] * q_v[:, :, j, None, :], total))
+    return jnp.stack(outs, axis=2).astype(v.dtype).reshape(B, R, -1), memory  # heads in order h*g + g
 
 
 @dataclasses.dataclass
@@ -292,7 +390,9 @@ class MultiHeadAttention(hk.Module):
 
         mask [B, 1, T, T] (1 = may attend). With `prefix` (isolated mode) the rows are candidates:
         each attends to the prefix keys/values and itself; `mask` is then [B, T] candidate validity,
-        and the output has no memory (no row ever attends to a candidate's key).
+        and the output has no memory (no row ever attends to a candidate's key). `mask` may also be
+        a RowLayout (the Transformer's fast path, see `row_attention`): then the output holds rows
+        [query_start, T) only and the memory is the prefix rows' keys/values.
         positions [1 or B, T]: rotary positions (default 0..T-1).
         fused: Q, K and V in one matmul (same parameters; equal up to float summation order).
         """
@@ -305,22 +405,20 @@ class MultiHeadAttention(hk.Module):
             q, k, v = fused_linear(query, projections)
         else:
             q, k, v = (layer(query) for layer in projections)
-        q = q.reshape(B, T, h * g, d)
+        q = q.reshape(B, T, h, g, d)  # query head = h*g + g
         k = k.reshape(B, T, h, d)
         v = v.reshape(B, T, h, d)
-        rotate = RotaryEmbedding(dim=d, base_exponent=ROPE_BASE)
-        if prefix is None:
+        if prefix is not None and not isinstance(mask, RowLayout):  # candidates [B, T] against a cache
+            pos = jnp.arange(T, dtype=jnp.float32)[None, :] if positions is None else positions
+            mask = RowLayout(0, prefix.mask, mask, *rope_phases(pos, d))
+        if isinstance(mask, RowLayout):
+            out, memory = row_attention(q, k, v, mask, prefix, self.attn_output_multiplier)
+        else:
+            rotate = RotaryEmbedding(dim=d, base_exponent=ROPE_BASE)
             k = rotate(k, seq_dim=1, offset=0, positions=positions)
-            q = rotate(q, seq_dim=1, offset=0, positions=positions).reshape(B, T, h, g, d)  # query head = h*g + g
+            q = rotate(q.reshape(B, T, h * g, d), seq_dim=1, offset=0, positions=positions).reshape(B, T, h, g, d)
             out = attention(q, k, v, mask, self.attn_output_multiplier)
             memory = KVMemory(k, v, jnp.ones((B, T), jnp.bool_))
-        else:
-            # A candidate's own key sits at its own position: rotating query and key by the same
-            # angle leaves their dot product unchanged, so that logit needs neither rotated.
-            self_logits = jnp.einsum("bchgd,bchd->bchg", q.reshape(B, T, h, g, d), k)  # [B, C, h, g]
-            q = rotate(q, seq_dim=1, offset=0, positions=positions).reshape(B, T, h, g, d)
-            out = isolated_attention(q, self_logits, v, mask, prefix, self.attn_output_multiplier)
-            memory = None
         out = Linear(self.model_size, with_bias=False, name="linear")(out)  # [B, T, D]
         return MHAOutput(out, memory)
 
@@ -386,7 +484,8 @@ class DecoderLayer(hk.Module):
         del padding_mask  # already folded into `mask` by the Transformer
         mha = MHABlock(self.num_q_heads, self.num_kv_heads, self.key_size, self.attn_output_multiplier)
         attn = mha(layer_norm(inputs), mask, positions, prefix, fused=fused)
-        h = inputs + layer_norm(attn.embeddings)
+        rows = attn.embeddings.shape[1]  # fewer than T when a RowLayout asks for the last rows only
+        h = inputs[:, inputs.shape[1] - rows:] + layer_norm(attn.embeddings)
         h = h + layer_norm(DenseBlock(self.widening_factor)(layer_norm(h), fused=fused))
         return DecoderOutput(h, attn.memory)
 
@@ -419,34 +518,73 @@ class Transformer(hk.Module):
         (1 + S + c). Each candidate attends to the prefix and itself, equal to the masked path.
         The output then has no memory (candidates' keys are never attended to).
 
-        fused: each layer's Q/K/V and its two feed-forward input projections as one matmul each
-        (the serving fast path; same parameters, equal up to float summation order).
+        fused: the serving fast path (same parameters, equal up to float rounding): each layer's
+        Q/K/V and its two feed-forward input projections as one matmul each, and attention as
+        `row_attention` (O(T * prefix), prefix rows causal, candidates isolated; see `_fast`).
+        With candidate_start_offset it returns the candidate rows' embeddings only, [B, C, D],
+        and each layer's prefix keys/values as memory.
         """
         fprop_dtype = embeddings.dtype
         T = embeddings.shape[1]
-        if prefix is None:
-            key_mask = mask[:, None, None, :].astype(fprop_dtype)  # [B, 1, 1, T]
-            if candidate_start_offset is not None:
-                structure = make_recsys_attn_mask(T, candidate_start_offset, fprop_dtype,
-                                                  self.bidirectional_history)
-            else:
-                structure = _causal_mask(T, fprop_dtype, self.bidirectional_history)
-            layer_mask = key_mask * structure  # [B, 1, T, T]
+        if prefix is not None or fused:
+            return self._fast(embeddings, mask, candidate_start_offset, positions, prefix, fused)
+        key_mask = mask[:, None, None, :].astype(fprop_dtype)  # [B, 1, 1, T]
+        if candidate_start_offset is not None:
+            structure = make_recsys_attn_mask(T, candidate_start_offset, fprop_dtype,
+                                              self.bidirectional_history)
         else:
-            layer_mask = mask  # [B, C]
+            structure = _causal_mask(T, fprop_dtype, self.bidirectional_history)
+        layer_mask = key_mask * structure  # [B, 1, T, T]
         h = embeddings
         memory = []
         for i in range(self.num_layers):
-            layer = DecoderLayer(
-                num_q_heads=self.num_q_heads,
-                num_kv_heads=self.num_kv_heads,
-                key_size=self.key_size,
-                widening_factor=self.widening_factor,
-                attn_output_multiplier=self.attn_output_multiplier,
-                name=f"decoder_layer_{i}",
-            )
-            out = layer(h, layer_mask, mask, positions, None if prefix is None else prefix[i], fused=fused)
+            out = self._layer(i)(h, layer_mask, mask, positions, None)
             h = out.embeddings
-            if prefix is None:
-                memory.append(out.memory._replace(mask=mask))
-        return TransformerOutput(h, memory if prefix is None else None)
+            memory.append(out.memory._replace(mask=mask))
+        return TransformerOutput(h, memory)
+
+    @hk.transparent  # layers named transformer/decoder_layer_{i}, not ~_layer/...
+    def _layer(self, i: int) -> "DecoderLayer":
+        return DecoderLayer(
+            num_q_heads=self.num_q_heads,
+            num_kv_heads=self.num_kv_heads,
+            key_size=self.key_size,
+            widening_factor=self.widening_factor,
+            attn_output_multiplier=self.attn_output_multiplier,
+            name=f"decoder_layer_{i}",
+        )
+
+    @hk.transparent
+    def _fast(self, embeddings, mask, candidate_start_offset, positions, prefix, fused) -> TransformerOutput:
+        """The serving fast path (fused=True, or a cached prefix): attention as `row_attention`.
+
+        Rotary phases are computed once per call ([1 or B, T, d/2]) and shared by every layer.
+        Without a cache, rows [0, offset) are the prefix and the rest candidates (offset None:
+        all rows are prefix rows, causal); the last layer then computes candidate rows only, so
+        the output embeddings are the candidates' [B, T - offset, D]. The memory holds each
+        layer's prefix keys/values (the PrefixCache). With a cache, all rows are candidates.
+        """
+        T = embeddings.shape[1]
+        if prefix is not None:
+            num_prefix, key_mask = 0, prefix[0].mask
+        else:
+            num_prefix = T if candidate_start_offset is None else candidate_start_offset
+            key_mask = mask[:, :num_prefix]  # [B, P]
+        if positions is None:
+            # Static positions 0..T-1: the phases become compile-time constants (evaluated by the
+            # backend's own cos/sin, so equal to the runtime values). Computed at runtime, XLA fuses
+            # cos/sin into every consumer and evaluates them again per head, layer and block.
+            with jax.ensure_compile_time_eval():  # jitted: op by op, cos of large phases rounds differently
+                cos, sin = _jit_rope_phases(jnp.arange(T, dtype=jnp.float32)[None, :], self.key_size)  # [1, T, d/2]
+        else:
+            cos, sin = rope_phases(positions, self.key_size)
+        h = embeddings
+        memory = []
+        for i in range(self.num_layers):
+            last_rows = prefix is None and candidate_start_offset is not None and i == self.num_layers - 1
+            layout = RowLayout(num_prefix, key_mask, mask, cos, sin,
+                               self.bidirectional_history, num_prefix if last_rows else 0)
+            out = self._layer(i)(h, layout, mask, positions, None if prefix is None else prefix[i], fused=fused)
+            h = out.embeddings
+            memory.append(out.memory)
+        return TransformerOutput(h, None if prefix is not None else memory)

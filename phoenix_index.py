@@ -22,6 +22,11 @@ How the exact search works (`CorpusIndex`):
   2. `top_k` over the block maxima picks the Nb best blocks per user; gather their rows and
      rescore them, one user at a time.
   3. `top_k` over the Nb * W candidates gives the answer.
+  Coarse pass (default from COARSE_MIN_ROWS rows, for searches that scan the corpus in one
+  piece, i.e. up to MAX_UNCHUNKED_BATCH users): step 1 reads a bfloat16 copy of the corpus (half
+  the bytes; the scan of a few users is bound by reading the corpus) and a proven error bound
+  decides which blocks step 2 must rescore in float32, falling back to the float32 scan if they
+  do not fit (`_coarse_top_k`). Same results as the float32 path; costs N * D * 2 bytes more.
   This is exact: if row i is in the top K, fewer than K rows beat it, so fewer than K blocks
   have a better maximum and i's block is among the Nb kept. Ties are safe because blocks are
   contiguous: ordering blocks by (max desc, block index asc) orders them by their best row
@@ -56,7 +61,6 @@ import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-
 from phoenix_validation import INF, check_array, check_number, check_top_k, values_enabled
 
 # Full float32 products: GPUs may otherwise round f32 matmul inputs to TF32 (~1e-3 relative),
@@ -83,6 +87,19 @@ DIRECT_ROWS_PER_K = 512
 # cost ~ a * N / W + b * K * W * D, minimised at W = sqrt(N / (K * D) * a / b), a / b measured ~ 8.
 BLOCK_COST_RATIO = 8.0
 MAX_BLOCK_SIZE = 64
+# Coarse pass (CorpusIndex, B <= MAX_UNCHUNKED_BATCH): block maxima from a bfloat16 copy of the
+# corpus, half the bytes of the float32 scan that bounds a search of a few users, with a proven
+# bound on its error (see `_coarse_top_k`). On by default from this many rows (costs N * D * 2 bytes).
+COARSE_MIN_ROWS = 2**16
+COARSE_DTYPE = jnp.bfloat16
+# Blocks kept beyond Nb by the coarse pass: blocks whose coarse maximum lies within the error band
+# of the Nb-th must all be kept for the result to be exact; if they do not fit, the search falls
+# back to the float32 scan (same result, slower).
+COARSE_EXTRA_BLOCKS_FRACTION = 1.0
+COARSE_MIN_EXTRA_BLOCKS = 64
+# Relative error of a float32 dot product of D terms is below D * 2^-24 / (1 - D * 2^-24) of
+# sum |u_i x_i| (any summation order); the bound is taken this much larger (rounding of the bound itself).
+COARSE_BOUND_SAFETY = 1.001
 # Shards are padded to a multiple of this many rows so every shard starts 64-byte aligned.
 SHARD_ROW_MULTIPLE = 16
 # FAISS IVF defaults: nlist = NLIST_PER_SQRT_N * sqrt(N) lists (faiss' guideline is 1-16x);
@@ -257,10 +274,13 @@ class CorpusIndex(_Index):
       block_size: rows per block of the block-max pre-selection; None picks one per (N, K, D)
         (`auto_block_size`). Any value gives the same result; it only changes speed.
       device: where the corpus lives; None = JAX's default device.
+      coarse: keep a bfloat16 copy [N, D] (N * D * 2 bytes) for the coarse first pass of searches
+        of up to MAX_UNCHUNKED_BATCH users (module doc); results are unchanged. None = on from
+        COARSE_MIN_ROWS rows.
     """
 
     def __init__(self, corpus_embeddings, corpus_post_ids=None, *, chunk_size: Optional[int] = None,
-                 block_size: Optional[int] = None, device=None):
+                 block_size: Optional[int] = None, device=None, coarse: Optional[bool] = None):
         _check_corpus(corpus_embeddings)
         self.num_rows, self.dim = (int(s) for s in corpus_embeddings.shape)
         self.corpus_post_ids = _check_post_ids(corpus_post_ids, self.num_rows)
@@ -268,25 +288,69 @@ class CorpusIndex(_Index):
         self.block_size = _check_positive(block_size, "block_size")
         self.corpus_embeddings = _to_device_corpus(corpus_embeddings, device)  # [N, D]
         _check_finite_device(self.corpus_embeddings)
+        if coarse is not None and not isinstance(coarse, bool):
+            raise TypeError(f"coarse: expected None, True or False, got {coarse!r}")
+        self.coarse = self.num_rows >= COARSE_MIN_ROWS if coarse is None else coarse
+        self.coarse_embeddings = self.coarse_error = None
+        if self.coarse:  # [N, D] bfloat16 copy and its error bound (scalars), see _coarse_top_k
+            self.coarse_embeddings, self.coarse_error = _coarse_copy(self.corpus_embeddings)
 
     def plan(self, batch: int, top_k: int) -> tuple[int, int]:
         """(chunk rows R, block rows W) a search of B users for the top K uses; static under jit."""
         return _plan(self.num_rows, self.dim, batch, top_k, self.chunk_size, self.block_size)
 
-    def search(self, user_representation, top_k: int, corpus_mask=None):
+    def search(self, user_representation, top_k: int, corpus_mask=None, *, approx_recall: Optional[float] = None):
         """Exact top-k of user [B, D] @ corpus.T -> (top_k_indices [B, K] int32, top_k_scores [B, K] f32).
 
         Best first; equal scores in corpus-index order. Masked entries score -INF, so when
         `top_k` exceeds the number of valid entries the tail is filled with masked entries (in
         index order) scored -INF, exactly as brute force does. One compile per (B, K, mask or
         not); no host sync (results are not blocked on).
+
+        approx_recall: instead of the exact search, `lax.approx_max_k` over the [B, N] scores with
+        this recall target in (0, 1]: approximate on TPU (its aggregate-to-top-k kernel),
+        while XLA on CPU and GPU has no approximate kernel and returns the exact top-k (ties
+        then in any order). Scores of returned entries are exact either way.
         """
         top_k = self._check_query(user_representation, top_k, corpus_mask)
-        chunk, block = self.plan(user_representation.shape[0], top_k)
         user = jnp.asarray(user_representation, jnp.float32)  # [B, D]
         mask = None if corpus_mask is None else jnp.asarray(corpus_mask)  # [N]
+        if approx_recall is not None:
+            check_number(approx_recall, "approx_recall", "a float in (0, 1]", lambda v: 0 < v <= 1)
+            return _approx_top_k(user, self.corpus_embeddings, mask, top_k=top_k, recall=float(approx_recall))
+        chunk, block = self.plan(user_representation.shape[0], top_k)
+        # Chunked scans (more users) are bound by the matmul, not by reading the corpus, and XLA
+        # CPU's bfloat16-operand matmul is slower there (measured 2.5-4x at B=16): float32 only.
+        if self.coarse and block > 1 and chunk >= self.num_rows:
+            return _coarse_exact_top_k(user, self.corpus_embeddings, self.coarse_embeddings, self.coarse_error,
+                                       mask, top_k=top_k, chunk_size=chunk, block_size=block)
         return _exact_top_k(user, self.corpus_embeddings, mask, top_k=top_k, chunk_size=chunk,
                             block_size=block)
+
+
+@jax.jit
+def _coarse_copy(corpus):
+    """bfloat16 copy [N, D] and (max row norm of the rounding error, max row norm of the copy)."""
+    coarse = corpus.astype(COARSE_DTYPE)
+    error = jnp.max(jnp.linalg.norm(corpus - coarse.astype(jnp.float32), axis=1))
+    norm = jnp.max(jnp.linalg.norm(coarse.astype(jnp.float32), axis=1))
+    return coarse, jnp.stack([error, norm])
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "recall"))
+def _approx_top_k(user, corpus, mask, *, top_k, recall):
+    TRACE_COUNTS["approx"] += 1
+    scores = jnp.matmul(user, corpus.T, precision=SCORE_PRECISION)  # [B, N]
+    scores = _mask_scores(scores, None, mask, None)
+    top_scores, top_indices = lax.approx_max_k(scores, top_k, recall_target=recall)
+    return top_indices.astype(jnp.int32), top_scores
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "chunk_size", "block_size"))
+def _coarse_exact_top_k(user, corpus, coarse, coarse_error, mask, *, top_k, chunk_size, block_size):
+    TRACE_COUNTS["exact"] += 1
+    return _coarse_top_k(user, corpus, coarse, coarse_error, mask, top_k=top_k, chunk_size=chunk_size,
+                         block_size=block_size)
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "chunk_size", "block_size"))
@@ -310,7 +374,6 @@ def _local_top_k(user, corpus, mask, num_valid, *, top_k, chunk_size, block_size
 
     K' = min(top_k, n). Rows >= `num_valid` (a traced scalar, or None = all rows) are padding.
     """
-    B = user.shape[0]
     n = corpus.shape[0]
     R, W = chunk_size, block_size
     if R >= n and W == 1:  # direct: one top_k over all scores (see DIRECT_ROWS_PER_K)
@@ -318,13 +381,28 @@ def _local_top_k(user, corpus, mask, num_valid, *, top_k, chunk_size, block_size
         scores = _mask_scores(scores, jnp.arange(n), mask, num_valid)
         top_scores, top_indices = lax.top_k(scores, min(top_k, n))  # [B, K']
         return top_indices.astype(jnp.int32), top_scores
+    block_max = _block_maxima(user, corpus, mask, num_valid, chunk_size=R, block_size=W)  # [B, N / W]
+    num_blocks = block_max.shape[1]
+    Nb = min(top_k, num_blocks)
+    _, blocks = lax.top_k(block_max, Nb)  # [B, Nb]
+    return _refine(user, corpus, blocks, mask, num_valid, top_k=top_k, block_size=W)
+
+
+def _block_maxima(user, corpus, mask, num_valid, *, chunk_size, block_size):
+    """Step 1: max score of every block of W rows, [B, ceil(n / W)], scanning R rows at a time.
+
+    `corpus` may be the bfloat16 copy: each chunk is converted to float32 as it is scored.
+    """
+    B = user.shape[0]
+    n = corpus.shape[0]
+    R, W = chunk_size, block_size
     num_chunks, tail = divmod(n, R) if R < n else (0, n)  # one piece: a static, copy-free slice
     num_blocks = -(-n // W)
 
     def chunk_block_max(start, rows, chunk, mask_rows):
         # `user @ chunk.T`, not einsum("bd,rd->br"): for B=1 XLA CPU turns this form into a fused
         # multiply-reduce that reads the corpus in place, measured 1.6x faster than the GEMV call.
-        scores = jnp.matmul(user, chunk.T, precision=SCORE_PRECISION)  # [B, rows]
+        scores = jnp.matmul(user, chunk.T.astype(jnp.float32), precision=SCORE_PRECISION)  # [B, rows]
         row_ids = start + jnp.arange(rows)  # [rows]
         scores = _mask_scores(scores, row_ids, mask_rows, num_valid)
         pad = -rows % W  # only the tail chunk can be ragged (R % W == 0)
@@ -346,15 +424,25 @@ def _local_top_k(user, corpus, mask, num_valid, *, top_k, chunk_size, block_size
         mask_rows = None if mask is None else mask[start:]
         new = chunk_block_max(start, tail, corpus[start:], mask_rows)  # [B, ceil(tail / W)]
         block_max = lax.dynamic_update_slice_in_dim(block_max, new, start // W, axis=1)
+    return block_max
 
-    Nb = min(top_k, num_blocks)
-    _, blocks = lax.top_k(block_max, Nb)  # [B, Nb]
-    blocks = jnp.sort(blocks, axis=1)  # index order, so the stable top_k below breaks ties by index
+
+def _refine(user, corpus, blocks, mask, num_valid, *, top_k, block_size, kept=None):
+    """Steps 2-3: rescore the rows of the kept blocks [B, Nb] in float32, top_k over them.
+
+    kept: None, or [B, Nb] bool for blocks already in index order whose False entries are unused
+    slots (their rows score PAD_SCORE).
+    """
+    n = corpus.shape[0]
+    W, Nb = block_size, blocks.shape[1]
+    if kept is None:
+        blocks = jnp.sort(blocks, axis=1)  # index order, so the stable top_k below breaks ties by index
+        kept = jnp.ones(blocks.shape, jnp.bool_)
 
     def refine(args):
         # One user at a time keeps the Nb * W gathered rows in cache (a [B, Nb, W, D] gather
         # spills to DRAM and measured 3x slower at B=16).
-        user_b, blocks_b = args  # [D], [Nb]
+        user_b, blocks_b, kept_b = args  # [D], [Nb], [Nb]
         # The last block may be short: its slice is shifted back to fit, and the rows it borrows
         # from the previous block are dropped (they are candidates there if that block is kept).
         starts = jnp.minimum(blocks_b * W, n - W)  # [Nb]
@@ -363,12 +451,54 @@ def _local_top_k(user, corpus, mask, num_valid, *, top_k, chunk_size, block_size
         scores = jnp.matmul(cand.reshape(Nb * W, -1), user_b, precision=SCORE_PRECISION)  # [Nb * W]
         mask_rows = None if mask is None else mask[rows]  # [Nb * W]
         scores = _mask_scores(scores, rows, mask_rows, num_valid)
-        borrowed = rows < jnp.repeat(blocks_b * W, W)  # [Nb * W]
-        scores = jnp.where(borrowed, PAD_SCORE, scores)
+        unused = (rows < jnp.repeat(blocks_b * W, W)) | ~jnp.repeat(kept_b, W)  # [Nb * W] borrowed or empty
+        scores = jnp.where(unused, PAD_SCORE, scores)
         top_scores, pos = lax.top_k(scores, min(top_k, n))  # [K']
         return rows[pos].astype(jnp.int32), top_scores
 
-    return lax.map(refine, (user, blocks))  # [B, K'] each
+    return lax.map(refine, (user, blocks, kept))  # [B, K'] each
+
+
+def _coarse_top_k(user, corpus, coarse, coarse_error, mask, *, top_k, chunk_size, block_size):
+    """Exact top-k whose block maxima come from the bfloat16 copy `coarse` (module doc, step 1).
+
+    Let c_b be block b's coarse maximum and t_b its float32 one. Every coarse score is within
+    e = |u| * (err + g * (2 * norm + err)) of the float32 score the refinement computes (err, norm:
+    the largest row norms of the rounding error and of the copy; g: the float32 dot product's
+    rounding bound; |u . delta| <= |u| |delta| by Cauchy-Schwarz), so |c_b - t_b| <= e. With L
+    the Nb-th largest c_b, Nb blocks have t_b >= L - e, so the K-th best score is >= L - e, and a
+    block holding a top-K row has t_b >= L - e, hence c_b >= L - 2e. The search keeps the top
+    blocks with c_b >= L - 2e (in index order, up to Nb + extra of them); if some user has more,
+    the float32 scan runs instead (`lax.cond`). Either way the result is the float32 path's.
+    Masked rows score -INF in both passes, so they cost no bound.
+    """
+    n = corpus.shape[0]
+    D = corpus.shape[1]
+    W = block_size
+    num_blocks = -(-n // W)
+    block_max = _block_maxima(user, coarse, mask, None, chunk_size=chunk_size, block_size=W)  # [B, N / W]
+    Nb = min(top_k, num_blocks)
+    slots = min(num_blocks, Nb + max(COARSE_MIN_EXTRA_BLOCKS, int(COARSE_EXTRA_BLOCKS_FRACTION * Nb)))
+    eps = D * 2.0**-24
+    gamma = eps / (1 - eps)
+    error, norm = coarse_error[0], coarse_error[1]
+    user_norm = jnp.linalg.norm(user, axis=1)  # [B]
+    bound = COARSE_BOUND_SAFETY * user_norm * (error + gamma * (2 * norm + error))  # [B] = e
+    # The Nb-th largest maximum as the min over the top Nb, read back through top_k's indices: XLA
+    # CPU keeps its fast top-k kernel only when its outputs are used whole (else it sorted all
+    # N / W maxima: 37 ms at N = 1M).
+    _, top_blocks = lax.top_k(block_max, Nb)  # [B, Nb]
+    lowest = jnp.min(jnp.take_along_axis(block_max, top_blocks, axis=1), axis=1, keepdims=True)  # [B, 1]
+    threshold = lowest - 2 * bound[:, None]  # [B, 1]
+    needed = block_max >= threshold  # [B, N / W], includes the top Nb
+    count = jnp.sum(needed, axis=1)  # [B]
+    # The needed blocks in index order (a cumulative sum, no sort); unused slots repeat block 0.
+    blocks = jax.vmap(lambda need: jnp.nonzero(need, size=slots, fill_value=0)[0])(needed)  # [B, slots]
+    kept = jnp.arange(slots)[None, :] < count[:, None]  # [B, slots]
+    return lax.cond(
+        jnp.all(count <= slots),
+        lambda: _refine(user, corpus, blocks, mask, None, top_k=top_k, block_size=W, kept=kept),
+        lambda: _local_top_k(user, corpus, mask, None, top_k=top_k, chunk_size=chunk_size, block_size=W))
 
 
 class ShardedCorpusIndex(_Index):

@@ -279,13 +279,21 @@ class PhoenixModel(hk.Module):
 
         isolated=False (default): the release's full-sequence pass over [user, history, candidates]
           with the candidate-isolation mask, O((1+S+C)^2).
-        isolated=True: `score_candidates(encode_prefix(...))`: user+history run once (their rows never
-          see candidates); each candidate attends to that prefix plus itself, O(C*(1+S)). Equal to
-          the masked pass up to float rounding, with the same parameters.
+        isolated=True: what `score_candidates(encode_prefix(...))` computes, in one pass over the
+          [user, history, candidates] rows: user+history attend causally among themselves (never to
+          candidates), each candidate to that prefix plus itself, O((1+S+C)*(1+S)) attention
+          (grok.row_attention); row-wise work (norms, projections, FFN) runs once over all rows and
+          the last layer computes candidate rows only. Equal to the masked pass up to float rounding,
+          with the same parameters.
         """
         if isolated:
-            prefix = self.encode_prefix(batch, recsys_embeddings, need_candidates=True)
-            return self.score_candidates(batch, recsys_embeddings, prefix, checked=True)
+            self._check(batch, recsys_embeddings)
+            x, x_mask = self.user_sequence(batch, recsys_embeddings)  # [B, 1+S, D], [B, 1+S]
+            cand, cand_mask = self._fast_candidate_inputs(batch, recsys_embeddings)
+            rows = jnp.concatenate([x, cand.astype(self.fprop_dtype)], axis=1)  # [B, 1+S+C, D]
+            rows_mask = jnp.concatenate([x_mask, cand_mask], axis=1)  # [B, 1+S+C]
+            out = self.model(rows, rows_mask, candidate_start_offset=x.shape[1], fused=True).embeddings
+            return self._logits(out)  # out: the candidate rows [B, C, D]
         embeddings, padding_mask, offset = self.build_inputs(batch, recsys_embeddings)
         out = self.model(embeddings, padding_mask, candidate_start_offset=offset).embeddings
         return self._logits(out[:, offset:, :])
@@ -302,20 +310,19 @@ class PhoenixModel(hk.Module):
         return x, jnp.concatenate([user_mask, history_mask], axis=1)  # [B, 1+S]
 
     @hk.experimental.name_like("__call__")
-    def encode_prefix(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings, *,
-                      need_candidates: bool = False) -> "PrefixCache":
+    def encode_prefix(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings) -> "PrefixCache":
         """User+history through every layer once -> PrefixCache (each layer's keys/values).
 
-        Candidate fields are not read (they may be empty, C = 0) unless `need_candidates`.
+        Candidate fields are not read (they may be empty, C = 0).
         """
-        self._check(batch, recsys_embeddings, need_candidates=need_candidates)
+        self._check(batch, recsys_embeddings, need_candidates=False)
         x, x_mask = self.user_sequence(batch, recsys_embeddings)
         memory = self.model(x, x_mask, candidate_start_offset=None, fused=True).memory
         return PrefixCache(memory, x_mask)
 
     @hk.experimental.name_like("__call__")
     def score_candidates(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings, prefix: "PrefixCache",
-                         candidate_start: Any = 0, *, checked: bool = False) -> RecsysModelOutput:
+                         candidate_start: Any = 0) -> RecsysModelOutput:
         """Logits [B, C, A] of the batch's candidates against a cached prefix (user/history fields unused).
 
         Candidate c sits at rotary position 1 + S + candidate_start + c, its slot in the full
@@ -324,8 +331,7 @@ class PhoenixModel(hk.Module):
         """
         if not isinstance(prefix, PrefixCache):
             raise TypeError(f"prefix: expected a PrefixCache (from encode_prefix), got {type(prefix).__name__}")
-        if not checked:
-            check_candidate_inputs(batch, recsys_embeddings, self.config.hash_config, self.config.emb_size)
+        check_candidate_inputs(batch, recsys_embeddings, self.config.hash_config, self.config.emb_size)
         cand, cand_mask = self._fast_candidate_inputs(batch, recsys_embeddings)
         C = cand.shape[1]
         P = prefix.mask.shape[1]

@@ -460,3 +460,58 @@ def test_auto_sizes_are_valid(num_rows, top_k, dim):
     for batch in (1, 16, 64):
         chunk = index.auto_chunk_size(batch, num_rows, dim, block)
         assert chunk % block == 0 and chunk >= block
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("case", [c for c in EXACT_CASES.values() if c[2] <= 8],
+                         ids=[k for k, c in EXACT_CASES.items() if c[2] <= 8])
+def test_coarse_pass_matches_brute_force(case, masked):
+    """The bfloat16 coarse pass (forced on at small N) returns brute force's indices and scores."""
+    num_rows, dim, batch, top_k, chunk_size, block_size = case
+    user, corpus, mask = int_corpus(num_rows, dim, batch, seed=3)
+    mask = mask if masked else None
+    idx = CorpusIndex(corpus, chunk_size=chunk_size, block_size=block_size, coarse=True)
+    assert_same_as_brute_force(idx.search(user, top_k, mask), user, corpus, top_k, mask)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_coarse_pass_on_unit_vectors_equals_float32_path(seed):
+    """Real-valued rows round in bfloat16; the bound keeps every needed block, so the result is
+    the float32 path's exactly (indices and scores), for clustered users too."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((16, 32))
+    corpus = unit_rows(centres[rng.integers(0, 16, 20000)] + 0.5 * rng.standard_normal((20000, 32)))
+    user = unit_rows(centres[:4] + 0.3 * rng.standard_normal((4, 32)))
+    coarse = CorpusIndex(corpus, coarse=True, block_size=8)
+    plain = CorpusIndex(corpus, coarse=False, block_size=8)
+    assert coarse.plan(4, 50)[0] >= 20000  # one-piece plan: the coarse pass applies
+    for k in (1, 50):
+        got, want = coarse.search(user, k), plain.search(user, k)
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
+def test_coarse_pass_falls_back_when_the_band_overflows():
+    """All rows tie: every block is within the error band, too many to keep, so the float32
+    scan answers (ties in index order, as brute force)."""
+    corpus = np.ones((4096, 4), np.float32)
+    idx = CorpusIndex(corpus, block_size=8, coarse=True)
+    indices, scores = idx.search(np.ones((2, 4)), 30)
+    np.testing.assert_array_equal(np.asarray(indices), np.tile(np.arange(30), (2, 1)))
+    np.testing.assert_array_equal(np.asarray(scores), np.full((2, 30), 4.0))
+
+
+def test_coarse_default_and_approx_recall():
+    assert CorpusIndex(np.zeros((100, 4), np.float32)).coarse is False  # small corpus: no copy
+    assert CorpusIndex(np.zeros((index.COARSE_MIN_ROWS, 4), np.float32)).coarse is True
+    with pytest.raises(TypeError, match="coarse"):
+        CorpusIndex(np.zeros((100, 4), np.float32), coarse="yes")
+    user, corpus, mask = int_corpus(2000, 8, 3)
+    idx = CorpusIndex(corpus)
+    indices, scores = (np.asarray(a) for a in idx.search(user, 20, mask, approx_recall=0.95))
+    _, want_scores = brute_force(user, corpus, 20, mask)
+    np.testing.assert_array_equal(scores, want_scores)  # exact on CPU (no approximate kernel)
+    own = np.where(mask[indices], np.take_along_axis(user @ corpus.T, indices, axis=1), MASKED)
+    np.testing.assert_array_equal(scores, own)
+    with pytest.raises(ValueError, match="approx_recall"):
+        idx.search(user, 20, approx_recall=1.5)

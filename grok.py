@@ -369,7 +369,7 @@ def row_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: RowLayout, p
                               preferred_element_type=jnp.float32).reshape(B, R, g, d + 1)
         total = weighted[..., d] + e_self  # [B, R, g]
         outs.append(normalise(weighted[..., :d] + e_self[..., None] * q_v[:, :, j, None, :], total))
-    return jnp.stack(outs, axis=2).astype(v.dtype).reshape(B, R, -1), memory  # heads in order h*g + g
+    return jnp.stack(outs, axis=2).astype(v.dtype).reshape(B, R, -1), memory  # query head j*g + i is kv head j's i-th
 
 
 @dataclasses.dataclass
@@ -405,7 +405,7 @@ class MultiHeadAttention(hk.Module):
             q, k, v = fused_linear(query, projections)
         else:
             q, k, v = (layer(query) for layer in projections)
-        q = q.reshape(B, T, h, g, d)  # query head = h*g + g
+        q = q.reshape(B, T, h, g, d)  # query head j*g + i uses kv head j
         k = k.reshape(B, T, h, d)
         v = v.reshape(B, T, h, d)
         if prefix is not None and not isinstance(mask, RowLayout):  # candidates [B, T] against a cache

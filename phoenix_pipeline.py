@@ -46,13 +46,13 @@ import typing
 from pathlib import Path
 from typing import Optional
 
-import jax
 import numpy as np
 
 import movielens as ml
 import phoenix_checkpoint as checkpoint
 import phoenix_hashing as hashing
 import phoenix_metrics as metrics
+import phoenix_protocols as protocols
 import phoenix_training as training
 from phoenix_inputs import HashConfig
 # The log's and the two stages' public names are re-exported: `pipeline.X` is the one-stop API.
@@ -65,7 +65,8 @@ from phoenix_two_stage import (FINAL_K, RETRIEVAL_WEIGHTS, RETRIEVE_K, Recipe, R
                                hash_config, item_examples, optimizer_config, prefix_user_representations,
                                ranker_batches, ranker_candidates, ranker_config, ranker_logits, recommendable,
                                rerank_scores, resolve_recipe, retrieval_batches, retrieval_config,
-                               training_windows, window_examples)
+                               training_windows, window_examples, host_copy, warm_start, start_retrieval,
+                               start_ranker, stage_steps, eval_mask)
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
@@ -75,10 +76,6 @@ STAGES = ("retrieval", "ranker")
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
-
-
-def host_copy(tree):
-    return jax.tree.map(np.array, jax.device_get(tree))
 
 
 class MetricsLog:
@@ -141,11 +138,6 @@ def _fit_keeping_best(trainer, state, batches, steps: int, evaluate, path: str, 
     return kept["params"], best
 
 
-def _with_first(first, rest):
-    yield first
-    yield from rest
-
-
 def _extra(recipe: Recipe, seed: int, split: LogSplit) -> dict:
     """What a checkpoint records about its run: recipe, seed, and how raw ids were made."""
     return {"recipe": dataclasses.asdict(recipe), "seed": seed, "source": split.log.source,
@@ -156,55 +148,26 @@ def train_retrieval(split: LogSplit, recipe: Recipe, seed: int, checkpoint_dir: 
                     log: Optional[MetricsLog] = None, data_parallel=False):
     """Trains the two-tower model; returns (trainer, best params, best val metrics). `data_parallel`:
     training.Trainer's (each batch split over the devices, the state replicated)."""
-    windows_per_epoch = len(training_windows(split, recipe.history_len)[0])
-    steps = max(1, round(recipe.retrieval_epochs * windows_per_epoch / recipe.retrieval_batch_size))
-    trainer = SequenceRetrievalTrainer(retrieval_config(recipe), hash_config(recipe), optimizer_config(recipe, steps),
-                                       temperature=recipe.temperature, table_init_stddev=recipe.table_init_stddev,
-                                       data_parallel=data_parallel)
-    batches = retrieval_batches(split, recipe, trainer.hash_config, np.random.default_rng([seed, 1]))
-    first = next(batches)
-    state = trainer.init(jax.random.PRNGKey(seed), first[0])
-    print(f"retrieval: {steps} steps of {recipe.retrieval_batch_size} windows ({windows_per_epoch} windows "
-          f"per epoch)", file=stream)
+    trainer, state, batches, steps = start_retrieval(split, recipe, seed, data_parallel)
+    print(f"retrieval: {steps} steps of {recipe.retrieval_batch_size} windows "
+          f"({len(training_windows(split, recipe.history_len)[0])} windows per epoch)", file=stream)
     params, best = _fit_keeping_best(
-        trainer, state, _with_first(first, batches), steps,
+        trainer, state, batches, steps,
         lambda params: StageOne(trainer, params, split, "val", recipe.history_len, recipe.retrieve_k).metrics(),
         os.path.join(checkpoint_dir, "retrieval"), _extra(recipe, seed, split), recipe.evals_per_stage, stream,
         "retrieval", log)
     return trainer, params, best
 
 
-def warm_start(ranker_params, retrieval_params):
-    """Ranker params with every parameter the retrieval model also has (hash tables, transformer,
-    input projections, action and surface embeddings) copied from it; the rest stay as initialised."""
-    out = {}
-    for module, named in ranker_params.items():
-        source = retrieval_params.get(module.replace("phoenix_model", "phoenix_retrieval_model", 1), {})
-        out[module] = {name: (np.asarray(source[name]) if name in source and
-                              np.shape(source[name]) == np.shape(value) else value)
-                       for name, value in named.items()}
-    return out
-
-
 def train_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, checkpoint_dir: str, val_stage_one: StageOne,
                  retrieval_params=None, stream=None, log: Optional[MetricsLog] = None, data_parallel=False):
     """Trains the ranker; returns (trainer, best params, best val metrics). Model selection by the
     validation two-stage NDCG@10 of the ranker's own score (retrieval weight 0)."""
-    examples = phoenix_examples(split, "train", recipe.ranker_history_len)
-    steps = max(1, round(recipe.ranker_epochs * len(examples["user_ids"]) / recipe.ranker_batch_size))
-    trainer = training.make_ranking_trainer(ranker_config(recipe), hash_config(recipe),
-                                            optimizer_config(recipe, steps), action_weights=action_weights(split),
-                                            table_init_stddev=recipe.table_init_stddev, data_parallel=data_parallel)
-    batches = ranker_batches(split, examples, pool, recipe, trainer.hash_config, np.random.default_rng([seed, 2]))
-    first = next(batches)
-    state = trainer.init(jax.random.PRNGKey(seed + 1), first[0])
-    if retrieval_params is not None:
-        state = trainer._place_state(state._replace(params=jax.device_put(warm_start(host_copy(state.params),
-                                                                                     retrieval_params))))
+    trainer, state, batches, steps = start_ranker(split, pool, recipe, seed, retrieval_params, data_parallel)
     print(f"ranker: {steps} steps of {recipe.ranker_batch_size} examples x {recipe.num_candidates} candidates",
           file=stream)
     params, best = _fit_keeping_best(
-        trainer, state, _with_first(first, batches), steps,
+        trainer, state, batches, steps,
         lambda params: TwoStage(val_stage_one, trainer, params, split, "val", recipe).evaluate(
             0.0, recipe.temperature)[0],
         os.path.join(checkpoint_dir, "ranker"), _extra(recipe, seed, split), recipe.evals_per_stage, stream,
@@ -266,14 +229,18 @@ def check_run_dir(path, overwrite: bool = False) -> None:
 
 
 def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrite: bool = False,
-        plot: bool = False, stream=None, title: Optional[str] = None, data_parallel=False) -> dict:
+        plot: bool = False, stream=None, title: Optional[str] = None, data_parallel=False, extra_rows=None) -> dict:
     """Trains both stages, keeps the best checkpoints, evaluates them read back; prints the table.
 
     Progress goes to `stream` (default stderr), the table to stdout. Returns {"table": {(split, name):
     metrics}, "reranked": {split: [U, K] columns}, "retrieval_weight", "retrieval" / "ranker" (trainers),
     "retrieval_params" / "ranker_params" (best, as saved), "retrieval_best" / "ranker_best" (their val
     metrics and step), "stage_one" / "two_stage" (per split), "times", "wall_s", "checkpoint_dir",
-    "recipe" (with table sizes resolved), "split"}.
+    "recipe" (with table sizes resolved), "split", "extra"}.
+
+    extra_rows (phoenix_protocols.extra_rows): called after the evaluation with {"split", "recipe",
+    "seed", "checkpoint_dir", "stream", "retrieval_best", "ranker_best", "retrieval_weight",
+    "data_parallel"}; returns (more table rows, info kept as result["extra"]).
     """
     stream = sys.stderr if stream is None else stream
     checkpoint_dir = str(checkpoint_dir)
@@ -321,6 +288,14 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
     table, reranked, stage_one, two_stage, weight = evaluate_stages(split, retrieval, retrieval_params, ranker,
                                                                     ranker_params, recipe)
     times["evaluation"] = time.perf_counter() - t0
+    extra = {}
+    if extra_rows is not None:  # other protocols and reference models (phoenix_protocols.py)
+        t0 = time.perf_counter()
+        more, extra = extra_rows({"split": split, "recipe": recipe, "seed": seed, "checkpoint_dir": checkpoint_dir,
+                                  "stream": stream, "retrieval_best": retrieval_best, "ranker_best": ranker_best,
+                                  "retrieval_weight": weight, "data_parallel": data_parallel})
+        table = protocols.ordered({**table, **more})
+        times["extra"] = time.perf_counter() - t0
     wall = time.perf_counter() - start
     for (which, name), m in table.items():
         log.write(stage="evaluation", split=which, model=name, **m)
@@ -337,7 +312,7 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
             "retrieval_params": retrieval_params, "ranker": ranker, "ranker_params": ranker_params,
             "retrieval_best": retrieval_best, "ranker_best": ranker_best, "stage_one": stage_one,
             "two_stage": two_stage, "times": times, "wall_s": wall, "checkpoint_dir": checkpoint_dir,
-            "recipe": recipe, "split": split}
+            "recipe": recipe, "split": split, "extra": extra}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,6 +497,7 @@ def add_run_flags(parser: argparse.ArgumentParser, default_checkpoint_dir, defau
                         help=f"write {PLOT_FILE} (training loss, validation curves) to the run directory (matplotlib)")
     parser.add_argument("--data-parallel", action="store_true",
                         help="split each training batch over all devices JAX finds (batch sizes must divide evenly)")
+    protocols.add_flags(parser)
     defaults = Recipe() if defaults is None else defaults
     hints = typing.get_type_hints(Recipe)
     for field in dataclasses.fields(Recipe):
@@ -593,7 +569,7 @@ def main(argv=None) -> dict:
     log = read_log(args.data, columns, args.rating_actions, delimiter=args.delimiter)
     split = split_log(log, args.split, args.duplicates, args.cut_time, args.cut_quantile)
     result = run(split, recipe, args.checkpoint_dir, args.seed, args.overwrite, args.plot,
-                 data_parallel=args.data_parallel)
+                 data_parallel=args.data_parallel, extra_rows=protocols.extra_rows(args))
     result["dump_check"] = None
     if args.dump_topk:
         dump_topk(args.dump_topk, split, result["reranked"]["test"][:, :FINAL_K])

@@ -553,3 +553,73 @@ class TwoStage:
         scores = rerank_scores(self.logits, self.retrieval, weight, temperature, self.score_action)
         ranks, reranked = two_stage_ranks(self.stage_one, scores)
         return metrics.metrics_from_ranks(ranks), reranked
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting a stage's training
+# ---------------------------------------------------------------------------------------------
+
+
+def host_copy(tree):
+    """A NumPy copy on the host of a tree of (device) arrays."""
+    return jax.tree.map(np.array, jax.device_get(tree))
+
+
+def with_first(first, rest):
+    """The batch stream `rest` with `first` (already drawn, e.g. to initialise) put back in front."""
+    yield first
+    yield from rest
+
+
+def warm_start(ranker_params, retrieval_params):
+    """Ranker params with every parameter the retrieval model also has (hash tables, transformer,
+    input projections, action and surface embeddings) copied from it; the rest stay as initialised."""
+    out = {}
+    for module, named in ranker_params.items():
+        source = retrieval_params.get(module.replace("phoenix_model", "phoenix_retrieval_model", 1), {})
+        out[module] = {name: (np.asarray(source[name]) if name in source and
+                              np.shape(source[name]) == np.shape(value) else value)
+                       for name, value in named.items()}
+    return out
+
+
+def stage_steps(split: LogSplit, recipe: Recipe) -> tuple[int, int]:
+    """(retrieval, ranker) steps of the recipe's schedules on `split`'s training part: its epochs over
+    the training windows / examples."""
+    windows = len(training_windows(split, recipe.history_len)[0])
+    examples = len(split.target_positions("train")[0])
+    return (max(1, round(recipe.retrieval_epochs * windows / recipe.retrieval_batch_size)),
+            max(1, round(recipe.ranker_epochs * examples / recipe.ranker_batch_size)))
+
+
+def start_retrieval(split: LogSplit, recipe: Recipe, seed: int, data_parallel=False, steps: Optional[int] = None):
+    """(trainer, state, batches, steps): the retrieval stage ready for training.fit on `split`: the
+    learning-rate schedule spans `steps` (default the recipe's, stage_steps), the state is seeded by
+    `seed`, the batch stream by (seed, 1)."""
+    steps = stage_steps(split, recipe)[0] if steps is None else steps
+    trainer = SequenceRetrievalTrainer(retrieval_config(recipe), hash_config(recipe), optimizer_config(recipe, steps),
+                                       temperature=recipe.temperature, table_init_stddev=recipe.table_init_stddev,
+                                       data_parallel=data_parallel)
+    batches = retrieval_batches(split, recipe, trainer.hash_config, np.random.default_rng([seed, 1]))
+    first = next(batches)
+    state = trainer.init(jax.random.PRNGKey(seed), first[0])
+    return trainer, state, with_first(first, batches), steps
+
+
+def start_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, retrieval_params=None, data_parallel=False,
+                 steps: Optional[int] = None):
+    """(trainer, state, batches, steps): the ranker ready for training.fit on `split` (hard negatives
+    from `pool`), warm-started from `retrieval_params` if given; schedule and seeds as start_retrieval's
+    (state seed + 1, stream (seed, 2))."""
+    examples = phoenix_examples(split, "train", recipe.ranker_history_len)
+    steps = stage_steps(split, recipe)[1] if steps is None else steps
+    trainer = training.make_ranking_trainer(ranker_config(recipe), hash_config(recipe),
+                                            optimizer_config(recipe, steps), action_weights=action_weights(split),
+                                            table_init_stddev=recipe.table_init_stddev, data_parallel=data_parallel)
+    batches = ranker_batches(split, examples, pool, recipe, trainer.hash_config, np.random.default_rng([seed, 2]))
+    first = next(batches)
+    state = trainer.init(jax.random.PRNGKey(seed + 1), first[0])
+    if retrieval_params is not None:
+        state = trainer._place_state(state._replace(params=jax.device_put(warm_start(host_copy(state.params),
+                                                                                     retrieval_params))))
+    return trainer, state, with_first(first, batches), steps

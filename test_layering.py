@@ -22,7 +22,7 @@ LAYERS = [
     ("training", ["phoenix_resume", "phoenix_training"]),
     ("serving", ["runners"]),
     ("experiments", ["movielens", "phoenix_datasets", "phoenix_experiment", "phoenix_log", "phoenix_two_stage",
-                     "phoenix_pipeline", "train_synthetic", "train_movielens"]),
+                     "phoenix_sasrec", "phoenix_protocols", "phoenix_pipeline", "train_synthetic", "train_movielens"]),
     ("demos", ["run_ranker", "run_retrieval", "run_train", "bench", "resume_harness"]),
 ]
 LAYER_OF = {module: rank for rank, (_, modules) in enumerate(LAYERS) for module in modules}

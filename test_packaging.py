@@ -25,7 +25,8 @@ PROJECT = "phoenix_recsys"
 LIBRARY = ["grok", "recsys_model", "recsys_retrieval_model", "runners", "phoenix_checkpoint", "phoenix_datasets",
            "phoenix_hashing", "phoenix_index", "phoenix_metrics", "phoenix_training", "phoenix_validation",
            "phoenix_inputs", "phoenix_forward", "phoenix_losses", "phoenix_optim", "phoenix_resume",
-           "movielens", "phoenix_log", "phoenix_two_stage", "phoenix_pipeline", "phoenix_experiment"]
+           "movielens", "phoenix_log", "phoenix_two_stage", "phoenix_sasrec", "phoenix_protocols", "phoenix_pipeline",
+           "phoenix_experiment"]
 ENTRY_POINTS = ["run_ranker", "run_retrieval", "run_train", "train_synthetic", "train_movielens"]
 SHIPPED = LIBRARY + ENTRY_POINTS
 # Top-level modules deliberately left out: dev-only (bench.py, numpy_reference.py: the tests' oracle,

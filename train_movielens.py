@@ -39,6 +39,7 @@ import numpy as np
 
 import movielens as ml
 import phoenix_pipeline as pipeline
+import phoenix_protocols
 from phoenix_pipeline import FINAL_K, Recipe  # noqa: F401 (Recipe: this experiment's flags)
 
 
@@ -87,21 +88,25 @@ def parse_args(argv):
     return args, pipeline.recipe_from_args(args)
 
 
-def seed_path(path: str, seed: int) -> str:
-    """top10.csv -> top10.seed0.csv (a path without a suffix gets .seed0 appended)."""
+def seed_path(path: str, seed, tag: str = "seed") -> str:
+    """top10.csv -> top10.seed0.csv (a path without a suffix gets .seed0 appended); another tag:
+    seed_path("top10.seed0.csv", "", "trainval") -> top10.seed0.trainval.csv."""
     root, dot, suffix = path.rpartition(".")
     if not dot or "/" in suffix:
-        return f"{path}.seed{seed}"
-    return f"{root}.seed{seed}.{suffix}"
+        return f"{path}.{tag}{seed}"
+    return f"{root}.{tag}{seed}.{suffix}"
 
 
 SEED_COLUMNS = (("test", "retrieval"), ("test", "two-stage"), ("val", "retrieval"), ("val", "two-stage"))
+EXTRA_MODELS = ("sasrec",)  # rows of phoenix_protocols (and other protocols' rows) get columns too
 
 
 def seed_table(tables: dict) -> tuple[str, dict]:
     """Markdown table of {seed: run table}: HR@10 / NDCG@10 of SEED_COLUMNS per seed, then their mean
     and sample standard deviation over seeds. Returns (text, {(split, model, metric): (mean, sd)})."""
-    keys = [(which, model, metric) for which, model in SEED_COLUMNS for metric in ("HR@10", "NDCG@10")]
+    present = [key for key in next(iter(tables.values())) if all(key in t for t in tables.values())]
+    columns = SEED_COLUMNS + tuple(key for key in present if key[1] in EXTRA_MODELS or key[0] not in ("val", "test"))
+    keys = [(which, model, metric) for which, model in dict.fromkeys(columns) for metric in ("HR@10", "NDCG@10")]
     head = " | ".join(f"{which} {model} {metric}" for which, model, metric in keys)
     lines = [f"| seed | {head} |", "|---|" + "---:|" * len(keys)]
     for seed, table in tables.items():
@@ -119,16 +124,25 @@ def run_seed(args, recipe: Recipe, split, ratings, seed: int, checkpoint_dir: st
     result = pipeline.run(split, recipe, checkpoint_dir, seed, getattr(args, "overwrite", False),
                           getattr(args, "plot", False), stream,
                           title=f"MovieLens ({ratings.source}), leave-one-out",
-                          data_parallel=getattr(args, "data_parallel", False))
+                          data_parallel=getattr(args, "data_parallel", False),
+                          extra_rows=phoenix_protocols.extra_rows(args))
     check = None
-    if dump_path:
+    retrained = result.get("extra", {}).get("train+val")
+    dumps = [(dump_path, result["reranked"]["test"], ("test", "two-stage"))] if dump_path else []
+    if dump_path and retrained:  # protocol train+val: its two-stage top-10s beside, PATH with .trainval
+        dumps.append((seed_path(dump_path, "", "trainval"), retrained["reranked_test"],
+                      (phoenix_protocols.TRAIN_VAL, "two-stage")))
+    for path, reranked, row in dumps:
         users = split.user_ids[split.eval_users()]
-        ml.dump_topk(dump_path, users, split.item_ids[result["reranked"]["test"][:, :FINAL_K]])
-        check = ml.recompute_from_dump(dump_path, args.data, args.cache_dir, k=FINAL_K)
-        ours = result["table"][("test", "two-stage")]
-        print(f"\ndump {dump_path}: table HR@10 {ours['HR@10']:.4f} NDCG@10 {ours['NDCG@10']:.4f}; "
-              f"recomputed from the dump HR@10 {check['HR@10']:.4f} NDCG@10 {check['NDCG@10']:.4f} "
-              f"({check['num_users']} users, history items in the top-10s: {check['history_items_in_topk']})")
+        ml.dump_topk(path, users, split.item_ids[reranked[:, :FINAL_K]])
+        recomputed = ml.recompute_from_dump(path, args.data, args.cache_dir, k=FINAL_K)
+        check = recomputed if check is None else check
+        ours = result["table"][row]
+        label = "" if row[0] == "test" else f" ({row[0]})"
+        print(f"\ndump {path}{label}: table HR@10 {ours['HR@10']:.4f} NDCG@10 {ours['NDCG@10']:.4f}; "
+              f"recomputed from the dump HR@10 {recomputed['HR@10']:.4f} NDCG@10 {recomputed['NDCG@10']:.4f} "
+              f"({recomputed['num_users']} users, history items in the top-10s: "
+              f"{recomputed['history_items_in_topk']})")
     return {**result, "dump_check": check}
 
 

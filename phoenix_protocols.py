@@ -1,0 +1,135 @@
+"""Evaluation protocols beside the pipeline's, and the SASRec reference row.
+
+    uv run run_train.py --data movielens-100k --protocol train+val --sasrec [--seeds 0,1,2]
+    uv run run_train.py --data LOG.csv --protocol train+val
+
+Protocols (the row labels of the table)
+  val-select    (the pipeline's, always run; rows "val" and "test") train on the training part,
+                keep each stage's best checkpoint by validation NDCG@10, choose the re-ranking
+                weight on validation, evaluate test once.
+  train+val     (rows "test (train+val)") then retrain both stages from scratch on the training
+                part plus every user's validation target (train_len + 1; common in the literature),
+                for the number of steps validation chose in val-select (each stage stops at its best
+                checkpoint's step of the same learning-rate schedule, same seeds), with val-select's
+                re-ranking weight; no validation is looked at again. Test histories are the same
+                (everything before the test target) in both protocols; only the weights differ.
+--sasrec adds the rows "val"/"test" "sasrec" (phoenix_sasrec.py: causal transformer over the item
+  sequence, last position, full softmax over all items, the pipeline's evaluation); with
+  --protocol train+val --sasrec-train-val also its "test (train+val)" row, retrained the same way.
+
+Shape glossary
+  U  users (evaluated users)   N  catalog items   K  retrieved per user   S  history length
+"""
+
+import dataclasses
+import os
+import time
+
+
+import phoenix_sasrec as sasrec
+import phoenix_training as training
+import phoenix_two_stage as two_stage
+from phoenix_log import LogSplit
+
+PROTOCOLS = ("val-select", "train+val")
+TRAIN_VAL = "test (train+val)"  # the split label of the train+val protocol's rows
+
+
+def add_flags(parser) -> None:
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="val-select",
+                        help="val-select: train only, best checkpoints by validation (always run); train+val: "
+                             "also retrain on train + validation targets for the steps validation chose, rows "
+                             f"{TRAIN_VAL!r}")
+    parser.add_argument("--sasrec", action="store_true",
+                        help="add the SASRec-style reference rows (phoenix_sasrec.py; full softmax over all items)")
+    parser.add_argument("--sasrec-epochs", type=float, default=sasrec.SasrecRecipe.epochs)
+    parser.add_argument("--sasrec-history-len", type=int, default=sasrec.SasrecRecipe.history_len)
+    parser.add_argument("--sasrec-dropout", type=float, default=sasrec.SasrecRecipe.dropout)
+    parser.add_argument("--sasrec-train-val", action="store_true",
+                        help=f"with --protocol train+val, retrain the sasrec reference too (row {TRAIN_VAL!r})")
+
+
+def train_val_split(split: LogSplit) -> LogSplit:
+    """The split whose training part holds each evaluated user's validation target too. Only its
+    training part may be used: its "val"/"test" targets are shifted and meaningless."""
+    return dataclasses.replace(split, train_len=split.train_len + split.has_eval)
+
+
+def retrain_stages(split: LogSplit, recipe: two_stage.Recipe, seed: int, run_dir: str, selected: dict, stream=None,
+                   data_parallel=False) -> tuple[dict, dict]:
+    """Protocol train+val for the pipeline's two stages. `selected`: the val-select run's best step
+    of each stage (selected["retrieval_best"]["step"], selected["ranker_best"]["step"]) and its
+    "retrieval_weight"; the schedules are val-select's (two_stage.stage_steps of `split`). Returns
+    ({(TRAIN_VAL, model): metrics}, info with the re-ranked test top-K columns [U, K] and seconds)."""
+    start = time.perf_counter()
+    ext = train_val_split(split)
+    r_total, k_total = two_stage.stage_steps(split, recipe)
+    r_stop, k_stop = selected["retrieval_best"]["step"], selected["ranker_best"]["step"]
+    added = int(ext.train_len.sum() - split.train_len.sum())
+    print(f"\n== protocol train+val: retraining on train + validation targets ({added} more interactions); "
+          f"retrieval {r_stop} of {r_total} steps, ranker {k_stop} of {k_total} steps", file=stream)
+
+    def fit(trainer, state, batches, stop, stage):
+        state, _ = training.fit(trainer, state, batches, stop, log_every=max(1, min(50, stop // 10)), stream=stream)
+        trainer.save(os.path.join(run_dir, "train+val", stage), state,
+                     extra={"protocol": "train+val", "seed": seed, "steps": stop, "schedule_steps": r_total
+                            if stage == "retrieval" else k_total})
+        return two_stage.host_copy(state.params)
+
+    retrieval, state, batches, _ = two_stage.start_retrieval(ext, recipe, seed, data_parallel, steps=r_total)
+    r_params = fit(retrieval, state, batches, r_stop, "retrieval")
+    pool = (two_stage.hard_negative_pool(retrieval, r_params, ext, recipe.history_len, recipe.negative_pool)
+            if recipe.hard_negatives else None)
+    ranker, state, batches, _ = two_stage.start_ranker(
+        ext, pool, recipe, seed, r_params if recipe.ranker_init_from_retrieval else None, data_parallel, steps=k_total)
+    k_params = fit(ranker, state, batches, k_stop, "ranker")
+
+    one = two_stage.StageOne(retrieval, r_params, split, "test", recipe.history_len, recipe.retrieve_k)
+    two, reranked = two_stage.TwoStage(one, ranker, k_params, split, "test", recipe).evaluate(
+        selected["retrieval_weight"], recipe.temperature)
+    rows = {(TRAIN_VAL, "retrieval"): one.metrics(), (TRAIN_VAL, "two-stage"): two}
+    return rows, {"reranked_test": reranked, "seconds": time.perf_counter() - start}
+
+
+def sasrec_recipe(args) -> sasrec.SasrecRecipe:
+    return dataclasses.replace(sasrec.SasrecRecipe(), epochs=getattr(args, "sasrec_epochs", sasrec.SasrecRecipe.epochs),
+                               history_len=getattr(args, "sasrec_history_len", sasrec.SasrecRecipe.history_len),
+                               dropout=getattr(args, "sasrec_dropout", sasrec.SasrecRecipe.dropout))
+
+
+def extra_rows(args):
+    """The phoenix_pipeline.run(extra_rows=...) hook for the command-line flags, or None."""
+    protocol, with_sasrec = getattr(args, "protocol", "val-select"), getattr(args, "sasrec", False)
+    if protocol == "val-select" and not with_sasrec:
+        return None
+    recipe_s = sasrec_recipe(args)
+
+    def rows(run: dict) -> tuple[dict, dict]:
+        split, stream, seed = run["split"], run["stream"], run["seed"]
+        out, info = {}, {}
+        if protocol == "train+val":
+            more, info["train+val"] = retrain_stages(split, run["recipe"], seed, run["checkpoint_dir"], run, stream,
+                                                     run.get("data_parallel", False))
+            out.update(more)
+        if with_sasrec:
+            print("\n== sasrec reference (full softmax over all items)", file=stream)
+            more, info["sasrec"] = sasrec.reference_rows(split, recipe_s, seed, two_stage.training_windows,
+                                                         two_stage.eval_mask, stream)
+            out.update(more)
+            if protocol == "train+val" and getattr(args, "sasrec_train_val", False):
+                best = info["sasrec"]["best"]
+                more, info["sasrec train+val"] = sasrec.reference_rows(
+                    split, recipe_s, seed, two_stage.training_windows, two_stage.eval_mask, stream,
+                    train_split=train_val_split(split), num_steps=best["step"], total_steps=best["total_steps"])
+                out[(TRAIN_VAL, "sasrec")] = more[("test", "sasrec")]
+        for part in info.values():
+            part.pop("params", None)
+        return out, info
+
+    return rows
+
+
+def ordered(table: dict) -> dict:
+    """Rows grouped by split label: val, test, then the other protocols', each in insertion order."""
+    labels = list(dict.fromkeys(["val", "test"] + [which for which, _ in table]))
+    return {key: table[key] for label in labels for key in table if key[0] == label}

@@ -619,7 +619,7 @@ class FaissIndex(_Index):
 
     k-means splits the corpus into `nlist` lists; a search scans the `nprobe` lists whose
     centroids score best. Vectors are stored uncompressed, so the scores of returned entries
-    are exact and only recall is approximate (`recall_at_k`). Runs on the host, returns NumPy.
+    are exact and only recall is approximate (`phoenix_metrics.topk_recall`). Runs on the host, returns NumPy.
     Unlike the exact indexes, masked entries are never returned: if fewer than K valid entries
     lie in the probed lists (a mask, or small lists with a small nprobe), the tail has index -1
     and score -INF. Check for it (`indices < 0`) before indexing with the result; `post_ids`

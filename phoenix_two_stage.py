@@ -52,7 +52,7 @@ class RecipeError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """Model sizes and training schedule of both stages (train_movielens.py's docstring says why)."""
+    """Model sizes and training schedule of both stages (docs/notes.md says why)."""
 
     emb_size: int = 64  # D, both models
     num_layers: int = 2

@@ -449,11 +449,15 @@ def device_suite(args) -> list[dict]:
         release = jax.jit(rankers["runner"].runner.forward.apply)
         batch, emb = create_example_batch(B, cfg.emb_size, args.history_len, C, len(ACTIONS), seed=args.seed)
         dev_batch, dev_emb = jax.device_put((batch, emb))
+        # The runner from host (NumPy) inputs, which it checks and transfers, and from device-resident
+        # ones, as the release's jitted model is given (and as a runner embedding its own tables gets).
         fns = {"release_masked_jit": lambda: release(params, None, dev_batch, dev_emb).logits,
-               **{name: (lambda r=r: r.rank(batch, emb).scores) for name, r in rankers.items()}}
+               **{name: (lambda r=r: r.rank(batch, emb).scores) for name, r in rankers.items()},
+               "runner_device_inputs": lambda: rankers["runner"].rank(dev_batch, dev_emb).scores}
         timed = interleaved_ms(fns, args.runs)
         for name, (median, low) in timed.items():
-            dtype = args.rank_dtype if name != "runner" else rankers["runner"].serving_dtype.name
+            serving = name in ("runner", "runner_device_inputs")  # compute_dtype "auto"
+            dtype = rankers["runner"].serving_dtype.name if serving else args.rank_dtype
             rows.append(dict(section="suite_ranking", method=name, c=C, b=B, s=args.history_len, dtype=dtype,
                              median_ms=round(median, 3), min_ms=round(low, 3),
                              vs_release=round(median / timed["release_masked_jit"][0], 3), device=device))

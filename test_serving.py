@@ -146,7 +146,7 @@ def test_device_suite_runs_on_cpu_at_tiny_sizes(tmp_path):
     rows = json.loads(out.with_suffix(".json").read_text())
     rank = [r for r in rows if r["section"] == "suite_ranking"]
     assert {(r["method"], r["c"], r["b"]) for r in rank} == {
-        (m, 6, 2) for m in ("release_masked_jit", "runner", "runner_fprop")}
+        (m, 6, 2) for m in ("release_masked_jit", "runner", "runner_fprop", "runner_device_inputs")}
     retrieval = [r for r in rows if r["section"] == "suite_retrieval"]
     assert {(r["method"], r["n"], r["b"]) for r in retrieval} == {
         (m, 300, b) for m in ("bare_matmul_top_k", "corpus_index", "approx_max_k") for b in (1, 3)}

@@ -20,27 +20,13 @@ Shape glossary
   M  rows of one hash table   Hu / Hi / Ha  number of user / item (post) / author hashes
 """
 
-from typing import Callable, Mapping, Optional, Union
+from typing import Callable, Optional, Union
 
 import haiku as hk
-import jax
 import jax.numpy as jnp
 
-from phoenix_inputs import DEFAULT_INIT_STDDEV, TABLE_MODULE, HashConfig, HashEmbeddings, RecsysBatch, \
-    RecsysEmbeddings, lookup
-
-
-def embed(tables: Mapping[str, jax.Array], batch: RecsysBatch) -> RecsysEmbeddings:
-    """The batch's embeddings from tables {"user_table" [Mu, D], "post_table" [Mp, D],
-    "author_table" [Ma, D]}: the same gathers as HashEmbeddings, outside any transform."""
-    user, post, author = tables["user_table"], tables["post_table"], tables["author_table"]
-    return RecsysEmbeddings(
-        user_embeddings=lookup(user, batch.user_hashes),  # [B, Hu, D]
-        history_post_embeddings=lookup(post, batch.history_post_hashes),  # [B, S, Hi, D]
-        candidate_post_embeddings=lookup(post, batch.candidate_post_hashes),  # [B, C, Hi, D]
-        history_author_embeddings=lookup(author, batch.history_author_hashes),  # [B, S, Ha, D]
-        candidate_author_embeddings=lookup(author, batch.candidate_author_hashes),  # [B, C, Ha, D]
-    )
+from phoenix_inputs import (DEFAULT_INIT_STDDEV, TABLE_MODULE, HashConfig, HashEmbeddings, RecsysBatch,
+                            RecsysEmbeddings, embed)
 
 
 def both_towers(model, batch: RecsysBatch, embeddings):

@@ -11,7 +11,7 @@ Shape glossary
 """
 
 import dataclasses
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import haiku as hk
 import jax
@@ -341,15 +341,20 @@ class HashEmbeddings(hk.Module):
 
     def __call__(self, batch: RecsysBatch) -> RecsysEmbeddings:
         cfg = self.hash_config
-        user_table = self._table("user_table", cfg.user_table_size)  # [Mu, D]
-        post_table = self._table("post_table", cfg.post_table_size)  # [Mp, D]
-        author_table = self._table("author_table", cfg.author_table_size)  # [Ma, D]
-        return RecsysEmbeddings(
-            user_embeddings=lookup(user_table, batch.user_hashes),  # [B, Hu, D]
-            history_post_embeddings=lookup(post_table, batch.history_post_hashes),  # [B, S, Hi, D]
-            candidate_post_embeddings=lookup(post_table, batch.candidate_post_hashes),  # [B, C, Hi, D]
-            history_author_embeddings=lookup(author_table, batch.history_author_hashes),  # [B, S, Ha, D]
-            candidate_author_embeddings=lookup(
-                author_table, batch.candidate_author_hashes
-            ),  # [B, C, Ha, D]
-        )
+        return embed({"user_table": self._table("user_table", cfg.user_table_size),  # [Mu, D]
+                      "post_table": self._table("post_table", cfg.post_table_size),  # [Mp, D]
+                      "author_table": self._table("author_table", cfg.author_table_size)}, batch)  # [Ma, D]
+
+
+def embed(tables: Mapping[str, jax.Array], batch: RecsysBatch) -> RecsysEmbeddings:
+    """The batch's embeddings from tables {"user_table" [Mu, D], "post_table" [Mp, D],
+    "author_table" [Ma, D]}: pure gathers (`lookup`), the same inside HashEmbeddings and outside
+    any transform (phoenix_forward)."""
+    user, post, author = tables["user_table"], tables["post_table"], tables["author_table"]
+    return RecsysEmbeddings(
+        user_embeddings=lookup(user, batch.user_hashes),  # [B, Hu, D]
+        history_post_embeddings=lookup(post, batch.history_post_hashes),  # [B, S, Hi, D]
+        candidate_post_embeddings=lookup(post, batch.candidate_post_hashes),  # [B, C, Hi, D]
+        history_author_embeddings=lookup(author, batch.history_author_hashes),  # [B, S, Ha, D]
+        candidate_author_embeddings=lookup(author, batch.candidate_author_hashes),  # [B, C, Ha, D]
+    )

@@ -22,8 +22,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 import phoenix_checkpoint as checkpoint
 from grok import TrainingState
 # ACTIONS and the example factories are the release's names in this module.
-from phoenix_forward import ModelForward, both_towers, embed
-from phoenix_inputs import TABLE_MODULE
+from phoenix_forward import ModelForward, both_towers
+from phoenix_inputs import TABLE_MODULE, embed
 from phoenix_inputs import (ACTIONS, create_dummy_batch_from_config,  # noqa: F401
                             create_dummy_embeddings_from_config, create_example_batch, create_example_corpus)
 from phoenix_inputs import RecsysBatch, RecsysEmbeddings

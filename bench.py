@@ -310,111 +310,195 @@ def peak_macs_per_ms(rounds: int) -> float:
     return PEAK_N**3 / best
 
 
+# The profile's parts, in table order; `op_part` assigns each compiled operation to one of them.
+PROFILE_PARTS = ("prefix inputs", "candidate projections", "attention projections", "attention", "ffn",
+                 "norms, residuals", "output head")
+# XLA CPU records one trace event per executed operation (thunk) only with this flag, which must be
+# set before JAX starts: the profile runs in a worker process that sets it.
+TRACE_FLAG = "--xla_cpu_enable_xprof_traceme=true"
+
+
 def ranking_macs(cfg, B: int, S: int, C: int) -> dict:
-    """Multiply-adds of each part of isolated ranking as this library computes it (the floor)."""
+    """Multiply-adds of each profile part as the one-pass isolated ranking computes them (the floor).
+
+    One pass over T = 1+S+C rows: every layer projects Q/K/V of all T rows; layer 0's attention,
+    output projection and FFN run on all rows (prefix rows against the P = 1+S prefix keys, causal
+    but computed as a full [T, P] product), the last layer's on the C candidate rows only.
+    """
     from grok import ffn_size
 
     t, hc = cfg.model, cfg.hash_config
     D, A, V = cfg.emb_size, cfg.num_actions, cfg.product_surface_vocab_size
     F = ffn_size(D, t.widening_factor)
     q, kv = t.num_q_heads * t.key_size, t.num_kv_heads * t.key_size
-    P = 1 + S
-    proj, ffn = D * (q + 2 * kv) + q * D, 3 * D * F  # per row: Q/K/V + output projection; gated FFN
-    prefix = (hc.num_user_hashes * D * D + S * ((hc.num_item_hashes + hc.num_author_hashes + 2) * D * D + (A + V) * D)
-              + (t.num_layers - 1) * (P * (proj + ffn) + 2 * P * P * q) + P * D * 2 * kv)  # last layer: K, V only
-    return {"prefix": B * prefix,
+    P, T = 1 + S, 1 + S + C
+    rows = [T] * (t.num_layers - 1) + [C]  # query rows per layer
+    projections = sum(T * D * (q + 2 * kv) + R * q * D for R in rows)  # fused Q/K/V of all rows, output of R
+    attention = sum(R * (2 * P * q + q) for R in rows)  # logits and weighted values vs P keys; +q: self logits
+    return {"prefix inputs": B * (hc.num_user_hashes * D * D + S * ((hc.num_item_hashes + hc.num_author_hashes + 2)
+                                                                   * D * D + (A + V) * D)),
             "candidate projections": B * C * ((hc.num_item_hashes + hc.num_author_hashes) * D * D + V * D) + V * D * D,
-            "attention": B * C * t.num_layers * (proj + 2 * (P + 1) * q + q),
-            "ffn": B * C * t.num_layers * ffn,
+            "attention projections": B * projections,
+            "attention": B * attention,
+            "ffn": B * sum(R * 3 * D * F for R in rows),
+            "norms, residuals": 0,
             "output head": B * C * D * A}
 
 
-def profile_ranking(C: int, S: int, B: int, rank_dtype: str, rounds: int, seed: int = 0) -> list[dict]:
-    """C-candidate ranking split into parts, each jitted alone and timed beside its FLOP floor.
+def op_part(op_name: str) -> str:
+    """The profile part of a compiled operation, from the op_name JAX gives it (its trace path)."""
+    if "_fast_candidate_inputs" in op_name or "].candidate_" in op_name:  # the latter: an input itself
+        return "candidate projections"
+    if "user_sequence" in op_name or "].user_" in op_name or "].history_" in op_name:
+        return "prefix inputs"
+    if op_name.endswith(("multi_head_attention/dot_general", "multi_head_attention/linear/dot_general")):
+        return "attention projections"  # the fused Q/K/V matmul and the output projection
+    if "multi_head_attention" in op_name:
+        return "attention"  # rotary, logits against the prefix, softmax, weighted values
+    if "decoder_layer" in op_name:
+        return "norms, residuals" if "rms_norm" in op_name or op_name.endswith("/add") else "ffn"
+    return "output head"  # final norm, unembedding, sigmoid, ranking; the rows' concatenation
 
-    Parts: the prefix (user+history through every layer, `encode_prefix`); the candidate input
-    projection; one candidate attention block (norm, fused Q/K/V, rotary, attention to the
-    prefix, output projection, norm, residual) times the layer count; one feed-forward block
-    likewise; the output head (final norm, unembedding, sigmoid, ranking). "rank, device inputs"
-    is the whole compiled function; "host overhead" is runner.rank on NumPy inputs (checks,
-    transfer, dispatch) minus that. Each part pays one dispatch, so their sum exceeds the whole.
+
+def hlo_op_names(hlo_text: str) -> dict:
+    """{instruction name: op_name} of an optimised HLO module's text. An instruction without metadata
+    of its own (a fusion XLA made from several ops, or a dot it lost the name of) takes the first
+    op_name inside its fused computation, else its first operand's."""
+    import re
+
+    first_in, current, own, calls, operands = {}, None, {}, {}, {}
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            current = head.group(1)
+            continue
+        inst = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = [^(]*\(([^)]*)\)", line)
+        if not inst:
+            continue
+        name = inst.group(1)
+        op = re.search(r'op_name="([^"]+)"', line)
+        own[name] = op.group(1) if op else None
+        operands[name] = re.findall(r"%([\w.\-]+)", inst.group(2))
+        called = re.search(r"calls=%([\w.\-]+)", line)
+        if called:
+            calls[name] = called.group(1)
+        if op and current and current not in first_in:
+            first_in[current] = op.group(1)
+
+    def resolve(name, depth=0):
+        found = own.get(name) or first_in.get(calls.get(name))
+        if found or depth > 8:
+            return found or ""
+        return next((r for r in (resolve(o, depth + 1) for o in operands.get(name, [])) if r), "")
+
+    return {name: resolve(name) for name in own}
+
+
+def traced_part_ms(fn, hlo_text: str, calls: int) -> tuple[dict, float]:
+    """({part: ms per call}, ms per call of all operations) from a jax.profiler trace of `calls`
+    calls of fn: every executed operation's time, summed by `op_part` of its op_name."""
+    import collections
+    import glob
+    import gzip
+
+    import jax
+
+    names = hlo_op_names(hlo_text)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(calls):
+                jax.block_until_ready(fn())
+        found = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+        events = json.load(gzip.open(found[0])) if found else {}
+    events = events.get("traceEvents", []) if isinstance(events, dict) else events
+    totals = collections.Counter()
+    for event in events:
+        if event.get("ph") == "X" and event.get("name") in names:
+            totals[op_part(names[event["name"]])] += event["dur"] / 1e3 / calls  # us -> ms per call
+    return {part: totals.get(part, 0.0) for part in PROFILE_PARTS}, sum(totals.values())
+
+
+def profile_ranking(C: int, S: int, B: int, rank_dtype: str, rounds: int, seed: int = 0) -> list[dict]:
+    """C-candidate ranking: the compiled rank function's own operations, traced, summed by part,
+    each beside its FLOP floor; the whole call, the host overhead and the release beside them.
+
+    Parts (`op_part`): the user/history input projections (prefix inputs), the candidate input
+    projection, attention (Q/K/V and output projections, rotary, attention to the prefix; prefix
+    and candidate rows together, as one pass computes them), the feed-forward blocks, the layers'
+    norms and residual adds, and the output head (final norm, unembedding, sigmoid, ranking).
+    "rank, device inputs" times the whole compiled function; "host overhead" is runner.rank on
+    NumPy inputs (checks, transfer, dispatch) minus that. The traced parts need TRACE_FLAG (set
+    by the profile's worker process); without it they are absent.
     """
-    import haiku as hk
     import jax
     import jax.numpy as jnp
 
-    import grok
-    from phoenix_forward import ModelForward
-    from recsys_model import with_fprop_dtype
     from phoenix_experiment import demo_ranker_config as demo_config
-    from runners import ACTIONS, ModelRunner, RecsysInferenceRunner, create_example_batch, ranking_output
+    from runners import ACTIONS, ModelRunner, RecsysInferenceRunner, create_example_batch
 
     cfg = demo_config(history_len=S, num_candidates=C, fprop_dtype=jnp.dtype(rank_dtype))
     ranker = RecsysInferenceRunner(ModelRunner(cfg, rng_seed=seed))
     ranker.initialize()
-    dtype, t, params = ranker.serving_dtype, cfg.model, ranker.params
-    serving_cfg = with_fprop_dtype(cfg, dtype)
-    serving = ModelForward(serving_cfg)
+    dtype, params = ranker.serving_dtype, ranker.params
     batch, emb = create_example_batch(B, cfg.emb_size, S, C, len(ACTIONS), seed=seed)
     dev_batch, dev_emb = jax.device_put((batch, emb))
-    prefix_fn = jax.jit(lambda p, b, e: serving.apply(p, b, e, "encode_prefix"))
-    prefix = prefix_fn(params, dev_batch, dev_emb)
-    cand_tx = hk.transform(lambda b, e: serving_cfg.make()._fast_candidate_inputs(b, e)[0].astype(dtype))
-    cand_fn = jax.jit(cand_tx.apply)
-    x = cand_fn(params, None, dev_batch, dev_emb)  # [B, C, D]
-    x_mask = dev_batch.candidate_post_hashes[:, :, 0] != 0
-    positions = (1 + S + jnp.arange(C, dtype=jnp.float32))[None, :]
-
-    def attention_block(x, mask, positions, memory):
-        mha = grok.MHABlock(t.num_q_heads, t.num_kv_heads, t.key_size, t.attn_output_multiplier)
-        return x + grok.layer_norm(mha(grok.layer_norm(x), mask, positions, memory, fused=True).embeddings)
-
-    def ffn_block(h):
-        return h + grok.layer_norm(grok.DenseBlock(t.widening_factor)(grok.layer_norm(h), fused=True))
-
-    def head(h, b):
-        h = grok.layer_norm(h)
-        w = hk.get_parameter("unembeddings", [cfg.emb_size, cfg.num_actions], jnp.float32, init=jnp.zeros)
-        probs = jax.nn.sigmoid(jnp.dot(h.astype(jnp.float32), w).astype(dtype).astype(jnp.float32))
-        return ranking_output(probs, b.candidate_post_hashes[:, :, 0] != 0)
-
-    key = jax.random.PRNGKey(seed)
-    parts = {}
-    for name, fn, fn_args in (("attention", attention_block, (x, x_mask, positions, prefix.memory[0])),
-                              ("ffn", ffn_block, (x,)), ("output head", head, (x, dev_batch))):
-        tx = hk.transform(fn)
-        part_params = tx.init(key, *fn_args)
-        parts[name] = (jax.jit(tx.apply), part_params, fn_args)
     release = jax.jit(ranker.runner.forward.apply)
-    fns = {
-        "prefix": lambda: prefix_fn(params, dev_batch, dev_emb),
-        "candidate projections": lambda: cand_fn(params, None, dev_batch, dev_emb),
-        **{name: (lambda f=f, p=p, a=a: f(p, None, *a)) for name, (f, p, a) in parts.items()},
-        "rank, device inputs": lambda: ranker._rank(params, dev_batch, dev_emb, path="isolated"),
-        "runner.rank": lambda: ranker.rank(batch, emb),
-        "release masked, jit": lambda: release(params, None, dev_batch, dev_emb).logits,
-    }
+
+    def rank():
+        return ranker._rank(params, dev_batch, dev_emb, path="isolated")
+
+    fns = {"rank, device inputs": rank,
+           "runner.rank": lambda: ranker.rank(batch, emb),
+           "release masked, jit": lambda: release(params, None, dev_batch, dev_emb).logits}
     timed = interleaved_ms(fns, rounds)
+    hlo = ranker._rank.lower(params, dev_batch, dev_emb, path="isolated").compile().as_text()
+    parts, traced_total = traced_part_ms(rank, hlo, max(rounds, 5)) if TRACE_FLAG in os.environ.get(
+        "XLA_FLAGS", "") else ({}, 0.0)
     peak = peak_macs_per_ms(max(3, rounds // 3))
     macs = ranking_macs(cfg, B, S, C)
-    per_layer = {"attention": t.num_layers, "ffn": t.num_layers}
-    macs["rank, device inputs"] = sum(macs.values())
     on_host, on_device = timed.pop("runner.rank"), timed["rank, device inputs"]
     timed["host overhead"] = (on_host[0] - on_device[0], on_host[1] - on_device[1])
-    notes = {"host overhead": "runner.rank (NumPy inputs) minus the compiled rank",
-             "release masked, jit": "the release's model, the reference"}
+    base = dict(section="profile", c=C, b=B, s=S, peak_gflops=round(2 * peak / 1e6, 1))
     rows = []
+    for part, ms in parts.items():
+        row = dict(base, part=part, dtype=dtype.name, traced_ms=round(ms, 3),
+                   share=round(ms / traced_total, 3) if traced_total else None,
+                   note=PART_NOTES.get(part, ""))
+        if macs[part]:
+            row.update(mmacs=round(macs[part] / 1e6, 3), floor_ms=round(macs[part] / peak, 4),
+                       x_floor=round(ms / (macs[part] / peak), 1))
+        rows.append(row)
+    if parts:
+        rows.append(dict(base, part="traced total", dtype=dtype.name, traced_ms=round(traced_total, 3), share=1.0,
+                         mmacs=round(sum(macs.values()) / 1e6, 3), floor_ms=round(sum(macs.values()) / peak, 4),
+                         x_floor=round(traced_total / (sum(macs.values()) / peak), 1),
+                         note="the operations' own time, summed (no dispatch, no gaps)"))
+    notes = {"rank, device inputs": "the compiled rank function, wall time per call",
+             "host overhead": "runner.rank (NumPy inputs) minus the compiled rank",
+             "release masked, jit": "the release's model, the reference"}
     for name, (median, low) in timed.items():
-        scale = t.num_layers if name in ("attention", "ffn") else 1
-        row_dtype = rank_dtype if name == "release masked, jit" else dtype.name
-        row = dict(section="profile", part=name, c=C, b=B, s=S, dtype=row_dtype, median_ms=round(scale * median, 3),
-                   min_ms=round(scale * low, 3), note=notes.get(name, f"one layer x {scale}" if scale > 1 else ""),
-                   peak_gflops=round(2 * peak / 1e6, 1))
-        if name in macs:
-            row.update(mmacs=round(macs[name] / 1e6, 3), floor_ms=round(macs[name] / peak, 4),
-                       x_floor=round(scale * low / (macs[name] / peak), 1))
+        row = dict(base, part=name, dtype=rank_dtype if name == "release masked, jit" else dtype.name,
+                   median_ms=round(median, 3), min_ms=round(low, 3), note=notes[name])
+        if name == "rank, device inputs":
+            row.update(mmacs=round(sum(macs.values()) / 1e6, 3), floor_ms=round(sum(macs.values()) / peak, 4),
+                       x_floor=round(low / (sum(macs.values()) / peak), 1))
         rows.append(row)
     return rows
+
+
+PART_NOTES = {"attention projections": "fused Q/K/V, output projection; prefix and candidate rows",
+              "attention": "rotary, logits vs the prefix, softmax, weighted values",
+              "ffn": "prefix and candidate rows", "output head": "final norm, unembedding, sigmoid, ranking"}
+
+
+def spawn_profile(args) -> list[dict]:
+    """profile_ranking in a worker process with TRACE_FLAG set (it must precede JAX's start)."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + TRACE_FLAG).strip()
+    cmd = [sys.executable, os.path.abspath(__file__), "--profile-worker", "--profile-c", str(args.profile_c),
+           "--history-len", str(args.history_len), "--rank-batches", str(args.rank_batches[0]),
+           "--rank-dtype", args.rank_dtype, "--runs", str(args.runs), "--seed", str(args.seed)]
+    return _worker_rows(cmd, env)
 
 
 SUITE_RANK = ((500, 1), (2000, 1), (500, 8))  # (C, B)
@@ -487,7 +571,8 @@ def device_suite(args) -> list[dict]:
     return rows
 
 
-PROFILE_COLUMNS = ("part", "c", "b", "s", "dtype", "median_ms", "min_ms", "mmacs", "floor_ms", "x_floor", "note")
+PROFILE_COLUMNS = ("part", "c", "b", "s", "dtype", "traced_ms", "share", "median_ms", "min_ms", "mmacs", "floor_ms",
+                   "x_floor", "note")
 SUITE_RANK_COLUMNS = ("method", "c", "b", "s", "dtype", "median_ms", "min_ms", "vs_release", "device")
 SUITE_RETRIEVAL_COLUMNS = ("method", "n", "b", "k", "median_ms", "min_ms", "vs_bare", "recall", "runs", "device")
 
@@ -579,6 +664,7 @@ def parse_args(argv=None):
     parser.add_argument("--plot", action="store_true", help="with --out: OUT.png, latency vs C and vs N (matplotlib)")
     # Internal: run one (method, N) in this process and print its rows.
     parser.add_argument("--rank-worker", choices=RANK_METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--profile-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--c", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -600,12 +686,17 @@ def main(argv=None):
     if args.rank_worker:
         print("ROWS " + json.dumps(run_rank_worker(args)), flush=True)
         return
+    if args.profile_worker:
+        print("ROWS " + json.dumps(profile_ranking(args.profile_c, args.history_len, args.rank_batches[0],
+                                                   args.rank_dtype, args.runs, args.seed)), flush=True)
+        return
     load = "load average %.2f %.2f %.2f" % os.getloadavg()
     if args.profile:
-        rows = profile_ranking(args.profile_c, args.history_len, args.rank_batches[0], args.rank_dtype, args.runs,
-                               args.seed)
-        markdown = (f"## Ranking profile (C={args.profile_c}, S={args.history_len}, B={args.rank_batches[0]}; "
-                    f"floor = multiply-adds / measured f32 matmul peak {rows[0]['peak_gflops']} GFLOP/s; {load})\n\n"
+        rows = spawn_profile(args)
+        markdown = (f"## Ranking profile (C={args.profile_c}, S={args.history_len}, B={args.rank_batches[0]}; traced_ms: "
+                    f"the compiled rank's operations per call, summed by part (jax.profiler); floor = multiply-adds / "
+                    f"measured f32 matmul peak {rows[0]['peak_gflops']} GFLOP/s; x_floor of traced_ms, or of min_ms "
+                    f"for the whole call; {load})\n\n"
                     + markdown_table(rows, PROFILE_COLUMNS))
     elif args.device_suite:
         import jax

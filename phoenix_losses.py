@@ -97,6 +97,25 @@ def ranking_loss(logits, labels, candidate_mask, label_mask=None, action_weights
     return ranking_loss_terms(logits, labels, candidate_mask, label_mask, action_weights).loss
 
 
+def listwise_loss(logits, labels, candidate_mask) -> jax.Array:
+    """Softmax cross-entropy over each user's candidates: one action's logits [B, C] against its
+    labels [B, C] normalised over the valid candidates into the target distribution.
+
+    The pointwise loss scores each candidate alone; this one asks that a user's positives outrank
+    that user's other candidates, which is what re-ranking needs. Users whose valid candidates have
+    no positive label give no loss; the mean is over the users that have one (0 if none does).
+    Padded candidates (candidate_mask False) take no part, whatever their logits.
+    """
+    x = logits.astype(jnp.float32)
+    keep = candidate_mask.astype(jnp.bool_)  # [B, C]
+    y = jnp.where(keep, labels.astype(jnp.float32), 0.0)  # [B, C]
+    mass = jnp.sum(y, axis=1)  # [B]
+    log_p = jax.nn.log_softmax(jnp.where(keep, x, MASKED_LOGIT), axis=1)  # [B, C]
+    ce = -jnp.sum(jnp.where(keep, y * log_p, 0.0), axis=1) / _guarded(mass)  # [B]
+    has = (mass > 0).astype(jnp.float32)  # [B]
+    return jnp.sum(ce * has) / _guarded(jnp.sum(has))
+
+
 class RetrievalLossTerms(NamedTuple):
     loss: jax.Array  # [] mean over valid rows
     accuracy: jax.Array  # [] share of valid rows whose positive outscores every in-batch negative

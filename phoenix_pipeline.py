@@ -59,12 +59,13 @@ from phoenix_inputs import HashConfig
 from phoenix_log import (AUTO_COLUMN_NAMES, COLUMN_FLAGS, DEFAULT_CUT_QUANTILE, DEFAULT_RATING_ACTIONS,  # noqa: F401
                          DUPLICATE_RULES, SPLIT_PROTOCOLS, Columns, Log, LogError, LogSplit, check_rating_actions,
                          describe, from_arrays, histories, phoenix_examples, read_csv, read_log, split_log, string_id)
-from phoenix_two_stage import (FINAL_K, RETRIEVAL_WEIGHTS, RETRIEVE_K, Recipe, RecipeError,  # noqa: F401
+from phoenix_two_stage import (FINAL_K, POPULARITY_WEIGHTS, RETRIEVAL_WEIGHTS, RETRIEVE_K, Recipe, RecipeError,  # noqa: F401
                                SequenceRetrievalTrainer, StageOne, TwoStage, action_weights, check_recipe,
                                encode_items, encode_users, example_representations, hard_negative_pool,
                                hash_config, item_examples, optimizer_config, prefix_user_representations,
                                ranker_batches, ranker_candidates, ranker_config, ranker_logits, recommendable,
-                               rerank_scores, resolve_recipe, retrieval_batches, retrieval_config,
+                               choose_rerank_weights, log_popularity, rerank_scores, resolve_recipe,
+                               retrieval_batches, retrieval_config,
                                training_windows, window_examples, host_copy, warm_start, start_retrieval,
                                start_ranker, stage_steps, eval_mask)
 
@@ -178,24 +179,23 @@ def train_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, checkpoint_di
 def evaluate_stages(split: LogSplit, retrieval, retrieval_params, ranker, ranker_params, recipe: Recipe):
     """Validation and test rows of the table, baselines included.
 
-    The re-ranking weight of the retrieval logit is recipe.retrieval_weight, or the one of
-    RETRIEVAL_WEIGHTS with the best validation NDCG@10. Returns (table {(split, name): metrics},
-    re-ranked top-K columns {split: [U, K]}, StageOne per split, TwoStage per split, weight).
+    The re-ranking weights (of the retrieval logit and of the popularity prior) are the recipe's,
+    or the pair with the best validation NDCG@10 (choose_rerank_weights). Returns (table
+    {(split, name): metrics}, re-ranked top-K columns {split: [U, K]}, StageOne per split, TwoStage
+    per split, (retrieval weight, popularity weight)).
     """
     table, reranked, stage_one, two_stage = {}, {}, {}, {}
     for which in ("val", "test"):
         stage_one[which] = StageOne(retrieval, retrieval_params, split, which, recipe.history_len, recipe.retrieve_k)
         two_stage[which] = TwoStage(stage_one[which], ranker, ranker_params, split, which, recipe)
-    weight = recipe.retrieval_weight
-    if weight is None:
-        weight = max(RETRIEVAL_WEIGHTS,
-                     key=lambda w: two_stage["val"].evaluate(w, recipe.temperature)[0]["NDCG@10"])
+    weights = choose_rerank_weights(two_stage["val"], recipe)
     for which in ("val", "test"):
         for name in ml.BASELINES:
             table[(which, name)] = ml.evaluate_baseline(split, which, name)
         table[(which, "retrieval")] = stage_one[which].metrics()
-        table[(which, "two-stage")], reranked[which] = two_stage[which].evaluate(weight, recipe.temperature)
-    return table, reranked, stage_one, two_stage, weight
+        table[(which, "two-stage")], reranked[which] = two_stage[which].evaluate(
+            weights[0], recipe.temperature, weights[1])
+    return table, reranked, stage_one, two_stage, weights
 
 
 def hash_collisions(split: ml.Split, hashes: HashConfig) -> dict:
@@ -233,14 +233,15 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
     """Trains both stages, keeps the best checkpoints, evaluates them read back; prints the table.
 
     Progress goes to `stream` (default stderr), the table to stdout. Returns {"table": {(split, name):
-    metrics}, "reranked": {split: [U, K] columns}, "retrieval_weight", "retrieval" / "ranker" (trainers),
+    metrics}, "reranked": {split: [U, K] columns}, "retrieval_weight", "popularity_weight" (the re-ranking
+    weights chosen), "retrieval" / "ranker" (trainers),
     "retrieval_params" / "ranker_params" (best, as saved), "retrieval_best" / "ranker_best" (their val
     metrics and step), "stage_one" / "two_stage" (per split), "times", "wall_s", "checkpoint_dir",
     "recipe" (with table sizes resolved), "split", "extra"}.
 
     extra_rows (phoenix_protocols.extra_rows): called after the evaluation with {"split", "recipe",
     "seed", "checkpoint_dir", "stream", "retrieval_best", "ranker_best", "retrieval_weight",
-    "data_parallel"}; returns (more table rows, info kept as result["extra"]).
+    "popularity_weight", "data_parallel"}; returns (more table rows, info kept as result["extra"]).
     """
     stream = sys.stderr if stream is None else stream
     checkpoint_dir = str(checkpoint_dir)
@@ -285,22 +286,24 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
                                                   params_template=retrieval_params).params
     ranker_params = checkpoint.load_checkpoint(os.path.join(checkpoint_dir, "ranker"),
                                                params_template=ranker_params).params
-    table, reranked, stage_one, two_stage, weight = evaluate_stages(split, retrieval, retrieval_params, ranker,
-                                                                    ranker_params, recipe)
+    table, reranked, stage_one, two_stage, (weight, prior) = evaluate_stages(
+        split, retrieval, retrieval_params, ranker, ranker_params, recipe)
     times["evaluation"] = time.perf_counter() - t0
     extra = {}
     if extra_rows is not None:  # other protocols and reference models (phoenix_protocols.py)
         t0 = time.perf_counter()
         more, extra = extra_rows({"split": split, "recipe": recipe, "seed": seed, "checkpoint_dir": checkpoint_dir,
                                   "stream": stream, "retrieval_best": retrieval_best, "ranker_best": ranker_best,
-                                  "retrieval_weight": weight, "data_parallel": data_parallel})
+                                  "retrieval_weight": weight, "popularity_weight": prior,
+                                  "data_parallel": data_parallel})
         table = protocols.ordered({**table, **more})
         times["extra"] = time.perf_counter() - t0
     wall = time.perf_counter() - start
     for (which, name), m in table.items():
         log.write(stage="evaluation", split=which, model=name, **m)
     print(f"evaluation {times['evaluation']:.0f} s; re-ranking score = ranker {recipe.score_action} logit + "
-          f"{weight:g} x retrieval cosine / {recipe.temperature:g} (weight chosen on validation)", file=stream)
+          f"{weight:g} x retrieval cosine / {recipe.temperature:g} + {prior:g} x log(1 + item interactions) "
+          "(weights chosen on validation)", file=stream)
     if plot:
         print(f"curves: {plot_curves(log.path, os.path.join(checkpoint_dir, PLOT_FILE))}", file=stream)
 
@@ -308,7 +311,8 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
     print(f"\n{title}, all {len(split.item_ids)} items ranked, seed {seed}, wall time {wall:.0f} s ("
           + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ")\n")
     print(format_table(table))
-    return {"table": table, "reranked": reranked, "retrieval_weight": weight, "retrieval": retrieval,
+    return {"table": table, "reranked": reranked, "retrieval_weight": weight, "popularity_weight": prior,
+            "retrieval": retrieval,
             "retrieval_params": retrieval_params, "ranker": ranker, "ranker_params": ranker_params,
             "retrieval_best": retrieval_best, "ranker_best": ranker_best, "stage_one": stage_one,
             "two_stage": two_stage, "times": times, "wall_s": wall, "checkpoint_dir": checkpoint_dir,
@@ -366,7 +370,8 @@ def recommend(result: dict, split: LogSplit, user, k: int = FINAL_K) -> list[tup
     """Top-k new items for `user` (an original id) after everything the log holds for them.
 
     Retrieval's top retrieve_k of the items the user has not seen, re-ranked as in the evaluation
-    (ranker logit + the chosen weight x retrieval logit). Returns [(item id, score)] best first.
+    (ranker logit + the chosen weights x retrieval logit and popularity prior, the prior counting
+    every interaction of the log). Returns [(item id, score)] best first.
     """
     recipe, retrieval, ranker = result["recipe"], result["retrieval"], result["ranker"]
     seen = seen_items(split, user)[None, :]  # [1, N]
@@ -377,7 +382,8 @@ def recommend(result: dict, split: LogSplit, user, k: int = FINAL_K) -> list[tup
     logits = ranker_logits(ranker, result["ranker_params"], split, user_examples(split, user, recipe.ranker_history_len),
                            top, recipe.num_candidates)  # [1, K, A]
     final = rerank_scores(logits, np.take_along_axis(scores, top, axis=1), result["retrieval_weight"],
-                          recipe.temperature, recipe.score_action)[0]  # [K]
+                          recipe.temperature, recipe.score_action, log_popularity(split, None)[top],
+                          result["popularity_weight"])[0]  # [K]
     order = np.argsort(-final, kind="stable")[:k]
     return list(zip(split.log.tokens("item", split.item_ids[top[0, order]]), final[order].tolist()))
 

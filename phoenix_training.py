@@ -32,12 +32,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import phoenix_checkpoint as checkpoint
 from phoenix_forward import ModelForward, both_towers
-from phoenix_inputs import HashConfig, RecsysBatch
+from phoenix_inputs import ACTIONS, HashConfig, RecsysBatch
 # The losses, optimiser and resume machinery are re-exported: `training.X` is the one-stop API.
 from phoenix_losses import (DEFAULT_TEMPERATURE, MASKED_LOGIT, RankingLossTerms, RetrievalLossTerms,  # noqa: F401
                             check_action_weights, check_ranking_targets, check_retrieval_targets,
                             check_temperature, ranking_loss, ranking_loss_terms, retrieval_loss,
-                            retrieval_loss_terms, sigmoid_cross_entropy)
+                            listwise_loss, retrieval_loss_terms, sigmoid_cross_entropy)
 from phoenix_optim import (TABLE_FIELDS, TABLE_SIZE_FIELDS, LazyAdamState, OptimizerConfig,  # noqa: F401
                            RowwiseAdagradState, clip_by_global_norm, compact_table_lookups,
                            learning_rate_schedule, make_optimizer, rowwise_adagrad, sparse_table_update,
@@ -266,7 +266,8 @@ def _check_hash_config(model_hash: HashConfig, table_hash: HashConfig) -> None:
 
 
 class RankingTrainer(Trainer):
-    """Trains HashEmbeddings + PhoenixModel with `ranking_loss`.
+    """Trains HashEmbeddings + PhoenixModel with `ranking_loss` (plus, with listwise_weight > 0,
+    that weight times `listwise_loss` of one action: a softmax over each user's candidates).
 
     step(state, batch, labels [B, C, A], label_mask=None [B, C, A]) -> (state, metrics)
     predict(params, batch) -> logits [B, C, A] float32
@@ -275,7 +276,8 @@ class RankingTrainer(Trainer):
 
     def __init__(self, model_config: PhoenixModelConfig, hash_config: Optional[HashConfig] = None,
                  optimizer_config: Optional[OptimizerConfig] = None, action_weights=None,
-                 table_init_stddev: Optional[float] = None, data_parallel=False):
+                 table_init_stddev: Optional[float] = None, data_parallel=False,
+                 listwise_weight: float = 0.0, listwise_action: str = "click_score"):
         self.model_config = model_config.initialize()
         self.hash_config = hash_config or self.model_config.hash_config
         _check_hash_config(self.model_config.hash_config, self.hash_config)
@@ -283,6 +285,14 @@ class RankingTrainer(Trainer):
         self.action_weights = None if action_weights is None else np.asarray(action_weights, np.float32)
         if self.action_weights is not None:
             check_action_weights(self.action_weights, num_actions)
+        check_number(listwise_weight, "listwise_weight", "a finite float >= 0", lambda v: 0 <= v < float("inf"))
+        if listwise_action not in ACTIONS[:num_actions]:
+            raise ValueError(f"listwise_action: expected one of the model's {num_actions} actions "
+                             f"{ACTIONS[:num_actions]}, got {listwise_action!r}")
+        # loss = pointwise + listwise_weight * listwise_loss (softmax over each user's candidates) of
+        # action `listwise_action`; weight 0 (default) is the pointwise loss alone.
+        self.listwise_weight = float(listwise_weight)
+        self.listwise_index = ACTIONS.index(listwise_action)
         self.forward = ModelForward(self.model_config, self.hash_config, table_init_stddev)
         self._metric_shapes = {"loss": (), "per_action_loss": (num_actions,)}
         super().__init__(optimizer_config, data_parallel)
@@ -296,8 +306,14 @@ class RankingTrainer(Trainer):
 
     def _loss(self, params, rng, batch, labels, label_mask):
         logits = self._outputs(params, rng, batch)  # [B, C, A]
-        terms = ranking_loss_terms(logits, labels, _candidate_mask(batch), label_mask, self.action_weights)
-        return terms.loss, {"per_action_loss": terms.per_action_loss}
+        mask = _candidate_mask(batch)  # [B, C]
+        terms = ranking_loss_terms(logits, labels, mask, label_mask, self.action_weights)
+        loss = terms.loss
+        if self.listwise_weight:
+            a = self.listwise_index
+            listed = mask if label_mask is None else mask & (label_mask[:, :, a] != 0)  # [B, C]
+            loss = loss + self.listwise_weight * listwise_loss(logits[:, :, a], labels[:, :, a], listed)
+        return loss, {"per_action_loss": terms.per_action_loss}
 
     def _validate_with_labels(self, batch, labels, label_mask) -> None:
         B, _, C = self._validate(batch)

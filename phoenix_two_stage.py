@@ -81,15 +81,21 @@ class Recipe:
     evals_per_stage: int = 4  # validation evaluations (and best-checkpoint chances) per stage
     ranker_init_from_retrieval: bool = True  # start from the retrieval model's tables and transformer
     retrieval_weight: Optional[float] = None  # None: chosen on validation from RETRIEVAL_WEIGHTS
+    popularity_weight: Optional[float] = None  # of log(1 + the item's visible interactions) in the
+    # re-ranking score; None: chosen on validation from POPULARITY_WEIGHTS (with retrieval_weight)
     score_action: str = "click_score"  # the ranker logit that re-ranks: P(the user picks this next)
+    ranker_listwise_weight: float = 0.0  # + this x softmax cross-entropy of score_action over each
+    # example's candidates (training.listwise_loss); 0: the pointwise (per-action BCE) loss alone
 
     @property
     def num_candidates(self) -> int:  # C
         return 1 + self.hard_negatives + self.random_negatives
 
 
-# Weights of the retrieval logit in the re-ranking score tried on validation (rerank_scores).
+# Weights of the retrieval logit and of the popularity prior in the re-ranking score tried on
+# validation (rerank_scores; every pair, choose_rerank_weights).
 RETRIEVAL_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+POPULARITY_WEIGHTS = (0.0, 0.1, 0.25, 0.5)
 RANKER_BATCH = 256  # default examples per ranker step
 # Auto table sizes (Recipe fields left None): minimum rows.
 _TABLE_MINIMUM = {"user_table_size": 20_000, "post_table_size": 20_000, "author_table_size": 4_000}
@@ -532,9 +538,26 @@ def two_stage_ranks(stage_one: StageOne, rerank_scores: np.ndarray) -> tuple[np.
 
 
 def rerank_scores(logits: np.ndarray, retrieval_scores: np.ndarray, weight: float, temperature: float,
-                  score_action: str = "click_score"):
-    """Ranker `score_action` logit + weight * retrieval logit (cosine / temperature), both [U, K]."""
-    return logits[..., ACTIONS.index(score_action)] + weight * retrieval_scores / temperature
+                  score_action: str = "click_score", popularity=None, popularity_weight: float = 0.0):
+    """Ranker `score_action` logit + weight * retrieval logit (cosine / temperature)
+    + popularity_weight * popularity (log(1 + visible interactions) of each item), all [U, K].
+
+    The popularity term puts back the prior that training takes out: the retrieval softmax is
+    logQ-corrected (its logits rank items as if all were sampled alike) and the ranker sees a
+    positive among negatives drawn from retrieval's own top list.
+    """
+    scores = logits[..., ACTIONS.index(score_action)] + weight * retrieval_scores / temperature
+    if popularity_weight:
+        scores = scores + popularity_weight * popularity
+    return scores
+
+
+def log_popularity(split: LogSplit, which: Optional[str]) -> np.ndarray:
+    """log(1 + interactions) [N] of each catalog item visible when `which` ("val", "test") is
+    predicted; None: every interaction the log holds (serving after it)."""
+    counts = (np.bincount(split.item_columns, minlength=len(split.item_ids)) if which is None
+              else ml.popularity_counts(split, which))
+    return np.log1p(counts.astype(np.float64))
 
 
 class TwoStage:
@@ -547,12 +570,23 @@ class TwoStage:
         self.logits = ranker_logits(ranker, ranker_params, split, examples, stage_one.topk,
                                     recipe.num_candidates)  # [U, K, A]
         self.retrieval = np.take_along_axis(stage_one.scores, stage_one.topk, axis=1)  # [U, K]
+        self.popularity = log_popularity(split, which)[stage_one.topk]  # [U, K]
 
-    def evaluate(self, weight: float, temperature: float):
-        """(metrics, re-ranked top-K columns [U, K]) with the given retrieval weight."""
-        scores = rerank_scores(self.logits, self.retrieval, weight, temperature, self.score_action)
+    def evaluate(self, weight: float, temperature: float, popularity_weight: float = 0.0):
+        """(metrics, re-ranked top-K columns [U, K]) with the given retrieval and popularity weights."""
+        scores = rerank_scores(self.logits, self.retrieval, weight, temperature, self.score_action,
+                               self.popularity, popularity_weight)
         ranks, reranked = two_stage_ranks(self.stage_one, scores)
         return metrics.metrics_from_ranks(ranks), reranked
+
+
+def choose_rerank_weights(two_stage_val: "TwoStage", recipe: Recipe) -> tuple[float, float]:
+    """(retrieval weight, popularity weight): the recipe's where set, else the pair of
+    RETRIEVAL_WEIGHTS x POPULARITY_WEIGHTS with the best validation NDCG@10 (ties: the first)."""
+    weights = RETRIEVAL_WEIGHTS if recipe.retrieval_weight is None else (recipe.retrieval_weight,)
+    priors = POPULARITY_WEIGHTS if recipe.popularity_weight is None else (recipe.popularity_weight,)
+    pairs = [(w, p) for w in weights for p in priors]
+    return max(pairs, key=lambda pair: two_stage_val.evaluate(pair[0], recipe.temperature, pair[1])[0]["NDCG@10"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -615,7 +649,9 @@ def start_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, retrieval_par
     steps = stage_steps(split, recipe)[1] if steps is None else steps
     trainer = training.make_ranking_trainer(ranker_config(recipe), hash_config(recipe),
                                             optimizer_config(recipe, steps), action_weights=action_weights(split),
-                                            table_init_stddev=recipe.table_init_stddev, data_parallel=data_parallel)
+                                            table_init_stddev=recipe.table_init_stddev, data_parallel=data_parallel,
+                                            listwise_weight=recipe.ranker_listwise_weight,
+                                            listwise_action=recipe.score_action)
     batches = ranker_batches(split, examples, pool, recipe, trainer.hash_config, np.random.default_rng([seed, 2]))
     first = next(batches)
     state = trainer.init(jax.random.PRNGKey(seed + 1), first[0])

@@ -128,6 +128,45 @@ def test_masked_labels_and_candidates_change_neither_loss_nor_gradient():
 # --------------------------------------------------------------------------- retrieval loss
 
 
+def listwise_reference(logits, labels, mask):
+    """NumPy: per user with a positive, -sum(y / sum y * log softmax over valid candidates); mean."""
+    losses = []
+    for x, y, m in zip(logits.astype(np.float64), labels.astype(np.float64), mask):
+        if y[m].sum() == 0:
+            continue
+        z = x[m] - x[m].max()
+        log_p = z - np.log(np.exp(z).sum())
+        losses.append(-(y[m] / y[m].sum() * log_p).sum())
+    return float(np.mean(losses)) if losses else 0.0
+
+
+def test_listwise_loss_golden():
+    # Two equal logits, the first positive: log 2. A user without a positive adds nothing.
+    logits = jnp.array([[0.0, 0.0], [5.0, -1.0]])
+    labels = jnp.array([[1.0, 0.0], [0.0, 0.0]])
+    assert float(training.listwise_loss(logits, labels, jnp.ones((2, 2), bool))) == pytest.approx(LOG2, abs=1e-7)
+    assert float(training.listwise_loss(logits, jnp.zeros((2, 2)), jnp.ones((2, 2), bool))) == 0.0
+
+
+def test_listwise_loss_matches_numpy_and_ignores_padded_candidates():
+    r = np.random.default_rng(3)
+    logits = r.normal(size=(6, 7)).astype(np.float32) * 3
+    labels = (r.random((6, 7)) < 0.3).astype(np.float32)
+    labels[0] = 0.0  # no positive: left out of the mean
+    mask = r.random((6, 7)) < 0.8
+    mask[:, 0] = True
+    expected = listwise_reference(logits, labels, mask)
+    got = float(training.listwise_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask)))
+    assert got == pytest.approx(expected, rel=1e-6)
+    # Padded candidates: any logit (even NaN) and any label there change neither loss nor gradient.
+    poisoned = np.where(mask, logits, np.nan).astype(np.float32)
+    relabelled = np.where(mask, labels, 1.0).astype(np.float32)
+    assert float(training.listwise_loss(jnp.asarray(poisoned), jnp.asarray(relabelled), jnp.asarray(mask))) == (
+        pytest.approx(got, rel=1e-6))
+    grad = jax.grad(lambda x: training.listwise_loss(x, jnp.asarray(labels), jnp.asarray(mask)))(jnp.asarray(poisoned))
+    assert np.all(np.isfinite(np.asarray(grad))) and np.all(np.asarray(grad)[~mask] == 0)
+
+
 def test_retrieval_loss_golden():
     eye = np.eye(2, dtype=np.float32)  # user i and positive i are the same unit vector
     ids = np.array([3, 7])
@@ -409,6 +448,25 @@ def test_ranking_trainer_trains_tables_and_model(ranking):
     assert np.any(before["phoenix_model"]["unembeddings"] != np.asarray(state.params["phoenix_model"]["unembeddings"]))
     logits = ranking.predict(state.params, batch)
     assert logits.shape == (B, C, A) and logits.dtype == jnp.float32
+
+
+def test_ranking_trainer_listwise_weight_adds_the_listwise_term(ranking):
+    config = ranking.model_config
+    listwise = training.make_ranking_trainer(config, optimizer_config=OPTIMIZER, listwise_weight=0.5,
+                                             listwise_action="click_score")
+    batch, labels = random_batch(1), random_labels(1)
+    params = ranking.init(jax.random.PRNGKey(0), batch).params
+    a = training.ACTIONS.index("click_score")
+    logits = ranking._outputs(params, None, batch).astype(jnp.float32)  # as _loss computes them (eager)
+    mask = np.asarray(batch.candidate_post_hashes[:, :, 0] != 0)
+    pointwise, _ = ranking._loss(params, None, batch, labels, None)
+    combined, _ = listwise._loss(params, None, batch, labels, None)
+    expected = float(pointwise) + 0.5 * listwise_reference(np.asarray(logits)[:, :, a], labels[:, :, a], mask)
+    assert float(combined) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="listwise_weight"):
+        training.make_ranking_trainer(config, listwise_weight=-1.0)
+    with pytest.raises(ValueError, match="listwise_action.*'nope'"):
+        training.make_ranking_trainer(config, listwise_action="nope")
 
 
 def test_ranking_trainer_is_deterministic(ranking):

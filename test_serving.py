@@ -127,16 +127,68 @@ def test_profile_rows_cover_every_part(tmp_path, capsys):
     bench.main(["--profile", "--profile-c", "6", "--rank-batches", "2", "--out", str(tmp_path / "profile"), *TINY])
     rows = json.loads((tmp_path / "profile.json").read_text())
     parts = {r["part"]: r for r in rows}
-    assert set(parts) == {"prefix", "candidate projections", "attention", "ffn", "output head", "rank, device inputs",
-                          "release masked, jit", "host overhead"}
-    for name in ("prefix", "candidate projections", "attention", "ffn", "output head", "rank, device inputs"):
-        row = parts[name]
-        assert row["c"] == 6 and row["b"] == 2 and row["min_ms"] > 0 and row["mmacs"] > 0 and row["x_floor"] > 0
-    whole = parts["rank, device inputs"]["mmacs"]
-    assert whole == pytest.approx(sum(parts[n]["mmacs"] for n in ("prefix", "candidate projections", "attention",
-                                                                   "ffn", "output head")), abs=1e-2)
+    assert set(parts) == {*bench.PROFILE_PARTS, "traced total", "rank, device inputs", "release masked, jit",
+                          "host overhead"}
+    # The worker traced the compiled rank: every part has operations, and their times add up.
+    for name in bench.PROFILE_PARTS:
+        assert parts[name]["c"] == 6 and parts[name]["b"] == 2 and parts[name]["traced_ms"] > 0, name
+    total = parts["traced total"]["traced_ms"]
+    assert total == pytest.approx(sum(parts[n]["traced_ms"] for n in bench.PROFILE_PARTS), abs=5e-3)
+    assert sum(parts[n]["share"] for n in bench.PROFILE_PARTS) == pytest.approx(1.0, abs=5e-3)
+    macs = bench.ranking_macs(bench_config(6, 4), 2, 4, 6)
+    for name in ("prefix inputs", "candidate projections", "attention projections", "attention", "ffn",
+                 "output head"):
+        assert parts[name]["mmacs"] == round(macs[name] / 1e6, 3) and parts[name]["x_floor"] > 0
+    whole = parts["rank, device inputs"]
+    assert whole["min_ms"] > 0 and whole["mmacs"] == parts["traced total"]["mmacs"]
     markdown = (tmp_path / "profile.md").read_text()
     assert "| part | c | b |" in markdown and "floor_ms" in markdown and markdown.strip() in capsys.readouterr().out
+
+
+def bench_config(C: int, S: int):
+    from phoenix_experiment import demo_ranker_config
+
+    return demo_ranker_config(history_len=S, num_candidates=C)
+
+
+def test_op_part_sorts_the_ranker_ops_by_their_trace_path():
+    assert bench.op_part("jit(traced)/phoenix_model/_fast_candidate_inputs/phoenix_model/dot_general") == (
+        "candidate projections")
+    assert bench.op_part("jit(traced)/phoenix_model/user_sequence/phoenix_model/concatenate") == "prefix inputs"
+    assert bench.op_part("args[2].history_post_embeddings") == "prefix inputs"
+    assert bench.op_part("jit(traced)/phoenix_model/transformer/decoder_layer_1/multi_head_attention/exp") == (
+        "attention")
+    assert bench.op_part("jit(traced)/phoenix_model/transformer/decoder_layer_1/multi_head_attention/dot_general") == (
+        "attention projections")
+    assert bench.op_part("jit(traced)/phoenix_model/transformer/decoder_layer_0/dot_general") == "ffn"
+    assert bench.op_part("jit(traced)/phoenix_model/transformer/decoder_layer_0/rms_norm_2/mul") == (
+        "norms, residuals")
+    assert bench.op_part("jit(traced)/top_k") == "output head"
+
+
+def test_hlo_op_names_takes_a_nameless_fusion_from_its_body_or_operands():
+    hlo = """HloModule m
+
+%fused_computation.1 (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %exp.1 = f32[4]{0} exponential(%p), metadata={op_name="jit(f)/a/exp"}
+}
+
+%fused_computation.2 (q: f32[4]) -> f32[4] {
+  %q = f32[4]{0} parameter(0)
+  ROOT %dot.2 = f32[4]{0} multiply(%q, %q)
+}
+
+ENTRY %main (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0), metadata={op_name="args[0]"}
+  %fusion.1 = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_computation.1
+  ROOT %fusion.2 = f32[4]{0} fusion(%fusion.1), kind=kCustom, calls=%fused_computation.2
+}
+"""
+    names = bench.hlo_op_names(hlo)
+    assert names["fusion.1"] == "jit(f)/a/exp"  # from its body
+    assert names["fusion.2"] == "jit(f)/a/exp"  # body nameless: from its operand
+    assert names["x"] == "args[0]"
 
 
 def test_device_suite_runs_on_cpu_at_tiny_sizes(tmp_path):

@@ -252,8 +252,8 @@ def test_warm_start_copies_every_parameter_the_models_share(experiment):
 def test_two_stage_only_permutes_the_retrieved_movies(experiment):
     args, split, result = experiment
     one, two = result["stage_one"]["test"], result["two_stage"]["test"]
-    for weight in (0.0, 1.0):
-        m, reranked = two.evaluate(weight, TINY.temperature)
+    for weight, prior in ((0.0, 0.0), (1.0, 0.0), (1.0, 0.5)):
+        m, reranked = two.evaluate(weight, TINY.temperature, prior)
         np.testing.assert_array_equal(np.sort(reranked, axis=1), np.sort(one.topk, axis=1))
         assert np.all(np.isin(reranked[:, :two_stage.FINAL_K], one.topk))
         # The target's rank: its place in the re-ranked list, else its retrieval rank (>= K).
@@ -266,6 +266,40 @@ def test_two_stage_only_permutes_the_retrieved_movies(experiment):
     m, reranked = two.evaluate(1e9, TINY.temperature)
     np.testing.assert_array_equal(reranked, one.topk)
     assert m == one.metrics()
+
+
+def test_popularity_prior_orders_by_visible_interactions(experiment):
+    """log_popularity counts what the split shows when predicting `which`; a dominant prior weight
+    re-orders the retrieved list by it (ties by the ranker's logit, then in retrieval order)."""
+    args, split, result = experiment
+    for which in ("val", "test"):
+        np.testing.assert_array_equal(two_stage.log_popularity(split, which),
+                                      np.log1p(ml.popularity_counts(split, which).astype(np.float64)))
+    np.testing.assert_array_equal(two_stage.log_popularity(split, None),
+                                  np.log1p(np.bincount(split.item_columns, minlength=len(split.item_ids))))
+    # The test prediction sees the validation targets too: counts only grow.
+    assert np.all(two_stage.log_popularity(split, "test") >= two_stage.log_popularity(split, "val"))
+    one, two = result["stage_one"]["test"], result["two_stage"]["test"]
+    _, reranked = two.evaluate(0.0, TINY.temperature, 1e9)
+    pop = two_stage.log_popularity(split, "test")[one.topk]  # [U, K]
+    click = two.logits[..., two_stage.ACTIONS.index(two.score_action)]  # [U, K]
+    order = np.stack([np.lexsort((-c, -p)) for c, p in zip(click, pop)])  # pop first, then logit, then index
+    np.testing.assert_array_equal(reranked, np.take_along_axis(one.topk, order, 1))
+
+
+def test_rerank_weights_are_the_best_validation_pair(experiment):
+    args, split, result = experiment
+    two = result["two_stage"]["val"]
+    recipe = result["recipe"]
+    grid = {(w, p): two.evaluate(w, recipe.temperature, p)[0]["NDCG@10"]
+            for w in two_stage.RETRIEVAL_WEIGHTS for p in two_stage.POPULARITY_WEIGHTS}
+    auto = dataclasses.replace(recipe, retrieval_weight=None, popularity_weight=None)
+    chosen = two_stage.choose_rerank_weights(two, auto)
+    assert grid[chosen] == max(grid.values())
+    assert chosen == next(pair for pair, v in grid.items() if v == max(grid.values()))  # ties: the first
+    assert (result["retrieval_weight"], result["popularity_weight"]) == two_stage.choose_rerank_weights(two, recipe)
+    fixed = dataclasses.replace(recipe, retrieval_weight=0.5, popularity_weight=0.0)
+    assert two_stage.choose_rerank_weights(two, fixed) == (0.5, 0.0)
 
 
 def test_dump_round_trips_through_recompute_from_dump(experiment):

@@ -47,9 +47,8 @@ def val_two_stage(split, recipe, seed, run_dir, stream):
     ranker, k_params, k_best = pipeline.train_ranker(split, pool, recipe, seed, run_dir, val_one,
                                                      r_params if recipe.ranker_init_from_retrieval else None, stream)
     two = pipeline.TwoStage(val_one, ranker, k_params, split, "val", recipe)
-    weights = pipeline.RETRIEVAL_WEIGHTS if recipe.retrieval_weight is None else (recipe.retrieval_weight,)
-    weight = max(weights, key=lambda w: two.evaluate(w, recipe.temperature)[0]["NDCG@10"])
-    m = two.evaluate(weight, recipe.temperature)[0]
+    weight = pipeline.choose_rerank_weights(two, recipe)
+    m = two.evaluate(weight[0], recipe.temperature, weight[1])[0]
     return m, {"retrieval": r_best, "weight": weight, "ranker_step": k_best["step"]}
 
 
@@ -72,7 +71,7 @@ def main(argv=None):
                 extra = f"step {m['step']}"
             else:
                 m, info = val_two_stage(split, recipe, args.seed, run_dir, stream)
-                extra = (f"weight {info['weight']:g}, retrieval val {info['retrieval']['HR@10']:.4f} / "
+                extra = (f"weights {info['weight']}, retrieval val {info['retrieval']['HR@10']:.4f} / "
                          f"{info['retrieval']['NDCG@10']:.4f} at step {info['retrieval']['step']}, ranker step "
                          f"{info['ranker_step']}")
         print(f"| {name} | {overrides} | {args.stage} | seed {args.seed} | {m['HR@10']:.4f} | {m['NDCG@10']:.4f} | "

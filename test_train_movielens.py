@@ -345,7 +345,7 @@ def test_seeds_run_each_seed_dump_it_and_summarise(world, experiment, tmp_path, 
     mean, sd = result["summary"][("test", "two-stage", "NDCG@10")]
     assert mean == pytest.approx(np.mean(values)) and sd == pytest.approx(np.std(values, ddof=1))
     out = capsys.readouterr().out
-    assert "| seed |" in out and f"| mean +- sd |" in out and f"{mean:.4f} +- {sd:.4f}" in out
+    assert "| seed |" in out and "| mean +- sd |" in out and f"{mean:.4f} +- {sd:.4f}" in out
     with pytest.raises(FileExistsError, match="seed0"):  # a second run refuses before training
         tm.run(args, TINY, stream=io.StringIO())
 

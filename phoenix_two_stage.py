@@ -1,7 +1,9 @@
 """The two-stage model on a log split: its recipe, training batches, and both stages' evaluation.
 
 The retrieval stage (SequenceRetrievalTrainer: every prefix of a window is an example) retrieves
-RETRIEVE_K items per user; the ranker re-scores them (TwoStage). phoenix_pipeline.run trains both.
+RETRIEVE_K items per user; the ranker re-scores them (TwoStage): its logit + w x the retrieval logit
++ b x log(1 + the item's visible interactions), (w, b) chosen on validation (choose_rerank_weights).
+phoenix_pipeline.run trains both.
 
 Recipe
   train_movielens.py's, tuned on MovieLens-100K. Fields left None adapt to the log: hash tables of

@@ -188,6 +188,14 @@ def check_recipe(split: LogSplit, recipe: Recipe) -> None:
     if not 0 < recipe.ranker_batch_size <= examples:
         raise RecipeError(f"ranker_batch_size (--ranker-batch-size): expected in [1, {examples}] (the log's "
                          f"training examples), got {recipe.ranker_batch_size}")
+    if not (math.isfinite(recipe.ranker_listwise_weight) and recipe.ranker_listwise_weight >= 0):
+        raise RecipeError(f"ranker_listwise_weight (--ranker-listwise-weight): expected a finite float >= 0, "
+                         f"got {recipe.ranker_listwise_weight}")
+    for name in ("retrieval_weight", "popularity_weight"):
+        value = getattr(recipe, name)
+        if value is not None and not math.isfinite(value):
+            raise RecipeError(f"{name} (--{name.replace('_', '-')}): expected a finite float or None (chosen on "
+                             f"validation), got {value}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -263,7 +263,10 @@ def test_recipes_the_log_cannot_support_name_the_flag(tmp_path):
     for change, flag in (({"retrieve_k": NUM_ITEMS}, "--retrieve-k"), ({"ranker_batch_size": 10**6}, "--ranker-batch-size"),
                          ({"negative_pool": NUM_ITEMS}, "--negative-pool"), ({"score_action": "reply_score"},
                                                                               "--score-action"),
-                         ({"pooling": "max"}, "--pooling")):
+                         ({"pooling": "max"}, "--pooling"),
+                         ({"ranker_listwise_weight": -1.0}, "--ranker-listwise-weight"),
+                         ({"popularity_weight": float("nan")}, "--popularity-weight"),
+                         ({"retrieval_weight": float("inf")}, "--retrieval-weight")):
         with pytest.raises(two_stage.RecipeError, match=flag):
             two_stage.check_recipe(split, two_stage.resolve_recipe(two_stage.Recipe(**change), split))
 

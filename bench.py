@@ -313,6 +313,9 @@ def peak_macs_per_ms(rounds: int) -> float:
 # The profile's parts, in table order; `op_part` assigns each compiled operation to one of them.
 PROFILE_PARTS = ("prefix inputs", "candidate projections", "attention projections", "attention", "ffn",
                  "norms, residuals", "output head")
+PART_NOTES = {"attention projections": "fused Q/K/V, output projection; prefix and candidate rows",
+              "attention": "rotary, logits vs the prefix, softmax, weighted values",
+              "ffn": "prefix and candidate rows", "output head": "final norm, unembedding, sigmoid, ranking"}
 # XLA CPU records one trace event per executed operation (thunk) only with this flag, which must be
 # set before JAX starts: the profile runs in a worker process that sets it.
 TRACE_FLAG = "--xla_cpu_enable_xprof_traceme=true"
@@ -451,9 +454,10 @@ def profile_ranking(C: int, S: int, B: int, rank_dtype: str, rounds: int, seed: 
            "runner.rank": lambda: ranker.rank(batch, emb),
            "release masked, jit": lambda: release(params, None, dev_batch, dev_emb).logits}
     timed = interleaved_ms(fns, rounds)
-    hlo = ranker._rank.lower(params, dev_batch, dev_emb, path="isolated").compile().as_text()
-    parts, traced_total = traced_part_ms(rank, hlo, max(rounds, 5)) if TRACE_FLAG in os.environ.get(
-        "XLA_FLAGS", "") else ({}, 0.0)
+    parts, traced_total = {}, 0.0
+    if TRACE_FLAG in os.environ.get("XLA_FLAGS", ""):  # per-operation events exist only with the flag
+        hlo = ranker._rank.lower(params, dev_batch, dev_emb, path="isolated").compile().as_text()
+        parts, traced_total = traced_part_ms(rank, hlo, max(rounds, 5))
     peak = peak_macs_per_ms(max(3, rounds // 3))
     macs = ranking_macs(cfg, B, S, C)
     on_host, on_device = timed.pop("runner.rank"), timed["rank, device inputs"]
@@ -484,11 +488,6 @@ def profile_ranking(C: int, S: int, B: int, rank_dtype: str, rounds: int, seed: 
                        x_floor=round(low / (sum(macs.values()) / peak), 1))
         rows.append(row)
     return rows
-
-
-PART_NOTES = {"attention projections": "fused Q/K/V, output projection; prefix and candidate rows",
-              "attention": "rotary, logits vs the prefix, softmax, weighted values",
-              "ffn": "prefix and candidate rows", "output head": "final norm, unembedding, sigmoid, ranking"}
 
 
 def spawn_profile(args) -> list[dict]:

@@ -271,7 +271,7 @@ class RankingTrainer(Trainer):
 
     step(state, batch, labels [B, C, A], label_mask=None [B, C, A]) -> (state, metrics)
     predict(params, batch) -> logits [B, C, A] float32
-    evaluate(params, batch, labels, label_mask=None) -> {"loss", "per_action_loss" [A]}
+    evaluate(params, batch, labels, label_mask=None) -> {"loss", "per_action_loss" [A]} (pointwise only)
     """
 
     def __init__(self, model_config: PhoenixModelConfig, hash_config: Optional[HashConfig] = None,
@@ -285,7 +285,7 @@ class RankingTrainer(Trainer):
         self.action_weights = None if action_weights is None else np.asarray(action_weights, np.float32)
         if self.action_weights is not None:
             check_action_weights(self.action_weights, num_actions)
-        check_number(listwise_weight, "listwise_weight", "a finite float >= 0", lambda v: 0 <= v < float("inf"))
+        check_number(listwise_weight, "listwise_weight", "a finite float >= 0", lambda v: v >= 0)
         if listwise_action not in ACTIONS[:num_actions]:
             raise ValueError(f"listwise_action: expected one of the model's {num_actions} actions "
                              f"{ACTIONS[:num_actions]}, got {listwise_action!r}")

@@ -24,6 +24,10 @@ Outputs (the run directory: --checkpoint-dir, default $PHOENIX_CACHE_DIR/checkpo
   retrieval/, ranker/  the best checkpoints by validation NDCG@10 (Trainer.save; load them with
                        RecsysRetrievalInferenceRunner / RecsysInferenceRunner.from_checkpoint). A
                        run refuses a directory holding an earlier run's unless overwrite=True.
+  retrieval.1/, ...    with Recipe.retrieval_members > 1, the other members' best checkpoints (each
+                       loads into RecsysRetrievalInferenceRunner; the ensemble's user and item
+                       vectors are the members' concatenated / sqrt(members), RetrievalEnsemble).
+  ranker.1/, ...       with Recipe.ranker_members > 1, likewise (the ensemble averages the logits).
   metrics.jsonl        one JSON object per line: {"stage", "step", "loss", ...} per progress log,
                        {"stage", "step", "eval/HR@10", ...} per validation, one per table row.
   curves.png           with --plot (needs matplotlib: `uv sync --extra plot`).
@@ -60,7 +64,8 @@ from phoenix_log import (AUTO_COLUMN_NAMES, COLUMN_FLAGS, DEFAULT_CUT_QUANTILE, 
                          DUPLICATE_RULES, SPLIT_PROTOCOLS, Columns, Log, LogError, LogSplit, check_rating_actions,
                          describe, from_arrays, histories, phoenix_examples, read_csv, read_log, split_log, string_id)
 from phoenix_two_stage import (FINAL_K, POPULARITY_WEIGHTS, RETRIEVAL_WEIGHTS, RETRIEVE_K, Recipe, RecipeError,  # noqa: F401
-                               SequenceRetrievalTrainer, StageOne, TwoStage, action_weights, check_recipe,
+                               RankerEnsemble, RetrievalEnsemble, SequenceRetrievalTrainer, StageOne, TwoStage, action_weights,
+                               check_recipe, ensemble, member_stage,
                                encode_items, encode_users, example_representations, hard_negative_pool,
                                hash_config, item_examples, optimizer_config, prefix_user_representations,
                                ranker_batches, ranker_candidates, ranker_config, ranker_logits, recommendable,
@@ -145,35 +150,81 @@ def _extra(recipe: Recipe, seed: int, split: LogSplit) -> dict:
             "string_id_columns": sorted(split.log.names)}
 
 
+def _train_members(stage: str, members: int, start, evaluate, split: LogSplit, recipe: Recipe, seed: int,
+                   checkpoint_dir: str, stream, log, kind):
+    """Trains `members` models of `stage` (start(member) -> (trainer, state, batches, steps);
+    evaluate(trainer, params) -> val metrics), each keeping its own best checkpoint in
+    member_stage(m, stage). Returns (model, params, best): one member as it is, or the ensemble
+    (`kind`) of all and the tuple of their params, whose best val metrics are then the ensemble's,
+    with "step" the first member's and "steps" every member's best step."""
+    trainers, params, bests = [], [], []
+    for member in range(members):
+        trainer, state, batches, steps = start(member)
+        name = member_stage(member, stage)
+        print(f"{name}: {steps} steps of " + (
+            f"{recipe.retrieval_batch_size} windows ({len(training_windows(split, recipe.history_len)[0])} windows "
+            "per epoch)" if stage == "retrieval" else
+            f"{recipe.ranker_batch_size} examples x {recipe.num_candidates} candidates"), file=stream)
+        kept, best = _fit_keeping_best(trainer, state, batches, steps, lambda p: evaluate(trainer, p),
+                                       os.path.join(checkpoint_dir, name), _extra(recipe, seed, split),
+                                       recipe.evals_per_stage, stream, name, log)
+        trainers.append(trainer)
+        params.append(kept)
+        bests.append(best)
+    model, params = ensemble(trainers, params, kind)
+    if members == 1:
+        return model, params, bests[0]
+    for member, member_best in enumerate(bests):
+        print(f"{member_stage(member, stage)}: best val NDCG@10 {member_best['NDCG@10']:.4f} at step "
+              f"{member_best['step']}", file=stream)
+    best = evaluate(model, params)
+    return model, params, {**best, "step": bests[0]["step"], "steps": [b["step"] for b in bests]}
+
+
 def train_retrieval(split: LogSplit, recipe: Recipe, seed: int, checkpoint_dir: str, stream=None,
                     log: Optional[MetricsLog] = None, data_parallel=False):
-    """Trains the two-tower model; returns (trainer, best params, best val metrics). `data_parallel`:
-    training.Trainer's (each batch split over the devices, the state replicated)."""
-    trainer, state, batches, steps = start_retrieval(split, recipe, seed, data_parallel)
-    print(f"retrieval: {steps} steps of {recipe.retrieval_batch_size} windows "
-          f"({len(training_windows(split, recipe.history_len)[0])} windows per epoch)", file=stream)
-    params, best = _fit_keeping_best(
-        trainer, state, batches, steps,
-        lambda params: StageOne(trainer, params, split, "val", recipe.history_len, recipe.retrieve_k).metrics(),
-        os.path.join(checkpoint_dir, "retrieval"), _extra(recipe, seed, split), recipe.evals_per_stage, stream,
-        "retrieval", log)
-    return trainer, params, best
+    """Trains the two-tower model, or each of Recipe.retrieval_members (each keeping its own best
+    checkpoint, in member_stage(m)); returns (model, best params, best val metrics): the trainer and
+    its params, or a RetrievalEnsemble and the tuple of the members' params, whose val metrics are
+    then the ensemble's (with "step" the first member's and "steps" every member's best step).
+    `data_parallel`: training.Trainer's (each batch split over the devices, the state replicated)."""
+    return _train_members(
+        "retrieval", recipe.retrieval_members,
+        lambda member: start_retrieval(split, recipe, seed, data_parallel, member=member),
+        lambda model, params: StageOne(model, params, split, "val", recipe.history_len, recipe.retrieve_k).metrics(),
+        split, recipe, seed, checkpoint_dir, stream, log, RetrievalEnsemble)
 
 
 def train_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, checkpoint_dir: str, val_stage_one: StageOne,
                  retrieval_params=None, stream=None, log: Optional[MetricsLog] = None, data_parallel=False):
-    """Trains the ranker; returns (trainer, best params, best val metrics). Model selection by the
-    validation two-stage NDCG@10 of the ranker's own score (retrieval weight 0)."""
-    trainer, state, batches, steps = start_ranker(split, pool, recipe, seed, retrieval_params, data_parallel)
-    print(f"ranker: {steps} steps of {recipe.ranker_batch_size} examples x {recipe.num_candidates} candidates",
-          file=stream)
-    params, best = _fit_keeping_best(
-        trainer, state, batches, steps,
-        lambda params: TwoStage(val_stage_one, trainer, params, split, "val", recipe).evaluate(
+    """Trains the ranker, or each of Recipe.ranker_members (checkpoints and return value as
+    train_retrieval's, a RankerEnsemble for several). Model selection by the validation two-stage
+    NDCG@10 of the ranker's own score (retrieval weight 0)."""
+    return _train_members(
+        "ranker", recipe.ranker_members,
+        lambda member: start_ranker(split, pool, recipe, seed, retrieval_params, data_parallel, member=member),
+        lambda model, params: TwoStage(val_stage_one, model, params, split, "val", recipe).evaluate(
             0.0, recipe.temperature)[0],
-        os.path.join(checkpoint_dir, "ranker"), _extra(recipe, seed, split), recipe.evals_per_stage, stream,
-        "ranker", log)
-    return trainer, params, best
+        split, recipe, seed, checkpoint_dir, stream, log, RankerEnsemble)
+
+
+def load_members(checkpoint_dir: str, params, stage: str = "retrieval"):
+    """The best params of `stage` read back from checkpoint_dir (`params`, as train_retrieval /
+    train_ranker returned them, gives the tree to fill: one model's, or the tuple of an ensemble's)."""
+    if not isinstance(params, tuple):
+        return checkpoint.load_checkpoint(os.path.join(checkpoint_dir, stage), params_template=params).params
+    return tuple(checkpoint.load_checkpoint(os.path.join(checkpoint_dir, member_stage(m, stage)),
+                                            params_template=p).params for m, p in enumerate(params))
+
+
+def _at(best: dict) -> str:
+    """Where a stage's best checkpoint was: "step N", or each ensemble member's step."""
+    return f"steps {best['steps']} ({len(best['steps'])} members)" if "steps" in best else f"step {best['step']}"
+
+
+def first_member(params):
+    """A retrieval model's params, or the first ensemble member's (what the ranker warm-starts from)."""
+    return params[0] if isinstance(params, tuple) else params
 
 
 def evaluate_stages(split: LogSplit, retrieval, retrieval_params, ranker, ranker_params, recipe: Recipe):
@@ -223,6 +274,8 @@ def check_run_dir(path, overwrite: bool = False) -> None:
     """Refuses (FileExistsError) a run directory holding an earlier run's checkpoints or metrics,
     unless `overwrite`: nothing already saved is replaced without being asked."""
     earlier = [name for name in (*STAGES, METRICS_FILE) if os.path.exists(os.path.join(path, name))]
+    if os.path.isdir(path):  # ensemble members' checkpoints (member_stage)
+        earlier += sorted(name for name in os.listdir(path) if name.startswith(tuple(f"{s}." for s in STAGES)))
     if earlier and not overwrite:
         raise FileExistsError(f"{path}: holds an earlier run ({', '.join(earlier)}); pass --overwrite "
                               "(overwrite=True) to replace it, or choose another --checkpoint-dir")
@@ -261,7 +314,7 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
     retrieval, retrieval_params, retrieval_best = train_retrieval(split, recipe, seed, checkpoint_dir, stream, log,
                                                                   data_parallel)
     times = {"retrieval": time.perf_counter() - t0}
-    print(f"retrieval: best val NDCG@10 {retrieval_best['NDCG@10']:.4f} at step {retrieval_best['step']}, "
+    print(f"retrieval: best val NDCG@10 {retrieval_best['NDCG@10']:.4f} at {_at(retrieval_best)}, "
           f"{times['retrieval']:.0f} s", file=stream)
 
     t0 = time.perf_counter()
@@ -275,17 +328,15 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
     t0 = time.perf_counter()
     ranker, ranker_params, ranker_best = train_ranker(
         split, pool, recipe, seed, checkpoint_dir, val_one,
-        retrieval_params if recipe.ranker_init_from_retrieval else None, stream, log, data_parallel)
+        first_member(retrieval_params) if recipe.ranker_init_from_retrieval else None, stream, log, data_parallel)
     times["ranker"] = time.perf_counter() - t0
-    print(f"ranker: best val NDCG@10 {ranker_best['NDCG@10']:.4f} at step {ranker_best['step']}, "
+    print(f"ranker: best val NDCG@10 {ranker_best['NDCG@10']:.4f} at {_at(ranker_best)}, "
           f"{times['ranker']:.0f} s", file=stream)
 
     t0 = time.perf_counter()
     # The final evaluation reads the best weights back from the saved checkpoints.
-    retrieval_params = checkpoint.load_checkpoint(os.path.join(checkpoint_dir, "retrieval"),
-                                                  params_template=retrieval_params).params
-    ranker_params = checkpoint.load_checkpoint(os.path.join(checkpoint_dir, "ranker"),
-                                               params_template=ranker_params).params
+    retrieval_params = load_members(checkpoint_dir, retrieval_params, "retrieval")
+    ranker_params = load_members(checkpoint_dir, ranker_params, "ranker")
     table, reranked, stage_one, two_stage, (weight, prior) = evaluate_stages(
         split, retrieval, retrieval_params, ranker, ranker_params, recipe)
     times["evaluation"] = time.perf_counter() - t0
@@ -493,7 +544,9 @@ def add_run_flags(parser: argparse.ArgumentParser, default_checkpoint_dir, defau
     each defaulting to `defaults`' value (default Recipe())."""
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-dir", default=default_checkpoint_dir,
-                        help="the run directory: retrieval/, ranker/, metrics.jsonl (default: "
+                        help="the run directory: retrieval/, ranker/ (and retrieval.1/, ranker.1/, ... with "
+                             "--retrieval-members / --ranker-members), "
+                             "metrics.jsonl (default: "
                              "$PHOENIX_CACHE_DIR/checkpoints/<data name>)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the checkpoints and metrics of an earlier run in --checkpoint-dir")

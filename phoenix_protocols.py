@@ -58,31 +58,45 @@ def train_val_split(split: LogSplit) -> LogSplit:
 def retrain_stages(split: LogSplit, recipe: two_stage.Recipe, seed: int, run_dir: str, selected: dict, stream=None,
                    data_parallel=False) -> tuple[dict, dict]:
     """Protocol train+val for the pipeline's two stages. `selected`: the val-select run's best step
-    of each stage (selected["retrieval_best"]["step"], selected["ranker_best"]["step"]) and its
-    "retrieval_weight" and "popularity_weight"; the schedules are val-select's (two_stage.stage_steps
-    of `split`). Returns ({(TRAIN_VAL, model): metrics}, info with the re-ranked test top-K columns [U, K] and seconds)."""
+    of each stage (selected["retrieval_best"]["step"], selected["ranker_best"]["step"]; or their
+    "steps", one per ensemble member, each member stopping at its own) and its "retrieval_weight"
+    and "popularity_weight"; the schedules are val-select's (two_stage.stage_steps of `split`).
+    Returns ({(TRAIN_VAL, model): metrics}, info with the re-ranked test top-K columns [U, K] and seconds)."""
     start = time.perf_counter()
     ext = train_val_split(split)
     r_total, k_total = two_stage.stage_steps(split, recipe)
-    r_stop, k_stop = selected["retrieval_best"]["step"], selected["ranker_best"]["step"]
+    r_stops, k_stops = (best.get("steps", [best["step"]]) for best in (selected["retrieval_best"],
+                                                                        selected["ranker_best"]))
     added = int(ext.train_len.sum() - split.train_len.sum())
     print(f"\n== protocol train+val: retraining on train + validation targets ({added} more interactions); "
-          f"retrieval {r_stop} of {r_total} steps, ranker {k_stop} of {k_total} steps", file=stream)
+          f"retrieval {'/'.join(map(str, r_stops))} of {r_total} steps, ranker {'/'.join(map(str, k_stops))} of "
+          f"{k_total} steps", file=stream)
 
-    def fit(trainer, state, batches, stop, stage):
-        state, _ = training.fit(trainer, state, batches, stop, log_every=max(1, min(50, stop // 10)), stream=stream)
-        trainer.save(os.path.join(run_dir, "train+val", stage), state,
-                     extra={"protocol": "train+val", "seed": seed, "steps": stop, "schedule_steps": r_total
-                            if stage == "retrieval" else k_total})
-        return two_stage.host_copy(state.params)
+    def retrain(begin, stops, stage, total):
+        """Each member of `stage` (begin(member) -> (trainer, state, batches, _)) trained to its stop
+        and saved under train+val/; returns (trainers, host params)."""
+        trainers, params = [], []
+        for member, stop in enumerate(stops):
+            trainer, state, batches, _ = begin(member)
+            state, _ = training.fit(trainer, state, batches, stop, log_every=max(1, min(50, stop // 10)),
+                                    stream=stream)
+            trainer.save(os.path.join(run_dir, "train+val", two_stage.member_stage(member, stage)), state,
+                         extra={"protocol": "train+val", "seed": seed, "steps": stop, "schedule_steps": total})
+            trainers.append(trainer)
+            params.append(two_stage.host_copy(state.params))
+        return trainers, params
 
-    retrieval, state, batches, _ = two_stage.start_retrieval(ext, recipe, seed, data_parallel, steps=r_total)
-    r_params = fit(retrieval, state, batches, r_stop, "retrieval")
+    members, member_params = retrain(
+        lambda m: two_stage.start_retrieval(ext, recipe, seed, data_parallel, steps=r_total, member=m),
+        r_stops, "retrieval", r_total)
+    retrieval, r_params = two_stage.ensemble(members, member_params)
     pool = (two_stage.hard_negative_pool(retrieval, r_params, ext, recipe.history_len, recipe.negative_pool)
             if recipe.hard_negatives else None)
-    ranker, state, batches, _ = two_stage.start_ranker(
-        ext, pool, recipe, seed, r_params if recipe.ranker_init_from_retrieval else None, data_parallel, steps=k_total)
-    k_params = fit(ranker, state, batches, k_stop, "ranker")
+    warm = member_params[0] if recipe.ranker_init_from_retrieval else None
+    rankers, ranker_params = retrain(
+        lambda m: two_stage.start_ranker(ext, pool, recipe, seed, warm, data_parallel, steps=k_total, member=m),
+        k_stops, "ranker", k_total)
+    ranker, k_params = two_stage.ensemble(rankers, ranker_params, two_stage.RankerEnsemble)
 
     one = two_stage.StageOne(retrieval, r_params, split, "test", recipe.history_len, recipe.retrieve_k)
     two, reranked = two_stage.TwoStage(one, ranker, k_params, split, "test", recipe).evaluate(

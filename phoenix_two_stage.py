@@ -1,8 +1,10 @@
 """The two-stage model on a log split: its recipe, training batches, and both stages' evaluation.
 
-The retrieval stage (SequenceRetrievalTrainer: every prefix of a window is an example) retrieves
-RETRIEVE_K items per user; the ranker re-scores them (TwoStage): its logit + w x the retrieval logit
-+ b x log(1 + the item's visible interactions), (w, b) chosen on validation (choose_rerank_weights).
+The retrieval stage (SequenceRetrievalTrainer: every prefix of a window is an example; or a
+RetrievalEnsemble of several trained from different seeds, Recipe.retrieval_members) retrieves
+RETRIEVE_K items per user; the ranker (or a RankerEnsemble, Recipe.ranker_members) re-scores them
+(TwoStage): its logit + w x the retrieval logit + b x log(1 + the item's visible interactions),
+(w, b) chosen on validation (choose_rerank_weights).
 phoenix_pipeline.run trains both.
 
 Recipe
@@ -88,6 +90,9 @@ class Recipe:
     score_action: str = "click_score"  # the ranker logit that re-ranks: P(the user picks this next)
     ranker_listwise_weight: float = 0.0  # + this x softmax cross-entropy of score_action over each
     # example's candidates (training.listwise_loss); 0: the pointwise (per-action BCE) loss alone
+    retrieval_members: int = 1  # two-tower models trained from different seeds and read as one
+    # (RetrievalEnsemble: the mean of their cosines); 1: a single model
+    ranker_members: int = 1  # rankers trained from different seeds, their logits averaged (RankerEnsemble)
 
     @property
     def num_candidates(self) -> int:  # C
@@ -188,6 +193,9 @@ def check_recipe(split: LogSplit, recipe: Recipe) -> None:
     if not 0 < recipe.ranker_batch_size <= examples:
         raise RecipeError(f"ranker_batch_size (--ranker-batch-size): expected in [1, {examples}] (the log's "
                          f"training examples), got {recipe.ranker_batch_size}")
+    for name in ("retrieval_members", "ranker_members"):
+        if getattr(recipe, name) < 1:
+            raise RecipeError(f"{name} (--{name.replace('_', '-')}): expected an int >= 1, got {getattr(recipe, name)}")
     if not (math.isfinite(recipe.ranker_listwise_weight) and recipe.ranker_listwise_weight >= 0):
         raise RecipeError(f"ranker_listwise_weight (--ranker-listwise-weight): expected a finite float >= 0, "
                          f"got {recipe.ranker_listwise_weight}")
@@ -408,6 +416,74 @@ class SequenceRetrievalTrainer(training.RetrievalTrainer):
         return self._jit_predict_windows(params, batch)
 
 
+class RetrievalEnsemble:
+    """Two-tower models trained alike from different seeds, read as one two-tower model.
+
+    Each member's user and item representations are unit vectors [.., D]; the ensemble's are the
+    members' concatenated and scaled by 1/sqrt(M) [.., M*D]: unit vectors again, whose dot product
+    is the mean of the members' cosines. So everything that takes a retrieval trainer (StageOne,
+    hard_negative_pool, the re-ranking score's cosine / temperature, a CorpusIndex over
+    encode_items) takes the ensemble as a single model. `params`: a tuple of the members' params.
+
+    predict(params, batch) -> (user [B, M*D], candidates [B, C, M*D], candidate_mask [B, C])
+    predict_windows(params, batch) -> (users [B, S, M*D], candidates [B, S, M*D], valid [B, S])
+    """
+
+    def __init__(self, members):
+        self.members = tuple(members)
+        if not self.members:
+            raise ValueError("RetrievalEnsemble: expected at least one member, got none")
+        self.hash_config = self.members[0].hash_config
+        self.scale = 1.0 / math.sqrt(len(self.members))
+
+    def _joined(self, method: str, params, batch):
+        if len(params) != len(self.members):
+            raise ValueError(f"params: expected {len(self.members)} members' params, got {len(params)}")
+        outs = [getattr(member, method)(p, batch) for member, p in zip(self.members, params)]
+        users = jnp.concatenate([out[0] for out in outs], axis=-1) * self.scale
+        candidates = jnp.concatenate([out[1] for out in outs], axis=-1) * self.scale
+        return users, candidates, outs[0][2]  # the mask depends on the batch alone
+
+    def predict(self, params, batch):
+        return self._joined("predict", params, batch)
+
+    def predict_windows(self, params, batch):
+        return self._joined("predict_windows", params, batch)
+
+
+def member_stage(member: int, stage: str = "retrieval") -> str:
+    """Checkpoint directory and metrics stage name of ensemble member `member` of `stage`
+    ("retrieval" or "ranker"): the stage's own name for the first (a single model's, as before
+    ensembles), "<stage>.1", "<stage>.2", ... after it."""
+    return stage if member == 0 else f"{stage}.{member}"
+
+
+class RankerEnsemble:
+    """Rankers trained alike from different seeds, read as one: predict(params, batch) -> the mean
+    of the members' logits [B, C, A] (params: a tuple of the members'). ranker_logits and TwoStage
+    take it as a single ranker."""
+
+    def __init__(self, members):
+        self.members = tuple(members)
+        if not self.members:
+            raise ValueError("RankerEnsemble: expected at least one member, got none")
+        self.hash_config = self.members[0].hash_config
+
+    def predict(self, params, batch):
+        if len(params) != len(self.members):
+            raise ValueError(f"params: expected {len(self.members)} members' params, got {len(params)}")
+        return sum(member.predict(p, batch) for member, p in zip(self.members, params)) / len(self.members)
+
+
+def ensemble(members, params, kind=RetrievalEnsemble):
+    """(model, its params): the single member and its params as they are, or a `kind`
+    (RetrievalEnsemble, RankerEnsemble) of several and the tuple of their params."""
+    members, params = list(members), list(params)
+    if len(members) == 1:
+        return members[0], params[0]
+    return kind(members), tuple(params)
+
+
 def item_examples(split: ml.Split) -> dict:
     """A one-row examples dict with an empty history: the carrier of candidate-only batches."""
     return {"user_ids": split.user_ids[:1], "history_post_ids": np.full((1, 1), PAD_ID),
@@ -456,10 +532,12 @@ def example_representations(trainer: SequenceRetrievalTrainer, params, split: Lo
     items since its window's start (1..S of them), not always the last S; good enough to mine negatives
     and ~S times cheaper than encoding each example's own history."""
     rows, starts, lengths = training_windows(split, history_len)
-    by_position = np.zeros((len(split.items), trainer.model_config.emb_size), np.float32)  # [R, D]
+    by_position = None  # [R, D]
     for chunk, real in padded_chunks(len(rows), batch_size):
         examples, positions, valid = window_examples(split, rows[chunk], starts[chunk], lengths[chunk], history_len)
         users, _, _ = trainer.predict_windows(params, window_batch(split, examples, trainer.hash_config))
+        if by_position is None:
+            by_position = np.zeros((len(split.items), users.shape[-1]), np.float32)
         keep = valid[:real, 1:]  # [b, S]
         by_position[positions[:real, 1:][keep]] = np.asarray(users)[:real][keep]
     return by_position[split.target_positions("train")[1]]
@@ -636,25 +714,30 @@ def stage_steps(split: LogSplit, recipe: Recipe) -> tuple[int, int]:
             max(1, round(recipe.ranker_epochs * examples / recipe.ranker_batch_size)))
 
 
-def start_retrieval(split: LogSplit, recipe: Recipe, seed: int, data_parallel=False, steps: Optional[int] = None):
+def start_retrieval(split: LogSplit, recipe: Recipe, seed: int, data_parallel=False, steps: Optional[int] = None,
+                    member: int = 0):
     """(trainer, state, batches, steps): the retrieval stage ready for training.fit on `split`: the
     learning-rate schedule spans `steps` (default the recipe's, stage_steps), the state is seeded by
-    `seed`, the batch stream by (seed, 1)."""
+    `seed`, the batch stream by (seed, 1). Ensemble member m > 0 (Recipe.retrieval_members) seeds
+    both with m too: fold_in(PRNGKey(seed), m) and (seed, 1, m), never another seed's streams."""
     steps = stage_steps(split, recipe)[0] if steps is None else steps
     trainer = SequenceRetrievalTrainer(retrieval_config(recipe), hash_config(recipe), optimizer_config(recipe, steps),
                                        temperature=recipe.temperature, table_init_stddev=recipe.table_init_stddev,
                                        data_parallel=data_parallel)
-    batches = retrieval_batches(split, recipe, trainer.hash_config, np.random.default_rng([seed, 1]))
+    stream_seed = [seed, 1] if member == 0 else [seed, 1, member]
+    batches = retrieval_batches(split, recipe, trainer.hash_config, np.random.default_rng(stream_seed))
     first = next(batches)
-    state = trainer.init(jax.random.PRNGKey(seed), first[0])
+    key = jax.random.PRNGKey(seed) if member == 0 else jax.random.fold_in(jax.random.PRNGKey(seed), member)
+    state = trainer.init(key, first[0])
     return trainer, state, with_first(first, batches), steps
 
 
 def start_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, retrieval_params=None, data_parallel=False,
-                 steps: Optional[int] = None):
+                 steps: Optional[int] = None, member: int = 0):
     """(trainer, state, batches, steps): the ranker ready for training.fit on `split` (hard negatives
     from `pool`), warm-started from `retrieval_params` if given; schedule and seeds as start_retrieval's
-    (state seed + 1, stream (seed, 2))."""
+    (state seed + 1, stream (seed, 2); ensemble member m > 0, Recipe.ranker_members:
+    fold_in(PRNGKey(seed + 1), m) and (seed, 2, m))."""
     examples = phoenix_examples(split, "train", recipe.ranker_history_len)
     steps = stage_steps(split, recipe)[1] if steps is None else steps
     trainer = training.make_ranking_trainer(ranker_config(recipe), hash_config(recipe),
@@ -662,9 +745,11 @@ def start_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, retrieval_par
                                             table_init_stddev=recipe.table_init_stddev, data_parallel=data_parallel,
                                             listwise_weight=recipe.ranker_listwise_weight,
                                             listwise_action=recipe.score_action)
-    batches = ranker_batches(split, examples, pool, recipe, trainer.hash_config, np.random.default_rng([seed, 2]))
+    stream_seed = [seed, 2] if member == 0 else [seed, 2, member]
+    batches = ranker_batches(split, examples, pool, recipe, trainer.hash_config, np.random.default_rng(stream_seed))
     first = next(batches)
-    state = trainer.init(jax.random.PRNGKey(seed + 1), first[0])
+    key = jax.random.PRNGKey(seed + 1) if member == 0 else jax.random.fold_in(jax.random.PRNGKey(seed + 1), member)
+    state = trainer.init(key, first[0])
     if retrieval_params is not None:
         state = trainer._place_state(state._replace(params=jax.device_put(warm_start(host_copy(state.params),
                                                                                      retrieval_params))))

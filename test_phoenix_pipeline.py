@@ -266,7 +266,9 @@ def test_recipes_the_log_cannot_support_name_the_flag(tmp_path):
                          ({"pooling": "max"}, "--pooling"),
                          ({"ranker_listwise_weight": -1.0}, "--ranker-listwise-weight"),
                          ({"popularity_weight": float("nan")}, "--popularity-weight"),
-                         ({"retrieval_weight": float("inf")}, "--retrieval-weight")):
+                         ({"retrieval_weight": float("inf")}, "--retrieval-weight"),
+                         ({"retrieval_members": 0}, "--retrieval-members"),
+                         ({"ranker_members": 0}, "--ranker-members")):
         with pytest.raises(two_stage.RecipeError, match=flag):
             two_stage.check_recipe(split, two_stage.resolve_recipe(two_stage.Recipe(**change), split))
 
@@ -358,6 +360,82 @@ def test_a_second_run_refuses_the_directory_before_reading_the_log(cli_run, monk
     pipeline.check_run_dir(tmp / "run", overwrite=True)  # asked: allowed
     with pytest.raises(FileExistsError):  # the library refuses too, not only the command line
         pipeline.run(cli_run[2]["split"], two_stage.Recipe(), tmp / "run")
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(tmp_path_factory):
+    """cli_run's command with --retrieval-members 2 --ranker-members 2."""
+    tmp = tmp_path_factory.mktemp("ensemble")
+    write_log(tmp / "log.csv")
+    return tmp, run_train.main(["--data", str(tmp / "log.csv"), "--checkpoint-dir", str(tmp / "run"), *TINY_FLAGS,
+                                "--retrieval-members", "2", "--ranker-members", "2"])
+
+
+def test_a_retrieval_ensemble_is_its_members_read_as_one(cli_run, ensemble_run):
+    """Member 0 is the single model of the same seed (bit for bit), member 1 another model; each is
+    saved and loads into the runner; the ensemble's representations are the members' concatenated
+    / sqrt(2): unit norm, and their dot products the mean of the members' cosines."""
+    tmp, result = ensemble_run
+    split, model, params = result["split"], result["retrieval"], result["retrieval_params"]
+    assert isinstance(model, two_stage.RetrievalEnsemble) and len(params) == 2
+    single = cli_run[2]["retrieval_params"]
+    for module, named in single.items():
+        for name, value in named.items():
+            np.testing.assert_array_equal(params[0][module][name], value)
+    assert any(not np.array_equal(params[1][m][n], v) for m, named in single.items() for n, v in named.items())
+    best = result["retrieval_best"]
+    assert len(best["steps"]) == 2 and best["step"] == best["steps"][0]
+    reloaded = pipeline.load_members(str(tmp / "run"), params, "retrieval")
+    members = []
+    for m, stage in enumerate(("retrieval", "retrieval.1")):
+        runner = RecsysRetrievalInferenceRunner.from_checkpoint(str(tmp / "run" / stage))
+        items = np.asarray(runner.encode_candidates(pipeline.items_batch(split, runner.runner.model.hash_config)))[0]
+        np.testing.assert_allclose(items, two_stage.encode_items(model.members[m], params[m], split), atol=1e-5)
+        members.append(items)
+        for module, named in params[m].items():
+            for name, value in named.items():
+                np.testing.assert_array_equal(reloaded[m][module][name], value)
+    joined = two_stage.encode_items(model, params, split)  # [N, 2D]
+    np.testing.assert_allclose(joined, np.concatenate(members, axis=1) / np.sqrt(2), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(joined, axis=1), 1.0, atol=1e-5)
+    examples = logs.phoenix_examples(split, "test", result["recipe"].history_len)
+    users = [two_stage.encode_users(member, p, split, examples) for member, p in zip(model.members, params)]
+    mean_cosine = (users[0] @ members[0].T + users[1] @ members[1].T) / 2  # [U, N]
+    np.testing.assert_allclose(result["stage_one"]["test"].scores, mean_cosine, atol=1e-5)
+    with pytest.raises(ValueError, match="expected 2 members' params, got 1"):
+        model.predict(params[:1], pipeline.items_batch(split, model.hash_config))
+
+
+def test_a_ranker_ensemble_averages_its_members_logits(ensemble_run):
+    """Both rankers are saved and load into the runner; the ensemble's logits (what TwoStage
+    re-ranks by) are the mean of the members' own."""
+    tmp, result = ensemble_run
+    split, recipe, model, params = result["split"], result["recipe"], result["ranker"], result["ranker_params"]
+    assert isinstance(model, two_stage.RankerEnsemble) and len(params) == 2
+    assert len(result["ranker_best"]["steps"]) == 2
+    examples = logs.phoenix_examples(split, "test", recipe.ranker_history_len)
+    columns = result["stage_one"]["test"].topk[:, :recipe.num_candidates]  # [U, C]
+    members = [two_stage.ranker_logits(m, p, split, examples, columns, recipe.num_candidates)
+               for m, p in zip(model.members, params)]  # each [U, C, A]
+    assert not np.allclose(members[0], members[1], atol=1e-3)  # two different models
+    np.testing.assert_allclose(result["two_stage"]["test"].logits[:, :recipe.num_candidates],
+                               (members[0] + members[1]) / 2, atol=1e-5)
+    batch = ml.phoenix_batch(split, examples, model.hash_config, split.item_ids[columns])
+    for m, stage in enumerate(("ranker", "ranker.1")):
+        runner = RecsysInferenceRunner.from_checkpoint(str(tmp / "run" / stage))
+        np.testing.assert_allclose(np.asarray(runner.rank(batch).scores), 1 / (1 + np.exp(-members[m])), atol=1e-5)
+
+
+def test_an_ensemble_run_recommends_and_its_members_block_the_directory(ensemble_run):
+    tmp, result = ensemble_run
+    split = result["split"]
+    top = pipeline.recommend(result, split, "u03", k=5)
+    assert len(top) == 5 and [s for _, s in top] == sorted((s for _, s in top), reverse=True)
+    lone = tmp / "lone"
+    (lone / "retrieval.1").mkdir(parents=True)  # members left behind still hold a run's checkpoints
+    (lone / "ranker.2").mkdir()
+    with pytest.raises(FileExistsError, match=r"holds an earlier run \(ranker.2, retrieval.1\)"):
+        pipeline.check_run_dir(lone)
 
 
 def test_the_console_script_prints_bad_input_without_a_traceback(tmp_path, monkeypatch, capsys):

@@ -200,18 +200,24 @@ def test_cli_protocol_train_val_and_sasrec_rows(tmp_path, capsys):
     assert (tmp_path / "run" / "train+val" / "ranker").exists()
 
 
-def test_train_val_without_added_targets_reproduces_the_selected_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("members", ["1", "2"])
+def test_train_val_without_added_targets_reproduces_the_selected_checkpoint(tmp_path, monkeypatch, members):
     """Protocol train+val = the val-select run replayed on more data up to the step validation chose:
     with no targets added (train_val_split patched to the identity) it retrains the very retrieval
-    checkpoint val-select kept (same seed, batches and schedule), so its test row equals val-select's."""
+    and ranker checkpoints val-select kept (same seed, batches and schedule), so its test rows equal
+    val-select's; with ensembles of both stages, every member stops at its own chosen step."""
     import phoenix_protocols as protocols
     import run_train
     from test_phoenix_pipeline import TINY_FLAGS, write_log
     write_log(tmp_path / "log.csv")
     monkeypatch.setattr(protocols, "train_val_split", lambda split: split)
     result = run_train.main(["--data", str(tmp_path / "log.csv"), *TINY_FLAGS, "--checkpoint-dir", str(tmp_path / "run"),
-                             "--protocol", "train+val"])
+                             "--protocol", "train+val", "--retrieval-members", members, "--ranker-members", members])
     table = result["table"]
-    for metric in ("HR@10", "NDCG@10", "MRR"):
-        assert table[("test (train+val)", "retrieval")][metric] == pytest.approx(table[("test", "retrieval")][metric],
-                                                                                 abs=1e-6)
+    if members == "2":
+        assert len(result["retrieval_best"]["steps"]) == len(result["ranker_best"]["steps"]) == 2
+        assert (tmp_path / "run" / "train+val" / "retrieval.1").exists()
+        assert (tmp_path / "run" / "train+val" / "ranker.1").exists()
+    for model in ("retrieval", "two-stage"):
+        for metric in ("HR@10", "NDCG@10", "MRR"):
+            assert table[("test (train+val)", model)][metric] == pytest.approx(table[("test", model)][metric], abs=1e-6)

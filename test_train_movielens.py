@@ -413,5 +413,7 @@ def test_the_command_lines_recipe_is_movielens_recipe():
     """The MovieLens command line defaults to MOVIELENS_RECIPE (last pooling), flags override it,
     and the generic Recipe() keeps the release's mean pooling."""
     assert tm.parse_args([])[1] == tm.MOVIELENS_RECIPE and tm.MOVIELENS_RECIPE.pooling == "last"
-    assert tm.parse_args(["--pooling", "mean"])[1] == two_stage.Recipe()
+    assert tm.parse_args(["--pooling", "mean", "--retrieval-members", "1", "--ranker-members", "1"])[1] == \
+        two_stage.Recipe()
+    assert tm.MOVIELENS_RECIPE.retrieval_members == tm.MOVIELENS_RECIPE.ranker_members == 2
     assert two_stage.Recipe().pooling == "mean"

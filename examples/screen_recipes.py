@@ -45,7 +45,8 @@ def val_two_stage(split, recipe, seed, run_dir, stream):
             if recipe.hard_negatives else None)
     val_one = pipeline.StageOne(retrieval, r_params, split, "val", recipe.history_len, recipe.retrieve_k)
     ranker, k_params, k_best = pipeline.train_ranker(split, pool, recipe, seed, run_dir, val_one,
-                                                     r_params if recipe.ranker_init_from_retrieval else None, stream)
+                                                     pipeline.first_member(r_params) if recipe.ranker_init_from_retrieval
+                                                     else None, stream)
     two = pipeline.TwoStage(val_one, ranker, k_params, split, "val", recipe)
     weight = pipeline.choose_rerank_weights(two, recipe)
     m = two.evaluate(weight[0], recipe.temperature, weight[1])[0]

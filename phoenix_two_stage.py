@@ -194,8 +194,9 @@ def check_recipe(split: LogSplit, recipe: Recipe) -> None:
         raise RecipeError(f"ranker_batch_size (--ranker-batch-size): expected in [1, {examples}] (the log's "
                          f"training examples), got {recipe.ranker_batch_size}")
     for name in ("retrieval_members", "ranker_members"):
-        if getattr(recipe, name) < 1:
-            raise RecipeError(f"{name} (--{name.replace('_', '-')}): expected an int >= 1, got {getattr(recipe, name)}")
+        value = getattr(recipe, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise RecipeError(f"{name} (--{name.replace('_', '-')}): expected an int >= 1, got {value!r}")
     if not (math.isfinite(recipe.ranker_listwise_weight) and recipe.ranker_listwise_weight >= 0):
         raise RecipeError(f"ranker_listwise_weight (--ranker-listwise-weight): expected a finite float >= 0, "
                          f"got {recipe.ranker_listwise_weight}")
@@ -416,7 +417,23 @@ class SequenceRetrievalTrainer(training.RetrievalTrainer):
         return self._jit_predict_windows(params, batch)
 
 
-class RetrievalEnsemble:
+class _Ensemble:
+    """Models of one stage trained alike from different seeds (members), called with a tuple of
+    their params."""
+
+    def __init__(self, members):
+        self.members = tuple(members)
+        if not self.members:
+            raise ValueError(f"{type(self).__name__}: expected at least one member, got none")
+        self.hash_config = self.members[0].hash_config
+
+    def _outputs(self, method: str, params, batch) -> list:
+        if len(params) != len(self.members):
+            raise ValueError(f"params: expected {len(self.members)} members' params, got {len(params)}")
+        return [getattr(member, method)(p, batch) for member, p in zip(self.members, params)]
+
+
+class RetrievalEnsemble(_Ensemble):
     """Two-tower models trained alike from different seeds, read as one two-tower model.
 
     Each member's user and item representations are unit vectors [.., D]; the ensemble's are the
@@ -429,19 +446,11 @@ class RetrievalEnsemble:
     predict_windows(params, batch) -> (users [B, S, M*D], candidates [B, S, M*D], valid [B, S])
     """
 
-    def __init__(self, members):
-        self.members = tuple(members)
-        if not self.members:
-            raise ValueError("RetrievalEnsemble: expected at least one member, got none")
-        self.hash_config = self.members[0].hash_config
-        self.scale = 1.0 / math.sqrt(len(self.members))
-
     def _joined(self, method: str, params, batch):
-        if len(params) != len(self.members):
-            raise ValueError(f"params: expected {len(self.members)} members' params, got {len(params)}")
-        outs = [getattr(member, method)(p, batch) for member, p in zip(self.members, params)]
-        users = jnp.concatenate([out[0] for out in outs], axis=-1) * self.scale
-        candidates = jnp.concatenate([out[1] for out in outs], axis=-1) * self.scale
+        outs = self._outputs(method, params, batch)
+        scale = 1.0 / math.sqrt(len(self.members))
+        users = jnp.concatenate([out[0] for out in outs], axis=-1) * scale
+        candidates = jnp.concatenate([out[1] for out in outs], axis=-1) * scale
         return users, candidates, outs[0][2]  # the mask depends on the batch alone
 
     def predict(self, params, batch):
@@ -451,28 +460,20 @@ class RetrievalEnsemble:
         return self._joined("predict_windows", params, batch)
 
 
+class RankerEnsemble(_Ensemble):
+    """Rankers trained alike from different seeds, read as one: predict(params, batch) -> the mean
+    of the members' logits [B, C, A] (params: a tuple of the members'). ranker_logits and TwoStage
+    take it as a single ranker."""
+
+    def predict(self, params, batch):
+        return sum(self._outputs("predict", params, batch)) / len(self.members)
+
+
 def member_stage(member: int, stage: str = "retrieval") -> str:
     """Checkpoint directory and metrics stage name of ensemble member `member` of `stage`
     ("retrieval" or "ranker"): the stage's own name for the first (a single model's, as before
     ensembles), "<stage>.1", "<stage>.2", ... after it."""
     return stage if member == 0 else f"{stage}.{member}"
-
-
-class RankerEnsemble:
-    """Rankers trained alike from different seeds, read as one: predict(params, batch) -> the mean
-    of the members' logits [B, C, A] (params: a tuple of the members'). ranker_logits and TwoStage
-    take it as a single ranker."""
-
-    def __init__(self, members):
-        self.members = tuple(members)
-        if not self.members:
-            raise ValueError("RankerEnsemble: expected at least one member, got none")
-        self.hash_config = self.members[0].hash_config
-
-    def predict(self, params, batch):
-        if len(params) != len(self.members):
-            raise ValueError(f"params: expected {len(self.members)} members' params, got {len(params)}")
-        return sum(member.predict(p, batch) for member, p in zip(self.members, params)) / len(self.members)
 
 
 def ensemble(members, params, kind=RetrievalEnsemble):

@@ -268,7 +268,8 @@ def test_recipes_the_log_cannot_support_name_the_flag(tmp_path):
                          ({"popularity_weight": float("nan")}, "--popularity-weight"),
                          ({"retrieval_weight": float("inf")}, "--retrieval-weight"),
                          ({"retrieval_members": 0}, "--retrieval-members"),
-                         ({"ranker_members": 0}, "--ranker-members")):
+                         ({"ranker_members": 0}, "--ranker-members"),
+                         ({"ranker_members": 1.5}, "--ranker-members")):
         with pytest.raises(two_stage.RecipeError, match=flag):
             two_stage.check_recipe(split, two_stage.resolve_recipe(two_stage.Recipe(**change), split))
 

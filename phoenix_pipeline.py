@@ -64,8 +64,8 @@ from phoenix_log import (AUTO_COLUMN_NAMES, COLUMN_FLAGS, DEFAULT_CUT_QUANTILE, 
                          DUPLICATE_RULES, SPLIT_PROTOCOLS, Columns, Log, LogError, LogSplit, check_rating_actions,
                          describe, from_arrays, histories, phoenix_examples, read_csv, read_log, split_log, string_id)
 from phoenix_two_stage import (FINAL_K, POPULARITY_WEIGHTS, RETRIEVAL_WEIGHTS, RETRIEVE_K, Recipe, RecipeError,  # noqa: F401
-                               RankerEnsemble, RetrievalEnsemble, SequenceRetrievalTrainer, StageOne, TwoStage, action_weights,
-                               check_recipe, ensemble, member_stage,
+                               RankerEnsemble, RetrievalEnsemble, SequenceRetrievalTrainer, StageOne, TwoStage,
+                               action_weights, check_recipe, ensemble, member_stage,
                                encode_items, encode_users, example_representations, hard_negative_pool,
                                hash_config, item_examples, optimizer_config, prefix_user_representations,
                                ranker_batches, ranker_candidates, ranker_config, ranker_logits, recommendable,
@@ -150,21 +150,18 @@ def _extra(recipe: Recipe, seed: int, split: LogSplit) -> dict:
             "string_id_columns": sorted(split.log.names)}
 
 
-def _train_members(stage: str, members: int, start, evaluate, split: LogSplit, recipe: Recipe, seed: int,
-                   checkpoint_dir: str, stream, log, kind):
+def _train_members(stage: str, members: int, start, evaluate, unit: str, split: LogSplit, recipe: Recipe,
+                   seed: int, checkpoint_dir: str, stream, log, kind):
     """Trains `members` models of `stage` (start(member) -> (trainer, state, batches, steps);
-    evaluate(trainer, params) -> val metrics), each keeping its own best checkpoint in
-    member_stage(m, stage). Returns (model, params, best): one member as it is, or the ensemble
-    (`kind`) of all and the tuple of their params, whose best val metrics are then the ensemble's,
-    with "step" the first member's and "steps" every member's best step."""
+    evaluate(trainer, params) -> val metrics; `unit`: what one step takes, for the log), each
+    keeping its own best checkpoint in member_stage(m, stage). Returns (model, params, best): one
+    member as it is, or the ensemble (`kind`) of all and the tuple of their params, whose best val
+    metrics are then the ensemble's, with "step" the first member's and "steps" every member's."""
     trainers, params, bests = [], [], []
     for member in range(members):
         trainer, state, batches, steps = start(member)
         name = member_stage(member, stage)
-        print(f"{name}: {steps} steps of " + (
-            f"{recipe.retrieval_batch_size} windows ({len(training_windows(split, recipe.history_len)[0])} windows "
-            "per epoch)" if stage == "retrieval" else
-            f"{recipe.ranker_batch_size} examples x {recipe.num_candidates} candidates"), file=stream)
+        print(f"{name}: {steps} steps of {unit}", file=stream)
         kept, best = _fit_keeping_best(trainer, state, batches, steps, lambda p: evaluate(trainer, p),
                                        os.path.join(checkpoint_dir, name), _extra(recipe, seed, split),
                                        recipe.evals_per_stage, stream, name, log)
@@ -192,7 +189,8 @@ def train_retrieval(split: LogSplit, recipe: Recipe, seed: int, checkpoint_dir: 
         "retrieval", recipe.retrieval_members,
         lambda member: start_retrieval(split, recipe, seed, data_parallel, member=member),
         lambda model, params: StageOne(model, params, split, "val", recipe.history_len, recipe.retrieve_k).metrics(),
-        split, recipe, seed, checkpoint_dir, stream, log, RetrievalEnsemble)
+        f"{recipe.retrieval_batch_size} windows ({len(training_windows(split, recipe.history_len)[0])} windows "
+        "per epoch)", split, recipe, seed, checkpoint_dir, stream, log, RetrievalEnsemble)
 
 
 def train_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, checkpoint_dir: str, val_stage_one: StageOne,
@@ -205,6 +203,7 @@ def train_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, checkpoint_di
         lambda member: start_ranker(split, pool, recipe, seed, retrieval_params, data_parallel, member=member),
         lambda model, params: TwoStage(val_stage_one, model, params, split, "val", recipe).evaluate(
             0.0, recipe.temperature)[0],
+        f"{recipe.ranker_batch_size} examples x {recipe.num_candidates} candidates",
         split, recipe, seed, checkpoint_dir, stream, log, RankerEnsemble)
 
 

@@ -27,7 +27,8 @@ next to the table's.
 Protocol (movielens.py): leave-one-out; every catalog movie is ranked except the user's earlier
 ones, never the target. Two-stage: the retrieval ensemble's top K = 100 of all movies (two
 two-tower models, the mean of their cosines), re-ranked by the ranker (its click logit + the
-retrieval logit and a popularity prior, weighted as validation chooses); HR@50 and MRR rank the re-ranked 100 first, then the rest in retrieval order.
+retrieval logit and a popularity prior, weighted as validation chooses); HR@50 and MRR rank the
+re-ranked 100 first, then the rest in retrieval order.
 
 The recipe's reasons and every measurement behind it: docs/notes.md ("MovieLens-100K").
 """

@@ -416,5 +416,5 @@ def test_the_command_lines_recipe_is_movielens_recipe():
     assert tm.parse_args(["--pooling", "mean", "--retrieval-members", "1", "--ranker-members", "1"])[1] == \
         two_stage.Recipe()
     assert tm.parse_args(["--ranker-members", "3"])[1].ranker_members == 3
-    assert tm.MOVIELENS_RECIPE.retrieval_members == 2 and two_stage.Recipe().retrieval_members == 1
+    assert tm.MOVIELENS_RECIPE.retrieval_members == 4 and two_stage.Recipe().retrieval_members == 1
     assert two_stage.Recipe().pooling == "mean"

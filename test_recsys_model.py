@@ -153,6 +153,45 @@ def test_isolated_path_equals_masked(kw):
     np.testing.assert_allclose(isolated, masked, **PATH_TOL)
 
 
+@pytest.mark.parametrize("S_", [7, 12, 15])  # P = 1 + S = 8 (aligned), 13 and 16 (aligned) vs KEY_PAD_MULTIPLE 8
+def test_isolated_path_equals_masked_for_every_key_alignment(S_):
+    """The fast path pads the prefix keys to a multiple of grok.KEY_PAD_MULTIPLE with masked rows:
+    logits equal the masked model's whether P needs padding or not, with padded history and
+    candidates too; the prefix cache keeps its P unpadded rows."""
+    import dataclasses
+
+    import grok
+
+    assert grok.KEY_PAD_MULTIPLE == 8  # the parametrisation above is written for it
+    cfg = dataclasses.replace(tiny_ranker_config(), history_seq_len=S_)
+    params = random_release_params(cfg, "phoenix_model", seed=9)
+    batch, emb = example(B=2, S_=S_, C_=5, seed=4)
+    batch = pad_candidates(batch, 1, [0, 3])
+    masked = logits_of(cfg, params, batch, emb)
+    np.testing.assert_allclose(logits_of(cfg, params, batch, emb, isolated=True), masked, **PATH_TOL)
+    f = ModelForward(cfg)
+    prefix = jax.jit(lambda p, b, e: f.apply(p, b, e, "encode_prefix"))(params, batch, emb)
+    assert all(layer.keys.shape[1] == 1 + S_ for layer in prefix.memory)
+    cached = f.apply(params, batch, emb, "score_candidates", prefix=prefix, candidate_start=0).logits
+    np.testing.assert_allclose(np.asarray(cached), masked, **PATH_TOL)
+
+
+def test_self_logits_equal_the_einsum():
+    """grok._self_logits (float32: products times a 0/1 block matrix) equals the einsum it replaces
+    to float32 rounding; other dtypes take the einsum itself (bit for bit)."""
+    import grok
+
+    q = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 2, 8))  # [B, R, h, g, d]
+    k = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 3, 8))  # [B, R, h, d]
+    want = np.einsum("brhgd,brhd->brhg", np.asarray(q, np.float64), np.asarray(k, np.float64))
+    got = jax.jit(grok._self_logits)(q, k)
+    assert got.shape == (2, 5, 3, 2) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    qb, kb = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(grok._self_logits(qb, kb), np.float32),
+                                  np.asarray(jnp.einsum("brhgd,brhd->brhg", qb, kb), np.float32))
+
+
 def test_prefix_cache_in_chunks_equals_one_call(cfg, release_params):
     """Encode user+history once, score candidates in chunks: same logits as ranking all at once."""
     batch, emb = example(B=2, C_=7)

@@ -515,3 +515,89 @@ def test_coarse_default_and_approx_recall():
     np.testing.assert_array_equal(scores, own)
     with pytest.raises(ValueError, match="approx_recall"):
         idx.search(user, 20, approx_recall=1.5)
+
+
+def _drop_cases():
+    """[B, n] arrays for `_drop_hopeless`: order, ties, padding and a guess that fails."""
+    rng = np.random.default_rng(7)
+    n = 4000
+    random = rng.standard_normal((3, n)).astype(np.float32)
+    rising = np.tile(np.arange(n, dtype=np.float32), (2, 1))  # every entry enters a running best-K
+    falling = rising[:, ::-1].copy()
+    ties = rng.integers(0, 3, (2, n)).astype(np.float32)  # ~n / 3 entries tie at the top
+    padded = random.copy()
+    padded[:, n // 2:] = -np.inf  # PAD_SCORE tail
+    padded[1] = -np.inf  # a row that is padding only
+    spiky = np.zeros((1, n), np.float32)
+    spiky[0, ::index.SAMPLE_STRIDE] = 1.0  # the sample sees only the spikes: guess 1.0 is verified
+    lonely = np.zeros((1, n), np.float32)
+    lonely[0, ::index.SAMPLE_STRIDE][:3] = 1.0  # too few entries reach the guess: row kept whole
+    return {"random": random, "rising": rising, "falling": falling, "ties": ties, "padded": padded,
+            "spiky": spiky, "lonely": lonely}
+
+
+DROP_CASES = _drop_cases()
+
+
+@pytest.mark.parametrize("k", [1, 40, 300])
+@pytest.mark.parametrize("name", DROP_CASES.keys())
+def test_drop_hopeless_keeps_top_k_exactly(name, k):
+    """top_k after the drop = top_k before it: the same entries, values and tie order."""
+    x = jnp.asarray(DROP_CASES[name])
+    dropped = jax.jit(index._drop_hopeless, static_argnums=1)(x, k)
+    want, got = jax.lax.top_k(x, k), jax.lax.top_k(dropped, k)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    kept = np.asarray(dropped) > -np.inf
+    if name in ("random", "rising", "falling") and k >= 40:  # it does drop most entries there
+        assert kept.sum(axis=1).max() < x.shape[1] // 4
+    if name == "lonely" and k > 3:  # fewer than k entries reach the guess: nothing dropped
+        np.testing.assert_array_equal(np.asarray(dropped), np.asarray(x))
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("batch, chunk", [(1, None), (16, 256)], ids=["one-piece", "chunked"])
+def test_scores_rising_with_the_index_match_brute_force(batch, chunk, masked):
+    """The worst order for a running top-k (every block better than the last), and exact ties
+    across blocks: the dropped blocks and the row cut still leave brute force's answer."""
+    num_rows = 8000
+    rng = np.random.default_rng(5)
+    corpus = np.zeros((num_rows, 4), np.float32)
+    corpus[:, 0] = np.arange(num_rows) // 3  # scores rise with the index, three rows per level
+    corpus[:, 1:] = rng.integers(-1, 2, (num_rows, 3))
+    user = np.zeros((batch, 4), np.float32)
+    user[:, 0] = 1.0
+    user[1:, 1:] = rng.integers(-1, 2, (batch - 1, 3))
+    mask = rng.random(num_rows) < 0.7 if masked else None
+    idx = CorpusIndex(corpus, chunk_size=chunk, block_size=8, coarse=False)
+    for k in (10, 50):
+        assert idx.plan(batch, k)[1] == 8 and num_rows // 8 >= index.SAMPLE_MIN_ROWS_PER_K * k  # drop applies
+        assert_same_as_brute_force(idx.search(user, k, mask), user, corpus, k, mask)
+
+
+@pytest.mark.parametrize("batch, chunk", [(1, None), (16, 512)], ids=["one-piece", "chunked"])
+def test_row_cut_changes_nothing_on_near_ties(batch, chunk):
+    """Rows a few float32 ulps apart around the K-th score, where the scan and the rescoring
+    may round differently: the search with the row cut returns exactly what it returns without
+    it (indices and scores), and the scores are brute force's within float32 rounding."""
+    rng = np.random.default_rng(11)
+    base = unit_rows(rng.standard_normal((1, 64)))
+    corpus = unit_rows(base + 1e-6 * rng.standard_normal((20000, 64)))  # scores within ~1e-6
+    user = unit_rows(base + 1e-3 * rng.standard_normal((batch, 64)))
+    idx = CorpusIndex(corpus, chunk_size=chunk, block_size=8, coarse=False)
+    for k in (20, 100):
+        R, W = idx.plan(batch, k)
+        with_cut = index._exact_top_k(jnp.asarray(user), idx.corpus_embeddings, None, idx.max_row_norm,
+                                      top_k=k, chunk_size=R, block_size=W)
+        without = index._exact_top_k(jnp.asarray(user), idx.corpus_embeddings, None, None,
+                                     top_k=k, chunk_size=R, block_size=W)
+        np.testing.assert_array_equal(np.asarray(with_cut[0]), np.asarray(without[0]))
+        np.testing.assert_array_equal(np.asarray(with_cut[1]), np.asarray(without[1]))
+        _, want_scores = brute_force(user, corpus, k)
+        np.testing.assert_allclose(np.asarray(with_cut[1]), want_scores, rtol=SCORE_RTOL, atol=SCORE_ATOL)
+
+
+def test_max_row_norm_is_the_largest_row_norm():
+    corpus = np.ones((1000, 16), np.float32)
+    corpus[123] *= 3.0
+    np.testing.assert_allclose(float(CorpusIndex(corpus).max_row_norm), 12.0, rtol=1e-6)

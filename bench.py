@@ -454,7 +454,11 @@ def profile_ranking(C: int, S: int, B: int, rank_dtype: str, rounds: int, seed: 
     dev_batch, dev_emb = jax.device_put((batch, emb))
     release = jax.jit(ranker.runner.forward.apply)
 
+    frozen = ranker._frozen_rank()  # what runner.rank calls: the parameters compiled in, where they fit
+
     def rank():
+        if frozen is not None:
+            return frozen(dev_batch, dev_emb)
         return ranker._rank(params, dev_batch, dev_emb, path="isolated")
 
     fns = {"rank, device inputs": rank,
@@ -463,7 +467,9 @@ def profile_ranking(C: int, S: int, B: int, rank_dtype: str, rounds: int, seed: 
     timed = interleaved_ms(fns, rounds)
     parts, traced_total = {}, 0.0
     if TRACE_FLAG in os.environ.get("XLA_FLAGS", ""):  # per-operation events exist only with the flag
-        hlo = ranker._rank.lower(params, dev_batch, dev_emb, path="isolated").compile().as_text()
+        lowered = (frozen.lower(dev_batch, dev_emb) if frozen is not None
+                   else ranker._rank.lower(params, dev_batch, dev_emb, path="isolated"))
+        hlo = lowered.compile().as_text()
         parts, traced_total = traced_part_ms(rank, hlo, max(rounds, 5))
     peak = peak_macs_per_ms(max(3, rounds // 3))
     macs = ranking_macs(cfg, B, S, C)

@@ -65,6 +65,8 @@ class RankingOutput(NamedTuple):
 
 
 # Which runner loads a checkpoint, by the class of the model config saved in it.
+# RecsysInferenceRunner.rank compiles the parameters in as constants up to this size (_frozen_rank).
+FREEZE_PARAMS_MAX_BYTES = 64 * 2**20
 _RUNNER_FOR_CONFIG = {"PhoenixModelConfig": ("ranking", "RecsysInferenceRunner"),
                      "PhoenixRetrievalModelConfig": ("retrieval", "RecsysRetrievalInferenceRunner")}
 
@@ -367,7 +369,9 @@ class RecsysInferenceRunner(BaseInferenceRunner):
             logits = forward.apply(params, batch, emb, "score_candidates", prefix=prefix, candidate_start=start).logits
             return jax.nn.sigmoid(logits.astype(jnp.float32))
 
+        self._rank_fn = rank_fn
         self._rank = self._jit("rank", rank_fn, static_argnames="path")
+        self._frozen = None  # (leaves of the params it was built with, the jitted rank), see _frozen_rank
         self._prefix = self._jit("encode_prefix", lambda p, b, e: forward.apply(p, b, e, "encode_prefix"))
         self._score = self._jit("score_candidates", score_fn)
         self._order = self._jit("order", ranking_output)
@@ -378,7 +382,34 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         recsys_embeddings = self._embedded(batch, recsys_embeddings)
         self._check(batch, recsys_embeddings)
         batch, recsys_embeddings = self._shard(batch, recsys_embeddings)
+        frozen = self._frozen_rank()
+        if frozen is not None:
+            return frozen(batch, recsys_embeddings)
         return self._rank(self.params, batch, recsys_embeddings, path=self.path)
+
+    def _frozen_rank(self):
+        """`_rank` with the parameters as compile-time constants, or None where they are not frozen.
+
+        XLA then folds everything that depends on the parameters alone (the fused Q/K/V and FFN
+        weight concatenations, the split of the candidate projection, the product-surface table's
+        projection) once at compile time instead of on every call: measured C=500 ranking 5.06 vs
+        5.29 ms against the release's 11.36 (0.445x vs 0.466x, one process). Frozen when the
+        runner is not data-parallel and the parameters hold at most FREEZE_PARAMS_MAX_BYTES (the
+        executable keeps its own copy). Replacing `self.params`, or any array in it, rebuilds it
+        (one more compile) on the next call; the arrays are compared by identity, so an array
+        changed in place (not possible for jax.Arrays) would go unnoticed.
+        """
+        if self.mesh is not None:
+            return None
+        leaves = jax.tree_util.tree_leaves(self.params)
+        if self._frozen is not None and len(leaves) == len(self._frozen[0]) and all(
+                a is b for a, b in zip(leaves, self._frozen[0])):
+            return self._frozen[1]
+        if sum(np.size(x) * np.dtype(x.dtype).itemsize for x in leaves) > FREEZE_PARAMS_MAX_BYTES:
+            return None
+        params, path, rank_fn = self.params, self.path, self._rank_fn
+        self._frozen = (leaves, self._jit("rank", lambda batch, emb: rank_fn(params, batch, emb, path)))
+        return self._frozen[1]
 
     # Serving with a cached prefix: encode a user once, score any number of candidate sets.
 

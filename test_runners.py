@@ -57,6 +57,36 @@ def test_rank_does_not_retrace(ranker):
     assert ranker.trace_counts["rank"] == before + 1
 
 
+def test_frozen_rank_equals_the_parameters_as_arguments(ranker, monkeypatch):
+    """rank compiles the parameters in as constants (runners._frozen_rank): same scores as the
+    jitted function that takes them as arguments (float32 rounding of the folded weights), rebuilt
+    when the parameters are replaced, and not used above FREEZE_PARAMS_MAX_BYTES."""
+    import runners
+
+    batch, emb = create_example_batch(2, D, S, C, A, seed=7)
+    frozen = ranker._frozen_rank()
+    assert frozen is not None and ranker._frozen_rank() is frozen  # built once for these params
+    got = np.asarray(ranker.rank(batch, emb).scores)
+    want = np.asarray(ranker._rank(ranker.params, batch, emb, path=ranker.path).scores)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    original = ranker.params
+    try:
+        ranker.params = jax.tree.map(lambda x: x * 1.5, original)  # new arrays: rebuilt, not stale
+        assert ranker._frozen_rank() is not frozen
+        got = np.asarray(ranker.rank(batch, emb).scores)
+        want = np.asarray(ranker._rank(ranker.params, batch, emb, path=ranker.path).scores)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+        assert np.abs(got - np.asarray(ranker._rank(original, batch, emb, path=ranker.path).scores)).max() > 1e-3
+        monkeypatch.setattr(runners, "FREEZE_PARAMS_MAX_BYTES", 0)
+        ranker.params = jax.tree.map(lambda x: x * 1.0, original)
+        assert ranker._frozen_rank() is None  # too large: the parameters stay arguments
+        np.testing.assert_allclose(np.asarray(ranker.rank(batch, emb).scores),
+                                   np.asarray(ranker._rank(original, batch, emb, path=ranker.path).scores),
+                                   rtol=0, atol=1e-6)
+    finally:
+        ranker.params = original
+
+
 def test_masked_and_isolated_runner_paths_agree(ranker):
     batch, emb = create_example_batch(2, D, S, C, A, seed=4)
     masked = RecsysInferenceRunner(ranker.runner, path="masked")

@@ -16,9 +16,9 @@ Shape glossary
 How the exact search works (`CorpusIndex`):
   1. Scan the corpus in chunks of R rows inside one jitted `fori_loop`: score the chunk
      (`[R, B]` = chunk @ user.T for several users, small enough to stay in cache) and keep only
-     the max of every block of W rows (`[B, N/W]` in total). No top-k runs inside the loop. Up to MAX_UNCHUNKED_BATCH users
-     the whole corpus is one chunk: reading the corpus bounds that case, and a sliced chunk
-     would be copied first.
+     the max of every block of W rows (`[B, N/W]` in total). No top-k runs inside the loop. Up
+     to MAX_UNCHUNKED_BATCH users the whole corpus is one chunk: reading the corpus bounds that
+     case, and a sliced chunk would be copied first.
   2. `top_k` over the block maxima picks the Nb best blocks per user; gather their rows and
      rescore them, one user at a time. Blocks below a verified lower bound on the Nb-th best
      maximum are set aside first (`_drop_hopeless`), and so are rescored rows below the Nb-th
@@ -433,11 +433,11 @@ def _drop_hopeless(x, k):
 
     A guess at each row's k-th largest comes from a strided sample: its m-th largest, m = k / s +
     SAMPLE_MARGIN_SD * sqrt(k / s) + 1 for stride s (in random order about s * m entries reach it,
-    and fewer than k only SAMPLE_MARGIN_SD standard deviations out); where at least k entries
-    reach the guess, the k-th largest is >= it,
-    so every entry below it is beaten by k others and goes; elsewhere the row is left as is.
-    Entries kept keep their values and order and the dropped ones sink below them, so top_k
-    picks the same k entries (ties included). Costs a sample top_k and one pass over x.
+    and fewer than k only SAMPLE_MARGIN_SD standard deviations out). Where at least k entries
+    reach the guess, the k-th largest is >= it, so every entry below it is beaten by k others
+    and goes; elsewhere the row is left as is. Entries kept keep their values and order and the
+    dropped ones sink below them, so top_k picks the same k entries (ties included). Costs a
+    sample top_k and two passes over x (the count, the drop).
     """
     B, n = x.shape
     num_sampled = -(-n // SAMPLE_STRIDE)

@@ -64,9 +64,9 @@ class RankingOutput(NamedTuple):
     p_dwell_time: Optional[jax.Array] = None
 
 
-# Which runner loads a checkpoint, by the class of the model config saved in it.
 # RecsysInferenceRunner.rank compiles the parameters in as constants up to this size (_frozen_rank).
 FREEZE_PARAMS_MAX_BYTES = 64 * 2**20
+# Which runner loads a checkpoint, by the class of the model config saved in it.
 _RUNNER_FOR_CONFIG = {"PhoenixModelConfig": ("ranking", "RecsysInferenceRunner"),
                      "PhoenixRetrievalModelConfig": ("retrieval", "RecsysRetrievalInferenceRunner")}
 
@@ -396,8 +396,8 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         5.29 ms against the release's 11.36 (0.445x vs 0.466x, one process). Frozen when the
         runner is not data-parallel and the parameters hold at most FREEZE_PARAMS_MAX_BYTES (the
         executable keeps its own copy). Replacing `self.params`, or any array in it, rebuilds it
-        (one more compile) on the next call; the arrays are compared by identity, so an array
-        changed in place (not possible for jax.Arrays) would go unnoticed.
+        (one more compile) on the next call; the arrays are compared by identity, so a NumPy
+        array changed in place would go unnoticed (jax.Arrays cannot be).
         """
         if self.mesh is not None:
             return None

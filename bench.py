@@ -32,9 +32,9 @@ when noise exceeds it).
 """
 
 import argparse
-import random
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess

@@ -371,7 +371,7 @@ class RecsysInferenceRunner(BaseInferenceRunner):
 
         self._rank_fn = rank_fn
         self._rank = self._jit("rank", rank_fn, static_argnames="path")
-        self._frozen = None  # (leaves of the params it was built with, the jitted rank), see _frozen_rank
+        self._frozen = None  # (params' leaves, size limit, jitted rank or None) decided for, see _frozen_rank
         self._prefix = self._jit("encode_prefix", lambda p, b, e: forward.apply(p, b, e, "encode_prefix"))
         self._score = self._jit("score_candidates", score_fn)
         self._order = self._jit("order", ranking_output)
@@ -402,14 +402,15 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         if self.mesh is not None:
             return None
         leaves = jax.tree_util.tree_leaves(self.params)
-        if self._frozen is not None and len(leaves) == len(self._frozen[0]) and all(
-                a is b for a, b in zip(leaves, self._frozen[0])):
-            return self._frozen[1]
-        if sum(np.size(x) * np.dtype(x.dtype).itemsize for x in leaves) > FREEZE_PARAMS_MAX_BYTES:
-            return None
-        params, path, rank_fn = self.params, self.path, self._rank_fn
-        self._frozen = (leaves, self._jit("rank", lambda batch, emb: rank_fn(params, batch, emb, path)))
-        return self._frozen[1]
+        if self._frozen is not None and self._frozen[1] == FREEZE_PARAMS_MAX_BYTES and len(leaves) == len(
+                self._frozen[0]) and all(a is b for a, b in zip(leaves, self._frozen[0])):
+            return self._frozen[2]  # the decision for these arrays and limit: a function or None
+        frozen = None
+        if sum(np.size(x) * np.dtype(x.dtype).itemsize for x in leaves) <= FREEZE_PARAMS_MAX_BYTES:
+            params, path, rank_fn = self.params, self.path, self._rank_fn
+            frozen = self._jit("rank", lambda batch, emb: rank_fn(params, batch, emb, path))
+        self._frozen = (leaves, FREEZE_PARAMS_MAX_BYTES, frozen)
+        return frozen
 
     # Serving with a cached prefix: encode a user once, score any number of candidate sets.
 

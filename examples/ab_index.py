@@ -10,10 +10,8 @@ identical indices and scores, and per batch size the medians and their ratios to
 
 import argparse
 import os
-import random
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -63,19 +61,12 @@ def main(argv=None) -> None:
         (i0, s0), (i1, s1) = (map(np.asarray, fns[B, m]()) for m in ("before", "after"))
         print(f"B={B}: plan {before.plan(B, K)} -> {after.plan(B, K)}; identical indices "
               f"{np.array_equal(i0, i1)}, scores {np.array_equal(s0, s1)}")
-    times = {key: [] for key in fns}
-    for _ in range(args.calls):
-        keys = list(fns)
-        random.shuffle(keys)
-        for key in keys:
-            start = time.perf_counter()
-            jax.block_until_ready(fns[key]())
-            times[key].append(time.perf_counter() - start)
+    timed = bench.interleaved_ms(fns, args.calls)  # {key: (median ms, min ms)}, shuffled per round
     print(f"load average {os.getloadavg()[0]:.2f}; medians of {args.calls} calls, N={args.rows}, K={K}")
     print("| B | before ms | after ms | bare ms | before / bare | after / bare |")
     print("|---:|---:|---:|---:|---:|---:|")
     for B in batches:
-        m = {name: 1e3 * float(np.median(times[B, name])) for name in ("before", "after", "bare")}
+        m = {name: timed[B, name][0] for name in ("before", "after", "bare")}
         print(f"| {B} | {m['before']:.2f} | {m['after']:.2f} | {m['bare']:.2f} | "
               f"{m['before'] / m['bare']:.3f} | {m['after'] / m['bare']:.3f} |")
 

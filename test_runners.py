@@ -87,6 +87,66 @@ def test_frozen_rank_equals_the_parameters_as_arguments(ranker, monkeypatch):
         ranker.params = original
 
 
+def test_rank_compiler_options_keep_the_scores(ranker):
+    """On CPU the ranker's functions compile with CPU_RANK_COMPILER_OPTIONS (XLA's dot kernels
+    instead of YNNPACK's): the same scores as XLA's default compile to 1e-5, the same ranking,
+    and the options are in the compiled executable."""
+    import runners
+
+    assert ranker.compiler_options == (runners.CPU_RANK_COMPILER_OPTIONS if jax.default_backend() == "cpu" else {})
+    batch, emb = create_example_batch(2, D, S, C, A, seed=11)
+    got = ranker.rank(batch, emb)
+    default = jax.jit(lambda b, e: ranker._rank_fn(ranker.params, b, e, ranker.path))  # XLA's defaults
+    want = default(batch, emb)
+    np.testing.assert_allclose(np.asarray(got.scores), np.asarray(want.scores), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got.ranked_indices), np.asarray(want.ranked_indices))
+    if not ranker.compiler_options:
+        return
+    # XLA's default puts these matmuls in YNNPACK fusions; the runner's compiles run none there.
+    assert any("dot(" in line for line in _ynn_fusion_bodies(default.lower(batch, emb).compile().as_text()))
+    for name, fn, args in (("rank", ranker._frozen_rank(), (batch, emb)),
+                           ("encode_prefix", ranker._prefix, (ranker.params, batch, emb))):
+        bodies = _ynn_fusion_bodies(fn.lower(*args).compile().as_text())
+        assert not any("dot(" in line for line in bodies), f"{name}: a matmul still runs in a YNNPACK fusion"
+
+
+def _ynn_fusion_bodies(hlo_text: str) -> list:
+    """The lines of the computations that YNNPACK fusions call, from optimised HLO text."""
+    import re
+
+    called = {m.group(1) for line in hlo_text.splitlines() if '"__ynn_fusion"' in line
+              for m in [re.search(r"calls=%([\w.\-]+)", line)] if m}
+    lines, inside = [], False
+    for line in hlo_text.splitlines():
+        head = re.match(r"^%([\w.\-]+) ", line)
+        if head:
+            inside = head.group(1) in called
+        elif inside:
+            lines.append(line)
+    return lines
+
+
+def test_ranker_compiler_options_fall_back_where_refused(monkeypatch):
+    """An option this XLA refuses (or another backend) gives {}: the ranker compiles with XLA's
+    defaults and warns once, instead of failing at its first call."""
+    import runners
+
+    assert runners.ranker_compiler_options("gpu") == {}
+    if jax.default_backend() != "cpu":
+        return
+    monkeypatch.setattr(runners, "CPU_RANK_COMPILER_OPTIONS",
+                        {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_NO_SUCH_TYPE"})
+    with pytest.warns(UserWarning, match="refused the ranker's compiler options"):
+        assert runners.ranker_compiler_options() == {}
+    r = RecsysInferenceRunner(ModelRunner(tiny_ranker_config()), name="defaults")
+    r.initialize()
+    assert r.compiler_options == {}
+    batch, emb = create_example_batch(1, D, S, C, A, seed=12)
+    assert np.all(np.isfinite(np.asarray(r.rank(batch, emb).scores)))
+    monkeypatch.setattr(runners, "CPU_RANK_COMPILER_OPTIONS", {})
+    assert runners.ranker_compiler_options() == {}
+
+
 def test_masked_and_isolated_runner_paths_agree(ranker):
     batch, emb = create_example_batch(2, D, S, C, A, seed=4)
     masked = RecsysInferenceRunner(ranker.runner, path="masked")

@@ -160,14 +160,46 @@ class Linear(hk.Linear):
         return out
 
 
-def fused_linear(inputs: jax.Array, layers: list) -> list:
+class DeferredNorm(NamedTuple):
+    """RMSNorm(x) not yet applied: x * inv_rms * scale, for a matmul to apply after the fact.
+
+    x [..., D] float32, inv_rms [..., 1] = rsqrt(mean(x^2) + eps), scale [D]. A matmul of the
+    normalised rows equals (x @ (scale[:, None] * w)) * inv_rms: the scale folds into the weight
+    (a constant where the parameters are compiled in) and the row factor joins whatever
+    elementwise work follows the matmul, so the normalised rows are never written out.
+    """
+
+    x: jax.Array
+    inv_rms: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self):
+        return self.x.shape
+
+    @property
+    def dtype(self):
+        return self.x.dtype
+
+    def value(self) -> jax.Array:
+        """The normalised rows themselves, as RMSNorm returns them."""
+        return self.x * self.inv_rms * self.scale
+
+
+def fused_linear(inputs, layers: list) -> list:
     """Bias-free `Linear`s applied to one input as a single matmul against [w_1 | w_2 | ...].
 
     Each output column is the same dot product as the separate layer's; one wide matmul instead
     of several narrow ones saves a kernel launch and a pass over `inputs` per extra layer.
+    `inputs` may be a DeferredNorm (float32): the norm's scale then multiplies the weight's rows
+    and its row factor the output.
     """
     ws = [layer.weight(inputs.shape[-1]) for layer in layers]  # created in list order
-    out = jnp.dot(inputs, jnp.concatenate(ws, axis=1).astype(inputs.dtype))  # [..., sum of outs]
+    w = jnp.concatenate(ws, axis=1)  # [D, sum of outs]
+    if isinstance(inputs, DeferredNorm):
+        out = jnp.dot(inputs.x, inputs.scale[:, None] * w) * inputs.inv_rms
+    else:
+        out = jnp.dot(inputs, w.astype(inputs.dtype))  # [..., sum of outs]
     return jnp.split(out, np.cumsum([w.shape[1] for w in ws])[:-1].tolist(), axis=-1)
 
 
@@ -187,6 +219,14 @@ class RMSNorm(hk.RMSNorm):
         mean_sq = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
         return (x * jax.lax.rsqrt(mean_sq + self.eps) * scale).astype(fprop_dtype)
 
+    def deferred(self, inputs: jax.Array) -> DeferredNorm:
+        """The same norm, parameter and arithmetic, left for a float32 matmul to apply (DeferredNorm)."""
+        if inputs.dtype != jnp.float32 or not self.create_scale:
+            raise ValueError(f"inputs: a deferred RMSNorm takes float32 rows with a learned scale, got {inputs.dtype}")
+        scale = hk.get_parameter("scale", (inputs.shape[-1],), jnp.float32, init=jnp.ones)
+        mean_sq = jnp.mean(jnp.square(inputs), axis=-1, keepdims=True)
+        return DeferredNorm(inputs, jax.lax.rsqrt(mean_sq + self.eps), scale)
+
 
 def hk_rms_norm(x: jax.Array, fixed_scale: bool = False) -> jax.Array:
     """Applies a fresh RMSNorm (named rms_norm, rms_norm_1, ... in the calling scope)."""
@@ -195,6 +235,18 @@ def hk_rms_norm(x: jax.Array, fixed_scale: bool = False) -> jax.Array:
 
 def layer_norm(x: jax.Array) -> jax.Array:
     return hk_rms_norm(x)
+
+
+# The fused fast path hands float32 pre-attention and pre-FFN norms to their matmuls as DeferredNorm.
+DEFER_NORMS = True
+
+
+def pre_norm(x: jax.Array, fused: bool):
+    """The norm in front of a fused projection: a DeferredNorm on the fused float32 path, else
+    the normalised rows (the release's arithmetic, every dtype)."""
+    if fused and DEFER_NORMS and x.dtype == jnp.float32:
+        return RMSNorm().deferred(x)
+    return layer_norm(x)
 
 
 def rotate_half(x: jax.Array) -> jax.Array:
@@ -510,10 +562,10 @@ class DecoderLayer(hk.Module):
                  prefix: Optional[KVMemory] = None, fused: bool = False) -> DecoderOutput:
         del padding_mask  # already folded into `mask` by the Transformer
         mha = MHABlock(self.num_q_heads, self.num_kv_heads, self.key_size, self.attn_output_multiplier)
-        attn = mha(layer_norm(inputs), mask, positions, prefix, fused=fused)
+        attn = mha(pre_norm(inputs, fused), mask, positions, prefix, fused=fused)
         rows = attn.embeddings.shape[1]  # fewer than T when a RowLayout asks for the last rows only
         h = inputs[:, inputs.shape[1] - rows:] + layer_norm(attn.embeddings)
-        h = h + layer_norm(DenseBlock(self.widening_factor)(layer_norm(h), fused=fused))
+        h = h + layer_norm(DenseBlock(self.widening_factor)(pre_norm(h, fused), fused=fused))
         return DecoderOutput(h, attn.memory)
 
 

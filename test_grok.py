@@ -127,3 +127,35 @@ def test_fused_projections_equal_separate_ones(num_kv_heads):
     for a, b in zip(fused.memory, separate.memory):
         np.testing.assert_allclose(a.keys, b.keys, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(a.values, b.values, rtol=1e-5, atol=1e-5)
+
+
+def test_deferred_norm_matmul_equals_the_normalised_rows_matmul():
+    """A DeferredNorm handed to fused_linear: (x @ (scale * w)) * inv_rms equals RMSNorm(x) @ w
+    (float32 rounding), under the same parameter names; bfloat16 rows keep the release's order."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 9, 16)) * 3, jnp.float32)
+
+    def net(x, defer):
+        rows = grok.RMSNorm().deferred(x) if defer else grok.RMSNorm()(x)
+        return grok.fused_linear(rows, [grok.Linear(8, with_bias=False, name="a"),
+                                        grok.Linear(24, with_bias=False, name="b")])
+
+    f = hk.transform(net)
+    params = f.init(jax.random.PRNGKey(0), x, False)
+    assert jax.tree_util.tree_structure(f.init(jax.random.PRNGKey(0), x, True)) == jax.tree_util.tree_structure(params)
+    params["rms_norm"]["scale"] = jnp.asarray(rng.standard_normal(16), jnp.float32)  # a learned scale, not ones
+    want = f.apply(params, None, x, False)
+    got = f.apply(params, None, x, True)
+    assert [g.shape for g in got] == [(2, 9, 8), (2, 9, 24)]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    rows = hk.transform(lambda x: grok.RMSNorm().deferred(x)).apply(params, None, x)
+    np.testing.assert_allclose(rows.value(), ref.rms_norm(np.float64(x), params["rms_norm"]["scale"]),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="float32"):
+        hk.transform(lambda x: grok.RMSNorm().deferred(x)).init(jax.random.PRNGKey(0), x.astype(jnp.bfloat16))
+    # pre_norm defers only on the fused float32 path; elsewhere it returns the normalised rows
+    for dtype, fused, deferred in ((jnp.float32, True, True), (jnp.float32, False, False),
+                                   (jnp.bfloat16, True, False)):
+        out = hk.transform(lambda x: grok.pre_norm(x, fused)).apply(params, None, x.astype(dtype))
+        assert isinstance(out, grok.DeferredNorm) == deferred

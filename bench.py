@@ -345,8 +345,10 @@ def ranking_macs(cfg, B: int, S: int, C: int) -> dict:
     rows = [T] * (t.num_layers - 1) + [C]  # query rows per layer
     projections = sum(T * D * (q + 2 * kv) + R * q * D for R in rows)  # fused Q/K/V of all rows, output of R
     attention = sum(R * (2 * P * q + q) for R in rows)  # logits and weighted values vs P keys; +q: self logits
-    return {"prefix inputs": B * (hc.num_user_hashes * D * D + S * ((hc.num_item_hashes + hc.num_author_hashes + 2)
-                                                                   * D * D + (A + V) * D)),
+    # History: post and author blocks of proj_mat_3 per row; the action and surface blocks meet the
+    # [A, D] action projection and the [V, D] table once, then A + V multiply-adds per row and output.
+    return {"prefix inputs": B * (hc.num_user_hashes * D * D + S * ((hc.num_item_hashes + hc.num_author_hashes)
+                                                                   * D * D + (A + V) * D)) + (A + V) * D * D,
             "candidate projections": B * C * ((hc.num_item_hashes + hc.num_author_hashes) * D * D + V * D) + V * D * D,
             "attention projections": B * projections,
             "attention": B * attention,

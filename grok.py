@@ -241,10 +241,15 @@ def layer_norm(x: jax.Array) -> jax.Array:
 DEFER_NORMS = True
 
 
+def defers_norms(x: jax.Array) -> bool:
+    """Whether the fused fast path hands norms of rows like x to their matmuls (float32 only)."""
+    return DEFER_NORMS and x.dtype == jnp.float32
+
+
 def pre_norm(x: jax.Array, fused: bool):
     """The norm in front of a fused projection: a DeferredNorm on the fused float32 path, else
     the normalised rows (the release's arithmetic, every dtype)."""
-    if fused and DEFER_NORMS and x.dtype == jnp.float32:
+    if fused and defers_norms(x):
         return RMSNorm().deferred(x)
     return layer_norm(x)
 

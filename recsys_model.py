@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok import Transformer, TransformerConfig, layer_norm
+from grok import RMSNorm, Transformer, TransformerConfig, defers_norms, layer_norm
 # The input types are the release's names in this module; they live in phoenix_inputs.
 from phoenix_inputs import HashConfig, RecsysBatch, RecsysEmbeddings  # noqa: F401
 from phoenix_validation import check_candidate_inputs, check_inputs
@@ -200,8 +200,17 @@ class PhoenixModel(hk.Module):
         return hk.get_parameter("unembeddings", [self.config.emb_size, self.config.num_actions], jnp.float32,
                                 init=hk.initializers.VarianceScaling(1.0, mode="fan_in"))
 
-    def _user_history_inputs(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings):
-        """User [B, 1, D] and history [B, S, D] inputs with their validity masks."""
+    def _user_history_inputs(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings, fast: bool = False):
+        """User [B, 1, D] and history [B, S, D] inputs with their validity masks.
+
+        fast: block_history_reduce's result without its [B, S, (Hi+Ha+2)*D] concatenation, as
+        `_fast_candidate_inputs` does it: proj_mat_3 splits by rows into post, author, action and
+        surface blocks; the surface block is applied to the [vocab, D] table once, and in float32
+        the action block to the [A, D] action projection once (in bfloat16 the release rounds the
+        action embeddings first, so they keep their own matmul). Same products, another order.
+        """
+        if fast:
+            return self._fast_user_history_inputs(batch, recsys_embeddings)
         cfg = self.config
         hc = cfg.hash_config
         hist_surface = self._single_hot_to_embeddings(
@@ -214,6 +223,40 @@ class PhoenixModel(hk.Module):
             recsys_embeddings.history_author_embeddings, hist_surface, hist_actions,
             hc.num_item_hashes, hc.num_author_hashes)
         return user, user_mask, history, history_mask
+
+    def _fast_user_history_inputs(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings):
+        cfg = self.config
+        hc = cfg.hash_config
+        D, vocab = cfg.emb_size, cfg.product_surface_vocab_size
+        B, S, A = batch.history_actions.shape
+        # Parameters in the order the release's path creates them: table, action projection,
+        # proj_mat_1 (block_user_reduce), proj_mat_3.
+        table = hk.get_parameter(SURFACE_TABLE, [vocab, D], jnp.float32,
+                                 init=hk.initializers.VarianceScaling(1.0, mode="fan_out"))
+        actions = batch.history_actions
+        if jnp.dtype(self.fprop_dtype) == jnp.float32:
+            action_projection = hk.get_parameter("action_projection", [A, D], jnp.float32,
+                                                 init=hk.initializers.VarianceScaling(1.0, mode="fan_out"))
+        else:
+            action_embeddings = self._get_action_embeddings(actions).astype(jnp.float32)  # rounded [B, S, D]
+        user, user_mask = block_user_reduce(batch.user_hashes, recsys_embeddings.user_embeddings,
+                                            hc.num_user_hashes, D)
+        w = hk.get_parameter("proj_mat_3", [(hc.num_item_hashes + hc.num_author_hashes + 2) * D, D], jnp.float32,
+                             init=_transposed_init(1.0))
+        post = recsys_embeddings.history_post_embeddings.reshape(B, S, -1).astype(jnp.float32)  # [B, S, Hi*D]
+        author = recsys_embeddings.history_author_embeddings.reshape(B, S, -1).astype(jnp.float32)  # [B, S, Ha*D]
+        w_post, w_author, w_actions, w_surface = jnp.split(
+            w, np.cumsum([post.shape[-1], author.shape[-1], D]).tolist())
+        if jnp.dtype(self.fprop_dtype) == jnp.float32:
+            signed = (2 * actions - 1).astype(jnp.float32)  # [B, S, A]
+            acted = jnp.dot(signed, jnp.dot(action_projection, w_actions)) * jnp.any(actions != 0, axis=-1,
+                                                                                     keepdims=True)
+        else:
+            acted = jnp.dot(action_embeddings, w_actions)
+        surface = jnp.dot(table.astype(self.fprop_dtype).astype(jnp.float32), w_surface)  # [vocab, D]
+        surface = jnp.dot(jax.nn.one_hot(batch.history_product_surface, vocab), surface)  # [B, S, D]
+        history = jnp.dot(post, w_post) + jnp.dot(author, w_author) + acted + surface  # [B, S, D] float32
+        return user, user_mask, history.astype(self.fprop_dtype), batch.history_post_hashes[:, :, 0] != 0
 
     def _fast_candidate_inputs(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings):
         """block_candidate_reduce's result without its [B, C, (Hi+Ha+1)*D] concatenation.
@@ -266,11 +309,18 @@ class PhoenixModel(hk.Module):
         return embeddings.astype(self.fprop_dtype), padding_mask, candidate_start_offset
 
     @hk.transparent  # the final norm must be named phoenix_model/rms_norm, not ~_logits/rms_norm
-    def _logits(self, candidate_outputs: jax.Array) -> RecsysModelOutput:
-        """Final RMSNorm, then candidate outputs [B, C, D] @ unembeddings [D, A] in float32."""
-        h = layer_norm(candidate_outputs)
-        unembeddings = self._get_unembedding()
-        logits = jnp.dot(h.astype(jnp.float32), unembeddings)  # [B, C, A]
+    def _logits(self, candidate_outputs: jax.Array, fused: bool = False) -> RecsysModelOutput:
+        """Final RMSNorm, then candidate outputs [B, C, D] @ unembeddings [D, A] in float32.
+
+        fused (the fast path, float32): the norm deferred into the matmul (grok.DeferredNorm),
+        (x @ (scale * unembeddings)) * inv_rms.
+        """
+        if fused and defers_norms(candidate_outputs):
+            h = RMSNorm().deferred(candidate_outputs)
+            logits = jnp.dot(h.x, h.scale[:, None] * self._get_unembedding()) * h.inv_rms  # [B, C, A]
+        else:
+            h = layer_norm(candidate_outputs)
+            logits = jnp.dot(h.astype(jnp.float32), self._get_unembedding())  # [B, C, A]
         return RecsysModelOutput(logits.astype(self.fprop_dtype))
 
     def __call__(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings, *,
@@ -288,12 +338,12 @@ class PhoenixModel(hk.Module):
         """
         if isolated:
             self._check(batch, recsys_embeddings)
-            x, x_mask = self.user_sequence(batch, recsys_embeddings)  # [B, 1+S, D], [B, 1+S]
+            x, x_mask = self.user_sequence(batch, recsys_embeddings, fast=True)  # [B, 1+S, D], [B, 1+S]
             cand, cand_mask = self._fast_candidate_inputs(batch, recsys_embeddings)
             rows = jnp.concatenate([x, cand.astype(self.fprop_dtype)], axis=1)  # [B, 1+S+C, D]
             rows_mask = jnp.concatenate([x_mask, cand_mask], axis=1)  # [B, 1+S+C]
             out = self.model(rows, rows_mask, candidate_start_offset=x.shape[1], fused=True).embeddings
-            return self._logits(out)  # out: the candidate rows [B, C, D]
+            return self._logits(out, fused=True)  # out: the candidate rows [B, C, D]
         embeddings, padding_mask, offset = self.build_inputs(batch, recsys_embeddings)
         out = self.model(embeddings, padding_mask, candidate_start_offset=offset).embeddings
         return self._logits(out[:, offset:, :])
@@ -302,10 +352,11 @@ class PhoenixModel(hk.Module):
     # and reads the release's parameter names (phoenix_model/rms_norm, not ~encode_prefix/...).
 
     @hk.experimental.name_like("__call__")
-    def user_sequence(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings):
+    def user_sequence(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings, fast: bool = False):
         """-> (inputs [B, 1+S, D] fprop dtype, mask [B, 1+S]): the user and history rows of the
-        sequence the transformer reads (candidate fields are not read)."""
-        user, user_mask, history, history_mask = self._user_history_inputs(batch, recsys_embeddings)
+        sequence the transformer reads (candidate fields are not read). fast: the fast path's
+        history projection (`_user_history_inputs`), equal up to float summation order."""
+        user, user_mask, history, history_mask = self._user_history_inputs(batch, recsys_embeddings, fast=fast)
         x = jnp.concatenate([user, history], axis=1).astype(self.fprop_dtype)  # [B, 1+S, D]
         return x, jnp.concatenate([user_mask, history_mask], axis=1)  # [B, 1+S]
 
@@ -316,7 +367,7 @@ class PhoenixModel(hk.Module):
         Candidate fields are not read (they may be empty, C = 0).
         """
         self._check(batch, recsys_embeddings, need_candidates=False)
-        x, x_mask = self.user_sequence(batch, recsys_embeddings)
+        x, x_mask = self.user_sequence(batch, recsys_embeddings, fast=True)
         memory = self.model(x, x_mask, candidate_start_offset=None, fused=True).memory
         return PrefixCache(memory, x_mask)
 
@@ -338,7 +389,7 @@ class PhoenixModel(hk.Module):
         positions = (P + candidate_start + jnp.arange(C, dtype=jnp.float32))[None, :]  # [1, C]
         out = self.model(cand.astype(self.fprop_dtype), cand_mask, positions=positions,
                          prefix=prefix.memory, fused=True).embeddings  # [B, C, D]
-        return self._logits(out)
+        return self._logits(out, fused=True)
 
 
 class PrefixCache(NamedTuple):

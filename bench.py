@@ -407,8 +407,15 @@ def hlo_op_names(hlo_text: str) -> dict:
 
 
 def traced_part_ms(fn, hlo_text: str, calls: int) -> tuple[dict, float]:
-    """({part: ms per call}, ms per call of all operations) from a jax.profiler trace of `calls`
-    calls of fn: every executed operation's time, summed by `op_part` of its op_name."""
+    """({part: ms per call}, ms per call with any operation in flight) from a jax.profiler trace of
+    `calls` calls of fn, by `op_part` of each executed operation's op_name.
+
+    An operation is in flight from its trace event's start to the later of the event's end and
+    its "end: <name>" mark: XLA CPU runs some operations (its matmuls) asynchronously, and their
+    event ends when the work is handed to the thread pool, the mark when the executor takes the
+    completion. Each stretch of time is shared equally among the operations in flight then, so
+    the parts add up to the time during which any operation ran (gaps between them excluded).
+    """
     import collections
     import glob
     import gzip
@@ -423,16 +430,43 @@ def traced_part_ms(fn, hlo_text: str, calls: int) -> tuple[dict, float]:
         found = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
         events = json.load(gzip.open(found[0])) if found else {}
     events = events.get("traceEvents", []) if isinstance(events, dict) else events
-    totals = collections.Counter()
-    for event in events:
-        if event.get("ph") == "X" and event.get("name") in names:
-            totals[op_part(names[event["name"]])] += event["dur"] / 1e3 / calls  # us -> ms per call
+    totals = in_flight_ms(events, names, calls)
     return {part: totals.get(part, 0.0) for part in PROFILE_PARTS}, sum(totals.values())
 
 
+def in_flight_ms(events: list, names: dict, calls: int) -> dict:
+    """{part: ms per call} from trace events: see `traced_part_ms`. events: Chrome-trace dicts
+    (ph "X", name, ts and dur in us); names: {operation name: op_name} (`hlo_op_names`)."""
+    import collections
+
+    events = sorted((e for e in events if e.get("ph") == "X"), key=lambda e: e["ts"])
+    spans, open_ops = [], collections.defaultdict(list)  # [start, end, part]; open spans by op name
+    for event in events:
+        name = event.get("name", "")
+        if name in names:
+            span = [event["ts"], event["ts"] + event["dur"], op_part(names[name])]
+            spans.append(span)
+            open_ops[name].append(span)
+        elif name.startswith("end: ") and open_ops.get(name[5:]):
+            span = open_ops[name[5:]].pop(0)
+            span[1] = max(span[1], event["ts"])
+    totals = collections.Counter()
+    bounds = sorted({t for start, end, _ in spans for t in (start, end)})
+    order = sorted(range(len(spans)), key=lambda i: spans[i][0])
+    active, nxt = set(), 0
+    for lo, hi in zip(bounds, bounds[1:]):
+        while nxt < len(order) and spans[order[nxt]][0] <= lo:
+            active.add(order[nxt])
+            nxt += 1
+        active = {i for i in active if spans[i][1] > lo}
+        for i in active:
+            totals[spans[i][2]] += (hi - lo) / len(active) / 1e3 / calls  # us -> ms per call
+    return dict(totals)
+
+
 def profile_ranking(C: int, S: int, B: int, rank_dtype: str, rounds: int, seed: int = 0) -> list[dict]:
-    """C-candidate ranking: the compiled rank function's own operations, traced, summed by part,
-    each beside its FLOP floor; the whole call, the host overhead and the release beside them.
+    """C-candidate ranking: the compiled rank function's operations, traced, their time in flight
+    summed by part (`traced_part_ms`), each beside its FLOP floor; the whole call, the host overhead and the release beside them.
 
     Parts (`op_part`): the user/history input projections (prefix inputs), the candidate input
     projection, attention (Q/K/V and output projections, rotary, attention to the prefix; prefix
@@ -491,7 +525,7 @@ def profile_ranking(C: int, S: int, B: int, rank_dtype: str, rounds: int, seed: 
         rows.append(dict(base, part="traced total", dtype=dtype.name, traced_ms=round(traced_total, 3), share=1.0,
                          mmacs=round(sum(macs.values()) / 1e6, 3), floor_ms=round(sum(macs.values()) / peak, 4),
                          x_floor=round(traced_total / (sum(macs.values()) / peak), 1),
-                         note="the operations' own time, summed (no dispatch, no gaps)"))
+                         note="time with an operation in flight, shared among those in flight (no gaps)"))
     notes = {"rank, device inputs": "the compiled rank function, wall time per call",
              "host overhead": "runner.rank (NumPy inputs) minus the compiled rank",
              "release masked, jit": "the release's model, the reference"}
@@ -708,7 +742,7 @@ def main(argv=None):
     if args.profile:
         rows = spawn_profile(args)
         markdown = (f"## Ranking profile (C={args.profile_c}, S={args.history_len}, B={args.rank_batches[0]}; traced_ms: "
-                    f"the compiled rank's operations per call, summed by part (jax.profiler); floor = multiply-adds / "
+                    f"the compiled rank's operations per call, time in flight shared among them, by part (jax.profiler); floor = multiply-adds / "
                     f"measured f32 matmul peak {rows[0]['peak_gflops']} GFLOP/s; x_floor of traced_ms, or of min_ms "
                     f"for the whole call; {load})\n\n"
                     + markdown_table(rows, PROFILE_COLUMNS))

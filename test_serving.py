@@ -166,6 +166,24 @@ def test_op_part_sorts_the_ranker_ops_by_their_trace_path():
     assert bench.op_part("jit(traced)/top_k") == "output head"
 
 
+def test_in_flight_ms_shares_overlapping_operations_and_follows_end_marks():
+    """An asynchronous operation runs until its "end:" mark; time with two in flight is split
+    between them; gaps count for no part; the parts add up to the busy time per call."""
+    names = {"dot.1": "jit(f)/phoenix_model/transformer/decoder_layer_0/dot_general",  # ffn
+             "exp.2": "jit(f)/phoenix_model/transformer/decoder_layer_0/multi_head_attention/exp",  # attention
+             "sort": "jit(f)/top_k"}  # output head
+    x = lambda name, ts, dur: dict(ph="X", name=name, ts=ts, dur=dur)  # noqa: E731
+    events = [x("dot.1", 0, 10), x("exp.2", 10, 20), x("end: dot.1", 50, 0), x("sort", 80, 20),
+              x("unrelated", 0, 500), dict(ph="i", name="sort", ts=0)]
+    # per call (2 calls): dot.1 alone 0-10 us, with exp.2 10-30 (10 each), alone 30-50; sort 80-100
+    parts = bench.in_flight_ms(events, names, calls=2)
+    assert parts == pytest.approx({"ffn": (10 + 10 + 20) / 2e3, "attention": 10 / 2e3, "output head": 20 / 2e3})
+    assert sum(parts.values()) == pytest.approx((50 + 20) / 2e3)  # the 30 us gap is nobody's
+    # without its end mark the dot's own event is all it gets
+    no_mark = bench.in_flight_ms([e for e in events if e["name"] != "end: dot.1"], names, calls=1)
+    assert no_mark["ffn"] == pytest.approx(10e-3) and no_mark["attention"] == pytest.approx(20e-3)
+
+
 def test_hlo_op_names_takes_a_nameless_fusion_from_its_body_or_operands():
     hlo = """HloModule m
 

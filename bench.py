@@ -742,8 +742,8 @@ def main(argv=None):
     if args.profile:
         rows = spawn_profile(args)
         markdown = (f"## Ranking profile (C={args.profile_c}, S={args.history_len}, B={args.rank_batches[0]}; traced_ms: "
-                    f"the compiled rank's operations per call, time in flight shared among them, by part (jax.profiler); floor = multiply-adds / "
-                    f"measured f32 matmul peak {rows[0]['peak_gflops']} GFLOP/s; x_floor of traced_ms, or of min_ms "
+                    f"the compiled rank's operations per call, time in flight shared among them, by part "
+                    f"(jax.profiler); floor = multiply-adds / measured f32 matmul peak {rows[0]['peak_gflops']} GFLOP/s; x_floor of traced_ms, or of min_ms "
                     f"for the whole call; {load})\n\n"
                     + markdown_table(rows, PROFILE_COLUMNS))
     elif args.device_suite:

@@ -466,7 +466,8 @@ def in_flight_ms(events: list, names: dict, calls: int) -> dict:
 
 def profile_ranking(C: int, S: int, B: int, rank_dtype: str, rounds: int, seed: int = 0) -> list[dict]:
     """C-candidate ranking: the compiled rank function's operations, traced, their time in flight
-    summed by part (`traced_part_ms`), each beside its FLOP floor; the whole call, the host overhead and the release beside them.
+    summed by part (`traced_part_ms`), each beside its FLOP floor; the whole call, the host overhead
+    and the release beside them.
 
     Parts (`op_part`): the user/history input projections (prefix inputs), the candidate input
     projection, attention (Q/K/V and output projections, rotary, attention to the prefix; prefix
@@ -743,8 +744,8 @@ def main(argv=None):
         rows = spawn_profile(args)
         markdown = (f"## Ranking profile (C={args.profile_c}, S={args.history_len}, B={args.rank_batches[0]}; traced_ms: "
                     f"the compiled rank's operations per call, time in flight shared among them, by part "
-                    f"(jax.profiler); floor = multiply-adds / measured f32 matmul peak {rows[0]['peak_gflops']} GFLOP/s; x_floor of traced_ms, or of min_ms "
-                    f"for the whole call; {load})\n\n"
+                    f"(jax.profiler); floor = multiply-adds / measured f32 matmul peak {rows[0]['peak_gflops']} "
+                    f"GFLOP/s; x_floor of traced_ms, or of min_ms for the whole call; {load})\n\n"
                     + markdown_table(rows, PROFILE_COLUMNS))
     elif args.device_suite:
         import jax

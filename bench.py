@@ -551,8 +551,24 @@ def spawn_profile(args) -> list[dict]:
 
 
 SUITE_RANK = ((500, 1), (2000, 1), (500, 8))  # (C, B)
+# A ranking case of the suite runs at least --runs rounds and as many more as fit in this many
+# seconds (at most 10x --runs): a C=500 round takes ~25 ms on 2 CPU cores, and 20 of them gave
+# medians 15-35% above the minima in this shared machine's noisy phases.
+SUITE_RANK_SECONDS = 3.0
 SUITE_SIZES_CPU, SUITE_SIZES_ACCELERATOR = (1_000_000,), (1_000_000, 10_000_000)
 APPROX_RECALL_TARGET = 0.95  # lax.approx_max_k's recall target (exact on CPU, which has no approximate kernel)
+
+
+def suite_rounds(fns: dict, runs: int) -> int:
+    """Rounds for `interleaved_ms(fns, ...)`: runs, or more where a round is short (SUITE_RANK_SECONDS)."""
+    import jax
+
+    for fn in fns.values():
+        jax.block_until_ready(fn())  # compiled before the round is timed
+    start = time.perf_counter()
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    return int(min(10 * runs, max(runs, SUITE_RANK_SECONDS / (time.perf_counter() - start))))
 
 
 def device_suite(args) -> list[dict]:
@@ -587,13 +603,14 @@ def device_suite(args) -> list[dict]:
         fns = {"release_masked_jit": lambda: release(params, None, dev_batch, dev_emb).logits,
                **{name: (lambda r=r: r.rank(batch, emb).scores) for name, r in rankers.items()},
                "runner_device_inputs": lambda: rankers["runner"].rank(dev_batch, dev_emb).scores}
-        timed = interleaved_ms(fns, args.runs)
+        rounds = suite_rounds(fns, args.runs)
+        timed = interleaved_ms(fns, rounds)
         for name, (median, low) in timed.items():
             serving = name in ("runner", "runner_device_inputs")  # compute_dtype "auto"
             dtype = rankers["runner"].serving_dtype.name if serving else args.rank_dtype
             rows.append(dict(section="suite_ranking", method=name, c=C, b=B, s=args.history_len, dtype=dtype,
                              median_ms=round(median, 3), min_ms=round(low, 3),
-                             vs_release=round(median / timed["release_masked_jit"][0], 3), device=device))
+                             vs_release=round(median / timed["release_masked_jit"][0], 3), runs=rounds, device=device))
     k = args.top_k
     bare = jax.jit(lambda u, c: jax.lax.top_k(u @ c.T, k))
     approx = jax.jit(lambda u, c: jax.lax.approx_max_k(u @ c.T, k, recall_target=APPROX_RECALL_TARGET))
@@ -622,7 +639,7 @@ def device_suite(args) -> list[dict]:
 
 PROFILE_COLUMNS = ("part", "c", "b", "s", "dtype", "traced_ms", "share", "median_ms", "min_ms", "mmacs", "floor_ms",
                    "x_floor", "note")
-SUITE_RANK_COLUMNS = ("method", "c", "b", "s", "dtype", "median_ms", "min_ms", "vs_release", "device")
+SUITE_RANK_COLUMNS = ("method", "c", "b", "s", "dtype", "median_ms", "min_ms", "vs_release", "runs", "device")
 SUITE_RETRIEVAL_COLUMNS = ("method", "n", "b", "k", "median_ms", "min_ms", "vs_bare", "recall", "runs", "device")
 
 
@@ -754,7 +771,8 @@ def main(argv=None):
             args.suite_sizes = list(SUITE_SIZES_CPU if jax.default_backend() == "cpu" else SUITE_SIZES_ACCELERATOR)
         rows = device_suite(args)
         rank_rows = [r for r in rows if r["section"] == "suite_ranking"]
-        markdown = (f"## Device suite ({rows[0]['device']}; medians of {args.runs} interleaved calls; {load})\n\n"
+        markdown = (f"## Device suite ({rows[0]['device']}; medians of interleaved calls: ranking, runs per row; "
+                    f"retrieval, {args.runs}; {load})\n\n"
                     + markdown_table(rank_rows, SUITE_RANK_COLUMNS) + "\n\n"
                     + markdown_table([r for r in rows if r["section"] == "suite_retrieval"], SUITE_RETRIEVAL_COLUMNS))
     else:

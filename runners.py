@@ -99,6 +99,8 @@ def _accepted_options(backend: str, options: tuple) -> tuple:
                       "compiling with its defaults")
         return ()
     return options
+
+
 # Which runner loads a checkpoint, by the class of the model config saved in it.
 _RUNNER_FOR_CONFIG = {"PhoenixModelConfig": ("ranking", "RecsysInferenceRunner"),
                      "PhoenixRetrievalModelConfig": ("retrieval", "RecsysRetrievalInferenceRunner")}

@@ -4,8 +4,9 @@ Shape checks (`check_inputs`) read only static shapes and dtypes, so the models 
 time at no run-time cost; they also reject empty batches (B = 0, C = 0). Value checks
 (`check_values`: negative hashes, out-of-range product surfaces, NaN/inf; `check_range`,
 `check_binary`, `check_finite` for labels, masks and weights) need concrete arrays; the runners and
-trainers call them on the host before dispatching the compiled function, and they pass traced
-values unchecked, so jitted code never syncs for them. Set PHOENIX_VALIDATE_VALUES=0 to skip the
+trainers call them on the host before dispatching the compiled function (`RecsysInferenceRunner.rank`,
+for inputs shaped like ones that already ran, right after dispatching it, before returning), and they
+pass traced values unchecked, so jitted code never syncs for them. Set PHOENIX_VALIDATE_VALUES=0 to skip the
 value checks in trusted hot loops (shape checks always run: they are free).
 """
 

@@ -353,6 +353,14 @@ def _candidate_chunks(batch: RecsysBatch, emb: RecsysEmbeddings, chunk: int):
                                        emb.history_author_embeddings, author_emb))
 
 
+def _input_signature(batch, recsys_embeddings) -> tuple:
+    """What the checks of shapes and dtypes and jit's compile depend on: the trees' structure
+    (container types included) and each leaf's type, shape and dtype."""
+    leaves, treedef = jax.tree_util.tree_flatten((batch, recsys_embeddings))
+    return treedef, tuple((type(x), np.shape(x), np.dtype(x.dtype) if hasattr(x, "dtype") else None)
+                          for x in leaves)
+
+
 def ranking_output(probs: jax.Array, candidate_mask: jax.Array) -> RankingOutput:
     """probabilities [B, C, A] -> RankingOutput; ranked by the first action, padded candidates last."""
     key = jnp.where(candidate_mask, probs[..., 0], -1.0)  # probabilities lie in [0, 1]
@@ -410,6 +418,7 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         options = dict(compiler_options=self.compiler_options or None)
         self._rank = self._jit("rank", rank_fn, static_argnames="path", **options)
         self._frozen = None  # (params' leaves, size limit, jitted rank or None) decided for, see _frozen_rank
+        self._ran_signatures = set()  # input signatures rank checked whole and ran (see rank)
         self._prefix = self._jit("encode_prefix", lambda p, b, e: forward.apply(p, b, e, "encode_prefix"), **options)
         self._score = self._jit("score_candidates", score_fn, **options)
         self._order = self._jit("order", ranking_output)
@@ -418,12 +427,26 @@ class RecsysInferenceRunner(BaseInferenceRunner):
     def rank(self, batch: RecsysBatch, recsys_embeddings: Optional[RecsysEmbeddings] = None) -> RankingOutput:
         self._require_initialized("rank")
         recsys_embeddings = self._embedded(batch, recsys_embeddings)
-        self._check(batch, recsys_embeddings)
-        batch, recsys_embeddings = self._shard(batch, recsys_embeddings)
+        # Inputs of a structure, shapes and dtypes that passed the checks and ran before need no
+        # shape checks again, and their value checks (NaN/inf, hash and surface ranges; they
+        # cannot change what runs, only its result) run while the dispatched computation works:
+        # a bad value raises the same error and the result is dropped. New inputs are checked
+        # whole before anything is traced. Measured C=500 B=1: 4.96-5.19 vs 5.06-5.28 ms.
         frozen = self._frozen_rank()
+        signature = (id(frozen), _input_signature(batch, recsys_embeddings))  # new parameters: checked first
+        seen = signature in self._ran_signatures
+        if not seen:
+            self._check(batch, recsys_embeddings)
+        placed = self._shard(batch, recsys_embeddings)
         if frozen is not None:
-            return frozen(batch, recsys_embeddings)
-        return self._rank(self.params, batch, recsys_embeddings, path=self.path)
+            out = frozen(*placed)
+        else:
+            out = self._rank(self.params, *placed, path=self.path)
+        if seen:
+            check_values(batch, recsys_embeddings, self.runner.model.product_surface_vocab_size)
+        else:
+            self._ran_signatures.add(signature)
+        return out
 
     def _frozen_rank(self):
         """`_rank` with the parameters as compile-time constants, or None where they are not frozen.

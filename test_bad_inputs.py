@@ -107,6 +107,26 @@ def test_rank_rejects(ranker, name, make, err, match):
         ranker.rank(*make())
 
 
+VALUE_CASES = [c for c in RANK_CASES if c[0] in ("negative_hash", "surface_vocab", "nan_embeddings")]
+
+
+@pytest.mark.parametrize("name,make,err,match", VALUE_CASES, ids=[c[0] for c in VALUE_CASES])
+def test_rank_value_errors_are_the_same_before_and_after_a_shape_has_run(name, make, err, match):
+    """rank checks the values of inputs whose shapes ran before while the computation works
+    (`RecsysInferenceRunner.rank`), and a new shape whole before anything is traced: the same
+    error either way, and no result is returned."""
+    r = RecsysInferenceRunner(ModelRunner(tiny_ranker_config()))
+    r.initialize()
+    with pytest.raises(err, match=match):  # a first call: checked before tracing
+        r.rank(*make())
+    assert r.trace_counts["rank"] == 0
+    good = r.rank(BATCH, EMB)  # these shapes now ran
+    with pytest.raises(err, match=match):  # the same shapes: checked after dispatch
+        r.rank(*make())
+    assert r.trace_counts["rank"] == 1  # and nothing recompiled
+    np.testing.assert_array_equal(np.asarray(r.rank(BATCH, EMB).scores), np.asarray(good.scores))
+
+
 RETRIEVE_CASES = [
     ("top_k_zero", dict(top_k=0), ValueError, r"top_k: expected 1 <= top_k <= 40"),
     ("top_k_above_N", dict(top_k=41), ValueError, r"top_k: expected 1 <= top_k <= 40 \(corpus size\), got 41"),

@@ -353,12 +353,16 @@ def _candidate_chunks(batch: RecsysBatch, emb: RecsysEmbeddings, chunk: int):
                                        emb.history_author_embeddings, author_emb))
 
 
-def _input_signature(batch, recsys_embeddings) -> tuple:
+def _input_signature(batch, recsys_embeddings) -> Optional[tuple]:
     """What the checks of shapes and dtypes and jit's compile depend on: the trees' structure
-    (container types included) and each leaf's type, shape and dtype."""
-    leaves, treedef = jax.tree_util.tree_flatten((batch, recsys_embeddings))
-    return treedef, tuple((type(x), np.shape(x), np.dtype(x.dtype) if hasattr(x, "dtype") else None)
-                          for x in leaves)
+    (container types included) and each leaf's type, shape and dtype; None for inputs it cannot
+    describe (they then go through every check)."""
+    try:
+        leaves, treedef = jax.tree_util.tree_flatten((batch, recsys_embeddings))
+        return treedef, tuple((type(x), np.shape(x), np.dtype(x.dtype) if hasattr(x, "dtype") else None)
+                              for x in leaves)
+    except Exception:  # noqa: BLE001 - anything odd is simply checked in full
+        return None
 
 
 def ranking_output(probs: jax.Array, candidate_mask: jax.Array) -> RankingOutput:
@@ -431,10 +435,11 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         # shape checks again, and their value checks (NaN/inf, hash and surface ranges; they
         # cannot change what runs, only its result) run while the dispatched computation works:
         # a bad value raises the same error and the result is dropped. New inputs are checked
-        # whole before anything is traced. Measured C=500 B=1: 4.96-5.19 vs 5.06-5.28 ms.
+        # whole before anything is traced. Measured C=500 B=1 (one run, medians of 500): 5.31 vs
+        # 5.43 ms from NumPy inputs, 5.02 vs 5.23 from device inputs.
         frozen = self._frozen_rank()
         signature = (id(frozen), _input_signature(batch, recsys_embeddings))  # new parameters: checked first
-        seen = signature in self._ran_signatures
+        seen = signature[1] is not None and signature in self._ran_signatures
         if not seen:
             self._check(batch, recsys_embeddings)
         placed = self._shard(batch, recsys_embeddings)
@@ -444,7 +449,7 @@ class RecsysInferenceRunner(BaseInferenceRunner):
             out = self._rank(self.params, *placed, path=self.path)
         if seen:
             check_values(batch, recsys_embeddings, self.runner.model.product_surface_vocab_size)
-        else:
+        elif signature[1] is not None:
             self._ran_signatures.add(signature)
         return out
 

@@ -181,10 +181,6 @@ class DeferredNorm(NamedTuple):
     def dtype(self):
         return self.x.dtype
 
-    def value(self) -> jax.Array:
-        """The normalised rows themselves, as RMSNorm returns them."""
-        return self.x * self.inv_rms * self.scale
-
 
 def fused_linear(inputs, layers: list) -> list:
     """Bias-free `Linear`s applied to one input as a single matmul against [w_1 | w_2 | ...].

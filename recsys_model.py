@@ -224,6 +224,16 @@ class PhoenixModel(hk.Module):
             hc.num_item_hashes, hc.num_author_hashes)
         return user, user_mask, history, history_mask
 
+    def _projected_surface(self, ids: jax.Array, table: jax.Array, w_surface: jax.Array) -> jax.Array:
+        """Product-surface ids [B, L] -> their rows of (table @ w_surface) [B, L, D] in float32.
+
+        The release rounds the surface embedding to the fprop dtype before the projection; the
+        [vocab, D] product is taken once. A one-hot matmul (not a gather): out-of-range ids give
+        zero rows, as in the release.
+        """
+        projected = jnp.dot(table.astype(self.fprop_dtype).astype(jnp.float32), w_surface)  # [vocab, D]
+        return jnp.dot(jax.nn.one_hot(ids, table.shape[0]), projected)  # [B, L, D]
+
     def _fast_user_history_inputs(self, batch: RecsysBatch, recsys_embeddings: RecsysEmbeddings):
         cfg = self.config
         hc = cfg.hash_config
@@ -234,7 +244,8 @@ class PhoenixModel(hk.Module):
         table = hk.get_parameter(SURFACE_TABLE, [vocab, D], jnp.float32,
                                  init=hk.initializers.VarianceScaling(1.0, mode="fan_out"))
         actions = batch.history_actions
-        if jnp.dtype(self.fprop_dtype) == jnp.float32:
+        fold_actions = jnp.dtype(self.fprop_dtype) == jnp.float32  # else the release rounds them first
+        if fold_actions:
             action_projection = hk.get_parameter("action_projection", [A, D], jnp.float32,
                                                  init=hk.initializers.VarianceScaling(1.0, mode="fan_out"))
         else:
@@ -247,14 +258,13 @@ class PhoenixModel(hk.Module):
         author = recsys_embeddings.history_author_embeddings.reshape(B, S, -1).astype(jnp.float32)  # [B, S, Ha*D]
         w_post, w_author, w_actions, w_surface = jnp.split(
             w, np.cumsum([post.shape[-1], author.shape[-1], D]).tolist())
-        if jnp.dtype(self.fprop_dtype) == jnp.float32:
+        if fold_actions:
             signed = (2 * actions - 1).astype(jnp.float32)  # [B, S, A]
             acted = jnp.dot(signed, jnp.dot(action_projection, w_actions)) * jnp.any(actions != 0, axis=-1,
                                                                                      keepdims=True)
         else:
             acted = jnp.dot(action_embeddings, w_actions)
-        surface = jnp.dot(table.astype(self.fprop_dtype).astype(jnp.float32), w_surface)  # [vocab, D]
-        surface = jnp.dot(jax.nn.one_hot(batch.history_product_surface, vocab), surface)  # [B, S, D]
+        surface = self._projected_surface(batch.history_product_surface, table, w_surface)  # [B, S, D]
         history = jnp.dot(post, w_post) + jnp.dot(author, w_author) + acted + surface  # [B, S, D] float32
         return user, user_mask, history.astype(self.fprop_dtype), batch.history_post_hashes[:, :, 0] != 0
 
@@ -276,10 +286,7 @@ class PhoenixModel(hk.Module):
         post = recsys_embeddings.candidate_post_embeddings.reshape(B, C, -1).astype(jnp.float32)  # [B, C, Hi*D]
         author = recsys_embeddings.candidate_author_embeddings.reshape(B, C, -1).astype(jnp.float32)  # [B, C, Ha*D]
         w_post, w_author, w_surface = jnp.split(w, [post.shape[-1], post.shape[-1] + author.shape[-1]])
-        # The release rounds the surface embedding to the fprop dtype before the projection.
-        surface = jnp.dot(table.astype(self.fprop_dtype).astype(jnp.float32), w_surface)  # [vocab, D]
-        # A one-hot matmul (not a gather): out-of-range ids give zero rows, as in the release.
-        surface = jnp.dot(jax.nn.one_hot(batch.candidate_product_surface, vocab), surface)  # [B, C, D]
+        surface = self._projected_surface(batch.candidate_product_surface, table, w_surface)  # [B, C, D]
         cand = jnp.dot(post, w_post) + jnp.dot(author, w_author) + surface
         return cand, batch.candidate_post_hashes[:, :, 0] != 0  # [B, C, D] float32, [B, C]
 

@@ -25,18 +25,21 @@ How the exact search works (`CorpusIndex`):
      best maximum minus the rounding bound (`_refine`'s `cut`): XLA CPU's top_k runs faster
      when fewer entries can enter its running best K.
   3. `top_k` over the Nb * W candidates gives the answer.
-  Coarse pass (default from COARSE_MIN_ROWS rows, for searches that scan the corpus in one
-  piece, i.e. up to MAX_UNCHUNKED_BATCH users): step 1 reads a bfloat16 copy of the corpus (half
-  the bytes; the scan of a few users is bound by reading the corpus) and a proven error bound
-  decides which blocks step 2 must rescore in float32, falling back to the float32 scan if they
-  do not fit (`_coarse_top_k`). Same results as the float32 path; costs N * D * 2 bytes more.
+  Coarse pass (default from COARSE_MIN_ROWS rows): step 1 reads a bfloat16 copy of the corpus
+  (half the bytes: reading the corpus bounds the scan of a few users, and at 16 users each chunk
+  is copied before its matmul) and a proven error bound decides which blocks step 2 must rescore
+  in float32, falling back to the float32 scan if they do not fit (`_coarse_top_k`). Same results
+  as the float32 path; costs N * D * 2 bytes more. The copy is held as the uint16 bit patterns of
+  the bfloat16 values and widened to float32 chunk by chunk (a shift, `_widen`): XLA CPU handed a
+  bfloat16 array converts the whole corpus to float32 before the loop (measured 3-4x slower).
   This is exact: if row i is in the top K, fewer than K rows beat it, so fewer than K blocks
   have a better maximum and i's block is among the Nb kept. Ties are safe because blocks are
   contiguous: ordering blocks by (max desc, block index asc) orders them by their best row
   under (score desc, index asc), and the kept blocks are re-sorted by index before step 3.
   (Rescoring can round differently from step 1 in the last bit; the result is then exact for
   the rescored values, which are the scores returned.)
-  Memory beyond the corpus: [B, R] scores, [B, N/W] maxima, [Nb, W, D] gathered rows.
+  Memory beyond the corpus: [B, R] scores ([R, D] widened rows too for the coarse pass),
+  [B, N/W] maxima, [Nb, W, D] gathered rows (Nb plus extra slots for the coarse pass).
   When K is large next to N (N <= DIRECT_ROWS_PER_K * K) and the [B, N] scores are small, one
   plain top_k over them is faster, and `plan` picks that instead.
   Why not a running top-k merged chunk by chunk: with K = 1000 the per-chunk `top_k` cost more
@@ -107,16 +110,23 @@ SAMPLE_MIN_ROWS_PER_K = 8
 # cost ~ a * N / W + b * K * W * D, minimised at W = sqrt(N / (K * D) * a / b), a / b measured ~ 8.
 BLOCK_COST_RATIO = 8.0
 MAX_BLOCK_SIZE = 64
-# Coarse pass (CorpusIndex, B <= MAX_UNCHUNKED_BATCH): block maxima from a bfloat16 copy of the
-# corpus, half the bytes of the float32 scan that bounds a search of a few users, with a proven
-# bound on its error (see `_coarse_top_k`). On by default from this many rows (costs N * D * 2 bytes).
+# Coarse pass (CorpusIndex): block maxima from a bfloat16 copy of the corpus, half the bytes the
+# scan reads, with a proven bound on its error (see `_coarse_top_k`). On by default from this many
+# rows (costs N * D * 2 bytes).
 COARSE_MIN_ROWS = 2**16
 COARSE_DTYPE = jnp.bfloat16
+# The coarse scan is always chunked (a chunk widened to float32 as it is copied costs no more than
+# the copy): rows per chunk from this many bytes of widened rows plus scores. Measured N=1M, K=1000,
+# medians of 20, scan only, 8 / 16 MiB: B=2 34.2 / 31.2 ms, B=8 29.9 / 27.4, B=16 40.7 / 41.7,
+# B=32 72.7 / 65.9 (float32 scan: B=16 52.0, B=32 78.4; bfloat16 in one piece: B=8 36.8).
+COARSE_CHUNK_BYTES = 16 * 2**20
 # Blocks kept beyond Nb by the coarse pass: blocks whose coarse maximum lies within the error band
 # of the Nb-th must all be kept for the result to be exact; if they do not fit, the search falls
-# back to the float32 scan (same result, slower).
-COARSE_EXTRA_BLOCKS_FRACTION = 1.0
-COARSE_MIN_EXTRA_BLOCKS = 64
+# back to the float32 scan (same result, slower). Each slot costs its rescoring whether used or
+# not. Needed at N=1M, D=128, B=16 (unit vectors, random / clustered), most of any user: K=10
+# 18 / 20 blocks, K=100 140 / 149, K=1000 1243 / 1268 (slots 138, 228, 1500).
+COARSE_EXTRA_BLOCKS_FRACTION = 0.5
+COARSE_MIN_EXTRA_BLOCKS = 128
 # Relative error of a float32 dot product of D terms is below D * 2^-24 / (1 - D * 2^-24) of
 # sum |u_i x_i| (any summation order); the bound is taken this much larger (rounding of the bound itself).
 COARSE_BOUND_SAFETY = 1.001
@@ -154,23 +164,25 @@ def auto_block_size(num_rows: int, top_k: int, dim: int) -> int:
     return int(min(block, MAX_BLOCK_SIZE, 2 ** int(math.log2(num_rows))))
 
 
-def auto_chunk_size(batch: int, num_rows: int, dim: int, block_size: int) -> int:
+def auto_chunk_size(batch: int, num_rows: int, dim: int, block_size: int, coarse: bool = False) -> int:
     """Rows per chunk: all N for a few users (see MAX_UNCHUNKED_BATCH), else chunk rows plus
-    [B, R] scores fill CHUNK_BYTES; a multiple of W."""
-    if batch <= MAX_UNCHUNKED_BATCH and 4 * batch * num_rows <= UNCHUNKED_SCORE_BYTES:
+    [B, R] scores fill CHUNK_BYTES (COARSE_CHUNK_BYTES, and never all N, for the coarse pass);
+    a multiple of W."""
+    if not coarse and batch <= MAX_UNCHUNKED_BATCH and 4 * batch * num_rows <= UNCHUNKED_SCORE_BYTES:
         return -(-num_rows // block_size) * block_size
-    rows = CHUNK_BYTES // (4 * (dim + batch))
+    rows = (COARSE_CHUNK_BYTES if coarse else CHUNK_BYTES) // (4 * (dim + batch))
     rows = 2 ** int(math.log2(max(rows, 1)))
     return max(rows, block_size)
 
 
-def _plan(num_rows, dim, batch, top_k, chunk_size, block_size) -> tuple[int, int]:
-    """(R, W): given or automatic sizes, W <= N and R a multiple of W. (N, 1) means direct."""
+def _plan(num_rows, dim, batch, top_k, chunk_size, block_size, coarse=False) -> tuple[int, int]:
+    """(R, W): given or automatic sizes, W <= N and R a multiple of W. (N, 1) means direct.
+    coarse: R for the coarse scan (`auto_chunk_size`)."""
     direct = num_rows <= DIRECT_ROWS_PER_K * top_k and 4 * batch * num_rows <= UNCHUNKED_SCORE_BYTES
     if chunk_size is None and block_size is None and direct:
         return num_rows, 1
     block = min(block_size or auto_block_size(num_rows, top_k, dim), num_rows)
-    chunk = chunk_size or auto_chunk_size(batch, num_rows, dim, block)
+    chunk = chunk_size or auto_chunk_size(batch, num_rows, dim, block, coarse)
     return -(-chunk // block) * block, block
 
 
@@ -297,9 +309,8 @@ class CorpusIndex(_Index):
       block_size: rows per block of the block-max pre-selection; None picks one per (N, K, D)
         (`auto_block_size`). Any value gives the same result; it only changes speed.
       device: where the corpus lives; None = JAX's default device.
-      coarse: keep a bfloat16 copy [N, D] (N * D * 2 bytes) for the coarse first pass of searches
-        of up to MAX_UNCHUNKED_BATCH users (module doc); results are unchanged. None = on from
-        COARSE_MIN_ROWS rows.
+      coarse: keep a bfloat16 copy [N, D] (N * D * 2 bytes) for a coarse first pass (module doc);
+        results are unchanged. None = on from COARSE_MIN_ROWS rows.
     """
 
     def __init__(self, corpus_embeddings, corpus_post_ids=None, *, chunk_size: Optional[int] = None,
@@ -315,12 +326,12 @@ class CorpusIndex(_Index):
             raise TypeError(f"coarse: expected None, True or False, got {coarse!r}")
         self.coarse = self.num_rows >= COARSE_MIN_ROWS if coarse is None else coarse
         self.coarse_embeddings = self.coarse_error = None
-        if self.coarse:  # [N, D] bfloat16 copy and its error bound (scalars), see _coarse_top_k
+        if self.coarse:  # [N, D] bfloat16 bits (uint16) and its error bound (scalars), see _coarse_top_k
             self.coarse_embeddings, self.coarse_error = _coarse_copy(self.corpus_embeddings)
 
     def plan(self, batch: int, top_k: int) -> tuple[int, int]:
         """(chunk rows R, block rows W) a search of B users for the top K uses; static under jit."""
-        return _plan(self.num_rows, self.dim, batch, top_k, self.chunk_size, self.block_size)
+        return _plan(self.num_rows, self.dim, batch, top_k, self.chunk_size, self.block_size, coarse=self.coarse)
 
     def search(self, user_representation, top_k: int, corpus_mask=None, *, approx_recall: Optional[float] = None):
         """Exact top-k of user [B, D] @ corpus.T -> (top_k_indices [B, K] int32, top_k_scores [B, K] f32).
@@ -341,23 +352,34 @@ class CorpusIndex(_Index):
         if approx_recall is not None:
             check_number(approx_recall, "approx_recall", "a float in (0, 1]", lambda v: 0 < v <= 1)
             return _approx_top_k(user, self.corpus_embeddings, mask, top_k=top_k, recall=float(approx_recall))
-        chunk, block = self.plan(user_representation.shape[0], top_k)
-        # Chunked scans (more users) are bound by the matmul, not by reading the corpus, and XLA
-        # CPU's bfloat16-operand matmul is slower there (measured 2.5-4x at B=16): float32 only.
-        if self.coarse and block > 1 and chunk >= self.num_rows:
+        batch = user_representation.shape[0]
+        chunk, block = self.plan(batch, top_k)
+        if self.coarse and block > 1:
+            # The float32 plan answers if the coarse pass's blocks do not fit (see _coarse_top_k).
+            fallback, _ = _plan(self.num_rows, self.dim, batch, top_k, self.chunk_size, block)
             return _coarse_exact_top_k(user, self.corpus_embeddings, self.coarse_embeddings, self.coarse_error,
-                                       mask, top_k=top_k, chunk_size=chunk, block_size=block)
+                                       mask, self.max_row_norm, top_k=top_k, chunk_size=chunk, block_size=block,
+                                       fallback_chunk_size=fallback)
         return _exact_top_k(user, self.corpus_embeddings, mask, self.max_row_norm, top_k=top_k, chunk_size=chunk,
                             block_size=block)
 
 
 @jax.jit
 def _coarse_copy(corpus):
-    """bfloat16 copy [N, D] and (max row norm of the rounding error, max row norm of the copy)."""
+    """bfloat16 copy [N, D] as its uint16 bit patterns (module doc), and (max row norm of the
+    rounding error, max row norm of the copy)."""
     coarse = corpus.astype(COARSE_DTYPE)
     error = jnp.max(jnp.linalg.norm(corpus - coarse.astype(jnp.float32), axis=1))
     norm = jnp.max(jnp.linalg.norm(coarse.astype(jnp.float32), axis=1))
-    return coarse, jnp.stack([error, norm])
+    return lax.bitcast_convert_type(coarse, jnp.uint16), jnp.stack([error, norm])
+
+
+def _widen(rows):
+    """float32 rows from float32 rows or from bfloat16 bit patterns (uint16): bfloat16 is the top
+    half of a float32, so the bits shifted up are the exact value."""
+    if rows.dtype == jnp.uint16:
+        return lax.bitcast_convert_type(rows.astype(jnp.uint32) << 16, jnp.float32)
+    return rows.astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "recall"))
@@ -369,11 +391,13 @@ def _approx_top_k(user, corpus, mask, *, top_k, recall):
     return top_indices.astype(jnp.int32), top_scores
 
 
-@functools.partial(jax.jit, static_argnames=("top_k", "chunk_size", "block_size"))
-def _coarse_exact_top_k(user, corpus, coarse, coarse_error, mask, *, top_k, chunk_size, block_size):
+@functools.partial(jax.jit, static_argnames=("top_k", "chunk_size", "block_size", "fallback_chunk_size"))
+def _coarse_exact_top_k(user, corpus, coarse, coarse_error, mask, max_row_norm, *, top_k, chunk_size, block_size,
+                        fallback_chunk_size):
     TRACE_COUNTS["exact"] += 1
-    return _coarse_top_k(user, corpus, coarse, coarse_error, mask, top_k=top_k, chunk_size=chunk_size,
-                         block_size=block_size)
+    result, _ = _coarse_top_k(user, corpus, coarse, coarse_error, mask, max_row_norm, top_k=top_k,
+                              chunk_size=chunk_size, block_size=block_size, fallback_chunk_size=fallback_chunk_size)
+    return result
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "chunk_size", "block_size"))
@@ -428,8 +452,10 @@ def _dot_rounding(dim):
     return eps / (1 - eps)
 
 
-def _drop_hopeless(x, k):
+def _drop_hopeless(x, k, margin=None):
     """x [B, n] with entries that cannot be among their row's k largest set to PAD_SCORE.
+
+    margin: None, or [B, 1] >= 0: keep also the entries within `margin` of the k-th largest.
 
     A guess at each row's k-th largest comes from a strided sample: its m-th largest, m = k / s +
     SAMPLE_MARGIN_SD * sqrt(k / s) + 1 for stride s (in random order about s * m entries reach it,
@@ -447,14 +473,14 @@ def _drop_hopeless(x, k):
     # The guess as a min over top_k's whole output (XLA CPU keeps its fast kernel only then).
     guess = jnp.min(lax.top_k(x[:, ::SAMPLE_STRIDE], k_sampled)[0], axis=1, keepdims=True)  # [B, 1]
     enough = jnp.sum(x >= guess, axis=1, keepdims=True) >= k  # [B, 1]: guess <= the k-th largest
-    lower = jnp.where(enough, guess, PAD_SCORE)  # [B, 1]
+    lower = jnp.where(enough, guess if margin is None else guess - margin, PAD_SCORE)  # [B, 1]
     return jnp.where(x >= lower, x, PAD_SCORE)
 
 
 def _block_maxima(user, corpus, mask, num_valid, *, chunk_size, block_size):
     """Step 1: max score of every block of W rows, [B, ceil(n / W)], scanning R rows at a time.
 
-    `corpus` may be the bfloat16 copy: each chunk is converted to float32 as it is scored.
+    `corpus` may be the coarse copy (bfloat16 bits): each chunk is widened to float32 as it is scored.
     """
     B = user.shape[0]
     n = corpus.shape[0]
@@ -470,14 +496,14 @@ def _block_maxima(user, corpus, mask, num_valid, *, chunk_size, block_size):
         row_ids = start + jnp.arange(rows)  # [rows]
         pad = -rows % W  # only the tail chunk can be ragged (R % W == 0)
         if transposed:
-            scores = jnp.matmul(chunk.astype(jnp.float32), user.T, precision=SCORE_PRECISION)  # [rows, B]
+            scores = jnp.matmul(_widen(chunk), user.T, precision=SCORE_PRECISION)  # [rows, B]
             scores = _mask_scores(scores, row_ids[:, None], None if mask_rows is None else mask_rows[:, None],
                                   num_valid)
             scores = jnp.pad(scores, ((0, pad), (0, 0)), constant_values=PAD_SCORE)  # [rows + pad, B]
             return scores.reshape(-1, W, B).max(axis=1).T  # [B, ceil(rows / W)]
         # `user @ chunk.T`, not einsum("bd,rd->br"): for B=1 XLA CPU turns this form into a fused
         # multiply-reduce that reads the corpus in place, measured 1.6x faster than the GEMV call.
-        scores = jnp.matmul(user, chunk.T.astype(jnp.float32), precision=SCORE_PRECISION)  # [B, rows]
+        scores = jnp.matmul(user, _widen(chunk).T, precision=SCORE_PRECISION)  # [B, rows]
         scores = _mask_scores(scores, row_ids, mask_rows, num_valid)
         scores = jnp.pad(scores, ((0, 0), (0, pad)), constant_values=PAD_SCORE)  # [B, rows + pad]
         return scores.reshape(B, -1, W).max(axis=-1)  # [B, ceil(rows / W)]
@@ -536,45 +562,49 @@ def _refine(user, corpus, blocks, mask, num_valid, *, top_k, block_size, kept=No
     return lax.map(refine, (user, blocks, kept, cut))  # [B, K'] each
 
 
-def _coarse_top_k(user, corpus, coarse, coarse_error, mask, *, top_k, chunk_size, block_size):
-    """Exact top-k whose block maxima come from the bfloat16 copy `coarse` (module doc, step 1).
+def _coarse_top_k(user, corpus, coarse, coarse_error, mask, max_row_norm, *, top_k, chunk_size, block_size,
+                  fallback_chunk_size):
+    """Exact top-k whose block maxima come from the coarse copy `coarse` (module doc, step 1)
+    -> ((indices [B, K'], scores [B, K']), whether the coarse blocks fitted (no fallback)).
 
     Let c_b be block b's coarse maximum and t_b its float32 one. Every coarse score is within
-    e = |u| * (err + g * (2 * norm + err)) of the float32 score the refinement computes (err, norm:
-    the largest row norms of the rounding error and of the copy; g: the float32 dot product's
-    rounding bound; |u . delta| <= |u| |delta| by Cauchy-Schwarz), so |c_b - t_b| <= e. With L
-    the Nb-th largest c_b, Nb blocks have t_b >= L - e, so the K-th best score is >= L - e, and a
-    block holding a top-K row has t_b >= L - e, hence c_b >= L - 2e. The search keeps the top
-    blocks with c_b >= L - 2e (in index order, up to Nb + extra of them); if some user has more,
-    the float32 scan runs instead (`lax.cond`). Either way the result is the float32 path's.
-    Masked rows score -INF in both passes, so they cost no bound.
+    e = |u| * (err + g * (2 * norm + err)) of any float32 evaluation of the same dot product (err,
+    norm: the largest row norms of the rounding error and of the copy; g: the float32 dot
+    product's rounding bound; |u . delta| <= |u| |delta| by Cauchy-Schwarz), so |c_b - t_b| <= e.
+    With L the Nb-th largest c_b, Nb blocks have t_b >= L - e, so the K-th best score is >= L - e,
+    and a block holding a top-K row has t_b >= L - e, hence c_b >= L - 2e. The search rescores the
+    rows of the blocks with c_b >= L - 2e (in index order, up to Nb + extra of them); with Nb = K,
+    rows rescoring below L - e are beaten by K others and cut before the top_k. If some user has
+    more such blocks, the float32 plan (`fallback_chunk_size`) runs instead (`lax.cond`). Either
+    way the result is the float32 path's. Masked rows score -INF in both passes, so they cost no bound.
     """
-    n = corpus.shape[0]
     D = corpus.shape[1]
     W = block_size
-    num_blocks = -(-n // W)
     block_max = _block_maxima(user, coarse, mask, None, chunk_size=chunk_size, block_size=W)  # [B, N / W]
+    num_blocks = block_max.shape[1]
     Nb = min(top_k, num_blocks)
     slots = min(num_blocks, Nb + max(COARSE_MIN_EXTRA_BLOCKS, int(COARSE_EXTRA_BLOCKS_FRACTION * Nb)))
-    gamma = _dot_rounding(D)
     error, norm = coarse_error[0], coarse_error[1]
-    user_norm = jnp.linalg.norm(user, axis=1)  # [B]
-    bound = COARSE_BOUND_SAFETY * user_norm * (error + gamma * (2 * norm + error))  # [B] = e
-    # The Nb-th largest maximum as the min over the top Nb, read back through top_k's indices: XLA
-    # CPU keeps its fast top-k kernel only when its outputs are used whole (else it sorted all
-    # N / W maxima: 37 ms at N = 1M).
-    _, top_blocks = lax.top_k(block_max, Nb)  # [B, Nb]
-    lowest = jnp.min(jnp.take_along_axis(block_max, top_blocks, axis=1), axis=1, keepdims=True)  # [B, 1]
-    threshold = lowest - 2 * bound[:, None]  # [B, 1]
-    needed = block_max >= threshold  # [B, N / W], includes the top Nb
-    count = jnp.sum(needed, axis=1)  # [B]
-    # The needed blocks in index order (a cumulative sum, no sort); unused slots repeat block 0.
-    blocks = jax.vmap(lambda need: jnp.nonzero(need, size=slots, fill_value=0)[0])(needed)  # [B, slots]
-    kept = jnp.arange(slots)[None, :] < count[:, None]  # [B, slots]
-    return lax.cond(
-        jnp.all(count <= slots),
-        lambda: _refine(user, corpus, blocks, mask, None, top_k=top_k, block_size=W, kept=kept),
-        lambda: _local_top_k(user, corpus, mask, None, top_k=top_k, chunk_size=chunk_size, block_size=W))
+    bound = COARSE_BOUND_SAFETY * jnp.linalg.norm(user, axis=1, keepdims=True) * (
+        error + _dot_rounding(D) * (2 * norm + error))  # [B, 1] = e
+    # The best `slots` blocks, best first; blocks 2e below a verified guess at the Nb-th set aside first.
+    top_max, top_blocks = lax.top_k(_drop_hopeless(block_max, Nb, margin=2 * bound), slots)  # [B, slots]
+    # L as a min over top_k's whole output (XLA CPU keeps its fast top-k kernel only then).
+    lowest = jnp.min(jnp.where(jnp.arange(slots) < Nb, top_max, jnp.inf), axis=1, keepdims=True)  # [B, 1] = L
+    needed = top_max >= lowest - 2 * bound  # [B, slots], the top Nb included
+    # All needed blocks are among the slots when the last slot is not needed (or all blocks fit).
+    fits = jnp.all(jnp.sum(needed, axis=1) < slots) if slots < num_blocks else jnp.bool_(True)
+    # The needed blocks in index order, unused slots last and pointed at block 0 (rows unused).
+    order = jnp.sort(jnp.where(needed, top_blocks, num_blocks), axis=1)  # [B, slots]
+    kept = order < num_blocks  # [B, slots]
+    blocks = jnp.where(kept, order, 0)
+    cut = (lowest - bound)[:, 0] if Nb == top_k else None  # [B] = L - e
+    result = lax.cond(
+        fits,
+        lambda: _refine(user, corpus, blocks, mask, None, top_k=top_k, block_size=W, kept=kept, cut=cut),
+        lambda: _local_top_k(user, corpus, mask, None, top_k=top_k, chunk_size=fallback_chunk_size, block_size=W,
+                             max_row_norm=max_row_norm))
+    return result, fits
 
 
 class ShardedCorpusIndex(_Index):

@@ -5,6 +5,7 @@ order, so indices and scores must match brute force exactly, and the many exact 
 equal scores come back in corpus-index order.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -463,8 +464,7 @@ def test_auto_sizes_are_valid(num_rows, top_k, dim):
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
-@pytest.mark.parametrize("case", [c for c in EXACT_CASES.values() if c[2] <= 8],
-                         ids=[k for k, c in EXACT_CASES.items() if c[2] <= 8])
+@pytest.mark.parametrize("case", EXACT_CASES.values(), ids=EXACT_CASES.keys())
 def test_coarse_pass_matches_brute_force(case, masked):
     """The bfloat16 coarse pass (forced on at small N) returns brute force's indices and scores."""
     num_rows, dim, batch, top_k, chunk_size, block_size = case
@@ -474,31 +474,82 @@ def test_coarse_pass_matches_brute_force(case, masked):
     assert_same_as_brute_force(idx.search(user, top_k, mask), user, corpus, top_k, mask)
 
 
+def coarse_search(idx, user, top_k):
+    """`idx.search` through the coarse pass, and whether its blocks fitted (False: the float32
+    fallback answered)."""
+    (chunk, block), user = idx.plan(user.shape[0], top_k), jnp.asarray(user, jnp.float32)
+    fallback, _ = index._plan(idx.num_rows, idx.dim, user.shape[0], top_k, idx.chunk_size, block)
+    search = jax.jit(functools.partial(index._coarse_top_k, top_k=top_k, chunk_size=chunk, block_size=block,
+                                       fallback_chunk_size=fallback))
+    result, fits = search(user, idx.corpus_embeddings, idx.coarse_embeddings, idx.coarse_error, None,
+                          idx.max_row_norm)
+    return result, bool(fits)
+
+
+@pytest.mark.parametrize("batch, chunk", [(4, None), (16, 2048)], ids=["B=4", "B=16-chunked"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_coarse_pass_on_unit_vectors_equals_float32_path(seed):
+def test_coarse_pass_on_unit_vectors_equals_float32_path(seed, batch, chunk):
     """Real-valued rows round in bfloat16; the bound keeps every needed block, so the result is
-    the float32 path's exactly (indices and scores), for clustered users too."""
+    the float32 path's exactly (indices and scores), for clustered users too, and the coarse
+    blocks fit (the coarse rescoring and its row cut answered, not the fallback)."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((16, 32))
     corpus = unit_rows(centres[rng.integers(0, 16, 20000)] + 0.5 * rng.standard_normal((20000, 32)))
-    user = unit_rows(centres[:4] + 0.3 * rng.standard_normal((4, 32)))
-    coarse = CorpusIndex(corpus, coarse=True, block_size=8)
-    plain = CorpusIndex(corpus, coarse=False, block_size=8)
-    assert coarse.plan(4, 50)[0] >= 20000  # one-piece plan: the coarse pass applies
+    user = unit_rows(centres[rng.integers(0, 16, batch)] + 0.3 * rng.standard_normal((batch, 32)))
+    coarse = CorpusIndex(corpus, coarse=True, block_size=8, chunk_size=chunk)
+    plain = CorpusIndex(corpus, coarse=False, block_size=8, chunk_size=chunk)
     for k in (1, 50):
         got, want = coarse.search(user, k), plain.search(user, k)
         np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
         np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+        (indices, scores), fits = coarse_search(coarse, user, k)
+        assert fits
+        np.testing.assert_array_equal(np.asarray(indices), np.asarray(want[0]))
+        np.testing.assert_array_equal(np.asarray(scores), np.asarray(want[1]))
 
 
-def test_coarse_pass_falls_back_when_the_band_overflows():
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_coarse_scan_is_chunked_and_never_widens_the_whole_corpus(batch):
+    """The coarse scan reads chunks of the uint16 copy (never all N rows at once, whatever B),
+    and no [N, D] float32 array is built from it: XLA CPU, handed a bfloat16 array, converted the
+    whole corpus before the loop (3-4x slower)."""
+    num_rows, dim = 2**16, 128
+    chunk, block = index._plan(num_rows, dim, batch, 100, None, None, coarse=True)
+    assert chunk < num_rows and index._plan(10**6, dim, batch, 1000, None, None, coarse=True)[0] < 10**6
+    idx = CorpusIndex(np.random.default_rng(0).standard_normal((num_rows, dim)).astype(np.float32))
+    assert idx.coarse and idx.coarse_embeddings.dtype == jnp.uint16 and idx.plan(batch, 100) == (chunk, block)
+    fallback, _ = index._plan(num_rows, dim, batch, 100, None, block)
+    hlo = index._coarse_exact_top_k.lower(
+        jnp.ones((batch, dim)), idx.corpus_embeddings, idx.coarse_embeddings, idx.coarse_error, None,
+        idx.max_row_norm, top_k=100, chunk_size=chunk, block_size=block,
+        fallback_chunk_size=fallback).compile().as_text()
+    built = [line for line in hlo.splitlines() if f"= f32[{num_rows},{dim}]" in line
+             and any(op in line for op in (" fusion(", " convert(", " copy("))]  # not parameters or aliases
+    assert not built, built
+
+
+def test_widen_is_exact():
+    """uint16 bfloat16 bit patterns widen to the float32 that bfloat16's own cast gives, bit for bit."""
+    values = np.array([0.0, -0.0, 1.0, -2.5, 3.0e38, -3.0e38, 1e-40, -1e-45, np.inf, -np.inf, 0.1, 65504.0],
+                      np.float32)
+    bf16 = jnp.asarray(values).astype(jnp.bfloat16)
+    bits = jax.lax.bitcast_convert_type(bf16, jnp.uint16)
+    got = np.asarray(index._widen(bits)).view(np.uint32)
+    np.testing.assert_array_equal(got, np.asarray(bf16.astype(jnp.float32)).view(np.uint32))
+    np.testing.assert_array_equal(np.asarray(index._widen(jnp.asarray(values))), values)  # float32: as is
+
+
+@pytest.mark.parametrize("batch, chunk", [(2, None), (16, 512)], ids=["B=2", "B=16-chunked"])
+def test_coarse_pass_falls_back_when_the_band_overflows(batch, chunk):
     """All rows tie: every block is within the error band, too many to keep, so the float32
     scan answers (ties in index order, as brute force)."""
     corpus = np.ones((4096, 4), np.float32)
-    idx = CorpusIndex(corpus, block_size=8, coarse=True)
-    indices, scores = idx.search(np.ones((2, 4)), 30)
-    np.testing.assert_array_equal(np.asarray(indices), np.tile(np.arange(30), (2, 1)))
-    np.testing.assert_array_equal(np.asarray(scores), np.full((2, 30), 4.0))
+    idx = CorpusIndex(corpus, block_size=8, coarse=True, chunk_size=chunk)
+    user = np.ones((batch, 4), np.float32)
+    for indices, scores in (idx.search(user, 30), coarse_search(idx, user, 30)[0]):
+        np.testing.assert_array_equal(np.asarray(indices), np.tile(np.arange(30), (batch, 1)))
+        np.testing.assert_array_equal(np.asarray(scores), np.full((batch, 30), 4.0))
+    assert not coarse_search(idx, user, 30)[1]
 
 
 def test_coarse_default_and_approx_recall():
@@ -553,6 +604,25 @@ def test_drop_hopeless_keeps_top_k_exactly(name, k):
         assert kept.sum(axis=1).max() < x.shape[1] // 4
     if name == "lonely" and k > 3:  # fewer than k entries reach the guess: nothing dropped
         np.testing.assert_array_equal(np.asarray(dropped), np.asarray(x))
+
+
+@pytest.mark.parametrize("k", [1, 40, 300])
+@pytest.mark.parametrize("name", DROP_CASES.keys())
+def test_drop_hopeless_margin_keeps_entries_near_the_kth(name, k):
+    """With a margin m, every entry within m of its row's k-th largest stays (the coarse pass
+    needs them), and top_k is unchanged."""
+    x = np.asarray(DROP_CASES[name])
+    margin = np.full((x.shape[0], 1), 0.5, np.float32)
+    dropped = np.asarray(jax.jit(index._drop_hopeless, static_argnums=1)(jnp.asarray(x), k, jnp.asarray(margin)))
+    kth = np.sort(x, axis=1)[:, -k:][:, :1]  # [B, 1]
+    near = x >= kth - margin
+    np.testing.assert_array_equal(dropped[near], x[near])
+    want, got = jax.lax.top_k(jnp.asarray(x), k), jax.lax.top_k(jnp.asarray(dropped), k)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    if name == "spiky" and k == 40:  # the guess is the k-th (1.0) itself: zeros 1.0 below it go
+        assert not (np.asarray(index._drop_hopeless(jnp.asarray(x), k)) == 0).any()  # without a margin,
+        wide = index._drop_hopeless(jnp.asarray(x), k, jnp.full((1, 1), 1.5))  # and stay within 1.5
+        np.testing.assert_array_equal(np.asarray(wide), x)
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])

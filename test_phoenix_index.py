@@ -528,6 +528,32 @@ def test_coarse_scan_is_chunked_and_never_widens_the_whole_corpus(batch):
     assert not built, built
 
 
+@pytest.mark.parametrize("chunk_rows", [100, 2**14], ids=["chunks+tail", "one-piece"])
+def test_coarse_copy_rounds_as_bfloat16(chunk_rows, monkeypatch):
+    """The copy's bits are bfloat16's own rounding of each float32 (nearest, ties to even: the
+    halfway patterns below), and its error bound is the largest row norm of the rounding error,
+    built in chunks of rows or in one piece."""
+    monkeypatch.setattr(index, "COPY_CHUNK_ROWS", chunk_rows)
+    coarse_copy = jax.jit(index._coarse_copy.__wrapped__)  # traced afresh with the patched chunk
+    rng = np.random.default_rng(4)
+    halfway = (np.arange(64, dtype=np.uint32) << 16 | 0x8000).view(np.float32) * 1.0  # ties, odd and even
+    rows = np.concatenate([rng.standard_normal(4000).astype(np.float32), halfway,
+                           np.array([0.0, -0.0, 1e-40, -3e-39, 3.0e15, 1.5e-38], np.float32)])
+    corpus = np.resize(rows, (len(rows) // 8 + 1) * 8).reshape(-1, 8)
+    assert corpus.shape[0] % 100 and corpus.shape[0] > 200  # several chunks and a tail
+    coarse, (error, norm) = coarse_copy(jnp.asarray(corpus), jnp.float32(1.5))
+    want = jnp.asarray(corpus).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(coarse), np.asarray(jax.lax.bitcast_convert_type(want, jnp.uint16)))
+    widened = np.asarray(want.astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(float(error), np.linalg.norm(corpus - widened, axis=1).max(), rtol=1e-5)
+    assert float(norm) == np.float32(1.5) + error  # the corpus's largest row norm + the error
+    huge = np.array([[3.0e38, -3.3e38, 1.0, 0.0]], np.float32)  # bfloat16 rounds -3.3e38 to -inf
+    coarse, bound = coarse_copy(jnp.asarray(huge), jnp.float32(np.inf))
+    np.testing.assert_array_equal(np.asarray(coarse), np.asarray(jax.lax.bitcast_convert_type(
+        jnp.asarray(huge).astype(jnp.bfloat16), jnp.uint16)))
+    assert np.isinf(np.asarray(bound)).all()  # an overflowing bound: every block needed, the fallback answers
+
+
 def test_widen_is_exact():
     """uint16 bfloat16 bit patterns widen to the float32 that bfloat16's own cast gives, bit for bit."""
     values = np.array([0.0, -0.0, 1.0, -2.5, 3.0e38, -3.0e38, 1e-40, -1e-45, np.inf, -np.inf, 0.1, 65504.0],

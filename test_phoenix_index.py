@@ -6,6 +6,8 @@ equal scores come back in corpus-index order.
 """
 
 import functools
+import gc
+import mmap
 import os
 import subprocess
 import sys
@@ -172,6 +174,39 @@ def test_search_compiles_once_per_shape():
     idx.search(user, 18)
     idx.search(user, 18, mask)
     assert index.TRACE_COUNTS["exact"] == before + 3
+
+
+def _advised_huge(address: int) -> bool:
+    """Whether the mapping holding `address` is advised for huge pages ("hg" in its VmFlags)."""
+    mapping = None
+    for line in open("/proc/self/smaps"):
+        first = line.split()[0]
+        if "-" in first and ":" not in first:  # a mapping's header: "start-end perms ..."
+            low, high = (int(v, 16) for v in first.split("-"))
+            mapping = low <= address < high
+        elif mapping and line.startswith("VmFlags:"):
+            return "hg" in line.split()
+    return False
+
+
+def test_large_aligned_buffers_and_the_coarse_copy_are_advised_for_huge_pages():
+    if not (sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE")) or jax.default_backend() != "cpu":
+        pytest.skip("madvise(MADV_HUGEPAGE) and host aliasing: Linux, CPU backend")
+    small, large = index.aligned_empty((16, 16)), index.aligned_empty((index.HUGE_PAGE_MIN_BYTES // 512, 128))
+    assert large.ctypes.data % mmap.PAGESIZE == 0 and large.flags.writeable and large.flags.c_contiguous
+    assert _advised_huge(large.ctypes.data) and not _advised_huge(small.ctypes.data)
+    corpus = np.random.default_rng(0).standard_normal((2**17, 128)).astype(np.float32)  # copy: 2**17 * 256 bytes
+    idx = CorpusIndex(corpus)
+    pointer = idx.coarse_embeddings.unsafe_buffer_pointer()
+    assert pointer % mmap.PAGESIZE == 0 and _advised_huge(pointer)
+    want = jnp.asarray(corpus).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(idx.coarse_embeddings),
+                                  np.asarray(jax.lax.bitcast_convert_type(want, jnp.uint16)))
+    del corpus, large
+    gc.collect()  # the index's arrays keep their buffers alive
+    user = np.ones((2, 128), np.float32)
+    np.testing.assert_array_equal(np.asarray(idx.search(user, 10)[0]),
+                                  np.asarray(CorpusIndex(idx.corpus_embeddings, coarse=False).search(user, 10)[0]))
 
 
 def test_corpus_is_not_copied_when_aligned():
@@ -528,13 +563,19 @@ def test_coarse_scan_is_chunked_and_never_widens_the_whole_corpus(batch):
     assert not built, built
 
 
+@pytest.mark.parametrize("builder", ["device-loop", "host-buffer"])
 @pytest.mark.parametrize("chunk_rows", [100, 2**14], ids=["chunks+tail", "one-piece"])
-def test_coarse_copy_rounds_as_bfloat16(chunk_rows, monkeypatch):
+def test_coarse_copy_rounds_as_bfloat16(chunk_rows, builder, monkeypatch):
     """The copy's bits are bfloat16's own rounding of each float32 (nearest, ties to even: the
     halfway patterns below), and its error bound is the largest row norm of the rounding error,
-    built in chunks of rows or in one piece."""
+    built in chunks of rows or in one piece, by the device loop or into a host buffer (CPU)."""
     monkeypatch.setattr(index, "COPY_CHUNK_ROWS", chunk_rows)
-    coarse_copy = jax.jit(index._coarse_copy.__wrapped__)  # traced afresh with the patched chunk
+    if builder == "device-loop":
+        coarse_copy = jax.jit(index._coarse_copy.__wrapped__)  # traced afresh with the patched chunk
+    elif jax.default_backend() == "cpu":
+        coarse_copy = index._build_coarse
+    else:
+        pytest.skip("the host-buffer builder is the CPU backend's")
     rng = np.random.default_rng(4)
     halfway = (np.arange(64, dtype=np.uint32) << 16 | 0x8000).view(np.float32) * 1.0  # ties, odd and even
     rows = np.concatenate([rng.standard_normal(4000).astype(np.float32), halfway,

@@ -661,8 +661,11 @@ def _coarse_top_k(user, corpus, coarse, coarse_error, mask, max_row_norm, *, top
     # L as a min over top_k's whole output (XLA CPU keeps its fast top-k kernel only then).
     lowest = jnp.min(jnp.where(jnp.arange(slots) < Nb, top_max, jnp.inf), axis=1, keepdims=True)  # [B, 1] = L
     needed = top_max >= lowest - 2 * bound  # [B, slots], the top Nb included
-    # All needed blocks are among the slots when the last slot is not needed (or all blocks fit).
-    fits = jnp.all(jnp.sum(needed, axis=1) < slots) if slots < num_blocks else jnp.bool_(True)
+    # All needed blocks are among the slots when the last slot is not needed (or all blocks fit),
+    # and the band is a number (scores or |u| overflowing float32 leave it to the float32 plan).
+    fits = jnp.all(jnp.isfinite(lowest - 2 * bound))
+    if slots < num_blocks:
+        fits &= jnp.all(jnp.sum(needed, axis=1) < slots)
     # The needed blocks in index order, unused slots last and pointed at block 0 (rows unused).
     order = jnp.sort(jnp.where(needed, top_blocks, num_blocks), axis=1)  # [B, slots]
     kept = order < num_blocks  # [B, slots]

@@ -619,6 +619,26 @@ def test_coarse_pass_falls_back_when_the_band_overflows(batch, chunk):
     assert not coarse_search(idx, user, 30)[1]
 
 
+@pytest.mark.parametrize("scale", [1e20, 1e38], ids=["|u| overflows", "scores overflow too"])
+def test_coarse_pass_with_overflowing_scores_is_the_float32_path(scale):
+    """Users so large that |u| (and then the scores) overflow float32 leave no usable error band
+    (infinite, or inf - inf = NaN): the float32 plan answers, so the coarse index still returns
+    exactly what coarse=False returns."""
+    rng = np.random.default_rng(6)
+    direction = unit_rows(rng.standard_normal((3, 16)))
+    user = (direction * np.float32(scale)).astype(np.float32)
+    corpus = 4 * unit_rows(rng.standard_normal((20000, 16)))
+    for b in range(3):
+        corpus[b::50] = 4 * direction[b]  # rows along user b: their scores overflow at scale 1e38
+    coarse = CorpusIndex(corpus, coarse=True, block_size=8)
+    plain = CorpusIndex(corpus, coarse=False, block_size=8)
+    for k in (1, 20, 400):  # 400: too few blocks per k for the drop, 400 infinite maxima per user
+        got, want = coarse.search(user, k), plain.search(user, k)
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+        assert not coarse_search(coarse, user, k)[1]
+
+
 def test_coarse_default_and_approx_recall():
     assert CorpusIndex(np.zeros((100, 4), np.float32)).coarse is False  # small corpus: no copy
     assert CorpusIndex(np.zeros((index.COARSE_MIN_ROWS, 4), np.float32)).coarse is True

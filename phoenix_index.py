@@ -16,9 +16,9 @@ Shape glossary
 How the exact search works (`CorpusIndex`):
   1. Scan the corpus in chunks of R rows inside one jitted `fori_loop`: score the chunk
      (`[R, B]` = chunk @ user.T for several users, small enough to stay in cache) and keep only
-     the max of every block of W rows (`[B, N/W]` in total). No top-k runs inside the loop. Up
-     to MAX_UNCHUNKED_BATCH users the whole corpus is one chunk: reading the corpus bounds that
-     case, and a sliced chunk would be copied first.
+     the max of every block of W rows (`[B, N/W]` in total). No top-k runs inside the loop. In
+     the float32 scan (no coarse copy), up to MAX_UNCHUNKED_BATCH users the whole corpus is one
+     chunk: reading the corpus bounds that case, and a sliced chunk would be copied first.
   2. `top_k` over the block maxima picks the Nb best blocks per user; gather their rows and
      rescore them, one user at a time. Blocks below a verified lower bound on the Nb-th best
      maximum are set aside first (`_drop_hopeless`), and so are rescored rows below the Nb-th

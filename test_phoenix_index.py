@@ -1,11 +1,13 @@
-"""Tests for phoenix_index.py: exact and sharded top-k vs a NumPy brute force, FAISS recall, errors.
+"""Tests for phoenix_index.py: the contract (a score is a function of (user, row) only), exact and
+sharded top-k vs brute force over `exact_scores`, adversarial corpora (hypothesis), aliasing, FAISS,
+errors.
 
-Most corpora are small integers: their dot products are exact in float32 whatever the summation
-order, so indices and scores must match brute force exactly, and the many exact ties check that
-equal scores come back in corpus-index order.
+Brute force here is `exact_scores` (checked against an independent NumPy twin of its definition)
+followed by a stable NumPy sort, and every exact search must equal it bit for bit: indices and
+scores. Many corpora are small integers, whose dot products are exact in any order, so they also
+check ties (corpus-index order) against plain float32 arithmetic.
 """
 
-import functools
 import gc
 import mmap
 import os
@@ -13,28 +15,47 @@ import subprocess
 import sys
 import textwrap
 
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import phoenix_index as index
-from phoenix_index import INF, CorpusIndex, FaissIndex, ShardedCorpusIndex
+from phoenix_index import INF, CorpusIndex, FaissIndex, ShardedCorpusIndex, exact_scores
 from phoenix_metrics import topk_recall as recall_at_k
 
-SCORE_RTOL = 1e-6  # float32 dot products of unit vectors, XLA vs NumPy summation order
-SCORE_ATOL = 1e-6
 MASKED = np.float32(-INF)  # what a masked entry scores in float32
 MIN_FAISS_RECALL = 0.95  # clustered corpus, default nprobe: measured 1.0 (0.98 at nprobe=4)
+# Fused multiply-add detector: with one rounding, A * A + C = 2^-24; with two (product rounded to
+# float32 first, as the canonical score does), 0.
+FMA_A, FMA_C = np.float32(1 + 2**-12), np.float32(-(1 + 2**-11))
+# Few examples, always the same ones (CI is deterministic); shapes fixed per test so each compiles once.
+PROPERTY_SETTINGS = hypothesis.settings(max_examples=8, deadline=None, derandomize=True, database=None,
+                                        suppress_health_check=[hypothesis.HealthCheck.too_slow])
 
 
 def brute_force(user, corpus, top_k, corpus_mask=None):
-    """Reference: full score matrix, masked entries -INF, stable descending sort."""
-    scores = np.asarray(user, np.float32) @ np.asarray(corpus, np.float32).T  # [B, N]
+    """Reference: `exact_scores` [B, N], masked entries -INF, stable descending sort."""
+    scores = np.asarray(exact_scores(np.asarray(user, np.float32), np.asarray(corpus, np.float32)))  # [B, N]
     if corpus_mask is not None:
         scores = np.where(corpus_mask[None, :], scores, MASKED)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]  # [B, K]
     return order, np.take_along_axis(scores, order, axis=1)
+
+
+def numpy_canonical(user, corpus):
+    """The canonical score's definition in NumPy (no fused multiply-add, no flush to zero): float32
+    products, zero-padded to a power of two, halved pairwise (x[:h] + x[h:]) -> [B, N]."""
+    products = np.asarray(user, np.float32)[:, None, :] * np.asarray(corpus, np.float32)[None]  # [B, N, D]
+    width = 1 << (products.shape[-1] - 1).bit_length()
+    products = np.concatenate([products, np.zeros(products.shape[:-1] + (width - products.shape[-1],),
+                                                  np.float32)], axis=-1)
+    while width > 1:
+        width //= 2
+        products = products[..., :width] + products[..., width:]
+    return products[..., 0] + np.float32(0)  # -0.0 -> +0.0
 
 
 def int_corpus(num_rows, dim, batch, seed=0, valid_fraction=0.7):
@@ -50,11 +71,12 @@ def unit_rows(x):
 
 
 def assert_same_as_brute_force(search_out, user, corpus, top_k, corpus_mask=None):
-    indices, scores = (np.asarray(a) for a in search_out)
+    """Indices and scores equal brute force's bit for bit."""
+    indices, scores = (np.asarray(a) for a in search_out[:2])
     want_indices, want_scores = brute_force(user, corpus, top_k, corpus_mask)
     assert indices.dtype == np.int32 and scores.dtype == np.float32
     np.testing.assert_array_equal(indices, want_indices)
-    np.testing.assert_allclose(scores, want_scores, rtol=SCORE_RTOL)
+    np.testing.assert_array_equal(scores.view(np.uint32), want_scores.view(np.uint32))
 
 
 # (N, D, B, K, chunk_size, block_size); None = automatic.
@@ -93,17 +115,19 @@ def test_plan_picks_direct_or_two_stage():
     assert block > 1 and chunk % block == 0
 
 
-def test_exact_unit_vectors_scores_within_tolerance():
-    """Random unit vectors (the real use): scores match brute force, and each returned index
-    really has the returned score, so the result is the top-k up to float32 rounding."""
+def test_exact_unit_vectors_equal_brute_force_and_float64_within_rounding():
+    """Random unit vectors (the real use): brute force's indices and scores bit for bit, through the
+    float32 pass's band (not a fallback), and the scores within float32 rounding of float64 dot products."""
     rng = np.random.default_rng(1)
     corpus = unit_rows(rng.standard_normal((5000, 32)))
     user = unit_rows(rng.standard_normal((4, 32)))
-    indices, scores = (np.asarray(a) for a in CorpusIndex(corpus, chunk_size=512).search(user, 100))
-    _, want_scores = brute_force(user, corpus, 100)
-    np.testing.assert_allclose(scores, want_scores, rtol=SCORE_RTOL, atol=SCORE_ATOL)
-    own = np.take_along_axis(user @ corpus.T, indices, axis=1)  # [B, K]
-    np.testing.assert_allclose(scores, own, rtol=SCORE_RTOL, atol=SCORE_ATOL)
+    idx = CorpusIndex(corpus, chunk_size=512)
+    out = idx._search(user, 100)
+    assert_same_as_brute_force(out, user, corpus, 100)
+    assert index.STAGES[int(out[2])] == "float32"
+    indices, scores = np.asarray(out[0]), np.asarray(out[1])
+    exact = np.take_along_axis(user.astype(np.float64) @ corpus.T.astype(np.float64), indices, axis=1)  # [B, K]
+    np.testing.assert_allclose(scores, exact, rtol=0, atol=index._dot_rounding(32))  # |u| = |x| = 1
     assert all(len(set(row)) == 100 for row in indices)
 
 
@@ -112,6 +136,198 @@ def test_ties_come_in_index_order():
     indices, scores = CorpusIndex(corpus, block_size=8, chunk_size=16).search(np.ones((2, 4)), 30)
     np.testing.assert_array_equal(np.asarray(indices), np.tile(np.arange(30), (2, 1)))
     np.testing.assert_array_equal(np.asarray(scores), np.full((2, 30), 4.0))
+
+
+# --- The contract: a score is a function of (user, row) only --------------------------------------
+
+@pytest.mark.parametrize("dim", [1, 3, 8, 20, 128])
+def test_exact_scores_is_its_numpy_definition(dim):
+    """`exact_scores` is float32 products summed by the fixed pairwise tree, bit for bit (NumPy has
+    no fused multiply-add and no flush to zero; these values never underflow), and within float32
+    rounding of the float64 dot product."""
+    rng = np.random.default_rng(dim)
+    user = rng.standard_normal((3, dim)).astype(np.float32)
+    corpus = (rng.standard_normal((517, dim)) * np.exp(rng.uniform(-3, 3, (517, 1)))).astype(np.float32)
+    got = np.asarray(exact_scores(user, corpus))  # [B, N]
+    np.testing.assert_array_equal(got.view(np.uint32), numpy_canonical(user, corpus).view(np.uint32))
+    magnitude = np.abs(user.astype(np.float64)) @ np.abs(corpus.T.astype(np.float64))  # sum |u_i x_i|
+    assert (np.abs(got - user.astype(np.float64) @ corpus.T.astype(np.float64))
+            <= index._dot_rounding(dim) * magnitude).all()
+
+
+def test_exact_scores_depend_on_the_pair_only():
+    """A (user, row) score does not change with the other users, the other rows, the row's position
+    or the chunking of the scan (the shape-dependent rounding a matmul has)."""
+    rng = np.random.default_rng(2)
+    user = rng.standard_normal((5, 128)).astype(np.float32)
+    corpus = rng.standard_normal((300, 128)).astype(np.float32)
+    full = np.asarray(exact_scores(user, corpus))  # [B, N]
+    for chunk in (1, 7, 64, 300):
+        np.testing.assert_array_equal(np.asarray(index._exact_scores(jnp.asarray(user), jnp.asarray(corpus),
+                                                                     chunk_size=chunk)), full)
+    for b, i in [(0, 0), (4, 299), (2, 137)]:
+        alone = np.asarray(exact_scores(user[b:b + 1], corpus[i:i + 1]))[0, 0]
+        moved = np.asarray(exact_scores(np.tile(user[b], (3, 1)), np.roll(corpus, 41, axis=0)))[1, (i + 41) % 300]
+        assert alone == moved == full[b, i]
+
+
+def test_exact_scores_never_fuse_multiply_add():
+    """XLA CPU contracts a * b + c into one fused multiply-add (one rounding); the canonical score
+    rounds every product first, also when the corpus or the users are constants of the caller's jit
+    (a constant mask would be folded away) and inside vmap."""
+    row = np.zeros(20, np.float32)
+    row[0], row[16] = FMA_A, FMA_C  # the tree's first level adds positions i and i + 16
+    user = np.zeros((1, 20), np.float32)
+    user[0, 0], user[0, 16] = FMA_A, 1.0
+    corpus = np.tile(row, (300, 1))
+    calls = {
+        "direct": lambda: exact_scores(user, corpus),
+        "corpus constant": lambda: jax.jit(lambda u: index._canonical(u[:, None, :], jnp.asarray(corpus)[None]))(user),
+        "user constant": lambda: jax.jit(lambda c: index._canonical(jnp.asarray(user)[:, None, :], c[None]))(corpus),
+        "vmap": lambda: jax.vmap(lambda c: index._canonical(jnp.asarray(user[0]), c))(jnp.asarray(corpus)),
+    }
+    for name, call in calls.items():
+        np.testing.assert_array_equal(np.asarray(call()).ravel(), 0.0, err_msg=name)
+    contracted = float(jax.jit(lambda a, c: a * a + c)(FMA_A, FMA_C))
+    assert contracted in (0.0, 2.0**-24)  # 2^-24 where this platform fuses (the detector works)
+
+
+def test_zero_scores_are_positive_zero_and_tie_by_index():
+    """A zero user against all-negative rows gives products of -0.0, whose sum is -0.0; XLA's top_k
+    (a total order) would put +0.0 scores before it. Scores are +0.0, so all zero scores tie and come
+    in index order, as brute force (NumPy) orders them."""
+    corpus = np.abs(np.random.default_rng(3).standard_normal((64, 16))).astype(np.float32)
+    corpus[::3] *= -1  # rows 0, 3, 6, ...: every product with a zero user is -0.0
+    user = np.zeros((1, 16), np.float32)
+    scores = np.asarray(exact_scores(user, corpus))
+    np.testing.assert_array_equal(scores.view(np.uint32), 0)  # +0.0 bit patterns
+    for kwargs in ({}, dict(block_size=4, chunk_size=8)):
+        indices, _ = CorpusIndex(corpus, **kwargs).search(user, 10)
+        np.testing.assert_array_equal(np.asarray(indices), [np.arange(10)])
+
+
+@pytest.mark.parametrize("coarse", [False, True], ids=["float32", "coarse"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_identical_rows_score_identically(batch, coarse):
+    """The issue's case: 1000 identical rows, block_size=4, chunk_size=8. Before: rows
+    [24, 25, 26, 27, 0, 1, 2] with 2-4 distinct scores (a matmul rounds each row by its position).
+    Now: rows 0-6, one score, brute force's."""
+    rng = np.random.default_rng(128)
+    corpus = np.tile(rng.standard_normal(128).astype(np.float32), (1000, 1))
+    user = rng.standard_normal((batch, 128)).astype(np.float32)
+    indices, scores = (np.asarray(a) for a in CorpusIndex(corpus, block_size=4, chunk_size=8,
+                                                          coarse=coarse).search(user, 7))
+    np.testing.assert_array_equal(indices, np.tile(np.arange(7), (batch, 1)))
+    assert len(set(scores.ravel()[:7])) == 1
+    assert_same_as_brute_force((indices, scores), user, corpus, 7)
+
+
+def staircase(num_rows, dim, seed, steps=7):
+    """One row repeated, row r with entry r % D moved (r % steps) float32 ulps up: near-ties one
+    ulp apart, rows in a random order."""
+    rng = np.random.default_rng(seed)
+    corpus = np.tile(rng.standard_normal(dim).astype(np.float32), (num_rows, 1))
+    for r in range(num_rows):
+        for _ in range(r % steps):
+            corpus[r, r % dim] = np.nextafter(corpus[r, r % dim], np.float32(np.inf))
+    return corpus[rng.permutation(num_rows)]
+
+
+@pytest.mark.parametrize("coarse", [False, True], ids=["float32", "coarse"])
+def test_one_ulp_staircase_with_two_users_equals_brute_force(coarse):
+    """The issue's second case: rows one float32 ulp apart searched by 2 users came back in an
+    order that differed from brute force (1 user matched)."""
+    corpus = staircase(2000, 32, seed=0)
+    user = np.random.default_rng(1).standard_normal((2, 32)).astype(np.float32)
+    idx = CorpusIndex(corpus, coarse=coarse, block_size=8 if coarse else None)
+    for k in (20, 700):
+        assert_same_as_brute_force(idx.search(user, k), user, corpus, k)
+
+
+# Adversarial corpora: N not a multiple of any block or chunk below, D padded to 32 in the tree.
+PROPERTY_ROWS, PROPERTY_DIM = 203, 20
+FAMILIES = ("identical", "staircase", "duplicates", "ints", "huge", "tiny", "mixed-norms", "fma", "zero-user",
+            "unit")
+
+
+def adversarial(family, batch, seed, num_rows=PROPERTY_ROWS, dim=PROPERTY_DIM):
+    """(user [B, D], corpus [N, D]) of one adversarial family, float32."""
+    rng = np.random.default_rng(seed)
+    user = rng.standard_normal((batch, dim)).astype(np.float32)
+    unit = unit_rows(rng.standard_normal((num_rows, dim)))
+    if family == "identical":
+        corpus = np.tile(unit[0] * np.float32(10.0 ** rng.integers(-3, 4)), (num_rows, 1))
+    elif family == "staircase":
+        corpus = staircase(num_rows, dim, seed)
+    elif family == "duplicates":  # five rows, each repeated at random positions
+        corpus = unit[rng.integers(0, 5, num_rows)]
+    elif family == "ints":
+        corpus = rng.integers(-2, 3, (num_rows, dim)).astype(np.float32)
+        user = rng.integers(-2, 3, (batch, dim)).astype(np.float32)
+    elif family == "huge":  # |u| * max |x| up to 0.9e38, products near 1e37: nothing may overflow
+        corpus = unit * np.float32(1e19) * rng.uniform(0.5, 1.0, (num_rows, 1)).astype(np.float32)
+        user = unit_rows(user) * np.float32(9e18)
+    elif family == "tiny":  # products around float32's smallest normal: flushed or not, the same everywhere
+        corpus = unit * np.float32(10.0 ** rng.uniform(-21, -18))
+        user = unit_rows(user) * np.float32(10.0 ** rng.uniform(-21, -18))
+    elif family == "mixed-norms":
+        corpus = unit * (10.0 ** rng.uniform(-30, 30, (num_rows, 1))).astype(np.float32)
+        user = unit_rows(user) * np.float32(10.0 ** rng.uniform(-5, 5))
+    elif family == "fma":  # rows whose tree adds A * A + C (see FMA_A), among near copies
+        corpus = np.tile(unit[0], (num_rows, 1))
+        corpus[::3, 0], corpus[::3, 16] = FMA_A, FMA_C
+        user[:, 0], user[:, 16] = FMA_A, 1.0
+    elif family == "zero-user":  # every score 0 for the zero users; all-negative rows' products are -0.0
+        corpus = unit
+        corpus[::4] = -np.abs(corpus[::4])
+        user[::2] = 0.0
+    else:
+        corpus = unit
+    return user.astype(np.float32), corpus.astype(np.float32)
+
+
+def property_mask(rng, num_rows):
+    """All rows valid, almost none, or most; drawn per example."""
+    return rng.random(num_rows) < rng.choice([0.02, 0.7, 1.0])
+
+
+# id: (index class, constructor kwargs); every public exact index and every kind of setting.
+INDEX_SETTINGS = {
+    "auto": (CorpusIndex, {}),
+    "block4-chunk8": (CorpusIndex, dict(block_size=4, chunk_size=8, coarse=False)),
+    "block4-chunk8-coarse": (CorpusIndex, dict(block_size=4, chunk_size=8, coarse=True)),
+    "block8-chunk24": (CorpusIndex, dict(block_size=8, chunk_size=24, coarse=False)),
+    "block8-coarse": (CorpusIndex, dict(block_size=8, coarse=True)),
+    "block1-chunk16": (CorpusIndex, dict(block_size=1, chunk_size=16)),
+    "one-block": (CorpusIndex, dict(block_size=256)),
+    "sharded-auto": (ShardedCorpusIndex, {}),
+    "sharded-block4-chunk8": (ShardedCorpusIndex, dict(block_size=4, chunk_size=8)),
+}
+# Two (B, K, masked) per setting, rotating, so every setting sees 1 user and several, and over
+# the settings B = 1, 2, 3, 16 and K = 1, 37, N - 1, N all occur (one compile each).
+_N = PROPERTY_ROWS
+SEARCH_SHAPES = [((1, _N, False), (16, 37, True)), ((1, 1, True), (2, _N - 1, False)), ((1, 37, False), (3, _N, True))]
+PROPERTY_CASES = {f"{name}-B{b}-K{k}{'-mask' if m else ''}": (name, b, k, m)
+                  for i, name in enumerate(INDEX_SETTINGS) for b, k, m in SEARCH_SHAPES[i % 3]}
+
+
+@pytest.mark.parametrize("setting, batch, top_k, masked", PROPERTY_CASES.values(), ids=PROPERTY_CASES.keys())
+@PROPERTY_SETTINGS
+@hypothesis.given(seed=st.integers(0, 2**16))
+def test_every_index_equals_brute_force_on_adversarial_corpora(setting, batch, top_k, masked, seed):
+    """Every family (all rows identical, 1-ulp staircases, duplicates, small-integer ties, norms near
+    float32's overflow and underflow, rows a fused multiply-add would score differently, zero
+    users, unit vectors): indices and scores equal brute force over `exact_scores` bit for bit, so
+    identical rows score identically and ties come in index order."""
+    cls, kwargs = INDEX_SETTINGS[setting]
+    for family in FAMILIES:
+        user, corpus = adversarial(family, batch, seed)
+        mask = property_mask(np.random.default_rng(seed), PROPERTY_ROWS) if masked else None
+        out = cls(corpus, **kwargs).search(user, top_k, mask)
+        try:
+            assert_same_as_brute_force(out, user, corpus, top_k, mask)
+        except AssertionError as err:
+            raise AssertionError(f"family {family}") from err
 
 
 def test_top_k_above_valid_count_fills_tail_with_masked_entries():
@@ -209,6 +425,33 @@ def test_large_aligned_buffers_and_the_coarse_copy_are_advised_for_huge_pages():
                                   np.asarray(CorpusIndex(idx.corpus_embeddings, coarse=False).search(user, 10)[0]))
 
 
+def test_aliased_corpus_becomes_read_only_and_copies_stay_writable():
+    """An aligned float32 NumPy corpus is held in place on CPU, so it is made read-only, with the
+    array it views: writing to it raises instead of leaving the index reading a corpus that matches
+    neither version (before: the write went through, the float32 scan saw the new rows and the
+    coarse copy the old ones). A corpus the index copies (not 64-byte aligned, or not float32)
+    stays writable, and writing to it changes nothing the index returns."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("zero-copy aliasing of host memory is a CPU property")
+    user, original, _ = int_corpus(304, 8, 2)
+    for cls in (CorpusIndex, ShardedCorpusIndex):  # 304 rows: one shard of whole 16-row groups
+        corpus = index.aligned_empty(original.shape)
+        corpus[:] = original
+        idx = cls(corpus, block_size=8)
+        assert idx.corpus_embeddings.addressable_shards[0].data.unsafe_buffer_pointer() == corpus.ctypes.data
+        with pytest.raises(ValueError, match="read-only"):
+            corpus[3] = 100.0
+        with pytest.raises(ValueError, match="read-only"):
+            corpus.base[:] = 0  # the buffer it is a view of
+        assert_same_as_brute_force(idx.search(user, 10), user, original, 10)
+    buffer = index.aligned_empty((304 * 8 + 1,))
+    for corpus in (buffer[1:].reshape(304, 8), original.astype(np.float64)):  # 4 bytes off alignment; float64
+        corpus[:] = original
+        idx = CorpusIndex(corpus, block_size=8, coarse=True)
+        corpus[:] = -corpus  # allowed: the index holds its own copy
+        assert_same_as_brute_force(idx.search(user, 10), user, original, 10)
+
+
 def test_corpus_is_not_copied_when_aligned():
     if jax.default_backend() != "cpu":
         pytest.skip("zero-copy aliasing of host memory is a CPU property")
@@ -251,6 +494,14 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     # jax.make_mesh's explicit axes; a corpus already sharded the way the index wants (as each
     # host would build it) is used as is, any other is padded and placed.
+    # Adversarial corpora (203 rows: ragged shards), brute force over exact_scores bit for bit.
+    from test_phoenix_index import FAMILIES, PROPERTY_ROWS, adversarial, property_mask
+    for kwargs, b, k, masked in [({}, 1, PROPERTY_ROWS, False), (dict(block_size=4, chunk_size=8), 3, 37, True)]:
+        for family in FAMILIES:
+            user, corpus = adversarial(family, b, seed=7)
+            m = property_mask(np.random.default_rng(7), PROPERTY_ROWS) if masked else None
+            out = index.ShardedCorpusIndex(corpus, **kwargs).search(user, k, m)
+            assert_same_as_brute_force(out, user, corpus, k, m)
     mesh = jax.make_mesh((8,), ("corpus",))
     for n in (800, 801):
         user, corpus, mask = int_corpus(n, 8, 2)
@@ -389,23 +640,53 @@ def faiss_setup():
 
 def test_faiss_recall_against_exact(faiss_setup):
     corpus, user, ann = faiss_setup
-    exact_indices, exact_scores = CorpusIndex(corpus).search(user, 100)
+    exact_indices, _ = CorpusIndex(corpus).search(user, 100)
     indices, scores = ann.search(user, 100)
     assert indices.shape == scores.shape == (8, 100)
     assert recall_at_k(indices, exact_indices) >= MIN_FAISS_RECALL
-    # Flat lists hold the raw vectors: every returned score is that entry's exact score.
-    np.testing.assert_allclose(scores, np.take_along_axis(user @ corpus.T, indices, 1), rtol=1e-5, atol=1e-5)
+    # Every returned score is that entry's `exact_scores` value, bit for bit (FAISS's own are replaced).
+    np.testing.assert_array_equal(scores, np.take_along_axis(np.asarray(exact_scores(user, corpus)), indices, 1))
 
 
 def test_faiss_probing_every_list_is_exact(faiss_setup):
+    """With every list scanned FAISS finds the top K by its own float32 scores; where the K-th and
+    (K+1)-th exact scores are further apart than two float32 evaluations can disagree (checked),
+    that is the exact top K, and the rescoring makes the result the exact index's bit for bit."""
     corpus, user, ann = faiss_setup
-    exact_indices, exact_scores = CorpusIndex(corpus).search(user, 100)
+    want = CorpusIndex(corpus).search(user, 101)
+    gap = np.asarray(want[1])[:, 99] - np.asarray(want[1])[:, 100]  # [B]
+    assert (gap > 2 * 2 * index._dot_rounding(32)).all()  # |u| = |x| = 1
     ann.nprobe, nprobe = ann.nlist, ann.nprobe
     try:
-        _, scores = ann.search(user, 100)
+        got = ann.search(user, 100)
     finally:
         ann.nprobe = nprobe
-    np.testing.assert_allclose(scores, np.asarray(exact_scores), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[0], np.asarray(want[0])[:, :100])
+    np.testing.assert_array_equal(got[1], np.asarray(want[1])[:, :100])
+
+
+@pytest.mark.parametrize("family", ["identical", "duplicates", "staircase", "fma", "zero-user"])
+def test_faiss_results_carry_exact_scores_in_brute_force_order(family):
+    """Adversarial corpora, every list probed, with a mask: every found entry is a valid row, scores
+    are `exact_scores`' (bit for bit), best first with equal scores in index order, and none scores
+    below the exact K-th minus two float32 evaluations' disagreement (which tied rows FAISS returns
+    is its own business)."""
+    user, corpus = adversarial(family, 3, seed=5)
+    mask = np.random.default_rng(5).random(len(corpus)) < 0.7
+    ann = FaissIndex(corpus, nlist=4)
+    ann.nprobe = ann.nlist
+    indices, scores = ann.search(user, 37, mask)
+    found = indices >= 0
+    assert mask[indices[found]].all()
+    exact = np.asarray(exact_scores(user, corpus))  # [B, N]
+    np.testing.assert_array_equal(scores[found], np.take_along_axis(exact, np.maximum(indices, 0), 1)[found])
+    for row, row_scores in zip(indices, scores):
+        pairs = [(-s, i) for i, s in zip(row, row_scores) if i >= 0]
+        assert pairs == sorted(pairs)
+    _, want = brute_force(user, corpus, 37, mask)
+    norms = np.linalg.norm(user, axis=1) * np.linalg.norm(corpus, axis=1).max()  # [B]
+    slack = 2 * index._float32_band(norms[:, None], 1.0, corpus.shape[1])[:, 0]  # [B], |x| folded into norms
+    assert (scores[found] >= (want[:, -1] - np.asarray(slack))[np.nonzero(found)[0]]).all()
 
 
 def test_faiss_never_returns_masked_entries(faiss_setup):
@@ -509,24 +790,17 @@ def test_coarse_pass_matches_brute_force(case, masked):
     assert_same_as_brute_force(idx.search(user, top_k, mask), user, corpus, top_k, mask)
 
 
-def coarse_search(idx, user, top_k):
-    """`idx.search` through the coarse pass, and whether its blocks fitted (False: the float32
-    fallback answered)."""
-    (chunk, block), user = idx.plan(user.shape[0], top_k), jnp.asarray(user, jnp.float32)
-    fallback, _ = index._plan(idx.num_rows, idx.dim, user.shape[0], top_k, idx.chunk_size, block)
-    search = jax.jit(functools.partial(index._coarse_top_k, top_k=top_k, chunk_size=chunk, block_size=block,
-                                       fallback_chunk_size=fallback))
-    result, fits = search(user, idx.corpus_embeddings, idx.coarse_embeddings, idx.coarse_error, None,
-                          idx.max_row_norm)
-    return result, bool(fits)
+def stage_of(out) -> str:
+    """Which pass answered a `CorpusIndex._search` (its rescored candidates came from that pass)."""
+    return index.STAGES[int(out[2])]
 
 
 @pytest.mark.parametrize("batch, chunk", [(4, None), (16, 2048)], ids=["B=4", "B=16-chunked"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_coarse_pass_on_unit_vectors_equals_float32_path(seed, batch, chunk):
-    """Real-valued rows round in bfloat16; the bound keeps every needed block, so the result is
-    the float32 path's exactly (indices and scores), for clustered users too, and the coarse
-    blocks fit (the coarse rescoring and its row cut answered, not the fallback)."""
+def test_unit_vectors_are_answered_by_the_fast_passes(seed, batch, chunk):
+    """Real-valued rows: the coarse pass's band (bfloat16 rounding) and the float32 pass's band
+    keep every needed block within their slots, so the passes built for speed answer (not a
+    fallback), for clustered users too, and the result is brute force's bit for bit."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((16, 32))
     corpus = unit_rows(centres[rng.integers(0, 16, 20000)] + 0.5 * rng.standard_normal((20000, 32)))
@@ -534,13 +808,10 @@ def test_coarse_pass_on_unit_vectors_equals_float32_path(seed, batch, chunk):
     coarse = CorpusIndex(corpus, coarse=True, block_size=8, chunk_size=chunk)
     plain = CorpusIndex(corpus, coarse=False, block_size=8, chunk_size=chunk)
     for k in (1, 50):
-        got, want = coarse.search(user, k), plain.search(user, k)
-        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
-        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
-        (indices, scores), fits = coarse_search(coarse, user, k)
-        assert fits
-        np.testing.assert_array_equal(np.asarray(indices), np.asarray(want[0]))
-        np.testing.assert_array_equal(np.asarray(scores), np.asarray(want[1]))
+        got, want = coarse._search(user, k), plain._search(user, k)
+        assert (stage_of(got), stage_of(want)) == ("coarse", "float32")
+        assert_same_as_brute_force(got, user, corpus, k)
+        assert_same_as_brute_force(want, user, corpus, k)
 
 
 @pytest.mark.parametrize("batch", [1, 3, 16])
@@ -553,11 +824,11 @@ def test_coarse_scan_is_chunked_and_never_widens_the_whole_corpus(batch):
     assert chunk < num_rows and index._plan(10**6, dim, batch, 1000, None, None, coarse=True)[0] < 10**6
     idx = CorpusIndex(np.random.default_rng(0).standard_normal((num_rows, dim)).astype(np.float32))
     assert idx.coarse and idx.coarse_embeddings.dtype == jnp.uint16 and idx.plan(batch, 100) == (chunk, block)
-    fallback, _ = index._plan(num_rows, dim, batch, 100, None, block)
-    hlo = index._coarse_exact_top_k.lower(
-        jnp.ones((batch, dim)), idx.corpus_embeddings, idx.coarse_embeddings, idx.coarse_error, None,
-        idx.max_row_norm, top_k=100, chunk_size=chunk, block_size=block,
-        fallback_chunk_size=fallback).compile().as_text()
+    float32_chunk, _ = index._plan(num_rows, dim, batch, 100, None, block)
+    hlo = index._exact_top_k.lower(
+        jnp.ones((batch, dim)), idx.corpus_embeddings, None, idx.max_row_norm, idx.coarse_embeddings,
+        idx.coarse_error, top_k=100, chunk_size=chunk, block_size=block,
+        float32_chunk_size=float32_chunk).compile().as_text()
     built = [line for line in hlo.splitlines() if f"= f32[{num_rows},{dim}]" in line
              and any(op in line for op in (" fusion(", " convert(", " copy("))]  # not parameters or aliases
     assert not built, built
@@ -567,8 +838,9 @@ def test_coarse_scan_is_chunked_and_never_widens_the_whole_corpus(batch):
 @pytest.mark.parametrize("chunk_rows", [100, 2**14], ids=["chunks+tail", "one-piece"])
 def test_coarse_copy_rounds_as_bfloat16(chunk_rows, builder, monkeypatch):
     """The copy's bits are bfloat16's own rounding of each float32 (nearest, ties to even: the
-    halfway patterns below), and its error bound is the largest row norm of the rounding error,
-    built in chunks of rows or in one piece, by the device loop or into a host buffer (CPU)."""
+    halfway patterns below), and its error bound is at least the largest row norm of the rounding
+    error (within 1e-5), built in chunks of rows or in one piece, by the device loop or into a host
+    buffer (CPU); rows whose norm exceeds float32 leave an infinite norm bound."""
     monkeypatch.setattr(index, "COPY_CHUNK_ROWS", chunk_rows)
     if builder == "device-loop":
         coarse_copy = jax.jit(index._coarse_copy.__wrapped__)  # traced afresh with the patched chunk
@@ -586,13 +858,16 @@ def test_coarse_copy_rounds_as_bfloat16(chunk_rows, builder, monkeypatch):
     want = jnp.asarray(corpus).astype(jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(coarse), np.asarray(jax.lax.bitcast_convert_type(want, jnp.uint16)))
     widened = np.asarray(want.astype(jnp.float32), np.float64)
-    np.testing.assert_allclose(float(error), np.linalg.norm(corpus - widened, axis=1).max(), rtol=1e-5)
+    largest = np.linalg.norm(corpus - widened, axis=1).max()
+    assert largest <= float(error) <= largest * (1 + 1e-5)
     assert float(norm) == np.float32(1.5) + error  # the corpus's largest row norm + the error
-    huge = np.array([[3.0e38, -3.3e38, 1.0, 0.0]], np.float32)  # bfloat16 rounds -3.3e38 to -inf
-    coarse, bound = coarse_copy(jnp.asarray(huge), jnp.float32(np.inf))
+    huge = np.array([[3.0e38, -3.3e38, 1.0, 0.0]], np.float32)  # row norm 4.5e38: beyond float32
+    coarse, (error, norm) = coarse_copy(jnp.asarray(huge), jnp.float32(np.inf))
     np.testing.assert_array_equal(np.asarray(coarse), np.asarray(jax.lax.bitcast_convert_type(
         jnp.asarray(huge).astype(jnp.bfloat16), jnp.uint16)))
-    assert np.isinf(np.asarray(bound)).all()  # an overflowing bound: every block needed, the fallback answers
+    largest = np.linalg.norm(huge.astype(np.float64) - np.asarray(index._widen(coarse), np.float64), axis=1).max()
+    assert largest <= float(error) <= largest * (1 + 1e-5)  # the squares would overflow: scaled first
+    assert np.isinf(float(norm))  # an infinite band: every block needed, the next pass answers
 
 
 def test_widen_is_exact():
@@ -606,40 +881,81 @@ def test_widen_is_exact():
     np.testing.assert_array_equal(np.asarray(index._widen(jnp.asarray(values))), values)  # float32: as is
 
 
+@pytest.mark.parametrize("coarse", [True, False], ids=["coarse", "float32"])
 @pytest.mark.parametrize("batch, chunk", [(2, None), (16, 512)], ids=["B=2", "B=16-chunked"])
-def test_coarse_pass_falls_back_when_the_band_overflows(batch, chunk):
-    """All rows tie: every block is within the error band, too many to keep, so the float32
-    scan answers (ties in index order, as brute force)."""
-    corpus = np.ones((4096, 4), np.float32)
-    idx = CorpusIndex(corpus, block_size=8, coarse=True, chunk_size=chunk)
+def test_all_rows_tied_fall_back_to_the_canonical_scan(batch, chunk, coarse):
+    """All rows tie: every block is within every band, more than MAX_ROUNDS rounds of slots hold,
+    so the canonical scan answers (ties in index order, as brute force)."""
+    corpus = np.ones((32768, 4), np.float32)
+    idx = CorpusIndex(corpus, block_size=8, coarse=coarse, chunk_size=chunk)
     user = np.ones((batch, 4), np.float32)
-    for indices, scores in (idx.search(user, 30), coarse_search(idx, user, 30)[0]):
-        np.testing.assert_array_equal(np.asarray(indices), np.tile(np.arange(30), (batch, 1)))
-        np.testing.assert_array_equal(np.asarray(scores), np.full((batch, 30), 4.0))
-    assert not coarse_search(idx, user, 30)[1]
+    out = idx._search(user, 30)
+    np.testing.assert_array_equal(np.asarray(out[0]), np.tile(np.arange(30), (batch, 1)))
+    np.testing.assert_array_equal(np.asarray(out[1]), np.full((batch, 30), 4.0))
+    assert stage_of(out) == "canonical"
 
 
-@pytest.mark.parametrize("scale", [1e20, 1e38], ids=["|u| overflows", "scores overflow too"])
-def test_coarse_pass_with_overflowing_scores_is_the_float32_path(scale):
-    """Users so large that |u| (and then the scores) overflow float32 leave no usable error band
-    (infinite, or inf - inf = NaN): the float32 plan answers, so the coarse index still returns
-    exactly what coarse=False returns."""
+@pytest.mark.parametrize("coarse", [True, False], ids=["coarse", "float32"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_duplicated_rows_are_rescored_in_rounds(batch, coarse):
+    """600 near-copies of one row (a few ulps apart), scattered, and users along it: they fill the
+    top K and lie in ~600 blocks, all within the band, several rounds of slots but within
+    MAX_ROUNDS: the pass that scanned answers (in rounds, not the slow canonical scan), exactly as
+    brute force, the best copies coming from every round."""
+    rng = np.random.default_rng(9)
+    corpus = unit_rows(rng.standard_normal((8000, 32)))
+    copies = rng.choice(8000, 600, replace=False)
+    corpus[copies] = corpus[0] * (1 + 1e-7 * rng.standard_normal((600, 32))).astype(np.float32)
+    user = np.tile(corpus[0], (batch, 1)) + 0.01 * rng.standard_normal((batch, 32)).astype(np.float32)
+    idx = CorpusIndex(corpus, coarse=coarse, block_size=8)
+    out = idx._search(user, 50)  # 66 (float32) or 178 (coarse) slots per round
+    assert stage_of(out) == ("coarse" if coarse else "float32")
+    assert_same_as_brute_force(out, user, corpus, 50)
+
+
+def overflow_case(scale):
+    """Users of norm `scale` along rows of norm 4 (every 10th row): scores up to 4 * scale."""
     rng = np.random.default_rng(6)
-    direction = unit_rows(rng.standard_normal((3, 16)))
+    direction = np.abs(unit_rows(rng.standard_normal((3, 16))))  # positive: products never cancel
     user = (direction * np.float32(scale)).astype(np.float32)
-    corpus = 4 * unit_rows(rng.standard_normal((20000, 16)))
+    corpus = 4 * unit_rows(rng.standard_normal((4000, 16)))
     for b in range(3):
-        corpus[b::50] = 4 * direction[b]  # rows along user b: their scores overflow at scale 1e38
-    coarse = CorpusIndex(corpus, coarse=True, block_size=8)
-    plain = CorpusIndex(corpus, coarse=False, block_size=8)
-    for k in (1, 20, 400):  # 400: too few blocks per k for the drop, 400 infinite maxima per user
-        got, want = coarse.search(user, k), plain.search(user, k)
-        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
-        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
-        assert not coarse_search(coarse, user, k)[1]
+        corpus[b::10] = 4 * direction[b]  # rows along user b
+    return user, corpus
+
+
+def test_users_whose_scores_could_overflow_are_refused():
+    """|u| * the largest row norm above SCORE_LIMIT (half float32's max): refused, naming the row,
+    its |u| and the corpus's largest row norm (|u| computed without overflow: |u|^2 is beyond
+    float32 in both cases); just below the limit the search answers, exactly."""
+    user, corpus = overflow_case(1e38)
+    for idx in (CorpusIndex(corpus, coarse=True, block_size=8), ShardedCorpusIndex(corpus)):
+        with pytest.raises(ValueError, match=r"user_representation: expected \|u\| \* \(largest corpus row norm\) "
+                                             r"<= 1\.701e\+38 .*got 4(\.\d*)?e\+38 in row 0 \(\|u\| = 1(\.\d*)?e\+38, "
+                                             r"largest corpus row norm 4(\.\d*)?\)"):
+            idx.search(user, 5)
+        below = (user * np.float32(0.42)).astype(np.float32)  # |u| * 4 = 1.68e38
+        assert_same_as_brute_force(idx.search(below, 5), below, corpus, 5)
+
+
+@pytest.mark.parametrize("coarse", [True, False], ids=["coarse", "float32"])
+def test_overflowing_scores_with_checks_off_equal_brute_force(coarse, monkeypatch):
+    """With value checks off (PHOENIX_VALIDATE_VALUES=0), users whose scores overflow to +inf still
+    get brute force's answer: no band can be trusted, so the canonical scan answers, and the +inf
+    scores tie in index order."""
+    monkeypatch.setenv("PHOENIX_VALIDATE_VALUES", "0")
+    user, corpus = overflow_case(1e38)
+    idx = CorpusIndex(corpus, coarse=coarse, block_size=8)
+    for k in (1, 300):  # 400 infinite scores per user
+        out = idx._search(user, k)
+        assert stage_of(out) == "canonical"
+        assert_same_as_brute_force(out, user, corpus, k)
+        assert np.isinf(np.asarray(out[1])[:, 0]).all()
 
 
 def test_coarse_default_and_approx_recall():
+    """approx_recall: exact on CPU (no approximate kernel); the returned scores are `exact_scores`'
+    and equal scores come in index order."""
     assert CorpusIndex(np.zeros((100, 4), np.float32)).coarse is False  # small corpus: no copy
     assert CorpusIndex(np.zeros((index.COARSE_MIN_ROWS, 4), np.float32)).coarse is True
     with pytest.raises(TypeError, match="coarse"):
@@ -649,10 +965,27 @@ def test_coarse_default_and_approx_recall():
     indices, scores = (np.asarray(a) for a in idx.search(user, 20, mask, approx_recall=0.95))
     _, want_scores = brute_force(user, corpus, 20, mask)
     np.testing.assert_array_equal(scores, want_scores)  # exact on CPU (no approximate kernel)
-    own = np.where(mask[indices], np.take_along_axis(user @ corpus.T, indices, axis=1), MASKED)
+    own = np.where(mask[indices], np.take_along_axis(np.asarray(exact_scores(user, corpus)), indices, 1), MASKED)
     np.testing.assert_array_equal(scores, own)
+    for row, row_scores in zip(indices, scores):  # ties in index order
+        assert all((s0 > s1) or (s0 == s1 and i0 < i1) for i0, i1, s0, s1 in
+                   zip(row, row[1:], row_scores, row_scores[1:]))
     with pytest.raises(ValueError, match="approx_recall"):
         idx.search(user, 20, approx_recall=1.5)
+
+
+def test_approx_recall_returns_exact_scores_in_index_order():
+    """approx_recall picks entries by float32 matmul scores but returns them with their
+    `exact_scores` values (before: the matmul's, off in the last bits), re-sorted best first with
+    equal scores in index order (a corpus of duplicated rows)."""
+    rng = np.random.default_rng(12)
+    corpus = rng.standard_normal((40, 128)).astype(np.float32)[rng.integers(0, 40, 1000)]  # 40 rows, duplicated
+    user = rng.standard_normal((3, 128)).astype(np.float32)
+    indices, scores = (np.asarray(a) for a in CorpusIndex(corpus).search(user, 60, approx_recall=0.9))
+    np.testing.assert_array_equal(scores, np.take_along_axis(np.asarray(exact_scores(user, corpus)), indices, 1))
+    for row, row_scores in zip(indices, scores):
+        assert all((s0 > s1) or (s0 == s1 and i0 < i1) for i0, i1, s0, s1 in
+                   zip(row, row[1:], row_scores, row_scores[1:]))
 
 
 def _drop_cases():
@@ -733,28 +1066,20 @@ def test_scores_rising_with_the_index_match_brute_force(batch, chunk, masked):
 
 
 @pytest.mark.parametrize("batch, chunk", [(1, None), (16, 512)], ids=["one-piece", "chunked"])
-def test_row_cut_changes_nothing_on_near_ties(batch, chunk):
-    """Rows a few float32 ulps apart around the K-th score, where the scan and the rescoring
-    may round differently: the search with the row cut returns exactly what it returns without
-    it (indices and scores), and the scores are brute force's within float32 rounding."""
+def test_near_ties_equal_brute_force(batch, chunk):
+    """Rows a few float32 ulps apart around the K-th score, where the scan and the canonical
+    rescoring round differently: brute force's indices and scores, bit for bit (the band and the
+    row cut are what keep it; without their margins this fails)."""
     rng = np.random.default_rng(11)
     base = unit_rows(rng.standard_normal((1, 64)))
     corpus = unit_rows(base + 1e-6 * rng.standard_normal((20000, 64)))  # scores within ~1e-6
     user = unit_rows(base + 1e-3 * rng.standard_normal((batch, 64)))
     idx = CorpusIndex(corpus, chunk_size=chunk, block_size=8, coarse=False)
     for k in (20, 100):
-        R, W = idx.plan(batch, k)
-        with_cut = index._exact_top_k(jnp.asarray(user), idx.corpus_embeddings, None, idx.max_row_norm,
-                                      top_k=k, chunk_size=R, block_size=W)
-        without = index._exact_top_k(jnp.asarray(user), idx.corpus_embeddings, None, None,
-                                     top_k=k, chunk_size=R, block_size=W)
-        np.testing.assert_array_equal(np.asarray(with_cut[0]), np.asarray(without[0]))
-        np.testing.assert_array_equal(np.asarray(with_cut[1]), np.asarray(without[1]))
-        _, want_scores = brute_force(user, corpus, k)
-        np.testing.assert_allclose(np.asarray(with_cut[1]), want_scores, rtol=SCORE_RTOL, atol=SCORE_ATOL)
+        assert_same_as_brute_force(idx.search(user, k), user, corpus, k)
 
 
-def test_max_row_norm_is_the_largest_row_norm():
+def test_max_row_norm_bounds_the_largest_row_norm():
     corpus = np.ones((1000, 16), np.float32)
     corpus[123] *= 3.0
-    np.testing.assert_allclose(float(CorpusIndex(corpus).max_row_norm), 12.0, rtol=1e-6)
+    assert 12.0 <= float(CorpusIndex(corpus).max_row_norm) <= 12.0 * (1 + 1e-5)

@@ -111,8 +111,10 @@ def _inputs(params, scope, batch, emb, vocab):
     actions = np.float64(batch.history_actions)
     act = ((2 * actions - 1) @ g("action_projection")) * np.any(actions != 0, -1, keepdims=True)
     surf = np.eye(vocab)[batch.history_product_surface] @ g("product_surface_embedding_table")
-    hist = np.concatenate([np.float64(emb.history_post_embeddings).reshape(B, S, -1),
-                           np.float64(emb.history_author_embeddings).reshape(B, S, -1), act, surf], -1)
+    post, author = (np.float64(x) for x in (emb.history_post_embeddings, emb.history_author_embeddings))
+    # Widths spelled out: with S = 0 a -1 has no size to infer.
+    hist = np.concatenate([post.reshape(B, S, post.shape[2] * D), author.reshape(B, S, author.shape[2] * D),
+                           act, surf], -1)
     hist = hist @ g("proj_mat_3")
     user_mask = batch.user_hashes[:, :1] != 0
     hist_mask = batch.history_post_hashes[:, :, 0] != 0

@@ -84,6 +84,8 @@ OPT_STATE_PREFIX = "opt_state/"
 AUX_PREFIX = "aux/"
 # Name of the checkpoints `step_checkpoint_path` puts in a run's directory: step-00001200.
 STEP_PATTERN = re.compile(r"step-(\d+)")
+# Steps lie in [0, MAX_STEP): a step counts optimiser steps taken, and readers keep it in an int64.
+MAX_STEP = 2**63
 # Problems listed in one mismatch error before the rest are summarised as a count.
 MAX_LISTED_PROBLEMS = 20
 # JSON tags for values that JSON has no type for.
@@ -201,6 +203,12 @@ def _field_type_problem(hint, value) -> str | None:
     return None if fits else f"expected {hint.__name__}, got {_short(value)}"
 
 
+def _check_config_types(types, name: str) -> None:
+    if not isinstance(types, (tuple, list)) or not all(
+            isinstance(cls, type) and dataclasses.is_dataclass(cls) for cls in types):
+        raise TypeError(f"{name}: expected a tuple of dataclass types, got {_short(types)}")
+
+
 def config_from_dict(data, extra_types=()):
     """Inverse of `config_to_dict`. Dataclass types are looked up by name among the model configs
     (TransformerConfig, HashConfig, PhoenixModelConfig, PhoenixRetrievalModelConfig) and
@@ -208,6 +216,7 @@ def config_from_dict(data, extra_types=()):
     of the wrong type for int/float/bool/str/config fields and malformed tags raise ValueError
     naming the location (e.g. `config.model.emb_size`)."""
     known = _known_config_types()
+    _check_config_types(extra_types, "extra_types")
     known.update({cls.__name__: cls for cls in extra_types})
 
     def decode(value, where):
@@ -304,6 +313,14 @@ def _to_storable(array: np.ndarray, where: str) -> np.ndarray:
         raise ValueError(f"{where} is an object array; checkpoints store no pickle")
     if array.dtype.kind in "biufc":
         return array
+    try:  # a load rebuilds the dtype from its name: strings, bytes and records would not come back
+        named = _dtype_of_name(array.dtype.name) == array.dtype
+    except (TypeError, AttributeError):
+        named = False
+    # bfloat16 and the other ml_dtypes types are kind "V" too; plain bytes ("void32") and records are not numbers.
+    if not named or array.dtype.kind in "US" or array.dtype.fields is not None or array.dtype.name.startswith("void"):
+        raise ValueError(f"{where} has dtype {array.dtype.str} ({array.dtype.name}), which cannot be stored: "
+                         f"expected numeric or bool arrays")
     if array.dtype.itemsize not in _UINT_OF_WIDTH:
         raise ValueError(f"{where} has dtype {array.dtype.name}, which cannot be stored")
     return array.view(_UINT_OF_WIDTH[array.dtype.itemsize])
@@ -410,14 +427,15 @@ def _check_meta(meta, meta_path: str) -> dict:
         got = f"{_type_name(meta[key])} {_short(meta[key])}" if key in meta else "no such key"
         raise CheckpointError(f"{meta_path}: {key!r}: expected {expected}, got {got}")
 
-    required = {"step": "an integer", "arrays_file_bytes": "a byte count", "params": "an object of arrays"}
+    required = {"step": "an integer in [0, 2**63)", "arrays_file_bytes": "a byte count",
+                "params": "an object of arrays"}
     if version >= 2:
         required.update(format=repr(FORMAT_MARKER), save_id="a save id string", arrays_sha256="a sha256 hex digest")
     for key, expected in required.items():
         if key not in meta:
             bad(key, expected)
-    if not _is_int(meta["step"]):
-        bad("step", "an integer")
+    if not _is_int(meta["step"]) or not 0 <= meta["step"] < MAX_STEP:
+        bad("step", "an integer in [0, 2**63)")
     if not _is_int(meta["arrays_file_bytes"]) or meta["arrays_file_bytes"] < 0:
         bad("arrays_file_bytes", "a non-negative integer")
     if version >= 2:
@@ -594,6 +612,9 @@ def _describe_tree(tree, prefix: str, arrays: dict, where: str) -> dict:
     flat, _ = _flatten(tree)
     for path, components, leaf in flat:
         key = prefix + path
+        if not components:  # meta.json names every array by its path components
+            raise ValueError(f"{where} tree: a bare array at its root has no name to store it under; pass a "
+                             f"dict such as {{'w': array}}")
         if key in arrays:
             raise ValueError(f"{where} path {key!r} collides with another array key")
         array = np.asarray(jax.device_get(leaf))
@@ -622,6 +643,61 @@ def _move_aside(target: str, parent: str, name: str) -> str | None:
     return aside
 
 
+def check_step(step, name: str = "step") -> int:
+    """`step` as an int in [0, MAX_STEP): a Python or NumPy integer (bool is refused)."""
+    if isinstance(step, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected an int in [0, 2**63), got bool {step!r}")
+    try:
+        value = operator.index(step)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int in [0, 2**63), got {type(step).__name__} {_short(step)}") from None
+    if not 0 <= value < MAX_STEP:
+        raise ValueError(f"{name}: expected an int in [0, 2**63), got {value}")
+    return value
+
+
+JSON_VALUES = "JSON data (dicts with str keys, lists, tuples read back as lists, str, int, float, bool, None)"
+
+
+def check_json(value, name: str) -> None:
+    """Raises TypeError naming the key path (e.g. `extra['arr']`) of the first value in `value`
+    that JSON cannot hold as it is (`JSON_VALUES`): arrays and NumPy scalars (convert them with
+    .tolist() / .item(), or save arrays as `aux`), sets, objects, non-str dict keys (JSON would
+    turn 1 into "1"); ValueError for a container that holds itself."""
+    active = set()  # ids of the containers on the current key path: a repeat is a cycle
+
+    def walk(x, where):
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return
+        if isinstance(x, (dict, list, tuple)):
+            if id(x) in active:
+                raise ValueError(f"{where}: expected {JSON_VALUES}, got a container that holds itself "
+                                 f"(a circular reference)")
+            active.add(id(x))
+            if isinstance(x, dict):
+                for k, v in x.items():
+                    if not isinstance(k, str):
+                        raise TypeError(f"{where}: expected {JSON_VALUES}, got the {type(k).__name__} dict key "
+                                        f"{_short(k, 40)}")
+                    walk(v, f"{where}[{k!r}]")
+            else:
+                for i, v in enumerate(x):
+                    walk(v, f"{where}[{i}]")
+            active.discard(id(x))
+            return
+        hint = ""
+        if isinstance(x, (np.ndarray, jax.Array)):
+            hint = " (convert it with .tolist(), or pass arrays as `aux`)"
+        elif isinstance(x, np.generic):
+            hint = " (convert it with .item())"
+        raise TypeError(f"{where}: expected {JSON_VALUES}, got {type(x).__name__} {_short(x, 40)}{hint}")
+
+    try:
+        walk(value, name)
+    except RecursionError:
+        raise ValueError(f"{name}: nested too deeply to store as JSON") from None
+
+
 def save_checkpoint(path, params, opt_state=None, step=0, config=None, extra=None, aux=None) -> str:
     """Writes params (and optionally optimiser state, step, config, JSON `extra` and `aux`, a
     pytree of other arrays) to the directory `path`, atomically replacing the Phoenix checkpoint
@@ -629,13 +705,13 @@ def save_checkpoint(path, params, opt_state=None, step=0, config=None, extra=Non
 
     Refuses (CheckpointError, nothing written or moved) a `path` holding anything else: a file, a
     non-empty directory that is not a checkpoint (see the module docstring). A failed write
-    raises OSError naming the path and leaves the previous checkpoint as it was.
+    raises OSError naming the path and leaves the previous checkpoint as it was. `step` must be
+    an int in [0, 2**63) and `extra` JSON data (`check_json`), else ValueError / TypeError naming
+    them, before anything is written.
     """
     given = _checked_path(path, for_save=True)
-    try:
-        step = operator.index(step)
-    except TypeError:
-        raise TypeError(f"step: expected an integer, got {type(step).__name__} {_short(step)}") from None
+    step = check_step(step)
+    check_json(extra, "extra")
     target = _save_target(given)
     parent, name = os.path.dirname(target), os.path.basename(target)
 
@@ -653,7 +729,6 @@ def save_checkpoint(path, params, opt_state=None, step=0, config=None, extra=Non
     }
     if aux is not None:  # absent rather than null: readers older than `aux` see the same meta.json
         meta["aux"] = _describe_tree(aux, AUX_PREFIX, arrays, "aux")
-    json.dumps(meta)  # fail on a non-JSON `extra` before anything is written
 
     # The pid in the name tells the next save whether this one is still running.
     tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:16]}")
@@ -729,7 +804,8 @@ def _open_dir(path: str) -> tuple[int, str]:
         except FileNotFoundError:
             pass
         except NotADirectoryError:
-            raise CheckpointError(f"{path}: is a file, not a checkpoint directory") from None
+            kind = "a file" if os.path.isfile(path) else "a FIFO, socket or device"
+            raise CheckpointError(f"{path}: is {kind}, not a checkpoint directory") from None
         aside = _find_aside_copy(path)
         if aside is None:
             if os.path.exists(path):
@@ -774,9 +850,27 @@ def _read_consistently(path: str, read):
                           f"last error: {last}")
 
 
-def _open_at(fd: int, name: str):
-    """The file `name` of the directory open as `fd`, opened for binary reading."""
-    return open(name, "rb", opener=lambda n, flags: os.open(n, flags, dir_fd=fd))
+def _open_at(fd: int, name: str, dir_path: str):
+    """The regular file `name` of the directory open as `fd` (whose path is `dir_path`), opened
+    for binary reading. Anything else there (a directory, a FIFO, a device) raises CheckpointError
+    with its full path; O_NONBLOCK keeps the open of a FIFO from waiting for a writer."""
+    full = os.path.join(dir_path, name)
+    try:
+        file_fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=fd)
+    except FileNotFoundError:
+        raise  # the callers say what is missing
+    except OSError as e:  # e.g. permission denied: name the file, not just "meta.json"
+        raise _os_error(e, f"{full}: cannot open: {e.strerror or e}") from None
+    try:
+        mode = os.fstat(file_fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise CheckpointError(f"{full}: is {kind}; a checkpoint's {name} is a file")
+        os.set_blocking(file_fd, True)
+        return os.fdopen(file_fd, "rb")
+    except BaseException:
+        os.close(file_fd)
+        raise
 
 
 def _parse_meta(data: bytes, meta_path: str) -> dict:
@@ -790,11 +884,19 @@ def _parse_meta(data: bytes, meta_path: str) -> dict:
 def _read_meta(meta_path: str, fd: int | None = None) -> dict:
     """meta.json, schema-checked; read through the directory fd `fd` where given."""
     try:
-        with (open(meta_path, "rb") if fd is None else _open_at(fd, META_FILE)) as f:
+        with (open(meta_path, "rb") if fd is None else _open_at(fd, META_FILE, os.path.dirname(meta_path))) as f:
             data = f.read()
     except FileNotFoundError:
         raise CheckpointError(f"{meta_path}: missing; not a checkpoint directory") from None
     return _parse_meta(data, meta_path)
+
+
+def _check_template(template, name: str) -> None:
+    """Every leaf of a template has a shape and a dtype (an array or jax.ShapeDtypeStruct)."""
+    for path, _, leaf in _flatten(template)[0]:
+        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+            raise TypeError(f"{name}: leaf {path!r} is a {type(leaf).__name__}; expected arrays or "
+                            f"jax.ShapeDtypeStruct (anything with .shape and .dtype)")
 
 
 def _check_against_template(arrays_path: str, what: str, entries: dict, template) -> None:
@@ -855,7 +957,7 @@ def _read_checkpoint(fd: int, path: str, params_template, opt_state_template, ig
     meta = _read_meta(os.path.join(path, META_FILE), fd)
     arrays_path = os.path.join(path, ARRAYS_FILE)
     try:
-        f = _open_at(fd, ARRAYS_FILE)
+        f = _open_at(fd, ARRAYS_FILE, path)
     except FileNotFoundError:
         raise CheckpointError(f"{arrays_path}: missing") from None
     with f:
@@ -916,6 +1018,10 @@ def load_checkpoint(path, params_template=None, opt_state_template=None, ignore_
     ValueError) naming the file; a load concurrent with saves returns one whole save.
     """
     path = _checked_path(path)
+    _check_config_types(config_types, "config_types")
+    for name, template in (("params_template", params_template), ("opt_state_template", opt_state_template)):
+        if template is not None:
+            _check_template(template, name)
     meta, param_entries, param_values, opt_values, aux = _read_consistently(
         path, lambda fd, d: _read_checkpoint(fd, d, params_template, opt_state_template, ignore_unexpected))
 
@@ -948,6 +1054,7 @@ def read_meta(path) -> dict:
 def load_config(path, config_types=()):
     """The config saved in a checkpoint, as dataclasses (e.g. {"model": PhoenixModelConfig, ...}).
     A missing or undecodable config raises CheckpointError naming the file and the location."""
+    _check_config_types(config_types, "config_types")
     meta = read_meta(path)
     meta_path = os.path.join(_checked_path(path), META_FILE)
     if meta.get("config") is None:
@@ -990,7 +1097,7 @@ def describe_checkpoint(path) -> CheckpointInfo:
 def step_checkpoint_path(directory, step: int) -> str:
     """`directory/step-00001200`: where a run keeps its checkpoint of `step` (zero-padded, so
     that names sort by step)."""
-    return os.path.join(_checked_path(directory), f"step-{operator.index(step):08d}")
+    return os.path.join(_checked_path(directory), f"step-{check_step(step):08d}")
 
 
 def list_step_checkpoints(directory) -> list[tuple[int, str]]:
@@ -1017,8 +1124,9 @@ def prune_step_checkpoints(directory, keep: int) -> list[str]:
     checkpoint is never deleted before its successor is in place. A checkpoint is first renamed to
     `.step-N.del-*` and then deleted, so a prune killed midway leaves no half-deleted checkpoint
     under a step name (the next prune finishes it). Returns the paths deleted."""
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+    if isinstance(keep, (bool, np.bool_)) or not isinstance(keep, (int, np.integer)) or keep < 1:
         raise ValueError(f"keep: expected an int >= 1 (the newest checkpoint is always kept), got {keep!r}")
+    keep = int(keep)
     directory = _checked_path(directory)
     deleted = []
     for _, path in list_step_checkpoints(directory)[:-keep]:

@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phoenix_validation import check_number
+
 
 # Hash value (= table row) of padding. Row 0 of every table is never read for a valid id.
 PAD_HASH = 0
@@ -51,6 +53,8 @@ _MASK64 = (1 << 64) - 1
 _SIGN_BIT32 = 1 << 31
 # Hash values are stored as int32 (JAX's default index type), so tables may have at most 2**31 rows.
 MAX_TABLE_SIZE = 1 << 31
+# HashConfig.hash_seed is a 64-bit word: seeds lie in [0, 2**64), so no two seeds give one family.
+MAX_HASH_SEED = 1 << 64
 
 # MurmurHash3_x86_32 constants (Appleby, SMHasher reference implementation).
 _MURMUR_C1 = 0xCC9E2D51
@@ -86,6 +90,11 @@ def split_ids(ids, name: str = "ids") -> tuple[np.ndarray, np.ndarray]:
     float64 holds integers exactly only up to 2**53); uint64 ids >= 2**63 raise ValueError.
     """
     ids = np.asarray(ids)
+    if (ids.dtype == object and ids.size and all(isinstance(v, int) and not isinstance(v, bool) for v in ids.flat)
+            and not all(-2**63 <= v < 2**63 for v in ids.flat)):
+        # Python ints NumPy could not fit in int64 or uint64 (e.g. 2**64): out of range, not of the wrong type.
+        raise ValueError(f"{name} must fit in int64 (-2**63 <= id < 2**63), got range [{min(ids.flat)}, "
+                         f"{max(ids.flat)}]")
     if not np.issubdtype(ids.dtype, np.integer):
         raise TypeError(f"{name} must be integers (int64 raw ids, negative = padding), got dtype {ids.dtype}")
     if ids.dtype == np.uint64 and ids.size and ids.max() >= 1 << 63:
@@ -132,9 +141,28 @@ def _splitmix64(x: int) -> int:
     return z ^ (z >> 31)
 
 
+def _check_id_type(id_type) -> None:
+    if not isinstance(id_type, str) or id_type not in ID_TYPE_SALTS:
+        raise ValueError(f"id_type must be one of {sorted(ID_TYPE_SALTS)}, got {id_type!r}")
+
+
+def check_hash_seed(hash_seed, name: str = "hash_seed") -> int:
+    """`hash_seed` as an int in [0, 2**64) (a Python or NumPy int; bools and floats are refused)."""
+    check_number(hash_seed, name, "an int in [0, 2**64)", lambda v: 0 <= v < MAX_HASH_SEED, integer=True)
+    return int(hash_seed)
+
+
+def check_num_hashes(num_hashes, name: str = "num_hashes") -> int:
+    check_number(num_hashes, name, "an int >= 1", lambda v: v >= 1, integer=True)
+    return int(num_hashes)
+
+
 def hash_seeds(hash_seed: int, id_type: str, num_hashes: int) -> np.ndarray:
     """Murmur seeds [H] uint32 of the hash functions of one id type (deterministic in its inputs)."""
-    state = _splitmix64((hash_seed & _MASK64) ^ ID_TYPE_SALTS[id_type])
+    hash_seed = check_hash_seed(hash_seed)
+    _check_id_type(id_type)
+    num_hashes = check_num_hashes(num_hashes)
+    state = _splitmix64(hash_seed ^ ID_TYPE_SALTS[id_type])
     return np.array(
         [_splitmix64(state + i * _SPLITMIX_GAMMA) & _MASK32 for i in range(num_hashes)],
         dtype=np.uint32,
@@ -161,9 +189,10 @@ def _murmur3_words(lo, hi, seeds, xp):
     return h ^ (h >> u32(16))
 
 
-def check_table_size(table_size: int) -> None:
-    if not 2 <= table_size <= MAX_TABLE_SIZE:
-        raise ValueError(f"table_size must be in [2, 2**31], got {table_size}")
+def check_table_size(table_size: int, name: str = "table_size") -> int:
+    """`table_size` as an int in [2, 2**31]: row 0 is padding, and hash values are int32."""
+    check_number(table_size, name, "an int in [2, 2**31]", lambda v: 2 <= v <= MAX_TABLE_SIZE, integer=True)
+    return int(table_size)
 
 
 def _check_words(lo, hi) -> None:
@@ -181,9 +210,11 @@ def multi_hash(lo, hi, seeds, table_size: int, xp=np):
     """Hash values [..., H] int32 in [1, table_size) of ids given as words (lo, hi) [...]; 0 for padding.
 
     `xp` is `np` or `jnp`: the same uint32 arithmetic runs in both, so the results are identical.
+    `seeds` [H]: integers in [0, 2**32) (`hash_seeds`).
     """
-    check_table_size(table_size)
+    table_size = check_table_size(table_size)
     _check_words(lo, hi)
+    _check_seeds(seeds)
     lo = xp.asarray(lo)
     hi = xp.asarray(hi)
     seeds = xp.asarray(seeds, dtype=xp.uint32)
@@ -193,22 +224,44 @@ def multi_hash(lo, hi, seeds, table_size: int, xp=np):
     return xp.where(is_pad[..., None], xp.uint32(PAD_HASH), h).astype(xp.int32)  # [..., H]
 
 
+def _check_seeds(seeds) -> None:
+    """Murmur seeds [H]: integers in [0, 2**32) (a float or negative seed would be cast silently or fail
+    inside NumPy). Traced seeds are checked by dtype only."""
+    dtype = getattr(seeds, "dtype", None)
+    if isinstance(seeds, jax.core.Tracer):
+        values = None
+    else:
+        values = np.asarray(seeds)
+        dtype = values.dtype
+    if np.ndim(seeds) != 1 or not np.issubdtype(dtype, np.integer):
+        raise TypeError(f"seeds: expected a [H] integer array (hash_seeds), got shape {list(np.shape(seeds))} "
+                        f"dtype {dtype}")
+    if values is not None and values.size and (values.min() < 0 or values.max() > _MASK32):
+        raise ValueError(f"seeds: expected values in [0, 2**32), got range [{values.min()}, {values.max()}]")
+
+
+# HashConfig fields of each id type: (number of hashes, table size).
+_TYPE_FIELDS = {"user": ("num_user_hashes", "user_table_size"), "post": ("num_item_hashes", "post_table_size"),
+                "author": ("num_author_hashes", "author_table_size")}
+
+
 def _type_params(cfg, id_type: str) -> tuple[int, int]:
-    """(number of hashes, table size) of one id type."""
-    if id_type == "user":
-        return cfg.num_user_hashes, cfg.user_table_size
-    if id_type == "post":
-        return cfg.num_item_hashes, cfg.post_table_size
-    if id_type == "author":
-        return cfg.num_author_hashes, cfg.author_table_size
-    raise ValueError(f"id_type must be one of {sorted(ID_TYPE_SALTS)}, got {id_type!r}")
+    """(number of hashes, table size) of one id type, checked (a HashConfig changed after it was built
+    is not checked by its constructor); an error names the HashConfig field."""
+    _check_id_type(id_type)
+    fields = _TYPE_FIELDS[id_type]
+    if not all(hasattr(cfg, f) for f in fields + ("hash_seed",)):
+        raise TypeError(f"cfg: expected a HashConfig, got {type(cfg).__name__}")
+    num_hashes, table_size = (getattr(cfg, f) for f in fields)
+    return (check_num_hashes(num_hashes, f"HashConfig.{fields[0]}"),
+            check_table_size(table_size, f"HashConfig.{fields[1]}"))
 
 
 def hash_ids(ids, cfg, id_type: str, name: str = "ids") -> np.ndarray:
     """NumPy: raw int64 ids [...] -> hash values [..., H] int32 of one id type ("user"/"post"/"author")."""
     num_hashes, table_size = _type_params(cfg, id_type)
     lo, hi = split_ids(ids, name)
-    seeds = hash_seeds(cfg.hash_seed, id_type, num_hashes)
+    seeds = hash_seeds(check_hash_seed(cfg.hash_seed, "HashConfig.hash_seed"), id_type, num_hashes)
     # uint32 wrap-around is the point; silence NumPy's overflow warnings on 0-d inputs.
     with np.errstate(over="ignore"):
         return multi_hash(lo, hi, seeds, table_size, np)
@@ -221,7 +274,7 @@ def hash_ids_jax(lo: jax.Array, hi: jax.Array, cfg, id_type: str) -> jax.Array:
     anything but uint32 words raises TypeError, since casting raw ids to uint32 would drop digits.
     """
     num_hashes, table_size = _type_params(cfg, id_type)
-    seeds = hash_seeds(cfg.hash_seed, id_type, num_hashes)
+    seeds = hash_seeds(check_hash_seed(cfg.hash_seed, "HashConfig.hash_seed"), id_type, num_hashes)
     return multi_hash(lo, hi, seeds, table_size, jnp)
 
 
@@ -247,6 +300,11 @@ def hash_author_ids(ids, cfg, name: str = "author_ids") -> np.ndarray:
 
 def expected_collision_share(vocab_size: int, table_size: int, num_hashes: int) -> float:
     """Random-hash probability that an id's H-tuple equals another id's: 1 - (1 - q)**(V-1)."""
+    check_number(vocab_size, "vocab_size", "an int >= 0", lambda v: v >= 0, integer=True)
+    table_size = check_table_size(table_size)
+    num_hashes = check_num_hashes(num_hashes)
+    if vocab_size <= 1:
+        return 0.0  # no other id to collide with
     q = (1.0 / (table_size - 1)) ** num_hashes  # one other id matches on all H hashes
     if q >= 1.0:  # a one-value table: every id collides as soon as there are two
         return 1.0 if vocab_size > 1 else 0.0
@@ -257,6 +315,9 @@ def expected_collision_share(vocab_size: int, table_size: int, num_hashes: int) 
 def colliding_mask(hashes: np.ndarray) -> np.ndarray:
     """[V, H] hash tuples -> [V] bool, True where the row equals at least one other row."""
     hashes = np.asarray(hashes)
+    if hashes.ndim != 2 or not np.issubdtype(hashes.dtype, np.integer):
+        raise ValueError(f"hashes: expected a [V, H] integer array, got shape {list(hashes.shape)} "
+                         f"dtype {hashes.dtype}")
     # Sort rows lexicographically; a row is duplicated iff it equals a sorted neighbour.
     order = np.lexsort(hashes.T[::-1])  # [V]
     rows = hashes[order]  # [V, H]
@@ -275,6 +336,7 @@ def collision_report(vocab_size: int, table_size: int, num_hashes: int, seed: in
     Returns {"vocab_size", "table_size", "num_hashes", "num_colliding", "measured_share",
     "expected_share"}; the expectation is for an ideal random hash (`expected_collision_share`).
     """
+    check_number(vocab_size, "vocab_size", "an int >= 1", lambda v: v >= 1, integer=True)
     lo, hi = split_ids(np.arange(vocab_size, dtype=np.int64))
     with np.errstate(over="ignore"):
         hashes = multi_hash(lo, hi, hash_seeds(seed, "post", num_hashes), table_size)  # [V, H]

@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phoenix_hashing import PAD_HASH, check_table_size, hash_author_ids, hash_post_ids, hash_user_ids
-from phoenix_validation import check_array, values_enabled
+from phoenix_hashing import (MAX_HASH_SEED, MAX_TABLE_SIZE, PAD_HASH, check_table_size, hash_author_ids,
+                             hash_post_ids, hash_user_ids)
+from phoenix_validation import check_actions, check_array, check_int, check_number, values_enabled
 
 PAD_ID = -1  # raw id of a padded position: every negative id is padding and hashes to 0
 TABLE_MODULE = "hash_embeddings"  # HashEmbeddings' module name: the parameters under it are the tables
@@ -62,6 +63,22 @@ class HashConfig:
     # Seed of the hash family; hash function i of an id type is derived from (hash_seed, type, i).
     hash_seed: int = 0
 
+    def __post_init__(self):
+        """Every field checked (an error names it): a float seed or size, or a bool, would otherwise
+        hash or size tables silently differently. NumPy integers are stored as ints."""
+        for name in ("num_user_hashes", "num_item_hashes", "num_author_hashes"):
+            self._check_int(name, "an int >= 1", lambda v: v >= 1)
+        for name in ("user_table_size", "post_table_size", "author_table_size"):
+            # Row 0 is padding, so a table needs a second row; hashes are int32 (phoenix_hashing).
+            self._check_int(name, "an int in [2, 2**31]", lambda v: 2 <= v <= MAX_TABLE_SIZE)
+        # The seed is a 64-bit word (phoenix_hashing.hash_seeds): -1 and 2**64 - 1 would be one family.
+        self._check_int("hash_seed", "an int in [0, 2**64)", lambda v: 0 <= v < MAX_HASH_SEED)
+
+    def _check_int(self, name: str, expected: str, ok) -> None:
+        value = getattr(self, name)
+        check_number(value, f"HashConfig.{name}", expected, ok, integer=True)
+        setattr(self, name, int(value))
+
 
 class RecsysBatch(NamedTuple):
     """Hashed inputs of one batch. Hash value 0 means padding."""
@@ -102,8 +119,8 @@ DEFAULT_INIT_STDDEV = 1.0
 class RawBatch(NamedTuple):
     """Raw ids of one batch (int64; negative = padding), before hashing. `hashed(cfg)` -> RecsysBatch.
 
-    Ids and surfaces must have integer dtypes (floats would be truncated); actions bool, integer
-    or float, finite.
+    Ids and surfaces must have integer dtypes (floats would be truncated), surfaces >= 0; actions
+    0/1 multi-hot (bool, or 0 and 1 of a number dtype).
     """
 
     user_ids: np.ndarray  # [B]
@@ -129,13 +146,13 @@ class RawBatch(NamedTuple):
         return batch_from_ids(*self, hash_config)
 
 
-def _int32_field(x, name: str, shape: tuple) -> np.ndarray:
-    """An integer array of `shape` whose values fit int32 (surfaces): no silent truncation or wrap."""
+def _surface_field(x, name: str, shape: tuple) -> np.ndarray:
+    """Surface ids of `shape`, integers in [0, 2**31) (int32, no silent truncation or wrap; the
+    model's vocabulary bound is checked where the model config is known)."""
     x = np.asarray(x)
     check_array(x, name, shape, "int")
-    info = np.iinfo(np.int32)
-    if x.size and (x.min() < info.min or x.max() > info.max):
-        raise ValueError(f"{name}: expected values in int32 range, got range [{x.min()}, {x.max()}]")
+    if x.size and (x.min() < 0 or x.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"{name}: expected ids in [0, 2**31) (0 = padding), got range [{x.min()}, {x.max()}]")
     return x.astype(np.int32)
 
 
@@ -155,10 +172,12 @@ def batch_from_ids(
 
     Shapes: user_ids [B], history_post_ids / history_author_ids / history_surfaces [B, S],
     history_actions [B, S, A], candidate_post_ids / candidate_author_ids / candidate_surfaces [B, C].
-    Ids and surfaces must have integer dtypes (floats would be truncated); actions bool, integer
-    or float, finite. Actions and surfaces pass through unchanged (as float32 / int32): the model
-    ignores them at padded positions because it masks by the post hash.
+    Ids and surfaces must have integer dtypes (floats would be truncated), surfaces >= 0; actions
+    0/1 multi-hot (bool, or 0 and 1 of a number dtype; phoenix_validation.check_values says why).
+    Actions and surfaces pass through unchanged (as float32 / int32): the model ignores them at
+    padded positions because it masks by the post hash.
     """
+    _check_hash_config(hash_config)
     user_ids = np.asarray(user_ids)
     history_post_ids = np.asarray(history_post_ids)
     candidate_post_ids = np.asarray(candidate_post_ids)
@@ -185,11 +204,11 @@ def batch_from_ids(
         raise ValueError(f"history_actions must be [B, S, A] with [B, S]={hist_shape}, got "
                          f"{history_actions.shape}")
     check_array(history_actions, "history_actions", (*hist_shape, None), "number")
+    if values_enabled():
+        check_actions(history_actions, "history_actions")
     history_actions = history_actions.astype(np.float32)
-    if values_enabled() and not np.all(np.isfinite(history_actions)):
-        raise ValueError("history_actions: expected finite values, got NaN or inf")
-    history_surfaces = _int32_field(history_surfaces, "history_surfaces", hist_shape)
-    candidate_surfaces = _int32_field(candidate_surfaces, "candidate_surfaces", cand_shape)
+    history_surfaces = _surface_field(history_surfaces, "history_surfaces", hist_shape)
+    candidate_surfaces = _surface_field(candidate_surfaces, "candidate_surfaces", cand_shape)
     return RecsysBatch(
         user_hashes=hash_user_ids(user_ids, hash_config, "user_ids"),  # [B, Hu]
         history_post_hashes=hash_post_ids(history_post_ids, hash_config, "history_post_ids"),  # [B, S, Hi]
@@ -206,10 +225,22 @@ def batch_from_ids(
 
 
 
+def _check_hash_config(hash_config) -> None:
+    if not isinstance(hash_config, HashConfig):
+        raise TypeError(f"hash_config: expected a HashConfig, got {type(hash_config).__name__}")
+
+
+def _sizes(**sizes) -> list:
+    """The named array sizes as ints >= 0 (an error names the argument)."""
+    return [check_int(value, name, 0) for name, value in sizes.items()]
+
+
 def create_dummy_batch_from_config(hash_config: HashConfig, history_len: int, num_candidates: int,
                                    num_actions: int, batch_size: int = 1) -> RecsysBatch:
     """All-zero (all-padding) batch of the right shapes, for parameter init."""
-    B, S, C = batch_size, history_len, num_candidates
+    _check_hash_config(hash_config)
+    B, S, C, num_actions = _sizes(batch_size=batch_size, history_len=history_len, num_candidates=num_candidates,
+                                  num_actions=num_actions)
     hc = hash_config
     return RecsysBatch(
         user_hashes=np.zeros((B, hc.num_user_hashes), np.int32),
@@ -226,7 +257,9 @@ def create_dummy_batch_from_config(hash_config: HashConfig, history_len: int, nu
 def create_dummy_embeddings_from_config(hash_config: HashConfig, emb_size: int, history_len: int,
                                         num_candidates: int, batch_size: int = 1) -> RecsysEmbeddings:
     """All-zero float32 embeddings of the right shapes."""
-    B, S, C, D = batch_size, history_len, num_candidates, emb_size
+    _check_hash_config(hash_config)
+    B, S, C, D = _sizes(batch_size=batch_size, history_len=history_len, num_candidates=num_candidates,
+                        emb_size=emb_size)
     hc = hash_config
     return RecsysEmbeddings(
         user_embeddings=np.zeros((B, hc.num_user_hashes, D), np.float32),
@@ -251,14 +284,21 @@ def create_example_batch(batch_size: int, emb_size: int, history_len: int, num_c
     padded (hash 0, no actions, surface 0) after it; actions multi-hot with probability 0.3;
     embeddings standard normal float32.
     """
-    rng = np.random.default_rng(seed)
-    B, S, C, D, A = batch_size, history_len, num_candidates, emb_size, num_actions
+    B, D, S, C, A, num_user_hashes, num_item_hashes, num_author_hashes = _sizes(
+        batch_size=batch_size, emb_size=emb_size, history_len=history_len, num_candidates=num_candidates,
+        num_actions=num_actions, num_user_hashes=num_user_hashes, num_item_hashes=num_item_hashes,
+        num_author_hashes=num_author_hashes)
+    for name, size in (("num_user_embeddings", num_user_embeddings), ("num_post_embeddings", num_post_embeddings),
+                       ("num_author_embeddings", num_author_embeddings)):
+        check_table_size(size, name)  # hashes are drawn from [1, size)
+    check_int(product_surface_vocab_size, "product_surface_vocab_size", 1)
+    rng = np.random.default_rng(check_int(seed, "seed", 0))
     user_hashes = rng.integers(1, num_user_embeddings, (B, num_user_hashes)).astype(np.int32)
     hist_post = rng.integers(1, num_post_embeddings, (B, S, num_item_hashes)).astype(np.int32)
     hist_author = rng.integers(1, num_author_embeddings, (B, S, num_author_hashes)).astype(np.int32)
     hist_actions = (rng.random((B, S, A)) < ACTION_PROBABILITY).astype(np.float32)
     hist_surface = rng.integers(0, product_surface_vocab_size, (B, S)).astype(np.int32)
-    valid_len = rng.integers(max(1, S // 2), S + 1, (B,))  # [B]
+    valid_len = rng.integers(min(max(1, S // 2), S), S + 1, (B,))  # [B]; 0 when S = 0
     valid = np.arange(S)[None, :] < valid_len[:, None]  # [B, S]
     hist_post *= valid[:, :, None]
     hist_author *= valid[:, :, None]
@@ -287,7 +327,9 @@ def create_example_batch(batch_size: int, emb_size: int, history_len: int, num_c
 
 def create_example_corpus(corpus_size: int, emb_size: int, seed: int = 123):
     """-> (corpus [N, D] float32 L2-normalised, corpus_post_ids [N] int64)."""
-    rng = np.random.default_rng(seed)
+    corpus_size = check_int(corpus_size, "corpus_size", 0)
+    emb_size = check_int(emb_size, "emb_size", 1)  # a unit-norm row needs a component
+    rng = np.random.default_rng(check_int(seed, "seed", 0))
     corpus = rng.standard_normal((corpus_size, emb_size), dtype=np.float32)  # [N, D]
     corpus /= np.linalg.norm(corpus, axis=-1, keepdims=True)
     return corpus, np.arange(corpus_size, dtype=np.int64)

@@ -2,12 +2,13 @@
 
 Shape checks (`check_inputs`) read only static shapes and dtypes, so the models call them at trace
 time at no run-time cost; they also reject empty batches (B = 0, C = 0). Value checks
-(`check_values`: negative hashes, out-of-range product surfaces, NaN/inf; `check_range`,
-`check_binary`, `check_finite` for labels, masks and weights) need concrete arrays; the runners and
-trainers call them on the host before dispatching the compiled function (`RecsysInferenceRunner.rank`,
-for inputs shaped like ones that already ran, right after dispatching it, before returning), and they
-pass traced values unchecked, so jitted code never syncs for them. Set PHOENIX_VALIDATE_VALUES=0 to skip the
-value checks in trusted hot loops (shape checks always run: they are free).
+(`check_values`: hashes outside their tables, out-of-range product surfaces, actions other than
+0/1, NaN/inf; `check_range`, `check_binary`, `check_finite` for labels, masks and weights) need
+concrete arrays; the runners and trainers call them on the host before dispatching the compiled
+function (`RecsysInferenceRunner.rank`, for inputs shaped like ones that already ran, right after
+dispatching it, before returning), and they pass traced values unchecked, so jitted code never
+syncs for them. Set PHOENIX_VALIDATE_VALUES=0 to skip the value checks in trusted hot loops (shape
+checks always run: they are free).
 """
 
 import math
@@ -66,7 +67,8 @@ def check_number(value, name: str, expected: str, ok: Callable[[float], bool], i
     kind = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kind):
         _fail(TypeError, name, expected, f"{type(value).__name__} {value!r}")
-    if not math.isfinite(value) or not ok(value):
+    # An int is always finite (and math.isfinite cannot take one beyond float range, e.g. 10**400).
+    if not (isinstance(value, numbers.Integral) or math.isfinite(value)) or not ok(value):
         _fail(ValueError, name, expected, repr(value.item() if isinstance(value, np.generic) else value))
 
 
@@ -151,8 +153,65 @@ def _concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def check_values(batch, embeddings, product_surface_vocab_size: int) -> None:
-    """Host-side value checks: hashes >= 0, surfaces in [0, vocab), finite embeddings."""
+# Float32 holds every integer up to 2**24 exactly: rotary positions (float32 in grok.py) beyond it
+# would round, and neighbouring candidates would share a position.
+MAX_EXACT_POSITION = 2**24
+
+# The HashConfig field that sizes the table of each hash field of a RecsysBatch.
+HASH_TABLES = {"user_hashes": "user_table_size", "history_post_hashes": "post_table_size",
+               "candidate_post_hashes": "post_table_size", "history_author_hashes": "author_table_size",
+               "candidate_author_hashes": "author_table_size"}
+
+
+def _first_bad(x: np.ndarray, bad: np.ndarray) -> str:
+    """"<value> at index [i, j] (n bad of m entries)" for the first entry where `bad` is true."""
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    value = x[where]
+    shown = repr(value.item()) if x.dtype.kind in "iu" else str(value)  # str: float32 1e30 as 1e+30
+    return f"{shown} at index {list(where)} ({int(np.count_nonzero(bad))} bad of {x.size} entries)"
+
+
+def _check_ids(x: np.ndarray, name: str, what: str, size: Optional[int], note: str = "") -> None:
+    """Integer ids in [0, size) (size None: >= 0); min/max only, the first bad entry on failure."""
+    if not x.size:
+        return
+    if x.min() >= 0 and (size is None or x.max() < size):
+        return
+    bad = (x < 0) if size is None else (x < 0) | (x >= size)
+    bound = "be >= 0" if size is None else f"lie in [0, {size})"
+    raise ValueError(f"{name}: {what} must {bound}{note}, got {_first_bad(x, bad)}")
+
+
+def _check_hashes(x: np.ndarray, name: str, hash_config) -> None:
+    field = HASH_TABLES[name]
+    if hash_config is None:
+        _check_ids(x, f"batch.{name}", "hashes", None, " (0 = padding)")
+    else:
+        _check_ids(x, f"batch.{name}", "hashes", getattr(hash_config, field),
+                   f" (HashConfig.{field}: rows of the {field.split('_')[0]} table; 0 = padding)")
+
+
+def check_actions(x: np.ndarray, name: str) -> None:
+    """History actions are 0/1 multi-hot (bool, or 0 and 1 of any number dtype): see check_values."""
+    if x.size and x.dtype != np.bool_:
+        bad = (x != 0) & (x != 1)  # NaN too
+        if bad.any():
+            raise ValueError(f"{name}: expected 0/1 multi-hot values (bool, or 0 and 1 of a number dtype), "
+                             f"got {_first_bad(x, bad)}")
+
+
+def check_values(batch, embeddings, product_surface_vocab_size: int, hash_config=None) -> None:
+    """Host-side value checks: hashes in [0, table size) (>= 0 without `hash_config`), surfaces
+    in [0, vocab), actions 0/1, finite embeddings. An error names the field, the bound, the first
+    bad value and its index.
+
+    Hashes are checked against the tables on every path, also where the caller passes the
+    embeddings (the model then looks nothing up): a hash names a row of a table of HashConfig's
+    size, and one beyond it means the batch was hashed for other tables. Actions are multi-hot
+    (spec section 2: `history_actions [B,S,A] float multi-hot`): the model embeds them as
+    `2*a - 1` (+1 set, -1 not set) and takes any non-zero one as set, so only 0 and 1 mean
+    something; 0.5, -1 or 1e30 would be embedded as a silently wrong (or overflowing) signal.
+    """
     if not values_enabled():
         return
     for name in batch._fields:
@@ -160,38 +219,37 @@ def check_values(batch, embeddings, product_surface_vocab_size: int) -> None:
         if not _concrete(x):
             continue
         x = np.asarray(x)
-        if name.endswith("hashes") and x.size and x.min() < 0:
-            raise ValueError(f"batch.{name}: hashes must be >= 0 (0 = padding), got minimum {x.min()}")
-        if name.endswith("product_surface") and x.size and (x.min() < 0 or x.max() >= product_surface_vocab_size):
-            raise ValueError(f"batch.{name}: ids must lie in [0, {product_surface_vocab_size}) "
-                             f"(product_surface_vocab_size), got range [{x.min()}, {x.max()}]")
-        if name == "history_actions" and x.size and not np.all(np.isfinite(x)):
-            raise ValueError(f"batch.{name}: contains NaN or inf")
+        if name in HASH_TABLES:
+            _check_hashes(x, name, hash_config)
+        elif name.endswith("product_surface"):
+            _check_ids(x, f"batch.{name}", "ids", product_surface_vocab_size, " (product_surface_vocab_size)")
+        elif name == "history_actions":
+            check_actions(x, "batch.history_actions")
     if embeddings is None:
         return
     for name, x in zip(("user_embeddings", "history_post_embeddings", "candidate_post_embeddings",
                         "history_author_embeddings", "candidate_author_embeddings"),
                        jax.tree_util.tree_leaves(embeddings)):
-        if _concrete(x) and not bool(np.all(np.isfinite(np.asarray(x, np.float32)))):
-            raise ValueError(f"recsys_embeddings.{name}: contains NaN or inf")
+        if not _concrete(x):
+            continue
+        x = np.asarray(x)
+        as_f32 = x
+        if x.dtype.itemsize > 4:
+            with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: reported below
+                as_f32 = x.astype(np.float32)
+        if not bool(np.all(np.isfinite(as_f32))):
+            raise ValueError(f"recsys_embeddings.{name}: contains NaN or inf (as float32, the model's input "
+                             f"dtype): {_first_bad(x, ~np.isfinite(as_f32))}")
 
 
 def check_hash_range(batch, hash_config) -> None:
     """Hashes must index their table: 0 <= hash < table size (a gather would silently clamp)."""
     if not values_enabled():
         return
-    sizes = {"user_hashes": hash_config.user_table_size, "history_post_hashes": hash_config.post_table_size,
-             "candidate_post_hashes": hash_config.post_table_size,
-             "history_author_hashes": hash_config.author_table_size,
-             "candidate_author_hashes": hash_config.author_table_size}
-    for name, size in sizes.items():
+    for name in HASH_TABLES:
         x = getattr(batch, name)
-        if not _concrete(x) or not np.size(x):
-            continue
-        x = np.asarray(x)
-        if x.min() < 0 or x.max() >= size:
-            raise ValueError(f"batch.{name}: hashes must lie in [0, {size}) (the table size in HashConfig), "
-                             f"got range [{x.min()}, {x.max()}]")
+        if _concrete(x):
+            _check_hashes(np.asarray(x), name, hash_config)
 
 
 def _check_each(x, name: str, expected: str, bad_fn) -> None:

@@ -254,8 +254,11 @@ class PhoenixModel(hk.Module):
                                             hc.num_user_hashes, D)
         w = hk.get_parameter("proj_mat_3", [(hc.num_item_hashes + hc.num_author_hashes + 2) * D, D], jnp.float32,
                              init=_transposed_init(1.0))
-        post = recsys_embeddings.history_post_embeddings.reshape(B, S, -1).astype(jnp.float32)  # [B, S, Hi*D]
-        author = recsys_embeddings.history_author_embeddings.reshape(B, S, -1).astype(jnp.float32)  # [B, S, Ha*D]
+        # Explicit widths, not -1: with S = 0 (no history) a -1 has no size to infer and JAX divides by 0.
+        post = recsys_embeddings.history_post_embeddings.reshape(
+            B, S, hc.num_item_hashes * D).astype(jnp.float32)  # [B, S, Hi*D]
+        author = recsys_embeddings.history_author_embeddings.reshape(
+            B, S, hc.num_author_hashes * D).astype(jnp.float32)  # [B, S, Ha*D]
         w_post, w_author, w_actions, w_surface = jnp.split(
             w, np.cumsum([post.shape[-1], author.shape[-1], D]).tolist())
         if fold_actions:

@@ -32,8 +32,8 @@ from recsys_model import PhoenixModelConfig, PrefixCache, resolve_compute_dtype,
 from phoenix_index import CorpusIndex, ShardedCorpusIndex
 # RetrievalOutput is the model's; the release names it in this module too.
 from recsys_retrieval_model import PhoenixRetrievalModelConfig, RetrievalOutput, l2_normalize, retrieve_top_k  # noqa: F401
-from phoenix_validation import (INF, check_array, check_candidate_inputs, check_hash_range, check_inputs,
-                                check_int, check_number, check_top_k, check_values, values_enabled)
+from phoenix_validation import (INF, MAX_EXACT_POSITION, check_array, check_candidate_inputs, check_hash_range,
+                                check_inputs, check_int, check_number, check_top_k, check_values, values_enabled)
 
 
 class RankingOutput(NamedTuple):
@@ -157,6 +157,11 @@ class BaseModelRunner:
 
     def __init__(self, bs_per_device: float = 2.0, rng_seed: int = 42, checkpoint_path: Optional[str] = None):
         check_number(bs_per_device, "bs_per_device", "a finite number > 0", lambda v: v > 0)
+        # jax.random.PRNGKey takes an int64 seed.
+        check_number(rng_seed, "rng_seed", "an int in [-2**63, 2**63)", lambda v: -2**63 <= v < 2**63, integer=True)
+        if checkpoint_path is not None and not isinstance(checkpoint_path, (str, os.PathLike)):
+            raise TypeError(f"checkpoint_path: expected a checkpoint directory's path (str or os.PathLike) or None, "
+                            f"got {type(checkpoint_path).__name__} {checkpoint_path!r}")
         self.bs_per_device = bs_per_device
         self.rng_seed = rng_seed
         self.checkpoint_path = checkpoint_path
@@ -249,6 +254,9 @@ class BaseInferenceRunner:
         if not isinstance(runner, self.MODEL_RUNNER):
             raise TypeError(f"runner: expected a {self.MODEL_RUNNER.__name__} for {type(self).__name__}, "
                             f"got {type(runner).__name__}")
+        if not isinstance(name, str):
+            raise TypeError(f"name: expected a str, got {type(name).__name__} {name!r}")
+        _check_bool(data_parallel, "data_parallel")
         self.runner = runner
         self.name = name
         self.trace_counts = collections.Counter()  # entry point -> number of traces (compiles)
@@ -329,7 +337,31 @@ class BaseInferenceRunner:
             raise TypeError(f"recsys_embeddings: expected RecsysEmbeddings, got {type(recsys_embeddings).__name__}")
         check_inputs(batch, recsys_embeddings, cfg.hash_config, cfg.emb_size, getattr(cfg, "num_actions", None),
                      need_candidates=need_candidates)
-        check_values(batch, recsys_embeddings, cfg.product_surface_vocab_size)
+        self._check_values(batch, recsys_embeddings)
+
+    def _check_values(self, batch, recsys_embeddings):
+        """Value checks (phoenix_validation.check_values): hashes against this model's tables on
+        every path, given embeddings or not, surfaces, 0/1 actions, finite embeddings."""
+        cfg = self.runner.model
+        check_values(batch, recsys_embeddings, cfg.product_surface_vocab_size, cfg.hash_config)
+
+
+def _check_bool(value, name: str) -> None:
+    """A flag must be a bool: "no" or 0.5 would be read as True or False silently."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+
+
+def _check_candidate_start(candidate_start: int, prefix_len: int, num_candidates: int) -> None:
+    """Candidate c sits at rotary position prefix_len + candidate_start + c, computed in float32
+    (recsys_model.score_candidates): every position must stay below MAX_EXACT_POSITION, where
+    float32 still counts in steps of 1. The model takes any sequence length, so this, not a
+    config field, is the bound; it also keeps the start inside int32, which it is passed as."""
+    limit = MAX_EXACT_POSITION - prefix_len - num_candidates
+    if candidate_start > limit:
+        raise ValueError(f"candidate_start: expected an int in [0, {limit}] (the candidates' rotary positions "
+                         f"1+S+candidate_start+c, S={prefix_len - 1}, C={num_candidates}, must stay below 2**24, "
+                         f"which float32 counts exactly), got {candidate_start}")
 
 
 def _candidate_chunks(batch: RecsysBatch, emb: RecsysEmbeddings, chunk: int):
@@ -399,10 +431,11 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         runner = self.runner
         runner.initialize()
         cfg = runner.model
+        # One user: the parameters do not depend on B, and a large bs_per_device would only allocate.
         dummy_batch = create_dummy_batch_from_config(cfg.hash_config, cfg.history_seq_len, cfg.candidate_seq_len,
-                                                     cfg.num_actions, runner.batch_size)
+                                                     cfg.num_actions)
         dummy_emb = create_dummy_embeddings_from_config(cfg.hash_config, cfg.emb_size, cfg.history_seq_len,
-                                                        cfg.candidate_seq_len, runner.batch_size)
+                                                        cfg.candidate_seq_len)
         self.params = self._replicate(runner.load_or_init(dummy_batch, dummy_emb).params)
         self.serving_dtype = resolve_compute_dtype(self.compute_dtype, cfg.fprop_dtype)
         forward = ModelForward(with_fprop_dtype(cfg, self.serving_dtype))
@@ -432,7 +465,7 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         self._require_initialized("rank")
         recsys_embeddings = self._embedded(batch, recsys_embeddings)
         # Inputs of a structure, shapes and dtypes that passed the checks and ran before need no
-        # shape checks again, and their value checks (NaN/inf, hash and surface ranges; they
+        # shape checks again, and their value checks (NaN/inf, hash, surface and action values; they
         # cannot change what runs, only its result) run while the dispatched computation works:
         # a bad value raises the same error and the result is dropped. New inputs are checked
         # whole before anything is traced. Measured C=500 B=1 (one run, medians of 500): 5.31 vs
@@ -448,7 +481,7 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         else:
             out = self._rank(self.params, *placed, path=self.path)
         if seen:
-            check_values(batch, recsys_embeddings, self.runner.model.product_surface_vocab_size)
+            self._check_values(batch, recsys_embeddings)
         elif signature[1] is not None:
             self._ran_signatures.add(signature)
         return out
@@ -507,7 +540,8 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         recsys_embeddings = self._embedded(batch, recsys_embeddings)
         check_candidate_inputs(batch, recsys_embeddings, cfg.hash_config, cfg.emb_size,
                                batch_size=prefix.mask.shape[0])
-        check_values(batch, recsys_embeddings, cfg.product_surface_vocab_size)
+        _check_candidate_start(candidate_start, prefix.mask.shape[1], batch.candidate_post_hashes.shape[1])
+        self._check_values(batch, recsys_embeddings)
         batch, recsys_embeddings = self._shard(batch, recsys_embeddings)
         return self._score(self.params, batch, recsys_embeddings, prefix, jnp.int32(candidate_start))
 
@@ -559,10 +593,11 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
         runner.initialize()
         cfg = runner.model
         num_actions = len(ACTIONS)
+        # One user: the parameters do not depend on B, and a large bs_per_device would only allocate.
         dummy_batch = create_dummy_batch_from_config(cfg.hash_config, cfg.history_seq_len, cfg.candidate_seq_len,
-                                                     num_actions, runner.batch_size)
+                                                     num_actions)
         dummy_emb = create_dummy_embeddings_from_config(cfg.hash_config, cfg.emb_size, cfg.history_seq_len,
-                                                        cfg.candidate_seq_len, runner.batch_size)
+                                                        cfg.candidate_seq_len)
         dummy_corpus = np.zeros((1, cfg.emb_size), np.float32)
         self.params = self._replicate(runner.load_or_init(dummy_batch, dummy_emb, dummy_corpus, 1).params)
         forward = ModelForward(cfg)
@@ -600,21 +635,24 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
         check_array(corpus_embeddings, "corpus_embeddings", (None, self.runner.model.emb_size), "float")
         if corpus_embeddings.shape[0] == 0:
             raise ValueError("corpus_embeddings: expected at least one row, got an empty corpus")
-        corpus = self._replicate(jnp.asarray(corpus_embeddings, jnp.float32))
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused below
+            corpus = self._replicate(jnp.asarray(corpus_embeddings, jnp.float32))
         if values_enabled() and not bool(_all_finite(corpus)):
-            raise ValueError("corpus_embeddings: contains NaN or inf")
+            raise ValueError("corpus_embeddings: contains NaN or inf (as float32, the dtype it is scored in)")
         return corpus
 
     def set_corpus(self, corpus_embeddings, corpus_post_ids=None, normalize: bool = False):
         """Builds the exact top-k index over the corpus [N, D] once (phoenix_index.py).
 
-        The corpus stays on device (a 64-byte-aligned float32 NumPy array is used in place, see
+        The corpus stays on device (a 64-byte-aligned float32 NumPy array is used in place and made
+        read-only, so a later write raises instead of changing what the index reads; see
         index.aligned_empty), is scored in chunks with bounded memory, and with data_parallel=True
         is sharded row-wise over the devices (ShardedCorpusIndex). Rows should be L2-normalised:
         a corpus that is not gives a warning, or is normalised (a copy) with normalize=True.
         """
         D = self.runner.model.emb_size
         check_array(corpus_embeddings, "corpus_embeddings", (None, D), "float")
+        _check_bool(normalize, "normalize")
         if normalize:
             corpus_embeddings = _normalize_rows(jnp.asarray(corpus_embeddings, jnp.float32))
         if self.mesh is not None:

@@ -6,6 +6,7 @@ and, where there is one, the expected value; no row may fail inside XLA or pass 
 
 import dataclasses
 import io
+import json
 import os
 
 import jax
@@ -14,6 +15,7 @@ import pytest
 
 import phoenix_checkpoint as checkpoint
 import phoenix_hashing as hashing
+import phoenix_inputs as inputs
 import movielens
 import phoenix_training as training
 import phoenix_validation as validation
@@ -62,6 +64,22 @@ def no_users(tree):
     return jax.tree.map(lambda x: x[:0], tree)
 
 
+def beyond_default_table(batch):
+    """The batch with one candidate hash equal to the default post table size (100000)."""
+    post = np.array(batch.candidate_post_hashes)
+    post[1, 0, 1] = HashConfig().post_table_size
+    return batch._replace(candidate_post_hashes=post)
+
+
+def actions_with(value, index=(0, 1, 2)):
+    actions = np.array(BATCH.history_actions)
+    actions[index] = value
+    return BATCH._replace(history_actions=actions)
+
+
+ACTIONS_01 = r"batch.history_actions: expected 0/1 multi-hot values \(bool, or 0 and 1 of a number dtype\), got "
+
+
 # B = 0 or C = 0 used to reach an integer modulo by zero inside attention.
 EMPTY_C = r"batch.candidate_post_hashes: expected at least 1 candidate \(C >= 1\), got shape \[2, 0, 2\]"
 EMPTY_B = r"batch.user_hashes: expected at least 1 user \(B >= 1\), got shape \[0, 2\]"
@@ -81,7 +99,28 @@ RANK_CASES = [
     ("rank_of_field", lambda: (BATCH._replace(history_product_surface=BATCH.history_product_surface[..., None]), EMB),
      ValueError, r"batch.history_product_surface: expected rank 2"),
     ("negative_hash", lambda: (BATCH._replace(candidate_author_hashes=-BATCH.candidate_author_hashes), EMB),
-     ValueError, r"batch.candidate_author_hashes: hashes must be >= 0"),
+     ValueError, r"batch.candidate_author_hashes: hashes must lie in \[0, 100000\) \(HashConfig.author_table_size: "
+                 r"rows of the author table; 0 = padding\), got -\d+ at index \[0, 0, 0\] \(16 bad of 16 entries\)"),
+    # With explicit embeddings the model looks nothing up, and a hash beyond its table used to pass.
+    ("hash_equals_table_size", lambda: (beyond_default_table(BATCH), EMB), ValueError,
+     r"batch.candidate_post_hashes: hashes must lie in \[0, 100000\) \(HashConfig.post_table_size: rows of the "
+     r"post table; 0 = padding\), got 100000 at index \[1, 0, 1\] \(1 bad of 16 entries\)"),
+    ("hash_uint64_beyond_int64", lambda: (BATCH._replace(user_hashes=np.full((2, 2), 2**63, np.uint64)), EMB),
+     ValueError, r"batch.user_hashes: hashes must lie in \[0, 100000\).*got 9223372036854775808 at index \[0, 0\]"),
+    # Actions are 0/1 multi-hot; 1e30 (and -1, 0.5, NaN) used to be embedded as 2a - 1.
+    ("actions_huge", lambda: (actions_with(1e30), EMB), ValueError, ACTIONS_01 + r"1e\+30 at index \[0, 1, 2\] "
+                                                                         r"\(1 bad of 228 entries\)"),
+    ("actions_negative", lambda: (actions_with(-1.0), EMB), ValueError, ACTIONS_01 + r"-1.0 at index \[0, 1, 2\]"),
+    ("actions_half", lambda: (actions_with(0.5), EMB), ValueError, ACTIONS_01 + r"0.5 at index \[0, 1, 2\]"),
+    ("actions_nan", lambda: (actions_with(np.nan), EMB), ValueError, ACTIONS_01 + r"nan at index \[0, 1, 2\]"),
+    ("actions_int_two", lambda: (BATCH._replace(history_actions=2 * BATCH.history_actions.astype(np.int32)), EMB),
+     ValueError, ACTIONS_01 + r"2 at index"),
+    ("surface_huge_int64", lambda: (BATCH._replace(history_product_surface=np.full((2, S), 2**40)), EMB), ValueError,
+     r"batch.history_product_surface: ids must lie in \[0, 16\).*got 1099511627776 at index \[0, 0\]"),
+    # float64 beyond float32's range becomes inf in the model (and used to warn from NumPy's cast).
+    ("embeddings_beyond_float32", lambda: (BATCH, emb_with(user_embeddings=np.full((2, 2, D), 1e300))), ValueError,
+     r"recsys_embeddings.user_embeddings: contains NaN or inf \(as float32, the model's input dtype\): 1e\+300 "
+     r"at index \[0, 0, 0\]"),
     ("surface_vocab", lambda: (BATCH._replace(history_product_surface=BATCH.history_product_surface + 16), EMB),
      ValueError, r"batch.history_product_surface: ids must lie in \[0, 16\)"),
     ("action_width", lambda: (BATCH._replace(history_actions=BATCH.history_actions[..., :18]), EMB), ValueError,
@@ -90,7 +129,8 @@ RANK_CASES = [
      r"batch.user_hashes: expected int dtype"),
     ("int_embeddings", lambda: (BATCH, emb_with(user_embeddings=EMB.user_embeddings.astype(np.int32))), TypeError,
      r"recsys_embeddings.user_embeddings: expected float dtype"),
-    ("nan_embeddings", lambda: (BATCH, nan_user()), ValueError, r"user_embeddings: contains NaN or inf"),
+    ("nan_embeddings", lambda: (BATCH, nan_user()), ValueError,
+     r"user_embeddings: contains NaN or inf .*: inf at index \[1, 0, 3\] \(1 bad of 64 entries\)"),
     ("not_a_batch", lambda: (dict(BATCH._asdict()), EMB), TypeError, r"batch: expected a RecsysBatch"),
     ("not_embeddings", lambda: (BATCH, tuple(jax.tree_util.tree_leaves(EMB))), TypeError,
      r"recsys_embeddings: expected RecsysEmbeddings"),
@@ -107,7 +147,8 @@ def test_rank_rejects(ranker, name, make, err, match):
         ranker.rank(*make())
 
 
-VALUE_CASES = [c for c in RANK_CASES if c[0] in ("negative_hash", "surface_vocab", "nan_embeddings")]
+VALUE_CASES = [c for c in RANK_CASES if c[0] in ("negative_hash", "surface_vocab", "nan_embeddings",
+                                                 "hash_equals_table_size", "actions_huge")]
 
 
 @pytest.mark.parametrize("name,make,err,match", VALUE_CASES, ids=[c[0] for c in VALUE_CASES])
@@ -125,6 +166,32 @@ def test_rank_value_errors_are_the_same_before_and_after_a_shape_has_run(name, m
         r.rank(*make())
     assert r.trace_counts["rank"] == 1  # and nothing recompiled
     np.testing.assert_array_equal(np.asarray(r.rank(BATCH, EMB).scores), np.asarray(good.scores))
+
+
+def _prefix_of(ranker):
+    return ranker.encode_prefix(BATCH, EMB)
+
+
+# Every public entry point that takes a RecsysBatch checks its values the same way (hashes against
+# the tables whether or not embeddings are given, 0/1 actions): (id, call(ranker, retriever, batch)).
+ENTRY_POINTS = [
+    ("rank", lambda r, q, b: r.rank(b, EMB)),
+    ("rank_large", lambda r, q, b: r.rank_large(b, EMB, chunk_size=3)),
+    ("encode_prefix", lambda r, q, b: r.encode_prefix(b, EMB)),
+    ("score_candidates", lambda r, q, b: r.score_candidates(_prefix_of(r), b, EMB)),
+    ("retrieve_index", lambda r, q, b: q.retrieve(b, EMB, top_k=3)),
+    ("retrieve_corpus", lambda r, q, b: q.retrieve(b, EMB, top_k=3, corpus_embeddings=create_example_corpus(9, D)[0])),
+    ("encode_user", lambda r, q, b: q.encode_user(b, EMB)),
+    ("encode_candidates", lambda r, q, b: q.encode_candidates(b, EMB)),
+]
+ENTRY_VALUE_CASES = [c for c in RANK_CASES if c[0] in ("hash_equals_table_size", "actions_huge")]
+
+
+@pytest.mark.parametrize("entry,call", ENTRY_POINTS, ids=[e[0] for e in ENTRY_POINTS])
+@pytest.mark.parametrize("name,make,err,match", ENTRY_VALUE_CASES, ids=[c[0] for c in ENTRY_VALUE_CASES])
+def test_every_entry_point_checks_values(ranker, retriever, entry, call, name, make, err, match):
+    with pytest.raises(err, match=match):
+        call(ranker, retriever, make()[0])
 
 
 RETRIEVE_CASES = [
@@ -178,7 +245,7 @@ CONFIG_CASES = [
      r"product_surface_vocab_size must be a positive int"),
     ("zero_hashes", lambda: PhoenixModelConfig(model=tiny_transformer(), emb_size=D, num_actions=A,
                                                hash_config=HashConfig(num_item_hashes=0)).initialize(),
-     r"hash_config.num_item_hashes must be a positive int"),
+     r"HashConfig.num_item_hashes: expected an int >= 1, got 0"),
     ("ranker_path", lambda: RecsysInferenceRunner(ModelRunner(tiny_ranker_config()), path="fast"),
      r"path: expected 'isolated' or 'masked'"),
 ]
@@ -324,7 +391,16 @@ def beyond_table(batch):
     return batch._replace(candidate_post_hashes=with_value(batch.candidate_post_hashes, (1, 0, 1), 211))
 
 
-BEYOND = r"batch.candidate_post_hashes: hashes must lie in \[0, 211\)"
+BEYOND = (r"batch.candidate_post_hashes: hashes must lie in \[0, 211\) \(HashConfig.post_table_size.*got 211 "
+          r"at index \[1, 0, 1\]")
+
+
+def huge_action(batch):
+    """The batch with one history action of 1e30 (actions are 0/1 multi-hot)."""
+    return batch._replace(history_actions=with_value(batch.history_actions, (1, 0, 4), 1e30))
+
+
+HUGE_ACTION = ACTIONS_01 + r"1e\+30 at index \[1, 0, 4\]"
 
 # (id, call(trainer, state, batch), exception, message)
 RANKING_TRAINER_CASES = [
@@ -347,6 +423,8 @@ RANKING_TRAINER_CASES = [
     ("predict_hash_beyond_table", lambda t, s, b: t.predict(s.params, beyond_table(b)), ValueError, BEYOND),
     ("evaluate_hash_beyond_table", lambda t, s, b: t.evaluate(s.params, beyond_table(b), labels_for(b)), ValueError,
      BEYOND),
+    ("step_actions_huge", lambda t, s, b: t.step(s, huge_action(b), labels_for(b)), ValueError, HUGE_ACTION),
+    ("predict_actions_huge", lambda t, s, b: t.predict(s.params, huge_action(b)), ValueError, HUGE_ACTION),
     ("step_zero_candidates", lambda t, s, b: t.step(s, no_candidates(b), labels_for(no_candidates(b))), ValueError,
      EMPTY_C),
     ("predict_zero_candidates", lambda t, s, b: t.predict(s.params, no_candidates(b)), ValueError, EMPTY_C),
@@ -379,6 +457,7 @@ LOG_Q_NAN = np.array([0.0, np.nan], np.float32)
 RETRIEVAL_TRAINER_CASES = [
     ("predict_hash_beyond_table", lambda t, s, b: t.predict(s.params, beyond_table(b)), ValueError, BEYOND),
     ("evaluate_hash_beyond_table", lambda t, s, b: t.evaluate(s.params, beyond_table(b)), ValueError, BEYOND),
+    ("step_actions_huge", lambda t, s, b: t.step(s, huge_action(b)), ValueError, HUGE_ACTION),
     ("step_log_q_nan", lambda t, s, b: t.step(s, b, log_q=LOG_Q_NAN), ValueError,
      r"log_q: expected finite values.*got nan at index \[1\]"),
     ("evaluate_log_q_nan", lambda t, s, b: t.evaluate(s.params, b, log_q=LOG_Q_NAN), ValueError,
@@ -503,15 +582,359 @@ def test_fit_rejects(trainer_and_state, name, kwargs, err, match):
         training.fit(trainer, state, iter([(batch, labels_for(batch))] * 2), **args)
 
 
-@pytest.mark.parametrize("call,err,match", [
-    (lambda: hashing.hash_ids(np.array([1.5, 2.0]), HashConfig(), "post"), TypeError, r"ids must be integers"),
-    (lambda: hashing.hash_ids(np.array([1, 2]), HashConfig(post_table_size=1), "post"), ValueError,
-     r"table_size must be in \[2, 2\*\*31\]"),
-    (lambda: hashing.hash_ids(np.array([1, 2]), HashConfig(), "video"), ValueError, r"id_type must be one of"),
-], ids=["float_ids", "table_size_1", "id_type"])
-def test_hashing_rejects(call, err, match):
+def _ranking_items(batch):
+    labels = labels_for(batch)
+    return {"list": [batch, labels], "tuple_too_long": (batch, labels, None, 5), "tuple_no_labels": (batch,),
+            "lone_batch": batch, "dict_unknown_key": {"batch": batch, "lbl": labels}, "none": None, "string": "x"}
+
+
+ITEM = (r"batch_iterator: expected each item to be a RecsysBatch, a tuple of RankingTrainer.step's arguments after the "
+        r"state \(batch, labels, label_mask=None\) or a dict of them by name; got ")
+# (id, exception, message) of fit over items of the wrong kind; they used to raise TypeError from
+# inside RankingTrainer.step ("missing 1 required positional argument: 'labels'") or run a step.
+FIT_ITEM_CASES = [
+    ("list", TypeError, ITEM + r"a list of 2$"),
+    ("tuple_too_long", TypeError, ITEM + r"a tuple of 4 \(too many positional arguments\)"),
+    ("tuple_no_labels", TypeError, ITEM + r"a tuple of 1 \(missing a required argument: 'labels'\)"),
+    ("lone_batch", TypeError, ITEM + r"a RecsysBatch alone \(missing a required argument: 'labels'\)"),
+    ("dict_unknown_key", TypeError, ITEM + r"a dict of 2 \(missing a required argument: 'labels'\)"),
+    ("none", TypeError, ITEM + r"a NoneType$"),
+    ("string", TypeError, ITEM + r"a str$"),
+]
+
+
+@pytest.mark.parametrize("name,err,match", FIT_ITEM_CASES, ids=[c[0] for c in FIT_ITEM_CASES])
+def test_fit_rejects_items_of_the_wrong_kind(trainer_and_state, name, err, match):
+    trainer, state, batch = trainer_and_state
+    before = trainer.trace_counts["step"]
+    with pytest.raises(err, match=match):
+        training.fit(trainer, state, iter([_ranking_items(batch)[name]] * 2), num_steps=2, stream=io.StringIO())
+    assert trainer.trace_counts["step"] == before  # refused before any step ran
+
+
+class RecordingTrainer(training.RankingTrainer):
+    """RankingTrainer.step's signature; records its arguments instead of running a step."""
+
+    def __init__(self):
+        self.calls = []
+
+    def step(self, state, batch, labels, label_mask=None):
+        self.calls.append((batch, labels, label_mask))
+        return state, {}
+
+
+def test_fit_items_pass_their_arguments_and_a_list_of_them_is_refused():
+    trainer, batch, labels = RecordingTrainer(), BATCH, np.zeros((2, C, A), np.float32)
+    for item in ({"batch": batch, "labels": labels}, (batch, labels, labels)):
+        training._call_step(trainer, None, item)
+    assert [tuple(x is y for x, y in zip(c, want)) for c, want in
+            zip(trainer.calls, [(batch, labels, None), (batch, labels, labels)])] == [(True,) * 3] * 2
+    with pytest.raises(TypeError, match=ITEM.replace("RankingTrainer", "RecordingTrainer") + r"a list of 2$"):
+        training._call_step(trainer, None, [batch, labels])
+    assert len(trainer.calls) == 2
+
+
+# (field, bad value, exception, message): HashConfig used to accept all of these.
+HASH_CONFIG_CASES = [
+    ("hash_seed", 1.5, TypeError, r"HashConfig.hash_seed: expected an int in \[0, 2\*\*64\), got float 1.5"),
+    ("hash_seed", -1, ValueError, r"HashConfig.hash_seed: expected an int in \[0, 2\*\*64\), got -1"),
+    ("hash_seed", 2**64, ValueError,
+     r"HashConfig.hash_seed: expected an int in \[0, 2\*\*64\), got 18446744073709551616"),
+    ("hash_seed", True, TypeError, r"HashConfig.hash_seed: expected an int in \[0, 2\*\*64\), got bool True"),
+    ("hash_seed", "0", TypeError, r"HashConfig.hash_seed: expected an int in \[0, 2\*\*64\), got str '0'"),
+    ("num_user_hashes", 0, ValueError, r"HashConfig.num_user_hashes: expected an int >= 1, got 0"),
+    ("num_item_hashes", 2.0, TypeError, r"HashConfig.num_item_hashes: expected an int >= 1, got float 2.0"),
+    ("num_author_hashes", True, TypeError, r"HashConfig.num_author_hashes: expected an int >= 1, got bool True"),
+    ("user_table_size", 1, ValueError, r"HashConfig.user_table_size: expected an int in \[2, 2\*\*31\], got 1"),
+    ("post_table_size", 2**31 + 1, ValueError, r"HashConfig.post_table_size: expected an int in \[2, 2\*\*31\]"),
+    ("author_table_size", 1e5, TypeError,
+     r"HashConfig.author_table_size: expected an int in \[2, 2\*\*31\], got float"),
+    ("author_table_size", NAN, TypeError,
+     r"HashConfig.author_table_size: expected an int in \[2, 2\*\*31\], got float nan"),
+]
+
+
+@pytest.mark.parametrize("field,value,err,match", HASH_CONFIG_CASES,
+                         ids=[f"{c[0]}={c[1]!r}" for c in HASH_CONFIG_CASES])
+def test_hash_config_rejects(field, value, err, match):
+    with pytest.raises(err, match=match):
+        HashConfig(**{field: value})
+
+
+def test_hash_config_keeps_numpy_ints_as_ints():
+    config = HashConfig(hash_seed=np.uint64(2**64 - 1), post_table_size=np.int32(2**31 - 1))
+    assert type(config.hash_seed) is int and config.hash_seed == 2**64 - 1
+    assert type(config.post_table_size) is int
+
+
+def _changed(**fields):
+    """A HashConfig changed after construction (its constructor's checks do not see it)."""
+    config = HashConfig()
+    for name, value in fields.items():
+        setattr(config, name, value)
+    return config
+
+
+WORDS = hashing.split_ids(np.array([1, 2]))
+HASHING_CASES = [
+    ("float_ids", lambda: hashing.hash_ids(np.array([1.5, 2.0]), HashConfig(), "post"), TypeError,
+     r"ids must be integers"),
+    ("python_int_beyond_int64", lambda: hashing.hash_ids([2**64], HashConfig(), "post"), ValueError,
+     r"ids must fit in int64 \(-2\*\*63 <= id < 2\*\*63\), got range \[18446744073709551616"),
+    ("id_type", lambda: hashing.hash_ids(np.array([1, 2]), HashConfig(), "video"), ValueError,
+     r"id_type must be one of"),
+    ("config_not_a_hash_config", lambda: hashing.hash_ids([1], {"post_table_size": 10}, "post"), TypeError,
+     r"cfg: expected a HashConfig, got dict"),
+    ("changed_table_size", lambda: hashing.hash_ids([1], _changed(post_table_size=1), "post"), ValueError,
+     r"HashConfig.post_table_size: expected an int in \[2, 2\*\*31\], got 1"),
+    ("changed_zero_hashes", lambda: hashing.hash_ids([1], _changed(num_item_hashes=0), "post"), ValueError,
+     r"HashConfig.num_item_hashes: expected an int >= 1, got 0"),
+    ("changed_float_seed", lambda: hashing.hash_ids([1], _changed(hash_seed=0.5), "post"), TypeError,
+     r"HashConfig.hash_seed: expected an int in \[0, 2\*\*64\), got float 0.5"),
+    ("hash_seeds_float", lambda: hashing.hash_seeds(1.5, "post", 2), TypeError,
+     r"hash_seed: expected an int in \[0, 2\*\*64\), got float 1.5"),
+    ("hash_seeds_negative", lambda: hashing.hash_seeds(-1, "post", 2), ValueError,
+     r"hash_seed: expected an int in \[0, 2\*\*64\), got -1"),
+    ("hash_seeds_id_type", lambda: hashing.hash_seeds(0, "video", 2), ValueError, r"id_type must be one of"),
+    ("hash_seeds_count", lambda: hashing.hash_seeds(0, "post", -1), ValueError,
+     r"num_hashes: expected an int >= 1, got -1"),
+    ("multi_hash_float_table", lambda: hashing.multi_hash(*WORDS, hashing.hash_seeds(0, "post", 2), 100.5),
+     TypeError, r"table_size: expected an int in \[2, 2\*\*31\], got float 100.5"),
+    ("multi_hash_negative_seed", lambda: hashing.multi_hash(*WORDS, [-1], 100), ValueError,
+     r"seeds: expected values in \[0, 2\*\*32\), got range \[-1, -1\]"),
+    ("multi_hash_float_seed", lambda: hashing.multi_hash(*WORDS, [1.5], 100), TypeError,
+     r"seeds: expected a \[H\] integer array"),
+    ("expected_share_table_1", lambda: hashing.expected_collision_share(10, 1, 1), ValueError,
+     r"table_size: expected an int in \[2, 2\*\*31\], got 1"),
+    ("expected_share_negative_vocab", lambda: hashing.expected_collision_share(-1, 10, 1), ValueError,
+     r"vocab_size: expected an int >= 0, got -1"),
+    ("colliding_mask_1d", lambda: hashing.colliding_mask(np.array([1, 2, 1])), ValueError,
+     r"hashes: expected a \[V, H\] integer array, got shape \[3\]"),
+    ("collision_report_empty", lambda: hashing.collision_report(0, 10, 1), ValueError,
+     r"vocab_size: expected an int >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("name,call,err,match", HASHING_CASES, ids=[c[0] for c in HASHING_CASES])
+def test_hashing_rejects(name, call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+def test_expected_collision_share_of_one_id_is_zero():
+    # V = 0 used to give -0.125 (a negative probability) for M = 10, H = 1.
+    assert hashing.expected_collision_share(0, 10, 1) == 0.0
+    assert hashing.expected_collision_share(1, 10, 1) == 0.0
+
+
+PARAMS = {"m": {"w": np.ones((2, 3), np.float32)}}
+JSON_DATA = r"expected JSON data \(dicts with str keys, lists, tuples read back as lists, str, int, float, bool, None\)"
+
+
+def saved_with_meta(tmp_path, **changes):
+    """A checkpoint whose meta.json was then edited: {key: new value}."""
+    path = checkpoint.save_checkpoint(str(tmp_path / "edited"), PARAMS)
+    meta_path = os.path.join(path, "meta.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta.update(changes)
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    return path
+
+
+def with_meta_replaced(tmp_path, make):
+    """A checkpoint whose meta.json was replaced by make(path), e.g. a directory or a FIFO."""
+    path = checkpoint.save_checkpoint(str(tmp_path / "replaced"), PARAMS)
+    os.remove(os.path.join(path, "meta.json"))
+    make(os.path.join(path, "meta.json"))
+    return path
+
+
+def circular():
+    data = {}
+    data["self"] = data
+    return data
+
+
+# (id, call(tmp_path), exception, message). Steps outside [0, 2**63) and non-JSON `extra` used to be
+# saved (or fail in json.dumps without naming `extra`); a meta.json that is a directory raised
+# IsADirectoryError naming only 'meta.json'; the other saves used to write checkpoints no load reads.
+CHECKPOINT_CASES = [
+    ("save_step_negative", lambda p: checkpoint.save_checkpoint(str(p / "c"), PARAMS, step=-1), ValueError,
+     r"^step: expected an int in \[0, 2\*\*63\), got -1$"),
+    ("save_step_2**70", lambda p: checkpoint.save_checkpoint(str(p / "c"), PARAMS, step=2**70), ValueError,
+     r"^step: expected an int in \[0, 2\*\*63\), got 1180591620717411303424$"),
+    ("save_step_2**63", lambda p: checkpoint.save_checkpoint(str(p / "c"), PARAMS, step=np.uint64(2**63)), ValueError,
+     r"^step: expected an int in \[0, 2\*\*63\), got 9223372036854775808$"),
+    ("save_step_bool", lambda p: checkpoint.save_checkpoint(str(p / "c"), PARAMS, step=True), TypeError,
+     r"^step: expected an int in \[0, 2\*\*63\), got bool True$"),
+    ("save_step_float", lambda p: checkpoint.save_checkpoint(str(p / "c"), PARAMS, step=3.0), TypeError,
+     r"^step: expected an int in \[0, 2\*\*63\), got float 3.0$"),
+    ("step_path_negative", lambda p: checkpoint.step_checkpoint_path(str(p), -1), ValueError,
+     r"^step: expected an int in \[0, 2\*\*63\), got -1$"),
+    ("load_step_negative", lambda p: checkpoint.load_checkpoint(saved_with_meta(p, step=-1)),
+     checkpoint.CheckpointError,
+     r"edited/meta.json: 'step': expected an integer in \[0, 2\*\*63\), got int -1$"),
+    ("read_meta_step_2**70", lambda p: checkpoint.read_meta(saved_with_meta(p, step=2**70)), checkpoint.CheckpointError,
+     r"edited/meta.json: 'step': expected an integer in \[0, 2\*\*63\), got int 1180591620717411303424$"),
+    ("extra_array", lambda p: checkpoint.save_checkpoint(str(p / "c"), PARAMS, extra={"arr": np.arange(3)}),
+     TypeError, r"^extra\['arr'\]: " + JSON_DATA + r", got ndarray array\(\[0, 1, 2\]\) \(convert it with "
+                r"\.tolist\(\), or pass arrays as `aux`\)$"),
+    ("extra_numpy_scalar_deep", lambda p: checkpoint.save_checkpoint(str(p / "c"), PARAMS,
+                                                                     extra={"a": [1, {"b": np.float32(1)}]}),
+     TypeError, r"^extra\['a'\]\[1\]\['b'\]: " + JSON_DATA + r", got float32 .*\(convert it with \.item\(\)\)$"),
+    ("extra_int_key", lambda p: checkpoint.save_checkpoint(str(p / "c"), PARAMS, extra={1: 2}), TypeError,
+     r"^extra: " + JSON_DATA + r", got the int dict key 1$"),
+    ("extra_set", lambda p: checkpoint.save_checkpoint(str(p / "c"), PARAMS, extra={"s": {1}}), TypeError,
+     r"^extra\['s'\]: " + JSON_DATA + r", got set \{1\}$"),
+    ("extra_circular", lambda p: checkpoint.save_checkpoint(str(p / "c"), PARAMS, extra=circular()), ValueError,
+     r"^extra\['self'\]: " + JSON_DATA + r", got a container that holds itself \(a circular reference\)$"),
+    ("meta_json_is_a_directory", lambda p: checkpoint.load_checkpoint(with_meta_replaced(p, os.mkdir)),
+     checkpoint.CheckpointError, r"^/.*/replaced/meta.json: is a directory; a checkpoint's meta.json is a file$"),
+    ("read_meta_of_directory_meta", lambda p: checkpoint.read_meta(with_meta_replaced(p, os.mkdir)),
+     checkpoint.CheckpointError, r"^/.*/replaced/meta.json: is a directory"),
+    # A FIFO used to block the load until something wrote to it.
+    ("meta_json_is_a_fifo", lambda p: checkpoint.load_checkpoint(with_meta_replaced(p, os.mkfifo)),
+     checkpoint.CheckpointError,
+     r"^/.*/replaced/meta.json: is not a regular file; a checkpoint's meta.json is a file$"),
+    ("checkpoint_is_a_fifo", lambda p: (os.mkfifo(p / "fifo"), checkpoint.load_checkpoint(str(p / "fifo"))),
+     checkpoint.CheckpointError, r"fifo: is a FIFO, socket or device, not a checkpoint directory$"),
+    ("save_bare_array", lambda p: checkpoint.save_checkpoint(str(p / "c"), np.ones(3)), ValueError,
+     r"^parameter tree: a bare array at its root has no name to store it under"),
+    ("save_string_array", lambda p: checkpoint.save_checkpoint(str(p / "c"), {"a": np.array(["x", "yz"])}),
+     ValueError, r"^parameter 'a' has dtype <U2 \(str64\), which cannot be stored: expected numeric or bool arrays$"),
+    ("save_record_aux", lambda p: checkpoint.save_checkpoint(str(p / "c"), PARAMS, aux={"r": np.zeros(2, "i4,f4")}),
+     ValueError, r"^aux 'r' has dtype \|V8 \(void64\), which cannot be stored"),
+    ("load_template_without_dtype", lambda p: checkpoint.load_checkpoint(
+        checkpoint.save_checkpoint(str(p / "ok"), PARAMS), params_template={"m": {"w": "f32"}}), TypeError,
+     r"^params_template: leaf 'm/w' is a str; expected arrays or jax.ShapeDtypeStruct"),
+    ("load_config_types_not_a_tuple", lambda p: checkpoint.load_checkpoint(
+        checkpoint.save_checkpoint(str(p / "ok"), PARAMS), config_types=HashConfig), TypeError,
+     r"^config_types: expected a tuple of dataclass types, got <class"),
+]
+
+
+@pytest.mark.parametrize("name,call,err,match", CHECKPOINT_CASES, ids=[c[0] for c in CHECKPOINT_CASES])
+def test_checkpoint_rejects(tmp_path, name, call, err, match):
+    with pytest.raises(err, match=match):
+        call(tmp_path)
+    assert not os.path.exists(tmp_path / "c")  # a refused save writes nothing
+
+
+def test_checkpoint_keeps_the_largest_step_and_json_extra(tmp_path):
+    """The bounds are the bounds: 2**63 - 1 is saved and loaded back, and so is JSON `extra`."""
+    extra = {"a": [1, 2.5, None, True, "x", {"b": (1, 2)}], "nan": float("nan")}
+    path = checkpoint.save_checkpoint(str(tmp_path / "c"), PARAMS, step=np.int64(2**63 - 1), extra=extra)
+    loaded = checkpoint.load_checkpoint(path)
+    assert loaded.step == 2**63 - 1 and type(loaded.step) is int
+    assert loaded.extra["a"] == [1, 2.5, None, True, "x", {"b": [1, 2]}] and np.isnan(loaded.extra["nan"])
+    assert checkpoint.prune_step_checkpoints(str(tmp_path), np.int64(1)) == []  # NumPy ints are ints
+
+
+def test_trainer_refuses_a_step_beyond_its_int32_counter(trainer_and_state, tmp_path):
+    trainer, state, batch = trainer_and_state
+    path = trainer.save(str(tmp_path / "t"), state)
+    meta_path = os.path.join(path, "meta.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["step"] = 2**31
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(checkpoint.CheckpointError, match=r"/t: step 2147483648 does not fit a trainer's int32 step "
+                                                         r"counter \(at most 2\*\*31 - 1\)"):
+        trainer.restore(path, like=state)
+
+
+RAW = dict(user_ids=np.arange(2), history_post_ids=np.ones((2, 3), np.int64),
+           history_author_ids=np.ones((2, 3), np.int64), history_actions=np.zeros((2, 3, A)),
+           history_surfaces=np.zeros((2, 3), np.int32), candidate_post_ids=np.ones((2, 4), np.int64),
+           candidate_author_ids=np.ones((2, 4), np.int64), candidate_surfaces=np.zeros((2, 4), np.int32))
+
+
+def raw_with(**fields):
+    return {**RAW, **fields}
+
+
+# (id, call, exception, message): the batch builders and example factories of phoenix_inputs. They
+# used to fail inside NumPy ("negative dimensions are not allowed", "low >= high") or pass silently.
+INPUTS_CASES = [
+    ("batch_from_ids_no_config", lambda: inputs.batch_from_ids(**RAW, hash_config=None), TypeError,
+     r"^hash_config: expected a HashConfig, got NoneType$"),
+    ("batch_from_ids_actions_huge", lambda: inputs.batch_from_ids(**raw_with(history_actions=np.full((2, 3, A), 1e30)),
+                                                                  hash_config=HashConfig()), ValueError,
+     r"^history_actions: expected 0/1 multi-hot values .*got 1e\+30 at index \[0, 0, 0\] \(114 bad of 114 entries\)"),
+    ("batch_from_ids_negative_surface", lambda: inputs.batch_from_ids(
+        **raw_with(history_surfaces=-np.ones((2, 3), np.int64)), hash_config=HashConfig()), ValueError,
+     r"^history_surfaces: expected ids in \[0, 2\*\*31\) \(0 = padding\), got range \[-1, -1\]$"),
+    ("example_batch_negative_size", lambda: create_example_batch(-1, D, S, C, A), ValueError,
+     r"^batch_size: expected an int >= 0, got -1$"),
+    ("example_batch_float_emb_size", lambda: create_example_batch(1, 8.5, S, C, A), TypeError,
+     r"^emb_size: expected an int >= 0, got float 8.5$"),
+    ("example_batch_table_of_one_row", lambda: create_example_batch(1, D, S, C, A, num_post_embeddings=1), ValueError,
+     r"^num_post_embeddings: expected an int in \[2, 2\*\*31\], got 1$"),
+    ("example_batch_no_surfaces", lambda: create_example_batch(1, D, S, C, A, product_surface_vocab_size=0),
+     ValueError, r"^product_surface_vocab_size: expected an int >= 1, got 0$"),
+    ("example_batch_negative_seed", lambda: create_example_batch(1, D, S, C, A, seed=-1), ValueError,
+     r"^seed: expected an int >= 0, got -1$"),
+    ("example_corpus_negative", lambda: create_example_corpus(-1, D), ValueError,
+     r"^corpus_size: expected an int >= 0, got -1$"),
+    ("example_corpus_no_width", lambda: create_example_corpus(3, 0), ValueError,
+     r"^emb_size: expected an int >= 1, got 0$"),
+    ("dummy_batch_float_history", lambda: inputs.create_dummy_batch_from_config(HashConfig(), 2.5, C, A), TypeError,
+     r"^history_len: expected an int >= 0, got float 2.5$"),
+    ("dummy_embeddings_negative_width", lambda: inputs.create_dummy_embeddings_from_config(HashConfig(), -3, S, C),
+     ValueError, r"^emb_size: expected an int >= 0, got -3$"),
+    ("dummy_batch_no_config", lambda: inputs.create_dummy_batch_from_config(None, S, C, A), TypeError,
+     r"^hash_config: expected a HashConfig, got NoneType$"),
+]
+
+
+@pytest.mark.parametrize("name,call,err,match", INPUTS_CASES, ids=[c[0] for c in INPUTS_CASES])
+def test_inputs_reject(name, call, err, match):
+    with pytest.raises(err, match=match):
+        call()
+
+
+def test_example_batch_without_history():
+    """S = 0 used to fail inside NumPy (low >= high); other sizes draw exactly what they did."""
+    batch, emb = create_example_batch(2, D, 0, C, A)
+    assert batch.history_post_hashes.shape == (2, 0, 2) and emb.history_post_embeddings.shape == (2, 0, 2, D)
+
+
+# (id, call, exception, message): runner arguments that used to be accepted and misread ("no" as
+# True) or fail later inside JAX/NumPy (a seed beyond int64, a batch size of 1e30 users).
+RUNNER_ARG_CASES = [
+    ("data_parallel_string", lambda: RecsysInferenceRunner(ModelRunner(tiny_ranker_config()), data_parallel="no"),
+     TypeError, r"^data_parallel: expected a bool, got str 'no'$"),
+    ("name_int", lambda: RecsysRetrievalInferenceRunner(RetrievalModelRunner(tiny_retrieval_config()), name=5),
+     TypeError, r"^name: expected a str, got int 5$"),
+    ("rng_seed_float", lambda: ModelRunner(tiny_ranker_config(), rng_seed=1.5), TypeError,
+     r"^rng_seed: expected an int in \[-2\*\*63, 2\*\*63\), got float 1.5$"),
+    ("rng_seed_2**70", lambda: ModelRunner(tiny_ranker_config(), rng_seed=2**70), ValueError,
+     r"^rng_seed: expected an int in \[-2\*\*63, 2\*\*63\), got 1180591620717411303424$"),
+    ("checkpoint_path_int", lambda: ModelRunner(tiny_ranker_config(), checkpoint_path=5), TypeError,
+     r"^checkpoint_path: expected a checkpoint directory's path \(str or os.PathLike\) or None, got int 5$"),
+]
+
+
+@pytest.mark.parametrize("name,call,err,match", RUNNER_ARG_CASES, ids=[c[0] for c in RUNNER_ARG_CASES])
+def test_runner_arguments_reject(name, call, err, match):
+    with pytest.raises(err, match=match):
+        call()
+
+
+def test_set_corpus_refuses_a_non_bool_normalize(retriever):
+    with pytest.raises(TypeError, match=r"^normalize: expected a bool, got str 'yes'$"):
+        retriever.set_corpus(*create_example_corpus(40, D), normalize="yes")
+
+
+def test_a_huge_bs_per_device_allocates_nothing(ranker):
+    """Parameters do not depend on B: init builds its dummy inputs for one user, so a bs_per_device
+    of 1e30 (used to fail in NumPy: "Maximum allowed dimension exceeded") initialises as 2 does."""
+    huge = RecsysInferenceRunner(ModelRunner(tiny_ranker_config(), bs_per_device=1e30))
+    huge.initialize()
+    jax.tree.map(np.testing.assert_array_equal, huge.params, ranker.params)  # the default bs_per_device
 
 
 def test_checkpoint_errors_name_the_file(tmp_path):
@@ -527,7 +950,8 @@ def test_checkpoint_errors_name_the_file(tmp_path):
 
 
 def test_dataset_loader_rejects_empty_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    # The directory exists: what is wrong is its content, named as such (not "not found").
+    with pytest.raises(movielens.RatingsFileError, match=f"{tmp_path}: is a directory holding none of"):
         movielens.load_ratings(str(tmp_path))
 
 

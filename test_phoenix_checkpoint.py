@@ -345,7 +345,8 @@ def make_meta_json_directory(root):
 
 @pytest.mark.parametrize("make, expected", [
     (make_run_dir, r"holds data, notes.txt, run1, which a save does not write"),
-    (make_user_meta_dir, r"its meta.json is not a Phoenix checkpoint's .*'step': expected an integer, got no such key"),
+    (make_user_meta_dir, r"its meta.json is not a Phoenix checkpoint's .*'step': expected an integer in "
+                         r"\[0, 2\*\*63\), got no such key"),
     (make_checkpoint_with_user_file, r"holds README, which a save does not write"),
     (make_checkpoint_with_subdir, r"holds eval, which a save does not write"),
     (make_only_meta_json, r"its meta.json is not a Phoenix checkpoint's .*unsupported checkpoint format version None"),
@@ -576,7 +577,7 @@ def test_parent_that_is_a_file_names_the_path(tmp_path):
 
 
 def test_step_must_be_an_integer(tmp_path):
-    with pytest.raises(TypeError, match="step: expected an integer, got float 1.5"):
+    with pytest.raises(TypeError, match=r"step: expected an int in \[0, 2\*\*63\), got float 1.5"):
         checkpoint.save_checkpoint(tmp_path / "ckpt", small_params(), step=1.5)
     checkpoint.save_checkpoint(tmp_path / "ckpt", small_params(), step=np.int64(7))
     assert checkpoint.load_checkpoint(tmp_path / "ckpt").step == 7
@@ -746,9 +747,12 @@ META_CORRUPTIONS = [
     ("version_bool", set_key("format_version", True), r"unsupported checkpoint format version True"),
     ("marker_missing", del_key("format"), r"'format': expected 'phoenix-checkpoint', got no such key"),
     ("marker_wrong", set_key("format", "other"), r"'format': expected 'phoenix-checkpoint', got str 'other'"),
-    ("step_string", set_key("step", "5"), r"'step': expected an integer, got str '5'"),
-    ("step_float", set_key("step", 1.5), r"'step': expected an integer, got float 1.5"),
-    ("step_missing", del_key("step"), r"'step': expected an integer, got no such key"),
+    ("step_string", set_key("step", "5"), r"'step': expected an integer in \[0, 2\*\*63\), got str '5'"),
+    ("step_float", set_key("step", 1.5), r"'step': expected an integer in \[0, 2\*\*63\), got float 1.5"),
+    ("step_negative", set_key("step", -1), r"'step': expected an integer in \[0, 2\*\*63\), got int -1"),
+    ("step_2**63", set_key("step", 2**63),
+     r"'step': expected an integer in \[0, 2\*\*63\), got int 9223372036854775808"),
+    ("step_missing", del_key("step"), r"'step': expected an integer in \[0, 2\*\*63\), got no such key"),
     ("bytes_missing", del_key("arrays_file_bytes"), r"'arrays_file_bytes': expected a byte count, got no such key"),
     ("bytes_negative", set_key("arrays_file_bytes", -1), r"'arrays_file_bytes': expected a non-negative integer"),
     ("save_id_int", set_key("save_id", 7), r"'save_id': expected a string, got int 7"),

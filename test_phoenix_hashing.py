@@ -406,17 +406,27 @@ def test_batch_from_ids_rejects_non_integer_ids_and_surfaces(field, bad):
 
 
 @pytest.mark.parametrize("field", ["history_surfaces", "candidate_surfaces"])
-def test_batch_from_ids_rejects_surfaces_outside_int32(field):
+@pytest.mark.parametrize("value", [2**33, -1], ids=["beyond_int32", "negative"])
+def test_batch_from_ids_rejects_surfaces_outside_int32_or_negative(field, value):
+    # 2**33 used to wrap to 0 in the int32 cast; -1 used to pass (surfaces are ids, 0 = padding).
     raw = make_raw_batch()
     raw[field] = np.asarray(raw[field], np.int64)
-    raw[field][0, 0] = 2**33  # used to wrap to 0 in the int32 cast
-    with pytest.raises(ValueError, match=rf"{field}: expected values in int32 range.*8589934592"):
+    raw[field][0, 0] = value
+    with pytest.raises(ValueError, match=rf"{field}: expected ids in \[0, 2\*\*31\) \(0 = padding\).*{value}"):
         inputs.batch_from_ids(**raw, hash_config=small_config())
 
 
+ACTIONS_01 = r"history_actions: expected 0/1 multi-hot values \(bool, or 0 and 1 of a number dtype\), got "
+
+
 @pytest.mark.parametrize("bad,err,match", [
-    ("nan", ValueError, r"history_actions: expected finite values, got NaN or inf"),
-    ("inf", ValueError, r"history_actions: expected finite values, got NaN or inf"),
+    ("nan", ValueError, ACTIONS_01 + r"nan at index \[1, 2, 3\] \(1 bad of 285 entries\)"),
+    ("inf", ValueError, ACTIONS_01 + r"inf at index \[1, 2, 3\]"),
+    # Finite values other than 0/1 used to pass: the model embeds actions as 2a - 1.
+    ("1e30", ValueError, ACTIONS_01 + r"1e\+30 at index \[1, 2, 3\]"),
+    ("2", ValueError, ACTIONS_01 + r"2.0 at index \[1, 2, 3\]"),
+    ("-1", ValueError, ACTIONS_01 + r"-1.0 at index \[1, 2, 3\]"),
+    ("0.5", ValueError, ACTIONS_01 + r"0.5 at index \[1, 2, 3\]"),
     ("string", TypeError, r"history_actions: expected number dtype"),
 ])
 def test_batch_from_ids_rejects_bad_actions(bad, err, match):

@@ -203,7 +203,7 @@ def test_retrieve_top_k_errors(retriever, top_k, err):
 
 def test_runner_value_checks(ranker):
     batch, emb = create_example_batch(1, D, S, C, A)
-    with pytest.raises(ValueError, match="batch.history_post_hashes: hashes must be >= 0"):
+    with pytest.raises(ValueError, match=r"batch.history_post_hashes: hashes must lie in \[0, 100000\)"):
         ranker.rank(batch._replace(history_post_hashes=-np.abs(batch.history_post_hashes)), emb)
     with pytest.raises(ValueError, match=r"batch.candidate_product_surface: ids must lie in \[0, 16\)"):
         ranker.rank(batch._replace(candidate_product_surface=np.full((1, C), 16, np.int32)), emb)
@@ -342,6 +342,14 @@ RANKER_ERRORS = {
                               r"candidate_start: expected an int >= 0, got float 1.5"),
     "candidate_start-bool": (lambda r, b, e, p: r.score_candidates(p, b, e, candidate_start=True), TypeError,
                              r"candidate_start:.*got bool"),
+    # Used to raise a bare OverflowError from JAX ("Python integer 2147483648 out of bounds for int32").
+    "candidate_start=2**31": (lambda r, b, e, p: r.score_candidates(p, b, e, candidate_start=2**31), ValueError,
+                              rf"candidate_start: expected an int in \[0, {2**24 - 1 - S - C}\] \(the candidates' "
+                              rf"rotary positions 1\+S\+candidate_start\+c, S={S}, C={C}, must stay below 2\*\*24, "
+                              rf"which float32 counts exactly\), got 2147483648"),
+    # Below int32's bound but past float32's exact integers: positions used to round silently.
+    "candidate_start-past-2**24": (lambda r, b, e, p: r.score_candidates(p, b, e, candidate_start=2**24 - S - C),
+                                   ValueError, rf"candidate_start: expected an int in \[0, {2**24 - 1 - S - C}\]"),
     "prefix-not-a-cache": (lambda r, b, e, p: r.score_candidates((1, 2), b, e), TypeError,
                            r"prefix: expected a PrefixCache \(from encode_prefix\), got tuple"),
     "prefix-other-model": (lambda r, b, e, p: r.score_candidates(p._replace(memory=p.memory[:1]), b, e), ValueError,
@@ -372,6 +380,35 @@ def test_numpy_ints_are_valid_chunk_sizes_and_offsets(ranker):
     prefix = ranker.encode_prefix(batch, emb)
     np.testing.assert_array_equal(ranker.score_candidates(prefix, batch, emb, candidate_start=np.int32(2)),
                                   ranker.score_candidates(prefix, batch, emb, candidate_start=2))
+
+
+def test_candidate_start_bound_is_the_last_exact_float32_position(ranker):
+    """The last start whose positions float32 holds exactly (1 + S + start + C - 1 = 2**24 - 1) is
+    accepted; one more is refused."""
+    batch, emb = create_example_batch(1, D, S, C, A, seed=21)
+    prefix = ranker.encode_prefix(batch, emb)
+    last = 2**24 - 1 - S - C
+    probs = ranker.score_candidates(prefix, batch, emb, candidate_start=last)
+    assert probs.shape == (1, C, A) and np.all(np.isfinite(probs))
+    with pytest.raises(ValueError, match=rf"candidate_start: expected an int in \[0, {last}\].*got {last + 1}$"):
+        ranker.score_candidates(prefix, batch, emb, candidate_start=last + 1)
+
+
+def _without_history(batch, emb):
+    return (batch._replace(history_post_hashes=batch.history_post_hashes[:, :0],
+                           history_author_hashes=batch.history_author_hashes[:, :0],
+                           history_actions=batch.history_actions[:, :0],
+                           history_product_surface=batch.history_product_surface[:, :0]),
+            emb.__class__(emb.user_embeddings, emb.history_post_embeddings[:, :0], emb.candidate_post_embeddings,
+                          emb.history_author_embeddings[:, :0], emb.candidate_author_embeddings))
+
+
+def test_users_without_history_rank_as_the_reference(ranker):
+    """S = 0 (no history positions) used to fail inside JAX on the isolated path ("integer modulo
+    by zero" in a reshape); it now equals the NumPy reference of the release's arithmetic."""
+    batch, emb = _without_history(*create_example_batch(2, D, S, C, A, seed=22))
+    want = 1 / (1 + np.exp(-ref.ranker_logits(ranker.params, batch, emb, ranker.runner.model)))
+    np.testing.assert_allclose(ranker.rank(batch, emb).scores, want, rtol=1e-4, atol=1e-5)
 
 
 MISMATCHED_RUNNERS = {

@@ -474,7 +474,7 @@ def load_ratings(source: str | os.PathLike = SOURCE_ML100K, cache=None, rating_r
         ratings = parse_inter(inter_text, f"{path}!{WHEEL_INTER}", rating_range)
         items = parse_recbole_items(item_text, f"{path}!{WHEEL_ITEM}")
     elif len(inter_files) > 1:  # which one is meant? silently taking the first could be wrong
-        raise ValueError(f"{source}: expected one *.inter file, got {[p.name for p in inter_files]}")
+        raise RatingsFileError(f"{source}: expected one *.inter file, got {[p.name for p in inter_files]}")
     elif inter_files:
         inter = inter_files[0]
         ratings = parse_inter(_read(inter, "utf-8-sig"), str(inter), rating_range)
@@ -493,6 +493,9 @@ def load_ratings(source: str | os.PathLike = SOURCE_ML100K, cache=None, rating_r
         item_file = path / "movies.dat"
         items = (parse_ml1m_movies(_read(item_file, "latin-1"), str(item_file)) if item_file.exists()
                  else _no_metadata())
+    elif path.is_dir():
+        raise RatingsFileError(f"{source}: is a directory holding none of *.inter, u.data, ratings.dat (the MovieLens "
+                               "files it reads); a log CSV is given as a file (--data LOG.csv)")
     else:
         raise FileNotFoundError(f"{source}: expected {SOURCE_ML100K!r}, a recbole wheel, or a directory "
                                 "with *.inter, u.data or ratings.dat")

@@ -7,12 +7,18 @@ Input
   A CSV with a header line (stdlib csv: quoting works; --delimiter for TSV): user_id, item_id,
   timestamp, optional rating, optional 0/1 columns named after Phoenix actions (ACTIONS, e.g.
   favorite_score), optional author_id; names configurable (Columns, --user-col ...). Extra columns
-  are ignored. Parquet is not read: pyarrow is not a dependency (export the log as CSV).
+  are ignored. A path may be a file, a FIFO (--data <(zcat log.csv.gz)) or "-" (standard input),
+  read once front to back. Compressed and binary files (gzip, zstd, bzip2, xz, zip, Parquet,
+  Arrow/Feather) are recognised by their first bytes and refused, saying what they are: reading
+  them is not supported yet (decompress or export as CSV; pyarrow is not a dependency).
   Ids: a column is integer when every value is a non-negative int64 in canonical decimal form
   ("12", not "012" or "-3"); any other column is strings, each hashed to a non-negative int64 by
   string_id (BLAKE2b, stable across runs and machines: hash a string the same way to serve it).
   Two distinct strings of one column hashing alike (p ~ n^2 / 2^64) is refused, naming both.
-  Timestamps: numbers (integers, or decimals such as 1.5e9); only their order is used. Ratings:
+  Timestamps: numbers (integers, or decimals such as 1.5e9); only their order is used. A column
+  whose values are all integers is int64, parsed exactly even where some are written "...000.0"
+  (nanoseconds beyond 2**53 stay distinct); one with fractional values is float64, and two
+  different values that float64 would merge are refused, naming both lines. Ratings:
   finite numbers. Action columns: 0 or 1. Every bad value raises LogError naming file, line and
   column; so do a missing column, a line with the wrong number of fields, an empty log, a log
   with one user or one item, and an item listed with two authors.
@@ -42,6 +48,7 @@ Splits (movielens.Split, so the baselines, metrics and dumps of movielens.py app
                  and every history use interactions before T only; a user's test target is their
                  first (new) item at or after T, the validation target their last item before T;
                  users without 2 interactions before T and one after only train (on those before).
+  Options of the other protocol are refused, not ignored (cut_time / cut_quantile with leave-one-out).
   Evaluation ranks every catalog item except the user's earlier ones (never the target).
 
 
@@ -52,9 +59,13 @@ Shape glossary
 
 import csv
 import dataclasses
+import decimal
 import hashlib
 import io
 import math
+import os
+import re
+import stat
 import sys
 from pathlib import Path
 from typing import Mapping, Optional
@@ -73,6 +84,8 @@ SPLIT_PROTOCOLS = ("leave-one-out", "time")
 DUPLICATE_RULES = ("first", "error")
 DEFAULT_CUT_QUANTILE = 0.9  # time split: the last ~10% of interactions are after the cut
 _INT64_MAX = np.iinfo(np.int64).max
+STDIN = "-"  # read_csv / read_log / --data: the log on standard input
+STDIN_SOURCE = "<stdin>"
 
 
 class LogError(ml.RatingsFileError):
@@ -203,8 +216,14 @@ def _id_column(x: np.ndarray, column: str, at) -> tuple[np.ndarray, Optional[dic
     return hashed[inverse.ravel()], dict(zip(hashed.tolist(), distinct.tolist()))
 
 
-def _number_column(x: np.ndarray, column: str, at, expected: str) -> np.ndarray:
-    """Finite numbers [R]: int64 when every value is an integer, else float64."""
+# An integer written as a decimal with a zero fraction ("1700000000000000000.0"): still an integer.
+_INTEGRAL_TEXT = re.compile(r"([-+]?[0-9]+)(?:\.0*)?")
+
+
+def _number_column(x: np.ndarray, column: str, at, expected: str, exact: bool = False) -> np.ndarray:
+    """Finite numbers [R]: int64 when every value is an integer (written "12" or "12.0", parsed
+    exactly, never through float64), else float64. `exact`: distinct values written as text must
+    stay distinct (a float64 column rounds to 15-17 significant digits): LogError naming both rows."""
     if x.dtype.kind in "iub":
         if x.dtype.kind == "b":
             raise TypeError(f"column {column!r}: expected {expected}, got dtype bool")
@@ -217,6 +236,11 @@ def _number_column(x: np.ndarray, column: str, at, expected: str) -> np.ndarray:
             return text.astype(np.int64)
         except (ValueError, OverflowError):
             pass
+        integral = [_INTEGRAL_TEXT.fullmatch(field) for field in text.tolist()]
+        if all(integral):
+            ints = [int(match.group(1)) for match in integral]
+            if all(-_INT64_MAX - 1 <= v <= _INT64_MAX for v in ints):
+                return np.array(ints, np.int64)
         values = np.empty(len(text), np.float64)
         for r, field in enumerate(text.tolist()):
             try:
@@ -225,6 +249,8 @@ def _number_column(x: np.ndarray, column: str, at, expected: str) -> np.ndarray:
                 values[r] = float(field)
             except ValueError:
                 raise LogError(f"{at(r)}: column {column!r}: expected {expected}, got {field!r}") from None
+        if exact:
+            _check_distinct_stay_distinct(text, values, column, at)
     else:
         raise TypeError(f"column {column!r}: expected {expected}, got dtype {x.dtype}")
     finite = np.isfinite(values)
@@ -232,6 +258,25 @@ def _number_column(x: np.ndarray, column: str, at, expected: str) -> np.ndarray:
         r = _first_bad(finite)
         raise LogError(f"{at(r)}: column {column!r}: expected {expected}, got {values[r]}")
     return values
+
+
+def _check_distinct_stay_distinct(text: np.ndarray, values: np.ndarray, column: str, at) -> None:
+    """LogError if two fields denoting different numbers read as one float64 (rounding is monotone,
+    so that is the only way reading as float64 changes the order of a column)."""
+    fields, rows = np.unique(text, return_index=True)  # [V] distinct texts, the first row of each
+    by_value = {}
+    for field, row in zip(fields.tolist(), rows.tolist()):
+        if not math.isfinite(values[row]):
+            continue  # refused as not finite by the caller
+        number = decimal.Decimal(field)
+        seen = by_value.setdefault(float(values[row]), (number, row))
+        if seen[0] != number:
+            first, second = sorted((seen[1], row))
+            raise LogError(f"{at(second)}: column {column!r}: {str(text[second])!r} and {str(text[first])!r} (at "
+                           f"{at(first)}) are different numbers but read as the same float64 {float(values[row])!r} "
+                           "(the column has "
+                           "fractional values, so it is read as float64, which holds 15-17 significant digits): "
+                           "write every value as an integer (e.g. nanoseconds), or in a coarser unit")
 
 
 def _flag_column(x: np.ndarray, column: str, at) -> np.ndarray:
@@ -295,7 +340,7 @@ def _build_log(values: Mapping[str, np.ndarray], names: Mapping[str, str], ratin
     flags = {name: _flag_column(values[name], name, at) for name in ACTIONS if name in values}
     author = ids.get("author", np.zeros(len(lines), np.int64))
     log = Log(user=ids["user"], item=ids["item"],
-              timestamp=_number_column(values["time"], names["time"], at, "a number (e.g. Unix seconds)"),
+              timestamp=_number_column(values["time"], names["time"], at, "a number (e.g. Unix seconds)", exact=True),
               actions=_actions(rating, flags, rating_actions, len(lines)), author=author, rating=rating,
               line=np.asarray(lines, np.int64), names=id_names, source=source, from_file=from_file)
     _check_one_author_per_item(log)
@@ -338,42 +383,73 @@ def _resolve_columns(header: list, columns: Columns, where: str) -> dict:
     return wanted
 
 
+# Leading bytes of file formats a log might arrive in by mistake: (magic, what it is, what to do).
+_DECOMPRESS = "reading compressed logs is not supported yet: decompress it first, or pipe it in"
+BINARY_FORMATS = (
+    (b"\x1f\x8b", "gzip-compressed", _DECOMPRESS + " (--data <(zcat LOG.gz), or zcat LOG.gz | ... --data -)"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed", _DECOMPRESS + " (--data <(zstdcat LOG.zst))"),
+    (b"BZh", "bzip2-compressed", _DECOMPRESS + " (--data <(bzcat LOG.bz2))"),
+    (b"\xfd7zXZ\x00", "xz-compressed", _DECOMPRESS + " (--data <(xzcat LOG.xz))"),
+    (b"PK\x03\x04", "a zip archive", "reading zip archives is not supported yet: extract the CSV first "
+                                      "(unzip LOG.zip), or pipe it in (--data <(unzip -p LOG.zip))"),
+    (b"PK\x05\x06", "an empty zip archive", "extract the CSV first"),
+    (b"PAR1", "a Parquet file", "reading Parquet is not supported yet (pyarrow is not a dependency of Phoenix): "
+                                "export the log as CSV, e.g. pandas.read_parquet(path).to_csv(out, index=False)"),
+    (b"ARROW1", "an Arrow IPC (Feather v2) file", "reading Arrow/Feather is not supported yet: export the log as "
+                                                  "CSV, e.g. pandas.read_feather(path).to_csv(out, index=False)"),
+    (b"FEA1", "a Feather (v1) file", "reading Feather is not supported yet: export the log as CSV, e.g. "
+                                     "pandas.read_feather(path).to_csv(out, index=False)"),
+)
+
+
+def _check_not_binary(data: bytes, source: str) -> None:
+    """LogError saying what a log's bytes are when they are a known binary or compressed format."""
+    for magic, what, advice in BINARY_FORMATS:
+        if data.startswith(magic):
+            what = what if what.startswith(("a ", "an ")) else f"a {what} file"
+            raise LogError(f"{source}: is {what}, not a CSV (it starts with the bytes {data[:len(magic)]!r}); "
+                           f"{advice}")
+
+
 def read_csv(path, columns: Columns = Columns(), rating_actions: Mapping = DEFAULT_RATING_ACTIONS,
              delimiter: str = ",") -> Log:
-    """Reads a log CSV (header line first, UTF-8); the module docstring has the format and the checks."""
-    path = Path(path)
-    if path.suffix.lower() == ".parquet":
-        raise LogError(f"{path}: Parquet is not supported (pyarrow is not a dependency of Phoenix); "
+    """Reads a log CSV (header line first, UTF-8) from a file, a FIFO (`<(zcat log.csv.gz)`) or
+    standard input ("-"), once and front to back; the module docstring has the format and the checks."""
+    stdin = os.fspath(path) == STDIN
+    source = STDIN_SOURCE if stdin else str(path)
+    if not stdin and Path(path).suffix.lower() == ".parquet":
+        raise LogError(f"{path}: Parquet is not supported yet (pyarrow is not a dependency of Phoenix); "
                        "export the log as CSV, e.g. pandas.read_parquet(path).to_csv(out, index=False)")
-    data = path.read_bytes()
+    data = sys.stdin.buffer.read() if stdin else Path(path).read_bytes()
+    _check_not_binary(data, source)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
-        raise LogError(f"{path}:{line}: not valid UTF-8 (byte {data[error.start]:#04x})") from None
+        raise LogError(f"{source}:{line}: not valid UTF-8 (byte {data[error.start]:#04x})") from None
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next(reader, None)
         if header is None or not "".join(header).strip():
-            raise LogError(f"{path}:1: expected a header line naming the columns ({columns.user}, "
+            raise LogError(f"{source}:1: expected a header line naming the columns ({columns.user}, "
                            f"{columns.item}, {columns.time}, ...), got an empty line or file")
         header = [name.strip() for name in header]
-        wanted = _resolve_columns(header, columns, f"{path}:1")
+        wanted = _resolve_columns(header, columns, f"{source}:1")
         fields = {role: [] for role in wanted}
         lines = []
         for row in reader:
             if not "".join(row).strip():
                 continue  # blank line
             if len(row) != len(header):
-                raise LogError(f"{path}:{reader.line_num}: expected {len(header)} fields separated by "
+                raise LogError(f"{source}:{reader.line_num}: expected {len(header)} fields separated by "
                                f"{delimiter!r} (as the header), got {len(row)}: {delimiter.join(row)[:80]!r}")
             lines.append(reader.line_num)
             for role, (_, j) in wanted.items():
                 fields[role].append(row[j])
     except csv.Error as error:
-        raise LogError(f"{path}:{reader.line_num}: {error}") from None
+        raise LogError(f"{source}:{reader.line_num}: {error}") from None
     values = {role: np.array(v, dtype=str) for role, v in fields.items()}
-    return _build_log(values, {role: name for role, (name, _) in wanted.items()}, rating_actions, str(path),
+    return _build_log(values, {role: name for role, (name, _) in wanted.items()}, rating_actions, source,
                       np.array(lines, np.int64), from_file=True)
 
 
@@ -391,11 +467,35 @@ def from_arrays(data: Mapping, columns: Columns = Columns(), rating_actions: Map
                       np.arange(num), from_file=False)
 
 
+def check_log_path(path) -> None:
+    """Refuses, before anything is read, a log path that is missing or that no log can be read from:
+    FileNotFoundError, IsADirectoryError or LogError saying what the path is. A regular file, a FIFO
+    and "-" (standard input) pass."""
+    if os.fspath(path) == STDIN:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise LogError("-: standard input is a terminal, not a log: pipe one in (cat log.csv | ... --data -)")
+        return
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        dangling = os.path.islink(path)
+        raise FileNotFoundError(f"{path}: {'a dangling symlink' if dangling else 'no such file'} (expected a log: "
+                                "a CSV with a header line)") from None
+    except NotADirectoryError:
+        raise FileNotFoundError(f"{path}: no such file (a parent of it is a file, not a directory)") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(f"{path}: is a directory, not a log file (expected a CSV with a header line)")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+        kind = ("a character device" if stat.S_ISCHR(st.st_mode) else "a block device" if stat.S_ISBLK(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        raise LogError(f"{path}: is {kind}, not a log file (expected a CSV with a header line; a pipe works too: "
+                       "--data <(zcat log.csv.gz), or - for standard input)")
+
+
 def read_log(path, columns: Columns = Columns(), rating_actions: Mapping = DEFAULT_RATING_ACTIONS,
              delimiter: str = ",") -> Log:
-    """read_csv, with FileNotFoundError naming the path if there is no such file."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such log file (expected a CSV with a header line)")
+    """read_csv, after check_log_path's errors (a missing path, a directory, a device)."""
+    check_log_path(path)
     return read_csv(path, columns, rating_actions, delimiter)
 
 
@@ -445,6 +545,27 @@ def _time_cut(log: Log, order: np.ndarray, cut) -> tuple[np.ndarray, np.ndarray]
     return order[before | first_after], users[evaluated]
 
 
+def check_split_options(protocol: str, cut_time=None, cut_quantile=None) -> None:
+    """ValueError naming the option for a split's options that do not apply to `protocol` or clash:
+    cut_time / cut_quantile belong to protocol "time", and one of them is the cut."""
+    if protocol not in SPLIT_PROTOCOLS:
+        raise ValueError(f"protocol: expected one of {SPLIT_PROTOCOLS}, got {protocol!r}")
+    given = {name: value for name, value in (("cut_time", cut_time), ("cut_quantile", cut_quantile))
+             if value is not None}
+    if protocol != "time" and given:
+        name, value = next(iter(given.items()))
+        raise ValueError(f"{name}: applies to protocol 'time' only, got {name}={value!r} with protocol {protocol!r} "
+                         f"(--{name.replace('_', '-')} needs --split time)")
+    if len(given) == 2:
+        raise ValueError(f"cut_time and cut_quantile: give one of them (the cut), got cut_time={cut_time!r} and "
+                         f"cut_quantile={cut_quantile!r}")
+    if cut_quantile is not None and not 0.0 < cut_quantile < 1.0:
+        raise ValueError(f"cut_quantile: expected a number in (0, 1), got {cut_quantile!r}")
+    if cut_time is not None and not (isinstance(cut_time, (int, float, np.integer, np.floating))
+                                     and not isinstance(cut_time, bool) and math.isfinite(cut_time)):
+        raise ValueError(f"cut_time: expected a finite number (same unit as the timestamps), got {cut_time!r}")
+
+
 def split_log(log: Log, protocol: str = "leave-one-out", duplicates: str = "first", cut_time=None,
               cut_quantile: Optional[float] = None, stream=None) -> LogSplit:
     """The log as a LogSplit: leave-one-out or a global time cut (module docstring)."""
@@ -452,6 +573,7 @@ def split_log(log: Log, protocol: str = "leave-one-out", duplicates: str = "firs
         raise ValueError(f"protocol: expected one of {SPLIT_PROTOCOLS}, got {protocol!r}")
     if duplicates not in DUPLICATE_RULES:
         raise ValueError(f"duplicates: expected one of {DUPLICATE_RULES}, got {duplicates!r}")
+    check_split_options(protocol, cut_time, cut_quantile)
     order = _time_order(log)
     repeat = _repeats(log, order)
     if repeat.any():
@@ -469,11 +591,7 @@ def split_log(log: Log, protocol: str = "leave-one-out", duplicates: str = "firs
     if protocol == "time":
         if cut_time is None:
             quantile = DEFAULT_CUT_QUANTILE if cut_quantile is None else cut_quantile
-            if not 0.0 < quantile < 1.0:
-                raise ValueError(f"cut_quantile: expected a number in (0, 1), got {quantile}")
             cut_time = np.quantile(log.timestamp, quantile, method="higher")
-        elif cut_quantile is not None:
-            raise ValueError("give cut_time or cut_quantile, not both")
         order, evaluated = _time_cut(log, order, cut_time)
         if len(evaluated) == 0:
             raise LogError(f"{log.source}: no user has {ml.MIN_EVAL_RATINGS - 1} interactions before the time cut "

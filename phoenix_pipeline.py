@@ -28,9 +28,15 @@ Outputs (the run directory: --checkpoint-dir, default $PHOENIX_CACHE_DIR/checkpo
                        loads into RecsysRetrievalInferenceRunner; the ensemble's user and item
                        vectors are the members' concatenated / sqrt(members), RetrievalEnsemble).
   ranker.1/, ...       with Recipe.ranker_members > 1, likewise (the ensemble averages the logits).
-  metrics.jsonl        one JSON object per line: {"stage", "step", "loss", ...} per progress log,
-                       {"stage", "step", "eval/HR@10", ...} per validation, one per table row.
+  metrics.jsonl        one JSON object per line after the header line phoenix_run_dir.METRICS_HEADER:
+                       {"stage", "step", "loss", ...} per progress log, {"stage", "step",
+                       "eval/HR@10", ...} per validation, one per table row (read_metrics).
   curves.png           with --plot (needs matplotlib: `uv sync --extra plot`).
+  run.json             the manifest, written first (phoenix_run_dir): kind, source, seed, recipe.
+  Nothing else in the directory is touched. Before the log is read, the command line refuses
+  outputs over its inputs (a dump or run directory that is the log, a link to it, ...), an
+  existing --dump-topk file without --overwrite, and, with or without --overwrite, anything at
+  these names that Phoenix did not write (phoenix_run_dir.check_outputs lists them all).
 
 
 Shape glossary
@@ -43,6 +49,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -57,12 +64,14 @@ import phoenix_checkpoint as checkpoint
 import phoenix_hashing as hashing
 import phoenix_metrics as metrics
 import phoenix_protocols as protocols
+import phoenix_run_dir as run_dir
 import phoenix_training as training
 from phoenix_inputs import HashConfig
 # The log's and the two stages' public names are re-exported: `pipeline.X` is the one-stop API.
 from phoenix_log import (AUTO_COLUMN_NAMES, COLUMN_FLAGS, DEFAULT_CUT_QUANTILE, DEFAULT_RATING_ACTIONS,  # noqa: F401
-                         DUPLICATE_RULES, SPLIT_PROTOCOLS, Columns, Log, LogError, LogSplit, check_rating_actions,
-                         describe, from_arrays, histories, phoenix_examples, read_csv, read_log, split_log, string_id)
+                         DUPLICATE_RULES, SPLIT_PROTOCOLS, STDIN, Columns, Log, LogError, LogSplit, check_log_path,
+                         check_rating_actions, check_split_options, describe, from_arrays, histories,
+                         phoenix_examples, read_csv, read_log, split_log, string_id)
 from phoenix_two_stage import (FINAL_K, POPULARITY_WEIGHTS, RETRIEVAL_WEIGHTS, RETRIEVE_K, Recipe, RecipeError,  # noqa: F401
                                RankerEnsemble, RetrievalEnsemble, SequenceRetrievalTrainer, StageOne, TwoStage,
                                action_weights, check_recipe, ensemble, member_stage,
@@ -77,6 +86,17 @@ from phoenix_two_stage import (FINAL_K, POPULARITY_WEIGHTS, RETRIEVAL_WEIGHTS, R
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
 STAGES = ("retrieval", "ranker")
+DUMP_TOLERANCE = 1e-9  # the table's and check_dump's HR / NDCG sum the same hits in another order
+# What a run writes in its directory ({name regex: phoenix_run_dir kind}): nothing else there is touched,
+# and whatever is at these names must be Phoenix's own (phoenix_run_dir.check_outputs).
+RUN_ENTRIES = {r"(retrieval|ranker)(\.[0-9]+)?": "checkpoint",  # member_stage's names
+               re.escape(METRICS_FILE): "metrics", re.escape(PLOT_FILE): "plot",
+               re.escape(run_dir.MANIFEST_FILE): "manifest",
+               re.escape("train+val"): "checkpoints"}  # phoenix_protocols.retrain_stages' checkpoints
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency (an extra of pyproject.toml) that a feature asked for is not installed."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,12 +105,13 @@ STAGES = ("retrieval", "ranker")
 
 
 class MetricsLog:
-    """Appends JSON lines to `path` (flushed per line, so a crashed run keeps what it logged)."""
+    """Appends JSON lines to `path` (flushed per line, so a crashed run keeps what it logged); the
+    first line, phoenix_run_dir.METRICS_HEADER, marks the file as Phoenix's for a later --overwrite."""
 
     def __init__(self, path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
+        self.path.write_text(json.dumps(run_dir.METRICS_HEADER) + "\n")
 
     def write(self, **entry) -> None:
         entry = {k: _json_number(v) for k, v in entry.items()}
@@ -110,7 +131,7 @@ def _json_number(value):
 
 
 def read_metrics(path) -> list[dict]:
-    """The entries of a metrics.jsonl; a bad line raises LogError naming it."""
+    """The entries of a metrics.jsonl (its header line left out); a bad line raises LogError naming it."""
     entries = []
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if line.strip():
@@ -118,7 +139,7 @@ def read_metrics(path) -> list[dict]:
                 entries.append(json.loads(line))
             except json.JSONDecodeError as error:
                 raise LogError(f"{path}:{number}: not JSON ({error})") from None
-    return entries
+    return entries[1:] if entries[:1] == [run_dir.METRICS_HEADER] else entries
 
 
 def _fit_keeping_best(trainer, state, batches, steps: int, evaluate, path: str, extra: dict, evals: int, stream,
@@ -138,10 +159,24 @@ def _fit_keeping_best(trainer, state, batches, steps: int, evaluate, path: str, 
             trainer.save(path, state, extra={**extra, "val": best})
         return {k: result[k] for k in ("HR@10", "NDCG@10")}
 
-    training.fit(trainer, state, batches, steps, log_every=max(1, min(50, steps // 10)),
-                 eval_fn=validate, eval_every=max(1, -(-steps // evals)), stream=stream,
-                 on_log=None if log is None else (lambda entry: log.write(stage=stage, **entry)))
+    try:
+        training.fit(trainer, state, batches, steps, log_every=max(1, min(50, steps // 10)),
+                     eval_fn=validate, eval_every=max(1, -(-steps // evals)), stream=stream,
+                     on_log=None if log is None else (lambda entry: log.write(stage=stage, **entry)))
+    except training.TrainingStopped as stop:  # a clean stop (phoenix_stop): say where the best so far is
+        stop.stage = stop.stage or stage
+        if "params" in kept:
+            stop.kept.append(_best_at(path, best))
+        raise
     return kept["params"], best
+
+
+# What a stopped run's line says instead of a resume command (phoenix_stop.TrainingStopped.line).
+NOT_RESUMABLE = "resuming a CSV or MovieLens run is not supported yet; rerunning it needs --overwrite"
+
+
+def _best_at(path: str, best: dict) -> str:
+    return f"{path} (best val NDCG@10 {best['NDCG@10']:.4f} at step {best['step']})"
 
 
 def _extra(recipe: Recipe, seed: int, split: LogSplit) -> dict:
@@ -162,9 +197,15 @@ def _train_members(stage: str, members: int, start, evaluate, unit: str, split: 
         trainer, state, batches, steps = start(member)
         name = member_stage(member, stage)
         print(f"{name}: {steps} steps of {unit}", file=stream)
-        kept, best = _fit_keeping_best(trainer, state, batches, steps, lambda p: evaluate(trainer, p),
-                                       os.path.join(checkpoint_dir, name), _extra(recipe, seed, split),
-                                       recipe.evals_per_stage, stream, name, log)
+        try:
+            kept, best = _fit_keeping_best(trainer, state, batches, steps, lambda p: evaluate(trainer, p),
+                                           os.path.join(checkpoint_dir, name), _extra(recipe, seed, split),
+                                           recipe.evals_per_stage, stream, name, log)
+        except training.TrainingStopped as stop:  # the members trained before keep their best checkpoints
+            stop.kept[:0] = [_best_at(os.path.join(checkpoint_dir, member_stage(m, stage)), b)
+                             for m, b in enumerate(bests)]
+            stop.why_not = stop.why_not or NOT_RESUMABLE
+            raise
         trainers.append(trainer)
         params.append(kept)
         bests.append(best)
@@ -269,15 +310,13 @@ def format_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def check_run_dir(path, overwrite: bool = False) -> None:
-    """Refuses (FileExistsError) a run directory holding an earlier run's checkpoints or metrics,
-    unless `overwrite`: nothing already saved is replaced without being asked."""
-    earlier = [name for name in (*STAGES, METRICS_FILE) if os.path.exists(os.path.join(path, name))]
-    if os.path.isdir(path):  # ensemble members' checkpoints (member_stage)
-        earlier += sorted(name for name in os.listdir(path) if name.startswith(tuple(f"{s}." for s in STAGES)))
-    if earlier and not overwrite:
-        raise FileExistsError(f"{path}: holds an earlier run ({', '.join(earlier)}); pass --overwrite "
-                              "(overwrite=True) to replace it, or choose another --checkpoint-dir")
+def check_run_dir(path, overwrite: bool = False, inputs=(), files=None) -> None:
+    """Refuses, before anything is written, a run directory where a run would replace what it must
+    not: an earlier run's checkpoints or metrics unless `overwrite` (FileExistsError), anything at
+    RUN_ENTRIES' names that Phoenix did not write even with `overwrite` (ForeignFilesError, all of
+    them listed), a file, an input. `inputs` (phoenix_run_dir.Input) and `files` ({flag: path} of
+    other outputs, such as the dump) are checked with it (phoenix_run_dir.check_outputs)."""
+    run_dir.check_outputs(inputs, [path], RUN_ENTRIES, files, overwrite)
 
 
 def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrite: bool = False,
@@ -303,6 +342,8 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
     recipe = resolve_recipe(recipe, split)
     check_recipe(split, recipe)
     start = time.perf_counter()
+    run_dir.write_manifest(checkpoint_dir, "pipeline", RUN_ENTRIES, source=split.log.source, seed=seed,
+                           protocol=split.protocol, recipe=dataclasses.asdict(recipe))
     log = MetricsLog(os.path.join(checkpoint_dir, METRICS_FILE))
     print(f"{describe(split)}; seed {seed}\n{recipe}", file=stream)
     print("hash collisions (ids, sharing all rows, sharing a row): " + ", ".join(
@@ -325,9 +366,15 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
     print(f"\n== stage 2: ranker (target + {recipe.hard_negatives} hard + {recipe.random_negatives} random "
           f"negatives, multi-action BCE); negatives mined in {times['mining']:.0f} s", file=stream)
     t0 = time.perf_counter()
-    ranker, ranker_params, ranker_best = train_ranker(
-        split, pool, recipe, seed, checkpoint_dir, val_one,
-        first_member(retrieval_params) if recipe.ranker_init_from_retrieval else None, stream, log, data_parallel)
+    try:
+        ranker, ranker_params, ranker_best = train_ranker(
+            split, pool, recipe, seed, checkpoint_dir, val_one,
+            first_member(retrieval_params) if recipe.ranker_init_from_retrieval else None, stream, log, data_parallel)
+    except training.TrainingStopped as stop:  # a clean stop: the trained retrieval stage is kept
+        paths = [os.path.join(checkpoint_dir, member_stage(m, "retrieval")) for m in range(recipe.retrieval_members)]
+        stop.kept.insert(0, f"{', '.join(paths)} (retrieval, best val NDCG@10 {retrieval_best['NDCG@10']:.4f} at "
+                            f"{_at(retrieval_best)})")
+        raise
     times["ranker"] = time.perf_counter() - t0
     print(f"ranker: best val NDCG@10 {ranker_best['NDCG@10']:.4f} at {_at(ranker_best)}, "
           f"{times['ranker']:.0f} s", file=stream)
@@ -439,11 +486,15 @@ def recommend(result: dict, split: LogSplit, user, k: int = FINAL_K) -> list[tup
 
 
 def dump_topk(path, split: LogSplit, topk_columns: np.ndarray) -> None:
-    """CSV `user_id,item_1,...,item_K` of every evaluated user, original ids, written atomically."""
+    """CSV `user_id,item_1,...,item_K` of every evaluated user, original ids, written atomically
+    (its directory created if missing). A directory or other non-file at `path` is refused."""
+    path = Path(path)
+    if path.is_dir() or (path.exists() and not path.is_file()):
+        raise run_dir.OutputError(f"dump path {path}: is {run_dir.path_kind(path)}, not a file")
     users = split.log.tokens("user", split.user_ids[split.eval_users()])
     items = split.log.tokens("item", split.item_ids[topk_columns])
     K = topk_columns.shape[1]
-    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", newline="") as f:
@@ -489,14 +540,15 @@ _PLOT_TITLES = {"retrieval": "retrieval (validation: retrieval alone)",
 
 
 def _pyplot():
-    """matplotlib.pyplot with the file-only backend, or ImportError saying how to install it."""
+    """matplotlib.pyplot with the file-only backend, or MissingExtraError saying how to install it."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, never a window
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError("plot_curves / --plot need matplotlib: `uv sync --extra plot` "
-                          "(or pip install 'phoenix-recsys[plot]')") from None
+        raise MissingExtraError("--plot (plot_curves) needs matplotlib, the 'plot' extra, which is not installed: "
+                                "in a clone, `uv sync --extra plot` (or `pip install '.[plot]'`); an installed "
+                                "package, `pip install 'phoenix-recsys[plot]'`") from None
     return plt
 
 
@@ -523,7 +575,7 @@ def plot_curves(metrics_path, png_path) -> str:
         ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3,
                   frameon=False)  # below the axes: curves are never hidden
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    fig.savefig(png_path, dpi=100, metadata={"Source": run_dir.PLOT_SOURCE})  # marks it ours (--overwrite)
     plt.close(fig)
     return str(png_path)
 
@@ -538,19 +590,57 @@ def _optional(kind):
     return lambda text: None if text.lower() in ("none", "auto") else kind(text)
 
 
+# Command-line bounds of Recipe fields ({name: (lowest value, whether it is allowed)}): a value out
+# of range is refused by argparse, naming the flag, before anything is read (floats must be finite too).
+RECIPE_FLAG_BOUNDS = {
+    **{name: (1, True) for name in ("emb_size", "num_layers", "num_heads", "history_len", "ranker_history_len",
+                                    "retrieval_batch_size", "ranker_batch_size", "negative_pool", "retrieve_k",
+                                    "num_hashes", "evals_per_stage", "retrieval_members", "ranker_members")},
+    **{name: (2, True) for name in ("user_table_size", "post_table_size", "author_table_size")},
+    **{name: (0, True) for name in ("warmup_steps", "hard_negatives", "random_negatives", "ranker_listwise_weight")},
+    **{name: (0, False) for name in ("retrieval_epochs", "ranker_epochs", "learning_rate", "temperature",
+                                     "table_init_stddev")},
+    **{name: (-math.inf, False) for name in ("retrieval_weight", "popularity_weight")},  # any finite number
+}
+_BOOLEAN_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def _bounded(kind, low, inclusive: bool):
+    """argparse type: kind(text), refused unless finite and >= `low` (> `low` if not `inclusive`)."""
+    def parse(text):
+        value = kind(text)
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            expected = ("a finite number" if low == -math.inf
+                        else f"{'an int' if kind is int else 'a finite number'} {'>=' if inclusive else '>'} {low}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
+
+
+def _boolean(text: str) -> bool:
+    """argparse type: 1/true/yes or 0/false/no (any other word is refused, never read as False)."""
+    try:
+        return _BOOLEAN_WORDS[text.strip().lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(_BOOLEAN_WORDS)}, got {text!r}") from None
+
+
 def add_run_flags(parser: argparse.ArgumentParser, default_checkpoint_dir, defaults: Optional["Recipe"] = None) -> None:
     """--seed, --checkpoint-dir, --overwrite, --dump-topk, --plot, --data-parallel and one flag per Recipe field,
     each defaulting to `defaults`' value (default Recipe())."""
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_bounded(int, 0, True), default=0)
     parser.add_argument("--checkpoint-dir", default=default_checkpoint_dir,
                         help="the run directory: retrieval/, ranker/ (and retrieval.1/, ranker.1/, ... with "
                              "--retrieval-members / --ranker-members), "
                              "metrics.jsonl (default: "
                              "$PHOENIX_CACHE_DIR/checkpoints/<data name>)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the checkpoints and metrics of an earlier run in --checkpoint-dir")
+                        help="replace an earlier run in --checkpoint-dir (only what Phoenix wrote there: anything "
+                             "else at the paths a run writes is refused) and an existing --dump-topk file")
     parser.add_argument("--dump-topk", default=None, metavar="PATH",
-                        help="write every test user's final top-10 (original ids) as CSV and re-check it")
+                        help="write every test user's final top-10 (original ids) as CSV and re-check it (a new "
+                             "file unless --overwrite; never an input of the run)")
     parser.add_argument("--plot", action="store_true",
                         help=f"write {PLOT_FILE} (training loss, validation curves) to the run directory (matplotlib)")
     parser.add_argument("--data-parallel", action="store_true",
@@ -562,9 +652,10 @@ def add_run_flags(parser: argparse.ArgumentParser, default_checkpoint_dir, defau
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
         kind = next((t for t in typing.get_args(hints[field.name]) if t is not type(None)), hints[field.name])
+        if field.name in RECIPE_FLAG_BOUNDS:
+            kind = _bounded(kind, *RECIPE_FLAG_BOUNDS[field.name])
         if kind is bool:
-            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default,
-                                help=f"Recipe.{field.name}, default {default}")
+            parser.add_argument(flag, type=_boolean, default=default, help=f"Recipe.{field.name}, default {default}")
         else:
             parser.add_argument(flag, type=_optional(kind) if default is None else kind, default=default,
                                 help=f"Recipe.{field.name}, default {default}")
@@ -592,9 +683,61 @@ def parse_rating_actions(text: str) -> dict:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+class _Given(argparse.Namespace):
+    """A namespace in which argparse sets only the flags given (it fills in defaults only where an
+    attribute is missing, and this one has them all)."""
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # argparse's own attributes; no flag's destination starts so
+            raise AttributeError(name)
+        return None
+
+
+def given_flags(parser: argparse.ArgumentParser, argv) -> set:
+    """The destinations of the flags that `argv` gives explicitly (defaults left out), abbreviations included."""
+    return set(vars(parser.parse_args(argv, _Given())))
+
+
+def check_run_flags(args, given: set, error) -> None:
+    """error(message) for flags `argv` gives that this run would ignore or cannot use (shared by the CSV
+    and MovieLens command lines): --sasrec-* without --sasrec, --sasrec-train-val without --protocol
+    train+val, --retrieve-k below the dumped and evaluated cut-off (FINAL_K) with --dump-topk, an
+    --emb-size that --num-heads does not divide."""
+    if args.emb_size % args.num_heads:
+        error(f"--emb-size {args.emb_size}: expected a multiple of --num-heads {args.num_heads} (each head gets "
+              "emb_size / num_heads dimensions)")
+    for name in ("sasrec_epochs", "sasrec_history_len", "sasrec_dropout", "sasrec_train_val"):
+        if name in given and not args.sasrec:
+            error(f"--{name.replace('_', '-')}: applies to the SASRec reference only; add --sasrec")
+    if "sasrec_train_val" in given and args.protocol != "train+val":
+        error(f"--sasrec-train-val: applies to --protocol train+val only, got --protocol {args.protocol}")
+    if args.dump_topk and args.retrieve_k is not None and args.retrieve_k < FINAL_K:
+        error(f"--retrieve-k {args.retrieve_k}: with --dump-topk, expected at least {FINAL_K} (the dump holds each "
+              f"user's top {FINAL_K} and the table's HR@{FINAL_K} is checked against it)")
+
+
+def exact_number(text: str):
+    """argparse type: an int when `text` is an integer (exact, even beyond 2**53: nanosecond times), else a float."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def default_run_name(data: str) -> str:
+    """The run directory's name for --data: the log's stem; "stdin" for "-", "pipe" for a FIFO
+    (`<(zcat log.csv.gz)` is /dev/fd/63, a name that says nothing)."""
+    if data == STDIN:
+        return "stdin"
+    if run_dir.path_kind(data) == "a FIFO":
+        return "pipe"
+    return Path(data).stem or "log"
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, metavar="LOG.csv", help="the interaction log (CSV with a header)")
+    parser.add_argument("--data", required=True, metavar="LOG.csv",
+                        help="the interaction log: a CSV with a header, a pipe (<(zcat log.csv.gz)) or - (stdin)")
     for role, flag in COLUMN_FLAGS.items():
         default = getattr(Columns(), role)
         parser.add_argument(flag, default=default,
@@ -607,25 +750,65 @@ def parse_args(argv):
     parser.add_argument("--duplicates", choices=DUPLICATE_RULES, default="first",
                         help="a repeated (user, item): keep the earliest (default) or refuse the log")
     parser.add_argument("--split", choices=SPLIT_PROTOCOLS, default="leave-one-out")
-    parser.add_argument("--cut-time", type=float, default=None, help="time split: the cut T (same unit as the log)")
+    parser.add_argument("--cut-time", type=exact_number, default=None,
+                        help="time split: the cut T (same unit as the log)")
     parser.add_argument("--cut-quantile", type=float, default=None,
                         help=f"time split: the cut at this quantile of all timestamps (default {DEFAULT_CUT_QUANTILE})")
     add_run_flags(parser, None)
     args = parser.parse_args(argv)
+    given = given_flags(parser, argv)
+    for name in ("cut_time", "cut_quantile"):
+        if name in given and args.split != "time":
+            parser.error(f"--{name.replace('_', '-')}: applies to --split time only, got --split {args.split}")
+    if args.cut_time is not None and args.cut_quantile is not None:
+        parser.error(f"--cut-time {args.cut_time} and --cut-quantile {args.cut_quantile}: give one of them (the cut)")
+    try:
+        check_split_options(args.split, args.cut_time, args.cut_quantile)
+    except ValueError as error:
+        parser.error("--" + str(error).replace("_", "-", 1))
+    check_run_flags(args, given, parser.error)
+    args.rating_actions_given = "rating_actions" in given
     if args.checkpoint_dir is None:
-        args.checkpoint_dir = str(ml.cache_dir() / "checkpoints" / Path(args.data).stem)
+        args.checkpoint_dir = str(ml.cache_dir() / "checkpoints" / default_run_name(args.data))
     args.delimiter = "\t" if args.delimiter in ("\\t", "tab") else args.delimiter
     return args, recipe_from_args(args)
 
 
+class DumpCheckError(RuntimeError):
+    """A dump's figures, recomputed from the file, disagree with the table's: one of them is wrong."""
+
+
+def check_dump_figures(path, table_row: dict, check: dict, k: int = FINAL_K) -> None:
+    """DumpCheckError unless HR@k and NDCG@k recomputed from a dump equal the table's (to rounding)."""
+    keys = (f"HR@{k}", f"NDCG@{k}")
+    if any(abs(check[key] - table_row[key]) > DUMP_TOLERANCE for key in keys):
+        raise DumpCheckError(f"dump {path}: recomputed from the file, " + ", ".join(
+            f"{key} {check[key]:.4f}" for key in keys) + " disagree with the table's " + ", ".join(
+            f"{key} {table_row[key]:.4f}" for key in keys) + "; the dump is kept for inspection, the figures are not "
+            "to be trusted")
+
+
 def main(argv=None) -> dict:
-    """The whole experiment on a CSV log (module docstring); returns run()'s dict plus "dump_check"."""
+    """The whole experiment on a CSV log (module docstring); returns run()'s dict plus "dump_check".
+    Every check of the command line (the log's path, outputs never over it, the run directory, the
+    plot extra) runs before the log is read."""
     args, recipe = parse_args(sys.argv[1:] if argv is None else argv)
-    check_run_dir(args.checkpoint_dir, args.overwrite)  # before reading and splitting a large log
+    check_log_path(args.data)
+    check_run_dir(args.checkpoint_dir, args.overwrite, [run_dir.Input("--data", args.data)],
+                  {"--dump-topk": args.dump_topk})
+    if args.plot:
+        _pyplot()
     columns = Columns(user=args.user_col, item=args.item_col, time=args.time_col, rating=args.rating_col,
                       author=args.author_col)
     log = read_log(args.data, columns, args.rating_actions, delimiter=args.delimiter)
+    if getattr(args, "rating_actions_given", False) and log.rating is None:
+        raise RecipeError(f"--rating-actions: {log.source} has no rating column for it to apply to (name it with "
+                          "--rating-col)")
     split = split_log(log, args.split, args.duplicates, args.cut_time, args.cut_quantile)
+    k = resolve_recipe(recipe, split).retrieve_k
+    if args.dump_topk and k < FINAL_K:
+        raise RecipeError(f"--dump-topk: --retrieve-k resolves to {k} on {log.source}, fewer than the {FINAL_K} items "
+                          "a dump holds")
     result = run(split, recipe, args.checkpoint_dir, args.seed, args.overwrite, args.plot,
                  data_parallel=args.data_parallel, extra_rows=protocols.extra_rows(args))
     result["dump_check"] = None
@@ -637,7 +820,11 @@ def main(argv=None) -> dict:
             check = result["dump_check"] = check_dump(args.dump_topk, log)
             line += (f"; recomputed from the dump HR@10 {check['HR@10']:.4f} NDCG@10 {check['NDCG@10']:.4f} "
                      f"({check['num_users']} users, history items in the top-10s: {check['history_items_in_topk']})")
-        print(line)
+            print(line)
+            check_dump_figures(args.dump_topk, ours, check)
+        else:
+            print(line + f" (not recomputed: check_dump rebuilds leave-one-out targets, this is a {split.protocol} "
+                         "split)")
     return result
 
 

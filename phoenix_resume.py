@@ -2,7 +2,8 @@
 
 `phoenix_training.fit(..., checkpoint_dir=...)` uses these: a run saves `checkpoint_dir/step-N`
 checkpoints, holds an flock on the directory while it trains, and continues only from
-checkpoints written by a run of the same configuration (ResumeError lists what differs).
+checkpoints written by a run of the same configuration on the same devices (ResumeError lists
+what differs; docs/resume.md says why the devices matter).
 """
 
 import fcntl
@@ -24,6 +25,10 @@ DEFAULT_KEEP_CHECKPOINTS = 3
 LOCK_FILE = ".lock"
 ARRAY_TAG = "__array__"  # JSON tag of an array in a saved history
 FLOAT_TAG = "__float__"  # JSON tag of nan / inf, which strict JSON has no literal for
+# XLA's CPU client: the environment variables that size its intra-op thread pool (the first that
+# parses as an integer wins) and the pool's cap.
+XLA_CPU_THREAD_VARIABLES = ("PJRT_NPROC", "NPROC")
+XLA_CPU_MAX_THREADS = 256
 
 
 class ResumeError(ValueError):
@@ -50,6 +55,52 @@ def check_checkpoint_args(checkpoint_dir, checkpoint_every, keep_checkpoints, re
                                 and callable(getattr(aux, "load_state_dict", None))):
         raise TypeError(f"aux: expected an object with state_dict() -> {{name: array}} and "
                         f"load_state_dict(dict), got {type(aux).__name__}")
+
+
+def xla_cpu_threads() -> int:
+    """The size of XLA's CPU intra-op thread pool in this process, as its CPU client computes it:
+    $PJRT_NPROC or $NPROC if set, else the CPUs this process may run on; at least the CPU device
+    count (XLA_FLAGS=--xla_force_host_platform_device_count); at most 256. XLA splits large
+    contractions and reductions over these threads, so float32 results depend on the count."""
+    for name in XLA_CPU_THREAD_VARIABLES:
+        try:
+            wanted = max(0, int(os.environ[name]))
+            break
+        except (KeyError, ValueError):
+            continue
+    else:
+        wanted = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(max(wanted, jax.local_device_count("cpu")), XLA_CPU_MAX_THREADS)
+
+
+def run_devices(mesh) -> dict:
+    """What a run's bits depend on besides its configuration, recorded with its checkpoints and
+    compared on resume: the platform, how many devices JAX sees, the data-parallel mesh ({axis:
+    size}; None without one) and, on CPU, XLA's intra-op thread count (xla_cpu_threads). `mesh`:
+    a Trainer's (a jax Mesh or None), or True / False for Trainer(data_parallel=True / False)."""
+    platform = jax.default_backend()
+    if mesh is True:
+        shape = {"data": jax.device_count()}  # Trainer(data_parallel=True): a 1-D mesh over every device
+    else:
+        shape = None if mesh is None or mesh is False else {str(k): int(v) for k, v in mesh.shape.items()}
+    devices = {"platform": platform, "count": jax.device_count(), "mesh": shape}
+    if platform == "cpu":
+        devices["intra_op_threads"] = xla_cpu_threads()
+    return devices
+
+
+def _devices_hint(problems: list[str], saved: dict) -> str:
+    """How to resume on the devices a run was started on, when `problems` include theirs."""
+    if not any(p.startswith("devices.") for p in problems) or not isinstance(saved, dict):
+        return ""
+    count, platform = saved.get("count"), saved.get("platform")
+    how = (f"{count} {str(platform).upper()} device(s) "
+           + ("with --data-parallel (data_parallel=True)" if saved.get("mesh") else "without --data-parallel"))
+    if platform == "cpu":
+        how += f" (XLA_FLAGS=--xla_force_host_platform_device_count={count})"
+        if "intra_op_threads" in saved:
+            how += f", XLA's CPU thread pool of {saved['intra_op_threads']} (PJRT_NPROC={saved['intra_op_threads']})"
+    return f"\nThe devices are part of a run (other counts change float32 sums: docs/resume.md); resume on {how}."
 
 
 def _finite_or_text(values):
@@ -112,10 +163,12 @@ def config_differences(saved, current, where: str = "") -> list[str]:
 
 def _check_resumable(meta: dict, path: str, expected: dict) -> None:
     """Raises ResumeError listing every difference between the run a checkpoint was written by
-    (configs, trainer, the caller's run config, first step) and this one."""
+    (configs, trainer, the caller's run config, first step, devices) and this one."""
     extra = meta.get("extra") or {}
     saved = {"config": meta.get("config"), "trainer": extra.get("trainer"),
-             "run_config": extra.get("run_config"), "run_start_step": extra.get("run_start_step")}
+             "run_config": extra.get("run_config"), "run_start_step": extra.get("run_start_step"),
+             # Checkpoints written before the devices were recorded are taken to be this run's.
+             "devices": extra.get("devices", expected.get("devices"))}
     problems = config_differences(saved, expected)
     if problems:
         listed = problems[:checkpoint.MAX_LISTED_PROBLEMS]
@@ -123,7 +176,8 @@ def _check_resumable(meta: dict, path: str, expected: dict) -> None:
             listed.append(f"... and {len(problems) - len(listed)} more")
         raise ResumeError(f"{path}: cannot resume, the checkpoint was written by a run configured otherwise "
                           f"({len(problems)} difference(s)):\n  " + "\n  ".join(listed)
-                          + "\nRun with the same configuration, or start afresh in another directory.")
+                          + "\nRun with the same configuration, or start afresh in another directory."
+                          + _devices_hint(problems, saved["devices"]))
 
 
 class RunLock:

@@ -17,6 +17,8 @@ bit-identical runs there (this module does not set flags: no side effects at imp
 """
 
 import collections
+import functools
+import inspect
 import math
 import os
 import sys
@@ -44,8 +46,9 @@ from phoenix_optim import (TABLE_FIELDS, TABLE_SIZE_FIELDS, LazyAdamState, Optim
                            split_tables, table_optimizer_init)
 from phoenix_resume import (DEFAULT_KEEP_CHECKPOINTS, LOCK_FILE, ResumeError, RunLock,  # noqa: F401
                             check_checkpoint_args, config_differences, decode_json, encode_json, json_normal,
-                            resume_point)
-from phoenix_validation import check_batch, check_hash_range, check_number, check_values
+                            resume_point, run_devices, xla_cpu_threads)
+from phoenix_stop import TrainingStopped, deferred, stop_on_signals, stop_requested  # noqa: F401
+from phoenix_validation import check_batch, check_number, check_values
 from recsys_model import PhoenixModelConfig
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
 
@@ -153,11 +156,11 @@ class Trainer:
 
     def _validate(self, batch: RecsysBatch):
         """Host-side checks before tracing: field shapes/dtypes, and values that a gather would
-        silently clamp (hashes beyond a table, surfaces beyond the vocabulary). -> (B, S, C)."""
+        silently clamp (hashes beyond a table, surfaces beyond the vocabulary) or the model would
+        misread (actions other than 0/1). -> (B, S, C)."""
         cfg = self.model_config
         shape = check_batch(batch, self.hash_config, getattr(cfg, "num_actions", None))
-        check_values(batch, None, cfg.product_surface_vocab_size)
-        check_hash_range(batch, self.hash_config)
+        check_values(batch, None, cfg.product_surface_vocab_size, self.hash_config)
         return shape
 
     def _dense_update(self, state, rng, batch, args):
@@ -220,15 +223,17 @@ class Trainer:
 
     def save(self, path, state: TrainState, extra: Optional[dict] = None, aux=None) -> str:
         """Writes params, optimiser state, step, rng, the metric sums not yet popped and configs as a
-        checkpoint (phoenix_checkpoint.py), plus the caller's JSON `extra` and `aux` arrays."""
+        checkpoint (phoenix_checkpoint.py), plus the caller's JSON `extra` and `aux` arrays. A stop signal
+        arriving meanwhile takes effect once the checkpoint is complete (phoenix_stop.deferred)."""
         rng = np.asarray(jax.device_get(jax.random.key_data(state.rng) if jnp.issubdtype(
             state.rng.dtype, jax.dtypes.prng_key) else state.rng))
         # Sums are float32; tolist() gives floats that convert back to the same float32 values.
         sums = {name: np.asarray(value).tolist() for name, value in jax.device_get(state.metric_sums).items()}
-        return checkpoint.save_checkpoint(
-            path, state.params, state.opt_state, step=int(jax.device_get(state.step)),
-            config=self._config_for_checkpoint(), aux=aux,
-            extra={"rng": rng.tolist(), "trainer": type(self).__name__, "metric_sums": sums, **(extra or {})})
+        with deferred():
+            return checkpoint.save_checkpoint(
+                path, state.params, state.opt_state, step=int(jax.device_get(state.step)),
+                config=self._config_for_checkpoint(), aux=aux,
+                extra={"rng": rng.tolist(), "trainer": type(self).__name__, "metric_sums": sums, **(extra or {})})
 
     def restore(self, path, example_batch: Optional[RecsysBatch] = None, like: Optional[TrainState] = None
                 ) -> TrainState:
@@ -253,6 +258,9 @@ class Trainer:
         if set(saved) == set(sums):
             sums = {name: jnp.asarray(np.asarray(saved[name], np.float32).reshape(sums[name].shape))
                     for name in sums}
+        if ckpt.step > np.iinfo(np.int32).max:  # TrainState.step is int32
+            raise checkpoint.CheckpointError(f"{path}: step {ckpt.step} does not fit a trainer's int32 step counter "
+                                             f"(at most 2**31 - 1)")
         state = TrainState(jax.device_put(ckpt.params), jax.device_put(ckpt.opt_state),
                            jnp.asarray(ckpt.step, jnp.int32), rng, sums)
         return self._place_state(state), ckpt
@@ -453,12 +461,46 @@ def _format_duration(seconds: float) -> str:
 
 def _call_step(trainer: Trainer, state: TrainState, item):
     """An iterator item is a tuple of step arguments after the state, a dict of keyword
-    arguments, or a lone batch."""
-    if isinstance(item, dict):
-        return trainer.step(state, **item)
-    if isinstance(item, tuple) and not isinstance(item, RecsysBatch):
-        return trainer.step(state, *item)
-    return trainer.step(state, item)
+    arguments, or a lone batch. Anything else, or arguments that `trainer.step` does not take,
+    raises TypeError saying what an item must be, before the step runs."""
+    if isinstance(item, RecsysBatch):
+        args, kwargs = (item,), {}
+    elif isinstance(item, dict):
+        args, kwargs = (), item
+    elif isinstance(item, tuple):
+        args, kwargs = item, {}
+    else:
+        raise TypeError(_bad_item(trainer, item))
+    step = trainer.step
+    try:  # binds the arguments only (microseconds): a wrong item is named before anything runs
+        _signature(getattr(step, "__func__", step)).bind(*((trainer,) if hasattr(step, "__func__") else ()),
+                                                         state, *args, **kwargs)
+    except TypeError as e:
+        raise TypeError(_bad_item(trainer, item, str(e))) from None
+    return step(state, *args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(fn) -> inspect.Signature:
+    return inspect.signature(fn)
+
+
+def _bad_item(trainer: Trainer, item, why: Optional[str] = None) -> str:
+    """What an item of fit's batch_iterator must be, for this trainer, and what `item` is."""
+    name = type(trainer).__name__
+    try:
+        params = list(_signature(type(trainer).step).parameters.values())[2:]  # after self and state
+        accepted = ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in params)
+    except (TypeError, ValueError):
+        accepted = "..."
+    if isinstance(item, RecsysBatch):
+        got = "a RecsysBatch alone"
+    elif isinstance(item, (tuple, list, dict)):
+        got = f"a {type(item).__name__} of {len(item)}"
+    else:
+        got = f"a {type(item).__name__}"
+    return (f"batch_iterator: expected each item to be a RecsysBatch, a tuple of {name}.step's arguments "
+            f"after the state ({accepted}) or a dict of them by name; got {got}" + (f" ({why})" if why else ""))
 
 
 def _is_tty(stream) -> bool:
@@ -513,7 +555,14 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
     bit that of an uninterrupted run (on CPU). Without `resume`, checkpoints already there raise
     ResumeError. A failed save (disk full, read-only) raises OSError naming the newest checkpoint,
     which is intact. `aux`: an object with state_dict() -> {name: array} and load_state_dict(dict),
-    saved and restored with the state (e.g. counters that the data stream updates).
+    saved and restored with the state (e.g. counters that the data stream updates). The devices are
+    part of a run (phoenix_resume.run_devices: platform, device count, data-parallel mesh, XLA's CPU
+    thread pool): a resume on others raises ResumeError listing them.
+
+    Clean stops (phoenix_stop: a command-line entry's SIGTERM / SIGINT). A stop signal takes effect
+    between two steps: the step in flight (and its logging, evaluation and save) finishes, the state
+    is saved as a step checkpoint when `checkpoint_dir` is given, and TrainingStopped (signal, step,
+    saved path) is raised; resuming from that checkpoint loses no step.
     """
     stream = sys.stderr if stream is None else stream
     _check_fit_args(num_steps, log_every, eval_every, eval_fn, stream)
@@ -548,7 +597,8 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
         restored = None
         if checkpoint_dir is not None:
             expected = json_normal({"config": trainer._config_for_checkpoint(), "trainer": type(trainer).__name__,
-                                     "run_config": run_config, "run_start_step": start_step})
+                                     "run_config": run_config, "run_start_step": start_step,
+                                     "devices": run_devices(trainer.mesh)})
             restored = resume_point(trainer, state, checkpoint_dir, resume, expected, end_step, aux, write_line)
             if restored is not None:
                 state, history = restored
@@ -596,7 +646,7 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
             try:
                 trainer.save(path, state, aux=None if aux is None else aux.state_dict(), extra={
                     "run_config": expected["run_config"], "run_start_step": start_step,
-                    "history": encode_json(history)})
+                    "devices": expected["devices"], "history": encode_json(history)})
             except OSError as e:
                 newest = checkpoint.list_step_checkpoints(checkpoint_dir)
                 kept = newest[-1][1] if newest else "none yet"
@@ -606,40 +656,56 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
             checkpoint.prune_step_checkpoints(checkpoint_dir, keep_checkpoints)
             last_saved = step
 
-        first = True
-        while done < num_steps:
-            try:
-                item = next(iterator)
-            except StopIteration:
-                write_line(f"batch iterator exhausted after {done} of {num_steps} steps")
-                break
-            if first:
-                first_start = time.perf_counter()
-                state, _ = _call_step(trainer, state, item)
-                jax.block_until_ready(state.step)
-                write_line(f"first step (trace + compile + run): {time.perf_counter() - first_start:.2f} s")
-                window_start = time.perf_counter()
-                first = False
-                if tty:  # its clock starts after compilation, like steps/s
-                    bar = tqdm.tqdm(total=end_step, initial=start_step + done + 1, file=stream, unit="step",
-                                    dynamic_ncols=True, mininterval=0)
-            else:
-                state, _ = _call_step(trainer, state, item)
-                window_steps += 1
-            done += 1
-            if done % log_every == 0 or done == num_steps:
-                log_progress(final=done == num_steps)
-            if eval_fn is not None and eval_every and done % eval_every == 0 and done != num_steps:
-                run_eval()
-            if checkpoint_dir is not None and ((checkpoint_every and done % checkpoint_every == 0)
-                                               or done == num_steps):
+        def stop() -> None:
+            """A stop signal arrived (phoenix_stop): the steps taken are saved (if this run keeps
+            checkpoints), then TrainingStopped ends the run. The metric sums not yet logged travel
+            in the checkpoint, so a resumed run logs what an uninterrupted one would."""
+            if checkpoint_dir is not None and done and last_saved != start_step + done:
                 save()
-        if done and done % log_every and done != num_steps:
-            log_progress(final=True)
-        if checkpoint_dir is not None and last_saved != start_step + done:
-            save()  # the iterator ran out: keep what was trained
-        if eval_fn is not None:
-            run_eval()
+            saved = None if last_saved is None else checkpoint.step_checkpoint_path(checkpoint_dir, last_saved)
+            raise TrainingStopped(stop_requested(), start_step + done, end_step, saved)
+
+        # From here a stop signal only marks the stop (no step, save or evaluation is cut short); it
+        # is acted on before the next step, and after the last one's save and evaluation.
+        with deferred():
+            first = True
+            while done < num_steps:
+                if stop_requested() is not None:
+                    stop()
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    write_line(f"batch iterator exhausted after {done} of {num_steps} steps")
+                    break
+                if first:
+                    first_start = time.perf_counter()
+                    state, _ = _call_step(trainer, state, item)
+                    jax.block_until_ready(state.step)
+                    write_line(f"first step (trace + compile + run): {time.perf_counter() - first_start:.2f} s")
+                    window_start = time.perf_counter()
+                    first = False
+                    if tty:  # its clock starts after compilation, like steps/s
+                        bar = tqdm.tqdm(total=end_step, initial=start_step + done + 1, file=stream, unit="step",
+                                        dynamic_ncols=True, mininterval=0)
+                else:
+                    state, _ = _call_step(trainer, state, item)
+                    window_steps += 1
+                done += 1
+                if done % log_every == 0 or done == num_steps:
+                    log_progress(final=done == num_steps)
+                if eval_fn is not None and eval_every and done % eval_every == 0 and done != num_steps:
+                    run_eval()
+                if checkpoint_dir is not None and ((checkpoint_every and done % checkpoint_every == 0)
+                                                   or done == num_steps):
+                    save()
+            if done and done % log_every and done != num_steps:
+                log_progress(final=True)
+            if checkpoint_dir is not None and last_saved != start_step + done:
+                save()  # the iterator ran out: keep what was trained
+            if eval_fn is not None:
+                run_eval()
+            if stop_requested() is not None:
+                stop()
     finally:
         if bar is not None:
             bar.close()

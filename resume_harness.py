@@ -1,29 +1,39 @@
-"""Kill-and-resume harness: SIGKILLs a tiny `run_train.py --data synthetic` run at random moments,
-resumes it each time, and checks that nothing saved is lost and the result is bit-identical.
+"""Kill-and-resume harness: SIGKILLs, SIGTERMs and SIGINTs a tiny `run_train.py --data synthetic` run at
+random moments, resumes it each time, and checks that nothing saved is lost and the result is bit-identical.
 
-    uv run python resume_harness.py --dir DIR [--kills 24] [--seed 0]
+    uv run python resume_harness.py --dir DIR [--kills 24] [--signals 0] [--seed 0]
 
-Prints the trials on stderr and a JSON report on stdout (kills per kill point, resumes checked,
-seconds); exits with status 1 if any check failed. test_resume.py runs it (~1 min on 2 cores).
+Prints the trials on stderr and a JSON report on stdout (kills and stops per point, resumes checked,
+seconds); exits with status 1 if any check failed. test_resume.py runs it twice: 20 SIGKILLs, then 10
+SIGTERMs and 10 SIGINTs (~1 min each on 2 cores).
 
 How. This process imports JAX and the training code once, without starting JAX's backend (so
 forking is safe), then forks one child per attempt: a fresh `uv run` would spend ~3 s importing,
-a fork nothing. A child runs `run_train.main(TINY + --checkpoint-every --resume)` exactly as the
-command line does. Compiled programs come from a persistent XLA cache in DIR that the reference
-run fills, so that attempts do not recompile for ~10 s each.
+a fork nothing. A child runs `run_train.main(TINY + --checkpoint-every --resume)` under the command
+line's stop handling (phoenix_stop.command_line), as `run_train.py` does. Compiled programs come
+from a persistent XLA cache in DIR that the reference run fills, so that attempts do not recompile
+for ~10 s each.
 
 Kill points. Half the attempts are killed at a random time; the others at the n-th occurrence of
 a point inside a checkpoint save or prune (KILL_POINTS). There the child reports the point through
 a pipe and blocks until told to go on, so the kill lands exactly there: before arrays.npz is
 written, after it, after meta.json, before and after the rename into place, while a pruned
-checkpoint is deleted, and during the final checkpoint's save.
+checkpoint is deleted, and during the final checkpoint's save. The child also reports each train
+step (which model, how many steps it has taken: the loop then waits for the device each step).
+
+Clean stops (--signals N). N SIGTERMs and N SIGINTs, half at a random time and half at the kill
+points, where the child is then let go on: the save in progress must finish, then the stop happen.
 
 Checks. (1) Every attempt ends killed or finished, never with an error. (2) Every resume starts from
 the newest step checkpoint on disk (or skips a phase whose final checkpoint is there), as its log
 says. (3) After every kill, each directory under a step name is a complete checkpoint (its
 arrays.npz has the sha256 its meta.json records) and the newest step saved so far is still there.
 (4) Each finished run's final parameters (every array, bit for bit), figures and metrics history
-equal those of the uninterrupted reference run (a plain run without checkpointing).
+equal those of the uninterrupted reference run (a plain run without checkpointing). (5) A stopped
+attempt exits with status 143 (SIGTERM) / 130 (SIGINT), prints exactly one `stopped by` line, which
+names the newest checkpoint and the command that resumes, and no traceback; no more than one step
+is lost: if model M had taken k steps when the signal was sent, M is finished or its newest step
+checkpoint is at step k + 1 (the step in flight) or k + 2 (a step begun just before the signal).
 """
 
 import argparse
@@ -32,6 +42,7 @@ import json
 import os
 import re
 import select
+import shlex
 import shutil
 import signal
 import sys
@@ -64,26 +75,34 @@ KILL_POINTS = [
     ("at the final checkpoint's rename", "rename", "final"),
 ]
 STEP_DIR = re.compile(r"step-(\d+)")
+PHASE_OF_TRAINER = {"RankingTrainer": "ranker", "RetrievalTrainer": "retrieval"}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 # --------------------------------------------------------------------------- the child
 
 
 def child_main(argv, log_path: str, events_w: int, acks_r: int, watched: str) -> None:
-    """Runs in a forked child: run_train.main(argv) with stdout/stderr to `log_path`, reporting each
-    kill point under `watched` on `events_w` and waiting for a byte on `acks_r` before going on."""
+    """Runs in a forked child: run_train.main(argv) under the command line's stop handling, with
+    stdout/stderr to `log_path`, reporting on `events_w` when it is ready (handlers installed), each
+    train step, each kill point under `watched` and its return, waiting for a byte on `acks_r` after
+    each before going on."""
     import phoenix_checkpoint as checkpoint
+    import phoenix_stop
+    import phoenix_training as training
     import run_train
 
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
 
+    def tell(event: str, detail: str) -> None:
+        os.write(events_w, f"{event} {detail}\n".encode())
+        os.read(acks_r, 1)  # the parent kills or signals us here, or lets us go on
+
     def report(event: str, path: str) -> None:
-        if not os.path.abspath(path).startswith(watched + os.sep):
-            return  # not the run's files (e.g. the XLA cache)
-        os.write(events_w, f"{event} {path}\n".encode())
-        os.read(acks_r, 1)  # the parent kills us here, or lets us go on
+        if os.path.abspath(path).startswith(watched + os.sep):  # not the XLA cache's files
+            tell(event, path)
 
     write_arrays, write_meta, rename, rmtree = (checkpoint._write_arrays, checkpoint._write_meta, os.rename,
                                                 shutil.rmtree)
@@ -108,11 +127,27 @@ def child_main(argv, log_path: str, events_w: int, acks_r: int, watched: str) ->
         report("rmtree", os.fspath(path))
         rmtree(path, *args, **kwargs)
 
+    call_step = training._call_step
+
+    def hooked_step(trainer, state, item):
+        tell("step", f"{type(trainer).__name__} {int(state.step)}")  # steps taken before this one
+        return call_step(trainer, state, item)
+
+    def entry(argv):
+        tell("ready", "-")  # the stop handlers are installed
+        result = run_train.main(argv)
+        tell("returned", "-")  # still under them: a signal sent before the parent reads this is handled
+        return result
+
     checkpoint._write_arrays, checkpoint._write_meta = hooked_arrays, hooked_meta
     os.rename, shutil.rmtree = hooked_rename, hooked_rmtree
+    training._call_step = hooked_step
+    sys.argv = ["run_train.py", *argv]  # what the resume command in a stop's line starts with
     code = 0
     try:
-        run_train.main(argv)
+        phoenix_stop.command_line(entry)(argv)
+    except SystemExit as e:  # a clean stop: its line is printed, its status is the exit status
+        code = e.code if isinstance(e.code, int) else 1
     except BaseException:
         traceback.print_exc()
         code = 1
@@ -121,9 +156,12 @@ def child_main(argv, log_path: str, events_w: int, acks_r: int, watched: str) ->
     os._exit(code)  # not the parent's atexit handlers
 
 
-def attempt(argv, log_path: str, watched: str, kill_at) -> tuple[str, float]:
-    """Forks a child running `argv`; kills it at `kill_at`: ("time", seconds), ("event", event, kind,
-    n) or None (let it finish). Returns (outcome, seconds): outcome "killed", "finished" or "failed"."""
+def attempt(argv, log_path: str, watched: str, kill_at, sig=signal.SIGKILL) -> tuple[str, float, dict]:
+    """Forks a child running `argv`; sends it `sig` at `kill_at`: ("time", seconds after it is ready),
+    ("event", event, kind, n) or None (let it finish). A SIGKILL ends it there; after another signal
+    it is let go on to its stop. Returns (outcome, seconds, info): outcome "killed", "stopped" (exit
+    status 128 + sig after sig), "finished" or "failed"; info["last_step"] = (model, steps taken) of
+    the last step reported before the signal, or None."""
     events_r, events_w = os.pipe()
     acks_r, acks_w = os.pipe()
     start = time.perf_counter()
@@ -134,40 +172,56 @@ def attempt(argv, log_path: str, watched: str, kill_at) -> tuple[str, float]:
         child_main(argv, log_path, events_w, acks_r, watched)
     os.close(events_w)
     os.close(acks_r)
-    deadline = start + kill_at[1] if kill_at and kill_at[0] == "time" else None
+    deadline = None
     seen = 0
     buffer = b""
-    killed = False
-    while True:
+    signalled = killed = returned = False
+    last_step = None
+
+    def send() -> None:
+        nonlocal signalled, killed, deadline
+        os.kill(pid, sig)
+        signalled, killed, deadline = True, sig == signal.SIGKILL, None
+
+    while not killed:
         timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
         ready, _, _ = select.select([events_r], [], [], timeout)
         if not ready:  # the random time has come
-            os.kill(pid, signal.SIGKILL)
-            killed = True
-            break
+            send()
+            continue
         chunk = os.read(events_r, 4096)
         if not chunk:
             break  # the child exited
         buffer += chunk
         *lines, buffer = buffer.split(b"\n")
         for line in lines:
-            event, path = line.decode().split(" ", 1)
-            if kill_at and kill_at[0] == "event" and event == kill_at[1] and _kind(path) == kill_at[2]:
+            event, detail = line.decode().split(" ", 1)
+            if event == "ready" and kill_at and kill_at[0] == "time":
+                deadline = time.perf_counter() + kill_at[1]
+            elif event == "returned":  # past the stop handlers' reach: no signal any more
+                returned, deadline = True, None
+            elif event == "step" and not signalled:
+                trainer, steps = detail.split()
+                last_step = (PHASE_OF_TRAINER[trainer], int(steps))
+            elif (kill_at and kill_at[0] == "event" and not signalled and not returned and event == kill_at[1]
+                  and _kind(detail) == kill_at[2]):
                 seen += 1
                 if seen == kill_at[3]:
-                    os.kill(pid, signal.SIGKILL)
-                    killed = True
-                    break
+                    send()
+                    if killed:
+                        break
             os.write(acks_w, b"g")
-        if killed:
-            break
     _, status = os.waitpid(pid, 0)
     os.close(events_r)
     os.close(acks_w)
     seconds = time.perf_counter() - start
+    info = {"last_step": last_step, "signalled": signalled}
     if killed or (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
-        return "killed", seconds
-    return ("finished" if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 else "failed"), seconds
+        return "killed", seconds, info
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    if signalled and sig != signal.SIGKILL and code == 128 + sig:
+        return "stopped", seconds, info
+    return ("finished" if code == 0 else "failed"), seconds, info
 
 
 def _kind(path: str) -> str:
@@ -260,6 +314,52 @@ def same_run(run_dir: str, reference_dir: str) -> list[str]:
     return problems
 
 
+def plan_trials(kills: int, signals: int, rng: np.random.Generator) -> list[tuple]:
+    """(signal, point name, kill_at) of each trial: the SIGKILLs, then SIGTERMs and SIGINTs in turn;
+    of each kind, every other one at a random time, the others at the kill points in turn."""
+    trials = [(signal.SIGKILL, *_trigger(i % 2 == 0, i // 2, rng)) for i in range(kills)]
+    for i in range(2 * signals):  # TERM, INT, TERM, INT, ...: pairs at random times and at points alternate
+        pair = i // 2
+        trials.append((STOP_SIGNALS[i % 2], *_trigger(pair % 2 == 0, pair // 2 * 2 + i % 2, rng)))
+    return trials
+
+
+def _trigger(random_time: bool, point: int, rng: np.random.Generator) -> tuple[str, tuple]:
+    """(point name, kill_at): a random time, or kill point number `point` (modulo their number)."""
+    if random_time:
+        return "random time", ("time", float(rng.uniform(0.0, MAX_KILL_TIME_S)))
+    name, event, kind = KILL_POINTS[point % len(KILL_POINTS)]
+    return name, ("event", event, kind, 1)
+
+
+def check_stop(text: str, argv: list, run_dir: str, last_step, log_path: str, sig) -> list[str]:
+    """Check (5) of the module docstring on a stopped attempt's log and run directory."""
+    problems = []
+    lines = [line for line in text.splitlines() if line.startswith("stopped by ")]
+    if len(lines) != 1 or "Traceback" in text:
+        return [f"{log_path}: expected one 'stopped by' line and no traceback, got {len(lines)} such line(s)"
+                f"{' and a traceback' if 'Traceback' in text else ''}:\n{text[-2000:]}"]
+    line = lines[0]
+    if (not line.startswith(f"stopped by {signal.Signals(sig).name}") or "; resume with: " not in line
+            or not line.endswith(f" run_train.py {shlex.join(argv)}")):
+        problems.append(f"{log_path}: the stop's line does not name {signal.Signals(sig).name} and end with "
+                        f"the command that resumes: {line}")
+    for phase in PHASES:
+        found = step_checkpoints(run_dir, phase)
+        if found and not finished(run_dir, phase) and found[-1][1] not in line:
+            problems.append(f"{log_path}: the stop's line does not name {phase}'s newest checkpoint "
+                            f"{found[-1][1]}: {line}")
+    if last_step is not None:
+        phase, taken = last_step
+        found = step_checkpoints(run_dir, phase)
+        newest = found[-1][0] if found else None
+        if not finished(run_dir, phase) and newest not in (taken + 1, taken + 2):
+            problems.append(f"{log_path}: {phase} had taken {taken} steps when {signal.Signals(sig).name} was "
+                            f"sent; its newest checkpoint after the stop is step {newest}, not {taken + 1} "
+                            f"(or {taken + 2})")
+    return problems
+
+
 # --------------------------------------------------------------------------- the trials
 
 
@@ -267,6 +367,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", required=True, help="working directory (runs, logs, XLA cache)")
     p.add_argument("--kills", type=int, default=24, help="SIGKILLs in total (at least 20 for the issue)")
+    p.add_argument("--signals", type=int, default=0, help="SIGTERMs, and as many SIGINTs (clean stops)")
     p.add_argument("--seed", type=int, default=0, help="kill times and points")
     args = p.parse_args(argv)
     base = os.path.abspath(args.dir)
@@ -284,39 +385,34 @@ def main(argv=None) -> int:
     log = sys.stderr
 
     reference = os.path.join(base, "reference")
-    outcome, ref_s = attempt(["--data", "synthetic", *TINY, "--checkpoint-dir", reference],
-                             os.path.join(base, "reference.log"), reference, None)
+    outcome, ref_s, _ = attempt(["--data", "synthetic", *TINY, "--checkpoint-dir", reference],
+                                os.path.join(base, "reference.log"), reference, None)
     if outcome != "finished":
         print(open(os.path.join(base, "reference.log")).read()[-3000:], file=log)
         raise SystemExit("the uninterrupted reference run failed")
     log.write(f"reference run (uninterrupted, no checkpointing, compiles into the cache): {ref_s:.1f} s\n")
 
-    kills = 0
-    by_point: dict[str, int] = {}
+    trials = plan_trials(args.kills, args.signals, rng)
+    done = 0
+    by_point: dict[str, dict[str, int]] = {}
     resumes_checked = 0
     runs = 0
     attempts = 0
-    while kills < args.kills:
+    while done < len(trials):
         runs += 1
         run_dir = os.path.join(base, f"run{runs}")
         argv = ["--data", "synthetic", *TINY, *RESUMABLE, "--checkpoint-dir", run_dir]
         newest_seen = {phase: -1 for phase in PHASES}
         while True:
             attempts += 1
-            if kills >= args.kills:
-                kill_at, point = None, "none (finish the run)"
-            elif kills % 2 == 0:
-                kill_at = ("time", float(rng.uniform(0.0, MAX_KILL_TIME_S)))
-                point = "random time"
-            else:
-                name, event, kind = KILL_POINTS[(kills // 2) % len(KILL_POINTS)]
-                kill_at, point = ("event", event, kind, 1), name
+            sig, point, kill_at = trials[done] if done < len(trials) else (signal.SIGKILL, "none (finish the run)",
+                                                                           None)
             expected = expected_resume(run_dir)
             log_path = os.path.join(base, f"run{runs}-attempt{attempts}.log")
-            outcome, seconds = attempt(argv, log_path, run_dir, kill_at)
+            outcome, seconds, info = attempt(argv, log_path, run_dir, kill_at, sig)
             text = open(log_path).read()
-            log.write(f"run {runs} attempt {attempts}: kill at {point}"
-                      f"{f' ({kill_at[1]:.2f} s)' if kill_at and kill_at[0] == 'time' else ''} -> {outcome} "
+            log.write(f"run {runs} attempt {attempts}: {signal.Signals(sig).name if kill_at else 'nothing'} at "
+                      f"{point}{f' ({kill_at[1]:.2f} s)' if kill_at and kill_at[0] == 'time' else ''} -> {outcome} "
                       f"after {seconds:.1f} s\n")
             if outcome == "failed":
                 failures.append(f"{log_path}: the attempt failed:\n{text[-2000:]}")
@@ -335,17 +431,22 @@ def main(argv=None) -> int:
                 if newest < newest_seen[phase]:
                     failures.append(f"{log_path}: {phase}'s newest checkpoint step {newest_seen[phase]} was lost")
                 newest_seen[phase] = max(newest_seen[phase], newest)
-            if outcome == "killed":
-                kills += 1
-                by_point[point] = by_point.get(point, 0) + 1
+            if outcome == "stopped":
+                failures += check_stop(text, argv, run_dir, info["last_step"], log_path, sig)
+            if outcome in ("killed", "stopped"):
+                done += 1
+                counts = by_point.setdefault(signal.Signals(sig).name, {})
+                counts[point] = counts.get(point, 0) + 1
                 continue
             failures += [f"run {runs}: {p}" for p in same_run(run_dir, reference)]
             break
         if failures:
             break
-    report = {"kills": kills, "kills_by_point": by_point, "attempts": attempts, "runs_finished": runs,
-              "resumes_checked": resumes_checked, "reference_s": round(ref_s, 1),
-              "total_s": round(time.perf_counter() - t_start, 1), "failures": failures}
+    stops = {name: sum(points.values()) for name, points in by_point.items()}
+    report = {"kills": stops.get("SIGKILL", 0), "stops": {s.name: stops.get(s.name, 0) for s in STOP_SIGNALS},
+              "by_point": by_point, "attempts": attempts, "runs_finished": runs, "resumes_checked": resumes_checked,
+              "reference_s": round(ref_s, 1), "total_s": round(time.perf_counter() - t_start, 1),
+              "failures": failures}
     print(json.dumps(report, indent=1))
     return 1 if failures else 0
 

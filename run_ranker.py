@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import phoenix_experiment as ex
+import phoenix_run_dir as run_dir
 import train_synthetic as ts
 import phoenix_training as training
 from phoenix_datasets import SyntheticWorld, to_recsys_batch
@@ -97,6 +98,8 @@ def main_trained(args) -> dict:
     cfg = ex.demo_ranker_config(args.emb_size, args.num_layers, args.history_len, args.num_candidates,
                                 hash_config=ex.demo_hash_config(world.cfg), fprop_dtype=jnp.float32).initialize()
     key = ex.cache_key(cfg, world.cfg, args.seed, args.steps, args.train_batch_size, ex.DEMO_LEARNING_RATE)
+    if ex.cached_checkpoint(args.checkpoint, key) != "hit":  # what a save would refuse: now, not after training
+        run_dir.check_checkpoint_target("--checkpoint", args.checkpoint)
     loaded, train_s = ex.load_or_train(
         args.checkpoint, key, "demo ranker", lambda: train_demo_ranker(args, world, cfg, args.checkpoint, key))
     ranker = RecsysInferenceRunner.from_checkpoint(args.checkpoint, name="demo_ranker")
@@ -185,9 +188,13 @@ parse_args, main = ex.demo_entry_points(__doc__, "ranker", main_trained, main_un
 
 
 def cli() -> None:
-    """The `phoenix-rank` console script: main() without its result dict (sys.exit would print it as an error)."""
-    main()
+    """The `phoenix-rank` console script (and `uv run run_ranker.py`): main() without its result dict (sys.exit
+    would print it as an error); a user error prints one `error:` line and exits with status 2
+    (run_train.cli)."""
+    import run_train
+
+    run_train.cli(lambda: main())  # main looked up when called
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import phoenix_experiment as ex
+import phoenix_run_dir as run_dir
 from phoenix_metrics import recall_at_k
 import train_synthetic as ts
 import phoenix_training as training
@@ -98,6 +99,8 @@ def main_trained(args) -> dict:
                                    hash_config=ex.demo_hash_config(world.cfg), fprop_dtype=jnp.float32).initialize()
     key = ex.cache_key(cfg, world.cfg, args.seed, args.steps, args.train_batch_size, ex.DEMO_LEARNING_RATE)
     freq = world.positive_frequencies(train_ids, num_users=FREQUENCY_USERS)  # [N] logQ and popularity
+    if ex.cached_checkpoint(args.checkpoint, key) != "hit":  # what a save would refuse: now, not after training
+        run_dir.check_checkpoint_target("--checkpoint", args.checkpoint)
     loaded, train_s = ex.load_or_train(
         args.checkpoint, key, "demo retrieval model",
         lambda: train_demo_retrieval(args, world, cfg, np.log(freq), args.checkpoint, key))
@@ -205,9 +208,13 @@ parse_args, main = ex.demo_entry_points(__doc__, "retrieval", main_trained, main
 
 
 def cli() -> None:
-    """The `phoenix-retrieve` console script: main() without its result dict (sys.exit would print it as an error)."""
-    main()
+    """The `phoenix-retrieve` console script (and `uv run run_retrieval.py`): main() without its result
+    dict (sys.exit would print it as an error); a user error prints one `error:` line and exits with
+    status 2 (run_train.cli)."""
+    import run_train
+
+    run_train.cli(lambda: main())  # main looked up when called
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # Bottom to top; a module may import its own layer (acyclically) and the layers below it.
 LAYERS = [
-    ("core", ["grok", "phoenix_validation", "phoenix_hashing", "phoenix_metrics", "numpy_reference"]),
+    ("core", ["grok", "phoenix_validation", "phoenix_hashing", "phoenix_metrics", "numpy_reference", "phoenix_stop"]),
     ("inputs", ["phoenix_inputs"]),
     ("models", ["recsys_model", "recsys_retrieval_model", "phoenix_forward", "phoenix_losses", "phoenix_optim",
                 "phoenix_index"]),
@@ -22,7 +22,8 @@ LAYERS = [
     ("training", ["phoenix_resume", "phoenix_training"]),
     ("serving", ["runners"]),
     ("experiments", ["movielens", "phoenix_datasets", "phoenix_experiment", "phoenix_log", "phoenix_two_stage",
-                     "phoenix_sasrec", "phoenix_protocols", "phoenix_pipeline", "train_synthetic", "train_movielens"]),
+                     "phoenix_sasrec", "phoenix_protocols", "phoenix_run_dir", "phoenix_pipeline", "train_synthetic",
+                     "train_movielens"]),
     ("demos", ["run_ranker", "run_retrieval", "run_train", "bench", "resume_harness"]),
 ]
 LAYER_OF = {module: rank for rank, (_, modules) in enumerate(LAYERS) for module in modules}

@@ -24,9 +24,9 @@ PROJECT = "phoenix_recsys"
 # The wheel's modules: the library, then the console scripts' modules and the experiments they run.
 LIBRARY = ["grok", "recsys_model", "recsys_retrieval_model", "runners", "phoenix_checkpoint", "phoenix_datasets",
            "phoenix_hashing", "phoenix_index", "phoenix_metrics", "phoenix_training", "phoenix_validation",
-           "phoenix_inputs", "phoenix_forward", "phoenix_losses", "phoenix_optim", "phoenix_resume",
+           "phoenix_inputs", "phoenix_forward", "phoenix_losses", "phoenix_optim", "phoenix_resume", "phoenix_stop",
            "movielens", "phoenix_log", "phoenix_two_stage", "phoenix_sasrec", "phoenix_protocols", "phoenix_pipeline",
-           "phoenix_experiment"]
+           "phoenix_run_dir", "phoenix_experiment"]
 ENTRY_POINTS = ["run_ranker", "run_retrieval", "run_train", "train_synthetic", "train_movielens"]
 SHIPPED = LIBRARY + ENTRY_POINTS
 # Top-level modules deliberately left out: dev-only (bench.py, numpy_reference.py: the tests' oracle,

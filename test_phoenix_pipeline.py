@@ -9,6 +9,7 @@ followed by m + 1), with ratings, a favorite_score column and an author per item
 
 import csv
 import io
+import json
 import os
 import struct
 import sys
@@ -21,6 +22,7 @@ import movielens as ml
 import phoenix_log as logs
 import phoenix_two_stage as two_stage
 import phoenix_pipeline as pipeline
+import phoenix_run_dir as run_dir
 import run_train
 import train_movielens as tm
 from runners import RecsysInferenceRunner, RecsysRetrievalInferenceRunner
@@ -226,7 +228,7 @@ def test_bad_bytes_and_formats(tmp_path):
         logs.read_csv(path)
     with pytest.raises(logs.LogError, match="Parquet is not supported"):
         logs.read_csv(write(tmp_path / "log.parquet", ""))
-    with pytest.raises(FileNotFoundError, match="no such log file"):
+    with pytest.raises(FileNotFoundError, match=r"missing.csv: no such file \(expected a log"):
         logs.read_log(tmp_path / "missing.csv")
 
 
@@ -318,6 +320,18 @@ def test_cli_writes_the_metrics_log_and_the_plot(cli_run):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])
     assert (width, height) == (1200, 450) and len(png) > 20_000  # two panels with curves, not an empty canvas
+    # What the run wrote is recognised as Phoenix's by a later --overwrite, and the manifest says what it was.
+    for name, kind in run_entries_written(tmp / "run").items():
+        assert run_dir.entry_problem(tmp / "run" / name, kind) is None, name
+    manifest = run_dir.read_manifest(tmp / "run")
+    assert manifest["kind"] == "pipeline" and manifest["source"] == str(tmp / "log.csv") and manifest["seed"] == 0
+    assert (tmp / "run" / pipeline.METRICS_FILE).read_text().splitlines()[0] == json.dumps(run_dir.METRICS_HEADER)
+
+
+def run_entries_written(path) -> dict:
+    names = run_dir.run_entries(path, pipeline.RUN_ENTRIES)
+    assert set(names) == {"retrieval", "ranker", "metrics.jsonl", "curves.png", "run.json"}
+    return names
 
 
 def test_checkpoints_load_into_the_runners_and_score_as_the_pipeline(cli_run):
@@ -354,8 +368,8 @@ def test_a_second_run_refuses_the_directory_before_reading_the_log(cli_run, monk
     tmp, argv, _ = cli_run
     before = {p: p.stat().st_mtime_ns for p in (tmp / "run").rglob("*")}
     monkeypatch.setattr(pipeline, "read_log", lambda *a, **k: pytest.fail("the log was read"))
-    with pytest.raises(FileExistsError, match=r"run: holds an earlier run \(retrieval, ranker, metrics.jsonl\); "
-                                              r"pass --overwrite"):
+    with pytest.raises(FileExistsError, match=r"run: holds an earlier run \(ranker, retrieval, metrics.jsonl, "
+                                              r"curves.png, run.json\); pass --overwrite"):
         run_train.main(argv)
     assert {p: p.stat().st_mtime_ns for p in (tmp / "run").rglob("*")} == before  # nothing touched
     pipeline.check_run_dir(tmp / "run", overwrite=True)  # asked: allowed
@@ -462,7 +476,8 @@ def test_plot_without_matplotlib_fails_before_training(tmp_path, monkeypatch):
     split = logs.split_log(logs.read_csv(tmp_path / "log.csv"))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     monkeypatch.setattr(pipeline, "train_retrieval", lambda *a, **k: pytest.fail("trained"))
-    with pytest.raises(ImportError, match=r"uv sync --extra plot"):
+    with pytest.raises(pipeline.MissingExtraError, match=r"in a clone, `uv sync --extra plot` \(or `pip install "
+                                                         r"'\.\[plot\]'`\)"):
         pipeline.run(split, two_stage.Recipe(), tmp_path / "run", plot=True)
 
 

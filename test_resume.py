@@ -1,24 +1,33 @@
 """Preemption-safe training: fit's step checkpoints and resume (phoenix_training.fit), checked bit for
-bit against uninterrupted runs, with disk-full, read-only and damaged-checkpoint cases; and the
-kill-and-resume fault harness (resume_harness.py) on `run_train.py --data synthetic`."""
+bit against uninterrupted runs, with disk-full, read-only and damaged-checkpoint cases; clean stops on
+SIGTERM / SIGINT (phoenix_stop) on every data path; the devices as part of a run; and the fault
+harness (resume_harness.py: SIGKILL, SIGTERM, SIGINT) on `run_train.py --data synthetic`."""
 
 import errno
 import io
 import itertools
 import json
 import os
+import re
+import signal
 import stat
 import subprocess
 import sys
+import textwrap
 import threading
+import time
+import types
 
 import jax
 import numpy as np
 import pytest
 
 import phoenix_checkpoint as checkpoint
+import phoenix_pipeline as pipeline
+import phoenix_stop
 import phoenix_training as training
 import resume_harness
+import run_train
 from recsys_model import PhoenixModelConfig
 from test_phoenix_training import A, C, HASHES, OPTIMIZER, S, TRANSFORMER, D, leaves, random_batch, random_labels
 
@@ -45,11 +54,14 @@ class LabelCounts:
         self.sums = np.asarray(arrays["sums"])
 
 
-def stream(counts: LabelCounts, first_step: int, kill_at=None):
-    """Batches first_step, first_step + 1, ..., each a function of its step alone."""
+def stream(counts: LabelCounts, first_step: int, kill_at=None, signal_at=None):
+    """Batches first_step, first_step + 1, ..., each a function of its step alone. `signal_at`:
+    (step, signal) sends this process the signal when the batch of that step is asked for."""
     for step in itertools.count(first_step):
         if step == kill_at:
             raise Preempted(step)
+        if signal_at is not None and step == signal_at[0]:
+            os.kill(os.getpid(), signal_at[1])
         labels = random_labels(1000 + step)
         counts.sums += labels.sum(axis=(0, 1))
         yield random_batch(1000 + step), labels
@@ -62,14 +74,14 @@ def trainer():
     return training.make_ranking_trainer(config, optimizer_config=OPTIMIZER)
 
 
-def run(trainer, directory, kill_at=None, resume=True, run_config=RUN_CONFIG, keep=KEEP):
+def run(trainer, directory, kill_at=None, resume=True, run_config=RUN_CONFIG, keep=KEEP, signal_at=None):
     """A fresh process's view: new state and counts, then fit (resuming from `directory` if it can)."""
     counts = LabelCounts()
     eval_batch = (random_batch(7), random_labels(7))
     out = io.StringIO()
     state = trainer.init(jax.random.PRNGKey(0), random_batch(0))
     state, history = training.fit(
-        trainer, state, lambda first: stream(counts, first, kill_at), STEPS, log_every=3,
+        trainer, state, lambda first: stream(counts, first, kill_at, signal_at), STEPS, log_every=3,
         eval_fn=lambda s: trainer.evaluate(s.params, *eval_batch), eval_every=4, stream=out,
         checkpoint_dir=directory, checkpoint_every=EVERY, keep_checkpoints=keep, resume=resume,
         run_config=run_config, aux=counts)
@@ -287,6 +299,310 @@ def test_history_json_round_trip_is_strict_json():
     np.testing.assert_array_equal(back[1]["eval/x"], [1.5, 2.5])
 
 
+# --------------------------------------------------------------------------- clean stops (phoenix_stop)
+
+SIGNALS = [signal.SIGTERM, signal.SIGINT]
+SIGNAL_IDS = ["sigterm", "sigint"]
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=SIGNAL_IDS)
+def test_a_stop_signal_saves_the_step_in_flight_and_the_resume_is_bit_identical(trainer, uninterrupted, tmp_path,
+                                                                                sig):
+    before = {s: signal.getsignal(s) for s in SIGNALS}
+    with training.stop_on_signals(), pytest.raises(training.TrainingStopped) as stopped:
+        run(trainer, tmp_path, signal_at=(7, sig))  # the signal comes as the batch of step 7 (the 8th) is made
+    stop = stopped.value
+    # Nothing lost: the step in flight finished and was saved; the run went no further.
+    assert (stop.signum, stop.step, stop.end_step, stop.exit_code) == (sig, 8, STEPS, 128 + sig)
+    assert stop.saved == str(tmp_path / "step-00000008") and step_names(tmp_path) == ["step-00000005", "step-00000008"]
+    assert str(stop) == f"stopped by {signal.Signals(sig).name} after step 8 of {STEPS}: saved {stop.saved}"
+    assert {s: signal.getsignal(s) for s in SIGNALS} == before and training.stop_requested() is None
+    got = run(trainer, tmp_path)
+    assert f"resuming from {tmp_path}/step-00000008 (step 8 of {STEPS})" in got[3]
+    assert_same_run(got, uninterrupted[1])
+
+
+def test_a_stop_signal_during_a_save_lets_it_finish_then_stops(trainer, uninterrupted, tmp_path, monkeypatch):
+    write_meta = checkpoint._write_meta
+
+    def signalled(path, meta):  # SIGTERM between arrays.npz and meta.json of step 5's save
+        os.kill(os.getpid(), signal.SIGTERM)
+        write_meta(path, meta)
+
+    monkeypatch.setattr(checkpoint, "_write_meta", signalled)
+    with training.stop_on_signals(), pytest.raises(training.TrainingStopped) as stopped:
+        run(trainer, tmp_path)
+    monkeypatch.undo()
+    assert (stopped.value.step, stopped.value.saved) == (5, str(tmp_path / "step-00000005"))
+    assert step_names(tmp_path) == ["step-00000005"]
+    assert checkpoint.load_checkpoint(tmp_path / "step-00000005").step == 5  # complete, its sha256 checked
+    assert_same_run(run(trainer, tmp_path), uninterrupted[1])
+
+
+def test_a_stop_without_checkpoints_or_before_any_step_saves_nothing(trainer, tmp_path):
+    state = trainer.init(jax.random.PRNGKey(0), random_batch(0))
+    with training.stop_on_signals(), pytest.raises(training.TrainingStopped) as stopped:
+        training.fit(trainer, state, stream(LabelCounts(), 0, signal_at=(2, signal.SIGINT)), STEPS, log_every=3,
+                     stream=io.StringIO())
+    assert (stopped.value.step, stopped.value.saved) == (3, None)
+    assert str(stopped.value) == f"stopped by SIGINT after step 3 of {STEPS}: no checkpoint saved"
+
+    def signal_first(first):  # before the first step (the stream being opened): nothing trained, nothing saved
+        os.kill(os.getpid(), signal.SIGTERM)
+        return stream(LabelCounts(), first)
+
+    state = trainer.init(jax.random.PRNGKey(0), random_batch(0))
+    with training.stop_on_signals(), pytest.raises(training.TrainingStopped) as stopped:
+        training.fit(trainer, state, signal_first, STEPS, checkpoint_dir=tmp_path, stream=io.StringIO())
+    assert (stopped.value.step, stopped.value.saved) == (None, None)
+    assert os.listdir(tmp_path) == [training.LOCK_FILE]
+
+
+def test_outside_a_training_loop_a_stop_is_raised_at_once():
+    with training.stop_on_signals():
+        started = time.perf_counter()
+        with pytest.raises(training.TrainingStopped) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # data preparation, evaluation, a compile: nothing to save, nothing to wait for
+        assert time.perf_counter() - started < 10
+    assert stopped.value.step is None and stopped.value.exit_code == 143
+    assert stopped.value.line() == "stopped by SIGTERM: nothing resumable was saved"
+    with training.deferred():  # outside stop_on_signals: nothing is recorded, nothing raised
+        pass
+
+
+# A process under the command line's stop handling, in fit's position (the first signal only marks
+# the stop): argv[1] says what it does then.
+STOP_SCRIPT = textwrap.dedent("""
+    import atexit, os, signal, sys, time
+    import numpy as np
+    import phoenix_stop
+
+    @phoenix_stop.command_line
+    def main(mode):
+        with phoenix_stop.deferred():
+            print("ready", flush=True)
+            if mode == "busy":  # like a compile or a device step: calls of seconds that release the GIL
+                a = np.ones((4000, 4000), np.float32)
+                while True:
+                    a @ a
+            if mode == "quick":  # the stop is done as soon as the signal comes: the process exits at once,
+                atexit.register(time.sleep, 0.5)  # and takes a moment to (as JAX's exit handler does)
+                while phoenix_stop.stop_requested() is None:
+                    time.sleep(0.01)
+            else:
+                time.sleep(3)  # the parent's signals arrive meanwhile
+        print("not stopped", flush=True)
+
+    main(sys.argv[1])
+""")
+
+
+def stop_script(mode: str, signals: list, start_after: float = 0.0) -> tuple[subprocess.CompletedProcess, float]:
+    """Runs STOP_SCRIPT in `mode`, sends it `signals` ((delay, signal) in turn) once it is ready;
+    returns the completed process and the seconds from its first signal to its end."""
+    proc = subprocess.Popen([sys.executable, "-c", STOP_SCRIPT, mode], cwd=os.path.dirname(__file__) or ".",
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    time.sleep(start_after)
+    first = time.perf_counter()
+    for delay, sig in signals:
+        time.sleep(delay)
+        proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), time.perf_counter() - first
+
+
+def test_a_second_ctrl_c_aborts_at_once_even_inside_a_long_call():
+    done, seconds = stop_script("busy", [(0.0, signal.SIGINT), (phoenix_stop.ABORT_AFTER_S + 1.5, signal.SIGINT)])
+    assert done.returncode == -signal.SIGINT and seconds < phoenix_stop.ABORT_AFTER_S + 10, (done, seconds)
+    assert "Traceback" not in done.stderr and "not stopped" not in done.stdout
+
+
+@pytest.mark.parametrize("mode, signals, code", [
+    ("sleep", [(0.0, signal.SIGINT), (0.2, signal.SIGINT)], 130),  # `uv run` forwards the group's Ctrl-C 0.2 s later
+    ("quick", [(0.0, signal.SIGINT), (0.2, signal.SIGINT)], 130),  # ... even once the stop is done and Python exits
+    ("sleep", [(0.0, signal.SIGTERM), (0.1, signal.SIGTERM), (0.1, signal.SIGINT)], 143),  # the first one decides
+], ids=["uv_forwarded_ctrl_c", "uv_forwarded_ctrl_c_while_exiting", "repeated_sigterm"])
+def test_repeated_signals_within_a_moment_are_one_clean_stop(mode, signals, code):
+    done, _ = stop_script(mode, signals)
+    name = "SIGINT" if code == 130 else "SIGTERM"
+    assert (done.returncode, done.stdout, done.stderr) == (code, "", f"stopped by {name}: nothing resumable was "
+                                                                      f"saved\n"), done
+
+
+def test_a_synthetic_stop_line_names_what_is_saved_and_the_command_that_resumes(tmp_path):
+    import train_synthetic
+    argv = ["--data", "synthetic", "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "5", "--overwrite"]
+    checkpoint.save_checkpoint(tmp_path / "steps" / "ranker" / "step-00000005", {"m": {"w": np.ones(2)}}, step=5)
+    stop = training.TrainingStopped(signal.SIGTERM, 5, 1200)
+    train_synthetic.describe_stop(stop, train_synthetic.parse_args(argv), argv)
+    resume = "--data synthetic --checkpoint-dir " + str(tmp_path) + " --checkpoint-every 5 --resume"
+    assert stop.line(["run_train.py"]) == (  # --overwrite would start afresh: the resume drops it
+        f"stopped by SIGTERM after step 5 of 1200 (ranker): saved ranker at step 5 of 1200 "
+        f"({tmp_path}/steps/ranker/step-00000005); resume with: run_train.py {resume}")
+    plain = ["--data", "synthetic", "--checkpoint-dir", str(tmp_path / "plain")]
+    stop = training.TrainingStopped(signal.SIGINT, 7, 1200)
+    train_synthetic.describe_stop(stop, train_synthetic.parse_args(plain), plain)
+    assert stop.line(["run_train.py"]) == ("stopped by SIGINT after step 7 of 1200 (ranker): nothing resumable was "
+                                           "saved (--checkpoint-every is off)")
+
+
+def test_the_resume_command_starts_as_this_process_was_started(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["run_train.py", "--data", "synthetic"])
+    monkeypatch.setenv("UV", "/usr/bin/uv")
+    assert phoenix_stop.invoked_as() == ["uv", "run", "run_train.py"]
+    monkeypatch.delenv("UV")
+    assert phoenix_stop.invoked_as() == [sys.executable, "run_train.py"]
+    script = tmp_path / "bin" / "phoenix-train"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(script), "--data", "x.csv"])
+    assert phoenix_stop.invoked_as() == [str(script)]  # not on PATH: its path
+    monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}{os.environ['PATH']}")
+    assert phoenix_stop.invoked_as() == ["phoenix-train"]  # the one PATH finds: its name
+
+
+def first_step_of(monkeypatch, trainer_type: str, sig, member_of=None):
+    """Makes fit's first step of a `trainer_type` (the n-th such trainer with member_of=n) send `sig`."""
+    call_step, seen = training._call_step, []
+
+    def signalling(trainer, state, item):
+        if type(trainer).__name__ == trainer_type:
+            if trainer not in seen:
+                seen.append(trainer)
+                if len(seen) == (member_of or 1):
+                    os.kill(os.getpid(), sig)
+        return call_step(trainer, state, item)
+
+    monkeypatch.setattr(training, "_call_step", signalling)
+
+
+def stop_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("stopped by")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_csv_run_stopped_in_training_exits_143_saying_nothing_is_resumable(tmp_path, monkeypatch, capsys):
+    import test_phoenix_pipeline
+    test_phoenix_pipeline.write_log(tmp_path / "log.csv")
+    first_step_of(monkeypatch, "SequenceRetrievalTrainer", signal.SIGTERM)
+    argv = ["--data", str(tmp_path / "log.csv"), "--checkpoint-dir", str(tmp_path / "run"),
+            *test_phoenix_pipeline.TINY_FLAGS]
+    with pytest.raises(SystemExit) as exit_info:
+        phoenix_stop.command_line(run_train.main)(argv)
+    assert exit_info.value.code == 143
+    assert re.fullmatch(rf"stopped by SIGTERM after step 1 of \d+ \(retrieval\): nothing resumable was saved "
+                        rf"\({re.escape(pipeline.NOT_RESUMABLE)}\)", stop_line(capsys))
+
+
+def test_a_movielens_run_stopped_while_reading_its_data_exits_130(tmp_path, monkeypatch, capsys):
+    import movielens
+    import test_train_movielens
+    (tmp_path / "ml").mkdir()
+    test_train_movielens.write_world(tmp_path / "ml")
+    load_ratings = movielens.load_ratings
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the ratings are read: nothing to save
+        ratings = load_ratings(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return ratings
+
+    monkeypatch.setattr(movielens, "load_ratings", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        phoenix_stop.command_line(run_train.main)(["--data", str(tmp_path / "ml"), "--checkpoint-dir",
+                                                   str(tmp_path / "run")])
+    assert exit_info.value.code == 130
+    assert stop_line(capsys) == "stopped by SIGINT: nothing resumable was saved"
+    assert not os.path.exists(tmp_path / "run" / "retrieval")
+
+
+def test_a_pipeline_stop_names_the_best_checkpoints_kept(tmp_path, monkeypatch):
+    """What the CSV / MovieLens stop line lists: the best checkpoints of the members and the stage
+    already trained (the training itself is replaced here: the tests above run it)."""
+    import test_phoenix_pipeline
+    test_phoenix_pipeline.write_log(tmp_path / "log.csv")
+    split = pipeline.split_log(pipeline.read_csv(tmp_path / "log.csv"))
+    recipe = pipeline.Recipe(retrieval_members=2, ranker_members=2, hard_negatives=0)
+    stopped = training.TrainingStopped(signal.SIGTERM, 4, 9, stage="ranker.1")
+
+    def fit_keeping_best(trainer, state, batches, steps, evaluate, path, *rest):
+        if path.endswith("ranker.1"):
+            raise stopped
+        return {}, {"NDCG@10": 0.25, "step": 3}
+
+    monkeypatch.setattr(pipeline, "_fit_keeping_best", fit_keeping_best)
+    monkeypatch.setattr(pipeline, "start_retrieval", lambda *args, **kwargs: (None, None, None, 9))
+    monkeypatch.setattr(pipeline, "start_ranker", lambda *args, **kwargs: (None, None, None, 9))
+    monkeypatch.setattr(pipeline, "ensemble", lambda trainers, params, kind: (None, tuple(params)))
+    monkeypatch.setattr(pipeline, "StageOne", lambda *args: types.SimpleNamespace(metrics=lambda: {"NDCG@10": 0.5}))
+    with pytest.raises(training.TrainingStopped) as e:
+        pipeline.run(split, recipe, tmp_path / "run", stream=io.StringIO())
+    assert e.value is stopped and stopped.why_not == pipeline.NOT_RESUMABLE
+    run_dir = tmp_path / "run"
+    assert stopped.kept == [f"{run_dir}/retrieval, {run_dir}/retrieval.1 (retrieval, best val NDCG@10 0.5000 at "
+                            f"steps [3, 3] (2 members))",
+                            f"{run_dir}/ranker (best val NDCG@10 0.2500 at step 3)"]
+    assert stopped.line() == (f"stopped by SIGTERM after step 4 of 9 (ranker.1): nothing resumable was saved "
+                              f"({pipeline.NOT_RESUMABLE}); kept {', '.join(stopped.kept)}")
+
+
+# --------------------------------------------------------------------------- the devices are part of a run
+
+
+def test_resume_with_another_data_parallel_mesh_is_refused(trainer, tmp_path):
+    killed(trainer, tmp_path, 7)
+    parallel = training.make_ranking_trainer(trainer.model_config, optimizer_config=OPTIMIZER, data_parallel=True)
+    with pytest.raises(training.ResumeError, match=r"1 difference\(s\)") as e:
+        run(parallel, tmp_path)
+    assert "devices.mesh: checkpoint None, now {'data': 1}" in str(e.value)
+    assert ("; resume on 1 CPU device(s) without --data-parallel (XLA_FLAGS=--xla_force_host_platform_device_count=1"
+            in str(e.value))
+
+
+# Resumes the checkpoint `sys.argv[1]` holds in another process: its devices differ by the environment.
+RESUME_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import jax
+    import phoenix_training as training
+    from test_resume import run, trainer
+    threads = sum(open(f"/proc/self/task/{t}/comm").read().strip().endswith("XLAEigen")
+                  for t in os.listdir("/proc/self/task"))
+    print("threads", training.xla_cpu_threads(), threads, jax.device_count())
+    try:
+        run(trainer.__wrapped__(), sys.argv[1])
+    except training.ResumeError as e:
+        print(e)
+""")
+
+
+@pytest.mark.parametrize("env, changed", [
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, "devices.count: checkpoint 1, now 8"),
+    ({"PJRT_NPROC": str(training.xla_cpu_threads() + 1)},
+     f"devices.intra_op_threads: checkpoint {training.xla_cpu_threads()}, now {training.xla_cpu_threads() + 1}"),
+], ids=["8_cpu_devices", "another_thread_count"])
+def test_resume_on_other_devices_is_refused(trainer, tmp_path, env, changed):
+    """Another device count, or another size of XLA's CPU thread pool, changes float32 sums
+    (docs/resume.md): a resume there is refused, naming it, and how to match the checkpoint's."""
+    killed(trainer, tmp_path, 7)
+    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PJRT_NPROC", "NPROC")}
+    done = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, cwd=os.path.dirname(__file__) or ".",
+                          env={**environ, **env, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    computed, counted, _ = map(int, re.search(r"threads (\d+) (\d+) (\d+)", done.stdout).groups())
+    if sys.platform == "linux":  # xla_cpu_threads() is the number of XLA's intra-op threads
+        assert computed == counted
+    assert "cannot resume" in done.stdout and changed in done.stdout, done.stdout
+    threads = training.xla_cpu_threads()
+    assert f"resume on 1 CPU device(s) without --data-parallel (XLA_FLAGS=--xla_force_host_platform_device_count=1), " \
+           f"XLA's CPU thread pool of {threads} (PJRT_NPROC={threads})." in done.stdout
+    assert step_names(tmp_path) == ["step-00000005"]  # nothing was changed
+
+
 # --------------------------------------------------------------------------- the fault harness
 
 
@@ -299,7 +615,23 @@ def test_sigkill_at_random_moments_loses_nothing_and_resumes_bit_identically(tmp
     assert done.returncode == 0, done.stderr[-5000:] + done.stdout[-5000:]
     report = json.loads(done.stdout)
     assert report["failures"] == [] and report["kills"] >= 20
-    assert set(report["kills_by_point"]) == {"random time"} | {name for name, _, _ in resume_harness.KILL_POINTS}
+    assert set(report["by_point"]["SIGKILL"]) == {"random time"} | {name for name, _, _ in resume_harness.KILL_POINTS}
     # Each kill inside a save comes after its attempt logged where it resumed from (random-time kills
     # may land before that, more often on a loaded machine).
     assert report["resumes_checked"] >= report["kills"] // 2 and report["runs_finished"] >= 1
+
+
+def test_sigterm_and_sigint_at_random_moments_stop_cleanly_and_resume_bit_identically(tmp_path):
+    """resume_harness.py --signals 10: 10 SIGTERMs and 10 SIGINTs of `run_train.py --data synthetic` (at
+    random times, and at each point inside saves and prunes, where the save then finishes), each stop
+    with status 143 / 130, one line naming the newest checkpoint and the resume command, no traceback,
+    no step lost; final parameters bit-identical to an uninterrupted run's. ~1-2 min on 2 cores."""
+    done = subprocess.run([sys.executable, "resume_harness.py", "--dir", str(tmp_path), "--kills", "0",
+                           "--signals", "10"], capture_output=True, text=True, timeout=900,
+                          cwd=os.path.dirname(__file__) or ".")
+    assert done.returncode == 0, done.stderr[-5000:] + done.stdout[-5000:]
+    report = json.loads(done.stdout)
+    assert report["failures"] == [] and report["stops"] == {"SIGTERM": 10, "SIGINT": 10} and report["kills"] == 0
+    points = set(report["by_point"]["SIGTERM"]) | set(report["by_point"]["SIGINT"])
+    assert points == {"random time"} | {name for name, _, _ in resume_harness.KILL_POINTS}
+    assert report["runs_finished"] >= 1

@@ -43,6 +43,7 @@ import numpy as np
 import movielens as ml
 import phoenix_pipeline as pipeline
 import phoenix_protocols
+import phoenix_run_dir as run_dir
 from phoenix_pipeline import FINAL_K, Recipe  # noqa: F401 (Recipe: this experiment's flags)
 
 
@@ -93,6 +94,13 @@ def parse_args(argv):
                         help="run each seed in turn (instead of --seed): checkpoints in DIR/seed<N>, dumps in "
                              "PATH with .seed<N> before its suffix, then the per-seed table and mean +- sd")
     args = parser.parse_args(argv)
+    given = pipeline.given_flags(parser, argv)
+    if args.seeds and "seed" in given:
+        parser.error(f"--seed {args.seed}: --seeds {','.join(map(str, args.seeds))} runs its own seeds; give one "
+                     "of them")
+    if "cache_dir" in given and args.data != ml.SOURCE_ML100K:
+        parser.error(f"--cache-dir: applies to --data {ml.SOURCE_ML100K} (its download) only, got --data {args.data}")
+    pipeline.check_run_flags(args, given, parser.error)
     return args, pipeline.recipe_from_args(args)
 
 
@@ -127,6 +135,54 @@ def seed_table(tables: dict) -> tuple[str, dict]:
     return "\n".join(lines), stats
 
 
+def inputs(args) -> list:
+    """What a run reads (phoenix_run_dir.Input): the ratings (a directory or archive; for
+    SOURCE_ML100K the wheel in the cache) and the download cache."""
+    if str(args.data) != ml.SOURCE_ML100K:
+        return [run_dir.Input("--data", str(args.data))]
+    cache = ml.cache_dir(getattr(args, "cache_dir", None))
+    return [run_dir.Input("--data", str(cache / ml.WHEEL_FILE)), run_dir.Input("--cache-dir", str(cache), "cache")]
+
+
+def outputs(args) -> tuple[dict, dict]:
+    """({seed or None: run directory}, {label: dump path}) of a run: one of each, or with --seeds each
+    seed's; with --protocol train+val each dump's .trainval twin too."""
+    seeds = getattr(args, "seeds", None)
+    dirs = ({seed: os.path.join(args.checkpoint_dir, f"seed{seed}") for seed in seeds} if seeds
+            else {None: args.checkpoint_dir})
+    files = {}
+    if args.dump_topk:
+        for seed in dirs:
+            path = args.dump_topk if seed is None else seed_path(args.dump_topk, seed)
+            which = [] if seed is None else [f"seed {seed}"]
+            files[f"--dump-topk ({', '.join(which)})" if which else "--dump-topk"] = path
+            if getattr(args, "protocol", "val-select") == "train+val":
+                files[f"--dump-topk ({', '.join(which + ['train+val'])})"] = seed_path(path, "", "trainval")
+    return dirs, files
+
+
+def check_outputs(args) -> None:
+    """Everything a run will write, checked before the ratings are read (phoenix_run_dir.check_outputs)."""
+    if str(args.data) != ml.SOURCE_ML100K:
+        if not os.path.exists(args.data):
+            raise FileNotFoundError(f"--data {args.data}: no such directory or archive (expected "
+                                    f"{ml.SOURCE_ML100K!r}, a recbole wheel, or a directory with *.inter, u.data or "
+                                    "ratings.dat)")
+    dirs, files = outputs(args)
+    run_dir.check_outputs(inputs(args), list(dirs.values()), pipeline.RUN_ENTRIES, files,
+                          getattr(args, "overwrite", False))
+    if getattr(args, "plot", False):
+        pipeline._pyplot()  # a missing matplotlib fails now, not after training
+
+
+def check_dump_k(args, recipe: Recipe, split) -> None:
+    """RecipeError if the recipe, resolved on `split`, would hand fewer than FINAL_K items to a dump."""
+    k = pipeline.resolve_recipe(recipe, split).retrieve_k
+    if args.dump_topk and k < FINAL_K:
+        raise pipeline.RecipeError(f"--dump-topk: --retrieve-k resolves to {k} on {split.log.source}, fewer than the "
+                                   f"{FINAL_K} items a dump holds")
+
+
 def run_seed(args, recipe: Recipe, split, ratings, seed: int, checkpoint_dir: str, dump_path, stream=None) -> dict:
     """One seed of the experiment (table on stdout); phoenix_pipeline.run's dict plus "dump_check"."""
     result = pipeline.run(split, recipe, checkpoint_dir, seed, getattr(args, "overwrite", False),
@@ -151,6 +207,7 @@ def run_seed(args, recipe: Recipe, split, ratings, seed: int, checkpoint_dir: st
               f"recomputed from the dump HR@10 {recomputed['HR@10']:.4f} NDCG@10 {recomputed['NDCG@10']:.4f} "
               f"({recomputed['num_users']} users, history items in the top-10s: "
               f"{recomputed['history_items_in_topk']})")
+        pipeline.check_dump_figures(path, ours, recomputed)
     return {**result, "dump_check": check}
 
 
@@ -160,17 +217,16 @@ def run(args, recipe: Recipe, stream=None) -> dict:
     turn (its own DIR/seed<N> and dump path), then seed_table; returns {"seeds": {seed: that dict},
     "summary": seed_table's stats, "wall_s"}."""
     seeds = getattr(args, "seeds", None)
-    overwrite = getattr(args, "overwrite", False)
+    check_outputs(args)  # every seed's directory and dump before the first trains, before reading
     if not seeds:
-        pipeline.check_run_dir(args.checkpoint_dir, overwrite)
         ratings = ml.load_ratings(args.data, args.cache_dir)
-        return run_seed(args, recipe, movielens_split(ratings), ratings, args.seed, args.checkpoint_dir,
-                        args.dump_topk, stream)
-    run_dirs = {seed: os.path.join(args.checkpoint_dir, f"seed{seed}") for seed in seeds}
-    for path in run_dirs.values():  # every seed's directory before the first trains
-        pipeline.check_run_dir(path, overwrite)
+        split = movielens_split(ratings)
+        check_dump_k(args, recipe, split)
+        return run_seed(args, recipe, split, ratings, args.seed, args.checkpoint_dir, args.dump_topk, stream)
+    run_dirs = outputs(args)[0]
     ratings = ml.load_ratings(args.data, args.cache_dir)
     split = movielens_split(ratings)
+    check_dump_k(args, recipe, split)
     start = time.perf_counter()
     results = {seed: run_seed(args, recipe, split, ratings, seed, run_dirs[seed],
                               seed_path(args.dump_topk, seed) if args.dump_topk else None, stream)

@@ -29,14 +29,21 @@ steps to <checkpoint-dir>/steps/{ranker,retrieval}/step-NNNNNNNN (the newest --k
 default 3, are kept). After a kill, run the same command with --resume: each model continues from
 its newest complete checkpoint, a model whose final checkpoint is there is not trained again, and
 the final parameters, figures and training history are bit for bit those of an uninterrupted run
-(on CPU). Training batches are a function of (world seed, --seed, step) alone (`step_rng`), so a
+(on CPU, on the same devices). Training batches are a function of (world seed, --seed, step) alone (`step_rng`), so a
 resume at step k draws exactly the batches k, k+1, ...; the popularity counts travel in the
 checkpoint. A step checkpoint holds parameters and hash tables, optimiser state, step, PRNG key,
 the metric sums not yet logged, the history, the popularity counts and the run config (every flag
 that changes results, `run_config`); a resume with other flags stops and lists what differs.
---resume on an empty directory starts afresh; without it, step checkpoints already there stop the
-run rather than be overwritten. A saving or deleting process killed at any moment leaves the
-newest complete checkpoint intact (resume_harness.py checks it with SIGKILLs).
+--resume on an empty directory starts afresh. Without --resume, a directory holding an earlier
+run (ranker/, retrieval/, steps/) is refused before the world is built, unless --overwrite, which
+replaces it (its step checkpoints removed first); whatever is there that Phoenix did not write
+is refused either way, and nothing else in the directory is touched; run.json, written first,
+records the run (phoenix_run_dir.py). A saving or deleting process killed at any moment leaves the
+newest complete checkpoint intact (resume_harness.py checks it with SIGKILLs). SIGTERM or Ctrl-C
+stops a run between two steps: the step in flight is saved (with --checkpoint-every or --resume) and
+one line says what is saved and the command that resumes; exit status 143 / 130 (docs/resume.md).
+The devices are part of the run: a resume with another device count, --data-parallel or, on CPU,
+XLA thread pool size (which change float32 sums) is refused, naming the difference.
 Cost: a save takes ~0.1 s at the default sizes (6 MB; fsync included), ~1-2% of the step time
 at --checkpoint-every 50.
 
@@ -50,6 +57,8 @@ import json
 import math
 import os
 import queue
+import re
+import shutil
 import sys
 import threading
 import time
@@ -59,6 +68,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import phoenix_checkpoint as checkpoint
+import phoenix_stop
+import phoenix_run_dir as run_dir
 from phoenix_experiment import TABLE_INIT_STDDEV, checkpoint_path, chunks, optimizer_config, take, world_config
 import phoenix_training as training
 from phoenix_datasets import SyntheticWorld, WorldConfig, to_recsys_batch, to_retrieval_batch
@@ -80,10 +91,23 @@ RANKING_STREAM, RETRIEVAL_STREAM = 1, 2
 # How training batches are drawn; recorded in checkpoints so that a resume never mixes two ways.
 STREAM_VERSION = "per-step rng of (world seed, stream, seed, step)"
 # Flags that do not change what a run computes, left out of the config a resume must match.
-NOT_RUN_CONFIG = {"data", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "log_every", "only"}
+NOT_RUN_CONFIG = {"data", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "log_every", "only",
+                  "overwrite"}
 # Flags of one phase only: the other phase's checkpoints do not depend on them.
 PHASE_FLAGS = {"ranker": {"steps_ranker", "batch_size", "eval_every"},
                "retrieval": {"steps_retrieval", "retrieval_batch_size", "temperature"}}
+# Bounds of the numeric flags, checked before anything runs: (flags, lowest value, whether it is allowed).
+FLAG_BOUNDS = (
+    (("num_users", "num_posts", "num_authors", "history_len", "min_history_len", "num_candidates", "emb_size",
+      "num_layers", "num_heads", "key_size", "batch_size", "retrieval_batch_size", "steps_ranker", "steps_retrieval",
+      "eval_repeats", "log_every"), 1, True),
+    (("user_table_size", "post_table_size", "author_table_size"), 2, True),
+    (("seed", "world_seed", "eval_every", "user_id_dropout"), 0, True),
+    (("widening_factor", "learning_rate", "temperature", "impression_temperature", "table_init_stddev"), 0, False),
+)
+# What a run writes in --checkpoint-dir ({name regex: phoenix_run_dir kind}); nothing else there is touched.
+RUN_ENTRIES = {"ranker|retrieval": "checkpoint", "steps": "steps", re.escape(run_dir.MANIFEST_FILE): "manifest",
+               re.escape(training.LOCK_FILE): "lock"}
 
 
 # --------------------------------------------------------------------------- configs
@@ -397,15 +421,25 @@ def resumable(args, phase: str) -> dict:
             "resume": args.resume, "run_config": run_config(args, phase)}
 
 
+def final_differences(args, phase: str) -> tuple[list[str], dict]:
+    """How the phase's final checkpoint (which exists) differs from this run: its run config and its
+    devices (training.run_devices; one written before they were recorded is taken to be this run's).
+    Returns (differences, the checkpoint's extra)."""
+    extra = checkpoint.read_meta(os.path.join(args.checkpoint_dir, phase)).get("extra") or {}
+    expected = json.loads(json.dumps(run_config(args, phase)))  # as it reads back from meta.json
+    devices = training.run_devices(args.data_parallel)
+    return (training.config_differences(extra.get("run_config"), expected)
+            + training.config_differences(extra.get("devices", devices), devices, "devices")), extra
+
+
 def finished_phase(args, phase: str, log) -> dict | None:
     """With --resume, the figures of a phase already finished by this run: its final checkpoint is
-    written last (atomically) and records the run config and figures. None if it still has to run."""
+    written last (atomically) and records the run config, devices and figures. None if it still has
+    to run."""
     path = os.path.join(args.checkpoint_dir, phase)
     if not args.resume or not os.path.exists(path):
         return None
-    extra = checkpoint.read_meta(path).get("extra") or {}
-    expected = json.loads(json.dumps(run_config(args, phase)))  # as it reads back from meta.json
-    differences = training.config_differences(extra.get("run_config"), expected)
+    differences, extra = final_differences(args, phase)
     if differences or "result" not in extra:
         why = "; ".join(differences[:3]) if differences else "no figures recorded"
         log.write(f"{phase}: {path} holds another run's checkpoint ({why}); this run replaces it when its "
@@ -420,7 +454,34 @@ def save_final(trainer, args, phase: str, state, world, result: dict, **extra) -
     finished for --resume (run config, and the figures with the training history, in its extra)."""
     return trainer.save(os.path.join(args.checkpoint_dir, phase), state, extra={
         "world": dataclasses.asdict(world.cfg), "seed": args.seed, "unknown_user_id": unknown_user_id(world.cfg),
-        **extra, "run_config": run_config(args, phase), "result": training.encode_json(result)})
+        **extra, "run_config": run_config(args, phase), "devices": training.run_devices(trainer.mesh),
+        "result": training.encode_json(result)})
+
+
+def describe_stop(stop: training.TrainingStopped, args, argv: list) -> None:
+    """Fills in a clean stop's line (phoenix_stop): what each phase of this run has saved (its final
+    checkpoint, or its newest step checkpoint) and, when the run keeps step checkpoints, the command
+    that resumes it: `argv` with --resume (without --overwrite, which would start afresh)."""
+    resumable_run = bool(args.checkpoint_every or args.resume)
+    for phase in [p for p in ("ranker", "retrieval") if args.only in (None, p)]:
+        final = os.path.join(args.checkpoint_dir, phase)
+        steps = checkpoint.list_step_checkpoints(os.path.join(args.checkpoint_dir, "steps", phase))
+        try:
+            finished = os.path.exists(final) and not final_differences(args, phase)[0]
+        except (checkpoint.CheckpointError, OSError):  # unreadable: not this run's finished phase
+            finished = False
+        if finished:
+            stop.kept.append(f"{phase} finished ({final})")
+        else:
+            stop.stage = stop.stage or phase  # the first phase not finished is the one that stopped
+            if resumable_run and steps:
+                stop.kept.append(f"{phase} at step {steps[-1][0]} of {getattr(args, 'steps_' + phase)} "
+                                 f"({steps[-1][1]})")
+    if resumable_run:
+        kept = [a for a in argv if not (a.startswith("--ov") and "--overwrite".startswith(a))]
+        stop.resume_argv = kept if args.resume else [*kept, "--resume"]
+    else:
+        stop.why_not = "--checkpoint-every is off"
 
 
 def train_ranker(args, world, train_ids, held_out, log=sys.stderr) -> dict:
@@ -496,12 +557,16 @@ def train_retrieval(args, world, train_ids, held_out, log=sys.stderr) -> dict:
 def parse_args(argv):
     world = world_config()
     p = argparse.ArgumentParser(prog="run_train.py --data synthetic", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="synthetic", help="run_train.py's dispatch flag (ignored here)")
+    p.add_argument("--data", default="synthetic", choices=("synthetic",), help="run_train.py's dispatch flag")
     p.add_argument("--seed", type=int, default=0, help="parameter init, batch streams, evaluation examples")
     p.add_argument("--steps-ranker", type=int, default=1200)
     p.add_argument("--steps-retrieval", type=int, default=800)
     p.add_argument("--checkpoint-dir", default=checkpoint_path("synthetic"),
-                   help="where ranker/ and retrieval/ are saved (default: under $PHOENIX_CACHE_DIR)")
+                   help="where ranker/ and retrieval/ are saved (default: under $PHOENIX_CACHE_DIR); one holding "
+                        "an earlier run is refused unless --overwrite or --resume")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier run in --checkpoint-dir (what Phoenix wrote there only; anything "
+                        "else at ranker/, retrieval/, steps/ is refused)")
     p.add_argument("--only", choices=("ranker", "retrieval"), default=None, help="train one model only")
     g = p.add_argument_group("preemption (module docstring: resuming)")
     g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
@@ -546,11 +611,67 @@ def parse_args(argv):
         p.error(f"--checkpoint-every: expected an int >= 0 (0: off), got {args.checkpoint_every}")
     if args.keep_checkpoints < 1:
         p.error(f"--keep-checkpoints: expected an int >= 1 (the newest is always kept), got {args.keep_checkpoints}")
+    for names, low, inclusive in FLAG_BOUNDS:
+        for name in names:
+            value = getattr(args, name)
+            if not math.isfinite(value) or value < low or (value == low and not inclusive):
+                p.error(f"--{name.replace('_', '-')}: expected {'an int' if isinstance(value, int) else 'a number'} "
+                        f"{'>=' if inclusive else '>'} {low}, got {value}")
+    if args.user_id_dropout > 1:
+        p.error(f"--user-id-dropout: expected a share in [0, 1], got {args.user_id_dropout}")
+    if args.min_history_len > args.history_len:
+        p.error(f"--min-history-len {args.min_history_len}: expected <= --history-len {args.history_len}")
+    given = set(vars(p.parse_args(argv, _Given())))
+    if args.overwrite and args.resume:
+        p.error("--overwrite and --resume: --resume continues the run in --checkpoint-dir, --overwrite replaces it; "
+                "give one")
+    if "keep_checkpoints" in given and not (args.checkpoint_every or args.resume):
+        p.error("--keep-checkpoints: applies to step checkpoints only; add --checkpoint-every N")
+    if args.only is not None:
+        other = "retrieval" if args.only == "ranker" else "ranker"
+        for name in sorted(PHASE_FLAGS[other] & given):
+            p.error(f"--{name.replace('_', '-')}: applies to the {other} only, which --only {args.only} does not train")
     return args
 
 
+class _Given(argparse.Namespace):
+    """A namespace in which argparse sets only the flags given (phoenix_pipeline.given_flags)."""
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # argparse's own attributes; no flag's destination starts so
+            raise AttributeError(name)
+        return None
+
+
+def check_run_dir(args) -> None:
+    """Refuses, before the world is built, a --checkpoint-dir where this run would replace what it must
+    not (phoenix_run_dir.check_outputs: anything Phoenix did not write; an earlier run's checkpoints
+    unless --overwrite or --resume). With --overwrite, the earlier run's step checkpoints (checked to be
+    Phoenix's) are removed: a fresh run would refuse them as another run's."""
+    run_dir.check_outputs([], [args.checkpoint_dir], RUN_ENTRIES, overwrite=args.overwrite, earlier_run=args.resume)
+    steps = os.path.join(args.checkpoint_dir, "steps")
+    if args.overwrite and os.path.isdir(steps):
+        shutil.rmtree(steps)
+
+
 def main(argv=None) -> dict:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """The experiment (module docstring); returns the figures. A clean stop (SIGTERM / Ctrl-C under a
+    command-line entry, phoenix_stop) raises TrainingStopped filled in by describe_stop."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except training.TrainingStopped as stop:
+        describe_stop(stop, parse_args(argv), argv)
+        raise
+
+
+def _run(argv: list) -> dict:
+    """main's work, on an argument list."""
+    args = parse_args(argv)
+    check_run_dir(args)
+    if not (args.resume and os.path.exists(os.path.join(args.checkpoint_dir, run_dir.MANIFEST_FILE))):
+        run_dir.write_manifest(args.checkpoint_dir, "synthetic", RUN_ENTRIES, seed=args.seed,
+                               flags={k: v for k, v in sorted(vars(args).items())})
     t_start = time.perf_counter()
     world = SyntheticWorld(world_config(
         num_users=args.num_users, num_posts=args.num_posts, num_authors=args.num_authors,
@@ -563,7 +684,8 @@ def main(argv=None) -> dict:
           f"{world.cfg.impression_temperature}; seed {args.seed}", flush=True)
     # One process at a time trains a resumable run (a resume started while a killed run's process
     # is still exiting waits for it).
-    lock = training.RunLock(args.checkpoint_dir, lambda m: print(m, file=sys.stderr, flush=True)) if args.checkpoint_every or args.resume else None
+    lock = (training.RunLock(args.checkpoint_dir, lambda m: print(m, file=sys.stderr, flush=True))
+            if args.checkpoint_every or args.resume else None)
     try:
         ranker = None if args.only == "retrieval" else train_ranker(args, world, train_ids, held_out)
         retrieval = None if args.only == "ranker" else train_retrieval(args, world, train_ids, held_out)
@@ -599,4 +721,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    phoenix_stop.command_line(main)()

@@ -354,16 +354,21 @@ def check_outputs(inputs, run_dirs, entries: Mapping[str, str], files: Optional[
             raise FileExistsError(f"{flag} {path}: exists; pass --overwrite to replace it, or choose another path")
 
 
+def _refuse_inputs(flag: str, path: str, reads, hint: str = "") -> None:
+    """OutputError if `path` is an input of the run or lies inside one."""
+    for read in reads:
+        if read.is_at(path):
+            raise OutputError(f"{flag} {path}: is {read.input.describe()}; a run writes nothing over its inputs")
+        if read.holds(path):
+            raise OutputError(f"{flag} {path}: lies inside {read.input.describe()}; a run writes nothing among "
+                              f"its inputs{hint}")
+
+
 def _check_run_dir_location(run_dir: str, reads, entries) -> None:
     flag = "--checkpoint-dir"
     if not run_dir:
         raise OutputError(f"{flag}: expected a directory, got an empty path")
-    for read in reads:
-        if read.is_at(run_dir):
-            raise OutputError(f"{flag} {run_dir}: is {read.input.describe()}; a run writes nothing over its inputs")
-        if read.holds(run_dir):
-            raise OutputError(f"{flag} {run_dir}: lies inside {read.input.describe()}; a run writes nothing among "
-                              "its inputs, choose a run directory outside it")
+    _refuse_inputs(flag, run_dir, reads, ", choose a run directory outside it")
     st = _stat(run_dir)
     if st is None:
         if os.path.islink(run_dir):
@@ -390,12 +395,7 @@ def _check_run_dir_location(run_dir: str, reads, entries) -> None:
 def _check_file_location(flag: str, path: str, reads, run_dirs, entries) -> None:
     if not path:
         raise OutputError(f"{flag}: expected a file path, got an empty path")
-    for read in reads:
-        if read.is_at(path):
-            raise OutputError(f"{flag} {path}: is {read.input.describe()}; a run writes nothing over its inputs")
-        if read.holds(path):
-            raise OutputError(f"{flag} {path}: lies inside {read.input.describe()}; a run writes nothing among "
-                              "its inputs")
+    _refuse_inputs(flag, path, reads)
     st = _stat(path)
     if st is not None and not stat.S_ISREG(st.st_mode):
         raise OutputError(f"{flag} {path}: is {_kind_of(st)}; expected a file path (the file is written there)")

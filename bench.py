@@ -94,7 +94,7 @@ def run_worker(args) -> list[dict]:
     import jax
 
     import phoenix_index as index
-    from phoenix_experiment import time_calls
+    from phoenix_demos import time_calls
 
     method, n, k = args.worker, args.n, args.top_k
     start = time.perf_counter()
@@ -209,7 +209,7 @@ def run_rank_worker(args) -> list[dict]:
     """One ranking method at one C, every B, in this process (its peak RSS is this method's)."""
     import jax
 
-    from phoenix_experiment import demo_ranker_config as demo_config, time_calls
+    from phoenix_demos import demo_ranker_config as demo_config, time_calls
     from runners import ACTIONS, ModelRunner, RecsysInferenceRunner, create_example_batch
 
     method, C, S = args.rank_worker, args.c, args.history_len
@@ -480,7 +480,7 @@ def profile_ranking(C: int, S: int, B: int, rank_dtype: str, rounds: int, seed: 
     import jax
     import jax.numpy as jnp
 
-    from phoenix_experiment import demo_ranker_config as demo_config
+    from phoenix_demos import demo_ranker_config as demo_config
     from runners import ACTIONS, ModelRunner, RecsysInferenceRunner, create_example_batch
 
     cfg = demo_config(history_len=S, num_candidates=C, fprop_dtype=jnp.dtype(rank_dtype))
@@ -582,7 +582,7 @@ def device_suite(args) -> list[dict]:
     import jax.numpy as jnp
 
     import phoenix_index as index
-    from phoenix_experiment import demo_ranker_config as demo_config
+    from phoenix_demos import demo_ranker_config as demo_config
     from runners import ACTIONS, ModelRunner, RecsysInferenceRunner, create_example_batch
 
     backend = jax.default_backend()

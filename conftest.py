@@ -1,5 +1,11 @@
-"""Shared test fixtures: tiny configs and parameter trees laid out as the release's."""
+"""Shared test fixtures: tiny configs and parameter trees laid out as the release's; and one XLA
+compilation cache for the test session."""
 
+import os
+import shutil
+import tempfile
+
+import jax
 import numpy as np
 import pytest
 
@@ -8,6 +14,36 @@ from recsys_model import HashConfig, PhoenixModelConfig
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
 
 D, S, C, A = 16, 6, 4, 19  # tiny sizes keep compile times short
+
+# Set by the session that owns the cache directory; xdist workers and subprocesses find it here.
+CACHE_VARIABLE = "PHOENIX_TEST_XLA_CACHE"
+
+
+def pytest_configure(config):
+    """Most of the suite's time is XLA compiling programs that other tests, other trainers of the same
+    config and the CLI tests' subprocesses compile too: a persistent compilation cache shared by the
+    session (its xdist workers, and subprocesses through the environment) compiles each program once.
+    The directory is a fresh temporary one, removed when the session ends: no compiled program outlives
+    the run or lands in the user's home, and results never depend on an earlier run."""
+    if os.environ.get("EXPERIMENT_NO_CACHE"):
+        return
+    directory = os.environ.get(CACHE_VARIABLE)
+    if directory is None:
+        directory = tempfile.mkdtemp(prefix="phoenix-test-xla-cache-")
+        config._phoenix_xla_cache = directory  # removed by this process in pytest_unconfigure
+    settings = {"JAX_COMPILATION_CACHE_DIR": directory, CACHE_VARIABLE: directory,
+                # Every program: most are small and compile in under a second, which adds up.
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    os.environ.update(settings)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config):
+    directory = getattr(config, "_phoenix_xla_cache", None)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def tiny_transformer(**kw) -> TransformerConfig:

@@ -5,6 +5,7 @@ Shape glossary
   D  model width (emb_size)     F  feed-forward width, ffn_size(D, widening_factor)
   h  kv heads                   g  query heads per kv head (num_q_heads // num_kv_heads; H is kept for hashes)
   d  key_size (head width)      t / T  query / key positions in einsums
+  P  prefix positions, 1 + S (the keys a candidate attends to)   R  rows one attention call computes
 
 Arithmetic follows the release exactly: sandwich RMSNorms, gated-GELU feed-forward, rotary
 embeddings on queries and keys, attention logits soft-capped at 30 with tanh, float32 islands for
@@ -20,6 +21,18 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+__all__ = [
+    # the release's names (shared/phoenix-spec.md section 1)
+    "TrainingState", "ffn_size", "make_recsys_attn_mask", "MHAOutput", "DecoderOutput", "TransformerOutput",
+    "TransformerConfig", "hk_rms_norm", "Linear", "RMSNorm", "rotate_half", "RotaryEmbedding", "MultiHeadAttention",
+    "MHABlock", "DenseBlock", "DecoderLayer", "layer_norm", "Transformer",
+    # the arithmetic's constants
+    "ROPE_BASE", "ATTN_SOFT_CAP", "MASKED_LOGIT", "RMS_NORM_EPS", "FFN_MULTIPLE",
+    # the fused fast path: deferred norms, row attention over a cached prefix
+    "KVMemory", "DeferredNorm", "fused_linear", "DEFER_NORMS", "defers_norms", "pre_norm", "soft_cap", "attention",
+    "RowLayout", "rope_phases", "apply_rope", "row_attention", "PER_HEAD_MAX_KV_HEADS", "KEY_PAD_MULTIPLE",
+]
 
 ROPE_BASE = 10_000  # rotary base exponent
 ATTN_SOFT_CAP = 30.0  # logits -> SOFT_CAP * tanh(logits / SOFT_CAP)
@@ -345,14 +358,13 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # Up to this many kv heads, attention runs head by head as plain matmuls [R*g, d] x [d, P] and
 # [R*g, P] x [P, d] (batched over B only): batched dots over a head axis in the middle of the
 # layout make XLA CPU transpose queries and outputs around slow batched kernels, and
-# block-diagonal [h*d, h*P] keys waste h-fold multiply-adds. Measured (h=2, d=64, P=129, 629
-# rows, medians): einsum over heads 1.1x (B=1) and 2.2x (B=8), block-diagonal 1.0x and 1.5x
-# the per-head time.
+# block-diagonal [h*d, h*P] keys waste h-fold multiply-adds (measured: docs/speed.md, "Figures
+# behind the code's choices").
 PER_HEAD_MAX_KV_HEADS = 8
 # Prefix keys/values are padded with masked zero rows up to a multiple of this many (129 -> 136 for
 # S=128): the matmul kernels run the [R, d] x [d, P] and [R, P] x [P, d+1] products faster on an
 # aligned P; a masked key's weight is exactly 0, so outputs are unchanged (the cache keeps P rows).
-# Measured in one run (C=500, B=1, 200 interleaved calls): 5.09 ms padded vs 5.40 ms.
+# Measured: docs/speed.md, "Figures behind the code's choices".
 KEY_PAD_MULTIPLE = 8
 
 
@@ -360,7 +372,7 @@ def _self_logits(q: jax.Array, q_k: jax.Array) -> jax.Array:
     """Each row's logits with its own key: q [B, R, h, g, d] . q_k [B, R, h, d] -> [B, R, h, g].
 
     In float32 as a products-then-matmul with a 0/1 block matrix [h*g*d, h*g]: XLA CPU runs the
-    equivalent multiply-reduce as a slow reduction (measured C=500, B=8: 36.7 vs 41.1 ms per rank).
+    equivalent multiply-reduce as a slow reduction (measured: docs/speed.md).
     Other dtypes keep the einsum, whose dot accumulates the products before rounding.
     """
     B, R, h, g, d = q.shape

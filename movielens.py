@@ -1,10 +1,14 @@
-"""MovieLens ratings as Phoenix examples: loading, the leave-one-out split, baselines, top-k dumps.
+"""MovieLens as a Phoenix log: the adapter from MovieLens files to phoenix_log.Log and phoenix_split.Split.
 
-    uv run python movielens.py --download        # fetch the data once (~2 MB), then the table
-    uv run python movielens.py [--data movielens-100k|DIR] [--dump-topk PATH]
+    ratings = movielens.load_ratings("movielens-100k")   # or a directory of your own copy
+    split = movielens.movielens_split(ratings)            # the log's leave-one-out split (phoenix_split.py)
+    uv run run_train.py --data movielens-100k             # both stages, evaluated next to the baselines
 
-prints dataset statistics and the baselines' HR@10, NDCG@10, HR@50 and MRR on validation and
-test (about 1.5 s for ML-100K on one core, plus a few seconds for the one-off download).
+What is MovieLens's lives here: reading and checking its files, the download, the mapping of stars to
+Phoenix actions and of genres to authors, the recipe chosen on it (phoenix_two_stage.MOVIELENS_RECIPE)
+and the dump check against the raw files. Splits, examples, baselines and dumps are the generic data
+core's (phoenix_split.py, phoenix_evaluation.py), the same code a CSV log goes through;
+scripts/movielens_baselines.py prints the dataset's statistics and baseline table.
 
 Data
   MovieLens: F. M. Harper and J. A. Konstan, "The MovieLens Datasets: History and Context",
@@ -12,66 +16,40 @@ Data
   only and forbids redistribution, so the data is never committed here: ML-100K is read from the
   PyPI wheel recbole==1.2.1 (`recbole/dataset_example/ml-100k/ml-100k.inter` and `.item`),
   fetched with pip (that wheel only, `--no-deps`), checked against WHEEL_SHA256 and cached in
-  $PHOENIX_CACHE_DIR (default ~/.cache/phoenix). A directory of your own works too: RecBole's
-  `*.inter` / `*.item`, GroupLens's ML-100K `u.data` / `u.item`, or ML-1M `ratings.dat` /
-  `movies.dat`; the item file is optional. Every line is checked (RatingsFileError naming file,
-  line and column): ids and timestamps are non-negative integers parsed exactly as int64 (never
-  through float64, which merges ids above 2**53), ratings finite and within RATING_RANGE (a
-  `load_ratings` argument), every line has its format's number of fields.
+  $PHOENIX_CACHE_DIR (default ~/.cache/phoenix; phoenix_paths.py). A directory of your own works
+  too: RecBole's `*.inter` / `*.item`, GroupLens's ML-100K `u.data` / `u.item`, or ML-1M
+  `ratings.dat` / `movies.dat`; the item file is optional. Every line is checked (RatingsFileError
+  naming file, line and column): ids and timestamps are non-negative integers parsed exactly as
+  int64 (never through float64, which merges ids above 2**53), ratings finite and within
+  RATING_RANGE (a `load_ratings` argument), every line has its format's number of fields.
 
 Shape glossary
-  R  ratings      U  users        N  catalog items (movies with at least one rating)
-  G  genres (19)  Nm  movies with metadata
-  E  examples     S  history length      A  actions (19, phoenix_inputs.ACTIONS order)    K  top-k
+  R  ratings      N  catalog items (movies with at least one rating)
+  G  genres (19)  Nm  movies with metadata    A  actions (19, phoenix_inputs.ACTIONS order)
 
-Leave-one-out (SASRec, BERT4Rec, HSTU)
-  Each user's ratings are sorted by timestamp with a stable sort, so equal timestamps keep file
-  order (ML-100K users often rate many movies within one second). The last rating is the test
-  target, the one before it the validation target, all earlier ones train. Users with fewer than
-  MIN_EVAL_RATINGS ratings (none in ML-100K / ML-1M) only train, as in SASRec; a log where no user
-  has that many is an error. A movie rated twice by one user (none in ML-100K / ML-1M) would put a
-  target in its own history: leave_one_out rejects it, or with duplicates="first" keeps only the
-  earliest rating of each (user, movie). The history of a
-  target is the up-to-S items before it. Training examples: every position t >= 1 of a user's
-  training part. Evaluation ranks all N catalog items except every earlier item of the user (not
-  only the last S), never the target (phoenix_metrics.py has the tie rule: smaller item id first).
+Leave-one-out (SASRec, BERT4Rec, HSTU; phoenix_split.py)
+  ML-100K users often rate many movies within one second: the stable time sort keeps file order
+  for them. Every user of ML-100K / ML-1M has at least MIN_EVAL_INTERACTIONS ratings and no movie
+  is rated twice by one user; leave_one_out rejects such a repeat, or with duplicates="first" keeps
+  only the earliest rating of each (user, movie).
 
 Mapping to Phoenix inputs (phoenix_hashing.py hashes the raw ids later)
   user, post   raw MovieLens user and movie ids.
   author       the movie's genre signature: bit g of the id is set iff the movie has genre g
                (GENRES order; "unknown" is bit 0; 0 = no metadata). ML-100K has no director or
-               studio; the 216 signatures behave like creators with a recognisable style (84% of
-               movies share theirs with >= 4 others, e.g. "Comedy Romance" has 68), so the author
-               embedding pools evidence across similar movies and author-level actions mean
-               something. The alternative, the first genre ("first_genre", 19 authors with up to
-               531 movies each), is too coarse to add much; decades add little (79% are 1990s).
+               studio; genre signatures behave like creators with a recognisable style (most movies
+               share theirs with several others), so the author embedding pools evidence across
+               similar movies and author-level actions mean something. The alternative, the first
+               genre ("first_genre", 19 authors), is coarser (docs/notes.md compares them).
   actions      from the rating (RATING_ACTIONS): every rating -> click_score (the user chose
                and watched the movie); >= 4 -> favorite_score; 5 -> share_score (the strongest
                endorsement, what one recommends to friends); <= 2 -> not_interested_score. The
                other 15 actions are never set.
-  surface      SURFACE = 0 everywhere: all ratings come from one web UI and nothing in the data
-               tells pages apart. A time-gap bucket would smuggle the target's timing into the
-               candidate. Padding also has surface 0; the model masks by the post hash.
-  padding      right-padded: valid items first (oldest .. most recent), then PAD_ID (-1, phoenix_inputs.py's
-               convention) posts and authors, zero actions, surface 0.
-
-Baselines (same evaluation code; "visible" = what training may use for the split evaluated)
-  popularity   items by number of visible ratings.
-  transition   items by the count of visible consecutive pairs (user's last visible item -> item),
-               ties and unseen pairs backed off to popularity, then item id.
-  Validation sees the training parts; test also sees the validation items, i.e. everything before
-  the test targets, which is also the history the test targets get. ML-100K measured:
-                   HR@10    NDCG@10  HR@50    MRR
-    val  pop       0.0742   0.0345   0.2301   0.0333
-    val  trans     0.1432   0.0748   0.3319   0.0659
-    test pop       0.0859   0.0449   0.1983   0.0416
-    test trans     0.1453   0.0793   0.3393   0.0719
-  matching the issue's 0.086 and 0.145. Training the transition counts on the training parts only
-  gives test HR@10 0.1442; popularity's HR@10 is the same either way.
+  surface      phoenix_split.SURFACE (0) everywhere: all ratings come from one web UI and nothing in
+               the data tells pages apart. A time-gap bucket would smuggle the target's timing into
+               the candidate.
 """
 
-import argparse
-import csv
 import dataclasses
 import hashlib
 import importlib.util
@@ -82,14 +60,20 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-import phoenix_metrics as metrics
-from phoenix_inputs import ACTIONS, PAD_ID, RawBatch
+import phoenix_evaluation as evaluation
+from phoenix_inputs import ACTIONS
+from phoenix_log import Log, LogError
+from phoenix_paths import cache_dir
+from phoenix_split import LogSplit, Split, later_repeats, split_log, split_rows, time_order
+
+__all__ = ["load_ratings", "Ratings", "RatingsFileError", "WheelUnavailableError", "ensure_wheel", "leave_one_out",
+           "movielens_log", "movielens_split", "recompute_from_dump", "rating_actions", "genre_authors", "cache_dir",
+           "SOURCE_ML100K", "RATING_ACTIONS", "GENRES"]
 
 SOURCE_ML100K = "movielens-100k"
 WHEEL_REQUIREMENT = "recbole==1.2.1"
@@ -97,8 +81,6 @@ WHEEL_FILE = "recbole-1.2.1-py3-none-any.whl"
 WHEEL_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
 WHEEL_INTER = "recbole/dataset_example/ml-100k/ml-100k.inter"
 WHEEL_ITEM = "recbole/dataset_example/ml-100k/ml-100k.item"
-CACHE_ENV = "PHOENIX_CACHE_DIR"
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "phoenix"
 
 # GroupLens's genre list (u.genre order; ML-1M uses the same names without "unknown").
 GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -112,24 +94,14 @@ RATING_ACTIONS = {
     "share_score": (5.0, 5.0),
     "not_interested_score": (1.0, 2.0),
 }
-SURFACE = 0  # the one product surface of MovieLens (module docstring)
-MIN_EVAL_RATINGS = 3  # a user needs a training item, a validation and a test target
 RATING_RANGE = (1.0, 5.0)  # MovieLens stars, inclusive (ML-10M and later have half stars from 0.5)
 DUPLICATE_RULES = ("error", "first")  # leave_one_out: reject repeated (user, movie) or keep the first
 AUTHOR_SCHEMES = ("genres", "first_genre")
-SPLITS = ("train", "val", "test")
-BASELINES = ("popularity", "transition")
-EVAL_CHUNK = 1024  # users scored at once: bounds the [users, N] float64 score matrix
 
 
 # ---------------------------------------------------------------------------------------------
 # Download and parsing
 # ---------------------------------------------------------------------------------------------
-
-
-def cache_dir(path=None) -> Path:
-    """The data cache: `path`, else $PHOENIX_CACHE_DIR, else ~/.cache/phoenix."""
-    return Path(path or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
 
 
 def _sha256(path: Path) -> str:
@@ -184,7 +156,7 @@ class WheelUnavailableError(RuntimeError):
     A fetched wheel whose sha256 differs raises a plain RuntimeError instead: that is never skipped."""
 
 
-class RatingsFileError(ValueError):
+class RatingsFileError(LogError):
     """A ratings or movies file that is not in its documented format; the message names file and line."""
 
 
@@ -526,399 +498,58 @@ def genre_authors(genres, scheme: str = "genres") -> np.ndarray:
     return mask if scheme == "genres" else mask & -mask
 
 
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """Per-user time-ordered ratings (CSR layout) with leave-one-out targets; catalog = rated items."""
-
-    user_ids: np.ndarray  # [U] int64 raw ids, ascending
-    offsets: np.ndarray  # [U + 1] user u's ratings are positions offsets[u]:offsets[u + 1]
-    items: np.ndarray  # [R] int64 raw movie ids, per user oldest first
-    ratings: np.ndarray  # [R] float32
-    timestamps: np.ndarray  # [R] int64
-    item_columns: np.ndarray  # [R] int64 column of `items` in the catalog
-    train_len: np.ndarray  # [U] training positions per user (length - 2, or length if no eval)
-    has_eval: np.ndarray  # [U] bool, the user has validation and test targets
-    item_ids: np.ndarray  # [N] int64 catalog: every rated movie, ascending (= score columns)
-    item_authors: np.ndarray  # [N] int64 author id of each catalog movie
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)  # [U]
-
-    def eval_users(self) -> np.ndarray:
-        """Rows [U_eval] of the users with validation and test targets."""
-        return np.flatnonzero(self.has_eval)
-
-    def visible_len(self, which: str) -> np.ndarray:
-        """[U] number of each user's first ratings that training may use when evaluating `which`."""
-        if which == "test":  # the validation item too: everything before the test target
-            return self.train_len + self.has_eval
-        if which in ("train", "val"):
-            return self.train_len
-        raise ValueError(f"which must be one of {SPLITS}, got {which!r}")
-
-    def target_positions(self, which: str) -> tuple[np.ndarray, np.ndarray]:
-        """(user rows [E], positions [E] into `items`) of the targets of `which`."""
-        if which == "train":  # every position t >= 1 of each training part
-            counts = np.maximum(self.train_len - 1, 0)  # [U]
-            rows = np.repeat(np.arange(len(self.user_ids)), counts)  # [E]
-            first = np.cumsum(counts) - counts  # [U] index of each user's first example
-            t = np.arange(counts.sum()) - first[rows] + 1  # [E] position within the user
-            return rows, self.offsets[rows] + t
-        rows = self.eval_users()  # [E]
-        return rows, self.offsets[rows] + self.visible_len(which)[rows]
-
-    def exclude_mask(self, which: str) -> np.ndarray:
-        """[U_eval, N] bool: every item before the `which` ("val"/"test") target of each eval user."""
-        rows = self.eval_users()
-        visible = self.visible_len(which)[rows]  # [U_eval]
-        owner = np.repeat(np.arange(len(rows)), visible)  # [sum visible]
-        first = np.cumsum(visible) - visible
-        positions = self.offsets[rows][owner] + np.arange(visible.sum()) - first[owner]
-        mask = np.zeros((len(rows), len(self.item_ids)), dtype=bool)
-        mask[owner, self.item_columns[positions]] = True
-        return mask
-
-    def targets(self, which: str) -> np.ndarray:
-        """Catalog columns [E] of the targets of `which`."""
-        return self.item_columns[self.target_positions(which)[1]]
-
-    def authors_of(self, item_ids) -> np.ndarray:
-        """Author ids [...] of raw movie ids [...]; PAD_ID stays PAD_ID; unknown movies raise."""
-        item_ids = _integer_ids(item_ids, "item_ids")
-        columns = np.clip(np.searchsorted(self.item_ids, item_ids), 0, len(self.item_ids) - 1)
-        known = self.item_ids[columns] == item_ids
-        if not np.all(known | (item_ids < 0)):
-            raise ValueError(f"movies not in the catalog: {np.unique(item_ids[~known & (item_ids >= 0)])[:10]}")
-        return np.where(item_ids < 0, PAD_ID, self.item_authors[columns])
-
-
-def _integer_ids(ids, name: str) -> np.ndarray:
-    """ids as int64; floats, bools and strings raise TypeError (a cast would truncate 10.7 to 10)."""
-    ids = np.asarray(ids)
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise TypeError(f"{name}: expected integer movie ids, got dtype {ids.dtype}")
-    return ids.astype(np.int64)
-
-
-def _later_duplicates(users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """[R] bool over time-ordered ratings: True where the user already rated the item earlier."""
-    by_pair = np.lexsort((np.arange(len(users)), items, users))  # (user, item), then time order
-    repeat = np.zeros(len(users), dtype=bool)
-    repeat[1:] = (users[by_pair][1:] == users[by_pair][:-1]) & (items[by_pair][1:] == items[by_pair][:-1])
-    later = np.zeros(len(users), dtype=bool)
-    later[by_pair] = repeat
-    return later
+def _row_authors(ratings: Ratings, scheme: str) -> np.ndarray:
+    """[R] int64: the author (genre_authors) of each rating's movie; 0 for a movie without metadata."""
+    signatures = genre_authors(ratings.genres, scheme)  # [Nm]
+    rows = np.clip(np.searchsorted(ratings.item_ids, ratings.item), 0, max(len(ratings.item_ids) - 1, 0))  # [R]
+    known = (ratings.item_ids[rows] == ratings.item) if len(ratings.item_ids) else np.zeros(len(ratings.item), bool)
+    return np.where(known, signatures[rows] if len(signatures) else 0, 0).astype(np.int64)
 
 
 def leave_one_out(ratings: Ratings, author_scheme: str = "genres", duplicates: str = "error") -> Split:
-    """Stable per-user time sort; last rating = test, the one before = validation, earlier = train.
+    """phoenix_split's leave-one-out of the ratings: stable per-user time sort, last rating = test, the
+    one before = validation, earlier = train; actions from the stars (rating_actions).
 
     A movie a user rated twice would leak a target into its own history, so repeated (user, movie)
     pairs raise ValueError (duplicates="error"), or only each pair's earliest rating (time, then
-    file order) is kept (duplicates="first"). Raises ValueError if no user has MIN_EVAL_RATINGS.
+    file order) is kept (duplicates="first"). Raises ValueError if no user has MIN_EVAL_INTERACTIONS.
     """
     if author_scheme not in AUTHOR_SCHEMES:
         raise ValueError(f"author_scheme must be one of {AUTHOR_SCHEMES}, got {author_scheme!r}")
     if duplicates not in DUPLICATE_RULES:
         raise ValueError(f"duplicates must be one of {DUPLICATE_RULES}, got {duplicates!r}")
-    order = np.argsort(ratings.timestamp, kind="stable")  # ties keep file order ...
-    order = order[np.argsort(ratings.user[order], kind="stable")]  # ... and stay sorted within a user
-    later = _later_duplicates(ratings.user[order], ratings.item[order])  # [R]
+    order = time_order(ratings.user, ratings.timestamp)
+    later = later_repeats(ratings.user[order], ratings.item[order])  # [R]
     if later.any() and duplicates == "error":
         pairs = sorted({(int(ratings.user[r]), int(ratings.item[r])) for r in order[later]})
         raise ValueError(f"{ratings.source}: {int(later.sum())} ratings repeat an earlier (user, movie) pair, "
                          f"e.g. {pairs[:5]}; a repeat would put a target in its own history. Pass "
                          "duplicates='first' to keep each pair's earliest rating")
     order = order[~later]
-    user_ids, counts = np.unique(ratings.user[order], return_counts=True)  # [U]
-    has_eval = counts >= MIN_EVAL_RATINGS
-    if not has_eval.any():  # nothing to validate or test on: the baselines would fail much later
-        raise ValueError(f"{ratings.source}: no user has >= {MIN_EVAL_RATINGS} ratings (MIN_EVAL_RATINGS: a "
-                         f"training item, a validation and a test target); found max "
-                         f"{counts.max() if len(counts) else 0} over {len(user_ids)} users")
-    items = ratings.item[order]  # [R]
-    item_ids = np.unique(items)  # [N]
-    genres = np.zeros((len(item_ids), len(GENRES)), dtype=bool)  # [N, G]; no metadata -> author 0
-    meta_rows = np.searchsorted(ratings.item_ids, item_ids)  # [N]
-    with_meta = meta_rows < len(ratings.item_ids)
-    with_meta[with_meta] = ratings.item_ids[meta_rows[with_meta]] == item_ids[with_meta]
-    genres[with_meta] = ratings.genres[meta_rows[with_meta]]
-    return Split(
-        user_ids=user_ids,
-        offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        items=items,
-        ratings=ratings.rating[order],
-        timestamps=ratings.timestamp[order],
-        item_columns=np.searchsorted(item_ids, items).astype(np.int64),
-        train_len=np.where(has_eval, counts - 2, counts).astype(np.int64),
-        has_eval=has_eval,
-        item_ids=item_ids,
-        item_authors=genre_authors(genres, author_scheme),
-    )
+    return split_rows(ratings.user[order], ratings.item[order], ratings.rating[order], ratings.timestamp[order],
+                      _row_authors(ratings, author_scheme)[order], rating_actions(ratings.rating[order]),
+                      ratings.source, what="ratings")
 
 
-def phoenix_examples(split: Split, which: str = "train", history_len: int = 200,
-                     example_indices=None) -> dict:
-    """Phoenix inputs of the `which` examples (all, or those at `example_indices`) as NumPy arrays.
-
-    Keys: user_ids [E], history_post_ids / history_author_ids [E, S] int64 (PAD_ID padding),
-    history_actions [E, S, A] bool (cast to float32 per batch; batch_from_ids does), history_surfaces
-    [E, S] int32, history_len [E], target_post_ids / target_author_ids / target_columns [E],
-    target_actions [E, A] bool, target_surfaces [E], user_rows [E]. Histories hold the up-to-S items
-    right before the target, oldest first, then padding.
-    """
-    if history_len < 1:
-        raise ValueError(f"history_len: expected >= 1, got {history_len}")
-    rows, positions = split.target_positions(which)  # [E], [E]
-    if example_indices is not None:
-        rows, positions = rows[example_indices], positions[example_indices]
-    valid_len = np.minimum(positions - split.offsets[rows], history_len)  # [E]
-    slots = np.arange(history_len)[None, :]  # [1, S]
-    valid = slots < valid_len[:, None]  # [E, S]
-    history = np.where(valid, positions[:, None] - valid_len[:, None] + slots, 0)  # [E, S] positions
-    history_items = np.where(valid, split.items[history], PAD_ID)  # [E, S]
-    return {
-        "user_ids": split.user_ids[rows],
-        "user_rows": rows,
-        "history_post_ids": history_items,
-        "history_author_ids": split.authors_of(history_items),
-        "history_actions": rating_actions(split.ratings[history]) & valid[..., None],
-        "history_surfaces": np.full(history_items.shape, SURFACE, dtype=np.int32),
-        "history_len": valid_len,
-        "target_post_ids": split.items[positions],
-        "target_author_ids": split.authors_of(split.items[positions]),
-        "target_columns": split.item_columns[positions],
-        "target_actions": rating_actions(split.ratings[positions]),
-        "target_surfaces": np.full(positions.shape, SURFACE, dtype=np.int32),
-    }
+def movielens_log(ratings: Ratings, author_scheme: str = "genres") -> Log:
+    """The ratings as a phoenix_log.Log: stars -> actions (RATING_ACTIONS), a movie's genre signature ->
+    its author (genre_authors; 0 without metadata), raw ids kept, rows in file order."""
+    return Log(user=ratings.user, item=ratings.item, timestamp=ratings.timestamp,
+               actions=rating_actions(ratings.rating), author=_row_authors(ratings, author_scheme),
+               rating=ratings.rating, line=np.arange(len(ratings.user)), names={}, source=ratings.source,
+               from_file=False)
 
 
-def phoenix_batch(split: Split, examples: dict, hash_config, candidate_post_ids=None):
-    """The hashed RecsysBatch of `examples`; candidates [E, C] raw movie ids, default the targets [E, 1]."""
-    if candidate_post_ids is None:
-        candidate_post_ids = examples["target_post_ids"][:, None]  # [E, 1]
-    candidate_post_ids = _integer_ids(candidate_post_ids, "candidate_post_ids")
-    return RawBatch.with_candidates(examples, candidate_post_ids, split.authors_of(candidate_post_ids),
-                                    np.full(candidate_post_ids.shape, SURFACE, np.int32)).hashed(hash_config)
-
-
-def item_sampling_frequencies(split: Split) -> np.ndarray:
-    """Share [N] (sums to 1) of each catalog movie among training targets: q for logQ correction.
-
-    In-batch negatives are other examples' targets, so an item is sampled in proportion to how
-    often it is a training target; subtract log q from its logit (Yi et al., RecSys 2019).
-    Movies that are never a training target get 0 (they never appear as in-batch negatives).
-    """
-    counts = np.bincount(split.targets("train"), minlength=len(split.item_ids))  # [N]
-    return counts / counts.sum()
-
-
-# ---------------------------------------------------------------------------------------------
-# Baselines
-# ---------------------------------------------------------------------------------------------
-
-
-def _visible_positions(split: Split, which: str) -> np.ndarray:
-    """Boolean [R]: ratings that training may use when evaluating `which` (all users)."""
-    within = np.arange(len(split.items)) - np.repeat(split.offsets[:-1], split.lengths)  # [R]
-    return within < np.repeat(split.visible_len(which), split.lengths)
-
-
-def popularity_counts(split: Split, which: str) -> np.ndarray:
-    """Visible ratings per catalog movie [N] int64."""
-    return np.bincount(split.item_columns[_visible_positions(split, which)], minlength=len(split.item_ids))
-
-
-def transition_counts(split: Split, which: str) -> np.ndarray:
-    """[N, N] int64: visible consecutive pairs (i -> j) within users' time-ordered sequences."""
-    visible = _visible_positions(split, which)  # [R]
-    same_user = np.ones(len(split.items), dtype=bool)
-    same_user[split.offsets[1:-1]] = False  # position p pairs with p - 1 unless p starts a user
-    pair = same_user[1:] & visible[1:]  # [R - 1]; visible[p] implies visible[p - 1] in one user
-    counts = np.zeros((len(split.item_ids),) * 2, dtype=np.int64)
-    np.add.at(counts, (split.item_columns[:-1][pair], split.item_columns[1:][pair]), 1)
-    return counts
-
-
-def baseline_scores(split: Split, which: str, name: str):
-    """A function rows [u] (eval-user indices) -> scores [u, N] of baseline `name` for `which`."""
-    popularity = popularity_counts(split, which).astype(np.float64)  # [N]
-    if name == "popularity":
-        return lambda rows: np.broadcast_to(popularity, (len(rows), len(popularity)))
-    if name != "transition":
-        raise ValueError(f"name must be one of {BASELINES}, got {name!r}")
-    transitions = transition_counts(split, which)  # [N, N]
-    users = split.eval_users()
-    last = split.item_columns[split.offsets[users] + split.visible_len(which)[users] - 1]  # [U_eval]
-    # One transition outweighs any popularity gap, so popularity only breaks transition ties.
-    return lambda rows: transitions[last[rows]] * (popularity.max() + 1.0) + popularity  # [u, N]
-
-
-def evaluate_baseline(split: Split, which: str, name: str) -> dict:
-    """metrics.evaluate_scores of a baseline over all eval users (in chunks of EVAL_CHUNK)."""
-    score = baseline_scores(split, which, name)
-    exclude, target = split.exclude_mask(which), split.targets(which)  # [U_eval, N], [U_eval]
-    ranks = [metrics.target_ranks(score(rows), target[rows], exclude[rows])
-             for rows in np.array_split(np.arange(len(target)), max(1, -(-len(target) // EVAL_CHUNK)))]
-    return metrics.metrics_from_ranks(np.concatenate(ranks))
-
-
-def baseline_topk(split: Split, which: str, name: str, k: int = 10) -> np.ndarray:
-    """Raw movie ids [U_eval, K] a baseline recommends to each eval user (history excluded)."""
-    score = baseline_scores(split, which, name)
-    exclude = split.exclude_mask(which)
-    rows = np.arange(exclude.shape[0])
-    top = np.concatenate([metrics.topk_columns(score(r), k, exclude[r])
-                          for r in np.array_split(rows, max(1, -(-len(rows) // EVAL_CHUNK)))])
-    return np.where(top == metrics.NOT_RANKED, PAD_ID, split.item_ids[top])
-
-
-# ---------------------------------------------------------------------------------------------
-# Top-k dumps and their independent check
-# ---------------------------------------------------------------------------------------------
-
-
-def dump_topk(path, user_ids, topk_items) -> None:
-    """Writes CSV `user_id,item_1,...,item_K` (raw MovieLens ids) atomically: temp file, then os.replace."""
-    user_ids, topk_items = np.asarray(user_ids), np.asarray(topk_items)
-    if topk_items.ndim != 2 or user_ids.shape != topk_items.shape[:1]:
-        raise ValueError(f"need user_ids [U] and topk_items [U, K], got {user_ids.shape}, {topk_items.shape}")
-    _integer_ids(user_ids, "user_ids"), _integer_ids(topk_items, "topk_items")  # "1.0" is no movie id
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["user_id"] + [f"item_{j + 1}" for j in range(topk_items.shape[1])])
-            for user, items in zip(user_ids.tolist(), topk_items.tolist()):
-                writer.writerow([user] + items)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _read_dump(path, k: int) -> dict:
-    """{user id: first k dumped movie ids} of a `dump_topk` CSV; bad rows name the file and line."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows or not rows[0] or rows[0][0] != "user_id":
-        raise RatingsFileError(f"{path}:1: expected the header 'user_id,item_1,...', got {rows[:1]}")
-    dumped, lines = {}, {}
-    for number, row in enumerate(rows[1:], start=2):
-        if not row:
-            continue
-        try:
-            user, *top = (int(x) for x in row[:k + 1])
-        except ValueError:
-            raise RatingsFileError(f"{path}:{number}: expected integer ids, got {row[:k + 1]}") from None
-        if user in dumped:  # a second row would silently replace the first
-            raise RatingsFileError(f"{path}:{number}: user {user} already has a row on line {lines[user]}")
-        dumped[user], lines[user] = top, number
-    return dumped
+def movielens_split(ratings: Ratings) -> LogSplit:
+    """The log's leave-one-out split (phoenix_split.split_log; repeated (user, movie) pairs refused): what
+    `run_train.py --data movielens-100k` trains and evaluates on."""
+    return split_log(movielens_log(ratings), "leave-one-out", duplicates="error")
 
 
 def recompute_from_dump(path, source=SOURCE_ML100K, cache=None, k: int = 10) -> dict:
-    """HR@k and NDCG@k of a dump against test targets rebuilt from the raw ratings in plain Python.
-
-    Independent of `leave_one_out` and phoenix_metrics.py (only the file reader is shared), as a judge's
-    script would be. A movie rated twice by a user counts at its first rating (duplicates="first").
-    Users missing from the dump count as misses. Also counts dumped items that are in the user's
-    history (an unfiltered ranking) and rows with repeated items.
-    """
-    ratings = load_ratings(source, cache)
-    by_user = {}
-    for index, (user, item, stamp) in enumerate(zip(ratings.user.tolist(), ratings.item.tolist(),
-                                                    ratings.timestamp.tolist())):
-        by_user.setdefault(user, []).append((stamp, index, item))  # index: ties keep file order
-    dumped = _read_dump(path, k)
-    hits = gain = history_hits = repeated = missing = 0
-    evaluated = 0
-    for user, events in by_user.items():
-        sequence, seen = [], set()
-        for _, _, item in sorted(events):
-            if item not in seen:
-                sequence.append(item)
-                seen.add(item)
-        if len(sequence) < MIN_EVAL_RATINGS:
-            continue
-        evaluated += 1
-        target, history = sequence[-1], set(sequence[:-1])
-        if user not in dumped:
-            missing += 1
-            continue
-        top = dumped[user]
-        history_hits += sum(item in history and item != target for item in top)
-        repeated += len(set(top)) != len(top)
-        if target in top:
-            hits += 1
-            gain += 1.0 / np.log2(top.index(target) + 2)
-    if not evaluated:
-        raise ValueError(f"{ratings.source}: no user has >= {MIN_EVAL_RATINGS} ratings (MIN_EVAL_RATINGS); "
-                         "nothing to evaluate")
-    return {f"HR@{k}": hits / evaluated, f"NDCG@{k}": gain / evaluated, "num_users": evaluated,
-            "missing_users": missing, "extra_users": len(set(dumped) - set(by_user)),
-            "history_items_in_topk": history_hits, "rows_with_repeats": repeated}
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-
-def _print_stats(ratings: Ratings, split: Split, history_len: int) -> None:
-    lengths = split.lengths
-    print(f"source   {ratings.source}")
-    print(f"users {len(split.user_ids):,}  movies {len(split.item_ids):,}  ratings {len(ratings.user):,}  "
-          f"density {len(ratings.user) / (len(split.user_ids) * len(split.item_ids)):.4f}  "
-          f"authors (genre signatures) {len(np.unique(split.item_authors)):,}")
-    stars, counts = np.unique(ratings.rating, return_counts=True)
-    print("ratings  " + "  ".join(f"{s:g}: {c / counts.sum():.3f}" for s, c in zip(stars, counts)))
-    print("ratings per user: min {} median {:g} p90 {:g} max {}".format(
-        lengths.min(), np.median(lengths), np.percentile(lengths, 90), lengths.max()))
-    owner = np.repeat(np.arange(len(lengths)), lengths)  # [R] user row of each position
-    same_user = owner[1:] == owner[:-1]  # [R - 1]
-    same_second = np.mean(np.diff(split.timestamps)[same_user] == 0)
-    print(f"consecutive ratings of a user in the same second: {same_second:.3f} (stable sort keeps file order)")
-    rows, positions = split.target_positions("train")
-    truncated = np.mean(positions - split.offsets[rows] > history_len)
-    print(f"examples: train {len(rows):,} (positions t >= 1 of training parts), val and test "
-          f"{split.has_eval.sum():,} each; S={history_len} truncates {truncated:.2f} of training histories")
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--download", action="store_true", help="fetch the ML-100K wheel into the cache")
-    parser.add_argument("--data", default=SOURCE_ML100K, help=f"{SOURCE_ML100K!r} or a directory")
-    parser.add_argument("--cache-dir", default=None,
-                        help=f"download cache (default ${CACHE_ENV} or ~/.cache/phoenix)")
-    parser.add_argument("--history-len", type=int, default=200, help="S for the example statistics")
-    parser.add_argument("--duplicates", choices=DUPLICATE_RULES, default="error",
-                        help="a repeated (user, movie) rating: reject it, or keep the first (leave_one_out)")
-    parser.add_argument("--dump-topk", default=None, metavar="PATH",
-                        help="write the transition baseline's test top-10 as CSV and re-check it")
-    args = parser.parse_args(argv)
-    if args.download:
-        print(f"wheel: {ensure_wheel(args.cache_dir)}")
-    start = time.perf_counter()
-    ratings = load_ratings(args.data, args.cache_dir)
-    split = leave_one_out(ratings, duplicates=args.duplicates)
-    loaded = time.perf_counter()
-    _print_stats(ratings, split, args.history_len)
-    print(f"\n{'split':<5} {'baseline':<11} {'HR@10':>7} {'NDCG@10':>8} {'HR@50':>7} {'MRR':>7}")
-    for which in ("val", "test"):
-        for name in BASELINES:
-            m = evaluate_baseline(split, which, name)
-            print(f"{which:<5} {name:<11} {m['HR@10']:>7.4f} {m['NDCG@10']:>8.4f} {m['HR@50']:>7.4f} "
-                  f"{m['MRR']:>7.4f}")
-    if args.dump_topk:
-        dump_topk(args.dump_topk, split.user_ids[split.eval_users()], baseline_topk(split, "test", "transition"))
-        check = recompute_from_dump(args.dump_topk, args.data, args.cache_dir)
-        print(f"\ndump {args.dump_topk}: recomputed HR@10 {check['HR@10']:.4f} NDCG@10 {check['NDCG@10']:.4f}, "
-              f"history items in the dump {check['history_items_in_topk']}")
-    print(f"\nload + split {loaded - start:.2f} s, total {time.perf_counter() - start:.2f} s")
-
-
-if __name__ == "__main__":
-    main()
+    """HR@k and NDCG@k of a dump against test targets rebuilt in plain Python from the raw ratings,
+    read again from `source` (phoenix_evaluation.check_dump: independent of the split and of
+    phoenix_metrics.py, as a judge's script would be; only the file reader is shared). A movie rated
+    twice by a user counts at its first rating (duplicates="first"). Users missing from the dump count
+    as misses; dumped items in the user's history and rows with repeated items are counted."""
+    return evaluation.check_dump(path, movielens_log(load_ratings(source, cache)), k)

@@ -8,6 +8,12 @@ Shape glossary: B batch, S history, C candidates, T = 1+S+C, D width, A actions,
 
 import numpy as np
 
+__all__ = [
+    "SOFT_CAP", "RMS_EPS", "MASKED", "EPS", "INF",
+    "ffn_size", "rms_norm", "rotate_half", "rope", "gelu_tanh", "recsys_mask", "attention", "transformer",
+    "ranker_logits", "user_representation", "candidate_representation", "top_k",
+]
+
 SOFT_CAP = 30.0
 RMS_EPS = 1e-5
 MASKED = -1e30

@@ -1,4 +1,7 @@
-"""Pickle-free checkpoints: parameters, optimiser state, step and config in a directory.
+"""Pickle-free checkpoints: a directory format for parameters, optimiser state, step and JSON data.
+
+A format knows no model: the config is opaque JSON to it (phoenix_configs encodes and decodes model
+and optimiser configs), and a run's step checkpoints are phoenix_resume's.
 
 Layout of a checkpoint directory `path/`:
 
@@ -8,11 +11,11 @@ Layout of a checkpoint directory `path/`:
               `transformer/decoder_layer_0/multi_head_attention/query/w` ;
               optimiser-state arrays by `opt_state/<path>`, e.g. `opt_state/1/0/mu/phoenix_model/proj_mat_1`;
               the caller's other arrays (`aux`, e.g. a data pipeline's counters) by `aux/<path>`.
-  meta.json   format marker and version, a random save id, step, config (dataclasses as tagged
-              JSON, dtypes by name), caller's `extra` JSON, the byte size and sha256 of
-              arrays.npz, and for every array its path components, shape, logical dtype and the
-              dtype it is stored as. Its schema is checked on every read (CheckpointError naming
-              the file, the key, expected and actual).
+  meta.json   format marker and version, a random save id, step, the caller's config and `extra` (JSON
+              data, stored as given: phoenix_configs writes and reads configs), the byte size and
+              sha256 of arrays.npz, and for every array its path components, shape, logical dtype
+              and the dtype it is stored as. Its schema is checked on every read (CheckpointError
+              naming the file, the key, expected and actual).
 
 Arrays whose dtype numpy cannot store without pickle (bfloat16 and the other ml_dtypes types)
 are stored as an unsigned-integer view of the same width; meta.json records the real dtype.
@@ -50,21 +53,14 @@ import re
 import shutil
 import stat
 import time
-import typing
 import uuid
 import warnings
 import zipfile
-from types import UnionType
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import grok
-import recsys_model
-import recsys_retrieval_model
-from phoenix_optim import OptimizerConfig
 
 # Version 2 added the format marker, a save id and the sha256 of arrays.npz; version 1 still loads.
 FORMAT_VERSION = 2
@@ -82,16 +78,10 @@ RENAME_GAP_WAIT_S = 0.05
 # reads like the release's parameter listing.
 OPT_STATE_PREFIX = "opt_state/"
 AUX_PREFIX = "aux/"
-# Name of the checkpoints `step_checkpoint_path` puts in a run's directory: step-00001200.
-STEP_PATTERN = re.compile(r"step-(\d+)")
 # Steps lie in [0, MAX_STEP): a step counts optimiser steps taken, and readers keep it in an int64.
 MAX_STEP = 2**63
 # Problems listed in one mismatch error before the rest are summarised as a count.
 MAX_LISTED_PROBLEMS = 20
-# JSON tags for values that JSON has no type for.
-TYPE_TAG = "__type__"
-DTYPE_TAG = "__dtype__"
-TUPLE_TAG = "__tuple__"
 
 
 class CheckpointError(ValueError):
@@ -105,176 +95,10 @@ class Checkpoint(NamedTuple):
     params: Any  # nested dict (Haiku params) or the params template's structure
     opt_state: Any  # the template's structure, a flat {path: array} dict without one, or None
     step: int
-    config: Any  # the saved config, dataclasses rebuilt; None if none was saved
+    config: Any  # the saved config as JSON data (as decode_config returns it, if given); None if none was saved
     extra: Any  # the caller's JSON `extra`, or None
     meta: dict  # meta.json as read
     aux: Any = None  # the caller's `aux` arrays as nested dicts, or None if none were saved
-
-
-# --------------------------------------------------------------------------- configs as JSON
-
-
-def _known_config_types() -> dict[str, type]:
-    return {
-        cls.__name__: cls
-        for cls in (
-            grok.TransformerConfig,
-            recsys_model.HashConfig,
-            recsys_model.PhoenixModelConfig,
-            recsys_retrieval_model.PhoenixRetrievalModelConfig,
-            OptimizerConfig,
-        )
-    }
-
-
-def _is_dtype_like(value) -> bool:
-    """True for np.dtype instances and scalar types such as jnp.bfloat16 or np.float32."""
-    if isinstance(value, np.dtype):
-        return True
-    if isinstance(value, type) and not dataclasses.is_dataclass(value):
-        try:
-            np.dtype(value)
-        except TypeError:
-            return False
-        return value not in (int, float, bool, complex, str, bytes, object)
-    return False
-
-
-def config_to_dict(config, _where: str = "config"):
-    """Encodes a config (nested dataclasses, dtypes, tuples, dicts, scalars) as JSON-ready data.
-
-    Dataclasses become `{"__type__": class name, field: value, ...}` (fields with init=False are
-    derived state and are left out); dtypes such as `jnp.bfloat16` become `{"__dtype__": "bfloat16"}`.
-    """
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        out = {TYPE_TAG: type(config).__name__}
-        for field in dataclasses.fields(config):
-            if field.init:
-                out[field.name] = config_to_dict(getattr(config, field.name), f"{_where}.{field.name}")
-        return out
-    if config is None or isinstance(config, (bool, int, float, str)):
-        return config
-    if _is_dtype_like(config):
-        return {DTYPE_TAG: np.dtype(config).name}
-    if isinstance(config, tuple):
-        return {TUPLE_TAG: [config_to_dict(v, f"{_where}[{i}]") for i, v in enumerate(config)]}
-    if isinstance(config, list):
-        return [config_to_dict(v, f"{_where}[{i}]") for i, v in enumerate(config)]
-    if isinstance(config, dict):
-        if not all(isinstance(k, str) for k in config):
-            raise TypeError(f"{_where}: dict keys must be strings to be stored as JSON")
-        return {k: config_to_dict(v, f"{_where}.{k}") for k, v in config.items()}
-    if isinstance(config, (np.integer, np.floating, np.bool_)):
-        return config.item()
-    raise TypeError(f"{_where}: a {type(config).__name__} cannot be stored in a JSON config")
-
-
-def _dtype_from_name(name: str):
-    """`jnp.<name>` where it exists, so `fprop_dtype=jnp.bfloat16` round-trips to the same object."""
-    value = getattr(jnp, name, None)
-    if value is not None and _is_dtype_like(value):
-        return value
-    return np.dtype(name)
-
-
-def _field_type_problem(hint, value) -> str | None:
-    """Why `value` does not fit a simple field type (int, float, bool, str, a config dataclass, or
-    Optional of one); None when it fits or when the hint is none of these (e.g. Any for dtypes)."""
-    if typing.get_origin(hint) in (typing.Union, UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        rest = [a for a in args if a is not type(None)]
-        if len(rest) != 1:
-            return None
-        hint = rest[0]
-    if hint is bool:
-        fits = isinstance(value, bool)
-    elif hint is int:
-        fits = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        fits = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif hint is str:
-        fits = isinstance(value, str)
-    elif dataclasses.is_dataclass(hint):
-        fits = isinstance(value, hint)
-    else:
-        return None
-    return None if fits else f"expected {hint.__name__}, got {_short(value)}"
-
-
-def _check_config_types(types, name: str) -> None:
-    if not isinstance(types, (tuple, list)) or not all(
-            isinstance(cls, type) and dataclasses.is_dataclass(cls) for cls in types):
-        raise TypeError(f"{name}: expected a tuple of dataclass types, got {_short(types)}")
-
-
-def config_from_dict(data, extra_types=()):
-    """Inverse of `config_to_dict`. Dataclass types are looked up by name among the model configs
-    (TransformerConfig, HashConfig, PhoenixModelConfig, PhoenixRetrievalModelConfig) and
-    `extra_types`; fields missing from `data` take their defaults. Unknown types or fields, values
-    of the wrong type for int/float/bool/str/config fields and malformed tags raise ValueError
-    naming the location (e.g. `config.model.emb_size`)."""
-    known = _known_config_types()
-    _check_config_types(extra_types, "extra_types")
-    known.update({cls.__name__: cls for cls in extra_types})
-
-    def decode(value, where):
-        if isinstance(value, list):
-            return [decode(v, f"{where}[{i}]") for i, v in enumerate(value)]
-        if not isinstance(value, dict):
-            return value
-        if DTYPE_TAG in value:
-            name = value[DTYPE_TAG]
-            if len(value) != 1 or not isinstance(name, str):
-                raise ValueError(f"{where}: expected {{{DTYPE_TAG!r}: dtype name}}, got {_short(value)}")
-            try:
-                return _dtype_from_name(name)
-            except TypeError:
-                raise ValueError(f"{where}: unknown dtype {name!r}") from None
-        if TUPLE_TAG in value:
-            items = value[TUPLE_TAG]
-            if len(value) != 1 or not isinstance(items, list):
-                raise ValueError(f"{where}: expected {{{TUPLE_TAG!r}: [items]}}, got {_short(value)}")
-            return tuple(decode(v, f"{where}[{i}]") for i, v in enumerate(items))
-        if TYPE_TAG in value:
-            name = value[TYPE_TAG]
-            if not isinstance(name, str):
-                raise ValueError(f"{where}.{TYPE_TAG}: expected a class name, got {_short(name)}")
-            if name not in known:
-                raise ValueError(f"{where}: unknown config type {name!r}; pass it in extra_types")
-            cls = known[name]
-            init_fields = {f.name for f in dataclasses.fields(cls) if f.init}
-            kwargs = {k: decode(v, f"{where}.{k}") for k, v in value.items() if k != TYPE_TAG}
-            unknown = sorted(set(kwargs) - init_fields)
-            if unknown:
-                raise ValueError(f"{where}: config type {name} has no field(s) {unknown}")
-            try:
-                hints = typing.get_type_hints(cls)
-            except Exception:  # unresolvable annotations: leave the checks to the class itself
-                hints = {}
-            for k, v in kwargs.items():
-                problem = _field_type_problem(hints.get(k), v)
-                if problem:
-                    raise ValueError(f"{where}.{k} ({name}): {problem}")
-            try:
-                return cls(**kwargs)
-            except (TypeError, ValueError) as e:  # a required field missing, __post_init__ checks
-                raise ValueError(f"{where}: cannot build {name}: {e}") from None
-        return {k: decode(v, f"{where}.{k}") for k, v in value.items()}
-
-    return decode(data, "config")
-
-
-def config_to_json(config, indent: int | None = 2) -> str:
-    """A config (PhoenixModelConfig, PhoenixRetrievalModelConfig, HashConfig, TransformerConfig,
-    or any nesting of dataclasses/dicts of them) as a JSON string."""
-    return json.dumps(config_to_dict(config), indent=indent, sort_keys=True)
-
-
-def config_from_json(text: str, extra_types=()):
-    """Inverse of `config_to_json`."""
-    return config_from_dict(json.loads(text), extra_types=extra_types)
 
 
 # --------------------------------------------------------------------------- pytrees <-> flat arrays
@@ -396,24 +220,6 @@ def _check_entry(meta_path: str, key: str, path, entry) -> None:
         bad(".stored_as", f"{stored_as!r} (how {dtype.name} is stored)", _short(entry["stored_as"]))
 
 
-def _check_config_tags(meta_path: str, value, where: str = "config") -> None:
-    """Tagged config values are well formed (decoding them may still fail on an unknown type)."""
-    if isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_config_tags(meta_path, v, f"{where}[{i}]")
-    elif isinstance(value, dict):
-        if DTYPE_TAG in value and (len(value) != 1 or not isinstance(value[DTYPE_TAG], str)):
-            raise CheckpointError(f"{meta_path}: {where}: expected {{{DTYPE_TAG!r}: dtype name}}, "
-                                  f"got {_short(value)}")
-        if TUPLE_TAG in value and (len(value) != 1 or not isinstance(value[TUPLE_TAG], list)):
-            raise CheckpointError(f"{meta_path}: {where}: expected {{{TUPLE_TAG!r}: [items]}}, got {_short(value)}")
-        if TYPE_TAG in value and not isinstance(value[TYPE_TAG], str):
-            raise CheckpointError(f"{meta_path}: {where}.{TYPE_TAG}: expected a class name, "
-                                  f"got {_short(value[TYPE_TAG])}")
-        for k, v in value.items():
-            _check_config_tags(meta_path, v, f"{where}.{k}")
-
-
 def _check_meta(meta, meta_path: str) -> dict:
     """meta.json's schema, for every format version this code reads; returns `meta`."""
     if not isinstance(meta, dict):
@@ -461,14 +267,13 @@ def _check_meta(meta, meta_path: str) -> dict:
                 if keys[:i] in nested:
                     raise CheckpointError(f"{meta_path}: {key!r}: array {'/'.join(keys)!r} lies inside "
                                           f"array {'/'.join(keys[:i])!r}")
-    _check_config_tags(meta_path, meta.get("config"))
     return meta
 
 
 # --------------------------------------------------------------------------- paths a save may use
 
 
-def _checked_path(path, for_save: bool = False) -> str:
+def checked_path(path, for_save: bool = False) -> str:
     """`path` as an absolute str. Refuses "" (not the working directory), and for a save also
     paths that name no entry of their own (".", "..", "/"): a save replaces the entry it names."""
     try:
@@ -489,7 +294,7 @@ def _orphan_match(entry: str, name: str, kind: str):
     return re.fullmatch(rf"\.{re.escape(name)}\.{kind}-(?:(\d+)-)?[A-Za-z0-9_]+", entry)
 
 
-def _why_not_ours(path: str, complete: bool = True) -> str | None:
+def why_not_ours(path: str, complete: bool = True) -> str | None:
     """None if `path` is absent, an empty directory, or a directory that looks written by a save:
     only arrays.npz and meta.json, both regular files, meta.json valid and ours. Otherwise why not.
     `complete=False` accepts a save's unfinished temporary directory (meta.json missing or partial)."""
@@ -529,7 +334,7 @@ def _save_target(path: str) -> str:
     target = os.path.realpath(path)
     if os.path.islink(target):
         raise CheckpointError(f"{path}: is a symlink that does not resolve (a loop?); refusing to save through it")
-    problem = _why_not_ours(target)
+    problem = why_not_ours(target)
     if problem:
         shown = path if target == path else f"{path} (-> {target})"
         raise CheckpointError(f"{shown}: {problem}; refusing to overwrite what is not a Phoenix checkpoint. "
@@ -549,10 +354,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_orphans(parent: str, name: str) -> None:
-    """Deletes the `.name.tmp-*` / `.name.old-*` directories of this path that killed saves left,
-    once a new save is in place: only those that look like ours, and not the temporary
-    directories of a save still running (its pid is alive)."""
+def remove_leftovers(parent: str, name: str) -> None:
+    """Deletes the `.name.tmp-*` / `.name.old-*` directories that killed saves of the checkpoint
+    `parent/name` left, once a new save is in place: only those that look like ours, and not the
+    temporary directories of a save still running (its pid is alive)."""
     try:
         entries = os.listdir(parent)
     except OSError:
@@ -563,7 +368,7 @@ def _remove_orphans(parent: str, name: str) -> None:
         if tmp and tmp.group(1) is not None and _pid_alive(int(tmp.group(1))):
             continue
         try:
-            ours = (tmp or old) and _why_not_ours(full, complete=bool(old)) is None
+            ours = (tmp or old) and why_not_ours(full, complete=bool(old)) is None
         except OSError:  # unreadable: not ours to judge, and the save itself succeeded
             continue
         if ours:
@@ -636,7 +441,7 @@ def _move_aside(target: str, parent: str, name: str) -> str | None:
         return None
     aside = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:16]}")
     os.rename(target, aside)
-    problem = _why_not_ours(aside)
+    problem = why_not_ours(aside)
     if problem:
         os.rename(aside, target)
         raise CheckpointError(f"{target}: changed while being saved over and now {problem}; left it as it is")
@@ -686,7 +491,9 @@ def check_json(value, name: str) -> None:
             active.discard(id(x))
             return
         hint = ""
-        if isinstance(x, (np.ndarray, jax.Array)):
+        if dataclasses.is_dataclass(x):
+            hint = " (encode configs with phoenix_configs.config_to_dict)"
+        elif isinstance(x, (np.ndarray, jax.Array)):
             hint = " (convert it with .tolist(), or pass arrays as `aux`)"
         elif isinstance(x, np.generic):
             hint = " (convert it with .item())"
@@ -699,18 +506,20 @@ def check_json(value, name: str) -> None:
 
 
 def save_checkpoint(path, params, opt_state=None, step=0, config=None, extra=None, aux=None) -> str:
-    """Writes params (and optionally optimiser state, step, config, JSON `extra` and `aux`, a
+    """Writes params (and optionally optimiser state, step, JSON `config` and `extra`, and `aux`, a
     pytree of other arrays) to the directory `path`, atomically replacing the Phoenix checkpoint
-    there, if any. Returns the absolute path.
+    there, if any. Returns the absolute path. `config` is stored as given: encode dataclass configs
+    with phoenix_configs.config_to_dict (a Trainer's save does).
 
     Refuses (CheckpointError, nothing written or moved) a `path` holding anything else: a file, a
     non-empty directory that is not a checkpoint (see the module docstring). A failed write
     raises OSError naming the path and leaves the previous checkpoint as it was. `step` must be
-    an int in [0, 2**63) and `extra` JSON data (`check_json`), else ValueError / TypeError naming
-    them, before anything is written.
+    an int in [0, 2**63) and `config` and `extra` JSON data (`check_json`), else ValueError /
+    TypeError naming them, before anything is written.
     """
-    given = _checked_path(path, for_save=True)
+    given = checked_path(path, for_save=True)
     step = check_step(step)
+    check_json(config, "config")
     check_json(extra, "extra")
     target = _save_target(given)
     parent, name = os.path.dirname(target), os.path.basename(target)
@@ -721,7 +530,7 @@ def save_checkpoint(path, params, opt_state=None, step=0, config=None, extra=Non
         "format_version": FORMAT_VERSION,
         "save_id": uuid.uuid4().hex,
         "step": step,
-        "config": None if config is None else config_to_dict(config),
+        "config": config,
         "extra": extra,
         "params": _describe_tree(params, "", arrays, "parameter"),
         "opt_state": None if opt_state is None else _describe_tree(opt_state, OPT_STATE_PREFIX, arrays,
@@ -760,13 +569,13 @@ def save_checkpoint(path, params, opt_state=None, step=0, config=None, extra=Non
             raise _os_error(e, f"saving checkpoint {given} failed, the previous one (if any) is kept: {e}") from e
         raise
     if aside is not None:
-        if _why_not_ours(aside) is None:
+        if why_not_ours(aside) is None:
             shutil.rmtree(aside, ignore_errors=True)
         else:  # someone wrote into it since it was checked: theirs now
             warnings.warn(f"{aside}: the previous checkpoint of {given} was changed during the save; left in place",
                           stacklevel=2)
     # Directories of earlier saves that were killed are superseded by the one just written.
-    _remove_orphans(parent, name)
+    remove_leftovers(parent, name)
     return given
 
 
@@ -1002,7 +811,7 @@ def _read_checkpoint(fd: int, path: str, params_template, opt_state_template, ig
 
 
 def load_checkpoint(path, params_template=None, opt_state_template=None, ignore_unexpected=False,
-                    config_types=()) -> Checkpoint:
+                    decode_config=None) -> Checkpoint:
     """Reads a checkpoint written by `save_checkpoint`.
 
     With `params_template` / `opt_state_template` (any pytree whose leaves have .shape and .dtype,
@@ -1012,13 +821,18 @@ def load_checkpoint(path, params_template=None, opt_state_template=None, ignore_
     as nested dicts and optimiser state as a flat {path: array} dict; `aux` arrays always come
     back as nested dicts. With `ignore_unexpected`,
     parameters absent from the template are skipped instead of raising (e.g. loading a trainer
-    checkpoint, which also holds the hash tables, into a model-only template). `config_types`:
-    dataclasses besides the model configs that the saved config may contain (config_from_dict).
+    checkpoint, which also holds the hash tables, into a model-only template).
+
+    The config comes back as the JSON data it was saved as; `decode_config`, a function of that
+    data (e.g. phoenix_configs.config_from_dict, which rebuilds model and optimiser configs), is
+    applied to it when given, and a ValueError it raises becomes a CheckpointError naming meta.json.
     Truncated, corrupted or mismatched files and malformed meta.json raise CheckpointError (a
     ValueError) naming the file; a load concurrent with saves returns one whole save.
     """
-    path = _checked_path(path)
-    _check_config_types(config_types, "config_types")
+    path = checked_path(path)
+    if decode_config is not None and not callable(decode_config):
+        raise TypeError(f"decode_config: expected a function of the config's JSON data (e.g. "
+                        f"phoenix_configs.config_from_dict) or None, got {type(decode_config).__name__}")
     for name, template in (("params_template", params_template), ("opt_state_template", opt_state_template)):
         if template is not None:
             _check_template(template, name)
@@ -1036,11 +850,11 @@ def load_checkpoint(path, params_template=None, opt_state_template=None, ignore_
         opt_state = jax.tree_util.tree_unflatten(treedef, [opt_values[p] for p, _, _ in flat])
 
     config = meta.get("config")
-    if config is not None:
+    if config is not None and decode_config is not None:
         try:
-            config = config_from_dict(config, extra_types=config_types)
-        except ValueError as e:  # e.g. a config type this caller did not pass in config_types
-            warnings.warn(f"{path}: config left as JSON data: {e}", stacklevel=2)
+            config = decode_config(config)
+        except ValueError as e:  # e.g. a config type the decoder does not know
+            raise CheckpointError(f"{os.path.join(path, META_FILE)}: {e}") from None
     return Checkpoint(params=params, opt_state=opt_state, step=meta["step"], config=config,
                       extra=meta.get("extra"), meta=meta, aux=aux)
 
@@ -1048,102 +862,30 @@ def load_checkpoint(path, params_template=None, opt_state_template=None, ignore_
 def read_meta(path) -> dict:
     """The schema-checked meta.json of a checkpoint directory (or of the copy an interrupted save
     left aside)."""
-    return _read_consistently(_checked_path(path), lambda fd, d: _read_meta(os.path.join(d, META_FILE), fd))
+    return _read_consistently(checked_path(path), lambda fd, d: _read_meta(os.path.join(d, META_FILE), fd))
 
 
-def load_config(path, config_types=()):
-    """The config saved in a checkpoint, as dataclasses (e.g. {"model": PhoenixModelConfig, ...}).
-    A missing or undecodable config raises CheckpointError naming the file and the location."""
-    _check_config_types(config_types, "config_types")
-    meta = read_meta(path)
-    meta_path = os.path.join(_checked_path(path), META_FILE)
-    if meta.get("config") is None:
-        raise CheckpointError(f"{meta_path}: no config saved in this checkpoint")
-    try:
-        return config_from_dict(meta["config"], extra_types=config_types)
-    except ValueError as e:
-        raise CheckpointError(f"{meta_path}: {e}") from None
+__all__ = ["ARRAYS_FILE", "FORMAT_VERSION", "META_FILE", "MAX_STEP", "READABLE_VERSIONS", "Checkpoint",
+           "CheckpointError", "check_json", "check_step", "checked_path", "load_checkpoint", "read_meta",
+           "remove_leftovers", "save_checkpoint", "why_not_ours"]
 
 
-class CheckpointInfo(NamedTuple):
-    """What `describe_checkpoint` returns."""
+# --------------------------------------------------------------------------- names that moved out
 
-    kind: str | None  # "ranker", "retrieval", or None when no model config was saved
-    model_config_type: str | None  # e.g. "PhoenixModelConfig"
-    step: int
-    format_version: int
-    save_id: str | None  # None for version-1 checkpoints
-
-
-# Model config type -> the kind of model a checkpoint holds.
-MODEL_KINDS = {"PhoenixModelConfig": "ranker", "PhoenixRetrievalModelConfig": "retrieval"}
-
-
-def describe_checkpoint(path) -> CheckpointInfo:
-    """The kind of model a checkpoint holds (from the type of its saved config, or of the config's
-    "model" entry as a Trainer saves it), with its step and save id; reads meta.json only."""
-    meta = read_meta(path)
-    config = meta.get("config")
-    if isinstance(config, dict) and TYPE_TAG not in config:
-        config = config.get("model")
-    type_name = config.get(TYPE_TAG) if isinstance(config, dict) else None
-    return CheckpointInfo(kind=MODEL_KINDS.get(type_name), model_config_type=type_name, step=meta["step"],
-                          format_version=meta["format_version"], save_id=meta.get("save_id"))
+# Names this module held before it became a format that knows no model, and where they live now.
+_MOVED = {
+    **dict.fromkeys(("config_to_dict", "config_from_dict", "config_to_json", "config_from_json", "TYPE_TAG",
+                     "DTYPE_TAG", "TUPLE_TAG"), "phoenix_configs"),
+    "load_config": "phoenix_configs (as load_checkpoint_config)",
+    **dict.fromkeys(("step_checkpoint_path", "list_step_checkpoints", "prune_step_checkpoints", "STEP_PATTERN"),
+                    "phoenix_resume"),
+    **dict.fromkeys(("describe_checkpoint", "CheckpointInfo", "MODEL_KINDS"), "runners"),
+}
 
 
-# --------------------------------------------------------------------------- a run's step checkpoints
-
-
-def step_checkpoint_path(directory, step: int) -> str:
-    """`directory/step-00001200`: where a run keeps its checkpoint of `step` (zero-padded, so
-    that names sort by step)."""
-    return os.path.join(_checked_path(directory), f"step-{check_step(step):08d}")
-
-
-def list_step_checkpoints(directory) -> list[tuple[int, str]]:
-    """(step, path) of the step checkpoints in `directory`, oldest first; none if it is missing.
-    Only directories that a save renamed into place carry a step name (a save in progress or
-    killed leaves a `.step-N.tmp-*` sibling instead), so each listed one is complete unless
-    damaged after its save (a load then raises CheckpointError)."""
-    directory = _checked_path(directory)
-    try:
-        entries = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    found = []
-    for entry in entries:
-        match = STEP_PATTERN.fullmatch(entry)
-        if match and os.path.isdir(os.path.join(directory, entry)):
-            found.append((int(match.group(1)), os.path.join(directory, entry)))
-    return sorted(found)
-
-
-def prune_step_checkpoints(directory, keep: int) -> list[str]:
-    """Deletes all but the `keep` (>= 1) newest step checkpoints of `directory`, and the leftovers
-    of saves and prunes that were killed there. Call it once a save is complete, so that the newest
-    checkpoint is never deleted before its successor is in place. A checkpoint is first renamed to
-    `.step-N.del-*` and then deleted, so a prune killed midway leaves no half-deleted checkpoint
-    under a step name (the next prune finishes it). Returns the paths deleted."""
-    if isinstance(keep, (bool, np.bool_)) or not isinstance(keep, (int, np.integer)) or keep < 1:
-        raise ValueError(f"keep: expected an int >= 1 (the newest checkpoint is always kept), got {keep!r}")
-    keep = int(keep)
-    directory = _checked_path(directory)
-    deleted = []
-    for _, path in list_step_checkpoints(directory)[:-keep]:
-        if _why_not_ours(path) is not None:
-            continue  # not written by a save (or damaged): not ours to delete
-        doomed = os.path.join(directory, f".{os.path.basename(path)}.del-{uuid.uuid4().hex[:16]}")
-        os.rename(path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
-        deleted.append(path)
-    for entry in os.listdir(directory):
-        match = re.fullmatch(r"\.(step-\d+)\.(tmp|old|del)-.*", entry)
-        if match is None:
-            continue
-        name, kind = match.groups()
-        full = os.path.join(directory, entry)
-        if kind == "del" and _orphan_match(entry, name, "del") and _why_not_ours(full, complete=False) is None:
-            shutil.rmtree(full, ignore_errors=True)  # a prune killed while deleting it
-        elif kind != "del":
-            _remove_orphans(directory, name)  # skips the temporary directories of live saves
-    return deleted
+def __getattr__(name: str):
+    """Points a caller of a name that moved out of this module to its new home."""
+    if name in _MOVED:
+        raise AttributeError(f"phoenix_checkpoint.{name} moved to {_MOVED[name]}: a checkpoint stores configs as "
+                             f"opaque JSON and knows no model")
+    raise AttributeError(f"module 'phoenix_checkpoint' has no attribute {name!r}")

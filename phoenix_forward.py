@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from phoenix_inputs import (DEFAULT_INIT_STDDEV, TABLE_MODULE, HashConfig, HashEmbeddings, RecsysBatch,
                             RecsysEmbeddings, embed)
 
+__all__ = ["ModelForward", "both_towers", "Call"]
+
 
 def both_towers(model, batch: RecsysBatch, embeddings):
     """A retrieval model's (user [B, D], candidates [B, C, D], candidate_mask [B, C]), float32."""

@@ -42,6 +42,16 @@ import numpy as np
 
 from phoenix_validation import check_number
 
+__all__ = [
+    # constants
+    "PAD_HASH", "MAX_TABLE_SIZE", "MAX_HASH_SEED", "ID_TYPE_SALTS",
+    # the hash family (NumPy and jittable JAX)
+    "split_ids", "split_ids_jax", "hash_seeds", "check_table_size", "multi_hash", "hash_ids", "hash_ids_jax",
+    "hash_user_ids", "hash_post_ids", "hash_author_ids",
+    # collisions
+    "expected_collision_share", "colliding_mask", "collision_report",
+]
+
 
 # Hash value (= table row) of padding. Row 0 of every table is never read for a valid id.
 PAD_HASH = 0

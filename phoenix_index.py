@@ -17,7 +17,7 @@ Shape glossary
   N  corpus size                   K  top-k
   R  corpus rows per chunk         W  rows per block (the unit of the block-max pre-selection)
   Nb  blocks kept per user (min(K, number of blocks))
-  P  devices (corpus shards)       n  corpus rows per shard
+  Nd devices (corpus shards)       Nl corpus rows one device searches (N, or N / Nd per shard)
 
 How the exact search keeps the contract (`CorpusIndex`; docs/index.md has the proofs):
   1. Scan: score the corpus in chunks of R rows inside one jitted `fori_loop` with a fast float32
@@ -56,7 +56,7 @@ across hosts. Each host only has to hold its own rows: build the global array wi
 `jax.make_array_from_process_local_data(sharding, local_rows)` (or
 `jax.make_array_from_callback`, reading only the addressable shards) instead of passing the
 whole corpus to the constructor; the search is unchanged: every device computes a per-shard
-top-k, an `all_gather` moves only [P, B, K] scores and indices, and every host ends with the
+top-k, an `all_gather` moves only [Nd, B, K] scores and indices, and every host ends with the
 same merged global top-k. `corpus_post_ids` must then be the full id table on every host (ids
 are small) or be mapped by the caller.
 """
@@ -74,6 +74,17 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from phoenix_validation import INF, check_array, check_number, check_top_k, values_enabled
+
+__all__ = [
+    # the indexes and their scores
+    "CorpusIndex", "ShardedCorpusIndex", "FaissIndex", "exact_scores", "aligned_empty", "auto_block_size",
+    "auto_chunk_size", "SCORE_LIMIT", "STAGES", "TRACE_COUNTS", "DEFAULT_NPROBE", "CPU_ALIGNMENT_BYTES",
+    # tuning constants (docs/index.md's lab notes; tests patch some)
+    "SCORE_PRECISION", "HUGE_PAGE_MIN_BYTES", "CHUNK_BYTES", "MAX_UNCHUNKED_BATCH", "TRANSPOSED_SCAN_MIN_BATCH",
+    "DIRECT_ROWS_PER_K", "SAMPLE_STRIDE", "SAMPLE_MIN_ROWS_PER_K", "BLOCK_COST_RATIO", "COARSE_MIN_ROWS",
+    "COPY_CHUNK_ROWS", "COARSE_CHUNK_BYTES", "COARSE_EXTRA_BLOCKS_FRACTION", "COARSE_MIN_EXTRA_BLOCKS", "MAX_ROUNDS",
+    "CANONICAL_CHUNK_BYTES",
+]
 
 # Full float32 products in the scan: GPUs may otherwise round f32 matmul inputs to TF32, and the
 # error band (module doc, step 1) assumes float32 arithmetic.
@@ -117,7 +128,7 @@ SAMPLE_STRIDE = 16
 SAMPLE_MARGIN_SD = 4.0
 SAMPLE_MIN_ROWS_PER_K = 8
 # Block size W balances top_k over N/W block maxima against gathering Nb * W rows of D floats:
-# cost ~ a * N / W + b * K * W * D, minimised at W = sqrt(N / (K * D) * a / b), a / b measured ~ 8.
+# cost ~ a * N / W + b * K * W * D, minimised at W = sqrt(N / (K * D) * a / b); a / b as measured (docs/index.md).
 BLOCK_COST_RATIO = 8.0
 MAX_BLOCK_SIZE = 64
 # Coarse pass (CorpusIndex): block maxima from a bfloat16 copy of the corpus, half the bytes the
@@ -646,7 +657,7 @@ def _mask_scores(scores, row_ids, mask_rows, num_valid):
 
 def _local_top_k(user, corpus, mask, num_valid, max_row_norm, coarse=None, coarse_error=None, *, top_k,
                  chunk_size, block_size, float32_chunk_size=None):
-    """Exact top-k over `corpus` [n, D] (module doc) -> ((indices [B, K'], scores [B, K']), stage).
+    """Exact top-k over `corpus` [Nl, D] (module doc) -> ((indices [B, K'], scores [B, K']), stage).
 
     K' = min(top_k, n); scores are `exact_scores`'. Rows >= `num_valid` (a traced scalar, or None =
     all rows) are padding. max_row_norm: a scalar >= the largest row norm of `corpus`. coarse,
@@ -688,14 +699,14 @@ def _local_top_k(user, corpus, mask, num_valid, max_row_norm, coarse=None, coars
 
     def float32_pass():
         block_max = _block_maxima(user, corpus, mask, num_valid, chunk_size=float32_chunk_size or chunk_size,
-                                  block_size=W)  # [B, n / W]
+                                  block_size=W)  # [B, Nl / W]
         *chosen, fits = select(block_max, _float32_band(user_norm, max_row_norm, dim))
         return lax.cond(fits, lambda: (*chosen, STAGES.index("float32")), canonical_pass)
 
     if coarse is None:
         blocks, kept, cut, stage = float32_pass()
     else:
-        block_max = _block_maxima(user, coarse, mask, num_valid, chunk_size=chunk_size, block_size=W)  # [B, n / W]
+        block_max = _block_maxima(user, coarse, mask, num_valid, chunk_size=chunk_size, block_size=W)  # [B, Nl / W]
         *chosen, fits = select(block_max, _coarse_band(user_norm, coarse_error, max_row_norm, dim))
         blocks, kept, cut, stage = lax.cond(fits, lambda: (*chosen, STAGES.index("coarse")), float32_pass)
     return _refine_in_rounds(user, corpus, blocks, kept, cut, mask, num_valid, row_band, top_k=top_k,
@@ -728,7 +739,7 @@ def _refine_in_rounds(user, corpus, blocks, kept, cut, mask, num_valid, row_band
 
 
 def _row_top_k(user, corpus, mask, num_valid, max_row_norm, *, top_k, chunk_size):
-    """`_local_top_k` with W = 1 (the direct plan): float32 matmul scores [B, n], and the band argument
+    """`_local_top_k` with W = 1 (the direct plan): float32 matmul scores [B, Nl], and the band argument
     of `_select_blocks` over rows. The top K plus a few rows (ROW_EXTRA_*) by those scores are
     gathered and given the canonical score; if more rows lie within 2e of the K-th score, or the band
     is not a number, or K plus the extra rows reach N, the canonical scores of every row (in chunks)
@@ -739,14 +750,14 @@ def _row_top_k(user, corpus, mask, num_valid, max_row_norm, *, top_k, chunk_size
 
     def canonical_pass():
         R = _canonical_chunk_size(user.shape[0], n, dim, 1)
-        exact = _block_maxima(user, corpus, mask, num_valid, chunk_size=R, block_size=1, canonical=True)  # [B, n]
+        exact = _block_maxima(user, corpus, mask, num_valid, chunk_size=R, block_size=1, canonical=True)  # [B, Nl]
         top_scores, top_rows = lax.top_k(exact, K)  # [B, K]
         return (top_rows.astype(jnp.int32), top_scores), STAGES.index("canonical")
 
     if S >= n:
         return canonical_pass()
     band = _float32_band(_norm_bound(user)[:, None], max_row_norm, dim)  # [B, 1]
-    approx = _block_maxima(user, corpus, mask, num_valid, chunk_size=chunk_size, block_size=1)  # [B, n]
+    approx = _block_maxima(user, corpus, mask, num_valid, chunk_size=chunk_size, block_size=1)  # [B, Nl]
     top_approx, rows = lax.top_k(approx, S)  # [B, S]
     lowest = jnp.min(jnp.where(jnp.arange(S) < K, top_approx, jnp.inf), axis=1, keepdims=True)  # [B, 1] = L
     needed = top_approx >= lowest - 2 * band  # [B, S]
@@ -763,7 +774,7 @@ def _row_top_k(user, corpus, mask, num_valid, max_row_norm, *, top_k, chunk_size
 
 
 def _select_blocks(block_max, band, *, top_k, slots, capacity):
-    """The blocks that can hold a top-k row, from block maxima [B, n / W] each within `band` [B, 1] of
+    """The blocks that can hold a top-k row, from block maxima [B, Nl / W] each within `band` [B, 1] of
     its block's canonical maximum (module doc, step 2) -> (blocks [B, capacity] in index order, kept
     [B, capacity] (False: unused, pointed at block 0), cut [B], whether they fit).
 
@@ -778,7 +789,7 @@ def _select_blocks(block_max, band, *, top_k, slots, capacity):
     """
     num_blocks = block_max.shape[1]
     Nb = min(top_k, num_blocks)
-    dropped = _drop_hopeless(block_max, Nb, margin=2 * band)  # [B, n / W]
+    dropped = _drop_hopeless(block_max, Nb, margin=2 * band)  # [B, Nl / W]
     # The best `slots` blocks, best first; blocks 2e below a verified guess at the Nb-th set aside first.
     top_max, top_blocks = lax.top_k(dropped, slots)  # [B, slots]
     # L as a min over top_k's whole output (XLA CPU keeps its fast top-k kernel only then).
@@ -795,8 +806,8 @@ def _select_blocks(block_max, band, *, top_k, slots, capacity):
         return order, in_slots
 
     def from_all():  # every needed block, the lowest indices first (num_blocks - index, largest first)
-        needed_all = dropped >= lowest - 2 * band  # [B, n / W]
-        rank = jnp.where(needed_all, num_blocks - jnp.arange(num_blocks), 0)  # [B, n / W]
+        needed_all = dropped >= lowest - 2 * band  # [B, Nl / W]
+        rank = jnp.where(needed_all, num_blocks - jnp.arange(num_blocks), 0)  # [B, Nl / W]
         order = num_blocks - lax.top_k(rank, capacity)[0]  # [B, capacity]; num_blocks where unused
         fits = jnp.all(jnp.isfinite(band)) & jnp.all(jnp.sum(needed_all, axis=1) <= capacity)
         return order, fits
@@ -807,7 +818,7 @@ def _select_blocks(block_max, band, *, top_k, slots, capacity):
 
 
 def _drop_hopeless(x, k, margin=None):
-    """x [B, n] with entries that cannot be among their row's k largest set to PAD_SCORE.
+    """x [B, Nl / W] (block maxima) with entries that cannot be among their row's k largest set to PAD_SCORE.
 
     margin: None, or [B, 1] >= 0: keep also the entries within `margin` of the k-th largest.
 
@@ -832,7 +843,7 @@ def _drop_hopeless(x, k, margin=None):
 
 
 def _block_maxima(user, corpus, mask, num_valid, *, chunk_size, block_size, canonical=False):
-    """Step 1: max score of every block of W rows, [B, ceil(n / W)], scanning R rows at a time.
+    """Step 1: max score of every block of W rows, [B, ceil(Nl / W)], scanning R rows at a time.
 
     `corpus` may be the coarse copy (bfloat16 bits): each chunk is widened to float32 as it is scored.
     canonical: score with `_canonical` (exact maxima) instead of a float32 matmul.
@@ -957,7 +968,7 @@ class ShardedCorpusIndex(_Index):
     module doc; no coarse pass).
 
     Each device runs `CorpusIndex`'s algorithm on its shard, an `all_gather` collects the P
-    per-shard [B, K] results, and one `top_k` over [B, P * K] (shards in corpus order, each
+    per-shard [B, K] results, and one `top_k` over [B, Nd * K] (shards in corpus order, each
     sorted with ties in index order) merges them. Scores are `exact_scores`', which do not
     depend on the shard, so results are identical to one device and to brute force.
     A jax.Array already sharded as `NamedSharding(mesh, P(axis_name, None))` with N divisible
@@ -993,7 +1004,7 @@ class ShardedCorpusIndex(_Index):
         else:
             per_shard = -(-self.num_rows // self.num_shards)
             self.shard_rows = -(-per_shard // SHARD_ROW_MULTIPLE) * SHARD_ROW_MULTIPLE
-            self.corpus_embeddings = self._place(corpus_embeddings, sharding)  # [P * n, D]
+            self.corpus_embeddings = self._place(corpus_embeddings, sharding)  # [Nd * Nl, D]
         self.max_row_norm = _check_finite_device(self.corpus_embeddings)  # [] device scalar
         self._max_row_norm = float(self.max_row_norm)
 
@@ -1039,16 +1050,16 @@ def _sharded_top_k(user, corpus, mask, max_row_norm, *, mesh, axis_name, num_row
     TRACE_COUNTS["sharded"] += 1
     shard_rows = corpus.shape[0] // mesh.shape[axis_name]
     if mask is not None:
-        mask = jnp.pad(mask, (0, corpus.shape[0] - num_rows))  # [P * n]; padding is PAD_SCORE anyway
+        mask = jnp.pad(mask, (0, corpus.shape[0] - num_rows))  # [Nd * Nl]; padding is PAD_SCORE anyway
 
     def per_shard(user, corpus, mask, max_row_norm):
         offset = lax.axis_index(axis_name) * shard_rows
         padded = corpus.shape[0] * mesh.shape[axis_name] > num_rows
         num_valid = jnp.clip(num_rows - offset, 0, shard_rows) if padded else None
         (idx, scores), _ = _local_top_k(user, corpus, mask, num_valid, max_row_norm, top_k=top_k,
-                                        chunk_size=chunk_size, block_size=block_size)  # [B, K'] each, K' = min(K, n)
-        idx = lax.all_gather(idx + offset, axis_name, axis=1, tiled=True)  # [B, P * K']
-        scores = lax.all_gather(scores, axis_name, axis=1, tiled=True)  # [B, P * K']
+                                        chunk_size=chunk_size, block_size=block_size)  # [B, K'] each, K' = min(K, Nl)
+        idx = lax.all_gather(idx + offset, axis_name, axis=1, tiled=True)  # [B, Nd * K']
+        scores = lax.all_gather(scores, axis_name, axis=1, tiled=True)  # [B, Nd * K']
         top_scores, pos = lax.top_k(scores, top_k)  # [B, K]
         return jnp.take_along_axis(idx, pos, axis=1), top_scores
 
@@ -1060,7 +1071,7 @@ def _sharded_top_k(user, corpus, mask, max_row_norm, *, mesh, axis_name, num_row
         max_row_norm = jax.reshard(max_row_norm, NamedSharding(mesh, PartitionSpec()))
         if mask is not None:
             mask = jax.reshard(mask, NamedSharding(mesh, rows))
-    # Every device merges the same gathered [B, P * K'] arrays, so the outputs are replicated;
+    # Every device merges the same gathered [B, Nd * K'] arrays, so the outputs are replicated;
     # shard_map cannot infer that through all_gather, hence check_vma=False.
     return jax.shard_map(per_shard, mesh=mesh, in_specs=in_specs, out_specs=(PartitionSpec(), PartitionSpec()),
                          check_vma=False)(user, corpus, mask, max_row_norm)

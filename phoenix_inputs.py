@@ -22,6 +22,17 @@ from phoenix_hashing import (MAX_HASH_SEED, MAX_TABLE_SIZE, PAD_HASH, check_tabl
                              hash_post_ids, hash_user_ids)
 from phoenix_validation import check_actions, check_array, check_int, check_number, values_enabled
 
+__all__ = [
+    # the release's batch types and names
+    "HashConfig", "RecsysBatch", "RecsysEmbeddings", "ACTIONS",
+    "create_dummy_batch_from_config", "create_dummy_embeddings_from_config", "create_example_batch",
+    "create_example_corpus", "ACTION_PROBABILITY",
+    # raw ids -> hashed batches
+    "PAD_ID", "RawBatch", "batch_from_ids",
+    # hash embedding tables
+    "HashEmbeddings", "embed", "lookup", "TABLE_MODULE", "DEFAULT_INIT_STDDEV",
+]
+
 PAD_ID = -1  # raw id of a padded position: every negative id is padding and hashes to 0
 TABLE_MODULE = "hash_embeddings"  # HashEmbeddings' module name: the parameters under it are the tables
 

@@ -1,7 +1,7 @@
-"""Interaction logs: read a CSV (or arrays), check every value, and split it for evaluation.
+"""Interaction logs: read a CSV (or arrays) and check every value; phoenix_split.py splits the result.
 
     log = phoenix_log.read_csv("log.csv")     # or phoenix_log.from_arrays({"user_id": ..., ...})
-    split = phoenix_log.split_log(log)         # chronological leave-one-out
+    split = phoenix_split.split_log(log)       # chronological leave-one-out
 
 Input
   A CSV with a header line (stdlib csv: quoting works; --delimiter for TSV): user_id, item_id,
@@ -33,28 +33,11 @@ Actions (the Phoenix labels of an interaction)
   Recipe.score_action.
 
 
-Duplicates and ties
-  Each user's interactions are sorted by timestamp with a stable sort: equal timestamps keep file
-  order. A (user, item) pair seen again later would put a target in its own history, so by
-  default only its earliest interaction is kept (the count of dropped rows is printed; exact
-  duplicate lines are such repeats); duplicates="error" (--duplicates error) refuses them,
-  naming both lines.
-
-
-Splits (movielens.Split, so the baselines, metrics and dumps of movielens.py apply unchanged)
-  leave-one-out  last interaction = test target, second to last = validation, earlier = training
-                 (users with fewer than 3 interactions only train).
-  time           a global cut T (--cut-time, or the --cut-quantile of all timestamps): training
-                 and every history use interactions before T only; a user's test target is their
-                 first (new) item at or after T, the validation target their last item before T;
-                 users without 2 interactions before T and one after only train (on those before).
-  Options of the other protocol are refused, not ignored (cut_time / cut_quantile with leave-one-out).
-  Evaluation ranks every catalog item except the user's earlier ones (never the target).
+Duplicates, ties and splits: phoenix_split.py (a Log keeps every row in input order).
 
 
 Shape glossary
-  R  interactions   U  users (evaluated users: one target each)   N  catalog items
-  E  examples   S  history length   A  actions (19)
+  R  interactions   A  actions (19)
 """
 
 import csv
@@ -72,24 +55,24 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-import movielens as ml
-from phoenix_inputs import ACTIONS, PAD_ID
+from phoenix_inputs import ACTIONS
+
+__all__ = ["Log", "LogError", "Columns", "read_csv", "read_log", "from_arrays", "check_log_path", "string_id",
+           "check_rating_actions", "DEFAULT_RATING_ACTIONS", "COLUMN_FLAGS", "AUTO_COLUMN_NAMES", "STDIN"]
 
 NUM_ACTIONS = len(ACTIONS)
 INTERACTION_ACTION = "click_score"  # set by every row: the user chose the item
 # A rating column's default meaning: MovieLens stars (movielens.RATING_ACTIONS), every row a click.
 DEFAULT_RATING_ACTIONS = {"click_score": (-math.inf, math.inf), "favorite_score": (4.0, math.inf),
                           "share_score": (5.0, math.inf), "not_interested_score": (-math.inf, 2.0)}
-SPLIT_PROTOCOLS = ("leave-one-out", "time")
-DUPLICATE_RULES = ("first", "error")
-DEFAULT_CUT_QUANTILE = 0.9  # time split: the last ~10% of interactions are after the cut
 _INT64_MAX = np.iinfo(np.int64).max
 STDIN = "-"  # read_csv / read_log / --data: the log on standard input
 STDIN_SOURCE = "<stdin>"
 
 
-class LogError(ml.RatingsFileError):
-    """An interaction log that cannot be trained on; the message names the file (or input), line and column."""
+class LogError(ValueError):
+    """Data that cannot be trained on (a log, a dataset's files, a dump); the message names the file (or
+    input), line and column. Dataset adapters derive theirs from it (movielens.RatingsFileError)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,160 +480,3 @@ def read_log(path, columns: Columns = Columns(), rating_actions: Mapping = DEFAU
     """read_csv, after check_log_path's errors (a missing path, a directory, a device)."""
     check_log_path(path)
     return read_csv(path, columns, rating_actions, delimiter)
-
-
-# ---------------------------------------------------------------------------------------------
-# Splits
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class LogSplit(ml.Split):
-    """movielens.Split of a Log (items and users keep their raw ids), plus what a Split lacks:
-    each position's actions and log row, and the log itself (for original ids in dumps)."""
-
-    actions: np.ndarray  # [R, A] bool, per position
-    rows: np.ndarray  # [R] the log row of each position
-    log: Log
-    protocol: str = "leave-one-out"
-
-
-def _time_order(log: Log) -> np.ndarray:
-    """Log rows [R] sorted by user, then timestamp; ties keep input order (stable sorts)."""
-    order = np.argsort(log.timestamp, kind="stable")
-    return order[np.argsort(log.user[order], kind="stable")]
-
-
-def _repeats(log: Log, order: np.ndarray) -> np.ndarray:
-    """[R] bool over `order`: True where the (user, item) pair already occurred earlier in it."""
-    by_pair = np.lexsort((np.arange(len(order)), log.item[order], log.user[order]))
-    same = np.zeros(len(order), bool)
-    same[1:] = ((log.user[order][by_pair][1:] == log.user[order][by_pair][:-1])
-                & (log.item[order][by_pair][1:] == log.item[order][by_pair][:-1]))
-    repeat = np.zeros(len(order), bool)
-    repeat[by_pair] = same
-    return repeat
-
-
-def _time_cut(log: Log, order: np.ndarray, cut) -> tuple[np.ndarray, np.ndarray]:
-    """(kept rows in `order`'s order, raw ids of the users whose last kept row is their test target)."""
-    t = log.timestamp[order]
-    users, starts, counts = np.unique(log.user[order], return_index=True, return_counts=True)  # [U]
-    owner = np.repeat(np.arange(len(users)), counts)  # [R]
-    before = t < cut  # [R]; within a user, rows before the cut come first
-    num_before = np.bincount(owner, weights=before, minlength=len(users)).astype(np.int64)  # [U]
-    evaluated = (num_before >= ml.MIN_EVAL_RATINGS - 1) & (num_before < counts)  # [U] history + a target
-    first_after = np.zeros(len(order), bool)
-    first_after[(starts + num_before)[evaluated]] = True
-    return order[before | first_after], users[evaluated]
-
-
-def check_split_options(protocol: str, cut_time=None, cut_quantile=None) -> None:
-    """ValueError naming the option for a split's options that do not apply to `protocol` or clash:
-    cut_time / cut_quantile belong to protocol "time", and one of them is the cut."""
-    if protocol not in SPLIT_PROTOCOLS:
-        raise ValueError(f"protocol: expected one of {SPLIT_PROTOCOLS}, got {protocol!r}")
-    given = {name: value for name, value in (("cut_time", cut_time), ("cut_quantile", cut_quantile))
-             if value is not None}
-    if protocol != "time" and given:
-        name, value = next(iter(given.items()))
-        raise ValueError(f"{name}: applies to protocol 'time' only, got {name}={value!r} with protocol {protocol!r} "
-                         f"(--{name.replace('_', '-')} needs --split time)")
-    if len(given) == 2:
-        raise ValueError(f"cut_time and cut_quantile: give one of them (the cut), got cut_time={cut_time!r} and "
-                         f"cut_quantile={cut_quantile!r}")
-    if cut_quantile is not None and not 0.0 < cut_quantile < 1.0:
-        raise ValueError(f"cut_quantile: expected a number in (0, 1), got {cut_quantile!r}")
-    if cut_time is not None and not (isinstance(cut_time, (int, float, np.integer, np.floating))
-                                     and not isinstance(cut_time, bool) and math.isfinite(cut_time)):
-        raise ValueError(f"cut_time: expected a finite number (same unit as the timestamps), got {cut_time!r}")
-
-
-def split_log(log: Log, protocol: str = "leave-one-out", duplicates: str = "first", cut_time=None,
-              cut_quantile: Optional[float] = None, stream=None) -> LogSplit:
-    """The log as a LogSplit: leave-one-out or a global time cut (module docstring)."""
-    if protocol not in SPLIT_PROTOCOLS:
-        raise ValueError(f"protocol: expected one of {SPLIT_PROTOCOLS}, got {protocol!r}")
-    if duplicates not in DUPLICATE_RULES:
-        raise ValueError(f"duplicates: expected one of {DUPLICATE_RULES}, got {duplicates!r}")
-    check_split_options(protocol, cut_time, cut_quantile)
-    order = _time_order(log)
-    repeat = _repeats(log, order)
-    if repeat.any():
-        r = order[_first_bad(~repeat)]
-        earlier = order[np.flatnonzero((log.user[order] == log.user[r]) & (log.item[order] == log.item[r]))[0]]
-        if duplicates == "error":
-            raise LogError(f"{log.at(r)}: user {log.token('user', log.user[r])!r} and item "
-                           f"{log.token('item', log.item[r])!r} already at {log.at(earlier)} ({int(repeat.sum())} "
-                           "such repeats): a repeat would put a target in its own history; pass "
-                           "duplicates='first' (--duplicates first) to keep each pair's earliest interaction")
-        print(f"{log.source}: dropped {int(repeat.sum())} repeated (user, item) interactions, keeping each pair's "
-              f"earliest (e.g. {log.at(r)} repeats {log.at(earlier)})", file=sys.stderr if stream is None else stream)
-        order = order[~repeat]
-    evaluated = None
-    if protocol == "time":
-        if cut_time is None:
-            quantile = DEFAULT_CUT_QUANTILE if cut_quantile is None else cut_quantile
-            cut_time = np.quantile(log.timestamp, quantile, method="higher")
-        order, evaluated = _time_cut(log, order, cut_time)
-        if len(evaluated) == 0:
-            raise LogError(f"{log.source}: no user has {ml.MIN_EVAL_RATINGS - 1} interactions before the time cut "
-                           f"{cut_time} and one at or after it: nothing to evaluate (move the cut)")
-    # Rows already in (user, time) order with distinct timestamps 0..R-1: leave_one_out keeps the
-    # order, so position p of its Split is row order[p] of the log.
-    ratings = ml.Ratings(user=log.user[order], item=log.item[order], rating=np.zeros(len(order), np.float32),
-                         timestamp=np.arange(len(order), dtype=np.int64), item_ids=np.zeros(0, np.int64),
-                         titles=np.zeros(0, object), years=np.zeros(0, np.int32),
-                         genres=np.zeros((0, len(ml.GENRES)), bool), source=log.source)
-    split = ml.leave_one_out(ratings)
-    rows = order[split.timestamps]  # [R]
-    fields = {f.name: getattr(split, f.name) for f in dataclasses.fields(ml.Split)}
-    items, first = np.unique(log.item, return_index=True)  # one author per item (checked by Log)
-    fields.update(ratings=np.zeros(len(rows), np.float32) if log.rating is None else log.rating[rows],
-                  timestamps=log.timestamp[rows],
-                  item_authors=log.author[first][np.searchsorted(items, split.item_ids)])
-    if evaluated is not None:  # only users with a target after the cut are evaluated
-        has_eval = np.isin(split.user_ids, evaluated)
-        fields.update(has_eval=has_eval, train_len=np.where(has_eval, split.lengths - 2, split.lengths))
-    return LogSplit(**fields, actions=log.actions[rows], rows=rows, log=log, protocol=protocol)
-
-
-def describe(split: LogSplit) -> str:
-    """One line of statistics: users, items, interactions, examples, id kinds."""
-    kinds = ", ".join(f"{kind} ids {'strings (hashed)' if kind in split.log.names else 'integers'}"
-                      for kind in ("user", "item"))
-    return (f"{split.log.source}: {len(split.user_ids):,} users ({int(split.has_eval.sum()):,} evaluated), "
-            f"{len(split.item_ids):,} items, {len(split.items):,} interactions, "
-            f"{len(split.target_positions('train')[0]):,} training examples, {split.protocol} split; {kinds}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Phoenix examples
-# ---------------------------------------------------------------------------------------------
-
-
-def histories(split: LogSplit, rows, ends, history_len: int) -> dict:
-    """History fields of users `rows` [E] whose history is the up-to-S positions before `ends` [E]."""
-    valid_len = np.minimum(ends - split.offsets[rows], history_len)  # [E]
-    slots = np.arange(history_len)[None, :]  # [1, S]
-    valid = slots < valid_len[:, None]  # [E, S]
-    history = np.where(valid, ends[:, None] - valid_len[:, None] + slots, 0)  # [E, S] positions
-    items = np.where(valid, split.items[history], PAD_ID)  # [E, S]
-    return {"user_ids": split.user_ids[rows], "user_rows": rows, "history_post_ids": items,
-            "history_author_ids": split.authors_of(items),
-            "history_actions": split.actions[history] & valid[..., None],
-            "history_surfaces": np.full(items.shape, ml.SURFACE, dtype=np.int32), "history_len": valid_len}
-
-
-def phoenix_examples(split: LogSplit, which: str = "train", history_len: int = 200, example_indices=None) -> dict:
-    """movielens.phoenix_examples with the log's actions: the same keys, shapes and order."""
-    if history_len < 1:
-        raise ValueError(f"history_len: expected >= 1, got {history_len}")
-    rows, positions = split.target_positions(which)  # [E], [E]
-    if example_indices is not None:
-        rows, positions = rows[example_indices], positions[example_indices]
-    examples = histories(split, rows, positions, history_len)
-    examples.update(target_post_ids=split.items[positions], target_author_ids=split.authors_of(split.items[positions]),
-                    target_columns=split.item_columns[positions], target_actions=split.actions[positions],
-                    target_surfaces=np.full(positions.shape, ml.SURFACE, dtype=np.int32))
-    return examples

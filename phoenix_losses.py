@@ -15,6 +15,15 @@ import numpy as np
 from phoenix_validation import (check_array, check_at_least_one, check_binary, check_finite, check_number,
                                 check_range)
 
+__all__ = [
+    # ranking
+    "ranking_loss", "ranking_loss_terms", "RankingLossTerms", "listwise_loss", "sigmoid_cross_entropy",
+    "check_ranking_targets", "check_action_weights",
+    # retrieval
+    "retrieval_loss", "retrieval_loss_terms", "RetrievalLossTerms", "check_retrieval_targets", "check_temperature",
+    "DEFAULT_TEMPERATURE", "MASKED_LOGIT",
+]
+
 # A finite stand-in for -inf on masked softmax logits: exp() underflows to exactly 0, and unlike
 # -inf it never produces inf - inf = NaN in a row whose entries are all masked.
 MASKED_LOGIT = -1e9

@@ -3,7 +3,7 @@ Spearman correlation, recall@K of a positive, and the recall of an approximate t
 
 Shape glossary
   U  users (one held-out target each)      N  items, as columns 0..N-1 of a score matrix
-  K  width of a top-k list                 n  scored examples
+  K  width of a top-k list                 E  scored examples
 
 Protocol (SASRec, Kang & McAuley 2018; BERT4Rec; HSTU): every user has one target item; all N
 items are ranked except those the caller excludes (the user's history), and the target is never
@@ -21,6 +21,14 @@ and would give the target rank 0.
 """
 
 import numpy as np
+
+__all__ = [
+    # leave-one-out ranking metrics
+    "target_ranks", "topk_columns", "ranks_in_topk", "metrics_from_ranks", "evaluate_scores", "evaluate_rankings",
+    "NOT_RANKED", "HR_CUTOFFS", "NDCG_CUTOFF",
+    # other metrics
+    "auc", "rankdata", "spearman", "recall_at_k", "topk_recall",
+]
 
 # `ranks_in_topk` writes this where the target is not in the list.
 NOT_RANKED = -1
@@ -144,7 +152,7 @@ def evaluate_rankings(topk_items, target) -> dict:
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC of scores [n] against binary labels [n] (Mann-Whitney, ties count half); NaN if one class."""
+    """ROC AUC of scores [E] against binary labels [E] (Mann-Whitney, ties count half); NaN if one class."""
     scores, labels = np.asarray(scores, np.float64).ravel(), np.asarray(labels).ravel() > 0
     if scores.shape != labels.shape:
         raise ValueError(f"labels: expected {scores.size} values (one per score), got {labels.size}")
@@ -188,10 +196,10 @@ def spearman(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def recall_at_k(scores: np.ndarray, positives: np.ndarray, k: int) -> float:
-    """Share of rows whose positive (index [n]) is among the k best of scores [n, N]; a tie with the
+    """Share of rows whose positive (index [E]) is among the k best of scores [E, N]; a tie with the
     positive counts against it."""
-    positive_score = scores[np.arange(len(positives)), positives]  # [n]
-    better = (scores >= positive_score[:, None]).sum(axis=1) - 1  # [n] others scoring at least as high
+    positive_score = scores[np.arange(len(positives)), positives]  # [E]
+    better = (scores >= positive_score[:, None]).sum(axis=1) - 1  # [E] others scoring at least as high
     return float(np.mean(better < k))
 
 

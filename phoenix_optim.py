@@ -1,11 +1,12 @@
 """Optimiser machinery: AdamW with a warmup / cosine schedule, and sparse updates of hash tables.
 
 Shape glossary
-  M  rows of a hash table   D  embedding size   K  distinct rows a batch looks up in one table
+  M  rows of a hash table   D  embedding size
+  Mb rows of one table a batch looks up: 1 + its lookups (distinct rows, then 0s)
 
 Large tables. A table of M rows costs M*D*4 bytes; AdamW keeps two more copies (first and
 second moments), and a dense gradient would be one more: 4x, or 6 GB for three 1M x 128 tables,
-with every step reading and writing all of it (~5 s per step on a 2-core CPU). By default
+with every step reading and writing all of it (timings: docs/notes.md). By default
 (`OptimizerConfig.sparse_table_updates`) the step differentiates with respect to the rows the
 batch looks up only, and gathers/scatters those rows of the tables and their moments: no dense
 gradient, and a step costs the same with 1M-row tables as with 1k-row ones. AdamW on tables then
@@ -24,6 +25,15 @@ import optax
 
 from phoenix_inputs import TABLE_MODULE, RecsysBatch
 from phoenix_validation import check_number
+
+__all__ = [
+    # the optimiser
+    "OptimizerConfig", "make_optimizer", "learning_rate_schedule", "clip_by_global_norm", "rowwise_adagrad",
+    "RowwiseAdagradState", "ROWWISE_ADAGRAD_EPS",
+    # sparse hash-table updates
+    "split_tables", "compact_table_lookups", "table_optimizer_init", "sparse_table_update", "LazyAdamState",
+    "TABLE_FIELDS", "TABLE_SIZE_FIELDS",
+]
 
 # Added under the square root of row-wise Adagrad, as in FBGEMM's default.
 ROWWISE_ADAGRAD_EPS = 1e-8
@@ -54,8 +64,8 @@ class OptimizerConfig:
     table_optimizer: str = "adamw"
     table_learning_rate: Optional[float] = None  # None = learning_rate; scheduled like it
     # Update only the table rows the batch looks up (gradient, moments and rows gathered and
-    # scattered back), so a step costs O(rows used), not O(table size): ~20x faster steps with
-    # 1M-row tables. AdamW then becomes "lazy" Adam (TF LazyAdam, torch SparseAdam): rows not in
+    # scattered back), so a step costs O(rows used), not O(table size) (measured with 1M-row tables:
+    # docs/notes.md). AdamW then becomes "lazy" Adam (TF LazyAdam, torch SparseAdam): rows not in
     # the batch keep their moments and do not drift on stale momentum. Row-wise Adagrad is
     # unchanged by it (a zero-gradient row gets a zero update either way). False: dense updates
     # of whole tables through optax, the reference this path is tested against.
@@ -210,16 +220,16 @@ def split_tables(params) -> tuple[dict, dict]:
 def compact_table_lookups(batch: RecsysBatch) -> tuple[RecsysBatch, dict]:
     """Renumbers each table's hashes to positions in the sorted list of the rows the batch uses.
 
-    Returns (batch with renumbered hashes, {table name: rows [K]}), K = 1 + number of lookups
+    Returns (batch with renumbered hashes, {table name: rows [Mb]}), Mb = 1 + number of lookups
     (static). rows[0] = 0 (padding keeps position 0, so padding stays padding); then the distinct
-    hash values, ascending; then 0s filling up to K. Looking up position p of `table[rows]` equals
+    hash values, ascending; then 0s filling up to Mb. Looking up position p of `table[rows]` equals
     looking up hash rows[p] of `table`.
     """
     replaced, rows = {}, {}
     for table, fields in TABLE_FIELDS.items():
         hashes = [getattr(batch, f) for f in fields]
-        flat = jnp.concatenate([jnp.zeros(1, jnp.int32)] + [h.reshape(-1).astype(jnp.int32) for h in hashes])  # [K]
-        unique, inverse = jnp.unique(flat, size=flat.shape[0], fill_value=0, return_inverse=True)  # [K], [K]
+        flat = jnp.concatenate([jnp.zeros(1, jnp.int32)] + [h.reshape(-1).astype(jnp.int32) for h in hashes])  # [Mb]
+        unique, inverse = jnp.unique(flat, size=flat.shape[0], fill_value=0, return_inverse=True)  # [Mb], [Mb]
         inverse = inverse.reshape(-1)[1:]
         offset = 0
         for field, h in zip(fields, hashes, strict=True):
@@ -243,7 +253,7 @@ def table_optimizer_init(config: OptimizerConfig, tables):
 
 def sparse_table_update(config: OptimizerConfig, tables, state, rows: dict, row_grads, step):
     """Updates only `rows` (from compact_table_lookups) of each table, given gradients
-    `row_grads` {module: {table: [K, D]}} for `table[rows]` (already clipped) and `step` updates
+    `row_grads` {module: {table: [Mb, D]}} for `table[rows]` (already clipped) and `step` updates
     done so far. Same arithmetic per row as the dense optax path (AdamW without decay, bias
     correction by the global step, or row-wise Adagrad). Returns (tables, state)."""
     peak = config.learning_rate if config.table_learning_rate is None else config.table_learning_rate
@@ -253,25 +263,25 @@ def sparse_table_update(config: OptimizerConfig, tables, state, rows: dict, row_
     new_state = jax.tree.map(lambda x: x, state)  # a copy of the containers, filled below
     for module, named in tables.items():
         for name, table in named.items():
-            index = rows[name]  # [K]
-            real = index != 0  # [K]: padding and fill entries are not written back
-            write = jnp.where(real, index, table.shape[0])  # [K]; out of range -> dropped
-            grad = row_grads[module][name]  # [K, D]
+            index = rows[name]  # [Mb]
+            real = index != 0  # [Mb]: padding and fill entries are not written back
+            write = jnp.where(real, index, table.shape[0])  # [Mb]; out of range -> dropped
+            grad = row_grads[module][name]  # [Mb, D]
 
             def scatter(target, values, write=write):
                 return target.at[write].set(values, mode="drop", unique_indices=True)
 
             if config.table_optimizer == "adamw":
-                mu = config.b1 * state.mu[module][name][index] + (1 - config.b1) * grad  # [K, D]
+                mu = config.b1 * state.mu[module][name][index] + (1 - config.b1) * grad  # [Mb, D]
                 nu = config.b2 * state.nu[module][name][index] + (1 - config.b2) * jnp.square(grad)
                 mu_hat = mu / (1 - config.b1 ** count).astype(mu.dtype)
                 nu_hat = nu / (1 - config.b2 ** count).astype(nu.dtype)
-                step_rows = -rate * (mu_hat / (jnp.sqrt(nu_hat) + config.eps))  # [K, D]
+                step_rows = -rate * (mu_hat / (jnp.sqrt(nu_hat) + config.eps))  # [Mb, D]
                 new_state.mu[module][name] = scatter(state.mu[module][name], mu)
                 new_state.nu[module][name] = scatter(state.nu[module][name], nu)
             else:
-                acc = state.accumulators[module][name][index] + jnp.mean(jnp.square(grad), axis=1)  # [K]
-                step_rows = -rate * grad / jnp.sqrt(acc + ROWWISE_ADAGRAD_EPS)[:, None]  # [K, D]
+                acc = state.accumulators[module][name][index] + jnp.mean(jnp.square(grad), axis=1)  # [Mb]
+                step_rows = -rate * grad / jnp.sqrt(acc + ROWWISE_ADAGRAD_EPS)[:, None]  # [Mb, D]
                 new_state.accumulators[module][name] = scatter(state.accumulators[module][name], acc)
             new_tables[module][name] = scatter(table, table[index] + step_rows)
     return new_tables, new_state

@@ -1,26 +1,27 @@
 """Train Phoenix on your own interaction log: a CSV (or a dict of arrays) in, evaluated checkpoints out.
 
-    uv run run_train.py --data LOG.csv [--user-col U --item-col I --time-col T --rating-col R]
-                        [--dump-topk top10.csv] [--plot] [--overwrite] [--checkpoint-dir DIR]
-                        [--split time --cut-quantile 0.9]   # every Recipe field is a flag too
-
     import phoenix_pipeline as pipeline
     log = pipeline.read_csv("log.csv")               # or pipeline.from_arrays({"user_id": ..., ...})
     split = pipeline.split_log(log)                  # chronological leave-one-out
     result = pipeline.run(split, pipeline.Recipe(), "runs/mine")   # both stages, best checkpoints, table
     pipeline.recommend(result, split, "u17")         # retrieve + re-rank for one user
 
-Prints on stderr each stage's progress (phoenix_training.fit: step, loss, steps/s, ETA) and its
+    uv run run_train.py --data LOG.csv [--dump-topk top10.csv] [--plot]   # the same from the command line
+
+`run` prints on stderr each stage's progress (phoenix_training.fit: step, loss, steps/s, ETA) and its
 validation HR@10 / NDCG@10; on stdout a markdown table of HR@10, NDCG@10, HR@50 and MRR on
-validation and test for the popularity and transition baselines (movielens.py's code), retrieval
-alone and two-stage; with --dump-topk, every test user's top-10 (original ids) as CSV and
-check_dump's HR@10 / NDCG@10 of that file. Time grows with the number of training examples.
-docs/notes.md gives the measurements behind the recipe; train_movielens.py runs MovieLens through it.
+validation and test for the popularity and transition baselines (phoenix_evaluation.py), retrieval
+alone and two-stage. `run_experiment` adds what a command line asks for: several seeds and their
+summary table, and every test user's top-10 (original ids) dumped as CSV and recomputed from the file
+(check_dump). Time grows with the number of training examples. docs/notes.md gives the measurements
+behind the recipe; `run_train.py --data movielens-100k` runs MovieLens (movielens.py) through it.
 
-The log (reading, splitting) is phoenix_log.py; the recipe, batches and both stages'
-evaluators are phoenix_two_stage.py; this module trains a run and serves its results.
+The log is phoenix_log.py, its split and examples phoenix_split.py; the recipe, batches and both
+stages' evaluators are phoenix_two_stage.py; this module trains a run and serves its results. Its
+`__all__` is the one-stop API of a notebook; everything else lives in the module named for it.
 
-Outputs (the run directory: --checkpoint-dir, default $PHOENIX_CACHE_DIR/checkpoints/<log name>)
+Outputs (the run directory: checkpoint_dir, on the command line --checkpoint-dir, default
+$PHOENIX_CACHE_DIR/checkpoints/<log name>)
   retrieval/, ranker/  the best checkpoints by validation NDCG@10 (Trainer.save; load them with
                        RecsysRetrievalInferenceRunner / RecsysInferenceRunner.from_checkpoint). A
                        run refuses a directory holding an earlier run's unless overwrite=True.
@@ -31,62 +32,67 @@ Outputs (the run directory: --checkpoint-dir, default $PHOENIX_CACHE_DIR/checkpo
   metrics.jsonl        one JSON object per line after the header line phoenix_run_dir.METRICS_HEADER:
                        {"stage", "step", "loss", ...} per progress log, {"stage", "step",
                        "eval/HR@10", ...} per validation, one per table row (read_metrics).
-  curves.png           with --plot (needs matplotlib: `uv sync --extra plot`).
+  curves.png           with plot=True (needs matplotlib: `uv sync --extra plot`).
   run.json             the manifest, written first (phoenix_run_dir): kind, source, seed, recipe.
-  Nothing else in the directory is touched. Before the log is read, the command line refuses
-  outputs over its inputs (a dump or run directory that is the log, a link to it, ...), an
-  existing --dump-topk file without --overwrite, and, with or without --overwrite, anything at
-  these names that Phoenix did not write (phoenix_run_dir.check_outputs lists them all).
+  seed<N>/             with RunOptions.seeds, each seed's run directory.
+  Nothing else in the directory is touched. Before the log is read, a command line refuses outputs
+  over its inputs (a dump or run directory that is the log, a link to it, ...), an existing dump
+  without overwrite, and, with or without it, anything at these names that Phoenix did not write
+  (check_run_outputs; phoenix_run_dir.check_outputs lists them all).
 
 
 Shape glossary
   U  users   N  catalog items   K  retrieved per user
 """
 
-import argparse
-import csv
 import dataclasses
 import json
 import math
 import os
 import re
 import sys
-import tempfile
 import time
-import typing
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-import movielens as ml
 import phoenix_checkpoint as checkpoint
+import phoenix_evaluation as evaluation
 import phoenix_hashing as hashing
 import phoenix_metrics as metrics
-import phoenix_protocols as protocols
+import phoenix_protocols
 import phoenix_run_dir as run_dir
+import phoenix_split
 import phoenix_training as training
+import phoenix_two_stage as two_stage
 from phoenix_inputs import HashConfig
-# The log's and the two stages' public names are re-exported: `pipeline.X` is the one-stop API.
-from phoenix_log import (AUTO_COLUMN_NAMES, COLUMN_FLAGS, DEFAULT_CUT_QUANTILE, DEFAULT_RATING_ACTIONS,  # noqa: F401
-                         DUPLICATE_RULES, SPLIT_PROTOCOLS, STDIN, Columns, Log, LogError, LogSplit, check_log_path,
-                         check_rating_actions, check_split_options, describe, from_arrays, histories,
-                         phoenix_examples, read_csv, read_log, split_log, string_id)
-from phoenix_two_stage import (FINAL_K, POPULARITY_WEIGHTS, RETRIEVAL_WEIGHTS, RETRIEVE_K, Recipe, RecipeError,  # noqa: F401
-                               RankerEnsemble, RetrievalEnsemble, SequenceRetrievalTrainer, StageOne, TwoStage,
-                               action_weights, check_recipe, ensemble, member_stage,
-                               encode_items, encode_users, example_representations, hard_negative_pool,
-                               hash_config, item_examples, optimizer_config, prefix_user_representations,
-                               ranker_batches, ranker_candidates, ranker_config, ranker_logits, recommendable,
-                               choose_rerank_weights, log_popularity, rerank_scores, resolve_recipe,
-                               retrieval_batches, retrieval_config,
-                               training_windows, window_examples, host_copy, warm_start, start_retrieval,
-                               start_ranker, stage_steps, eval_mask)
+# The one-stop names of a notebook, from the modules that own them (module docstring).
+from phoenix_evaluation import DumpCheckError, check_dump, check_dump_figures
+from phoenix_log import Columns, Log, LogError, from_arrays, read_csv, read_log, string_id
+from phoenix_paths import cache_dir
+from phoenix_protocols import Protocols
+from phoenix_split import LogSplit, describe, split_log
+from phoenix_two_stage import FINAL_K, MOVIELENS_RECIPE, Recipe, RecipeError, encode_items, encode_users
+
+__all__ = [
+    # the log and its split
+    "read_csv", "read_log", "from_arrays", "Columns", "Log", "LogError", "string_id", "split_log", "LogSplit",
+    "describe",
+    # training and evaluation
+    "Recipe", "RecipeError", "MOVIELENS_RECIPE", "run", "RunOptions", "run_experiment", "Protocols",
+    "check_run_outputs", "format_table", "FINAL_K",
+    # serving one user
+    "recommend", "user_row", "user_examples", "user_batch", "items_batch", "seen_items", "encode_users",
+    "encode_items", "load_members",
+    # outputs
+    "dump_topk", "check_dump", "check_dump_figures", "DumpCheckError", "read_metrics", "plot_curves",
+    "MissingExtraError", "cache_dir",
+]
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
 STAGES = ("retrieval", "ranker")
-DUMP_TOLERANCE = 1e-9  # the table's and check_dump's HR / NDCG sum the same hits in another order
 # What a run writes in its directory ({name regex: phoenix_run_dir kind}): nothing else there is touched,
 # and whatever is at these names must be Phoenix's own (phoenix_run_dir.check_outputs).
 RUN_ENTRIES = {r"(retrieval|ranker)(\.[0-9]+)?": "checkpoint",  # member_stage's names
@@ -155,7 +161,7 @@ def _fit_keeping_best(trainer, state, batches, steps: int, evaluate, path: str, 
         result = evaluate(state.params)
         if result["NDCG@10"] > best["NDCG@10"]:
             best = {**result, "step": int(state.step)}
-            kept["params"] = host_copy(state.params)
+            kept["params"] = two_stage.host_copy(state.params)
             trainer.save(path, state, extra={**extra, "val": best})
         return {k: result[k] for k in ("HR@10", "NDCG@10")}
 
@@ -195,25 +201,25 @@ def _train_members(stage: str, members: int, start, evaluate, unit: str, split: 
     trainers, params, bests = [], [], []
     for member in range(members):
         trainer, state, batches, steps = start(member)
-        name = member_stage(member, stage)
+        name = two_stage.member_stage(member, stage)
         print(f"{name}: {steps} steps of {unit}", file=stream)
         try:
             kept, best = _fit_keeping_best(trainer, state, batches, steps, lambda p: evaluate(trainer, p),
                                            os.path.join(checkpoint_dir, name), _extra(recipe, seed, split),
                                            recipe.evals_per_stage, stream, name, log)
         except training.TrainingStopped as stop:  # the members trained before keep their best checkpoints
-            stop.kept[:0] = [_best_at(os.path.join(checkpoint_dir, member_stage(m, stage)), b)
+            stop.kept[:0] = [_best_at(os.path.join(checkpoint_dir, two_stage.member_stage(m, stage)), b)
                              for m, b in enumerate(bests)]
             stop.why_not = stop.why_not or NOT_RESUMABLE
             raise
         trainers.append(trainer)
         params.append(kept)
         bests.append(best)
-    model, params = ensemble(trainers, params, kind)
+    model, params = two_stage.ensemble(trainers, params, kind)
     if members == 1:
         return model, params, bests[0]
     for member, member_best in enumerate(bests):
-        print(f"{member_stage(member, stage)}: best val NDCG@10 {member_best['NDCG@10']:.4f} at step "
+        print(f"{two_stage.member_stage(member, stage)}: best val NDCG@10 {member_best['NDCG@10']:.4f} at step "
               f"{member_best['step']}", file=stream)
     best = evaluate(model, params)
     return model, params, {**best, "step": bests[0]["step"], "steps": [b["step"] for b in bests]}
@@ -228,24 +234,27 @@ def train_retrieval(split: LogSplit, recipe: Recipe, seed: int, checkpoint_dir: 
     `data_parallel`: training.Trainer's (each batch split over the devices, the state replicated)."""
     return _train_members(
         "retrieval", recipe.retrieval_members,
-        lambda member: start_retrieval(split, recipe, seed, data_parallel, member=member),
-        lambda model, params: StageOne(model, params, split, "val", recipe.history_len, recipe.retrieve_k).metrics(),
-        f"{recipe.retrieval_batch_size} windows ({len(training_windows(split, recipe.history_len)[0])} windows "
-        "per epoch)", split, recipe, seed, checkpoint_dir, stream, log, RetrievalEnsemble)
+        lambda member: two_stage.start_retrieval(split, recipe, seed, data_parallel, member=member),
+        lambda model, params: two_stage.StageOne(model, params, split, "val", recipe.history_len,
+                                                 recipe.retrieve_k).metrics(),
+        f"{recipe.retrieval_batch_size} windows ({len(two_stage.training_windows(split, recipe.history_len)[0])} "
+        "windows per epoch)", split, recipe, seed, checkpoint_dir, stream, log, two_stage.RetrievalEnsemble)
 
 
-def train_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, checkpoint_dir: str, val_stage_one: StageOne,
-                 retrieval_params=None, stream=None, log: Optional[MetricsLog] = None, data_parallel=False):
+def train_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, checkpoint_dir: str,
+                 val_stage_one: two_stage.StageOne, retrieval_params=None, stream=None,
+                 log: Optional[MetricsLog] = None, data_parallel=False):
     """Trains the ranker, or each of Recipe.ranker_members (checkpoints and return value as
     train_retrieval's, a RankerEnsemble for several). Model selection by the validation two-stage
     NDCG@10 of the ranker's own score (retrieval weight 0)."""
     return _train_members(
         "ranker", recipe.ranker_members,
-        lambda member: start_ranker(split, pool, recipe, seed, retrieval_params, data_parallel, member=member),
-        lambda model, params: TwoStage(val_stage_one, model, params, split, "val", recipe).evaluate(
+        lambda member: two_stage.start_ranker(split, pool, recipe, seed, retrieval_params, data_parallel,
+                                              member=member),
+        lambda model, params: two_stage.TwoStage(val_stage_one, model, params, split, "val", recipe).evaluate(
             0.0, recipe.temperature)[0],
         f"{recipe.ranker_batch_size} examples x {recipe.num_candidates} candidates",
-        split, recipe, seed, checkpoint_dir, stream, log, RankerEnsemble)
+        split, recipe, seed, checkpoint_dir, stream, log, two_stage.RankerEnsemble)
 
 
 def load_members(checkpoint_dir: str, params, stage: str = "retrieval"):
@@ -253,7 +262,7 @@ def load_members(checkpoint_dir: str, params, stage: str = "retrieval"):
     train_ranker returned them, gives the tree to fill: one model's, or the tuple of an ensemble's)."""
     if not isinstance(params, tuple):
         return checkpoint.load_checkpoint(os.path.join(checkpoint_dir, stage), params_template=params).params
-    return tuple(checkpoint.load_checkpoint(os.path.join(checkpoint_dir, member_stage(m, stage)),
+    return tuple(checkpoint.load_checkpoint(os.path.join(checkpoint_dir, two_stage.member_stage(m, stage)),
                                             params_template=p).params for m, p in enumerate(params))
 
 
@@ -275,21 +284,22 @@ def evaluate_stages(split: LogSplit, retrieval, retrieval_params, ranker, ranker
     {(split, name): metrics}, re-ranked top-K columns {split: [U, K]}, StageOne per split, TwoStage
     per split, (retrieval weight, popularity weight)).
     """
-    table, reranked, stage_one, two_stage = {}, {}, {}, {}
+    table, reranked, stage_one, two_stages = {}, {}, {}, {}
     for which in ("val", "test"):
-        stage_one[which] = StageOne(retrieval, retrieval_params, split, which, recipe.history_len, recipe.retrieve_k)
-        two_stage[which] = TwoStage(stage_one[which], ranker, ranker_params, split, which, recipe)
-    weights = choose_rerank_weights(two_stage["val"], recipe)
+        stage_one[which] = two_stage.StageOne(retrieval, retrieval_params, split, which, recipe.history_len,
+                                              recipe.retrieve_k)
+        two_stages[which] = two_stage.TwoStage(stage_one[which], ranker, ranker_params, split, which, recipe)
+    weights = two_stage.choose_rerank_weights(two_stages["val"], recipe)
     for which in ("val", "test"):
-        for name in ml.BASELINES:
-            table[(which, name)] = ml.evaluate_baseline(split, which, name)
+        for name in evaluation.BASELINES:
+            table[(which, name)] = evaluation.evaluate_baseline(split, which, name)
         table[(which, "retrieval")] = stage_one[which].metrics()
-        table[(which, "two-stage")], reranked[which] = two_stage[which].evaluate(
+        table[(which, "two-stage")], reranked[which] = two_stages[which].evaluate(
             weights[0], recipe.temperature, weights[1])
-    return table, reranked, stage_one, two_stage, weights
+    return table, reranked, stage_one, two_stages, weights
 
 
-def hash_collisions(split: ml.Split, hashes: HashConfig) -> dict:
+def hash_collisions(split: phoenix_split.Split, hashes: HashConfig) -> dict:
     """{id type: (ids, ids sharing both their rows with another id, ids sharing at least one row)}."""
     out = {}
     for name, ids in (("user", split.user_ids), ("post", split.item_ids), ("author", np.unique(split.item_authors))):
@@ -339,15 +349,15 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
     check_run_dir(checkpoint_dir, overwrite)
     if plot:
         _pyplot()  # a missing matplotlib fails now, not after training
-    recipe = resolve_recipe(recipe, split)
-    check_recipe(split, recipe)
+    recipe = two_stage.resolve_recipe(recipe, split)
+    two_stage.check_recipe(split, recipe)
     start = time.perf_counter()
     run_dir.write_manifest(checkpoint_dir, "pipeline", RUN_ENTRIES, source=split.log.source, seed=seed,
                            protocol=split.protocol, recipe=dataclasses.asdict(recipe))
     log = MetricsLog(os.path.join(checkpoint_dir, METRICS_FILE))
     print(f"{describe(split)}; seed {seed}\n{recipe}", file=stream)
     print("hash collisions (ids, sharing all rows, sharing a row): " + ", ".join(
-        f"{name}s {c}" for name, c in hash_collisions(split, hash_config(recipe)).items()), file=stream)
+        f"{name}s {c}" for name, c in hash_collisions(split, two_stage.hash_config(recipe)).items()), file=stream)
 
     print("\n== stage 1: retrieval (in-batch softmax, logQ correction, accidental-hit masking)", file=stream)
     t0 = time.perf_counter()
@@ -358,9 +368,9 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
           f"{times['retrieval']:.0f} s", file=stream)
 
     t0 = time.perf_counter()
-    pool = (hard_negative_pool(retrieval, retrieval_params, split, recipe.history_len, recipe.negative_pool)
+    pool = (two_stage.hard_negative_pool(retrieval, retrieval_params, split, recipe.history_len, recipe.negative_pool)
             if recipe.hard_negatives else None)
-    val_one = StageOne(retrieval, retrieval_params, split, "val", recipe.history_len, recipe.retrieve_k)
+    val_one = two_stage.StageOne(retrieval, retrieval_params, split, "val", recipe.history_len, recipe.retrieve_k)
     times["mining"] = time.perf_counter() - t0
 
     print(f"\n== stage 2: ranker (target + {recipe.hard_negatives} hard + {recipe.random_negatives} random "
@@ -371,7 +381,8 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
             split, pool, recipe, seed, checkpoint_dir, val_one,
             first_member(retrieval_params) if recipe.ranker_init_from_retrieval else None, stream, log, data_parallel)
     except training.TrainingStopped as stop:  # a clean stop: the trained retrieval stage is kept
-        paths = [os.path.join(checkpoint_dir, member_stage(m, "retrieval")) for m in range(recipe.retrieval_members)]
+        paths = [os.path.join(checkpoint_dir, two_stage.member_stage(m, "retrieval"))
+                 for m in range(recipe.retrieval_members)]
         stop.kept.insert(0, f"{', '.join(paths)} (retrieval, best val NDCG@10 {retrieval_best['NDCG@10']:.4f} at "
                             f"{_at(retrieval_best)})")
         raise
@@ -383,7 +394,7 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
     # The final evaluation reads the best weights back from the saved checkpoints.
     retrieval_params = load_members(checkpoint_dir, retrieval_params, "retrieval")
     ranker_params = load_members(checkpoint_dir, ranker_params, "ranker")
-    table, reranked, stage_one, two_stage, (weight, prior) = evaluate_stages(
+    table, reranked, stage_one, two_stages, (weight, prior) = evaluate_stages(
         split, retrieval, retrieval_params, ranker, ranker_params, recipe)
     times["evaluation"] = time.perf_counter() - t0
     extra = {}
@@ -393,7 +404,7 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
                                   "stream": stream, "retrieval_best": retrieval_best, "ranker_best": ranker_best,
                                   "retrieval_weight": weight, "popularity_weight": prior,
                                   "data_parallel": data_parallel})
-        table = protocols.ordered({**table, **more})
+        table = phoenix_protocols.ordered({**table, **more})
         times["extra"] = time.perf_counter() - t0
     wall = time.perf_counter() - start
     for (which, name), m in table.items():
@@ -412,7 +423,7 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
             "retrieval": retrieval,
             "retrieval_params": retrieval_params, "ranker": ranker, "ranker_params": ranker_params,
             "retrieval_best": retrieval_best, "ranker_best": ranker_best, "stage_one": stage_one,
-            "two_stage": two_stage, "times": times, "wall_s": wall, "checkpoint_dir": checkpoint_dir,
+            "two_stage": two_stages, "times": times, "wall_s": wall, "checkpoint_dir": checkpoint_dir,
             "recipe": recipe, "split": split, "extra": extra}
 
 
@@ -438,7 +449,7 @@ def user_examples(split: LogSplit, user, history_len: int) -> dict:
     S of everything the log holds for them: what serving sees."""
     row = user_row(split, user)
     rows, ends = np.array([row]), np.array([split.offsets[row + 1]])
-    examples = histories(split, rows, ends, history_len)
+    examples = phoenix_split.histories(split, rows, ends, history_len)
     examples["target_post_ids"] = split.items[ends - 1]  # a placeholder candidate for user-tower-only calls
     return examples
 
@@ -447,12 +458,12 @@ def user_batch(split: LogSplit, user, history_len: int, hashes: HashConfig, cand
     """RecsysBatch [1, S] of `user`'s latest history with candidates `candidate_ids` [C] (raw item ids,
     default one placeholder): the input of the runners' retrieve / rank for that user."""
     candidates = None if candidate_ids is None else np.asarray(candidate_ids, np.int64)[None, :]  # [1, C]
-    return ml.phoenix_batch(split, user_examples(split, user, history_len), hashes, candidates)
+    return phoenix_split.phoenix_batch(split, user_examples(split, user, history_len), hashes, candidates)
 
 
-def items_batch(split: ml.Split, hashes: HashConfig):
+def items_batch(split: phoenix_split.Split, hashes: HashConfig):
     """RecsysBatch [1, N] whose candidates are every catalog item: the corpus for the candidate tower."""
-    return ml.phoenix_batch(split, item_examples(split), hashes, split.item_ids[None, :])
+    return phoenix_split.phoenix_batch(split, two_stage.item_examples(split), hashes, split.item_ids[None, :])
 
 
 def seen_items(split: LogSplit, user) -> np.ndarray:
@@ -476,63 +487,26 @@ def recommend(result: dict, split: LogSplit, user, k: int = FINAL_K) -> list[tup
     users = encode_users(retrieval, result["retrieval_params"], split, user_examples(split, user, recipe.history_len))
     scores = users @ items.T  # [1, N]
     top = metrics.topk_columns(scores, min(recipe.retrieve_k, int((~seen).sum())), seen)  # [1, K]
-    logits = ranker_logits(ranker, result["ranker_params"], split, user_examples(split, user, recipe.ranker_history_len),
-                           top, recipe.num_candidates)  # [1, K, A]
-    final = rerank_scores(logits, np.take_along_axis(scores, top, axis=1), result["retrieval_weight"],
-                          recipe.temperature, recipe.score_action, log_popularity(split, None)[top],
-                          result["popularity_weight"])[0]  # [K]
+    logits = two_stage.ranker_logits(ranker, result["ranker_params"], split,
+                                     user_examples(split, user, recipe.ranker_history_len), top,
+                                     recipe.num_candidates)  # [1, K, A]
+    final = two_stage.rerank_scores(logits, np.take_along_axis(scores, top, axis=1), result["retrieval_weight"],
+                                    recipe.temperature, recipe.score_action, two_stage.log_popularity(split, None)[top],
+                                    result["popularity_weight"])[0]  # [K]
     order = np.argsort(-final, kind="stable")[:k]
     return list(zip(split.log.tokens("item", split.item_ids[top[0, order]]), final[order].tolist()))
 
 
 def dump_topk(path, split: LogSplit, topk_columns: np.ndarray) -> None:
-    """CSV `user_id,item_1,...,item_K` of every evaluated user, original ids, written atomically
-    (its directory created if missing). A directory or other non-file at `path` is refused."""
+    """CSV `user_id,item_1,...,item_K` of every evaluated user, original ids (phoenix_evaluation.dump_topk:
+    written atomically, its directory created if missing). A directory or other non-file at `path` is refused."""
     path = Path(path)
     if path.is_dir() or (path.exists() and not path.is_file()):
         raise run_dir.OutputError(f"dump path {path}: is {run_dir.path_kind(path)}, not a file")
     users = split.log.tokens("user", split.user_ids[split.eval_users()])
     items = split.log.tokens("item", split.item_ids[topk_columns])
     K = topk_columns.shape[1]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["user_id"] + [f"item_{j + 1}" for j in range(K)])
-            for u, user in enumerate(users):
-                writer.writerow([user] + items[u * K:(u + 1) * K])
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def check_dump(path, log: Log, k: int = FINAL_K) -> dict:
-    """HR@k / NDCG@k of a dump against leave-one-out test targets rebuilt from the log in plain Python
-    (independent of split_log and phoenix_metrics.py, as an outside evaluator would be): per user,
-    interactions by (timestamp, input order), each item's first one kept, the last = the target."""
-    by_user = {}
-    for r, (user, item, stamp) in enumerate(zip(log.tokens("user", log.user), log.tokens("item", log.item),
-                                                log.timestamp.tolist())):
-        by_user.setdefault(str(user), []).append((stamp, r, str(item)))
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    dumped = {row[0]: row[1:k + 1] for row in rows[1:] if row}
-    hits = gain = evaluated = history_hits = 0
-    for user, events in by_user.items():
-        sequence = list(dict.fromkeys(item for _, _, item in sorted(events)))  # first occurrences, in time order
-        if len(sequence) < ml.MIN_EVAL_RATINGS:
-            continue
-        evaluated += 1
-        target, top = sequence[-1], dumped.get(user, [])
-        history_hits += len(set(top) & set(sequence[:-1]))
-        if target in top:
-            hits += 1
-            gain += 1.0 / math.log2(top.index(target) + 2)
-    return {f"HR@{k}": hits / evaluated, f"NDCG@{k}": gain / evaluated, "num_users": evaluated,
-            "missing_users": len(set(by_user) - set(dumped)) if evaluated else 0,
-            "history_items_in_topk": history_hits}
+    evaluation.dump_topk(path, np.array(users, dtype=object), np.array(items, dtype=object).reshape(-1, K))
 
 
 _PLOT_TITLES = {"retrieval": "retrieval (validation: retrieval alone)",
@@ -581,252 +555,149 @@ def plot_curves(metrics_path, png_path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line
+# Experiments: seeds, dumps and their checks (what run_train.py's flags ask for)
 # ---------------------------------------------------------------------------------------------
 
 
-def _optional(kind):
-    """argparse type for an Optional field: "none"/"auto" -> None, else kind(value)."""
-    return lambda text: None if text.lower() in ("none", "auto") else kind(text)
+SEED_COLUMNS = (("test", "retrieval"), ("test", "two-stage"), ("val", "retrieval"), ("val", "two-stage"))
+EXTRA_MODELS = ("sasrec",)  # rows of phoenix_protocols (and other protocols' rows) get columns too
 
 
-# Command-line bounds of Recipe fields ({name: (lowest value, whether it is allowed)}): a value out
-# of range is refused by argparse, naming the flag, before anything is read (floats must be finite too).
-RECIPE_FLAG_BOUNDS = {
-    **{name: (1, True) for name in ("emb_size", "num_layers", "num_heads", "history_len", "ranker_history_len",
-                                    "retrieval_batch_size", "ranker_batch_size", "negative_pool", "retrieve_k",
-                                    "num_hashes", "evals_per_stage", "retrieval_members", "ranker_members")},
-    **{name: (2, True) for name in ("user_table_size", "post_table_size", "author_table_size")},
-    **{name: (0, True) for name in ("warmup_steps", "hard_negatives", "random_negatives", "ranker_listwise_weight")},
-    **{name: (0, False) for name in ("retrieval_epochs", "ranker_epochs", "learning_rate", "temperature",
-                                     "table_init_stddev")},
-    **{name: (-math.inf, False) for name in ("retrieval_weight", "popularity_weight")},  # any finite number
-}
-_BOOLEAN_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Where an experiment's runs go and what they write beside their checkpoints."""
+
+    checkpoint_dir: str  # the run directory (with seeds: one seed<N>/ per seed in it)
+    seed: int = 0  # parameters, batch streams and negatives
+    seeds: Optional[tuple] = None  # run each of these seeds in turn instead of `seed`, then a summary table
+    overwrite: bool = False  # replace an earlier run there (only what Phoenix wrote) and existing dumps
+    plot: bool = False  # curves.png in each run directory (the plot extra)
+    data_parallel: bool = False  # split each training batch over all devices (training.Trainer)
+    dump_topk: Optional[str] = None  # every test user's final top-10 as CSV (seeds: PATH with .seed<N>)
+
+    def __post_init__(self):
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)
+                                       or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
+                                              for s in self.seeds)):
+            raise ValueError(f"seeds: expected distinct non-negative ints, got {self.seeds!r}")
 
 
-def _bounded(kind, low, inclusive: bool):
-    """argparse type: kind(text), refused unless finite and >= `low` (> `low` if not `inclusive`)."""
-    def parse(text):
-        value = kind(text)
-        if not math.isfinite(value) or value < low or (value == low and not inclusive):
-            expected = ("a finite number" if low == -math.inf
-                        else f"{'an int' if kind is int else 'a finite number'} {'>=' if inclusive else '>'} {low}")
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
-    return parse
+def seed_path(path: str, seed, tag: str = "seed") -> str:
+    """top10.csv -> top10.seed0.csv (a path without a suffix gets .seed0 appended); another tag:
+    seed_path("top10.seed0.csv", "", "trainval") -> top10.seed0.trainval.csv."""
+    root, dot, suffix = path.rpartition(".")
+    if not dot or "/" in suffix:
+        return f"{path}.{tag}{seed}"
+    return f"{root}.{tag}{seed}.{suffix}"
 
 
-def _boolean(text: str) -> bool:
-    """argparse type: 1/true/yes or 0/false/no (any other word is refused, never read as False)."""
-    try:
-        return _BOOLEAN_WORDS[text.strip().lower()]
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(_BOOLEAN_WORDS)}, got {text!r}") from None
+def run_outputs(options: RunOptions, protocols: Protocols = Protocols()) -> tuple[dict, dict]:
+    """({seed or None: run directory}, {label: dump path}) of an experiment: one of each, or with seeds
+    each seed's; with protocol train+val each dump's .trainval twin too."""
+    seeds = options.seeds
+    dirs = ({seed: os.path.join(options.checkpoint_dir, f"seed{seed}") for seed in seeds} if seeds
+            else {None: options.checkpoint_dir})
+    files = {}
+    if options.dump_topk:
+        for seed in dirs:
+            path = options.dump_topk if seed is None else seed_path(options.dump_topk, seed)
+            which = [] if seed is None else [f"seed {seed}"]
+            files[f"--dump-topk ({', '.join(which)})" if which else "--dump-topk"] = path
+            if protocols.protocol == "train+val":
+                files[f"--dump-topk ({', '.join(which + ['train+val'])})"] = seed_path(path, "", "trainval")
+    return dirs, files
 
 
-def add_run_flags(parser: argparse.ArgumentParser, default_checkpoint_dir, defaults: Optional["Recipe"] = None) -> None:
-    """--seed, --checkpoint-dir, --overwrite, --dump-topk, --plot, --data-parallel and one flag per Recipe field,
-    each defaulting to `defaults`' value (default Recipe())."""
-    parser.add_argument("--seed", type=_bounded(int, 0, True), default=0)
-    parser.add_argument("--checkpoint-dir", default=default_checkpoint_dir,
-                        help="the run directory: retrieval/, ranker/ (and retrieval.1/, ranker.1/, ... with "
-                             "--retrieval-members / --ranker-members), "
-                             "metrics.jsonl (default: "
-                             "$PHOENIX_CACHE_DIR/checkpoints/<data name>)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an earlier run in --checkpoint-dir (only what Phoenix wrote there: anything "
-                             "else at the paths a run writes is refused) and an existing --dump-topk file")
-    parser.add_argument("--dump-topk", default=None, metavar="PATH",
-                        help="write every test user's final top-10 (original ids) as CSV and re-check it (a new "
-                             "file unless --overwrite; never an input of the run)")
-    parser.add_argument("--plot", action="store_true",
-                        help=f"write {PLOT_FILE} (training loss, validation curves) to the run directory (matplotlib)")
-    parser.add_argument("--data-parallel", action="store_true",
-                        help="split each training batch over all devices JAX finds (batch sizes must divide evenly)")
-    protocols.add_flags(parser)
-    defaults = Recipe() if defaults is None else defaults
-    hints = typing.get_type_hints(Recipe)
-    for field in dataclasses.fields(Recipe):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        kind = next((t for t in typing.get_args(hints[field.name]) if t is not type(None)), hints[field.name])
-        if field.name in RECIPE_FLAG_BOUNDS:
-            kind = _bounded(kind, *RECIPE_FLAG_BOUNDS[field.name])
-        if kind is bool:
-            parser.add_argument(flag, type=_boolean, default=default, help=f"Recipe.{field.name}, default {default}")
-        else:
-            parser.add_argument(flag, type=_optional(kind) if default is None else kind, default=default,
-                                help=f"Recipe.{field.name}, default {default}")
+def check_run_outputs(options: RunOptions, protocols: Protocols = Protocols(), inputs=()) -> None:
+    """Everything an experiment will write, checked before its data is read (phoenix_run_dir.check_outputs:
+    never over `inputs`, phoenix_run_dir.Input; never over what Phoenix did not write; an earlier run only
+    with overwrite), and the plot extra when a plot is asked for."""
+    dirs, files = run_outputs(options, protocols)
+    run_dir.check_outputs(inputs, list(dirs.values()), RUN_ENTRIES, files, options.overwrite)
+    if options.plot:
+        _pyplot()  # a missing matplotlib fails now, not after training
 
 
-def recipe_from_args(args) -> Recipe:
-    return Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
+def check_dump_k(options: RunOptions, recipe: Recipe, split: LogSplit) -> None:
+    """RecipeError if the recipe, resolved on `split`, would hand fewer than FINAL_K items to a dump."""
+    k = two_stage.resolve_recipe(recipe, split).retrieve_k
+    if options.dump_topk and k < FINAL_K:
+        raise RecipeError(f"--dump-topk: --retrieve-k resolves to {k} on {split.log.source}, fewer than the "
+                          f"{FINAL_K} items a dump holds")
 
 
-def parse_rating_actions(text: str) -> dict:
-    """"favorite_score=4:5,not_interested_score=:2" -> {action: (low, high)}; an empty bound is open."""
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, bounds = part.partition("=")
-        low, sep, high = bounds.partition(":")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"--rating-actions: expected ACTION=LOW:HIGH, got {part!r}")
-        try:
-            out[name.strip()] = (float(low) if low.strip() else -math.inf, float(high) if high.strip() else math.inf)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--rating-actions: expected numbers in {part!r}") from None
-    try:
-        return check_rating_actions(out)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+def seed_table(tables: dict) -> tuple[str, dict]:
+    """Markdown table of {seed: run table}: HR@10 / NDCG@10 of SEED_COLUMNS per seed, then their mean
+    and sample standard deviation over seeds. Returns (text, {(split, model, metric): (mean, sd)})."""
+    present = [key for key in next(iter(tables.values())) if all(key in t for t in tables.values())]
+    columns = SEED_COLUMNS + tuple(key for key in present if key[1] in EXTRA_MODELS or key[0] not in ("val", "test"))
+    keys = [(which, model, metric) for which, model in dict.fromkeys(columns) for metric in ("HR@10", "NDCG@10")]
+    head = " | ".join(f"{which} {model} {metric}" for which, model, metric in keys)
+    lines = [f"| seed | {head} |", "|---|" + "---:|" * len(keys)]
+    for seed, table in tables.items():
+        lines.append(f"| {seed} | " + " | ".join(f"{table[(w, m)][k]:.4f}" for w, m, k in keys) + " |")
+    stats = {}
+    for w, m, k in keys:
+        values = np.array([table[(w, m)][k] for table in tables.values()])
+        stats[(w, m, k)] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
+    lines.append("| mean +- sd | " + " | ".join(f"{stats[key][0]:.4f} +- {stats[key][1]:.4f}" for key in keys) + " |")
+    return "\n".join(lines), stats
 
 
-class _Given(argparse.Namespace):
-    """A namespace in which argparse sets only the flags given (it fills in defaults only where an
-    attribute is missing, and this one has them all)."""
-
-    def __getattr__(self, name):
-        if name.startswith("_"):  # argparse's own attributes; no flag's destination starts so
-            raise AttributeError(name)
-        return None
-
-
-def given_flags(parser: argparse.ArgumentParser, argv) -> set:
-    """The destinations of the flags that `argv` gives explicitly (defaults left out), abbreviations included."""
-    return set(vars(parser.parse_args(argv, _Given())))
-
-
-def check_run_flags(args, given: set, error) -> None:
-    """error(message) for flags `argv` gives that this run would ignore or cannot use (shared by the CSV
-    and MovieLens command lines): --sasrec-* without --sasrec, --sasrec-train-val without --protocol
-    train+val, --retrieve-k below the dumped and evaluated cut-off (FINAL_K) with --dump-topk, an
-    --emb-size that --num-heads does not divide."""
-    if args.emb_size % args.num_heads:
-        error(f"--emb-size {args.emb_size}: expected a multiple of --num-heads {args.num_heads} (each head gets "
-              "emb_size / num_heads dimensions)")
-    for name in ("sasrec_epochs", "sasrec_history_len", "sasrec_dropout", "sasrec_train_val"):
-        if name in given and not args.sasrec:
-            error(f"--{name.replace('_', '-')}: applies to the SASRec reference only; add --sasrec")
-    if "sasrec_train_val" in given and args.protocol != "train+val":
-        error(f"--sasrec-train-val: applies to --protocol train+val only, got --protocol {args.protocol}")
-    if args.dump_topk and args.retrieve_k is not None and args.retrieve_k < FINAL_K:
-        error(f"--retrieve-k {args.retrieve_k}: with --dump-topk, expected at least {FINAL_K} (the dump holds each "
-              f"user's top {FINAL_K} and the table's HR@{FINAL_K} is checked against it)")
-
-
-def exact_number(text: str):
-    """argparse type: an int when `text` is an integer (exact, even beyond 2**53: nanosecond times), else a float."""
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
-def default_run_name(data: str) -> str:
-    """The run directory's name for --data: the log's stem; "stdin" for "-", "pipe" for a FIFO
-    (`<(zcat log.csv.gz)` is /dev/fd/63, a name that says nothing)."""
-    if data == STDIN:
-        return "stdin"
-    if run_dir.path_kind(data) == "a FIFO":
-        return "pipe"
-    return Path(data).stem or "log"
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, metavar="LOG.csv",
-                        help="the interaction log: a CSV with a header, a pipe (<(zcat log.csv.gz)) or - (stdin)")
-    for role, flag in COLUMN_FLAGS.items():
-        default = getattr(Columns(), role)
-        parser.add_argument(flag, default=default,
-                            help=f"{role} column (default {default or AUTO_COLUMN_NAMES[role] + ' if present'})")
-    parser.add_argument("--delimiter", default=",", help="field separator (\\t for TSV)")
-    parser.add_argument("--rating-actions", type=parse_rating_actions, default=DEFAULT_RATING_ACTIONS,
-                        metavar="ACTION=LOW:HIGH,...",
-                        help="actions a rating sets (inclusive ranges, an empty bound is open); default "
-                             "click_score=:,favorite_score=4:,share_score=5:,not_interested_score=:2")
-    parser.add_argument("--duplicates", choices=DUPLICATE_RULES, default="first",
-                        help="a repeated (user, item): keep the earliest (default) or refuse the log")
-    parser.add_argument("--split", choices=SPLIT_PROTOCOLS, default="leave-one-out")
-    parser.add_argument("--cut-time", type=exact_number, default=None,
-                        help="time split: the cut T (same unit as the log)")
-    parser.add_argument("--cut-quantile", type=float, default=None,
-                        help=f"time split: the cut at this quantile of all timestamps (default {DEFAULT_CUT_QUANTILE})")
-    add_run_flags(parser, None)
-    args = parser.parse_args(argv)
-    given = given_flags(parser, argv)
-    for name in ("cut_time", "cut_quantile"):
-        if name in given and args.split != "time":
-            parser.error(f"--{name.replace('_', '-')}: applies to --split time only, got --split {args.split}")
-    if args.cut_time is not None and args.cut_quantile is not None:
-        parser.error(f"--cut-time {args.cut_time} and --cut-quantile {args.cut_quantile}: give one of them (the cut)")
-    try:
-        check_split_options(args.split, args.cut_time, args.cut_quantile)
-    except ValueError as error:
-        parser.error("--" + str(error).replace("_", "-", 1))
-    check_run_flags(args, given, parser.error)
-    args.rating_actions_given = "rating_actions" in given
-    if args.checkpoint_dir is None:
-        args.checkpoint_dir = str(ml.cache_dir() / "checkpoints" / default_run_name(args.data))
-    args.delimiter = "\t" if args.delimiter in ("\\t", "tab") else args.delimiter
-    return args, recipe_from_args(args)
-
-
-class DumpCheckError(RuntimeError):
-    """A dump's figures, recomputed from the file, disagree with the table's: one of them is wrong."""
-
-
-def check_dump_figures(path, table_row: dict, check: dict, k: int = FINAL_K) -> None:
-    """DumpCheckError unless HR@k and NDCG@k recomputed from a dump equal the table's (to rounding)."""
-    keys = (f"HR@{k}", f"NDCG@{k}")
-    if any(abs(check[key] - table_row[key]) > DUMP_TOLERANCE for key in keys):
-        raise DumpCheckError(f"dump {path}: recomputed from the file, " + ", ".join(
-            f"{key} {check[key]:.4f}" for key in keys) + " disagree with the table's " + ", ".join(
-            f"{key} {table_row[key]:.4f}" for key in keys) + "; the dump is kept for inspection, the figures are not "
-            "to be trusted")
-
-
-def main(argv=None) -> dict:
-    """The whole experiment on a CSV log (module docstring); returns run()'s dict plus "dump_check".
-    Every check of the command line (the log's path, outputs never over it, the run directory, the
-    plot extra) runs before the log is read."""
-    args, recipe = parse_args(sys.argv[1:] if argv is None else argv)
-    check_log_path(args.data)
-    check_run_dir(args.checkpoint_dir, args.overwrite, [run_dir.Input("--data", args.data)],
-                  {"--dump-topk": args.dump_topk})
-    if args.plot:
-        _pyplot()
-    columns = Columns(user=args.user_col, item=args.item_col, time=args.time_col, rating=args.rating_col,
-                      author=args.author_col)
-    log = read_log(args.data, columns, args.rating_actions, delimiter=args.delimiter)
-    if getattr(args, "rating_actions_given", False) and log.rating is None:
-        raise RecipeError(f"--rating-actions: {log.source} has no rating column for it to apply to (name it with "
-                          "--rating-col)")
-    split = split_log(log, args.split, args.duplicates, args.cut_time, args.cut_quantile)
-    k = resolve_recipe(recipe, split).retrieve_k
-    if args.dump_topk and k < FINAL_K:
-        raise RecipeError(f"--dump-topk: --retrieve-k resolves to {k} on {log.source}, fewer than the {FINAL_K} items "
-                          "a dump holds")
-    result = run(split, recipe, args.checkpoint_dir, args.seed, args.overwrite, args.plot,
-                 data_parallel=args.data_parallel, extra_rows=protocols.extra_rows(args))
-    result["dump_check"] = None
-    if args.dump_topk:
-        dump_topk(args.dump_topk, split, result["reranked"]["test"][:, :FINAL_K])
-        ours = result["table"][("test", "two-stage")]
-        line = f"\ndump {args.dump_topk}: table HR@10 {ours['HR@10']:.4f} NDCG@10 {ours['NDCG@10']:.4f}"
-        if split.protocol == "leave-one-out":
-            check = result["dump_check"] = check_dump(args.dump_topk, log)
-            line += (f"; recomputed from the dump HR@10 {check['HR@10']:.4f} NDCG@10 {check['NDCG@10']:.4f} "
-                     f"({check['num_users']} users, history items in the top-10s: {check['history_items_in_topk']})")
-            print(line)
-            check_dump_figures(args.dump_topk, ours, check)
-        else:
+def _run_seed(split: LogSplit, recipe: Recipe, options: RunOptions, protocols: Protocols, seed: int,
+              checkpoint_dir: str, dump_path: Optional[str], check: Optional[Callable], title: str, stream) -> dict:
+    """One seed of an experiment (table on stdout); run()'s dict plus "dump_check"."""
+    result = run(split, recipe, checkpoint_dir, seed, options.overwrite, options.plot, stream, title=title,
+                 data_parallel=options.data_parallel, extra_rows=phoenix_protocols.extra_rows(protocols))
+    first_check = None
+    retrained = result.get("extra", {}).get("train+val")
+    dumps = [(dump_path, result["reranked"]["test"], ("test", "two-stage"))] if dump_path else []
+    if dump_path and retrained:  # protocol train+val: its two-stage top-10s beside, PATH with .trainval
+        dumps.append((seed_path(dump_path, "", "trainval"), retrained["reranked_test"],
+                      (phoenix_protocols.TRAIN_VAL, "two-stage")))
+    for path, reranked, row in dumps:
+        dump_topk(path, split, reranked[:, :FINAL_K])
+        ours = result["table"][row]
+        label = "" if row[0] == "test" else f" ({row[0]})"
+        line = f"\ndump {path}{label}: table HR@10 {ours['HR@10']:.4f} NDCG@10 {ours['NDCG@10']:.4f}"
+        if check is None:
             print(line + f" (not recomputed: check_dump rebuilds leave-one-out targets, this is a {split.protocol} "
                          "split)")
-    return result
+            continue
+        recomputed = check(path)
+        first_check = recomputed if first_check is None else first_check
+        print(line + f"; recomputed from the dump HR@10 {recomputed['HR@10']:.4f} NDCG@10 {recomputed['NDCG@10']:.4f} "
+                     f"({recomputed['num_users']} users, history items in the top-10s: "
+                     f"{recomputed['history_items_in_topk']})")
+        check_dump_figures(path, ours, recomputed)
+    return {**result, "dump_check": first_check}
 
 
-if __name__ == "__main__":
-    main()
+def run_experiment(split: LogSplit, recipe: Recipe, options: RunOptions, protocols: Protocols = Protocols(),
+                   check: Optional[Callable] = None, title: Optional[str] = None, stream=None) -> dict:
+    """run() with what a command line asks for: each dump written (original ids) and its HR@10 / NDCG@10
+    recomputed from the file by `check(path) -> dict` (check_dump's keys; None: leave-one-out's check_dump
+    of split.log, none for a time split) and compared with the table's (DumpCheckError); with
+    options.seeds, each seed in turn (its own checkpoint_dir/seed<N> and dump PATH.seed<N>), then the
+    per-seed table with mean +- sd. Returns run()'s dict plus "dump_check" (the first dump's), or with
+    seeds {"seeds": {seed: that dict}, "summary": seed_table's stats, "wall_s"}. Call check_run_outputs
+    first: this writes where it was told to."""
+    if check is None and split.protocol == "leave-one-out":
+        check = lambda path: check_dump(path, split.log, FINAL_K)  # noqa: E731
+    check_dump_k(options, recipe, split)
+    title = title or f"{split.log.source}, {split.protocol}"
+    if not options.seeds:
+        return _run_seed(split, recipe, options, protocols, options.seed, options.checkpoint_dir, options.dump_topk,
+                         check, title, stream)
+    run_dirs = run_outputs(options, protocols)[0]
+    start = time.perf_counter()
+    results = {seed: _run_seed(split, recipe, options, protocols, seed, run_dirs[seed],
+                               seed_path(options.dump_topk, seed) if options.dump_topk else None, check, title, stream)
+               for seed in options.seeds}
+    wall = time.perf_counter() - start
+    text, stats = seed_table({seed: result["table"] for seed, result in results.items()})
+    print(f"\n{title}, seeds {','.join(map(str, options.seeds))}: HR@10 / NDCG@10 per seed, mean +- sample sd; "
+          f"wall time {wall:.0f} s (" + ", ".join(f"seed {seed} {result['wall_s']:.0f} s"
+                                                  for seed, result in results.items()) + ")\n")
+    print(text)
+    return {"seeds": results, "summary": stats, "wall_s": wall}

@@ -2,6 +2,7 @@
 
     uv run run_train.py --data movielens-100k --protocol train+val --sasrec [--seeds 0,1,2]
     uv run run_train.py --data LOG.csv --protocol train+val
+    pipeline.run(split, recipe, DIR, extra_rows=protocols.extra_rows(protocols.Protocols("train+val")))
 
 Protocols (the row labels of the table)
   val-select    (the pipeline's, always run; rows "val" and "test") train on the training part,
@@ -13,9 +14,10 @@ Protocols (the row labels of the table)
                 checkpoint's step of the same learning-rate schedule, same seeds), with val-select's
                 re-ranking weight; no validation is looked at again. Test histories are the same
                 (everything before the test target) in both protocols; only the weights differ.
---sasrec adds the rows "val"/"test" "sasrec" (phoenix_sasrec.py: causal transformer over the item
-  sequence, last position, full softmax over all items, the pipeline's evaluation); with
-  --protocol train+val --sasrec-train-val also its "test (train+val)" row, retrained the same way.
+Protocols.sasrec (--sasrec) adds the rows "val"/"test" "sasrec" (phoenix_sasrec.py: causal transformer
+  over the item sequence, last position, full softmax over all items, the pipeline's evaluation);
+  with protocol train+val, Protocols.sasrec_train_val (--sasrec-train-val) also its "test (train+val)"
+  row, retrained the same way.
 
 Shape glossary
   U  users (evaluated users)   N  catalog items   K  retrieved per user   S  history length
@@ -24,29 +26,34 @@ Shape glossary
 import dataclasses
 import os
 import time
-
+from typing import Optional
 
 import phoenix_sasrec as sasrec
 import phoenix_training as training
 import phoenix_two_stage as two_stage
-from phoenix_log import LogSplit
+from phoenix_sasrec import SasrecRecipe
+from phoenix_split import LogSplit
+
+__all__ = ["Protocols", "extra_rows", "retrain_stages", "train_val_split", "PROTOCOLS", "TRAIN_VAL"]
 
 PROTOCOLS = ("val-select", "train+val")
 TRAIN_VAL = "test (train+val)"  # the split label of the train+val protocol's rows
 
 
-def add_flags(parser) -> None:
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="val-select",
-                        help="val-select: train only, best checkpoints by validation (always run); train+val: "
-                             "also retrain on train + validation targets for the steps validation chose, rows "
-                             f"{TRAIN_VAL!r}")
-    parser.add_argument("--sasrec", action="store_true",
-                        help="add the SASRec-style reference rows (phoenix_sasrec.py; full softmax over all items)")
-    parser.add_argument("--sasrec-epochs", type=float, default=sasrec.SasrecRecipe.epochs)
-    parser.add_argument("--sasrec-history-len", type=int, default=sasrec.SasrecRecipe.history_len)
-    parser.add_argument("--sasrec-dropout", type=float, default=sasrec.SasrecRecipe.dropout)
-    parser.add_argument("--sasrec-train-val", action="store_true",
-                        help=f"with --protocol train+val, retrain the sasrec reference too (row {TRAIN_VAL!r})")
+@dataclasses.dataclass(frozen=True)
+class Protocols:
+    """What a run evaluates beside val-select (which always runs): the protocol, and the SASRec reference."""
+
+    protocol: str = "val-select"  # PROTOCOLS: "train+val" also retrains on train + validation targets
+    sasrec: Optional[SasrecRecipe] = None  # the SASRec reference rows with this recipe; None: none
+    sasrec_train_val: bool = False  # with protocol train+val and sasrec, retrain the reference too
+
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.sasrec_train_val and (self.sasrec is None or self.protocol != "train+val"):
+            raise ValueError(f"sasrec_train_val: needs protocol 'train+val' and a sasrec recipe, got protocol "
+                             f"{self.protocol!r} and sasrec={self.sasrec!r}")
 
 
 def train_val_split(split: LogSplit) -> LogSplit:
@@ -105,18 +112,12 @@ def retrain_stages(split: LogSplit, recipe: two_stage.Recipe, seed: int, run_dir
     return rows, {"reranked_test": reranked, "seconds": time.perf_counter() - start}
 
 
-def sasrec_recipe(args) -> sasrec.SasrecRecipe:
-    return dataclasses.replace(sasrec.SasrecRecipe(), epochs=getattr(args, "sasrec_epochs", sasrec.SasrecRecipe.epochs),
-                               history_len=getattr(args, "sasrec_history_len", sasrec.SasrecRecipe.history_len),
-                               dropout=getattr(args, "sasrec_dropout", sasrec.SasrecRecipe.dropout))
-
-
-def extra_rows(args):
-    """The phoenix_pipeline.run(extra_rows=...) hook for the command-line flags, or None."""
-    protocol, with_sasrec = getattr(args, "protocol", "val-select"), getattr(args, "sasrec", False)
+def extra_rows(protocols: Protocols):
+    """The phoenix_pipeline.run(extra_rows=...) hook of `protocols`, or None when val-select is all."""
+    protocol, recipe_s = protocols.protocol, protocols.sasrec
+    with_sasrec = recipe_s is not None
     if protocol == "val-select" and not with_sasrec:
         return None
-    recipe_s = sasrec_recipe(args)
 
     def rows(run: dict) -> tuple[dict, dict]:
         split, stream, seed = run["split"], run["stream"], run["seed"]
@@ -130,7 +131,7 @@ def extra_rows(args):
             more, info["sasrec"] = sasrec.reference_rows(split, recipe_s, seed, two_stage.training_windows,
                                                          two_stage.eval_mask, stream)
             out.update(more)
-            if protocol == "train+val" and getattr(args, "sasrec_train_val", False):
+            if protocol == "train+val" and protocols.sasrec_train_val:
                 best = info["sasrec"]["best"]
                 more, info["sasrec train+val"] = sasrec.reference_rows(
                     split, recipe_s, seed, two_stage.training_windows, two_stage.eval_mask, stream,

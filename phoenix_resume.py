@@ -10,12 +10,16 @@ import fcntl
 import json
 import math
 import os
+import re
+import shutil
+import uuid
 from typing import Callable, Optional
 
 import jax
 import numpy as np
 
 import phoenix_checkpoint as checkpoint
+import phoenix_configs as configs
 from phoenix_validation import check_number
 
 # Step checkpoints a resumable run keeps: the newest, and older ones to fall back on should the
@@ -23,6 +27,12 @@ from phoenix_validation import check_number
 DEFAULT_KEEP_CHECKPOINTS = 3
 # The file a run holds an exclusive lock on, in its checkpoint directory, while it trains.
 LOCK_FILE = ".lock"
+# Name of the checkpoints `step_checkpoint_path` puts in a run's directory: step-00001200.
+STEP_PATTERN = re.compile(r"step-(\d+)")
+# What a prune leaves of a step checkpoint it was deleting when killed: `.step-N.del-<random>`.
+DELETING_PATTERN = re.compile(r"\.(step-\d+)\.del-(?:\d+-)?[A-Za-z0-9_]+")
+# The leftovers of a killed save (phoenix_checkpoint: `.NAME.tmp-*` / `.NAME.old-*`) or prune.
+LEFTOVER_PATTERN = re.compile(r"\.(step-\d+)\.(tmp|old|del)-.*")
 ARRAY_TAG = "__array__"  # JSON tag of an array in a saved history
 FLOAT_TAG = "__float__"  # JSON tag of nan / inf, which strict JSON has no literal for
 # XLA's CPU client: the environment variables that size its intra-op thread pool (the first that
@@ -142,7 +152,7 @@ def decode_json(value):
 
 def json_normal(value):
     """`value` as it reads back from a checkpoint's JSON (configs tagged, tuples tagged, ...)."""
-    return json.loads(json.dumps(checkpoint.config_to_dict(value)))
+    return json.loads(json.dumps(configs.config_to_dict(value)))
 
 
 def config_differences(saved, current, where: str = "") -> list[str]:
@@ -210,7 +220,7 @@ def resume_point(trainer, state, checkpoint_dir: str, resume: bool, expected: di
     """The state and history of the newest readable step checkpoint in `checkpoint_dir` (None if
     there is none), after checking that it belongs to this run. A checkpoint damaged after its save
     is reported and skipped for the one before it; one of another configuration raises ResumeError."""
-    found = checkpoint.list_step_checkpoints(checkpoint_dir)
+    found = list_step_checkpoints(checkpoint_dir)
     if found and not resume:
         raise ResumeError(f"checkpoint_dir {checkpoint_dir}: holds checkpoints of an earlier run (newest "
                           f"{os.path.basename(found[-1][1])}); pass resume=True (--resume) to continue it, or "
@@ -226,7 +236,7 @@ def resume_point(trainer, state, checkpoint_dir: str, resume: bool, expected: di
             if step > end_step:
                 raise ResumeError(f"{path}: cannot resume, the checkpoint is at step {step}, past this run's "
                                   f"last step {end_step}")
-            restored, ckpt = trainer._load(path, like=state)
+            restored, ckpt = trainer.load(path, like=state)
         except checkpoint.CheckpointError as e:
             notify(f"skipping damaged checkpoint {path}: {e}")
             damaged.append(path)
@@ -240,3 +250,65 @@ def resume_point(trainer, state, checkpoint_dir: str, resume: bool, expected: di
         return restored, decode_json((ckpt.extra or {}).get("history") or [])
     raise checkpoint.CheckpointError(f"checkpoint_dir {checkpoint_dir}: none of its {len(found)} checkpoints "
                                      f"can be read ({', '.join(damaged)}); remove them to start afresh")
+
+
+# --------------------------------------------------------------------------- a run's step checkpoints
+
+
+def step_checkpoint_path(directory, step: int) -> str:
+    """`directory/step-00001200`: where a run keeps its checkpoint of `step` (zero-padded, so
+    that names sort by step)."""
+    return os.path.join(checkpoint.checked_path(directory), f"step-{checkpoint.check_step(step):08d}")
+
+
+def list_step_checkpoints(directory) -> list[tuple[int, str]]:
+    """(step, path) of the step checkpoints in `directory`, oldest first; none if it is missing.
+    Only directories that a save renamed into place carry a step name (a save in progress or
+    killed leaves a `.step-N.tmp-*` sibling instead), so each listed one is complete unless
+    damaged after its save (a load then raises CheckpointError)."""
+    directory = checkpoint.checked_path(directory)
+    try:
+        entries = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        match = STEP_PATTERN.fullmatch(entry)
+        if match and os.path.isdir(os.path.join(directory, entry)):
+            found.append((int(match.group(1)), os.path.join(directory, entry)))
+    return sorted(found)
+
+
+def prune_step_checkpoints(directory, keep: int) -> list[str]:
+    """Deletes all but the `keep` (>= 1) newest step checkpoints of `directory`, and the leftovers
+    of saves and prunes that were killed there. Call it once a save is complete, so that the newest
+    checkpoint is never deleted before its successor is in place. A checkpoint is first renamed to
+    `.step-N.del-*` and then deleted, so a prune killed midway leaves no half-deleted checkpoint
+    under a step name (the next prune finishes it). Returns the paths deleted."""
+    if isinstance(keep, (bool, np.bool_)) or not isinstance(keep, (int, np.integer)) or keep < 1:
+        raise ValueError(f"keep: expected an int >= 1 (the newest checkpoint is always kept), got {keep!r}")
+    keep = int(keep)
+    directory = checkpoint.checked_path(directory)
+    deleted = []
+    for _, path in list_step_checkpoints(directory)[:-keep]:
+        if checkpoint.why_not_ours(path) is not None:
+            continue  # not written by a save (or damaged): not ours to delete
+        doomed = os.path.join(directory, f".{os.path.basename(path)}.del-{uuid.uuid4().hex[:16]}")
+        os.rename(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        deleted.append(path)
+    for entry in os.listdir(directory):
+        match = LEFTOVER_PATTERN.fullmatch(entry)
+        if match is None:
+            continue
+        name, kind = match.groups()
+        full = os.path.join(directory, entry)
+        if kind != "del":
+            checkpoint.remove_leftovers(directory, name)  # skips the temporary directories of live saves
+        elif DELETING_PATTERN.fullmatch(entry) and checkpoint.why_not_ours(full, complete=False) is None:
+            shutil.rmtree(full, ignore_errors=True)  # a prune killed while deleting it
+    return deleted
+
+
+__all__ = ["DEFAULT_KEEP_CHECKPOINTS", "LOCK_FILE", "STEP_PATTERN", "ResumeError", "RunLock", "list_step_checkpoints",
+           "prune_step_checkpoints", "run_devices", "step_checkpoint_path", "xla_cpu_threads"]

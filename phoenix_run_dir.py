@@ -44,6 +44,9 @@ from typing import Mapping, Optional
 import phoenix_checkpoint as checkpoint
 from phoenix_resume import LOCK_FILE
 
+__all__ = ["Input", "OutputError", "ForeignFilesError", "check_outputs", "check_checkpoint_target", "write_manifest",
+           "read_manifest", "entry_problem", "path_kind", "MANIFEST_FILE", "METRICS_HEADER"]
+
 MANIFEST_FILE = "run.json"
 MANIFEST_FORMAT = "phoenix-run"
 MANIFEST_VERSION = 1
@@ -251,7 +254,7 @@ def _checkpoints_problem(path: str, depth: int) -> Optional[str]:
     """None if `path` is a directory of (`depth` - 1 levels of directories of) checkpoint
     directories, the leftovers of killed saves included; else why not."""
     if depth == 0:
-        return checkpoint._why_not_ours(path)
+        return checkpoint.why_not_ours(path)
     if os.path.islink(path) or not os.path.isdir(path):
         return "is not a directory"
     for entry in sorted(os.listdir(path)):
@@ -260,7 +263,7 @@ def _checkpoints_problem(path: str, depth: int) -> Optional[str]:
         if depth == 1 and entry == LOCK_FILE:  # phoenix_training.fit's run lock
             problem = entry_problem(full, "lock")
         elif depth == 1 and leftover:
-            problem = checkpoint._why_not_ours(full, complete=False)
+            problem = checkpoint.why_not_ours(full, complete=False)
         else:
             problem = _checkpoints_problem(full, depth - 1)
         if problem:
@@ -419,7 +422,7 @@ def check_checkpoint_target(flag: str, path) -> None:
     """Refuses (checkpoint.CheckpointError), before training, a checkpoint path that a save would
     refuse after it: a file, a directory holding anything but a Phoenix checkpoint."""
     path = os.fspath(path)
-    problem = checkpoint._why_not_ours(os.path.realpath(path))
+    problem = checkpoint.why_not_ours(os.path.realpath(path))
     if problem:
         raise checkpoint.CheckpointError(f"{flag} {path}: {problem}; a save would refuse to replace it, so nothing "
                                          "was trained: choose another path, or remove it yourself")

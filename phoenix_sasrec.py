@@ -4,7 +4,7 @@
     rows, info = sasrec.reference_rows(split, sasrec.SasrecRecipe(), seed=0)   # {("val"|"test", "sasrec"): metrics}
 
 Model (Kang and McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018, in this library's parts)
-  One item-embedding table [V, D] (row 0 = padding, always multiplied by 0), dropout on the
+  One item-embedding table [M, D] (row 0 = padding, always multiplied by 0), dropout on the
   input embeddings while training, grok.py's causal Transformer (rotary positions, sandwich RMS
   norms, gated GELU feed-forward; no user id, no authors, no actions), an RMS norm on its outputs,
   and logits against the same table: logits[b, p, n] = h[b, p] . E[1 + n]. The output at position p
@@ -27,8 +27,8 @@ Evaluation: the user state at the last position of the up-to-S items before the 
 
 Shape glossary
   B  batch (windows or users)   S  sequence length (positions)   D  model width
-  N  catalog items               V = N + 1 table rows (row 0 = padding)
-  U  evaluated users             W  training windows              K  top-k
+  N  catalog items               M = N + 1 table rows (row 0 = padding)
+  U  evaluated users             Nw training windows              K  top-k
 """
 
 import dataclasses
@@ -44,8 +44,11 @@ import numpy as np
 import optax
 
 import phoenix_metrics as metrics
-from grok import TransformerConfig, layer_norm
+from grok import layer_norm
 from phoenix_optim import OptimizerConfig, make_optimizer
+from phoenix_sizes import ModelSizes
+
+__all__ = ["SasrecRecipe", "Sasrec", "reference_rows", "train", "evaluate"]
 
 PAD = 0  # table row of padding; catalog column n is row n + 1
 EVAL_BATCH = 256
@@ -53,7 +56,7 @@ EVAL_BATCH = 256
 
 @dataclasses.dataclass(frozen=True)
 class SasrecRecipe:
-    """Sizes and schedule of the reference model (MovieLens-100K: module docstring of train_movielens)."""
+    """Sizes and schedule of the reference model (chosen on MovieLens-100K: docs/notes.md)."""
 
     emb_size: int = 64  # D
     num_layers: int = 2
@@ -69,20 +72,13 @@ class SasrecRecipe:
     evals: int = 6  # validation evaluations (best by NDCG@10 kept)
 
 
-def transformer_config(recipe: SasrecRecipe) -> TransformerConfig:
-    key_size = recipe.emb_size // recipe.num_heads
-    return TransformerConfig(emb_size=recipe.emb_size, key_size=key_size, num_q_heads=recipe.num_heads,
-                             num_kv_heads=recipe.num_heads, num_layers=recipe.num_layers, widening_factor=4.0,
-                             attn_output_multiplier=1.0 / math.sqrt(key_size))
-
-
 def make_model(recipe: SasrecRecipe, num_items: int) -> hk.Transformed:
     """hk.transform of forward(items [B, S] int32 table rows, is_training) -> logits [B, S, N] float32."""
-    config = transformer_config(recipe)
+    config = ModelSizes(recipe.emb_size, recipe.num_layers, recipe.num_heads).transformer()
 
     def forward(items, is_training: bool = False):
         table = hk.get_parameter("item_embeddings", [num_items + 1, recipe.emb_size], jnp.float32,
-                                 init=hk.initializers.TruncatedNormal(recipe.table_init_stddev))  # [V, D]
+                                 init=hk.initializers.TruncatedNormal(recipe.table_init_stddev))  # [M, D]
         mask = items != PAD  # [B, S]
         x = table[items] * mask[..., None]  # [B, S, D]; padding rows contribute 0
         if is_training and recipe.dropout > 0:
@@ -104,14 +100,14 @@ def full_softmax_loss(logits, targets, valid):
 
 
 def window_arrays(split, rows, starts, lengths, history_len: int):
-    """Windows (phoenix_two_stage.training_windows) as (inputs [W, S] table rows, targets [W, S]
-    catalog columns, valid [W, S]): input slot j holds item j of the window, its target item j + 1."""
+    """Windows (phoenix_two_stage.training_windows) as (inputs [Nw, S] table rows, targets [Nw, S]
+    catalog columns, valid [Nw, S]): input slot j holds item j of the window, its target item j + 1."""
     slots = np.arange(history_len + 1)[None, :]  # [1, S+1]
-    present = slots < lengths[:, None]  # [W, S+1]
+    present = slots < lengths[:, None]  # [Nw, S+1]
     positions = np.where(present, starts[:, None] + slots, 0)
-    columns = np.where(present, split.item_columns[positions], -1)  # [W, S+1]
-    inputs = np.where(present[:, :-1], columns[:, :-1] + 1, PAD).astype(np.int32)  # [W, S]
-    valid = present[:, 1:]  # [W, S]: slot j has a next item
+    columns = np.where(present, split.item_columns[positions], -1)  # [Nw, S+1]
+    inputs = np.where(present[:, :-1], columns[:, :-1] + 1, PAD).astype(np.int32)  # [Nw, S]
+    valid = present[:, 1:]  # [Nw, S]: slot j has a next item
     targets = np.where(valid, columns[:, 1:], 0).astype(np.int32)
     return inputs, targets, valid
 
@@ -198,7 +194,7 @@ def train(split, recipe: SasrecRecipe, seed: int, windows: Callable, num_steps: 
     def batch():
         nonlocal pending
         while len(pending) < recipe.batch_size:
-            w = np.stack(windows(split, recipe.history_len, rng), axis=1)  # [W, 3]
+            w = np.stack(windows(split, recipe.history_len, rng), axis=1)  # [Nw, 3]
             pending = np.concatenate([pending, w[rng.permutation(len(w))]])
         (rows, starts, lengths), pending = pending[:recipe.batch_size].T, pending[recipe.batch_size:]
         return window_arrays(split, rows, starts, lengths, recipe.history_len)

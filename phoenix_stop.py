@@ -39,6 +39,11 @@ import threading
 import time
 from typing import Callable, Optional
 
+__all__ = [
+    "TrainingStopped", "command_line", "stop_on_signals", "stop_requested", "deferred", "invoked_as",
+    "SIGNALS", "ABORT_AFTER_S", "SIGINT_COPY_S", "RERAISE_AFTER_S",
+]
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Longer than `uv run`'s 0.2 s delay in forwarding a SIGINT (module docstring), short enough that an
 # impatient second Ctrl-C still works.

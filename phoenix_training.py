@@ -33,6 +33,7 @@ import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import phoenix_checkpoint as checkpoint
+import phoenix_configs as configs
 from phoenix_forward import ModelForward, both_towers
 from phoenix_inputs import ACTIONS, HashConfig, RecsysBatch
 # The losses, optimiser and resume machinery are re-exported: `training.X` is the one-stop API.
@@ -46,11 +47,30 @@ from phoenix_optim import (TABLE_FIELDS, TABLE_SIZE_FIELDS, LazyAdamState, Optim
                            split_tables, table_optimizer_init)
 from phoenix_resume import (DEFAULT_KEEP_CHECKPOINTS, LOCK_FILE, ResumeError, RunLock,  # noqa: F401
                             check_checkpoint_args, config_differences, decode_json, encode_json, json_normal,
-                            resume_point, run_devices, xla_cpu_threads)
+                            list_step_checkpoints, prune_step_checkpoints, resume_point, run_devices,
+                            step_checkpoint_path, xla_cpu_threads)
 from phoenix_stop import TrainingStopped, deferred, stop_on_signals, stop_requested  # noqa: F401
 from phoenix_validation import check_batch, check_number, check_values
 from recsys_model import PhoenixModelConfig
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
+
+__all__ = [
+    # trainers and the fit loop
+    "TrainState", "Trainer", "RankingTrainer", "RetrievalTrainer", "make_ranking_trainer", "make_retrieval_trainer",
+    "fit",
+    # re-exported from phoenix_losses
+    "DEFAULT_TEMPERATURE", "MASKED_LOGIT", "RankingLossTerms", "RetrievalLossTerms", "check_action_weights",
+    "check_ranking_targets", "check_retrieval_targets", "check_temperature", "ranking_loss", "ranking_loss_terms",
+    "retrieval_loss", "listwise_loss", "retrieval_loss_terms", "sigmoid_cross_entropy",
+    # re-exported from phoenix_optim
+    "TABLE_FIELDS", "TABLE_SIZE_FIELDS", "LazyAdamState", "OptimizerConfig", "RowwiseAdagradState",
+    "clip_by_global_norm", "compact_table_lookups", "learning_rate_schedule", "make_optimizer", "rowwise_adagrad",
+    "sparse_table_update", "split_tables", "table_optimizer_init",
+    # re-exported from phoenix_resume (its __all__) and phoenix_stop
+    "DEFAULT_KEEP_CHECKPOINTS", "LOCK_FILE", "ResumeError", "RunLock", "list_step_checkpoints",
+    "prune_step_checkpoints", "run_devices", "step_checkpoint_path", "xla_cpu_threads",
+    "TrainingStopped", "deferred", "stop_on_signals", "stop_requested",
+]
 
 
 # --------------------------------------------------------------------------- trainers
@@ -232,7 +252,7 @@ class Trainer:
         with deferred():
             return checkpoint.save_checkpoint(
                 path, state.params, state.opt_state, step=int(jax.device_get(state.step)),
-                config=self._config_for_checkpoint(), aux=aux,
+                config=configs.config_to_dict(self._config_for_checkpoint()), aux=aux,
                 extra={"rng": rng.tolist(), "trainer": type(self).__name__, "metric_sums": sums, **(extra or {})})
 
     def restore(self, path, example_batch: Optional[RecsysBatch] = None, like: Optional[TrainState] = None
@@ -241,15 +261,20 @@ class Trainer:
         layout (a mismatch raises ValueError naming the parameter), taken from `like` (a state of
         this trainer) or else from `example_batch`. Metric sums continue from the saved ones
         (zero for checkpoints that hold none), so a resumed run logs the same means."""
-        return self._load(path, example_batch, like)[0]
+        return self.load(path, example_batch, like)[0]
 
-    def _load(self, path, example_batch=None, like=None) -> tuple[TrainState, checkpoint.Checkpoint]:
+    def load(self, path, example_batch: Optional[RecsysBatch] = None, like: Optional[TrainState] = None
+             ) -> tuple[TrainState, checkpoint.Checkpoint]:
+        """(the TrainState that `restore` returns, the checkpoint it came from): the checkpoint's
+        config decoded by phoenix_configs ({"model", "hash_config", "optimizer"}), its `extra` and
+        `aux` as saved (phoenix_resume reads a run's history and data-stream state from them)."""
         if like is None and example_batch is None:
-            raise TypeError("restore: pass example_batch (a RecsysBatch) or like (a TrainState of this trainer)")
+            raise TypeError("load / restore: pass example_batch (a RecsysBatch) or like (a TrainState of this "
+                            "trainer), got neither")
         template = like if like is not None else jax.eval_shape(self._init, jax.random.PRNGKey(0), example_batch)
         ckpt = checkpoint.load_checkpoint(path, params_template=template.params,
                                           opt_state_template=template.opt_state,
-                                          config_types=(OptimizerConfig,))
+                                          decode_config=configs.config_from_dict)
         extra = ckpt.extra or {}
         rng = extra.get("rng")
         rng = jax.random.PRNGKey(0) if rng is None else jnp.asarray(np.asarray(rng, np.uint32))
@@ -642,18 +667,18 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
         def save() -> None:
             nonlocal last_saved
             step = start_step + done
-            path = checkpoint.step_checkpoint_path(checkpoint_dir, step)
+            path = step_checkpoint_path(checkpoint_dir, step)
             try:
                 trainer.save(path, state, aux=None if aux is None else aux.state_dict(), extra={
                     "run_config": expected["run_config"], "run_start_step": start_step,
                     "devices": expected["devices"], "history": encode_json(history)})
             except OSError as e:
-                newest = checkpoint.list_step_checkpoints(checkpoint_dir)
+                newest = list_step_checkpoints(checkpoint_dir)
                 kept = newest[-1][1] if newest else "none yet"
                 why = e.strerror if e.errno is not None else str(e)  # str(e) would repeat "[Errno N]"
                 raise OSError(e.errno, f"checkpoint of step {step} was not written, training stopped: {why}. "
                                        f"The newest complete checkpoint, intact: {kept}") from e
-            checkpoint.prune_step_checkpoints(checkpoint_dir, keep_checkpoints)
+            prune_step_checkpoints(checkpoint_dir, keep_checkpoints)
             last_saved = step
 
         def stop() -> None:
@@ -662,7 +687,7 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
             in the checkpoint, so a resumed run logs what an uninterrupted one would."""
             if checkpoint_dir is not None and done and last_saved != start_step + done:
                 save()
-            saved = None if last_saved is None else checkpoint.step_checkpoint_path(checkpoint_dir, last_saved)
+            saved = None if last_saved is None else step_checkpoint_path(checkpoint_dir, last_saved)
             raise TrainingStopped(stop_requested(), start_step + done, end_step, saved)
 
         # From here a stop signal only marks the stop (no step, save or evaluation is cut short); it

@@ -8,7 +8,8 @@ RETRIEVE_K items per user; the ranker (or a RankerEnsemble, Recipe.ranker_member
 phoenix_pipeline.run trains both.
 
 Recipe
-  train_movielens.py's, tuned on MovieLens-100K. Fields left None adapt to the log: hash tables of
+  Tuned on MovieLens-100K (docs/notes.md); MOVIELENS_RECIPE, what `run_train.py --data movielens-100k`
+  trains, differs in two fields. Fields left None adapt to the log: hash tables of
   max(20k, 4 x ids) rows (4k for authors); retrieve_k and negative_pool 100, or fewer when some
   user has seen all but fewer items; ranker_batch_size 256, or the number of training examples.
   A value given explicitly is kept, and refused (RecipeError naming the flag) if the log cannot
@@ -17,8 +18,8 @@ Recipe
 Shape glossary
   R  interactions   U  users (evaluated users: one target each)   N  catalog items
   E  training examples   B  batch   S  history length   C  ranker candidates per row
-  D  embedding size      A  actions (19)   K  retrieved per user   P  hard-negative pool per example
-  W  windows (retrieval training)
+  D  embedding size      A  actions (19)   K  retrieved per user   Kn  hard-negative pool per example
+  Nw  windows (retrieval training)
 """
 
 import dataclasses
@@ -29,15 +30,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import movielens as ml
 import phoenix_metrics as metrics
+import phoenix_sizes
 import phoenix_training as training
-from grok import TransformerConfig
-from phoenix_experiment import take
+from phoenix_batching import padded_chunks, take
+from phoenix_evaluation import popularity_counts
 from phoenix_inputs import ACTIONS, PAD_ID, HashConfig
-from phoenix_log import NUM_ACTIONS, LogError, LogSplit, phoenix_examples
+from phoenix_log import NUM_ACTIONS, LogError
+from phoenix_split import SURFACE, LogSplit, Split, item_sampling_frequencies, phoenix_batch, phoenix_examples
 from recsys_model import PhoenixModelConfig
 from recsys_retrieval_model import POOLINGS, PhoenixRetrievalModelConfig, check_pooling, l2_normalize, last_valid
+
+__all__ = ["Recipe", "RecipeError", "MOVIELENS_RECIPE", "resolve_recipe", "check_recipe", "hash_config",
+           "retrieval_config", "ranker_config", "StageOne", "TwoStage", "RetrievalEnsemble", "RankerEnsemble",
+           "SequenceRetrievalTrainer", "encode_items", "encode_users", "ranker_logits", "rerank_scores",
+           "choose_rerank_weights", "start_retrieval", "start_ranker", "stage_steps", "member_stage",
+           "RETRIEVE_K", "FINAL_K"]
 
 RETRIEVE_K = 100  # the retrieval stage hands this many items per user to the ranker
 FINAL_K = 10  # the list a user sees (and the dump holds)
@@ -99,6 +107,13 @@ class Recipe:
         return 1 + self.hard_negatives + self.random_negatives
 
 
+# MovieLens's recipe (`run_train.py --data movielens-100k`): last pooling (chosen on validation over
+# seeds 0-2) and a retrieval ensemble of four two-tower models with one ranker; docs/notes.md
+# ("MovieLens-100K") has the measurements. `--pooling mean` is the release's pooling,
+# `--retrieval-members 1` a single two-tower model.
+MOVIELENS_RECIPE = Recipe(pooling="last", retrieval_members=4)
+
+
 # Weights of the retrieval logit and of the popularity prior in the re-ranking score tried on
 # validation (rerank_scores; every pair, choose_rerank_weights).
 RETRIEVAL_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -108,13 +123,13 @@ RANKER_BATCH = 256  # default examples per ranker step
 _TABLE_MINIMUM = {"user_table_size": 20_000, "post_table_size": 20_000, "author_table_size": 4_000}
 
 
-def recommendable(split: ml.Split) -> int:
+def recommendable(split: Split) -> int:
     """Items every evaluated user can still be recommended at test time (the catalog minus the most
     any user has seen)."""
     return len(split.item_ids) - int(split.visible_len("test")[split.eval_users()].max())
 
 
-def resolve_recipe(recipe: Recipe, split: ml.Split) -> Recipe:
+def resolve_recipe(recipe: Recipe, split: Split) -> Recipe:
     """The recipe with its auto fields (None) filled in from the split: table sizes from the id
     counts; retrieve_k, negative_pool and ranker_batch_size at their defaults unless the log is too
     small for them. Values given explicitly are kept (check_recipe refuses those that do not fit)."""
@@ -135,24 +150,19 @@ def hash_config(recipe: Recipe) -> HashConfig:
                       author_table_size=sizes[2])
 
 
-def transformer_config(recipe: Recipe) -> TransformerConfig:
-    key_size = recipe.emb_size // recipe.num_heads
-    return TransformerConfig(emb_size=recipe.emb_size, key_size=key_size, num_q_heads=recipe.num_heads,
-                             num_kv_heads=recipe.num_heads, num_layers=recipe.num_layers, widening_factor=4.0,
-                             attn_output_multiplier=1.0 / math.sqrt(key_size))
+def model_sizes(recipe: Recipe) -> phoenix_sizes.ModelSizes:
+    """Both stages' transformer: emb_size split over num_heads, widening 4."""
+    return phoenix_sizes.ModelSizes(recipe.emb_size, recipe.num_layers, recipe.num_heads)
 
 
 def retrieval_config(recipe: Recipe) -> PhoenixRetrievalModelConfig:
-    return PhoenixRetrievalModelConfig(model=transformer_config(recipe), emb_size=recipe.emb_size,
-                                       history_seq_len=recipe.history_len, candidate_seq_len=1,
-                                       fprop_dtype=np.float32, hash_config=hash_config(recipe),
-                                       pooling=recipe.pooling).initialize()
+    return phoenix_sizes.retrieval_config(model_sizes(recipe), recipe.history_len, hash_config(recipe),
+                                          pooling=recipe.pooling)
 
 
 def ranker_config(recipe: Recipe) -> PhoenixModelConfig:
-    return PhoenixModelConfig(model=transformer_config(recipe), emb_size=recipe.emb_size, num_actions=NUM_ACTIONS,
-                              history_seq_len=recipe.ranker_history_len, candidate_seq_len=recipe.num_candidates,
-                              fprop_dtype=np.float32, hash_config=hash_config(recipe)).initialize()
+    return phoenix_sizes.ranker_config(model_sizes(recipe), recipe.ranker_history_len, recipe.num_candidates,
+                                       hash_config(recipe))
 
 
 def optimizer_config(recipe: Recipe, num_steps: int) -> training.OptimizerConfig:
@@ -177,9 +187,10 @@ def check_recipe(split: LogSplit, recipe: Recipe) -> None:
     if not 0 < recipe.retrieve_k <= room:
         raise RecipeError(f"retrieve_k (--retrieve-k): expected in [1, {room}] (the {len(split.item_ids)} items minus "
                           f"the most one user has seen), got {recipe.retrieve_k}")
-    if recipe.hard_negatives and not 0 < recipe.negative_pool < len(split.item_ids) - int(split.lengths.max()):
-        raise RecipeError(f"negative_pool (--negative-pool): expected in [1, {len(split.item_ids) - int(split.lengths.max())}) "
-                         f"(items a user has not seen), got {recipe.negative_pool}")
+    unseen = len(split.item_ids) - int(split.lengths.max())  # the fewest items a user has not seen
+    if recipe.hard_negatives and not 0 < recipe.negative_pool < unseen:
+        raise RecipeError(f"negative_pool (--negative-pool): expected in [1, {unseen}) (items a user has not seen), "
+                          f"got {recipe.negative_pool}")
     if recipe.hard_negatives > recipe.negative_pool:
         raise RecipeError(f"hard_negatives (--hard-negatives): expected <= negative_pool {recipe.negative_pool}, "
                          f"got {recipe.hard_negatives}")
@@ -224,10 +235,10 @@ def epoch_batches(num_examples: int, batch_size: int, rng: np.random.Generator):
             yield order[i * batch_size:(i + 1) * batch_size]
 
 
-def training_windows(split: ml.Split, history_len: int, rng: Optional[np.random.Generator] = None):
+def training_windows(split: Split, history_len: int, rng: Optional[np.random.Generator] = None):
     """Windows of up to S + 1 consecutive training items that cover every training target once.
 
-    Returns (user rows [W], start positions [W] into split.items, lengths [W]). Within a window the
+    Returns (user rows [Nw], start positions [Nw] into split.items, lengths [Nw]). Within a window the
     item at slot j >= 1 is the target of the prefix of slots 0..j-1, so a window of n items holds
     n - 1 examples. Window boundaries fall at r, r + S, r + 2S, ... of each user's training part,
     with r = 0 without `rng` and r uniform in [0, S) per user with it (a new cut every epoch, so a
@@ -248,36 +259,36 @@ def training_windows(split: ml.Split, history_len: int, rng: Optional[np.random.
 
 
 def window_examples(split: LogSplit, rows, starts, lengths, history_len: int):
-    """The windows as histories: (examples dict with history fields [W, S + 1], their positions
-    [W, S + 1] into split.items, valid [W, S + 1])."""
+    """The windows as histories: (examples dict with history fields [Nw, S + 1], their positions
+    [Nw, S + 1] into split.items, valid [Nw, S + 1])."""
     slots = np.arange(history_len + 1)[None, :]  # [1, S+1]
-    valid = slots < lengths[:, None]  # [W, S+1]
-    positions = np.where(valid, starts[:, None] + slots, 0)  # [W, S+1]
-    items = np.where(valid, split.items[positions], PAD_ID)  # [W, S+1]
+    valid = slots < lengths[:, None]  # [Nw, S+1]
+    positions = np.where(valid, starts[:, None] + slots, 0)  # [Nw, S+1]
+    items = np.where(valid, split.items[positions], PAD_ID)  # [Nw, S+1]
     examples = {"user_ids": split.user_ids[rows], "history_post_ids": items,
                 "history_author_ids": split.authors_of(items),
                 "history_actions": split.actions[positions] & valid[..., None],
-                "history_surfaces": np.full(items.shape, ml.SURFACE, np.int32)}
+                "history_surfaces": np.full(items.shape, SURFACE, np.int32)}
     return examples, positions, valid
 
 
-def window_batch(split: ml.Split, examples: dict, hashes: HashConfig):
+def window_batch(split: Split, examples: dict, hashes: HashConfig):
     """A RecsysBatch whose history is each window and whose candidates are the window's items 1..S
     (candidate c is the target of the prefix ending at slot c)."""
-    return ml.phoenix_batch(split, examples, hashes, examples["history_post_ids"][:, 1:])
+    return phoenix_batch(split, examples, hashes, examples["history_post_ids"][:, 1:])
 
 
 def retrieval_batches(split: LogSplit, recipe: Recipe, hashes: HashConfig, rng: np.random.Generator):
     """Endless (batch, log_q [B, S], positive_ids [B, S]) for SequenceRetrievalTrainer.step, B windows
     each. log q is a target's share among training targets (logQ correction); positive_ids, the
     targets' catalog columns (-1: padding), mark accidental hits (the same item as another row's positive)."""
-    q = ml.item_sampling_frequencies(split)  # [N]
+    q = item_sampling_frequencies(split)  # [N]
     log_q = np.log(np.where(q > 0, q, 1.0)).astype(np.float32)  # [N]; unsampled items are never targets
     pending = np.zeros((0, 3), np.int64)
     B, S = recipe.retrieval_batch_size, recipe.history_len
     while True:
         while len(pending) < B:  # the next epoch: new cuts, new order
-            windows = np.stack(training_windows(split, S, rng), axis=1)  # [W, 3]
+            windows = np.stack(training_windows(split, S, rng), axis=1)  # [Nw, 3]
             pending = np.concatenate([pending, windows[rng.permutation(len(windows))]])
         (rows, starts, lengths), pending = pending[:B].T, pending[B:]
         examples, positions, valid = window_examples(split, rows, starts, lengths, S)
@@ -293,7 +304,7 @@ def ranker_candidates(examples: dict, rows, pool: Optional[np.ndarray], num_hard
                       num_items: int, rng: np.random.Generator):
     """Candidate columns [B, C] with the target at a random slot, and that slot [B].
 
-    Negatives: `num_hard` distinct entries of each example's hard-negative pool (P columns, target and
+    Negatives: `num_hard` distinct entries of each example's hard-negative pool (Kn columns, target and
     earlier items already removed) and `num_random` uniform catalog columns other than the target. The
     target's slot is random because a candidate's rotary position is its slot: a fixed slot would let
     the ranker recognise the positive by position.
@@ -315,7 +326,7 @@ def ranker_candidates(examples: dict, rows, pool: Optional[np.ndarray], num_hard
     return columns, np.argmax(order == 0, axis=1)
 
 
-def ranker_batches(split: ml.Split, examples: dict, pool: Optional[np.ndarray], recipe: Recipe,
+def ranker_batches(split: Split, examples: dict, pool: Optional[np.ndarray], recipe: Recipe,
                    hashes: HashConfig, rng: np.random.Generator):
     """Endless (batch, labels [B, C, A]) for RankingTrainer.step: the target carries its actions,
     sampled negatives all-zero labels."""
@@ -325,14 +336,7 @@ def ranker_batches(split: ml.Split, examples: dict, pool: Optional[np.ndarray], 
                                           num_items, rng)
         labels = np.zeros(columns.shape + (NUM_ACTIONS,), np.float32)  # [B, C, A]
         labels[np.arange(len(rows)), slot] = examples["target_actions"][rows]
-        yield ml.phoenix_batch(split, take(examples, rows), hashes, split.item_ids[columns]), labels
-
-
-def padded_chunks(num_rows: int, size: int):
-    """(rows [size] padded by repeating the last row, number of real rows) covering 0..num_rows-1."""
-    for start in range(0, num_rows, size):
-        rows = np.arange(start, min(start + size, num_rows))
-        yield np.concatenate([rows, np.full(size - len(rows), rows[-1])]), len(rows)
+        yield phoenix_batch(split, take(examples, rows), hashes, split.item_ids[columns]), labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,38 +489,38 @@ def ensemble(members, params, kind=RetrievalEnsemble):
     return kind(members), tuple(params)
 
 
-def item_examples(split: ml.Split) -> dict:
+def item_examples(split: Split) -> dict:
     """A one-row examples dict with an empty history: the carrier of candidate-only batches."""
     return {"user_ids": split.user_ids[:1], "history_post_ids": np.full((1, 1), PAD_ID),
             "history_author_ids": np.full((1, 1), PAD_ID), "history_actions": np.zeros((1, 1, NUM_ACTIONS), bool),
             "history_surfaces": np.zeros((1, 1), np.int32)}
 
 
-def encode_items(trainer: training.RetrievalTrainer, params, split: ml.Split) -> np.ndarray:
+def encode_items(trainer: training.RetrievalTrainer, params, split: Split) -> np.ndarray:
     """Candidate-tower representations [N, D] of every catalog item (unit norm), in one call."""
     ids = split.item_ids[None, :]  # [1, N]
-    _, candidates, _ = trainer.predict(params, ml.phoenix_batch(split, item_examples(split), trainer.hash_config, ids))
+    _, candidates, _ = trainer.predict(params, phoenix_batch(split, item_examples(split), trainer.hash_config, ids))
     return np.asarray(candidates[0])  # [N, D]
 
 
-def encode_users(trainer: training.RetrievalTrainer, params, split: ml.Split, examples: dict,
+def encode_users(trainer: training.RetrievalTrainer, params, split: Split, examples: dict,
                  batch_size: int = EVAL_BATCH) -> np.ndarray:
     """User-tower representations [E, D] (unit norm) of the examples' histories."""
     out = []
     for rows, real in padded_chunks(len(examples["user_ids"]), batch_size):
-        user, _, _ = trainer.predict(params, ml.phoenix_batch(split, take(examples, rows), trainer.hash_config))
+        user, _, _ = trainer.predict(params, phoenix_batch(split, take(examples, rows), trainer.hash_config))
         out.append(np.asarray(user)[:real])
     return np.concatenate(out)
 
 
-def eval_mask(split: ml.Split, which: str) -> np.ndarray:
+def eval_mask(split: Split, which: str) -> np.ndarray:
     """[U, N]: items ranked for nobody: the user's earlier items, except the target (phoenix_metrics.py's rule)."""
     exclude = split.exclude_mask(which)
     exclude[np.arange(exclude.shape[0]), split.targets(which)] = False
     return exclude
 
 
-def first_positions(split: ml.Split) -> np.ndarray:
+def first_positions(split: Split) -> np.ndarray:
     """[U, N] int32: position (within the user's sequence) of the user's first interaction with each
     item, or a large number where the user never had one."""
     first = np.full((len(split.user_ids), len(split.item_ids)), np.iinfo(np.int32).max, np.int32)
@@ -546,7 +550,7 @@ def example_representations(trainer: SequenceRetrievalTrainer, params, split: Lo
 
 def hard_negative_pool(trainer: SequenceRetrievalTrainer, params, split: LogSplit, history_len: int,
                        pool_size: int, chunk: int = 4096) -> np.ndarray:
-    """[E, P] catalog columns: the retrieval model's top-P for each training example among the items
+    """[E, Kn] catalog columns: the retrieval model's top-Kn for each training example among the items
     the user had not seen before the target, the target excluded (so every entry is a negative)."""
     items = encode_items(trainer, params, split)  # [N, D]
     users = example_representations(trainer, params, split, history_len)  # [E, D]
@@ -591,7 +595,7 @@ class StageOne:
 # ---------------------------------------------------------------------------------------------
 
 
-def ranker_logits(trainer: training.RankingTrainer, params, split: ml.Split, examples: dict,
+def ranker_logits(trainer: training.RankingTrainer, params, split: Split, examples: dict,
                   columns: np.ndarray, num_candidates: int, batch_size: int = EVAL_BATCH) -> np.ndarray:
     """Ranker logits [U, K, A] of candidate columns [U, K] for each example's history.
 
@@ -607,7 +611,7 @@ def ranker_logits(trainer: training.RankingTrainer, params, split: ml.Split, exa
     ids = np.where(chunk_columns >= 0, split.item_ids[np.maximum(chunk_columns, 0)], PAD_ID)
     out = []
     for rows, real in padded_chunks(len(owners), batch_size):
-        batch = ml.phoenix_batch(split, take(examples, owners[rows]), trainer.hash_config, ids[rows])
+        batch = phoenix_batch(split, take(examples, owners[rows]), trainer.hash_config, ids[rows])
         out.append(np.asarray(trainer.predict(params, batch))[:real])
     logits = np.concatenate(out).reshape(U, num_chunks * num_candidates, -1)  # [U, K', A]
     return logits[:, :K]
@@ -645,7 +649,7 @@ def log_popularity(split: LogSplit, which: Optional[str]) -> np.ndarray:
     """log(1 + interactions) [N] of each catalog item visible when `which` ("val", "test") is
     predicted; None: every interaction the log holds (serving after it)."""
     counts = (np.bincount(split.item_columns, minlength=len(split.item_ids)) if which is None
-              else ml.popularity_counts(split, which))
+              else popularity_counts(split, which))
     return np.log1p(counts.astype(np.float64))
 
 

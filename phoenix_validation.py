@@ -19,6 +19,17 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
+__all__ = [
+    # shape checks (trace time)
+    "check_array", "check_at_least_one", "check_batch", "check_inputs", "check_candidate_inputs",
+    # value checks (concrete arrays)
+    "values_enabled", "check_values", "check_hash_range", "check_actions", "check_range", "check_finite",
+    "check_binary",
+    # arguments
+    "check_number", "check_int", "check_top_k",
+    "INF", "MAX_EXACT_POSITION",
+]
+
 
 INF = 1e12  # masked corpus entries and padded candidates score -INF (the release's constant)
 

@@ -21,6 +21,15 @@ from grok import RMSNorm, Transformer, TransformerConfig, defers_norms, layer_no
 from phoenix_inputs import HashConfig, RecsysBatch, RecsysEmbeddings  # noqa: F401
 from phoenix_validation import check_candidate_inputs, check_inputs
 
+__all__ = [
+    # the release's names (shared/phoenix-spec.md section 1); the input types live in phoenix_inputs
+    "HashConfig", "RecsysEmbeddings", "RecsysModelOutput", "RecsysBatch", "block_user_reduce", "block_history_reduce",
+    "block_candidate_reduce", "PhoenixModelConfig", "PhoenixModel",
+    # serving
+    "PrefixCache", "resolve_compute_dtype", "with_fprop_dtype", "SERVING_DTYPES",
+    "PhoenixConfigMethods", "SURFACE_TABLE",
+]
+
 logger = logging.getLogger(__name__)
 
 SURFACE_TABLE = "product_surface_embedding_table"  # shared by history and candidates

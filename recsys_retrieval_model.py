@@ -23,6 +23,13 @@ from phoenix_inputs import HashConfig, RecsysBatch, RecsysEmbeddings
 from phoenix_validation import INF, check_array, check_candidate_inputs, check_top_k  # noqa: F401 (INF: release name)
 from recsys_model import PhoenixConfigMethods, PhoenixModel
 
+__all__ = [
+    # the release's names (shared/phoenix-spec.md section 1)
+    "EPS", "INF", "RetrievalOutput", "CandidateTower", "PhoenixRetrievalModelConfig", "PhoenixRetrievalModel",
+    # pooling, normalisation, top-k
+    "POOLINGS", "check_pooling", "last_valid", "l2_normalize", "retrieve_top_k",
+]
+
 
 EPS = 1e-12  # clamp on squared norms before the square root
 # User-tower pooling over the valid [user, history] positions: "mean" is the release's; "last" is
@@ -109,7 +116,8 @@ def last_valid(outputs: jax.Array, mask: jax.Array) -> jax.Array:
 
 def retrieve_top_k(user_representation, corpus_embeddings, top_k: int, corpus_mask=None):
     """Exact top-k of user [B, D] @ corpus [N, D].T; masked entries score -INF, so they come last."""
-    # user @ corpus.T, not einsum: on CPU XLA fuses it into a loop reading the corpus in place (~1.6x faster)
+    # user @ corpus.T, not einsum: on CPU XLA fuses it into a loop reading the corpus in place (faster than
+    # the GEMV call an einsum becomes; docs/index.md, "Lab notes")
     scores = jnp.matmul(user_representation, corpus_embeddings.T)  # [B, N]
     if corpus_mask is not None:
         scores = jnp.where(corpus_mask[None, :], scores, -INF)

@@ -7,7 +7,7 @@
 
 The model is the release's demo two-tower model (user tower: D=128, 2 layers, key size 64, 2+2
 heads, widening 2, multiplier 0.125, S=32; MLP candidate tower), with hash tables sized to the
-synthetic world (train_synthetic.py: 1k users, 5k posts, 200 authors) and float32 activations. By
+synthetic world (phoenix_synthetic.py: 1k users, 5k posts, 200 authors) and float32 activations. By
 default it is trained for --steps steps of in-batch softmax (64 rows) with logQ correction (~45
 s on 2 CPU cores, progress on stderr) and saved to --checkpoint (default
 $PHOENIX_CACHE_DIR/checkpoints/demo_retrieval, $PHOENIX_CACHE_DIR defaulting to ~/.cache/phoenix)
@@ -46,90 +46,96 @@ the cache. With --no-train about 10 s (1,000-item random corpus; weights random,
 is arbitrary).
 """
 
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import phoenix_experiment as ex
+import phoenix_demos as demos
 import phoenix_run_dir as run_dir
-from phoenix_metrics import recall_at_k
-import train_synthetic as ts
+import phoenix_synthetic as synthetic
 import phoenix_training as training
-from phoenix_datasets import SyntheticWorld, to_retrieval_batch
+import run_train
+from phoenix_batching import chunks, take
+from phoenix_metrics import recall_at_k
+from phoenix_synthetic import SyntheticWorld, to_retrieval_batch
 from runners import (ACTIONS, RecsysRetrievalInferenceRunner, RetrievalModelRunner, create_example_batch,
                      create_example_corpus)
 
 DISPLAY_SEED = 20_000  # example stream of the displayed users (evaluation examples use 10_000 + seed)
-RECALL_K = ts.RECALL_K
-FREQUENCY_USERS = 5_000  # users sampled for the popularity / logQ estimate (the default 20k: ~4x slower)
+RECALL_K = synthetic.RECALL_K
+FREQUENCY_USERS = 5_000  # users sampled for the popularity / logQ estimate (the default 20k is slower to estimate)
 
 
-def train_demo_retrieval(args, world, cfg, log_freq, path: str, key: str) -> float:
+def train_demo_retrieval(options: demos.RetrievalDemo, world, cfg, log_freq, path: str, key: str) -> float:
     """Trains the demo two-tower model on the world's training users and saves it; returns seconds."""
     t0 = time.perf_counter()
     train_ids, _ = world.split_users()
     trainer = training.make_retrieval_trainer(cfg, cfg.hash_config,
-                                              ex.optimizer_config(ex.DEMO_LEARNING_RATE, args.steps),
-                                              table_init_stddev=ex.TABLE_INIT_STDDEV)
-    state = trainer.init(jax.random.PRNGKey(args.seed), to_retrieval_batch(
+                                              synthetic.optimizer_config(demos.DEMO_LEARNING_RATE, options.steps),
+                                              table_init_stddev=synthetic.TABLE_INIT_STDDEV)
+    state = trainer.init(jax.random.PRNGKey(options.seed), to_retrieval_batch(
         world.retrieval_examples(np.zeros(2, np.int64), 0), cfg.hash_config))
-    stream = ts.retrieval_stream(world, train_ids, args.train_batch_size, args.seed, cfg.hash_config,
+    stream = synthetic.retrieval_stream(world, train_ids, options.train_batch_size, options.seed, cfg.hash_config,
                                  user_id_dropout=1.0, log_freq=log_freq)
-    print(f"training the demo retrieval model: {args.steps} steps of {args.train_batch_size} (user, next "
+    print(f"training the demo retrieval model: {options.steps} steps of {options.train_batch_size} (user, next "
           f"engaged post) rows (progress on stderr)", flush=True)
-    ex.fit_and_cache(trainer, state, stream, args, path, key, ts.unknown_user_id(world.cfg))
+    demos.fit_and_cache(trainer, state, stream, options.steps, options.seed, path, key,
+                        synthetic.unknown_user_id(world.cfg))
     return time.perf_counter() - t0
 
 
 def retrieve_examples(retriever, examples: dict, hash_config, batch_size: int, top_k: int) -> np.ndarray:
     """Retrieved corpus indices [n, top_k] of retrieval examples, `batch_size` users per call."""
     out = []
-    for rows in ex.chunks(len(examples["user_ids"]), batch_size):
-        batch = to_retrieval_batch(ex.take(examples, rows), hash_config)
+    for rows in chunks(len(examples["user_ids"]), batch_size):
+        batch = to_retrieval_batch(take(examples, rows), hash_config)
         out.append(np.asarray(retriever.retrieve(batch, top_k=top_k).top_k_indices))
     return np.concatenate(out)
 
 
-def main_trained(args) -> dict:
-    world = SyntheticWorld(ex.demo_world_config(args))
+def main_trained(options: demos.RetrievalDemo) -> dict:
+    path = options.checkpoint
+    world = SyntheticWorld(demos.demo_world_config(options))
     train_ids, held_out = world.split_users()
-    cfg = ex.demo_retrieval_config(args.emb_size, args.num_layers, args.history_len,
-                                   hash_config=ex.demo_hash_config(world.cfg), fprop_dtype=jnp.float32).initialize()
-    key = ex.cache_key(cfg, world.cfg, args.seed, args.steps, args.train_batch_size, ex.DEMO_LEARNING_RATE)
+    cfg = demos.demo_retrieval_config(options.emb_size, options.num_layers, options.history_len,
+                                   hash_config=demos.demo_hash_config(world.cfg), fprop_dtype=jnp.float32).initialize()
+    key = demos.cache_key(cfg, world.cfg, options.seed, options.steps, options.train_batch_size,
+                          demos.DEMO_LEARNING_RATE)
     freq = world.positive_frequencies(train_ids, num_users=FREQUENCY_USERS)  # [N] logQ and popularity
-    if ex.cached_checkpoint(args.checkpoint, key) != "hit":  # what a save would refuse: now, not after training
-        run_dir.check_checkpoint_target("--checkpoint", args.checkpoint)
-    loaded, train_s = ex.load_or_train(
-        args.checkpoint, key, "demo retrieval model",
-        lambda: train_demo_retrieval(args, world, cfg, np.log(freq), args.checkpoint, key))
-    retriever = RecsysRetrievalInferenceRunner.from_checkpoint(args.checkpoint, name="demo_retrieval")
+    if demos.cached_checkpoint(path, key) != "hit":  # what a save would refuse: now, not after training
+        run_dir.check_checkpoint_target("--checkpoint", path)
+    loaded, train_s = demos.load_or_train(
+        path, key, "demo retrieval model",
+        lambda: train_demo_retrieval(options, world, cfg, np.log(freq), path, key))
+    retriever = RecsysRetrievalInferenceRunner.from_checkpoint(path, name="demo_retrieval")
     hashes = retriever.runner.model.hash_config
 
     t0 = time.perf_counter()
     corpus_ids = world.corpus()["post_ids"]  # [N]
-    corpus = np.asarray(retriever.encode_candidates(ts.corpus_batch(world, hashes))[0])  # [N, D]
+    corpus = np.asarray(retriever.encode_candidates(synthetic.corpus_batch(world, hashes))[0])  # [N, D]
     retriever.set_corpus(corpus, corpus_ids)
     encode_s = time.perf_counter() - t0
     num_posts = len(corpus_ids)
-    top_k = min(args.top_k, num_posts)
+    top_k = min(options.top_k, num_posts)
     search_k = min(max(top_k, RECALL_K), num_posts)  # one compiled search serves display and recall
 
-    shown = ts.held_out_examples(world, held_out[:args.batch_size], 1, "retrieval", DISPLAY_SEED)
+    shown = synthetic.held_out_examples(world, held_out[:options.batch_size], 1, "retrieval", DISPLAY_SEED)
     batch = to_retrieval_batch(shown, hashes)
-    compile_s, call_ms, _ = ex.time_calls(lambda: retriever.retrieve(batch, top_k=search_k).top_k_indices, 20)
+    compile_s, call_ms, _ = demos.time_calls(lambda: retriever.retrieve(batch, top_k=search_k).top_k_indices, 20)
     call_s = call_ms / 1e3
     out = retriever.retrieve(batch, top_k=search_k)
     retrieved = retriever.corpus_post_ids[np.asarray(out.top_k_indices)]  # [B, K] post ids
     scores = np.asarray(out.top_k_scores)  # [B, K]
-    oracle = ts.retrieval_oracle_scores(world, shown["true_user_ids"])  # [B, N]
+    oracle = synthetic.retrieval_oracle_scores(world, shown["true_user_ids"])  # [B, N]
     p_next = oracle / oracle.sum(axis=1, keepdims=True)  # [B, N] P(next engaged post = n | user)
 
-    print(f"\nPhoenix retrieval: D={args.emb_size}, {args.num_layers} layers, S={args.history_len}, corpus "
+    print(f"\nPhoenix retrieval: D={options.emb_size}, {options.num_layers} layers, S={options.history_len}, corpus "
           f"{num_posts:,} posts (every post of the world, encoded in {encode_s:.1f} s), top-{top_k}, "
-          f"B={args.batch_size}, seed {args.seed}, trained {args.steps} steps")
-    for b in range(args.batch_size):
+          f"B={options.batch_size}, seed {options.seed}, trained {options.steps} steps")
+    for b in range(options.batch_size):
         user = shown["true_user_ids"][b]
         history_authors = shown["history_author_ids"][b][shown["history_author_ids"][b] >= 0]
         author_counts = np.bincount(history_authors, minlength=world.cfg.num_authors)
@@ -151,14 +157,14 @@ def main_trained(args) -> dict:
           "   hist: the user's history engagements with the post's author; affinity ~ N(0, 1) over random pairs)")
 
     # Over many held-out users, in calls of the displayed shape.
-    repeats = max(1, -(-args.eval_examples // len(held_out)))
-    examples = ts.held_out_examples(world, held_out, repeats, "retrieval", args.seed)
-    usable = len(examples["user_ids"]) // args.batch_size * args.batch_size
-    examples = ex.take(examples, slice(0, min(usable, max(args.eval_examples, args.batch_size))))
-    got = retriever.corpus_post_ids[retrieve_examples(retriever, examples, hashes, args.batch_size, search_k)]
+    repeats = max(1, -(-options.eval_examples // len(held_out)))
+    examples = synthetic.held_out_examples(world, held_out, repeats, "retrieval", options.seed)
+    usable = len(examples["user_ids"]) // options.batch_size * options.batch_size
+    examples = take(examples, slice(0, min(usable, max(options.eval_examples, options.batch_size))))
+    got = retriever.corpus_post_ids[retrieve_examples(retriever, examples, hashes, options.batch_size, search_k)]
     positives = examples["positive_post_ids"]
     users, inverse = np.unique(examples["true_user_ids"], return_inverse=True)
-    oracle_all = ts.retrieval_oracle_scores(world, users)  # [U', N]
+    oracle_all = synthetic.retrieval_oracle_scores(world, users)  # [U', N]
     true_top_all = np.argsort(-oracle_all, axis=1)[:, :top_k][inverse]  # [n, K]
     overlap = np.mean([len(set(g[:top_k]) & set(t)) / top_k for g, t in zip(got, true_top_all)])
     recall = {"model": float(np.mean([p in g[:RECALL_K] for p, g in zip(positives, got)])),
@@ -172,29 +178,30 @@ def main_trained(args) -> dict:
     print(f"  recall@{RECALL_K} of the next engaged post over all {num_posts:,} posts: model {recall['model']:.3f}, "
           f"popularity {recall['popularity']:.3f}, oracle {recall['oracle']:.3f}")
     print(f"\ncompile + first call: {compile_s:.2f} s   steady-state retrieve(top_k={search_k}): {call_s * 1e3:.2f} "
-          f"ms/call (B={args.batch_size}, median of 20)")
+          f"ms/call (B={options.batch_size}, median of 20)")
     return {"loaded": loaded, "train_s": train_s, "retrieved": retrieved, "overlap": float(overlap),
             "recall": recall, "compile_s": compile_s, "call_s": call_s}
 
 
-def main_untrained(args) -> dict:
-    cfg = ex.demo_retrieval_config(args.emb_size, args.num_layers, args.history_len)
-    retriever = RecsysRetrievalInferenceRunner(RetrievalModelRunner(cfg, rng_seed=args.seed), name="demo_retrieval")
+def main_untrained(options: demos.RetrievalDemo) -> dict:
+    cfg = demos.demo_retrieval_config(options.emb_size, options.num_layers, options.history_len)
+    retriever = RecsysRetrievalInferenceRunner(RetrievalModelRunner(cfg, rng_seed=options.seed), name="demo_retrieval")
     retriever.initialize()
-    batch, embeddings = create_example_batch(args.batch_size, args.emb_size, args.history_len,
-                                             cfg.candidate_seq_len, len(ACTIONS), seed=args.seed)
-    corpus, post_ids = create_example_corpus(args.corpus_size, args.emb_size)
+    batch, embeddings = create_example_batch(options.batch_size, options.emb_size, options.history_len,
+                                             cfg.candidate_seq_len, len(ACTIONS), seed=options.seed)
+    corpus, post_ids = create_example_corpus(options.corpus_size, options.emb_size)
     retriever.set_corpus(corpus, post_ids)
-    compile_s, call_ms, _ = ex.time_calls(
-        lambda: retriever.retrieve(batch, embeddings, top_k=args.top_k).top_k_scores, 20)
+    compile_s, call_ms, _ = demos.time_calls(
+        lambda: retriever.retrieve(batch, embeddings, top_k=options.top_k).top_k_scores, 20)
     call_s = call_ms / 1e3
-    out = retriever.retrieve(batch, embeddings, top_k=args.top_k)
+    out = retriever.retrieve(batch, embeddings, top_k=options.top_k)
     indices, scores = np.asarray(out.top_k_indices), np.asarray(out.top_k_scores)
 
-    print(f"Phoenix retrieval: D={args.emb_size}, {args.num_layers} layers, S={args.history_len}, "
-          f"corpus {args.corpus_size}, top-{args.top_k}, B={args.batch_size}, seed {args.seed} (random init)")
-    for b in range(args.batch_size):
-        print(f"\nUser {b}: top-{args.top_k} of {args.corpus_size}")
+    print(f"Phoenix retrieval: D={options.emb_size}, {options.num_layers} layers, S={options.history_len}, "
+          f"corpus {options.corpus_size}, top-{options.top_k}, B={options.batch_size}, seed {options.seed} "
+          "(random init)")
+    for b in range(options.batch_size):
+        print(f"\nUser {b}: top-{options.top_k} of {options.corpus_size}")
         print("  rank  index   post_id    score")
         for r, (i, s) in enumerate(zip(indices[b], scores[b])):
             print(f"  {r + 1:>4}  {i:>5}  {retriever.corpus_post_ids[i]:>8}  {s:+.4f}")
@@ -203,16 +210,21 @@ def main_untrained(args) -> dict:
     return {"loaded": False, "indices": indices, "scores": scores, "compile_s": compile_s, "call_s": call_s}
 
 
-# parse_args(argv); main(argv=None) -> the result dict
-parse_args, main = ex.demo_entry_points(__doc__, "retrieval", main_trained, main_untrained)
+def parse_args(argv) -> demos.RetrievalDemo:
+    """The command line as a demos.RetrievalDemo (every field a flag)."""
+    return demos.RetrievalDemo(**vars(run_train.dataclass_parser(demos.RetrievalDemo, __doc__).parse_args(argv)))
+
+
+def main(argv=None) -> dict:
+    """The demo (module docstring) on the command line `argv` (default sys.argv[1:]); returns its figures."""
+    options = parse_args(sys.argv[1:] if argv is None else argv)
+    return main_untrained(options) if options.no_train else main_trained(options)
 
 
 def cli() -> None:
     """The `phoenix-retrieve` console script (and `uv run run_retrieval.py`): main() without its result
     dict (sys.exit would print it as an error); a user error prints one `error:` line and exits with
     status 2 (run_train.cli)."""
-    import run_train
-
     run_train.cli(lambda: main())  # main looked up when called
 
 

@@ -1,67 +1,563 @@
-"""Train Phoenix end to end and report quality next to baselines.
+"""Train Phoenix end to end and report quality next to baselines: the one training command line.
 
-    uv run run_train.py --data LOG.csv [flags]            # your interaction log (phoenix_pipeline.py)
-    uv run run_train.py --data synthetic [flags]          # the synthetic world with planted signal
-    uv run run_train.py --data movielens-100k [flags]     # MovieLens-100K, leave-one-out protocol
-    uv run run_train.py --data DIR [flags]                # your own MovieLens copy (u.data / ratings.dat)
+    uv run run_train.py --data LOG.csv [flags]            # your interaction log (CSV with a header line)
     zcat log.csv.gz | uv run run_train.py --data - [flags]   # a log on standard input (or --data <(zcat ...))
+    uv run run_train.py --data movielens-100k [flags]     # MovieLens-100K (downloaded once), leave-one-out
+    uv run run_train.py --data DIR [flags]                # your own MovieLens copy (u.data / ratings.dat / *.inter)
+    uv run run_train.py --data synthetic [flags]          # the synthetic world with planted signal (the default)
     phoenix-train --data ... [flags]                      # the same, once the package is installed
 
-A file (CSV with a header line: user_id, item_id, timestamp, optional rating ...; column names
-are flags) goes through phoenix_pipeline.py; MovieLens goes through train_movielens.py, which maps
-stars to actions and then runs the same pipeline; the synthetic world has its own experiment
-(train_synthetic.py). `--help` after `--data ...` lists each one's flags, what it prints and how
-long it takes; this script only dispatches. Checkpoints and downloads go under
-$PHOENIX_CACHE_DIR (default ~/.cache/phoenix) unless --checkpoint-dir / --cache-dir say
-otherwise; a run directory holding an earlier run is refused unless --overwrite, and no output
-ever goes over an input or over what Phoenix did not write (phoenix_run_dir.py), all checked
-before anything is read or trained. A user error (a bad flag, path or value) prints one
-`error:` line and exits with status 2; a traceback means a bug.
+`--help` lists every flag of every data path; `--data X --help` those of one. A log (columns named by
+--user-col, --item-col, --time-col, optional --rating-col, --author-col and 0/1 action columns) and
+MovieLens (stars mapped to actions, genres to authors: movielens.py) go through the same two-stage
+pipeline (phoenix_pipeline.run_experiment): on stderr each stage's progress (step, loss, steps/s, ETA)
+and validation HR@10 / NDCG@10; on stdout a markdown table of HR@10, NDCG@10, HR@50 and MRR on
+validation and test for the popularity and transition baselines, retrieval alone and two-stage, then
+with --dump-topk every test user's top-10 as CSV, recomputed from the file. MovieLens-100K takes a
+few minutes on 2 CPU cores; a log, time proportional to its training examples. The synthetic world
+(train_synthetic.py) trains a ranker and a two-tower model and reports them beside the world's
+oracle and a popularity baseline (about 10 minutes at the defaults on 2 CPU cores), resumably
+(--checkpoint-every N, --resume).
+
+Checkpoints and downloads go under $PHOENIX_CACHE_DIR (default ~/.cache/phoenix) unless
+--checkpoint-dir / --cache-dir say otherwise; a run directory holding an earlier run is refused
+unless --overwrite, and no output ever goes over an input or over what Phoenix did not write
+(phoenix_run_dir.py), all checked before anything is read or trained; flags that do not apply to the
+run are refused. A user error (a bad flag, path or value) prints one `error:` line and exits with
+status 2; a traceback means a bug. SIGTERM / Ctrl-C stop cleanly (exit 143 / 130) and say what is
+saved and, where the run can resume, the command that resumes it.
+
+This module holds every training flag and is the command-line toolkit of the other entry points
+(run_ranker.py, run_retrieval.py: `cli`, `dataclass_parser`); the library below it takes dataclasses.
 """
 
+import argparse
+import dataclasses
+import math
 import os
 import sys
+import typing
+from pathlib import Path
+from typing import NamedTuple, Optional, Union
 
+import movielens as ml
+import phoenix_checkpoint
+import phoenix_pipeline as pipeline
+import phoenix_resume
+import phoenix_run_dir as run_dir
 import phoenix_stop
+import train_synthetic
+from phoenix_log import AUTO_COLUMN_NAMES, COLUMN_FLAGS, DEFAULT_RATING_ACTIONS, STDIN, check_log_path, check_rating_actions
+from phoenix_paths import checkpoint_path
+from phoenix_protocols import PROTOCOLS, TRAIN_VAL, Protocols
+from phoenix_sasrec import SasrecRecipe
+from phoenix_split import DEFAULT_CUT_QUANTILE, DUPLICATE_RULES, SPLIT_PROTOCOLS, check_split_options
+from train_synthetic import SyntheticRun
+
+DATA_KINDS = ("log", "movielens", "synthetic")
+USAGE = """run_train.py --data LOG.csv [flags]              train on your log (a CSV with a header; - for stdin)
+       run_train.py --data movielens-100k|DIR [flags]   train on MovieLens (downloaded once) or your copy
+       run_train.py [--data synthetic] [flags]          train on the synthetic world
+       run_train.py --data X --help                     the flags of one of them"""
+HEADINGS = {"log": "Training on your log: run_train.py --data LOG.csv",
+            "movielens": "Training on MovieLens: run_train.py --data movielens-100k (or a directory of your copy)",
+            "synthetic": "Training on the synthetic world: run_train.py --data synthetic"}
 
 
-def data_source(argv) -> str:
-    """The --data value of an argument list (default "synthetic")."""
-    data = "synthetic"
-    for i, arg in enumerate(argv):
-        if arg == "--data" and i + 1 < len(argv):
-            data = argv[i + 1]
-        elif arg.startswith("--data="):
-            data = arg.split("=", 1)[1]
-    return data
+# ---------------------------------------------------------------------------------------------
+# Flag types and flags built from dataclasses (shared with run_ranker.py and run_retrieval.py)
+# ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    data = data_source(argv)
+def _optional(kind):
+    """argparse type for an Optional field: "none"/"auto" -> None, else kind(value)."""
+    return lambda text: None if text.lower() in ("none", "auto") else kind(text)
+
+
+_BOOLEAN_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def bounded(kind, low, inclusive: bool):
+    """argparse type: kind(text), refused unless finite and >= `low` (> `low` if not `inclusive`)."""
+    def parse(text):
+        value = kind(text)
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            expected = ("a finite number" if low == -math.inf
+                        else f"{'an int' if kind is int else 'a finite number'} {'>=' if inclusive else '>'} {low}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
+
+
+def _boolean(text: str) -> bool:
+    """argparse type: 1/true/yes or 0/false/no (any other word is refused, never read as False)."""
+    try:
+        return _BOOLEAN_WORDS[text.strip().lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(_BOOLEAN_WORDS)}, got {text!r}") from None
+
+
+def exact_number(text: str):
+    """argparse type: an int when `text` is an integer (exact, even beyond 2**53: nanosecond times), else a float."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def parse_seeds(text: str) -> tuple:
+    """"0,1,2" -> (0, 1, 2): distinct non-negative ints."""
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds: expected comma-separated integers such as 0,1,2, got "
+                                         f"{text!r}") from None
+    if any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds: expected distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def parse_rating_actions(text: str) -> dict:
+    """"favorite_score=4:5,not_interested_score=:2" -> {action: (low, high)}; an empty bound is open."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, bounds = part.partition("=")
+        low, sep, high = bounds.partition(":")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--rating-actions: expected ACTION=LOW:HIGH, got {part!r}")
+        try:
+            out[name.strip()] = (float(low) if low.strip() else -math.inf, float(high) if high.strip() else math.inf)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--rating-actions: expected numbers in {part!r}") from None
+    try:
+        return check_rating_actions(out)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def dataclass_flags(parser, cls, defaults=None, bounds: Optional[dict] = None, help_prefix: Optional[str] = None):
+    """One flag per field of dataclass `cls` (--field-name), defaulting to `defaults`' value (default cls()'s
+    field defaults): bools take 1/true/yes or 0/false/no (or are switches when the default is False and
+    no prefix asks for values), Optional fields take "none"; `bounds` {field: (lowest, allowed)} refuse
+    values out of range at the flag. Help: the field's metadata "help", or "<help_prefix>.<field>, default X"."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        default = getattr(defaults, field.name) if defaults is not None else field.default
+        kind = next((t for t in typing.get_args(hints[field.name]) if t is not type(None)), hints[field.name])
+        text = field.metadata.get("help") or (f"{help_prefix}.{field.name}, default {default}" if help_prefix else None)
+        if kind is bool and help_prefix is None and default is False:
+            parser.add_argument(_flag(field.name), action="store_true", help=text)
+            continue
+        if bounds and field.name in bounds:
+            kind = bounded(kind, *bounds[field.name])
+        if kind is bool:
+            kind = _boolean
+        parser.add_argument(_flag(field.name), type=_optional(kind) if default is None else kind, default=default,
+                            help=text)
+
+
+def dataclass_parser(cls, doc: str, prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """A parser whose flags are the fields of dataclass `cls` (dataclass_flags), described by `doc`'s first
+    paragraph."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    dataclass_flags(parser, cls)
+    return parser
+
+
+class _Given(argparse.Namespace):
+    """A namespace in which argparse sets only the flags given (it fills in defaults only where an
+    attribute is missing, and this one has them all)."""
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # argparse's own attributes; no flag's destination starts so
+            raise AttributeError(name)
+        return None
+
+
+def given_flags(parser: argparse.ArgumentParser, argv) -> set:
+    """The destinations of the flags that `argv` gives explicitly (defaults left out), abbreviations included."""
+    return set(vars(parser.parse_args(argv, _Given())))
+
+
+# ---------------------------------------------------------------------------------------------
+# The flags of each data path
+# ---------------------------------------------------------------------------------------------
+
+
+# Command-line bounds of Recipe fields ({name: (lowest value, whether it is allowed)}): a value out
+# of range is refused by argparse, naming the flag, before anything is read (floats must be finite too).
+RECIPE_FLAG_BOUNDS = {
+    **{name: (1, True) for name in ("emb_size", "num_layers", "num_heads", "history_len", "ranker_history_len",
+                                    "retrieval_batch_size", "ranker_batch_size", "negative_pool", "retrieve_k",
+                                    "num_hashes", "evals_per_stage", "retrieval_members", "ranker_members")},
+    **{name: (2, True) for name in ("user_table_size", "post_table_size", "author_table_size")},
+    **{name: (0, True) for name in ("warmup_steps", "hard_negatives", "random_negatives", "ranker_listwise_weight")},
+    **{name: (0, False) for name in ("retrieval_epochs", "ranker_epochs", "learning_rate", "temperature",
+                                     "table_init_stddev")},
+    **{name: (-math.inf, False) for name in ("retrieval_weight", "popularity_weight")},  # any finite number
+}
+
+
+def add_run_flags(parser: argparse.ArgumentParser, default_checkpoint_dir, defaults: pipeline.Recipe) -> None:
+    """The flags of a two-stage run (a log or MovieLens): where it goes (phoenix_pipeline.RunOptions), the
+    protocols beside val-select (phoenix_protocols.Protocols) and one flag per Recipe field, each defaulting
+    to `defaults`' value."""
+    parser.add_argument("--seed", type=bounded(int, 0, True), default=0, help="parameters, batch streams, negatives")
+    parser.add_argument("--checkpoint-dir", default=default_checkpoint_dir,
+                        help="the run directory: retrieval/, ranker/ (and retrieval.1/, ranker.1/, ... with "
+                             "--retrieval-members / --ranker-members), metrics.jsonl (default: "
+                             "$PHOENIX_CACHE_DIR/checkpoints/<data name>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run in --checkpoint-dir (only what Phoenix wrote there: anything "
+                             "else at the paths a run writes is refused) and an existing --dump-topk file")
+    parser.add_argument("--dump-topk", default=None, metavar="PATH",
+                        help="write every test user's final top-10 (original ids) as CSV and re-check it (a new "
+                             "file unless --overwrite; never an input of the run)")
+    parser.add_argument("--plot", action="store_true",
+                        help=f"write {pipeline.PLOT_FILE} (training loss, validation curves) to the run directory "
+                             "(matplotlib)")
+    parser.add_argument("--data-parallel", action="store_true",
+                        help="split each training batch over all devices JAX finds (batch sizes must divide evenly)")
+    group = parser.add_argument_group("protocols beside val-select (phoenix_protocols.py)")
+    group.add_argument("--protocol", choices=PROTOCOLS, default="val-select",
+                       help="val-select: train only, best checkpoints by validation (always run); train+val: also "
+                            f"retrain on train + validation targets for the steps validation chose, rows {TRAIN_VAL!r}")
+    group.add_argument("--sasrec", action="store_true",
+                       help="add the SASRec-style reference rows (phoenix_sasrec.py; full softmax over all items)")
+    group.add_argument("--sasrec-epochs", type=float, default=SasrecRecipe.epochs)
+    group.add_argument("--sasrec-history-len", type=int, default=SasrecRecipe.history_len)
+    group.add_argument("--sasrec-dropout", type=float, default=SasrecRecipe.dropout)
+    group.add_argument("--sasrec-train-val", action="store_true",
+                       help=f"with --protocol train+val, retrain the sasrec reference too (row {TRAIN_VAL!r})")
+    dataclass_flags(parser.add_argument_group("recipe (phoenix_two_stage.Recipe; docs/notes.md says why)"),
+                    pipeline.Recipe, defaults, RECIPE_FLAG_BOUNDS, help_prefix="Recipe")
+
+
+def check_run_flags(args, given: set, error) -> None:
+    """error(message) for flags `argv` gives that this run would ignore or cannot use (shared by the log
+    and MovieLens command lines): --sasrec-* without --sasrec, --sasrec-train-val without --protocol
+    train+val, --retrieve-k below the dumped and evaluated cut-off (FINAL_K) with --dump-topk, an
+    --emb-size that --num-heads does not divide."""
+    if args.emb_size % args.num_heads:
+        error(f"--emb-size {args.emb_size}: expected a multiple of --num-heads {args.num_heads} (each head gets "
+              "emb_size / num_heads dimensions)")
+    for name in ("sasrec_epochs", "sasrec_history_len", "sasrec_dropout", "sasrec_train_val"):
+        if name in given and not args.sasrec:
+            error(f"--{name.replace('_', '-')}: applies to the SASRec reference only; add --sasrec")
+    if "sasrec_train_val" in given and args.protocol != "train+val":
+        error(f"--sasrec-train-val: applies to --protocol train+val only, got --protocol {args.protocol}")
+    if args.dump_topk and args.retrieve_k is not None and args.retrieve_k < pipeline.FINAL_K:
+        error(f"--retrieve-k {args.retrieve_k}: with --dump-topk, expected at least {pipeline.FINAL_K} (the dump holds "
+              f"each user's top {pipeline.FINAL_K} and the table's HR@{pipeline.FINAL_K} is checked against it)")
+
+
+def default_run_name(data: str) -> str:
+    """The run directory's name for --data LOG: the log's stem; "stdin" for "-", "pipe" for a FIFO
+    (`<(zcat log.csv.gz)` is /dev/fd/63, a name that says nothing)."""
+    if data == STDIN:
+        return "stdin"
+    if run_dir.path_kind(data) == "a FIFO":
+        return "pipe"
+    return Path(data).stem or "log"
+
+
+def log_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=HEADINGS["log"])
+    parser.add_argument("--data", required=True, metavar="LOG.csv",
+                        help="the interaction log: a CSV with a header, a pipe (<(zcat log.csv.gz)) or - (stdin)")
+    group = parser.add_argument_group("the log (phoenix_log.py, phoenix_split.py)")
+    for role, flag in COLUMN_FLAGS.items():
+        default = getattr(pipeline.Columns(), role)
+        group.add_argument(flag, default=default,
+                           help=f"{role} column (default {default or AUTO_COLUMN_NAMES[role] + ' if present'})")
+    group.add_argument("--delimiter", default=",", help="field separator (\\t for TSV)")
+    group.add_argument("--rating-actions", type=parse_rating_actions, default=DEFAULT_RATING_ACTIONS,
+                       metavar="ACTION=LOW:HIGH,...",
+                       help="actions a rating sets (inclusive ranges, an empty bound is open); default "
+                            "click_score=:,favorite_score=4:,share_score=5:,not_interested_score=:2")
+    group.add_argument("--duplicates", choices=DUPLICATE_RULES, default="first",
+                       help="a repeated (user, item): keep the earliest (default) or refuse the log")
+    group.add_argument("--split", choices=SPLIT_PROTOCOLS, default="leave-one-out")
+    group.add_argument("--cut-time", type=exact_number, default=None,
+                       help="time split: the cut T (same unit as the log)")
+    group.add_argument("--cut-quantile", type=float, default=None,
+                       help=f"time split: the cut at this quantile of all timestamps (default {DEFAULT_CUT_QUANTILE})")
+    add_run_flags(parser, None, pipeline.Recipe())
+    return parser
+
+
+def movielens_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=HEADINGS["movielens"])
+    parser.add_argument("--data", default=ml.SOURCE_ML100K, help=f"{ml.SOURCE_ML100K!r} or a directory")
+    parser.add_argument("--cache-dir", default=None, help="download cache (movielens.py)")
+    parser.add_argument("--seeds", type=parse_seeds, default=None, metavar="0,1,2",
+                        help="run each seed in turn (instead of --seed): checkpoints in DIR/seed<N>, dumps in "
+                             "PATH with .seed<N> before its suffix, then the per-seed table and mean +- sd")
+    add_run_flags(parser, checkpoint_path("movielens"), pipeline.MOVIELENS_RECIPE)
+    return parser
+
+
+SYNTHETIC_HELP = {
+    "seed": "parameter init, batch streams, evaluation examples",
+    "checkpoint_dir": "where ranker/ and retrieval/ are saved (default: under $PHOENIX_CACHE_DIR); one holding an "
+                      "earlier run is refused unless --overwrite or --resume",
+    "overwrite": "replace the earlier run in --checkpoint-dir (what Phoenix wrote there only; anything else at "
+                 "ranker/, retrieval/, steps/ is refused)",
+    "only": "train one model only",
+    "checkpoint_every": "save the training state every N steps under <checkpoint-dir>/steps (0: off)",
+    "keep_checkpoints": "step checkpoints kept per model (the newest K)",
+    "resume": "continue the run in --checkpoint-dir where it stopped (a fresh start if it has none)",
+    "batch_size": "ranker users per step",
+    "retrieval_batch_size": "retrieval softmax rows per step",
+    "data_parallel": "split each batch over all devices JAX finds (batch sizes must divide evenly)",
+    "user_id_dropout": "share of training rows whose user id is replaced by the unknown user",
+    "eval_repeats": "evaluation examples per held-out user",
+    "eval_every": "ranker learning curve every N steps (0: off)",
+}
+# SyntheticRun's fields by argument group (the first group's fields are the general ones).
+SYNTHETIC_GROUPS = {
+    "preemption (train_synthetic.py: resuming)": ("checkpoint_every", "keep_checkpoints", "resume"),
+    "world (phoenix_synthetic.py)": ("world_seed", "num_users", "num_posts", "num_authors", "history_len",
+                                     "min_history_len", "num_candidates", "impression_temperature"),
+    "model": ("emb_size", "num_layers", "num_heads", "key_size", "widening_factor", "user_table_size",
+              "post_table_size", "author_table_size", "table_init_stddev"),
+    "optimisation and evaluation": ("batch_size", "retrieval_batch_size", "learning_rate", "data_parallel",
+                                    "temperature", "user_id_dropout", "eval_repeats", "eval_every", "log_every"),
+}
+SYNTHETIC_METAVARS = {"checkpoint_every": "N", "keep_checkpoints": "K"}
+
+
+def synthetic_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run_train.py --data synthetic", description=HEADINGS["synthetic"])
+    parser.add_argument("--data", default="synthetic", choices=("synthetic",), help="this data path")
+    defaults = SyntheticRun()
+    grouped = {name for names in SYNTHETIC_GROUPS.values() for name in names}
+    groups = {name: parser.add_argument_group(title) for title, names in SYNTHETIC_GROUPS.items() for name in names}
+    for field in dataclasses.fields(SyntheticRun):
+        target = groups[field.name] if field.name in grouped else parser
+        default = getattr(defaults, field.name)
+        text = SYNTHETIC_HELP.get(field.name)
+        if field.name == "only":
+            target.add_argument("--only", choices=train_synthetic.PHASES, default=None, help=text)
+        elif isinstance(default, bool):
+            target.add_argument(_flag(field.name), action="store_true", help=text)
+        else:
+            target.add_argument(_flag(field.name), type=type(default), default=default, help=text,
+                                metavar=SYNTHETIC_METAVARS.get(field.name))
+    return parser
+
+
+PARSERS = {"log": log_parser, "movielens": movielens_parser, "synthetic": synthetic_parser}
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line as the library's dataclasses
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSource:
+    """Where a log comes from and how it is read and split (the log path's flags)."""
+
+    path: str
+    columns: pipeline.Columns
+    rating_actions: dict
+    rating_actions_given: bool  # --rating-actions given: the log must have a rating column
+    delimiter: str
+    duplicates: str
+    split: str
+    cut_time: Optional[float]
+    cut_quantile: Optional[float]
+
+
+@dataclasses.dataclass(frozen=True)
+class MovieLensSource:
+    data: str  # ml.SOURCE_ML100K, a recbole wheel or a directory
+    cache_dir: Optional[str]  # the download cache (SOURCE_ML100K only)
+
+
+class Command(NamedTuple):
+    """A parsed command line: the data path, its source, and what the library is called with."""
+
+    kind: str  # DATA_KINDS
+    source: Optional[Union[LogSource, MovieLensSource]]  # None for the synthetic world
+    run: Union[pipeline.RunOptions, SyntheticRun]
+    recipe: Optional[pipeline.Recipe] = None
+    protocols: Optional[Protocols] = None
+
+
+def data_kind(data: str) -> str:
+    """The data path of a --data value: "synthetic", "movielens" (movielens-100k, a directory, a
+    recbole wheel) or "log" (anything else: a file, a pipe, - for standard input)."""
     if data == "synthetic":
-        import train_synthetic as experiment
-    elif data == "movielens-100k" or os.path.isdir(data) or data.endswith((".whl", ".zip")):
-        import train_movielens as experiment
-    else:  # a log file (phoenix_pipeline says so if it is missing or not a CSV)
-        import phoenix_pipeline as experiment
-    return experiment.main(argv)
+        return "synthetic"
+    if data == ml.SOURCE_ML100K or os.path.isdir(data) or data.endswith((".whl", ".zip")):
+        return "movielens"
+    return "log"
+
+
+def data_flag(argv) -> Optional[str]:
+    """The --data value of an argument list (exactly --data X or --data=X; the last one wins), or None."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--data")
+    return pre.parse_known_args(argv)[0].data
+
+
+def print_help(file=None) -> None:
+    """Every way to train, with every flag of each (the data-aware `--help`)."""
+    file = sys.stdout if file is None else file
+    print(f"usage: {USAGE}\n\n{__doc__.split(chr(10) * 2)[0]}\n", file=file)
+    for kind in DATA_KINDS:  # each path's own usage line is left out: the lines above say it
+        print(f"{'=' * 100}\n" + PARSERS[kind]().format_help().split("\n\n", 1)[1], file=file)
+
+
+def _recipe_protocols_options(args, parser, given: set, checkpoint_dir: str) -> tuple:
+    """(Recipe, Protocols, RunOptions) of a two-stage run's flags."""
+    check_run_flags(args, given, parser.error)
+    recipe = pipeline.Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(pipeline.Recipe)})
+    sasrec = (SasrecRecipe(epochs=args.sasrec_epochs, history_len=args.sasrec_history_len, dropout=args.sasrec_dropout)
+              if args.sasrec else None)
+    protocols = Protocols(args.protocol, sasrec, args.sasrec_train_val)
+    options = pipeline.RunOptions(checkpoint_dir=checkpoint_dir, seed=args.seed, seeds=getattr(args, "seeds", None),
+                                  overwrite=args.overwrite, plot=args.plot, data_parallel=args.data_parallel,
+                                  dump_topk=args.dump_topk)
+    return recipe, protocols, options
+
+
+def parse_args(argv) -> Command:
+    """The command line `argv` as a Command; argparse's error (one line, exit status 2) for a flag that is
+    bad, does not apply to its data path or clashes with another. `--help` without --data: print_help."""
+    argv = list(argv)
+    data = data_flag(argv)
+    if data is None and any(arg in ("-h", "--help") for arg in argv):
+        print_help()
+        sys.exit(0)
+    kind = data_kind("synthetic" if data is None else data)
+    parser = PARSERS[kind]()
+    args = parser.parse_args(argv)
+    given = given_flags(parser, argv)
+    if kind == "synthetic":
+        return Command(kind, None, _synthetic_run(args, given, parser))
+    if kind == "movielens":
+        if args.seeds and "seed" in given:
+            parser.error(f"--seed {args.seed}: --seeds {','.join(map(str, args.seeds))} runs its own seeds; give one "
+                         "of them")
+        if "cache_dir" in given and args.data != ml.SOURCE_ML100K:
+            parser.error(f"--cache-dir: applies to --data {ml.SOURCE_ML100K} (its download) only, got --data "
+                         f"{args.data}")
+        recipe, protocols, options = _recipe_protocols_options(args, parser, given, args.checkpoint_dir)
+        return Command(kind, MovieLensSource(args.data, args.cache_dir), options, recipe, protocols)
+    for name in ("cut_time", "cut_quantile"):
+        if name in given and args.split != "time":
+            parser.error(f"--{name.replace('_', '-')}: applies to --split time only, got --split {args.split}")
+    if args.cut_time is not None and args.cut_quantile is not None:
+        parser.error(f"--cut-time {args.cut_time} and --cut-quantile {args.cut_quantile}: give one of them (the cut)")
+    try:
+        check_split_options(args.split, args.cut_time, args.cut_quantile)
+    except ValueError as error:
+        parser.error("--" + str(error).replace("_", "-", 1))
+    checkpoint_dir = args.checkpoint_dir or checkpoint_path(default_run_name(args.data))
+    recipe, protocols, options = _recipe_protocols_options(args, parser, given, checkpoint_dir)
+    columns = pipeline.Columns(user=args.user_col, item=args.item_col, time=args.time_col, rating=args.rating_col,
+                               author=args.author_col)
+    source = LogSource(args.data, columns, args.rating_actions, "rating_actions" in given,
+                       "\t" if args.delimiter in ("\\t", "tab") else args.delimiter, args.duplicates, args.split,
+                       args.cut_time, args.cut_quantile)
+    return Command(kind, source, options, recipe, protocols)
+
+
+def _synthetic_run(args, given: set, parser) -> SyntheticRun:
+    """The synthetic path's flags as a SyntheticRun, after refusing values and flags it cannot use."""
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(SyntheticRun)}
+    if args.checkpoint_every < 0:
+        parser.error(f"--checkpoint-every: expected an int >= 0 (0: off), got {args.checkpoint_every}")
+    if args.keep_checkpoints < 1:
+        parser.error(f"--keep-checkpoints: expected an int >= 1 (the newest is always kept), got "
+                     f"{args.keep_checkpoints}")
+    for name, value in fields.items():
+        if (problem := train_synthetic.out_of_bounds(name, value)) is not None:
+            parser.error(f"{_flag(name)}: {problem}")
+    if args.user_id_dropout > 1:
+        parser.error(f"--user-id-dropout: expected a share in [0, 1], got {args.user_id_dropout}")
+    if args.min_history_len > args.history_len:
+        parser.error(f"--min-history-len {args.min_history_len}: expected <= --history-len {args.history_len}")
+    if args.overwrite and args.resume:
+        parser.error("--overwrite and --resume: --resume continues the run in --checkpoint-dir, --overwrite replaces "
+                     "it; give one")
+    if "keep_checkpoints" in given and not (args.checkpoint_every or args.resume):
+        parser.error("--keep-checkpoints: applies to step checkpoints only; add --checkpoint-every N")
+    if args.only is not None:
+        other = "retrieval" if args.only == "ranker" else "ranker"
+        for name in sorted(train_synthetic.PHASE_FLAGS[other] & given):
+            parser.error(f"--{name.replace('_', '-')}: applies to the {other} only, which --only {args.only} does not "
+                         "train")
+    return SyntheticRun(**fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a command
+# ---------------------------------------------------------------------------------------------
+
+
+def movielens_inputs(source: MovieLensSource) -> list:
+    """What a MovieLens run reads (phoenix_run_dir.Input): the ratings (a directory or archive; for
+    SOURCE_ML100K the wheel in the cache) and the download cache."""
+    if str(source.data) != ml.SOURCE_ML100K:
+        return [run_dir.Input("--data", str(source.data))]
+    cache = ml.cache_dir(source.cache_dir)
+    return [run_dir.Input("--data", str(cache / ml.WHEEL_FILE)), run_dir.Input("--cache-dir", str(cache), "cache")]
+
+
+def train_log(command: Command) -> dict:
+    """A log through the pipeline: every check of the command line (the log's path, outputs never over it,
+    the run directory, the plot extra) before the log is read."""
+    source = command.source
+    check_log_path(source.path)
+    pipeline.check_run_outputs(command.run, command.protocols, [run_dir.Input("--data", source.path)])
+    log = pipeline.read_log(source.path, source.columns, source.rating_actions, delimiter=source.delimiter)
+    if source.rating_actions_given and log.rating is None:
+        raise pipeline.RecipeError(f"--rating-actions: {log.source} has no rating column for it to apply to (name it "
+                                   "with --rating-col)")
+    split = pipeline.split_log(log, source.split, source.duplicates, source.cut_time, source.cut_quantile)
+    return pipeline.run_experiment(split, command.recipe, command.run, command.protocols)
+
+
+def train_movielens(command: Command) -> dict:
+    """MovieLens through the pipeline; each dump is recomputed from the raw files (movielens.recompute_from_dump)."""
+    source = command.source
+    if str(source.data) != ml.SOURCE_ML100K and not os.path.exists(source.data):
+        raise FileNotFoundError(f"--data {source.data}: no such directory or archive (expected {ml.SOURCE_ML100K!r}, "
+                                "a recbole wheel, or a directory with *.inter, u.data or ratings.dat)")
+    pipeline.check_run_outputs(command.run, command.protocols, movielens_inputs(source))
+    ratings = ml.load_ratings(source.data, source.cache_dir)
+    split = ml.movielens_split(ratings)
+    return pipeline.run_experiment(
+        split, command.recipe, command.run, command.protocols, title=f"MovieLens ({ratings.source}), leave-one-out",
+        check=lambda path: ml.recompute_from_dump(path, source.data, source.cache_dir, k=pipeline.FINAL_K))
+
+
+def main(argv=None) -> dict:
+    """The command line `argv` (default sys.argv[1:]) run to the end; returns the run's figures."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = parse_args(argv)
+    if command.kind == "synthetic":
+        return train_synthetic.run(command.run, argv)
+    return train_log(command) if command.kind == "log" else train_movielens(command)
 
 
 def user_errors() -> tuple:
     """The exceptions that mean bad input, a bad flag or a missing optional extra on the command line
     (a user's to fix: one `error:` line, exit status 2) rather than a bug (a traceback): our validation
-    errors (RatingsFileError and LogError, RecipeError, CheckpointError, ResumeError, OutputError),
-    OSError (FileNotFoundError, FileExistsError, PermissionError, ...), a missing extra, no network
-    for the MovieLens download. Evaluated only when an exception is being matched (no imports else)."""
-    import movielens
-    import phoenix_checkpoint
-    import phoenix_pipeline
-    import phoenix_resume
-    import phoenix_run_dir
-    return (movielens.RatingsFileError, movielens.WheelUnavailableError, phoenix_pipeline.RecipeError,
-            phoenix_pipeline.MissingExtraError, phoenix_checkpoint.CheckpointError, phoenix_resume.ResumeError,
-            phoenix_run_dir.OutputError, OSError)
+    errors (LogError and the adapters' RatingsFileError, RecipeError, CheckpointError, ResumeError,
+    OutputError), OSError (FileNotFoundError, FileExistsError, PermissionError, ...), a missing extra,
+    no network for the MovieLens download."""
+    return (pipeline.LogError, ml.WheelUnavailableError, pipeline.RecipeError, pipeline.MissingExtraError,
+            phoenix_checkpoint.CheckpointError, phoenix_resume.ResumeError, run_dir.OutputError, OSError)
 
 
 def report(error: BaseException, status: int) -> None:
@@ -83,10 +579,7 @@ def cli(entry=None) -> None:
         (entry or main)()
     except user_errors() as error:
         report(error, 2)
-    except RuntimeError as error:
-        import phoenix_pipeline
-        if not isinstance(error, phoenix_pipeline.DumpCheckError):
-            raise
+    except pipeline.DumpCheckError as error:
         report(error, 1)
 
 

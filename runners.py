@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 import phoenix_checkpoint as checkpoint
+import phoenix_configs as configs
 from grok import TrainingState
 # ACTIONS and the example factories are the release's names in this module.
 from phoenix_forward import ModelForward, both_towers
@@ -69,8 +70,8 @@ class RankingOutput(NamedTuple):
 FREEZE_PARAMS_MAX_BYTES = 64 * 2**20
 # XLA CPU options the ranker's compiled functions use (rank, encode_prefix, score_candidates):
 # YNNPACK keeps the reductions (the norms' sums) and leaves the matmuls to XLA's own dot kernels,
-# which run this model's many mid-sized matmuls faster (C=500 ranking 3.87 vs 4.55 ms against
-# the release's 10.54 in one process; README "Serving speed"). Same arithmetic: float32 dots,
+# which run this model's many mid-sized matmuls faster (measured: docs/speed.md, "How the fast
+# ranking path is built"). Same arithmetic: float32 dots,
 # summed in another order (1e-6 apart). Used only on the CPU backend and only where this jaxlib
 # accepts them (`ranker_compiler_options`); set to {} to compile with XLA's defaults.
 CPU_RANK_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
@@ -101,30 +102,46 @@ def _accepted_options(backend: str, options: tuple) -> tuple:
     return options
 
 
-# Which runner loads a checkpoint, by the class of the model config saved in it.
-_RUNNER_FOR_CONFIG = {"PhoenixModelConfig": ("ranking", "RecsysInferenceRunner"),
-                     "PhoenixRetrievalModelConfig": ("retrieval", "RecsysRetrievalInferenceRunner")}
+# The kind of model a checkpoint holds, by the class of the model config saved in it.
+MODEL_KINDS = {"PhoenixModelConfig": "ranker", "PhoenixRetrievalModelConfig": "retrieval"}
+# Each kind's model, as error messages name it, and the runner that serves it.
+_RUNNER_OF_KIND = {"ranker": ("ranking", "RecsysInferenceRunner"),
+                   "retrieval": ("retrieval", "RecsysRetrievalInferenceRunner")}
 
 
-def _saved_model_config_name(path) -> Optional[str]:
-    """Class name of the model config in a checkpoint's meta.json; None if it saved no config.
+class CheckpointInfo(NamedTuple):
+    """What `describe_checkpoint` returns."""
 
-    Read from the JSON, before any model is built: a ranker checkpoint given to the retrieval
-    runner (or back) would otherwise fail deep inside Haiku.
+    kind: Optional[str]  # "ranker", "retrieval", or None when no model config was saved
+    model_config_type: Optional[str]  # e.g. "PhoenixModelConfig"
+    step: int
+    format_version: int
+    save_id: Optional[str]  # None for version-1 checkpoints
+
+
+def describe_checkpoint(path) -> CheckpointInfo:
+    """The kind of model a checkpoint holds (from the type of its saved config, or of the config's
+    "model" entry as a Trainer saves it), with its step and save id.
+
+    Reads meta.json's JSON only, before any model is built: a ranker checkpoint given to the
+    retrieval runner (or back) would otherwise fail deep inside Haiku.
     """
-    config = checkpoint.read_meta(path).get("config")
-    if isinstance(config, dict) and checkpoint.TYPE_TAG not in config:  # a trainer's {"model": ..., ...}
+    meta = checkpoint.read_meta(path)
+    config = meta.get("config")
+    if isinstance(config, dict) and configs.TYPE_TAG not in config:  # a trainer's {"model": ..., ...}
         config = config.get("model")
-    return config.get(checkpoint.TYPE_TAG) if isinstance(config, dict) else None
+    type_name = config.get(configs.TYPE_TAG) if isinstance(config, dict) else None
+    return CheckpointInfo(kind=MODEL_KINDS.get(type_name), model_config_type=type_name, step=meta["step"],
+                          format_version=meta["format_version"], save_id=meta.get("save_id"))
 
 
 def _check_checkpoint_kind(path, want: type) -> None:
     """Raises CheckpointError unless the checkpoint at `path` holds a `want` model config (or none)."""
-    saved = _saved_model_config_name(path)
+    saved = describe_checkpoint(path).model_config_type
     if saved is None or saved == want.__name__:
         return
-    if saved in _RUNNER_FOR_CONFIG:
-        kind, runner = _RUNNER_FOR_CONFIG[saved]
+    if saved in MODEL_KINDS:
+        kind, runner = _RUNNER_OF_KIND[MODEL_KINDS[saved]]
         raise checkpoint.CheckpointError(
             f"{path}: holds a {kind} model checkpoint ({saved}); load it with {runner}.from_checkpoint "
             f"(this runner needs a {want.__name__})")
@@ -133,7 +150,7 @@ def _check_checkpoint_kind(path, want: type) -> None:
 
 def _check_model_config(model, want: type):
     if not isinstance(model, want):
-        other = _RUNNER_FOR_CONFIG.get(type(model).__name__)
+        other = _RUNNER_OF_KIND.get(MODEL_KINDS.get(type(model).__name__))
         hint = f"; a {other[0]} config goes to {other[1]}" if other else ""
         raise TypeError(f"model: expected a {want.__name__}, got {type(model).__name__}{hint}")
     return model
@@ -212,7 +229,7 @@ class ModelRunner(_ConfiguredModelRunner):
     CONFIG = PhoenixModelConfig
 
     def init(self, rng, data: RecsysBatch, embeddings: RecsysEmbeddings) -> TrainingState:
-        # Jitted: eager init re-dispatches every initializer op and is ~3x slower.
+        # Jitted: eager init re-dispatches every initializer op (several times slower: docs/speed.md).
         return TrainingState(params=jax.jit(self.forward.init)(rng, data, embeddings))
 
     def load_or_init(self, init_data: RecsysBatch, init_embeddings: RecsysEmbeddings) -> TrainingState:
@@ -273,7 +290,7 @@ class BaseInferenceRunner:
         CheckpointError naming the runner that loads it.
         """
         _check_checkpoint_kind(path, cls.MODEL_RUNNER.CONFIG)
-        config = checkpoint.load_config(path)
+        config = configs.load_checkpoint_config(path)
         model_config = config.get("model") if isinstance(config, dict) else config
         if not isinstance(model_config, cls.MODEL_RUNNER.CONFIG):
             raise checkpoint.CheckpointError(f"{path}: holds no {cls.MODEL_RUNNER.CONFIG.__name__} config")
@@ -468,8 +485,8 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         # shape checks again, and their value checks (NaN/inf, hash, surface and action values; they
         # cannot change what runs, only its result) run while the dispatched computation works:
         # a bad value raises the same error and the result is dropped. New inputs are checked
-        # whole before anything is traced. Measured C=500 B=1 (one run, medians of 500): 5.31 vs
-        # 5.43 ms from NumPy inputs, 5.02 vs 5.23 from device inputs.
+        # whole before anything is traced. It saves a little per call (docs/speed.md, "Figures behind
+        # the code's choices").
         frozen = self._frozen_rank()
         signature = (id(frozen), _input_signature(batch, recsys_embeddings))  # new parameters: checked first
         seen = signature[1] is not None and signature in self._ran_signatures
@@ -491,8 +508,8 @@ class RecsysInferenceRunner(BaseInferenceRunner):
 
         XLA then folds everything that depends on the parameters alone (the fused Q/K/V and FFN
         weight concatenations, the split of the candidate projection, the product-surface table's
-        projection) once at compile time instead of on every call: measured C=500 ranking 5.06 vs
-        5.29 ms against the release's 11.36 (0.445x vs 0.466x, one process). Frozen when the
+        projection) once at compile time instead of on every call (measured: docs/speed.md,
+        "Parameters compiled in"). Frozen when the
         runner is not data-parallel and the parameters hold at most FREEZE_PARAMS_MAX_BYTES (the
         executable keeps its own copy). Replacing `self.params`, or any array in it, rebuilds it
         (one more compile) on the next call; the arrays are compared by identity, so a NumPy
@@ -721,8 +738,8 @@ def _normalize_rows(corpus):
 
 
 __all__ = [
-    "ACTIONS", "BaseInferenceRunner", "BaseModelRunner", "INF", "ModelRunner", "RankingOutput",
-    "RecsysInferenceRunner", "RecsysRetrievalInferenceRunner", "RetrievalModelRunner", "RetrievalOutput",
-    "create_dummy_batch_from_config", "create_dummy_embeddings_from_config", "create_example_batch",
-    "create_example_corpus",
+    "ACTIONS", "BaseInferenceRunner", "BaseModelRunner", "CheckpointInfo", "INF", "MODEL_KINDS", "ModelRunner",
+    "RankingOutput", "RecsysInferenceRunner", "RecsysRetrievalInferenceRunner", "RetrievalModelRunner",
+    "RetrievalOutput", "create_dummy_batch_from_config", "create_dummy_embeddings_from_config",
+    "create_example_batch", "create_example_corpus", "describe_checkpoint",
 ]

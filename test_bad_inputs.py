@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 import phoenix_checkpoint as checkpoint
+import phoenix_configs as configs
 import phoenix_hashing as hashing
 import phoenix_inputs as inputs
 import movielens
+import phoenix_resume as resume
 import phoenix_training as training
 import phoenix_validation as validation
 from conftest import A, C, D, S, tiny_ranker_config, tiny_retrieval_config, tiny_transformer
@@ -771,7 +773,7 @@ CHECKPOINT_CASES = [
      r"^step: expected an int in \[0, 2\*\*63\), got bool True$"),
     ("save_step_float", lambda p: checkpoint.save_checkpoint(str(p / "c"), PARAMS, step=3.0), TypeError,
      r"^step: expected an int in \[0, 2\*\*63\), got float 3.0$"),
-    ("step_path_negative", lambda p: checkpoint.step_checkpoint_path(str(p), -1), ValueError,
+    ("step_path_negative", lambda p: resume.step_checkpoint_path(str(p), -1), ValueError,
      r"^step: expected an int in \[0, 2\*\*63\), got -1$"),
     ("load_step_negative", lambda p: checkpoint.load_checkpoint(saved_with_meta(p, step=-1)),
      checkpoint.CheckpointError,
@@ -809,7 +811,7 @@ CHECKPOINT_CASES = [
     ("load_template_without_dtype", lambda p: checkpoint.load_checkpoint(
         checkpoint.save_checkpoint(str(p / "ok"), PARAMS), params_template={"m": {"w": "f32"}}), TypeError,
      r"^params_template: leaf 'm/w' is a str; expected arrays or jax.ShapeDtypeStruct"),
-    ("load_config_types_not_a_tuple", lambda p: checkpoint.load_checkpoint(
+    ("load_config_types_not_a_tuple", lambda p: configs.load_checkpoint_config(
         checkpoint.save_checkpoint(str(p / "ok"), PARAMS), config_types=HashConfig), TypeError,
      r"^config_types: expected a tuple of dataclass types, got <class"),
 ]
@@ -829,7 +831,7 @@ def test_checkpoint_keeps_the_largest_step_and_json_extra(tmp_path):
     loaded = checkpoint.load_checkpoint(path)
     assert loaded.step == 2**63 - 1 and type(loaded.step) is int
     assert loaded.extra["a"] == [1, 2.5, None, True, "x", {"b": [1, 2]}] and np.isnan(loaded.extra["nan"])
-    assert checkpoint.prune_step_checkpoints(str(tmp_path), np.int64(1)) == []  # NumPy ints are ints
+    assert resume.prune_step_checkpoints(str(tmp_path), np.int64(1)) == []  # NumPy ints are ints
 
 
 def test_trainer_refuses_a_step_beyond_its_int32_counter(trainer_and_state, tmp_path):

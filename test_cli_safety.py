@@ -23,10 +23,10 @@ import phoenix_log as logs
 import phoenix_pipeline as pipeline
 import phoenix_resume
 import phoenix_run_dir as run_dir
+import phoenix_split
 import run_ranker
 import run_retrieval
 import run_train
-import train_movielens as tm
 import train_synthetic as ts
 from test_phoenix_pipeline import TINY_FLAGS, write_log
 from test_train_movielens import write_world
@@ -83,7 +83,7 @@ def test_a_dump_over_the_log_is_refused_before_reading(tmp_path, log, kind, no_w
     before = snapshot(tmp_path)
     with pytest.raises(run_dir.OutputError, match=rf"--dump-topk {dump}: is the input --data {log}; a run writes "
                                                   "nothing over its inputs"):
-        pipeline.main(["--data", str(log), "--dump-topk", str(dump), "--checkpoint-dir", str(tmp_path / "run")])
+        run_train.main(["--data", str(log), "--dump-topk", str(dump), "--checkpoint-dir", str(tmp_path / "run")])
     assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
 
 
@@ -100,7 +100,7 @@ def test_dump_paths_that_are_no_new_file_are_refused(tmp_path, log, no_work):
              (tmp_path / "old.csv", FileExistsError, r"old.csv: exists; pass --overwrite to replace it")]
     for dump, kind, message in cases:
         with pytest.raises(kind, match=message):
-            pipeline.main([*argv, "--dump-topk", str(dump)])
+            run_train.main([*argv, "--dump-topk", str(dump)])
     assert (tmp_path / "old.csv").read_text() == "user_id,item_1\n"
     pipeline.check_run_dir(tmp_path / "fresh", True, [run_dir.Input("--data", str(log))],
                            {"--dump-topk": tmp_path / "old.csv"})  # asked: an existing dump is replaced
@@ -113,7 +113,7 @@ def test_a_run_directory_over_an_input_is_refused(tmp_path, log, no_work):
     cases = [(log, r"is the input --data"), (inside, r"the run writes metrics.jsonl there, and .* is the input --data")]
     for directory, message in cases:
         with pytest.raises(run_dir.OutputError, match=message):
-            pipeline.main(["--data", str(log), "--checkpoint-dir", str(directory)])
+            run_train.main(["--data", str(log), "--checkpoint-dir", str(directory)])
 
 
 def test_movielens_outputs_never_go_into_the_data_or_over_the_cache(tmp_path, no_work):
@@ -131,9 +131,10 @@ def test_movielens_outputs_never_go_into_the_data_or_over_the_cache(tmp_path, no
         if "--checkpoint-dir" not in argv:
             argv = [*argv, "--checkpoint-dir", str(tmp_path / "run")]
         with pytest.raises(run_dir.OutputError, match=message):
-            tm.main(argv)
-    tm.check_outputs(tm.parse_args(["--cache-dir", str(cache), "--checkpoint-dir", str(cache / "checkpoints" / "ml"),
-                                    "--dump-topk", str(cache / "top10.csv")])[0])  # inside the cache: fine
+            run_train.main(["--data", ml.SOURCE_ML100K, *argv])
+    command = run_train.parse_args(["--data", ml.SOURCE_ML100K, "--cache-dir", str(cache), "--checkpoint-dir",
+                                    str(cache / "checkpoints" / "ml"), "--dump-topk", str(cache / "top10.csv")])
+    pipeline.check_run_outputs(command.run, command.protocols, run_train.movielens_inputs(command.source))  # fine
 
 
 def test_movielens_seeds_check_every_seeds_dump(tmp_path, no_work):
@@ -144,15 +145,15 @@ def test_movielens_seeds_check_every_seeds_dump(tmp_path, no_work):
             "--dump-topk", str(tmp_path / "top10.csv")]
     os.link(data / "u.data", tmp_path / "top10.seed1.csv")
     with pytest.raises(run_dir.OutputError, match=r"--dump-topk \(seed 1\) .*top10.seed1.csv: is the input --data"):
-        tm.main(argv)
+        run_train.main(argv)
     os.unlink(tmp_path / "top10.seed1.csv")
     (tmp_path / "top10.seed0.csv").write_text("mine")
     with pytest.raises(FileExistsError, match=r"top10.seed0.csv: exists; pass --overwrite"):
-        tm.main(argv)
+        run_train.main(argv)
     (tmp_path / "runs" / "seed1").mkdir(parents=True)
     (tmp_path / "runs" / "seed1" / "metrics.jsonl").write_text("my notes\n")
     with pytest.raises(run_dir.ForeignFilesError, match=r"seed1/metrics.jsonl \(is not a JSON-lines metrics log\)"):
-        tm.main([*argv, "--overwrite"])
+        run_train.main([*argv, "--overwrite"])
     assert (tmp_path / "top10.seed0.csv").read_text() == "mine"
 
 
@@ -172,7 +173,7 @@ def test_overwrite_refuses_what_phoenix_did_not_write_before_writing(tmp_path, l
     run = users_run_dir(tmp_path / "run")
     before = snapshot(run)
     with pytest.raises(run_dir.ForeignFilesError) as info:
-        pipeline.main(["--data", str(log), "--checkpoint-dir", str(run), "--overwrite"])
+        run_train.main(["--data", str(log), "--checkpoint-dir", str(run), "--overwrite"])
     message = str(info.value)
     assert (f"{run / 'ranker'} (holds weights.bin, which a save does not write)" in message
             and f"{run / 'metrics.jsonl'} (its first line is not " in message and "notes.txt" not in message)
@@ -183,7 +184,7 @@ def test_synthetic_overwrite_refuses_foreign_files_and_replaces_its_own(tmp_path
     run = users_run_dir(tmp_path / "run")
     before = snapshot(run)
     with pytest.raises(run_dir.ForeignFilesError, match=r"ranker \(holds weights.bin"):
-        ts.main(["--checkpoint-dir", str(run), "--overwrite"])
+        run_train.main(["--data", "synthetic", "--checkpoint-dir", str(run), "--overwrite"])
     assert snapshot(run) == before
     # An earlier run of Phoenix's own: refused without a flag, continued with --resume, replaced with --overwrite.
     mine = tmp_path / "mine"
@@ -192,9 +193,9 @@ def test_synthetic_overwrite_refuses_foreign_files_and_replaces_its_own(tmp_path
     (mine / "steps" / "ranker" / ".lock").write_text("123")
     (mine / "notes.txt").write_text("kept")
     with pytest.raises(FileExistsError, match=r"mine: holds an earlier run \(ranker, steps\); pass --overwrite"):
-        ts.main(["--checkpoint-dir", str(mine)])
-    ts.check_run_dir(ts.parse_args(["--checkpoint-dir", str(mine), "--resume"]))
-    ts.check_run_dir(ts.parse_args(["--checkpoint-dir", str(mine), "--overwrite"]))
+        run_train.main(["--data", "synthetic", "--checkpoint-dir", str(mine)])
+    for flag in ("--resume", "--overwrite"):
+        ts.check_run_dir(run_train.parse_args(["--data", "synthetic", "--checkpoint-dir", str(mine), flag]).run)
     assert not (mine / "steps").exists() and (mine / "ranker").is_dir() and (mine / "notes.txt").read_text() == "kept"
 
 
@@ -287,7 +288,7 @@ def test_split_options_that_do_not_apply_are_refused(log):
                             ({"protocol": "time", "cut_quantile": 1.0},
                              r"cut_quantile: expected a number in \(0, 1\)")):
         with pytest.raises(ValueError, match=message):
-            logs.split_log(data, **{"protocol": "leave-one-out", **kwargs})
+            phoenix_split.split_log(data, **{"protocol": "leave-one-out", **kwargs})
 
 
 FLAG_CASES = [
@@ -321,8 +322,8 @@ FLAG_CASES = [
 
 @pytest.mark.parametrize("path, argv, message", [c[1:] for c in FLAG_CASES], ids=[c[0] for c in FLAG_CASES])
 def test_flags_a_run_would_ignore_or_cannot_use_are_refused(path, argv, message, capsys):
-    parse = {"csv": lambda a: pipeline.parse_args(["--data", "log.csv", *a]), "movielens": tm.parse_args,
-             "synthetic": ts.parse_args}[path]
+    data = {"csv": "log.csv", "movielens": ml.SOURCE_ML100K, "synthetic": "synthetic"}[path]
+    parse = lambda a: run_train.parse_args(["--data", data, *a])  # noqa: E731
     with pytest.raises(SystemExit) as info:
         parse(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
@@ -333,7 +334,7 @@ def test_rating_actions_without_a_rating_column_are_refused_before_training(tmp_
         f"u{u},i{i},{i}\n" for u in range(3) for i in range(4)))
     monkeypatch.setattr(pipeline, "run", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(pipeline.RecipeError, match=r"--rating-actions: .*log.csv has no rating column"):
-        pipeline.main(["--data", str(path), "--checkpoint-dir", str(tmp_path / "run"),
+        run_train.main(["--data", str(path), "--checkpoint-dir", str(tmp_path / "run"),
                        "--rating-actions", "favorite_score=4:"])
 
 
@@ -372,8 +373,8 @@ def test_a_log_reads_from_a_fifo_and_from_standard_input(tmp_path, log, monkeypa
     for read in (from_fifo, from_stdin):
         np.testing.assert_array_equal(read.timestamp, expected.timestamp)
         np.testing.assert_array_equal(read.user, expected.user)
-    assert pipeline.parse_args(["--data", "-"])[0].checkpoint_dir.endswith(os.path.join("checkpoints", "stdin"))
-    assert pipeline.parse_args(["--data", str(fifo)])[0].checkpoint_dir.endswith(os.path.join("checkpoints", "pipe"))
+    assert run_train.parse_args(["--data", "-"]).run.checkpoint_dir.endswith(os.path.join("checkpoints", "stdin"))
+    assert run_train.parse_args(["--data", str(fifo)]).run.checkpoint_dir.endswith(os.path.join("checkpoints", "pipe"))
 
 
 BINARY = [("gzip", b"\x1f\x8b\x08\x00", "is a gzip-compressed file, not a CSV"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import phoenix_checkpoint as checkpoint
-import phoenix_experiment as ex
+import phoenix_demos as demos
 import phoenix_metrics as metrics
 import run_ranker
 import run_retrieval
@@ -33,6 +33,22 @@ def test_default_checkpoints_live_under_the_cache_dir(cache_dir):
     assert run_ranker.parse_args([]).checkpoint == str(cache_dir / "checkpoints" / "demo_ranker")
     assert run_retrieval.parse_args([]).checkpoint == str(cache_dir / "checkpoints" / "demo_retrieval")
     assert run_ranker.parse_args(["--checkpoint", "mine"]).checkpoint == "mine"
+    assert demos.RankerDemo().checkpoint == str(cache_dir / "checkpoints" / "demo_ranker")  # read when made
+
+
+@pytest.mark.parametrize("module, options", [(run_ranker, demos.RankerDemo), (run_retrieval, demos.RetrievalDemo)],
+                         ids=["ranker", "retrieval"])
+def test_a_demos_flags_are_its_options_fields(module, options, capsys):
+    """Every field of the demo's options is a flag with the field's default; --help says what each does."""
+    assert module.parse_args([]) == options()
+    assert module.parse_args(["--steps", "3", "--no-train"]) == dataclasses.replace(module.parse_args([]), steps=3,
+                                                                                    no_train=True)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for field in dataclasses.fields(options):
+        assert "--" + field.name.replace("_", "-") in text
+    assert "held-out examples for the figures" in text
 
 
 @pytest.mark.parametrize("module", [run_ranker, run_retrieval, run_train], ids=lambda m: m.__name__)
@@ -66,7 +82,7 @@ def test_ranker_demo_trains_then_reuses_its_cache(cache_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert not first["loaded"] and "training the demo ranker: 3 steps" in text
     saved = cache_dir / "checkpoints" / "demo_ranker"
-    assert f"saved to {saved}" in text and ex.cached_checkpoint(str(saved), "none") == "stale"
+    assert f"saved to {saved}" in text and demos.cached_checkpoint(str(saved), "none") == "stale"
     assert not list((tmp_path / "cwd").iterdir())  # nothing written into the working directory
     assert "true P(fav)" in text and "Spearman rank correlation" in text and "P(favorite):" in text
     assert np.isfinite(first["spearman_favorite"]) and -1 <= first["spearman_favorite"] <= 1
@@ -115,20 +131,20 @@ def check_true_top_is_sorted_by_printed_p_next(text: str, top_k: int):
 
 def test_cache_is_keyed_and_a_stale_cache_is_not_reused(tmp_path):
     path = str(tmp_path / "ckpt")
-    assert ex.cached_checkpoint(path, "k") == "missing"
+    assert demos.cached_checkpoint(path, "k") == "missing"
     checkpoint.save_checkpoint(path, {"m": {"w": np.zeros(2, np.float32)}}, extra={"cache_key": "k"})
-    assert ex.cached_checkpoint(path, "k") == "hit"
-    assert ex.cached_checkpoint(path, "other") == "stale"
+    assert demos.cached_checkpoint(path, "k") == "hit"
+    assert demos.cached_checkpoint(path, "other") == "stale"
     # Every part of the key matters: model config, world, seed, steps.
-    args = run_ranker.parse_args([*TINY_MODEL, *TINY_WORLD])
-    world_cfg = ex.demo_world_config(args)
-    cfg = ex.demo_ranker_config(16, 1, 8, 4, hash_config=ex.demo_hash_config(world_cfg))
-    deeper = ex.demo_ranker_config(16, 2, 8, 4, hash_config=ex.demo_hash_config(world_cfg))
+    options = run_ranker.parse_args([*TINY_MODEL, *TINY_WORLD])
+    world_cfg = demos.demo_world_config(options)
+    cfg = demos.demo_ranker_config(16, 1, 8, 4, hash_config=demos.demo_hash_config(world_cfg))
+    deeper = demos.demo_ranker_config(16, 2, 8, 4, hash_config=demos.demo_hash_config(world_cfg))
     other_world = dataclasses.replace(world_cfg, seed=1)
-    base = ex.cache_key(cfg, world_cfg, 0, 2)
-    assert base == ex.cache_key(cfg, world_cfg, 0, 2)
-    keys = {base, ex.cache_key(cfg, world_cfg, 1, 2), ex.cache_key(cfg, world_cfg, 0, 3),
-            ex.cache_key(deeper, world_cfg, 0, 2), ex.cache_key(cfg, other_world, 0, 2)}
+    base = demos.cache_key(cfg, world_cfg, 0, 2)
+    assert base == demos.cache_key(cfg, world_cfg, 0, 2)
+    keys = {base, demos.cache_key(cfg, world_cfg, 1, 2), demos.cache_key(cfg, world_cfg, 0, 3),
+            demos.cache_key(deeper, world_cfg, 0, 2), demos.cache_key(cfg, other_world, 0, 2)}
     assert len(keys) == 5
 
 

@@ -1,4 +1,5 @@
-"""MovieLens loader, leave-one-out split, Phoenix examples, baselines and top-k dumps.
+"""The MovieLens adapter (loader, leave-one-out split, actions and authors) and, on its data, the generic
+core's Phoenix examples (phoenix_split.py), baselines and top-k dumps (phoenix_evaluation.py).
 
 Hand-made data: TIES (stable-sort ties, three file formats) and CHAIN (baselines, see below).
 One test reads the real ML-100K and is skipped only when the wheel cannot be fetched.
@@ -10,9 +11,14 @@ import sys
 import numpy as np
 import pytest
 
+import movielens as ml
+import phoenix_evaluation as evaluation
 import phoenix_hashing as hashing
 import phoenix_metrics as metrics
-import movielens as ml
+import phoenix_split
+from phoenix_inputs import ACTIONS, PAD_ID
+from phoenix_log import LogError
+from phoenix_split import MIN_EVAL_INTERACTIONS, SURFACE
 from recsys_model import HashConfig
 
 # (user, item, rating, timestamp) in file order. User 1 rated 10 and 11 in the same second, 10
@@ -134,27 +140,27 @@ def test_leave_one_out_golden():
 ], ids=["train", "val", "test", "test_S2_truncated", "test_S1"])
 def test_history_construction_and_padding(which, history_len, posts, lengths):
     split = ml.leave_one_out(make_ratings(TIES))
-    ex = ml.phoenix_examples(split, which, history_len)
+    ex = phoenix_split.phoenix_examples(split, which, history_len)
     assert ex["history_post_ids"].tolist() == posts
     assert ex["history_len"].tolist() == lengths
-    pad = ex["history_post_ids"] == ml.PAD_ID
-    assert (ex["history_author_ids"][pad] == ml.PAD_ID).all()
+    pad = ex["history_post_ids"] == PAD_ID
+    assert (ex["history_author_ids"][pad] == PAD_ID).all()
     assert not ex["history_actions"][pad].any()
-    assert (ex["history_surfaces"] == ml.SURFACE).all()
+    assert (ex["history_surfaces"] == SURFACE).all()
     assert (ex["target_post_ids"] == split.item_ids[ex["target_columns"]]).all()
 
 
 def test_example_subset_matches_full_build():
     split = ml.leave_one_out(chain_ratings())
-    full = ml.phoenix_examples(split, "train", 2)
-    part = ml.phoenix_examples(split, "train", 2, example_indices=np.array([2, 0]))
+    full = phoenix_split.phoenix_examples(split, "train", 2)
+    part = phoenix_split.phoenix_examples(split, "train", 2, example_indices=np.array([2, 0]))
     for key, value in part.items():
         np.testing.assert_array_equal(value, full[key][[2, 0]], err_msg=key)
 
 
 def test_action_mapping():
     actions = ml.rating_actions([1, 2, 3, 4, 5])
-    names = [sorted(np.array(ml.ACTIONS)[a].tolist()) for a in actions]
+    names = [sorted(np.array(ACTIONS)[a].tolist()) for a in actions]
     assert names == [["click_score", "not_interested_score"], ["click_score", "not_interested_score"],
                      ["click_score"], ["click_score", "favorite_score"],
                      ["click_score", "favorite_score", "share_score"]]
@@ -162,7 +168,7 @@ def test_action_mapping():
 
 def test_history_and_target_actions_follow_ratings():
     split = ml.leave_one_out(make_ratings(TIES))
-    ex = ml.phoenix_examples(split, "test", 3)
+    ex = phoenix_split.phoenix_examples(split, "test", 3)
     # User 1's history 12 (2 stars), 10 (5), 11 (4); target 13 (3 stars).
     np.testing.assert_array_equal(ex["history_actions"][0], ml.rating_actions([2, 5, 4]))
     np.testing.assert_array_equal(ex["target_actions"][0], ml.rating_actions(3))
@@ -172,7 +178,7 @@ def test_authors_from_genres(tmp_path):
     write_format(tmp_path, "grouplens_100k")
     ratings = ml.load_ratings(tmp_path)
     split = ml.leave_one_out(ratings)
-    assert split.authors_of([10, 11, 12, ml.PAD_ID]).tolist() == [TOY_AUTHOR, 1, 0, ml.PAD_ID]
+    assert split.authors_of([10, 11, 12, PAD_ID]).tolist() == [TOY_AUTHOR, 1, 0, PAD_ID]
     first = ml.leave_one_out(ratings, author_scheme="first_genre")
     assert first.authors_of([10, 11]).tolist() == [2**3, 1]  # Animation, unknown
     with pytest.raises(ValueError, match="not in the catalog"):
@@ -181,9 +187,9 @@ def test_authors_from_genres(tmp_path):
 
 def test_phoenix_batch_hashes_examples():
     split = ml.leave_one_out(make_ratings(TIES))
-    ex = ml.phoenix_examples(split, "val", 3)
+    ex = phoenix_split.phoenix_examples(split, "val", 3)
     cfg = HashConfig()
-    batch = ml.phoenix_batch(split, ex, cfg)
+    batch = phoenix_split.phoenix_batch(split, ex, cfg)
     np.testing.assert_array_equal(batch.history_post_hashes, hashing.hash_post_ids(ex["history_post_ids"], cfg))
     assert (batch.history_post_hashes[:, 2] == hashing.PAD_HASH).all()  # right padding
     np.testing.assert_array_equal(batch.candidate_post_hashes[:, 0],
@@ -194,15 +200,15 @@ def test_phoenix_batch_hashes_examples():
 def test_item_sampling_frequencies():
     split = ml.leave_one_out(chain_ratings())
     # Training targets: user 3's item 3 (position 1 of [2, 3]), user 4's 6, user 5's 4.
-    q = ml.item_sampling_frequencies(split)
+    q = phoenix_split.item_sampling_frequencies(split)
     assert dict(zip(split.item_ids.tolist(), q.tolist())) == {1: 0, 2: 0, 3: 1 / 3, 4: 1 / 3, 5: 0, 6: 1 / 3}
 
 
 def test_counts_golden():
     split = ml.leave_one_out(chain_ratings())
-    assert ml.popularity_counts(split, "val").tolist() == [1, 2, 1, 1, 0, 2]  # items 1..6
-    assert ml.popularity_counts(split, "test").tolist() == [1, 3, 1, 3, 0, 2]
-    pairs = ml.transition_counts(split, "test")
+    assert evaluation.popularity_counts(split, "val").tolist() == [1, 2, 1, 1, 0, 2]  # items 1..6
+    assert evaluation.popularity_counts(split, "test").tolist() == [1, 3, 1, 3, 0, 2]
+    pairs = evaluation.transition_counts(split, "test")
     # Visible pairs before the test targets: 1->2, 2->3, 3->4, 2->6, 6->4 (users 4 and 5).
     expected = np.zeros((6, 6), dtype=int)
     for a, b, count in [(1, 2, 1), (2, 3, 1), (3, 4, 1), (2, 6, 1), (6, 4, 2)]:
@@ -224,9 +230,9 @@ def test_counts_golden():
 ], ids=["test_pop", "test_trans", "val_pop", "val_trans"])
 def test_baselines_golden(which, name, topk, ranks):
     split = ml.leave_one_out(chain_ratings())
-    assert ml.baseline_topk(split, which, name, k=4).tolist() == topk
+    assert evaluation.baseline_topk(split, which, name, k=4).tolist() == topk
     expected = metrics.metrics_from_ranks(ranks)
-    got = ml.evaluate_baseline(split, which, name)
+    got = evaluation.evaluate_baseline(split, which, name)
     for key in ("HR@10", "NDCG@10", "HR@50", "MRR"):
         assert got[key] == pytest.approx(expected[key]), key
 
@@ -244,15 +250,15 @@ def test_baselines_match_brute_force():
         for index, (u, i, _, t) in enumerate(rows):
             sequences.setdefault(u, []).append((t, index, i))
         sequences = {u: list(dict.fromkeys(i for _, _, i in sorted(s))) for u, s in sequences.items()}
-        visible = {u: (s[:-cut] if len(s) >= ml.MIN_EVAL_RATINGS else s) for u, s in sequences.items()}
+        visible = {u: (s[:-cut] if len(s) >= MIN_EVAL_INTERACTIONS else s) for u, s in sequences.items()}
         pop = {i: sum(s.count(i) for s in visible.values()) for i in catalog}
         pairs = {}
         for s in visible.values():
             for a, b in zip(s, s[1:]):
                 pairs[a, b] = pairs.get((a, b), 0) + 1
-        for name in ml.BASELINES:
-            top = ml.baseline_topk(split, which, name, k=len(catalog))
-            for row, u in enumerate(sorted(u for u, s in sequences.items() if len(s) >= ml.MIN_EVAL_RATINGS)):
+        for name in evaluation.BASELINES:
+            top = evaluation.baseline_topk(split, which, name, k=len(catalog))
+            for row, u in enumerate(sorted(u for u, s in sequences.items() if len(s) >= MIN_EVAL_INTERACTIONS)):
                 last = visible[u][-1]
                 trans = (lambda i: pairs.get((last, i), 0)) if name == "transition" else (lambda i: 0)
                 ranked = sorted(set(catalog) - set(visible[u]), key=lambda i: (-trans(i), -pop[i], i))
@@ -267,17 +273,17 @@ def test_dump_round_trip(tmp_path):
     split = ml.leave_one_out(ml.load_ratings(data))
     users = split.user_ids[split.eval_users()]
     path = tmp_path / "topk.csv"
-    ml.dump_topk(path, users, ml.baseline_topk(split, "test", "transition", k=10))
+    evaluation.dump_topk(path, users, evaluation.baseline_topk(split, "test", "transition", k=10))
     assert sorted(os.listdir(tmp_path)) == ["data", "topk.csv"]  # no temp file left
     assert path.read_text().splitlines()[:2] == ["user_id," + ",".join(f"item_{j}" for j in range(1, 11)),
                                                  "1,6,3,4,5,-1,-1,-1,-1,-1,-1"]
-    table = ml.evaluate_baseline(split, "test", "transition")
+    table = evaluation.evaluate_baseline(split, "test", "transition")
     check = ml.recompute_from_dump(path, data)
     assert check["HR@10"] == pytest.approx(table["HR@10"])
     assert check["NDCG@10"] == pytest.approx(table["NDCG@10"])
     assert (check["num_users"], check["missing_users"], check["history_items_in_topk"]) == (3, 0, 0)
     # An unfiltered dump missing user 4: history items are counted and user 4 is a miss.
-    ml.dump_topk(path, users[:2], np.array([[1, 2, 3] + [-1] * 7, [5, 2, 6] + [-1] * 7]))
+    evaluation.dump_topk(path, users[:2], np.array([[1, 2, 3] + [-1] * 7, [5, 2, 6] + [-1] * 7]))
     check = ml.recompute_from_dump(path, data)
     assert (check["HR@10"], check["missing_users"], check["history_items_in_topk"]) == (pytest.approx(2 / 3), 1, 3)
 
@@ -295,7 +301,7 @@ def test_download_rejects_wrong_hash(tmp_path, monkeypatch):
         ml.ensure_wheel(tmp_path)
 
 
-# Measured once (`uv run python movielens.py`). The pipeline is deterministic; the tolerance covers
+# Measured once (`uv run python -m scripts.movielens_baselines`). The pipeline is deterministic; the tolerance covers
 # the 6-decimal rounding of these constants. HR@10 values are exact hit counts over 943 users.
 ML100K_BASELINES = {
     ("val", "popularity"): (70 / 943, 0.034517, 0.230117, 0.033322),
@@ -320,11 +326,11 @@ def test_ml100k_end_to_end(ml100k, tmp_path):
     assert (len(split.user_ids), len(split.item_ids), len(ml100k.user)) == (943, 1682, 100_000)
     assert split.has_eval.all() and len(split.targets("train")) == 100_000 - 3 * 943
     for (which, name), (hr10, ndcg10, hr50, mrr) in ML100K_BASELINES.items():
-        m = ml.evaluate_baseline(split, which, name)
+        m = evaluation.evaluate_baseline(split, which, name)
         np.testing.assert_allclose([m["HR@10"], m["NDCG@10"], m["HR@50"], m["MRR"]], [hr10, ndcg10, hr50, mrr],
                                    atol=ML100K_TOL, err_msg=f"{which} {name}")
     path = tmp_path / "pop.csv"
-    ml.dump_topk(path, split.user_ids, ml.baseline_topk(split, "test", "popularity"))
+    evaluation.dump_topk(path, split.user_ids, evaluation.baseline_topk(split, "test", "popularity"))
     check = ml.recompute_from_dump(path, ml100k.source)
     assert check["HR@10"] == pytest.approx(81 / 943)
     assert check["NDCG@10"] == pytest.approx(ML100K_BASELINES["test", "popularity"][1], abs=ML100K_TOL)
@@ -528,7 +534,7 @@ def test_duplicates_first_keeps_earliest_and_never_leaks_the_target():
         targets = split.targets(which)
         mask = split.exclude_mask(which)
         assert not mask[np.arange(len(targets)), targets].any(), which  # target not in visible history
-        ex = ml.phoenix_examples(split, which, history_len=10)
+        ex = phoenix_split.phoenix_examples(split, which, history_len=10)
         assert not (ex["history_post_ids"] == ex["target_post_ids"][:, None]).any(), which
 
 
@@ -538,21 +544,22 @@ def test_recompute_from_dump_follows_the_duplicate_rule(tmp_path):
     write_format(data, "grouplens_100k", DUPLICATES)
     split = ml.leave_one_out(ml.load_ratings(data), duplicates="first")
     path = tmp_path / "topk.csv"
-    ml.dump_topk(path, split.user_ids[split.eval_users()], ml.baseline_topk(split, "test", "popularity", k=10))
+    evaluation.dump_topk(path, split.user_ids[split.eval_users()],
+                         evaluation.baseline_topk(split, "test", "popularity", k=10))
     check = ml.recompute_from_dump(path, data)
-    table = ml.evaluate_baseline(split, "test", "popularity")
+    table = evaluation.evaluate_baseline(split, "test", "popularity")
     assert (check["HR@10"], check["NDCG@10"]) == (pytest.approx(table["HR@10"]), pytest.approx(table["NDCG@10"]))
     assert check["history_items_in_topk"] == 0
 
 
 def test_no_user_with_enough_ratings_is_a_clear_error(tmp_path):
     rows = [(1, 10, 3, 1), (1, 11, 3, 2), (2, 10, 3, 1)]
-    with pytest.raises(ValueError, match=r"no user has >= 3 ratings \(MIN_EVAL_RATINGS.*found max 2 over 2 users"):
+    with pytest.raises(ValueError, match=r"no user has >= 3 ratings \(a training item.*found max 2 over 2 users"):
         ml.leave_one_out(make_ratings(rows))
     # The dump checker used to divide by zero on the same data.
     write_format(tmp_path, "grouplens_100k", rows)
     (tmp_path / "dump.csv").write_text("user_id,item_1\n1,10\n")
-    with pytest.raises(ValueError, match=r"no user has >= 3 ratings"):
+    with pytest.raises(ValueError, match=r"no user has >= 3 interactions"):
         ml.recompute_from_dump(tmp_path / "dump.csv", tmp_path)
 
 
@@ -567,21 +574,21 @@ def test_bad_dump_rows_name_file_and_line(tmp_path, text, line, match):
     write_format(data, "grouplens_100k")
     path = tmp_path / "dump.csv"
     path.write_text(text)
-    with pytest.raises(ml.RatingsFileError, match=rf"{path}:{line}: {match}"):
+    with pytest.raises(LogError, match=rf"{path}:{line}: {match}"):  # a dump is no MovieLens file
         ml.recompute_from_dump(path, data)
 
 
 def test_float_movie_ids_and_bad_history_len_are_rejected():
     split = ml.leave_one_out(make_ratings(TIES))
-    with pytest.raises(TypeError, match=r"item_ids: expected integer movie ids, got dtype float64"):
+    with pytest.raises(TypeError, match=r"item_ids: expected integer item ids, got dtype float64"):
         split.authors_of(np.array([10.7]))  # used to be truncated to movie 10
-    ex = ml.phoenix_examples(split, "val", 3)
-    with pytest.raises(TypeError, match=r"candidate_post_ids: expected integer movie ids"):
-        ml.phoenix_batch(split, ex, HashConfig(), candidate_post_ids=np.array([[10.0], [20.5]]))
+    ex = phoenix_split.phoenix_examples(split, "val", 3)
+    with pytest.raises(TypeError, match=r"candidate_post_ids: expected integer item ids"):
+        phoenix_split.phoenix_batch(split, ex, HashConfig(), candidate_post_ids=np.array([[10.0], [20.5]]))
     with pytest.raises(ValueError, match=r"history_len: expected >= 1, got 0"):
-        ml.phoenix_examples(split, "val", 0)
+        phoenix_split.phoenix_examples(split, "val", 0)
     with pytest.raises(ValueError, match=r"rating: expected finite stars"):
         ml.rating_actions([3.0, np.nan])
-    with pytest.raises(TypeError, match=r"topk_items: expected integer movie ids"):
-        ml.dump_topk("unused.csv", np.array([1]), np.array([[10.5]]))
+    with pytest.raises(TypeError, match=r"topk_items: expected integer item ids"):
+        evaluation.dump_topk("unused.csv", np.array([1]), np.array([[10.5]]))
 

@@ -1,5 +1,6 @@
 """Tests of phoenix_checkpoint.py: exact round trips, atomic saves, template checks, corrupt files, no pickle,
-saves that refuse to destroy what is not a checkpoint, loads concurrent with saves, meta.json schema."""
+saves that refuse to destroy what is not a checkpoint, loads concurrent with saves, meta.json schema, a format
+that knows no model, and checkpoints written by earlier code (testdata/old_checkpoints) still loading."""
 
 import errno
 import hashlib
@@ -19,10 +20,9 @@ import optax
 import pytest
 
 import phoenix_checkpoint as checkpoint
-from conftest import random_release_params, tiny_ranker_config, tiny_retrieval_config
-from grok import TransformerConfig
-from recsys_model import HashConfig, PhoenixModelConfig
-from recsys_retrieval_model import PhoenixRetrievalModelConfig
+import phoenix_configs as configs
+import test_layering
+from conftest import random_release_params, tiny_ranker_config
 
 
 def release_params(seed: int = 0) -> dict:
@@ -55,9 +55,11 @@ def test_exact_round_trip_with_templates(tmp_path):
     float_params = {k: v for k, v in params.items() if k != "extra_module"}
     opt_state = adam_state(float_params)
     config = tiny_ranker_config(fprop_dtype=jnp.bfloat16)
-    path = checkpoint.save_checkpoint(tmp_path / "ckpt", params, opt_state, step=1234, config=config,
+    path = checkpoint.save_checkpoint(tmp_path / "ckpt", params, opt_state, step=1234,
+                                      config=configs.config_to_dict(config),
                                       extra={"note": "hello", "data_position": [3, 4]})
-    ckpt = checkpoint.load_checkpoint(path, params_template=params, opt_state_template=opt_state)
+    ckpt = checkpoint.load_checkpoint(path, params_template=params, opt_state_template=opt_state,
+                                      decode_config=configs.config_from_dict)
     assert_bit_identical(ckpt.params, params)
     assert_bit_identical(ckpt.opt_state, opt_state)
     assert type(ckpt.opt_state[0]).__name__ == "ScaleByAdamState"
@@ -85,35 +87,6 @@ def test_arrays_are_keyed_by_release_parameter_paths(tmp_path):
     assert "transformer/decoder_layer_1/multi_head_attention/query/w" in keys
     assert "transformer/decoder_layer_0/rms_norm_3/scale" in keys
     assert "opt_state/0/mu/phoenix_model/proj_mat_1" in keys and "opt_state/0/count" in keys
-
-
-@pytest.mark.parametrize("make_config", [
-    lambda: tiny_ranker_config(fprop_dtype=jnp.bfloat16),
-    lambda: tiny_retrieval_config(fprop_dtype=jnp.float32),
-    lambda: PhoenixModelConfig(model=TransformerConfig(emb_size=8, key_size=4, num_q_heads=2, num_kv_heads=2,
-                                                       num_layers=3, name="tower", bidirectional_history=True),
-                               emb_size=8, num_actions=3, name="ranker",
-                               hash_config=HashConfig(3, 1, 2, user_table_size=7, hash_seed=9)),
-    lambda: HashConfig(user_table_size=1_000_000),
-    lambda: PhoenixRetrievalModelConfig(model=TransformerConfig(8, 4, 2, 1, 1), emb_size=8),  # hash_config None
-], ids=["ranker_bf16", "retrieval_f32", "named_nondefault", "hash_config", "uninitialised"])
-def test_config_json_round_trip(make_config):
-    config = make_config()
-    text = checkpoint.config_to_json(config)
-    json.loads(text)  # plain JSON
-    restored = checkpoint.config_from_json(text)
-    assert type(restored) is type(config) and restored == config
-    if hasattr(config, "fprop_dtype"):
-        assert jnp.dtype(restored.fprop_dtype) == jnp.dtype(config.fprop_dtype)
-
-
-def test_config_json_errors():
-    with pytest.raises(TypeError, match="config.model"):
-        checkpoint.config_to_json({"model": object()})
-    with pytest.raises(ValueError, match="unknown config type 'Mystery'"):
-        checkpoint.config_from_json('{"__type__": "Mystery"}')
-    with pytest.raises(ValueError, match="HashConfig has no field"):
-        checkpoint.config_from_json('{"__type__": "HashConfig", "num_buckets": 3}')
 
 
 def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -682,12 +655,11 @@ def as_version_1(path):
 def test_version_1_checkpoints_load_and_can_be_overwritten(tmp_path):
     path = tmp_path / "ckpt"
     params = release_params()
-    checkpoint.save_checkpoint(path, params, step=3, config=tiny_ranker_config())
+    checkpoint.save_checkpoint(path, params, step=3, config=configs.config_to_dict(tiny_ranker_config()))
     as_version_1(path)
-    ckpt = checkpoint.load_checkpoint(path, params_template=params)
+    ckpt = checkpoint.load_checkpoint(path, params_template=params, decode_config=configs.config_from_dict)
     assert ckpt.step == 3 and ckpt.meta["format_version"] == 1 and ckpt.config == tiny_ranker_config()
     assert_bit_identical(ckpt.params, params)
-    assert checkpoint.describe_checkpoint(path).save_id is None
     checkpoint.save_checkpoint(path, params, step=4)  # a version-1 directory is ours to replace
     assert checkpoint.read_meta(path)["format_version"] == checkpoint.FORMAT_VERSION
     assert checkpoint.load_checkpoint(path).step == 4
@@ -778,86 +750,132 @@ META_CORRUPTIONS = [
      r"params\['m/w'\].stored_as: expected 'float32' \(how float32 is stored\), got 'float64'"),
     ("array_inside_array", add_param("m/w/x", {**W_ENTRY, "keys": ["m", "w", "x"]}),
      r"'params': array 'm/w/x' lies inside array 'm/w'"),
-    ("config_dtype_tag", set_key("config", {"fprop_dtype": {"__dtype__": 5}}),
-     r"config.fprop_dtype: expected \{'__dtype__': dtype name\}"),
-    ("config_tuple_tag", set_key("config", {"__tuple__": 3}), r"config: expected \{'__tuple__': \[items\]\}"),
-    ("config_type_tag", set_key("config", {"model": {"__type__": ["x"]}}),
-     r"config.model.__type__: expected a class name, got \['x'\]"),
 ]
 
 
 @pytest.mark.parametrize("corrupt, expected", [c[1:] for c in META_CORRUPTIONS], ids=[c[0] for c in META_CORRUPTIONS])
-@pytest.mark.parametrize("reader", ["load_checkpoint", "read_meta", "load_config"])
+@pytest.mark.parametrize("reader", [checkpoint.load_checkpoint, checkpoint.read_meta, configs.load_checkpoint_config],
+                         ids=["load_checkpoint", "read_meta", "load_checkpoint_config"])
 def test_malformed_meta_names_file_and_key(tmp_path, corrupt, expected, reader):
     path = tmp_path / "ckpt"
-    checkpoint.save_checkpoint(path, small_params(), step=1, config=tiny_ranker_config())
+    checkpoint.save_checkpoint(path, small_params(), step=1, config=configs.config_to_dict(tiny_ranker_config()))
     meta_path = path / "meta.json"
     meta_path.write_text(json.dumps(corrupt(json.loads(meta_path.read_text()))))
     with pytest.raises(checkpoint.CheckpointError, match=f"{meta_path}: {expected}"):
-        getattr(checkpoint, reader)(path)
+        reader(path)
 
 
-def with_config_field(field, value):
-    def change(config):
-        config[field] = value
-        return config
-    return change
 
 
-CONFIG_CORRUPTIONS = [
-    ("unknown_type", lambda c: {**c, "__type__": "Mystery"}, r"config: unknown config type 'Mystery'"),
-    ("unknown_field", with_config_field("num_buckets", 3), r"config: config type PhoenixModelConfig has no field"),
-    ("int_field_string", with_config_field("emb_size", "8"),
-     r"config.emb_size \(PhoenixModelConfig\): expected int, got '8'"),
-    ("int_field_float", with_config_field("num_actions", 2.5), r"config.num_actions .*: expected int, got 2.5"),
-    ("bool_field_int", lambda c: {**c, "model": {**c["model"], "bidirectional_history": 1}},
-     r"config.model.bidirectional_history \(TransformerConfig\): expected bool, got 1"),
-    ("config_field_scalar", with_config_field("model", 5), r"config.model \(PhoenixModelConfig\): expected TransformerConfig"),
-    ("optional_config_list", with_config_field("hash_config", [1, 2]),
-     r"config.hash_config \(PhoenixModelConfig\): expected HashConfig, got \[1, 2\]"),
-    ("required_field_missing", lambda c: {**c, "model": {"__type__": "TransformerConfig", "emb_size": 8}},
-     r"config.model: cannot build TransformerConfig: .*missing"),
-    ("post_init_check", lambda c: {**c, "model": {**c["model"], "num_q_heads": 3, "num_kv_heads": 2}},
-     r"config.model: cannot build TransformerConfig: .*num_q_heads \(3\) must be a multiple"),
-    ("unknown_dtype", with_config_field("fprop_dtype", {"__dtype__": "float33"}),
-     r"config.fprop_dtype: unknown dtype 'float33'"),
-]
+# --------------------------------------------------------------------------- a format that knows no model
 
 
-@pytest.mark.parametrize("corrupt, expected", [c[1:] for c in CONFIG_CORRUPTIONS], ids=[c[0] for c in CONFIG_CORRUPTIONS])
-def test_malformed_config_names_file_and_field(tmp_path, corrupt, expected):
-    path = tmp_path / "ckpt"
-    checkpoint.save_checkpoint(path, small_params(), step=1, config=tiny_ranker_config())
-    meta_path = path / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta["config"] = corrupt(meta["config"])
-    meta_path.write_text(json.dumps(meta))
-    with pytest.raises(checkpoint.CheckpointError, match=f"{meta_path}: {expected}"):
-        checkpoint.load_config(path)
-    # The parameters still load; the undecodable config comes back as JSON with a warning.
-    with pytest.warns(UserWarning, match=f"config left as JSON data: {expected}"):
-        ckpt = checkpoint.load_checkpoint(path)
-    assert ckpt.config == meta["config"]
+def test_the_format_imports_no_model_optimiser_or_trainer():
+    """Every import in phoenix_checkpoint's source, lazy ones included: none of the project's but validation."""
+    assert test_layering.imports_of("phoenix_checkpoint") <= {"phoenix_validation"}
 
 
-def test_no_config_saved(tmp_path):
-    checkpoint.save_checkpoint(tmp_path / "ckpt", small_params())
-    with pytest.raises(checkpoint.CheckpointError, match="meta.json: no config saved"):
-        checkpoint.load_config(tmp_path / "ckpt")
+def test_config_is_stored_and_returned_as_the_json_given(tmp_path):
+    """The format keeps the config as opaque JSON: tags it does not read, keys of any name, no decoding
+    unless asked; a dataclass is refused before anything is written, naming the codec that encodes it."""
+    config = {"model": {"__type__": ["not", "a", "name"]}, "notes": [1, 2.5, None], "__dtype__": 7}
+    checkpoint.save_checkpoint(tmp_path / "ckpt", small_params(), config=config)
+    assert checkpoint.load_checkpoint(tmp_path / "ckpt").config == config
+    assert checkpoint.read_meta(tmp_path / "ckpt")["config"] == config
+    assert checkpoint.load_checkpoint(tmp_path / "ckpt", decode_config=lambda c: len(c)).config == 3
+    with pytest.raises(TypeError, match=r"^config: expected JSON data .*got PhoenixModelConfig .*"
+                                        r"\(encode configs with phoenix_configs.config_to_dict\)$"):
+        checkpoint.save_checkpoint(tmp_path / "dataclass", small_params(), config=tiny_ranker_config())
+    assert not os.path.exists(tmp_path / "dataclass")
+    with pytest.raises(TypeError, match=r"^decode_config: expected a function of the config's JSON data .*got str"):
+        checkpoint.load_checkpoint(tmp_path / "ckpt", decode_config="configs")
 
 
-# --------------------------------------------------------------------------- describe_checkpoint
+@pytest.mark.parametrize("name, home", [("config_to_json", "phoenix_configs"), ("TYPE_TAG", "phoenix_configs"),
+                                        ("load_config", "phoenix_configs \\(as load_checkpoint_config\\)"),
+                                        ("step_checkpoint_path", "phoenix_resume"), ("STEP_PATTERN", "phoenix_resume"),
+                                        ("describe_checkpoint", "runners"), ("MODEL_KINDS", "runners")])
+def test_a_name_that_moved_out_says_where_it_went(name, home):
+    with pytest.raises(AttributeError, match=f"^phoenix_checkpoint.{name} moved to {home}: "):
+        getattr(checkpoint, name)
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        checkpoint.no_such_name  # noqa: B018
 
 
-@pytest.mark.parametrize("config, kind, type_name", [
-    (tiny_ranker_config(), "ranker", "PhoenixModelConfig"),
-    (tiny_retrieval_config(), "retrieval", "PhoenixRetrievalModelConfig"),
-    ({"model": tiny_retrieval_config(), "hash_config": HashConfig()}, "retrieval", "PhoenixRetrievalModelConfig"),
-    (HashConfig(), None, "HashConfig"),
-    (None, None, None),
-], ids=["ranker", "retrieval", "trainer_dict", "other_config", "no_config"])
-def test_describe_checkpoint(tmp_path, config, kind, type_name):
-    checkpoint.save_checkpoint(tmp_path / "ckpt", small_params(), step=4, config=config)
-    info = checkpoint.describe_checkpoint(tmp_path / "ckpt")
-    assert (info.kind, info.model_config_type, info.step, info.format_version) == (kind, type_name, 4, 2)
-    assert info.save_id == checkpoint.read_meta(tmp_path / "ckpt")["save_id"]
+# --------------------------------------------------------------------------- checkpoints written by earlier code
+
+# Trainer checkpoints written by the code before configs left this module (testdata/old_checkpoints/README.md):
+# format version 2 by the trainer of that time, version 1 by the format-1 writer, for both models, with AdamW
+# (ranker) and row-wise Adagrad (retrieval) table state, after two training steps.
+OLD_CHECKPOINTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "old_checkpoints")
+OLD_B, OLD_D, OLD_S, OLD_C, OLD_A = 2, 8, 4, 3, 19
+
+
+def old_configs(kind: str) -> dict:
+    """The configs the old checkpoints were written with, as a Trainer saves them."""
+    from grok import TransformerConfig
+    from phoenix_optim import OptimizerConfig
+    from recsys_model import HashConfig, PhoenixModelConfig
+    from recsys_retrieval_model import PhoenixRetrievalModelConfig
+
+    transformer = TransformerConfig(emb_size=OLD_D, key_size=4, num_q_heads=2, num_kv_heads=1, num_layers=1,
+                                    widening_factor=2)
+    tables = HashConfig(user_table_size=11, post_table_size=13, author_table_size=7)
+    sizes = dict(model=transformer, emb_size=OLD_D, history_seq_len=OLD_S, candidate_seq_len=OLD_C, hash_config=tables)
+    if kind == "ranker":
+        return {"model": PhoenixModelConfig(num_actions=OLD_A, fprop_dtype=np.float32, **sizes), "hash_config": tables,
+                "optimizer": OptimizerConfig(warmup_steps=0)}
+    return {"model": PhoenixRetrievalModelConfig(**sizes), "hash_config": tables,  # fprop_dtype bfloat16
+            "optimizer": OptimizerConfig(warmup_steps=0, table_optimizer="rowwise_adagrad")}
+
+
+def old_probe(seed: int):
+    from phoenix_inputs import create_example_batch
+    return create_example_batch(OLD_B, OLD_D, OLD_S, OLD_C, OLD_A, num_user_embeddings=11, num_post_embeddings=13,
+                                num_author_embeddings=7, seed=seed)[0]
+
+
+@pytest.fixture(scope="module")
+def old_trainers():
+    """One trainer per model for both versions, so each compiles its predict once."""
+    import phoenix_training as training
+    ranker, retrieval = old_configs("ranker"), old_configs("retrieval")
+    return {"ranker": training.make_ranking_trainer(ranker["model"], ranker["hash_config"], ranker["optimizer"]),
+            "retrieval": training.make_retrieval_trainer(retrieval["model"], retrieval["hash_config"],
+                                                         retrieval["optimizer"])}
+
+
+@pytest.mark.parametrize("kind", ["ranker", "retrieval"])
+@pytest.mark.parametrize("version", [1, 2])
+def test_checkpoints_written_by_earlier_code_still_load(version, kind, old_trainers):
+    from runners import RecsysInferenceRunner, RecsysRetrievalInferenceRunner
+
+    path = os.path.join(OLD_CHECKPOINTS, f"v{version}_{kind}")
+    meta = checkpoint.read_meta(path)
+    assert meta["format_version"] == version
+    raw = checkpoint.load_checkpoint(path)  # the format alone: arrays, step, the config's JSON as saved
+    assert raw.step == 2 and raw.config == meta["config"]
+    # Decoded, the configs equal today's; encoded again they are the saved JSON, which a resume compares.
+    assert configs.load_checkpoint_config(path) == old_configs(kind)
+    assert configs.config_to_dict(old_configs(kind)) == meta["config"]
+
+    # Today's trainer restores the saved arrays bit for bit (every path, shape and dtype matched its
+    # templates) and predicts what the trainer that saved them predicted.
+    trainer = old_trainers[kind]
+    probe = old_probe(meta["extra"]["probe_seed"])
+    state, ckpt = trainer.load(path, probe)
+    assert ckpt.config == old_configs(kind) and int(state.step) == 2
+    assert_bit_identical(jax.device_get(state.params), raw.params)
+    assert len(jax.tree.leaves(state.opt_state)) == len(raw.opt_state)
+    expected = meta["extra"]["expected"]
+    runner_class = RecsysInferenceRunner if kind == "ranker" else RecsysRetrievalInferenceRunner
+    runner = runner_class.from_checkpoint(path)  # the serving path: config, model and tables from the checkpoint
+    if kind == "ranker":
+        logits = np.asarray(expected["logits"], np.float32)
+        np.testing.assert_allclose(trainer.predict(state.params, probe), logits, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(runner.rank(probe).scores, 1 / (1 + np.exp(-logits)), rtol=1e-5, atol=1e-6)
+    else:
+        user, candidates, _ = trainer.predict(state.params, probe)
+        np.testing.assert_allclose(user, expected["user"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(candidates, expected["candidates"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(runner.encode_user(probe), expected["user"], rtol=1e-5, atol=1e-6)

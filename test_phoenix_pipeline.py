@@ -20,11 +20,13 @@ import pytest
 
 import movielens as ml
 import phoenix_log as logs
+import phoenix_split
 import phoenix_two_stage as two_stage
 import phoenix_pipeline as pipeline
 import phoenix_run_dir as run_dir
 import run_train
-import train_movielens as tm
+import train_synthetic
+from phoenix_inputs import ACTIONS
 from runners import RecsysInferenceRunner, RecsysRetrievalInferenceRunner
 from test_train_movielens import write_world
 
@@ -75,7 +77,7 @@ def test_csv_columns_ids_and_actions(tmp_path):
                                   + [logs.string_id("alice")])
     assert log.tokens("item", log.item) == ["12", "007", "7"]  # "007" is not 7: the column is strings
     assert list(log.line) == [2, 3, 4]
-    A = {name: log.actions[:, ml.ACTIONS.index(name)].tolist() for name in
+    A = {name: log.actions[:, ACTIONS.index(name)].tolist() for name in
          ("click_score", "favorite_score", "share_score", "not_interested_score")}
     # click: every row; favorite >= 4 and not_interested <= 2 from the stars; share from its column.
     assert A == {"click_score": [True] * 3, "favorite_score": [True, False, True],
@@ -120,9 +122,9 @@ def test_a_movielens_csv_splits_as_movielens(tmp_path):
     write_world(tmp_path)
     lines = [line.split("\t") for line in (tmp_path / "u.data").read_text().splitlines()]
     path = write(tmp_path / "ml.csv", "user_id,item_id,rating,timestamp\n" + "".join(",".join(f) + "\n" for f in lines))
-    ours = logs.split_log(logs.read_csv(path))
-    theirs = tm.movielens_split(ml.load_ratings(tmp_path))
-    for field in [f.name for f in ml.Split.__dataclass_fields__.values()] + ["actions"]:
+    ours = phoenix_split.split_log(logs.read_csv(path))
+    theirs = ml.movielens_split(ml.load_ratings(tmp_path))
+    for field in [f.name for f in phoenix_split.Split.__dataclass_fields__.values()] + ["actions"]:
         np.testing.assert_array_equal(getattr(ours, field), getattr(theirs, field), err_msg=field)
 
 
@@ -134,7 +136,7 @@ TIES = "user_id,item_id,timestamp\n" + "".join(f"u,{i},{t}\n" for i, t in
 
 
 def test_leave_one_out_sorts_stably_and_takes_the_last_two(tmp_path):
-    split = logs.split_log(logs.read_csv(write(tmp_path / "log.csv", TIES)))
+    split = phoenix_split.split_log(logs.read_csv(write(tmp_path / "log.csv", TIES)))
     u = int(np.flatnonzero(split.user_ids == logs.string_id("u"))[0])
     sequence = split.items[split.offsets[u]:split.offsets[u + 1]].tolist()
     assert sequence == [4, 1, 3, 2, 5]  # time order; items 3 and 2 tie at t=20 and keep file order
@@ -149,12 +151,12 @@ def test_leave_one_out_sorts_stably_and_takes_the_last_two(tmp_path):
 def test_repeats_are_dropped_keeping_the_earliest_or_refused(tmp_path):
     path = write(tmp_path / "log.csv", "user_id,item_id,timestamp\nu,1,1\nu,2,2\nu,1,3\nu,3,4\nu,3,4\nv,1,1\nv,2,2\n")
     stream = io.StringIO()
-    split = logs.split_log(logs.read_csv(path), stream=stream)
+    split = phoenix_split.split_log(logs.read_csv(path), stream=stream)
     assert "dropped 2 repeated" in stream.getvalue() and f"{path}:4 repeats {path}:2" in stream.getvalue()
     # u keeps 1 (line 2), 2, 3 (line 5: the exact duplicate on line 6 goes too); v keeps both.
     assert split.items.tolist() == [1, 2, 3, 1, 2] and split.log.line[split.rows].tolist() == [2, 3, 5, 7, 8]
     with pytest.raises(logs.LogError, match=rf"{path}:4: user 'u' and item 1 already at {path}:2 \(2 such"):
-        logs.split_log(logs.read_csv(path), duplicates="error")
+        phoenix_split.split_log(logs.read_csv(path), duplicates="error")
 
 
 CUT_LOG = ("user_id,item_id,timestamp\n"
@@ -166,7 +168,7 @@ CUT_LOG = ("user_id,item_id,timestamp\n"
 
 def test_time_split_keeps_the_future_out(tmp_path):
     log = logs.read_csv(write(tmp_path / "log.csv", CUT_LOG))
-    split = logs.split_log(log, "time", cut_time=10)
+    split = phoenix_split.split_log(log, "time", cut_time=10)
     users = {log.token("user", u): r for r, u in enumerate(split.user_ids)}
     assert set(users) == {"a", "b", "d"}
     a = users["a"]
@@ -179,7 +181,8 @@ def test_time_split_keeps_the_future_out(tmp_path):
                                                                        split.lengths)]
     assert visible.max() < 10  # no training interaction at or after the cut
     # A quantile cut: the median of the 14 timestamps (method "higher") is 4.
-    by_quantile, by_time = logs.split_log(log, "time", cut_quantile=0.5), logs.split_log(log, "time", cut_time=4)
+    by_quantile = phoenix_split.split_log(log, "time", cut_quantile=0.5)
+    by_time = phoenix_split.split_log(log, "time", cut_time=4)
     assert by_quantile.rows.tolist() == by_time.rows.tolist() and by_time.has_eval.sum() == 2
 
 
@@ -259,7 +262,7 @@ def test_negative_integer_ids_are_strings_not_padding():
 
 def test_recipes_the_log_cannot_support_name_the_flag(tmp_path):
     write_log(tmp_path / "log.csv")
-    split = logs.split_log(logs.read_csv(tmp_path / "log.csv"))
+    split = phoenix_split.split_log(logs.read_csv(tmp_path / "log.csv"))
     recipe = two_stage.resolve_recipe(two_stage.Recipe(), split)
     assert recipe.retrieve_k == two_stage.recommendable(split) < two_stage.RETRIEVE_K  # shrunk: a small log
     for change, flag in (({"retrieve_k": NUM_ITEMS}, "--retrieve-k"), ({"ranker_batch_size": 10**6}, "--ranker-batch-size"),
@@ -343,9 +346,9 @@ def test_checkpoints_load_into_the_runners_and_score_as_the_pipeline(cli_run):
                                two_stage.encode_items(result["retrieval"], result["retrieval_params"], split), atol=1e-5)
     ranker = RecsysInferenceRunner.from_checkpoint(str(tmp / "run" / "ranker"))
     recipe = result["recipe"]
-    examples = logs.phoenix_examples(split, "test", recipe.ranker_history_len)
+    examples = phoenix_split.phoenix_examples(split, "test", recipe.ranker_history_len)
     columns = result["stage_one"]["test"].topk[:, :recipe.num_candidates]  # [U, C]
-    batch = ml.phoenix_batch(split, examples, ranker.runner.model.hash_config, split.item_ids[columns])
+    batch = phoenix_split.phoenix_batch(split, examples, ranker.runner.model.hash_config, split.item_ids[columns])
     logits = two_stage.ranker_logits(result["ranker"], result["ranker_params"], split, examples, columns,
                                     recipe.num_candidates)
     np.testing.assert_allclose(np.asarray(ranker.rank(batch).scores), 1 / (1 + np.exp(-logits)), atol=1e-5)
@@ -413,7 +416,7 @@ def test_a_retrieval_ensemble_is_its_members_read_as_one(cli_run, ensemble_run):
     joined = two_stage.encode_items(model, params, split)  # [N, 2D]
     np.testing.assert_allclose(joined, np.concatenate(members, axis=1) / np.sqrt(2), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(joined, axis=1), 1.0, atol=1e-5)
-    examples = logs.phoenix_examples(split, "test", result["recipe"].history_len)
+    examples = phoenix_split.phoenix_examples(split, "test", result["recipe"].history_len)
     users = [two_stage.encode_users(member, p, split, examples) for member, p in zip(model.members, params)]
     mean_cosine = (users[0] @ members[0].T + users[1] @ members[1].T) / 2  # [U, N]
     np.testing.assert_allclose(result["stage_one"]["test"].scores, mean_cosine, atol=1e-5)
@@ -428,14 +431,14 @@ def test_a_ranker_ensemble_averages_its_members_logits(ensemble_run):
     split, recipe, model, params = result["split"], result["recipe"], result["ranker"], result["ranker_params"]
     assert isinstance(model, two_stage.RankerEnsemble) and len(params) == 2
     assert len(result["ranker_best"]["steps"]) == 2
-    examples = logs.phoenix_examples(split, "test", recipe.ranker_history_len)
+    examples = phoenix_split.phoenix_examples(split, "test", recipe.ranker_history_len)
     columns = result["stage_one"]["test"].topk[:, :recipe.num_candidates]  # [U, C]
     members = [two_stage.ranker_logits(m, p, split, examples, columns, recipe.num_candidates)
                for m, p in zip(model.members, params)]  # each [U, C, A]
     assert not np.allclose(members[0], members[1], atol=1e-3)  # two different models
     np.testing.assert_allclose(result["two_stage"]["test"].logits[:, :recipe.num_candidates],
                                (members[0] + members[1]) / 2, atol=1e-5)
-    batch = ml.phoenix_batch(split, examples, model.hash_config, split.item_ids[columns])
+    batch = phoenix_split.phoenix_batch(split, examples, model.hash_config, split.item_ids[columns])
     for m, stage in enumerate(("ranker", "ranker.1")):
         runner = RecsysInferenceRunner.from_checkpoint(str(tmp / "run" / stage))
         np.testing.assert_allclose(np.asarray(runner.rank(batch).scores), 1 / (1 + np.exp(-members[m])), atol=1e-5)
@@ -462,18 +465,21 @@ def test_the_console_script_prints_bad_input_without_a_traceback(tmp_path, monke
     assert f"phoenix-train: error: {path}:3: column 'timestamp'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("data, module", [("synthetic", "train_synthetic"), ("movielens-100k", "train_movielens"),
-                                          ("DIR", "train_movielens"), ("log.csv", "phoenix_pipeline")])
-def test_run_train_dispatches_by_data(data, module, tmp_path, monkeypatch):
+@pytest.mark.parametrize("data, kind", [("synthetic", "synthetic"), ("movielens-100k", "movielens"),
+                                        ("DIR", "movielens"), ("log.csv", "log")])
+def test_run_train_dispatches_by_data(data, kind, tmp_path, monkeypatch):
     data = str(tmp_path) if data == "DIR" else data
-    target = __import__(module)
-    monkeypatch.setattr(target, "main", lambda argv: ("called", module))
-    assert run_train.main(["--data", data, "--seed", "1"]) == ("called", module)
+    monkeypatch.setattr(train_synthetic, "run", lambda options, argv: ("called", "synthetic", options.seed))
+    for other in ("log", "movielens"):
+        monkeypatch.setattr(run_train, f"train_{other}", lambda command, other=other: ("called", other,
+                                                                                          command.run.seed))
+    assert run_train.parse_args(["--data", data]).kind == kind
+    assert run_train.main(["--data", data, "--seed", "1"]) == ("called", kind, 1)
 
 
 def test_plot_without_matplotlib_fails_before_training(tmp_path, monkeypatch):
     write_log(tmp_path / "log.csv")
-    split = logs.split_log(logs.read_csv(tmp_path / "log.csv"))
+    split = phoenix_split.split_log(logs.read_csv(tmp_path / "log.csv"))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     monkeypatch.setattr(pipeline, "train_retrieval", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(pipeline.MissingExtraError, match=r"in a clone, `uv sync --extra plot` \(or `pip install "
@@ -502,17 +508,17 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
 
 
 def test_rating_actions_flag_parses_ranges_and_names_bad_ones(tmp_path):
-    assert pipeline.parse_rating_actions("favorite_score=4:5, not_interested_score=:2") == {
+    assert run_train.parse_rating_actions("favorite_score=4:5, not_interested_score=:2") == {
         "favorite_score": (4.0, 5.0), "not_interested_score": (-np.inf, 2.0)}
     for bad, message in (("favorite_score=4", "expected ACTION=LOW:HIGH"), ("liked=4:5", "unknown action 'liked'"),
                          ("favorite_score=5:4", "expected low <= high"), ("favorite_score=a:5", "expected numbers")):
         with pytest.raises(Exception, match=message):
-            pipeline.parse_rating_actions(bad)
+            run_train.parse_rating_actions(bad)
     # The mapping is what the actions become: 10-point ratings, favorite from 8.
     path = write(tmp_path / "log.csv", "user_id,item_id,timestamp,rating\nu1,1,1,9\nu2,2,2,7\n")
-    log = logs.read_csv(path, rating_actions=pipeline.parse_rating_actions("favorite_score=8:"))
-    assert log.actions[:, ml.ACTIONS.index("favorite_score")].tolist() == [True, False]
-    assert log.actions[:, ml.ACTIONS.index("click_score")].all()
+    log = logs.read_csv(path, rating_actions=run_train.parse_rating_actions("favorite_score=8:"))
+    assert log.actions[:, ACTIONS.index("favorite_score")].tolist() == [True, False]
+    assert log.actions[:, ACTIONS.index("click_score")].all()
 
 
 # --------------------------------------------------------------------------- prefix representations

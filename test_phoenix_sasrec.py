@@ -14,6 +14,7 @@ import pytest
 import phoenix_metrics as metrics
 import phoenix_pipeline as pipeline
 import phoenix_sasrec as sasrec
+import phoenix_two_stage as two_stage
 
 TINY = sasrec.SasrecRecipe(emb_size=16, num_layers=1, num_heads=2, history_len=6, dropout=0.0, batch_size=8,
                            epochs=2, warmup_steps=2, evals=2)
@@ -111,7 +112,7 @@ def tiny_split(num_users=12, num_items=N, seed=0):
 
 def test_windows_and_histories_match_hand_built():
     split = tiny_split()
-    rows, starts, lengths = pipeline.training_windows(split, TINY.history_len)
+    rows, starts, lengths = two_stage.training_windows(split, TINY.history_len)
     inputs, targets, valid = sasrec.window_arrays(split, rows, starts, lengths, TINY.history_len)
     covered = []
     for w in range(len(rows)):
@@ -143,9 +144,9 @@ def test_evaluation_is_the_pipeline_rule():
     for which in ("val", "test"):
         target = split.targets(which)
         boosted = scores.copy()
-        exclude = pipeline.eval_mask(split, which)
+        exclude = two_stage.eval_mask(split, which)
         boosted[exclude] += 100.0  # history items score highest: they must still never be ranked
-        got, topk = sasrec.evaluate(split, which, boosted, pipeline.eval_mask, k=5)
+        got, topk = sasrec.evaluate(split, which, boosted, two_stage.eval_mask, k=5)
         assert got == metrics.evaluate_scores(boosted, target, exclude)
         ranked = topk != metrics.NOT_RANKED  # fewer than k items left to recommend to some users
         assert ranked.any() and not np.take_along_axis(exclude, np.maximum(topk, 0), axis=1)[ranked].any()
@@ -158,7 +159,7 @@ def test_learns_a_planted_next_item_rule():
     and the best checkpoint is the one reported."""
     split = tiny_split(num_users=40, seed=3)
     recipe = dataclasses.replace(TINY, epochs=150, batch_size=8, learning_rate=1e-2, evals=3, warmup_steps=5)
-    rows, info = sasrec.reference_rows(split, recipe, 0, pipeline.training_windows, pipeline.eval_mask,
+    rows, info = sasrec.reference_rows(split, recipe, 0, two_stage.training_windows, two_stage.eval_mask,
                                        stream=open("/dev/null", "w"))
     assert rows[("val", "sasrec")]["HR@10"] == 1.0
     assert rows[("val", "sasrec")]["MRR"] > 0.9

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import phoenix_checkpoint as checkpoint
+import phoenix_configs as configs
 import phoenix_training as training
 from grok import TransformerConfig
 from recsys_model import HashConfig, PhoenixModelConfig, RecsysBatch
@@ -591,7 +592,7 @@ def test_trainer_checkpoint_resumes_bit_identically(ranking, tmp_path):
     ranking.save(tmp_path / "ckpt", state)
     restored = ranking.restore(tmp_path / "ckpt", batch)
     assert int(restored.step) == 2
-    saved = checkpoint.load_checkpoint(tmp_path / "ckpt", config_types=(training.OptimizerConfig,))
+    saved = checkpoint.load_checkpoint(tmp_path / "ckpt", decode_config=configs.config_from_dict)
     assert saved.config == {"model": ranking.model_config, "hash_config": HASHES, "optimizer": OPTIMIZER}
     for a, b in zip(leaves((state.params, state.opt_state, state.rng)),
                     leaves((restored.params, restored.opt_state, restored.rng)), strict=True):
@@ -623,8 +624,8 @@ def test_retrieval_trainer_overfits_one_batch(retrieval):
 
 def test_optimizer_config_round_trips_through_checkpoint_json():
     config = training.OptimizerConfig(decay_steps=1000, table_optimizer="rowwise_adagrad", clip_global_norm=None)
-    text = checkpoint.config_to_json(config)
-    assert checkpoint.config_from_json(text, extra_types=(training.OptimizerConfig,)) == config
+    text = configs.config_to_json(config)
+    assert configs.config_from_json(text, extra_types=(training.OptimizerConfig,)) == config
 
 
 def test_sparse_and_dense_table_updates_train_identically(ranking):

@@ -271,12 +271,12 @@ def test_unknown_pooling_is_a_clear_error(pooling):
 
 def test_pooling_round_trips_through_the_checkpoint_config():
     """pooling is saved with the config; an older config without the field loads as "mean"."""
-    import phoenix_checkpoint as checkpoint
+    import phoenix_configs as configs
     cfg = tiny_retrieval_config()
     cfg.pooling = "last"
-    saved = checkpoint.config_to_dict(cfg)
-    assert checkpoint.config_from_dict(saved).pooling == "last"
+    saved = configs.config_to_dict(cfg)
+    assert configs.config_from_dict(saved).pooling == "last"
     old = {k: v for k, v in saved.items() if k != "pooling"}
-    assert checkpoint.config_from_dict(old).pooling == "mean"
+    assert configs.config_from_dict(old).pooling == "mean"
     with pytest.raises(ValueError, match="pooling"):
-        checkpoint.config_from_dict({**saved, "pooling": "max"})
+        configs.config_from_dict({**saved, "pooling": "max"})

@@ -24,8 +24,10 @@ import pytest
 
 import phoenix_checkpoint as checkpoint
 import phoenix_pipeline as pipeline
+import phoenix_resume
 import phoenix_stop
 import phoenix_training as training
+import phoenix_two_stage as two_stage
 import resume_harness
 import run_train
 from recsys_model import PhoenixModelConfig
@@ -42,7 +44,7 @@ class Preempted(Exception):
 
 
 class LabelCounts:
-    """An `aux` object like train_synthetic.PopularityCounts: state that the data stream updates."""
+    """An `aux` object like phoenix_synthetic.PopularityCounts: state that the data stream updates."""
 
     def __init__(self):
         self.sums = np.zeros(A)
@@ -265,16 +267,16 @@ def test_resumable_run_needs_a_stream_reproducible_from_its_step(trainer, tmp_pa
 def test_prune_keeps_the_newest_and_clears_leftovers(tmp_path):
     params = {"m": {"w": np.arange(3.0)}}
     for step in (1, 2, 3):
-        checkpoint.save_checkpoint(checkpoint.step_checkpoint_path(tmp_path, step), params, step=step)
+        checkpoint.save_checkpoint(phoenix_resume.step_checkpoint_path(tmp_path, step), params, step=step)
     os.mkdir(tmp_path / ".step-00000001.del-0123456789abcdef")  # a prune killed while deleting
     (tmp_path / ".step-00000001.del-0123456789abcdef" / "meta.json").write_text("{")
     os.mkdir(tmp_path / "step-00000000")  # under a step name but not a checkpoint: left alone
     (tmp_path / "step-00000000" / "notes.txt").write_text("mine")
-    deleted = checkpoint.prune_step_checkpoints(tmp_path, keep=2)
+    deleted = phoenix_resume.prune_step_checkpoints(tmp_path, keep=2)
     assert deleted == [str(tmp_path / "step-00000001")]
     assert sorted(os.listdir(tmp_path)) == ["step-00000000", "step-00000002", "step-00000003"]
     with pytest.raises(ValueError, match="keep: expected an int >= 1"):
-        checkpoint.prune_step_checkpoints(tmp_path, keep=0)
+        phoenix_resume.prune_step_checkpoints(tmp_path, keep=0)
 
 
 def test_aux_arrays_round_trip_and_old_readers_see_the_same_meta(tmp_path):
@@ -436,14 +438,14 @@ def test_a_synthetic_stop_line_names_what_is_saved_and_the_command_that_resumes(
     argv = ["--data", "synthetic", "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "5", "--overwrite"]
     checkpoint.save_checkpoint(tmp_path / "steps" / "ranker" / "step-00000005", {"m": {"w": np.ones(2)}}, step=5)
     stop = training.TrainingStopped(signal.SIGTERM, 5, 1200)
-    train_synthetic.describe_stop(stop, train_synthetic.parse_args(argv), argv)
+    train_synthetic.describe_stop(stop, run_train.parse_args(argv).run, argv)
     resume = "--data synthetic --checkpoint-dir " + str(tmp_path) + " --checkpoint-every 5 --resume"
     assert stop.line(["run_train.py"]) == (  # --overwrite would start afresh: the resume drops it
         f"stopped by SIGTERM after step 5 of 1200 (ranker): saved ranker at step 5 of 1200 "
         f"({tmp_path}/steps/ranker/step-00000005); resume with: run_train.py {resume}")
     plain = ["--data", "synthetic", "--checkpoint-dir", str(tmp_path / "plain")]
     stop = training.TrainingStopped(signal.SIGINT, 7, 1200)
-    train_synthetic.describe_stop(stop, train_synthetic.parse_args(plain), plain)
+    train_synthetic.describe_stop(stop, run_train.parse_args(plain).run, plain)
     assert stop.line(["run_train.py"]) == ("stopped by SIGINT after step 7 of 1200 (ranker): nothing resumable was "
                                            "saved (--checkpoint-every is off)")
 
@@ -535,10 +537,10 @@ def test_a_pipeline_stop_names_the_best_checkpoints_kept(tmp_path, monkeypatch):
         return {}, {"NDCG@10": 0.25, "step": 3}
 
     monkeypatch.setattr(pipeline, "_fit_keeping_best", fit_keeping_best)
-    monkeypatch.setattr(pipeline, "start_retrieval", lambda *args, **kwargs: (None, None, None, 9))
-    monkeypatch.setattr(pipeline, "start_ranker", lambda *args, **kwargs: (None, None, None, 9))
-    monkeypatch.setattr(pipeline, "ensemble", lambda trainers, params, kind: (None, tuple(params)))
-    monkeypatch.setattr(pipeline, "StageOne", lambda *args: types.SimpleNamespace(metrics=lambda: {"NDCG@10": 0.5}))
+    monkeypatch.setattr(two_stage, "start_retrieval", lambda *args, **kwargs: (None, None, None, 9))
+    monkeypatch.setattr(two_stage, "start_ranker", lambda *args, **kwargs: (None, None, None, 9))
+    monkeypatch.setattr(two_stage, "ensemble", lambda trainers, params, kind: (None, tuple(params)))
+    monkeypatch.setattr(two_stage, "StageOne", lambda *args: types.SimpleNamespace(metrics=lambda: {"NDCG@10": 0.5}))
     with pytest.raises(training.TrainingStopped) as e:
         pipeline.run(split, recipe, tmp_path / "run", stream=io.StringIO())
     assert e.value is stopped and stopped.why_not == pipeline.NOT_RESUMABLE

@@ -1,4 +1,5 @@
-"""Runners load trainer checkpoints: same predictions as the trainer, clear errors on mismatch."""
+"""Runners load trainer checkpoints: same predictions as the trainer, clear errors on mismatch; what a
+checkpoint holds, read before any model is built (describe_checkpoint)."""
 
 import dataclasses
 
@@ -6,12 +7,15 @@ import jax
 import numpy as np
 import pytest
 
+import phoenix_checkpoint as checkpoint
+import phoenix_configs as configs
 import phoenix_training as training
 from conftest import A, C, D, S, tiny_ranker_config, tiny_retrieval_config
 from phoenix_checkpoint import CheckpointError
 from recsys_model import HashConfig
 from runners import (ModelRunner, RecsysInferenceRunner, RecsysRetrievalInferenceRunner, RetrievalModelRunner,
-                     create_example_batch)
+                     create_example_batch, describe_checkpoint)
+from test_phoenix_checkpoint import as_version_1
 
 SMALL_TABLES = HashConfig(user_table_size=101, post_table_size=211, author_table_size=53)
 
@@ -120,3 +124,28 @@ def test_retrieval_checkpoint_loaded_as_ranker_names_the_right_runner(retrieval_
     runner = RecsysInferenceRunner(ModelRunner(ranker, checkpoint_path=path))
     with pytest.raises(CheckpointError, match=RETRIEVAL_HELD):
         runner.initialize()
+
+
+@pytest.mark.parametrize("config, kind, type_name", [
+    (tiny_ranker_config(), "ranker", "PhoenixModelConfig"),
+    (tiny_retrieval_config(), "retrieval", "PhoenixRetrievalModelConfig"),
+    ({"model": tiny_retrieval_config(), "hash_config": HashConfig()}, "retrieval", "PhoenixRetrievalModelConfig"),
+    (HashConfig(), None, "HashConfig"),
+    (None, None, None),
+], ids=["ranker", "retrieval", "trainer_dict", "other_config", "no_config"])
+def test_describe_checkpoint(tmp_path, config, kind, type_name):
+    params = {"m": {"w": np.zeros((4, 3), np.float32)}}
+    checkpoint.save_checkpoint(tmp_path / "ckpt", params, step=4, config=configs.config_to_dict(config))
+    info = describe_checkpoint(tmp_path / "ckpt")
+    assert (info.kind, info.model_config_type, info.step, info.format_version) == (kind, type_name, 4, 2)
+    assert info.save_id == checkpoint.read_meta(tmp_path / "ckpt")["save_id"]
+
+
+def test_describe_a_version_1_checkpoint(tmp_path):
+    """Format 1 recorded no save id (nor marker or hash): describe_checkpoint gives None for it."""
+    path = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(path, {"m": {"w": np.zeros(2, np.float32)}}, step=3,
+                               config=configs.config_to_dict(tiny_ranker_config()))
+    as_version_1(path)
+    info = describe_checkpoint(path)
+    assert (info.kind, info.step, info.format_version, info.save_id) == ("ranker", 3, 1, None)

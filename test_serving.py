@@ -146,7 +146,7 @@ def test_profile_rows_cover_every_part(tmp_path, capsys):
 
 
 def bench_config(C: int, S: int):
-    from phoenix_experiment import demo_ranker_config
+    from phoenix_demos import demo_ranker_config
 
     return demo_ranker_config(history_len=S, num_candidates=C)
 

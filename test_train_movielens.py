@@ -1,13 +1,12 @@
-"""train_movielens.py (and the phoenix_pipeline.py recipe it runs) on a tiny synthetic ratings file:
-windows, prefix representations, the evaluation path against NumPy brute force, two-stage
-re-ranking, the top-k dump, training.
+"""Training on MovieLens (`run_train.py --data DIR`: movielens.py's split through phoenix_pipeline.py's
+recipe) on a tiny synthetic ratings file: windows, prefix representations, the evaluation path against
+NumPy brute force, two-stage re-ranking, the top-k dump, seeds, training.
 
 WORLD: 14 users watch runs of consecutive movies (movie m is usually followed by m + 1) among 40,
 written as GroupLens u.data into tmp_path. Models are tiny (D=16, one layer) so that each jitted
 function compiles in seconds. One test reads the real ML-100K and skips without it.
 """
 
-import argparse
 import dataclasses
 import io
 
@@ -19,18 +18,20 @@ import phoenix_checkpoint as checkpoint
 import phoenix_hashing as hashing
 import phoenix_metrics as metrics
 import movielens as ml
-import phoenix_log as logs
+import phoenix_evaluation as evaluation
+import phoenix_split
 import phoenix_two_stage as two_stage
 import phoenix_pipeline as pipeline
-import train_movielens as tm
+import run_train
+from phoenix_paths import DEFAULT_CACHE_DIR
 from runners import RecsysRetrievalInferenceRunner
 
 NUM_USERS, NUM_MOVIES = 14, 40
-TINY = tm.Recipe(emb_size=16, num_layers=1, num_heads=2, history_len=4, ranker_history_len=4,
-                 retrieval_batch_size=8, ranker_batch_size=16, retrieval_epochs=3.0, ranker_epochs=2.0,
-                 learning_rate=3e-3, warmup_steps=5, hard_negatives=2, random_negatives=1, negative_pool=5,
-                 retrieve_k=12, user_table_size=997, post_table_size=1009, author_table_size=499,
-                 evals_per_stage=2)
+TINY = two_stage.Recipe(emb_size=16, num_layers=1, num_heads=2, history_len=4, ranker_history_len=4,
+                       retrieval_batch_size=8, ranker_batch_size=16, retrieval_epochs=3.0, ranker_epochs=2.0,
+                       learning_rate=3e-3, warmup_steps=5, hard_negatives=2, random_negatives=1, negative_pool=5,
+                       retrieve_k=12, user_table_size=997, post_table_size=1009, author_table_size=499,
+                       evals_per_stage=2)
 
 
 def write_world(directory, seed: int = 0) -> None:
@@ -56,18 +57,20 @@ def write_world(directory, seed: int = 0) -> None:
 def world(tmp_path_factory):
     directory = tmp_path_factory.mktemp("ml_tiny")
     write_world(directory)
-    return directory, tm.movielens_split(ml.load_ratings(directory))
+    return directory, ml.movielens_split(ml.load_ratings(directory))
 
 
 @pytest.fixture(scope="module")
 def experiment(world, tmp_path_factory):
-    """One full run of the experiment on the tiny world (with a dump), shared by several tests."""
+    """One full run of the experiment on the tiny world (with a dump checked against the raw ratings, as
+    `run_train.py --data DIR --dump-topk` does), shared by several tests."""
     directory, split = world
     out = tmp_path_factory.mktemp("run")
-    args = argparse.Namespace(data=str(directory), cache_dir=None, seed=0, checkpoint_dir=str(out / "ckpt"),
-                              dump_topk=str(out / "top10.csv"), overwrite=False, plot=False)
-    result = tm.run(args, TINY, stream=io.StringIO())
-    return args, split, result
+    options = pipeline.RunOptions(checkpoint_dir=str(out / "ckpt"), dump_topk=str(out / "top10.csv"))
+    pipeline.check_run_outputs(options)
+    result = pipeline.run_experiment(split, TINY, options, stream=io.StringIO(),
+                                     check=lambda path: ml.recompute_from_dump(path, directory, k=two_stage.FINAL_K))
+    return options, split, result
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +85,15 @@ def retrieval(experiment):
 
 def test_split_and_examples_equal_movielens_leave_one_out(world):
     """The pipeline's split of the MovieLens log is movielens.leave_one_out's, field by field, and
-    its examples (actions from the log) equal movielens.phoenix_examples (actions from the stars)."""
+    its examples (actions from the log) equal movielens.leave_one_out's (actions from the stars)."""
     directory, split = world
     ratings = ml.load_ratings(directory)
     reference = ml.leave_one_out(ratings)
-    for field in dataclasses.fields(ml.Split):
+    for field in dataclasses.fields(phoenix_split.Split):
         np.testing.assert_array_equal(getattr(split, field.name), getattr(reference, field.name), err_msg=field.name)
     for which, S in (("train", 4), ("val", 3), ("test", 50)):
-        ours, theirs = logs.phoenix_examples(split, which, S), ml.phoenix_examples(reference, which, S)
+        ours = phoenix_split.phoenix_examples(split, which, S)
+        theirs = phoenix_split.phoenix_examples(reference, which, S)
         assert set(ours) == set(theirs)
         for key in theirs:
             np.testing.assert_array_equal(ours[key], theirs[key], err_msg=f"{which} {key}")
@@ -119,7 +123,7 @@ def test_retrieval_batches_pair_prefixes_with_the_next_movie(world):
     B, S = TINY.retrieval_batch_size, TINY.history_len
     assert batch.history_post_hashes.shape[:2] == (B, S + 1) and batch.candidate_post_hashes.shape[:2] == (B, S)
     np.testing.assert_array_equal(batch.candidate_post_hashes, batch.history_post_hashes[:, 1:])
-    q = ml.item_sampling_frequencies(split)
+    q = phoenix_split.item_sampling_frequencies(split)
     valid = positive_ids >= 0  # catalog columns of the targets, -1 at padding
     columns = positive_ids[valid]
     np.testing.assert_allclose(log_q[valid], np.log(q[columns]), rtol=1e-6)
@@ -132,7 +136,7 @@ def test_retrieval_batches_pair_prefixes_with_the_next_movie(world):
 
 def test_ranker_candidates_hold_the_target_once_at_a_random_slot(world):
     _, split = world
-    examples = logs.phoenix_examples(split, "train", TINY.ranker_history_len)
+    examples = phoenix_split.phoenix_examples(split, "train", TINY.ranker_history_len)
     rng = np.random.default_rng(0)
     E = len(examples["user_ids"])
     pool = (examples["target_columns"][:, None] + 1 + np.arange(5)[None, :]) % len(split.item_ids)  # [E, 5]
@@ -157,7 +161,7 @@ def test_prefix_representations_equal_each_examples_user_tower(world, retrieval)
     trainer, params = retrieval
     S = 50  # longer than every user's training part: each window starts at 0, histories are exact
     by_windows = two_stage.example_representations(trainer, params, split, S)
-    direct = two_stage.encode_users(trainer, params, split, logs.phoenix_examples(split, "train", S))
+    direct = two_stage.encode_users(trainer, params, split, phoenix_split.phoenix_examples(split, "train", S))
     np.testing.assert_allclose(by_windows, direct, atol=2e-5)
 
 
@@ -171,7 +175,7 @@ def test_window_representations_follow_the_models_pooling(world, pooling):
     batch = next(two_stage.retrieval_batches(split, recipe, trainer.hash_config, np.random.default_rng(0)))[0]
     params = trainer.init(jax.random.PRNGKey(0), batch).params
     by_windows = two_stage.example_representations(trainer, params, split, 50)
-    direct = two_stage.encode_users(trainer, params, split, logs.phoenix_examples(split, "train", 50))
+    direct = two_stage.encode_users(trainer, params, split, phoenix_split.phoenix_examples(split, "train", 50))
     np.testing.assert_allclose(by_windows, direct, atol=2e-5)
 
 
@@ -182,13 +186,14 @@ def test_sequence_trainer_checkpoint_loads_into_the_retrieval_runner(world, retr
     state = trainer.init(jax.random.PRNGKey(0), batch)._replace(params=jax.device_put(params))
     trainer.save(tmp_path / "ckpt", state)
     runner = RecsysRetrievalInferenceRunner.from_checkpoint(str(tmp_path / "ckpt"))
-    items = ml.phoenix_batch(split, logs.phoenix_examples(split, "val", 2), runner.runner.model.hash_config,
-                             np.tile(split.item_ids, (len(split.eval_users()), 1)))
+    items = phoenix_split.phoenix_batch(split, phoenix_split.phoenix_examples(split, "val", 2),
+                                        runner.runner.model.hash_config,
+                                        np.tile(split.item_ids, (len(split.eval_users()), 1)))
     from_runner = np.asarray(runner.encode_candidates(items))[0]  # [N, D]
     np.testing.assert_allclose(two_stage.encode_items(trainer, params, split), from_runner, atol=1e-5)
 
 
-def brute_force(users, items, split: ml.Split, which: str, k: int):
+def brute_force(users, items, split: phoenix_split.Split, which: str, k: int):
     """Per user in plain Python: target rank and top-k over movies not rated before the target."""
     offset = {"val": 2, "test": 1}[which]
     ranks, tops = [], []
@@ -222,9 +227,9 @@ def test_evaluation_ranks_as_numpy_brute_force(world, retrieval, which):
 def test_ranker_logits_do_not_depend_on_chunk_mates(experiment):
     """Candidate isolation: a candidate's logits depend on its slot and the history only, so scoring
     K candidates in chunks of C gives each the same logits whatever the other candidates are."""
-    args, split, result = experiment
+    options, split, result = experiment
     ranker, params = result["ranker"], result["ranker_params"]
-    examples = logs.phoenix_examples(split, "val", TINY.ranker_history_len)
+    examples = phoenix_split.phoenix_examples(split, "val", TINY.ranker_history_len)
     rng = np.random.default_rng(3)
     U, K, C = len(examples["user_ids"]), TINY.retrieve_k, TINY.num_candidates
     a = np.stack([rng.permutation(len(split.item_ids))[:K] for _ in range(U)])
@@ -241,7 +246,7 @@ def test_warm_start_copies_every_parameter_the_models_share(experiment):
     ranker's own (proj_mat_2, unembeddings, final norm) and the candidate tower: not."""
     result = experiment[2]
     retrieval_params = result["retrieval_params"]
-    warm = pipeline.warm_start(jax.tree.map(np.zeros_like, result["ranker_params"]), retrieval_params)
+    warm = two_stage.warm_start(jax.tree.map(np.zeros_like, result["ranker_params"]), retrieval_params)
     copied = {(m, n) for m, named in warm.items() for n, v in named.items() if np.any(v != 0)}
     shared = {(m.replace("phoenix_retrieval_model", "phoenix_model"), n)
               for m, named in retrieval_params.items() if "candidate_tower" not in m for n in named}
@@ -250,7 +255,7 @@ def test_warm_start_copies_every_parameter_the_models_share(experiment):
 
 
 def test_two_stage_only_permutes_the_retrieved_movies(experiment):
-    args, split, result = experiment
+    options, split, result = experiment
     one, two = result["stage_one"]["test"], result["two_stage"]["test"]
     for weight, prior in ((0.0, 0.0), (1.0, 0.0), (1.0, 0.5)):
         m, reranked = two.evaluate(weight, TINY.temperature, prior)
@@ -271,10 +276,10 @@ def test_two_stage_only_permutes_the_retrieved_movies(experiment):
 def test_popularity_prior_orders_by_visible_interactions(experiment):
     """log_popularity counts what the split shows when predicting `which`; a dominant prior weight
     re-orders the retrieved list by it (ties by the ranker's logit, then in retrieval order)."""
-    args, split, result = experiment
+    options, split, result = experiment
     for which in ("val", "test"):
         np.testing.assert_array_equal(two_stage.log_popularity(split, which),
-                                      np.log1p(ml.popularity_counts(split, which).astype(np.float64)))
+                                      np.log1p(evaluation.popularity_counts(split, which).astype(np.float64)))
     np.testing.assert_array_equal(two_stage.log_popularity(split, None),
                                   np.log1p(np.bincount(split.item_columns, minlength=len(split.item_ids))))
     # The test prediction sees the validation targets too: counts only grow.
@@ -288,7 +293,7 @@ def test_popularity_prior_orders_by_visible_interactions(experiment):
 
 
 def test_rerank_weights_are_the_best_validation_pair(experiment):
-    args, split, result = experiment
+    options, split, result = experiment
     two = result["two_stage"]["val"]
     recipe = result["recipe"]
     grid = {(w, p): two.evaluate(w, recipe.temperature, p)[0]["NDCG@10"]
@@ -303,7 +308,7 @@ def test_rerank_weights_are_the_best_validation_pair(experiment):
 
 
 def test_dump_round_trips_through_recompute_from_dump(experiment):
-    args, split, result = experiment
+    options, split, result = experiment
     check, ours = result["dump_check"], result["table"][("test", "two-stage")]
     assert check["num_users"] == len(split.eval_users()) and check["missing_users"] == 0
     assert check["history_items_in_topk"] == 0 and check["rows_with_repeats"] == 0
@@ -312,13 +317,13 @@ def test_dump_round_trips_through_recompute_from_dump(experiment):
 
 
 def test_run_reports_every_row_and_keeps_best_checkpoints(experiment):
-    args, split, result = experiment
+    options, split, result = experiment
     assert set(result["table"]) == {(w, n) for w in ("val", "test")
                                     for n in ("popularity", "transition", "retrieval", "two-stage")}
     for which in ("val", "test"):
-        assert result["table"][(which, "transition")] == ml.evaluate_baseline(split, which, "transition")
+        assert result["table"][(which, "transition")] == evaluation.evaluate_baseline(split, which, "transition")
     for stage in ("retrieval", "ranker"):
-        saved = checkpoint.read_meta(f"{args.checkpoint_dir}/{stage}")
+        saved = checkpoint.read_meta(f"{options.checkpoint_dir}/{stage}")
         assert saved["extra"]["val"]["NDCG@10"] == pytest.approx(result[f"{stage}_best"]["NDCG@10"])
 
 
@@ -329,10 +334,11 @@ def test_seeds_run_each_seed_dump_it_and_summarise(world, experiment, tmp_path, 
     """--seeds 0,1: one run (own directory, own dump) per seed; seed 0 reproduces the single-seed
     run; each dump recomputes to its table; the summary is the mean and sample sd over seeds."""
     directory, split = world
-    args, _ = tm.parse_args(["--data", str(directory), "--seeds", "0,1", "--checkpoint-dir", str(tmp_path / "runs"),
-                             "--dump-topk", str(tmp_path / "top10.csv")])
-    assert args.seeds == (0, 1)
-    result = tm.run(args, TINY, stream=io.StringIO())
+    command = run_train.parse_args(["--data", str(directory), "--seeds", "0,1", "--checkpoint-dir",
+                                    str(tmp_path / "runs"), "--dump-topk", str(tmp_path / "top10.csv")])
+    assert command.kind == "movielens" and command.run.seeds == (0, 1)
+    command = command._replace(recipe=TINY)
+    result = run_train.train_movielens(command)
     single = experiment[2]["table"]
     for key, row in single.items():
         assert result["seeds"][0]["table"][key] == pytest.approx(row, abs=1e-6), key
@@ -347,19 +353,19 @@ def test_seeds_run_each_seed_dump_it_and_summarise(world, experiment, tmp_path, 
     out = capsys.readouterr().out
     assert "| seed |" in out and "| mean +- sd |" in out and f"{mean:.4f} +- {sd:.4f}" in out
     with pytest.raises(FileExistsError, match="seed0"):  # a second run refuses before training
-        tm.run(args, TINY, stream=io.StringIO())
+        run_train.train_movielens(command)
 
 
 @pytest.mark.parametrize("text", ["0,x", "1,1", "-1", ""], ids=["not_int", "repeat", "negative", "empty"])
 def test_bad_seeds_are_refused_naming_the_flag(text, capsys):
     with pytest.raises(SystemExit):
-        tm.parse_args(["--seeds", text])
+        run_train.parse_args(["--data", "movielens-100k", "--seeds", text])
     assert "--seeds" in capsys.readouterr().err
 
 
 def test_seed_path_puts_the_seed_before_the_suffix():
-    assert tm.seed_path("out/top10.csv", 2) == "out/top10.seed2.csv"
-    assert tm.seed_path("out.d/top10", 0) == "out.d/top10.seed0"
+    assert pipeline.seed_path("out/top10.csv", 2) == "out/top10.seed2.csv"
+    assert pipeline.seed_path("out.d/top10", 0) == "out.d/top10.seed0"
 
 
 # --------------------------------------------------------------------------- training
@@ -371,7 +377,7 @@ def test_training_steps_reduce_the_loss(world, experiment):
     _, split = world
     retrieval, ranker = experiment[2]["retrieval"], experiment[2]["ranker"]
     rng = np.random.default_rng(0)
-    examples = logs.phoenix_examples(split, "train", TINY.ranker_history_len)
+    examples = phoenix_split.phoenix_examples(split, "train", TINY.ranker_history_len)
     random_only = dataclasses.replace(TINY, hard_negatives=0, random_negatives=3)  # same C, no pool needed
     batches = [(retrieval, next(two_stage.retrieval_batches(split, TINY, retrieval.hash_config, rng))),
                (ranker, next(two_stage.ranker_batches(split, examples, None, random_only, ranker.hash_config, rng)))]
@@ -395,26 +401,32 @@ def test_real_movielens_windows_cover_the_97171_training_examples(tmp_path):
     except Exception as error:  # no network and no cached wheel
         pytest.skip(f"MovieLens-100K unavailable: {error}")
     split = ml.leave_one_out(ratings)
-    history_len = tm.Recipe().history_len
+    history_len = two_stage.Recipe().history_len
     rows, starts, lengths = two_stage.training_windows(split, history_len, np.random.default_rng(0))
     assert int((lengths - 1).sum()) == len(split.target_positions("train")[0]) == 97_171
     assert lengths.max() <= history_len + 1
 
 
+def parse(argv) -> run_train.Command:
+    return run_train.parse_args(["--data", "movielens-100k", *argv])
+
+
 def test_default_checkpoint_dir_is_under_phoenix_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("PHOENIX_CACHE_DIR", str(tmp_path))
-    args, _ = tm.parse_args([])
-    assert args.checkpoint_dir == str(tmp_path / "checkpoints" / "movielens") and args.cache_dir is None
+    command = parse([])
+    assert command.run.checkpoint_dir == str(tmp_path / "checkpoints" / "movielens")
+    assert command.source.cache_dir is None
     monkeypatch.delenv("PHOENIX_CACHE_DIR")
-    assert tm.parse_args([])[0].checkpoint_dir == str(ml.DEFAULT_CACHE_DIR / "checkpoints" / "movielens")
+    assert parse([]).run.checkpoint_dir == str(DEFAULT_CACHE_DIR / "checkpoints" / "movielens")
 
 
 def test_the_command_lines_recipe_is_movielens_recipe():
     """The MovieLens command line defaults to MOVIELENS_RECIPE (last pooling), flags override it,
     and the generic Recipe() keeps the release's mean pooling."""
-    assert tm.parse_args([])[1] == tm.MOVIELENS_RECIPE and tm.MOVIELENS_RECIPE.pooling == "last"
-    assert tm.parse_args(["--pooling", "mean", "--retrieval-members", "1", "--ranker-members", "1"])[1] == \
+    recipe = two_stage.MOVIELENS_RECIPE
+    assert parse([]).recipe == recipe and recipe.pooling == "last"
+    assert parse(["--pooling", "mean", "--retrieval-members", "1", "--ranker-members", "1"]).recipe == \
         two_stage.Recipe()
-    assert tm.parse_args(["--ranker-members", "3"])[1].ranker_members == 3
-    assert tm.MOVIELENS_RECIPE.retrieval_members == 4 and two_stage.Recipe().retrieval_members == 1
+    assert parse(["--ranker-members", "3"]).recipe.ranker_members == 3
+    assert recipe.retrieval_members == 4 and two_stage.Recipe().retrieval_members == 1
     assert two_stage.Recipe().pooling == "mean"

@@ -11,13 +11,10 @@ sharing a user and a second now tie in random order. Prints the row count; ~1 s.
 
 import argparse
 import csv
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere in the clone
-import movielens as ml  # noqa: E402
+import movielens as ml
 
 ID_SPACE = 10**9  # renamed integer ids are drawn from [0, 1e9)
 

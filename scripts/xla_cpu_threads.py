@@ -33,21 +33,22 @@ CHILD = """
 import hashlib, json, os, sys
 import jax, jax.numpy as jnp, numpy as np
 import phoenix_training as training
+import phoenix_synthetic as synthetic
 import train_synthetic as ts
-from phoenix_datasets import SyntheticWorld
-from phoenix_experiment import optimizer_config, world_config
+from phoenix_synthetic import SyntheticWorld, optimizer_config, world_config
 
 def sha(tree):
     return hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(tree))).hexdigest()[:8]
 
-args = ts.parse_args(["--steps-ranker", "1"])
+args = ts.SyntheticRun(steps_ranker=1)
 world = SyntheticWorld(world_config())
 train_ids, _ = world.split_users()
 cfg = ts.ranker_config(args, world.cfg)
 trainer = training.make_ranking_trainer(cfg, cfg.hash_config, optimizer_config(args.learning_rate, 1),
                                         table_init_stddev=args.table_init_stddev)
-state = trainer.init(jax.random.PRNGKey(0), ts.example_ranking_batch(world, cfg.hash_config))
-batch, labels = next(ts.ranking_stream(world, train_ids, args.batch_size, 0, cfg.hash_config, args.user_id_dropout))
+state = trainer.init(jax.random.PRNGKey(0), synthetic.example_ranking_batch(world, cfg.hash_config))
+batch, labels = next(synthetic.ranking_stream(world, train_ids, args.batch_size, 0, cfg.hash_config,
+                                             args.user_id_dropout))
 state, metrics = trainer.step(state, batch, labels)
 rng = np.random.default_rng(0)
 rows, a, b = 128 * 49, None, None  # B * (1 + S + C) rows, as in the step's weight gradients

@@ -1,6 +1,6 @@
 """Exact top-k of a git revision's `phoenix_index.py` beside the working tree's, in one process.
 
-    uv run python examples/ab_index.py --rev HEAD~1 [--rows 1000000] [--batches 1,16,32] [--calls 30]
+    uv run python scripts/ab_index.py --rev HEAD~1 [--rows 1000000] [--batches 1,16,32] [--calls 30]
 
 Both indexes search the same clustered corpus (`bench.make_clustered_corpus`) for the same unit
 users, with the bare jitted matmul + `lax.top_k` beside them; every round calls the three in a
@@ -11,19 +11,17 @@ identical indices and scores, and per batch size the medians and their ratios to
 import argparse
 import os
 import subprocess
-import sys
 import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from anywhere in the clone
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import bench
+import phoenix_index as current
 
-import bench  # noqa: E402
-import phoenix_index as current  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # the clone, for `git show`
 
 
 def load_revision(rev: str) -> types.ModuleType:

@@ -1,9 +1,9 @@
 """How MovieLens-100K's validation and test targets differ (issue 11: why validation > test).
 
-    uv run python examples/val_test_gap.py
+    uv run python scripts/val_test_gap.py
 
 NumPy only, no model: for the 943 users' validation targets (second-to-last rating) and test
-targets (last rating) of train_movielens.movielens_split, prints a markdown table of
+targets (last rating) of movielens.movielens_split, prints a markdown table of
   - history length before the target (the same users, so test = val + 1),
   - the target's popularity in the TRAINING part (what the models and logQ learn from): median
     count, share of targets among the 10% most-rated items, share with < 20 training ratings,
@@ -11,25 +11,20 @@ targets (last rating) of train_movielens.movielens_split, prints a markdown tabl
   - the target movie's age when rated (days since the movie's first rating in the whole log) and the
     share of targets rated within 30 days of the movie's first rating (new releases),
   - where the target's timestamp sits in global time (share of all training interactions after it),
-  - the popularity and transition baselines (movielens.evaluate_baseline) on each.
+  - the popularity and transition baselines (phoenix_evaluation.evaluate_baseline) on each.
 """
-
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import movielens as ml  # noqa: E402
-import train_movielens  # noqa: E402
+import movielens as ml
+import phoenix_evaluation as evaluation
 
 DAY = 86400
 
 
 def main():
     ratings = ml.load_ratings(ml.SOURCE_ML100K)
-    split = train_movielens.movielens_split(ratings)
+    split = ml.movielens_split(ratings)
     users = split.eval_users()
     train_cols = split.targets("train")  # training targets; plus each user's first item:
     firsts = split.item_columns[split.offsets[:-1][split.train_len > 0]]
@@ -63,8 +58,8 @@ def main():
         r["movie age when rated (median, days)"] = f"{np.median(age):.0f}"
         r["rated within 30 days of the movie's first rating"] = f"{(age < 30).mean():.3f}"
         r["training interactions after the target (mean share)"] = f"{later.mean():.3f}"
-        for name in ml.BASELINES:
-            m = ml.evaluate_baseline(split, which, name)
+        for name in evaluation.BASELINES:
+            m = evaluation.evaluate_baseline(split, which, name)
             r[f"{name} baseline HR@10 / NDCG@10"] = f"{m['HR@10']:.4f} / {m['NDCG@10']:.4f}"
         rows[which] = r
     print(f"MovieLens-100K leave-one-out, {len(users)} users: validation vs test targets\n")

@@ -1,14 +1,16 @@
-"""Tests of phoenix_datasets.py: determinism, shapes, padding, the planted signal and its oracle."""
+"""Tests of phoenix_synthetic.py: the world (determinism, shapes, padding, the planted signal and its oracle),
+its training streams and its evaluators against hand and brute-force values."""
 
 import itertools
 import math
 
+import jax
 import numpy as np
 import pytest
 
-import phoenix_datasets as datasets
 import phoenix_metrics as metrics
-from phoenix_datasets import ACTIONS, NEGATIVE_ACTIONS, SyntheticWorld, WorldConfig
+import phoenix_synthetic as synthetic
+from phoenix_synthetic import ACTIONS, NEGATIVE_ACTIONS, SyntheticWorld, WorldConfig
 from phoenix_hashing import hash_post_ids, hash_user_ids
 from phoenix_inputs import PAD_ID
 from recsys_model import HashConfig, RecsysBatch
@@ -37,7 +39,7 @@ def retrieval(world):
 def test_actions_are_the_release_list():
     assert ACTIONS[:3] == ["favorite_score", "reply_score", "repost_score"]
     assert len(ACTIONS) == 19 and ACTIONS[-1] == "dwell_time"
-    assert set(datasets.ACTION_PARAMS) == set(ACTIONS)
+    assert set(synthetic.ACTION_PARAMS) == set(ACTIONS)
     assert set(NEGATIVE_ACTIONS) < set(ACTIONS)
 
 
@@ -128,7 +130,7 @@ def _bad_id_calls():
         "ranking-batches-empty": (lambda: next(w.ranking_batches([], 4)), ValueError, r"user_ids: expected at least"),
         "ranking-batches-bool-size": (lambda: next(w.ranking_batches([0], True)), TypeError, r"batch_size"),
         "retrieval-batches-negative": (lambda: next(w.retrieval_batches([-1], 2)), ValueError, users),
-        "split-nan-fraction": (lambda: datasets.split_users(10, float("nan")), ValueError, r"held_out_fraction"),
+        "split-nan-fraction": (lambda: synthetic.split_users(10, float("nan")), ValueError, r"held_out_fraction"),
         "auc-length-mismatch": (lambda: metrics.auc(np.zeros(3), np.zeros(2)), ValueError, r"labels: expected 3"),
         "auc-nan-score": (lambda: metrics.auc(np.array([0.1, np.nan]), np.array([0, 1])), ValueError, r"scores:"),
     }
@@ -195,13 +197,13 @@ def test_streams_are_deterministic_and_endless(world, kind):
 
 
 def test_split_users_deterministic_disjoint_complete():
-    train, held_out = datasets.split_users(1000, 0.2, seed=3)
-    again = datasets.split_users(1000, 0.2, seed=3)
+    train, held_out = synthetic.split_users(1000, 0.2, seed=3)
+    again = synthetic.split_users(1000, 0.2, seed=3)
     np.testing.assert_array_equal(train, again[0])
     np.testing.assert_array_equal(held_out, again[1])
     assert len(held_out) == 200 and len(np.intersect1d(train, held_out)) == 0
     np.testing.assert_array_equal(np.union1d(train, held_out), np.arange(1000))
-    assert not np.array_equal(held_out, datasets.split_users(1000, 0.2, seed=4)[1])
+    assert not np.array_equal(held_out, synthetic.split_users(1000, 0.2, seed=4)[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +294,7 @@ def test_corpus(world):
 
 def test_to_recsys_batch(ranking):
     cfg = HashConfig(num_item_hashes=3, post_table_size=1009)
-    batch, labels, oracle = datasets.to_recsys_batch(ranking, cfg)
+    batch, labels, oracle = synthetic.to_recsys_batch(ranking, cfg)
     assert isinstance(batch, RecsysBatch)
     assert batch.history_post_hashes.shape == (SMALL.num_users, SMALL.history_len, 3)
     padded = ranking["history_post_ids"] == PAD_ID
@@ -305,7 +307,7 @@ def test_to_recsys_batch(ranking):
 
 def test_to_retrieval_batch_puts_positive_in_candidate_slot(retrieval):
     cfg = HashConfig()
-    batch = datasets.to_retrieval_batch(retrieval, cfg)
+    batch = synthetic.to_retrieval_batch(retrieval, cfg)
     assert batch.candidate_post_hashes.shape == (SMALL.num_users, 1, 2)
     np.testing.assert_array_equal(batch.candidate_post_hashes[:, 0],
                                   hash_post_ids(retrieval["positive_post_ids"], cfg))
@@ -425,7 +427,7 @@ def test_retrieval_positives_reflect_user_affinity(world, retrieval):
 
 def test_row_sampler_matches_probabilities():
     probs = np.array([[0.5, 0.0, 0.3, 0.2], [0.1, 0.1, 0.1, 0.7], [0.0, 0.0, 0.0, 1.0]])
-    sampler = datasets._RowSampler(probs)
+    sampler = synthetic._RowSampler(probs)
     rng = np.random.default_rng(0)
     draws = sampler.draw(np.array([0, 1, 2]), 40_000, rng)  # [3, 40k]
     for row in range(3):
@@ -480,3 +482,129 @@ def test_million_post_world_builds_and_serves_batches():
     ex = world.ranking_examples(np.arange(8), 0)
     assert ex["history_post_ids"].shape == (8, 128) and ex["labels"].shape == (8, 32, A)
     assert ex["candidate_post_ids"].max() < 1_000_000
+
+
+# --------------------------------------------------------------------------- the evaluators and baselines
+
+
+def brute_force_recall(scores, positives, k):
+    hits = []
+    for row, positive in zip(scores, positives):
+        # Rank the positive last among its ties (a tie counts against it).
+        order = sorted(range(len(row)), key=lambda j: (-row[j], j == positive))
+        hits.append(positive in order[:k])
+    return float(np.mean(hits))
+
+
+@pytest.mark.parametrize("k", [1, 3, 10], ids=["k=1", "k=3", "k=N"])
+def test_recall_at_k_matches_brute_force(k):
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=(50, 10)).astype(float)  # many ties
+    positives = rng.integers(0, 10, size=50)
+    assert metrics.recall_at_k(scores, positives, k) == pytest.approx(brute_force_recall(scores, positives, k))
+    if k == 10:
+        assert metrics.recall_at_k(scores, positives, k) == 1.0
+
+
+def test_recall_at_k_golden():
+    scores = np.array([[0.9, 0.5, 0.1], [0.2, 0.2, 0.7], [0.3, 0.6, 0.6]])
+    # row 0: positive best; row 1: positive ties for 2nd with another; row 2: positive ties for 1st.
+    assert metrics.recall_at_k(scores, np.array([0, 0, 1]), 1) == pytest.approx(1 / 3)
+    assert metrics.recall_at_k(scores, np.array([0, 0, 1]), 2) == pytest.approx(2 / 3)
+
+
+def test_gap_closed_golden():
+    assert synthetic.gap_closed(0.8, 0.9) == pytest.approx(0.75)
+    assert synthetic.gap_closed(0.5, 0.9) == 0.0
+    assert synthetic.gap_closed(0.9, 0.9) == 1.0
+
+
+def test_popularity_counts_golden():
+    counts = synthetic.PopularityCounts(num_posts=2, num_surfaces=2, num_actions=1)
+    counts.PRIOR = 0.0  # raw rates
+    # post 0: labels 1, 1 | 1, 0 on surfaces 0, 0 | 1, 1 -> rate 3/4; post 1: 1, 0 | 0, 0 -> 1/4.
+    # surface 0: 1, 1, 1, 0 -> 3/4; surface 1: 1, 0, 0, 0 -> 1/4; overall (4 + 1) / (8 + 2) = 1/2.
+    examples = {"candidate_post_ids": np.array([[0, 0, 0, 0, 1, 1, 1, 1]]),
+                "candidate_surfaces": np.array([[0, 0, 1, 1, 0, 0, 1, 1]]),
+                "labels": np.array([1, 1, 1, 0, 1, 0, 0, 0], np.float32)[None, :, None]}
+    counts.add(examples)
+    np.testing.assert_array_equal(counts.post_n, [4, 4])
+    query = {"candidate_post_ids": np.array([[0, 0, 1]]), "candidate_surfaces": np.array([[0, 1, 1]])}
+    log3 = np.log(3.0)  # logit(3/4) = log 3, logit(1/4) = -log 3, logit(1/2) = 0
+    np.testing.assert_allclose(counts.scores(query)[0, :, 0], [2 * log3, 0.0, -2 * log3], atol=1e-12)
+    # With the prior an unseen post scores at the overall rate, between a good and a bad post.
+    counts = synthetic.PopularityCounts(num_posts=3, num_surfaces=2, num_actions=1)
+    counts.add(examples)
+    ranked = counts.scores({"candidate_post_ids": np.array([[0, 1, 2]]), "candidate_surfaces": np.array([[0, 0, 0]])})
+    assert ranked[0, 0, 0] > ranked[0, 2, 0] > ranked[0, 1, 0]
+
+
+def test_drop_user_ids():
+    rng = np.random.default_rng(0)
+    ids = np.arange(1000)
+    np.testing.assert_array_equal(synthetic.drop_user_ids(ids, 0.0, rng, 7777), ids)
+    np.testing.assert_array_equal(synthetic.drop_user_ids(ids, 1.0, rng, 7777), np.full(1000, 7777))
+    half = synthetic.drop_user_ids(ids, 0.5, rng, 7777)
+    assert 400 < np.sum(half == 7777) < 600 and np.all((half == ids) | (half == 7777))
+
+
+def test_retrieval_oracle_is_the_distribution_of_positives():
+    """Sampled next-engaged posts of one user follow the normalised oracle, not popularity."""
+    world = SyntheticWorld(WorldConfig(num_users=5, num_posts=40, num_authors=8, history_len=4, min_history_len=1,
+                                       impression_temperature=0.3))
+    user = 3
+    oracle = synthetic.retrieval_oracle_scores(world, [user])[0]
+    oracle /= oracle.sum()
+    positives = world.retrieval_examples(np.full(40_000, user), 0)["positive_post_ids"]
+    empirical = np.bincount(positives, minlength=40) / len(positives)
+    popularity = world.positive_frequencies(np.arange(5), num_users=2_000)
+    tv_oracle = 0.5 * np.abs(empirical - oracle).sum()
+    assert tv_oracle < 0.03  # sampling noise of 40k draws over 40 posts is ~0.02
+    assert tv_oracle < 0.5 * 0.5 * np.abs(empirical - popularity).sum()
+
+
+def test_held_out_examples_hide_user_ids():
+    world = SyntheticWorld(WorldConfig(num_users=50, num_posts=100, num_authors=10, history_len=6,
+                                       min_history_len=2, num_candidates=3))
+    _, held_out = world.split_users()
+    for kind in ("ranking", "retrieval"):
+        ex = synthetic.held_out_examples(world, held_out, 3, kind, seed=0)
+        np.testing.assert_array_equal(ex["user_ids"], np.full(len(held_out) * 3, 50))
+        np.testing.assert_array_equal(ex["true_user_ids"], np.repeat(held_out, 3))
+
+
+@pytest.mark.parametrize("kind", ["ranking", "retrieval"])
+def test_batch_streams_restart_at_any_step(kind):
+    """Resuming at step k yields exactly the batches k, k+1, ... of an uninterrupted stream."""
+    world = SyntheticWorld(WorldConfig(num_users=30, num_posts=60, num_authors=6, history_len=4, min_history_len=2,
+                                       num_candidates=3))
+    train_ids, _ = world.split_users()
+    hashes = HashConfig(user_table_size=61, post_table_size=127, author_table_size=13)
+
+    def first(start_step, n):
+        if kind == "ranking":
+            stream = synthetic.ranking_stream(world, train_ids, 5, 3, hashes, 0.5, start_step=start_step)
+        else:
+            stream = synthetic.retrieval_stream(world, train_ids, 5, 3, hashes, 0.5, np.zeros(60),
+                                                start_step=start_step)
+        items = [next(stream) for _ in range(n)]
+        stream.close()
+        return [np.concatenate([np.ravel(x) for x in jax.tree.leaves(item)]) for item in items]
+
+    whole = first(0, 6)
+    for k in (1, 4):
+        for a, b in zip(first(k, 6 - k), whole[k:], strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(whole[0], whole[1])
+
+
+def test_popularity_counts_state_round_trip():
+    counts = synthetic.PopularityCounts(num_posts=3, num_surfaces=2, num_actions=1)
+    counts.add({"candidate_post_ids": np.array([[0, 2]]), "candidate_surfaces": np.array([[1, 1]]),
+                "labels": np.array([[[1.0], [0.0]]], np.float32)})
+    other = synthetic.PopularityCounts(num_posts=3, num_surfaces=2, num_actions=1)
+    other.load_state_dict({k: v.copy() for k, v in counts.state_dict().items()})
+    query = {"candidate_post_ids": np.array([[0, 1, 2]]), "candidate_surfaces": np.array([[0, 1, 1]])}
+    np.testing.assert_array_equal(other.scores(query), counts.scores(query))
+    with pytest.raises(ValueError, match=r"PopularityCounts.post: expected shape \[3, 1\], got \[4, 1\]"):
+        other.load_state_dict({**counts.state_dict(), "post": np.zeros((4, 1))})

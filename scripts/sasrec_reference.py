@@ -2,41 +2,39 @@
 them to the pipeline's table), for several seeds: per-seed val / test HR@10, NDCG@10, HR@50, MRR, then
 mean +- sample sd of test HR@10 / NDCG@10.
 
-    uv run python examples/sasrec_reference.py --seeds 0,1,2 [--dump-topk top10.sasrec.csv]
+    uv run python scripts/sasrec_reference.py --seeds 0,1,2 [--dump-topk top10.sasrec.csv]
 """
 
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import movielens as ml  # noqa: E402
-import phoenix_pipeline as pipeline  # noqa: E402
-import phoenix_sasrec as sasrec  # noqa: E402
-import train_movielens as tm  # noqa: E402
+import movielens as ml
+import phoenix_evaluation as evaluation
+import phoenix_pipeline as pipeline
+import phoenix_sasrec as sasrec
+import phoenix_two_stage as two_stage
+import run_train
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=tm.parse_seeds, default=(0, 1, 2))
+    parser.add_argument("--seeds", type=run_train.parse_seeds, default=(0, 1, 2))
     parser.add_argument("--dump-topk", default=None)
     args = parser.parse_args(argv)
-    split = tm.movielens_split(ml.load_ratings(ml.SOURCE_ML100K))
+    split = ml.movielens_split(ml.load_ratings(ml.SOURCE_ML100K))
     recipe = sasrec.SasrecRecipe()
     print(recipe)
     tests = []
     for seed in args.seeds:
         start = time.perf_counter()
-        rows, info = sasrec.reference_rows(split, recipe, seed, pipeline.training_windows, pipeline.eval_mask)
+        rows, info = sasrec.reference_rows(split, recipe, seed, two_stage.training_windows, two_stage.eval_mask)
         print(f"\nseed {seed}: best val step {info['best']['step']} of {info['best']['total_steps']}, "
               f"{time.perf_counter() - start:.0f} s\n" + pipeline.format_table(rows), flush=True)
         if args.dump_topk:
-            path = tm.seed_path(args.dump_topk, seed)
-            ml.dump_topk(path, split.user_ids[split.eval_users()], split.item_ids[info["test_topk"]])
+            path = pipeline.seed_path(args.dump_topk, seed)
+            evaluation.dump_topk(path, split.user_ids[split.eval_users()], split.item_ids[info["test_topk"]])
             check = ml.recompute_from_dump(path, ml.SOURCE_ML100K, None)
             print(f"dump {path}: recomputed HR@10 {check['HR@10']:.4f} NDCG@10 {check['NDCG@10']:.4f}")
         tests.append((rows[("test", "sasrec")]["HR@10"], rows[("test", "sasrec")]["NDCG@10"]))

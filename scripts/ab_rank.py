@@ -1,6 +1,6 @@
 """C-candidate ranking with each CPU serving step of the fast path switched off, beside the release.
 
-    uv run python examples/ab_rank.py [--c 500] [--batch 1] [--calls 200]
+    uv run python scripts/ab_rank.py [--c 500] [--batch 1] [--calls 200]
 
 Runners, all on the same random parameters and inputs, each compiled once:
   release     the release's masked model under `jax.jit` (bfloat16 activations), the reference;
@@ -17,19 +17,15 @@ ratio to the release's median and the largest probability difference to the ship
 import argparse
 import contextlib
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere in the clone
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-import bench  # noqa: E402
-import grok  # noqa: E402
-import recsys_model  # noqa: E402
-import runners  # noqa: E402
-from phoenix_experiment import demo_ranker_config  # noqa: E402
+import bench
+import grok
+import recsys_model
+import runners
+from phoenix_demos import demo_ranker_config
 
 STEPS = ("options", "defer", "history")
 

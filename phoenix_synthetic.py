@@ -1,10 +1,19 @@
-"""A synthetic recommendation world with planted signal, for training and evaluating Phoenix.
+"""A synthetic recommendation world with planted signal, its training streams and its evaluators.
+
+    world = phoenix_synthetic.SyntheticWorld(phoenix_synthetic.world_config())
+    train_ids, held_out = world.split_users()
+    batches = phoenix_synthetic.ranking_stream(world, train_ids, 128, 0, HashConfig(), user_id_dropout=1.0)
+
+The synthetic experiment (train_synthetic.py, `run_train.py --data synthetic`) and the demos
+(run_ranker.py, run_retrieval.py) train on it; the oracle and a popularity baseline are the
+yardsticks their figures are measured against (docs/notes.md, "The synthetic world").
 
 Shape glossary
   B  batch (users)        S  history length        C  candidates per user
   A  actions (19, runners.ACTIONS order)           L  latent dimension
   U  users                N  posts                 Na  authors
-  I  impressions drawn per user                    P  product surfaces
+  I  impressions drawn per user                    Np  product surfaces
+  E  evaluation examples  U'  distinct evaluated users   K  recall cut-off (RECALL_K)
 
 Generative model (NumPy, deterministic by WorldConfig.seed)
   users u and authors m:  latent x ~ N(0, I_L).
@@ -30,20 +39,27 @@ Generative model (NumPy, deterministic by WorldConfig.seed)
 Raw ids are indices: users 0..U-1, posts 0..N-1, authors 0..Na-1 (int64).
 Padding (phoenix_hashing.py's convention): post and author ids PAD_ID (-1), actions 0, surface 0.
 
-Cost: the world is O(N L) memory (1M posts: about 1 s to build, ~150 MB); a batch costs
-O(B (Na + I A)) and never touches all N posts, so batches are generated on the fly (WorldConfig()
-with B = 128: ~15 ms; WorldConfig.large() with B = 256: ~0.1-0.3 s on one CPU core).
+Cost: the world is O(N L) memory; a batch costs O(B (Na + I A)) and never touches all N posts, so
+batches are generated on the fly (docs/synthetic.md has the timings).
 """
 
 import dataclasses
+import itertools
 import math
 from typing import Iterator, Optional
 
 import numpy as np
 
+from phoenix_batching import chunks, prefetch, take
 from phoenix_inputs import ACTIONS, PAD_ID, HashConfig, RawBatch, RecsysBatch
-from phoenix_metrics import auc  # noqa: F401 (main below; datasets.auc in notebooks)
+from phoenix_metrics import auc, recall_at_k
+from phoenix_optim import OptimizerConfig
 from phoenix_validation import check_int, check_number
+
+__all__ = ["SyntheticWorld", "WorldConfig", "world_config", "split_users", "to_recsys_batch", "to_retrieval_batch",
+           "ranking_stream", "retrieval_stream", "PopularityCounts", "held_out_examples", "evaluate_ranker",
+           "evaluate_retrieval", "retrieval_oracle_scores", "corpus_batch", "gap_closed", "optimizer_config",
+           "unknown_user_id", "ACTIONS", "NEGATIVE_ACTIONS"]
 
 NEGATIVE_ACTIONS = ("not_interested_score", "block_author_score", "mute_author_score",
                     "report_score")
@@ -121,13 +137,13 @@ def _check_ids(ids, name: str, size: int, size_name: str, ndim: Optional[int] = 
 
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
-    """Sizes and knobs of a `SyntheticWorld`; defaults are the laptop demo (builds in ~10 ms)."""
+    """Sizes and knobs of a `SyntheticWorld`; defaults are the laptop demo (quick to build: docs/synthetic.md)."""
 
     num_users: int = 1_000
     num_posts: int = 5_000
     num_authors: int = 200  # each author has >= 1 post, so num_authors <= num_posts
     latent_dim: int = 16  # L; affinity is a dot product in this space
-    num_product_surfaces: int = 4  # P <= 16, the models' surface vocabulary
+    num_product_surfaces: int = 4  # Np <= 16, the models' surface vocabulary
     history_len: int = 32  # S
     num_candidates: int = 16  # C
     min_history_len: int = 4  # histories are cut to a uniform length in [min_history_len, S]
@@ -190,8 +206,8 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def _searchsorted_right(sorted_array: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """np.searchsorted(side="right") with the queries sorted first: ~5x faster for large arrays,
-    because the binary searches then walk memory in order."""
+    """np.searchsorted(side="right") with the queries sorted first: faster for large arrays
+    (docs/synthetic.md), because the binary searches then walk memory in order."""
     flat = queries.ravel()
     order = np.argsort(flat)
     idx = np.empty(flat.shape, np.int64)
@@ -241,7 +257,7 @@ class SyntheticWorld:
         self.post_popularity = (cfg.popularity_std * rng.standard_normal(num_posts)).astype(
             np.float32)  # [N]
         self.surface_shift = (cfg.surface_shift_std * rng.standard_normal(
-            (cfg.num_product_surfaces, len(ACTIONS)))).astype(np.float32)  # [P, A]
+            (cfg.num_product_surfaces, len(ACTIONS)))).astype(np.float32)  # [Np, A]
 
         self.action_base = np.array([ACTION_PARAMS[a][0] for a in ACTIONS], np.float32)  # [A]
         self.action_sign = np.array([-1.0 if a in NEGATIVE_ACTIONS else 1.0 for a in ACTIONS],
@@ -562,6 +578,253 @@ def to_retrieval_batch(examples: dict, hash_config: HashConfig) -> RecsysBatch:
     return RawBatch.with_candidates(examples, examples["positive_post_ids"][:, None],
                                     examples["positive_author_ids"][:, None],
                                     examples["positive_surfaces"][:, None]).hashed(hash_config)
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiments' world and training settings
+# ---------------------------------------------------------------------------------------------
+
+
+# The synthetic world of the experiments: WorldConfig defaults except two knobs.
+WORLD_OVERRIDES = {
+    "min_history_len": 16,  # default 4: a 4-post history says little about a new user's taste
+    "impression_temperature": 0.3,  # default 0.5: feeds concentrate on the user's closest authors
+}
+TABLE_INIT_STDDEV = 0.1  # hash-table rows start small, so Adam's fixed-size steps move them fast
+
+
+def world_config(**overrides) -> WorldConfig:
+    """The experiments' world: WorldConfig defaults, then WORLD_OVERRIDES, then `overrides`."""
+    return WorldConfig(**{**WORLD_OVERRIDES, **overrides})
+
+
+def optimizer_config(learning_rate: float, steps: int, warmup_steps: int = 50) -> OptimizerConfig:
+    """AdamW, linear warmup, cosine decay to 10% at the last step; dense table updates."""
+    warmup = min(warmup_steps, max(steps - 1, 0))
+    return OptimizerConfig(learning_rate=learning_rate, warmup_steps=warmup,
+                           decay_steps=steps if steps > warmup else None, sparse_table_updates=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training streams
+# ---------------------------------------------------------------------------------------------
+
+
+# Keys of the per-step batch generators (step_rng), one per training stream.
+TRAIN_RANKING_STREAM, TRAIN_RETRIEVAL_STREAM = 1, 2
+# How training batches are drawn; recorded in checkpoints so that a resume never mixes two ways.
+STREAM_VERSION = "per-step rng of (world seed, stream, seed, step)"
+
+
+def unknown_user_id(world_cfg: WorldConfig) -> int:
+    """The id standing for "a user without a trained row": one past the last real user."""
+    return world_cfg.num_users
+
+
+def drop_user_ids(user_ids: np.ndarray, rate: float, rng: np.random.Generator, unknown: int) -> np.ndarray:
+    """User ids [B] with a share `rate` (each independently) replaced by the unknown-user id."""
+    if rate <= 0:
+        return user_ids
+    return np.where(rng.random(user_ids.shape) < rate, unknown, user_ids)
+
+
+class PopularityCounts:
+    """Non-personal ranking baseline: label rates per (post, action) and per (surface, action),
+    counted on training examples and added in logit space (a naive-Bayes popularity x surface)."""
+
+    PRIOR = 5.0  # pseudo-impressions at the action's overall rate, so rarely seen posts stay sane
+
+    def __init__(self, num_posts: int, num_surfaces: int, num_actions: int):
+        self.post = np.zeros((num_posts, num_actions))  # [N, A] label sums
+        self.post_n = np.zeros(num_posts)  # [N] impressions
+        self.surface = np.zeros((num_surfaces, num_actions))
+        self.surface_n = np.zeros(num_surfaces)
+
+    def state_dict(self) -> dict:
+        """The counts as arrays, for a checkpoint (a resumed run continues counting from them)."""
+        return {"post": self.post, "post_n": self.post_n, "surface": self.surface, "surface_n": self.surface_n}
+
+    def load_state_dict(self, arrays: dict) -> None:
+        for name, current in self.state_dict().items():
+            value = np.asarray(arrays.get(name))
+            if value.shape != current.shape:
+                raise ValueError(f"PopularityCounts.{name}: expected shape {list(current.shape)}, "
+                                 f"got {list(value.shape)}")
+            setattr(self, name, value.astype(current.dtype))
+
+    def add(self, examples: dict) -> None:
+        posts = examples["candidate_post_ids"].ravel()  # [B*C]
+        surfaces = examples["candidate_surfaces"].ravel()  # [B*C]
+        labels = examples["labels"].reshape(len(posts), -1)  # [B*C, A]
+        np.add.at(self.post, posts, labels)
+        self.post_n += np.bincount(posts, minlength=len(self.post_n))
+        np.add.at(self.surface, surfaces, labels)
+        self.surface_n += np.bincount(surfaces, minlength=len(self.surface_n))
+
+    def scores(self, examples: dict) -> np.ndarray:
+        """Logits [B, C, A] for the examples' candidates."""
+        overall = (self.post.sum(0) + 1.0) / (self.post_n.sum() + 2.0)  # [A]
+        post_rate = (self.post + self.PRIOR * overall) / (self.post_n[:, None] + self.PRIOR)  # [N, A]
+        surface_rate = (self.surface + self.PRIOR * overall) / (self.surface_n[:, None] + self.PRIOR)  # [Np, A]
+
+        def logit(p):
+            return np.log(p) - np.log1p(-p)
+
+        return (logit(post_rate)[examples["candidate_post_ids"]]
+                + logit(surface_rate)[examples["candidate_surfaces"]] - logit(overall))
+
+
+def step_rng(world_cfg: WorldConfig, stream: int, seed: int, step: int) -> np.random.Generator:
+    """The generator of one training batch, a function of (world seed, stream, seed, step) alone:
+    a run resumed at step k draws exactly the batches k, k+1, ... of an uninterrupted one."""
+    mask = 2**63 - 1  # SeedSequence takes non-negative entropy; seeds may be negative
+    return np.random.default_rng(np.random.SeedSequence([world_cfg.seed & mask, stream, seed & mask, step]))
+
+
+def ranking_examples_stream(world, user_ids, batch_size, seed, hashes, user_id_dropout, start_step=0):
+    """Endless (examples dict, RecsysBatch, labels [B, C, A]) of `user_ids` for the steps
+    start_step, start_step + 1, ...: users drawn with replacement, ids dropped as configured."""
+    unknown = unknown_user_id(world.cfg)
+    for step in itertools.count(start_step):
+        rng = step_rng(world.cfg, TRAIN_RANKING_STREAM, seed, step)
+        examples = world.ranking_examples(rng.choice(user_ids, size=batch_size), rng)
+        batch_ids = drop_user_ids(examples["user_ids"], user_id_dropout, rng, unknown)
+        batch, labels, _ = to_recsys_batch({**examples, "user_ids": batch_ids}, hashes)
+        yield examples, batch, labels
+
+
+def ranking_stream(world, user_ids, batch_size, seed, hashes, user_id_dropout, counts=None, start_step=0):
+    """Endless (RecsysBatch, labels) step arguments from `start_step` on, generated in a background
+    thread; `counts` (PopularityCounts) sees exactly the examples handed to the trainer."""
+    items = prefetch(ranking_examples_stream(world, user_ids, batch_size, seed, hashes, user_id_dropout,
+                                             start_step))
+    try:
+        for examples, batch, labels in items:
+            if counts is not None:
+                counts.add(examples)
+            yield batch, labels
+    finally:
+        items.close()
+
+
+def retrieval_stream(world, user_ids, batch_size, seed, hashes, user_id_dropout, log_freq, start_step=0):
+    """Endless {"batch", "log_q" [B]} step arguments (positive in candidate slot 0) from
+    `start_step` on, prefetched."""
+    def generate():
+        unknown = unknown_user_id(world.cfg)
+        for step in itertools.count(start_step):
+            rng = step_rng(world.cfg, TRAIN_RETRIEVAL_STREAM, seed, step)
+            examples = world.retrieval_examples(rng.choice(user_ids, size=batch_size), rng)
+            examples["user_ids"] = drop_user_ids(examples["user_ids"], user_id_dropout, rng, unknown)
+            yield {"batch": to_retrieval_batch(examples, hashes),
+                   "log_q": log_freq[examples["positive_post_ids"]].astype(np.float32)}
+
+    return prefetch(generate())
+
+
+def example_ranking_batch(world, hashes) -> RecsysBatch:
+    """A small batch of the world's shapes, for parameter init."""
+    return to_recsys_batch(world.ranking_examples(np.zeros(2, np.int64), 0), hashes)[0]
+
+
+def corpus_batch(world, hashes) -> RecsysBatch:
+    """One unknown user with an empty history and every post of the world as its candidates
+    [1, N]: what the candidate tower encodes to build the full corpus."""
+    corpus = world.corpus()
+    n = len(corpus["post_ids"])
+    return RawBatch(np.array([unknown_user_id(world.cfg)]), np.full((1, 1), PAD_ID), np.full((1, 1), PAD_ID),
+                    np.zeros((1, 1, len(ACTIONS)), np.float32), np.zeros((1, 1), np.int32),
+                    corpus["post_ids"][None], corpus["author_ids"][None], np.zeros((1, n), np.int32)).hashed(hashes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation on held-out users
+# ---------------------------------------------------------------------------------------------
+
+
+FAVORITE = ACTIONS.index("favorite_score")
+RECALL_K = 100
+EVAL_BATCH = 250  # rows per predict call in evaluation; the default 5,000 examples split evenly
+
+
+def held_out_examples(world, held_out, repeats: int, kind: str, seed: int) -> dict:
+    """`repeats` examples per held-out user ("ranking" or "retrieval"). `user_ids` is the
+    unknown-user id (their rows were never trained); `true_user_ids` keeps who they are."""
+    users = np.repeat(np.asarray(held_out, np.int64), repeats)
+    make = world.ranking_examples if kind == "ranking" else world.retrieval_examples
+    examples = make(users, 10_000 + seed)  # example streams 10_000+: disjoint from demo displays
+    examples["true_user_ids"] = examples["user_ids"]
+    examples["user_ids"] = np.full_like(users, unknown_user_id(world.cfg))
+    return examples
+
+
+def ranker_logits(trainer, params, examples: dict, batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """Model logits [E, C, A] of ranking examples."""
+    out = []
+    for rows in chunks(len(examples["user_ids"]), batch_size):
+        batch, _, _ = to_recsys_batch(take(examples, rows), trainer.hash_config)
+        out.append(np.asarray(trainer.predict(params, batch)))
+    return np.concatenate(out)
+
+
+def per_action_auc(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """AUC [A] of scores [..., A] against labels [..., A], pooled over all leading axes."""
+    return np.array([auc(scores[..., a], labels[..., a]) for a in range(labels.shape[-1])])
+
+
+def gap_closed(value: float, oracle: float, chance: float = 0.5) -> float:
+    """Share of the way from chance to the oracle: (value - chance) / (oracle - chance)."""
+    return (value - chance) / (oracle - chance)
+
+
+def evaluate_ranker(trainer, params, examples: dict, counts: PopularityCounts) -> dict:
+    """Per-action AUC [A] of the model, the oracle and the popularity baseline, and positives [A]."""
+    labels = examples["labels"]
+    return {"model": per_action_auc(ranker_logits(trainer, params, examples), labels),
+            "oracle": per_action_auc(examples["oracle"], labels),
+            "popularity": per_action_auc(counts.scores(examples), labels),
+            "positives": labels.sum(axis=(0, 1))}
+
+
+def retrieval_oracle_scores(world, user_ids) -> np.ndarray:
+    """True P(next engaged post = n | user) up to a per-user factor, [U', N]: impressions are
+    i.i.d. given the user, so it is P(impression = n | u) x P(engaged | u, n), surfaces averaged."""
+    cfg = world.cfg
+    posts = np.arange(cfg.num_posts)
+    scores = np.empty((len(user_ids), cfg.num_posts))
+    for i, user in enumerate(np.asarray(user_ids)):
+        impression = world.impression_probabilities([user])  # [N]
+        engage = np.mean([world.engagement_probability(user, posts, s)
+                          for s in range(cfg.num_product_surfaces)], axis=0)  # [N]
+        scores[i] = impression * engage
+    return scores
+
+
+def encode_corpus(trainer, params, world) -> np.ndarray:
+    """Candidate-tower representations [N, D] of every post."""
+    _, candidates, _ = trainer.predict(params, corpus_batch(world, trainer.hash_config))
+    return np.asarray(candidates[0])
+
+
+def user_representations(trainer, params, examples: dict, batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """User-tower representations [E, D] of retrieval examples."""
+    out = []
+    for rows in chunks(len(examples["user_ids"]), batch_size):
+        batch = to_retrieval_batch(take(examples, rows), trainer.hash_config)
+        out.append(np.asarray(trainer.predict(params, batch)[0]))
+    return np.concatenate(out)
+
+
+def evaluate_retrieval(trainer, params, world, examples: dict, popularity: np.ndarray, k: int = RECALL_K) -> dict:
+    """Recall@k over the full corpus of the model, the oracle and the popularity baseline [N]."""
+    model_scores = user_representations(trainer, params, examples) @ encode_corpus(trainer, params, world).T
+    positives = examples["positive_post_ids"]
+    unique, inverse = np.unique(examples["true_user_ids"], return_inverse=True)
+    oracle_scores = retrieval_oracle_scores(world, unique)[inverse]  # [E, N]
+    popularity_scores = np.broadcast_to(popularity, model_scores.shape)
+    return {name: recall_at_k(scores, positives, k)
+            for name, scores in (("model", model_scores), ("oracle", oracle_scores),
+                                 ("popularity", popularity_scores))}
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """Recipe screening on MovieLens-100K VALIDATION only (issue 11): no test number is computed here.
 
-    uv run python examples/screen_recipes.py --stage retrieval --seed 0 \
+    uv run python scripts/screen_recipes.py --stage retrieval --seed 0 \
         --configs "base:;ep12:retrieval_epochs=12;t07:temperature=0.07"
 
-Each config is NAME:field=value,field=value over train_movielens.MOVIELENS_RECIPE. --stage retrieval trains
+Each config is NAME:field=value,field=value over phoenix_two_stage.MOVIELENS_RECIPE. --stage retrieval trains
 the two-tower model only (phoenix_pipeline.train_retrieval: best of evals_per_stage validation
 evaluations by NDCG@10); --stage both runs retrieval, mining and the ranker and reports validation
 two-stage (the retrieval weight chosen on validation, as phoenix_pipeline.evaluate_stages does).
@@ -13,16 +13,13 @@ One line per config on stdout: name, overrides, val HR@10 / NDCG@10, best step, 
 import argparse
 import dataclasses
 import os
-import sys
 import tempfile
 import time
 import typing
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import movielens as ml  # noqa: E402
-import phoenix_pipeline as pipeline  # noqa: E402
-import train_movielens  # noqa: E402
+import movielens as ml
+import phoenix_pipeline as pipeline
+import phoenix_two_stage as two_stage
 
 
 def parse_config(text: str):
@@ -38,17 +35,16 @@ def parse_config(text: str):
 
 def val_two_stage(split, recipe, seed, run_dir, stream):
     """Validation two-stage metrics of one full run (retrieval, mining, ranker), weight chosen on val."""
-    recipe = pipeline.resolve_recipe(recipe, split)
-    pipeline.check_recipe(split, recipe)
+    recipe = two_stage.resolve_recipe(recipe, split)
+    two_stage.check_recipe(split, recipe)
     retrieval, r_params, r_best = pipeline.train_retrieval(split, recipe, seed, run_dir, stream)
-    pool = (pipeline.hard_negative_pool(retrieval, r_params, split, recipe.history_len, recipe.negative_pool)
+    pool = (two_stage.hard_negative_pool(retrieval, r_params, split, recipe.history_len, recipe.negative_pool)
             if recipe.hard_negatives else None)
-    val_one = pipeline.StageOne(retrieval, r_params, split, "val", recipe.history_len, recipe.retrieve_k)
-    ranker, k_params, k_best = pipeline.train_ranker(split, pool, recipe, seed, run_dir, val_one,
-                                                     pipeline.first_member(r_params) if recipe.ranker_init_from_retrieval
-                                                     else None, stream)
-    two = pipeline.TwoStage(val_one, ranker, k_params, split, "val", recipe)
-    weight = pipeline.choose_rerank_weights(two, recipe)
+    val_one = two_stage.StageOne(retrieval, r_params, split, "val", recipe.history_len, recipe.retrieve_k)
+    warm_start = pipeline.first_member(r_params) if recipe.ranker_init_from_retrieval else None
+    ranker, k_params, k_best = pipeline.train_ranker(split, pool, recipe, seed, run_dir, val_one, warm_start, stream)
+    two = two_stage.TwoStage(val_one, ranker, k_params, split, "val", recipe)
+    weight = two_stage.choose_rerank_weights(two, recipe)
     m = two.evaluate(weight[0], recipe.temperature, weight[1])[0]
     return m, {"retrieval": r_best, "weight": weight, "ranker_step": k_best["step"]}
 
@@ -59,15 +55,15 @@ def main(argv=None):
     parser.add_argument("--stage", choices=("retrieval", "both"), default="retrieval")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    split = train_movielens.movielens_split(ml.load_ratings(ml.SOURCE_ML100K))
+    split = ml.movielens_split(ml.load_ratings(ml.SOURCE_ML100K))
     stream = open(os.devnull, "w")
     for text in filter(None, (c.strip() for c in args.configs.split(";"))):
         name, overrides = parse_config(text)
-        recipe = dataclasses.replace(train_movielens.MOVIELENS_RECIPE, **overrides)
+        recipe = dataclasses.replace(two_stage.MOVIELENS_RECIPE, **overrides)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as run_dir:
             if args.stage == "retrieval":
-                recipe = pipeline.resolve_recipe(recipe, split)
+                recipe = two_stage.resolve_recipe(recipe, split)
                 _, _, m = pipeline.train_retrieval(split, recipe, args.seed, run_dir, stream)
                 extra = f"step {m['step']}"
             else:

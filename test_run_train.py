@@ -1,0 +1,76 @@
+"""run_train.py, the one training command line: its data-aware help, and how its flags become the
+library's dataclasses (the checks that refuse flags are in test_cli_safety.py)."""
+
+import dataclasses
+
+import pytest
+
+import phoenix_pipeline as pipeline
+import run_train
+import train_synthetic
+from phoenix_sasrec import SasrecRecipe
+
+# Flags that only one data path has: the help of a path shows its own and none of the others'.
+OWN_FLAGS = {"log": ["--user-col", "--item-col", "--time-col", "--rating-col", "--author-col", "--delimiter",
+                     "--rating-actions", "--split", "--cut-time"],
+             "movielens": ["--cache-dir", "--seeds"],
+             "synthetic": ["--steps-ranker", "--checkpoint-every", "--resume", "--num-posts", "--key-size"]}
+TWO_STAGE_FLAGS = ["--dump-topk", "--protocol", "--sasrec", "--pooling", "--retrieval-members", "--score-action"]
+
+
+def help_of(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        run_train.parse_args([*argv, "--help"])
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_shows_every_way_to_train_and_every_flag(capsys):
+    text = help_of([], capsys)
+    assert text.startswith("usage: run_train.py --data LOG.csv")
+    for command in ("--data LOG.csv", "--data movielens-100k", "--data synthetic"):
+        assert command in text
+    for flag in [f for flags in OWN_FLAGS.values() for f in flags] + TWO_STAGE_FLAGS:
+        assert flag in text, flag
+    assert "your log" in text and "MovieLens" in text and "synthetic world" in text
+
+
+@pytest.mark.parametrize("data, kind", [("log.csv", "log"), ("movielens-100k", "movielens"),
+                                        ("synthetic", "synthetic")])
+def test_the_help_of_one_data_path_shows_its_flags_only(data, kind, capsys):
+    text = help_of(["--data", data], capsys)
+    assert all(flag in text for flag in OWN_FLAGS[kind])
+    others = [flag for other, flags in OWN_FLAGS.items() if other != kind for flag in flags]
+    assert not [flag for flag in others if flag in text]
+    assert all(flag in text for flag in TWO_STAGE_FLAGS) == (kind != "synthetic")
+
+
+@pytest.mark.parametrize("data, kind", [("synthetic", "synthetic"), ("movielens-100k", "movielens"),
+                                        ("x.whl", "movielens"), ("log.csv", "log"), ("-", "log"),
+                                        ("/dev/fd/63", "log")])
+def test_data_kinds(data, kind, tmp_path):
+    assert run_train.data_kind(data) == kind
+    assert run_train.data_kind(str(tmp_path)) == "movielens"  # a directory: a MovieLens copy
+
+
+def test_the_flags_become_the_librarys_dataclasses():
+    command = run_train.parse_args(["--data", "log.csv", "--user-col", "uid", "--delimiter", "tab",
+                                    "--emb-size", "32", "--protocol", "train+val", "--sasrec", "--sasrec-epochs", "2",
+                                    "--sasrec-train-val", "--dump-topk", "top.csv", "--seed", "3"])
+    assert command.kind == "log" and command.source.columns == pipeline.Columns(user="uid")
+    assert command.source.delimiter == "\t" and not command.source.rating_actions_given
+    assert command.recipe == dataclasses.replace(pipeline.Recipe(), emb_size=32)
+    assert command.protocols == pipeline.Protocols("train+val", dataclasses.replace(SasrecRecipe(), epochs=2.0), True)
+    assert (command.run.seed, command.run.dump_topk, command.run.seeds) == (3, "top.csv", None)
+    assert run_train.parse_args(["--data", "log.csv"]).protocols == pipeline.Protocols()  # val-select alone
+    movielens = run_train.parse_args(["--data", "movielens-100k", "--seeds", "0,1"])
+    assert movielens.recipe == pipeline.MOVIELENS_RECIPE and movielens.run.seeds == (0, 1)
+    synthetic = run_train.parse_args(["--steps-ranker", "5", "--only", "ranker"])  # the default data path
+    assert synthetic.kind == "synthetic" and synthetic.source is None
+    assert synthetic.run == train_synthetic.SyntheticRun(steps_ranker=5, only="ranker")
+
+
+def test_every_recipe_field_is_a_flag_of_the_two_stage_paths(capsys):
+    text = help_of(["--data", "log.csv"], capsys)
+    for field in dataclasses.fields(pipeline.Recipe):
+        assert "--" + field.name.replace("_", "-") in text, field.name

@@ -44,34 +44,42 @@ DEMO_LEARNING_RATE = 6e-3  # the demos' 250 steps learn more with it than with 3
 # What a demo trains and shows (its command line's flags are these fields)
 
 
-def _option(default, help: Optional[str] = None):
-    return dataclasses.field(default=default, metadata={"help": help} if help else {})
+def _option(default, help: Optional[str] = None, low: Optional[int] = 1):
+    """A field with its flag's help and its lowest allowed value (None: any; Optional fields may be None)."""
+    metadata = {"low": low} if low is not None else {}
+    return dataclasses.field(default=default, metadata={**metadata, "help": help} if help else metadata)
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoOptions:
     """A demo's run: training, cache, model and world sizes, then what it shows."""
 
-    no_train: bool = _option(False, "untrained release-style demo on random data")
-    steps: int = _option(250, "training steps (part of the cache key)")
+    no_train: bool = _option(False, "untrained release-style demo on random data", low=None)
+    steps: int = _option(250, "training steps (part of the cache key)", low=0)
     checkpoint: Optional[str] = _option(None, "cached trained model (default: under $PHOENIX_CACHE_DIR, else "
-                                              "~/.cache/phoenix)")
-    seed: int = _option(0, "seed of the parameters and the training stream")
+                                              "~/.cache/phoenix)", low=None)
+    seed: int = _option(0, "seed of the parameters and the training stream", low=0)
     batch_size: int = _option(2, "users per rank / retrieve call (shown and timed)")
     train_batch_size: int = _option(64, "users (ranker) or in-batch softmax rows (retrieval) per training step")
-    emb_size: int = 128  # the release's demo model
-    num_layers: int = 2
-    history_len: int = 32
-    num_users: int = WorldConfig.num_users  # the synthetic world's defaults
-    num_posts: int = WorldConfig.num_posts
-    num_authors: int = WorldConfig.num_authors
-    world_seed: int = WorldConfig.seed
+    emb_size: int = _option(128)  # the release's demo model
+    num_layers: int = _option(2)
+    history_len: int = _option(32)
+    num_users: int = _option(WorldConfig.num_users)  # the synthetic world's defaults
+    num_posts: int = _option(WorldConfig.num_posts)
+    num_authors: int = _option(WorldConfig.num_authors)
+    world_seed: int = _option(WorldConfig.seed, low=0)
     num_candidates: int = _option(8, "the world's ranking candidates (the retrieval demo does not rank)")
     eval_examples: int = _option(1000, "held-out examples for the figures")
 
     CHECKPOINT_NAME = "demo"  # the default checkpoint: <cache>/checkpoints/<name>
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value, low = getattr(self, field.name), field.metadata.get("low")
+            if low is not None and (type(value) is not int or value < low):
+                raise ValueError(f"{type(self).__name__}.{field.name}: expected an int >= {low}, got {value!r}")
+        if not self.no_train:
+            demo_world_config(self)  # the world's own checks (e.g. num_authors <= num_posts), before any work
         if self.checkpoint is None:  # the cache directory as of now, not as of import
             object.__setattr__(self, "checkpoint", checkpoint_path(self.CHECKPOINT_NAME))
 
@@ -91,6 +99,12 @@ class RetrievalDemo(DemoOptions):
 
     top_k: int = _option(10, "posts shown per user")
     corpus_size: int = _option(1000, "random corpus of --no-train")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.no_train and self.top_k > self.corpus_size:
+            raise ValueError(f"RetrievalDemo.top_k: expected <= corpus_size ({self.corpus_size}) with no_train, got "
+                             f"{self.top_k}")
 
     CHECKPOINT_NAME = "demo_retrieval"
 

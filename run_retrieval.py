@@ -212,7 +212,11 @@ def main_untrained(options: demos.RetrievalDemo) -> dict:
 
 def parse_args(argv) -> demos.RetrievalDemo:
     """The command line as a demos.RetrievalDemo (every field a flag)."""
-    return demos.RetrievalDemo(**vars(run_train.dataclass_parser(demos.RetrievalDemo, __doc__).parse_args(argv)))
+    parser = run_train.dataclass_parser(demos.RetrievalDemo, __doc__)
+    try:
+        return demos.RetrievalDemo(**vars(parser.parse_args(argv)))
+    except ValueError as error:  # values that clash (each flag alone was checked by argparse)
+        parser.error(str(error))
 
 
 def main(argv=None) -> dict:

@@ -143,8 +143,8 @@ def _flag(name: str) -> str:
 def dataclass_flags(parser, cls, defaults=None, bounds: Optional[dict] = None, help_prefix: Optional[str] = None):
     """One flag per field of dataclass `cls` (--field-name), defaulting to `defaults`' value (default cls()'s
     field defaults): bools take 1/true/yes or 0/false/no (or are switches when the default is False and
-    no prefix asks for values), Optional fields take "none"; `bounds` {field: (lowest, allowed)} refuse
-    values out of range at the flag. Help: the field's metadata "help", or "<help_prefix>.<field>, default X"."""
+    no prefix asks for values), Optional fields take "none"; `bounds` {field: (lowest, allowed)} (else a
+    field's metadata "low") refuse values out of range at the flag. Help: the field's metadata "help", or "<help_prefix>.<field>, default X"."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         default = getattr(defaults, field.name) if defaults is not None else field.default
@@ -155,6 +155,8 @@ def dataclass_flags(parser, cls, defaults=None, bounds: Optional[dict] = None, h
             continue
         if bounds and field.name in bounds:
             kind = bounded(kind, *bounds[field.name])
+        elif field.metadata.get("low") is not None:  # the field's own lowest value (phoenix_demos' options)
+            kind = bounded(kind, field.metadata["low"], True)
         if kind is bool:
             kind = _boolean
         parser.add_argument(_flag(field.name), type=_optional(kind) if default is None else kind, default=default,

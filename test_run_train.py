@@ -74,3 +74,35 @@ def test_every_recipe_field_is_a_flag_of_the_two_stage_paths(capsys):
     text = help_of(["--data", "log.csv"], capsys)
     for field in dataclasses.fields(pipeline.Recipe):
         assert "--" + field.name.replace("_", "-") in text, field.name
+
+
+# The demos' flags (run_ranker.py, run_retrieval.py): fields of phoenix_demos' options, each with its range.
+DEMO_FLAG_CASES = [
+    ("run_ranker", ["--steps", "-5"], "argument --steps: expected an int >= 0, got '-5'"),
+    ("run_ranker", ["--emb-size", "0"], "argument --emb-size: expected an int >= 1, got '0'"),
+    ("run_ranker", ["--seed", "-1"], "argument --seed: expected an int >= 0, got '-1'"),
+    ("run_ranker", ["--num-posts", "5"], "WorldConfig.num_authors: expected <= num_posts (5"),
+    ("run_retrieval", ["--top-k", "0"], "argument --top-k: expected an int >= 1, got '0'"),
+    ("run_retrieval", ["--top-k", "5000", "--no-train"], "RetrievalDemo.top_k: expected <= corpus_size (1000)"),
+    ("run_retrieval", ["--corpus-size", "1.5"], "argument --corpus-size: invalid int value: '1.5'"),
+]
+
+
+@pytest.mark.parametrize("script, argv, message", DEMO_FLAG_CASES, ids=lambda v: v if isinstance(v, str) else None)
+def test_demo_flags_out_of_range_or_clashing_are_one_error_line(script, argv, message, capsys):
+    """A demo flag out of range, or flags that clash, end in argparse's error (status 2) naming them,
+    before anything is built; before, they ended in a traceback from inside the model or the world."""
+    module = __import__(script)
+    with pytest.raises(SystemExit) as info:
+        module.parse_args(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_options_check_their_values_in_the_library_too():
+    import phoenix_demos as demos
+    with pytest.raises(ValueError, match=r"RankerDemo.steps: expected an int >= 0, got -1"):
+        demos.RankerDemo(steps=-1)
+    with pytest.raises(ValueError, match=r"RetrievalDemo.num_layers: expected an int >= 1, got 2.5"):
+        demos.RetrievalDemo(num_layers=2.5)
+    assert demos.RankerDemo(steps=0).steps == 0 and demos.RetrievalDemo(checkpoint="x").checkpoint == "x"

@@ -25,7 +25,7 @@ def pytest_configure(config):
     session (its xdist workers, and subprocesses through the environment) compiles each program once.
     The directory is a fresh temporary one, removed when the session ends: no compiled program outlives
     the run or lands in the user's home, and results never depend on an earlier run."""
-    if os.environ.get("EXPERIMENT_NO_CACHE"):
+    if os.environ.get("PHOENIX_TEST_NO_XLA_CACHE"):  # to compare: the suite compiling every program itself
         return
     directory = os.environ.get(CACHE_VARIABLE)
     if directory is None:

@@ -4,18 +4,22 @@ random moments, resumes it each time, and checks that nothing saved is lost and 
     uv run python resume_harness.py --dir DIR [--kills 24] [--signals 0] [--seed 0]
 
 Prints the trials on stderr and a JSON report on stdout (kills and stops per point, resumes checked,
-seconds); exits with status 1 if any check failed. test_resume.py runs it twice: 20 SIGKILLs, then 10
-SIGTERMs and 10 SIGINTs (~1 min each on 2 cores).
+seconds); exits with status 1 if any check failed. test_resume_harness.py runs it twice: 20 SIGKILLs,
+then 10 SIGTERMs and 10 SIGINTs (each attempt a fresh process's start-up and first step, ~1-2 s on a
+quiet 2-core machine: well under a minute each once the compiled programs are in the cache).
 
 How. This process imports JAX and the training code once, without starting JAX's backend (so
 forking is safe), then forks one child per attempt: a fresh `uv run` would spend ~3 s importing,
 a fork nothing. A child runs `run_train.main(TINY + --checkpoint-every --resume)` under the command
 line's stop handling (phoenix_stop.command_line), as `run_train.py` does. Compiled programs come
-from a persistent XLA cache in DIR that the reference run fills, so that attempts do not recompile
-for ~10 s each.
+from a persistent XLA cache that the reference run fills, so that attempts do not recompile for
+~10 s each: $JAX_COMPILATION_CACHE_DIR if set (the test session's, so that a second harness run
+compiles nothing), else DIR/xla-cache.
 
-Kill points. Half the attempts are killed at a random time; the others at the n-th occurrence of
-a point inside a checkpoint save or prune (KILL_POINTS). There the child reports the point through
+Kill points. Half the attempts are killed at a random time (in start-up, restore and the first steps:
+up to KILL_WINDOW times the seconds the latest attempt took from start to its first step done, at
+most MAX_KILL_TIME_S); the others at the n-th occurrence of a point inside a checkpoint save or
+prune (KILL_POINTS). There the child reports the point through
 a pipe and blocks until told to go on, so the kill lands exactly there: before arrays.npz is
 written, after it, after meta.json, before and after the rename into place, while a pruned
 checkpoint is deleted, and during the final checkpoint's save. The child also reports each train
@@ -58,9 +62,14 @@ TINY = ["--num-users", "120", "--num-posts", "300", "--num-authors", "12", "--hi
         "--steps-ranker", "30", "--steps-retrieval", "30", "--eval-repeats", "4", "--log-every", "5",
         "--eval-every", "15"]
 RESUMABLE = ["--checkpoint-every", "6", "--keep-checkpoints", "2", "--resume"]
-# Random kill times are drawn in [0, this): start-up, restore and the first steps of an attempt
-# (the event kills below make the progress: each lands at the next save of its kind).
+# Random kill times are drawn in [0, window): start-up, restore and the first steps of an attempt
+# (the event kills below make the progress: each lands at the next save of its kind). The window is
+# KILL_WINDOW times the seconds from start to the first step done that the latest attempt to get
+# there took (the reference run for the first), at most MAX_KILL_TIME_S: it follows the machine's
+# speed, so that a random kill lands in start-up and restore or in the first steps, not mostly
+# after them on a fast machine (a wasted attempt's time) or mostly before them on a slow one.
 MAX_KILL_TIME_S = 2.5
+KILL_WINDOW = 1.25
 PHASES = ("ranker", "retrieval")
 # (name, event the child reports, which paths): kill points inside saves and prunes.
 KILL_POINTS = [
@@ -177,6 +186,8 @@ def attempt(argv, log_path: str, watched: str, kill_at, sig=signal.SIGKILL) -> t
     buffer = b""
     signalled = killed = returned = False
     last_step = None
+    ready_at = first_step_s = None
+    steps_seen = 0
 
     def send() -> None:
         nonlocal signalled, killed, deadline
@@ -196,13 +207,18 @@ def attempt(argv, log_path: str, watched: str, kill_at, sig=signal.SIGKILL) -> t
         *lines, buffer = buffer.split(b"\n")
         for line in lines:
             event, detail = line.decode().split(" ", 1)
-            if event == "ready" and kill_at and kill_at[0] == "time":
-                deadline = time.perf_counter() + kill_at[1]
+            if event == "ready":
+                ready_at = time.perf_counter()
+                if kill_at and kill_at[0] == "time":
+                    deadline = ready_at + kill_at[1]
             elif event == "returned":  # past the stop handlers' reach: no signal any more
                 returned, deadline = True, None
             elif event == "step" and not signalled:
                 trainer, steps = detail.split()
                 last_step = (PHASE_OF_TRAINER[trainer], int(steps))
+                steps_seen += 1
+                if steps_seen == 2:  # the first step is done (trace, compile or cache load, run)
+                    first_step_s = time.perf_counter() - ready_at
             elif (kill_at and kill_at[0] == "event" and not signalled and not returned and event == kill_at[1]
                   and _kind(detail) == kill_at[2]):
                 seen += 1
@@ -215,7 +231,7 @@ def attempt(argv, log_path: str, watched: str, kill_at, sig=signal.SIGKILL) -> t
     os.close(events_r)
     os.close(acks_w)
     seconds = time.perf_counter() - start
-    info = {"last_step": last_step, "signalled": signalled}
+    info = {"last_step": last_step, "signalled": signalled, "first_step_s": first_step_s}
     if killed or (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
         return "killed", seconds, info
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
@@ -316,7 +332,8 @@ def same_run(run_dir: str, reference_dir: str) -> list[str]:
 
 def plan_trials(kills: int, signals: int, rng: np.random.Generator) -> list[tuple]:
     """(signal, point name, kill_at) of each trial: the SIGKILLs, then SIGTERMs and SIGINTs in turn;
-    of each kind, every other one at a random time, the others at the kill points in turn."""
+    of each kind, every other one at a random time, the others at the kill points in turn. A random
+    time is ("time", share of the kill window in [0, 1)): main scales it to the window of its attempt."""
     trials = [(signal.SIGKILL, *_trigger(i % 2 == 0, i // 2, rng)) for i in range(kills)]
     for i in range(2 * signals):  # TERM, INT, TERM, INT, ...: pairs at random times and at points alternate
         pair = i // 2
@@ -327,9 +344,17 @@ def plan_trials(kills: int, signals: int, rng: np.random.Generator) -> list[tupl
 def _trigger(random_time: bool, point: int, rng: np.random.Generator) -> tuple[str, tuple]:
     """(point name, kill_at): a random time, or kill point number `point` (modulo their number)."""
     if random_time:
-        return "random time", ("time", float(rng.uniform(0.0, MAX_KILL_TIME_S)))
+        return "random time", ("time", float(rng.uniform(0.0, 1.0)))
     name, event, kind = KILL_POINTS[point % len(KILL_POINTS)]
     return name, ("event", event, kind, 1)
+
+
+def kill_window(window: float, info: dict) -> float:
+    """The random kill window after an attempt: KILL_WINDOW times its seconds to its first step done
+    (at most MAX_KILL_TIME_S), or `window` unchanged if it did not get there."""
+    if info["first_step_s"] is None:
+        return window
+    return min(MAX_KILL_TIME_S, KILL_WINDOW * info["first_step_s"])
 
 
 def check_stop(text: str, argv: list, run_dir: str, last_step, log_path: str, sig) -> list[str]:
@@ -365,16 +390,18 @@ def check_stop(text: str, argv: list, run_dir: str, last_step, log_path: str, si
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dir", required=True, help="working directory (runs, logs, XLA cache)")
+    p.add_argument("--dir", required=True, help="working directory (runs, logs, XLA cache unless "
+                                                 "$JAX_COMPILATION_CACHE_DIR is set)")
     p.add_argument("--kills", type=int, default=24, help="SIGKILLs in total (at least 20 for the issue)")
     p.add_argument("--signals", type=int, default=0, help="SIGTERMs, and as many SIGINTs (clean stops)")
     p.add_argument("--seed", type=int, default=0, help="kill times and points")
     args = p.parse_args(argv)
     base = os.path.abspath(args.dir)
     os.makedirs(base, exist_ok=True)
-    # Before JAX is imported: compiled programs are shared by all attempts through this cache.
-    os.environ.update(JAX_COMPILATION_CACHE_DIR=os.path.join(base, "xla-cache"),
-                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    # Before JAX is imported: compiled programs are shared by all attempts through this cache (and
+    # with the test session and its other harness runs when it set one).
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(base, "xla-cache"))
+    os.environ.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
                       JAX_PLATFORMS="cpu")
     t_start = time.perf_counter()
     import run_train  # noqa: F401  (imported once here, inherited by every forked child)
@@ -385,13 +412,14 @@ def main(argv=None) -> int:
     log = sys.stderr
 
     reference = os.path.join(base, "reference")
-    outcome, ref_s, _ = attempt(["--data", "synthetic", *TINY, "--checkpoint-dir", reference],
-                                os.path.join(base, "reference.log"), reference, None)
+    outcome, ref_s, ref_info = attempt(["--data", "synthetic", *TINY, "--checkpoint-dir", reference],
+                                       os.path.join(base, "reference.log"), reference, None)
     if outcome != "finished":
         print(open(os.path.join(base, "reference.log")).read()[-3000:], file=log)
         raise SystemExit("the uninterrupted reference run failed")
     log.write(f"reference run (uninterrupted, no checkpointing, compiles into the cache): {ref_s:.1f} s\n")
 
+    window = kill_window(MAX_KILL_TIME_S, ref_info)
     trials = plan_trials(args.kills, args.signals, rng)
     done = 0
     by_point: dict[str, dict[str, int]] = {}
@@ -407,9 +435,12 @@ def main(argv=None) -> int:
             attempts += 1
             sig, point, kill_at = trials[done] if done < len(trials) else (signal.SIGKILL, "none (finish the run)",
                                                                            None)
+            if kill_at and kill_at[0] == "time":
+                kill_at = ("time", kill_at[1] * window)
             expected = expected_resume(run_dir)
             log_path = os.path.join(base, f"run{runs}-attempt{attempts}.log")
             outcome, seconds, info = attempt(argv, log_path, run_dir, kill_at, sig)
+            window = kill_window(window, info)
             text = open(log_path).read()
             log.write(f"run {runs} attempt {attempts}: {signal.Signals(sig).name if kill_at else 'nothing'} at "
                       f"{point}{f' ({kill_at[1]:.2f} s)' if kill_at and kill_at[0] == 'time' else ''} -> {outcome} "

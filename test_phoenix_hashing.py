@@ -167,6 +167,10 @@ def test_split_ids_jax_keeps_high_word_of_host_ids():
     np.testing.assert_array_equal(hashes, hashing.hash_ids(np.array([2**40 + 5, 5]), cfg, "post"))
 
 
+# One jitted function for every example: traced (and compiled) once per x64 setting and shape, not per example.
+_traced_post_hash_of_ids = jax.jit(lambda x: hashing.hash_ids_jax(*hashing.split_ids_jax(x), small_config(), "post"))
+
+
 @hypothesis.settings(max_examples=30, deadline=None)
 @hypothesis.given(st.lists(st.integers(INT64_MIN, INT64_MAX), min_size=8, max_size=8))
 @hypothesis.example([2**40 + 5, 5, 2**32, 0, -1, INT64_MIN, INT64_MAX, 2**31])
@@ -174,8 +178,9 @@ def test_split_ids_jax_of_traced_int64_ids_matches_numpy_with_x64_property(id_li
     # With jax_enable_x64 on, int64 ids can be jax arrays inside jit; they are cut into words there.
     ids = np.array(id_list, dtype=np.int64)
     with jax.enable_x64(True):
-        traced = jax.jit(lambda x: hashing.hash_ids_jax(*hashing.split_ids_jax(x), small_config(), "post"))
-        got = np.asarray(traced(jnp.asarray(ids)))
+        x = jnp.asarray(ids)
+        assert x.dtype == jnp.int64  # a traced int64 argument, not words split on the host
+        got = np.asarray(_traced_post_hash_of_ids(x))
     np.testing.assert_array_equal(got, hashing.hash_ids(ids, small_config(), "post"))
 
 

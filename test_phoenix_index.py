@@ -119,16 +119,16 @@ def test_exact_unit_vectors_equal_brute_force_and_float64_within_rounding():
     """Random unit vectors (the real use): brute force's indices and scores bit for bit, through the
     float32 pass's band (not a fallback), and the scores within float32 rounding of float64 dot products."""
     rng = np.random.default_rng(1)
-    corpus = unit_rows(rng.standard_normal((5000, 32)))
-    user = unit_rows(rng.standard_normal((4, 32)))
-    idx = CorpusIndex(corpus, chunk_size=512)
-    out = idx._search(user, 100)
-    assert_same_as_brute_force(out, user, corpus, 100)
+    corpus = unit_rows(rng.standard_normal((20000, 32)))  # shapes of test_unit_vectors_are_answered_by_the_fast_passes
+    user = unit_rows(rng.standard_normal((16, 32)))
+    idx = CorpusIndex(corpus, chunk_size=2048, block_size=8, coarse=False)
+    out = idx._search(user, 50)
+    assert_same_as_brute_force(out, user, corpus, 50)
     assert index.STAGES[int(out[2])] == "float32"
     indices, scores = np.asarray(out[0]), np.asarray(out[1])
     exact = np.take_along_axis(user.astype(np.float64) @ corpus.T.astype(np.float64), indices, axis=1)  # [B, K]
     np.testing.assert_allclose(scores, exact, rtol=0, atol=index._dot_rounding(32))  # |u| = |x| = 1
-    assert all(len(set(row)) == 100 for row in indices)
+    assert all(len(set(row)) == 50 for row in indices)
 
 
 def test_ties_come_in_index_order():
@@ -379,13 +379,14 @@ def test_bf16_query_and_jax_inputs():
 
 def test_search_compiles_once_per_shape():
     user, corpus, mask = int_corpus(900, 8, 4)
-    idx = CorpusIndex(corpus, chunk_size=128)
+    idx = CorpusIndex(corpus)  # the direct plan: the cheapest programs to compile, the same jitted search
+    assert idx.plan(4, 17)[1] == idx.plan(4, 18)[1] == 1
     before = index.TRACE_COUNTS["exact"]
     for seed in range(3):  # new values, NumPy and jax inputs: same (B, K) -> one trace
         query = np.random.default_rng(seed).standard_normal((4, 8)).astype(np.float32)
         idx.search(query if seed % 2 else jnp.asarray(query), 17)
     assert index.TRACE_COUNTS["exact"] == before + 1
-    CorpusIndex(corpus, chunk_size=128).search(user, 17)  # another index of the same shape
+    CorpusIndex(corpus).search(user, 17)  # another index of the same shape
     assert index.TRACE_COUNTS["exact"] == before + 1
     idx.search(user, 18)
     idx.search(user, 18, mask)
@@ -405,14 +406,18 @@ def _advised_huge(address: int) -> bool:
     return False
 
 
-def test_large_aligned_buffers_and_the_coarse_copy_are_advised_for_huge_pages():
+def test_large_aligned_buffers_and_the_coarse_copy_are_advised_for_huge_pages(monkeypatch):
+    """The threshold is patched down (the code path is the same at any size) so that a small corpus's
+    coarse copy crosses it; the searches reuse `test_identical_rows_score_identically`'s shapes."""
     if not (sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE")) or jax.default_backend() != "cpu":
         pytest.skip("madvise(MADV_HUGEPAGE) and host aliasing: Linux, CPU backend")
+    monkeypatch.setattr(index, "HUGE_PAGE_MIN_BYTES", 2**17)
     small, large = index.aligned_empty((16, 16)), index.aligned_empty((index.HUGE_PAGE_MIN_BYTES // 512, 128))
     assert large.ctypes.data % mmap.PAGESIZE == 0 and large.flags.writeable and large.flags.c_contiguous
     assert _advised_huge(large.ctypes.data) and not _advised_huge(small.ctypes.data)
-    corpus = np.random.default_rng(0).standard_normal((2**17, 128)).astype(np.float32)  # copy: 2**17 * 256 bytes
-    idx = CorpusIndex(corpus)
+    corpus = np.random.default_rng(0).standard_normal((1000, 128)).astype(np.float32)  # copy: 1000 * 256 bytes
+    assert 1000 * 128 * 2 >= index.HUGE_PAGE_MIN_BYTES
+    idx = CorpusIndex(corpus, coarse=True, block_size=4, chunk_size=8)
     pointer = idx.coarse_embeddings.unsafe_buffer_pointer()
     assert pointer % mmap.PAGESIZE == 0 and _advised_huge(pointer)
     want = jnp.asarray(corpus).astype(jnp.bfloat16)
@@ -421,8 +426,8 @@ def test_large_aligned_buffers_and_the_coarse_copy_are_advised_for_huge_pages():
     del corpus, large
     gc.collect()  # the index's arrays keep their buffers alive
     user = np.ones((2, 128), np.float32)
-    np.testing.assert_array_equal(np.asarray(idx.search(user, 10)[0]),
-                                  np.asarray(CorpusIndex(idx.corpus_embeddings, coarse=False).search(user, 10)[0]))
+    plain = CorpusIndex(idx.corpus_embeddings, coarse=False, block_size=4, chunk_size=8)
+    np.testing.assert_array_equal(np.asarray(idx.search(user, 7)[0]), np.asarray(plain.search(user, 7)[0]))
 
 
 def test_aliased_corpus_becomes_read_only_and_copies_stay_writable():
@@ -933,9 +938,9 @@ def test_users_whose_scores_could_overflow_are_refused():
         with pytest.raises(ValueError, match=r"user_representation: expected \|u\| \* \(largest corpus row norm\) "
                                              r"<= 1\.701e\+38 .*got 4(\.\d*)?e\+38 in row 0 \(\|u\| = 1(\.\d*)?e\+38, "
                                              r"largest corpus row norm 4(\.\d*)?\)"):
-            idx.search(user, 5)
+            idx.search(user, 300)
         below = (user * np.float32(0.42)).astype(np.float32)  # |u| * 4 = 1.68e38
-        assert_same_as_brute_force(idx.search(below, 5), below, corpus, 5)
+        assert_same_as_brute_force(idx.search(below, 300), below, corpus, 300)  # K: the next test's shape
 
 
 @pytest.mark.parametrize("coarse", [True, False], ids=["coarse", "float32"])

@@ -547,13 +547,15 @@ def test_prefix_representations_equal_the_user_tower_on_each_cut(pooling):
     batch = batch._replace(history_post_hashes=post)
     prefix = hk.transform(lambda b, e: two_stage.prefix_user_representations(cfg.make(), b, e))
     user = hk.transform(lambda b, e: cfg.make().build_user_representation(b, e)[0])
-    params = user.init(jax.random.PRNGKey(0), batch, emb)
-    got = np.asarray(prefix.apply(params, None, batch, emb))  # [B, 1+S, D]
+    params = jax.jit(user.init)(jax.random.PRNGKey(0), batch, emb)
+    # Jitted: one compiled program per history length instead of every op compiled eagerly per shape.
+    got = np.asarray(jax.jit(prefix.apply)(params, None, batch, emb))  # [B, 1+S, D]
+    user_apply = jax.jit(user.apply)
     for p in range(1, S + 1):
         cut = batch._replace(**{f: getattr(batch, f)[:, :p] for f in batch._fields if f.startswith("history_")})
         cut_emb = dataclasses.replace(emb, history_post_embeddings=emb.history_post_embeddings[:, :p],
                                       history_author_embeddings=emb.history_author_embeddings[:, :p])
-        np.testing.assert_allclose(got[:, p], user.apply(params, None, cut, cut_emb), rtol=1e-4, atol=2e-5,
+        np.testing.assert_allclose(got[:, p], user_apply(params, None, cut, cut_emb), rtol=1e-4, atol=2e-5,
                                    err_msg=f"prefix of {p} slots")
 
 

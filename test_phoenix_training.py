@@ -458,10 +458,15 @@ def test_ranking_trainer_listwise_weight_adds_the_listwise_term(ranking):
     batch, labels = random_batch(1), random_labels(1)
     params = ranking.init(jax.random.PRNGKey(0), batch).params
     a = training.ACTIONS.index("click_score")
-    logits = ranking._outputs(params, None, batch).astype(jnp.float32)  # as _loss computes them (eager)
     mask = np.asarray(batch.candidate_post_hashes[:, :, 0] != 0)
-    pointwise, _ = ranking._loss(params, None, batch, labels, None)
-    combined, _ = listwise._loss(params, None, batch, labels, None)
+
+    @jax.jit  # one compiled program instead of three eager passes over the model
+    def outputs_and_losses(params, batch, labels):
+        logits = ranking._outputs(params, None, batch).astype(jnp.float32)  # as _loss computes them
+        return logits, ranking._loss(params, None, batch, labels, None)[0], listwise._loss(params, None, batch, labels,
+                                                                                           None)[0]
+
+    logits, pointwise, combined = outputs_and_losses(params, batch, labels)
     expected = float(pointwise) + 0.5 * listwise_reference(np.asarray(logits)[:, :, a], labels[:, :, a], mask)
     assert float(combined) == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="listwise_weight"):

@@ -46,7 +46,8 @@ def test_param_tree_is_release_layout(cfg):
         m = cfg.make()
         return m(b, e, c, 5), m.build_candidate_representation(b, e)
 
-    p = hk.transform(both).init(jax.random.PRNGKey(0), batch, emb, corpus)
+    # Shapes only: jax.eval_shape traces the same init without compiling or running it.
+    p = jax.eval_shape(hk.transform(both).init, jax.random.PRNGKey(0), batch, emb, corpus)
     shapes = {m: {n: tuple(v.shape) for n, v in d.items()} for m, d in p.items()}
     assert shapes == release_layout(cfg, "phoenix_retrieval_model", retrieval=True)
 
@@ -66,7 +67,7 @@ def test_candidate_representation_matches_reference_and_is_unit_norm(cfg, params
     batch, emb = example()
     batch = batch._replace(candidate_post_hashes=np.where(np.arange(C)[None, :, None] == 2, 0,
                                                           batch.candidate_post_hashes))
-    cand, mask = transformed(cfg, "build_candidate_representation").apply(params, None, batch, emb)
+    cand, mask = jax.jit(transformed(cfg, "build_candidate_representation").apply)(params, None, batch, emb)
     assert cand.shape == (3, C, D) and mask.shape == (3, C)
     np.testing.assert_array_equal(mask, np.broadcast_to(np.arange(C)[None, :] != 2, (3, C)))
     np.testing.assert_allclose(cand, ref.candidate_representation(params, emb), **F32_TOL)
@@ -98,7 +99,8 @@ def test_guide_usage_scores_batch_candidates(cfg, params):
     post = np.array(batch.candidate_post_hashes)
     post[0, [0, 3]] = 0
     batch = batch._replace(candidate_post_hashes=post)
-    out = call(cfg, params, batch, emb)
+    apply = jax.jit(transformed(cfg).apply, static_argnames="top_k")
+    out = apply(params, None, batch, emb)
     assert out.top_k_indices.shape == (3, 6)  # top_k defaults to all candidates
     user = ref.user_representation(params, batch, emb, cfg)[0]
     cand = ref.candidate_representation(params, emb)
@@ -109,13 +111,13 @@ def test_guide_usage_scores_batch_candidates(cfg, params):
     np.testing.assert_allclose(out.top_k_scores, top, rtol=1e-4, atol=1e-5)
     assert set(np.asarray(out.top_k_indices)[0, -2:]) == {0, 3}
     assert np.all(np.diff(np.asarray(out.top_k_scores), axis=1) <= 0)
-    assert call(cfg, params, batch, emb, top_k=2).top_k_indices.shape == (3, 2)
+    assert apply(params, None, batch, emb, top_k=2).top_k_indices.shape == (3, 2)
 
 
 @pytest.mark.parametrize("B,S_,C_", [(1, S, C), (2, 1, 1), (1, 1, C)], ids=["B1", "S1_C1", "B1_S1"])
 def test_shape_edge_cases(cfg, params, B, S_, C_):
     batch, emb = example(B, S_, C_)
-    out = call(cfg, params, batch, emb)
+    out = jax.jit(transformed(cfg).apply)(params, None, batch, emb)
     assert out.user_representation.shape == (B, D) and out.top_k_indices.shape == (B, C_)
 
 
@@ -123,7 +125,7 @@ def test_all_padding_history_and_user(cfg, params):
     batch, emb = example()
     batch = batch._replace(user_hashes=np.zeros_like(batch.user_hashes),
                            history_post_hashes=np.zeros_like(batch.history_post_hashes))
-    user, norm = transformed(cfg, "build_user_representation").apply(params, None, batch, emb)
+    user, norm = jax.jit(transformed(cfg, "build_user_representation").apply)(params, None, batch, emb)
     # no valid position: the masked mean is 0, the EPS clamp keeps it finite (norm = sqrt(EPS))
     assert np.all(np.isfinite(user))
     np.testing.assert_allclose(norm, np.sqrt(1e-12), rtol=1e-3)
@@ -166,8 +168,9 @@ def test_corpus_errors(cfg, params):
 
 def test_bf16_user_representation_close_to_f32(params):
     batch, emb = example()
-    f32 = transformed(tiny_retrieval_config(), "build_user_representation").apply(params, None, batch, emb)[0]
-    b16 = transformed(tiny_retrieval_config(fprop_dtype=jnp.bfloat16), "build_user_representation").apply(
+    f32 = jax.jit(transformed(tiny_retrieval_config(), "build_user_representation").apply)(
+        params, None, batch, emb)[0]
+    b16 = jax.jit(transformed(tiny_retrieval_config(fprop_dtype=jnp.bfloat16), "build_user_representation").apply)(
         params, None, batch, emb)[0]
     assert np.max(np.abs(np.float32(b16) - np.asarray(f32))) < 0.05  # unit vectors, bf16 rounding compounded
 
@@ -185,14 +188,15 @@ def test_user_sequence_pools_to_the_representation_and_is_causal(cfg, params):
     """build_user_sequence's masked mean, normalised, is build_user_representation; with causal
     attention its position p equals the last position of the batch cut to history slots 0..p-1."""
     batch, emb = example()
-    out, mask = transformed(cfg, "build_user_sequence").apply(params, None, batch, emb)  # [B, 1+S, D]
+    sequence = jax.jit(transformed(cfg, "build_user_sequence").apply)  # one jitted function, compiled per shape
+    out, mask = sequence(params, None, batch, emb)  # [B, 1+S, D]
     assert out.shape == (3, 1 + S, D) and mask.shape == (3, 1 + S)
-    user, _ = transformed(cfg, "build_user_representation").apply(params, None, batch, emb)
+    user, _ = jax.jit(transformed(cfg, "build_user_representation").apply)(params, None, batch, emb)
     m = np.asarray(mask, np.float32)[:, :, None]
     mean = (np.asarray(out, np.float32) * m).sum(1) / np.maximum(m.sum(1), 1.0)
     np.testing.assert_allclose(mean / np.linalg.norm(mean, axis=-1, keepdims=True), user, **F32_TOL)
     for p in (1, S // 2, S):
-        cut_out, _ = transformed(cfg, "build_user_sequence").apply(params, None, *_cut_history(batch, emb, p))
+        cut_out, _ = sequence(params, None, *_cut_history(batch, emb, p))
         np.testing.assert_allclose(cut_out[:, -1], out[:, p], **F32_TOL)
 
 

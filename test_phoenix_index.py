@@ -132,10 +132,10 @@ def test_exact_unit_vectors_equal_brute_force_and_float64_within_rounding():
 
 
 def test_ties_come_in_index_order():
-    corpus = np.ones((100, 4), np.float32)  # every score ties
-    indices, scores = CorpusIndex(corpus, block_size=8, chunk_size=16).search(np.ones((2, 4)), 30)
-    np.testing.assert_array_equal(np.asarray(indices), np.tile(np.arange(30), (2, 1)))
-    np.testing.assert_array_equal(np.asarray(scores), np.full((2, 30), 4.0))
+    corpus = np.ones((900, 8), np.float32)  # every score ties; EXACT_CASES["K>blocks"]'s shape (compiled once)
+    indices, scores = CorpusIndex(corpus, block_size=8, chunk_size=128).search(np.ones((2, 8)), 200)
+    np.testing.assert_array_equal(np.asarray(indices), np.tile(np.arange(200), (2, 1)))
+    np.testing.assert_array_equal(np.asarray(scores), np.full((2, 200), 8.0))
 
 
 # --- The contract: a score is a function of (user, row) only --------------------------------------
@@ -331,50 +331,52 @@ def test_every_index_equals_brute_force_on_adversarial_corpora(setting, batch, t
 
 
 def test_top_k_above_valid_count_fills_tail_with_masked_entries():
-    user, corpus, _ = int_corpus(400, 8, 3)
-    mask = np.zeros(400, bool)
-    mask[[5, 77, 300, 399]] = True
-    indices, scores = (np.asarray(a) for a in CorpusIndex(corpus, chunk_size=64).search(user, 10, mask))
-    assert set(indices[0, :4]) == {5, 77, 300, 399}
-    np.testing.assert_array_equal(indices[:, 4:], np.tile([0, 1, 2, 3, 4, 6], (3, 1)))  # lowest masked
+    user, corpus, _ = int_corpus(1000, 8, 3)  # EXACT_CASES["ragged-last-chunk"]'s shape (compiled once)
+    mask = np.zeros(1000, bool)
+    mask[[5, 77, 300, 999]] = True
+    idx = CorpusIndex(corpus, chunk_size=96, block_size=8)
+    indices, scores = (np.asarray(a) for a in idx.search(user, 40, mask))
+    assert set(indices[0, :4]) == {5, 77, 300, 999}
+    lowest_masked = [i for i in range(1000) if not mask[i]][:36]  # 0-4, 6-36
+    np.testing.assert_array_equal(indices[:, 4:], np.tile(lowest_masked, (3, 1)))
     np.testing.assert_array_equal(scores[:, 4:], MASKED)
-    assert_same_as_brute_force((indices, scores), user, corpus, 10, mask)
+    assert_same_as_brute_force((indices, scores), user, corpus, 40, mask)
 
 
 def test_all_masked_corpus_returns_lowest_indices_at_minus_inf():
-    user, corpus, _ = int_corpus(300, 8, 2)
-    indices, scores = CorpusIndex(corpus).search(user, 7, np.zeros(300, bool))
-    np.testing.assert_array_equal(np.asarray(indices), np.tile(np.arange(7), (2, 1)))
+    user, corpus, _ = int_corpus(3000, 8, 4)  # EXACT_CASES["auto-direct"]'s shape (compiled once)
+    indices, scores = CorpusIndex(corpus).search(user, 100, np.zeros(3000, bool))
+    np.testing.assert_array_equal(np.asarray(indices), np.tile(np.arange(100), (4, 1)))
     np.testing.assert_array_equal(np.asarray(scores), MASKED)
 
 
 def test_mask_changes_only_masked_entries():
     """Masking entries outside the unmasked top-k leaves the result unchanged."""
-    user, corpus, _ = int_corpus(800, 8, 1)
+    user, corpus, _ = int_corpus(1000, 8, 1)  # EXACT_CASES["B=1"]'s shape, with and without a mask
     idx = CorpusIndex(corpus)
-    indices, scores = (np.asarray(a) for a in idx.search(user, 20))
-    mask = np.zeros(800, bool)
+    indices, scores = (np.asarray(a) for a in idx.search(user, 10))
+    mask = np.zeros(1000, bool)
     mask[indices[0]] = True
-    masked_indices, masked_scores = (np.asarray(a) for a in idx.search(user, 20, mask))
+    masked_indices, masked_scores = (np.asarray(a) for a in idx.search(user, 10, mask))
     np.testing.assert_array_equal(masked_indices, indices)
     np.testing.assert_array_equal(masked_scores, scores)
 
 
 def test_post_ids_map_indices():
-    user, corpus, _ = int_corpus(500, 8, 2)
-    post_ids = 10_000 + 7 * np.arange(500, dtype=np.int64)
+    user, corpus, _ = int_corpus(3000, 8, 4)  # EXACT_CASES["auto-direct"]'s shape (compiled once)
+    post_ids = 10_000 + 7 * np.arange(3000, dtype=np.int64)
     idx = CorpusIndex(corpus, post_ids)
-    indices, _ = idx.search(user, 12)
+    indices, _ = idx.search(user, 100)
     np.testing.assert_array_equal(idx.post_ids(indices), post_ids[np.asarray(indices)])
     np.testing.assert_array_equal(CorpusIndex(corpus).post_ids(indices), np.asarray(indices))
 
 
 def test_bf16_query_and_jax_inputs():
-    user, corpus, mask = int_corpus(600, 8, 2)
+    user, corpus, mask = int_corpus(1000, 8, 16)  # EXACT_CASES["B=16"]'s shape (compiled once)
     idx = CorpusIndex(jnp.asarray(corpus))
-    out = idx.search(jnp.asarray(user, jnp.bfloat16), 15, jnp.asarray(mask))  # small ints: exact in bf16
+    out = idx.search(jnp.asarray(user, jnp.bfloat16), 25, jnp.asarray(mask))  # small ints: exact in bf16
     assert isinstance(out[0], jax.Array)
-    assert_same_as_brute_force(out, user, corpus, 15, mask)
+    assert_same_as_brute_force(out, user, corpus, 25, mask)
 
 
 def test_search_compiles_once_per_shape():
@@ -484,8 +486,9 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     assert "faiss" not in sys.modules, "phoenix_index.py must import faiss lazily"
     assert jax.device_count() == 8, jax.devices()
     # (N, D, B, K, chunk_size, block_size): N not a multiple of 8 * 16 rows, K above a shard's
-    # 128 rows, ragged chunks; fewer rows than shards; automatic sizes with B=16.
-    cases = [(1001, 8, 2, 300, 32, 4), (5, 4, 1, 5, None, None), (3000, 8, 16, 100, None, None)]
+    # 32 rows, ragged chunks (the adversarial families' masked shape below: compiled once); fewer
+    # rows than shards; automatic sizes with B=16.
+    cases = [(203, 20, 3, 37, 8, 4), (5, 4, 1, 5, None, None), (3000, 8, 16, 100, None, None)]
     for n, d, b, k, chunk, block in cases:
         user, corpus, mask = int_corpus(n, d, b, seed=n)
         sharded = index.ShardedCorpusIndex(corpus, chunk_size=chunk, block_size=block)
@@ -603,10 +606,10 @@ def test_bad_arguments_raise_clear_errors(call, error, message):
 
 
 def test_numpy_ints_are_valid_sizes():
-    user, corpus, mask = int_corpus(300, 8, 2)
-    idx = CorpusIndex(corpus, chunk_size=np.int64(64), block_size=np.int32(8))
-    assert idx.plan(2, 10) == (64, 8) and type(idx.chunk_size) is int
-    assert_same_as_brute_force(idx.search(user, np.int64(10), mask), user, corpus, 10, mask)
+    user, corpus, mask = int_corpus(1003, 8, 2)  # EXACT_CASES["ragged-last-block"]'s shape (compiled once)
+    idx = CorpusIndex(corpus, chunk_size=np.int64(128), block_size=np.int32(8))
+    assert idx.plan(2, 30) == (128, 8) and type(idx.chunk_size) is int
+    assert_same_as_brute_force(idx.search(user, np.int64(30), mask), user, corpus, 30, mask)
 
 
 def test_finite_check_can_be_switched_off_for_trusted_loops(monkeypatch):
@@ -819,15 +822,22 @@ def test_unit_vectors_are_answered_by_the_fast_passes(seed, batch, chunk):
         assert_same_as_brute_force(want, user, corpus, k)
 
 
+@pytest.fixture(scope="module")
+def big_coarse_index():
+    """A 2^16 x 128 index (coarse by default); tests only read it."""
+    return CorpusIndex(np.random.default_rng(0).standard_normal((2**16, 128)).astype(np.float32))
+
+
 @pytest.mark.parametrize("batch", [1, 3, 16])
-def test_coarse_scan_is_chunked_and_never_widens_the_whole_corpus(batch):
+def test_coarse_scan_is_chunked_and_never_widens_the_whole_corpus(batch, big_coarse_index):
     """The coarse scan reads chunks of the uint16 copy (never all N rows at once, whatever B),
     and no [N, D] float32 array is built from it: XLA CPU, handed a bfloat16 array, converted the
     whole corpus before the loop (3-4x slower)."""
     num_rows, dim = 2**16, 128
     chunk, block = index._plan(num_rows, dim, batch, 100, None, None, coarse=True)
     assert chunk < num_rows and index._plan(10**6, dim, batch, 1000, None, None, coarse=True)[0] < 10**6
-    idx = CorpusIndex(np.random.default_rng(0).standard_normal((num_rows, dim)).astype(np.float32))
+    idx = big_coarse_index
+    assert idx.num_rows == num_rows and idx.dim == dim
     assert idx.coarse and idx.coarse_embeddings.dtype == jnp.uint16 and idx.plan(batch, 100) == (chunk, block)
     float32_chunk, _ = index._plan(num_rows, dim, batch, 100, None, block)
     hlo = index._exact_top_k.lower(
@@ -886,33 +896,40 @@ def test_widen_is_exact():
     np.testing.assert_array_equal(np.asarray(index._widen(jnp.asarray(values))), values)  # float32: as is
 
 
+# Rows of the all-tied and rising corpora: all rows tied must hold more blocks (N / 8) than
+# MAX_ROUNDS rounds of the coarse pass's slots (16 * 138 at K = 10).
+RISING_ROWS = 32768
+
+
 @pytest.mark.parametrize("coarse", [True, False], ids=["coarse", "float32"])
-@pytest.mark.parametrize("batch, chunk", [(2, None), (16, 512)], ids=["B=2", "B=16-chunked"])
+@pytest.mark.parametrize("batch, chunk", [(1, None), (16, 256)], ids=["B=1", "B=16-chunked"])
 def test_all_rows_tied_fall_back_to_the_canonical_scan(batch, chunk, coarse):
     """All rows tie: every block is within every band, more than MAX_ROUNDS rounds of slots hold,
-    so the canonical scan answers (ties in index order, as brute force)."""
-    corpus = np.ones((32768, 4), np.float32)
+    so the canonical scan answers (ties in index order, as brute force). The shapes of
+    test_scores_rising_with_the_index_match_brute_force at K = 10 (the float32 programs compile once)."""
+    corpus = np.ones((RISING_ROWS, 4), np.float32)
     idx = CorpusIndex(corpus, block_size=8, coarse=coarse, chunk_size=chunk)
     user = np.ones((batch, 4), np.float32)
-    out = idx._search(user, 30)
-    np.testing.assert_array_equal(np.asarray(out[0]), np.tile(np.arange(30), (batch, 1)))
-    np.testing.assert_array_equal(np.asarray(out[1]), np.full((batch, 30), 4.0))
+    out = idx._search(user, 10)
+    np.testing.assert_array_equal(np.asarray(out[0]), np.tile(np.arange(10), (batch, 1)))
+    np.testing.assert_array_equal(np.asarray(out[1]), np.full((batch, 10), 4.0))
     assert stage_of(out) == "canonical"
 
 
 @pytest.mark.parametrize("coarse", [True, False], ids=["coarse", "float32"])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_duplicated_rows_are_rescored_in_rounds(batch, coarse):
+@pytest.mark.parametrize("batch, chunk", [(4, None), (16, 2048)], ids=["B=4", "B=16-chunked"])
+def test_duplicated_rows_are_rescored_in_rounds(batch, chunk, coarse):
     """600 near-copies of one row (a few ulps apart), scattered, and users along it: they fill the
     top K and lie in ~600 blocks, all within the band, several rounds of slots but within
     MAX_ROUNDS: the pass that scanned answers (in rounds, not the slow canonical scan), exactly as
-    brute force, the best copies coming from every round."""
+    brute force, the best copies coming from every round. The shapes of
+    test_unit_vectors_are_answered_by_the_fast_passes at K = 50 (compiled once)."""
     rng = np.random.default_rng(9)
-    corpus = unit_rows(rng.standard_normal((8000, 32)))
-    copies = rng.choice(8000, 600, replace=False)
+    corpus = unit_rows(rng.standard_normal((20000, 32)))
+    copies = rng.choice(20000, 600, replace=False)
     corpus[copies] = corpus[0] * (1 + 1e-7 * rng.standard_normal((600, 32))).astype(np.float32)
     user = np.tile(corpus[0], (batch, 1)) + 0.01 * rng.standard_normal((batch, 32)).astype(np.float32)
-    idx = CorpusIndex(corpus, coarse=coarse, block_size=8)
+    idx = CorpusIndex(corpus, coarse=coarse, block_size=8, chunk_size=chunk)
     out = idx._search(user, 50)  # 66 (float32) or 178 (coarse) slots per round
     assert stage_of(out) == ("coarse" if coarse else "float32")
     assert_same_as_brute_force(out, user, corpus, 50)
@@ -1055,7 +1072,7 @@ def test_drop_hopeless_margin_keeps_entries_near_the_kth(name, k):
 def test_scores_rising_with_the_index_match_brute_force(batch, chunk, masked):
     """The worst order for a running top-k (every block better than the last), and exact ties
     across blocks: the dropped blocks and the row cut still leave brute force's answer."""
-    num_rows = 8000
+    num_rows = RISING_ROWS
     rng = np.random.default_rng(5)
     corpus = np.zeros((num_rows, 4), np.float32)
     corpus[:, 0] = np.arange(num_rows) // 3  # scores rise with the index, three rows per level

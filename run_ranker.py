@@ -191,11 +191,7 @@ def main_untrained(options: demos.RankerDemo) -> dict:
 
 def parse_args(argv) -> demos.RankerDemo:
     """The command line as a demos.RankerDemo (every field a flag)."""
-    parser = run_train.dataclass_parser(demos.RankerDemo, __doc__)
-    try:
-        return demos.RankerDemo(**vars(parser.parse_args(argv)))
-    except ValueError as error:  # values that clash (each flag alone was checked by argparse)
-        parser.error(str(error))
+    return run_train.parse_dataclass(demos.RankerDemo, __doc__, argv)
 
 
 def main(argv=None) -> dict:

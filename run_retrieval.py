@@ -212,11 +212,7 @@ def main_untrained(options: demos.RetrievalDemo) -> dict:
 
 def parse_args(argv) -> demos.RetrievalDemo:
     """The command line as a demos.RetrievalDemo (every field a flag)."""
-    parser = run_train.dataclass_parser(demos.RetrievalDemo, __doc__)
-    try:
-        return demos.RetrievalDemo(**vars(parser.parse_args(argv)))
-    except ValueError as error:  # values that clash (each flag alone was checked by argparse)
-        parser.error(str(error))
+    return run_train.parse_dataclass(demos.RetrievalDemo, __doc__, argv)
 
 
 def main(argv=None) -> dict:

@@ -171,6 +171,16 @@ def dataclass_parser(cls, doc: str, prog: Optional[str] = None) -> argparse.Argu
     return parser
 
 
+def parse_dataclass(cls, doc: str, argv):
+    """The command line `argv` as a `cls` (dataclass_parser's flags); values the dataclass refuses together
+    (ValueError: each flag alone was checked by argparse) end in argparse's one-line error, status 2."""
+    parser = dataclass_parser(cls, doc)
+    try:
+        return cls(**vars(parser.parse_args(argv)))
+    except ValueError as error:
+        parser.error(str(error))
+
+
 class _Given(argparse.Namespace):
     """A namespace in which argparse sets only the flags given (it fills in defaults only where an
     attribute is missing, and this one has them all)."""

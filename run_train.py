@@ -589,6 +589,9 @@ def cli(entry=None) -> None:
     `entry`: another main to run so (run_ranker.py's, run_retrieval.py's)."""
     try:
         (entry or main)()
+    except BrokenPipeError:  # stdout closed by its reader (`--help | head`): not an error of the user's input
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting flushes nowhere, silently
+        sys.exit(141)  # 128 + SIGPIPE, as a shell reports a pipeline writer stopped so
     except user_errors() as error:
         report(error, 2)
     except pipeline.DumpCheckError as error:

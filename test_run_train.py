@@ -106,3 +106,22 @@ def test_demo_options_check_their_values_in_the_library_too():
     with pytest.raises(ValueError, match=r"RetrievalDemo.num_layers: expected an int >= 1, got 2.5"):
         demos.RetrievalDemo(num_layers=2.5)
     assert demos.RankerDemo(steps=0).steps == 0 and demos.RetrievalDemo(checkpoint="x").checkpoint == "x"
+
+
+def test_help_into_a_closed_pipe_is_no_error(tmp_path):
+    """`run_train.py --help | head -1`: the reader closes the pipe early; the command stops quietly (status
+    141, as for SIGPIPE) instead of printing an `error: Broken pipe` line. Here the pipe is closed before
+    the command writes at all, so every write of the help meets it."""
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # no reader: the command's first write to stdout fails with EPIPE
+    try:
+        proc = subprocess.run([sys.executable, os.path.join(here, "run_train.py"), "--help"], stdout=write_end,
+                              stderr=subprocess.PIPE, cwd=tmp_path, timeout=120)
+    finally:
+        os.close(write_end)
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 141 and stderr == "", (proc.returncode, stderr)

@@ -16,6 +16,7 @@ Shape glossary
 import dataclasses
 import hashlib
 import json
+import numbers
 import statistics
 import time
 from typing import NamedTuple, Optional
@@ -76,7 +77,7 @@ class DemoOptions:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value, low = getattr(self, field.name), field.metadata.get("low")
-            if low is not None and (type(value) is not int or value < low):
+            if low is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low):
                 raise ValueError(f"{type(self).__name__}.{field.name}: expected an int >= {low}, got {value!r}")
         if not self.no_train:
             demo_world_config(self)  # the world's own checks (e.g. num_authors <= num_posts), before any work

@@ -1,27 +1,47 @@
-"""Interaction logs: read a CSV (or arrays) and check every value; phoenix_split.py splits the result.
+"""Interaction logs: read any common log format (or arrays) and check every value; phoenix_split.py splits the result.
 
-    log = phoenix_log.read_csv("log.csv")     # or phoenix_log.from_arrays({"user_id": ..., ...})
+    log = phoenix_log.read_log("log.csv.gz")  # or phoenix_log.from_arrays({"user_id": ..., ...}) / a DataFrame
     split = phoenix_split.split_log(log)       # chronological leave-one-out
 
 Input
-  A CSV with a header line (stdlib csv: quoting works; --delimiter for TSV): user_id, item_id,
-  timestamp, optional rating, optional 0/1 columns named after Phoenix actions (ACTIONS, e.g.
-  favorite_score), optional author_id; names configurable (Columns, --user-col ...). Extra columns
-  are ignored. A path may be a file, a FIFO (--data <(zcat log.csv.gz)) or "-" (standard input),
-  read once front to back. Compressed and binary files (gzip, zstd, bzip2, xz, zip, Parquet,
-  Arrow/Feather) are recognised by their first bytes and refused, saying what they are: reading
-  them is not supported yet (decompress or export as CSV; pyarrow is not a dependency).
-  Ids: a column is integer when every value is a non-negative int64 in canonical decimal form
-  ("12", not "012" or "-3"); any other column is strings, each hashed to a non-negative int64 by
-  string_id (BLAKE2b, stable across runs and machines: hash a string the same way to serve it).
-  Two distinct strings of one column hashing alike (p ~ n^2 / 2^64) is refused, naming both.
-  Timestamps: numbers (integers, or decimals such as 1.5e9); only their order is used. A column
-  whose values are all integers is int64, parsed exactly even where some are written "...000.0"
-  (nanoseconds beyond 2**53 stay distinct); one with fractional values is float64, and two
-  different values that float64 would merge are refused, naming both lines. Ratings:
-  finite numbers. Action columns: 0 or 1. Every bad value raises LogError naming file, line and
-  column; so do a missing column, a line with the wrong number of fields, an empty log, a log
-  with one user or one item, and an item listed with two authors.
+  A table with columns user_id, item_id, timestamp, optional rating, optional 0/1 columns named after
+  Phoenix actions (ACTIONS, e.g. favorite_score), optional author_id; names configurable (Columns,
+  --user-col ...). Extra columns are ignored (and never converted).
+  Formats (read_log; pyarrow reads them, multi-threaded, converting only the columns used), told
+  apart by their first bytes whatever the file is called:
+    CSV / TSV    a header line, then one row per line (UTF-8; "quoted, fields" and quoted newlines
+                 work; blank lines are skipped). The delimiter: the one given, else a tab for a
+                 .tsv / .tab name (also .tsv.gz, ...), else sniffed from the header line (",", tab,
+                 ";" or "|": the one that splits out the user, item and time column names).
+    compressed   gzip, zstd, bzip2 or xz around any of these formats.
+    Parquet      "PAR1"; Arrow IPC / Feather v2 ("ARROW1"), Feather v1, and an Arrow IPC stream.
+  A path may be a file, a FIFO (--data <(zcat log.csv.gz)) or "-" (standard input): a pipe is read
+  whole into memory once (it cannot be read twice), a file is streamed. Zip archives (and xlsx) are
+  refused, saying how to extract the CSV.
+  Ids: a column is integer when every value is a non-negative int64 (for text: in canonical decimal
+  form, "12", not "012", "+12" or "-3"); any other column is strings, each distinct value hashed once
+  to a non-negative int64 by string_id (BLAKE2b, stable across runs and machines: hash a string the
+  same way to serve it). Two distinct strings of one column hashing alike (p ~ n^2 / 2^64) is
+  refused, naming both. Text ids are read as text, so a file's integer column gives the same ids as
+  the same column in Parquet.
+  Timestamps: only their order is used (and the cut of a time split).
+    integers     int64, parsed exactly (never through float64), also where some are written
+                 "...000.0": nanoseconds beyond 2**53 stay distinct.
+    decimals     float64 (e.g. 1.5e9); two different values that float64 would merge are refused,
+                 naming both lines.
+    dates/times  ISO-8601 / RFC 3339 text (2024-05-01, 2024-05-01 12:00:00, 2024-05-01T12:00:00.250Z,
+                 2024-05-01T14:00:00+02:00) and Arrow / Parquet / pandas / NumPy timestamp and date
+                 types become int64 NANOSECONDS SINCE 1970-01-01 UTC (Log.datetimes is then True): a
+                 zoned time is converted to UTC, a naive one (no zone, a date, a zone-less timestamp
+                 type) is read as if it were UTC. A column mixing zoned and naive text is refused
+                 (their order would depend on a zone the log does not give), so is a time outside
+                 the years 1677-2262 (what int64 nanoseconds hold). A time split's cut is then an
+                 ISO-8601 time too (parse_time; run_train.py --cut-time 2024-05-01).
+  Ratings: finite numbers. Action columns: 0 or 1. Every bad value raises LogError naming file, line
+  and column (a Parquet / Arrow file or arrays: the row, counted from 0); so do a missing value
+  (null, NaN in pandas), a missing column, a line with the wrong number of fields, bad quoting,
+  invalid UTF-8, an empty log, a log with one user or one item, and an item listed with two
+  authors. A line is a line of the (decompressed) text, where its row starts.
 
 
 Actions (the Phoenix labels of an interaction)
@@ -37,14 +57,17 @@ Duplicates, ties and splits: phoenix_split.py (a Log keeps every row in input or
 
 
 Shape glossary
-  R  interactions   A  actions (19)
+  R  interactions   A  actions (19)   V  distinct values of a column
 """
 
+import codecs
+import contextlib
 import csv
 import dataclasses
 import decimal
 import hashlib
 import io
+import lzma
 import math
 import os
 import re
@@ -54,11 +77,15 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as arrow_csv
 
 from phoenix_inputs import ACTIONS
 
 __all__ = ["Log", "LogError", "Columns", "read_csv", "read_log", "from_arrays", "check_log_path", "string_id",
-           "check_rating_actions", "DEFAULT_RATING_ACTIONS", "COLUMN_FLAGS", "AUTO_COLUMN_NAMES", "STDIN"]
+           "parse_time", "check_rating_actions", "DEFAULT_RATING_ACTIONS", "COLUMN_FLAGS", "AUTO_COLUMN_NAMES",
+           "STDIN"]
 
 NUM_ACTIONS = len(ACTIONS)
 INTERACTION_ACTION = "click_score"  # set by every row: the user chose the item
@@ -66,6 +93,8 @@ INTERACTION_ACTION = "click_score"  # set by every row: the user chose the item
 DEFAULT_RATING_ACTIONS = {"click_score": (-math.inf, math.inf), "favorite_score": (4.0, math.inf),
                           "share_score": (5.0, math.inf), "not_interested_score": (-math.inf, 2.0)}
 _INT64_MAX = np.iinfo(np.int64).max
+NANOSECONDS = {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}  # per unit of an Arrow timestamp
+NANOSECONDS_PER_DAY = 86_400 * 10**9
 STDIN = "-"  # read_csv / read_log / --data: the log on standard input
 STDIN_SOURCE = "<stdin>"
 
@@ -108,7 +137,7 @@ class Log:
 
     user: np.ndarray  # [R] int64 raw ids >= 0 (string ids hashed by string_id)
     item: np.ndarray  # [R] int64
-    timestamp: np.ndarray  # [R] int64 or float64, finite
+    timestamp: np.ndarray  # [R] int64 or float64, finite (dates/times: int64 ns since the Unix epoch, UTC)
     actions: np.ndarray  # [R, A] bool, ACTIONS order
     author: np.ndarray  # [R] int64 author of the item (0 without an author column)
     rating: Optional[np.ndarray]  # [R] float32, None without a rating column
@@ -116,6 +145,7 @@ class Log:
     names: Mapping  # {"user"/"item"/"author": {hashed id: original string}} of string columns
     source: str
     from_file: bool = True  # `line` holds file lines ("path:12"), else row indices ("source row 12")
+    datetimes: bool = False  # timestamp came from dates/times: int64 ns since 1970-01-01 UTC (parse_time's unit)
 
     def __post_init__(self):
         num = len(self.user)
@@ -143,9 +173,9 @@ class Log:
                 raise LogError(f"{self.at(int(np.argmin(x)))}: Log.{name}: expected ids >= 0, got {x.min()}")
         for name, why in (("user", "in-batch negatives and evaluation need several users"),
                           ("item", "a next item is ranked against the other items")):
-            distinct = np.unique(getattr(self, name))
-            if len(distinct) < 2:
-                raise LogError(f"{self.source}: only one {name} ({self.token(name, distinct[0])!r}) in {num} "
+            x = getattr(self, name)
+            if x.min() == x.max():  # O(R), unlike counting the distinct ids
+                raise LogError(f"{self.source}: only one {name} ({self.token(name, x[0])!r}) in {num} "
                                f"interactions: expected at least 2 ({why})")
 
     def at(self, row: int) -> str:
@@ -165,77 +195,130 @@ def _first_bad(ok: np.ndarray) -> int:
     return int(np.flatnonzero(~ok)[0])
 
 
-def _as_text(x: np.ndarray) -> np.ndarray:
-    return np.char.strip(x.astype(str))
+# ---------------------------------------------------------------------------------------------
+# Columns: Arrow arrays in, checked NumPy arrays out (vectorised: Arrow kernels and NumPy, Python
+# only per distinct string id and on the error path)
+# ---------------------------------------------------------------------------------------------
 
 
-def _id_column(x: np.ndarray, column: str, at) -> tuple[np.ndarray, Optional[dict]]:
+def _numpy(x) -> np.ndarray:
+    """[R] NumPy array of an Arrow (chunked) array without nulls; numbers and booleans read from Arrow's
+    buffers (Arrow's to_numpy would import pandas where it is installed)."""
+    if isinstance(x, pa.ChunkedArray):
+        x = x.combine_chunks()  # ChunkedArray.to_numpy takes a slow path
+    if pa.types.is_boolean(x.type):
+        return _numpy(pc.cast(x, pa.uint8())).view(bool)
+    if (pa.types.is_integer(x.type) or pa.types.is_floating(x.type)) and not x.null_count:
+        dtype = np.dtype(x.type.to_pandas_dtype())
+        return np.frombuffer(x.buffers()[1], dtype)[x.offset:x.offset + len(x)]
+    return x.to_numpy(zero_copy_only=False)
+
+
+def _cast(x, to: pa.DataType):
+    """x cast to `to`, or None where some value does not convert."""
+    try:
+        return pc.cast(x, to)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return None
+
+
+def _failing_row(x, to: pa.DataType, error: Exception) -> int:
+    """The first row of x whose value does not cast to `to` (error: the cast's ArrowInvalid): the value
+    the message quotes, else a bisection on prefixes (error path only)."""
+    quoted = re.search(r"Failed to parse string: '(.*)' as a scalar", str(error), re.S)
+    if quoted is not None:
+        row = pc.index(x, quoted.group(1)).as_py()
+        if row >= 0 and _cast(x[row:row + 1], to) is None:
+            return row
+    good, bad = 0, len(x)  # x[:good] casts, x[:bad] does not
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if _cast(x[:middle], to) is None:
+            bad = middle
+        else:
+            good = middle
+    return good
+
+
+def _dtype(t: pa.DataType) -> str:
+    """An Arrow type as the NumPy dtype users know it by (float64, bool, ...), for messages."""
+    try:
+        return np.dtype(t.to_pandas_dtype()).name
+    except (NotImplementedError, TypeError):
+        return str(t)
+
+
+def _plain(x, column: str, at, expected: str):
+    """x with dictionaries decoded and without nulls (a null raises LogError naming its row)."""
+    if pa.types.is_dictionary(x.type):  # categorical: its values
+        x = x.cast(x.type.value_type)
+    if pa.types.is_string_view(x.type) or pa.types.is_binary(x.type) or pa.types.is_large_binary(x.type):
+        cast = _cast(x, pa.large_string())
+        if cast is None:
+            raise LogError(f"column {column!r}: expected {expected}, got bytes that are not UTF-8 text")
+        x = cast
+    if x.null_count:
+        row = _first_bad(_numpy(pc.is_valid(x)))
+        raise LogError(f"{at(row)}: column {column!r}: expected {expected}, got a missing value (null/NaN/None)")
+    return x
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _integers(x, column: str) -> np.ndarray:
+    """An Arrow integer column as int64 (a uint64 beyond int64 raises TypeError)."""
+    if pa.types.is_uint64(x.type) and len(x) and pc.max(x).as_py() > _INT64_MAX:
+        raise TypeError(f"column {column!r}: expected int64 values, got uint64 up to {pc.max(x).as_py()}")
+    return _numpy(x).astype(np.int64, copy=False)
+
+
+def _trimmed(text):
+    return pc.utf8_trim_whitespace(text)
+
+
+def _id_column(x, column: str, at) -> tuple[np.ndarray, Optional[dict]]:
     """Raw ids [R] int64 and, for a string column, {hashed id: string}."""
-    if x.dtype.kind in "iu" and (x.dtype.kind == "i" or x.max() <= _INT64_MAX):
-        if x.min() >= 0:
-            return x.astype(np.int64), None
-        x = x.astype(str)  # negative integers are padding to the hashing: treat them as strings
-    elif x.dtype.kind not in "UOS":
-        raise TypeError(f"column {column!r}: expected integer or string ids, got dtype {x.dtype} "
+    x = _plain(x, column, at, "an id")
+    if pa.types.is_integer(x.type):
+        if pa.types.is_unsigned_integer(x.type) and len(x) and pc.max(x).as_py() > _INT64_MAX:
+            raise TypeError(f"column {column!r}: expected integer or string ids, got dtype uint64 beyond int64")
+        ids = _numpy(x).astype(np.int64, copy=False)
+        if ids.min() >= 0:
+            return ids, None
+        x = pc.cast(x, pa.string())  # negative integers are padding to the hashing: treat them as strings
+    elif not _is_text(x.type):
+        raise TypeError(f"column {column!r}: expected integer or string ids, got dtype {_dtype(x.type)} "
                         "(a float id such as 1.5 would be truncated)")
-    text = _as_text(x)
-    empty = text == ""
+    ints = _cast(x, pa.int64())
+    if ints is None:  # e.g. " 12": Arrow's integers take no spaces
+        x = _trimmed(x)
+        ints = _cast(x, pa.int64())
+    if ints is not None and not pc.any(pc.match_substring_regex(x, r"^(?:[-+]|0.)")).as_py():
+        return _numpy(ints), None  # every value canonical ("12", not "012", "+12", "-3"): ids; else strings
+    empty = _numpy(pc.utf8_length(x)) == 0
     if empty.any():
         raise LogError(f"{at(_first_bad(~empty))}: column {column!r}: expected an id, got an empty field")
-    try:
-        ints = text.astype(np.int64)
-        if ints.min() >= 0 and np.array_equal(ints.astype(str), text):  # "012" and "12" stay distinct
-            return ints, None
-    except (ValueError, OverflowError):
-        pass
-    distinct, inverse = np.unique(text, return_inverse=True)
-    hashed = np.array([string_id(t) for t in distinct.tolist()], np.int64)  # [V]
+    distinct = pc.unique(x)  # [V] in order of first appearance
+    tokens = distinct.to_pylist()
+    hashed = np.fromiter((string_id(token) for token in tokens), np.int64, count=len(tokens))  # [V]
     order = np.argsort(hashed, kind="stable")
     same = np.flatnonzero(hashed[order][1:] == hashed[order][:-1])
     if len(same):
-        a, b = distinct[order[same[0]]].tolist(), distinct[order[same[0] + 1]].tolist()
+        a, b = tokens[order[same[0]]], tokens[order[same[0] + 1]]
         raise LogError(f"column {column!r}: ids {a!r} and {b!r} hash to the same int64 {hashed[order[same[0]]]} "
                        "(string_id); rename one of them")
-    return hashed[inverse.ravel()], dict(zip(hashed.tolist(), distinct.tolist()))
+    return hashed[_numpy(pc.index_in(x, value_set=distinct))], dict(zip(hashed.tolist(), tokens))
 
 
-# An integer written as a decimal with a zero fraction ("1700000000000000000.0"): still an integer.
-_INTEGRAL_TEXT = re.compile(r"([-+]?[0-9]+)(?:\.0*)?")
+_NUMBER_EXPECTED = "a number (e.g. Unix seconds)"
+_TIME_EXPECTED = ("a number (e.g. Unix seconds) or an ISO-8601 date/time (2024-05-01, 2024-05-01 12:00:00, "
+                  "2024-05-01T12:00:00Z, 2024-05-01T12:00:00+02:00)")
+_ZONED, _NAIVE = pa.timestamp("ns", "UTC"), pa.timestamp("ns")
 
 
-def _number_column(x: np.ndarray, column: str, at, expected: str, exact: bool = False) -> np.ndarray:
-    """Finite numbers [R]: int64 when every value is an integer (written "12" or "12.0", parsed
-    exactly, never through float64), else float64. `exact`: distinct values written as text must
-    stay distinct (a float64 column rounds to 15-17 significant digits): LogError naming both rows."""
-    if x.dtype.kind in "iub":
-        if x.dtype.kind == "b":
-            raise TypeError(f"column {column!r}: expected {expected}, got dtype bool")
-        return x.astype(np.int64)
-    if x.dtype.kind == "f":
-        values = x.astype(np.float64)
-    elif x.dtype.kind in "UOS":
-        text = _as_text(x)
-        try:
-            return text.astype(np.int64)
-        except (ValueError, OverflowError):
-            pass
-        integral = [_INTEGRAL_TEXT.fullmatch(field) for field in text.tolist()]
-        if all(integral):
-            ints = [int(match.group(1)) for match in integral]
-            if all(-_INT64_MAX - 1 <= v <= _INT64_MAX for v in ints):
-                return np.array(ints, np.int64)
-        values = np.empty(len(text), np.float64)
-        for r, field in enumerate(text.tolist()):
-            try:
-                if "_" in field:  # float() would read "1_0" as 10
-                    raise ValueError(field)
-                values[r] = float(field)
-            except ValueError:
-                raise LogError(f"{at(r)}: column {column!r}: expected {expected}, got {field!r}") from None
-        if exact:
-            _check_distinct_stay_distinct(text, values, column, at)
-    else:
-        raise TypeError(f"column {column!r}: expected {expected}, got dtype {x.dtype}")
+def _finite(values: np.ndarray, column: str, at, expected: str) -> np.ndarray:
     finite = np.isfinite(values)
     if not finite.all():
         r = _first_bad(finite)
@@ -243,36 +326,178 @@ def _number_column(x: np.ndarray, column: str, at, expected: str, exact: bool = 
     return values
 
 
-def _check_distinct_stay_distinct(text: np.ndarray, values: np.ndarray, column: str, at) -> None:
-    """LogError if two fields denoting different numbers read as one float64 (rounding is monotone,
-    so that is the only way reading as float64 changes the order of a column)."""
-    fields, rows = np.unique(text, return_index=True)  # [V] distinct texts, the first row of each
-    by_value = {}
-    for field, row in zip(fields.tolist(), rows.tolist()):
-        if not math.isfinite(values[row]):
-            continue  # refused as not finite by the caller
-        number = decimal.Decimal(field)
-        seen = by_value.setdefault(float(values[row]), (number, row))
-        if seen[0] != number:
-            first, second = sorted((seen[1], row))
-            raise LogError(f"{at(second)}: column {column!r}: {str(text[second])!r} and {str(text[first])!r} (at "
-                           f"{at(first)}) are different numbers but read as the same float64 {float(values[row])!r} "
-                           "(the column has "
-                           "fractional values, so it is read as float64, which holds 15-17 significant digits): "
-                           "write every value as an integer (e.g. nanoseconds), or in a coarser unit")
+def _text_numbers(text, column: str, at, expected: str, exact: bool):
+    """Numbers [R] from text: int64 when every value is an integer (written "12", "+12" or "12.0",
+    parsed exactly, never through float64), else float64 (`exact`: distinct values that float64
+    merges raise LogError naming both rows); None when some value is no number."""
+    ints = _cast(text, pa.int64())
+    if ints is not None:
+        return _numpy(ints)
+    text = _trimmed(text)
+    ints = _cast(text, pa.int64())
+    if ints is not None:
+        return _numpy(ints)
+    if pc.all(pc.match_substring_regex(text, r"^[-+]?[0-9]+(\.0*)?$")).as_py():
+        ints = _cast(pc.replace_substring_regex(pc.replace_substring_regex(text, r"\.0*$", ""), r"^\+", ""),
+                     pa.int64())
+        if ints is not None:  # else beyond int64: float64 below
+            return _numpy(ints)
+    floats = _cast(text, pa.float64())
+    if floats is None:
+        return None
+    values = _numpy(floats)
+    if exact:
+        _check_distinct_stay_distinct(text, values, column, at)
+    return _finite(values, column, at, expected)
 
 
-def _flag_column(x: np.ndarray, column: str, at) -> np.ndarray:
+def _number_column(x, column: str, at, expected: str) -> np.ndarray:
+    """Finite numbers [R] (a rating): int64 or float64, as _text_numbers for text."""
+    x = _plain(x, column, at, expected)
+    t = x.type
+    if pa.types.is_integer(t):
+        return _integers(x, column)
+    if pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return _finite(_numpy(pc.cast(x, pa.float64())), column, at, expected)
+    if not _is_text(t):
+        raise TypeError(f"column {column!r}: expected {expected}, got dtype {_dtype(t)}")
+    values = _text_numbers(x, column, at, expected, exact=False)
+    if values is None:
+        text = _trimmed(x)
+        try:
+            pc.cast(text, pa.float64())
+        except pa.ArrowInvalid as error:
+            row = _failing_row(text, pa.float64(), error)
+            raise LogError(f"{at(row)}: column {column!r}: expected {expected}, got {text[row].as_py()!r}") from None
+    return values
+
+
+def _time_column(x, column: str, at) -> tuple[np.ndarray, bool]:
+    """Timestamps [R] and whether they are dates/times (int64 ns since the epoch, UTC): numbers as in
+    _text_numbers (exact), ISO-8601 text, Arrow timestamp and date types."""
+    x = _plain(x, column, at, _TIME_EXPECTED)
+    t = x.type
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        return _datetime_column(x, column, at), True
+    if pa.types.is_integer(t):
+        return _integers(x, column), False
+    if pa.types.is_floating(t):
+        return _finite(_numpy(pc.cast(x, pa.float64())), column, at, _NUMBER_EXPECTED), False
+    if pa.types.is_decimal(t):
+        x = pc.cast(x, pa.string())  # exact, through the text path
+    elif not _is_text(t):
+        raise TypeError(f"column {column!r}: expected {_NUMBER_EXPECTED} or a date/time, got dtype {_dtype(t)}")
+    values = _text_numbers(x, column, at, _NUMBER_EXPECTED, exact=True)
+    if values is not None:
+        return values, False
+    text = _trimmed(x)
+    first = text[0].as_py()
+    if _cast(text[:1], pa.float64()) is not None:  # a column of numbers with some other value
+        try:
+            pc.cast(text, pa.float64())
+        except pa.ArrowInvalid as error:
+            row = _failing_row(text, pa.float64(), error)
+            raise LogError(f"{at(row)}: column {column!r}: expected {_NUMBER_EXPECTED}, got "
+                           f"{text[row].as_py()!r}") from None
+    return _text_times(text, first, column, at), True
+
+
+def _text_times(text, first: str, column: str, at) -> np.ndarray:
+    """ISO-8601 text [R] -> int64 ns since the epoch, UTC (naive read as UTC); its first value says
+    whether the column is zoned."""
+    zoned = _cast(text[:1], _ZONED) is not None
+    if not zoned and _cast(text[:1], _NAIVE) is None:
+        raise LogError(f"{at(0)}: column {column!r}: expected {_TIME_EXPECTED}, got {first!r}")
+    to, other = (_ZONED, _NAIVE) if zoned else (_NAIVE, _ZONED)
+    try:
+        return _numpy(pc.cast(pc.cast(text, to), pa.int64()))
+    except pa.ArrowInvalid as error:
+        row = _failing_row(text, to, error)
+    value = text[row].as_py()
+    if _cast(text[row:row + 1], other) is not None:
+        has, lacks = (repr(first), repr(value)) if zoned else (repr(value), repr(first))
+        raise LogError(f"{at(row)}: column {column!r}: {value!r} and {first!r} (at {at(0)}) mix zoned and naive "
+                       f"times ({has} has a zone, {lacks} none), so their order is unknown: give every time a zone "
+                       "(e.g. Z for UTC) or none (naive times are read as UTC)") from None
+    raise LogError(f"{at(row)}: column {column!r}: expected an ISO-8601 date/time like {first!r} (at {at(0)}; years "
+                   f"1677-2262), got {value!r}") from None
+
+
+def _datetime_column(x, column: str, at) -> np.ndarray:
+    """An Arrow timestamp or date column -> int64 ns since the epoch (a zoned timestamp is stored in UTC;
+    a naive one is read as UTC). Times int64 nanoseconds cannot hold raise LogError."""
+    t = x.type
+    if pa.types.is_timestamp(t):
+        per, values = NANOSECONDS[t.unit], pc.cast(x, pa.int64())
+    elif pa.types.is_date32(t):
+        per, values = NANOSECONDS_PER_DAY, pc.cast(x, pa.int32())
+    else:  # date64: milliseconds
+        per, values = NANOSECONDS["ms"], pc.cast(x, pa.int64())
+    values = _numpy(values).astype(np.int64, copy=False)
+    outside = np.abs(values) > _INT64_MAX // per
+    if outside.any():
+        r = _first_bad(~outside)
+        raise LogError(f"{at(r)}: column {column!r}: {x[r].as_py()} is outside the years 1677-2262 that int64 "
+                       "nanoseconds hold")
+    return values * per
+
+
+def parse_time(text: str) -> int:
+    """An ISO-8601 / RFC 3339 date or time as int64 nanoseconds since 1970-01-01 UTC, the unit of a
+    date/time column (a naive time is read as UTC): parse_time("2024-05-01T12:00:00Z") is
+    1714564800000000000. ValueError for anything else."""
+    for to in (_ZONED, _NAIVE):
+        if isinstance(text, str) and (ns := _cast(pa.array([text.strip()]), to)) is not None:
+            return pc.cast(ns, pa.int64())[0].as_py()
+    raise ValueError(f"expected an ISO-8601 date/time such as 2024-05-01, 2024-05-01T12:00:00Z or "
+                     f"2024-05-01T14:00:00+02:00, got {text!r}")
+
+
+def _check_distinct_stay_distinct(text, values: np.ndarray, column: str, at) -> None:
+    """LogError if two texts denoting different numbers read as one float64 (rounding is monotone, so
+    that is the only way reading as float64 changes the order of a column). Vectorised over the
+    distinct texts; Python compares only the texts that float64 merges."""
+    fields = pc.unique(text)  # [V]
+    parsed = _numpy(pc.cast(fields, pa.float64()))  # [V]
+    order = np.argsort(parsed, kind="stable")
+    merged = np.flatnonzero(parsed[order][1:] == parsed[order][:-1])
+    for k in merged.tolist():
+        a, b = fields[int(order[k])].as_py(), fields[int(order[k + 1])].as_py()
+        if not math.isfinite(parsed[order[k]]) or decimal.Decimal(a) == decimal.Decimal(b):
+            continue  # refused as not finite by the caller / the same number written twice ("1.5", "1.50")
+        first, second = sorted((pc.index(text, a).as_py(), pc.index(text, b).as_py()))
+        raise LogError(f"{at(second)}: column {column!r}: {text[second].as_py()!r} and {text[first].as_py()!r} (at "
+                       f"{at(first)}) are different numbers but read as the same float64 {float(parsed[order[k]])!r} "
+                       "(the column has fractional values, so it is read as float64, which holds 15-17 significant "
+                       "digits): write every value as an integer (e.g. nanoseconds), or in a coarser unit")
+
+
+def _flag_column(x, column: str, at) -> np.ndarray:
     """0/1 [R] -> bool; anything else (2, 0.5, "yes", NaN) raises."""
-    if x.dtype.kind == "b":
-        return x
-    text = _as_text(x) if x.dtype.kind in "UOS" else None
-    ok = np.isin(text, ("0", "1")) if text is not None else np.isin(x, (0, 1))
+    x = _plain(x, column, at, "0 or 1")
+    t = x.type
+    if pa.types.is_boolean(t):
+        return _numpy(x)
+    if _is_text(t):
+        text = _trimmed(x)
+        try:
+            values = _numpy(pc.cast(text, pa.int8()))
+        except pa.ArrowInvalid as error:
+            row = _failing_row(text, pa.int8(), error)
+            raise LogError(f"{at(row)}: column {column!r}: expected 0 or 1, got {text[row].as_py()!r}") from None
+        ok = ((values == 0) | (values == 1)) & (_numpy(pc.utf8_length(text)) == 1)  # "0" or "1", not "01" or "+1"
+        if not ok.all():
+            raise LogError(f"{at(_first_bad(ok))}: column {column!r}: expected 0 or 1, got "
+                           f"{text[_first_bad(ok)].as_py()!r}")
+        return values == 1
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+        raise TypeError(f"column {column!r}: expected 0 or 1, got dtype {_dtype(t)}")
+    values = _numpy(x)
+    ok = (values == 0) | (values == 1)
     if not ok.all():
-        r = _first_bad(ok)
-        raise LogError(f"{at(r)}: column {column!r}: expected 0 or 1, got "
-                       f"{(text if text is not None else x)[r].tolist()!r}")
-    return text == "1" if text is not None else x == 1
+        raise LogError(f"{at(_first_bad(ok))}: column {column!r}: expected 0 or 1, got "
+                       f"{values[_first_bad(ok)].tolist()!r}")
+    return values == 1
 
 
 def check_rating_actions(rating_actions: Mapping) -> dict:
@@ -303,30 +528,33 @@ def _actions(rating: Optional[np.ndarray], flags: Mapping, rating_actions: Mappi
     return actions
 
 
-def _build_log(values: Mapping[str, np.ndarray], names: Mapping[str, str], rating_actions, source: str,
-               lines: np.ndarray, from_file: bool) -> Log:
-    """A Log from raw columns {role or action: [R] values} (text or arrays)."""
+def _build_log(values: Mapping, names: Mapping[str, str], rating_actions, source: str, lines: np.ndarray,
+               from_file: bool) -> Log:
+    """A Log from raw columns {role or action: [R] Arrow array} (text from a CSV, typed from elsewhere)."""
     def at(row):
         return f"{source}:{lines[row]}" if from_file else f"{source} row {lines[row]}"
 
     if len(lines) == 0:
         raise LogError(f"{source}: no interactions (expected at least one row after the header)")
+    # values (the caller's own dict): each column is popped, so that its text is freed once converted
     ids, id_names = {}, {}
     for role in ("user", "item", "author"):
         if role in values:
-            ids[role], mapping = _id_column(values[role], names[role], at)
+            ids[role], mapping = _id_column(values.pop(role), names[role], at)
             if mapping:
                 id_names[role] = mapping
+    timestamp, datetimes = _time_column(values.pop("time"), names["time"], at)
     rating = None
     if "rating" in values:
-        rating = _number_column(values["rating"], names["rating"], at, "a finite number").astype(np.float32)
-    flags = {name: _flag_column(values[name], name, at) for name in ACTIONS if name in values}
+        rating = _number_column(values.pop("rating"), names["rating"], at, "a finite number").astype(np.float32)
+    flags = {name: _flag_column(values.pop(name), name, at) for name in ACTIONS if name in values}
     author = ids.get("author", np.zeros(len(lines), np.int64))
-    log = Log(user=ids["user"], item=ids["item"],
-              timestamp=_number_column(values["time"], names["time"], at, "a number (e.g. Unix seconds)", exact=True),
+    log = Log(user=ids["user"], item=ids["item"], timestamp=timestamp,
               actions=_actions(rating, flags, rating_actions, len(lines)), author=author, rating=rating,
-              line=np.asarray(lines, np.int64), names=id_names, source=source, from_file=from_file)
-    _check_one_author_per_item(log)
+              line=np.asarray(lines, np.int64), names=id_names, source=source, from_file=from_file,
+              datetimes=datetimes)
+    if "author" in names:  # without the column every author is 0
+        _check_one_author_per_item(log)
     return log
 
 
@@ -366,86 +594,376 @@ def _resolve_columns(header: list, columns: Columns, where: str) -> dict:
     return wanted
 
 
-# Leading bytes of file formats a log might arrive in by mistake: (magic, what it is, what to do).
-_DECOMPRESS = "reading compressed logs is not supported yet: decompress it first, or pipe it in"
-BINARY_FORMATS = (
-    (b"\x1f\x8b", "gzip-compressed", _DECOMPRESS + " (--data <(zcat LOG.gz), or zcat LOG.gz | ... --data -)"),
-    (b"\x28\xb5\x2f\xfd", "zstd-compressed", _DECOMPRESS + " (--data <(zstdcat LOG.zst))"),
-    (b"BZh", "bzip2-compressed", _DECOMPRESS + " (--data <(bzcat LOG.bz2))"),
-    (b"\xfd7zXZ\x00", "xz-compressed", _DECOMPRESS + " (--data <(xzcat LOG.xz))"),
-    (b"PK\x03\x04", "a zip archive", "reading zip archives is not supported yet: extract the CSV first "
-                                      "(unzip LOG.zip), or pipe it in (--data <(unzip -p LOG.zip))"),
-    (b"PK\x05\x06", "an empty zip archive", "extract the CSV first"),
-    (b"PAR1", "a Parquet file", "reading Parquet is not supported yet (pyarrow is not a dependency of Phoenix): "
-                                "export the log as CSV, e.g. pandas.read_parquet(path).to_csv(out, index=False)"),
-    (b"ARROW1", "an Arrow IPC (Feather v2) file", "reading Arrow/Feather is not supported yet: export the log as "
-                                                  "CSV, e.g. pandas.read_feather(path).to_csv(out, index=False)"),
-    (b"FEA1", "a Feather (v1) file", "reading Feather is not supported yet: export the log as CSV, e.g. "
-                                     "pandas.read_feather(path).to_csv(out, index=False)"),
+# ---------------------------------------------------------------------------------------------
+# Reading: bytes -> format -> Arrow columns -> Log
+# ---------------------------------------------------------------------------------------------
+
+# Compressed streams, by their first bytes (whatever the file is called).
+COMPRESSIONS = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"))
+COMPRESSED_SUFFIXES = (".gz", ".gzip", ".zst", ".zstd", ".bz2", ".xz")
+TAB_SUFFIXES = (".tsv", ".tab")  # a tab-separated log (also .tsv.gz, ...) unless a delimiter is given
+SNIFFED_DELIMITERS = (",", "\t", ";", "|")
+# Binary formats read as tables, by their first bytes (after any decompression).
+TABLE_FORMATS = ((b"PAR1", "Parquet"), (b"ARROW1", "Arrow IPC"), (b"FEA1", "Feather v1"),
+                 (b"\xff\xff\xff\xff", "Arrow IPC stream"))
+# Formats that are refused, with what to do instead.
+REFUSED_FORMATS = (
+    (b"PK\x03\x04", "a zip archive (or an xlsx workbook)",
+     "extract the log first (unzip LOG.zip), or pipe it in: --data <(unzip -p LOG.zip); export a workbook as CSV"),
+    (b"PK\x05\x06", "an empty zip archive", "extract the log first"),
+    (b"\xff\xfe", "UTF-16 text", "save it as UTF-8 (iconv -f UTF-16 -t UTF-8 LOG > LOG.csv)"),
+    (b"\xfe\xff", "UTF-16 text", "save it as UTF-8 (iconv -f UTF-16 -t UTF-8 LOG > LOG.csv)"),
 )
+_BLOCK_BYTES = 1 << 24  # Arrow parses a CSV in blocks of this size, one per thread at a time
+_HEADER_BYTES = 1 << 20  # the longest header line read (to find the columns and the delimiter)
 
 
-def _check_not_binary(data: bytes, source: str) -> None:
-    """LogError saying what a log's bytes are when they are a known binary or compressed format."""
-    for magic, what, advice in BINARY_FORMATS:
-        if data.startswith(magic):
-            what = what if what.startswith(("a ", "an ")) else f"a {what} file"
-            raise LogError(f"{source}: is {what}, not a CSV (it starts with the bytes {data[:len(magic)]!r}); "
-                           f"{advice}")
+class _Input:
+    """A log's bytes: open() gives a fresh stream of its (decompressed) bytes, front to back. A pipe
+    or standard input is read whole into memory once (it cannot be read twice); a file is reopened."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        stdin = self.path == STDIN
+        self.source = STDIN_SOURCE if stdin else str(path)
+        self.buffer = None
+        if stdin:
+            self.buffer = pa.py_buffer(sys.stdin.buffer.read())
+        elif stat.S_ISFIFO(os.stat(self.path).st_mode):
+            with open(self.path, "rb") as pipe:
+                self.buffer = pa.py_buffer(pipe.read())
+        with contextlib.closing(self._raw()) as raw:
+            head = raw.read(8)
+        self.compression = next((name for magic, name in COMPRESSIONS if head.startswith(magic)), None)
+        with self.open() as stream:
+            self.head = self._read(stream, 8, "its first bytes")
+
+    def _raw(self):
+        return pa.BufferReader(self.buffer) if self.buffer is not None else pa.OSFile(self.path)
+
+    @contextlib.contextmanager
+    def open(self):
+        raw = self._raw()
+        try:
+            if self.compression is None:
+                yield raw
+            elif self.compression == "xz":  # not one of Arrow's codecs: Python's, on Arrow's file
+                with lzma.open(raw) as stream:
+                    yield stream
+            else:
+                yield pa.CompressedInputStream(raw, self.compression)
+        finally:
+            raw.close()
+
+    def _read(self, stream, size: int, what: str) -> bytes:
+        """stream.read(size), a corrupt compressed stream raising LogError."""
+        try:
+            return bytes(stream.read() if size < 0 else stream.read(size))
+        except (OSError, EOFError, lzma.LZMAError, pa.ArrowInvalid) as error:
+            raise LogError(f"{self.source}: is {self.compression}-compressed but its data is corrupt or cut short "
+                           f"(reading {what}: {error})") from None
+
+    def read_all(self) -> pa.Buffer:
+        """The whole (decompressed) log in memory: what random-access formats (Parquet) need."""
+        if self.compression is None:
+            return self.buffer if self.buffer is not None else pa.memory_map(self.path).read_buffer()
+        with self.open() as stream:
+            return pa.py_buffer(self._read(stream, -1, "it"))
+
+    def name_without_compression(self) -> str:
+        name = Path(self.path).name.lower()
+        for suffix in COMPRESSED_SUFFIXES:
+            name = name.removesuffix(suffix)
+        return name
+
+
+class _CountingStream:
+    """A file object over an Arrow stream for Arrow's CSV reader that counts the newlines it passes
+    and keeps the end of the text: whether a log's rows are its lines (the common case) is then
+    known without reading it twice."""
+
+    closed = False
+
+    def __init__(self, stream, source: str):
+        self.stream, self.source = stream, source
+        self.newlines = 0
+        self.tail = b""
+
+    def read(self, size=-1):
+        read = getattr(self.stream, "read_buffer", self.stream.read)
+        block = read(size)
+        self.newlines += int(np.count_nonzero(np.frombuffer(block, np.uint8) == ord("\n")))
+        if len(block):
+            self.tail = (self.tail + bytes(memoryview(block)[-4096:]))[-4096:]
+        return block
+
+    def readable(self):
+        return True
+
+    def close(self):
+        pass
+
+
+def _delimiter(given: Optional[str], name: str, header: str, columns: Columns) -> str:
+    """The delimiter: the given one, a tab for a .tsv / .tab name, else the one of SNIFFED_DELIMITERS
+    that splits the user, item and time column names out of the header line (else the most frequent)."""
+    if given is not None:
+        if not (isinstance(given, str) and len(given) == 1 and given.isascii() and given not in "\"\r\n"):
+            raise ValueError(f"delimiter: expected one ASCII character other than a quote or newline (',', '\\t', "
+                             f"';', ...), got {given!r}")
+        return given
+    if name.endswith(TAB_SUFFIXES):
+        return "\t"
+    needed = {columns.user, columns.item, columns.time}
+    for delimiter in SNIFFED_DELIMITERS:
+        if needed <= {field.strip() for field in next(csv.reader([header], delimiter=delimiter))}:
+            return delimiter
+    most = max(SNIFFED_DELIMITERS, key=header.count)
+    return most if header.count(most) else ","
+
+
+def _header_line(inp: _Input, columns: Columns) -> str:
+    """The CSV's first line, decoded (LogError for an empty first line or invalid UTF-8)."""
+    with inp.open() as stream:
+        head = inp._read(stream, _HEADER_BYTES, "the header")
+    line = head.split(b"\n", 1)[0].rstrip(b"\r")
+    try:
+        line = line.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise LogError(f"{inp.source}:1: not valid UTF-8 (byte {line[error.start]:#04x})") from None
+    if not line.strip():
+        raise LogError(f"{inp.source}:1: expected a header line naming the columns ({columns.user}, "
+                       f"{columns.item}, {columns.time}, ...), got an empty line or file")
+    return line
+
+
+def _skip_blank_rows(row) -> str:
+    """Arrow's invalid-row handler: a whitespace-only line is a blank line, any other short or long row an error."""
+    return "skip" if not row.text.strip() else "error"
+
+
+def _read_csv_columns(inp: _Input, columns: Columns, delimiter: Optional[str]):
+    """{role: [R] text}, {role: column name} and the line of each row, read by Arrow's CSV reader
+    (only the used columns are converted, all as text: a column's type is decided here, not guessed
+    from its first block)."""
+    line = _header_line(inp, columns)
+    delimiter = _delimiter(delimiter, inp.name_without_compression(), line, columns)
+    header = [name.strip() for name in next(csv.reader([line], delimiter=delimiter))]
+    wanted = _resolve_columns(header, columns, f"{inp.source}:1")
+    field_names = [f"f{j}" for j in range(len(header))]  # Arrow's names: positions (header names may repeat)
+    used = list(dict.fromkeys(field_names[j] for _, j in wanted.values()))
+    read_options = arrow_csv.ReadOptions(column_names=field_names, skip_rows=1, block_size=_BLOCK_BYTES,
+                                         use_threads=True)
+    parse_options = arrow_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True,
+                                           invalid_row_handler=_skip_blank_rows)
+    convert_options = arrow_csv.ConvertOptions(include_columns=used, column_types={f: pa.string() for f in used},
+                                               strings_can_be_null=False, quoted_strings_can_be_null=False)
+    with inp.open() as stream:
+        counting = _CountingStream(stream, inp.source)
+        try:
+            table = arrow_csv.read_csv(counting, read_options, parse_options, convert_options)
+        except (pa.ArrowInvalid, OSError, EOFError, lzma.LZMAError) as error:
+            raise _parse_error(inp, delimiter, len(header), error) from None
+    num = table.num_rows
+    values = {role: table.column(field_names[j]) for role, (_, j) in wanted.items()}
+    del table
+    tail = counting.tail.rstrip(b" \t\r\n\v\f")
+    text_lines = counting.newlines - (counting.tail[len(tail):].count(b"\n")) + 1  # without trailing blank lines
+    if tail and text_lines == num + 1:
+        lines = np.arange(2, num + 2, dtype=np.int64)  # one line per row: no blank lines, no quoted newlines
+    else:
+        lines = _row_lines(inp, delimiter, len(header), num)
+    return values, {role: name for role, (name, _) in wanted.items()}, lines
+
+
+@contextlib.contextmanager
+def _text(inp: _Input):
+    """The log as text for the csv module (error path and logs whose rows are not their lines)."""
+    class Raw(io.RawIOBase):
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            data = inp._read(stream, len(buffer), "it")
+            buffer[:len(data)] = data
+            return len(data)
+
+    with inp.open() as stream:
+        yield io.TextIOWrapper(io.BufferedReader(Raw(), 1 << 20), encoding="utf-8-sig", newline="")
+
+
+def _rows(inp: _Input, delimiter: str, num_fields: int):
+    """The line where each data row starts, as Arrow reads them (blank and whitespace-only lines
+    skipped), read by the csv module; a malformed row raises LogError naming its line."""
+    with _text(inp) as text:
+        reader = csv.reader(text, delimiter=delimiter)
+        try:
+            next(reader, None)  # the header
+            end = reader.line_num
+            for row in reader:
+                start, end = end + 1, reader.line_num
+                if len(row) != num_fields:
+                    if not "".join(row).strip():
+                        continue  # a blank line
+                    raise LogError(f"{inp.source}:{start}: expected {num_fields} fields separated by {delimiter!r} "
+                                   f"(as the header), got {len(row)}: {delimiter.join(row)[:80]!r}")
+                yield start
+        except csv.Error as error:
+            raise LogError(f"{inp.source}:{reader.line_num + 1}: {error}") from None
+        except UnicodeDecodeError:
+            raise _utf8_error(inp) from None
+
+
+def _row_lines(inp: _Input, delimiter: str, num_fields: int, num: int) -> np.ndarray:
+    """[R] the line each row starts on, by reading the text again with the csv module (logs with blank
+    lines or quoted newlines only)."""
+    lines = np.fromiter(_rows(inp, delimiter, num_fields), np.int64)
+    if len(lines) != num:
+        raise LogError(f"{inp.source}: Arrow's CSV reader found {num} rows and Python's csv module {len(lines)}: the "
+                       "file's quoting is ambiguous; check its quotes (fields with a \" should be quoted, the quote "
+                       "doubled)")
+    return lines
+
+
+def _utf8_error(inp: _Input) -> LogError:
+    """LogError naming the line and byte of the log's first invalid UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    newlines = 0
+    with inp.open() as stream:
+        while True:
+            block = inp._read(stream, 1 << 20, "it")
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as error:  # error.object: the decoder's pending bytes, then the block
+                line = newlines + error.object.count(b"\n", 0, error.start) + 1
+                return LogError(f"{inp.source}:{line}: not valid UTF-8 (byte {error.object[error.start]:#04x})")
+            if not block:
+                return LogError(f"{inp.source}: not valid UTF-8")
+            newlines += block.count(b"\n")
+
+
+def _parse_error(inp: _Input, delimiter: str, num_fields: int, error: Exception) -> LogError:
+    """What went wrong where, for an error of Arrow's CSV reader (a malformed row, invalid UTF-8, a
+    corrupt compressed stream): the csv module reads the text again to find the line."""
+    if isinstance(error, (OSError, EOFError, lzma.LZMAError)) or "nflate" in str(error) or "ecompress" in str(error):
+        return LogError(f"{inp.source}: is {inp.compression}-compressed but its data is corrupt or cut short ({error})")
+    try:
+        for _ in _rows(inp, delimiter, num_fields):
+            pass
+    except LogError as located:
+        return located
+    return LogError(f"{inp.source}: {error}")
+
+
+def _read_table_columns(inp: _Input, kind: str, columns: Columns):
+    """{role: [R] Arrow column} and {role: column name} of a Parquet / Arrow IPC / Feather log (only
+    the used columns read)."""
+    import pyarrow.feather as feather
+    import pyarrow.ipc as ipc
+    import pyarrow.parquet as parquet
+
+    data = pa.BufferReader(inp.read_all())
+    try:
+        if kind == "Parquet":
+            file = parquet.ParquetFile(data)
+            wanted = _resolve_columns(file.schema_arrow.names, columns, inp.source)
+            table = file.read(columns=list(dict.fromkeys(name for name, _ in wanted.values())), use_threads=True)
+        else:
+            if kind == "Arrow IPC stream":
+                table = ipc.open_stream(data).read_all()
+            elif kind == "Arrow IPC":
+                table = ipc.open_file(data).read_all()
+            else:
+                table = feather.read_table(data)
+            wanted = _resolve_columns(table.column_names, columns, inp.source)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
+        article = "an" if kind[0] in "AEIOU" else "a"
+        raise LogError(f"{inp.source}: is {article} {kind} file but cannot be read: {error}") from None
+    names = {role: name for role, (name, _) in wanted.items()}
+    return {role: table.column(name) for role, name in names.items()}, names
+
+
+def read_log(path, columns: Columns = Columns(), rating_actions: Mapping = DEFAULT_RATING_ACTIONS,
+             delimiter: Optional[str] = None) -> Log:
+    """Reads a log in any format of the module docstring (CSV / TSV, compressed or not, Parquet, Arrow)
+    from a file, a FIFO (`<(zcat log.csv.gz)`) or standard input ("-"), after check_log_path's errors
+    (a missing path, a directory, a device). `delimiter`: a CSV's field separator (None: by name or
+    sniffed)."""
+    check_log_path(path)
+    return read_csv(path, columns, rating_actions, delimiter)
 
 
 def read_csv(path, columns: Columns = Columns(), rating_actions: Mapping = DEFAULT_RATING_ACTIONS,
-             delimiter: str = ",") -> Log:
-    """Reads a log CSV (header line first, UTF-8) from a file, a FIFO (`<(zcat log.csv.gz)`) or
-    standard input ("-"), once and front to back; the module docstring has the format and the checks."""
-    stdin = os.fspath(path) == STDIN
-    source = STDIN_SOURCE if stdin else str(path)
-    if not stdin and Path(path).suffix.lower() == ".parquet":
-        raise LogError(f"{path}: Parquet is not supported yet (pyarrow is not a dependency of Phoenix); "
-                       "export the log as CSV, e.g. pandas.read_parquet(path).to_csv(out, index=False)")
-    data = sys.stdin.buffer.read() if stdin else Path(path).read_bytes()
-    _check_not_binary(data, source)
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise LogError(f"{source}:{line}: not valid UTF-8 (byte {data[error.start]:#04x})") from None
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        header = next(reader, None)
-        if header is None or not "".join(header).strip():
-            raise LogError(f"{source}:1: expected a header line naming the columns ({columns.user}, "
-                           f"{columns.item}, {columns.time}, ...), got an empty line or file")
-        header = [name.strip() for name in header]
-        wanted = _resolve_columns(header, columns, f"{source}:1")
-        fields = {role: [] for role in wanted}
-        lines = []
-        for row in reader:
-            if not "".join(row).strip():
-                continue  # blank line
-            if len(row) != len(header):
-                raise LogError(f"{source}:{reader.line_num}: expected {len(header)} fields separated by "
-                               f"{delimiter!r} (as the header), got {len(row)}: {delimiter.join(row)[:80]!r}")
-            lines.append(reader.line_num)
-            for role, (_, j) in wanted.items():
-                fields[role].append(row[j])
-    except csv.Error as error:
-        raise LogError(f"{source}:{reader.line_num}: {error}") from None
-    values = {role: np.array(v, dtype=str) for role, v in fields.items()}
-    return _build_log(values, {role: name for role, (name, _) in wanted.items()}, rating_actions, source,
-                      np.array(lines, np.int64), from_file=True)
+             delimiter: Optional[str] = None) -> Log:
+    """read_log without its path checks (named for the CSV reader it was; it reads every format)."""
+    inp = _Input(path)
+    for magic, what, advice in REFUSED_FORMATS:
+        if inp.head.startswith(magic):
+            packed = f" inside {inp.compression} compression" if inp.compression else ""
+            raise LogError(f"{inp.source}: is {what}{packed}, not a log Phoenix reads (it starts with the bytes "
+                           f"{inp.head[:len(magic)]!r}); {advice}")
+    kind = next((kind for magic, kind in TABLE_FORMATS if inp.head.startswith(magic)), None)
+    if kind is not None:
+        values, names = _read_table_columns(inp, kind, columns)
+        num = len(values["user"])
+        return _build_log(values, names, rating_actions, inp.source, np.arange(num), from_file=False)
+    values, names, lines = _read_csv_columns(inp, columns, delimiter)
+    return _build_log(values, names, rating_actions, inp.source, lines, from_file=True)
 
 
-def from_arrays(data: Mapping, columns: Columns = Columns(), rating_actions: Mapping = DEFAULT_RATING_ACTIONS,
+# ---------------------------------------------------------------------------------------------
+# Arrays: NumPy, pandas, Arrow
+# ---------------------------------------------------------------------------------------------
+
+
+def _table_columns(data) -> tuple[list, dict]:
+    """The header and {name: column} of a Mapping, a pandas DataFrame, an Arrow Table / RecordBatch or
+    any Arrow stream (Polars, DuckDB, ...)."""
+    if isinstance(data, (pa.Table, pa.RecordBatch)):
+        names = list(data.schema.names)
+        return names, {name: data.column(j) for j, name in enumerate(names)}
+    if isinstance(data, Mapping):
+        return list(data), data
+    if hasattr(data, "columns") and hasattr(data, "dtypes") and hasattr(data, "__getitem__"):  # a DataFrame
+        names = [str(name) for name in data.columns]
+        if len(set(names)) == len(names):
+            return names, {str(name): data[name] for name in data.columns}
+        return names, {}  # _resolve_columns names the repeated column
+    if hasattr(data, "__arrow_c_stream__"):
+        return _table_columns(pa.table(data))
+    raise TypeError(f"from_arrays: expected a mapping {{column name: [R] values}}, a pandas DataFrame or an Arrow "
+                    f"table, got {type(data).__name__}")
+
+
+def _arrow_column(x, column: str):
+    """[R] Arrow array of a column given as an Arrow array, a pandas Series, a NumPy array or a list."""
+    if isinstance(x, (pa.Array, pa.ChunkedArray)):
+        return x
+    try:
+        if hasattr(x, "index") and hasattr(x, "dtype") and hasattr(x, "to_numpy"):  # a pandas Series
+            return pa.array(x, from_pandas=True)  # NaN, None and NA become nulls
+        x = np.asarray(x)
+        return pa.array(x, from_pandas=x.dtype == object)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as error:
+        raise TypeError(f"column {column!r}: expected one type of values (integers, strings, numbers or times), "
+                        f"got {error}") from None
+
+
+def from_arrays(data, columns: Columns = Columns(), rating_actions: Mapping = DEFAULT_RATING_ACTIONS,
                 source: str = "<arrays>") -> Log:
-    """A Log from {column name: [R] array or list} (ids int or str; messages name the row index)."""
-    header = list(data)
+    """A Log from {column name: [R] NumPy array, list, pandas Series or Arrow array}, a pandas DataFrame
+    or an Arrow table, with the checks and conversions of a file (ids int or str; pandas / NumPy /
+    Arrow datetimes as in the module docstring; a null, NaN or None raises LogError naming its row)."""
+    header, data = _table_columns(data)
     wanted = _resolve_columns(header, columns, source)
-    values = {role: np.asarray(data[name]) for role, (name, _) in wanted.items()}
-    shapes = {wanted[role][0]: np.shape(v) for role, v in values.items()}
-    num = np.shape(values["user"])[0] if np.ndim(values["user"]) == 1 else -1
+    shapes = {}
+    for role, (name, _) in wanted.items():
+        x = data[name]
+        shapes[name] = (len(x),) if isinstance(x, (pa.Array, pa.ChunkedArray)) else np.shape(x)
+    num = shapes[wanted["user"][0]][0] if len(shapes[wanted["user"][0]]) == 1 else -1
     if any(shape != (num,) for shape in shapes.values()):
         raise ValueError(f"{source}: expected 1-D columns of one length [R], got shapes {shapes}")
+    values = {role: _arrow_column(data[name], name) for role, (name, _) in wanted.items()}
     return _build_log(values, {role: name for role, (name, _) in wanted.items()}, rating_actions, source,
                       np.arange(num), from_file=False)
 
@@ -473,10 +991,3 @@ def check_log_path(path) -> None:
                 else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
         raise LogError(f"{path}: is {kind}, not a log file (expected a CSV with a header line; a pipe works too: "
                        "--data <(zcat log.csv.gz), or - for standard input)")
-
-
-def read_log(path, columns: Columns = Columns(), rating_actions: Mapping = DEFAULT_RATING_ACTIONS,
-             delimiter: str = ",") -> Log:
-    """read_csv, after check_log_path's errors (a missing path, a directory, a device)."""
-    check_log_path(path)
-    return read_csv(path, columns, rating_actions, delimiter)

@@ -229,8 +229,9 @@ def test_bad_bytes_and_formats(tmp_path):
     path.write_bytes(HEADER.encode() + b"u1,1,10,4\nu\xff,2,11,3\n")
     with pytest.raises(logs.LogError, match=r"log.csv:3: not valid UTF-8 \(byte 0xff\)"):
         logs.read_csv(path)
-    with pytest.raises(logs.LogError, match="Parquet is not supported"):
-        logs.read_csv(write(tmp_path / "log.parquet", ""))
+    (tmp_path / "log.zip").write_bytes(b"PK\x03\x04" + bytes(16))  # Parquet and gzip read: test_phoenix_log.py
+    with pytest.raises(logs.LogError, match=r"log.zip: is a zip archive .* --data <\(unzip -p LOG.zip\)"):
+        logs.read_csv(tmp_path / "log.zip")
     with pytest.raises(FileNotFoundError, match=r"missing.csv: no such file \(expected a log"):
         logs.read_log(tmp_path / "missing.csv")
 

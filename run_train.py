@@ -47,7 +47,8 @@ import phoenix_resume
 import phoenix_run_dir as run_dir
 import phoenix_stop
 import train_synthetic
-from phoenix_log import AUTO_COLUMN_NAMES, COLUMN_FLAGS, DEFAULT_RATING_ACTIONS, STDIN, check_log_path, check_rating_actions
+from phoenix_log import (AUTO_COLUMN_NAMES, COLUMN_FLAGS, DEFAULT_RATING_ACTIONS, STDIN, check_log_path,
+                         check_rating_actions, parse_time)
 from phoenix_paths import checkpoint_path
 from phoenix_protocols import PROTOCOLS, TRAIN_VAL, Protocols
 from phoenix_sasrec import SasrecRecipe
@@ -55,7 +56,7 @@ from phoenix_split import DEFAULT_CUT_QUANTILE, DUPLICATE_RULES, SPLIT_PROTOCOLS
 from train_synthetic import SyntheticRun
 
 DATA_KINDS = ("log", "movielens", "synthetic")
-USAGE = """run_train.py --data LOG.csv [flags]              train on your log (a CSV with a header; - for stdin)
+USAGE = """run_train.py --data LOG.csv [flags]              train on your log (CSV, TSV, Parquet, ...; - for stdin)
        run_train.py --data movielens-100k|DIR [flags]   train on MovieLens (downloaded once) or your copy
        run_train.py [--data synthetic] [flags]          train on the synthetic world
        run_train.py --data X --help                     the flags of one of them"""
@@ -104,6 +105,42 @@ def exact_number(text: str):
         return int(text)
     except ValueError:
         return float(text)
+
+
+class IsoTime(int):
+    """A --cut-time given as an ISO-8601 date/time: its int64 ns since the epoch, UTC (phoenix_log.parse_time, the
+    unit of a date/time column), printed as given."""
+
+    def __new__(cls, text: str):
+        time = super().__new__(cls, parse_time(text))
+        time.text = text
+        return time
+
+    def __repr__(self):
+        return self.text
+
+    __str__ = __repr__
+
+
+def cut_time_value(text: str):
+    """argparse type of --cut-time: a number (exact_number) or an ISO-8601 date/time (IsoTime)."""
+    try:
+        return exact_number(text)
+    except ValueError:
+        pass
+    try:
+        return IsoTime(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number (the log's time unit) or an ISO-8601 date/time "
+                                         f"(2024-05-01, 2024-05-01T12:00:00Z), got {text!r}") from None
+
+
+def log_cut_time(cut_time, log):
+    """The cut to compare with log.timestamp: an ISO-8601 cut needs a date/time column."""
+    if isinstance(cut_time, IsoTime) and not log.datetimes:
+        raise pipeline.LogError(f"--cut-time {cut_time.text}: {log.source}'s time column holds numbers, not dates or "
+                                "times: give the cut as a number in the same unit")
+    return cut_time
 
 
 def parse_seeds(text: str) -> tuple:
@@ -281,13 +318,15 @@ def default_run_name(data: str) -> str:
 def log_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=HEADINGS["log"])
     parser.add_argument("--data", required=True, metavar="LOG.csv",
-                        help="the interaction log: a CSV with a header, a pipe (<(zcat log.csv.gz)) or - (stdin)")
+                        help="the interaction log: CSV / TSV with a header (gzip, zstd, bz2, xz too), Parquet or "
+                             "Arrow / Feather; a file, a pipe (<(zcat log.csv.gz)) or - (stdin)")
     group = parser.add_argument_group("the log (phoenix_log.py, phoenix_split.py)")
     for role, flag in COLUMN_FLAGS.items():
         default = getattr(pipeline.Columns(), role)
         group.add_argument(flag, default=default,
                            help=f"{role} column (default {default or AUTO_COLUMN_NAMES[role] + ' if present'})")
-    group.add_argument("--delimiter", default=",", help="field separator (\\t for TSV)")
+    group.add_argument("--delimiter", default=None, help="a CSV's field separator (\\t or tab for TSV; default: a tab "
+                                                         "for .tsv / .tab, else sniffed from the header)")
     group.add_argument("--rating-actions", type=parse_rating_actions, default=DEFAULT_RATING_ACTIONS,
                        metavar="ACTION=LOW:HIGH,...",
                        help="actions a rating sets (inclusive ranges, an empty bound is open); default "
@@ -295,8 +334,9 @@ def log_parser() -> argparse.ArgumentParser:
     group.add_argument("--duplicates", choices=DUPLICATE_RULES, default="first",
                        help="a repeated (user, item): keep the earliest (default) or refuse the log")
     group.add_argument("--split", choices=SPLIT_PROTOCOLS, default="leave-one-out")
-    group.add_argument("--cut-time", type=exact_number, default=None,
-                       help="time split: the cut T (same unit as the log)")
+    group.add_argument("--cut-time", type=cut_time_value, default=None,
+                       help="time split: the cut T (same unit as the log; for a date/time column an ISO-8601 time "
+                            "such as 2024-05-01T00:00:00Z, naive = UTC)")
     group.add_argument("--cut-quantile", type=float, default=None,
                        help=f"time split: the cut at this quantile of all timestamps (default {DEFAULT_CUT_QUANTILE})")
     add_run_flags(parser, None, pipeline.Recipe())
@@ -380,10 +420,10 @@ class LogSource:
     columns: pipeline.Columns
     rating_actions: dict
     rating_actions_given: bool  # --rating-actions given: the log must have a rating column
-    delimiter: str
+    delimiter: Optional[str]  # None: by the file's name or sniffed (phoenix_log.read_log)
     duplicates: str
     split: str
-    cut_time: Optional[float]
+    cut_time: Optional[float]  # an IsoTime for an ISO-8601 --cut-time
     cut_quantile: Optional[float]
 
 
@@ -535,7 +575,8 @@ def train_log(command: Command) -> dict:
     if source.rating_actions_given and log.rating is None:
         raise pipeline.RecipeError(f"--rating-actions: {log.source} has no rating column for it to apply to (name it "
                                    "with --rating-col)")
-    split = pipeline.split_log(log, source.split, source.duplicates, source.cut_time, source.cut_quantile)
+    split = pipeline.split_log(log, source.split, source.duplicates, log_cut_time(source.cut_time, log),
+                               source.cut_quantile)
     return pipeline.run_experiment(split, command.recipe, command.run, command.protocols)
 
 

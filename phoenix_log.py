@@ -39,9 +39,10 @@ Input
                  ISO-8601 time too (parse_time; run_train.py --cut-time 2024-05-01).
   Ratings: finite numbers. Action columns: 0 or 1. Every bad value raises LogError naming file, line
   and column (a Parquet / Arrow file or arrays: the row, counted from 0); so do a missing value
-  (null, NaN in pandas), a missing column, a line with the wrong number of fields, bad quoting,
-  invalid UTF-8, an empty log, a log with one user or one item, and an item listed with two
-  authors. A line is a line of the (decompressed) text, where its row starts.
+  (null, NaN in pandas), a missing column, a line with the wrong number of fields, invalid UTF-8
+  in the header or a column used, an empty log, a log with one user or one item, and an item
+  listed with two authors. A line is a line of the (decompressed) text, where its row starts; a
+  line of empty fields (",,") is a row of empty values, refused, not a blank line.
 
 
 Actions (the Phoenix labels of an interaction)
@@ -405,16 +406,17 @@ def _time_column(x, column: str, at) -> tuple[np.ndarray, bool]:
 def _text_times(text, first: str, column: str, at) -> np.ndarray:
     """ISO-8601 text [R] -> int64 ns since the epoch, UTC (naive read as UTC); its first value says
     whether the column is zoned."""
-    zoned = _cast(text[:1], _ZONED) is not None
-    if not zoned and _cast(text[:1], _NAIVE) is None:
+    upper = pc.utf8_upper(text)  # RFC 3339 allows "t" and "z"; Arrow reads "T" and "Z"
+    zoned = _cast(upper[:1], _ZONED) is not None
+    if not zoned and _cast(upper[:1], _NAIVE) is None:
         raise LogError(f"{at(0)}: column {column!r}: expected {_TIME_EXPECTED}, got {first!r}")
     to, other = (_ZONED, _NAIVE) if zoned else (_NAIVE, _ZONED)
     try:
-        return _numpy(pc.cast(pc.cast(text, to), pa.int64()))
+        return _numpy(pc.cast(pc.cast(upper, to), pa.int64()))
     except pa.ArrowInvalid as error:
-        row = _failing_row(text, to, error)
+        row = _failing_row(upper, to, error)
     value = text[row].as_py()
-    if _cast(text[row:row + 1], other) is not None:
+    if _cast(upper[row:row + 1], other) is not None:
         has, lacks = (repr(first), repr(value)) if zoned else (repr(value), repr(first))
         raise LogError(f"{at(row)}: column {column!r}: {value!r} and {first!r} (at {at(0)}) mix zoned and naive "
                        f"times ({has} has a zone, {lacks} none), so their order is unknown: give every time a zone "
@@ -447,7 +449,7 @@ def parse_time(text: str) -> int:
     date/time column (a naive time is read as UTC): parse_time("2024-05-01T12:00:00Z") is
     1714564800000000000. ValueError for anything else."""
     for to in (_ZONED, _NAIVE):
-        if isinstance(text, str) and (ns := _cast(pa.array([text.strip()]), to)) is not None:
+        if isinstance(text, str) and (ns := _cast(pa.array([text.strip().upper()]), to)) is not None:
             return pc.cast(ns, pa.int64())[0].as_py()
     raise ValueError(f"expected an ISO-8601 date/time such as 2024-05-01, 2024-05-01T12:00:00Z or "
                      f"2024-05-01T14:00:00+02:00, got {text!r}")
@@ -981,13 +983,14 @@ def check_log_path(path) -> None:
     except FileNotFoundError:
         dangling = os.path.islink(path)
         raise FileNotFoundError(f"{path}: {'a dangling symlink' if dangling else 'no such file'} (expected a log: "
-                                "a CSV with a header line)") from None
+                                "CSV / TSV with a header line, Parquet, ...)") from None
     except NotADirectoryError:
         raise FileNotFoundError(f"{path}: no such file (a parent of it is a file, not a directory)") from None
     if stat.S_ISDIR(st.st_mode):
-        raise IsADirectoryError(f"{path}: is a directory, not a log file (expected a CSV with a header line)")
+        raise IsADirectoryError(f"{path}: is a directory, not a log file (expected CSV / TSV with a header line, "
+                                "Parquet, ...)")
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
         kind = ("a character device" if stat.S_ISCHR(st.st_mode) else "a block device" if stat.S_ISBLK(st.st_mode)
                 else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
-        raise LogError(f"{path}: is {kind}, not a log file (expected a CSV with a header line; a pipe works too: "
-                       "--data <(zcat log.csv.gz), or - for standard input)")
+        raise LogError(f"{path}: is {kind}, not a log file (expected CSV / TSV with a header line, Parquet, ...; a "
+                       "pipe works too: --data <(zcat log.csv.gz), or - for standard input)")

@@ -175,10 +175,11 @@ INSTANTS = [  # (text, the same instant as int64 ns since the epoch, UTC), one o
     ("2024-05-01T07:30:00-0430", 1714564800 * 10**9),
     ("2024-05-01T12:00:00.123456789Z", 1714564800 * 10**9 + 123456789),
     ("2024-05-01T12:00:00.5+00:00", 1714564800 * 10**9 + 500_000_000),
+    ("2024-05-01t12:00:00z", 1714564800 * 10**9),  # RFC 3339 allows lower case
 ]
-NAIVE = [("2024-05-01 12:00:00", 1714564800 * 10**9), ("2024-05-01", 1714521600 * 10**9),
-         ("2024-05-01T12:00", 1714564800 * 10**9), ("1969-12-31T23:59:59.999", -10**6), ("2024-05-01 12:00:00.25",
-                                                                                          1714564800 * 10**9 + 250 * 10**6)]
+NAIVE = [("2024-05-01 12:00:00", 1714564800 * 10**9), ("2024-05-01t12:00:00", 1714564800 * 10**9),
+         ("2024-05-01", 1714521600 * 10**9), ("2024-05-01T12:00", 1714564800 * 10**9),
+         ("1969-12-31T23:59:59.999", -10**6), ("2024-05-01 12:00:00.25", 1714564800 * 10**9 + 250 * 10**6)]
 
 
 def times_log(tmp_path, texts, name="t.csv"):
@@ -314,11 +315,12 @@ def test_mixed_types_in_one_column_are_refused():
 
 HEADER = "user_id,item_id,timestamp\n"
 BAD = [
-    ("after_blank_lines", HEADER + "u1,1,1\n\n\n  \nu2,2,2\nu2,x y,oops\n", r"log.csv:7: column 'timestamp': expected a "
-     r"number \(e\.g\. Unix seconds\), got 'oops'"),
-    ("after_quoted_newlines", HEADER + 'u1,1,1\n"u\n2",2,2\nu3,3,3.5.1\n', r"log.csv:5: column 'timestamp': expected a "
-     r"number .*got '3.5.1'"),
-    ("short_row", HEADER + "u1,1,1\n\nu2,2\n", r"log.csv:4: expected 3 fields separated by ',' \(as the header\), got 2"),
+    ("after_blank_lines", HEADER + "u1,1,1\n\n\n  \nu2,2,2\nu2,x y,oops\n",
+     r"log.csv:7: column 'timestamp': expected a number \(e\.g\. Unix seconds\), got 'oops'"),
+    ("after_quoted_newlines", HEADER + 'u1,1,1\n"u\n2",2,2\nu3,3,3.5.1\n',
+     r"log.csv:5: column 'timestamp': expected a number .*got '3.5.1'"),
+    ("short_row", HEADER + "u1,1,1\n\nu2,2\n", r"log.csv:4: expected 3 fields separated by ',' \(as the header\), "
+     r"got 2"),
     ("long_row_gzip", HEADER + "u1,1,1\nu2,2,2,9\n", r"log.csv.gz:3: expected 3 fields .*got 4"),
     ("bad_utf8", HEADER + "u1,1,1\nu2,2,2\nu\xff3,3,3\n", r"log.csv:4: not valid UTF-8 \(byte 0xff\)"),
     ("bad_quote", HEADER + 'u1,1,1\nu2,2,"2"x\n', r"log.csv:3: "),

@@ -264,6 +264,12 @@ def _plain(x, column: str, at, expected: str):
     return x
 
 
+def _shown(value: str) -> str:
+    """A field's text for a message: quoted, cut at 60 characters, a multi-line one flagged."""
+    shown = repr(value if len(value) <= 60 else value[:60] + "...")
+    return shown + (" (a field over several lines: is a quote left open?)" if "\n" in value else "")
+
+
 def _is_text(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
@@ -369,7 +375,8 @@ def _number_column(x, column: str, at, expected: str) -> np.ndarray:
             pc.cast(text, pa.float64())
         except pa.ArrowInvalid as error:
             row = _failing_row(text, pa.float64(), error)
-            raise LogError(f"{at(row)}: column {column!r}: expected {expected}, got {text[row].as_py()!r}") from None
+            raise LogError(f"{at(row)}: column {column!r}: expected {expected}, got "
+                           f"{_shown(text[row].as_py())}") from None
     return values
 
 
@@ -399,7 +406,7 @@ def _time_column(x, column: str, at) -> tuple[np.ndarray, bool]:
         except pa.ArrowInvalid as error:
             row = _failing_row(text, pa.float64(), error)
             raise LogError(f"{at(row)}: column {column!r}: expected {_NUMBER_EXPECTED}, got "
-                           f"{text[row].as_py()!r}") from None
+                           f"{_shown(text[row].as_py())}") from None
     return _text_times(text, first, column, at), True
 
 
@@ -409,7 +416,7 @@ def _text_times(text, first: str, column: str, at) -> np.ndarray:
     upper = pc.utf8_upper(text)  # RFC 3339 allows "t" and "z"; Arrow reads "T" and "Z"
     zoned = _cast(upper[:1], _ZONED) is not None
     if not zoned and _cast(upper[:1], _NAIVE) is None:
-        raise LogError(f"{at(0)}: column {column!r}: expected {_TIME_EXPECTED}, got {first!r}")
+        raise LogError(f"{at(0)}: column {column!r}: expected {_TIME_EXPECTED}, got {_shown(first)}")
     to, other = (_ZONED, _NAIVE) if zoned else (_NAIVE, _ZONED)
     try:
         return _numpy(pc.cast(pc.cast(upper, to), pa.int64()))
@@ -422,7 +429,7 @@ def _text_times(text, first: str, column: str, at) -> np.ndarray:
                        f"times ({has} has a zone, {lacks} none), so their order is unknown: give every time a zone "
                        "(e.g. Z for UTC) or none (naive times are read as UTC)") from None
     raise LogError(f"{at(row)}: column {column!r}: expected an ISO-8601 date/time like {first!r} (at {at(0)}; years "
-                   f"1677-2262), got {value!r}") from None
+                   f"1677-2262), got {_shown(value)}") from None
 
 
 def _datetime_column(x, column: str, at) -> np.ndarray:
@@ -486,11 +493,12 @@ def _flag_column(x, column: str, at) -> np.ndarray:
             values = _numpy(pc.cast(text, pa.int8()))
         except pa.ArrowInvalid as error:
             row = _failing_row(text, pa.int8(), error)
-            raise LogError(f"{at(row)}: column {column!r}: expected 0 or 1, got {text[row].as_py()!r}") from None
+            raise LogError(f"{at(row)}: column {column!r}: expected 0 or 1, got "
+                           f"{_shown(text[row].as_py())}") from None
         ok = ((values == 0) | (values == 1)) & (_numpy(pc.utf8_length(text)) == 1)  # "0" or "1", not "01" or "+1"
         if not ok.all():
             raise LogError(f"{at(_first_bad(ok))}: column {column!r}: expected 0 or 1, got "
-                           f"{text[_first_bad(ok)].as_py()!r}")
+                           f"{_shown(text[_first_bad(ok)].as_py())}")
         return values == 1
     if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
         raise TypeError(f"column {column!r}: expected 0 or 1, got dtype {_dtype(t)}")

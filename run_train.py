@@ -116,6 +116,9 @@ class IsoTime(int):
         time.text = text
         return time
 
+    def __getnewargs__(self):  # copies and pickles are parsed again from the text
+        return (self.text,)
+
     def __repr__(self):
         return self.text
 

@@ -7,6 +7,7 @@ the same log in another container must give bit-identical arrays and the same id
 """
 
 import bz2
+import copy
 import gzip
 import io
 import lzma
@@ -235,6 +236,9 @@ def test_cut_time_takes_an_iso_time_for_a_time_column(tmp_path):
     assert run_train.log_cut_time(cut, times_log(tmp_path, ["2024-05-01", "2024-05-02"])) == cut
     with pytest.raises(run_train.argparse.ArgumentTypeError, match="expected a number .* or an ISO-8601"):
         run_train.cut_time_value("yesterday")
+    command = run_train.parse_args(["--data", "log.csv", "--split", "time", "--cut-time", "2024-05-01"])
+    assert command.source.cut_time == logs.parse_time("2024-05-01") and copy.deepcopy(command).source.cut_time.text == (
+        "2024-05-01")
 
 
 # --------------------------------------------------------------------------- from_arrays

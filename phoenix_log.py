@@ -215,12 +215,23 @@ def _numpy(x) -> np.ndarray:
     return x.to_numpy(zero_copy_only=False)
 
 
+_SAMPLE = 4096  # values a cast is first tried on: Arrow's failing casts still pass over every value
+
+
 def _cast(x, to: pa.DataType):
-    """x cast to `to`, or None where some value does not convert."""
+    """x cast to `to`, or None where some value does not convert (a failing sample saves the full pass)."""
     try:
+        if len(x) > _SAMPLE:
+            pc.cast(x[:_SAMPLE], to)
         return pc.cast(x, to)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         return None
+
+
+def _all_match(text, pattern: str) -> bool:
+    """Whether every value of `text` matches the regular expression (a failing sample saves the full pass)."""
+    return all(pc.all(pc.match_substring_regex(part, pattern)).as_py() is not False
+               for part in ((text[:_SAMPLE], text) if len(text) > _SAMPLE else (text,)))
 
 
 def _failing_row(x, to: pa.DataType, error: Exception) -> int:
@@ -344,7 +355,7 @@ def _text_numbers(text, column: str, at, expected: str, exact: bool):
     ints = _cast(text, pa.int64())
     if ints is not None:
         return _numpy(ints)
-    if pc.all(pc.match_substring_regex(text, r"^[-+]?[0-9]+(\.0*)?$")).as_py():
+    if _all_match(text, r"^[-+]?[0-9]+(\.0*)?$"):
         ints = _cast(pc.replace_substring_regex(pc.replace_substring_regex(text, r"\.0*$", ""), r"^\+", ""),
                      pa.int64())
         if ints is not None:  # else beyond int64: float64 below

@@ -315,11 +315,11 @@ def _id_column(x, column: str, at) -> tuple[np.ndarray, Optional[dict]]:
         ints = _cast(x, pa.int64())
     if ints is not None and not pc.any(pc.match_substring_regex(x, r"^(?:[-+]|0.)")).as_py():
         return _numpy(ints), None  # every value canonical ("12", not "012", "+12", "-3"): ids; else strings
-    empty = _numpy(pc.utf8_length(x)) == 0
-    if empty.any():
-        raise LogError(f"{at(_first_bad(~empty))}: column {column!r}: expected an id, got an empty field")
-    distinct = pc.unique(x)  # [V] in order of first appearance
+    distinct, index = _dictionary(x)  # [V] values in order of first appearance, [R] index of each row's value
     tokens = distinct.to_pylist()
+    if "" in tokens:
+        raise LogError(f"{at(int(np.argmax(index == tokens.index(''))))}: column {column!r}: expected an id, got an "
+                       "empty field")
     hashed = np.fromiter((string_id(token) for token in tokens), np.int64, count=len(tokens))  # [V]
     order = np.argsort(hashed, kind="stable")
     same = np.flatnonzero(hashed[order][1:] == hashed[order][:-1])
@@ -327,7 +327,18 @@ def _id_column(x, column: str, at) -> tuple[np.ndarray, Optional[dict]]:
         a, b = tokens[order[same[0]]], tokens[order[same[0] + 1]]
         raise LogError(f"column {column!r}: ids {a!r} and {b!r} hash to the same int64 {hashed[order[same[0]]]} "
                        "(string_id); rename one of them")
-    return hashed[_numpy(pc.index_in(x, value_set=distinct))], dict(zip(hashed.tolist(), tokens))
+    return hashed[index], dict(zip(hashed.tolist(), tokens))
+
+
+def _dictionary(x) -> tuple[pa.Array, np.ndarray]:
+    """The distinct values [V] of a text column and each row's index into them [R] (one hashing pass)."""
+    encoded = pc.dictionary_encode(x)
+    if isinstance(encoded, pa.Array):
+        return encoded.dictionary, _numpy(encoded.indices)
+    chunks = encoded.chunks
+    if any(len(chunk.dictionary) != len(chunks[-1].dictionary) for chunk in chunks):  # not one dictionary
+        chunks = encoded.unify_dictionaries().chunks
+    return chunks[-1].dictionary, np.concatenate([_numpy(chunk.indices) for chunk in chunks])
 
 
 _NUMBER_EXPECTED = "a number (e.g. Unix seconds)"

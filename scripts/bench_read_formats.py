@@ -75,7 +75,17 @@ def read_once(reader: str, path: str) -> dict:
             stream = pa.CompressedInputStream(pa.OSFile(path), "gzip") if path.endswith(".gz") else path
             rows = arrow_csv.read_csv(stream).num_rows
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "rows": rows, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"seconds": seconds, "rows": rows, "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory: VmHWM on Linux (ru_maxrss would include the parent's memory
+    at the fork, which Linux carries across exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv=None) -> None:

@@ -561,8 +561,9 @@ def _actions(rating: Optional[np.ndarray], flags: Mapping, rating_actions: Mappi
 
 
 def _build_log(values: Mapping, names: Mapping[str, str], rating_actions, source: str, lines: np.ndarray,
-               from_file: bool) -> Log:
-    """A Log from raw columns {role or action: [R] Arrow array} (text from a CSV, typed from elsewhere)."""
+               from_file: bool, copy: bool = False) -> Log:
+    """A Log from raw columns {role or action: [R] Arrow array} (text from a CSV, typed from elsewhere);
+    `copy`: the columns may share the caller's memory (from_arrays), which the Log must not."""
     def at(row):
         return f"{source}:{lines[row]}" if from_file else f"{source} row {lines[row]}"
 
@@ -580,7 +581,9 @@ def _build_log(values: Mapping, names: Mapping[str, str], rating_actions, source
     if "rating" in values:
         rating = _number_column(values.pop("rating"), names["rating"], at, "a finite number").astype(np.float32)
     flags = {name: _flag_column(values.pop(name), name, at) for name in ACTIONS if name in values}
-    author = ids.get("author", np.zeros(len(lines), np.int64))
+    if copy:  # arrays that may be views of the caller's memory: the Log gets its own
+        ids, timestamp = {role: x.copy() for role, x in ids.items()}, timestamp.copy()
+    author = ids["author"] if "author" in ids else np.zeros(len(lines), np.int64)
     log = Log(user=ids["user"], item=ids["item"], timestamp=timestamp,
               actions=_actions(rating, flags, rating_actions, len(lines)), author=author, rating=rating,
               line=np.asarray(lines, np.int64), names=id_names, source=source, from_file=from_file,
@@ -997,7 +1000,7 @@ def from_arrays(data, columns: Columns = Columns(), rating_actions: Mapping = DE
         raise ValueError(f"{source}: expected 1-D columns of one length [R], got shapes {shapes}")
     values = {role: _arrow_column(data[name], name) for role, (name, _) in wanted.items()}
     return _build_log(values, {role: name for role, (name, _) in wanted.items()}, rating_actions, source,
-                      np.arange(num), from_file=False)
+                      np.arange(num), from_file=False, copy=True)
 
 
 def check_log_path(path) -> None:

@@ -362,3 +362,14 @@ def test_each_distinct_string_is_hashed_once(tmp_path, monkeypatch):
     monkeypatch.setattr(logs, "string_id", lambda token: calls.append(token) or len(calls))
     logs.read_log(write(tmp_path / "log.csv", HEADER + "".join(f"u{r % 3},i{r % 4},{r}\n" for r in range(40))))
     assert sorted(calls) == sorted([f"u{k}" for k in range(3)] + [f"i{k}" for k in range(4)])
+
+
+
+@pytest.mark.parametrize("kind", ["numpy", "arrow"])
+def test_from_arrays_never_shares_the_callers_memory(kind):
+    columns = {"user_id": np.array([1, 2, 1]), "item_id": np.array([5, 6, 7]), "timestamp": np.array([1, 2, 3])}
+    data = columns if kind == "numpy" else {name: pa.array(x) for name, x in columns.items()}
+    log = logs.from_arrays(data)
+    for x in columns.values():
+        x[:] = 99  # the caller reuses its buffers (Arrow arrays from NumPy share them)
+    assert log.user.tolist() == [1, 2, 1] and log.item.tolist() == [5, 6, 7] and log.timestamp.tolist() == [1, 2, 3]

@@ -338,6 +338,10 @@ BAD = [
     ("neither", HEADER + "u1,1,yesterday\nu2,2,today\n", r"log.csv:2: column 'timestamp': expected a number \(e\.g\. "
      r"Unix seconds\) or an ISO-8601 date/time .*got 'yesterday'"),
     ("empty_field_row", HEADER + "u1,1,1\n,,\n", r"log.csv:3: column 'user_id': expected an id, got an empty field"),
+    ("open_quote", HEADER + 'u1,1,1\nu2,2,"2\nu3,3,3\n', r"log.csv:3: column 'timestamp': expected a number .*got "
+     r"'2\\nu3,3,3' \(a field over several lines: is a quote left open\?\)"),
+    ("bad_flag", "user_id,item_id,timestamp,favorite_score\nu1,1,1,1\n\nu2,2,2,yes\n",
+     r"log.csv:4: column 'favorite_score': expected 0 or 1, got 'yes'"),
 ]
 
 

@@ -12,6 +12,7 @@ import gzip
 import io
 import lzma
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -377,3 +378,15 @@ def test_from_arrays_never_shares_the_callers_memory(kind):
     for x in columns.values():
         x[:] = 99  # the caller reuses its buffers (Arrow arrays from NumPy share them)
     assert log.user.tolist() == [1, 2, 1] and log.item.tolist() == [5, 6, 7] and log.timestamp.tolist() == [1, 2, 3]
+
+
+def test_reading_a_file_never_imports_pandas(tmp_path):
+    """pandas is a test dependency only; pyarrow imports it lazily from some calls (pa.array, to_numpy),
+    which the readers avoid."""
+    csv_path = write(tmp_path / "log.csv.gz", gzip.compress(csv_text().encode()))
+    parquet_path = write(tmp_path / "log.parquet", parquet_bytes(table()))
+    code = (f"import sys, phoenix_log; phoenix_log.read_log({str(csv_path)!r}); "
+            f"phoenix_log.read_log({str(parquet_path)!r}); print(sorted(m for m in sys.modules if m.startswith('pandas')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

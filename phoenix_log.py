@@ -30,13 +30,14 @@ Input
     decimals     float64 (e.g. 1.5e9); two different values that float64 would merge are refused,
                  naming both lines.
     dates/times  ISO-8601 / RFC 3339 text (2024-05-01, 2024-05-01 12:00:00, 2024-05-01T12:00:00.250Z,
-                 2024-05-01T14:00:00+02:00) and Arrow / Parquet / pandas / NumPy timestamp and date
-                 types become int64 NANOSECONDS SINCE 1970-01-01 UTC (Log.datetimes is then True): a
-                 zoned time is converted to UTC, a naive one (no zone, a date, a zone-less timestamp
-                 type) is read as if it were UTC. A column mixing zoned and naive text is refused
-                 (their order would depend on a zone the log does not give), so is a time outside
-                 the years 1677-2262 (what int64 nanoseconds hold). A time split's cut is then an
-                 ISO-8601 time too (parse_time; run_train.py --cut-time 2024-05-01).
+                 2024-05-01T14:00:00+02:00, 2024-05-01 12:00:00 UTC) and Arrow / Parquet / pandas /
+                 NumPy timestamp and date types become int64 NANOSECONDS SINCE 1970-01-01 UTC
+                 (Log.datetimes is then True): a zoned time is converted to UTC, a naive one (no
+                 zone, a date, a zone-less timestamp type) is read as if it were UTC. A column
+                 mixing zoned and naive text is refused (their order would depend on a zone the log
+                 does not give), so is a time outside the years 1677-2262 (what int64 nanoseconds
+                 hold). A time split's cut is then an ISO-8601 time too (parse_time; run_train.py
+                 --cut-time 2024-05-01).
   Ratings: finite numbers. Action columns: 0 or 1. Every bad value raises LogError naming file, line
   and column (a Parquet / Arrow file or arrays: the row, counted from 0); so do a missing value
   (null, NaN in pandas), a missing column, a line with the wrong number of fields, invalid UTF-8
@@ -436,6 +437,7 @@ def _text_times(text, first: str, column: str, at) -> np.ndarray:
     """ISO-8601 text [R] -> int64 ns since the epoch, UTC (naive read as UTC); its first value says
     whether the column is zoned."""
     upper = pc.utf8_upper(text)  # RFC 3339 allows "t" and "z"; Arrow reads "T" and "Z"
+    upper = pc.replace_substring_regex(upper, r"\s*UTC$", "Z")  # "2024-05-01 12:00:00 UTC" (BigQuery's exports)
     zoned = _cast(upper[:1], _ZONED) is not None
     if not zoned and _cast(upper[:1], _NAIVE) is None:
         raise LogError(f"{at(0)}: column {column!r}: expected {_TIME_EXPECTED}, got {_shown(first)}")
@@ -477,8 +479,9 @@ def parse_time(text: str) -> int:
     """An ISO-8601 / RFC 3339 date or time as int64 nanoseconds since 1970-01-01 UTC, the unit of a
     date/time column (a naive time is read as UTC): parse_time("2024-05-01T12:00:00Z") is
     1714564800000000000. ValueError for anything else."""
+    text = re.sub(r"\s*UTC$", "Z", text.strip().upper()) if isinstance(text, str) else text
     for to in (_ZONED, _NAIVE):
-        if isinstance(text, str) and (ns := _cast(pa.array([text.strip().upper()]), to)) is not None:
+        if isinstance(text, str) and (ns := _cast(pa.array([text]), to)) is not None:
             return pc.cast(ns, pa.int64())[0].as_py()
     raise ValueError(f"expected an ISO-8601 date/time such as 2024-05-01, 2024-05-01T12:00:00Z or "
                      f"2024-05-01T14:00:00+02:00, got {text!r}")

@@ -178,6 +178,7 @@ INSTANTS = [  # (text, the same instant as int64 ns since the epoch, UTC), one o
     ("2024-05-01T12:00:00.123456789Z", 1714564800 * 10**9 + 123456789),
     ("2024-05-01T12:00:00.5+00:00", 1714564800 * 10**9 + 500_000_000),
     ("2024-05-01t12:00:00z", 1714564800 * 10**9),  # RFC 3339 allows lower case
+    ("2024-05-01 12:00:00 UTC", 1714564800 * 10**9),  # BigQuery's CSV exports
 ]
 NAIVE = [("2024-05-01 12:00:00", 1714564800 * 10**9), ("2024-05-01t12:00:00", 1714564800 * 10**9),
          ("2024-05-01", 1714521600 * 10**9), ("2024-05-01T12:00", 1714564800 * 10**9),
@@ -386,7 +387,8 @@ def test_reading_a_file_never_imports_pandas(tmp_path):
     csv_path = write(tmp_path / "log.csv.gz", gzip.compress(csv_text().encode()))
     parquet_path = write(tmp_path / "log.parquet", parquet_bytes(table()))
     code = (f"import sys, phoenix_log; phoenix_log.read_log({str(csv_path)!r}); "
-            f"phoenix_log.read_log({str(parquet_path)!r}); print(sorted(m for m in sys.modules if m.startswith('pandas')))")
+            f"phoenix_log.read_log({str(parquet_path)!r}); "
+            "print(sorted(m for m in sys.modules if m.startswith('pandas')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"

@@ -810,7 +810,9 @@ def _read_csv_columns(inp: _Input, columns: Columns, delimiter: Optional[str]):
     if tail and text_lines == num + 1:
         lines = np.arange(2, num + 2, dtype=np.int64)  # one line per row: no blank lines, no quoted newlines
     else:
-        lines = _row_lines(inp, delimiter, len(header), num)
+        lines = _unquoted_row_lines(inp, num)
+        if lines is None:
+            lines = _row_lines(inp, delimiter, len(header), num)
     return values, {role: name for role, (name, _) in wanted.items()}, lines
 
 
@@ -850,6 +852,40 @@ def _rows(inp: _Input, delimiter: str, num_fields: int):
             raise LogError(f"{inp.source}:{reader.line_num + 1}: {error}") from None
         except UnicodeDecodeError:
             raise _utf8_error(inp) from None
+
+
+_WHITESPACE = np.zeros(256, bool)
+_WHITESPACE[list(b" \t\r\n\v\f")] = True
+
+
+def _unquoted_row_lines(inp: _Input, num: int, block_bytes: int = 1 << 22) -> Optional[np.ndarray]:
+    """[R] the line each row starts on, for a text without a quote character: its lines that are not
+    blank, after the header (NumPy over blocks of the text; Python looks only at lines that start with
+    whitespace). None where a quote appears or the count differs from Arrow's rows (e.g. a line of
+    tabs, a row of a TSV): _row_lines decides then."""
+    found = []  # [lines with content] per block
+    lines, pending = 0, False  # complete lines so far; whether the unfinished line has content
+    with inp.open() as stream:
+        while block := inp._read(stream, block_bytes, "it"):
+            b = np.frombuffer(block, np.uint8)  # [n]
+            if (b == ord('"')).any():
+                return None
+            ends = np.flatnonzero(b == ord("\n"))  # [L] where each complete line of the block ends
+            starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)  # [L]
+            has = (starts < ends) & ~_WHITESPACE[b[np.minimum(starts, len(b) - 1)]]  # [L] starts with content
+            for k in np.flatnonzero(~has).tolist():  # empty, or starting with whitespace: look closer
+                has[k] = bool(block[starts[k]:ends[k]].strip())
+            if len(ends):
+                has[0] |= pending
+                pending = bool(block[ends[-1] + 1:].strip())
+            else:
+                pending = pending or bool(block.strip())
+            found.append(lines + 1 + np.flatnonzero(has))
+            lines += len(ends)
+    if pending:
+        found.append(np.array([lines + 1]))
+    rows = np.concatenate(found)[1:].astype(np.int64)  # the first line with content is the header
+    return rows if len(rows) == num else None
 
 
 def _row_lines(inp: _Input, delimiter: str, num_fields: int, num: int) -> np.ndarray:

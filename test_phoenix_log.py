@@ -392,3 +392,26 @@ def test_reading_a_file_never_imports_pandas(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+LINE_TEXTS = {  # texts whose rows are not their lines, without quotes
+    "blank_lines": "a,b,c\n\n1,2,3\n  \n4,5,6\n\n\n7,8,9\n",
+    "crlf_no_final_newline": "a,b,c\r\n1,2,3\r\n\r\n \t \r\n4,5,6",
+    "trailing_whitespace_line": "a,b,c\n1,2,3\n\n4,5,6\n   ",
+    "tab_row": "a\tb\tc\n1\t2\t3\n\t\t\n4\t5\t6\n",  # a row of empty fields, not a blank line: NumPy declines
+}
+
+
+@pytest.mark.parametrize("block_bytes", [3, 7, 1 << 22])
+@pytest.mark.parametrize("name", list(LINE_TEXTS))
+def test_the_numpy_line_finder_equals_the_csv_modules(tmp_path, name, block_bytes):
+    text = LINE_TEXTS[name]
+    delimiter = "\t" if "\t" in text.splitlines()[0] else ","
+    inp = logs._Input(write(tmp_path / "x.csv", text))
+    reference = np.fromiter(logs._rows(inp, delimiter, 3), np.int64)
+    fast = logs._unquoted_row_lines(inp, len(reference), block_bytes)
+    if name == "tab_row":
+        assert fast is None and reference.tolist() == [2, 3, 4]
+    else:
+        assert fast is not None and fast.tolist() == reference.tolist()
+    assert logs._unquoted_row_lines(logs._Input(write(tmp_path / "q.csv", 'a,b,c\n"1",2,3\n\n4,5,6\n')), 2) is None

@@ -536,7 +536,8 @@ def train_log(command: Command) -> dict:
         raise pipeline.RecipeError(f"--rating-actions: {log.source} has no rating column for it to apply to (name it "
                                    "with --rating-col)")
     split = pipeline.split_log(log, source.split, source.duplicates, source.cut_time, source.cut_quantile)
-    return pipeline.run_experiment(split, command.recipe, command.run, command.protocols)
+    return pipeline.run_experiment(split, command.recipe, dataclasses.replace(command.run, columns=source.columns),
+                                   command.protocols)
 
 
 def train_movielens(command: Command) -> dict:

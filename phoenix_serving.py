@@ -45,7 +45,8 @@ below). Arrays, all NumPy (sizes proportional to the log: 8 bytes per interactio
                                                   original string ids of a string column, aligned
                                                   with user_ids / item_ids / item_authors
 JSON: recipe (resolved), retrieval_weight, popularity_weight, score rule, id kinds, columns,
-source, protocol, the evaluation's batch size, and the counts of users, items and interactions.
+source, protocol, the evaluation's batch size, the counts of users, items and interactions, and the
+save id of every checkpoint the evaluation read (load_run refuses checkpoints a later run replaced).
 
 Shape glossary
   U  users   N  catalog items   R  interactions   K  retrieved per user   A  actions (19)
@@ -132,6 +133,19 @@ def serving_arrays(split: LogSplit) -> dict:
     return arrays
 
 
+def _members(recipe: Recipe) -> list:
+    """Checkpoint names of every member of both stages (retrieval, retrieval.1, ..., ranker, ...)."""
+    return [two_stage.member_stage(m, stage) for stage, members in (("retrieval", recipe.retrieval_members),
+                                                                      ("ranker", recipe.ranker_members))
+            for m in range(members)]
+
+
+def _save_ids(checkpoint_dir, recipe: Recipe) -> dict:
+    """{checkpoint name: its save id} of the checkpoints the evaluation read: serving/ belongs to them."""
+    return {name: checkpoint.read_meta(os.path.join(os.fspath(checkpoint_dir), name))["save_id"]
+            for name in _members(recipe)}
+
+
 def save_serving(checkpoint_dir, split: LogSplit, recipe: Recipe, retrieval_weight: float, popularity_weight: float,
                  columns: Optional[Columns] = None) -> str:
     """Writes `serving/` into the run directory (module docstring): what load_run needs besides the
@@ -146,7 +160,8 @@ def save_serving(checkpoint_dir, split: LogSplit, recipe: Recipe, retrieval_weig
             "columns": None if columns is None else dataclasses.asdict(columns), "source": split.log.source,
             "protocol": split.protocol, "eval_batch": EVAL_BATCH,
             "counts": {"users": len(split.user_ids), "items": len(split.item_ids), "interactions": len(split.items)},
-            "members": {"retrieval": recipe.retrieval_members, "ranker": recipe.ranker_members}}
+            "members": {"retrieval": recipe.retrieval_members, "ranker": recipe.ranker_members},
+            "checkpoints": _save_ids(checkpoint_dir, recipe)}
     path = os.path.join(os.fspath(checkpoint_dir), SERVING_DIR)
     return checkpoint.save_checkpoint(path, serving_arrays(split), extra=info)
 
@@ -219,13 +234,21 @@ def _member_paths(checkpoint_dir: str, stage: str, members: int) -> list:
     return [os.path.join(checkpoint_dir, two_stage.member_stage(m, stage)) for m in range(members)]
 
 
-def _load_params(paths: list):
+def _load_params(paths: list, save_ids: dict):
+    """The params of the checkpoints at `paths` (one, or a tuple for an ensemble); ServingError if one
+    is missing or is not the save serving/ was written for (`save_ids`)."""
     params = []
     for path in paths:
         try:
-            params.append(checkpoint.load_checkpoint(path).params)
+            saved = checkpoint.load_checkpoint(path)
         except FileNotFoundError:
             raise ServingError(f"{path}: missing; the run directory holds serving/ but not this checkpoint") from None
+        expected = save_ids.get(os.path.basename(path))
+        if saved.meta["save_id"] != expected:
+            raise ServingError(f"{path}: save {saved.meta['save_id']}, but serving/ was written for save {expected} "
+                               "(a later run replaced the checkpoint and stopped before its evaluation?); train the "
+                               "run again to serve it")
+        params.append(saved.params)
     return params[0] if len(params) == 1 else tuple(params)
 
 
@@ -268,9 +291,10 @@ def load_run(checkpoint_dir) -> ServedRun:
                      for _ in range(recipe.ranker_members)], two_stage.RankerEnsemble)
     return ServedRun(recipe=recipe, retrieval=retrieval,
                      retrieval_params=_load_params(_member_paths(checkpoint_dir, "retrieval",
-                                                                 recipe.retrieval_members)),
+                                                                 recipe.retrieval_members), info["checkpoints"]),
                      ranker=ranker,
-                     ranker_params=_load_params(_member_paths(checkpoint_dir, "ranker", recipe.ranker_members)),
+                     ranker_params=_load_params(_member_paths(checkpoint_dir, "ranker", recipe.ranker_members),
+                                                info["checkpoints"]),
                      retrieval_weight=info["retrieval_weight"], popularity_weight=info["popularity_weight"],
                      popularity=arrays["popularity"], split=split, names=names, info=info, path=checkpoint_dir)
 
@@ -349,14 +373,13 @@ def _actions_of(actions, length: int) -> np.ndarray:
         out = np.zeros((length, NUM_ACTIONS), bool)
         out[:, ACTIONS.index(INTERACTION_ACTION)] = True
         return out
-    array = np.asarray(actions, dtype=object) if not isinstance(actions, np.ndarray) else actions
     if isinstance(actions, np.ndarray) and actions.dtype == bool:
         if actions.shape != (length, NUM_ACTIONS):
             raise ValueError(f"actions: expected [{length}, {NUM_ACTIONS}] bool (one row per history item), got "
                              f"shape {list(actions.shape)}")
         return actions
-    if len(array) != length:
-        raise ValueError(f"actions: expected one entry per history item ({length}), got {len(array)}")
+    if len(actions) != length:
+        raise ValueError(f"actions: expected one entry per history item ({length}), got {len(actions)}")
     out = np.zeros((length, NUM_ACTIONS), bool)
     for i, names in enumerate(actions):
         names = [names] if isinstance(names, str) else list(names)

@@ -10,6 +10,7 @@ test user: same items, same order (no tolerance: equality by construction, phoen
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -235,10 +236,49 @@ def test_unknown_users_items_and_impossible_k_are_refused(trained):
 def test_load_run_refuses_a_directory_it_cannot_serve(trained, tmp_path):
     tmp, _ = trained
     with pytest.raises(run_dir.OutputError, match="no run manifest"):
-        pipeline.load_run(tmp_path)
-    run_dir.write_manifest(tmp_path, "pipeline", pipeline.RUN_ENTRIES)
+        pipeline.load_run(tmp_path / "empty")
+    run_dir.write_manifest(tmp_path / "empty", "pipeline", pipeline.RUN_ENTRIES)
     with pytest.raises(serving.ServingError, match=r"serving: missing; the run was written before serving/"):
-        pipeline.load_run(tmp_path)
+        pipeline.load_run(tmp_path / "empty")
+    # A checkpoint saved again after serving/ was written (a later run that stopped before its evaluation)
+    # is not what serving/ describes: refused, not served with the wrong weights.
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp / "run", copy)
+    pipeline.load_run(copy)
+    ranker = checkpoint.load_checkpoint(copy / "ranker")
+    checkpoint.save_checkpoint(copy / "ranker", ranker.params, step=ranker.step, config=ranker.config,
+                               extra=ranker.extra)
+    with pytest.raises(serving.ServingError, match=r"ranker: save [0-9a-f]+, but serving/ was written for save"):
+        pipeline.load_run(copy)
+
+
+def test_an_integer_id_log_is_served_by_its_integer_ids(tmp_path):
+    """A log of integer ids (from_arrays, through pipeline.run and dump_topk): ids come back as ints,
+    are accepted as ints or their decimal strings, and the served lists equal the dump."""
+    rng = np.random.default_rng(3)
+    users, items, times = [], [], []
+    for user in range(24):
+        walk = (rng.integers(40) + np.arange(int(rng.integers(8, 14)))) % 40
+        users += [1000 + user] * len(walk)
+        items += (7 * walk + 5).tolist()
+        times += list(range(len(walk)))
+    split = pipeline.split_log(pipeline.from_arrays({"user_id": users, "item_id": items, "timestamp": times}))
+    args = run_train.parse_args(["--data", "log.csv", *TINY_FLAGS, "--retrieval-weight", "0.5",
+                                 "--popularity-weight", "0.25"])
+    result = pipeline.run(split, args.recipe, tmp_path / "run")
+    pipeline.dump_topk(tmp_path / "top.csv", split, result["reranked"]["test"][:, :10])
+    run = pipeline.load_run(tmp_path / "run")
+    for row in read_csv_rows(tmp_path / "top.csv")[1:]:
+        user = int(row[0])
+        asked = evaluation_histories(split)[user]
+        got = pipeline.recommend(run, user, 10, history=asked["history"], actions=asked["actions"])
+        assert [item for item, _ in got] == [int(item) for item in row[1:]]
+        assert all(isinstance(item, int) for item, _ in got)
+    assert pipeline.recommend(run, "1003", 5) == pipeline.recommend(run, 1003, 5)
+    for bad in ("01003", "u1", -3, 2.0):
+        with pytest.raises(ValueError, match=r"user: expected a non-negative integer id \(the log's user ids are "
+                                             r"integers\), got"):
+            pipeline.recommend(run, bad)
 
 
 def test_an_ensemble_run_directory_serves_as_evaluated(tmp_path):

@@ -89,8 +89,8 @@ __all__ = [
     "Recipe", "RecipeError", "MOVIELENS_RECIPE", "run", "RunOptions", "run_experiment", "Protocols",
     "check_run_outputs", "format_table", "FINAL_K",
     # serving: a run directory, one user
-    "load_run", "ServedRun", "recommend", "user_row", "user_examples", "user_batch", "items_batch", "seen_items", "encode_users",
-    "encode_items", "load_members",
+    "load_run", "ServedRun", "recommend", "user_row", "user_examples", "user_batch", "items_batch", "seen_items",
+    "encode_users", "encode_items", "load_members",
     # outputs
     "dump_topk", "check_dump", "check_dump_figures", "DumpCheckError", "read_metrics", "plot_curves",
     "MissingExtraError", "cache_dir",

@@ -22,8 +22,9 @@ What serving decides
                log then leaves out one interaction per evaluated user (their test target); in
                exchange a served list equals the evaluated one.
   history=None the user's whole sequence in the split (leave-one-out: every interaction of the log,
-               repeats dropped as the split drops them; time split: what the split keeps, i.e. up
-               to each evaluated user's test target), oldest first; each item's actions as logged.
+               repeats dropped as the split drops them; time split: what the split keeps, the
+               interactions before its cut plus each evaluated user's test target), oldest first;
+               each item's actions as logged.
   history=[...] original item ids, oldest first; every item gets the action `click_score` unless
                `actions` gives them ([L, A] bool, or one collection of ACTIONS names per item).
                An item not in the run's catalog is refused (ValueError naming its position): the

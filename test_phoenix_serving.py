@@ -295,3 +295,25 @@ def test_an_ensemble_run_directory_serves_as_evaluated(tmp_path):
         got = pipeline.recommend(run, user, 10, history=asked["history"], actions=asked["actions"])
         assert [item for item, _ in got] == dump[user], user
 
+
+
+def test_a_user_with_fewer_items_left_than_k(trained, tmp_path, monkeypatch):
+    """A user whose history leaves 5 items: recommend serves those 5 and refuses k=6 naming k;
+    recommend_users and the command line end that user's row in NOT_RANKED / empty fields."""
+    tmp, result = trained
+    served = result["served"]
+    catalog = served.item_tokens(np.arange(len(served.split.item_ids)))
+    one = serving.given_history(served, "newcomer", catalog[5:])  # a one-user Split
+    short = two_stage.dataclasses.replace(served, split=one, names={**served.names,
+                                                                      "user": np.array(["newcomer"], dtype=object)})
+    got = pipeline.recommend(short, "newcomer", k=5)
+    assert sorted(item for item, _ in got) == sorted(catalog[:5])
+    assert got == pipeline.recommend(served, "newcomer", k=5, history=catalog[5:])
+    with pytest.raises(ValueError, match=r"k: expected at most 5 for user 'newcomer'"):
+        pipeline.recommend(short, "newcomer", k=6)
+    ((rows, columns, scores),) = list(serving.recommend_users(short, [0], k=8))
+    assert columns[0, 5:].tolist() == [metrics.NOT_RANKED] * 3 and np.isneginf(scores[0, 5:]).all()
+    assert served.item_tokens(columns[0, :5]) == [item for item, _ in got]
+    monkeypatch.setattr(pipeline, "load_run", lambda path: short)
+    assert run_recommend.main(["--run", str(tmp / "run"), "--k", "8", "--out", str(tmp_path / "r.csv")])["short"] == 1
+    assert read_csv_rows(tmp_path / "r.csv")[1] == ["newcomer"] + [item for item, _ in got] + ["", "", ""]

@@ -4,7 +4,9 @@
     log = pipeline.read_csv("log.csv")               # or pipeline.from_arrays({"user_id": ..., ...})
     split = pipeline.split_log(log)                  # chronological leave-one-out
     result = pipeline.run(split, pipeline.Recipe(), "runs/mine")   # both stages, best checkpoints, table
-    pipeline.recommend(result, split, "u17")         # retrieve + re-rank for one user
+    pipeline.recommend(result, "u17")                # the evaluated two-stage top-10 of one user
+    run = pipeline.load_run("runs/mine")             # later, in another process: no log needed
+    pipeline.recommend(run, "u17", k=10, history=None)   # the same list, from the run directory
 
     uv run run_train.py --data LOG.csv [--dump-topk top10.csv] [--plot]   # the same from the command line
 
@@ -34,6 +36,9 @@ $PHOENIX_CACHE_DIR/checkpoints/<log name>)
                        "eval/HR@10", ...} per validation, one per table row (read_metrics).
   curves.png           with plot=True (needs matplotlib: `uv sync --extra plot`).
   run.json             the manifest, written first (phoenix_run_dir): kind, source, seed, recipe.
+  serving/             after the evaluation: the id vocabulary, each user's history, the re-ranking
+                       weights and popularity counts (phoenix_serving.save_serving), so that
+                       load_run(DIR) serves what was evaluated (recommend; run_recommend.py).
   seed<N>/             with RunOptions.seeds, each seed's run directory.
   Nothing else in the directory is touched. Before the log is read, a command line refuses outputs
   over its inputs (a dump or run directory that is the log, a link to it, ...), an existing dump
@@ -60,9 +65,9 @@ import numpy as np
 import phoenix_checkpoint as checkpoint
 import phoenix_evaluation as evaluation
 import phoenix_hashing as hashing
-import phoenix_metrics as metrics
 import phoenix_protocols
 import phoenix_run_dir as run_dir
+import phoenix_serving
 import phoenix_split
 import phoenix_training as training
 import phoenix_two_stage as two_stage
@@ -72,6 +77,7 @@ from phoenix_evaluation import DumpCheckError, check_dump, check_dump_figures
 from phoenix_log import Columns, Log, LogError, from_arrays, read_csv, read_log, string_id
 from phoenix_paths import cache_dir
 from phoenix_protocols import Protocols
+from phoenix_serving import SERVING_DIR, ServedRun, load_run, recommend
 from phoenix_split import LogSplit, describe, split_log
 from phoenix_two_stage import FINAL_K, MOVIELENS_RECIPE, Recipe, RecipeError, encode_items, encode_users
 
@@ -82,9 +88,9 @@ __all__ = [
     # training and evaluation
     "Recipe", "RecipeError", "MOVIELENS_RECIPE", "run", "RunOptions", "run_experiment", "Protocols",
     "check_run_outputs", "format_table", "FINAL_K",
-    # serving one user
-    "recommend", "user_row", "user_examples", "user_batch", "items_batch", "seen_items", "encode_users",
-    "encode_items", "load_members",
+    # serving: a run directory, one user
+    "load_run", "ServedRun", "recommend", "user_row", "user_examples", "user_batch", "items_batch", "seen_items",
+    "encode_users", "encode_items", "load_members",
     # outputs
     "dump_topk", "check_dump", "check_dump_figures", "DumpCheckError", "read_metrics", "plot_curves",
     "MissingExtraError", "cache_dir",
@@ -98,7 +104,8 @@ STAGES = ("retrieval", "ranker")
 RUN_ENTRIES = {r"(retrieval|ranker)(\.[0-9]+)?": "checkpoint",  # member_stage's names
                re.escape(METRICS_FILE): "metrics", re.escape(PLOT_FILE): "plot",
                re.escape(run_dir.MANIFEST_FILE): "manifest",
-               re.escape("train+val"): "checkpoints"}  # phoenix_protocols.retrain_stages' checkpoints
+               re.escape("train+val"): "checkpoints",  # phoenix_protocols.retrain_stages' checkpoints
+               re.escape(SERVING_DIR): "checkpoint"}  # phoenix_serving.save_serving
 
 
 class MissingExtraError(ImportError):
@@ -330,7 +337,8 @@ def check_run_dir(path, overwrite: bool = False, inputs=(), files=None) -> None:
 
 
 def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrite: bool = False,
-        plot: bool = False, stream=None, title: Optional[str] = None, data_parallel=False, extra_rows=None) -> dict:
+        plot: bool = False, stream=None, title: Optional[str] = None, data_parallel=False, extra_rows=None,
+        columns: Optional[Columns] = None) -> dict:
     """Trains both stages, keeps the best checkpoints, evaluates them read back; prints the table.
 
     Progress goes to `stream` (default stderr), the table to stdout. Returns {"table": {(split, name):
@@ -338,7 +346,9 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
     weights chosen), "retrieval" / "ranker" (trainers),
     "retrieval_params" / "ranker_params" (best, as saved), "retrieval_best" / "ranker_best" (their val
     metrics and step), "stage_one" / "two_stage" (per split), "times", "wall_s", "checkpoint_dir",
-    "recipe" (with table sizes resolved), "split", "extra"}.
+    "recipe" (with table sizes resolved), "split", "extra", "served" (the ServedRun that load_run of the
+    directory gives: recommend(result, user) serves from memory)}. After the evaluation the directory
+    gets serving/ (phoenix_serving.save_serving; `columns`, the log's, are recorded there).
 
     extra_rows (phoenix_protocols.extra_rows): called after the evaluation with {"split", "recipe",
     "seed", "checkpoint_dir", "stream", "retrieval_best", "ranker_best", "retrieval_weight",
@@ -397,6 +407,8 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
     table, reranked, stage_one, two_stages, (weight, prior) = evaluate_stages(
         split, retrieval, retrieval_params, ranker, ranker_params, recipe)
     times["evaluation"] = time.perf_counter() - t0
+    served = _save_serving(split, recipe, checkpoint_dir, retrieval, retrieval_params, ranker, ranker_params,
+                           weight, prior, columns)
     extra = {}
     if extra_rows is not None:  # other protocols and reference models (phoenix_protocols.py)
         t0 = time.perf_counter()
@@ -424,7 +436,15 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
             "retrieval_params": retrieval_params, "ranker": ranker, "ranker_params": ranker_params,
             "retrieval_best": retrieval_best, "ranker_best": ranker_best, "stage_one": stage_one,
             "two_stage": two_stages, "times": times, "wall_s": wall, "checkpoint_dir": checkpoint_dir,
-            "recipe": recipe, "split": split, "extra": extra}
+            "recipe": recipe, "split": split, "extra": extra, "served": served}
+
+
+def _save_serving(split: LogSplit, recipe: Recipe, checkpoint_dir: str, retrieval, retrieval_params, ranker,
+                  ranker_params, weight: float, prior: float, columns: Optional[Columns]) -> ServedRun:
+    """Writes serving/ (what load_run reads beside the checkpoints) and returns the ServedRun it describes."""
+    phoenix_serving.save_serving(checkpoint_dir, split, recipe, weight, prior, columns)
+    return phoenix_serving.served_in_memory(split, recipe, retrieval, retrieval_params, ranker, ranker_params,
+                                            weight, prior, checkpoint_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,29 +492,6 @@ def seen_items(split: LogSplit, user) -> np.ndarray:
     seen = np.zeros(len(split.item_ids), bool)
     seen[split.item_columns[split.offsets[row]:split.offsets[row + 1]]] = True
     return seen
-
-
-def recommend(result: dict, split: LogSplit, user, k: int = FINAL_K) -> list[tuple]:
-    """Top-k new items for `user` (an original id) after everything the log holds for them.
-
-    Retrieval's top retrieve_k of the items the user has not seen, re-ranked as in the evaluation
-    (ranker logit + the chosen weights x retrieval logit and popularity prior, the prior counting
-    every interaction of the log). Returns [(item id, score)] best first.
-    """
-    recipe, retrieval, ranker = result["recipe"], result["retrieval"], result["ranker"]
-    seen = seen_items(split, user)[None, :]  # [1, N]
-    items = encode_items(retrieval, result["retrieval_params"], split)  # [N, D]
-    users = encode_users(retrieval, result["retrieval_params"], split, user_examples(split, user, recipe.history_len))
-    scores = users @ items.T  # [1, N]
-    top = metrics.topk_columns(scores, min(recipe.retrieve_k, int((~seen).sum())), seen)  # [1, K]
-    logits = two_stage.ranker_logits(ranker, result["ranker_params"], split,
-                                     user_examples(split, user, recipe.ranker_history_len), top,
-                                     recipe.num_candidates)  # [1, K, A]
-    final = two_stage.rerank_scores(logits, np.take_along_axis(scores, top, axis=1), result["retrieval_weight"],
-                                    recipe.temperature, recipe.score_action, two_stage.log_popularity(split, None)[top],
-                                    result["popularity_weight"])[0]  # [K]
-    order = np.argsort(-final, kind="stable")[:k]
-    return list(zip(split.log.tokens("item", split.item_ids[top[0, order]]), final[order].tolist()))
 
 
 def dump_topk(path, split: LogSplit, topk_columns: np.ndarray) -> None:
@@ -574,6 +571,7 @@ class RunOptions:
     plot: bool = False  # curves.png in each run directory (the plot extra)
     data_parallel: bool = False  # split each training batch over all devices (training.Trainer)
     dump_topk: Optional[str] = None  # every test user's final top-10 as CSV (seeds: PATH with .seed<N>)
+    columns: Optional[Columns] = None  # the log's columns, recorded in serving/ (None: not recorded)
 
     def __post_init__(self):
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)
@@ -648,7 +646,8 @@ def _run_seed(split: LogSplit, recipe: Recipe, options: RunOptions, protocols: P
               checkpoint_dir: str, dump_path: Optional[str], check: Optional[Callable], title: str, stream) -> dict:
     """One seed of an experiment (table on stdout); run()'s dict plus "dump_check"."""
     result = run(split, recipe, checkpoint_dir, seed, options.overwrite, options.plot, stream, title=title,
-                 data_parallel=options.data_parallel, extra_rows=phoenix_protocols.extra_rows(protocols))
+                 data_parallel=options.data_parallel, extra_rows=phoenix_protocols.extra_rows(protocols),
+                 columns=options.columns)
     first_check = None
     retrained = result.get("extra", {}).get("train+val")
     dumps = [(dump_path, result["reranked"]["test"], ("test", "two-stage"))] if dump_path else []

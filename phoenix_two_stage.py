@@ -43,7 +43,8 @@ from recsys_retrieval_model import POOLINGS, PhoenixRetrievalModelConfig, check_
 
 __all__ = ["Recipe", "RecipeError", "MOVIELENS_RECIPE", "resolve_recipe", "check_recipe", "hash_config",
            "retrieval_config", "ranker_config", "StageOne", "TwoStage", "RetrievalEnsemble", "RankerEnsemble",
-           "SequenceRetrievalTrainer", "encode_items", "encode_users", "ranker_logits", "rerank_scores",
+           "SequenceRetrievalTrainer", "encode_items", "encode_users", "retrieval_scores", "ranker_logits",
+           "rerank_scores",
            "choose_rerank_weights", "start_retrieval", "start_ranker", "stage_steps", "member_stage",
            "RETRIEVE_K", "FINAL_K"]
 
@@ -513,6 +514,20 @@ def encode_users(trainer: training.RetrievalTrainer, params, split: Split, examp
     return np.concatenate(out)
 
 
+def retrieval_scores(users: np.ndarray, items: np.ndarray, batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """Cosines [U, N] of users [U, D] with items [N, D], computed `batch_size` rows at a time, the last
+    block padded to full size, so every product has the shape [batch_size, D] x [D, N].
+
+    A user's row then does not depend on how many users are scored with it: a one-row product (a
+    BLAS gemv) can differ from a many-row one (gemm) in the last bits and reorder near-ties, so the
+    evaluation (StageOne) and serving (phoenix_serving) both score through here.
+    """
+    out = np.empty((len(users), len(items)), np.result_type(users, items))  # [U, N]
+    for rows, real in padded_chunks(len(users), batch_size):
+        out[rows[:real]] = (users[rows] @ items.T)[:real]  # [batch_size, N]
+    return out
+
+
 def eval_mask(split: Split, which: str) -> np.ndarray:
     """[U, N]: items ranked for nobody: the user's earlier items, except the target (phoenix_metrics.py's rule)."""
     exclude = split.exclude_mask(which)
@@ -580,7 +595,7 @@ class StageOne:
         self.exclude = eval_mask(split, which)  # [U, N]
         items = encode_items(trainer, params, split) if items is None else items  # [N, D]
         users = encode_users(trainer, params, split, self.examples)  # [U, D]
-        self.scores = users @ items.T  # [U, N] cosines
+        self.scores = retrieval_scores(users, items)  # [U, N] cosines
         self.ranks = metrics.target_ranks(self.scores, self.target, self.exclude)  # [U]
         self.topk = metrics.topk_columns(self.scores, k, self.exclude)  # [U, K], best first
         if (self.topk == metrics.NOT_RANKED).any():

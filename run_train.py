@@ -580,7 +580,8 @@ def train_log(command: Command) -> dict:
                                    "with --rating-col)")
     split = pipeline.split_log(log, source.split, source.duplicates, log_cut_time(source.cut_time, log),
                                source.cut_quantile)
-    return pipeline.run_experiment(split, command.recipe, command.run, command.protocols)
+    return pipeline.run_experiment(split, command.recipe, dataclasses.replace(command.run, columns=source.columns),
+                                   command.protocols)
 
 
 def train_movielens(command: Command) -> dict:

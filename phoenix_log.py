@@ -636,8 +636,9 @@ def _resolve_columns(header: list, columns: Columns, where: str) -> dict:
 # Reading: bytes -> format -> Arrow columns -> Log
 # ---------------------------------------------------------------------------------------------
 
-# Compressed streams, by their first bytes (whatever the file is called).
-COMPRESSIONS = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"))
+# Compressed streams, by their first bytes (regular expressions; whatever the file is called).
+COMPRESSIONS = ((rb"\x1f\x8b", "gzip"), (rb"\x28\xb5\x2f\xfd", "zstd"), (rb"\xfd7zXZ\x00", "xz"),
+                (rb"BZh[1-9](?:1AY&SY|\x17\x72\x45\x38\x50\x90)", "bz2"))  # bzip2: a block's or the end's magic
 COMPRESSED_SUFFIXES = (".gz", ".gzip", ".zst", ".zstd", ".bz2", ".xz")
 TAB_SUFFIXES = (".tsv", ".tab")  # a tab-separated log (also .tsv.gz, ...) unless a delimiter is given
 SNIFFED_DELIMITERS = (",", "\t", ";", "|")
@@ -671,8 +672,8 @@ class _Input:
             with open(self.path, "rb") as pipe:
                 self.buffer = pa.py_buffer(pipe.read())
         with contextlib.closing(self._raw()) as raw:
-            head = raw.read(8)
-        self.compression = next((name for magic, name in COMPRESSIONS if head.startswith(magic)), None)
+            head = raw.read(16)
+        self.compression = next((name for magic, name in COMPRESSIONS if re.match(magic, head, re.S)), None)
         with self.open() as stream:
             self.head = self._read(stream, 8, "its first bytes")
 
@@ -698,6 +699,8 @@ class _Input:
         try:
             return bytes(stream.read() if size < 0 else stream.read(size))
         except (OSError, EOFError, lzma.LZMAError, pa.ArrowInvalid) as error:
+            if self.compression is None:
+                raise
             raise LogError(f"{self.source}: is {self.compression}-compressed but its data is corrupt or cut short "
                            f"(reading {what}: {error})") from None
 

@@ -381,7 +381,7 @@ def test_a_log_reads_from_a_fifo_and_from_standard_input(tmp_path, log, monkeypa
 # damage said; zip is still refused, with what to do.
 BINARY = [("gzip", b"\x1f\x8b\x08\x00", "is gzip-compressed but its data is corrupt or cut short"),
           ("zstd", b"\x28\xb5\x2f\xfd\x00", "is zstd-compressed but its data is corrupt"),
-          ("bzip2", b"BZh91AY", "is bz2-compressed but its data is corrupt"),
+          ("bzip2", b"BZh91AY&SY", "is bz2-compressed but its data is corrupt"),
           ("xz", b"\xfd7zXZ\x00\x00", "is xz-compressed but its data is corrupt"),
           ("zip", b"PK\x03\x04\x14\x00", r"is a zip archive \(or an xlsx workbook\), not a log Phoenix reads .* "
                                          r"--data <\(unzip -p LOG.zip\)"),

@@ -415,3 +415,8 @@ def test_the_numpy_line_finder_equals_the_csv_modules(tmp_path, name, block_byte
     else:
         assert fast is not None and fast.tolist() == reference.tolist()
     assert logs._unquoted_row_lines(logs._Input(write(tmp_path / "q.csv", 'a,b,c\n"1",2,3\n\n4,5,6\n')), 2) is None
+
+
+def test_text_that_starts_like_a_magic_number_is_text(tmp_path):
+    path = write(tmp_path / "log.csv", "BZh9,item_id,timestamp\nu1,1,1\nu2,2,2\n")  # bzip2's first 4 bytes
+    assert logs.read_log(path, logs.Columns(user="BZh9")).tokens("user", [logs.string_id("u2")]) == ["u2"]

@@ -436,8 +436,9 @@ def _time_column(x, column: str, at) -> tuple[np.ndarray, bool]:
 def _text_times(text, first: str, column: str, at) -> np.ndarray:
     """ISO-8601 text [R] -> int64 ns since the epoch, UTC (naive read as UTC); its first value says
     whether the column is zoned."""
-    upper = pc.utf8_upper(text)  # RFC 3339 allows "t" and "z"; Arrow reads "T" and "Z"
-    upper = pc.replace_substring_regex(upper, r"\s*UTC$", "Z")  # "2024-05-01 12:00:00 UTC" (BigQuery's exports)
+    upper = pc.ascii_upper(text)  # RFC 3339 allows "t" and "z"; Arrow reads "T" and "Z"
+    if pc.any(pc.ends_with(upper, "UTC")).as_py():  # "2024-05-01 12:00:00 UTC" (BigQuery's exports)
+        upper = pc.replace_substring_regex(upper, r"\s*UTC$", "Z")
     zoned = _cast(upper[:1], _ZONED) is not None
     if not zoned and _cast(upper[:1], _NAIVE) is None:
         raise LogError(f"{at(0)}: column {column!r}: expected {_TIME_EXPECTED}, got {_shown(first)}")

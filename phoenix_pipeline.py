@@ -7,6 +7,7 @@
     pipeline.recommend(result, split, "u17")         # retrieve + re-rank for one user
 
     uv run run_train.py --data LOG.csv [--dump-topk top10.csv] [--plot]   # the same from the command line
+    uv run run_train.py --data LOG.csv --checkpoint-every 50 --resume     # resumable: rerun it after a kill
 
 `run` prints on stderr each stage's progress (phoenix_training.fit: step, loss, steps/s, ETA) and its
 validation HR@10 / NDCG@10; on stdout a markdown table of HR@10, NDCG@10, HR@50 and MRR on
@@ -33,7 +34,11 @@ $PHOENIX_CACHE_DIR/checkpoints/<log name>)
                        {"stage", "step", "loss", ...} per progress log, {"stage", "step",
                        "eval/HR@10", ...} per validation, one per table row (read_metrics).
   curves.png           with plot=True (needs matplotlib: `uv sync --extra plot`).
-  run.json             the manifest, written first (phoenix_run_dir): kind, source, seed, recipe.
+  run.json             the manifest, written first (phoenix_run_dir): kind, source, seed, recipe, the
+                       run's configuration (run_config) and the stages finished with their best val
+                       metrics (what --resume checks and reads back).
+  steps/<stage>/       with checkpoint_every or resume, each stage member's step checkpoints while it
+                       trains (deleted once it finishes); .lock, the run lock (docs/resume.md).
   seed<N>/             with RunOptions.seeds, each seed's run directory.
   Nothing else in the directory is touched. Before the log is read, a command line refuses outputs
   over its inputs (a dump or run directory that is the log, a link to it, ...), an existing dump

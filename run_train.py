@@ -16,8 +16,7 @@ validation and test for the popularity and transition baselines, retrieval alone
 with --dump-topk every test user's top-10 as CSV, recomputed from the file. MovieLens-100K takes a
 few minutes on 2 CPU cores; a log, time proportional to its training examples. The synthetic world
 (train_synthetic.py) trains a ranker and a two-tower model and reports them beside the world's
-oracle and a popularity baseline (about 10 minutes at the defaults on 2 CPU cores), resumably
-(--checkpoint-every N, --resume).
+oracle and a popularity baseline (about 10 minutes at the defaults on 2 CPU cores).
 
 Checkpoints and downloads go under $PHOENIX_CACHE_DIR (default ~/.cache/phoenix) unless
 --checkpoint-dir / --cache-dir say otherwise; a run directory holding an earlier run is refused
@@ -25,7 +24,9 @@ unless --overwrite, and no output ever goes over an input or over what Phoenix d
 (phoenix_run_dir.py), all checked before anything is read or trained; flags that do not apply to the
 run are refused. A user error (a bad flag, path or value) prints one `error:` line and exits with
 status 2; a traceback means a bug. SIGTERM / Ctrl-C stop cleanly (exit 143 / 130) and say what is
-saved and, where the run can resume, the command that resumes it.
+saved and, where the run can resume, the command that resumes it. Every data path resumes after a kill
+with --checkpoint-every N and --resume, bit for bit (a log or flags that changed are refused, listed:
+docs/resume.md).
 
 This module holds every training flag and is the command-line toolkit of the other entry points
 (run_ranker.py, run_retrieval.py: `cli`, `dataclass_parser`); the library below it takes dataclasses.

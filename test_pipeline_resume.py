@@ -11,6 +11,7 @@ named. Tolerance: none anywhere (exact equality), on CPU.
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -180,6 +181,26 @@ def test_a_csv_run_sigkilled_in_training_resumes_to_the_uninterrupted_run(refere
     assert "retrieval: already trained by this run" in err
     assert f"resuming from {run}/steps/ranker/step-" in err
     assert_same(result, outcome(run, dump), reference)
+
+
+def test_a_csv_run_stopped_by_sigterm_exits_143_naming_what_is_saved_and_the_command_that_resumes(
+        log_csv, tmp_path, monkeypatch, capsys):
+    """A real SIGTERM under the command line's handlers (test_resume.first_step_of sends it during the
+    first retrieval step): one line, exit status 143, the resume command without --overwrite."""
+    from test_resume import first_step_of, stop_line
+    run = tmp_path / "run"
+    argv = ["--data", str(log_csv), "--checkpoint-dir", str(run), *TINY_FLAGS, "--checkpoint-every", "5",
+            "--overwrite"]
+    first_step_of(monkeypatch, "SequenceRetrievalTrainer", signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        phoenix_stop.command_line(run_train.main)(argv)
+    assert exit_info.value.code == 143
+    line = stop_line(capsys)
+    end = int(line.split(" of ", 1)[1].split(" ", 1)[0])
+    resume = shlex.join([*phoenix_stop.invoked_as(), *argv[:-1], "--resume"])
+    assert line == (f"stopped by SIGTERM after step 1 of {end} (retrieval): saved {run}/steps/retrieval/step-00000001 "
+                    f"(step 1 of {end}); resume with: {resume}")
+    assert [step for step, _ in training.list_step_checkpoints(run / pipeline.STEPS_DIR / "retrieval")] == [1]
 
 
 @pytest.mark.parametrize("change, expected", [

@@ -31,7 +31,7 @@ import run_train
 from test_phoenix_pipeline import TINY_FLAGS, write_log
 
 REPO = Path(__file__).resolve().parent
-STAGES = ("retrieval", "ranker")
+STAGES = ("retrieval", "retrieval.1", "ranker")
 
 
 class Killed(BaseException):
@@ -45,8 +45,13 @@ def log_csv(tmp_path_factory) -> Path:
     return path
 
 
+# Two retrieval members: a resume reads a finished member back and continues the other.
+MEMBERS = ["--retrieval-members", "2"]
+
+
 def argv_of(log_csv, run, dump, *more) -> list:
-    return ["--data", str(log_csv), "--checkpoint-dir", str(run), "--dump-topk", str(dump), *TINY_FLAGS, *more]
+    return ["--data", str(log_csv), "--checkpoint-dir", str(run), "--dump-topk", str(dump), *TINY_FLAGS, *MEMBERS,
+            *more]
 
 
 def outcome(run, dump) -> dict:
@@ -113,13 +118,14 @@ def test_a_run_interrupted_at_several_points_resumes_to_the_uninterrupted_run_bi
     run, dump = tmp_path / "run", tmp_path / "top10.csv"
     argv = argv_of(log_csv, run, dump, "--checkpoint-every", "4", "--resume")  # --resume on a new directory
 
-    # 1. killed right after retrieval's first new best was saved, before that step's step checkpoint
-    kill_after(monkeypatch, "retrieval")
+    # 1. killed right after the second retrieval member's first new best was saved, before that step's
+    # step checkpoint (the first member finished)
+    kill_after(monkeypatch, "retrieval.1")
     with pytest.raises(Killed):
         run_train.main(argv)
     assert "nothing to resume in" in capsys.readouterr().err
-    best = checkpoint.read_meta(run / "retrieval")["extra"]["val"]["step"]
-    newest = training.list_step_checkpoints(run / pipeline.STEPS_DIR / "retrieval")[-1][0]
+    best = checkpoint.read_meta(run / "retrieval.1")["extra"]["val"]["step"]
+    newest = training.list_step_checkpoints(run / pipeline.STEPS_DIR / "retrieval.1")[-1][0]
     assert newest < best  # the kill fell between the new best and the step checkpoint after it
     monkeypatch.undo()
 
@@ -129,10 +135,11 @@ def test_a_run_interrupted_at_several_points_resumes_to_the_uninterrupted_run_bi
     with pytest.raises(phoenix_stop.TrainingStopped) as stopped:
         run_train.main(argv)
     err = capsys.readouterr().err
-    assert f"resuming from {run}/steps/retrieval/step-{newest:08d}" in err
+    assert "retrieval: already trained by this run" in err
+    assert f"resuming from {run}/steps/retrieval.1/step-{newest:08d}" in err
     line = stopped.value.line(["run_train.py"])
     assert line.startswith(f"stopped by SIGTERM after step 10 of {stopped.value.end_step} (ranker): saved ")
-    assert f"{run}/steps/ranker/step-00000010 (step 10 of" in line and f"{run}/retrieval (retrieval, best val" in line
+    assert f"{run}/steps/ranker/step-00000010 (step 10 of" in line and f"{run}/retrieval, {run}/retrieval.1 (retrieval, best val" in line
     assert f"{run}/ranker (best val NDCG@10" in line
     assert line.endswith("; resume with: run_train.py " + " ".join(argv))
     monkeypatch.undo()
@@ -151,7 +158,7 @@ def test_a_run_interrupted_at_several_points_resumes_to_the_uninterrupted_run_bi
     # 4. resumed to the end: nothing trained again
     result = run_train.main(argv)
     err = capsys.readouterr().err
-    assert "retrieval: already trained" in err and "ranker: already trained" in err and "steps of" not in err
+    assert all(f"{name}: already trained" in err for name in STAGES) and "steps of" not in err
     assert not os.listdir(run / pipeline.STEPS_DIR)  # a finished stage's step checkpoints are deleted
     assert_same(result, outcome(run, dump), reference)
     metrics = pipeline.read_metrics(run / pipeline.METRICS_FILE)

@@ -244,18 +244,21 @@ def training_windows(split: Split, history_len: int, rng: Optional[np.random.Gen
     with r = 0 without `rng` and r uniform in [0, S) per user with it (a new cut every epoch, so a
     target's history length varies between epochs instead of being fixed by where the cuts fall).
     """
-    rows, starts, lengths = [], [], []
-    for user in range(len(split.user_ids)):
-        length = int(split.train_len[user])  # targets are positions 1 .. length - 1
-        if length < 2:
-            continue
-        shift = int(rng.integers(0, history_len)) if rng is not None else 0
-        cuts = ([0] if shift > 0 else []) + list(range(shift, length - 1, history_len))
-        for begin, end in zip(cuts, cuts[1:] + [length - 1]):  # items begin..end, end - begin <= S
-            rows.append(user)
-            starts.append(split.offsets[user] + begin)
-            lengths.append(end - begin + 1)
-    return np.array(rows, np.int64), np.array(starts, np.int64), np.array(lengths, np.int64)
+    train_len = split.train_len
+    users = np.flatnonzero(train_len >= 2)  # [U'] targets are positions 1 .. length - 1
+    length = train_len[users]
+    # One draw per such user, in user order (as many draws as one rng.integers call each would take).
+    shift = rng.integers(0, history_len, size=len(users)) if rng is not None else np.zeros(len(users), np.int64)
+    lead = (shift > 0).astype(np.int64)  # [U'] a first window 0..shift before the regular cuts
+    regular = np.maximum(-(-(length - 1 - shift) // history_len), 0)  # [U'] cuts shift, shift + S, ... < length - 1
+    count = lead + regular  # [U'] windows per user
+    owner = np.repeat(np.arange(len(users)), count)  # [Nw]
+    j = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)  # [Nw] window index within its user
+    begin = np.where((lead[owner] == 1) & (j == 0), 0, shift[owner] + (j - lead[owner]) * history_len)  # [Nw]
+    last = j == count[owner] - 1
+    end = np.where(last, length[owner] - 1, shift[owner] + (j + 1 - lead[owner]) * history_len)  # items begin..end
+    rows = users[owner].astype(np.int64)
+    return rows, (split.offsets[rows] + begin).astype(np.int64), (end - begin + 1).astype(np.int64)
 
 
 def window_examples(split: LogSplit, rows, starts, lengths, history_len: int):
@@ -272,10 +275,14 @@ def window_examples(split: LogSplit, rows, starts, lengths, history_len: int):
     return examples, positions, valid
 
 
-def window_batch(split: Split, examples: dict, hashes: HashConfig):
+def window_batch(split: Split, examples: dict, hashes: HashConfig, targets=None):
     """A RecsysBatch whose history is each window and whose candidates are the window's items 1..S
-    (candidate c is the target of the prefix ending at slot c)."""
-    return phoenix_batch(split, examples, hashes, examples["history_post_ids"][:, 1:])
+    (candidate c is the target of the prefix ending at slot c); `targets` [Nw, S] bool (default all):
+    the other slots' candidates are padding (a kept repeat is history, never a target)."""
+    candidates = examples["history_post_ids"][:, 1:]  # [Nw, S]
+    if targets is not None:
+        candidates = np.where(targets, candidates, PAD_ID)
+    return phoenix_batch(split, examples, hashes, candidates)
 
 
 def retrieval_batches(split: LogSplit, recipe: Recipe, hashes: HashConfig, rng: np.random.Generator):
@@ -293,9 +300,11 @@ def retrieval_batches(split: LogSplit, recipe: Recipe, hashes: HashConfig, rng: 
         (rows, starts, lengths), pending = pending[:B].T, pending[B:]
         examples, positions, valid = window_examples(split, rows, starts, lengths, S)
         targets = valid[:, 1:]  # [B, S]
+        if split.first_time is not None:  # kept repeats (duplicates="keep") are history, never targets
+            targets = targets & split.first_time[positions[:, 1:]]
         # Accidental hits by catalog column, not raw id: a hashed string id needs 63 bits, and the
         # jitted step sees int32 (-1 marks padding, as PAD_ID did).
-        yield (window_batch(split, examples, hashes),
+        yield (window_batch(split, examples, hashes, None if split.first_time is None else targets),
                np.where(targets, log_q[split.item_columns[positions[:, 1:]]], 0.0).astype(np.float32),
                np.where(targets, split.item_columns[positions[:, 1:]], PAD_ID).astype(np.int32))
 

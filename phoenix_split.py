@@ -231,11 +231,16 @@ def _stable_argsort(key: np.ndarray) -> np.ndarray:
     shift = max(1, (num - 1).bit_length())  # bits of an index
     if num == 0 or key.dtype.kind not in "iu":
         return np.argsort(key, kind="stable")
-    low = int(key.min())
-    if int(key.max()) - low >= 1 << (63 - shift):
+    low, high = int(key.min()), int(key.max())
+    step = 1
+    if high - low >= 1 << (63 - shift) and high - low < 1 << 63:  # a common step (ns times of whole seconds)
+        step = int(np.gcd.reduce(key.astype(np.int64) - low))  # exact: (key - low) // step keeps order and ties
+    if (high - low) // step >= 1 << (63 - shift):
         return np.argsort(key, kind="stable")
-    packed = key.astype(np.int64)  # [R] a new array: (key - low) << shift | index
+    packed = key.astype(np.int64)  # [R] a new array: (key - low) // step << shift | index
     packed -= low
+    if step > 1:
+        packed //= step
     packed <<= shift
     packed |= np.arange(num, dtype=np.int64)
     packed.sort()
@@ -325,6 +330,14 @@ def _time_cut(timestamp: np.ndarray, offsets: np.ndarray, first_time: Optional[n
     kept = before.copy()
     kept[target] = True
     return kept, evaluated
+
+
+def _gather_rows(actions: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """actions[order] [R', A]; when every row is the same (a log of clicks alone) a read-only broadcast of
+    that row instead: the same values without R' x A bytes."""
+    if actions.strides[0] == 0 or np.array_equal(actions.any(axis=0), actions.all(axis=0)):
+        return np.broadcast_to(actions[0], (len(order), actions.shape[1]))
+    return actions[order]
 
 
 def check_split_options(protocol: str, cut_time=None, cut_quantile=None) -> None:
@@ -423,18 +436,17 @@ def split_log(log: Log, protocol: str = "leave-one-out", duplicates: str = "firs
         ratings=np.zeros(len(order), np.float32) if log.rating is None else log.rating[order],
         timestamps=log.timestamp[order], item_columns=item_columns,
         train_len=np.where(has_eval, val - offsets[:-1], lengths).astype(np.int64), has_eval=has_eval,
-        item_ids=item_ids, item_authors=log.author[order[first]], actions=log.actions[order],
+        item_ids=item_ids, item_authors=log.author[order[first]], actions=_gather_rows(log.actions, order),
         test_len=np.where(has_eval, test - offsets[:-1], lengths).astype(np.int64), first_time=first_time,
         rows=order, log=log, protocol=protocol, duplicates=duplicates, repeats=num_repeats,
         cut=cut_time if protocol == "time" else None)
 
 
 def _time_text(log: Log, value) -> str:
-    """A timestamp as an ISO date-time when the log says its unit (a datetime column read as int64
-    since the epoch: Log.time_unit "s" / "ms" / "us" / "ns"), else the number itself."""
-    unit = getattr(log, "time_unit", None)
-    if unit is not None and np.issubdtype(np.asarray(value).dtype, np.integer):
-        return f"{np.datetime64(int(value), unit)}"
+    """A timestamp as an ISO date-time (UTC) when it came from dates/times (Log.datetimes: int64
+    nanoseconds since the Unix epoch), else the number itself."""
+    if getattr(log, "datetimes", False) and np.issubdtype(np.asarray(value).dtype, np.integer):
+        return f"{np.datetime64(int(value), 'ns')}"
     return f"{value.item() if isinstance(value, np.generic) else value}"
 
 

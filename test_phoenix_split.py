@@ -131,7 +131,10 @@ def test_fast_split_equals_the_reference_bit_for_bit(options):
     np.array([3, 1, 3, 1, 2, 0, 0]), np.array([], np.int64), np.array([5]),
     np.array([-2 ** 63, 2 ** 63 - 1, 0, -1, 0]),  # a range wider than 63 bits: the argsort itself
     np.array([2.5, 1.0, 2.5, -0.0, 0.0]), np.random.default_rng(0).integers(-50, 50, 1000),
-    np.random.default_rng(1).integers(0, 2 ** 40, 5000)], ids=lambda k: f"{k.dtype}{len(k)}")
+    np.random.default_rng(1).integers(0, 2 ** 40, 5000),
+    np.random.default_rng(2).integers(0, 2 ** 33, 5000) * 10 ** 9,  # ns of whole seconds: packed // 10**9
+    np.random.default_rng(3).integers(0, 2 ** 33, 5000) * 10 ** 9 + np.arange(5000) % 2],  # no common step
+    ids=lambda k: f"{k.dtype}{len(k)}")
 def test_stable_argsort_is_numpys_stable_argsort(key):
     assert np.array_equal(phoenix_split._stable_argsort(key), np.argsort(key, kind="stable"))
 
@@ -339,9 +342,10 @@ def test_summary_says_what_happened(keep_split):
 
 def test_summary_time_range_as_dates_when_the_log_knows_the_unit(keep_split):
     log = dataclasses.replace(keep_split.log)
-    object.__setattr__(log, "time_unit", "s")  # the reader's mark of a datetime column (int64 since the epoch)
+    object.__setattr__(log, "timestamp", log.timestamp * 10 ** 9)
+    object.__setattr__(log, "datetimes", True)  # the reader's mark of dates/times (int64 ns since the epoch)
     assert phoenix_split.summary(dataclasses.replace(keep_split, log=log))["time range"] == (
-        "1970-01-01T00:00:01 .. 1970-01-01T00:00:07")
+        "1970-01-01T00:00:01.000000000 .. 1970-01-01T00:00:07.000000000")
 
 
 def test_log_without_line_numbers_names_rows_and_lines():

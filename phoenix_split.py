@@ -68,8 +68,8 @@ from phoenix_inputs import PAD_ID, RawBatch
 from phoenix_log import Log, LogError
 
 __all__ = ["Split", "LogSplit", "split_log", "split_rows", "check_split_options", "describe", "summary",
-           "histories", "phoenix_examples", "phoenix_batch", "item_sampling_frequencies", "SPLIT_PROTOCOLS", "DUPLICATE_RULES",
-           "DEFAULT_CUT_QUANTILE", "MIN_EVAL_INTERACTIONS", "SPLITS", "SURFACE"]
+           "histories", "phoenix_examples", "phoenix_batch", "item_sampling_frequencies", "SPLIT_PROTOCOLS",
+           "DUPLICATE_RULES", "DEFAULT_CUT_QUANTILE", "MIN_EVAL_INTERACTIONS", "SPLITS", "SURFACE"]
 
 SPLITS = ("train", "val", "test")
 SPLIT_PROTOCOLS = ("leave-one-out", "time")
@@ -224,21 +224,23 @@ def _codes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values[by_value], rank[codes]
 
 
-def _stable_argsort(key: np.ndarray) -> np.ndarray:
+def _stable_argsort(key: np.ndarray, bounds: Optional[tuple] = None) -> np.ndarray:
     """np.argsort(key, kind="stable") [R] of integer keys: one value sort of (key - min, index) packed in an
-    int64 where it fits (several times faster than an argsort), else the argsort itself."""
+    int64 where it fits (several times faster than an argsort), else the argsort itself. `bounds`: the
+    keys' (min, max) when the caller knows them (a pass over R spared)."""
     num = len(key)
     shift = max(1, (num - 1).bit_length())  # bits of an index
     if num == 0 or key.dtype.kind not in "iu":
         return np.argsort(key, kind="stable")
-    low, high = int(key.min()), int(key.max())
+    low, high = (int(key.min()), int(key.max())) if bounds is None else bounds
     step = 1
     if high - low >= 1 << (63 - shift) and high - low < 1 << 63:  # a common step (ns times of whole seconds)
         step = int(np.gcd.reduce(key.astype(np.int64) - low))  # exact: (key - low) // step keeps order and ties
     if (high - low) // step >= 1 << (63 - shift):
         return np.argsort(key, kind="stable")
     packed = key.astype(np.int64)  # [R] a new array: (key - low) // step << shift | index
-    packed -= low
+    if low:
+        packed -= low
     if step > 1:
         packed //= step
     packed <<= shift
@@ -248,10 +250,12 @@ def _stable_argsort(key: np.ndarray) -> np.ndarray:
     return packed
 
 
-def _time_order(user_codes: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
-    """time_order from users' codes (_codes): a stable sort by timestamp, then a stable one by user."""
+def _time_order(user_codes: np.ndarray, timestamp: np.ndarray, num_users: Optional[int] = None) -> np.ndarray:
+    """time_order from users' codes (_codes: [0, num_users)): a stable sort by timestamp, then a stable one
+    by user."""
     by_time = _stable_argsort(timestamp)  # [R]
-    return by_time[_stable_argsort(user_codes[by_time])]
+    bounds = None if num_users is None else (0, num_users - 1)
+    return by_time[_stable_argsort(user_codes[by_time], bounds)]
 
 
 def time_order(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
@@ -259,10 +263,10 @@ def time_order(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
     return _time_order(_codes(user)[1], timestamp)
 
 
-def _later_repeats(user_codes: np.ndarray, item_codes: np.ndarray) -> np.ndarray:
+def _later_repeats(user_codes: np.ndarray, item_codes: np.ndarray, num_items: Optional[int] = None) -> np.ndarray:
     """later_repeats of rows grouped by user (codes non-decreasing): sorted by (item, row), a user's rows
     of one item are adjacent (rows of a user are contiguous), the first of them the earliest."""
-    by_pair = _stable_argsort(item_codes)  # [R]
+    by_pair = _stable_argsort(item_codes, None if num_items is None else (0, num_items - 1))  # [R]
     item, user = item_codes[by_pair], user_codes[by_pair]
     same = (item[1:] == item[:-1]) & (user[1:] == user[:-1])  # [R - 1]
     repeat = np.zeros(len(user_codes), dtype=bool)
@@ -370,9 +374,9 @@ def split_log(log: Log, protocol: str = "leave-one-out", duplicates: str = "firs
     check_split_options(protocol, cut_time, cut_quantile)
     user_ids, user_codes = _codes(log.user)  # [U], [R]
     item_ids, item_codes = _codes(log.item)  # [N], [R]
-    order = _time_order(user_codes, log.timestamp)  # [R] log rows by user, then time
+    order = _time_order(user_codes, log.timestamp, len(user_ids))  # [R] log rows by user, then time
     user_codes, item_codes = user_codes[order], item_codes[order]  # now per position
-    repeat = _later_repeats(user_codes, item_codes)  # [R]
+    repeat = _later_repeats(user_codes, item_codes, len(item_ids))  # [R]
     num_repeats = int(np.count_nonzero(repeat))
     if num_repeats:
         p = int(np.argmax(repeat))  # the first repeat; its pair's first row is earlier in the same user

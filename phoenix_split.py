@@ -143,6 +143,15 @@ class Split:
             return rows, self.offsets[rows] + self.train_len[rows]
         return rows, self.offsets[rows] + self.visible_len(which)[rows]
 
+    def num_distinct(self, which: Optional[str] = None) -> np.ndarray:
+        """[U] distinct items among each user's positions before the `which` target (None: all of them):
+        visible_len / lengths, less the kept repeats."""
+        ends = self.lengths if which is None else self.visible_len(which)
+        if self.first_time is None:
+            return ends
+        new = np.concatenate([[0], np.cumsum(self.first_time, dtype=np.int64)])  # [R + 1]
+        return new[self.offsets[:-1] + ends] - new[self.offsets[:-1]]
+
     def num_examples(self, which: str = "train") -> int:
         """len(target_positions(which)[0]), without building them."""
         if which != "train":

@@ -126,7 +126,7 @@ _TABLE_MINIMUM = {"user_table_size": 20_000, "post_table_size": 20_000, "author_
 def recommendable(split: Split) -> int:
     """Items every evaluated user can still be recommended at test time (the catalog minus the most
     any user has seen)."""
-    return len(split.item_ids) - int(split.visible_len("test")[split.eval_users()].max())
+    return len(split.item_ids) - int(split.num_distinct("test")[split.eval_users()].max())
 
 
 def resolve_recipe(recipe: Recipe, split: Split) -> Recipe:
@@ -137,7 +137,7 @@ def resolve_recipe(recipe: Recipe, split: Split) -> Recipe:
               "author_table_size": len(np.unique(split.item_authors))}
     auto = {name: max(minimum, MIN_TABLE_ROWS_PER_ID * counts[name]) for name, minimum in _TABLE_MINIMUM.items()}
     auto["retrieve_k"] = min(RETRIEVE_K, recommendable(split))
-    auto["negative_pool"] = max(1, min(RETRIEVE_K, len(split.item_ids) - int(split.lengths.max()) - 1))
+    auto["negative_pool"] = max(1, min(RETRIEVE_K, len(split.item_ids) - int(split.num_distinct().max()) - 1))
     auto["ranker_batch_size"] = max(1, min(RANKER_BATCH, len(split.target_positions("train")[0])))
     return dataclasses.replace(recipe, **{name: value for name, value in auto.items() if getattr(recipe, name) is None})
 
@@ -187,7 +187,7 @@ def check_recipe(split: LogSplit, recipe: Recipe) -> None:
     if not 0 < recipe.retrieve_k <= room:
         raise RecipeError(f"retrieve_k (--retrieve-k): expected in [1, {room}] (the {len(split.item_ids)} items minus "
                           f"the most one user has seen), got {recipe.retrieve_k}")
-    unseen = len(split.item_ids) - int(split.lengths.max())  # the fewest items a user has not seen
+    unseen = len(split.item_ids) - int(split.num_distinct().max())  # the fewest items a user has not seen
     if recipe.hard_negatives and not 0 < recipe.negative_pool < unseen:
         raise RecipeError(f"negative_pool (--negative-pool): expected in [1, {unseen}) (items a user has not seen), "
                           f"got {recipe.negative_pool}")
@@ -567,7 +567,7 @@ def hard_negative_pool(trainer: SequenceRetrievalTrainer, params, split: LogSpli
     rows, positions = split.target_positions("train")
     within = positions - split.offsets[rows]  # [E] the target's position within its user
     targets = split.item_columns[positions]  # [E]
-    if not 0 < pool_size < len(split.item_ids) - int(split.lengths.max()):
+    if not 0 < pool_size < len(split.item_ids) - int(split.num_distinct().max()):
         raise ValueError(f"negative pool {pool_size} must be below the items a user has not seen")
     pool = np.empty((len(users), pool_size), np.int32)
     for start in range(0, len(users), chunk):

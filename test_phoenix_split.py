@@ -355,3 +355,15 @@ def test_log_without_line_numbers_names_rows_and_lines():
     with pytest.raises(LogError, match=r"only one user \(7\) in 3 interactions"):
         dataclasses.replace(log, user=np.full(3, 7), item=log.item[:3], timestamp=log.timestamp[:3],
                             author=log.author[:3], actions=log.actions[:3], line=None)
+
+
+def test_keep_counts_distinct_items_for_the_recipe(keep_split):
+    """What the recipe checks count as seen (recommendable, the negative pool) are distinct items: a user
+    with many repeats of few items leaves most of the catalog to recommend."""
+    s = keep_split
+    assert s.num_distinct().tolist() == [4, 3, 2] and s.num_distinct("test").tolist() == [3, 2, 2]
+    assert s.num_distinct("val").tolist() == [2, 1, 2]
+    assert two_stage.recommendable(s) == 9 - 3
+    first = split_quietly(s.log)
+    assert np.array_equal(first.num_distinct(), first.lengths)
+    assert np.array_equal(first.num_distinct("test"), first.visible_len("test"))

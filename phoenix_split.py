@@ -95,11 +95,13 @@ class Split:
     ratings: np.ndarray  # [R] float32 (0 without a rating)
     timestamps: np.ndarray  # [R] int64 or float64
     item_columns: np.ndarray  # [R] int64 column of `items` in the catalog
-    train_len: np.ndarray  # [U] training positions per user (length - 2, or length if no eval)
+    train_len: np.ndarray  # [U] training positions per user, before the validation target (length - 2 without
+    # kept repeats), or length if no eval
     has_eval: np.ndarray  # [U] bool, the user has validation and test targets
     item_ids: np.ndarray  # [N] int64 catalog: every item with an interaction, ascending (= score columns)
     item_authors: np.ndarray  # [N] int64 author id of each catalog item
-    actions: np.ndarray  # [R, A] bool, ACTIONS order, per position
+    actions: np.ndarray  # [R, A] bool, ACTIONS order, per position (read-only; a log whose rows all have the
+    # same actions gets one row broadcast, np.broadcast_to)
     # Where repeats are kept (duplicates="keep"); the defaults describe a split without them:
     test_len: Optional[np.ndarray] = dataclasses.field(default=None, kw_only=True)  # [U] positions before
     # the test target (None: train_len + has_eval, the validation target right before it)

@@ -469,27 +469,24 @@ def summary(split: LogSplit) -> dict:
     """{name: text} of what a split did to its log, in reading order: rows, users, items, repeats and
     what happened to them, time range, the split (cut), users per split, training examples."""
     log, num_rows = split.log, len(split.log.user)
-    repeats = {"first": f"{split.repeats:,} dropped (each (user, item) pair's earliest kept)",
-               "keep": f"{split.repeats:,} kept as history, never targets", "error": "0"}[split.duplicates]
-    if split.repeats == 0:
-        repeats = "none"
+    what = {"first": "dropped, each pair's earliest kept", "keep": "kept as history, never targets", "error": ""}
+    repeats = (f"{split.repeats:,} ({split.repeats / num_rows:.1%} of the rows): {what[split.duplicates]} "
+               f"(--duplicates {split.duplicates})" if split.repeats else f"none (--duplicates {split.duplicates})")
     out = {"log": log.source, "rows": f"{num_rows:,}",
            "users": f"{len(split.user_ids):,}{' with an interaction before the cut' if split.cut is not None else ''} "
                     f"({'strings, hashed' if 'user' in log.names else 'integer ids'})",
            "items": f"{len(split.item_ids):,} in the catalog "
                     f"({'strings, hashed' if 'item' in log.names else 'integer ids'})",
-           "repeated (user, item)": f"{repeats} ({split.repeats / num_rows:.1%} of the rows; --duplicates "
-                                    f"{split.duplicates})",
+           "repeated (user, item)": repeats,
            "time range": f"{_time_text(log, log.timestamp.min())} .. {_time_text(log, log.timestamp.max())}"}
     evaluated = int(np.count_nonzero(split.has_eval))
     if split.protocol == "time":
         dropped = num_rows - len(split.items) - (split.repeats if split.duplicates == "first" else 0)
-        out["split"] = (f"time, cut at {_time_text(log, np.asarray(split.cut))}: {dropped:,} rows at or after it "
-                        "are no test target and are left out")
+        out["split"] = (f"time, cut at {_time_text(log, np.asarray(split.cut))} ({dropped:,} rows at or after it "
+                        "are no test target: left out)")
     else:
         new = "first-time " if split.duplicates == "keep" else ""
-        out["split"] = (f"leave-one-out (per user: the last {new}item is the test target, the {new}one before it "
-                        "the validation target)")
+        out["split"] = f"leave-one-out (test: each user's last {new}item; validation: the {new}one before)"
     out["interactions kept"] = f"{len(split.items):,}"
     out["users per split"] = (f"{evaluated:,} evaluated (a validation and a test target each), "
                               f"{len(split.user_ids) - evaluated:,} train only")

@@ -330,14 +330,13 @@ def test_training_windows_equal_the_per_user_loop(history_len):
 def test_summary_says_what_happened(keep_split):
     text = phoenix_split.summary(keep_split)
     assert text["rows"] == "14" and text["users"].startswith("3 ") and text["items"].startswith("9 in the catalog")
-    assert text["repeated (user, item)"].startswith("5 kept as history") and "35.7% of the rows" in text[
-        "repeated (user, item)"]
+    assert text["repeated (user, item)"] == "5 (35.7% of the rows): kept as history, never targets (--duplicates keep)"
     assert text["time range"] == "1 .. 7" and text["training examples"] == "2"
     assert text["users per split"].startswith("2 evaluated") and "1 train only" in text["users per split"]
     first = phoenix_split.summary(split_quietly(keep_split.log))
-    assert first["repeated (user, item)"].startswith("5 dropped") and first["interactions kept"] == "9"
+    assert first["repeated (user, item)"].startswith("5 (35.7% of the rows): dropped") and first["interactions kept"] == "9"
     timed = phoenix_split.summary(split_quietly(keep_split.log, protocol="time", cut_time=3.5))
-    assert timed["split"].startswith("time, cut at 3.5: ")
+    assert timed["split"].startswith("time, cut at 3.5 (")
 
 
 def test_summary_time_range_as_dates_when_the_log_knows_the_unit(keep_split):

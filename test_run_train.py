@@ -152,7 +152,7 @@ def test_dry_run_summarises_and_writes_nothing(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run directory, cache, dump or plot
     summary = result["summary"]
     assert summary["rows"] == "48" and summary["users"].startswith("6 ") and summary["items"].startswith("24 ")
-    assert summary["repeated (user, item)"].startswith("6 dropped")
+    assert summary["repeated (user, item)"].startswith("6 (12.5% of the rows): dropped")
     assert summary["time range"] == "1 .. 8" and summary["interactions kept"] == "42"
     assert summary["users per split"].startswith("6 evaluated") and summary["training examples"].startswith("24 ")
     assert set(result["seconds"]) == {"read and validate", "split", "recipe and examples"}
@@ -168,8 +168,8 @@ def test_dry_run_with_every_flag_that_shapes_the_split(tmp_path, monkeypatch):
     summary = run_train.main(["--data", str(log), "--dry-run", "--user-col", "u", "--item-col", "i", "--time-col", "t",
                               "--delimiter", "tab", "--duplicates", "keep", "--split", "time", "--cut-time", "8",
                               "--history-len", "3"])["summary"]
-    assert summary["repeated (user, item)"].startswith("6 kept as history")
-    assert summary["split"].startswith("time, cut at 8: 0 rows at or after it")  # each user's 8th is a test target
+    assert summary["repeated (user, item)"].startswith("6 (12.5% of the rows): kept as history")
+    assert summary["split"].startswith("time, cut at 8 (0 rows at or after it")  # each user's 8th is a test target
     assert summary["interactions kept"] == "48" and summary["users per split"].startswith("6 evaluated")
     # first-time positions 1, 2, 3 and 5 before the validation target (position 6; 4 is the repeat): 4 per user
     assert summary["training examples"].startswith("24 (ranker); 12 retrieval windows of up to 4 items")
@@ -196,3 +196,25 @@ def test_dry_run_of_a_movielens_copy(tmp_path, monkeypatch):
     result = run_train.main(["--data", str(copy), "--dry-run"])
     assert result["summary"]["rows"] == "48" and result["summary"]["users per split"].startswith("6 evaluated")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ml"] and sorted(p.name for p in copy.iterdir()) == ["u.data"]
+
+
+def test_a_run_with_kept_repeats_trains_and_its_dump_recomputes_to_the_table(tmp_path, monkeypatch):
+    """--duplicates keep end to end (tiny recipe): both stages train with repeats in the histories, the
+    dump has no seen item, and check_dump (each pair's first interaction, the last one the target: an
+    outside evaluator's rule) recomputes the table's test HR@10 / NDCG@10 from the file."""
+    import csv
+    from test_phoenix_pipeline import NUM_USERS, TINY_FLAGS, write_log
+    write_log(tmp_path / "log.csv")
+    with open(tmp_path / "log.csv", newline="") as f:
+        header, *rows = list(csv.reader(f))
+    repeats = [[user, item, str(int(time) + 5), *rest] for user, item, time, *rest in rows[::3]]  # later repeats
+    with open(tmp_path / "log.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows, *repeats])
+    result = run_train.main(["--data", str(tmp_path / "log.csv"), "--checkpoint-dir", str(tmp_path / "run"),
+                             "--dump-topk", str(tmp_path / "top.csv"), "--duplicates", "keep", *TINY_FLAGS])
+    split = result["split"]
+    assert split.duplicates == "keep" and split.repeats == len(repeats) and len(split.items) == len(rows) + len(repeats)
+    check, ours = result["dump_check"], result["table"][("test", "two-stage")]
+    assert check["num_users"] == NUM_USERS and check["missing_users"] == 0 and check["history_items_in_topk"] == 0
+    assert check["HR@10"] == pytest.approx(ours["HR@10"], abs=1e-12)
+    assert check["NDCG@10"] == pytest.approx(ours["NDCG@10"], abs=1e-12)

@@ -4,9 +4,12 @@
     log = pipeline.read_csv("log.csv")               # or pipeline.from_arrays({"user_id": ..., ...})
     split = pipeline.split_log(log)                  # chronological leave-one-out
     result = pipeline.run(split, pipeline.Recipe(), "runs/mine")   # both stages, best checkpoints, table
-    pipeline.recommend(result, split, "u17")         # retrieve + re-rank for one user
+    pipeline.recommend(result, "u17")                # the evaluated two-stage top-10 of one user
+    run = pipeline.load_run("runs/mine")             # later, in another process: no log needed
+    pipeline.recommend(run, "u17", k=10, history=None)   # the same list, from the run directory
 
     uv run run_train.py --data LOG.csv [--dump-topk top10.csv] [--plot]   # the same from the command line
+    uv run run_train.py --data LOG.csv --checkpoint-every 50 --resume     # resumable: rerun it after a kill
 
 `run` prints on stderr each stage's progress (phoenix_training.fit: step, loss, steps/s, ETA) and its
 validation HR@10 / NDCG@10; on stdout a markdown table of HR@10, NDCG@10, HR@50 and MRR on
@@ -33,7 +36,14 @@ $PHOENIX_CACHE_DIR/checkpoints/<log name>)
                        {"stage", "step", "loss", ...} per progress log, {"stage", "step",
                        "eval/HR@10", ...} per validation, one per table row (read_metrics).
   curves.png           with plot=True (needs matplotlib: `uv sync --extra plot`).
-  run.json             the manifest, written first (phoenix_run_dir): kind, source, seed, recipe.
+  run.json             the manifest, written first (phoenix_run_dir): kind, source, seed, recipe, the
+                       run's configuration (run_config) and the stages finished with their best val
+                       metrics (what --resume checks and reads back).
+  steps/<stage>/       with checkpoint_every or resume, each stage member's step checkpoints while it
+                       trains (deleted once it finishes); .lock, the run lock (docs/resume.md).
+  serving/             after the evaluation: the id vocabulary, each user's history, the re-ranking
+                       weights and popularity counts (phoenix_serving.save_serving), so that
+                       load_run(DIR) serves what was evaluated (recommend; run_recommend.py).
   seed<N>/             with RunOptions.seeds, each seed's run directory.
   Nothing else in the directory is touched. Before the log is read, a command line refuses outputs
   over its inputs (a dump or run directory that is the log, a link to it, ...), an existing dump
@@ -46,23 +56,26 @@ Shape glossary
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
 import phoenix_checkpoint as checkpoint
 import phoenix_evaluation as evaluation
 import phoenix_hashing as hashing
-import phoenix_metrics as metrics
 import phoenix_protocols
+import phoenix_resume
 import phoenix_run_dir as run_dir
+import phoenix_serving
 import phoenix_split
 import phoenix_training as training
 import phoenix_two_stage as two_stage
@@ -72,6 +85,8 @@ from phoenix_evaluation import DumpCheckError, check_dump, check_dump_figures
 from phoenix_log import Columns, Log, LogError, from_arrays, read_csv, read_log, string_id
 from phoenix_paths import cache_dir
 from phoenix_protocols import Protocols
+from phoenix_resume import ResumeError
+from phoenix_serving import SERVING_DIR, ServedRun, load_run, recommend
 from phoenix_split import LogSplit, describe, split_log
 from phoenix_two_stage import FINAL_K, MOVIELENS_RECIPE, Recipe, RecipeError, encode_items, encode_users
 
@@ -81,16 +96,19 @@ __all__ = [
     "describe",
     # training and evaluation
     "Recipe", "RecipeError", "MOVIELENS_RECIPE", "run", "RunOptions", "run_experiment", "Protocols",
-    "check_run_outputs", "format_table", "FINAL_K",
-    # serving one user
-    "recommend", "user_row", "user_examples", "user_batch", "items_batch", "seen_items", "encode_users",
-    "encode_items", "load_members",
+    "check_run_outputs", "format_table", "FINAL_K", "fingerprint", "run_config", "ResumeError",
+    # serving: a run directory, one user
+    "load_run", "ServedRun", "recommend", "user_row", "user_examples", "user_batch", "items_batch", "seen_items",
+    "encode_users", "encode_items", "load_members",
     # outputs
     "dump_topk", "check_dump", "check_dump_figures", "DumpCheckError", "read_metrics", "plot_curves",
     "MissingExtraError", "cache_dir",
 ]
 
 METRICS_FILE = "metrics.jsonl"
+FINISHED_KEY = "finished"  # run.json: {member_stage name: best val metrics} of the stages trained
+RUN_CONFIG_KEY = "run_config"  # run.json: what shapes the run's results (run_config), checked on resume
+STEPS_DIR = "steps"  # a resumable run's step checkpoints, one directory per member_stage
 PLOT_FILE = "curves.png"
 STAGES = ("retrieval", "ranker")
 # What a run writes in its directory ({name regex: phoenix_run_dir kind}): nothing else there is touched,
@@ -98,7 +116,10 @@ STAGES = ("retrieval", "ranker")
 RUN_ENTRIES = {r"(retrieval|ranker)(\.[0-9]+)?": "checkpoint",  # member_stage's names
                re.escape(METRICS_FILE): "metrics", re.escape(PLOT_FILE): "plot",
                re.escape(run_dir.MANIFEST_FILE): "manifest",
-               re.escape("train+val"): "checkpoints"}  # phoenix_protocols.retrain_stages' checkpoints
+               re.escape("train+val"): "checkpoints",  # phoenix_protocols.retrain_stages' checkpoints
+               re.escape(SERVING_DIR): "checkpoint",  # phoenix_serving.save_serving
+               re.escape(STEPS_DIR): "steps",  # resumable runs: steps/<member_stage>/step-N
+               re.escape(phoenix_resume.LOCK_FILE): "lock"}  # resumable runs: the run lock
 
 
 class MissingExtraError(ImportError):
@@ -112,17 +133,49 @@ class MissingExtraError(ImportError):
 
 class MetricsLog:
     """Appends JSON lines to `path` (flushed per line, so a crashed run keeps what it logged); the
-    first line, phoenix_run_dir.METRICS_HEADER, marks the file as Phoenix's for a later --overwrite."""
+    first line, phoenix_run_dir.METRICS_HEADER, marks the file as Phoenix's for a later --overwrite.
 
-    def __init__(self, path):
+    `resume`: continue an earlier run's file. Its complete lines are kept (a line cut short by a kill
+    is dropped), and an entry it already holds (same stage, step and kind: a resumed stage logs again
+    the steps after its last step checkpoint) is not written twice."""
+
+    def __init__(self, path, resume: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(run_dir.METRICS_HEADER) + "\n")
+        self._written = set()
+        kept = [json.dumps(run_dir.METRICS_HEADER)]
+        if resume and self.path.is_file():
+            for line in self.path.read_text().splitlines()[1:]:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(entry, dict):
+                    kept.append(line)
+                    self._written.add(self._key(entry))
+        _write_atomically(self.path, "".join(line + "\n" for line in kept))
+
+    @staticmethod
+    def _key(entry: dict) -> tuple:
+        """What makes an entry the same entry when a resumed run logs it again (its steps/s differ)."""
+        kind = "eval" if any(k.startswith("eval/") for k in entry) else "loss" if "loss" in entry else "other"
+        return entry.get("stage"), entry.get("step"), entry.get("split"), entry.get("model"), kind
 
     def write(self, **entry) -> None:
         entry = {k: _json_number(v) for k, v in entry.items()}
+        key = self._key(entry)
+        if key in self._written:
+            return
+        self._written.add(key)
         with open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """`text` as the file at `path`: a temporary file beside it, then os.replace."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _json_number(value):
@@ -148,37 +201,79 @@ def read_metrics(path) -> list[dict]:
     return entries[1:] if entries[:1] == [run_dir.METRICS_HEADER] else entries
 
 
+class Steps(NamedTuple):
+    """How a resumable run keeps its stages' step checkpoints (RunOptions' checkpoint_every,
+    keep_checkpoints, resume) and the run's configuration that each step checkpoint records and a
+    resume must match (run_config)."""
+
+    every: int  # a step checkpoint every N steps of each stage (0: at its end and at a clean stop only)
+    keep: int  # the newest K step checkpoints of each stage are kept
+    resume: bool  # continue from the newest step checkpoint there
+    config: dict  # run_config(...): compared with each step checkpoint's on resume
+
+
+class _BestSoFar:
+    """The best validation metrics of a stage so far ({"NDCG@10", ..., "step"}), travelling in its step
+    checkpoints as training.fit's `aux` (JSON bytes): a resumed stage compares its next evaluations with
+    the best as it was at that checkpoint, so it keeps the same checkpoint an uninterrupted run keeps."""
+
+    def __init__(self):
+        self.metrics = {"NDCG@10": -math.inf}
+
+    def state_dict(self) -> dict:
+        text = json.dumps(training.encode_json(self.metrics))
+        return {"best_json": np.frombuffer(text.encode(), np.uint8)}
+
+    def load_state_dict(self, arrays: dict) -> None:
+        self.metrics = training.decode_json(json.loads(np.asarray(arrays["best_json"], np.uint8).tobytes()))
+
+
 def _fit_keeping_best(trainer, state, batches, steps: int, evaluate, path: str, extra: dict, evals: int, stream,
-                      stage: str, log: Optional[MetricsLog]):
+                      stage: str, log: Optional[MetricsLog], resumable: Optional[Steps] = None):
     """training.fit with `evaluate(params) -> metrics` on validation `evals` times (the last at the
     end); the best by NDCG@10 is saved to `path` and returned as (host params, its metrics). Each fit
-    history entry goes to `log` with the stage name as it is made (so metrics.jsonl grows during training)."""
-    best = {"NDCG@10": -math.inf}
+    history entry goes to `log` with the stage name as it is made (so metrics.jsonl grows during training).
+
+    `resumable`: step checkpoints in <run dir>/steps/<stage> (fit's), the best so far among them
+    (_BestSoFar). Killed after a new best was saved and before the next step checkpoint, the resumed
+    stage evaluates that step again, finds the same best and saves the same checkpoint over it; its
+    params are read back from `path` when this process did not evaluate them itself."""
+    best = _BestSoFar()
     kept = {}
 
     def validate(state):
-        nonlocal best
         result = evaluate(state.params)
-        if result["NDCG@10"] > best["NDCG@10"]:
-            best = {**result, "step": int(state.step)}
+        if result["NDCG@10"] > best.metrics["NDCG@10"]:
+            best.metrics = {**result, "step": int(state.step)}
             kept["params"] = two_stage.host_copy(state.params)
-            trainer.save(path, state, extra={**extra, "val": best})
+            trainer.save(path, state, extra={**extra, "val": best.metrics})
         return {k: result[k] for k in ("HR@10", "NDCG@10")}
 
+    resume_args = {}
+    if resumable is not None:
+        resume_args = {"checkpoint_dir": os.path.join(os.path.dirname(path), STEPS_DIR, os.path.basename(path)),
+                       "checkpoint_every": resumable.every, "keep_checkpoints": resumable.keep,
+                       "resume": resumable.resume, "aux": best,
+                       "run_config": {**resumable.config, "stage": os.path.basename(path)}}
     try:
-        training.fit(trainer, state, batches, steps, log_every=max(1, min(50, steps // 10)),
-                     eval_fn=validate, eval_every=max(1, -(-steps // evals)), stream=stream,
-                     on_log=None if log is None else (lambda entry: log.write(stage=stage, **entry)))
+        state, _ = training.fit(trainer, state, batches, steps, log_every=max(1, min(50, steps // 10)),
+                                eval_fn=validate, eval_every=max(1, -(-steps // evals)), stream=stream,
+                                on_log=None if log is None else (lambda entry: log.write(stage=stage, **entry)),
+                                **resume_args)
     except training.TrainingStopped as stop:  # a clean stop (phoenix_stop): say where the best so far is
         stop.stage = stop.stage or stage
-        if "params" in kept:
-            stop.kept.append(_best_at(path, best))
+        if stop.saved:
+            stop.kept.append(f"{stop.saved} (step {stop.step} of {stop.end_step})")
+        if best.metrics.get("step") is not None:
+            stop.kept.append(_best_at(path, best.metrics))
         raise
-    return kept["params"], best
+    if "params" not in kept:  # a resumed stage whose best was evaluated before the kill
+        kept["params"] = checkpoint.load_checkpoint(path, params_template=two_stage.host_copy(state.params)).params
+    return kept["params"], best.metrics
 
 
-# What a stopped run's line says instead of a resume command (phoenix_stop.TrainingStopped.line).
-NOT_RESUMABLE = "resuming a CSV or MovieLens run is not supported yet; rerunning it needs --overwrite"
+# What a stopped run's line says when it kept no step checkpoints (phoenix_stop.TrainingStopped.line).
+NOT_RESUMABLE = "--checkpoint-every is off"
 
 
 def _best_at(path: str, best: dict) -> str:
@@ -192,26 +287,38 @@ def _extra(recipe: Recipe, seed: int, split: LogSplit) -> dict:
 
 
 def _train_members(stage: str, members: int, start, evaluate, unit: str, split: LogSplit, recipe: Recipe,
-                   seed: int, checkpoint_dir: str, stream, log, kind):
+                   seed: int, checkpoint_dir: str, stream, log, kind, resumable: Optional[Steps] = None):
     """Trains `members` models of `stage` (start(member) -> (trainer, state, batches, steps);
     evaluate(trainer, params) -> val metrics; `unit`: what one step takes, for the log), each
     keeping its own best checkpoint in member_stage(m, stage). Returns (model, params, best): one
     member as it is, or the ensemble (`kind`) of all and the tuple of their params, whose best val
-    metrics are then the ensemble's, with "step" the first member's and "steps" every member's."""
+    metrics are then the ensemble's, with "step" the first member's and "steps" every member's.
+    A member this run finished before (run.json's "finished", resumable.resume) is not trained again:
+    its best params and metrics are read back."""
     trainers, params, bests = [], [], []
+    finished = _finished(checkpoint_dir) if resumable is not None and resumable.resume else {}
     for member in range(members):
         trainer, state, batches, steps = start(member)
         name = two_stage.member_stage(member, stage)
-        print(f"{name}: {steps} steps of {unit}", file=stream)
-        try:
-            kept, best = _fit_keeping_best(trainer, state, batches, steps, lambda p: evaluate(trainer, p),
-                                           os.path.join(checkpoint_dir, name), _extra(recipe, seed, split),
-                                           recipe.evals_per_stage, stream, name, log)
-        except training.TrainingStopped as stop:  # the members trained before keep their best checkpoints
-            stop.kept[:0] = [_best_at(os.path.join(checkpoint_dir, two_stage.member_stage(m, stage)), b)
-                             for m, b in enumerate(bests)]
-            stop.why_not = stop.why_not or NOT_RESUMABLE
-            raise
+        path = os.path.join(checkpoint_dir, name)
+        if name in finished:
+            best = finished[name]
+            kept = checkpoint.load_checkpoint(path, params_template=two_stage.host_copy(state.params)).params
+            print(f"{name}: already trained by this run (best val NDCG@10 {best['NDCG@10']:.4f} at step "
+                  f"{best['step']}), read back from {path}", file=stream)
+        else:
+            print(f"{name}: {steps} steps of {unit}", file=stream)
+            try:
+                kept, best = _fit_keeping_best(trainer, state, batches, steps, lambda p: evaluate(trainer, p), path,
+                                               _extra(recipe, seed, split), recipe.evals_per_stage, stream, name, log,
+                                               resumable)
+            except training.TrainingStopped as stop:  # the members trained before keep their best checkpoints
+                stop.kept[:0] = [_best_at(os.path.join(checkpoint_dir, two_stage.member_stage(m, stage)), b)
+                                 for m, b in enumerate(bests)]
+                if resumable is None:
+                    stop.why_not = stop.why_not or NOT_RESUMABLE
+                raise
+            _mark_finished(checkpoint_dir, name, best)
         trainers.append(trainer)
         params.append(kept)
         bests.append(best)
@@ -225,25 +332,51 @@ def _train_members(stage: str, members: int, start, evaluate, unit: str, split: 
     return model, params, {**best, "step": bests[0]["step"], "steps": [b["step"] for b in bests]}
 
 
+def _finished(checkpoint_dir: str) -> dict:
+    """{member_stage name: its best val metrics} of the stages this run's directory records as finished."""
+    try:
+        manifest = run_dir.read_manifest(checkpoint_dir)
+    except run_dir.OutputError:
+        return {}
+    return training.decode_json(manifest.get(FINISHED_KEY) or {})
+
+
+def _mark_finished(checkpoint_dir: str, name: str, best: dict) -> None:
+    """Records in run.json (atomically) that stage `name` is trained, with its best val metrics: a
+    resumed run reads them back instead of training it again. Then its step checkpoints, no longer
+    needed, are deleted. A directory without a manifest (train_retrieval called alone) records nothing."""
+    try:
+        manifest = run_dir.read_manifest(checkpoint_dir)
+    except run_dir.OutputError:
+        return
+    finished = {**(manifest.get(FINISHED_KEY) or {}), name: training.encode_json(best)}
+    run_dir.update_manifest(checkpoint_dir, **{FINISHED_KEY: finished})
+    steps = os.path.join(checkpoint_dir, STEPS_DIR, name)
+    if os.path.isdir(steps) and run_dir.entry_problem(steps, "checkpoints") is None:
+        shutil.rmtree(steps)
+
+
 def train_retrieval(split: LogSplit, recipe: Recipe, seed: int, checkpoint_dir: str, stream=None,
-                    log: Optional[MetricsLog] = None, data_parallel=False):
+                    log: Optional[MetricsLog] = None, data_parallel=False, resumable: Optional[Steps] = None):
     """Trains the two-tower model, or each of Recipe.retrieval_members (each keeping its own best
     checkpoint, in member_stage(m)); returns (model, best params, best val metrics): the trainer and
     its params, or a RetrievalEnsemble and the tuple of the members' params, whose val metrics are
     then the ensemble's (with "step" the first member's and "steps" every member's best step).
-    `data_parallel`: training.Trainer's (each batch split over the devices, the state replicated)."""
+    `data_parallel`: training.Trainer's (each batch split over the devices, the state replicated).
+    `resumable`: step checkpoints and resume (Steps; None: none)."""
     return _train_members(
         "retrieval", recipe.retrieval_members,
         lambda member: two_stage.start_retrieval(split, recipe, seed, data_parallel, member=member),
         lambda model, params: two_stage.StageOne(model, params, split, "val", recipe.history_len,
                                                  recipe.retrieve_k).metrics(),
         f"{recipe.retrieval_batch_size} windows ({len(two_stage.training_windows(split, recipe.history_len)[0])} "
-        "windows per epoch)", split, recipe, seed, checkpoint_dir, stream, log, two_stage.RetrievalEnsemble)
+        "windows per epoch)", split, recipe, seed, checkpoint_dir, stream, log, two_stage.RetrievalEnsemble,
+        resumable)
 
 
 def train_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, checkpoint_dir: str,
                  val_stage_one: two_stage.StageOne, retrieval_params=None, stream=None,
-                 log: Optional[MetricsLog] = None, data_parallel=False):
+                 log: Optional[MetricsLog] = None, data_parallel=False, resumable: Optional[Steps] = None):
     """Trains the ranker, or each of Recipe.ranker_members (checkpoints and return value as
     train_retrieval's, a RankerEnsemble for several). Model selection by the validation two-stage
     NDCG@10 of the ranker's own score (retrieval weight 0)."""
@@ -254,7 +387,7 @@ def train_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, checkpoint_di
         lambda model, params: two_stage.TwoStage(val_stage_one, model, params, split, "val", recipe).evaluate(
             0.0, recipe.temperature)[0],
         f"{recipe.ranker_batch_size} examples x {recipe.num_candidates} candidates",
-        split, recipe, seed, checkpoint_dir, stream, log, two_stage.RankerEnsemble)
+        split, recipe, seed, checkpoint_dir, stream, log, two_stage.RankerEnsemble, resumable)
 
 
 def load_members(checkpoint_dir: str, params, stage: str = "retrieval"):
@@ -320,17 +453,72 @@ def format_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def check_run_dir(path, overwrite: bool = False, inputs=(), files=None) -> None:
+def check_run_dir(path, overwrite: bool = False, inputs=(), files=None, resume: bool = False) -> None:
     """Refuses, before anything is written, a run directory where a run would replace what it must
-    not: an earlier run's checkpoints or metrics unless `overwrite` (FileExistsError), anything at
-    RUN_ENTRIES' names that Phoenix did not write even with `overwrite` (ForeignFilesError, all of
-    them listed), a file, an input. `inputs` (phoenix_run_dir.Input) and `files` ({flag: path} of
+    not: an earlier run's checkpoints or metrics unless `overwrite` or `resume` (FileExistsError),
+    anything at RUN_ENTRIES' names that Phoenix did not write even with `overwrite` (ForeignFilesError,
+    all of them listed), a file, an input. `inputs` (phoenix_run_dir.Input) and `files` ({flag: path} of
     other outputs, such as the dump) are checked with it (phoenix_run_dir.check_outputs)."""
-    run_dir.check_outputs(inputs, [path], RUN_ENTRIES, files, overwrite)
+    if overwrite and resume:
+        raise phoenix_resume.ResumeError(f"--overwrite and --resume: --resume continues the run in {path}, "
+                                         "--overwrite replaces it; give one")
+    run_dir.check_outputs(inputs, [path], RUN_ENTRIES, files, overwrite, earlier_run=resume)
+
+
+def fingerprint(split: LogSplit) -> str:
+    """sha256 of what a split holds (every array of the Split but the log rows it came from, and its
+    protocol): the same for the same interactions however they were read (file, format, standard
+    input, input row order), different when a user, item, time, rating, action or the split differs."""
+    digest = hashlib.sha256(split.protocol.encode())
+    for field in dataclasses.fields(split):
+        value = getattr(split, field.name)
+        if field.name == "rows" or not isinstance(value, np.ndarray):
+            continue
+        value = np.ascontiguousarray(value)
+        digest.update(f"{field.name} {value.dtype.str} {value.shape}".encode())
+        digest.update(value.data)
+    return digest.hexdigest()
+
+
+def run_config(split: LogSplit, recipe: Recipe, seed: int, data_parallel=False, flags: Optional[dict] = None) -> dict:
+    """What shapes a run's results, as JSON: the log's content (fingerprint), the split protocol, the
+    seed, the recipe (resolved on the split), data parallelism, and the caller's `flags` (the command
+    line's data and protocol flags). run.json records it; a resume must match it (ResumeError)."""
+    return training.json_normal({"log_fingerprint": fingerprint(split), "protocol": split.protocol, "seed": seed,
+                                 "recipe": dataclasses.asdict(recipe), "data_parallel": bool(data_parallel),
+                                 "flags": flags or {}})
+
+
+def check_resume(checkpoint_dir: str, config: dict) -> bool:
+    """Whether `checkpoint_dir` holds a run to continue (False: nothing there, start afresh); ResumeError,
+    before anything is trained, when its run.json records another configuration (one line per
+    difference) or none."""
+    try:
+        manifest = run_dir.read_manifest(checkpoint_dir)
+    except run_dir.OutputError:
+        if os.path.exists(os.path.join(checkpoint_dir, run_dir.MANIFEST_FILE)):
+            raise
+        return False
+    saved = manifest.get(RUN_CONFIG_KEY)
+    if manifest.get("kind") != "pipeline" or saved is None:
+        raise phoenix_resume.ResumeError(
+            f"{checkpoint_dir}: cannot resume, its run.json records no two-stage run configuration (a "
+            f"{manifest.get('kind')!r} run, or one written before runs were resumable); start afresh with "
+            "--overwrite or in another directory")
+    problems = phoenix_resume.config_differences(saved, config)
+    if problems:
+        raise phoenix_resume.ResumeError(
+            f"{checkpoint_dir}: cannot resume, the run there was configured otherwise ({len(problems)} "
+            "difference(s), run.json's value first):\n  " + "\n  ".join(problems)
+            + "\nRun with the same log and flags, or start afresh with --overwrite or in another directory.")
+    return True
 
 
 def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrite: bool = False,
-        plot: bool = False, stream=None, title: Optional[str] = None, data_parallel=False, extra_rows=None) -> dict:
+        plot: bool = False, stream=None, title: Optional[str] = None, data_parallel=False, extra_rows=None,
+        checkpoint_every: int = 0, keep_checkpoints: int = phoenix_resume.DEFAULT_KEEP_CHECKPOINTS,
+        resume: bool = False, flags: Optional[dict] = None,
+        columns: Optional[Columns] = None) -> dict:
     """Trains both stages, keeps the best checkpoints, evaluates them read back; prints the table.
 
     Progress goes to `stream` (default stderr), the table to stdout. Returns {"table": {(split, name):
@@ -338,23 +526,56 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
     weights chosen), "retrieval" / "ranker" (trainers),
     "retrieval_params" / "ranker_params" (best, as saved), "retrieval_best" / "ranker_best" (their val
     metrics and step), "stage_one" / "two_stage" (per split), "times", "wall_s", "checkpoint_dir",
-    "recipe" (with table sizes resolved), "split", "extra"}.
+    "recipe" (with table sizes resolved), "split", "extra", "served" (the ServedRun that load_run of the
+    directory gives: recommend(result, user) serves from memory)}. After the evaluation the directory
+    gets serving/ (phoenix_serving.save_serving; `columns`, the log's, are recorded there).
 
     extra_rows (phoenix_protocols.extra_rows): called after the evaluation with {"split", "recipe",
     "seed", "checkpoint_dir", "stream", "retrieval_best", "ranker_best", "retrieval_weight",
     "popularity_weight", "data_parallel"}; returns (more table rows, info kept as result["extra"]).
+
+    Resuming (docs/resume.md). With `checkpoint_every` N (or `resume`) each stage keeps step
+    checkpoints in steps/<member_stage> (the newest `keep_checkpoints`) and the run holds a lock on its
+    directory. run.json records run_config(split, recipe, seed, data_parallel, `flags`) and each stage as
+    it finishes. With `resume`, a run there is continued: refused before anything is trained when its
+    configuration differs (ResumeError, one line per difference); a finished stage is read back, not
+    trained again; the others continue from their newest step checkpoint; mining, the evaluation and
+    the extra rows are computed again. The result is bit for bit an uninterrupted run's (on CPU, on the
+    same devices). An empty or absent directory starts afresh.
     """
     stream = sys.stderr if stream is None else stream
     checkpoint_dir = str(checkpoint_dir)
-    check_run_dir(checkpoint_dir, overwrite)
+    check_run_dir(checkpoint_dir, overwrite, resume=resume)
     if plot:
         _pyplot()  # a missing matplotlib fails now, not after training
     recipe = two_stage.resolve_recipe(recipe, split)
     two_stage.check_recipe(split, recipe)
+    config = run_config(split, recipe, seed, data_parallel, flags)
+    resuming = resume and check_resume(checkpoint_dir, config)
+    if resume and not resuming:
+        print(f"nothing to resume in {checkpoint_dir}: starting afresh", file=stream)
+    steps = (Steps(checkpoint_every, keep_checkpoints, resuming, config) if checkpoint_every or resume else None)
+    lock = (phoenix_resume.RunLock(checkpoint_dir, lambda m: print(m, file=stream, flush=True))
+            if steps is not None else None)
+    try:
+        return _run(split, recipe, checkpoint_dir, seed, plot, stream, title, data_parallel, extra_rows, config,
+                    steps, overwrite, resuming, columns)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(split, recipe, checkpoint_dir, seed, plot, stream, title, data_parallel, extra_rows, config, steps,
+         overwrite, resuming, columns) -> dict:
+    """run's work, in its directory (checked, and locked for a resumable run)."""
     start = time.perf_counter()
-    run_dir.write_manifest(checkpoint_dir, "pipeline", RUN_ENTRIES, source=split.log.source, seed=seed,
-                           protocol=split.protocol, recipe=dataclasses.asdict(recipe))
-    log = MetricsLog(os.path.join(checkpoint_dir, METRICS_FILE))
+    if not resuming:
+        if overwrite and os.path.isdir(os.path.join(checkpoint_dir, STEPS_DIR)):
+            shutil.rmtree(os.path.join(checkpoint_dir, STEPS_DIR))  # an earlier run's, checked to be Phoenix's
+        run_dir.write_manifest(checkpoint_dir, "pipeline", RUN_ENTRIES, source=split.log.source, seed=seed,
+                               protocol=split.protocol, recipe=dataclasses.asdict(recipe),
+                               **{RUN_CONFIG_KEY: config, FINISHED_KEY: {}})
+    log = MetricsLog(os.path.join(checkpoint_dir, METRICS_FILE), resume=resuming)
     print(f"{describe(split)}; seed {seed}\n{recipe}", file=stream)
     print("hash collisions (ids, sharing all rows, sharing a row): " + ", ".join(
         f"{name}s {c}" for name, c in hash_collisions(split, two_stage.hash_config(recipe)).items()), file=stream)
@@ -362,7 +583,7 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
     print("\n== stage 1: retrieval (in-batch softmax, logQ correction, accidental-hit masking)", file=stream)
     t0 = time.perf_counter()
     retrieval, retrieval_params, retrieval_best = train_retrieval(split, recipe, seed, checkpoint_dir, stream, log,
-                                                                  data_parallel)
+                                                                  data_parallel, steps)
     times = {"retrieval": time.perf_counter() - t0}
     print(f"retrieval: best val NDCG@10 {retrieval_best['NDCG@10']:.4f} at {_at(retrieval_best)}, "
           f"{times['retrieval']:.0f} s", file=stream)
@@ -379,7 +600,8 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
     try:
         ranker, ranker_params, ranker_best = train_ranker(
             split, pool, recipe, seed, checkpoint_dir, val_one,
-            first_member(retrieval_params) if recipe.ranker_init_from_retrieval else None, stream, log, data_parallel)
+            first_member(retrieval_params) if recipe.ranker_init_from_retrieval else None, stream, log, data_parallel,
+            steps)
     except training.TrainingStopped as stop:  # a clean stop: the trained retrieval stage is kept
         paths = [os.path.join(checkpoint_dir, two_stage.member_stage(m, "retrieval"))
                  for m in range(recipe.retrieval_members)]
@@ -397,6 +619,8 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
     table, reranked, stage_one, two_stages, (weight, prior) = evaluate_stages(
         split, retrieval, retrieval_params, ranker, ranker_params, recipe)
     times["evaluation"] = time.perf_counter() - t0
+    served = _save_serving(split, recipe, checkpoint_dir, retrieval, retrieval_params, ranker, ranker_params,
+                           weight, prior, columns)
     extra = {}
     if extra_rows is not None:  # other protocols and reference models (phoenix_protocols.py)
         t0 = time.perf_counter()
@@ -424,7 +648,15 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
             "retrieval_params": retrieval_params, "ranker": ranker, "ranker_params": ranker_params,
             "retrieval_best": retrieval_best, "ranker_best": ranker_best, "stage_one": stage_one,
             "two_stage": two_stages, "times": times, "wall_s": wall, "checkpoint_dir": checkpoint_dir,
-            "recipe": recipe, "split": split, "extra": extra}
+            "recipe": recipe, "split": split, "extra": extra, "served": served}
+
+
+def _save_serving(split: LogSplit, recipe: Recipe, checkpoint_dir: str, retrieval, retrieval_params, ranker,
+                  ranker_params, weight: float, prior: float, columns: Optional[Columns]) -> ServedRun:
+    """Writes serving/ (what load_run reads beside the checkpoints) and returns the ServedRun it describes."""
+    phoenix_serving.save_serving(checkpoint_dir, split, recipe, weight, prior, columns)
+    return phoenix_serving.served_in_memory(split, recipe, retrieval, retrieval_params, ranker, ranker_params,
+                                            weight, prior, checkpoint_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,29 +704,6 @@ def seen_items(split: LogSplit, user) -> np.ndarray:
     seen = np.zeros(len(split.item_ids), bool)
     seen[split.item_columns[split.offsets[row]:split.offsets[row + 1]]] = True
     return seen
-
-
-def recommend(result: dict, split: LogSplit, user, k: int = FINAL_K) -> list[tuple]:
-    """Top-k new items for `user` (an original id) after everything the log holds for them.
-
-    Retrieval's top retrieve_k of the items the user has not seen, re-ranked as in the evaluation
-    (ranker logit + the chosen weights x retrieval logit and popularity prior, the prior counting
-    every interaction of the log). Returns [(item id, score)] best first.
-    """
-    recipe, retrieval, ranker = result["recipe"], result["retrieval"], result["ranker"]
-    seen = seen_items(split, user)[None, :]  # [1, N]
-    items = encode_items(retrieval, result["retrieval_params"], split)  # [N, D]
-    users = encode_users(retrieval, result["retrieval_params"], split, user_examples(split, user, recipe.history_len))
-    scores = users @ items.T  # [1, N]
-    top = metrics.topk_columns(scores, min(recipe.retrieve_k, int((~seen).sum())), seen)  # [1, K]
-    logits = two_stage.ranker_logits(ranker, result["ranker_params"], split,
-                                     user_examples(split, user, recipe.ranker_history_len), top,
-                                     recipe.num_candidates)  # [1, K, A]
-    final = two_stage.rerank_scores(logits, np.take_along_axis(scores, top, axis=1), result["retrieval_weight"],
-                                    recipe.temperature, recipe.score_action, two_stage.log_popularity(split, None)[top],
-                                    result["popularity_weight"])[0]  # [K]
-    order = np.argsort(-final, kind="stable")[:k]
-    return list(zip(split.log.tokens("item", split.item_ids[top[0, order]]), final[order].tolist()))
 
 
 def dump_topk(path, split: LogSplit, topk_columns: np.ndarray) -> None:
@@ -574,8 +783,20 @@ class RunOptions:
     plot: bool = False  # curves.png in each run directory (the plot extra)
     data_parallel: bool = False  # split each training batch over all devices (training.Trainer)
     dump_topk: Optional[str] = None  # every test user's final top-10 as CSV (seeds: PATH with .seed<N>)
+    columns: Optional[Columns] = None  # the log's columns, recorded in serving/ (None: not recorded)
+    checkpoint_every: int = 0  # step checkpoints of each stage every N steps (0: none unless resume)
+    keep_checkpoints: int = phoenix_resume.DEFAULT_KEEP_CHECKPOINTS  # the newest K step checkpoints kept
+    resume: bool = False  # continue the run in checkpoint_dir where it stopped (run: Resuming)
+    flags: Optional[dict] = None  # the command line's data and protocol flags, JSON (run_config's `flags`)
 
     def __post_init__(self):
+        if self.overwrite and self.resume:
+            raise ValueError("overwrite and resume: resume continues the run in checkpoint_dir, overwrite replaces "
+                             "it; give one")
+        for name, low in (("checkpoint_every", 0), ("keep_checkpoints", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)
                                        or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
                                               for s in self.seeds)):
@@ -613,9 +834,24 @@ def check_run_outputs(options: RunOptions, protocols: Protocols = Protocols(), i
     never over `inputs`, phoenix_run_dir.Input; never over what Phoenix did not write; an earlier run only
     with overwrite), and the plot extra when a plot is asked for."""
     dirs, files = run_outputs(options, protocols)
-    run_dir.check_outputs(inputs, list(dirs.values()), RUN_ENTRIES, files, options.overwrite)
+    if options.resume:  # the dumps the run being resumed wrote are its own to write again
+        ours = {flag: path for flag, path in files.items() if _is_dump(path)}
+        files = {flag: path for flag, path in files.items() if flag not in ours}
+        run_dir.check_outputs(inputs, list(dirs.values()), RUN_ENTRIES, ours, overwrite=True, earlier_run=True)
+    run_dir.check_outputs(inputs, list(dirs.values()), RUN_ENTRIES, files, options.overwrite,
+                          earlier_run=options.resume)
     if options.plot:
         _pyplot()  # a missing matplotlib fails now, not after training
+
+
+def _is_dump(path) -> bool:
+    """Whether `path` is a regular file that starts as dump_topk's CSV does (a dump a resumed run wrote)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return False
+    return os.path.isfile(path) and not os.path.islink(path) and head.startswith(b"user_id,item_1")
 
 
 def check_dump_k(options: RunOptions, recipe: Recipe, split: LogSplit) -> None:
@@ -648,7 +884,10 @@ def _run_seed(split: LogSplit, recipe: Recipe, options: RunOptions, protocols: P
               checkpoint_dir: str, dump_path: Optional[str], check: Optional[Callable], title: str, stream) -> dict:
     """One seed of an experiment (table on stdout); run()'s dict plus "dump_check"."""
     result = run(split, recipe, checkpoint_dir, seed, options.overwrite, options.plot, stream, title=title,
-                 data_parallel=options.data_parallel, extra_rows=phoenix_protocols.extra_rows(protocols))
+                 data_parallel=options.data_parallel, extra_rows=phoenix_protocols.extra_rows(protocols),
+                 columns=options.columns, checkpoint_every=options.checkpoint_every,
+                 keep_checkpoints=options.keep_checkpoints, resume=options.resume,
+                 flags={**(options.flags or {}), "protocols": dataclasses.asdict(protocols)})
     first_check = None
     retrained = result.get("extra", {}).get("train+val")
     dumps = [(dump_path, result["reranked"]["test"], ("test", "two-stage"))] if dump_path else []

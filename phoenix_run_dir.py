@@ -45,7 +45,7 @@ import phoenix_checkpoint as checkpoint
 from phoenix_resume import LOCK_FILE
 
 __all__ = ["Input", "OutputError", "ForeignFilesError", "check_outputs", "check_checkpoint_target", "write_manifest",
-           "read_manifest", "entry_problem", "path_kind", "MANIFEST_FILE", "METRICS_HEADER"]
+           "update_manifest", "read_manifest", "entry_problem", "path_kind", "MANIFEST_FILE", "METRICS_HEADER"]
 
 MANIFEST_FILE = "run.json"
 MANIFEST_FORMAT = "phoenix-run"
@@ -444,9 +444,20 @@ def write_manifest(run_dir, kind: str, entries: Mapping[str, str], **info) -> st
     manifest = {**{"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "kind": kind},
                 "entries": dict(entries),
                 "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **info}
-    text = json.dumps(manifest, indent=1, default=_json_default) + "\n"
-    path = os.path.join(os.fspath(run_dir), MANIFEST_FILE)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{MANIFEST_FILE}.", suffix=".tmp")
+    return _write_json_atomically(os.path.join(os.fspath(run_dir), MANIFEST_FILE), manifest)
+
+
+def update_manifest(run_dir, **info) -> str:
+    """Rewrites run.json of `run_dir` (which must hold one: read_manifest) with `info`'s keys set,
+    atomically, everything else kept (a resumable run records there what it has finished)."""
+    manifest = read_manifest(run_dir)
+    manifest.update(info)
+    return _write_json_atomically(os.path.join(os.fspath(run_dir), MANIFEST_FILE), manifest)
+
+
+def _write_json_atomically(path: str, value: dict) -> str:
+    text = json.dumps(value, indent=1, default=_json_default) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -43,7 +43,8 @@ from recsys_retrieval_model import POOLINGS, PhoenixRetrievalModelConfig, check_
 
 __all__ = ["Recipe", "RecipeError", "MOVIELENS_RECIPE", "resolve_recipe", "check_recipe", "hash_config",
            "retrieval_config", "ranker_config", "StageOne", "TwoStage", "RetrievalEnsemble", "RankerEnsemble",
-           "SequenceRetrievalTrainer", "encode_items", "encode_users", "ranker_logits", "rerank_scores",
+           "SequenceRetrievalTrainer", "encode_items", "encode_users", "retrieval_scores", "ranker_logits",
+           "rerank_scores",
            "choose_rerank_weights", "start_retrieval", "start_ranker", "stage_steps", "member_stage",
            "RETRIEVE_K", "FINAL_K"]
 
@@ -285,19 +286,25 @@ def window_batch(split: Split, examples: dict, hashes: HashConfig, targets=None)
     return phoenix_batch(split, examples, hashes, candidates)
 
 
-def retrieval_batches(split: LogSplit, recipe: Recipe, hashes: HashConfig, rng: np.random.Generator):
+def retrieval_batches(split: LogSplit, recipe: Recipe, hashes: HashConfig, rng: np.random.Generator,
+                      skip: int = 0):
     """Endless (batch, log_q [B, S], positive_ids [B, S]) for SequenceRetrievalTrainer.step, B windows
     each. log q is a target's share among training targets (logQ correction); positive_ids, the
-    targets' catalog columns (-1: padding), mark accidental hits (the same item as another row's positive)."""
+    targets' catalog columns (-1: padding), mark accidental hits (the same item as another row's positive).
+    `skip`: the first `skip` batches are drawn from `rng` but not built or yielded (a resumed stream)."""
     q = item_sampling_frequencies(split)  # [N]
     log_q = np.log(np.where(q > 0, q, 1.0)).astype(np.float32)  # [N]; unsampled items are never targets
     pending = np.zeros((0, 3), np.int64)
     B, S = recipe.retrieval_batch_size, recipe.history_len
+    drawn = 0
     while True:
         while len(pending) < B:  # the next epoch: new cuts, new order
             windows = np.stack(training_windows(split, S, rng), axis=1)  # [Nw, 3]
             pending = np.concatenate([pending, windows[rng.permutation(len(windows))]])
         (rows, starts, lengths), pending = pending[:B].T, pending[B:]
+        drawn += 1
+        if drawn <= skip:
+            continue
         examples, positions, valid = window_examples(split, rows, starts, lengths, S)
         targets = valid[:, 1:]  # [B, S]
         if split.first_time is not None:  # kept repeats (duplicates="keep") are history, never targets
@@ -336,13 +343,16 @@ def ranker_candidates(examples: dict, rows, pool: Optional[np.ndarray], num_hard
 
 
 def ranker_batches(split: Split, examples: dict, pool: Optional[np.ndarray], recipe: Recipe,
-                   hashes: HashConfig, rng: np.random.Generator):
+                   hashes: HashConfig, rng: np.random.Generator, skip: int = 0):
     """Endless (batch, labels [B, C, A]) for RankingTrainer.step: the target carries its actions,
-    sampled negatives all-zero labels."""
+    sampled negatives all-zero labels. `skip`: the first `skip` batches are drawn from `rng` (their
+    rows and candidates) but not built or yielded (a resumed stream)."""
     num_items = len(split.item_ids)
-    for rows in epoch_batches(len(examples["user_ids"]), recipe.ranker_batch_size, rng):
+    for drawn, rows in enumerate(epoch_batches(len(examples["user_ids"]), recipe.ranker_batch_size, rng), start=1):
         columns, slot = ranker_candidates(examples, rows, pool, recipe.hard_negatives, recipe.random_negatives,
                                           num_items, rng)
+        if drawn <= skip:
+            continue
         labels = np.zeros(columns.shape + (NUM_ACTIONS,), np.float32)  # [B, C, A]
         labels[np.arange(len(rows)), slot] = examples["target_actions"][rows]
         yield phoenix_batch(split, take(examples, rows), hashes, split.item_ids[columns]), labels
@@ -522,6 +532,20 @@ def encode_users(trainer: training.RetrievalTrainer, params, split: Split, examp
     return np.concatenate(out)
 
 
+def retrieval_scores(users: np.ndarray, items: np.ndarray, batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """Cosines [U, N] of users [U, D] with items [N, D], computed `batch_size` rows at a time, the last
+    block padded to full size, so every product has the shape [batch_size, D] x [D, N].
+
+    A user's row then does not depend on how many users are scored with it: a one-row product (a
+    BLAS gemv) can differ from a many-row one (gemm) in the last bits and reorder near-ties, so the
+    evaluation (StageOne) and serving (phoenix_serving) both score through here.
+    """
+    out = np.empty((len(users), len(items)), np.result_type(users, items))  # [U, N]
+    for rows, real in padded_chunks(len(users), batch_size):
+        out[rows[:real]] = (users[rows] @ items.T)[:real]  # [batch_size, N]
+    return out
+
+
 def eval_mask(split: Split, which: str) -> np.ndarray:
     """[U, N]: items ranked for nobody: the user's earlier items, except the target (phoenix_metrics.py's rule)."""
     exclude = split.exclude_mask(which)
@@ -589,7 +613,7 @@ class StageOne:
         self.exclude = eval_mask(split, which)  # [U, N]
         items = encode_items(trainer, params, split) if items is None else items  # [N, D]
         users = encode_users(trainer, params, split, self.examples)  # [U, D]
-        self.scores = users @ items.T  # [U, N] cosines
+        self.scores = retrieval_scores(users, items)  # [U, N] cosines
         self.ranks = metrics.target_ranks(self.scores, self.target, self.exclude)  # [U]
         self.topk = metrics.topk_columns(self.scores, k, self.exclude)  # [U, K], best first
         if (self.topk == metrics.NOT_RANKED).any():
@@ -707,6 +731,16 @@ def with_first(first, rest):
     yield from rest
 
 
+def resumable_stream(first, rest, make):
+    """training.fit's `batch_iterator` of a stage: first_step -> the batches from that step on. Step 0
+    is the stream already started (`first` drawn, `rest` to come); a later step (a resumed run) is
+    `make(first_step)`, a fresh stream that draws and skips the batches before it without building
+    them, so it yields exactly what the uninterrupted stream yields from there."""
+    def batches(first_step: int):
+        return with_first(first, rest) if first_step == 0 else make(first_step)
+    return batches
+
+
 def warm_start(ranker_params, retrieval_params):
     """Ranker params with every parameter the retrieval model also has (hash tables, transformer,
     input projections, action and surface embeddings) copied from it; the rest stay as initialised."""
@@ -730,7 +764,8 @@ def stage_steps(split: LogSplit, recipe: Recipe) -> tuple[int, int]:
 
 def start_retrieval(split: LogSplit, recipe: Recipe, seed: int, data_parallel=False, steps: Optional[int] = None,
                     member: int = 0):
-    """(trainer, state, batches, steps): the retrieval stage ready for training.fit on `split`: the
+    """(trainer, state, batches, steps): the retrieval stage ready for training.fit on `split` (`batches`:
+    first_step -> the batch stream from that step, resumable_stream): the
     learning-rate schedule spans `steps` (default the recipe's, stage_steps), the state is seeded by
     `seed`, the batch stream by (seed, 1). Ensemble member m > 0 (Recipe.retrieval_members) seeds
     both with m too: fold_in(PRNGKey(seed), m) and (seed, 1, m), never another seed's streams."""
@@ -739,11 +774,15 @@ def start_retrieval(split: LogSplit, recipe: Recipe, seed: int, data_parallel=Fa
                                        temperature=recipe.temperature, table_init_stddev=recipe.table_init_stddev,
                                        data_parallel=data_parallel)
     stream_seed = [seed, 1] if member == 0 else [seed, 1, member]
-    batches = retrieval_batches(split, recipe, trainer.hash_config, np.random.default_rng(stream_seed))
+
+    def stream(skip=0):
+        return retrieval_batches(split, recipe, trainer.hash_config, np.random.default_rng(stream_seed), skip)
+
+    batches = stream()
     first = next(batches)
     key = jax.random.PRNGKey(seed) if member == 0 else jax.random.fold_in(jax.random.PRNGKey(seed), member)
     state = trainer.init(key, first[0])
-    return trainer, state, with_first(first, batches), steps
+    return trainer, state, resumable_stream(first, batches, stream), steps
 
 
 def start_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, retrieval_params=None, data_parallel=False,
@@ -760,11 +799,16 @@ def start_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, retrieval_par
                                             listwise_weight=recipe.ranker_listwise_weight,
                                             listwise_action=recipe.score_action)
     stream_seed = [seed, 2] if member == 0 else [seed, 2, member]
-    batches = ranker_batches(split, examples, pool, recipe, trainer.hash_config, np.random.default_rng(stream_seed))
+
+    def stream(skip=0):
+        return ranker_batches(split, examples, pool, recipe, trainer.hash_config, np.random.default_rng(stream_seed),
+                              skip)
+
+    batches = stream()
     first = next(batches)
     key = jax.random.PRNGKey(seed + 1) if member == 0 else jax.random.fold_in(jax.random.PRNGKey(seed + 1), member)
     state = trainer.init(key, first[0])
     if retrieval_params is not None:
         state = trainer._place_state(state._replace(params=jax.device_put(warm_start(host_copy(state.params),
                                                                                      retrieval_params))))
-    return trainer, state, with_first(first, batches), steps
+    return trainer, state, resumable_stream(first, batches, stream), steps

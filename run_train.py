@@ -16,8 +16,7 @@ validation and test for the popularity and transition baselines, retrieval alone
 with --dump-topk every test user's top-10 as CSV, recomputed from the file. MovieLens-100K takes a
 few minutes on 2 CPU cores; a log, time proportional to its training examples. The synthetic world
 (train_synthetic.py) trains a ranker and a two-tower model and reports them beside the world's
-oracle and a popularity baseline (about 10 minutes at the defaults on 2 CPU cores), resumably
-(--checkpoint-every N, --resume).
+oracle and a popularity baseline (about 10 minutes at the defaults on 2 CPU cores).
 
 Checkpoints and downloads go under $PHOENIX_CACHE_DIR (default ~/.cache/phoenix) unless
 --checkpoint-dir / --cache-dir say otherwise; a run directory holding an earlier run is refused
@@ -25,7 +24,9 @@ unless --overwrite, and no output ever goes over an input or over what Phoenix d
 (phoenix_run_dir.py), all checked before anything is read or trained; flags that do not apply to the
 run are refused. A user error (a bad flag, path or value) prints one `error:` line and exits with
 status 2; a traceback means a bug. SIGTERM / Ctrl-C stop cleanly (exit 143 / 130) and say what is
-saved and, where the run can resume, the command that resumes it.
+saved and, where the run can resume, the command that resumes it. Every data path resumes after a kill
+with --checkpoint-every N and --resume, bit for bit (a log or flags that changed are refused, listed:
+docs/resume.md).
 
 This module holds every training flag and is the command-line toolkit of the other entry points
 (run_ranker.py, run_retrieval.py: `cli`, `dataclass_parser`); the library below it takes dataclasses.
@@ -245,6 +246,15 @@ def add_run_flags(parser: argparse.ArgumentParser, default_checkpoint_dir, defau
                              "training, nothing written")
     parser.add_argument("--data-parallel", action="store_true",
                         help="split each training batch over all devices JAX finds (batch sizes must divide evenly)")
+    group = parser.add_argument_group("preemption (docs/resume.md)")
+    group.add_argument("--checkpoint-every", type=bounded(int, 0, True), default=0, metavar="N",
+                       help="save each stage's training state every N steps under <checkpoint-dir>/steps (0: off)")
+    group.add_argument("--keep-checkpoints", type=bounded(int, 1, True),
+                       default=phoenix_resume.DEFAULT_KEEP_CHECKPOINTS, metavar="K",
+                       help="step checkpoints kept per stage (the newest K)")
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run in --checkpoint-dir where it stopped, the same log and flags (what "
+                            "differs is refused before training); a fresh start if it has none")
     group = parser.add_argument_group("protocols beside val-select (phoenix_protocols.py)")
     group.add_argument("--protocol", choices=PROTOCOLS, default="val-select",
                        help="val-select: train only, best checkpoints by validation (always run); train+val: also "
@@ -273,6 +283,11 @@ def check_run_flags(args, given: set, error) -> None:
             error(f"--{name.replace('_', '-')}: applies to the SASRec reference only; add --sasrec")
     if "sasrec_train_val" in given and args.protocol != "train+val":
         error(f"--sasrec-train-val: applies to --protocol train+val only, got --protocol {args.protocol}")
+    if args.overwrite and args.resume:
+        error("--overwrite and --resume: --resume continues the run in --checkpoint-dir, --overwrite replaces it; "
+              "give one")
+    if "keep_checkpoints" in given and not (args.checkpoint_every or args.resume):
+        error("--keep-checkpoints: applies to step checkpoints only; add --checkpoint-every N")
     if args.dump_topk and args.retrieve_k is not None and args.retrieve_k < pipeline.FINAL_K:
         error(f"--retrieve-k {args.retrieve_k}: with --dump-topk, expected at least {pipeline.FINAL_K} (the dump holds "
               f"each user's top {pipeline.FINAL_K} and the table's HR@{pipeline.FINAL_K} is checked against it)")
@@ -441,8 +456,9 @@ def print_help(file=None) -> None:
         print(f"{'=' * 100}\n" + PARSERS[kind]().format_help().split("\n\n", 1)[1], file=file)
 
 
-def _recipe_protocols_options(args, parser, given: set, checkpoint_dir: str) -> tuple:
-    """(Recipe, Protocols, RunOptions) of a two-stage run's flags."""
+def _recipe_protocols_options(args, parser, given: set, checkpoint_dir: str, flags: Optional[dict] = None) -> tuple:
+    """(Recipe, Protocols, RunOptions) of a two-stage run's flags; `flags`: the data flags that shape
+    the run (RunOptions.flags, compared on --resume)."""
     check_run_flags(args, given, parser.error)
     recipe = pipeline.Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(pipeline.Recipe)})
     sasrec = (SasrecRecipe(epochs=args.sasrec_epochs, history_len=args.sasrec_history_len, dropout=args.sasrec_dropout)
@@ -450,7 +466,8 @@ def _recipe_protocols_options(args, parser, given: set, checkpoint_dir: str) -> 
     protocols = Protocols(args.protocol, sasrec, args.sasrec_train_val)
     options = pipeline.RunOptions(checkpoint_dir=checkpoint_dir, seed=args.seed, seeds=getattr(args, "seeds", None),
                                   overwrite=args.overwrite, plot=args.plot, data_parallel=args.data_parallel,
-                                  dump_topk=args.dump_topk)
+                                  dump_topk=args.dump_topk, checkpoint_every=args.checkpoint_every,
+                                  keep_checkpoints=args.keep_checkpoints, resume=args.resume, flags=flags)
     return recipe, protocols, options
 
 
@@ -487,13 +504,28 @@ def parse_args(argv) -> Command:
     except ValueError as error:
         parser.error("--" + str(error).replace("_", "-", 1))
     checkpoint_dir = args.checkpoint_dir or checkpoint_path(default_run_name(args.data))
-    recipe, protocols, options = _recipe_protocols_options(args, parser, given, checkpoint_dir)
     columns = pipeline.Columns(user=args.user_col, item=args.item_col, time=args.time_col, rating=args.rating_col,
                                author=args.author_col)
+    recipe, protocols, options = _recipe_protocols_options(args, parser, given, checkpoint_dir,
+                                                           log_flags(args, columns))
     source = LogSource(args.data, columns, args.rating_actions, "rating_actions" in given,
                        "\t" if args.delimiter in ("\\t", "tab") else args.delimiter, args.duplicates, args.split,
                        args.cut_time, args.cut_quantile)
     return Command(kind, source, options, recipe, protocols, args.dry_run)
+
+
+# Log flags left out of a run's configuration: where the log is and how its fields are separated do not
+# shape the results (the log's content does: phoenix_pipeline.fingerprint).
+NOT_SHAPING_LOG_FLAGS = ("data", "delimiter")
+
+
+def log_flags(args, columns: pipeline.Columns) -> dict:
+    """The log path's flags that shape a run (RunOptions.flags, compared on --resume): columns, rating
+    actions, duplicates and split (NOT_SHAPING_LOG_FLAGS aside)."""
+    return {"columns": dataclasses.asdict(columns),
+            "rating_actions": {name: [repr(float(v)) for v in bounds] for name, bounds in args.rating_actions.items()},
+            "duplicates": args.duplicates, "split": args.split, "cut_time": args.cut_time,
+            "cut_quantile": args.cut_quantile}
 
 
 def _synthetic_run(args, given: set, parser) -> SyntheticRun:
@@ -596,7 +628,8 @@ def train_log(command: Command) -> dict:
         split = pipeline.split_log(log, source.split, source.duplicates, source.cut_time, source.cut_quantile)
     if command.dry_run:
         return dry_run(split, command.recipe, command.run, phases)
-    return pipeline.run_experiment(split, command.recipe, command.run, command.protocols)
+    return pipeline.run_experiment(split, command.recipe, dataclasses.replace(command.run, columns=source.columns),
+                                   command.protocols)
 
 
 def train_movielens(command: Command) -> dict:
@@ -618,13 +651,26 @@ def train_movielens(command: Command) -> dict:
         check=lambda path: ml.recompute_from_dump(path, source.data, source.cache_dir, k=pipeline.FINAL_K))
 
 
+def describe_stop(stop: phoenix_stop.TrainingStopped, options: pipeline.RunOptions, argv: list) -> None:
+    """Fills in a clean stop's line for a log or MovieLens run: with step checkpoints (--checkpoint-every or
+    --resume), the command that resumes it, `argv` with --resume (without --overwrite, which would start
+    afresh); the stages already saved are listed by phoenix_pipeline."""
+    if options.checkpoint_every or options.resume:
+        kept = [a for a in argv if not (a.startswith("--ov") and "--overwrite".startswith(a))]
+        stop.resume_argv = kept if options.resume else [*kept, "--resume"]
+
+
 def main(argv=None) -> dict:
     """The command line `argv` (default sys.argv[1:]) run to the end; returns the run's figures."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = parse_args(argv)
     if command.kind == "synthetic":
         return train_synthetic.run(command.run, argv)
-    return train_log(command) if command.kind == "log" else train_movielens(command)
+    try:
+        return train_log(command) if command.kind == "log" else train_movielens(command)
+    except phoenix_stop.TrainingStopped as stop:
+        describe_stop(stop, command.run, argv)
+        raise
 
 
 def user_errors() -> tuple:

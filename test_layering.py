@@ -25,11 +25,12 @@ LAYERS = [
     ("data", ["phoenix_log", "phoenix_split", "phoenix_evaluation"]),  # the generic data core: knows no dataset
     ("training", ["phoenix_resume", "phoenix_training"]),
     ("serving", ["runners"]),
-    ("pipeline", ["phoenix_two_stage", "phoenix_sasrec", "phoenix_protocols", "phoenix_run_dir", "phoenix_pipeline"]),
+    ("pipeline", ["phoenix_two_stage", "phoenix_sasrec", "phoenix_protocols", "phoenix_run_dir", "phoenix_serving",
+                  "phoenix_pipeline"]),
     # Datasets are adapters on top of the generic core: nothing below this layer may import one.
     ("datasets", ["movielens", "phoenix_synthetic"]),
     ("experiments", ["phoenix_demos", "train_synthetic"]),
-    ("scripts", ["run_train", "run_ranker", "run_retrieval", "bench", "resume_harness"]),
+    ("scripts", ["run_train", "run_ranker", "run_retrieval", "run_recommend", "bench", "resume_harness"]),
 ]
 LAYER_OF = {module: rank for rank, (_, modules) in enumerate(LAYERS) for module in modules}
 

@@ -333,7 +333,7 @@ def test_cli_writes_the_metrics_log_and_the_plot(cli_run):
 
 def run_entries_written(path) -> dict:
     names = run_dir.run_entries(path, pipeline.RUN_ENTRIES)
-    assert set(names) == {"retrieval", "ranker", "metrics.jsonl", "curves.png", "run.json"}
+    assert set(names) == {"retrieval", "ranker", "metrics.jsonl", "curves.png", "run.json", "serving"}
     return names
 
 
@@ -357,14 +357,14 @@ def test_checkpoints_load_into_the_runners_and_score_as_the_pipeline(cli_run):
 def test_recommend_returns_unseen_items_best_first(cli_run):
     _, _, result = cli_run
     split = result["split"]
-    top = pipeline.recommend(result, split, "u03", k=5)
+    top = pipeline.recommend(result, "u03", k=5)
     row = pipeline.user_row(split, "u03")  # rows follow the hashed ids, not the strings
     seen = split.log.tokens("item", split.items[split.offsets[row]:split.offsets[row + 1]])
     assert split.log.token("user", split.user_ids[row]) == "u03" and len(seen) >= 10
     assert len(top) == 5 and not {item for item, _ in top} & set(seen)
     assert [s for _, s in top] == sorted((s for _, s in top), reverse=True)
-    with pytest.raises(ValueError, match="'nobody' is not in"):
-        pipeline.recommend(result, split, "nobody")
+    with pytest.raises(ValueError, match="'nobody' is not a user of the run's log"):
+        pipeline.recommend(result, "nobody")
 
 
 def test_a_second_run_refuses_the_directory_before_reading_the_log(cli_run, monkeypatch):
@@ -372,7 +372,7 @@ def test_a_second_run_refuses_the_directory_before_reading_the_log(cli_run, monk
     before = {p: p.stat().st_mtime_ns for p in (tmp / "run").rglob("*")}
     monkeypatch.setattr(pipeline, "read_log", lambda *a, **k: pytest.fail("the log was read"))
     with pytest.raises(FileExistsError, match=r"run: holds an earlier run \(ranker, retrieval, metrics.jsonl, "
-                                              r"curves.png, run.json\); pass --overwrite"):
+                                              r"curves.png, run.json, serving\); pass --overwrite"):
         run_train.main(argv)
     assert {p: p.stat().st_mtime_ns for p in (tmp / "run").rglob("*")} == before  # nothing touched
     pipeline.check_run_dir(tmp / "run", overwrite=True)  # asked: allowed
@@ -447,7 +447,7 @@ def test_a_ranker_ensemble_averages_its_members_logits(ensemble_run):
 def test_an_ensemble_run_recommends_and_its_members_block_the_directory(ensemble_run):
     tmp, result = ensemble_run
     split = result["split"]
-    top = pipeline.recommend(result, split, "u03", k=5)
+    top = pipeline.recommend(result, "u03", k=5)
     assert len(top) == 5 and [s for _, s in top] == sorted((s for _, s in top), reverse=True)
     lone = tmp / "lone"
     (lone / "retrieval.1").mkdir(parents=True)  # members left behind still hold a run's checkpoints

@@ -14,8 +14,9 @@ from phoenix_sasrec import SasrecRecipe
 OWN_FLAGS = {"log": ["--user-col", "--item-col", "--time-col", "--rating-col", "--author-col", "--delimiter",
                      "--rating-actions", "--split", "--cut-time"],
              "movielens": ["--cache-dir", "--seeds"],
-             "synthetic": ["--steps-ranker", "--checkpoint-every", "--resume", "--num-posts", "--key-size"]}
+             "synthetic": ["--steps-ranker", "--num-posts", "--key-size"]}
 TWO_STAGE_FLAGS = ["--dump-topk", "--protocol", "--sasrec", "--pooling", "--retrieval-members", "--score-action"]
+EVERY_PATH_FLAGS = ["--checkpoint-every", "--resume", "--keep-checkpoints", "--overwrite"]  # docs/resume.md
 
 
 def help_of(argv, capsys) -> str:
@@ -43,6 +44,7 @@ def test_the_help_of_one_data_path_shows_its_flags_only(data, kind, capsys):
     others = [flag for other, flags in OWN_FLAGS.items() if other != kind for flag in flags]
     assert not [flag for flag in others if flag in text]
     assert all(flag in text for flag in TWO_STAGE_FLAGS) == (kind != "synthetic")
+    assert all(flag in text for flag in EVERY_PATH_FLAGS)
 
 
 @pytest.mark.parametrize("data, kind", [("synthetic", "synthetic"), ("movielens-100k", "movielens"),
@@ -63,8 +65,16 @@ def test_the_flags_become_the_librarys_dataclasses():
     assert command.protocols == pipeline.Protocols("train+val", dataclasses.replace(SasrecRecipe(), epochs=2.0), True)
     assert (command.run.seed, command.run.dump_topk, command.run.seeds) == (3, "top.csv", None)
     assert run_train.parse_args(["--data", "log.csv"]).protocols == pipeline.Protocols()  # val-select alone
-    movielens = run_train.parse_args(["--data", "movielens-100k", "--seeds", "0,1"])
+    assert (command.run.checkpoint_every, command.run.keep_checkpoints, command.run.resume) == (0, 3, False)
+    assert command.run.flags == {"columns": dataclasses.asdict(pipeline.Columns(user="uid")),
+                                 "rating_actions": {name: [repr(float(v)) for v in bounds] for name, bounds
+                                                    in run_train.DEFAULT_RATING_ACTIONS.items()},
+                                 "duplicates": "first", "split": "leave-one-out", "cut_time": None,
+                                 "cut_quantile": None}  # what a --resume must match (no path, no delimiter)
+    movielens = run_train.parse_args(["--data", "movielens-100k", "--seeds", "0,1", "--checkpoint-every", "50",
+                                      "--keep-checkpoints", "2", "--resume"])
     assert movielens.recipe == pipeline.MOVIELENS_RECIPE and movielens.run.seeds == (0, 1)
+    assert (movielens.run.checkpoint_every, movielens.run.keep_checkpoints, movielens.run.resume) == (50, 2, True)
     synthetic = run_train.parse_args(["--steps-ranker", "5", "--only", "ranker"])  # the default data path
     assert synthetic.kind == "synthetic" and synthetic.source is None
     assert synthetic.run == train_synthetic.SyntheticRun(steps_ranker=5, only="ranker")

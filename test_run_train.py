@@ -228,3 +228,12 @@ def test_a_run_with_kept_repeats_trains_and_its_dump_recomputes_to_the_table(tmp
     assert check["num_users"] == NUM_USERS and check["missing_users"] == 0 and check["history_items_in_topk"] == 0
     assert check["HR@10"] == pytest.approx(ours["HR@10"], abs=1e-12)
     assert check["NDCG@10"] == pytest.approx(ours["NDCG@10"], abs=1e-12)
+    # served = evaluated with repeats in the histories: each test user's evaluation history (repeats included)
+    # served from the run gives their dump row
+    from test_phoenix_serving import evaluation_histories
+    with open(tmp_path / "top.csv", newline="") as f:
+        dumped = {row[0]: row[1:] for row in list(csv.reader(f))[1:]}
+    for user, asked in list(evaluation_histories(split).items())[:8]:
+        served = pipeline.recommend(result, user, 10, history=asked["history"], actions=asked["actions"])
+        assert [item for item, _ in served] == dumped[user], user
+    assert any(len(h["history"]) > len(set(h["history"])) for h in evaluation_histories(split).values())

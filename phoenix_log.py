@@ -143,7 +143,8 @@ class Log:
     actions: np.ndarray  # [R, A] bool, ACTIONS order
     author: np.ndarray  # [R] int64 author of the item (0 without an author column)
     rating: Optional[np.ndarray]  # [R] float32, None without a rating column
-    line: np.ndarray  # [R] int64 file line (or input row) of each interaction, for messages
+    line: Optional[np.ndarray]  # [R] int64 file line (or input row) of each interaction, for messages;
+    # None: row + 2 in a file (the header is line 1, no blank or multi-line rows), the row itself in arrays
     names: Mapping  # {"user"/"item"/"author": {hashed id: original string}} of string columns
     source: str
     from_file: bool = True  # `line` holds file lines ("path:12"), else row indices ("source row 12")
@@ -156,7 +157,7 @@ class Log:
         for name, kind in (("user", "i"), ("item", "i"), ("author", "i"), ("line", "i"), ("timestamp", "if"),
                            ("rating", "f")):
             x = getattr(self, name)
-            if x is None and name == "rating":
+            if x is None and name in ("rating", "line"):
                 continue
             if np.shape(x) != (num,) or np.asarray(x).dtype.kind not in kind:
                 raise TypeError(f"Log.{name}: expected [R={num}] of kind {kind!r}, got "
@@ -182,7 +183,8 @@ class Log:
 
     def at(self, row: int) -> str:
         """Where interaction `row` came from: "path:line" or "source row i"."""
-        return f"{self.source}:{self.line[row]}" if self.from_file else f"{self.source} row {self.line[row]}"
+        line = int(row) + (2 if self.from_file else 0) if self.line is None else self.line[row]
+        return f"{self.source}:{line}" if self.from_file else f"{self.source} row {line}"
 
     def token(self, kind: str, value: int):
         """The original id of raw id `value` of column kind "user"/"item"/"author" (a str or an int)."""
@@ -598,7 +600,9 @@ def _build_log(values: Mapping, names: Mapping[str, str], rating_actions, source
 
 
 def _check_one_author_per_item(log: Log) -> None:
-    by_item = np.lexsort((np.arange(len(log.item)), log.item))  # [R] by item, then input order
+    if not np.any(log.author != log.author[0]):  # one author (or no author column): nothing can clash
+        return
+    by_item = np.argsort(log.item, kind="stable")  # [R] by item, then input order
     item, author = log.item[by_item], log.author[by_item]
     clash = np.flatnonzero((item[1:] == item[:-1]) & (author[1:] != author[:-1]))
     if len(clash):

@@ -58,8 +58,10 @@ class Protocols:
 
 def train_val_split(split: LogSplit) -> LogSplit:
     """The split whose training part holds each evaluated user's validation target too. Only its
-    training part may be used: its "val"/"test" targets are shifted and meaningless."""
-    return dataclasses.replace(split, train_len=split.train_len + split.has_eval)
+    training part may be used: its "val"/"test" targets are shifted and meaningless. With kept repeats
+    (duplicates="keep") the training part reaches the test target: the repeats after the validation
+    target join it as history (train_len + 1 without them)."""
+    return dataclasses.replace(split, train_len=split.visible_len("test"))
 
 
 def retrain_stages(split: LogSplit, recipe: two_stage.Recipe, seed: int, run_dir: str, selected: dict, stream=None,

@@ -108,6 +108,8 @@ def window_arrays(split, rows, starts, lengths, history_len: int):
     columns = np.where(present, split.item_columns[positions], -1)  # [Nw, S+1]
     inputs = np.where(present[:, :-1], columns[:, :-1] + 1, PAD).astype(np.int32)  # [Nw, S]
     valid = present[:, 1:]  # [Nw, S]: slot j has a next item
+    if getattr(split, "first_time", None) is not None:  # a kept repeat (duplicates="keep") is never a target
+        valid = valid & split.first_time[positions[:, 1:]]
     targets = np.where(valid, columns[:, 1:], 0).astype(np.int32)
     return inputs, targets, valid
 

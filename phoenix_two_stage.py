@@ -127,7 +127,7 @@ _TABLE_MINIMUM = {"user_table_size": 20_000, "post_table_size": 20_000, "author_
 def recommendable(split: Split) -> int:
     """Items every evaluated user can still be recommended at test time (the catalog minus the most
     any user has seen)."""
-    return len(split.item_ids) - int(split.visible_len("test")[split.eval_users()].max())
+    return len(split.item_ids) - int(split.num_distinct("test")[split.eval_users()].max())
 
 
 def resolve_recipe(recipe: Recipe, split: Split) -> Recipe:
@@ -138,7 +138,7 @@ def resolve_recipe(recipe: Recipe, split: Split) -> Recipe:
               "author_table_size": len(np.unique(split.item_authors))}
     auto = {name: max(minimum, MIN_TABLE_ROWS_PER_ID * counts[name]) for name, minimum in _TABLE_MINIMUM.items()}
     auto["retrieve_k"] = min(RETRIEVE_K, recommendable(split))
-    auto["negative_pool"] = max(1, min(RETRIEVE_K, len(split.item_ids) - int(split.lengths.max()) - 1))
+    auto["negative_pool"] = max(1, min(RETRIEVE_K, len(split.item_ids) - int(split.num_distinct().max()) - 1))
     auto["ranker_batch_size"] = max(1, min(RANKER_BATCH, len(split.target_positions("train")[0])))
     return dataclasses.replace(recipe, **{name: value for name, value in auto.items() if getattr(recipe, name) is None})
 
@@ -188,7 +188,7 @@ def check_recipe(split: LogSplit, recipe: Recipe) -> None:
     if not 0 < recipe.retrieve_k <= room:
         raise RecipeError(f"retrieve_k (--retrieve-k): expected in [1, {room}] (the {len(split.item_ids)} items minus "
                           f"the most one user has seen), got {recipe.retrieve_k}")
-    unseen = len(split.item_ids) - int(split.lengths.max())  # the fewest items a user has not seen
+    unseen = len(split.item_ids) - int(split.num_distinct().max())  # the fewest items a user has not seen
     if recipe.hard_negatives and not 0 < recipe.negative_pool < unseen:
         raise RecipeError(f"negative_pool (--negative-pool): expected in [1, {unseen}) (items a user has not seen), "
                           f"got {recipe.negative_pool}")
@@ -245,18 +245,21 @@ def training_windows(split: Split, history_len: int, rng: Optional[np.random.Gen
     with r = 0 without `rng` and r uniform in [0, S) per user with it (a new cut every epoch, so a
     target's history length varies between epochs instead of being fixed by where the cuts fall).
     """
-    rows, starts, lengths = [], [], []
-    for user in range(len(split.user_ids)):
-        length = int(split.train_len[user])  # targets are positions 1 .. length - 1
-        if length < 2:
-            continue
-        shift = int(rng.integers(0, history_len)) if rng is not None else 0
-        cuts = ([0] if shift > 0 else []) + list(range(shift, length - 1, history_len))
-        for begin, end in zip(cuts, cuts[1:] + [length - 1]):  # items begin..end, end - begin <= S
-            rows.append(user)
-            starts.append(split.offsets[user] + begin)
-            lengths.append(end - begin + 1)
-    return np.array(rows, np.int64), np.array(starts, np.int64), np.array(lengths, np.int64)
+    train_len = split.train_len
+    users = np.flatnonzero(train_len >= 2)  # [U'] targets are positions 1 .. length - 1
+    length = train_len[users]
+    # One draw per such user, in user order (as many draws as one rng.integers call each would take).
+    shift = rng.integers(0, history_len, size=len(users)) if rng is not None else np.zeros(len(users), np.int64)
+    lead = (shift > 0).astype(np.int64)  # [U'] a first window 0..shift before the regular cuts
+    regular = np.maximum(-(-(length - 1 - shift) // history_len), 0)  # [U'] cuts shift, shift + S, ... < length - 1
+    count = lead + regular  # [U'] windows per user
+    owner = np.repeat(np.arange(len(users)), count)  # [Nw]
+    j = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)  # [Nw] window index within its user
+    begin = np.where((lead[owner] == 1) & (j == 0), 0, shift[owner] + (j - lead[owner]) * history_len)  # [Nw]
+    last = j == count[owner] - 1
+    end = np.where(last, length[owner] - 1, shift[owner] + (j + 1 - lead[owner]) * history_len)  # items begin..end
+    rows = users[owner].astype(np.int64)
+    return rows, (split.offsets[rows] + begin).astype(np.int64), (end - begin + 1).astype(np.int64)
 
 
 def window_examples(split: LogSplit, rows, starts, lengths, history_len: int):
@@ -273,10 +276,14 @@ def window_examples(split: LogSplit, rows, starts, lengths, history_len: int):
     return examples, positions, valid
 
 
-def window_batch(split: Split, examples: dict, hashes: HashConfig):
+def window_batch(split: Split, examples: dict, hashes: HashConfig, targets=None):
     """A RecsysBatch whose history is each window and whose candidates are the window's items 1..S
-    (candidate c is the target of the prefix ending at slot c)."""
-    return phoenix_batch(split, examples, hashes, examples["history_post_ids"][:, 1:])
+    (candidate c is the target of the prefix ending at slot c); `targets` [Nw, S] bool (default all):
+    the other slots' candidates are padding (a kept repeat is history, never a target)."""
+    candidates = examples["history_post_ids"][:, 1:]  # [Nw, S]
+    if targets is not None:
+        candidates = np.where(targets, candidates, PAD_ID)
+    return phoenix_batch(split, examples, hashes, candidates)
 
 
 def retrieval_batches(split: LogSplit, recipe: Recipe, hashes: HashConfig, rng: np.random.Generator,
@@ -300,9 +307,11 @@ def retrieval_batches(split: LogSplit, recipe: Recipe, hashes: HashConfig, rng: 
             continue
         examples, positions, valid = window_examples(split, rows, starts, lengths, S)
         targets = valid[:, 1:]  # [B, S]
+        if split.first_time is not None:  # kept repeats (duplicates="keep") are history, never targets
+            targets = targets & split.first_time[positions[:, 1:]]
         # Accidental hits by catalog column, not raw id: a hashed string id needs 63 bits, and the
         # jitted step sees int32 (-1 marks padding, as PAD_ID did).
-        yield (window_batch(split, examples, hashes),
+        yield (window_batch(split, examples, hashes, None if split.first_time is None else targets),
                np.where(targets, log_q[split.item_columns[positions[:, 1:]]], 0.0).astype(np.float32),
                np.where(targets, split.item_columns[positions[:, 1:]], PAD_ID).astype(np.int32))
 
@@ -582,7 +591,7 @@ def hard_negative_pool(trainer: SequenceRetrievalTrainer, params, split: LogSpli
     rows, positions = split.target_positions("train")
     within = positions - split.offsets[rows]  # [E] the target's position within its user
     targets = split.item_columns[positions]  # [E]
-    if not 0 < pool_size < len(split.item_ids) - int(split.lengths.max()):
+    if not 0 < pool_size < len(split.item_ids) - int(split.num_distinct().max()):
         raise ValueError(f"negative pool {pool_size} must be below the items a user has not seen")
     pool = np.empty((len(users), pool_size), np.int32)
     for start in range(0, len(users), chunk):

@@ -33,10 +33,13 @@ This module holds every training flag and is the command-line toolkit of the oth
 """
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
+import resource
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
@@ -46,7 +49,9 @@ import phoenix_checkpoint
 import phoenix_pipeline as pipeline
 import phoenix_resume
 import phoenix_run_dir as run_dir
+import phoenix_split
 import phoenix_stop
+import phoenix_two_stage as two_stage
 import train_synthetic
 from phoenix_log import (AUTO_COLUMN_NAMES, COLUMN_FLAGS, DEFAULT_RATING_ACTIONS, STDIN, check_log_path,
                          check_rating_actions, parse_time)
@@ -274,6 +279,11 @@ def add_run_flags(parser: argparse.ArgumentParser, default_checkpoint_dir, defau
     parser.add_argument("--plot", action="store_true",
                         help=f"write {pipeline.PLOT_FILE} (training loss, validation curves) to the run directory "
                              "(matplotlib)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="read, validate and split the data with every flag that shapes the split, check the "
+                             "recipe and outputs, print a summary (rows, users, items, repeats, time range, users "
+                             "per split, training examples, seconds per phase, peak memory) and exit 0: no "
+                             "training, nothing written")
     parser.add_argument("--data-parallel", action="store_true",
                         help="split each training batch over all devices JAX finds (batch sizes must divide evenly)")
     group = parser.add_argument_group("preemption (docs/resume.md)")
@@ -350,7 +360,9 @@ def log_parser() -> argparse.ArgumentParser:
                        help="actions a rating sets (inclusive ranges, an empty bound is open); default "
                             "click_score=:,favorite_score=4:,share_score=5:,not_interested_score=:2")
     group.add_argument("--duplicates", choices=DUPLICATE_RULES, default="first",
-                       help="a repeated (user, item): keep the earliest (default) or refuse the log")
+                       help="a repeated (user, item): first keeps the earliest (default), error refuses the log, "
+                            "keep keeps repeats as history events (targets are first-time interactions only: "
+                            "phoenix_split.py)")
     group.add_argument("--split", choices=SPLIT_PROTOCOLS, default="leave-one-out")
     group.add_argument("--cut-time", type=cut_time_value, default=None,
                        help="time split: the cut T (same unit as the log; for a date/time column an ISO-8601 time "
@@ -459,6 +471,7 @@ class Command(NamedTuple):
     run: Union[pipeline.RunOptions, SyntheticRun]
     recipe: Optional[pipeline.Recipe] = None
     protocols: Optional[Protocols] = None
+    dry_run: bool = False  # --dry-run: read, validate, split, summarise; no training, nothing written
 
 
 def data_kind(data: str) -> str:
@@ -523,7 +536,7 @@ def parse_args(argv) -> Command:
             parser.error(f"--cache-dir: applies to --data {ml.SOURCE_ML100K} (its download) only, got --data "
                          f"{args.data}")
         recipe, protocols, options = _recipe_protocols_options(args, parser, given, args.checkpoint_dir)
-        return Command(kind, MovieLensSource(args.data, args.cache_dir), options, recipe, protocols)
+        return Command(kind, MovieLensSource(args.data, args.cache_dir), options, recipe, protocols, args.dry_run)
     for name in ("cut_time", "cut_quantile"):
         if name in given and args.split != "time":
             parser.error(f"--{name.replace('_', '-')}: applies to --split time only, got --split {args.split}")
@@ -541,7 +554,7 @@ def parse_args(argv) -> Command:
     source = LogSource(args.data, columns, args.rating_actions, "rating_actions" in given,
                        "\t" if args.delimiter in ("\\t", "tab") else args.delimiter, args.duplicates, args.split,
                        args.cut_time, args.cut_quantile)
-    return Command(kind, source, options, recipe, protocols)
+    return Command(kind, source, options, recipe, protocols, args.dry_run)
 
 
 # Log flags left out of a run's configuration: where the log is and how its fields are separated do not
@@ -600,18 +613,65 @@ def movielens_inputs(source: MovieLensSource) -> list:
     return [run_dir.Input("--data", str(cache / ml.WHEEL_FILE)), run_dir.Input("--cache-dir", str(cache), "cache")]
 
 
+class _Phases:
+    """Wall seconds of the named phases of a run, in order (`with phases("read"): ...`)."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (getrusage's ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+
+
+def dry_run(split, recipe: pipeline.Recipe, options: pipeline.RunOptions, phases: _Phases, stream=None) -> dict:
+    """--dry-run after the split: the recipe resolved and checked on it (what training would refuse), the
+    retrieval stage's first-epoch windows built, then the summary printed on `stream` (default stdout).
+    Writes nothing. Returns {"summary": {name: text}, "seconds": {phase: s}, "peak_rss_mib"}."""
+    with phases("recipe and examples"):
+        resolved = two_stage.resolve_recipe(recipe, split)
+        two_stage.check_recipe(split, resolved)
+        pipeline.check_dump_k(options, recipe, split)
+        windows = len(two_stage.training_windows(split, resolved.history_len)[0])
+    summary = phoenix_split.summary(split)
+    summary["training examples"] += (f" (ranker); {windows:,} retrieval windows of up to {resolved.history_len + 1} "
+                                     "items per epoch")
+    summary["seconds"] = ", ".join(f"{name} {s:.1f}" for name, s in phases.seconds.items()) + (
+        f"; {sum(phases.seconds.values()):.1f} in all")
+    summary["peak memory"] = f"{peak_rss_mib():,.0f} MiB (resident, getrusage)"
+    stream = sys.stdout if stream is None else stream
+    width = max(map(len, summary))
+    print(f"dry run: {split.log.source} read, validated and split; nothing trained or written", file=stream)
+    for name, text in summary.items():
+        print(f"  {name + ':':<{width + 1}} {text}", file=stream)
+    return {"summary": summary, "seconds": dict(phases.seconds), "peak_rss_mib": peak_rss_mib()}
+
+
 def train_log(command: Command) -> dict:
     """A log through the pipeline: every check of the command line (the log's path, outputs never over it,
-    the run directory, the plot extra) before the log is read."""
+    the run directory, the plot extra) before the log is read. --dry-run: up to the split (dry_run)."""
     source = command.source
     check_log_path(source.path)
     pipeline.check_run_outputs(command.run, command.protocols, [run_dir.Input("--data", source.path)])
-    log = pipeline.read_log(source.path, source.columns, source.rating_actions, delimiter=source.delimiter)
+    phases = _Phases()
+    with phases("read and validate"):
+        log = pipeline.read_log(source.path, source.columns, source.rating_actions, delimiter=source.delimiter)
     if source.rating_actions_given and log.rating is None:
         raise pipeline.RecipeError(f"--rating-actions: {log.source} has no rating column for it to apply to (name it "
                                    "with --rating-col)")
-    split = pipeline.split_log(log, source.split, source.duplicates, log_cut_time(source.cut_time, log),
-                               source.cut_quantile)
+    with phases("split"):
+        split = pipeline.split_log(log, source.split, source.duplicates, log_cut_time(source.cut_time, log),
+                                   source.cut_quantile)
+    if command.dry_run:
+        return dry_run(split, command.recipe, command.run, phases)
     return pipeline.run_experiment(split, command.recipe, dataclasses.replace(command.run, columns=source.columns),
                                    command.protocols)
 
@@ -623,8 +683,13 @@ def train_movielens(command: Command) -> dict:
         raise FileNotFoundError(f"--data {source.data}: no such directory or archive (expected {ml.SOURCE_ML100K!r}, "
                                 "a recbole wheel, or a directory with *.inter, u.data or ratings.dat)")
     pipeline.check_run_outputs(command.run, command.protocols, movielens_inputs(source))
-    ratings = ml.load_ratings(source.data, source.cache_dir)
-    split = ml.movielens_split(ratings)
+    phases = _Phases()
+    with phases("read and validate"):
+        ratings = ml.load_ratings(source.data, source.cache_dir)
+    with phases("split"):
+        split = ml.movielens_split(ratings)
+    if command.dry_run:
+        return dry_run(split, command.recipe, command.run, phases)
     return pipeline.run_experiment(
         split, command.recipe, command.run, command.protocols, title=f"MovieLens ({ratings.source}), leave-one-out",
         check=lambda path: ml.recompute_from_dump(path, source.data, source.cache_dir, k=pipeline.FINAL_K))

@@ -135,3 +135,105 @@ def test_help_into_a_closed_pipe_is_no_error(tmp_path):
         os.close(write_end)
     stderr = proc.stderr.decode()
     assert proc.returncode == 141 and stderr == "", (proc.returncode, stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# --dry-run: read, validate, split, summarise; nothing trained or written
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_log(path):
+    """6 users x 8 interactions over 24 items at times 1..8; user u's 5th interaction repeats their 2nd."""
+    lines = ["user_id,item_id,timestamp"]
+    for user in range(6):
+        items = [(user * 5 + j) % 30 for j in range(8)]
+        items[4] = items[1]
+        lines += [f"{user},{item},{t + 1}" for t, item in enumerate(items)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_dry_run_summarises_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PHOENIX_CACHE_DIR", str(tmp_path / "cache"))
+    log = tiny_log(tmp_path / "log.csv")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run_train.main(["--data", str(log), "--dry-run", "--dump-topk", str(tmp_path / "top.csv"), "--plot"])
+    out = capsys.readouterr()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run directory, cache, dump or plot
+    summary = result["summary"]
+    assert summary["rows"] == "48" and summary["users"].startswith("6 ") and summary["items"].startswith("24 ")
+    assert summary["repeated (user, item)"].startswith("6 (12.5% of the rows): dropped")
+    assert summary["time range"] == "1 .. 8" and summary["interactions kept"] == "42"
+    assert summary["users per split"].startswith("6 evaluated") and summary["training examples"].startswith("24 ")
+    assert set(result["seconds"]) == {"read and validate", "split", "recipe and examples"}
+    assert result["peak_rss_mib"] > 0
+    assert out.out.startswith(f"dry run: {log} read, validated and split") and "peak memory:" in out.out
+    assert "dropped 6 repeated" in out.err
+
+
+def test_dry_run_with_every_flag_that_shapes_the_split(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHOENIX_CACHE_DIR", str(tmp_path / "cache"))
+    log = tiny_log(tmp_path / "log.csv")
+    log.write_text(log.read_text().replace("user_id,item_id,timestamp", "u\ti\tt").replace(",", "\t"))
+    summary = run_train.main(["--data", str(log), "--dry-run", "--user-col", "u", "--item-col", "i", "--time-col", "t",
+                              "--delimiter", "tab", "--duplicates", "keep", "--split", "time", "--cut-time", "8",
+                              "--history-len", "3"])["summary"]
+    assert summary["repeated (user, item)"].startswith("6 (12.5% of the rows): kept as history")
+    assert summary["split"].startswith("time, cut at 8 (0 rows at or after it")  # each user's 8th is a test target
+    assert summary["interactions kept"] == "48" and summary["users per split"].startswith("6 evaluated")
+    # first-time positions 1, 2, 3 and 5 before the validation target (position 6; 4 is the repeat): 4 per user
+    assert summary["training examples"].startswith("24 (ranker); 12 retrieval windows of up to 4 items")
+    with pytest.raises(pipeline.LogError, match="already at"):
+        run_train.main(["--data", str(log), "--dry-run", "--user-col", "u", "--item-col", "i", "--time-col", "t",
+                        "--delimiter", "tab", "--duplicates", "error"])
+
+
+def test_dry_run_refuses_bad_data_and_outputs_before_reading(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHOENIX_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        run_train.main(["--data", str(tmp_path / "missing.csv"), "--dry-run"])
+    log = tiny_log(tmp_path / "log.csv")
+    with pytest.raises(run_train.run_dir.OutputError):  # the dump would go over the log itself
+        run_train.main(["--data", str(log), "--dry-run", "--dump-topk", str(log)])
+
+
+def test_dry_run_of_a_movielens_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHOENIX_CACHE_DIR", str(tmp_path / "cache"))
+    copy = tmp_path / "ml"
+    copy.mkdir()
+    (copy / "u.data").write_text("".join(f"{u}\t{(u * 5 + j) % 30 + 1}\t{1 + j % 5}\t{100 + j}\n"
+                                         for u in range(1, 7) for j in range(8)))
+    result = run_train.main(["--data", str(copy), "--dry-run"])
+    assert result["summary"]["rows"] == "48" and result["summary"]["users per split"].startswith("6 evaluated")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ml"] and sorted(p.name for p in copy.iterdir()) == ["u.data"]
+
+
+def test_a_run_with_kept_repeats_trains_and_its_dump_recomputes_to_the_table(tmp_path, monkeypatch):
+    """--duplicates keep end to end (tiny recipe): both stages train with repeats in the histories, the
+    dump has no seen item, and check_dump (each pair's first interaction, the last one the target: an
+    outside evaluator's rule) recomputes the table's test HR@10 / NDCG@10 from the file."""
+    import csv
+    from test_phoenix_pipeline import NUM_USERS, TINY_FLAGS, write_log
+    write_log(tmp_path / "log.csv")
+    with open(tmp_path / "log.csv", newline="") as f:
+        header, *rows = list(csv.reader(f))
+    repeats = [[user, item, str(int(time) + 5), *rest] for user, item, time, *rest in rows[::3]]  # later repeats
+    with open(tmp_path / "log.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows, *repeats])
+    result = run_train.main(["--data", str(tmp_path / "log.csv"), "--checkpoint-dir", str(tmp_path / "run"),
+                             "--dump-topk", str(tmp_path / "top.csv"), "--duplicates", "keep", *TINY_FLAGS])
+    split = result["split"]
+    assert split.duplicates == "keep" and split.repeats == len(repeats) and len(split.items) == len(rows) + len(repeats)
+    check, ours = result["dump_check"], result["table"][("test", "two-stage")]
+    assert check["num_users"] == NUM_USERS and check["missing_users"] == 0 and check["history_items_in_topk"] == 0
+    assert check["HR@10"] == pytest.approx(ours["HR@10"], abs=1e-12)
+    assert check["NDCG@10"] == pytest.approx(ours["NDCG@10"], abs=1e-12)
+    # served = evaluated with repeats in the histories: each test user's evaluation history (repeats included)
+    # served from the run gives their dump row
+    from test_phoenix_serving import evaluation_histories
+    with open(tmp_path / "top.csv", newline="") as f:
+        dumped = {row[0]: row[1:] for row in list(csv.reader(f))[1:]}
+    for user, asked in list(evaluation_histories(split).items())[:8]:
+        served = pipeline.recommend(result, user, 10, history=asked["history"], actions=asked["actions"])
+        assert [item for item, _ in served] == dumped[user], user
+    assert any(len(h["history"]) > len(set(h["history"])) for h in evaluation_histories(split).values())

@@ -566,6 +566,16 @@ def _actions(rating: Optional[np.ndarray], flags: Mapping, rating_actions: Mappi
     return actions
 
 
+def _kept_lines(lines: np.ndarray, from_file: bool) -> Optional[np.ndarray]:
+    """Log.line of rows at `lines` (strictly increasing): None where they are Log's default (row + 2 in a
+    file, one line per row after the header; the row itself in arrays), which spares R int64s."""
+    lines = np.asarray(lines, np.int64)
+    first = 2 if from_file else 0
+    if lines[0] == first and lines[-1] == first + len(lines) - 1:
+        return None
+    return lines
+
+
 def _build_log(values: Mapping, names: Mapping[str, str], rating_actions, source: str, lines: np.ndarray,
                from_file: bool, copy: bool = False) -> Log:
     """A Log from raw columns {role or action: [R] Arrow array} (text from a CSV, typed from elsewhere);
@@ -592,7 +602,7 @@ def _build_log(values: Mapping, names: Mapping[str, str], rating_actions, source
     author = ids["author"] if "author" in ids else np.zeros(len(lines), np.int64)
     log = Log(user=ids["user"], item=ids["item"], timestamp=timestamp,
               actions=_actions(rating, flags, rating_actions, len(lines)), author=author, rating=rating,
-              line=np.asarray(lines, np.int64), names=id_names, source=source, from_file=from_file,
+              line=_kept_lines(lines, from_file), names=id_names, source=source, from_file=from_file,
               datetimes=datetimes)
     if "author" in names:  # without the column every author is 0
         _check_one_author_per_item(log)

@@ -62,7 +62,8 @@ def base(tmp_path_factory) -> logs.Log:
 
 def test_the_base_log_is_what_it_says(base):
     assert base.tokens("user", base.user) == [row[0] for row in ROWS] and base.item.tolist() == [r[1] for r in ROWS]
-    assert base.timestamp.dtype == np.int64 and not base.datetimes and base.line.tolist() == [2, 3, 4, 5, 6, 7]
+    assert base.timestamp.dtype == np.int64 and not base.datetimes and base.line is None  # lines are row + 2
+    assert [base.at(r) for r in range(6)] == [f"{base.source}:{line}" for line in range(2, 8)]
     assert base.actions[:, ACTIONS.index("share_score")].tolist() == [r[4] == 1 for r in ROWS]
 
 

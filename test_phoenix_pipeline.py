@@ -76,7 +76,7 @@ def test_csv_columns_ids_and_actions(tmp_path):
     np.testing.assert_array_equal(log.user, [logs.string_id("alice"), logs.string_id("bob")] * 1
                                   + [logs.string_id("alice")])
     assert log.tokens("item", log.item) == ["12", "007", "7"]  # "007" is not 7: the column is strings
-    assert list(log.line) == [2, 3, 4]
+    assert log.line is None and [log.at(r) for r in range(3)] == [f"{path}:{line}" for line in (2, 3, 4)]
     A = {name: log.actions[:, ACTIONS.index(name)].tolist() for name in
          ("click_score", "favorite_score", "share_score", "not_interested_score")}
     # click: every row; favorite >= 4 and not_interested <= 2 from the stars; share from its column.
@@ -154,7 +154,7 @@ def test_repeats_are_dropped_keeping_the_earliest_or_refused(tmp_path):
     split = phoenix_split.split_log(logs.read_csv(path), stream=stream)
     assert "dropped 2 repeated" in stream.getvalue() and f"{path}:4 repeats {path}:2" in stream.getvalue()
     # u keeps 1 (line 2), 2, 3 (line 5: the exact duplicate on line 6 goes too); v keeps both.
-    assert split.items.tolist() == [1, 2, 3, 1, 2] and split.log.line[split.rows].tolist() == [2, 3, 5, 7, 8]
+    assert split.items.tolist() == [1, 2, 3, 1, 2] and [split.log.at(r) for r in split.rows] == [f"{path}:{line}" for line in (2, 3, 5, 7, 8)]
     with pytest.raises(logs.LogError, match=rf"{path}:4: user 'u' and item 1 already at {path}:2 \(2 such"):
         phoenix_split.split_log(logs.read_csv(path), duplicates="error")
 

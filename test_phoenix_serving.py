@@ -1,8 +1,8 @@
 """phoenix_serving.py and run_recommend.py: a run directory serves exactly what the run evaluated.
 
-One tiny run of `run_train.py --data LOG.csv --dump-topk` (test_phoenix_pipeline's LOG: string ids,
-ratings and a favorite_score column, so history actions vary; its tiny recipe) is shared by the
-tests. The central one loads the run directory in a fresh process, with the log moved away, and
+One tiny run of `run_train.py --data LOG.parquet --dump-topk` (test_phoenix_pipeline's LOG as Parquet:
+string ids, an Arrow timestamp column, ratings and a favorite_score column, so history actions vary;
+its tiny recipe) is shared by the tests. The central one loads the run directory in a fresh process, with the log moved away, and
 checks that recommend(run, u, 10, history=<u's evaluation history>) equals u's dump row for every
 test user: same items, same order (no tolerance: equality by construction, phoenix_serving.top_items).
 """
@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
 import pytest
 
 import phoenix_checkpoint as checkpoint
@@ -36,14 +39,24 @@ REPO = Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """(tmp, run() result) of `run_train.py --data log.csv --checkpoint-dir run --dump-topk top.csv` + TINY_FLAGS,
-    with both re-ranking weights non-zero (validation may choose 0 on so small a log: then the served
-    score would not depend on the retrieval cosine or the popularity, and the tests could not see them)."""
+    """(tmp, run() result) of `run_train.py --data log.parquet --checkpoint-dir run --dump-topk top.csv` +
+    TINY_FLAGS: test_phoenix_pipeline's LOG (string ids) as Parquet, its times an Arrow timestamp column
+    (the format and time type a served run is most often trained on); both re-ranking weights non-zero
+    (validation may choose 0 on so small a log: then the served score would not depend on the retrieval
+    cosine or the popularity, and the tests could not see them)."""
     tmp = tmp_path_factory.mktemp("serve")
     write_log(tmp / "log.csv")
-    result = run_train.main(["--data", str(tmp / "log.csv"), "--checkpoint-dir", str(tmp / "run"),
+    table = pa_csv.read_csv(tmp / "log.csv", convert_options=pa_csv.ConvertOptions(
+        column_types={"user_id": pa.string(), "item_id": pa.string(), "author_id": pa.string()}))
+    seconds = table["timestamp"].cast(pa.int64()).to_numpy() + 1_700_000_000
+    table = table.set_column(table.schema.get_field_index("timestamp"), "timestamp",
+                             pa.array(seconds.astype("datetime64[s]"), pa.timestamp("s", tz="UTC")))
+    pq.write_table(table, tmp / "log.parquet")
+    (tmp / "log.csv").unlink()
+    result = run_train.main(["--data", str(tmp / "log.parquet"), "--checkpoint-dir", str(tmp / "run"),
                              "--dump-topk", str(tmp / "top.csv"), *TINY_FLAGS, "--retrieval-weight", "0.5",
                              "--popularity-weight", "0.25"])
+    assert result["split"].log.datetimes  # read as a time column (int64 ns UTC)
     return tmp, result
 
 
@@ -89,13 +102,13 @@ def fresh(trained):
     for every test user: on their evaluation history ("given") and on their saved one ("logged")."""
     tmp, result = trained
     (tmp / "asked.json").write_text(json.dumps(evaluation_histories(result["split"])))
-    (tmp / "log.csv").rename(tmp / "log.away")
+    (tmp / "log.parquet").rename(tmp / "log.away")
     try:
         done = subprocess.run([sys.executable, "-c", FRESH, str(tmp / "run"), str(tmp / "asked.json"),
                                str(tmp / "served.json")], cwd=tmp, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     finally:
-        (tmp / "log.away").rename(tmp / "log.csv")
+        (tmp / "log.away").rename(tmp / "log.parquet")
     assert done.returncode == 0, done.stderr
     return json.loads((tmp / "served.json").read_text())
 

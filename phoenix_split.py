@@ -461,7 +461,7 @@ def _time_text(log: Log, value) -> str:
     """A timestamp as an ISO date-time (UTC) when it came from dates/times (Log.datetimes: int64
     nanoseconds since the Unix epoch), else the number itself."""
     if getattr(log, "datetimes", False) and np.issubdtype(np.asarray(value).dtype, np.integer):
-        return f"{np.datetime64(int(value), 'ns')}"
+        return np.datetime_as_string(np.datetime64(int(value), "ns"), unit="auto", timezone="UTC")  # ...:07Z
     return f"{value.item() if isinstance(value, np.generic) else value}"
 
 

@@ -350,8 +350,9 @@ def check_outputs(inputs, run_dirs, entries: Mapping[str, str], files: Optional[
         for d, n, _ in earlier:
             by_dir.setdefault(d, []).append(n)
         d, names = next(iter(by_dir.items()))
-        raise FileExistsError(f"{d}: holds an earlier run ({', '.join(names)}); pass --overwrite "
-                              "(overwrite=True) to replace it, or choose another --checkpoint-dir")
+        raise FileExistsError(f"{d}: holds an earlier run ({', '.join(names)}); pass --resume (resume=True) to "
+                              "continue it where it stopped, --overwrite (overwrite=True) to replace it, or choose "
+                              "another --checkpoint-dir")
     for flag, path in files.items():
         if os.path.lexists(path) and not overwrite:
             raise FileExistsError(f"{flag} {path}: exists; pass --overwrite to replace it, or choose another path")

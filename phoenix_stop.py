@@ -67,7 +67,7 @@ class TrainingStopped(BaseException):
     outside a training loop). saved: the step checkpoint holding that step (None: none kept).
     stage: what was training. For the command line's line, experiments add what they know: kept
     (descriptions of what is saved, replacing `saved`), resume_argv (the arguments of the command that
-    continues the run; None: nothing resumable), why_not (why nothing is resumable).
+    continues the run; None: nothing resumable), why_not (why nothing, or not everything, is resumable).
     """
 
     def __init__(self, signum: int, step: Optional[int] = None, end_step: Optional[int] = None,
@@ -101,7 +101,7 @@ class TrainingStopped(BaseException):
         if self.resume_argv is not None:
             command = shlex.join([*(invoked_as() if program is None else program), *self.resume_argv])
             return (f"{self._head()}: " + (f"saved {', '.join(saved)}" if saved else "nothing saved yet")
-                    + f"; resume with: {command}")
+                    + (f" ({self.why_not})" if self.why_not else "") + f"; resume with: {command}")
         return (f"{self._head()}: nothing resumable was saved" + (f" ({self.why_not})" if self.why_not else "")
                 + (f"; kept {', '.join(saved)}" if saved else ""))
 

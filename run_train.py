@@ -698,10 +698,14 @@ def train_movielens(command: Command) -> dict:
 def describe_stop(stop: phoenix_stop.TrainingStopped, options: pipeline.RunOptions, argv: list) -> None:
     """Fills in a clean stop's line for a log or MovieLens run: with step checkpoints (--checkpoint-every or
     --resume), the command that resumes it, `argv` with --resume (without --overwrite, which would start
-    afresh); the stages already saved are listed by phoenix_pipeline."""
+    afresh); without them, the same command when a stage was saved (--resume reads finished stages back
+    and starts the stopped one over). The stages already saved are listed by phoenix_pipeline."""
+    kept = [a for a in argv if not (a.startswith("--ov") and "--overwrite".startswith(a))]
     if options.checkpoint_every or options.resume:
-        kept = [a for a in argv if not (a.startswith("--ov") and "--overwrite".startswith(a))]
         stop.resume_argv = kept if options.resume else [*kept, "--resume"]
+    elif stop.kept:  # stages saved before the stop: --resume reads them back, the stopped one starts over
+        stop.resume_argv = [*kept, "--resume"]
+        stop.why_not = "the stopped stage starts over: it kept no step checkpoints, --checkpoint-every is off"
 
 
 def main(argv=None) -> dict:

@@ -192,7 +192,8 @@ def test_synthetic_overwrite_refuses_foreign_files_and_replaces_its_own(tmp_path
     save_checkpoint(mine / "steps" / "ranker" / "step-00000002")
     (mine / "steps" / "ranker" / ".lock").write_text("123")
     (mine / "notes.txt").write_text("kept")
-    with pytest.raises(FileExistsError, match=r"mine: holds an earlier run \(ranker, steps\); pass --overwrite"):
+    with pytest.raises(FileExistsError, match=r"mine: holds an earlier run \(ranker, steps\); pass --resume \(resume=True\) "
+                                              r"to continue it where it stopped, --overwrite"):
         run_train.main(["--data", "synthetic", "--checkpoint-dir", str(mine)])
     for flag in ("--resume", "--overwrite"):
         ts.check_run_dir(run_train.parse_args(["--data", "synthetic", "--checkpoint-dir", str(mine), flag]).run)

@@ -154,7 +154,8 @@ def test_repeats_are_dropped_keeping_the_earliest_or_refused(tmp_path):
     split = phoenix_split.split_log(logs.read_csv(path), stream=stream)
     assert "dropped 2 repeated" in stream.getvalue() and f"{path}:4 repeats {path}:2" in stream.getvalue()
     # u keeps 1 (line 2), 2, 3 (line 5: the exact duplicate on line 6 goes too); v keeps both.
-    assert split.items.tolist() == [1, 2, 3, 1, 2] and [split.log.at(r) for r in split.rows] == [f"{path}:{line}" for line in (2, 3, 5, 7, 8)]
+    assert split.items.tolist() == [1, 2, 3, 1, 2] and [split.log.at(r) for r in split.rows] == [
+        f"{path}:{line}" for line in (2, 3, 5, 7, 8)]
     with pytest.raises(logs.LogError, match=rf"{path}:4: user 'u' and item 1 already at {path}:2 \(2 such"):
         phoenix_split.split_log(logs.read_csv(path), duplicates="error")
 
@@ -373,7 +374,8 @@ def test_a_second_run_refuses_the_directory_before_reading_the_log(cli_run, monk
     before = {p: p.stat().st_mtime_ns for p in (tmp / "run").rglob("*")}
     monkeypatch.setattr(pipeline, "read_log", lambda *a, **k: pytest.fail("the log was read"))
     with pytest.raises(FileExistsError, match=r"run: holds an earlier run \(ranker, retrieval, metrics.jsonl, "
-                                              r"curves.png, run.json, serving\); pass --overwrite"):
+                                              r"curves.png, run.json, serving\); pass --resume \(resume=True\) to "
+                                              r"continue it where it stopped, --overwrite"):
         run_train.main(argv)
     assert {p: p.stat().st_mtime_ns for p in (tmp / "run").rglob("*")} == before  # nothing touched
     pipeline.check_run_dir(tmp / "run", overwrite=True)  # asked: allowed

@@ -2,9 +2,10 @@
 
 One tiny run of `run_train.py --data LOG.parquet --dump-topk` (test_phoenix_pipeline's LOG as Parquet:
 string ids, an Arrow timestamp column, ratings and a favorite_score column, so history actions vary;
-its tiny recipe) is shared by the tests. The central one loads the run directory in a fresh process, with the log moved away, and
-checks that recommend(run, u, 10, history=<u's evaluation history>) equals u's dump row for every
-test user: same items, same order (no tolerance: equality by construction, phoenix_serving.top_items).
+its tiny recipe) is shared by the tests. The central one loads the run directory in a fresh process,
+with the log moved away, and checks that recommend(run, u, 10, history=<u's evaluation history>)
+equals u's dump row for every test user: same items, same order (no tolerance: equality by
+construction, phoenix_serving.top_items).
 """
 
 import csv

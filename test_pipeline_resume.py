@@ -308,3 +308,22 @@ def test_resume_on_a_directory_of_another_kind_of_run_is_refused(log_csv, tmp_pa
     with pytest.raises(training.ResumeError, match="records no two-stage run configuration"):
         run_train.main(argv)
     assert json.loads((tmp_path / "run" / run_dir.MANIFEST_FILE).read_text())["kind"] == "synthetic"
+
+
+def test_a_stop_without_step_checkpoints_names_the_resume_command_once_a_stage_is_saved():
+    """Without --checkpoint-every a stage keeps no step checkpoints, but a finished one is read back by
+    --resume: the line says so and gives the command; with nothing saved it says nothing is resumable."""
+    options = pipeline.RunOptions(checkpoint_dir="runs/mine")
+    argv = ["--data", "log.csv", "--checkpoint-dir", "runs/mine", "--overwrite"]
+    stop = phoenix_stop.TrainingStopped(signal.SIGINT, 10, 67, None, "ranker")
+    stop.kept = ["runs/mine/retrieval (retrieval, best val NDCG@10 0.3157 at step 87)"]
+    run_train.describe_stop(stop, options, argv)
+    assert stop.line(["run_train.py"]) == (
+        "stopped by SIGINT after step 10 of 67 (ranker): saved runs/mine/retrieval (retrieval, best val NDCG@10 "
+        "0.3157 at step 87) (the stopped stage starts over: it kept no step checkpoints, --checkpoint-every is off); "
+        "resume with: run_train.py --data log.csv --checkpoint-dir runs/mine --resume")
+    nothing = phoenix_stop.TrainingStopped(signal.SIGINT, 3, 87, None, "retrieval")
+    nothing.why_not = pipeline.NOT_RESUMABLE
+    run_train.describe_stop(nothing, options, argv)
+    assert nothing.line(["run_train.py"]) == ("stopped by SIGINT after step 3 of 87 (retrieval): nothing resumable "
+                                              "was saved (--checkpoint-every is off)")

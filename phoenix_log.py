@@ -395,14 +395,18 @@ def _number_column(x, column: str, at, expected: str) -> np.ndarray:
         raise TypeError(f"column {column!r}: expected {expected}, got dtype {_dtype(t)}")
     values = _text_numbers(x, column, at, expected, exact=False)
     if values is None:
-        text = _trimmed(x)
-        try:
-            pc.cast(text, pa.float64())
-        except pa.ArrowInvalid as error:
-            row = _failing_row(text, pa.float64(), error)
-            raise LogError(f"{at(row)}: column {column!r}: expected {expected}, got "
-                           f"{_shown(text[row].as_py())}") from None
+        _refuse_non_numbers(_trimmed(x), column, at, expected)
     return values
+
+
+def _refuse_non_numbers(text, column: str, at, expected: str) -> None:
+    """LogError naming the first value of text [R] that does not read as a number, if any."""
+    try:
+        pc.cast(text, pa.float64())
+    except pa.ArrowInvalid as error:
+        row = _failing_row(text, pa.float64(), error)
+        raise LogError(f"{at(row)}: column {column!r}: expected {expected}, got "
+                       f"{_shown(text[row].as_py())}") from None
 
 
 def _time_column(x, column: str, at) -> tuple[np.ndarray, bool]:
@@ -426,12 +430,7 @@ def _time_column(x, column: str, at) -> tuple[np.ndarray, bool]:
     text = _trimmed(x)
     first = text[0].as_py()
     if _cast(text[:1], pa.float64()) is not None:  # a column of numbers with some other value
-        try:
-            pc.cast(text, pa.float64())
-        except pa.ArrowInvalid as error:
-            row = _failing_row(text, pa.float64(), error)
-            raise LogError(f"{at(row)}: column {column!r}: expected {_NUMBER_EXPECTED}, got "
-                           f"{_shown(text[row].as_py())}") from None
+        _refuse_non_numbers(text, column, at, _NUMBER_EXPECTED)
     return _text_times(text, first, column, at), True
 
 

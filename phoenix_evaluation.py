@@ -35,7 +35,7 @@ from phoenix_inputs import PAD_ID
 from phoenix_log import Log, LogError
 from phoenix_split import MIN_EVAL_INTERACTIONS, Split
 
-__all__ = ["BASELINES", "popularity_counts", "transition_counts", "evaluate_baseline", "baseline_topk", "dump_topk",
+__all__ = ["BASELINES", "popularity_counts", "transition_counts", "transition_table", "evaluate_baseline", "baseline_topk", "dump_topk",
            "read_dump", "check_dump", "check_dump_figures", "DumpCheckError"]
 
 BASELINES = ("popularity", "transition")
@@ -59,29 +59,57 @@ def popularity_counts(split: Split, which: str) -> np.ndarray:
     return np.bincount(split.item_columns[_visible_positions(split, which)], minlength=len(split.item_ids))
 
 
-def transition_counts(split: Split, which: str) -> np.ndarray:
-    """[N, N] int64: visible consecutive pairs (i -> j) within users' time-ordered sequences."""
+def _visible_pairs(split: Split, which: str) -> tuple[np.ndarray, np.ndarray]:
+    """(from columns [P], to columns [P]): the visible consecutive pairs within users' sequences."""
     visible = _visible_positions(split, which)  # [R]
     same_user = np.ones(len(split.items), dtype=bool)
     same_user[split.offsets[1:-1]] = False  # position p pairs with p - 1 unless p starts a user
     pair = same_user[1:] & visible[1:]  # [R - 1]; visible[p] implies visible[p - 1] in one user
+    return split.item_columns[:-1][pair], split.item_columns[1:][pair]
+
+
+def transition_counts(split: Split, which: str) -> np.ndarray:
+    """[N, N] int64: visible consecutive pairs (i -> j) within users' time-ordered sequences (dense:
+    for small catalogs and tests; the baseline itself reads transition_table)."""
     counts = np.zeros((len(split.item_ids),) * 2, dtype=np.int64)
-    np.add.at(counts, (split.item_columns[:-1][pair], split.item_columns[1:][pair]), 1)
+    np.add.at(counts, _visible_pairs(split, which), 1)
     return counts
 
 
+def transition_table(split: Split, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """transition_counts in CSR form, O(pairs) memory: (indptr [N + 1], to columns [P'], counts [P'])
+    int64, row i = the distinct items that followed item i, ascending, and how often."""
+    num_items = len(split.item_ids)
+    source, target = _visible_pairs(split, which)
+    codes, counts = np.unique(source * num_items + target, return_counts=True)  # [P'] sorted by (i, j)
+    indptr = np.searchsorted(codes, np.arange(num_items + 1) * num_items)  # [N + 1]
+    return indptr, codes % num_items, counts.astype(np.int64)
+
+
 def baseline_scores(split: Split, which: str, name: str):
-    """A function rows [u] (eval-user indices) -> scores [u, N] of baseline `name` for `which`."""
+    """A function rows [u] (eval-user indices) -> scores [u, N] float64 of baseline `name` for `which`."""
     popularity = popularity_counts(split, which).astype(np.float64)  # [N]
     if name == "popularity":
         return lambda rows: np.broadcast_to(popularity, (len(rows), len(popularity)))
     if name != "transition":
         raise ValueError(f"name must be one of {BASELINES}, got {name!r}")
-    transitions = transition_counts(split, which)  # [N, N]
+    indptr, following, counts = transition_table(split, which)
     users = split.eval_users()
     last = split.item_columns[split.offsets[users] + split.visible_len(which)[users] - 1]  # [U_eval]
-    # One transition outweighs any popularity gap, so popularity only breaks transition ties.
-    return lambda rows: transitions[last[rows]] * (popularity.max() + 1.0) + popularity  # [u, N]
+    weight = popularity.max() + 1.0  # one transition outweighs any popularity gap, so popularity only
+    # breaks transition ties
+
+    def score(rows):
+        out = np.tile(popularity, (len(rows), 1))  # [u, N]: count 0 x weight + popularity, exactly
+        begin, end = indptr[last[rows]], indptr[last[rows] + 1]  # [u]
+        owner = np.repeat(np.arange(len(rows)), end - begin)  # [pairs of the chunk]
+        entry = np.arange(len(owner)) - np.repeat(np.cumsum(end - begin) - (end - begin), end - begin) \
+            + begin[owner]  # [pairs of the chunk] indices into following / counts
+        column = following[entry]
+        out[owner, column] = counts[entry] * weight + popularity[column]
+        return out
+
+    return score
 
 
 def _user_chunks(num_users: int):
@@ -92,8 +120,9 @@ def _user_chunks(num_users: int):
 def evaluate_baseline(split: Split, which: str, name: str) -> dict:
     """metrics.evaluate_scores of a baseline over all eval users (in chunks of EVAL_CHUNK)."""
     score = baseline_scores(split, which, name)
-    exclude, target = split.exclude_mask(which), split.targets(which)  # [U_eval, N], [U_eval]
-    ranks = [metrics.target_ranks(score(rows), target[rows], exclude[rows]) for rows in _user_chunks(len(target))]
+    target = split.targets(which)  # [U_eval]
+    ranks = [metrics.target_ranks(score(rows), target[rows], split.exclude_mask(which, rows))
+             for rows in _user_chunks(len(target))]
     return metrics.metrics_from_ranks(np.concatenate(ranks))
 
 
@@ -101,9 +130,8 @@ def baseline_topk(split: Split, which: str, name: str, k: int = 10) -> np.ndarra
     """Raw item ids [U_eval, K] a baseline recommends to each eval user (history excluded; PAD_ID where
     fewer than k items are left)."""
     score = baseline_scores(split, which, name)
-    exclude = split.exclude_mask(which)
-    top = np.concatenate([metrics.topk_columns(score(rows), k, exclude[rows])
-                          for rows in _user_chunks(exclude.shape[0])])
+    top = np.concatenate([metrics.topk_columns(score(rows), k, split.exclude_mask(which, rows))
+                          for rows in _user_chunks(len(split.eval_users()))])
     return np.where(top == metrics.NOT_RANKED, PAD_ID, split.item_ids[top])
 
 

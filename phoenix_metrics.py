@@ -84,12 +84,31 @@ def topk_columns(scores, k: int, exclude_mask=None) -> np.ndarray:
     num_items = scores.shape[1]
     excluded = (np.zeros(scores.shape, dtype=bool) if exclude_mask is None
                 else np.asarray(exclude_mask, dtype=bool))  # [U, N]
+    if np.issubdtype(scores.dtype, np.floating) and k < num_items and np.isfinite(scores).all():
+        return _topk_partitioned(scores, k, excluded)
     columns = np.broadcast_to(np.arange(num_items), scores.shape)  # [U, N]
     # Last key is primary: rankable first, then score descending, then column ascending (the tie rule).
     # float64 negation: exact for integer counts below 2**53, and safe for unsigned and bool scores.
     order = np.lexsort((columns, -scores.astype(np.float64), excluded), axis=1)[:, :k]  # [U, K]
     top = np.full((scores.shape[0], k), NOT_RANKED, dtype=np.int64)  # [U, K]; k may exceed N
     top[:, : order.shape[1]] = np.where(np.take_along_axis(excluded, order, axis=1), NOT_RANKED, order)
+    return top
+
+
+def _topk_partitioned(scores, k: int, excluded) -> np.ndarray:
+    """topk_columns of finite float scores [U, N] with k < N, the same integers without sorting whole
+    rows: each row's k-th best non-excluded score (np.partition, excluded as -inf) bounds the
+    candidates, and only those are sorted by the tie rule (score descending, column ascending)."""
+    num_users, num_items = scores.shape
+    masked = np.where(excluded, -np.inf, scores)  # [U, N]
+    kth = np.partition(masked, num_items - k, axis=1)[:, num_items - k]  # [U]; -inf: fewer than k rankable
+    rows, cols = np.nonzero((masked >= kth[:, None]) & ~excluded)  # [c] candidates (ties at the k-th included)
+    order = np.lexsort((cols, -scores[rows, cols].astype(np.float64), rows))  # [c] by row, then the tie rule
+    rows, cols = rows[order], cols[order]
+    slot = np.arange(len(rows)) - np.searchsorted(rows, rows)  # [c] position within its row
+    keep = slot < k
+    top = np.full((num_users, k), NOT_RANKED, dtype=np.int64)  # [U, K]
+    top[rows[keep], slot[keep]] = cols[keep]
     return top
 
 

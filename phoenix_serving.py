@@ -13,7 +13,7 @@ evaluation ranked (test_phoenix_serving.py pins it: for every test user, recomme
 evaluation history equals their --dump-topk row): retrieval's top retrieve_k of the items not in
 the history, re-ranked by the ranker's score_action logit + w x retrieval cosine / temperature
 + b x log(1 + popularity), with (w, b) the weights chosen on validation, ensembles as trained.
-Both go through `top_items` here and phoenix_two_stage.retrieval_scores, which score every user in
+Both go through `top_items` here and phoenix_two_stage.retrieval_topk (retrieval_scores), which score every user in
 blocks of EVAL_BATCH rows, so a user's scores do not depend on who is scored with them.
 
 What serving decides
@@ -334,8 +334,8 @@ def top_items(served: ServedRun, split: Split, rows, ends) -> tuple[np.ndarray, 
 
     The evaluation's computation (phoenix_pipeline.evaluate_stages: StageOne, TwoStage.evaluate)
     step by step: the last S items into the user tower (encode_users, padded EVAL_BATCH chunks),
-    cosines (retrieval_scores), retrieval's top K of the items not in the history (topk_columns'
-    tie rule), the ranker's logits of those (ranker_logits), the re-ranking score (rerank_scores)
+    cosines and retrieval's top K of the items not in the history (retrieval_topk: retrieval_scores'
+    blocks, topk_columns' tie rule, a chunk of users at a time), the ranker's logits of those (ranker_logits), the re-ranking score (rerank_scores)
     and a stable sort. Where fewer than K items are left, the row ends in NOT_RANKED columns with
     score -inf.
     """
@@ -344,15 +344,16 @@ def top_items(served: ServedRun, split: Split, rows, ends) -> tuple[np.ndarray, 
     examples = phoenix_split.histories(split, rows, ends, recipe.history_len)
     examples["target_post_ids"] = split.items[ends - 1]  # a placeholder candidate: the user tower alone is read
     users = two_stage.encode_users(served.retrieval, served.retrieval_params, split, examples)  # [U, D]
-    scores = two_stage.retrieval_scores(users, served.item_vectors)  # [U, N]
-    top = metrics.topk_columns(scores, recipe.retrieve_k, history_mask(split, rows, ends))  # [U, K]
+    found = two_stage.retrieval_topk(users, served.item_vectors, recipe.retrieve_k,
+                                     lambda start, stop: history_mask(split, rows[start:stop], ends[start:stop]))
+    top = found.columns  # [U, K]
     ranked = top != metrics.NOT_RANKED  # [U, K]
     columns = np.where(ranked, top, 0)  # [U, K]
     ranker_examples = phoenix_split.histories(split, rows, ends, recipe.ranker_history_len)
     logits = two_stage.ranker_logits(served.ranker, served.ranker_params, split, ranker_examples, top,
                                      recipe.num_candidates)  # [U, K, A]; NOT_RANKED columns are padding
     popularity = np.log1p(served.popularity.astype(np.float64))[columns]  # [U, K] as two_stage.log_popularity
-    final = two_stage.rerank_scores(logits, np.take_along_axis(scores, columns, axis=1), served.retrieval_weight,
+    final = two_stage.rerank_scores(logits, found.scores, served.retrieval_weight,
                                     recipe.temperature, recipe.score_action, popularity,
                                     served.popularity_weight)  # [U, K]
     final = np.where(ranked, final, -np.inf)

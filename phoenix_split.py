@@ -165,9 +165,11 @@ class Split:
         new = np.concatenate([[0], np.cumsum(self.first_time, dtype=np.int64)])  # [R + 1]
         return int((new[starts + np.maximum(self.train_len, 1)] - new[starts + 1]).sum())
 
-    def exclude_mask(self, which: str) -> np.ndarray:
-        """[U_eval, N] bool: every item before the `which` ("val"/"test") target of each eval user."""
-        rows = self.eval_users()
+    def exclude_mask(self, which: str, eval_rows=None) -> np.ndarray:
+        """[U_eval, N] bool: every item before the `which` ("val"/"test") target of each eval user;
+        `eval_rows` [u] (indices into eval_users()): only those users' rows [u, N], so that callers
+        scoring users in chunks hold one chunk's mask, never all users'."""
+        rows = self.eval_users() if eval_rows is None else self.eval_users()[eval_rows]
         visible = self.visible_len(which)[rows]  # [U_eval]
         owner = np.repeat(np.arange(len(rows)), visible)  # [sum visible]
         first = np.cumsum(visible) - visible

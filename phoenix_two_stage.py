@@ -24,7 +24,7 @@ Shape glossary
 
 import dataclasses
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +43,8 @@ from recsys_retrieval_model import POOLINGS, PhoenixRetrievalModelConfig, check_
 
 __all__ = ["Recipe", "RecipeError", "MOVIELENS_RECIPE", "resolve_recipe", "check_recipe", "hash_config",
            "retrieval_config", "ranker_config", "StageOne", "TwoStage", "RetrievalEnsemble", "RankerEnsemble",
-           "SequenceRetrievalTrainer", "encode_items", "encode_users", "retrieval_scores", "ranker_logits",
-           "rerank_scores",
+           "SequenceRetrievalTrainer", "encode_items", "encode_users", "retrieval_scores", "retrieval_topk",
+           "RetrievalTopK", "eval_chunk", "ranker_logits", "rerank_scores",
            "choose_rerank_weights", "start_retrieval", "start_ranker", "stage_steps", "member_stage",
            "RETRIEVE_K", "FINAL_K"]
 
@@ -546,21 +546,72 @@ def retrieval_scores(users: np.ndarray, items: np.ndarray, batch_size: int = EVA
     return out
 
 
-def eval_mask(split: Split, which: str) -> np.ndarray:
-    """[U, N]: items ranked for nobody: the user's earlier items, except the target (phoenix_metrics.py's rule)."""
-    exclude = split.exclude_mask(which)
-    exclude[np.arange(exclude.shape[0]), split.targets(which)] = False
+def eval_mask(split: Split, which: str, eval_rows=None) -> np.ndarray:
+    """[U, N]: items ranked for nobody: the user's earlier items, except the target (phoenix_metrics.py's rule);
+    `eval_rows` [u] (indices into split.eval_users()): those users' rows [u, N] only."""
+    exclude = split.exclude_mask(which, eval_rows)
+    targets = split.targets(which) if eval_rows is None else split.targets(which)[eval_rows]
+    exclude[np.arange(exclude.shape[0]), targets] = False
     return exclude
 
 
-def first_positions(split: Split) -> np.ndarray:
+def first_positions(split: Split, rows=None) -> np.ndarray:
     """[U, N] int32: position (within the user's sequence) of the user's first interaction with each
-    item, or a large number where the user never had one."""
-    first = np.full((len(split.user_ids), len(split.item_ids)), np.iinfo(np.int32).max, np.int32)
-    owner = np.repeat(np.arange(len(split.user_ids)), split.lengths)  # [R]
-    within = np.arange(len(split.items)) - split.offsets[owner]  # [R]
-    np.minimum.at(first, (owner, split.item_columns), within.astype(np.int32))
+    item, or a large number where the user never had one; `rows` [u] (user rows): those users' [u, N]."""
+    rows = np.arange(len(split.user_ids)) if rows is None else np.asarray(rows, np.int64)
+    lengths = split.lengths[rows]  # [u]
+    first = np.full((len(rows), len(split.item_ids)), np.iinfo(np.int32).max, np.int32)
+    owner = np.repeat(np.arange(len(rows)), lengths)  # [sum lengths]
+    within = np.arange(len(owner)) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # [sum lengths]
+    np.minimum.at(first, (owner, split.item_columns[split.offsets[rows][owner] + within]), within.astype(np.int32))
     return first
+
+
+CHUNK_ENTRIES = 1 << 24  # users x items scored at once by retrieval_topk (64 MB of float32 cosines)
+
+
+def eval_chunk(num_items: int) -> int:
+    """Users ranked at once by retrieval_topk: about CHUNK_ENTRIES / N, a multiple of EVAL_BATCH."""
+    return max(1, CHUNK_ENTRIES // max(num_items, 1) // EVAL_BATCH) * EVAL_BATCH
+
+
+class RetrievalTopK(NamedTuple):
+    """Retrieval's verdict on U users, without their [U, N] cosines."""
+
+    columns: np.ndarray  # [U, K] int64 catalog columns, best first (phoenix_metrics' tie rule); NOT_RANKED
+    # where fewer than K items are left
+    scores: np.ndarray  # [U, K] their cosines (column 0's where NOT_RANKED)
+    ranks: Optional[np.ndarray]  # [U] int64 the target's rank among all non-excluded items; None without targets
+
+
+def retrieval_topk(users: np.ndarray, items: np.ndarray, k: int, exclude, targets=None,
+                   chunk: Optional[int] = None, batch_size: int = EVAL_BATCH) -> RetrievalTopK:
+    """retrieval_scores, metrics.topk_columns and metrics.target_ranks of users [U, D] with items [N, D],
+    `chunk` users at a time: peak memory O(chunk x N), not O(U x N).
+
+    exclude(start, stop) -> [stop - start, N] bool: the excluded items of users start..stop-1;
+    targets [U] catalog columns (or None). `chunk` is a multiple of `batch_size`, so every cosine comes
+    from the very [batch_size, D] x [D, N] product that retrieval_scores(users, items, batch_size)
+    computes: the result is bit for bit that of the whole [U, N] matrix. Default: eval_chunk(N).
+    """
+    chunk = eval_chunk(len(items)) if chunk is None else chunk
+    if chunk <= 0 or chunk % batch_size:
+        raise ValueError(f"chunk: expected a positive multiple of batch_size={batch_size}, got {chunk}")
+    columns, scores, ranks = [], [], []
+    for start in range(0, len(users), chunk):
+        stop = min(start + chunk, len(users))
+        block = retrieval_scores(users[start:stop], items, batch_size)  # [u, N]
+        mask = exclude(start, stop)  # [u, N]
+        top = metrics.topk_columns(block, k, mask)  # [u, K]
+        columns.append(top)
+        scores.append(np.take_along_axis(block, np.where(top == metrics.NOT_RANKED, 0, top), axis=1))
+        if targets is not None:
+            ranks.append(metrics.target_ranks(block, targets[start:stop], mask))
+    if not columns:  # no users
+        return RetrievalTopK(np.zeros((0, k), np.int64), np.zeros((0, k), np.result_type(users, items)),
+                             None if targets is None else np.zeros(0, np.int64))
+    return RetrievalTopK(np.concatenate(columns), np.concatenate(scores),
+                         None if targets is None else np.concatenate(ranks))
 
 
 def example_representations(trainer: SequenceRetrievalTrainer, params, split: LogSplit, history_len: int,
@@ -581,13 +632,15 @@ def example_representations(trainer: SequenceRetrievalTrainer, params, split: Lo
     return by_position[split.target_positions("train")[1]]
 
 
+POOL_SUBCHUNK = 256  # examples masked and partitioned at once (the [e, N] int64 argpartition of 4096 is 8 x N KB)
+
+
 def hard_negative_pool(trainer: SequenceRetrievalTrainer, params, split: LogSplit, history_len: int,
                        pool_size: int, chunk: int = 4096) -> np.ndarray:
     """[E, Kn] catalog columns: the retrieval model's top-Kn for each training example among the items
     the user had not seen before the target, the target excluded (so every entry is a negative)."""
     items = encode_items(trainer, params, split)  # [N, D]
     users = example_representations(trainer, params, split, history_len)  # [E, D]
-    first = first_positions(split)
     rows, positions = split.target_positions("train")
     within = positions - split.offsets[rows]  # [E] the target's position within its user
     targets = split.item_columns[positions]  # [E]
@@ -596,26 +649,32 @@ def hard_negative_pool(trainer: SequenceRetrievalTrainer, params, split: LogSpli
     pool = np.empty((len(users), pool_size), np.int32)
     for start in range(0, len(users), chunk):
         sl = slice(start, start + chunk)
-        scores = users[sl] @ items.T  # [e, N]
-        scores[first[rows[sl]] < within[sl, None]] = -np.inf
-        scores[np.arange(scores.shape[0]), targets[sl]] = -np.inf
-        pool[sl] = np.argpartition(-scores, pool_size, axis=1)[:, :pool_size]
+        scores = users[sl] @ items.T  # [e, N]; the product's shape as ever (a row's last bits may depend on it)
+        for sub in range(0, len(scores), POOL_SUBCHUNK):  # the rest row by row, a few rows at a time
+            part = scores[sub:sub + POOL_SUBCHUNK]  # [e', N] a view
+            at = slice(start + sub, start + sub + len(part))
+            owners, owner_of = np.unique(rows[at], return_inverse=True)  # its users [u], each example's [e']
+            part[first_positions(split, owners)[owner_of] < within[at, None]] = -np.inf  # seen before the target
+            part[np.arange(len(part)), targets[at]] = -np.inf
+            pool[at] = np.argpartition(-part, pool_size, axis=1)[:, :pool_size]
     return pool
 
 
 class StageOne:
-    """Retrieval evaluation of one split: scores, the target's full rank and the top-K lists."""
+    """Retrieval evaluation of one split: the target's full rank, the top-K lists and their cosines
+    (retrieval_topk: [U, K] kept, never the [U, N] cosines)."""
 
     def __init__(self, trainer, params, split: LogSplit, which: str, history_len: int, k: int = RETRIEVE_K,
-                 items=None):
+                 items=None, chunk: Optional[int] = None):
         self.examples = phoenix_examples(split, which, history_len)
         self.target = split.targets(which)  # [U]
-        self.exclude = eval_mask(split, which)  # [U, N]
         items = encode_items(trainer, params, split) if items is None else items  # [N, D]
         users = encode_users(trainer, params, split, self.examples)  # [U, D]
-        self.scores = retrieval_scores(users, items)  # [U, N] cosines
-        self.ranks = metrics.target_ranks(self.scores, self.target, self.exclude)  # [U]
-        self.topk = metrics.topk_columns(self.scores, k, self.exclude)  # [U, K], best first
+        found = retrieval_topk(users, items, k, lambda start, stop: eval_mask(split, which, np.arange(start, stop)),
+                               self.target, chunk)
+        self.ranks = found.ranks  # [U]
+        self.topk = found.columns  # [U, K], best first
+        self.topk_scores = found.scores  # [U, K] cosines
         if (self.topk == metrics.NOT_RANKED).any():
             raise ValueError(f"k={k} exceeds the items some user can be recommended")
 
@@ -695,7 +754,7 @@ class TwoStage:
         examples = phoenix_examples(split, which, recipe.ranker_history_len)
         self.logits = ranker_logits(ranker, ranker_params, split, examples, stage_one.topk,
                                     recipe.num_candidates)  # [U, K, A]
-        self.retrieval = np.take_along_axis(stage_one.scores, stage_one.topk, axis=1)  # [U, K]
+        self.retrieval = stage_one.topk_scores  # [U, K]
         self.popularity = log_popularity(split, which)[stage_one.topk]  # [U, K]
 
     def evaluate(self, weight: float, temperature: float, popularity_weight: float = 0.0):

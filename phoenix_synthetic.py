@@ -887,9 +887,10 @@ def make_log(num_rows: int, seed: int = 0, *, num_users: Optional[int] = None, n
     Users ("u000123", num_users, default default_log_sizes: 1 per ROWS_PER_USER rows) have
     MIN_USER_ROWS + a multinomial share of the rest of the rows, by lognormal(0, length_sigma)
     weights (heavy users and light ones). Items ("sku-0042", num_items) each belong to one of
-    num_categories categories (default CATEGORIES, at most one per item); popularity is Zipf (weight 1 / rank^zipf_exponent, ranks in random
-    order). Items of a category form "series" of consecutive items (geometric lengths, mean
-    mean_series_len, never across categories). A user's interaction, in time order:
+    num_categories categories (default CATEGORIES, at most one per item); popularity is Zipf
+    (weight 1 / rank^zipf_exponent, ranks in random order). Items of a category form "series" of
+    consecutive items (geometric lengths, mean mean_series_len, never across categories). A user's
+    interaction, in time order:
       1. after an item with a next item in its series, that next item with probability series_follow;
       2. else, with probability repeat_prob (after the first), one of the user's earlier items
          (uniform: a re-consumption);

@@ -167,7 +167,8 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     (lambda: synthetic.make_log(10, num_users=5), r"num_rows: expected at least 3 rows per user \(15 for 5 users\), "
                                                    r"got 10"),
     (lambda: synthetic.make_log(100, timestamps="ms"), r"timestamps: expected one of \('iso', 'unix'\), got 'ms'"),
-    (lambda: synthetic.make_log(100, num_items=5, num_categories=6), r"num_categories: expected at most num_items \(5\) categories"),
+    (lambda: synthetic.make_log(100, num_items=5, num_categories=6),
+     r"num_categories: expected at most num_items \(5\) categories"),
     (lambda: synthetic.make_log(100, series_follow=1.5), r"series_follow"),
     (lambda: synthetic.write_log("log.json", pa.table({"a": [1]})), r"log.json: expected a name ending in one of "
                                                                      r"\.csv, .*got 'log.json'"),

@@ -96,7 +96,7 @@ __all__ = [
     "describe",
     # training and evaluation
     "Recipe", "RecipeError", "MOVIELENS_RECIPE", "run", "RunOptions", "run_experiment", "Protocols",
-    "check_run_outputs", "format_table", "FINAL_K", "fingerprint", "run_config", "ResumeError",
+    "check_run_outputs", "format_table", "baseline_warning", "FINAL_K", "fingerprint", "run_config", "ResumeError",
     # serving: a run directory, one user
     "load_run", "ServedRun", "recommend", "user_row", "user_examples", "user_batch", "items_batch", "seen_items",
     "encode_users", "encode_items", "load_members",
@@ -453,6 +453,41 @@ def format_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
+MODELS = ("retrieval", "two-stage")  # the table's rows a baseline is a warning light for
+WARNING_METRIC = "NDCG@10"  # on validation: what the checkpoints are chosen on
+
+
+def baseline_warning(table: dict, recipe: Recipe) -> Optional[str]:
+    """The line a run prints when a baseline (phoenix_evaluation.BASELINES) beats retrieval or two-stage on
+    validation NDCG@10, with what to try among the recipe's own knobs (as run_train.py flags); None
+    when no baseline does. `table`: {(split, name): metrics}, as run returns it."""
+    val = {name: m[WARNING_METRIC] for (which, name), m in table.items() if which == "val" and WARNING_METRIC in m}
+    baselines = [name for name in evaluation.BASELINES if name in val]
+    if not baselines:
+        return None
+    best = max(baselines, key=lambda name: val[name])
+    beaten = [name for name in MODELS if name in val and val[name] < val[best]]
+    if not beaten:
+        return None
+    tries = [f"--pooling last (now {recipe.pooling})"] if recipe.pooling != "last" else []
+    tries.append(f"a longer --history-len (now {recipe.history_len})")
+    tries.append(f"more --retrieval-epochs (now {recipe.retrieval_epochs:g})")
+    if "two-stage" in beaten:
+        tries.append(f"more --ranker-epochs (now {recipe.ranker_epochs:g})")
+    figures = ", ".join(f"{val[name]:.4f}" for name in beaten)
+    return (f"warning: the {best} baseline beats {' and '.join(beaten)} on validation {WARNING_METRIC} "
+            f"({val[best]:.4f} vs {figures}); try " + ", ".join(tries) + " (README: the table)")
+
+
+def report_baseline_warning(table: dict, recipe: Recipe, stream, log: MetricsLog) -> Optional[str]:
+    """baseline_warning's line, if any, printed on `stream` and logged (stage "warning"); returns it."""
+    warning = baseline_warning(table, recipe)
+    if warning is not None:
+        print(warning, file=stream, flush=True)
+        log.write(stage="warning", split="val", model="baseline", message=warning)
+    return warning
+
+
 def check_run_dir(path, overwrite: bool = False, inputs=(), files=None, resume: bool = False) -> None:
     """Refuses, before anything is written, a run directory where a run would replace what it must
     not: an earlier run's checkpoints or metrics unless `overwrite` or `resume` (FileExistsError),
@@ -527,8 +562,10 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
     "retrieval_params" / "ranker_params" (best, as saved), "retrieval_best" / "ranker_best" (their val
     metrics and step), "stage_one" / "two_stage" (per split), "times", "wall_s", "checkpoint_dir",
     "recipe" (with table sizes resolved), "split", "extra", "served" (the ServedRun that load_run of the
-    directory gives: recommend(result, user) serves from memory)}. After the evaluation the directory
-    gets serving/ (phoenix_serving.save_serving; `columns`, the log's, are recorded there).
+    directory gives: recommend(result, user) serves from memory), "warning" (baseline_warning's line,
+    printed on `stream` and logged in metrics.jsonl with stage "warning", or None)}. After the
+    evaluation the directory gets serving/ (phoenix_serving.save_serving; `columns`, the log's, are
+    recorded there).
 
     extra_rows (phoenix_protocols.extra_rows): called after the evaluation with {"split", "recipe",
     "seed", "checkpoint_dir", "stream", "retrieval_best", "ranker_best", "retrieval_weight",
@@ -642,8 +679,10 @@ def _run(split, recipe, checkpoint_dir, seed, plot, stream, title, data_parallel
     title = title or f"{split.log.source}, {split.protocol}"
     print(f"\n{title}, all {len(split.item_ids)} items ranked, seed {seed}, wall time {wall:.0f} s ("
           + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ")\n")
-    print(format_table(table))
-    return {"table": table, "reranked": reranked, "retrieval_weight": weight, "popularity_weight": prior,
+    print(format_table(table), flush=True)  # before the warning line on stderr
+    warning = report_baseline_warning(table, recipe, stream, log)  # after the table: the last line a reader sees
+    return {"table": table, "warning": warning, "reranked": reranked, "retrieval_weight": weight,
+            "popularity_weight": prior,
             "retrieval": retrieval,
             "retrieval_params": retrieval_params, "ranker": ranker, "ranker_params": ranker_params,
             "retrieval_best": retrieval_best, "ranker_best": ranker_best, "stage_one": stage_one,

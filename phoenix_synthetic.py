@@ -39,16 +39,24 @@ Generative model (NumPy, deterministic by WorldConfig.seed)
 Raw ids are indices: users 0..U-1, posts 0..N-1, authors 0..Na-1 (int64).
 Padding (phoenix_hashing.py's convention): post and author ids PAD_ID (-1), actions 0, surface 0.
 
+A realistic interaction log (make_log, write_log; scripts/make_log.py) is the other half of this
+module: a plain user/item/time table, no oracle, for the own-data pipeline (docs/synthetic.md).
+
 Cost: the world is O(N L) memory; a batch costs O(B (Na + I A)) and never touches all N posts, so
 batches are generated on the fly (docs/synthetic.md has the timings).
 """
 
 import dataclasses
+import gzip
 import itertools
 import math
+import os
+from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from phoenix_batching import chunks, prefetch, take
 from phoenix_inputs import ACTIONS, PAD_ID, HashConfig, RawBatch, RecsysBatch
@@ -59,7 +67,8 @@ from phoenix_validation import check_int, check_number
 __all__ = ["SyntheticWorld", "WorldConfig", "world_config", "split_users", "to_recsys_batch", "to_retrieval_batch",
            "ranking_stream", "retrieval_stream", "PopularityCounts", "held_out_examples", "evaluate_ranker",
            "evaluate_retrieval", "retrieval_oracle_scores", "corpus_batch", "gap_closed", "optimizer_config",
-           "unknown_user_id", "ACTIONS", "NEGATIVE_ACTIONS"]
+           "unknown_user_id", "ACTIONS", "NEGATIVE_ACTIONS", "make_log", "write_log", "default_log_sizes",
+           "LOG_FORMATS"]
 
 NEGATIVE_ACTIONS = ("not_interested_score", "block_author_score", "mute_author_score",
                     "report_score")
@@ -825,6 +834,208 @@ def evaluate_retrieval(trainer, params, world, examples: dict, popularity: np.nd
     return {name: recall_at_k(scores, positives, k)
             for name, scores in (("model", model_scores), ("oracle", oracle_scores),
                                  ("popularity", popularity_scores))}
+
+
+# ---------------------------------------------------------------------------------------------
+# A realistic interaction log (make_log, write_log)
+# ---------------------------------------------------------------------------------------------
+
+_LOG_STREAM = 16  # make_log's random stream (apart from the world's streams above)
+CATEGORIES = 20  # default item categories (fewer only where there are fewer items)
+ROWS_PER_USER = 33  # default users: num_rows / 33 (197k rows -> about 6,000 users)
+# Default items: 3,000 at 197k rows, growing as rows^0.85 (12,000 at 1M rows: catalogs grow slower than logs).
+ITEMS_AT_REFERENCE, REFERENCE_ROWS, ITEM_GROWTH = 3_000, 197_000, 0.85
+MIN_USER_ROWS = 3  # every user has a training, a validation and a test interaction (leave-one-out)
+LOG_TIMESTAMPS = ("iso", "unix")
+LOG_FORMATS = {".csv": ("csv", None), ".csv.gz": ("csv", "gzip"), ".tsv": ("tsv", None),
+               ".tsv.gz": ("tsv", "gzip"), ".parquet": ("parquet", None)}
+_EPOCH_START = "2024-01-01"  # the first possible timestamp
+_SPAN_S = 365 * 86_400  # users start within a year and stay active for a share of it
+GZIP_LEVEL = 6  # gzip's own default: its usual size at a few seconds per million rows
+_ISO_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # UTC, whole seconds (phoenix_log reads it as UTC)
+
+
+def default_log_sizes(num_rows: int) -> tuple[int, int]:
+    """(users, items) make_log uses when not given: num_rows / ROWS_PER_USER users and
+    ITEMS_AT_REFERENCE x (num_rows / REFERENCE_ROWS)^ITEM_GROWTH items."""
+    users = max(1, round(num_rows / ROWS_PER_USER))
+    items = max(2, round(ITEMS_AT_REFERENCE * (num_rows / REFERENCE_ROWS) ** ITEM_GROWTH))
+    return users, items
+
+
+def _segment_starts(lengths: np.ndarray) -> np.ndarray:
+    """[U] offset of each user's first row in a flat array of consecutive users."""
+    return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+
+
+def _string_ids(prefix: str, count: int, rng: np.random.Generator) -> pa.Array:
+    """[V] string ids "<prefix><zero-padded number>" of codes 0..V-1, numbered in a random order (so
+    that an id says nothing of how it was generated); a row's id is then an Arrow take, per id not per row."""
+    width = len(str(count - 1))
+    return pc.take(pa.array([f"{prefix}{k:0{width}d}" for k in range(count)]), pa.array(rng.permutation(count)))
+
+
+def make_log(num_rows: int, seed: int = 0, *, num_users: Optional[int] = None, num_items: Optional[int] = None,
+             num_categories: Optional[int] = None, zipf_exponent: float = 0.8, series_follow: float = 0.35,
+             mean_series_len: float = 4.0, repeat_prob: float = 0.03, taste_concentration: float = 0.5,
+             drift: float = 0.6, length_sigma: float = 1.0, timestamps: str = "iso", shuffle: bool = True,
+             truth_columns: bool = False) -> pa.Table:
+    """A realistic interaction log as an Arrow table (columns user_id, item_id, timestamp; read it with
+    phoenix_log.from_arrays, write it with write_log). Deterministic from `seed`; NumPy-vectorised over
+    users (one step per position in the longest history, never one per row).
+
+    Users ("u000123", num_users, default default_log_sizes: 1 per ROWS_PER_USER rows) have
+    MIN_USER_ROWS + a multinomial share of the rest of the rows, by lognormal(0, length_sigma)
+    weights (heavy users and light ones). Items ("sku-0042", num_items) each belong to one of
+    num_categories categories (default CATEGORIES, at most one per item); popularity is Zipf
+    (weight 1 / rank^zipf_exponent, ranks in random order). Items of a category form "series" of
+    consecutive items (geometric lengths, mean mean_series_len, never across categories). A user's
+    interaction, in time order:
+      1. after an item with a next item in its series, that next item with probability series_follow;
+      2. else, with probability repeat_prob (after the first), one of the user's earlier items
+         (uniform: a re-consumption);
+      3. else a fresh item: a category from the user's taste, then an item of it by popularity.
+    Tastes drift: a user has two Dirichlet(taste_concentration) category distributions, early and
+    late, and at progress f in [0, 1] through their history draws from the late one with
+    probability drift x f. Timestamps: each user starts at a uniform time in a year from 2024-01-01
+    and their gaps are exponential (at least 1 s, strictly increasing per user); "iso" gives
+    ISO-8601 UTC text ("2024-03-05T17:02:11Z"), "unix" int64 Unix seconds. `shuffle`: rows in
+    random order (else by user, then time). `truth_columns`: add the item's category ("c07") and
+    the next item of its series ("series_next", "" for none), columns Phoenix ignores (for checks
+    of the log's properties).
+    """
+    check_int(num_rows, "num_rows", 1)
+    check_int(seed, "seed", 0)
+    users, items = default_log_sizes(num_rows)
+    users = users if num_users is None else check_int(num_users, "num_users", 1)
+    items = items if num_items is None else check_int(num_items, "num_items", 2)
+    if num_categories is None:
+        num_categories = min(CATEGORIES, items)
+    check_int(num_categories, "num_categories", 1)
+    if num_categories > items:
+        raise ValueError(f"num_categories: expected at most num_items ({items}) categories (each has an item), "
+                         f"got {num_categories}")
+    if num_rows < MIN_USER_ROWS * users:
+        raise ValueError(f"num_rows: expected at least {MIN_USER_ROWS} rows per user ({MIN_USER_ROWS * users} for "
+                         f"{users} users), got {num_rows}; pass fewer num_users")
+    for name, value, low, high in (("zipf_exponent", zipf_exponent, 0.0, 10.0),
+                                   ("series_follow", series_follow, 0.0, 1.0),
+                                   ("mean_series_len", mean_series_len, 1.0, math.inf),
+                                   ("repeat_prob", repeat_prob, 0.0, 1.0),
+                                   ("taste_concentration", taste_concentration, 1e-3, math.inf),
+                                   ("drift", drift, 0.0, 1.0), ("length_sigma", length_sigma, 0.0, 5.0)):
+        _check_real(value, name, low, high)
+    if timestamps not in LOG_TIMESTAMPS:
+        raise ValueError(f"timestamps: expected one of {LOG_TIMESTAMPS}, got {timestamps!r}")
+    rng = _generator(seed, _LOG_STREAM)
+
+    # Users: lengths, sorted longest first so that the users active at step t are a prefix.
+    weights = rng.lognormal(0.0, length_sigma, users)  # [U]
+    lengths = MIN_USER_ROWS + rng.multinomial(num_rows - MIN_USER_ROWS * users, weights / weights.sum())  # [U]
+    lengths = -np.sort(-lengths)  # [U]
+    starts = _segment_starts(lengths)  # [U]
+    active = np.searchsorted(-lengths, -np.arange(int(lengths[0])), side="left")  # [T] users with > t rows
+
+    # Items: categories in blocks, Zipf popularity in random rank order, series of consecutive items.
+    per_category = 1 + rng.multinomial(items - num_categories, np.full(num_categories, 1 / num_categories))  # [Cat]
+    item_category = np.repeat(np.arange(num_categories), per_category)  # [N], ascending
+    popularity = (1.0 + rng.permutation(items)) ** -zipf_exponent  # [N]
+    cum = np.cumsum(popularity)  # [N]
+    category_start = _segment_starts(per_category)  # [Cat]
+    before = np.concatenate([[0.0], cum])[category_start]  # [Cat] mass of earlier categories
+    within = (cum - before[item_category]) / (cum[category_start + per_category - 1] - before)[item_category]
+    item_key = item_category + within  # [N] ascending: category c's items span (c, c + 1]
+    item_key[category_start + per_category - 1] = np.arange(num_categories) + 1.0  # absorb rounding
+    series_start = rng.random(items) < 1.0 / mean_series_len  # [N]
+    series_start[category_start] = True
+    successor = np.where(np.append(series_start[1:], True), -1, np.arange(1, items + 1))  # [N], -1: none
+
+    # Tastes: early rows 0..U-1, late rows U..2U-1 of one row sampler.
+    tastes = rng.dirichlet(np.full(num_categories, taste_concentration), 2 * users)  # [2U, Cat]
+    tastes_sampler = _RowSampler(tastes)
+    del tastes
+    progress_scale = drift / np.maximum(lengths - 1, 1)  # [U] P(late taste) per step of progress
+
+    item = np.empty(num_rows, np.int64)  # [R] by user (sorted order), then time
+    for t, n in enumerate(active):
+        rows = np.arange(n)  # [n] the users with more than t interactions
+        late = rng.random(n) < progress_scale[:n] * t
+        category = tastes_sampler.draw(rows + users * late, 1, rng)[:, 0]  # [n]
+        fresh = np.searchsorted(item_key, category + rng.random(n), side="right")  # [n]
+        fresh = np.minimum(fresh, category_start[category] + per_category[category] - 1)
+        if t == 0:
+            item[starts[:n]] = fresh
+            continue
+        after = successor[item[starts[:n] + t - 1]]  # [n]
+        follow = (after >= 0) & (rng.random(n) < series_follow)
+        repeat = ~follow & (rng.random(n) < repeat_prob)
+        earlier = item[starts[:n] + (rng.random(n) * t).astype(np.int64)]  # [n] one of the user's earlier items
+        item[starts[:n] + t] = np.where(follow, after, np.where(repeat, earlier, fresh))
+
+    # Timestamps: strictly increasing per user; exponential gaps with a per-user mean.
+    duration = _SPAN_S * rng.uniform(0.05, 0.5, users)  # [U] seconds a user is active
+    begin = rng.uniform(0, _SPAN_S - duration)  # [U]
+    user_of_row = np.repeat(np.arange(users), lengths)  # [R]
+    gap = 1 + np.floor(rng.exponential(1.0, num_rows) * (duration / lengths)[user_of_row]).astype(np.int64)  # [R]
+    total = np.cumsum(gap)  # [R]
+    seconds = begin.astype(np.int64)[user_of_row] + total - (total[starts] - gap[starts])[user_of_row]  # [R]
+
+    # Its own stream: the shuffled log holds the same rows (ids included) as the unshuffled one.
+    order = _generator(seed, _LOG_STREAM, 1).permutation(num_rows) if shuffle else np.arange(num_rows)  # [R]
+    user_of_row, item, seconds = user_of_row[order], item[order], seconds[order]
+    epoch = np.datetime64(_EPOCH_START, "s").astype(np.int64)
+    if timestamps == "iso":
+        time_column = pc.strftime(pa.array(epoch + seconds, pa.timestamp("s")), format=_ISO_FORMAT)
+    else:
+        time_column = pa.array(epoch + seconds)
+    item_ids = _string_ids("sku-", items, rng)  # [N]
+    columns = {"user_id": pc.take(_string_ids("u", users, rng), pa.array(user_of_row)),
+               "item_id": pc.take(item_ids, pa.array(item)), "timestamp": time_column}
+    if truth_columns:
+        width = len(str(num_categories - 1))
+        names = pa.array([f"c{c:0{width}d}" for c in range(num_categories)])
+        columns["category"] = pc.take(names, pa.array(item_category[item]))
+        after = successor[item]  # [R]
+        columns["series_next"] = pc.if_else(pa.array(after >= 0), pc.take(item_ids, pa.array(np.maximum(after, 0))),
+                                            "")
+    return pa.table(columns)
+
+
+def _log_format(path: Path) -> tuple[str, Optional[str]]:
+    for suffix in sorted(LOG_FORMATS, key=len, reverse=True):
+        if path.name.endswith(suffix) and len(path.name) > len(suffix):
+            return LOG_FORMATS[suffix]
+    raise ValueError(f"{path}: expected a name ending in one of {', '.join(LOG_FORMATS)} (the format), "
+                     f"got {path.name!r}")
+
+
+def write_log(path, table: pa.Table) -> Path:
+    """Writes `table` (make_log's) at `path` in the format its name says (LOG_FORMATS: CSV, TSV, their
+    gzip forms, Parquet), atomically: a temporary file beside it, then os.replace. Returns the path."""
+    import pyarrow.csv as arrow_csv
+    import pyarrow.parquet as parquet
+
+    path = Path(path)
+    kind, compression = _log_format(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path}: its directory {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if kind == "parquet":
+            parquet.write_table(table, tmp)
+        else:
+            options = arrow_csv.WriteOptions(delimiter="\t" if kind == "tsv" else ",")
+            with open(tmp, "wb") as raw:
+                if compression:  # Python's gzip at its usual level: ~4x faster than Arrow's stream, same size
+                    with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=GZIP_LEVEL, mtime=0) as packed:
+                        arrow_csv.write_csv(table, pa.PythonFile(packed, mode="w"), options)
+                else:
+                    arrow_csv.write_csv(table, raw, options)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ followed by m + 1), with ratings, a favorite_score column and an author per item
 (D = 16, one layer) so that each jitted function compiles in seconds.
 """
 
+import contextlib
 import csv
 import io
 import json
@@ -291,7 +292,10 @@ def cli_run(tmp_path_factory):
     write_log(tmp / "log.csv")
     argv = ["--data", str(tmp / "log.csv"), "--checkpoint-dir", str(tmp / "run"), "--dump-topk", str(tmp / "top.csv"),
             "--plot", *TINY_FLAGS]
-    result = run_train.main(argv)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # kept in stderr.txt: test_a_baseline_that_wins_is_one_line_on_stderr
+        result = run_train.main(argv)
+    (tmp / "stderr.txt").write_text(err.getvalue())
     return tmp, argv, result
 
 
@@ -331,6 +335,61 @@ def test_cli_writes_the_metrics_log_and_the_plot(cli_run):
     manifest = run_dir.read_manifest(tmp / "run")
     assert manifest["kind"] == "pipeline" and manifest["source"] == str(tmp / "log.csv") and manifest["seed"] == 0
     assert (tmp / "run" / pipeline.METRICS_FILE).read_text().splitlines()[0] == json.dumps(run_dir.METRICS_HEADER)
+
+
+# --------------------------------------------------------------------------- the baselines' warning light
+
+VAL = {"popularity": 0.10, "transition": 0.30, "retrieval": 0.20, "two-stage": 0.25}  # val NDCG@10
+
+
+def table_of(val: dict) -> dict:
+    """A run's table with these val NDCG@10s (test rows: the baselines' always win, and must not count)."""
+    return {**{("val", name): {"HR@10": 0.5, "NDCG@10": value} for name, value in val.items()},
+            **{("test", name): {"HR@10": 0.5, "NDCG@10": 1.0 if name in ("popularity", "transition") else 0.0}
+               for name in val}}
+
+
+@pytest.mark.parametrize("val, recipe, expected", [
+    (VAL, two_stage.Recipe(), "warning: the transition baseline beats retrieval and two-stage on validation NDCG@10 "
+     "(0.3000 vs 0.2000, 0.2500); try --pooling last (now mean), a longer --history-len (now 5), more "
+     "--retrieval-epochs (now 8), more --ranker-epochs (now 4) (README: the table)"),
+    ({**VAL, "two-stage": 0.31}, two_stage.Recipe(pooling="last", history_len=50, retrieval_epochs=2.5),
+     "warning: the transition baseline beats retrieval on validation NDCG@10 (0.3000 vs 0.2000); try a longer "
+     "--history-len (now 50), more --retrieval-epochs (now 2.5) (README: the table)"),
+    ({**VAL, "transition": 0.05, "retrieval": 0.08}, two_stage.Recipe(),
+     "warning: the popularity baseline beats retrieval on validation NDCG@10 (0.1000 vs 0.0800); try --pooling "
+     "last (now mean), a longer --history-len (now 5), more --retrieval-epochs (now 8) (README: the table)"),
+    ({**VAL, "retrieval": 0.31, "two-stage": 0.32}, two_stage.Recipe(), None),
+    ({**VAL, "retrieval": 0.30, "two-stage": 0.30}, two_stage.Recipe(), None),  # a tie is no defeat
+], ids=["transition-beats-both", "beats-retrieval-only", "popularity-beats-retrieval", "models-win", "tie"])
+def test_baseline_warning_names_the_winner_the_figures_and_what_to_try(val, recipe, expected):
+    assert pipeline.baseline_warning(table_of(val), recipe) == expected
+
+
+@pytest.mark.parametrize("val, warns", [(VAL, True), ({**VAL, "retrieval": 0.31, "two-stage": 0.32}, False)],
+                         ids=["baseline-wins", "models-win"])
+def test_the_warning_is_one_stderr_line_and_one_metrics_entry_or_nothing(tmp_path, val, warns):
+    stream, log = io.StringIO(), pipeline.MetricsLog(tmp_path / pipeline.METRICS_FILE)
+    line = pipeline.report_baseline_warning(table_of(val), two_stage.Recipe(), stream, log)
+    entries = [e for e in pipeline.read_metrics(log.path) if e["stage"] == "warning"]
+    if warns:
+        assert stream.getvalue() == line + "\n" and line.startswith("warning: the transition baseline beats")
+        assert entries == [{"stage": "warning", "split": "val", "model": "baseline", "message": line}]
+    else:
+        assert line is None and stream.getvalue() == "" and entries == []
+
+
+def test_a_baseline_that_wins_is_one_line_on_stderr(cli_run):
+    """The tiny CLI run is undertrained on a next-item log: the transition baseline wins, and the run says so
+    last on stderr, in its result and in metrics.jsonl."""
+    tmp, _, result = cli_run
+    val = {name: m["NDCG@10"] for (which, name), m in result["table"].items() if which == "val"}
+    assert val["transition"] > max(val["retrieval"], val["two-stage"])  # the case this test is about
+    assert result["warning"] == pipeline.baseline_warning(result["table"], result["recipe"])
+    assert result["warning"].startswith("warning: the transition baseline beats retrieval and two-stage")
+    assert (tmp / "stderr.txt").read_text().splitlines()[-1] == result["warning"]
+    entries = pipeline.read_metrics(tmp / "run" / pipeline.METRICS_FILE)
+    assert [e["message"] for e in entries if e["stage"] == "warning"] == [result["warning"]]
 
 
 def run_entries_written(path) -> dict:

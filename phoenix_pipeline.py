@@ -37,8 +37,9 @@ $PHOENIX_CACHE_DIR/checkpoints/<log name>)
                        "eval/HR@10", ...} per validation, one per table row (read_metrics).
   curves.png           with plot=True (needs matplotlib: `uv sync --extra plot`).
   run.json             the manifest, written first (phoenix_run_dir): kind, source, seed, recipe, the
-                       run's configuration (run_config) and the stages finished with their best val
-                       metrics (what --resume checks and reads back).
+                       run's configuration (run_config), the stages finished with their best val
+                       metrics and, under Recipe.time_budget, each stage's planned steps (what
+                       --resume checks and reads back).
   steps/<stage>/       with checkpoint_every or resume, each stage member's step checkpoints while it
                        trains (deleted once it finishes); .lock, the run lock (docs/resume.md).
   serving/             after the evaluation: the id vocabulary, each user's history, the re-ranking
@@ -88,15 +89,17 @@ from phoenix_protocols import Protocols
 from phoenix_resume import ResumeError
 from phoenix_serving import SERVING_DIR, ServedRun, load_run, recommend
 from phoenix_split import LogSplit, describe, split_log
-from phoenix_two_stage import FINAL_K, MOVIELENS_RECIPE, Recipe, RecipeError, encode_items, encode_users
+from phoenix_two_stage import (FINAL_K, LOG_RECIPE, MOVIELENS_RECIPE, RECIPES, Recipe, RecipeError, encode_items,
+                               encode_users)
 
 __all__ = [
     # the log and its split
     "read_csv", "read_log", "from_arrays", "Columns", "Log", "LogError", "string_id", "split_log", "LogSplit",
     "describe",
     # training and evaluation
-    "Recipe", "RecipeError", "MOVIELENS_RECIPE", "run", "RunOptions", "run_experiment", "Protocols",
-    "check_run_outputs", "format_table", "baseline_warning", "FINAL_K", "fingerprint", "run_config", "ResumeError",
+    "Recipe", "RecipeError", "MOVIELENS_RECIPE", "LOG_RECIPE", "RECIPES", "run", "RunOptions", "run_experiment",
+    "Protocols", "check_run_outputs", "format_table", "baseline_warning", "FINAL_K", "fingerprint", "run_config",
+    "ResumeError",
     # serving: a run directory, one user
     "load_run", "ServedRun", "recommend", "user_row", "user_examples", "user_batch", "items_batch", "seen_items",
     "encode_users", "encode_items", "load_members",
@@ -107,6 +110,8 @@ __all__ = [
 
 METRICS_FILE = "metrics.jsonl"
 FINISHED_KEY = "finished"  # run.json: {member_stage name: best val metrics} of the stages trained
+PLAN_KEY = "plan"  # run.json: {member_stage name: its steps under Recipe.time_budget}, kept for --resume
+CALIBRATION_STEPS = 8  # timed train steps (after one that compiles) behind a stage's budgeted steps
 RUN_CONFIG_KEY = "run_config"  # run.json: what shapes the run's results (run_config), checked on resume
 STEPS_DIR = "steps"  # a resumable run's step checkpoints, one directory per member_stage
 PLOT_FILE = "curves.png"
@@ -219,17 +224,19 @@ class _BestSoFar:
 
     def __init__(self):
         self.metrics = {"NDCG@10": -math.inf}
+        self.since = 0  # evaluations since the best (Recipe.patience)
 
     def state_dict(self) -> dict:
         text = json.dumps(training.encode_json(self.metrics))
-        return {"best_json": np.frombuffer(text.encode(), np.uint8)}
+        return {"best_json": np.frombuffer(text.encode(), np.uint8), "since": np.array(self.since, np.int64)}
 
     def load_state_dict(self, arrays: dict) -> None:
         self.metrics = training.decode_json(json.loads(np.asarray(arrays["best_json"], np.uint8).tobytes()))
+        self.since = int(arrays.get("since", 0))
 
 
 def _fit_keeping_best(trainer, state, batches, steps: int, evaluate, path: str, extra: dict, evals: int, stream,
-                      stage: str, log: Optional[MetricsLog], resumable: Optional[Steps] = None):
+                      stage: str, log: Optional[MetricsLog], resumable: Optional[Steps] = None, patience: int = 0):
     """training.fit with `evaluate(params) -> metrics` on validation `evals` times (the last at the
     end); the best by NDCG@10 is saved to `path` and returned as (host params, its metrics). Each fit
     history entry goes to `log` with the stage name as it is made (so metrics.jsonl grows during training).
@@ -237,7 +244,10 @@ def _fit_keeping_best(trainer, state, batches, steps: int, evaluate, path: str, 
     `resumable`: step checkpoints in <run dir>/steps/<stage> (fit's), the best so far among them
     (_BestSoFar). Killed after a new best was saved and before the next step checkpoint, the resumed
     stage evaluates that step again, finds the same best and saves the same checkpoint over it; its
-    params are read back from `path` when this process did not evaluate them itself."""
+    params are read back from `path` when this process did not evaluate them itself.
+
+    `patience` > 0: the stage stops after that many evaluations in a row without a better NDCG@10
+    (training.fit's should_stop; the count travels in the step checkpoints with the best)."""
     best = _BestSoFar()
     kept = {}
 
@@ -245,8 +255,11 @@ def _fit_keeping_best(trainer, state, batches, steps: int, evaluate, path: str, 
         result = evaluate(state.params)
         if result["NDCG@10"] > best.metrics["NDCG@10"]:
             best.metrics = {**result, "step": int(state.step)}
+            best.since = 0
             kept["params"] = two_stage.host_copy(state.params)
             trainer.save(path, state, extra={**extra, "val": best.metrics})
+        else:
+            best.since += 1
         return {k: result[k] for k in ("HR@10", "NDCG@10")}
 
     resume_args = {}
@@ -259,7 +272,7 @@ def _fit_keeping_best(trainer, state, batches, steps: int, evaluate, path: str, 
         state, _ = training.fit(trainer, state, batches, steps, log_every=max(1, min(50, steps // 10)),
                                 eval_fn=validate, eval_every=max(1, -(-steps // evals)), stream=stream,
                                 on_log=None if log is None else (lambda entry: log.write(stage=stage, **entry)),
-                                **resume_args)
+                                should_stop=(lambda: best.since >= patience) if patience else None, **resume_args)
     except training.TrainingStopped as stop:  # a clean stop (phoenix_stop): say where the best so far is
         stop.stage = stop.stage or stage
         if stop.saved:
@@ -286,9 +299,47 @@ def _extra(recipe: Recipe, seed: int, split: LogSplit) -> dict:
             "string_id_columns": sorted(split.log.names)}
 
 
+def seconds_per_step(trainer, state, batches, steps: int = CALIBRATION_STEPS) -> float:
+    """A stage's measured seconds per train step (training.seconds_per_step on the stream's first
+    batch, `batches(0)`'s first item); the state and the stream are left as they were."""
+    return training.seconds_per_step(trainer, state, next(iter(batches(0))), steps)
+
+
+def budget_steps(planned: int, step_seconds: float, seconds: float) -> int:
+    """The steps a stage runs in `seconds` at `step_seconds` each: at most `planned` (its epochs), at least 1."""
+    return max(1, min(int(planned), int(seconds / step_seconds)))
+
+
+def _planned_steps(name: str, start, member: int, seconds: float, checkpoint_dir: str, stream, resuming: bool):
+    """(trainer, state, batches, steps) of member `member` with its steps cut to `seconds` of training
+    (budget_steps at seconds_per_step). The decision is recorded in run.json (PLAN_KEY): a resumed run
+    reads it back rather than timing again, so it trains the schedule the interrupted run began."""
+    trainer, state, batches, steps = start(member, None)
+    try:
+        plan = run_dir.read_manifest(checkpoint_dir).get(PLAN_KEY) or {}
+    except run_dir.OutputError:  # train_retrieval / train_ranker called alone: nothing to record in
+        plan = None
+    if resuming and plan and name in plan:
+        planned = int(plan[name]["steps"])
+    else:
+        step_seconds = seconds_per_step(trainer, state, batches)
+        planned = budget_steps(steps, step_seconds, seconds)
+        print(f"{name}: time budget {seconds:.0f} s at {step_seconds * 1e3:.1f} ms per step: "
+              + (f"{planned} of the epochs' {steps} steps" if planned < steps else f"all {steps} steps fit"),
+              file=stream)
+        if plan is not None:
+            plan[name] = {"steps": planned, "epoch_steps": steps, "seconds": seconds,
+                          "ms_per_step": round(step_seconds * 1e3, 3)}
+            run_dir.update_manifest(checkpoint_dir, **{PLAN_KEY: plan})
+    if planned != steps:
+        trainer, state, batches, steps = start(member, planned)
+    return trainer, state, batches, steps
+
+
 def _train_members(stage: str, members: int, start, evaluate, unit: str, split: LogSplit, recipe: Recipe,
                    seed: int, checkpoint_dir: str, stream, log, kind, resumable: Optional[Steps] = None):
-    """Trains `members` models of `stage` (start(member) -> (trainer, state, batches, steps);
+    """Trains `members` models of `stage` (start(member, steps) -> (trainer, state, batches, steps);
+    steps None: the recipe's epochs, cut to Recipe.time_budget's share by _planned_steps;
     evaluate(trainer, params) -> val metrics; `unit`: what one step takes, for the log), each
     keeping its own best checkpoint in member_stage(m, stage). Returns (model, params, best): one
     member as it is, or the ensemble (`kind`) of all and the tuple of their params, whose best val
@@ -296,11 +347,17 @@ def _train_members(stage: str, members: int, start, evaluate, unit: str, split: 
     A member this run finished before (run.json's "finished", resumable.resume) is not trained again:
     its best params and metrics are read back."""
     trainers, params, bests = [], [], []
-    finished = _finished(checkpoint_dir) if resumable is not None and resumable.resume else {}
+    resuming = resumable is not None and resumable.resume
+    finished = _finished(checkpoint_dir) if resuming else {}
     for member in range(members):
-        trainer, state, batches, steps = start(member)
         name = two_stage.member_stage(member, stage)
         path = os.path.join(checkpoint_dir, name)
+        if recipe.time_budget and name not in finished:
+            trainer, state, batches, steps = _planned_steps(
+                name, start, member, recipe.time_budget * two_stage.BUDGET_SHARES[stage] / members, checkpoint_dir,
+                stream, resuming)
+        else:
+            trainer, state, batches, steps = start(member, None)
         if name in finished:
             best = finished[name]
             kept = checkpoint.load_checkpoint(path, params_template=two_stage.host_copy(state.params)).params
@@ -311,7 +368,7 @@ def _train_members(stage: str, members: int, start, evaluate, unit: str, split: 
             try:
                 kept, best = _fit_keeping_best(trainer, state, batches, steps, lambda p: evaluate(trainer, p), path,
                                                _extra(recipe, seed, split), recipe.evals_per_stage, stream, name, log,
-                                               resumable)
+                                               resumable, recipe.patience)
             except training.TrainingStopped as stop:  # the members trained before keep their best checkpoints
                 stop.kept[:0] = [_best_at(os.path.join(checkpoint_dir, two_stage.member_stage(m, stage)), b)
                                  for m, b in enumerate(bests)]
@@ -366,7 +423,7 @@ def train_retrieval(split: LogSplit, recipe: Recipe, seed: int, checkpoint_dir: 
     `resumable`: step checkpoints and resume (Steps; None: none)."""
     return _train_members(
         "retrieval", recipe.retrieval_members,
-        lambda member: two_stage.start_retrieval(split, recipe, seed, data_parallel, member=member),
+        lambda member, steps: two_stage.start_retrieval(split, recipe, seed, data_parallel, steps, member=member),
         lambda model, params: two_stage.StageOne(model, params, split, "val", recipe.history_len,
                                                  recipe.retrieve_k).metrics(),
         f"{recipe.retrieval_batch_size} windows ({len(two_stage.training_windows(split, recipe.history_len)[0])} "
@@ -382,8 +439,8 @@ def train_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, checkpoint_di
     NDCG@10 of the ranker's own score (retrieval weight 0)."""
     return _train_members(
         "ranker", recipe.ranker_members,
-        lambda member: two_stage.start_ranker(split, pool, recipe, seed, retrieval_params, data_parallel,
-                                              member=member),
+        lambda member, steps: two_stage.start_ranker(split, pool, recipe, seed, retrieval_params, data_parallel,
+                                                     steps, member=member),
         lambda model, params: two_stage.TwoStage(val_stage_one, model, params, split, "val", recipe).evaluate(
             0.0, recipe.temperature)[0],
         f"{recipe.ranker_batch_size} examples x {recipe.num_candidates} candidates",
@@ -412,10 +469,10 @@ def first_member(params):
 def evaluate_stages(split: LogSplit, retrieval, retrieval_params, ranker, ranker_params, recipe: Recipe):
     """Validation and test rows of the table, baselines included.
 
-    The re-ranking weights (of the retrieval logit and of the popularity prior) are the recipe's,
-    or the pair with the best validation NDCG@10 (choose_rerank_weights). Returns (table
-    {(split, name): metrics}, re-ranked top-K columns {split: [U, K]}, StageOne per split, TwoStage
-    per split, (retrieval weight, popularity weight)).
+    The re-ranking weights (of the retrieval logit, the popularity prior and the transition prior)
+    are the recipe's, or the triple with the best validation NDCG@10 (choose_rerank_weights). Returns
+    (table {(split, name): metrics}, re-ranked top-K columns {split: [U, K]}, StageOne per split,
+    TwoStage per split, (retrieval weight, popularity weight, transition weight)).
     """
     table, reranked, stage_one, two_stages = {}, {}, {}, {}
     for which in ("val", "test"):
@@ -428,7 +485,7 @@ def evaluate_stages(split: LogSplit, retrieval, retrieval_params, ranker, ranker
             table[(which, name)] = evaluation.evaluate_baseline(split, which, name)
         table[(which, "retrieval")] = stage_one[which].metrics()
         table[(which, "two-stage")], reranked[which] = two_stages[which].evaluate(
-            weights[0], recipe.temperature, weights[1])
+            weights[0], recipe.temperature, weights[1], weights[2])
     return table, reranked, stage_one, two_stages, weights
 
 
@@ -474,6 +531,8 @@ def baseline_warning(table: dict, recipe: Recipe) -> Optional[str]:
     tries.append(f"more --retrieval-epochs (now {recipe.retrieval_epochs:g})")
     if "two-stage" in beaten:
         tries.append(f"more --ranker-epochs (now {recipe.ranker_epochs:g})")
+    if recipe.time_budget:  # the epochs may not all have run
+        tries.append(f"a larger --time-budget (now {recipe.time_budget:g} s)")
     figures = ", ".join(f"{val[name]:.4f}" for name in beaten)
     return (f"warning: the {best} baseline beats {' and '.join(beaten)} on validation {WARNING_METRIC} "
             f"({val[best]:.4f} vs {figures}); try " + ", ".join(tries) + " (README: the table)")
@@ -653,26 +712,29 @@ def _run(split, recipe, checkpoint_dir, seed, plot, stream, title, data_parallel
     # The final evaluation reads the best weights back from the saved checkpoints.
     retrieval_params = load_members(checkpoint_dir, retrieval_params, "retrieval")
     ranker_params = load_members(checkpoint_dir, ranker_params, "ranker")
-    table, reranked, stage_one, two_stages, (weight, prior) = evaluate_stages(
+    table, reranked, stage_one, two_stages, (weight, prior, follow) = evaluate_stages(
         split, retrieval, retrieval_params, ranker, ranker_params, recipe)
     times["evaluation"] = time.perf_counter() - t0
     served = _save_serving(split, recipe, checkpoint_dir, retrieval, retrieval_params, ranker, ranker_params,
-                           weight, prior, columns)
+                           weight, prior, columns, follow)
     extra = {}
     if extra_rows is not None:  # other protocols and reference models (phoenix_protocols.py)
         t0 = time.perf_counter()
         more, extra = extra_rows({"split": split, "recipe": recipe, "seed": seed, "checkpoint_dir": checkpoint_dir,
                                   "stream": stream, "retrieval_best": retrieval_best, "ranker_best": ranker_best,
                                   "retrieval_weight": weight, "popularity_weight": prior,
-                                  "data_parallel": data_parallel})
+                                  "transition_weight": follow, "data_parallel": data_parallel})
         table = phoenix_protocols.ordered({**table, **more})
         times["extra"] = time.perf_counter() - t0
     wall = time.perf_counter() - start
     for (which, name), m in table.items():
         log.write(stage="evaluation", split=which, model=name, **m)
     print(f"evaluation {times['evaluation']:.0f} s; re-ranking score = ranker {recipe.score_action} logit + "
-          f"{weight:g} x retrieval cosine / {recipe.temperature:g} + {prior:g} x log(1 + item interactions) "
-          "(weights chosen on validation)", file=stream)
+          f"{weight:g} x retrieval cosine / {recipe.temperature:g} + {prior:g} x log(1 + item interactions) + "
+          f"{follow:g} x log(1 + times the item followed the user's last item) (weights chosen on validation)",
+          file=stream)
+    print("each term's share, validation NDCG@10: " + contributions(two_stages["val"], recipe, (weight, prior, follow)),
+          file=stream)
     if plot:
         print(f"curves: {plot_curves(log.path, os.path.join(checkpoint_dir, PLOT_FILE))}", file=stream)
 
@@ -682,7 +744,7 @@ def _run(split, recipe, checkpoint_dir, seed, plot, stream, title, data_parallel
     print(format_table(table), flush=True)  # before the warning line on stderr
     warning = report_baseline_warning(table, recipe, stream, log)  # after the table: the last line a reader sees
     return {"table": table, "warning": warning, "reranked": reranked, "retrieval_weight": weight,
-            "popularity_weight": prior,
+            "popularity_weight": prior, "transition_weight": follow,
             "retrieval": retrieval,
             "retrieval_params": retrieval_params, "ranker": ranker, "ranker_params": ranker_params,
             "retrieval_best": retrieval_best, "ranker_best": ranker_best, "stage_one": stage_one,
@@ -691,11 +753,25 @@ def _run(split, recipe, checkpoint_dir, seed, plot, stream, title, data_parallel
 
 
 def _save_serving(split: LogSplit, recipe: Recipe, checkpoint_dir: str, retrieval, retrieval_params, ranker,
-                  ranker_params, weight: float, prior: float, columns: Optional[Columns]) -> ServedRun:
+                  ranker_params, weight: float, prior: float, columns: Optional[Columns],
+                  follow: float = 0.0) -> ServedRun:
     """Writes serving/ (what load_run reads beside the checkpoints) and returns the ServedRun it describes."""
-    phoenix_serving.save_serving(checkpoint_dir, split, recipe, weight, prior, columns)
+    phoenix_serving.save_serving(checkpoint_dir, split, recipe, weight, prior, columns, follow)
     return phoenix_serving.served_in_memory(split, recipe, retrieval, retrieval_params, ranker, ranker_params,
-                                            weight, prior, checkpoint_dir)
+                                            weight, prior, checkpoint_dir, follow)
+
+
+def contributions(two_stage_val: two_stage.TwoStage, recipe: Recipe, weights: tuple) -> str:
+    """Validation NDCG@10 of the re-ranking score built up term by term with the chosen `weights`
+    (retrieval, popularity, transition): the ranker alone, then + each term in turn (what each adds)."""
+    parts, chosen = [], [0.0, 0.0, 0.0]
+    names = ("ranker alone", "+ retrieval", "+ popularity", "+ transition")
+    for step, name in enumerate(names):
+        if step:
+            chosen[step - 1] = weights[step - 1]
+        ndcg = two_stage_val.evaluate(chosen[0], recipe.temperature, chosen[1], chosen[2])[0]["NDCG@10"]
+        parts.append(f"{name} {ndcg:.4f}")
+    return ", ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,8 +68,8 @@ def retrain_stages(split: LogSplit, recipe: two_stage.Recipe, seed: int, run_dir
                    data_parallel=False) -> tuple[dict, dict]:
     """Protocol train+val for the pipeline's two stages. `selected`: the val-select run's best step
     of each stage (selected["retrieval_best"]["step"], selected["ranker_best"]["step"]; or their
-    "steps", one per ensemble member, each member stopping at its own) and its "retrieval_weight"
-    and "popularity_weight"; the schedules are val-select's (two_stage.stage_steps of `split`).
+    "steps", one per ensemble member, each member stopping at its own) and its "retrieval_weight",
+    "popularity_weight" and "transition_weight"; the schedules are val-select's (two_stage.stage_steps of `split`).
     Returns ({(TRAIN_VAL, model): metrics}, info with the re-ranked test top-K columns [U, K] and seconds)."""
     start = time.perf_counter()
     ext = train_val_split(split)
@@ -109,7 +109,8 @@ def retrain_stages(split: LogSplit, recipe: two_stage.Recipe, seed: int, run_dir
 
     one = two_stage.StageOne(retrieval, r_params, split, "test", recipe.history_len, recipe.retrieve_k)
     two, reranked = two_stage.TwoStage(one, ranker, k_params, split, "test", recipe).evaluate(
-        selected["retrieval_weight"], recipe.temperature, selected["popularity_weight"])
+        selected["retrieval_weight"], recipe.temperature, selected["popularity_weight"],
+        selected.get("transition_weight", 0.0))
     rows = {(TRAIN_VAL, "retrieval"): one.metrics(), (TRAIN_VAL, "two-stage"): two}
     return rows, {"reranked_test": reranked, "seconds": time.perf_counter() - start}
 

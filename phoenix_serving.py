@@ -12,7 +12,8 @@ phoenix_pipeline.run writes `serving/` into the run directory after its evaluati
 evaluation ranked (test_phoenix_serving.py pins it: for every test user, recommend with their
 evaluation history equals their --dump-topk row): retrieval's top retrieve_k of the items not in
 the history, re-ranked by the ranker's score_action logit + w x retrieval cosine / temperature
-+ b x log(1 + popularity), with (w, b) the weights chosen on validation, ensembles as trained.
++ b x log(1 + popularity) + t x log(1 + how often the item followed the history's last item), with
+(w, b, t) the weights chosen on validation, ensembles as trained.
 Both go through `top_items` here and phoenix_two_stage.retrieval_topk (retrieval_scores), which score every user in
 blocks of EVAL_BATCH rows, so a user's scores do not depend on who is scored with them.
 
@@ -42,10 +43,13 @@ below). Arrays, all NumPy (sizes proportional to the log: 8 bytes per interactio
   history_actions [R] uint32                      bit a set: ACTIONS[a] of that interaction
   item_ids [N] int64, item_authors [N] int64      the catalog (raw ids, ascending) and its authors
   popularity [N] int64                            the counts serving adds (above)
+  transition_indptr [N + 1], transition_to [P],   with a transition weight t != 0: the consecutive pairs
+  transition_count [P] int64                      (i -> j) of the sequences, counted as popularity is
+                                                  (phoenix_evaluation.transition_table(split, "test"))
   names/<user|item|author>/utf8 [bytes] uint8, names/<kind>/offsets [V + 1] int64
                                                   original string ids of a string column, aligned
                                                   with user_ids / item_ids / item_authors
-JSON: recipe (resolved), retrieval_weight, popularity_weight, score rule, id kinds, columns,
+JSON: recipe (resolved), retrieval_weight, popularity_weight, transition_weight, score rule, id kinds, columns,
 source, protocol, the evaluation's batch size, the counts of users, items and interactions, and the
 save id of every checkpoint the evaluation read (load_run refuses checkpoints a later run replaced).
 
@@ -65,7 +69,7 @@ import phoenix_run_dir as run_dir
 import phoenix_split
 import phoenix_training as training
 import phoenix_two_stage as two_stage
-from phoenix_evaluation import popularity_counts
+from phoenix_evaluation import popularity_counts, transition_table
 from phoenix_inputs import ACTIONS
 from phoenix_log import INTERACTION_ACTION, NUM_ACTIONS, Columns, string_id
 from phoenix_split import LogSplit, Split
@@ -119,7 +123,7 @@ def _decode_strings(stored: dict) -> np.ndarray:
                     dtype=object)
 
 
-def serving_arrays(split: LogSplit) -> dict:
+def serving_arrays(split: LogSplit, transition_weight: float = 0.0) -> dict:
     """The arrays of the serving directory (module docstring) of a split."""
     arrays = {"user_ids": split.user_ids.astype(np.int64), "offsets": split.offsets.astype(np.int64),
               "history_columns": split.item_columns.astype(np.int32),
@@ -131,6 +135,10 @@ def serving_arrays(split: LogSplit) -> dict:
              for kind in ID_KINDS if kind in split.log.names}
     if names:
         arrays["names"] = names
+    if transition_weight:
+        indptr, following, counts = transition_table(split, POPULARITY_SPLIT)
+        arrays.update(transition_indptr=indptr.astype(np.int64), transition_to=following.astype(np.int64),
+                      transition_count=counts.astype(np.int64))
     return arrays
 
 
@@ -148,13 +156,15 @@ def _save_ids(checkpoint_dir, recipe: Recipe) -> dict:
 
 
 def save_serving(checkpoint_dir, split: LogSplit, recipe: Recipe, retrieval_weight: float, popularity_weight: float,
-                 columns: Optional[Columns] = None) -> str:
+                 columns: Optional[Columns] = None, transition_weight: float = 0.0) -> str:
     """Writes `serving/` into the run directory (module docstring): what load_run needs besides the
     checkpoints, so that recommend ranks as the evaluation of `split` did. Returns its path."""
     info = {"format": SERVING_FORMAT, "format_version": SERVING_VERSION, "recipe": dataclasses.asdict(recipe),
             "retrieval_weight": float(retrieval_weight), "popularity_weight": float(popularity_weight),
+            "transition_weight": float(transition_weight),
             "score": f"ranker {recipe.score_action} logit + retrieval_weight x retrieval cosine / temperature "
-                     "+ popularity_weight x log(1 + popularity)",
+                     "+ popularity_weight x log(1 + popularity) + transition_weight x log(1 + transition count "
+                     "from the history's last item)",
             "popularity": f"interactions visible before the {POPULARITY_SPLIT} targets",
             "id_kinds": {kind: "string (string_id: BLAKE2b-64 >> 1)" if kind in split.log.names else "integer"
                          for kind in ID_KINDS},
@@ -164,7 +174,7 @@ def save_serving(checkpoint_dir, split: LogSplit, recipe: Recipe, retrieval_weig
             "members": {"retrieval": recipe.retrieval_members, "ranker": recipe.ranker_members},
             "checkpoints": _save_ids(checkpoint_dir, recipe)}
     path = os.path.join(os.fspath(checkpoint_dir), SERVING_DIR)
-    return checkpoint.save_checkpoint(path, serving_arrays(split), extra=info)
+    return checkpoint.save_checkpoint(path, serving_arrays(split, transition_weight), extra=info)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,6 +199,8 @@ class ServedRun:
     names: dict  # {"user"/"item"/"author": [U] / [N] / [N] original strings} of string columns
     info: dict  # the serving directory's JSON
     path: Optional[str] = None  # the run directory it was read from
+    transition_weight: float = 0.0
+    transitions: Optional[tuple] = None  # (indptr [N + 1], to [P], counts [P]) with a transition weight
     _items: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)  # [N, D] encoded once
 
     @property
@@ -297,19 +309,29 @@ def load_run(checkpoint_dir) -> ServedRun:
                      ranker_params=_load_params(_member_paths(checkpoint_dir, "ranker", recipe.ranker_members),
                                                 info["checkpoints"]),
                      retrieval_weight=info["retrieval_weight"], popularity_weight=info["popularity_weight"],
-                     popularity=arrays["popularity"], split=split, names=names, info=info, path=checkpoint_dir)
+                     popularity=arrays["popularity"], split=split, names=names, info=info, path=checkpoint_dir,
+                     transition_weight=float(info.get("transition_weight", 0.0)), transitions=_transitions(arrays))
+
+
+def _transitions(arrays: dict) -> Optional[tuple]:
+    """The transition counts' CSR (indptr, to, counts) of serving arrays, or None without them."""
+    if "transition_indptr" not in arrays:
+        return None
+    return arrays["transition_indptr"], arrays["transition_to"], arrays["transition_count"]
 
 
 def served_in_memory(split: LogSplit, recipe: Recipe, retrieval, retrieval_params, ranker, ranker_params,
-                     retrieval_weight: float, popularity_weight: float, checkpoint_dir=None) -> ServedRun:
+                     retrieval_weight: float, popularity_weight: float, checkpoint_dir=None,
+                     transition_weight: float = 0.0) -> ServedRun:
     """The ServedRun that load_run(checkpoint_dir) would return, from what run() holds in memory."""
-    arrays = serving_arrays(split)
+    arrays = serving_arrays(split, transition_weight)
     names = {kind: _decode_strings(stored) for kind, stored in arrays.get("names", {}).items()}
     return ServedRun(recipe=recipe, retrieval=retrieval, retrieval_params=retrieval_params, ranker=ranker,
                      ranker_params=ranker_params, retrieval_weight=float(retrieval_weight),
                      popularity_weight=float(popularity_weight), popularity=arrays["popularity"], split=split,
                      names=names, info={"source": split.log.source, "protocol": split.protocol},
-                     path=None if checkpoint_dir is None else os.fspath(checkpoint_dir))
+                     path=None if checkpoint_dir is None else os.fspath(checkpoint_dir),
+                     transition_weight=float(transition_weight), transitions=_transitions(arrays))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,9 +375,11 @@ def top_items(served: ServedRun, split: Split, rows, ends) -> tuple[np.ndarray, 
     logits = two_stage.ranker_logits(served.ranker, served.ranker_params, split, ranker_examples, top,
                                      recipe.num_candidates)  # [U, K, A]; NOT_RANKED columns are padding
     popularity = np.log1p(served.popularity.astype(np.float64))[columns]  # [U, K] as two_stage.log_popularity
+    transition = (two_stage.transition_prior(served.transitions, split.item_columns[ends - 1], top)
+                  if served.transition_weight else None)  # [U, K] from each history's last item
     final = two_stage.rerank_scores(logits, found.scores, served.retrieval_weight,
                                     recipe.temperature, recipe.score_action, popularity,
-                                    served.popularity_weight)  # [U, K]
+                                    served.popularity_weight, transition, served.transition_weight)  # [U, K]
     final = np.where(ranked, final, -np.inf)
     order = np.argsort(-final, axis=1, kind="stable")  # [U, K] ties keep retrieval order
     return np.take_along_axis(top, order, axis=1), np.take_along_axis(final, order, axis=1)

@@ -57,7 +57,7 @@ from recsys_retrieval_model import PhoenixRetrievalModelConfig
 __all__ = [
     # trainers and the fit loop
     "TrainState", "Trainer", "RankingTrainer", "RetrievalTrainer", "make_ranking_trainer", "make_retrieval_trainer",
-    "fit",
+    "fit", "seconds_per_step",
     # re-exported from phoenix_losses
     "DEFAULT_TEMPERATURE", "MASKED_LOGIT", "RankingLossTerms", "RetrievalLossTerms", "check_action_weights",
     "check_ranking_targets", "check_retrieval_targets", "check_temperature", "ranking_loss", "ranking_loss_terms",
@@ -484,6 +484,20 @@ def _format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
+def seconds_per_step(trainer: Trainer, state: TrainState, item, steps: int = 8) -> float:
+    """Measured seconds per train step of `trainer` on batch `item` (a batch iterator's item): one step
+    that compiles, then `steps` timed, on a copy of `state` (the step donates its state: `state` itself
+    is left as it was). The compiled step stays cached for training with the same shapes."""
+    probe = jax.tree.map(lambda x: x.copy(), state)
+    probe, _ = _call_step(trainer, probe, item)
+    jax.block_until_ready(probe.step)
+    start = time.perf_counter()
+    for _ in range(steps):
+        probe, _ = _call_step(trainer, probe, item)
+    jax.block_until_ready(probe.step)
+    return (time.perf_counter() - start) / steps
+
+
 def _call_step(trainer: Trainer, state: TrainState, item):
     """An iterator item is a tuple of step arguments after the state, a dict of keyword
     arguments, or a lone batch. Anything else, or arguments that `trainer.step` does not take,
@@ -555,7 +569,8 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
         eval_fn: Optional[Callable[[TrainState], dict]] = None, eval_every: Optional[int] = None,
         stream=None, checkpoint_dir=None, checkpoint_every: int = 0,
         keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS, resume: bool = False, run_config=None,
-        aux=None, on_log: Optional[Callable[[dict], None]] = None) -> tuple[TrainState, list[dict]]:
+        aux=None, on_log: Optional[Callable[[dict], None]] = None,
+        should_stop: Optional[Callable[[], bool]] = None) -> tuple[TrainState, list[dict]]:
     """Runs `num_steps` train steps from `state`; returns the final state and the logged history.
 
     Items of `batch_iterator`: `(batch, labels)` / `(batch, labels, label_mask)` for the ranker,
@@ -568,6 +583,9 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
     out of steps/s. `eval_fn(state) -> dict` runs every `eval_every` steps (None or 0: at the end only).
     History entries: {"step", "loss", ..., "steps_per_s"} per log, {"step", "eval/...": ...} per eval;
     `on_log(entry)`, if given, is called with each as it is made (e.g. to append to a metrics file).
+    Early stopping: `should_stop() -> bool`, asked before the first step and after each evaluation
+    (e.g. patience on the metrics `eval_fn` saw, kept in `aux` so that a resumed run asks it the same);
+    True ends the run there (saved as at its end; no further evaluation: the last one just ran).
 
     Resumable runs (`checkpoint_dir` given). The state is saved as `checkpoint_dir/step-N` (a
     Trainer checkpoint, plus the history so far, `run_config` and `aux.state_dict()`) every
@@ -694,7 +712,8 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
         # is acted on before the next step, and after the last one's save and evaluation.
         with deferred():
             first = True
-            while done < num_steps:
+            early = should_stop is not None and bool(should_stop())  # a resumed run that had stopped early
+            while done < num_steps and not early:
                 if stop_requested() is not None:
                     stop()
                 try:
@@ -720,14 +739,17 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
                     log_progress(final=done == num_steps)
                 if eval_fn is not None and eval_every and done % eval_every == 0 and done != num_steps:
                     run_eval()
+                    early = should_stop is not None and bool(should_stop())
+                    if early:
+                        write_line(f"early stop at step {start_step + done} of {end_step}")
                 if checkpoint_dir is not None and ((checkpoint_every and done % checkpoint_every == 0)
                                                    or done == num_steps):
                     save()
             if done and done % log_every and done != num_steps:
                 log_progress(final=True)
             if checkpoint_dir is not None and last_saved != start_step + done:
-                save()  # the iterator ran out: keep what was trained
-            if eval_fn is not None:
+                save()  # the iterator ran out or the run stopped early: keep what was trained
+            if eval_fn is not None and not early:
                 run_eval()
             if stop_requested() is not None:
                 stop()

@@ -34,18 +34,20 @@ import phoenix_metrics as metrics
 import phoenix_sizes
 import phoenix_training as training
 from phoenix_batching import padded_chunks, take
-from phoenix_evaluation import popularity_counts
+from phoenix_evaluation import popularity_counts, transition_table
 from phoenix_inputs import ACTIONS, PAD_ID, HashConfig
 from phoenix_log import NUM_ACTIONS, LogError
 from phoenix_split import SURFACE, LogSplit, Split, item_sampling_frequencies, phoenix_batch, phoenix_examples
 from recsys_model import PhoenixModelConfig
 from recsys_retrieval_model import POOLINGS, PhoenixRetrievalModelConfig, check_pooling, l2_normalize, last_valid
 
-__all__ = ["Recipe", "RecipeError", "MOVIELENS_RECIPE", "resolve_recipe", "check_recipe", "hash_config",
+__all__ = ["Recipe", "RecipeError", "MOVIELENS_RECIPE", "LOG_RECIPE", "RECIPES", "BUDGET_SHARES", "resolve_recipe",
+           "check_recipe", "hash_config",
            "retrieval_config", "ranker_config", "StageOne", "TwoStage", "RetrievalEnsemble", "RankerEnsemble",
            "SequenceRetrievalTrainer", "encode_items", "encode_users", "retrieval_scores", "retrieval_topk",
            "RetrievalTopK", "eval_chunk", "ranker_logits", "rerank_scores",
-           "choose_rerank_weights", "start_retrieval", "start_ranker", "stage_steps", "member_stage",
+           "choose_rerank_weights", "transition_prior", "last_columns", "TRANSITION_WEIGHTS", "start_retrieval",
+           "start_ranker", "stage_steps", "member_stage",
            "RETRIEVE_K", "FINAL_K"]
 
 RETRIEVE_K = 100  # the retrieval stage hands this many items per user to the ranker
@@ -102,6 +104,14 @@ class Recipe:
     retrieval_members: int = 1  # two-tower models trained from different seeds and read as one
     # (RetrievalEnsemble: the mean of their cosines); 1: a single model
     ranker_members: int = 1  # rankers trained from different seeds, their logits averaged (RankerEnsemble)
+    transition_weight: Optional[float] = 0.0  # of log(1 + how often the item followed the user's last
+    # item) in the re-ranking score (the transition baseline's counts as a prior); None: chosen on
+    # validation from TRANSITION_WEIGHTS (with retrieval_weight and popularity_weight)
+    patience: int = 0  # a stage stops after this many validation evaluations in a row without a better
+    # NDCG@10 (its best checkpoint is kept); 0: it runs all its steps
+    time_budget: Optional[float] = None  # seconds of training steps for both stages together
+    # (BUDGET_SHARES); a stage whose epochs would take longer runs fewer steps, as many as its share
+    # fits at its measured speed (phoenix_pipeline.budget_steps); None: the epochs alone
 
     @property
     def num_candidates(self) -> int:  # C
@@ -113,12 +123,25 @@ class Recipe:
 # ("MovieLens-100K") has the measurements. `--pooling mean` is the release's pooling,
 # `--retrieval-members 1` a single two-tower model.
 MOVIELENS_RECIPE = Recipe(pooling="last", retrieval_members=4)
+# Your log's recipe (`run_train.py --data LOG.csv`), chosen on validation over realistic logs
+# (docs/recipes.md has the table): last pooling carries the sequence (a first-order chain is
+# the baseline to beat), 64 windows per step give the sparse item rows four times the updates of
+# 256 at the same epochs, early stopping ends a stage that no longer improves, and the time budget
+# caps both stages so that a million-row log trains in about ten minutes on two cores; the
+# re-ranking score may add the transition counts as a prior, with a weight chosen on validation.
+LOG_RECIPE = Recipe(pooling="last", retrieval_batch_size=64, evals_per_stage=6, patience=2, time_budget=540.0,
+                    transition_weight=None)
+# Named recipes (`run_train.py --recipe NAME`; flags given beside it override its fields).
+RECIPES = {"log": LOG_RECIPE, "movielens": MOVIELENS_RECIPE, "mean": Recipe()}
+# Shares of Recipe.time_budget each stage's training steps may take (ensemble members split theirs).
+BUDGET_SHARES = {"retrieval": 0.4, "ranker": 0.6}
 
 
 # Weights of the retrieval logit and of the popularity prior in the re-ranking score tried on
 # validation (rerank_scores; every pair, choose_rerank_weights).
 RETRIEVAL_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 POPULARITY_WEIGHTS = (0.0, 0.1, 0.25, 0.5)
+TRANSITION_WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 RANKER_BATCH = 256  # default examples per ranker step
 # Auto table sizes (Recipe fields left None): minimum rows.
 _TABLE_MINIMUM = {"user_table_size": 20_000, "post_table_size": 20_000, "author_table_size": 4_000}
@@ -212,7 +235,13 @@ def check_recipe(split: LogSplit, recipe: Recipe) -> None:
     if not (math.isfinite(recipe.ranker_listwise_weight) and recipe.ranker_listwise_weight >= 0):
         raise RecipeError(f"ranker_listwise_weight (--ranker-listwise-weight): expected a finite float >= 0, "
                          f"got {recipe.ranker_listwise_weight}")
-    for name in ("retrieval_weight", "popularity_weight"):
+    if isinstance(recipe.patience, bool) or not isinstance(recipe.patience, (int, np.integer)) or recipe.patience < 0:
+        raise RecipeError(f"patience (--patience): expected an int >= 0 (0: no early stopping), got "
+                          f"{recipe.patience!r}")
+    if recipe.time_budget is not None and not (math.isfinite(recipe.time_budget) and recipe.time_budget > 0):
+        raise RecipeError(f"time_budget (--time-budget): expected seconds > 0 or None (the epochs alone), got "
+                          f"{recipe.time_budget}")
+    for name in ("retrieval_weight", "popularity_weight", "transition_weight"):
         value = getattr(recipe, name)
         if value is not None and not math.isfinite(value):
             raise RecipeError(f"{name} (--{name.replace('_', '-')}): expected a finite float or None (chosen on "
@@ -723,7 +752,8 @@ def two_stage_ranks(stage_one: StageOne, rerank_scores: np.ndarray) -> tuple[np.
 
 
 def rerank_scores(logits: np.ndarray, retrieval_scores: np.ndarray, weight: float, temperature: float,
-                  score_action: str = "click_score", popularity=None, popularity_weight: float = 0.0):
+                  score_action: str = "click_score", popularity=None, popularity_weight: float = 0.0,
+                  transition=None, transition_weight: float = 0.0):
     """Ranker `score_action` logit + weight * retrieval logit (cosine / temperature)
     + popularity_weight * popularity (log(1 + visible interactions) of each item), all [U, K].
 
@@ -734,7 +764,30 @@ def rerank_scores(logits: np.ndarray, retrieval_scores: np.ndarray, weight: floa
     scores = logits[..., ACTIONS.index(score_action)] + weight * retrieval_scores / temperature
     if popularity_weight:
         scores = scores + popularity_weight * popularity
+    if transition_weight:  # + transition_weight * log(1 + count(last item -> item)) [U, K] (transition_prior)
+        scores = scores + transition_weight * transition
     return scores
+
+
+def transition_prior(table: tuple, last: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """[U, K] float64 log(1 + how often item `columns` [U, K] followed item `last` [U] in the counted
+    sequences), from phoenix_evaluation.transition_table's CSR (indptr [N + 1], to [P], counts [P]); 0
+    for a pair never seen (and for NOT_RANKED columns)."""
+    indptr, following, counts = table
+    num_items = len(indptr) - 1
+    keys = np.repeat(np.arange(num_items, dtype=np.int64), np.diff(indptr)) * num_items + following  # [P] ascending
+    wanted = np.asarray(last, np.int64)[:, None] * num_items + np.maximum(columns, 0)  # [U, K]
+    if not len(keys):
+        return np.zeros(np.shape(columns), np.float64)
+    at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)  # [U, K]
+    found = (keys[at] == wanted) & (columns >= 0)  # [U, K]
+    return np.log1p(np.where(found, counts[at], 0).astype(np.float64))
+
+
+def last_columns(split: Split, which: str) -> np.ndarray:
+    """[U_eval] the catalog column of each eval user's newest visible item when `which` is predicted."""
+    users = split.eval_users()
+    return split.item_columns[split.offsets[users] + split.visible_len(which)[users] - 1]
 
 
 def log_popularity(split: LogSplit, which: Optional[str]) -> np.ndarray:
@@ -756,22 +809,28 @@ class TwoStage:
                                     recipe.num_candidates)  # [U, K, A]
         self.retrieval = stage_one.topk_scores  # [U, K]
         self.popularity = log_popularity(split, which)[stage_one.topk]  # [U, K]
+        self.transition = transition_prior(transition_table(split, which), last_columns(split, which),
+                                           stage_one.topk)  # [U, K]
 
-    def evaluate(self, weight: float, temperature: float, popularity_weight: float = 0.0):
-        """(metrics, re-ranked top-K columns [U, K]) with the given retrieval and popularity weights."""
+    def evaluate(self, weight: float, temperature: float, popularity_weight: float = 0.0,
+                 transition_weight: float = 0.0):
+        """(metrics, re-ranked top-K columns [U, K]) with the given retrieval, popularity and transition weights."""
         scores = rerank_scores(self.logits, self.retrieval, weight, temperature, self.score_action,
-                               self.popularity, popularity_weight)
+                               self.popularity, popularity_weight, self.transition, transition_weight)
         ranks, reranked = two_stage_ranks(self.stage_one, scores)
         return metrics.metrics_from_ranks(ranks), reranked
 
 
-def choose_rerank_weights(two_stage_val: "TwoStage", recipe: Recipe) -> tuple[float, float]:
-    """(retrieval weight, popularity weight): the recipe's where set, else the pair of
-    RETRIEVAL_WEIGHTS x POPULARITY_WEIGHTS with the best validation NDCG@10 (ties: the first)."""
+def choose_rerank_weights(two_stage_val: "TwoStage", recipe: Recipe) -> tuple[float, float, float]:
+    """(retrieval weight, popularity weight, transition weight): the recipe's where set, else the triple of
+    RETRIEVAL_WEIGHTS x POPULARITY_WEIGHTS x TRANSITION_WEIGHTS with the best validation NDCG@10 (ties:
+    the first)."""
     weights = RETRIEVAL_WEIGHTS if recipe.retrieval_weight is None else (recipe.retrieval_weight,)
     priors = POPULARITY_WEIGHTS if recipe.popularity_weight is None else (recipe.popularity_weight,)
-    pairs = [(w, p) for w in weights for p in priors]
-    return max(pairs, key=lambda pair: two_stage_val.evaluate(pair[0], recipe.temperature, pair[1])[0]["NDCG@10"])
+    transitions = TRANSITION_WEIGHTS if recipe.transition_weight is None else (recipe.transition_weight,)
+    triples = [(w, p, t) for w in weights for p in priors for t in transitions]
+    return max(triples, key=lambda triple: two_stage_val.evaluate(triple[0], recipe.temperature, triple[1],
+                                                                  triple[2])[0]["NDCG@10"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -205,7 +205,8 @@ def dataclass_flags(parser, cls, defaults=None, bounds: Optional[dict] = None, h
             kind = bounded(kind, field.metadata["low"], True)
         if kind is bool:
             kind = _boolean
-        parser.add_argument(_flag(field.name), type=_optional(kind) if default is None else kind, default=default,
+        optional = type(None) in typing.get_args(hints[field.name])  # takes "none" whatever its default
+        parser.add_argument(_flag(field.name), type=_optional(kind) if optional else kind, default=default,
                             help=text)
 
 
@@ -258,6 +259,7 @@ RECIPE_FLAG_BOUNDS = {
     **{name: (0, False) for name in ("retrieval_epochs", "ranker_epochs", "learning_rate", "temperature",
                                      "table_init_stddev")},
     **{name: (-math.inf, False) for name in ("retrieval_weight", "popularity_weight")},  # any finite number
+    "patience": (0, True), "time_budget": (0, False),
 }
 
 
@@ -306,8 +308,12 @@ def add_run_flags(parser: argparse.ArgumentParser, default_checkpoint_dir, defau
     group.add_argument("--sasrec-dropout", type=float, default=SasrecRecipe.dropout)
     group.add_argument("--sasrec-train-val", action="store_true",
                        help=f"with --protocol train+val, retrain the sasrec reference too (row {TRAIN_VAL!r})")
-    dataclass_flags(parser.add_argument_group("recipe (phoenix_two_stage.Recipe; docs/notes.md says why)"),
-                    pipeline.Recipe, defaults, RECIPE_FLAG_BOUNDS, help_prefix="Recipe")
+    group = parser.add_argument_group("recipe (phoenix_two_stage.Recipe; docs/recipes.md says why)")
+    named = next(name for name, recipe in pipeline.RECIPES.items() if recipe == defaults)
+    group.add_argument("--recipe", choices=tuple(pipeline.RECIPES), default=named,
+                       help=f"a named recipe (phoenix_two_stage.RECIPES; default {named}); the flags below given "
+                            "beside it replace its fields (their defaults shown here are this data path's recipe)")
+    dataclass_flags(group, pipeline.Recipe, defaults, RECIPE_FLAG_BOUNDS, help_prefix="Recipe")
 
 
 def check_run_flags(args, given: set, error) -> None:
@@ -369,7 +375,7 @@ def log_parser() -> argparse.ArgumentParser:
                             "such as 2024-05-01T00:00:00Z, naive = UTC)")
     group.add_argument("--cut-quantile", type=float, default=None,
                        help=f"time split: the cut at this quantile of all timestamps (default {DEFAULT_CUT_QUANTILE})")
-    add_run_flags(parser, None, pipeline.Recipe())
+    add_run_flags(parser, None, pipeline.LOG_RECIPE)
     return parser
 
 
@@ -503,7 +509,9 @@ def _recipe_protocols_options(args, parser, given: set, checkpoint_dir: str, fla
     """(Recipe, Protocols, RunOptions) of a two-stage run's flags; `flags`: the data flags that shape
     the run (RunOptions.flags, compared on --resume)."""
     check_run_flags(args, given, parser.error)
-    recipe = pipeline.Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(pipeline.Recipe)})
+    recipe = dataclasses.replace(pipeline.RECIPES[args.recipe], **{f.name: getattr(args, f.name)
+                                                                   for f in dataclasses.fields(pipeline.Recipe)
+                                                                   if f.name in given})
     sasrec = (SasrecRecipe(epochs=args.sasrec_epochs, history_len=args.sasrec_history_len, dropout=args.sasrec_dropout)
               if args.sasrec else None)
     protocols = Protocols(args.protocol, sasrec, args.sasrec_train_val)

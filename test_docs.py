@@ -140,7 +140,7 @@ def write_log(path: Path, users: int = 60, items: int = 64, seed: int = 0) -> No
     path.write_text("\n".join(rows) + "\n")
 
 
-# Sizes for the test: the snippet's `pipeline.Recipe()` trains with these instead of the defaults (the
+# Sizes for the test: the snippet's `pipeline.LOG_RECIPE` trains with these instead of its own (the
 # quickstart notebook's fast settings, a single evaluation per stage, uniform negatives only).
 SMALL_RECIPE = dict(emb_size=32, num_layers=1, num_heads=2, retrieval_batch_size=64, ranker_batch_size=64,
                     retrieval_epochs=1.0, ranker_epochs=0.5, learning_rate=3e-3, warmup_steps=10, evals_per_stage=1,
@@ -150,11 +150,12 @@ SMALL_RECIPE = dict(emb_size=32, num_layers=1, num_heads=2, retrieval_batch_size
 def test_readme_snippet_runs_as_written_outside_the_clone(tmp_path):
     """The README's one Python snippet, unchanged, in a fresh interpreter of this environment started in a
     directory outside the clone (what `uv run --project CLONE python` does) with no PYTHONPATH: the clone's
-    modules import through its editable install. Only Recipe's defaults are made small."""
+    modules import through its editable install. Only the recipe's sizes are made small."""
     (snippet,) = python_snippets(README)
     write_log(tmp_path / "my_log.csv")
-    prelude = ("import functools, phoenix_pipeline\n"
-               f"phoenix_pipeline.Recipe = functools.partial(phoenix_pipeline.Recipe, **{SMALL_RECIPE!r})\n")
+    prelude = ("import dataclasses, phoenix_pipeline\n"
+               "phoenix_pipeline.LOG_RECIPE = dataclasses.replace(phoenix_pipeline.LOG_RECIPE, "
+               f"**{SMALL_RECIPE!r})\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PHOENIX_CACHE_DIR"] = str(tmp_path / "cache")
     done = subprocess.run([sys.executable, "-c", prelude + snippet], cwd=tmp_path, env=env, capture_output=True,

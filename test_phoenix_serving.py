@@ -42,9 +42,9 @@ REPO = Path(__file__).resolve().parent
 def trained(tmp_path_factory):
     """(tmp, run() result) of `run_train.py --data log.parquet --checkpoint-dir run --dump-topk top.csv` +
     TINY_FLAGS: test_phoenix_pipeline's LOG (string ids) as Parquet, its times an Arrow timestamp column
-    (the format and time type a served run is most often trained on); both re-ranking weights non-zero
+    (the format and time type a served run is most often trained on); the three re-ranking weights non-zero
     (validation may choose 0 on so small a log: then the served score would not depend on the retrieval
-    cosine or the popularity, and the tests could not see them)."""
+    cosine, the popularity or the transition counts, and the tests could not see them)."""
     tmp = tmp_path_factory.mktemp("serve")
     write_log(tmp / "log.csv")
     table = pa_csv.read_csv(tmp / "log.csv", convert_options=pa_csv.ConvertOptions(
@@ -56,7 +56,7 @@ def trained(tmp_path_factory):
     (tmp / "log.csv").unlink()
     result = run_train.main(["--data", str(tmp / "log.parquet"), "--checkpoint-dir", str(tmp / "run"),
                              "--dump-topk", str(tmp / "top.csv"), *TINY_FLAGS, "--retrieval-weight", "0.5",
-                             "--popularity-weight", "0.25"])
+                             "--popularity-weight", "0.25", "--transition-weight", "1.0"])
     assert result["split"].log.datetimes  # read as a time column (int64 ns UTC)
     return tmp, result
 
@@ -124,7 +124,9 @@ def test_a_fresh_process_serves_every_test_user_exactly_as_dumped(trained, fresh
     split, evaluated = result["split"], result["two_stage"]["test"]
     final = two_stage.rerank_scores(evaluated.logits, evaluated.retrieval, result["retrieval_weight"],
                                     result["recipe"].temperature, result["recipe"].score_action,
-                                    evaluated.popularity, result["popularity_weight"])  # [U, K]
+                                    evaluated.popularity, result["popularity_weight"], evaluated.transition,
+                                    result["transition_weight"])  # [U, K]
+    assert result["transition_weight"] == 1.0 and evaluated.transition.any()  # the prior takes part
     final = np.sort(final, axis=1)[:, ::-1][:, :10]
     users = split.log.tokens("user", split.user_ids[split.eval_users()])
     assert {user: [s for _, s in fresh["given"][user]] for user in users} == dict(zip(users, final.tolist()))

@@ -61,7 +61,7 @@ def test_the_flags_become_the_librarys_dataclasses():
                                     "--sasrec-train-val", "--dump-topk", "top.csv", "--seed", "3"])
     assert command.kind == "log" and command.source.columns == pipeline.Columns(user="uid")
     assert command.source.delimiter == "\t" and not command.source.rating_actions_given
-    assert command.recipe == dataclasses.replace(pipeline.Recipe(), emb_size=32)
+    assert command.recipe == dataclasses.replace(pipeline.LOG_RECIPE, emb_size=32)
     assert command.protocols == pipeline.Protocols("train+val", dataclasses.replace(SasrecRecipe(), epochs=2.0), True)
     assert (command.run.seed, command.run.dump_topk, command.run.seeds) == (3, "top.csv", None)
     assert run_train.parse_args(["--data", "log.csv"]).protocols == pipeline.Protocols()  # val-select alone

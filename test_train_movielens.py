@@ -296,15 +296,18 @@ def test_rerank_weights_are_the_best_validation_pair(experiment):
     options, split, result = experiment
     two = result["two_stage"]["val"]
     recipe = result["recipe"]
-    grid = {(w, p): two.evaluate(w, recipe.temperature, p)[0]["NDCG@10"]
-            for w in two_stage.RETRIEVAL_WEIGHTS for p in two_stage.POPULARITY_WEIGHTS}
-    auto = dataclasses.replace(recipe, retrieval_weight=None, popularity_weight=None)
+    grid = {(w, p, t): two.evaluate(w, recipe.temperature, p, t)[0]["NDCG@10"]
+            for w in two_stage.RETRIEVAL_WEIGHTS for p in two_stage.POPULARITY_WEIGHTS
+            for t in two_stage.TRANSITION_WEIGHTS}
+    auto = dataclasses.replace(recipe, retrieval_weight=None, popularity_weight=None, transition_weight=None)
     chosen = two_stage.choose_rerank_weights(two, auto)
     assert grid[chosen] == max(grid.values())
-    assert chosen == next(pair for pair, v in grid.items() if v == max(grid.values()))  # ties: the first
-    assert (result["retrieval_weight"], result["popularity_weight"]) == two_stage.choose_rerank_weights(two, recipe)
-    fixed = dataclasses.replace(recipe, retrieval_weight=0.5, popularity_weight=0.0)
-    assert two_stage.choose_rerank_weights(two, fixed) == (0.5, 0.0)
+    assert chosen == next(triple for triple, v in grid.items() if v == max(grid.values()))  # ties: the first
+    assert recipe.transition_weight == 0.0  # a fixed weight (Recipe's default: no transition prior)
+    assert ((result["retrieval_weight"], result["popularity_weight"], result["transition_weight"])
+            == two_stage.choose_rerank_weights(two, recipe))
+    fixed = dataclasses.replace(recipe, retrieval_weight=0.5, popularity_weight=0.0, transition_weight=1.0)
+    assert two_stage.choose_rerank_weights(two, fixed) == (0.5, 0.0, 1.0)
 
 
 def test_dump_round_trips_through_recompute_from_dump(experiment):

@@ -45,7 +45,7 @@ def val_two_stage(split, recipe, seed, run_dir, stream):
     ranker, k_params, k_best = pipeline.train_ranker(split, pool, recipe, seed, run_dir, val_one, warm_start, stream)
     two = two_stage.TwoStage(val_one, ranker, k_params, split, "val", recipe)
     weight = two_stage.choose_rerank_weights(two, recipe)
-    m = two.evaluate(weight[0], recipe.temperature, weight[1])[0]
+    m = two.evaluate(weight[0], recipe.temperature, weight[1], weight[2])[0]
     return m, {"retrieval": r_best, "weight": weight, "ranker_step": k_best["step"]}
 
 

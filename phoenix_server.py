@@ -56,6 +56,7 @@ __all__ = ["ServerConfig", "MicroBatcher", "make_app", "serve", "rank", "rank_lo
 # so a handful of compilations (at most 4x padding below 16 rows, 2x above).
 RANK_BUCKETS = (1, 4, 16, 32, 64, 128, 256)
 MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused (413)
+DRAIN_BYTES = 16 << 20  # ... after reading this much of it at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,14 +299,20 @@ def make_app(served: ServedRun, config: ServerConfig = ServerConfig()):
         return JSONResponse({"error": message}, status_code=status)
 
     async def read_json(request: Request):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            raise RequestError(f"body: expected at most {MAX_BODY_BYTES} bytes, got content-length {length}")
-        data = await request.body()
-        if len(data) > MAX_BODY_BYTES:
-            raise RequestError(f"body: expected at most {MAX_BODY_BYTES} bytes, got {len(data)}")
+        # An oversized body is read to its end (up to DRAIN_BYTES) before the 413, so that a client
+        # still sending it gets the answer rather than a broken pipe.
+        size, chunks = 0, []
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= MAX_BODY_BYTES:
+                chunks.append(chunk)
+            elif size > DRAIN_BYTES:
+                break
+        if size > MAX_BODY_BYTES:
+            raise RequestError(f"body: expected at most {MAX_BODY_BYTES} bytes, got {size}"
+                               f"{' or more' if size > DRAIN_BYTES else ''}")
         try:
-            return json.loads(data)
+            return json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(f"body: expected JSON, got {e}") from None
 
@@ -363,6 +370,12 @@ def serve(served: ServedRun, host: str = "127.0.0.1", port: int = 8000, config: 
         def handle_exit(self, sig, frame):  # a clean stop: uvicorn's own handler re-raises the signal after
             self.should_exit = True
 
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:  # listening now: say where (the port the OS chose for --port 0)
+                bound = self.servers[0].sockets[0].getsockname()[1] if self.servers else port
+                log(f"serving {served.path} on http://{host}:{bound} (pid {os.getpid()})")
+
     if config.warmup:
         start = time.perf_counter()
         warm_up(served, config)
@@ -370,7 +383,6 @@ def serve(served: ServedRun, host: str = "127.0.0.1", port: int = 8000, config: 
     app = make_app(served, config)
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                    lifespan="off"))
-    log(f"serving {served.path} on http://{host}:{port} (pid {os.getpid()})")
     try:
         server.run()
     finally:

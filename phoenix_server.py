@@ -69,10 +69,15 @@ class ServerConfig:
     max_rank_rows: int = 64  # ranker rows (a user's candidates in chunks of Ct) per model call: the
     # largest RANK_BUCKETS size compiled; a bigger batch runs as several calls of it
     warmup: bool = True  # compile every shape (recommend, each rank bucket) before accepting requests
+    recommend: bool = True  # False: a ranker alone (no retrieval stage to recommend with); /recommend is 404
 
 
 class RequestError(ValueError):
-    """Bad input of a request: answered 400 with its message."""
+    """Bad input of a request: answered `status` (400, or 413 for an oversized body) with its message."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,13 +207,18 @@ class MicroBatcher:
         self.thread.join()
 
     def _take(self, first) -> tuple[list, bool]:
+        """The next batch: `first`, every request waiting, and, while clients are concurrent (the last
+        batch held several), those that arrive within max_wait_s until the last batch's size is reached."""
         batch, stop = [first], False
-        concurrent = bool(self.batch_sizes) and self.batch_sizes[-1] > 1
-        deadline = time.monotonic() + (self.max_wait_s if concurrent else 0.0)
+        expected = min(self.batch_sizes[-1], self.max_batch) if self.batch_sizes else 1
+        deadline = time.monotonic() + (self.max_wait_s if expected > 1 else 0.0)
         while len(batch) < self.max_batch:
             remaining = deadline - time.monotonic()
             try:
-                item = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+                if remaining > 0 and len(batch) < expected:
+                    item = self.queue.get(timeout=remaining)
+                else:
+                    item = self.queue.get_nowait()
             except queue.Empty:
                 break
             if item is _STOP:
@@ -310,30 +320,39 @@ def make_app(served: ServedRun, config: ServerConfig = ServerConfig()):
                 break
         if size > MAX_BODY_BYTES:
             raise RequestError(f"body: expected at most {MAX_BODY_BYTES} bytes, got {size}"
-                               f"{' or more' if size > DRAIN_BYTES else ''}")
+                               f"{' or more' if size > DRAIN_BYTES else ''}", status=413)
         try:
             return json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(f"body: expected JSON, got {e}") from None
+        except RecursionError:
+            raise RequestError("body: expected JSON nested at most a few hundred levels deep, got deeper") from None
 
     def endpoint(handler):
         async def wrapped(request: Request) -> Response:
             try:
                 return JSONResponse(await handler(request))
-            except (RequestError, ValueError, TypeError) as e:
-                return error(413 if str(e).startswith("body: expected at most") else 400, str(e))
+            except RequestError as e:  # bad input; anything else is a fault of the server (500)
+                return error(e.status, str(e))
         return wrapped
+
+    def checked(check, *args):
+        """check(*args), its ValueError (the library's message naming the field) a RequestError."""
+        try:
+            return check(*args)
+        except (ValueError, TypeError, OverflowError) as e:  # e.g. an integer id beyond int64
+            raise RequestError(str(e)) from None
 
     async def recommend(request: Request):
         body = _fields(await read_json(request), {"user": True, "k": False})
         user = body["user"]
-        row, k = check_recommend(served, user, body.get("k", two_stage.FINAL_K))
+        row, k = checked(check_recommend, served, user, body.get("k", two_stage.FINAL_K))
         items = await batchers["recommend"].submit((row, k))
         return {"user": user, "items": [item for item, _ in items], "scores": [score for _, score in items]}
 
     async def rank_endpoint(request: Request):
         body = _fields(await read_json(request), {"user": True, "candidates": True})
-        row, columns = check_rank(served, body["user"], body["candidates"], config.max_candidates)
+        row, columns = checked(check_rank, served, body["user"], body["candidates"], config.max_candidates)
         probabilities = await batchers["rank"].submit((row, columns))
         return {"user": body["user"], "candidates": body["candidates"], "actions": list(ACTIONS),
                 "probabilities": probabilities}
@@ -344,8 +363,8 @@ def make_app(served: ServedRun, config: ServerConfig = ServerConfig()):
     async def version_endpoint(request: Request):
         return version
 
-    app = Starlette(routes=[Route("/recommend", endpoint(recommend), methods=["POST"]),
-                            Route("/rank", endpoint(rank_endpoint), methods=["POST"]),
+    routes = [Route("/recommend", endpoint(recommend), methods=["POST"])] if config.recommend else []
+    app = Starlette(routes=routes + [Route("/rank", endpoint(rank_endpoint), methods=["POST"]),
                             Route("/health", endpoint(health), methods=["GET"]),
                             Route("/version", endpoint(version_endpoint), methods=["GET"])])
     app.state.batchers = batchers
@@ -356,7 +375,8 @@ def make_app(served: ServedRun, config: ServerConfig = ServerConfig()):
 def warm_up(served: ServedRun, config: ServerConfig) -> None:
     """Compiles every shape the server runs: recommend (one EVAL_BATCH block) and each rank bucket."""
     row = int(np.argmax(np.diff(served.split.offsets) > 0))
-    recommend_rows(served, [row], [1])
+    if config.recommend:
+        recommend_rows(served, [row], [1])
     for bucket in sorted({bucket_of(rows, config.max_rank_rows) for rows in RANK_BUCKETS}):
         rank_logits(served, [row], [np.zeros(1, np.int64)], batch_size=bucket)
 
@@ -374,7 +394,7 @@ def serve(served: ServedRun, host: str = "127.0.0.1", port: int = 8000, config: 
             await super().startup(sockets)
             if self.started:  # listening now: say where (the port the OS chose for --port 0)
                 bound = self.servers[0].sockets[0].getsockname()[1] if self.servers else port
-                log(f"serving {served.path} on http://{host}:{bound} (pid {os.getpid()})")
+                log(f"serving {served.path or served.info.get('source')} on http://{host}:{bound} (pid {os.getpid()})")
 
     if config.warmup:
         start = time.perf_counter()

@@ -117,6 +117,7 @@ HOSTILE = [  # (path, body (JSON value) or raw bytes, status, what the error mus
     ("/recommend", b'{"user": "u00", "k": 3', 400, "body: expected JSON"),
     ("/recommend", b"\xff\xfe\x00", 400, "body: expected JSON"),
     ("/recommend", b"", 400, "body: expected JSON"),
+    ("/recommend", b"[" * 100_000 + b"]" * 100_000, 400, "body: expected JSON nested at most"),
     ("/recommend", b'{"user": "' + b"x" * (2 << 20) + b'"}', 413, "body: expected at most"),
     ("/rank", {"user": "u00", "candidates": []}, 400, "candidates: expected 1 to 1024 item ids, got 0"),
     ("/rank", {"user": "u00", "candidates": ["i00", "nope"]}, 400, "candidates[1]: expected an item of the run's"),
@@ -163,6 +164,25 @@ def test_micro_batching_collects_concurrent_requests():
     finally:
         batcher.stop()
     assert batcher.batch_sizes == [1, 8, 2]  # max_batch caps a batch
+
+
+def test_bench_serve_runs_at_tiny_sizes(trained, tmp_path):  # noqa: F811
+    """scripts/bench_serve.py (the load test, also the device suite's rows) on the tiny run and on the
+    nano model cut to history 8: it checks every served answer against the in-process one itself."""
+    tmp, _ = trained
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_serve.py"), "--run", str(tmp / "run"),
+                           "--requests", "6", "--nano-requests", "2", "--nano-history", "8", "--clients", "1,2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["model"], r["endpoint"], r["mode"], r["clients"]) for r in rows} == {
+        (model, endpoint, mode, clients) for model, endpoint in (("small", "rank"), ("small", "recommend"),
+                                                                 ("nano", "rank"))
+        for mode in ("served", "in-process") for clients in (1, 2)}
+    assert all(r["requests"] == 6 if r["model"] == "small" else r["requests"] == 2 for r in rows)
+    assert "| small | /rank | 1 | 6 |" in done.stdout
 
 
 def test_sigterm_stops_the_server_cleanly(server):

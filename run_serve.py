@@ -22,6 +22,8 @@ import phoenix_serving as serving
 import phoenix_server
 import run_train
 
+__all__ = ["main", "cli", "parse_args"]
+
 
 def parse_args(argv) -> argparse.Namespace:
     defaults = phoenix_server.ServerConfig()

@@ -181,7 +181,7 @@ def test_console_scripts_run_from_outside_the_clone(venv, wheel, tmp_path):
     elsewhere = pip_install(venv, wheel, tmp=tmp_path)
     for script in CONSOLE_SCRIPTS:
         out = run([venv / script, "--help"], cwd=elsewhere, env=outside_env(tmp_path)).stdout
-        flag = "--run" if script == "phoenix-recommend" else "--seed"  # serving a run: no seed
+        flag = "--run" if script in ("phoenix-recommend", "phoenix-serve") else "--seed"  # serving a run: no seed
         assert out.startswith("usage:") and flag in out, (script, out)
     # A real run exits 0: main()'s result dict must not reach sys.exit (it would print it, exit 1).
     out = run([venv / "phoenix-rank", *TINY_DEMO], cwd=elsewhere, env=outside_env(tmp_path)).stdout

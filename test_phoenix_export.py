@@ -176,3 +176,19 @@ def test_loading_needs_jax_and_numpy_only(exported):
     logits = two_stage.ranker_logits(run.ranker, run.ranker_params, split, examples, np.array([[0, 7, 3]]),
                                      run.recipe.num_candidates)[0]
     np.testing.assert_allclose(out["rank"], 1 / (1 + np.exp(-logits)), **TOL)
+
+
+def test_run_serve_export_replaces_the_directory_atomically(exported, trained):  # noqa: F811
+    """`run_serve.py --run DIR --export` over an existing DIR/export: the new directory replaces the
+    old one whole (nothing left beside it) and serves the same lists."""
+    import run_serve
+
+    run, path, _ = exported
+    tmp, _ = trained
+    before = os.stat(path).st_ino
+    assert run_serve.main(["--run", str(tmp / "run"), "--export"]) == 0
+    assert os.stat(path).st_ino != before
+    assert not [n for n in os.listdir(os.path.dirname(path)) if n.startswith(".export")]
+    again = phoenix_exported.load(path)
+    user = run.user_tokens([2])[0]
+    assert [i for i, _ in again.recommend(user, 5)] == [i for i, _ in pipeline.recommend(run, user, 5)]

@@ -142,6 +142,20 @@ def test_wrong_method_and_path(server):
     assert call(base, "/nowhere", {"user": "u00"})[0] == 404
 
 
+def test_rank_compiles_once_per_bucket(server):
+    """After warm_up, batches of any size and candidate counts reuse the compiled buckets: no new
+    compilation of the ranker (its jitted predict's cache does not grow)."""
+    _, _, run, _ = server
+    phoenix_server.warm_up(run, phoenix_server.ServerConfig(max_rank_rows=16))
+    compiled = run.ranker._jit_predict._cache_size()
+    assert compiled == 4  # recommend's EVAL_BATCH block and buckets 1, 4, 16
+    rng = np.random.default_rng(1)
+    for users, candidates in [(1, 1), (3, 5), (7, 16), (20, 9), (2, 30)]:
+        columns = [rng.integers(0, len(run.split.item_ids), candidates) for _ in range(users)]
+        phoenix_server.rank_logits(run, rng.integers(0, len(run.split.user_ids), users), columns, max_rows=16)
+    assert run.ranker._jit_predict._cache_size() == compiled
+
+
 def test_micro_batching_collects_concurrent_requests():
     """Requests submitted while the worker is busy run as one batch, answers back in order."""
     gate = threading.Event()

@@ -192,3 +192,27 @@ def test_run_serve_export_replaces_the_directory_atomically(exported, trained): 
     again = phoenix_exported.load(path)
     user = run.user_tokens([2])[0]
     assert [i for i, _ in again.recommend(user, 5)] == [i for i, _ in pipeline.recommend(run, user, 5)]
+
+
+def test_ensembles_export_as_evaluated(exported, tmp_path):
+    """Two-member ensembles of both stages (the second member's parameters scaled, so members
+    differ): the exported recommend equals phoenix_pipeline.recommend of the in-process ensembles."""
+    import dataclasses
+
+    import jax
+
+    run, _, _ = exported
+    other = lambda params: jax.tree.map(lambda x: x * 1.05, params)  # noqa: E731
+    pair = dataclasses.replace(
+        run, retrieval=two_stage.RetrievalEnsemble([run.retrieval, run.retrieval]),
+        retrieval_params=(run.retrieval_params, other(run.retrieval_params)),
+        ranker=two_stage.RankerEnsemble([run.ranker, run.ranker]),
+        ranker_params=(run.ranker_params, other(run.ranker_params)), _items=None)
+    ex = phoenix_exported.load(phoenix_export.export_run(pair, tmp_path / "export"))
+    assert [len(ex.params[stage]) for stage in ("retrieval", "ranker")] == [2, 2]
+    user = run.user_tokens([0])[0]  # the second members count (else the check below could not fail)
+    assert [s for _, s in pipeline.recommend(pair, user, 10)] != [s for _, s in pipeline.recommend(run, user, 10)]
+    for user in run.user_tokens(np.arange(0, len(run.split.user_ids), 3)):
+        want, got = pipeline.recommend(pair, user, 10), ex.recommend(user, 10)
+        assert [item for item, _ in got] == [item for item, _ in want], user
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in want], **TOL)

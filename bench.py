@@ -10,6 +10,7 @@ Command:
   uv run bench.py --profile         # C=500 ranking split into parts beside their FLOP floors: ~20 s
   uv run bench.py --device-suite --out suite --plot   # ranking + retrieval on the default JAX backend,
                                     # one process, one table (+ suite.md/.json/.png): ~80 s on 2 CPU cores
+  uv run bench.py --device-suite --suite-serve ""     # ... plus the load test of scripts/bench_serve.py
 
 Ranking rows: "masked" is the release's model under jax.jit (the reference of vs_masked);
 "isolated" is runner.rank with its default compute_dtype="auto" (float32 on CPU), and
@@ -726,6 +727,9 @@ def parse_args(argv=None):
                         default=list(SUITE_RANK), help="--device-suite ranking cases CxB (default 500x1,2000x1,500x8)")
     parser.add_argument("--suite-sizes", type=lambda s: [int(float(x)) for x in s.split(",")], default=None,
                         help="--device-suite corpus sizes (default 1e6 on CPU; 1e6,1e7 on an accelerator)")
+    parser.add_argument("--suite-serve", default=None, metavar="FLAGS",
+                        help="--device-suite: also run scripts/bench_serve.py FLAGS ('' for its defaults) and "
+                             "append its table (served vs in-process latency and throughput)")
     parser.add_argument("--out", default=None, help="also write the table to OUT.md and the rows to OUT.json")
     parser.add_argument("--plot", action="store_true", help="with --out: OUT.png, latency vs C and vs N (matplotlib)")
     # Internal: run one (method, N) in this process and print its rows.
@@ -775,6 +779,11 @@ def main(argv=None):
                     f"retrieval, {args.runs}; {load})\n\n"
                     + markdown_table(rank_rows, SUITE_RANK_COLUMNS) + "\n\n"
                     + markdown_table([r for r in rows if r["section"] == "suite_retrieval"], SUITE_RETRIEVAL_COLUMNS))
+        if args.suite_serve is not None:  # the load test's rows (scripts/bench_serve.py) on this backend too
+            served = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                  "scripts", "bench_serve.py"),
+                                     *args.suite_serve.split()], check=True, capture_output=True, text=True)
+            markdown += "\n\n## Served (scripts/bench_serve.py)\n\n" + served.stdout.strip()
     else:
         retrieval = bench_retrieval(args) if args.only in ("all", "retrieval") else []
         ranking = bench_ranking(args) if args.only in ("all", "ranking") else []

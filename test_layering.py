@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # Bottom to top; a module may import its own layer (acyclically) and the layers below it.
 LAYERS = [
     ("core", ["grok", "phoenix_validation", "phoenix_hashing", "phoenix_metrics", "numpy_reference", "phoenix_stop",
-              "phoenix_paths", "phoenix_batching"]),
+              "phoenix_paths", "phoenix_batching",
+              "phoenix_exported"]),  # phoenix_exported: JAX + NumPy only, by design
     # A format knows no model: the checkpoint directory stores configs as opaque JSON.
     ("formats", ["phoenix_checkpoint"]),
     ("inputs", ["phoenix_inputs"]),
@@ -26,11 +27,12 @@ LAYERS = [
     ("training", ["phoenix_resume", "phoenix_training"]),
     ("serving", ["runners"]),
     ("pipeline", ["phoenix_two_stage", "phoenix_sasrec", "phoenix_protocols", "phoenix_run_dir", "phoenix_serving",
-                  "phoenix_pipeline"]),
+                  "phoenix_pipeline", "phoenix_export", "phoenix_server"]),
     # Datasets are adapters on top of the generic core: nothing below this layer may import one.
     ("datasets", ["movielens", "phoenix_synthetic"]),
     ("experiments", ["phoenix_demos", "train_synthetic"]),
-    ("scripts", ["run_train", "run_ranker", "run_retrieval", "run_recommend", "bench", "resume_harness"]),
+    ("scripts", ["run_train", "run_ranker", "run_retrieval", "run_recommend", "run_serve", "bench",
+                 "resume_harness"]),
 ]
 LAYER_OF = {module: rank for rank, (_, modules) in enumerate(LAYERS) for module in modules}
 

@@ -28,14 +28,15 @@ LIBRARY = ["grok", "recsys_model", "recsys_retrieval_model", "runners", "phoenix
            "phoenix_validation", "phoenix_inputs", "phoenix_forward", "phoenix_losses", "phoenix_optim",
            "phoenix_resume", "phoenix_stop", "phoenix_paths", "phoenix_batching", "phoenix_log", "phoenix_split",
            "phoenix_evaluation", "movielens", "phoenix_synthetic", "phoenix_two_stage", "phoenix_sasrec",
-           "phoenix_protocols", "phoenix_pipeline", "phoenix_serving", "phoenix_run_dir", "phoenix_demos"]
-ENTRY_POINTS = ["run_ranker", "run_retrieval", "run_recommend", "run_train", "train_synthetic"]
+           "phoenix_protocols", "phoenix_pipeline", "phoenix_serving", "phoenix_run_dir", "phoenix_demos",
+           "phoenix_export", "phoenix_exported", "phoenix_server"]
+ENTRY_POINTS = ["run_ranker", "run_retrieval", "run_recommend", "run_serve", "run_train", "train_synthetic"]
 SHIPPED = LIBRARY + ENTRY_POINTS
 # Top-level modules deliberately left out: dev-only (bench.py, numpy_reference.py: the tests' oracle,
 # imported by no shipped module) and pytest's.
 LEFT_OUT = {"bench", "numpy_reference", "conftest", "resume_harness"}
 CONSOLE_SCRIPTS = {"phoenix-rank": "run_ranker:cli", "phoenix-recommend": "run_recommend:cli",
-                   "phoenix-retrieve": "run_retrieval:cli",
+                   "phoenix-retrieve": "run_retrieval:cli", "phoenix-serve": "run_serve:cli",
                    "phoenix-train": "run_train:cli"}
 TINY_DEMO = ["--no-train", "--emb-size", "16", "--num-layers", "1", "--history-len", "8", "--num-candidates", "4"]
 
@@ -180,7 +181,7 @@ def test_console_scripts_run_from_outside_the_clone(venv, wheel, tmp_path):
     elsewhere = pip_install(venv, wheel, tmp=tmp_path)
     for script in CONSOLE_SCRIPTS:
         out = run([venv / script, "--help"], cwd=elsewhere, env=outside_env(tmp_path)).stdout
-        flag = "--run" if script == "phoenix-recommend" else "--seed"  # serving a run: no seed
+        flag = "--run" if script in ("phoenix-recommend", "phoenix-serve") else "--seed"  # serving a run: no seed
         assert out.startswith("usage:") and flag in out, (script, out)
     # A real run exits 0: main()'s result dict must not reach sys.exit (it would print it, exit 1).
     out = run([venv / "phoenix-rank", *TINY_DEMO], cwd=elsewhere, env=outside_env(tmp_path)).stdout

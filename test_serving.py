@@ -212,7 +212,8 @@ ENTRY %main (x: f32[4]) -> f32[4] {
 def test_device_suite_runs_on_cpu_at_tiny_sizes(tmp_path):
     out = tmp_path / "suite"
     bench.main(["--device-suite", "--suite-rank", "6x2", "--suite-sizes", "300", "--batches", "1,3",
-                "--out", str(out), *TINY])
+                "--out", str(out), "--suite-serve", "--skip-small --skip-nano", *TINY])  # the load test's hook:
+    # its table's header only here (test_phoenix_server.py runs scripts/bench_serve.py at tiny sizes)
     rows = json.loads(out.with_suffix(".json").read_text())
     rank = [r for r in rows if r["section"] == "suite_ranking"]
     assert {(r["method"], r["c"], r["b"]) for r in rank} == {
@@ -227,6 +228,7 @@ def test_device_suite_runs_on_cpu_at_tiny_sizes(tmp_path):
     assert all(r["device"].startswith("cpu") for r in rows)
     markdown = out.with_suffix(".md").read_text()
     assert "vs_release" in markdown and "vs_bare" in markdown
+    assert "## Served (scripts/bench_serve.py)\n\n| model | endpoint | clients |" in markdown
 
 
 def test_plot_writes_png_or_names_the_missing_extra(tmp_path):

@@ -206,6 +206,8 @@ def _vocab(served: serving.ServedRun) -> dict:
               "item_post_hashes": hash_post_ids(split.item_ids, hashes),  # [N, Hi]
               "item_author_hashes": hash_author_ids(split.item_authors, hashes),  # [N, Ha]
               "items": np.asarray(served.item_vectors, np.float32)}  # [N, D]
+    if served.transition_weight:  # the transition prior's counts (phoenix_serving's CSR)
+        arrays.update(zip(("transition_indptr", "transition_to", "transition_count"), served.transitions))
     for kind, names in served.names.items():
         if kind in ("user", "item"):
             for key, value in serving._encode_strings(names).items():
@@ -300,7 +302,8 @@ def export_run(served: serving.ServedRun, out_dir=None, platforms=PLATFORMS) -> 
                         "ranker_history_len": recipe.ranker_history_len, "num_candidates": recipe.num_candidates,
                         "temperature": recipe.temperature, "score_action": recipe.score_action,
                         "retrieval_weight": float(served.retrieval_weight),
-                        "popularity_weight": float(served.popularity_weight), "actions": list(ACTIONS),
+                        "popularity_weight": float(served.popularity_weight),
+                        "transition_weight": float(served.transition_weight), "actions": list(ACTIONS),
                         "eval_batch": two_stage.EVAL_BATCH},
             "sha256": {name: _sha256(os.path.join(tmp, name)) for name in files},
         }

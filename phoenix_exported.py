@@ -68,6 +68,10 @@ class ExportedRun:
             self.item_names.tolist() if self.item_names is not None else vocab["item_ids"].tolist())}
         self.num_items = len(vocab["item_ids"])
         self.log_popularity = np.log1p(vocab["popularity"].astype(np.float64))  # [N]
+        if self.serving.get("transition_weight"):  # pair keys i * N + j, ascending, of the transition counts
+            indptr = vocab["transition_indptr"]
+            self.pair_keys = np.repeat(np.arange(self.num_items), np.diff(indptr)) * self.num_items + \
+                vocab["transition_to"]  # [P]
 
     # ---- ids --------------------------------------------------------------------------------
 
@@ -186,6 +190,12 @@ class ExportedRun:
             s["retrieval_weight"] * np.where(ranked, cosines, 0).astype(np.float32) / s["temperature"]
         if s["popularity_weight"]:
             final = final + s["popularity_weight"] * popularity
+        if s.get("transition_weight"):  # + t x log(1 + times the item followed the history's last item)
+            last = self.vocab["history_columns"][self.vocab["offsets"][rows + 1] - 1].astype(np.int64)  # [U]
+            wanted = last[:, None] * self.num_items + np.where(ranked, top, 0)  # [U, K]
+            at = np.minimum(np.searchsorted(self.pair_keys, wanted), len(self.pair_keys) - 1)
+            count = np.where((self.pair_keys[at] == wanted) & ranked, self.vocab["transition_count"][at], 0)
+            final = final + s["transition_weight"] * np.log1p(count.astype(np.float64))
         final = np.where(ranked, final, -np.inf)
         order = np.argsort(-final, axis=1, kind="stable")  # [U, K]
         return np.take_along_axis(top, order, axis=1), np.take_along_axis(final, order, axis=1)

@@ -397,6 +397,7 @@ SYNTHETIC_HELP = {
     "batch_size": "ranker users per step",
     "retrieval_batch_size": "retrieval softmax rows per step",
     "data_parallel": "split each batch over all devices JAX finds (batch sizes must divide evenly)",
+    "shard_tables": "with --data-parallel: split each hash table's rows over the devices (docs/sharding.md)",
     "user_id_dropout": "share of training rows whose user id is replaced by the unknown user",
     "eval_repeats": "evaluation examples per held-out user",
     "eval_every": "ranker learning curve every N steps (0: off)",
@@ -409,7 +410,7 @@ SYNTHETIC_GROUPS = {
     "model": ("emb_size", "num_layers", "num_heads", "key_size", "widening_factor", "user_table_size",
               "post_table_size", "author_table_size", "table_init_stddev"),
     "optimisation and evaluation": ("batch_size", "retrieval_batch_size", "learning_rate", "data_parallel",
-                                    "temperature", "user_id_dropout", "eval_repeats", "eval_every", "log_every"),
+                                    "shard_tables", "temperature", "user_id_dropout", "eval_repeats", "eval_every", "log_every"),
 }
 SYNTHETIC_METAVARS = {"checkpoint_every": "N", "keep_checkpoints": "K"}
 

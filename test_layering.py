@@ -20,7 +20,7 @@ LAYERS = [
     ("formats", ["phoenix_checkpoint"]),
     ("inputs", ["phoenix_inputs"]),
     ("models", ["recsys_model", "recsys_retrieval_model", "phoenix_forward", "phoenix_losses", "phoenix_optim",
-                "phoenix_index"]),
+                "phoenix_sharding", "phoenix_index"]),
     ("configs", ["phoenix_configs", "phoenix_sizes"]),  # configs <-> JSON; configs from sizes
     ("data", ["phoenix_log", "phoenix_split", "phoenix_evaluation"]),  # the generic data core: knows no dataset
     ("training", ["phoenix_resume", "phoenix_training"]),

@@ -44,6 +44,8 @@ import typing
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
 
+import jax
+
 import movielens as ml
 import phoenix_checkpoint
 import phoenix_pipeline as pipeline
@@ -265,6 +267,7 @@ def add_run_flags(parser: argparse.ArgumentParser, default_checkpoint_dir, defau
     """The flags of a two-stage run (a log or MovieLens): where it goes (phoenix_pipeline.RunOptions), the
     protocols beside val-select (phoenix_protocols.Protocols) and one flag per Recipe field, each defaulting
     to `defaults`' value."""
+    add_distributed_flags(parser)
     parser.add_argument("--seed", type=bounded(int, 0, True), default=0, help="parameters, batch streams, negatives")
     parser.add_argument("--checkpoint-dir", default=default_checkpoint_dir,
                         help="the run directory: retrieval/, ranker/ (and retrieval.1/, ranker.1/, ... with "
@@ -341,6 +344,63 @@ def default_run_name(data: str) -> str:
     if run_dir.path_kind(data) == "a FIFO":
         return "pipe"
     return Path(data).stem or "log"
+
+
+class Distributed(NamedTuple):
+    """jax.distributed.initialize's arguments (--coordinator-address, --num-processes, --process-id)."""
+
+    coordinator_address: str  # HOST:PORT of process 0's coordinator service
+    num_processes: int
+    process_id: int
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    """One process of a multi-process run (docs/sharding.md): each process runs the same command with its
+    own --process-id; the devices of all processes form one mesh (with --data-parallel)."""
+    group = parser.add_argument_group("multi-process training (docs/sharding.md)")
+    group.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                       help="process 0's address, the same in every process (jax.distributed.initialize)")
+    group.add_argument("--num-processes", type=bounded(int, 1, True), default=None, metavar="N",
+                       help="processes in the run, with --coordinator-address")
+    group.add_argument("--process-id", type=bounded(int, 0, True), default=None, metavar="I",
+                       help="this process, 0 .. N-1, with --coordinator-address")
+
+
+def distributed_args(args, kind: str, error) -> Optional[Distributed]:
+    """The multi-process flags as Distributed (None without them); `error` (the parser's) for a partial
+    or contradictory set."""
+    names = ("coordinator_address", "num_processes", "process_id")
+    given = [n for n in names if getattr(args, n) is not None]
+    if not given:
+        return None
+    if len(given) != len(names):
+        missing = ", ".join(_flag(n) for n in names if n not in given)
+        error(f"{', '.join(_flag(n) for n in given)}: a multi-process run needs all three of --coordinator-address, "
+              f"--num-processes and --process-id; missing {missing}")
+    host, _, port = args.coordinator_address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        error(f"--coordinator-address: expected HOST:PORT with a port in 1..65535, got {args.coordinator_address!r}")
+    if args.process_id >= args.num_processes:
+        error(f"--process-id: expected 0 .. {args.num_processes - 1} (--num-processes {args.num_processes}), "
+              f"got {args.process_id}")
+    if args.num_processes > 1:
+        if kind != "synthetic":
+            error(f"--num-processes {args.num_processes}: multi-process runs are supported on --data synthetic only "
+                  f"so far, got --data {args.data}")
+        if not args.data_parallel:
+            error(f"--num-processes {args.num_processes}: add --data-parallel (the batch is split over every "
+                  "process's devices)")
+        if args.checkpoint_every or args.resume:
+            error(f"--num-processes {args.num_processes}: step checkpoints and --resume are single-process only so "
+                  "far; drop --checkpoint-every / --resume")
+    return Distributed(args.coordinator_address, args.num_processes, args.process_id)
+
+
+def initialize_distributed(distributed: Distributed) -> None:
+    """jax.distributed.initialize for this process, CPU collectives through gloo (before any JAX work)."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=distributed.coordinator_address,
+                               num_processes=distributed.num_processes, process_id=distributed.process_id)
 
 
 def log_parser() -> argparse.ArgumentParser:
@@ -432,6 +492,7 @@ def synthetic_parser() -> argparse.ArgumentParser:
         else:
             target.add_argument(_flag(field.name), type=type(default), default=default, help=text,
                                 metavar=SYNTHETIC_METAVARS.get(field.name))
+    add_distributed_flags(parser)
     return parser
 
 
@@ -473,6 +534,7 @@ class Command(NamedTuple):
     recipe: Optional[pipeline.Recipe] = None
     protocols: Optional[Protocols] = None
     dry_run: bool = False  # --dry-run: read, validate, split, summarise; no training, nothing written
+    distributed: Optional[Distributed] = None  # one process of a multi-process run
 
 
 def data_kind(data: str) -> str:
@@ -527,8 +589,9 @@ def parse_args(argv) -> Command:
     parser = PARSERS[kind]()
     args = parser.parse_args(argv)
     given = given_flags(parser, argv)
+    distributed = distributed_args(args, kind, parser.error)
     if kind == "synthetic":
-        return Command(kind, None, _synthetic_run(args, given, parser))
+        return Command(kind, None, _synthetic_run(args, given, parser), distributed=distributed)
     if kind == "movielens":
         if args.seeds and "seed" in given:
             parser.error(f"--seed {args.seed}: --seeds {','.join(map(str, args.seeds))} runs its own seeds; give one "
@@ -537,7 +600,8 @@ def parse_args(argv) -> Command:
             parser.error(f"--cache-dir: applies to --data {ml.SOURCE_ML100K} (its download) only, got --data "
                          f"{args.data}")
         recipe, protocols, options = _recipe_protocols_options(args, parser, given, args.checkpoint_dir)
-        return Command(kind, MovieLensSource(args.data, args.cache_dir), options, recipe, protocols, args.dry_run)
+        return Command(kind, MovieLensSource(args.data, args.cache_dir), options, recipe, protocols, args.dry_run,
+                       distributed)
     for name in ("cut_time", "cut_quantile"):
         if name in given and args.split != "time":
             parser.error(f"--{name.replace('_', '-')}: applies to --split time only, got --split {args.split}")
@@ -555,7 +619,7 @@ def parse_args(argv) -> Command:
     source = LogSource(args.data, columns, args.rating_actions, "rating_actions" in given,
                        "\t" if args.delimiter in ("\\t", "tab") else args.delimiter, args.duplicates, args.split,
                        args.cut_time, args.cut_quantile)
-    return Command(kind, source, options, recipe, protocols, args.dry_run)
+    return Command(kind, source, options, recipe, protocols, args.dry_run, distributed)
 
 
 # Log flags left out of a run's configuration: where the log is and how its fields are separated do not
@@ -713,6 +777,8 @@ def main(argv=None) -> dict:
     """The command line `argv` (default sys.argv[1:]) run to the end; returns the run's figures."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = parse_args(argv)
+    if command.distributed is not None:
+        initialize_distributed(command.distributed)
     if command.kind == "synthetic":
         return train_synthetic.run(command.run, argv)
     try:

@@ -4,11 +4,17 @@ The device count must be fixed before JAX is imported, so the check runs in a su
 """
 
 import os
+import re
+import socket
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
+
+import phoenix_checkpoint
+import phoenix_resume
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
@@ -225,3 +231,56 @@ def test_sharded_tables_equal_single_device(variant):
     proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, variant], cwd=here, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0 and "SHARDED OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+# A tiny synthetic ranker run: its losses are compared across device layouts.
+TINY_SYNTHETIC = ["--data", "synthetic", "--only", "ranker", "--num-users", "120", "--num-posts", "300",
+                  "--num-authors", "10", "--history-len", "4", "--min-history-len", "2", "--num-candidates", "4",
+                  "--emb-size", "16", "--key-size", "8", "--num-layers", "1", "--batch-size", "16",
+                  "--steps-ranker", "10", "--log-every", "2", "--eval-repeats", "1", "--overwrite"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(run_dir, devices: int, *flags):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    here = os.path.dirname(os.path.abspath(__file__))
+    return subprocess.Popen([sys.executable, "run_train.py", *TINY_SYNTHETIC, "--checkpoint-dir", str(run_dir),
+                             *flags], cwd=here, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _losses(proc) -> tuple[list[str], str]:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return re.findall(r"^step \d+/\d+  loss (\S+)", out, re.M), out
+
+
+def test_two_processes_equal_one_process_and_one_device(tmp_path):
+    """run_train.py --data synthetic three ways, as the issue's check does: 1 device; 8 forced CPU devices
+    with --data-parallel --shard-tables; 2 processes x 4 devices on 127.0.0.1 (gloo collectives). The
+    printed losses agree at print precision and the recorded ones (the final checkpoint's history,
+    written by process 0) within 1e-5 relative (float32)."""
+    port = _free_port()
+    sharded = ["--data-parallel", "--shard-tables"]
+    procs = {"one": _start(tmp_path / "one", 1), "eight": _start(tmp_path / "eight", 8, *sharded)}
+    procs.update({f"p{i}": _start(tmp_path / "two", 4, *sharded, "--coordinator-address", f"127.0.0.1:{port}",
+                                  "--num-processes", "2", "--process-id", str(i)) for i in range(2)})
+    printed = {name: _losses(proc) for name, proc in procs.items()}
+    assert len(printed["one"][0]) == 5, printed["one"][1]
+    for name in ("eight", "p0", "p1"):
+        assert printed[name][0] == printed["one"][0], (name, printed[name][1])
+    recorded = {}
+    for name in ("one", "eight", "two"):
+        extra = phoenix_checkpoint.read_meta(tmp_path / name / "ranker")["extra"]
+        history = phoenix_resume.decode_json(extra["result"])["history"]
+        recorded[name] = np.array([h["loss"] for h in history if "loss" in h])
+        if name == "two":
+            assert extra["devices"]["count"] == 8 and extra["devices"]["mesh"] == {"data": 8}, extra["devices"]
+    assert len(recorded["one"]) == 5
+    np.testing.assert_allclose(recorded["eight"], recorded["one"], rtol=1e-5)
+    np.testing.assert_allclose(recorded["two"], recorded["one"], rtol=1e-5)
+    np.testing.assert_allclose(recorded["two"], recorded["eight"], rtol=1e-6)

@@ -88,14 +88,16 @@ def _table_rows(path, hash_config) -> int:
 
 
 def pad_tables(tree, hash_config, shards: int):
-    """Table leaves [M, ...] of a state pytree padded with zero rows to [padded_rows(M, shards), ...]."""
+    """Table leaves [M, ...] of a state pytree padded with zero rows to [padded_rows(M, shards), ...]
+    (leaves padded already pass unchanged)."""
     def pad(path, x):
         if not is_table_path(path):
             return x
         rows = _table_rows(path, hash_config)
-        if x.shape[0] != rows:
-            raise ValueError(f"{'/'.join(_keys(path))}: expected {rows} rows (hash_config), got shape {list(x.shape)}")
-        extra = padded_rows(rows, shards) - rows
+        if x.shape[0] not in (rows, padded_rows(rows, shards)):
+            raise ValueError(f"{'/'.join(_keys(path))}: expected {rows} rows (hash_config), or "
+                             f"{padded_rows(rows, shards)} padded for {shards} shards, got shape {list(x.shape)}")
+        extra = padded_rows(rows, shards) - x.shape[0]
         return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1)) if extra else x
     return jax.tree_util.tree_map_with_path(pad, tree)
 
@@ -117,6 +119,10 @@ def gather_rows(mesh: Mesh, tables: dict, rows: dict) -> dict:
     """{module: {table: [Mp, D] row-split}}, {table: rows [Mb]} -> {module: {table: table[rows] [Mb, D]}},
     replicated: each shard gathers the rows it owns (zeros for the others), a psum adds the shards."""
     axis = table_axis(mesh)
+
+    shards = int(mesh.shape[axis])
+    tables = jax.tree.map(lambda t: t if t.shape[0] % shards == 0 else  # unpadded tables (host copies)
+                          jnp.pad(t, [(0, padded_rows(t.shape[0], shards) - t.shape[0]), (0, 0)]), tables)
 
     def local(tables, rows):
         out = {}

@@ -160,8 +160,19 @@ class Trainer:
         if self.mesh is None:
             return state
         if self.table_shards is not None:
+            state = state._replace(params=sharding.pad_tables(state.params, self.hash_config, self.table_shards),
+                                   opt_state=sharding.pad_tables(state.opt_state, self.hash_config, self.table_shards))
             return sharding.place_global(state, sharding.state_shardings(state, self.mesh))
         return sharding.place_global(state, NamedSharding(self.mesh, PartitionSpec()))
+
+    def host_params(self, params):
+        """A NumPy copy of `params` on the host, tables as the hash config sizes them (padding rows of
+        sharded tables dropped; in a multi-process run every process gathers the shards)."""
+        if self.table_shards is not None:
+            params = sharding.unpad_tables(params, self.hash_config)
+        if jax.process_count() > 1:
+            params = multihost_utils.process_allgather(params, tiled=True)
+        return jax.tree.map(np.array, jax.device_get(params))
 
     def _constrain(self, tree):
         """With sharded tables: table leaves row-split, the rest replicated (inside jit)."""

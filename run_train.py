@@ -289,6 +289,8 @@ def add_run_flags(parser: argparse.ArgumentParser, default_checkpoint_dir, defau
                              "training, nothing written")
     parser.add_argument("--data-parallel", action="store_true",
                         help="split each training batch over all devices JAX finds (batch sizes must divide evenly)")
+    parser.add_argument("--shard-tables", action="store_true",
+                        help="with --data-parallel: split each hash table's rows over the devices (docs/sharding.md)")
     group = parser.add_argument_group("preemption (docs/resume.md)")
     group.add_argument("--checkpoint-every", type=bounded(int, 0, True), default=0, metavar="N",
                        help="save each stage's training state every N steps under <checkpoint-dir>/steps (0: off)")
@@ -318,6 +320,8 @@ def check_run_flags(args, given: set, error) -> None:
     and MovieLens command lines): --sasrec-* without --sasrec, --sasrec-train-val without --protocol
     train+val, --retrieve-k below the dumped and evaluated cut-off (FINAL_K) with --dump-topk, an
     --emb-size that --num-heads does not divide."""
+    if args.shard_tables and not args.data_parallel:
+        error("--shard-tables: splits the tables over the data-parallel devices; add --data-parallel")
     if args.emb_size % args.num_heads:
         error(f"--emb-size {args.emb_size}: expected a multiple of --num-heads {args.num_heads} (each head gets "
               "emb_size / num_heads dimensions)")
@@ -572,6 +576,7 @@ def _recipe_protocols_options(args, parser, given: set, checkpoint_dir: str, fla
     protocols = Protocols(args.protocol, sasrec, args.sasrec_train_val)
     options = pipeline.RunOptions(checkpoint_dir=checkpoint_dir, seed=args.seed, seeds=getattr(args, "seeds", None),
                                   overwrite=args.overwrite, plot=args.plot, data_parallel=args.data_parallel,
+                                  shard_tables=args.shard_tables,
                                   dump_topk=args.dump_topk, checkpoint_every=args.checkpoint_every,
                                   keep_checkpoints=args.keep_checkpoints, resume=args.resume, flags=flags)
     return recipe, protocols, options
@@ -654,6 +659,8 @@ def _synthetic_run(args, given: set, parser) -> SyntheticRun:
     if args.overwrite and args.resume:
         parser.error("--overwrite and --resume: --resume continues the run in --checkpoint-dir, --overwrite replaces "
                      "it; give one")
+    if args.shard_tables and not args.data_parallel:
+        parser.error("--shard-tables: splits the tables over the data-parallel devices; add --data-parallel")
     if "keep_checkpoints" in given and not (args.checkpoint_every or args.resume):
         parser.error("--keep-checkpoints: applies to step checkpoints only; add --checkpoint-every N")
     if args.only is not None:

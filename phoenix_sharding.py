@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from phoenix_inputs import TABLE_MODULE
 from phoenix_optim import TABLE_SIZE_FIELDS, OptimizerConfig, sparse_table_update
 
-__all__ = ["DATA_AXIS", "TABLE_AXIS", "check_mesh", "table_axis", "table_shards", "padded_rows", "is_table_path",
+__all__ = ["DATA_AXIS", "TABLE_AXIS", "check_mesh", "table_axis", "table_shards", "padded_rows", "is_table_path", "table_rows",
            "state_shardings", "pad_tables", "unpad_tables", "gather_rows", "sparse_update", "place_global"]
 
 DATA_AXIS = "data"  # the batch is split over this mesh axis
@@ -79,7 +79,8 @@ def state_shardings(tree, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(lambda path, _: split if is_table_path(path) else replicated, tree)
 
 
-def _table_rows(path, hash_config) -> int:
+def table_rows(path, hash_config) -> int:
+    """Rows of the table (or table state) at pytree `path`, as `hash_config` sizes it."""
     name = _keys(path)[-1]
     if name not in TABLE_SIZE_FIELDS:
         raise ValueError(f"table state {'/'.join(_keys(path))}: expected a leaf named after a table "
@@ -93,7 +94,7 @@ def pad_tables(tree, hash_config, shards: int):
     def pad(path, x):
         if not is_table_path(path):
             return x
-        rows = _table_rows(path, hash_config)
+        rows = table_rows(path, hash_config)
         if x.shape[0] not in (rows, padded_rows(rows, shards)):
             raise ValueError(f"{'/'.join(_keys(path))}: expected {rows} rows (hash_config), or "
                              f"{padded_rows(rows, shards)} padded for {shards} shards, got shape {list(x.shape)}")
@@ -105,7 +106,7 @@ def pad_tables(tree, hash_config, shards: int):
 def unpad_tables(tree, hash_config):
     """Table leaves cut back to the hash config's rows (the inverse of pad_tables)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: x[:_table_rows(path, hash_config)] if is_table_path(path) else x, tree)
+        lambda path, x: x[:table_rows(path, hash_config)] if is_table_path(path) else x, tree)
 
 
 def _owned(rows: jax.Array, local_rows: int, axis: str):

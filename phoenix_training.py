@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import phoenix_checkpoint as checkpoint
 import phoenix_configs as configs
+import phoenix_sharded_checkpoint as sharded_checkpoint
 import phoenix_sharding as sharding
 from phoenix_forward import ModelForward, both_towers
 from phoenix_inputs import ACTIONS, HashConfig, RecsysBatch
@@ -311,14 +312,25 @@ class Trainer:
         # The tables' config separately: it may differ from model_config.hash_config in table sizes.
         return {"model": self.model_config, "hash_config": self.hash_config, "optimizer": self.optimizer_config}
 
-    def save(self, path, state: TrainState, extra: Optional[dict] = None, aux=None) -> str:
+    def save(self, path, state: TrainState, extra: Optional[dict] = None, aux=None, sharded: bool = False) -> str:
         """Writes params, optimiser state, step, rng, the metric sums not yet popped and configs as a
         checkpoint (phoenix_checkpoint.py), plus the caller's JSON `extra` and `aux` arrays. A stop signal
-        arriving meanwhile takes effect once the checkpoint is complete (phoenix_stop.deferred)."""
+        arriving meanwhile takes effect once the checkpoint is complete (phoenix_stop.deferred).
+        `sharded` (with sharded tables): a sharded checkpoint (phoenix_sharded_checkpoint.py), each
+        process writing the table rows its devices hold, no table gathered; `load` reads either kind."""
         rng = np.asarray(jax.device_get(jax.random.key_data(state.rng) if jnp.issubdtype(
             state.rng.dtype, jax.dtypes.prng_key) else state.rng))
         # Sums are float32; tolist() gives floats that convert back to the same float32 values.
         sums = {name: np.asarray(value).tolist() for name, value in jax.device_get(state.metric_sums).items()}
+        if sharded:
+            if self.table_shards is None:
+                raise ValueError("save: sharded=True needs sharded tables (shard_tables=True), got replicated ones")
+            with deferred():
+                return sharded_checkpoint.save_sharded_checkpoint(
+                    path, state.params, state.opt_state, step=int(jax.device_get(state.step)),
+                    config=configs.config_to_dict(self._config_for_checkpoint()), aux=aux,
+                    extra={"rng": rng.tolist(), "trainer": type(self).__name__, "metric_sums": sums, **(extra or {})},
+                    is_split=sharding.is_table_path, rows_of=lambda p: sharding.table_rows(p, self.hash_config))
         params, opt_state = state.params, state.opt_state
         if self.table_shards is not None:  # the replicated format: padding rows dropped
             params, opt_state = sharding.unpad_tables((params, opt_state), self.hash_config)
@@ -354,11 +366,21 @@ class Trainer:
             raise TypeError("load / restore: pass example_batch (a RecsysBatch) or like (a TrainState of this "
                             "trainer), got neither")
         template = like if like is not None else jax.eval_shape(self._init, jax.random.PRNGKey(0), example_batch)
-        if self.table_shards is not None:  # checkpoints hold tables unpadded
-            template = jax.eval_shape(lambda t: sharding.unpad_tables(t, self.hash_config), template)
-        ckpt = checkpoint.load_checkpoint(path, params_template=template.params,
-                                          opt_state_template=template.opt_state,
-                                          decode_config=configs.config_from_dict)
+        if sharded_checkpoint.is_sharded_checkpoint(path):  # each device's rows read from the shards holding them
+            shardings = None if self.table_shards is None else {
+                "params": sharding.state_shardings(template.params, self.mesh),
+                "opt_state": sharding.state_shardings(template.opt_state, self.mesh)}
+            if self.table_shards is None:
+                template = jax.eval_shape(lambda t: sharding.unpad_tables(t, self.hash_config), template)
+            ckpt = sharded_checkpoint.load_sharded_checkpoint(
+                path, template.params, template.opt_state, is_split=sharding.is_table_path, shardings=shardings,
+                decode_config=configs.config_from_dict)
+        else:
+            if self.table_shards is not None:  # checkpoints hold tables unpadded
+                template = jax.eval_shape(lambda t: sharding.unpad_tables(t, self.hash_config), template)
+            ckpt = checkpoint.load_checkpoint(path, params_template=template.params,
+                                              opt_state_template=template.opt_state,
+                                              decode_config=configs.config_from_dict)
         extra = ckpt.extra or {}
         rng = extra.get("rng")
         rng = jax.random.PRNGKey(0) if rng is None else jnp.asarray(np.asarray(rng, np.uint32))

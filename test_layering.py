@@ -17,7 +17,7 @@ LAYERS = [
     ("core", ["grok", "phoenix_validation", "phoenix_hashing", "phoenix_metrics", "numpy_reference", "phoenix_stop",
               "phoenix_paths", "phoenix_batching"]),
     # A format knows no model: the checkpoint directory stores configs as opaque JSON.
-    ("formats", ["phoenix_checkpoint"]),
+    ("formats", ["phoenix_checkpoint", "phoenix_sharded_checkpoint"]),
     ("inputs", ["phoenix_inputs"]),
     ("models", ["recsys_model", "recsys_retrieval_model", "phoenix_forward", "phoenix_losses", "phoenix_optim",
                 "phoenix_sharding", "phoenix_index"]),

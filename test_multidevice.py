@@ -120,7 +120,8 @@ def test_data_parallel_training_equals_single_device():
 
 
 SHARDED_SCRIPT = textwrap.dedent("""
-    import os, sys, tempfile
+    import json, os, shutil, sys, tempfile
+    import phoenix_checkpoint
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh
     assert jax.device_count() == 8, jax.devices()
@@ -160,9 +161,11 @@ SHARDED_SCRIPT = textwrap.dedent("""
         one, one_losses = run(single, args_of)
         meshes = [("1-D mesh", True, 8)] + ([("2-D mesh 4x2", MESH_2D, 2)] if name == "ranking" else [])
         meshes = meshes[:1] if VARIANT == "dense" else meshes
+        trained = {}
         for label, mesh, shards in meshes:
             sharded = make(data_parallel=mesh, shard_tables=True)
             eight, eight_losses = run(sharded, args_of)
+            trained[shards] = (sharded, eight)
             assert sharded.trace_counts["step"] == 1, sharded.trace_counts
             tables = eight.params["hash_embeddings"]
             for table_name, table in tables.items():
@@ -207,6 +210,41 @@ SHARDED_SCRIPT = textwrap.dedent("""
             _, more = run(sharded, lambda i: args_of(i + 3), steps=2, state=again)
             _, ref = run(sharded, lambda i: args_of(i + 3), steps=2, state=sharded.restore(path, random_batch(0, B)))
             np.testing.assert_array_equal(more, ref)
+            # a sharded checkpoint (phoenix_sharded_checkpoint): 8 shards written, each with 1/8 of the rows;
+            # it loads bit for bit on 8 devices, on the 4 x 2 mesh (resharded 8 -> 2) and on one device
+            t8, s8 = trained[8]
+            t2 = trained[2][0]
+            expected = host(t8, {"params": s8.params, "opt_state": s8.opt_state})
+            shard_path = os.path.join(tmp, "sharded")
+            t8.save(shard_path, s8, sharded=True)
+            names = sorted(os.listdir(shard_path))
+            assert names == ["dense", "index.json"] + [f"shard-{i:05d}-of-00008" for i in range(8)], names
+            index = json.load(open(os.path.join(shard_path, "index.json")))
+            post = [leaf for leaf in index["leaves"] if leaf["tree"] == "params" and "post_table" in leaf["path"]]
+            assert post[0]["ranges"] == [[8 * i, min(8 * i + 8, 60)] for i in range(8)], post
+            last = phoenix_checkpoint.load_checkpoint(os.path.join(shard_path, "shard-00007-of-00008")).params
+            assert last[f"leaf_{index['leaves'].index(post[0])}"].shape == (4, D)  # rows 56..59 of 60
+            for trainer in (t8, t2, single):
+                back = trainer.restore(shard_path, random_batch(0, B))
+                if trainer is not single:
+                    table = back.params["hash_embeddings"]["post_table"]
+                    assert len({s.device for s in table.addressable_shards}) == 8
+                    n = trainer.table_shards
+                    assert {s.data.shape[0] for s in table.addressable_shards} == {
+                        phoenix_sharding.padded_rows(HASHES.post_table_size, n) // n}
+                got = host(trainer, {"params": back.params, "opt_state": back.opt_state})
+                for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
+                    np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+            # parts of two saves are never mixed
+            other = os.path.join(tmp, "other")
+            t8.save(other, t8.restore(shard_path, random_batch(0, B)), sharded=True)
+            shutil.rmtree(os.path.join(shard_path, "shard-00003-of-00008"))
+            shutil.copytree(os.path.join(other, "shard-00003-of-00008"), os.path.join(shard_path, "shard-00003-of-00008"))
+            try:
+                t8.restore(shard_path, random_batch(0, B))
+                raise SystemExit("a shard of another save should have been refused")
+            except phoenix_checkpoint.CheckpointError as e:
+                assert "written by another save" in str(e), e
     for bad, why in ((dict(shard_tables=True), "needs a mesh"),
                      (dict(shard_tables=1, data_parallel=True), "expected a bool")):
         try:

@@ -144,7 +144,7 @@ def save_sharded_checkpoint(path, params, opt_state=None, step=0, config=None, e
     for i in mine_shards:
         flat = {f"leaf_{k}": blocks[k][i][2] for k in range(len(leaves))}
         checkpoint.save_checkpoint(os.path.join(tmp, shard_dir_name(i, shards)), flat, step=step,
-                                   extra={"sharded_save_id": save_id, "shard": i})
+                                   extra={"sharded_save_id": save_id, "shard": i, "process": jax.process_index()})
     if jax.process_index() == 0:
         # split leaves become placeholders before anything is read: only replicated leaves reach the host
         dense = {t: None if tree is None else jax.device_get(_placeholders(tree, is_split)) for t, tree in trees.items()}

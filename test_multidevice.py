@@ -3,6 +3,7 @@
 The device count must be fixed before JAX is imported, so the check runs in a subprocess.
 """
 
+import json
 import os
 import re
 import socket
@@ -322,3 +323,68 @@ def test_two_processes_equal_one_process_and_one_device(tmp_path):
     np.testing.assert_allclose(recorded["eight"], recorded["one"], rtol=1e-5)
     np.testing.assert_allclose(recorded["two"], recorded["one"], rtol=1e-5)
     np.testing.assert_allclose(recorded["two"], recorded["eight"], rtol=1e-6)
+
+
+MULTI_PROCESS_SAVE = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+    assert (jax.device_count(), jax.local_device_count()) == (8, 4), jax.devices()
+    import phoenix_training as training
+    from test_phoenix_training import HASHES, OPTIMIZER, TRANSFORMER, A, C, D, S, random_batch
+    from recsys_model import PhoenixModelConfig
+    cfg = PhoenixModelConfig(model=TRANSFORMER, emb_size=D, num_actions=A, history_seq_len=S, candidate_seq_len=C,
+                             hash_config=HASHES, fprop_dtype=jnp.float32)
+    trainer = training.make_ranking_trainer(cfg, optimizer_config=OPTIMIZER, data_parallel=True, shard_tables=True)
+    state = trainer.init(jax.random.PRNGKey(0), random_batch(0, 8))
+    losses = []
+    for i in range(3):
+        labels = (np.random.default_rng(100 + i).random((8, C, A)) < 0.3).astype(np.float32)
+        state, metrics = trainer.step(state, random_batch(i, 8), labels)
+        losses.append(float(metrics["loss"]))
+    trainer.save(sys.argv[3], state, sharded=True)
+    back = trainer.restore(sys.argv[3], random_batch(0, 8))  # each process reads its devices' rows
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(back), strict=True):
+        for x, y in zip(a.addressable_shards, b.addressable_shards, strict=True):
+            np.testing.assert_array_equal(np.asarray(y.data), np.asarray(x.data))
+    print("LOSSES", json.dumps(losses))
+""")
+
+
+def test_two_processes_write_their_own_shards(tmp_path):
+    """2 processes x 4 forced CPU devices train 3 steps with sharded tables and save a sharded checkpoint:
+    each process writes the 4 shards its devices hold (and only process 0 the dense part); both read it
+    back bit for bit; one device loads it and matches 3 single-device steps (1e-5, float32)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    address, path = f"127.0.0.1:{_free_port()}", str(tmp_path / "ckpt")
+    procs = [subprocess.Popen([sys.executable, "-c", MULTI_PROCESS_SAVE, address, str(i), path], cwd=here, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    writers = {name: phoenix_checkpoint.read_meta(tmp_path / "ckpt" / name)["extra"]["process"]
+               for name in sorted(os.listdir(path)) if name.startswith("shard-")}
+    assert writers == {f"shard-{i:05d}-of-00008": i // 4 for i in range(8)}, writers
+    losses = [json.loads(re.search(r"^LOSSES (.*)$", out, re.M).group(1)) for out in outputs]
+    assert losses[0] == losses[1]
+
+    import jax
+    import jax.numpy as jnp
+
+    import phoenix_training as training
+    from recsys_model import PhoenixModelConfig
+    from test_phoenix_training import HASHES, OPTIMIZER, TRANSFORMER, A, C, D, S, random_batch
+    cfg = PhoenixModelConfig(model=TRANSFORMER, emb_size=D, num_actions=A, history_seq_len=S, candidate_seq_len=C,
+                             hash_config=HASHES, fprop_dtype=jnp.float32)
+    trainer = training.make_ranking_trainer(cfg, optimizer_config=OPTIMIZER)
+    state = trainer.init(jax.random.PRNGKey(0), random_batch(0, 8))
+    single = []
+    for i in range(3):
+        labels = (np.random.default_rng(100 + i).random((8, C, A)) < 0.3).astype(np.float32)
+        state, metrics = trainer.step(state, random_batch(i, 8), labels)
+        single.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses[0], single, rtol=1e-5)
+    loaded = trainer.restore(path, random_batch(0, 8))
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(loaded.params), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)

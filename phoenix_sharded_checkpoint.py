@@ -147,7 +147,8 @@ def save_sharded_checkpoint(path, params, opt_state=None, step=0, config=None, e
                                    extra={"sharded_save_id": save_id, "shard": i, "process": jax.process_index()})
     if jax.process_index() == 0:
         # split leaves become placeholders before anything is read: only replicated leaves reach the host
-        dense = {t: None if tree is None else jax.device_get(_placeholders(tree, is_split)) for t, tree in trees.items()}
+        dense = {t: None if tree is None else jax.device_get(_placeholders(tree, is_split))
+                 for t, tree in trees.items()}
         checkpoint.save_checkpoint(os.path.join(tmp, DENSE_DIR), dense["params"], dense["opt_state"], step=step,
                                    config=config, extra=extra, aux=aux)
     # Every process's row ranges, by shard (a block's range depends only on its index).

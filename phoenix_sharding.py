@@ -34,8 +34,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from phoenix_inputs import TABLE_MODULE
 from phoenix_optim import TABLE_SIZE_FIELDS, OptimizerConfig, sparse_table_update
 
-__all__ = ["DATA_AXIS", "TABLE_AXIS", "check_mesh", "table_axis", "table_shards", "padded_rows", "is_table_path", "table_rows",
-           "state_shardings", "pad_tables", "unpad_tables", "gather_rows", "sparse_update", "place_global"]
+__all__ = ["DATA_AXIS", "TABLE_AXIS", "check_mesh", "table_axis", "table_shards", "padded_rows", "is_table_path",
+           "table_rows", "state_shardings", "pad_tables", "unpad_tables", "gather_rows", "sparse_update",
+           "place_global"]
 
 DATA_AXIS = "data"  # the batch is split over this mesh axis
 TABLE_AXIS = "table"  # on a 2-D mesh, the table rows are split over this one

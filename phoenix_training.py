@@ -439,7 +439,8 @@ class RankingTrainer(Trainer):
         self.forward = ModelForward(self.model_config, self.hash_config, table_init_stddev)
         self._metric_shapes = {"loss": (), "per_action_loss": (num_actions,)}
         super().__init__(optimizer_config, data_parallel, shard_tables)
-        self._jit_predict, self._jit_evaluate = self._jit_replicated(self._predict), self._jit_replicated(self._evaluate)
+        self._jit_predict = self._jit_replicated(self._predict)
+        self._jit_evaluate = self._jit_replicated(self._evaluate)
 
     _outputs_call = "__call__"
 
@@ -518,7 +519,8 @@ class RetrievalTrainer(Trainer):
         self.forward = ModelForward(self.model_config, self.hash_config, table_init_stddev)
         self._metric_shapes = {"loss": (), "accuracy": ()}
         super().__init__(optimizer_config, data_parallel, shard_tables)
-        self._jit_predict, self._jit_evaluate = self._jit_replicated(self._predict), self._jit_replicated(self._evaluate)
+        self._jit_predict = self._jit_replicated(self._predict)
+        self._jit_evaluate = self._jit_replicated(self._evaluate)
 
     def _prepare_batch(self, batch: RecsysBatch) -> RecsysBatch:
         # Before the sparse step collects looked-up rows: the ignored slots must not count as used.

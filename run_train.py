@@ -474,7 +474,8 @@ SYNTHETIC_GROUPS = {
     "model": ("emb_size", "num_layers", "num_heads", "key_size", "widening_factor", "user_table_size",
               "post_table_size", "author_table_size", "table_init_stddev"),
     "optimisation and evaluation": ("batch_size", "retrieval_batch_size", "learning_rate", "data_parallel",
-                                    "shard_tables", "temperature", "user_id_dropout", "eval_repeats", "eval_every", "log_every"),
+                                    "shard_tables", "temperature", "user_id_dropout", "eval_repeats",
+                                    "eval_every", "log_every"),
 }
 SYNTHETIC_METAVARS = {"checkpoint_every": "N", "keep_checkpoints": "K"}
 

@@ -240,7 +240,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
             other = os.path.join(tmp, "other")
             t8.save(other, t8.restore(shard_path, random_batch(0, B)), sharded=True)
             shutil.rmtree(os.path.join(shard_path, "shard-00003-of-00008"))
-            shutil.copytree(os.path.join(other, "shard-00003-of-00008"), os.path.join(shard_path, "shard-00003-of-00008"))
+            part = "shard-00003-of-00008"
+            shutil.copytree(os.path.join(other, part), os.path.join(shard_path, part))
             try:
                 t8.restore(shard_path, random_batch(0, B))
                 raise SystemExit("a shard of another save should have been refused")

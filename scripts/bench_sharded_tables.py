@@ -117,9 +117,9 @@ def main(argv=None):
             per_table = rows * (args.dim + 1) * FLOAT_BYTES  # rows and one accumulator per row
             total = per_table * (DEVICES if mode == "replicated" else 1)
             if total > args.max_share * available_bytes():
-                print(f"| {rows:,} | {mode} | {total / DEVICES / 2 ** 30:.2f} GiB (not run) | {total / 2 ** 30:.1f} GiB "
-                      f"| skipped: more than {args.max_share:.0%} of the {available_bytes() / 2 ** 30:.1f} GiB "
-                      f"available | | | |", flush=True)
+                print(f"| {rows:,} | {mode} | {total / DEVICES / 2 ** 30:.2f} GiB (not run) | "
+                      f"{total / 2 ** 30:.1f} GiB | skipped: more than {args.max_share:.0%} of the "
+                      f"{available_bytes() / 2 ** 30:.1f} GiB available | | | |", flush=True)
                 continue
             env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}",
                        JAX_PLATFORMS="cpu")

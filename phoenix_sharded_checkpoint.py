@@ -18,8 +18,9 @@ Every part is a phoenix_checkpoint directory (pickle-free, sha256-verified on lo
 each part's save id, so parts of two saves are never mixed. A save writes everything into a temporary
 sibling `.NAME.tmp-sharded-<save id>` and, once all processes have written their parts, process 0
 writes index.json there and renames it over `path` (the previous checkpoint set aside, then deleted):
-a save killed at any point leaves the previous checkpoint whole. Multi-process runs need a file system
-all processes see (the same path).
+a save killed at any point leaves the previous checkpoint whole (killed between the two renames, under
+`.NAME.old-sharded-<save id>`, which loads do not look for yet). Multi-process runs need a file system all
+processes see (the same path).
 
 Loading reads only the rows each device needs, from the shards that hold them: any shard count and
 any sharding of the result (resharding is exact: the same float32 values in other places).

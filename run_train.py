@@ -28,6 +28,10 @@ saved and, where the run can resume, the command that resumes it. Every data pat
 with --checkpoint-every N and --resume, bit for bit (a log or flags that changed are refused, listed:
 docs/resume.md).
 
+Several processes (each with its devices, one mesh over all): the same command in each with
+--coordinator-address HOST:PORT --num-processes N --process-id I (--data synthetic, with --data-parallel;
+--shard-tables splits the hash tables' rows over every device: docs/sharding.md).
+
 This module holds every training flag and is the command-line toolkit of the other entry points
 (run_ranker.py, run_retrieval.py: `cli`, `dataclass_parser`); the library below it takes dataclasses.
 """

@@ -251,11 +251,13 @@ def table_optimizer_init(config: OptimizerConfig, tables):
     return RowwiseAdagradState(jax.tree.map(lambda t: jnp.zeros(t.shape[:1], jnp.float32), tables))
 
 
-def sparse_table_update(config: OptimizerConfig, tables, state, rows: dict, row_grads, step):
+def sparse_table_update(config: OptimizerConfig, tables, state, rows: dict, row_grads, step, shard_index=None):
     """Updates only `rows` (from compact_table_lookups) of each table, given gradients
     `row_grads` {module: {table: [Mb, D]}} for `table[rows]` (already clipped) and `step` updates
     done so far. Same arithmetic per row as the dense optax path (AdamW without decay, bias
-    correction by the global step, or row-wise Adagrad). Returns (tables, state)."""
+    correction by the global step, or row-wise Adagrad). Returns (tables, state).
+    `shard_index` (phoenix_sharding, inside shard_map): the tables and their state are shard i of
+    row-split ones, holding rows [i * M, (i + 1) * M) with M their own rows; only those are updated."""
     peak = config.learning_rate if config.table_learning_rate is None else config.table_learning_rate
     rate = learning_rate_schedule(config, peak)(step)
     count = optax.safe_increment(jnp.asarray(step, jnp.int32))  # optax's count after this update
@@ -265,6 +267,10 @@ def sparse_table_update(config: OptimizerConfig, tables, state, rows: dict, row_
         for name, table in named.items():
             index = rows[name]  # [Mb]
             real = index != 0  # [Mb]: padding and fill entries are not written back
+            if shard_index is not None:  # global rows -> this shard's; rows held elsewhere are not written
+                local = index - shard_index * table.shape[0]  # [Mb]
+                real = real & (local >= 0) & (local < table.shape[0])
+                index = jnp.where(real, local, 0)
             write = jnp.where(real, index, table.shape[0])  # [Mb]; out of range -> dropped
             grad = row_grads[module][name]  # [Mb, D]
 

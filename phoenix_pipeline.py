@@ -256,7 +256,7 @@ def _fit_keeping_best(trainer, state, batches, steps: int, evaluate, path: str, 
         if result["NDCG@10"] > best.metrics["NDCG@10"]:
             best.metrics = {**result, "step": int(state.step)}
             best.since = 0
-            kept["params"] = two_stage.host_copy(state.params)
+            kept["params"] = trainer.host_params(state.params)
             trainer.save(path, state, extra={**extra, "val": best.metrics})
         else:
             best.since += 1
@@ -281,7 +281,7 @@ def _fit_keeping_best(trainer, state, batches, steps: int, evaluate, path: str, 
             stop.kept.append(_best_at(path, best.metrics))
         raise
     if "params" not in kept:  # a resumed stage whose best was evaluated before the kill
-        kept["params"] = checkpoint.load_checkpoint(path, params_template=two_stage.host_copy(state.params)).params
+        kept["params"] = checkpoint.load_checkpoint(path, params_template=trainer.host_params(state.params)).params
     return kept["params"], best.metrics
 
 
@@ -360,7 +360,7 @@ def _train_members(stage: str, members: int, start, evaluate, unit: str, split: 
             trainer, state, batches, steps = start(member, None)
         if name in finished:
             best = finished[name]
-            kept = checkpoint.load_checkpoint(path, params_template=two_stage.host_copy(state.params)).params
+            kept = checkpoint.load_checkpoint(path, params_template=trainer.host_params(state.params)).params
             print(f"{name}: already trained by this run (best val NDCG@10 {best['NDCG@10']:.4f} at step "
                   f"{best['step']}), read back from {path}", file=stream)
         else:
@@ -414,16 +414,19 @@ def _mark_finished(checkpoint_dir: str, name: str, best: dict) -> None:
 
 
 def train_retrieval(split: LogSplit, recipe: Recipe, seed: int, checkpoint_dir: str, stream=None,
-                    log: Optional[MetricsLog] = None, data_parallel=False, resumable: Optional[Steps] = None):
+                    log: Optional[MetricsLog] = None, data_parallel=False, resumable: Optional[Steps] = None,
+                    shard_tables: bool = False):
     """Trains the two-tower model, or each of Recipe.retrieval_members (each keeping its own best
     checkpoint, in member_stage(m)); returns (model, best params, best val metrics): the trainer and
     its params, or a RetrievalEnsemble and the tuple of the members' params, whose val metrics are
     then the ensemble's (with "step" the first member's and "steps" every member's best step).
-    `data_parallel`: training.Trainer's (each batch split over the devices, the state replicated).
+    `data_parallel`: training.Trainer's (each batch split over the devices, the state replicated);
+    `shard_tables`: its hash tables' rows split over them too (phoenix_sharding).
     `resumable`: step checkpoints and resume (Steps; None: none)."""
     return _train_members(
         "retrieval", recipe.retrieval_members,
-        lambda member, steps: two_stage.start_retrieval(split, recipe, seed, data_parallel, steps, member=member),
+        lambda member, steps: two_stage.start_retrieval(split, recipe, seed, data_parallel, steps, member=member,
+                                                        shard_tables=shard_tables),
         lambda model, params: two_stage.StageOne(model, params, split, "val", recipe.history_len,
                                                  recipe.retrieve_k).metrics(),
         f"{recipe.retrieval_batch_size} windows ({len(two_stage.training_windows(split, recipe.history_len)[0])} "
@@ -433,14 +436,15 @@ def train_retrieval(split: LogSplit, recipe: Recipe, seed: int, checkpoint_dir: 
 
 def train_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, checkpoint_dir: str,
                  val_stage_one: two_stage.StageOne, retrieval_params=None, stream=None,
-                 log: Optional[MetricsLog] = None, data_parallel=False, resumable: Optional[Steps] = None):
+                 log: Optional[MetricsLog] = None, data_parallel=False, resumable: Optional[Steps] = None,
+                 shard_tables: bool = False):
     """Trains the ranker, or each of Recipe.ranker_members (checkpoints and return value as
     train_retrieval's, a RankerEnsemble for several). Model selection by the validation two-stage
     NDCG@10 of the ranker's own score (retrieval weight 0)."""
     return _train_members(
         "ranker", recipe.ranker_members,
         lambda member, steps: two_stage.start_ranker(split, pool, recipe, seed, retrieval_params, data_parallel,
-                                                     steps, member=member),
+                                                     steps, member=member, shard_tables=shard_tables),
         lambda model, params: two_stage.TwoStage(val_stage_one, model, params, split, "val", recipe).evaluate(
             0.0, recipe.temperature)[0],
         f"{recipe.ranker_batch_size} examples x {recipe.num_candidates} candidates",
@@ -574,13 +578,15 @@ def fingerprint(split: LogSplit) -> str:
     return digest.hexdigest()
 
 
-def run_config(split: LogSplit, recipe: Recipe, seed: int, data_parallel=False, flags: Optional[dict] = None) -> dict:
+def run_config(split: LogSplit, recipe: Recipe, seed: int, data_parallel=False, flags: Optional[dict] = None,
+               shard_tables: bool = False) -> dict:
     """What shapes a run's results, as JSON: the log's content (fingerprint), the split protocol, the
     seed, the recipe (resolved on the split), data parallelism, and the caller's `flags` (the command
-    line's data and protocol flags). run.json records it; a resume must match it (ResumeError)."""
+    line's data and protocol flags). run.json records it; a resume must match it (ResumeError).
+    `shard_tables` is recorded only when on, so runs from before it resume unchanged."""
     return training.json_normal({"log_fingerprint": fingerprint(split), "protocol": split.protocol, "seed": seed,
                                  "recipe": dataclasses.asdict(recipe), "data_parallel": bool(data_parallel),
-                                 "flags": flags or {}})
+                                 **({"shard_tables": True} if shard_tables else {}), "flags": flags or {}})
 
 
 def check_resume(checkpoint_dir: str, config: dict) -> bool:
@@ -612,7 +618,7 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
         plot: bool = False, stream=None, title: Optional[str] = None, data_parallel=False, extra_rows=None,
         checkpoint_every: int = 0, keep_checkpoints: int = phoenix_resume.DEFAULT_KEEP_CHECKPOINTS,
         resume: bool = False, flags: Optional[dict] = None,
-        columns: Optional[Columns] = None) -> dict:
+        columns: Optional[Columns] = None, shard_tables: bool = False) -> dict:
     """Trains both stages, keeps the best checkpoints, evaluates them read back; prints the table.
 
     Progress goes to `stream` (default stderr), the table to stdout. Returns {"table": {(split, name):
@@ -646,7 +652,7 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
         _pyplot()  # a missing matplotlib fails now, not after training
     recipe = two_stage.resolve_recipe(recipe, split)
     two_stage.check_recipe(split, recipe)
-    config = run_config(split, recipe, seed, data_parallel, flags)
+    config = run_config(split, recipe, seed, data_parallel, flags, shard_tables)
     resuming = resume and check_resume(checkpoint_dir, config)
     if resume and not resuming:
         print(f"nothing to resume in {checkpoint_dir}: starting afresh", file=stream)
@@ -655,14 +661,14 @@ def run(split: LogSplit, recipe: Recipe, checkpoint_dir, seed: int = 0, overwrit
             if steps is not None else None)
     try:
         return _run(split, recipe, checkpoint_dir, seed, plot, stream, title, data_parallel, extra_rows, config,
-                    steps, overwrite, resuming, columns)
+                    steps, overwrite, resuming, columns, shard_tables)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _run(split, recipe, checkpoint_dir, seed, plot, stream, title, data_parallel, extra_rows, config, steps,
-         overwrite, resuming, columns) -> dict:
+         overwrite, resuming, columns, shard_tables=False) -> dict:
     """run's work, in its directory (checked, and locked for a resumable run)."""
     start = time.perf_counter()
     if not resuming:
@@ -679,7 +685,7 @@ def _run(split, recipe, checkpoint_dir, seed, plot, stream, title, data_parallel
     print("\n== stage 1: retrieval (in-batch softmax, logQ correction, accidental-hit masking)", file=stream)
     t0 = time.perf_counter()
     retrieval, retrieval_params, retrieval_best = train_retrieval(split, recipe, seed, checkpoint_dir, stream, log,
-                                                                  data_parallel, steps)
+                                                                  data_parallel, steps, shard_tables)
     times = {"retrieval": time.perf_counter() - t0}
     print(f"retrieval: best val NDCG@10 {retrieval_best['NDCG@10']:.4f} at {_at(retrieval_best)}, "
           f"{times['retrieval']:.0f} s", file=stream)
@@ -697,7 +703,7 @@ def _run(split, recipe, checkpoint_dir, seed, plot, stream, title, data_parallel
         ranker, ranker_params, ranker_best = train_ranker(
             split, pool, recipe, seed, checkpoint_dir, val_one,
             first_member(retrieval_params) if recipe.ranker_init_from_retrieval else None, stream, log, data_parallel,
-            steps)
+            steps, shard_tables)
     except training.TrainingStopped as stop:  # a clean stop: the trained retrieval stage is kept
         paths = [os.path.join(checkpoint_dir, two_stage.member_stage(m, "retrieval"))
                  for m in range(recipe.retrieval_members)]
@@ -723,7 +729,8 @@ def _run(split, recipe, checkpoint_dir, seed, plot, stream, title, data_parallel
         more, extra = extra_rows({"split": split, "recipe": recipe, "seed": seed, "checkpoint_dir": checkpoint_dir,
                                   "stream": stream, "retrieval_best": retrieval_best, "ranker_best": ranker_best,
                                   "retrieval_weight": weight, "popularity_weight": prior,
-                                  "transition_weight": follow, "data_parallel": data_parallel})
+                                  "transition_weight": follow, "data_parallel": data_parallel,
+                                  "shard_tables": shard_tables})
         table = phoenix_protocols.ordered({**table, **more})
         times["extra"] = time.perf_counter() - t0
     wall = time.perf_counter() - start
@@ -897,6 +904,7 @@ class RunOptions:
     overwrite: bool = False  # replace an earlier run there (only what Phoenix wrote) and existing dumps
     plot: bool = False  # curves.png in each run directory (the plot extra)
     data_parallel: bool = False  # split each training batch over all devices (training.Trainer)
+    shard_tables: bool = False  # with data_parallel: hash-table rows split over the devices (phoenix_sharding)
     dump_topk: Optional[str] = None  # every test user's final top-10 as CSV (seeds: PATH with .seed<N>)
     columns: Optional[Columns] = None  # the log's columns, recorded in serving/ (None: not recorded)
     checkpoint_every: int = 0  # step checkpoints of each stage every N steps (0: none unless resume)
@@ -999,7 +1007,8 @@ def _run_seed(split: LogSplit, recipe: Recipe, options: RunOptions, protocols: P
               checkpoint_dir: str, dump_path: Optional[str], check: Optional[Callable], title: str, stream) -> dict:
     """One seed of an experiment (table on stdout); run()'s dict plus "dump_check"."""
     result = run(split, recipe, checkpoint_dir, seed, options.overwrite, options.plot, stream, title=title,
-                 data_parallel=options.data_parallel, extra_rows=phoenix_protocols.extra_rows(protocols),
+                 data_parallel=options.data_parallel, shard_tables=options.shard_tables,
+                 extra_rows=phoenix_protocols.extra_rows(protocols),
                  columns=options.columns, checkpoint_every=options.checkpoint_every,
                  keep_checkpoints=options.keep_checkpoints, resume=options.resume,
                  flags={**(options.flags or {}), "protocols": dataclasses.asdict(protocols)})

@@ -65,7 +65,7 @@ def train_val_split(split: LogSplit) -> LogSplit:
 
 
 def retrain_stages(split: LogSplit, recipe: two_stage.Recipe, seed: int, run_dir: str, selected: dict, stream=None,
-                   data_parallel=False) -> tuple[dict, dict]:
+                   data_parallel=False, shard_tables: bool = False) -> tuple[dict, dict]:
     """Protocol train+val for the pipeline's two stages. `selected`: the val-select run's best step
     of each stage (selected["retrieval_best"]["step"], selected["ranker_best"]["step"]; or their
     "steps", one per ensemble member, each member stopping at its own) and its "retrieval_weight",
@@ -92,18 +92,20 @@ def retrain_stages(split: LogSplit, recipe: two_stage.Recipe, seed: int, run_dir
             trainer.save(os.path.join(run_dir, "train+val", two_stage.member_stage(member, stage)), state,
                          extra={"protocol": "train+val", "seed": seed, "steps": stop, "schedule_steps": total})
             trainers.append(trainer)
-            params.append(two_stage.host_copy(state.params))
+            params.append(trainer.host_params(state.params))
         return trainers, params
 
     members, member_params = retrain(
-        lambda m: two_stage.start_retrieval(ext, recipe, seed, data_parallel, steps=r_total, member=m),
+        lambda m: two_stage.start_retrieval(ext, recipe, seed, data_parallel, steps=r_total, member=m,
+                                            shard_tables=shard_tables),
         r_stops, "retrieval", r_total)
     retrieval, r_params = two_stage.ensemble(members, member_params)
     pool = (two_stage.hard_negative_pool(retrieval, r_params, ext, recipe.history_len, recipe.negative_pool)
             if recipe.hard_negatives else None)
     warm = member_params[0] if recipe.ranker_init_from_retrieval else None
     rankers, ranker_params = retrain(
-        lambda m: two_stage.start_ranker(ext, pool, recipe, seed, warm, data_parallel, steps=k_total, member=m),
+        lambda m: two_stage.start_ranker(ext, pool, recipe, seed, warm, data_parallel, steps=k_total, member=m,
+                                         shard_tables=shard_tables),
         k_stops, "ranker", k_total)
     ranker, k_params = two_stage.ensemble(rankers, ranker_params, two_stage.RankerEnsemble)
 
@@ -127,7 +129,7 @@ def extra_rows(protocols: Protocols):
         out, info = {}, {}
         if protocol == "train+val":
             more, info["train+val"] = retrain_stages(split, run["recipe"], seed, run["checkpoint_dir"], run, stream,
-                                                     run.get("data_parallel", False))
+                                                     run.get("data_parallel", False), run.get("shard_tables", False))
             out.update(more)
         if with_sasrec:
             print("\n== sasrec reference (full softmax over all items)", file=stream)

@@ -30,10 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import phoenix_checkpoint as checkpoint
 import phoenix_configs as configs
+import phoenix_sharded_checkpoint as sharded_checkpoint
+import phoenix_sharding as sharding
 from phoenix_forward import ModelForward, both_towers
 from phoenix_inputs import ACTIONS, HashConfig, RecsysBatch
 # The losses, optimiser and resume machinery are re-exported: `training.X` is the one-stop API.
@@ -88,8 +91,12 @@ def _candidate_mask(batch: RecsysBatch) -> jax.Array:
     return batch.candidate_post_hashes[:, :, 0] != 0  # [B, C]
 
 
-def _data_mesh(data_parallel) -> Optional[Mesh]:
-    """None for False; a 1-D "data" mesh over every device for True; a given Mesh with a "data" axis."""
+def _data_mesh(data_parallel, shard_tables: bool = False) -> Optional[Mesh]:
+    """None for False; a 1-D "data" mesh over every device for True; a given Mesh with a "data" axis
+    (with shard_tables, also a 2-D ("data", "table") one: phoenix_sharding)."""
+    if isinstance(data_parallel, Mesh) and shard_tables:
+        sharding.check_mesh(data_parallel)
+        return data_parallel
     if isinstance(data_parallel, Mesh):
         if "data" not in data_parallel.axis_names or data_parallel.devices.ndim != 1:
             raise ValueError(f"data_parallel: expected a 1-D Mesh with axis 'data', got axes "
@@ -112,14 +119,25 @@ class Trainer:
     forward: ModelForward
     _metric_shapes: dict
 
-    def __init__(self, optimizer_config: Optional[OptimizerConfig], data_parallel=False):
+    def __init__(self, optimizer_config: Optional[OptimizerConfig], data_parallel=False, shard_tables: bool = False):
         self.optimizer_config = config = optimizer_config or OptimizerConfig()
         self.sparse = config.sparse_table_updates
         self.optimizer = make_optimizer(config, dense_only=self.sparse)
         self._schedule = learning_rate_schedule(config)
         self.trace_counts = collections.Counter()
-        self.mesh = _data_mesh(data_parallel)
-        if self.mesh is None:
+        if not isinstance(shard_tables, (bool, np.bool_)):
+            raise TypeError(f"shard_tables: expected a bool, got {type(shard_tables).__name__} {shard_tables!r}")
+        if shard_tables and (data_parallel is False or data_parallel is None):
+            raise ValueError("shard_tables: needs a mesh to split the tables over (data_parallel=True or a "
+                             "jax.sharding.Mesh; run_train.py: --shard-tables with --data-parallel), got "
+                             f"data_parallel={data_parallel!r}")
+        self.mesh = _data_mesh(data_parallel, bool(shard_tables))
+        # Rows of each table split over this many devices (phoenix_sharding); None: tables replicated.
+        self.table_shards = sharding.table_shards(self.mesh) if shard_tables else None
+        if self.table_shards is not None:  # shardings set inside the step (_constrain): they follow the state
+            self._jit_step = jax.jit(self._train_step, donate_argnums=0)
+            self._jit_init = jax.jit(self._init)
+        elif self.mesh is None:
             self._jit_step = jax.jit(self._train_step, donate_argnums=0)
             self._jit_init = jax.jit(self._init)
         else:  # the state stays replicated on every device; XLA all-reduces the gradients
@@ -132,17 +150,51 @@ class Trainer:
         their leading axis over the data mesh; unchanged without one."""
         if self.mesh is None:
             return per_example
-        n = self.mesh.size
+        n = int(self.mesh.shape["data"])
         B = jax.tree_util.tree_leaves(per_example[0])[0].shape[0]
         if B % n:
             raise ValueError(f"batch: with data_parallel the batch size must be a multiple of the {n} devices, "
                              f"got B={B}")
-        return jax.device_put(per_example, NamedSharding(self.mesh, PartitionSpec("data")))
+        return sharding.place_global(per_example, NamedSharding(self.mesh, PartitionSpec("data")))
 
     def _place_state(self, state: "TrainState") -> "TrainState":
         if self.mesh is None:
             return state
-        return jax.device_put(state, NamedSharding(self.mesh, PartitionSpec()))
+        if self.table_shards is not None:
+            state = state._replace(params=sharding.pad_tables(state.params, self.hash_config, self.table_shards),
+                                   opt_state=sharding.pad_tables(state.opt_state, self.hash_config, self.table_shards))
+            return sharding.place_global(state, sharding.state_shardings(state, self.mesh))
+        return sharding.place_global(state, NamedSharding(self.mesh, PartitionSpec()))
+
+    def host_params(self, params):
+        """A NumPy copy of `params` on the host, tables as the hash config sizes them (padding rows of
+        sharded tables dropped; in a multi-process run every process gathers the shards)."""
+        if self.table_shards is not None:
+            params = sharding.unpad_tables(params, self.hash_config)
+        if jax.process_count() > 1:
+            params = multihost_utils.process_allgather(params, tiled=True)
+        return jax.tree.map(np.array, jax.device_get(params))
+
+    def _constrain(self, tree):
+        """With sharded tables: table leaves row-split, the rest replicated (inside jit)."""
+        if self.table_shards is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, sharding.state_shardings(tree, self.mesh))
+
+    def _gather_tables(self, params, batch: RecsysBatch):
+        """(params, batch) to run the model on. With sharded tables, the batch's rows gathered from the
+        shards (phoenix_sharding.gather_rows) and its hashes renumbered to them; else unchanged."""
+        if self.table_shards is None:
+            return params, batch
+        compact_batch, rows = compact_table_lookups(batch)
+        dense, tables = split_tables(params)
+        return {**dense, **sharding.gather_rows(self.mesh, tables, rows)}, compact_batch
+
+    def _jit_replicated(self, fn):
+        """jit of `fn` whose outputs every process can read (replicated over a mesh with sharded tables)."""
+        if self.table_shards is None:
+            return jax.jit(fn)
+        return jax.jit(fn, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
 
     def _outputs(self, params, rng, batch):
         raise NotImplementedError
@@ -167,7 +219,11 @@ class Trainer:
                          "tables": table_optimizer_init(self.optimizer_config, tables)}
         else:
             opt_state = self.optimizer.init(params)
-        return TrainState(params, opt_state, jnp.zeros([], jnp.int32), state_rng, self._zero_metrics())
+        if self.table_shards is not None:  # zero rows that no hash reaches: each shard holds the same count
+            params = sharding.pad_tables(params, self.hash_config, self.table_shards)
+            opt_state = sharding.pad_tables(opt_state, self.hash_config, self.table_shards)
+        return self._constrain(TrainState(params, opt_state, jnp.zeros([], jnp.int32), state_rng,
+                                          self._zero_metrics()))
 
     def init(self, rng, example_batch: RecsysBatch) -> TrainState:
         """Fresh parameters (tables and model) and optimiser state; deterministic in `rng`."""
@@ -184,8 +240,13 @@ class Trainer:
         return shape
 
     def _dense_update(self, state, rng, batch, args):
-        """Reference path: gradients of whole tables, one optax update of everything."""
-        (loss, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(state.params, rng, batch, *args)
+        """Reference path: gradients of whole tables, one optax update of everything (with sharded
+        tables, each shard's gradient and update cover its own rows)."""
+        def loss_fn(params):
+            gathered, looked_up = self._gather_tables(params, batch)  # unchanged without sharded tables
+            return self._loss(gathered, rng, looked_up, *args)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         return optax.apply_updates(state.params, updates), opt_state, loss, metrics, optax.tree.norm(grads)
 
@@ -197,8 +258,11 @@ class Trainer:
         config = self.optimizer_config
         compact_batch, rows = compact_table_lookups(batch)
         dense, tables = split_tables(state.params)
-        table_rows = {m: {name: table[rows[name]] for name, table in named.items()}
-                      for m, named in tables.items()}  # {module: {table: [K, D]}}
+        if self.table_shards is None:
+            table_rows = {m: {name: table[rows[name]] for name, table in named.items()}
+                          for m, named in tables.items()}  # {module: {table: [K, D]}}
+        else:
+            table_rows = sharding.gather_rows(self.mesh, tables, rows)
 
         def loss_fn(dense, table_rows):
             return self._loss({**dense, **table_rows}, rng, compact_batch, *args)
@@ -206,8 +270,12 @@ class Trainer:
         (loss, metrics), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(dense, table_rows)
         (dense_grads, row_grads), norm = clip_by_global_norm(grads, config.clip_global_norm)
         updates, dense_state = self.optimizer.update(dense_grads, state.opt_state["dense"], dense)
-        tables, table_state = sparse_table_update(config, tables, state.opt_state["tables"], rows, row_grads,
-                                                  state.step)
+        if self.table_shards is None:
+            tables, table_state = sparse_table_update(config, tables, state.opt_state["tables"], rows, row_grads,
+                                                      state.step)
+        else:
+            tables, table_state = sharding.sparse_update(self.mesh, config, tables, state.opt_state["tables"], rows,
+                                                         row_grads, state.step)
         params = {**optax.apply_updates(dense, updates), **tables}
         return params, {"dense": dense_state, "tables": table_state}, loss, metrics, norm
 
@@ -220,7 +288,7 @@ class Trainer:
                    "learning_rate": jnp.asarray(self._schedule(state.step), jnp.float32)}
         sums = {name: total + (1.0 if name == "count" else metrics[name])
                 for name, total in state.metric_sums.items()}
-        return TrainState(params, opt_state, state.step + 1, rng, sums), metrics
+        return self._constrain((TrainState(params, opt_state, state.step + 1, rng, sums), metrics))
 
     def pop_metrics(self, state: TrainState) -> tuple[TrainState, dict]:
         """Means of the metrics over the steps since the last pop, read to the host (this syncs),
@@ -230,7 +298,10 @@ class Trainer:
         means = {name: np.asarray(value) / max(count, 1.0) for name, value in sums.items()}
         means = {name: float(v) if v.ndim == 0 else v for name, v in means.items()}
         means["steps"] = int(count)
-        return state._replace(metric_sums=self._zero_metrics()), means
+        zeros = self._zero_metrics()
+        if self.mesh is not None:  # as the step returns them: a different placement would recompile it
+            zeros = sharding.place_global(zeros, NamedSharding(self.mesh, PartitionSpec()))
+        return state._replace(metric_sums=zeros), means
 
     def learning_rate(self, step: int) -> float:
         return float(self._schedule(step))
@@ -241,19 +312,42 @@ class Trainer:
         # The tables' config separately: it may differ from model_config.hash_config in table sizes.
         return {"model": self.model_config, "hash_config": self.hash_config, "optimizer": self.optimizer_config}
 
-    def save(self, path, state: TrainState, extra: Optional[dict] = None, aux=None) -> str:
+    def save(self, path, state: TrainState, extra: Optional[dict] = None, aux=None, sharded: bool = False) -> str:
         """Writes params, optimiser state, step, rng, the metric sums not yet popped and configs as a
         checkpoint (phoenix_checkpoint.py), plus the caller's JSON `extra` and `aux` arrays. A stop signal
-        arriving meanwhile takes effect once the checkpoint is complete (phoenix_stop.deferred)."""
+        arriving meanwhile takes effect once the checkpoint is complete (phoenix_stop.deferred).
+        `sharded` (with sharded tables): a sharded checkpoint (phoenix_sharded_checkpoint.py), each
+        process writing the table rows its devices hold, no table gathered; `load` reads either kind."""
         rng = np.asarray(jax.device_get(jax.random.key_data(state.rng) if jnp.issubdtype(
             state.rng.dtype, jax.dtypes.prng_key) else state.rng))
         # Sums are float32; tolist() gives floats that convert back to the same float32 values.
         sums = {name: np.asarray(value).tolist() for name, value in jax.device_get(state.metric_sums).items()}
+        if sharded:
+            if self.table_shards is None:
+                raise ValueError("save: sharded=True needs sharded tables (shard_tables=True), got replicated ones")
+            with deferred():
+                return sharded_checkpoint.save_sharded_checkpoint(
+                    path, state.params, state.opt_state, step=int(jax.device_get(state.step)),
+                    config=configs.config_to_dict(self._config_for_checkpoint()), aux=aux,
+                    extra={"rng": rng.tolist(), "trainer": type(self).__name__, "metric_sums": sums, **(extra or {})},
+                    is_split=sharding.is_table_path, rows_of=lambda p: sharding.table_rows(p, self.hash_config))
+        params, opt_state = state.params, state.opt_state
+        if self.table_shards is not None:  # the replicated format: padding rows dropped
+            params, opt_state = sharding.unpad_tables((params, opt_state), self.hash_config)
+        if jax.process_count() > 1:  # every process takes part in the gather; the first one writes
+            params, opt_state = multihost_utils.process_allgather((params, opt_state), tiled=True)
+            if jax.process_index() != 0:
+                multihost_utils.sync_global_devices(f"phoenix save {os.fspath(path)}")
+                return os.fspath(path)
         with deferred():
-            return checkpoint.save_checkpoint(
-                path, state.params, state.opt_state, step=int(jax.device_get(state.step)),
+            try:
+                return checkpoint.save_checkpoint(
+                    path, params, opt_state, step=int(jax.device_get(state.step)),
                 config=configs.config_to_dict(self._config_for_checkpoint()), aux=aux,
-                extra={"rng": rng.tolist(), "trainer": type(self).__name__, "metric_sums": sums, **(extra or {})})
+                    extra={"rng": rng.tolist(), "trainer": type(self).__name__, "metric_sums": sums, **(extra or {})})
+            finally:
+                if jax.process_count() > 1:
+                    multihost_utils.sync_global_devices(f"phoenix save {os.fspath(path)}")
 
     def restore(self, path, example_batch: Optional[RecsysBatch] = None, like: Optional[TrainState] = None
                 ) -> TrainState:
@@ -272,9 +366,21 @@ class Trainer:
             raise TypeError("load / restore: pass example_batch (a RecsysBatch) or like (a TrainState of this "
                             "trainer), got neither")
         template = like if like is not None else jax.eval_shape(self._init, jax.random.PRNGKey(0), example_batch)
-        ckpt = checkpoint.load_checkpoint(path, params_template=template.params,
-                                          opt_state_template=template.opt_state,
-                                          decode_config=configs.config_from_dict)
+        if sharded_checkpoint.is_sharded_checkpoint(path):  # each device's rows read from the shards holding them
+            shardings = None if self.table_shards is None else {
+                "params": sharding.state_shardings(template.params, self.mesh),
+                "opt_state": sharding.state_shardings(template.opt_state, self.mesh)}
+            if self.table_shards is None:
+                template = jax.eval_shape(lambda t: sharding.unpad_tables(t, self.hash_config), template)
+            ckpt = sharded_checkpoint.load_sharded_checkpoint(
+                path, template.params, template.opt_state, is_split=sharding.is_table_path, shardings=shardings,
+                decode_config=configs.config_from_dict)
+        else:
+            if self.table_shards is not None:  # checkpoints hold tables unpadded
+                template = jax.eval_shape(lambda t: sharding.unpad_tables(t, self.hash_config), template)
+            ckpt = checkpoint.load_checkpoint(path, params_template=template.params,
+                                              opt_state_template=template.opt_state,
+                                              decode_config=configs.config_from_dict)
         extra = ckpt.extra or {}
         rng = extra.get("rng")
         rng = jax.random.PRNGKey(0) if rng is None else jnp.asarray(np.asarray(rng, np.uint32))
@@ -286,8 +392,12 @@ class Trainer:
         if ckpt.step > np.iinfo(np.int32).max:  # TrainState.step is int32
             raise checkpoint.CheckpointError(f"{path}: step {ckpt.step} does not fit a trainer's int32 step counter "
                                              f"(at most 2**31 - 1)")
-        state = TrainState(jax.device_put(ckpt.params), jax.device_put(ckpt.opt_state),
-                           jnp.asarray(ckpt.step, jnp.int32), rng, sums)
+        params, opt_state = ckpt.params, ckpt.opt_state
+        if self.table_shards is not None:
+            params, opt_state = sharding.pad_tables((params, opt_state), self.hash_config, self.table_shards)
+        if self.mesh is None:
+            params, opt_state = jax.device_put(params), jax.device_put(opt_state)
+        state = TrainState(params, opt_state, jnp.asarray(ckpt.step, jnp.int32), rng, sums)
         return self._place_state(state), ckpt
 
 
@@ -310,7 +420,7 @@ class RankingTrainer(Trainer):
     def __init__(self, model_config: PhoenixModelConfig, hash_config: Optional[HashConfig] = None,
                  optimizer_config: Optional[OptimizerConfig] = None, action_weights=None,
                  table_init_stddev: Optional[float] = None, data_parallel=False,
-                 listwise_weight: float = 0.0, listwise_action: str = "click_score"):
+                 listwise_weight: float = 0.0, listwise_action: str = "click_score", shard_tables: bool = False):
         self.model_config = model_config.initialize()
         self.hash_config = hash_config or self.model_config.hash_config
         _check_hash_config(self.model_config.hash_config, self.hash_config)
@@ -328,9 +438,9 @@ class RankingTrainer(Trainer):
         self.listwise_index = ACTIONS.index(listwise_action)
         self.forward = ModelForward(self.model_config, self.hash_config, table_init_stddev)
         self._metric_shapes = {"loss": (), "per_action_loss": (num_actions,)}
-        super().__init__(optimizer_config, data_parallel)
-        self._jit_predict = jax.jit(self._predict)
-        self._jit_evaluate = jax.jit(self._evaluate)
+        super().__init__(optimizer_config, data_parallel, shard_tables)
+        self._jit_predict = self._jit_replicated(self._predict)
+        self._jit_evaluate = self._jit_replicated(self._evaluate)
 
     _outputs_call = "__call__"
 
@@ -358,6 +468,7 @@ class RankingTrainer(Trainer):
         return self._jit_step(state, *self._place(batch, labels, label_mask))
 
     def _predict(self, params, batch):
+        params, batch = self._gather_tables(params, batch)
         return self._outputs(params, None, batch).astype(jnp.float32)
 
     def predict(self, params, batch: RecsysBatch) -> jax.Array:
@@ -366,6 +477,7 @@ class RankingTrainer(Trainer):
         return self._jit_predict(params, batch)
 
     def _evaluate(self, params, batch, labels, label_mask):
+        params, batch = self._gather_tables(params, batch)
         logits = self._outputs(params, None, batch)
         terms = ranking_loss_terms(logits, labels, _candidate_mask(batch), label_mask, self.action_weights)
         return {"loss": terms.loss, "per_action_loss": terms.per_action_loss}
@@ -398,7 +510,7 @@ class RetrievalTrainer(Trainer):
 
     def __init__(self, model_config: PhoenixRetrievalModelConfig, hash_config: Optional[HashConfig] = None,
                  optimizer_config: Optional[OptimizerConfig] = None, temperature: float = DEFAULT_TEMPERATURE,
-                 table_init_stddev: Optional[float] = None, data_parallel=False):
+                 table_init_stddev: Optional[float] = None, data_parallel=False, shard_tables: bool = False):
         self.model_config = model_config.initialize()
         self.hash_config = hash_config or self.model_config.hash_config
         _check_hash_config(self.model_config.hash_config, self.hash_config)
@@ -406,9 +518,9 @@ class RetrievalTrainer(Trainer):
         self.temperature = float(temperature)
         self.forward = ModelForward(self.model_config, self.hash_config, table_init_stddev)
         self._metric_shapes = {"loss": (), "accuracy": ()}
-        super().__init__(optimizer_config, data_parallel)
-        self._jit_predict = jax.jit(self._predict)
-        self._jit_evaluate = jax.jit(self._evaluate)
+        super().__init__(optimizer_config, data_parallel, shard_tables)
+        self._jit_predict = self._jit_replicated(self._predict)
+        self._jit_evaluate = self._jit_replicated(self._evaluate)
 
     def _prepare_batch(self, batch: RecsysBatch) -> RecsysBatch:
         # Before the sparse step collects looked-up rows: the ignored slots must not count as used.
@@ -443,6 +555,7 @@ class RetrievalTrainer(Trainer):
         return self._jit_step(state, *self._place(batch, log_q, positive_ids))
 
     def _predict(self, params, batch):
+        params, batch = self._gather_tables(params, batch)
         return self._outputs(params, None, batch)
 
     def predict(self, params, batch: RecsysBatch):
@@ -451,7 +564,8 @@ class RetrievalTrainer(Trainer):
         return self._jit_predict(params, batch)
 
     def _evaluate(self, params, batch, log_q, positive_ids):
-        terms = self._terms(params, None, positive_slot_batch(batch), log_q, positive_ids)
+        params, batch = self._gather_tables(params, positive_slot_batch(batch))
+        terms = self._terms(params, None, batch, log_q, positive_ids)
         return {"loss": terms.loss, "accuracy": terms.accuracy}
 
     def evaluate(self, params, batch: RecsysBatch, log_q=None, positive_ids=None) -> dict:
@@ -462,13 +576,16 @@ class RetrievalTrainer(Trainer):
 
 def make_ranking_trainer(model_config: PhoenixModelConfig, hash_config: Optional[HashConfig] = None,
                          optimizer_config: Optional[OptimizerConfig] = None, **kwargs) -> RankingTrainer:
-    """A RankingTrainer (kwargs: action_weights [A], table_init_stddev, data_parallel)."""
+    """A RankingTrainer (kwargs: action_weights [A], table_init_stddev, data_parallel, shard_tables,
+    listwise_weight, listwise_action). `data_parallel`: True or a jax Mesh; `shard_tables=True` splits
+    the hash tables' rows over it (phoenix_sharding)."""
     return RankingTrainer(model_config, hash_config, optimizer_config, **kwargs)
 
 
 def make_retrieval_trainer(model_config: PhoenixRetrievalModelConfig, hash_config: Optional[HashConfig] = None,
                            optimizer_config: Optional[OptimizerConfig] = None, **kwargs) -> RetrievalTrainer:
-    """A RetrievalTrainer (kwargs: temperature, table_init_stddev, data_parallel)."""
+    """A RetrievalTrainer (kwargs: temperature, table_init_stddev, data_parallel, shard_tables: as
+    make_ranking_trainer)."""
     return RetrievalTrainer(model_config, hash_config, optimizer_config, **kwargs)
 
 

@@ -438,8 +438,9 @@ class SequenceRetrievalTrainer(training.RetrievalTrainer):
     def __init__(self, model_config: PhoenixRetrievalModelConfig, hash_config: Optional[HashConfig] = None,
                  optimizer_config: Optional[training.OptimizerConfig] = None,
                  temperature: float = training.DEFAULT_TEMPERATURE, table_init_stddev: Optional[float] = None,
-                 data_parallel=False):
-        super().__init__(model_config, hash_config, optimizer_config, temperature, table_init_stddev, data_parallel)
+                 data_parallel=False, shard_tables: bool = False):
+        super().__init__(model_config, hash_config, optimizer_config, temperature, table_init_stddev, data_parallel,
+                         shard_tables)
         self._jit_predict_windows = jax.jit(lambda params, batch: self._windows(params, None, batch))
 
     def _windows(self, params, rng, batch):
@@ -881,7 +882,7 @@ def stage_steps(split: LogSplit, recipe: Recipe) -> tuple[int, int]:
 
 
 def start_retrieval(split: LogSplit, recipe: Recipe, seed: int, data_parallel=False, steps: Optional[int] = None,
-                    member: int = 0):
+                    member: int = 0, shard_tables: bool = False):
     """(trainer, state, batches, steps): the retrieval stage ready for training.fit on `split` (`batches`:
     first_step -> the batch stream from that step, resumable_stream): the
     learning-rate schedule spans `steps` (default the recipe's, stage_steps), the state is seeded by
@@ -890,7 +891,7 @@ def start_retrieval(split: LogSplit, recipe: Recipe, seed: int, data_parallel=Fa
     steps = stage_steps(split, recipe)[0] if steps is None else steps
     trainer = SequenceRetrievalTrainer(retrieval_config(recipe), hash_config(recipe), optimizer_config(recipe, steps),
                                        temperature=recipe.temperature, table_init_stddev=recipe.table_init_stddev,
-                                       data_parallel=data_parallel)
+                                       data_parallel=data_parallel, shard_tables=shard_tables)
     stream_seed = [seed, 1] if member == 0 else [seed, 1, member]
 
     def stream(skip=0):
@@ -904,7 +905,7 @@ def start_retrieval(split: LogSplit, recipe: Recipe, seed: int, data_parallel=Fa
 
 
 def start_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, retrieval_params=None, data_parallel=False,
-                 steps: Optional[int] = None, member: int = 0):
+                 steps: Optional[int] = None, member: int = 0, shard_tables: bool = False):
     """(trainer, state, batches, steps): the ranker ready for training.fit on `split` (hard negatives
     from `pool`), warm-started from `retrieval_params` if given; schedule and seeds as start_retrieval's
     (state seed + 1, stream (seed, 2); ensemble member m > 0, Recipe.ranker_members:
@@ -914,6 +915,7 @@ def start_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, retrieval_par
     trainer = training.make_ranking_trainer(ranker_config(recipe), hash_config(recipe),
                                             optimizer_config(recipe, steps), action_weights=action_weights(split),
                                             table_init_stddev=recipe.table_init_stddev, data_parallel=data_parallel,
+                                            shard_tables=shard_tables,
                                             listwise_weight=recipe.ranker_listwise_weight,
                                             listwise_action=recipe.score_action)
     stream_seed = [seed, 2] if member == 0 else [seed, 2, member]
@@ -927,6 +929,6 @@ def start_ranker(split: LogSplit, pool, recipe: Recipe, seed: int, retrieval_par
     key = jax.random.PRNGKey(seed + 1) if member == 0 else jax.random.fold_in(jax.random.PRNGKey(seed + 1), member)
     state = trainer.init(key, first[0])
     if retrieval_params is not None:
-        state = trainer._place_state(state._replace(params=jax.device_put(warm_start(host_copy(state.params),
+        state = trainer._place_state(state._replace(params=jax.device_put(warm_start(trainer.host_params(state.params),
                                                                                      retrieval_params))))
     return trainer, state, resumable_stream(first, batches, stream), steps

@@ -28,6 +28,10 @@ saved and, where the run can resume, the command that resumes it. Every data pat
 with --checkpoint-every N and --resume, bit for bit (a log or flags that changed are refused, listed:
 docs/resume.md).
 
+Several processes (each with its devices, one mesh over all): the same command in each with
+--coordinator-address HOST:PORT --num-processes N --process-id I (--data synthetic, with --data-parallel;
+--shard-tables splits the hash tables' rows over every device: docs/sharding.md).
+
 This module holds every training flag and is the command-line toolkit of the other entry points
 (run_ranker.py, run_retrieval.py: `cli`, `dataclass_parser`); the library below it takes dataclasses.
 """
@@ -43,6 +47,8 @@ import time
 import typing
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
+
+import jax
 
 import movielens as ml
 import phoenix_checkpoint
@@ -267,6 +273,7 @@ def add_run_flags(parser: argparse.ArgumentParser, default_checkpoint_dir, defau
     """The flags of a two-stage run (a log or MovieLens): where it goes (phoenix_pipeline.RunOptions), the
     protocols beside val-select (phoenix_protocols.Protocols) and one flag per Recipe field, each defaulting
     to `defaults`' value."""
+    add_distributed_flags(parser)
     parser.add_argument("--seed", type=bounded(int, 0, True), default=0, help="parameters, batch streams, negatives")
     parser.add_argument("--checkpoint-dir", default=default_checkpoint_dir,
                         help="the run directory: retrieval/, ranker/ (and retrieval.1/, ranker.1/, ... with "
@@ -288,6 +295,8 @@ def add_run_flags(parser: argparse.ArgumentParser, default_checkpoint_dir, defau
                              "training, nothing written")
     parser.add_argument("--data-parallel", action="store_true",
                         help="split each training batch over all devices JAX finds (batch sizes must divide evenly)")
+    parser.add_argument("--shard-tables", action="store_true",
+                        help="with --data-parallel: split each hash table's rows over the devices (docs/sharding.md)")
     group = parser.add_argument_group("preemption (docs/resume.md)")
     group.add_argument("--checkpoint-every", type=bounded(int, 0, True), default=0, metavar="N",
                        help="save each stage's training state every N steps under <checkpoint-dir>/steps (0: off)")
@@ -321,6 +330,8 @@ def check_run_flags(args, given: set, error) -> None:
     and MovieLens command lines): --sasrec-* without --sasrec, --sasrec-train-val without --protocol
     train+val, --retrieve-k below the dumped and evaluated cut-off (FINAL_K) with --dump-topk, an
     --emb-size that --num-heads does not divide."""
+    if args.shard_tables and not args.data_parallel:
+        error("--shard-tables: splits the tables over the data-parallel devices; add --data-parallel")
     if args.emb_size % args.num_heads:
         error(f"--emb-size {args.emb_size}: expected a multiple of --num-heads {args.num_heads} (each head gets "
               "emb_size / num_heads dimensions)")
@@ -347,6 +358,63 @@ def default_run_name(data: str) -> str:
     if run_dir.path_kind(data) == "a FIFO":
         return "pipe"
     return Path(data).stem or "log"
+
+
+class Distributed(NamedTuple):
+    """jax.distributed.initialize's arguments (--coordinator-address, --num-processes, --process-id)."""
+
+    coordinator_address: str  # HOST:PORT of process 0's coordinator service
+    num_processes: int
+    process_id: int
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    """One process of a multi-process run (docs/sharding.md): each process runs the same command with its
+    own --process-id; the devices of all processes form one mesh (with --data-parallel)."""
+    group = parser.add_argument_group("multi-process training (docs/sharding.md)")
+    group.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                       help="process 0's address, the same in every process (jax.distributed.initialize)")
+    group.add_argument("--num-processes", type=bounded(int, 1, True), default=None, metavar="N",
+                       help="processes in the run, with --coordinator-address")
+    group.add_argument("--process-id", type=bounded(int, 0, True), default=None, metavar="I",
+                       help="this process, 0 .. N-1, with --coordinator-address")
+
+
+def distributed_args(args, kind: str, error) -> Optional[Distributed]:
+    """The multi-process flags as Distributed (None without them); `error` (the parser's) for a partial
+    or contradictory set."""
+    names = ("coordinator_address", "num_processes", "process_id")
+    given = [n for n in names if getattr(args, n) is not None]
+    if not given:
+        return None
+    if len(given) != len(names):
+        missing = ", ".join(_flag(n) for n in names if n not in given)
+        error(f"{', '.join(_flag(n) for n in given)}: a multi-process run needs all three of --coordinator-address, "
+              f"--num-processes and --process-id; missing {missing}")
+    host, _, port = args.coordinator_address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        error(f"--coordinator-address: expected HOST:PORT with a port in 1..65535, got {args.coordinator_address!r}")
+    if args.process_id >= args.num_processes:
+        error(f"--process-id: expected 0 .. {args.num_processes - 1} (--num-processes {args.num_processes}), "
+              f"got {args.process_id}")
+    if args.num_processes > 1:
+        if kind != "synthetic":
+            error(f"--num-processes {args.num_processes}: multi-process runs are supported on --data synthetic only "
+                  f"so far, got --data {args.data}")
+        if not args.data_parallel:
+            error(f"--num-processes {args.num_processes}: add --data-parallel (the batch is split over every "
+                  "process's devices)")
+        if args.checkpoint_every or args.resume:
+            error(f"--num-processes {args.num_processes}: step checkpoints and --resume are single-process only so "
+                  "far; drop --checkpoint-every / --resume")
+    return Distributed(args.coordinator_address, args.num_processes, args.process_id)
+
+
+def initialize_distributed(distributed: Distributed) -> None:
+    """jax.distributed.initialize for this process, CPU collectives through gloo (before any JAX work)."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=distributed.coordinator_address,
+                               num_processes=distributed.num_processes, process_id=distributed.process_id)
 
 
 def log_parser() -> argparse.ArgumentParser:
@@ -403,6 +471,7 @@ SYNTHETIC_HELP = {
     "batch_size": "ranker users per step",
     "retrieval_batch_size": "retrieval softmax rows per step",
     "data_parallel": "split each batch over all devices JAX finds (batch sizes must divide evenly)",
+    "shard_tables": "with --data-parallel: split each hash table's rows over the devices (docs/sharding.md)",
     "user_id_dropout": "share of training rows whose user id is replaced by the unknown user",
     "eval_repeats": "evaluation examples per held-out user",
     "eval_every": "ranker learning curve every N steps (0: off)",
@@ -415,7 +484,8 @@ SYNTHETIC_GROUPS = {
     "model": ("emb_size", "num_layers", "num_heads", "key_size", "widening_factor", "user_table_size",
               "post_table_size", "author_table_size", "table_init_stddev"),
     "optimisation and evaluation": ("batch_size", "retrieval_batch_size", "learning_rate", "data_parallel",
-                                    "temperature", "user_id_dropout", "eval_repeats", "eval_every", "log_every"),
+                                    "shard_tables", "temperature", "user_id_dropout", "eval_repeats",
+                                    "eval_every", "log_every"),
 }
 SYNTHETIC_METAVARS = {"checkpoint_every": "N", "keep_checkpoints": "K"}
 
@@ -437,6 +507,7 @@ def synthetic_parser() -> argparse.ArgumentParser:
         else:
             target.add_argument(_flag(field.name), type=type(default), default=default, help=text,
                                 metavar=SYNTHETIC_METAVARS.get(field.name))
+    add_distributed_flags(parser)
     return parser
 
 
@@ -478,6 +549,7 @@ class Command(NamedTuple):
     recipe: Optional[pipeline.Recipe] = None
     protocols: Optional[Protocols] = None
     dry_run: bool = False  # --dry-run: read, validate, split, summarise; no training, nothing written
+    distributed: Optional[Distributed] = None  # one process of a multi-process run
 
 
 def data_kind(data: str) -> str:
@@ -517,6 +589,7 @@ def _recipe_protocols_options(args, parser, given: set, checkpoint_dir: str, fla
     protocols = Protocols(args.protocol, sasrec, args.sasrec_train_val)
     options = pipeline.RunOptions(checkpoint_dir=checkpoint_dir, seed=args.seed, seeds=getattr(args, "seeds", None),
                                   overwrite=args.overwrite, plot=args.plot, data_parallel=args.data_parallel,
+                                  shard_tables=args.shard_tables,
                                   dump_topk=args.dump_topk, checkpoint_every=args.checkpoint_every,
                                   keep_checkpoints=args.keep_checkpoints, resume=args.resume, flags=flags)
     return recipe, protocols, options
@@ -534,8 +607,9 @@ def parse_args(argv) -> Command:
     parser = PARSERS[kind]()
     args = parser.parse_args(argv)
     given = given_flags(parser, argv)
+    distributed = distributed_args(args, kind, parser.error)
     if kind == "synthetic":
-        return Command(kind, None, _synthetic_run(args, given, parser))
+        return Command(kind, None, _synthetic_run(args, given, parser), distributed=distributed)
     if kind == "movielens":
         if args.seeds and "seed" in given:
             parser.error(f"--seed {args.seed}: --seeds {','.join(map(str, args.seeds))} runs its own seeds; give one "
@@ -544,7 +618,8 @@ def parse_args(argv) -> Command:
             parser.error(f"--cache-dir: applies to --data {ml.SOURCE_ML100K} (its download) only, got --data "
                          f"{args.data}")
         recipe, protocols, options = _recipe_protocols_options(args, parser, given, args.checkpoint_dir)
-        return Command(kind, MovieLensSource(args.data, args.cache_dir), options, recipe, protocols, args.dry_run)
+        return Command(kind, MovieLensSource(args.data, args.cache_dir), options, recipe, protocols, args.dry_run,
+                       distributed)
     for name in ("cut_time", "cut_quantile"):
         if name in given and args.split != "time":
             parser.error(f"--{name.replace('_', '-')}: applies to --split time only, got --split {args.split}")
@@ -562,7 +637,7 @@ def parse_args(argv) -> Command:
     source = LogSource(args.data, columns, args.rating_actions, "rating_actions" in given,
                        "\t" if args.delimiter in ("\\t", "tab") else args.delimiter, args.duplicates, args.split,
                        args.cut_time, args.cut_quantile)
-    return Command(kind, source, options, recipe, protocols, args.dry_run)
+    return Command(kind, source, options, recipe, protocols, args.dry_run, distributed)
 
 
 # Log flags left out of a run's configuration: where the log is and how its fields are separated do not
@@ -597,6 +672,8 @@ def _synthetic_run(args, given: set, parser) -> SyntheticRun:
     if args.overwrite and args.resume:
         parser.error("--overwrite and --resume: --resume continues the run in --checkpoint-dir, --overwrite replaces "
                      "it; give one")
+    if args.shard_tables and not args.data_parallel:
+        parser.error("--shard-tables: splits the tables over the data-parallel devices; add --data-parallel")
     if "keep_checkpoints" in given and not (args.checkpoint_every or args.resume):
         parser.error("--keep-checkpoints: applies to step checkpoints only; add --checkpoint-every N")
     if args.only is not None:
@@ -720,6 +797,8 @@ def main(argv=None) -> dict:
     """The command line `argv` (default sys.argv[1:]) run to the end; returns the run's figures."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = parse_args(argv)
+    if command.distributed is not None:
+        initialize_distributed(command.distributed)
     if command.kind == "synthetic":
         return train_synthetic.run(command.run, argv)
     try:

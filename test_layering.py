@@ -18,10 +18,10 @@ LAYERS = [
               "phoenix_paths", "phoenix_batching",
               "phoenix_exported"]),  # phoenix_exported: JAX + NumPy only, by design
     # A format knows no model: the checkpoint directory stores configs as opaque JSON.
-    ("formats", ["phoenix_checkpoint"]),
+    ("formats", ["phoenix_checkpoint", "phoenix_sharded_checkpoint"]),
     ("inputs", ["phoenix_inputs"]),
     ("models", ["recsys_model", "recsys_retrieval_model", "phoenix_forward", "phoenix_losses", "phoenix_optim",
-                "phoenix_index"]),
+                "phoenix_sharding", "phoenix_index"]),
     ("configs", ["phoenix_configs", "phoenix_sizes"]),  # configs <-> JSON; configs from sizes
     ("data", ["phoenix_log", "phoenix_split", "phoenix_evaluation"]),  # the generic data core: knows no dataset
     ("training", ["phoenix_resume", "phoenix_training"]),

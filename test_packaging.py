@@ -26,6 +26,7 @@ PROJECT = "phoenix_recsys"
 LIBRARY = ["grok", "recsys_model", "recsys_retrieval_model", "runners", "phoenix_checkpoint", "phoenix_configs",
            "phoenix_sizes", "phoenix_hashing", "phoenix_index", "phoenix_metrics", "phoenix_training",
            "phoenix_validation", "phoenix_inputs", "phoenix_forward", "phoenix_losses", "phoenix_optim",
+           "phoenix_sharding", "phoenix_sharded_checkpoint",
            "phoenix_resume", "phoenix_stop", "phoenix_paths", "phoenix_batching", "phoenix_log", "phoenix_split",
            "phoenix_evaluation", "movielens", "phoenix_synthetic", "phoenix_two_stage", "phoenix_sasrec",
            "phoenix_protocols", "phoenix_pipeline", "phoenix_serving", "phoenix_run_dir", "phoenix_demos",

@@ -237,3 +237,39 @@ def test_a_run_with_kept_repeats_trains_and_its_dump_recomputes_to_the_table(tmp
         served = pipeline.recommend(result, user, 10, history=asked["history"], actions=asked["actions"])
         assert [item for item, _ in served] == dumped[user], user
     assert any(len(h["history"]) > len(set(h["history"])) for h in evaluation_histories(split).values())
+
+
+def test_shard_tables_and_multi_process_flags_reach_the_library():
+    """--shard-tables (with --data-parallel) on every data path, and the three multi-process flags."""
+    for argv in (["--data", "log.csv"], ["--data", "movielens-100k"]):
+        command = run_train.parse_args([*argv, "--data-parallel", "--shard-tables"])
+        assert command.run.shard_tables and command.run.data_parallel and command.distributed is None
+        assert not run_train.parse_args(argv).run.shard_tables
+    synthetic = run_train.parse_args(["--data-parallel", "--shard-tables", "--coordinator-address", "127.0.0.1:1234",
+                                      "--num-processes", "2", "--process-id", "1"])
+    assert synthetic.run.shard_tables and synthetic.run.data_parallel
+    assert synthetic.distributed == run_train.Distributed("127.0.0.1:1234", 2, 1)
+    assert "shard_tables" not in train_synthetic.run_config(train_synthetic.SyntheticRun(), "ranker")  # old runs resume
+    assert train_synthetic.run_config(synthetic.run, "ranker")["shard_tables"] is True
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "log.csv", "--shard-tables"], "--shard-tables: splits the tables over the data-parallel devices"),
+    (["--data", "movielens-100k", "--shard-tables"], "--shard-tables: splits the tables over the data-parallel"),
+    (["--shard-tables"], "--shard-tables: splits the tables over the data-parallel devices; add --data-parallel"),
+    (["--coordinator-address", "127.0.0.1:1234"], "missing --num-processes, --process-id"),
+    (["--data-parallel", "--coordinator-address", "localhost", "--num-processes", "2", "--process-id", "0"],
+     "--coordinator-address: expected HOST:PORT with a port in 1..65535, got 'localhost'"),
+    (["--data-parallel", "--coordinator-address", "h:1", "--num-processes", "2", "--process-id", "2"],
+     "--process-id: expected 0 .. 1 (--num-processes 2), got 2"),
+    (["--coordinator-address", "h:1", "--num-processes", "2", "--process-id", "0"], "add --data-parallel"),
+    (["--data", "log.csv", "--data-parallel", "--coordinator-address", "h:1", "--num-processes", "2",
+      "--process-id", "0"], "supported on --data synthetic only so far, got --data log.csv"),
+    (["--data-parallel", "--checkpoint-every", "5", "--coordinator-address", "h:1", "--num-processes", "2",
+      "--process-id", "0"], "step checkpoints and --resume are single-process only so far"),
+])
+def test_bad_shard_and_multi_process_flags_are_one_error_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        run_train.parse_args(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err

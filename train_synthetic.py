@@ -152,6 +152,7 @@ class SyntheticRun:
     retrieval_batch_size: int = 256  # retrieval softmax rows per step
     learning_rate: float = 6e-3
     data_parallel: bool = False  # split each batch over all devices JAX finds
+    shard_tables: bool = False  # with data_parallel: each hash table's rows split over the devices
     temperature: float = training.DEFAULT_TEMPERATURE
     user_id_dropout: float = 1.0  # share of training rows whose user id is replaced by the unknown user
     eval_repeats: int = 50  # evaluation examples per held-out user
@@ -173,6 +174,8 @@ class SyntheticRun:
                             f"{self.history_len}, got {self.user_id_dropout}, {self.min_history_len}")
         if self.overwrite and self.resume:
             problems.append("overwrite and resume: resume continues the run in checkpoint_dir, overwrite replaces it")
+        if self.shard_tables and not self.data_parallel:
+            problems.append("shard_tables: splits the tables over the data-parallel devices; add data_parallel")
         if problems:
             raise ValueError("SyntheticRun: " + "; ".join(problems))
 
@@ -245,6 +248,8 @@ def run_config(options: SyntheticRun, phase: str) -> dict:
     NOT_RUN_CONFIG and the other phase's, and the batch stream's formula. A resume must match it."""
     other = PHASE_FLAGS["retrieval" if phase == "ranker" else "ranker"]
     flags = {k: v for k, v in sorted(dataclasses.asdict(options).items()) if k not in NOT_RUN_CONFIG | other}
+    if not flags.get("shard_tables"):  # absent unless on: runs from before the flag resume unchanged
+        flags.pop("shard_tables", None)
     return {"phase": phase, "stream": STREAM_VERSION, **flags}
 
 
@@ -328,7 +333,7 @@ def train_ranker(options: SyntheticRun, world, train_ids, held_out, log=sys.stde
     hashes = cfg.hash_config
     trainer = training.make_ranking_trainer(cfg, hashes, optimizer_config(options.learning_rate, options.steps_ranker),
                                             table_init_stddev=options.table_init_stddev,
-                                            data_parallel=options.data_parallel)
+                                            data_parallel=options.data_parallel, shard_tables=options.shard_tables)
     counts = PopularityCounts(world.cfg.num_posts, world.cfg.num_product_surfaces, len(ACTIONS))
 
     def stream(first_step):
@@ -366,7 +371,8 @@ def train_retrieval(options: SyntheticRun, world, train_ids, held_out, log=sys.s
                                               optimizer_config(options.learning_rate, options.steps_retrieval),
                                               temperature=options.temperature,
                                               table_init_stddev=options.table_init_stddev,
-                                              data_parallel=options.data_parallel)
+                                              data_parallel=options.data_parallel,
+                                              shard_tables=options.shard_tables)
     t0 = time.perf_counter()
     freq = world.positive_frequencies(train_ids)  # [N] logQ of in-batch negatives; popularity baseline
     freq_s = time.perf_counter() - t0
@@ -417,8 +423,10 @@ def run(options: SyntheticRun, argv: Optional[list] = None) -> dict:
 
 def _run(options: SyntheticRun) -> dict:
     """run's work."""
-    check_run_dir(options)
-    if not (options.resume and os.path.exists(os.path.join(options.checkpoint_dir, run_dir.MANIFEST_FILE))):
+    if jax.process_index() == 0:  # multi-process: the first process writes (Trainer.save too)
+        check_run_dir(options)
+    if jax.process_index() == 0 and not (options.resume and os.path.exists(os.path.join(options.checkpoint_dir,
+                                                                                         run_dir.MANIFEST_FILE))):
         run_dir.write_manifest(options.checkpoint_dir, "synthetic", RUN_ENTRIES, seed=options.seed,
                                flags=dict(sorted({"data": "synthetic", **dataclasses.asdict(options)}.items())))
     t_start = time.perf_counter()

@@ -606,16 +606,21 @@ def seconds_per_step(trainer: Trainer, state: TrainState, item, steps: int = 8) 
     that compiles, then `steps` timed, on a copy of `state` (the step donates its state: `state` itself
     is left as it was). The compiled step stays cached for training with the same shapes."""
     probe = jax.tree.map(lambda x: x.copy(), state)
-    probe, _ = _call_step(trainer, probe, item)
+    probe, _ = _step_call(trainer, probe, item)  # not fit's _call_step: these are no training steps
     jax.block_until_ready(probe.step)
     start = time.perf_counter()
     for _ in range(steps):
-        probe, _ = _call_step(trainer, probe, item)
+        probe, _ = _step_call(trainer, probe, item)
     jax.block_until_ready(probe.step)
     return (time.perf_counter() - start) / steps
 
 
 def _call_step(trainer: Trainer, state: TrainState, item):
+    """One training step of fit on an iterator item (_step_call's)."""
+    return _step_call(trainer, state, item)
+
+
+def _step_call(trainer: Trainer, state: TrainState, item):
     """An iterator item is a tuple of step arguments after the state, a dict of keyword
     arguments, or a lone batch. Anything else, or arguments that `trainer.step` does not take,
     raises TypeError saying what an item must be, before the step runs."""

@@ -428,7 +428,7 @@ def train_retrieval(split: LogSplit, recipe: Recipe, seed: int, checkpoint_dir: 
         lambda member, steps: two_stage.start_retrieval(split, recipe, seed, data_parallel, steps, member=member,
                                                         shard_tables=shard_tables),
         lambda model, params: two_stage.StageOne(model, params, split, "val", recipe.history_len,
-                                                 recipe.retrieve_k).metrics(),
+                                                 recipe.retrieve_k, rows=two_stage.validation_rows(split)).metrics(),
         f"{recipe.retrieval_batch_size} windows ({len(two_stage.training_windows(split, recipe.history_len)[0])} "
         "windows per epoch)", split, recipe, seed, checkpoint_dir, stream, log, two_stage.RetrievalEnsemble,
         resumable)
@@ -693,7 +693,8 @@ def _run(split, recipe, checkpoint_dir, seed, plot, stream, title, data_parallel
     t0 = time.perf_counter()
     pool = (two_stage.hard_negative_pool(retrieval, retrieval_params, split, recipe.history_len, recipe.negative_pool)
             if recipe.hard_negatives else None)
-    val_one = two_stage.StageOne(retrieval, retrieval_params, split, "val", recipe.history_len, recipe.retrieve_k)
+    val_one = two_stage.StageOne(retrieval, retrieval_params, split, "val", recipe.history_len, recipe.retrieve_k,
+                                 rows=two_stage.validation_rows(split))  # the ranker's validations' users
     times["mining"] = time.perf_counter() - t0
 
     print(f"\n== stage 2: ranker (target + {recipe.hard_negatives} hard + {recipe.random_negatives} random "

@@ -46,7 +46,8 @@ __all__ = ["Recipe", "RecipeError", "MOVIELENS_RECIPE", "LOG_RECIPE", "RECIPES",
            "retrieval_config", "ranker_config", "StageOne", "TwoStage", "RetrievalEnsemble", "RankerEnsemble",
            "SequenceRetrievalTrainer", "encode_items", "encode_users", "retrieval_scores", "retrieval_topk",
            "RetrievalTopK", "eval_chunk", "ranker_logits", "rerank_scores",
-           "choose_rerank_weights", "transition_prior", "last_columns", "TRANSITION_WEIGHTS", "start_retrieval",
+           "choose_rerank_weights", "transition_prior", "last_columns", "TRANSITION_WEIGHTS", "validation_rows",
+           "VALIDATION_USERS", "start_retrieval",
            "start_ranker", "stage_steps", "member_stage",
            "RETRIEVE_K", "FINAL_K"]
 
@@ -585,6 +586,20 @@ def eval_mask(split: Split, which: str, eval_rows=None) -> np.ndarray:
     return exclude
 
 
+VALIDATION_USERS = 4096  # validation users behind each in-training evaluation (validation_rows)
+
+
+def validation_rows(split: Split, limit: int = VALIDATION_USERS, seed: int = 0) -> Optional[np.ndarray]:
+    """The eval-user indices (ascending) that the validations during training score: every user (None)
+    up to `limit`, else a fixed random `limit` of them (seeded by `seed` alone), so that choosing the
+    best checkpoint and stopping early cost the same on a log of any size. The table and the re-ranking
+    weights are computed on every user."""
+    users = len(split.eval_users())
+    if users <= limit:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(users, limit, replace=False))
+
+
 def first_positions(split: Split, rows=None) -> np.ndarray:
     """[U, N] int32: position (within the user's sequence) of the user's first interaction with each
     item, or a large number where the user never had one; `rows` [u] (user rows): those users' [u, N]."""
@@ -695,12 +710,14 @@ class StageOne:
     (retrieval_topk: [U, K] kept, never the [U, N] cosines)."""
 
     def __init__(self, trainer, params, split: LogSplit, which: str, history_len: int, k: int = RETRIEVE_K,
-                 items=None, chunk: Optional[int] = None):
-        self.examples = phoenix_examples(split, which, history_len)
-        self.target = split.targets(which)  # [U]
+                 items=None, chunk: Optional[int] = None, rows: Optional[np.ndarray] = None):
+        self.rows = rows  # [U] eval-user indices evaluated (validation_rows), None: every eval user
+        self.examples = phoenix_examples(split, which, history_len, rows)
+        self.target = split.targets(which) if rows is None else split.targets(which)[rows]  # [U]
         items = encode_items(trainer, params, split) if items is None else items  # [N, D]
         users = encode_users(trainer, params, split, self.examples)  # [U, D]
-        found = retrieval_topk(users, items, k, lambda start, stop: eval_mask(split, which, np.arange(start, stop)),
+        every = np.arange(len(self.target)) if rows is None else rows  # [U] eval rows
+        found = retrieval_topk(users, items, k, lambda start, stop: eval_mask(split, which, every[start:stop]),
                                self.target, chunk)
         self.ranks = found.ranks  # [U]
         self.topk = found.columns  # [U, K], best first
@@ -803,15 +820,16 @@ class TwoStage:
     """Two-stage evaluation of one split: the ranker re-scores the retrieval model's top-K."""
 
     def __init__(self, stage_one: StageOne, ranker, ranker_params, split, which: str, recipe: Recipe):
-        self.stage_one = stage_one
+        self.stage_one = stage_one  # its users (stage_one.rows) are this evaluation's
         self.score_action = recipe.score_action
-        examples = phoenix_examples(split, which, recipe.ranker_history_len)
+        rows = stage_one.rows
+        examples = phoenix_examples(split, which, recipe.ranker_history_len, rows)
         self.logits = ranker_logits(ranker, ranker_params, split, examples, stage_one.topk,
                                     recipe.num_candidates)  # [U, K, A]
         self.retrieval = stage_one.topk_scores  # [U, K]
         self.popularity = log_popularity(split, which)[stage_one.topk]  # [U, K]
-        self.transition = transition_prior(transition_table(split, which), last_columns(split, which),
-                                           stage_one.topk)  # [U, K]
+        last = last_columns(split, which) if rows is None else last_columns(split, which)[rows]  # [U]
+        self.transition = transition_prior(transition_table(split, which), last, stage_one.topk)  # [U, K]
 
     def evaluate(self, weight: float, temperature: float, popularity_weight: float = 0.0,
                  transition_weight: float = 0.0):

@@ -135,3 +135,34 @@ def test_fit_runs_no_step_when_it_is_to_stop_from_the_start(split):
     state, history = training.fit(trainer, state, batches, 5, eval_fn=lambda s: calls.append(1) or {"x": 0.0},
                                   eval_every=1, stream=io.StringIO(), should_stop=lambda: True)
     assert int(state.step) == 0 and not calls and not [h for h in history if "loss" in h]
+
+
+def test_validation_on_a_sample_of_users_equals_the_full_evaluation_restricted_to_it(split):
+    assert two_stage.validation_rows(split) is None  # a small log: every user
+    users = len(split.eval_users())
+    rows = two_stage.validation_rows(split, limit=users // 3, seed=5)
+    assert len(rows) == users // 3 and np.all(np.diff(rows) > 0)
+    np.testing.assert_array_equal(rows, two_stage.validation_rows(split, limit=users // 3, seed=5))  # fixed
+    recipe = two_stage.resolve_recipe(dataclasses.replace(TINY, transition_weight=None), split)
+    trainer, state, batches, _ = two_stage.start_retrieval(split, recipe, 0, steps=4)
+    state, _ = training.fit(trainer, state, batches, 4, stream=io.StringIO())
+    every = two_stage.StageOne(trainer, state.params, split, "val", recipe.history_len, recipe.retrieve_k)
+    some = two_stage.StageOne(trainer, state.params, split, "val", recipe.history_len, recipe.retrieve_k, rows=rows)
+    np.testing.assert_array_equal(some.ranks, every.ranks[rows])
+    np.testing.assert_array_equal(some.topk, every.topk[rows])
+    ranker = training.make_ranking_trainer(two_stage.ranker_config(recipe), two_stage.hash_config(recipe))
+    ranker_params = ranker.init(jax.random.PRNGKey(1), next(iter(two_stage.start_ranker(
+        split, None, dataclasses.replace(recipe, hard_negatives=0, random_negatives=7), 0)[2](0)))[0]).params
+    full = two_stage.TwoStage(every, ranker, ranker_params, split, "val", recipe)
+    part = two_stage.TwoStage(some, ranker, ranker_params, split, "val", recipe)
+    np.testing.assert_allclose(part.logits, full.logits[rows], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(part.transition, full.transition[rows])
+    assert full.transition.any()
+    for weights in ((0.0, 0.0, 0.0), (1.0, 0.25, 1.0)):
+        expected = two_stage.two_stage_ranks(every, two_stage.rerank_scores(
+            full.logits, full.retrieval, weights[0], recipe.temperature, recipe.score_action, full.popularity,
+            weights[1], full.transition, weights[2]))[0][rows]
+        got = two_stage.two_stage_ranks(some, two_stage.rerank_scores(
+            full.logits[rows], part.retrieval, weights[0], recipe.temperature, recipe.score_action,
+            part.popularity, weights[1], part.transition, weights[2]))[0]
+        np.testing.assert_array_equal(got, expected)

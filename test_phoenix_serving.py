@@ -154,8 +154,11 @@ def test_history_none_serves_the_end_of_log_history_computed_directly(trained, f
                                      phoenix_split.histories(split, rows, ends, recipe.ranker_history_len), top,
                                      recipe.num_candidates)
     popularity = np.log1p(evaluation.popularity_counts(split, "test").astype(np.float64))[top]
+    follows = two_stage.transition_prior(evaluation.transition_table(split, "test"), split.item_columns[ends - 1],
+                                         top)  # [U, K] after each user's newest item
     final = two_stage.rerank_scores(logits, np.take_along_axis(scores, top, axis=1), result["retrieval_weight"],
-                                    recipe.temperature, recipe.score_action, popularity, result["popularity_weight"])
+                                    recipe.temperature, recipe.score_action, popularity, result["popularity_weight"],
+                                    follows, result["transition_weight"])
     order = np.argsort(-final, axis=1, kind="stable")[:, :10]
     expected = {split.log.token("user", split.user_ids[r]): split.log.tokens("item", split.item_ids[top[r, order[r]]])
                 for r in rows}
@@ -174,19 +177,26 @@ def test_the_serving_directory_is_phoenixs_own_and_proportional_to_the_log(train
     info = saved.extra
     assert info["format"] == serving.SERVING_FORMAT and info["format_version"] == serving.SERVING_VERSION
     assert info["recipe"] == json.loads(json.dumps(two_stage.dataclasses.asdict(result["recipe"])))
-    assert (info["retrieval_weight"], info["popularity_weight"]) == (result["retrieval_weight"],
-                                                                     result["popularity_weight"])
+    assert (info["retrieval_weight"], info["popularity_weight"], info["transition_weight"]) == (
+        result["retrieval_weight"], result["popularity_weight"], result["transition_weight"])
     assert info["columns"]["user"] == "user_id" and info["id_kinds"]["user"].startswith("string")
     arrays = saved.params
     np.testing.assert_array_equal(arrays["popularity"], evaluation.popularity_counts(split, "test"))
+    for name, counted in zip(("transition_indptr", "transition_to", "transition_count"),
+                             evaluation.transition_table(split, "test")):  # the transition prior's counts
+        np.testing.assert_array_equal(arrays[name], counted)
     np.testing.assert_array_equal(arrays["item_ids"][arrays["history_columns"]], split.items)
     np.testing.assert_array_equal(serving._unpack_actions(arrays["history_actions"]), split.actions)
     assert serving._decode_strings(arrays["names"]["user"]).tolist() == split.log.tokens("user", split.user_ids)
     R, U, N = len(split.items), len(split.user_ids), len(split.item_ids)
     name_bytes = sum(a.nbytes for kind in arrays["names"].values() for a in kind.values())
     numeric = sum(a.nbytes for key, a in arrays.items() if key != "names")
-    assert numeric == 8 * R + 16 * U + 8 + 24 * N  # int32 column + uint32 actions per interaction
-    assert os.path.getsize(path / checkpoint.ARRAYS_FILE) < numeric + name_bytes + 4096  # + npz headers
+    pairs = len(arrays["transition_to"])  # distinct consecutive pairs: at most one per interaction
+    assert 0 < pairs <= R
+    assert numeric == 8 * R + 16 * U + 8 + 24 * N + 8 * (N + 1) + 16 * pairs  # int32 column + uint32 actions
+    # per interaction; with the transition prior, its CSR
+    with np.load(path / checkpoint.ARRAYS_FILE) as stored:  # + each array's npy header and zip entry
+        assert os.path.getsize(path / checkpoint.ARRAYS_FILE) < numeric + name_bytes + 400 * len(stored.files)
 
 
 def test_the_command_line_equals_recommend_per_user(trained, tmp_path):

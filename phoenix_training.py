@@ -603,16 +603,19 @@ def _format_duration(seconds: float) -> str:
 
 def seconds_per_step(trainer: Trainer, state: TrainState, item, steps: int = 8) -> float:
     """Measured seconds per train step of `trainer` on batch `item` (a batch iterator's item): one step
-    that compiles, then `steps` timed, on a copy of `state` (the step donates its state: `state` itself
+    that compiles, then the median of `steps` steps timed one by one (a moment of load on a shared
+    machine moves a median little), on a copy of `state` (the step donates its state: `state` itself
     is left as it was). The compiled step stays cached for training with the same shapes."""
     probe = jax.tree.map(lambda x: x.copy(), state)
     probe, _ = _step_call(trainer, probe, item)  # not fit's _call_step: these are no training steps
     jax.block_until_ready(probe.step)
-    start = time.perf_counter()
+    seconds = []
     for _ in range(steps):
+        start = time.perf_counter()
         probe, _ = _step_call(trainer, probe, item)
-    jax.block_until_ready(probe.step)
-    return (time.perf_counter() - start) / steps
+        jax.block_until_ready(probe.step)
+        seconds.append(time.perf_counter() - start)
+    return float(np.median(seconds))
 
 
 def _call_step(trainer: Trainer, state: TrainState, item):

@@ -332,18 +332,8 @@ MULTI_PROCESS_SAVE = textwrap.dedent("""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
     assert (jax.device_count(), jax.local_device_count()) == (8, 4), jax.devices()
-    import phoenix_training as training
-    from test_phoenix_training import HASHES, OPTIMIZER, TRANSFORMER, A, C, D, S, random_batch
-    from recsys_model import PhoenixModelConfig
-    cfg = PhoenixModelConfig(model=TRANSFORMER, emb_size=D, num_actions=A, history_seq_len=S, candidate_seq_len=C,
-                             hash_config=HASHES, fprop_dtype=jnp.float32)
-    trainer = training.make_ranking_trainer(cfg, optimizer_config=OPTIMIZER, data_parallel=True, shard_tables=True)
-    state = trainer.init(jax.random.PRNGKey(0), random_batch(0, 8))
-    losses = []
-    for i in range(3):
-        labels = (np.random.default_rng(100 + i).random((8, C, A)) < 0.3).astype(np.float32)
-        state, metrics = trainer.step(state, random_batch(i, 8), labels)
-        losses.append(float(metrics["loss"]))
+    from test_phoenix_training import random_batch, three_ranker_steps
+    trainer, state, losses = three_ranker_steps(data_parallel=True, shard_tables=True)
     trainer.save(sys.argv[3], state, sharded=True)
     back = trainer.restore(sys.argv[3], random_batch(0, 8))  # each process reads its devices' rows
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(back), strict=True):
@@ -371,20 +361,9 @@ def test_two_processes_write_their_own_shards(tmp_path):
     assert losses[0] == losses[1]
 
     import jax
-    import jax.numpy as jnp
 
-    import phoenix_training as training
-    from recsys_model import PhoenixModelConfig
-    from test_phoenix_training import HASHES, OPTIMIZER, TRANSFORMER, A, C, D, S, random_batch
-    cfg = PhoenixModelConfig(model=TRANSFORMER, emb_size=D, num_actions=A, history_seq_len=S, candidate_seq_len=C,
-                             hash_config=HASHES, fprop_dtype=jnp.float32)
-    trainer = training.make_ranking_trainer(cfg, optimizer_config=OPTIMIZER)
-    state = trainer.init(jax.random.PRNGKey(0), random_batch(0, 8))
-    single = []
-    for i in range(3):
-        labels = (np.random.default_rng(100 + i).random((8, C, A)) < 0.3).astype(np.float32)
-        state, metrics = trainer.step(state, random_batch(i, 8), labels)
-        single.append(float(metrics["loss"]))
+    from test_phoenix_training import random_batch, three_ranker_steps
+    trainer, state, single = three_ranker_steps()
     np.testing.assert_allclose(losses[0], single, rtol=1e-5)
     loaded = trainer.restore(path, random_batch(0, 8))
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(loaded.params), strict=True):

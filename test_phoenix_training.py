@@ -43,6 +43,21 @@ def random_batch(seed: int, batch_size: int = B, num_candidates: int = C) -> Rec
         candidate_product_surface=r.integers(0, 16, (Bs, Cs)).astype(np.int32))
 
 
+def three_ranker_steps(**trainer_kwargs):
+    """(trainer, state, losses) of a tiny ranking trainer (`trainer_kwargs`: data_parallel, shard_tables,
+    ...) after 3 steps on 8 seeded random examples: the run test_multidevice repeats on other meshes."""
+    cfg = PhoenixModelConfig(model=TRANSFORMER, emb_size=D, num_actions=A, history_seq_len=S, candidate_seq_len=C,
+                             hash_config=HASHES, fprop_dtype=jnp.float32)
+    trainer = training.make_ranking_trainer(cfg, optimizer_config=OPTIMIZER, **trainer_kwargs)
+    state = trainer.init(jax.random.PRNGKey(0), random_batch(0, 8))
+    losses = []
+    for i in range(3):
+        labels = (np.random.default_rng(100 + i).random((8, C, A)) < 0.3).astype(np.float32)
+        state, metrics = trainer.step(state, random_batch(i, 8), labels)
+        losses.append(float(metrics["loss"]))
+    return trainer, state, losses
+
+
 def random_labels(seed: int) -> np.ndarray:
     return (np.random.default_rng(seed).random((B, C, A)) < 0.3).astype(np.float32)  # [B, C, A]
 

@@ -539,7 +539,8 @@ def test_a_pipeline_stop_names_the_best_checkpoints_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(two_stage, "start_retrieval", lambda *args, **kwargs: (None, None, None, 9))
     monkeypatch.setattr(two_stage, "start_ranker", lambda *args, **kwargs: (None, None, None, 9))
     monkeypatch.setattr(two_stage, "ensemble", lambda trainers, params, kind: (None, tuple(params)))
-    monkeypatch.setattr(two_stage, "StageOne", lambda *args: types.SimpleNamespace(metrics=lambda: {"NDCG@10": 0.5}))
+    monkeypatch.setattr(two_stage, "StageOne",
+                        lambda *args, **kwargs: types.SimpleNamespace(metrics=lambda: {"NDCG@10": 0.5}))
     with pytest.raises(training.TrainingStopped) as e:
         pipeline.run(split, recipe, tmp_path / "run", stream=io.StringIO())
     assert e.value is stopped and stopped.why_not == pipeline.NOT_RESUMABLE

@@ -58,6 +58,7 @@ Shape glossary
 """
 
 import dataclasses
+import functools
 import os
 from typing import Optional
 
@@ -202,6 +203,11 @@ class ServedRun:
     transition_weight: float = 0.0
     transitions: Optional[tuple] = None  # (indptr [N + 1], to [P], counts [P]) with a transition weight
     _items: Optional[np.ndarray] = dataclasses.field(default=None, repr=False)  # [N, D] encoded once
+
+    @functools.cached_property
+    def transition_pairs(self) -> tuple:
+        """two_stage.transition_pairs of `transitions`, built once for every request."""
+        return two_stage.transition_pairs(self.transitions)
 
     @property
     def item_vectors(self) -> np.ndarray:
@@ -375,7 +381,8 @@ def top_items(served: ServedRun, split: Split, rows, ends) -> tuple[np.ndarray, 
     logits = two_stage.ranker_logits(served.ranker, served.ranker_params, split, ranker_examples, top,
                                      recipe.num_candidates)  # [U, K, A]; NOT_RANKED columns are padding
     popularity = np.log1p(served.popularity.astype(np.float64))[columns]  # [U, K] as two_stage.log_popularity
-    transition = (two_stage.transition_prior(served.transitions, split.item_columns[ends - 1], top)
+    transition = (two_stage.transition_prior(served.transition_pairs, len(split.item_ids), split.item_columns[ends - 1],
+                                             top)
                   if served.transition_weight else None)  # [U, K] from each history's last item
     final = two_stage.rerank_scores(logits, found.scores, served.retrieval_weight,
                                     recipe.temperature, recipe.score_action, popularity,

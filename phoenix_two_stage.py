@@ -46,7 +46,8 @@ __all__ = ["Recipe", "RecipeError", "MOVIELENS_RECIPE", "LOG_RECIPE", "RECIPES",
            "retrieval_config", "ranker_config", "StageOne", "TwoStage", "RetrievalEnsemble", "RankerEnsemble",
            "SequenceRetrievalTrainer", "encode_items", "encode_users", "retrieval_scores", "retrieval_topk",
            "RetrievalTopK", "eval_chunk", "ranker_logits", "rerank_scores",
-           "choose_rerank_weights", "transition_prior", "last_columns", "TRANSITION_WEIGHTS", "validation_rows",
+           "choose_rerank_weights", "transition_pairs", "transition_prior", "last_columns", "TRANSITION_WEIGHTS",
+           "validation_rows",
            "VALIDATION_USERS", "start_retrieval",
            "start_ranker", "stage_steps", "member_stage",
            "RETRIEVE_K", "FINAL_K"]
@@ -787,16 +788,23 @@ def rerank_scores(logits: np.ndarray, retrieval_scores: np.ndarray, weight: floa
     return scores
 
 
-def transition_prior(table: tuple, last: np.ndarray, columns: np.ndarray) -> np.ndarray:
-    """[U, K] float64 log(1 + how often item `columns` [U, K] followed item `last` [U] in the counted
-    sequences), from phoenix_evaluation.transition_table's CSR (indptr [N + 1], to [P], counts [P]); 0
-    for a pair never seen (and for NOT_RANKED columns)."""
+def transition_pairs(table: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(keys [P] ascending, counts [P]) of phoenix_evaluation.transition_table's CSR (indptr [N + 1],
+    to [P], counts [P]): key i * N + j for the pair i -> j. Built once per table, looked up by
+    transition_prior as often as needed."""
     indptr, following, counts = table
     num_items = len(indptr) - 1
-    keys = np.repeat(np.arange(num_items, dtype=np.int64), np.diff(indptr)) * num_items + following  # [P] ascending
-    wanted = np.asarray(last, np.int64)[:, None] * num_items + np.maximum(columns, 0)  # [U, K]
+    return np.repeat(np.arange(num_items, dtype=np.int64), np.diff(indptr)) * num_items + following, counts
+
+
+def transition_prior(pairs: tuple, num_items: int, last: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """[U, K] float64 log(1 + how often item `columns` [U, K] followed item `last` [U] in the counted
+    sequences), from transition_pairs of N = `num_items` items; 0 for a pair never seen (and for
+    NOT_RANKED columns)."""
+    keys, counts = pairs
     if not len(keys):
         return np.zeros(np.shape(columns), np.float64)
+    wanted = np.asarray(last, np.int64)[:, None] * num_items + np.maximum(columns, 0)  # [U, K]
     at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)  # [U, K]
     found = (keys[at] == wanted) & (columns >= 0)  # [U, K]
     return np.log1p(np.where(found, counts[at], 0).astype(np.float64))
@@ -829,7 +837,8 @@ class TwoStage:
         self.retrieval = stage_one.topk_scores  # [U, K]
         self.popularity = log_popularity(split, which)[stage_one.topk]  # [U, K]
         last = last_columns(split, which) if rows is None else last_columns(split, which)[rows]  # [U]
-        self.transition = transition_prior(transition_table(split, which), last, stage_one.topk)  # [U, K]
+        self.transition = transition_prior(transition_pairs(transition_table(split, which)), len(split.item_ids),
+                                           last, stage_one.topk)  # [U, K]
 
     def evaluate(self, weight: float, temperature: float, popularity_weight: float = 0.0,
                  transition_weight: float = 0.0):

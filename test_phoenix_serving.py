@@ -154,8 +154,8 @@ def test_history_none_serves_the_end_of_log_history_computed_directly(trained, f
                                      phoenix_split.histories(split, rows, ends, recipe.ranker_history_len), top,
                                      recipe.num_candidates)
     popularity = np.log1p(evaluation.popularity_counts(split, "test").astype(np.float64))[top]
-    follows = two_stage.transition_prior(evaluation.transition_table(split, "test"), split.item_columns[ends - 1],
-                                         top)  # [U, K] after each user's newest item
+    follows = two_stage.transition_prior(two_stage.transition_pairs(evaluation.transition_table(split, "test")),
+                                         len(split.item_ids), split.item_columns[ends - 1], top)  # [U, K]
     final = two_stage.rerank_scores(logits, np.take_along_axis(scores, top, axis=1), result["retrieval_weight"],
                                     recipe.temperature, recipe.score_action, popularity, result["popularity_weight"],
                                     follows, result["transition_weight"])

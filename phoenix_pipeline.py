@@ -301,8 +301,10 @@ def _extra(recipe: Recipe, seed: int, split: LogSplit) -> dict:
 
 def seconds_per_step(trainer, state, batches, steps: int = CALIBRATION_STEPS) -> float:
     """A stage's measured seconds per train step (training.seconds_per_step on the stream's first
-    batch, `batches(0)`'s first item); the state and the stream are left as they were."""
-    return training.seconds_per_step(trainer, state, next(iter(batches(0))), steps)
+    batch: `batches.first` (two_stage.resumable_stream), else `batches(0)`'s first item); the state and
+    the stream are left as they were."""
+    first = getattr(batches, "first", None)
+    return training.seconds_per_step(trainer, state, next(iter(batches(0))) if first is None else first, steps)
 
 
 def budget_steps(planned: int, step_seconds: float, seconds: float) -> int:

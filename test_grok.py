@@ -84,7 +84,7 @@ def test_transformer_matches_numpy_reference(num_q_heads, num_kv_heads):
     pad[1, 3:5] = False  # padded history positions
     pad[0, 7] = False  # a padded candidate
     f = hk.transform(lambda x, m: cfg.make()(x, m, candidate_start_offset=offset).embeddings)
-    params = f.init(jax.random.PRNGKey(1), x, pad)
+    params = jax.jit(f.init)(jax.random.PRNGKey(1), x, pad)  # jitted: eager init dispatches op by op
     params = jax.tree_util.tree_map(lambda p: p + 0.1 * rng.standard_normal(p.shape).astype(np.float32), params)
     got = np.asarray(jax.jit(f.apply)(params, None, x, pad))
     layers = [{
@@ -119,8 +119,9 @@ def test_fused_projections_equal_separate_ones(num_kv_heads):
     def run(fused):
         return hk.transform(lambda x, m: cfg.make()(x, m, candidate_start_offset=None, fused=fused))
 
-    params = run(False).init(jax.random.PRNGKey(0), x, mask)
-    fused_params = run(True).init(jax.random.PRNGKey(0), x, mask)
+    # Jitted: an eager init dispatches (and compiles) op by op.
+    params = jax.jit(run(False).init)(jax.random.PRNGKey(0), x, mask)
+    fused_params = jax.jit(run(True).init)(jax.random.PRNGKey(0), x, mask)
     jax.tree_util.tree_map(np.testing.assert_array_equal, fused_params, params)  # same names, order, values
     separate, fused = (jax.jit(run(f).apply)(params, None, x, mask) for f in (False, True))
     np.testing.assert_allclose(fused.embeddings, separate.embeddings, rtol=1e-5, atol=1e-5)

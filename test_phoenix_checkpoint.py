@@ -34,6 +34,7 @@ def release_params(seed: int = 0) -> dict:
     return params
 
 
+@jax.jit  # one compiled program per tree: eagerly, every update op of every leaf shape compiles on its own
 def adam_state(params):
     optimizer = optax.adamw(1e-3)
     state = optimizer.init(params)

@@ -87,9 +87,9 @@ def test_bf16_within_bf16_rounding(release_params):
 
 
 def test_jit_equals_eager(cfg, release_params):
-    batch, emb = example(B=2)
+    batch, emb = example()
     eager = forward(cfg).apply(release_params, None, batch, emb).logits
-    jitted = jax.jit(forward(cfg).apply)(release_params, None, batch, emb).logits
+    jitted = apply_fn(cfg)(release_params, None, batch, emb).logits  # the other tests' compiled program
     np.testing.assert_allclose(jitted, eager, rtol=1e-6, atol=1e-6)
 
 
@@ -189,8 +189,9 @@ def test_self_logits_equal_the_einsum():
     to float32 rounding; other dtypes take the einsum itself (bit for bit)."""
     import grok
 
-    q = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 2, 8))  # [B, R, h, g, d]
-    k = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 3, 8))  # [B, R, h, d]
+    rng = np.random.default_rng(0)  # NumPy draws: an eager jax.random call compiles its own programs
+    q = jnp.asarray(rng.standard_normal((2, 5, 3, 2, 8)), jnp.float32)  # [B, R, h, g, d]
+    k = jnp.asarray(rng.standard_normal((2, 5, 3, 8)), jnp.float32)  # [B, R, h, d]
     want = np.einsum("brhgd,brhd->brhg", np.asarray(q, np.float64), np.asarray(k, np.float64))
     got = jax.jit(grok._self_logits)(q, k)
     assert got.shape == (2, 5, 3, 2) and got.dtype == jnp.float32
@@ -239,10 +240,10 @@ def test_bidirectional_history_changes_prefix_but_keeps_isolation(release_params
 
 def test_default_init_is_trainable(cfg):
     """Logits vary at init and a ranking loss sends a non-zero gradient to every parameter."""
-    batch, emb = example(B=4)
+    batch, emb = example()  # the shape the other tests compile (apply_fn)
     f = forward(cfg)
     params = jax.jit(f.init)(jax.random.PRNGKey(0), batch, emb)  # jitted: eager init dispatches op by op
-    logits = np.asarray(jax.jit(f.apply)(params, None, batch, emb).logits)
+    logits = logits_of(cfg, params, batch, emb)
     assert logits.std(axis=1).mean() > 1e-2 and logits.std(axis=2).mean() > 1e-2
     labels = (np.random.default_rng(0).random(logits.shape) < 0.3).astype(np.float32)
 
@@ -258,16 +259,19 @@ def test_default_init_is_trainable(cfg):
 def test_bad_inputs_raise_clear_errors(cfg, release_params):
     batch, emb = example()
     f = forward(cfg)
+
+    def apply(batch, emb):  # traced abstractly: the checks see the concrete inputs; nothing compiles or runs
+        return jax.eval_shape(lambda p: f.apply(p, None, batch, emb), release_params)
+
     with pytest.raises(ValueError, match=r"recsys_embeddings.user_embeddings: expected shape \[3, 2, 16\]"):
-        f.apply(release_params, None, batch,
-                RecsysEmbeddings(np.zeros((3, 2, 8), np.float32), *jax.tree_util.tree_leaves(emb)[1:]))
+        apply(batch, RecsysEmbeddings(np.zeros((3, 2, 8), np.float32), *jax.tree_util.tree_leaves(emb)[1:]))
     with pytest.raises(ValueError, match="batch.history_author_hashes"):
-        f.apply(release_params, None, batch._replace(history_author_hashes=batch.history_author_hashes[:, :2]), emb)
+        apply(batch._replace(history_author_hashes=batch.history_author_hashes[:, :2]), emb)
     with pytest.raises(TypeError, match="batch.candidate_post_hashes: expected int dtype"):
-        f.apply(release_params, None,
-                batch._replace(candidate_post_hashes=batch.candidate_post_hashes.astype(np.float32)), emb)
+        apply(batch._replace(candidate_post_hashes=batch.candidate_post_hashes.astype(np.float32)), emb)
     with pytest.raises(TypeError, match="prefix: expected a PrefixCache"):
-        ModelForward(cfg).apply(release_params, batch, emb, "score_candidates", prefix=None)
+        jax.eval_shape(lambda p: ModelForward(cfg).apply(p, batch, emb, "score_candidates", prefix=None),
+                       release_params)
 
 
 def test_recsys_embeddings_is_pytree():
@@ -290,8 +294,9 @@ def test_fast_candidate_inputs_equal_block_candidate_reduce(release_params, fpro
     surface[0, 0], surface[1, 1] = 16, -1  # outside [0, vocab): a zero one-hot row in the release
     batch = batch._replace(candidate_product_surface=surface)
 
-    def inputs(method):
-        return hk.transform(lambda b, e: getattr(cfg.make(), method)(b, e)).apply(release_params, None, batch, emb)
+    def inputs(method):  # jitted: an eager apply dispatches (and compiles) op by op
+        return jax.jit(hk.transform(lambda b, e: getattr(cfg.make(), method)(b, e)).apply)(release_params, None,
+                                                                                          batch, emb)
 
     (want, want_mask), (got, got_mask) = inputs("_candidate_inputs"), inputs("_fast_candidate_inputs")
     np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=1e-5, atol=1e-5)

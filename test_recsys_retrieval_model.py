@@ -34,8 +34,21 @@ def example(B=3, S_=S, C_=C, seed=0):
     return create_example_batch(B, D, S_, C_, A, seed=seed)
 
 
+_JITTED = {}  # (config repr, method, jit options) -> jitted apply: equal configs share compiled programs
+
+
+def jitted(cfg, method=None, **jit_kw):
+    """One jitted apply per (config, method), reused across tests, so a shape compiles once."""
+    key = (repr(cfg), method, tuple(sorted(jit_kw.items())))
+    if key not in _JITTED:
+        _JITTED[key] = jax.jit(transformed(cfg, method).apply, **jit_kw)
+    return _JITTED[key]
+
+
 def call(cfg, params, *args, **kw):
-    return transformed(cfg).apply(params, None, *args, **kw)
+    """The model applied to the given inputs, traced abstractly (jax.eval_shape): the argument checks
+    see the same concrete inputs as an eager call, and nothing is compiled or run."""
+    return jax.eval_shape(lambda p: transformed(cfg).apply(p, None, *args, **kw), params)
 
 
 def test_param_tree_is_release_layout(cfg):
@@ -56,7 +69,7 @@ def test_param_tree_is_release_layout(cfg):
 def test_user_representation_matches_reference(bidirectional, params):
     cfg = tiny_retrieval_config(bidirectional_history=bidirectional)
     batch, emb = example()
-    user, norm = jax.jit(transformed(cfg, "build_user_representation").apply)(params, None, batch, emb)
+    user, norm = jitted(cfg, "build_user_representation")(params, None, batch, emb)
     want_user, want_norm = ref.user_representation(params, batch, emb, cfg)
     np.testing.assert_allclose(user, want_user, **F32_TOL)
     np.testing.assert_allclose(norm, want_norm, rtol=1e-4)
@@ -67,7 +80,7 @@ def test_candidate_representation_matches_reference_and_is_unit_norm(cfg, params
     batch, emb = example()
     batch = batch._replace(candidate_post_hashes=np.where(np.arange(C)[None, :, None] == 2, 0,
                                                           batch.candidate_post_hashes))
-    cand, mask = jax.jit(transformed(cfg, "build_candidate_representation").apply)(params, None, batch, emb)
+    cand, mask = jitted(cfg, "build_candidate_representation")(params, None, batch, emb)
     assert cand.shape == (3, C, D) and mask.shape == (3, C)
     np.testing.assert_array_equal(mask, np.broadcast_to(np.arange(C)[None, :] != 2, (3, C)))
     np.testing.assert_allclose(cand, ref.candidate_representation(params, emb), **F32_TOL)
@@ -80,7 +93,7 @@ def test_top_k_equals_numpy_brute_force(cfg, params, use_mask, k):
     batch, emb = example()
     corpus, _ = create_example_corpus(50, D)
     mask = np.random.default_rng(0).random(50) < 0.7 if use_mask else None
-    out = jax.jit(transformed(cfg).apply, static_argnums=5)(params, None, batch, emb, corpus, k, mask)
+    out = jitted(cfg, static_argnums=5)(params, None, batch, emb, corpus, k, mask)
     assert isinstance(out, RetrievalOutput)
     scores = np.asarray(out.user_representation) @ corpus.T
     if use_mask:
@@ -99,7 +112,7 @@ def test_guide_usage_scores_batch_candidates(cfg, params):
     post = np.array(batch.candidate_post_hashes)
     post[0, [0, 3]] = 0
     batch = batch._replace(candidate_post_hashes=post)
-    apply = jax.jit(transformed(cfg).apply, static_argnames="top_k")
+    apply = jitted(cfg, static_argnames="top_k")
     out = apply(params, None, batch, emb)
     assert out.top_k_indices.shape == (3, 6)  # top_k defaults to all candidates
     user = ref.user_representation(params, batch, emb, cfg)[0]
@@ -117,7 +130,7 @@ def test_guide_usage_scores_batch_candidates(cfg, params):
 @pytest.mark.parametrize("B,S_,C_", [(1, S, C), (2, 1, 1), (1, 1, C)], ids=["B1", "S1_C1", "B1_S1"])
 def test_shape_edge_cases(cfg, params, B, S_, C_):
     batch, emb = example(B, S_, C_)
-    out = jax.jit(transformed(cfg).apply)(params, None, batch, emb)
+    out = jitted(cfg, static_argnames="top_k")(params, None, batch, emb)
     assert out.user_representation.shape == (B, D) and out.top_k_indices.shape == (B, C_)
 
 
@@ -125,7 +138,7 @@ def test_all_padding_history_and_user(cfg, params):
     batch, emb = example()
     batch = batch._replace(user_hashes=np.zeros_like(batch.user_hashes),
                            history_post_hashes=np.zeros_like(batch.history_post_hashes))
-    user, norm = jax.jit(transformed(cfg, "build_user_representation").apply)(params, None, batch, emb)
+    user, norm = jitted(cfg, "build_user_representation")(params, None, batch, emb)
     # no valid position: the masked mean is 0, the EPS clamp keeps it finite (norm = sqrt(EPS))
     assert np.all(np.isfinite(user))
     np.testing.assert_allclose(norm, np.sqrt(1e-12), rtol=1e-3)
@@ -137,7 +150,7 @@ def test_padding_invariance(cfg, params):
     hpe = np.where(valid[:, :, None, None], emb.history_post_embeddings, 50.0).astype(np.float32)
     emb2 = emb.__class__(emb.user_embeddings, hpe, emb.candidate_post_embeddings, emb.history_author_embeddings,
                          emb.candidate_author_embeddings)
-    f = jax.jit(transformed(cfg, "build_user_representation").apply)
+    f = jitted(cfg, "build_user_representation")
     np.testing.assert_allclose(f(params, None, batch, emb2)[0], f(params, None, batch, emb)[0], rtol=1e-6, atol=1e-6)
 
 
@@ -168,9 +181,8 @@ def test_corpus_errors(cfg, params):
 
 def test_bf16_user_representation_close_to_f32(params):
     batch, emb = example()
-    f32 = jax.jit(transformed(tiny_retrieval_config(), "build_user_representation").apply)(
-        params, None, batch, emb)[0]
-    b16 = jax.jit(transformed(tiny_retrieval_config(fprop_dtype=jnp.bfloat16), "build_user_representation").apply)(
+    f32 = jitted(tiny_retrieval_config(), "build_user_representation")(params, None, batch, emb)[0]
+    b16 = jitted(tiny_retrieval_config(fprop_dtype=jnp.bfloat16), "build_user_representation")(
         params, None, batch, emb)[0]
     assert np.max(np.abs(np.float32(b16) - np.asarray(f32))) < 0.05  # unit vectors, bf16 rounding compounded
 
@@ -188,10 +200,10 @@ def test_user_sequence_pools_to_the_representation_and_is_causal(cfg, params):
     """build_user_sequence's masked mean, normalised, is build_user_representation; with causal
     attention its position p equals the last position of the batch cut to history slots 0..p-1."""
     batch, emb = example()
-    sequence = jax.jit(transformed(cfg, "build_user_sequence").apply)  # one jitted function, compiled per shape
+    sequence = jitted(cfg, "build_user_sequence")  # one jitted function, compiled per shape
     out, mask = sequence(params, None, batch, emb)  # [B, 1+S, D]
     assert out.shape == (3, 1 + S, D) and mask.shape == (3, 1 + S)
-    user, _ = jax.jit(transformed(cfg, "build_user_representation").apply)(params, None, batch, emb)
+    user, _ = jitted(cfg, "build_user_representation")(params, None, batch, emb)
     m = np.asarray(mask, np.float32)[:, :, None]
     mean = (np.asarray(out, np.float32) * m).sum(1) / np.maximum(m.sum(1), 1.0)
     np.testing.assert_allclose(mean / np.linalg.norm(mean, axis=-1, keepdims=True), user, **F32_TOL)
@@ -206,7 +218,7 @@ def test_user_sequence_pools_to_the_representation_and_is_causal(cfg, params):
 def _pooled(pooling, params, batch, emb):
     cfg = tiny_retrieval_config()
     cfg.pooling = pooling
-    return jax.jit(transformed(cfg.initialize(), "build_user_representation").apply)(params, None, batch, emb)
+    return jitted(cfg.initialize(), "build_user_representation")(params, None, batch, emb)
 
 
 def test_last_pooling_is_the_last_valid_position_by_hand(params):
@@ -219,7 +231,7 @@ def test_last_pooling_is_the_last_valid_position_by_hand(params):
     post[1, S - 1] = 0
     post[1, 2] = 0  # row 1: a gap; the last valid slot is S - 2, position S - 1
     batch = batch._replace(history_post_hashes=post)
-    out, mask = transformed(tiny_retrieval_config(), "build_user_sequence").apply(params, None, batch, emb)
+    out, mask = jitted(tiny_retrieval_config(), "build_user_sequence")(params, None, batch, emb)
     last = [5, S - 1, S]
     want = np.asarray(out)[np.arange(3), last]  # [B, D]
     want = want / np.linalg.norm(want, axis=-1, keepdims=True)

@@ -22,9 +22,14 @@ F32_TOL = dict(rtol=1e-5, atol=1e-5)  # float32 serving vs float32 masked refere
 BF16_ATOL = 0.02  # bfloat16 keeps 8 mantissa bits; two layers compound a few roundings of probabilities in [0, 1]
 
 
+_MASKED_APPLY = {}  # config repr -> the masked model's jitted apply, shared by the tests (one trace per shape)
+
+
 def masked_probs(cfg, params, batch, emb):
     """sigmoid of the masked (release) model's logits, in cfg's fprop dtype."""
-    apply = jax.jit(hk.transform(lambda b, e: cfg.make()(b, e)).apply)
+    apply = _MASKED_APPLY.get(repr(cfg))
+    if apply is None:
+        apply = _MASKED_APPLY[repr(cfg)] = jax.jit(hk.transform(lambda b, e: cfg.make()(b, e)).apply)
     return np.asarray(jax.nn.sigmoid(apply(params, None, batch, emb).logits.astype(jnp.float32)))
 
 

@@ -4,9 +4,9 @@ random moments, resumes it each time, and checks that nothing saved is lost and 
     uv run python resume_harness.py --dir DIR [--kills 24] [--signals 0] [--seed 0]
 
 Prints the trials on stderr and a JSON report on stdout (kills and stops per point, resumes checked,
-seconds); exits with status 1 if any check failed. test_resume_harness.py runs it twice: 20 SIGKILLs,
-then 10 SIGTERMs and 10 SIGINTs (each attempt a fresh process's start-up and first step, ~1-2 s on a
-quiet 2-core machine: well under a minute each once the compiled programs are in the cache).
+seconds); exits with status 1 if any check failed. test_resume_harness.py runs it once: 20 SIGKILLs,
+then 10 SIGTERMs and 10 SIGINTs, after one reference run (each attempt a fresh process's start-up and
+first step, ~1-3 s on a quiet 2-core machine, tracing included: the cache saves compiling only).
 
 How. This process imports JAX and the training code once, without starting JAX's backend (so
 forking is safe), then forks one child per attempt: a fresh `uv run` would spend ~3 s importing,
@@ -330,14 +330,17 @@ def same_run(run_dir: str, reference_dir: str) -> list[str]:
     return problems
 
 
-def plan_trials(kills: int, signals: int, rng: np.random.Generator) -> list[tuple]:
+def plan_trials(kills: int, signals: int, seed: int) -> list[tuple]:
     """(signal, point name, kill_at) of each trial: the SIGKILLs, then SIGTERMs and SIGINTs in turn;
     of each kind, every other one at a random time, the others at the kill points in turn. A random
-    time is ("time", share of the kill window in [0, 1)): main scales it to the window of its attempt."""
-    trials = [(signal.SIGKILL, *_trigger(i % 2 == 0, i // 2, rng)) for i in range(kills)]
+    time is ("time", share of the kill window in [0, 1)): main scales it to the window of its attempt.
+    The kills and the clean stops draw their times from streams of their own (both seeded with `seed`),
+    so a run of both tries the moments that a run of either alone tries."""
+    kill_rng, stop_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+    trials = [(signal.SIGKILL, *_trigger(i % 2 == 0, i // 2, kill_rng)) for i in range(kills)]
     for i in range(2 * signals):  # TERM, INT, TERM, INT, ...: pairs at random times and at points alternate
         pair = i // 2
-        trials.append((STOP_SIGNALS[i % 2], *_trigger(pair % 2 == 0, pair // 2 * 2 + i % 2, rng)))
+        trials.append((STOP_SIGNALS[i % 2], *_trigger(pair % 2 == 0, pair // 2 * 2 + i % 2, stop_rng)))
     return trials
 
 
@@ -407,7 +410,6 @@ def main(argv=None) -> int:
     import run_train  # noqa: F401  (imported once here, inherited by every forked child)
     import train_synthetic  # noqa: F401
 
-    rng = np.random.default_rng(args.seed)
     failures: list[str] = []
     log = sys.stderr
 
@@ -420,7 +422,7 @@ def main(argv=None) -> int:
     log.write(f"reference run (uninterrupted, no checkpointing, compiles into the cache): {ref_s:.1f} s\n")
 
     window = kill_window(MAX_KILL_TIME_S, ref_info)
-    trials = plan_trials(args.kills, args.signals, rng)
+    trials = plan_trials(args.kills, args.signals, args.seed)
     done = 0
     by_point: dict[str, dict[str, int]] = {}
     resumes_checked = 0

@@ -611,14 +611,21 @@ def test_prefix_representations_equal_the_user_tower_on_each_cut(pooling):
     prefix = hk.transform(lambda b, e: two_stage.prefix_user_representations(cfg.make(), b, e))
     user = hk.transform(lambda b, e: cfg.make().build_user_representation(b, e)[0])
     params = jax.jit(user.init)(jax.random.PRNGKey(0), batch, emb)
-    # Jitted: one compiled program per history length instead of every op compiled eagerly per shape.
-    got = np.asarray(jax.jit(prefix.apply)(params, None, batch, emb))  # [B, 1+S, D]
-    user_apply = jax.jit(user.apply)
-    for p in range(1, S + 1):
-        cut = batch._replace(**{f: getattr(batch, f)[:, :p] for f in batch._fields if f.startswith("history_")})
-        cut_emb = dataclasses.replace(emb, history_post_embeddings=emb.history_post_embeddings[:, :p],
-                                      history_author_embeddings=emb.history_author_embeddings[:, :p])
-        np.testing.assert_allclose(got[:, p], user_apply(params, None, cut, cut_emb), rtol=1e-4, atol=2e-5,
+
+    def cut(p):
+        """The batch and embeddings cut to history slots 0..p-1."""
+        return (batch._replace(**{f: getattr(batch, f)[:, :p] for f in batch._fields if f.startswith("history_")}),
+                dataclasses.replace(emb, history_post_embeddings=emb.history_post_embeddings[:, :p],
+                                    history_author_embeddings=emb.history_author_embeddings[:, :p]))
+
+    @jax.jit  # one compiled program: the prefix pass and the user tower on each cut (its own history length)
+    def prefix_and_cuts(params):
+        return (prefix.apply(params, None, batch, emb),  # [B, 1+S, D]
+                [user.apply(params, None, *cut(p)) for p in range(1, S + 1)])  # S x [B, D]
+
+    got, cuts = prefix_and_cuts(params)
+    for p, expected in enumerate(cuts, start=1):
+        np.testing.assert_allclose(np.asarray(got)[:, p], expected, rtol=1e-4, atol=2e-5,
                                    err_msg=f"prefix of {p} slots")
 
 

@@ -38,12 +38,12 @@ import numpy as np
 from jax.extend.random import threefry2x32_p
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from phoenix_inputs import TABLE_MODULE
-from phoenix_optim import TABLE_SIZE_FIELDS, OptimizerConfig, sparse_table_update
+from phoenix_inputs import PAD_HASH, TABLE_MODULE, RecsysBatch, RecsysEmbeddings, embed
+from phoenix_optim import TABLE_FIELDS, TABLE_SIZE_FIELDS, OptimizerConfig, sparse_table_update
 
 __all__ = ["DATA_AXIS", "TABLE_AXIS", "check_mesh", "table_axis", "table_shards", "padded_rows", "is_table_path",
            "table_rows", "state_shardings", "pad_tables", "unpad_tables", "gather_rows", "sparse_update",
-           "place_global", "normal_rows", "normal_table", "INIT_BLOCK_ELEMENTS"]
+           "place_global", "sharded_embed", "normal_rows", "normal_table", "INIT_BLOCK_ELEMENTS"]
 
 DATA_AXIS = "data"  # the batch is split over this mesh axis
 TABLE_AXIS = "table"  # on a 2-D mesh, the table rows are split over this one
@@ -149,6 +149,24 @@ def gather_rows(mesh: Mesh, tables: dict, rows: dict) -> dict:
 
     return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(axis), PartitionSpec()),
                          out_specs=PartitionSpec())(tables, rows)
+
+
+def sharded_embed(mesh: Mesh, tables: dict, batch: RecsysBatch) -> RecsysEmbeddings:
+    """phoenix_inputs.embed with row-split tables {table: [Mp, D]} (serving): every lookup of the batch
+    gathered by `gather_rows` (one value plus zeros: the same floats as a gather from a whole table),
+    replicated over the mesh."""
+    rows, positions = {}, {}
+    for table, fields in TABLE_FIELDS.items():
+        hashes = [getattr(batch, f) for f in fields]
+        # position 0 looks up row 0 (padding); then every lookup in turn: [L] with L = 1 + lookups
+        rows[table] = jnp.concatenate([jnp.zeros(1, jnp.int32)] + [h.reshape(-1).astype(jnp.int32) for h in hashes])
+        offset = 1
+        for field, h in zip(fields, hashes, strict=True):
+            position = offset + jnp.arange(h.size, dtype=jnp.int32).reshape(h.shape)
+            positions[field] = jnp.where(h != PAD_HASH, position, PAD_HASH)  # padding stays padding
+            offset += h.size
+    found = gather_rows(mesh, {TABLE_MODULE: tables}, rows)[TABLE_MODULE]  # {table: [L, D]}
+    return embed(found, batch._replace(**positions))
 
 
 def sparse_update(mesh: Mesh, config: OptimizerConfig, tables, state, rows: dict, row_grads, step):

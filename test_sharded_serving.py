@@ -108,7 +108,75 @@ SCRIPT = textwrap.dedent("""
         assert stats.temp_size_in_bytes < share / 4, (stats.temp_size_in_bytes, share)
         print("INIT MEMORY OK", stats.temp_size_in_bytes, share)
 
-    {"init_equal": init_equals_replicated, "init_memory": init_memory}[sys.argv[1]]()
+    def served_equal():
+        # a sharded checkpoint (8 shards) served with the tables split over the 8 devices equals the same
+        # checkpoint served whole on one device; each device holds 1/8 of every table
+        import dataclasses, os, tempfile
+        from conftest import tiny_ranker_config, tiny_retrieval_config
+        from runners import RecsysInferenceRunner, RecsysRetrievalInferenceRunner, create_example_batch
+        import conftest
+        tables = HashConfig(user_table_size=101, post_table_size=211, author_table_size=53)
+        batch, _ = create_example_batch(8, conftest.D, conftest.S, conftest.C, conftest.A, num_user_embeddings=101,
+                                        num_post_embeddings=211, num_author_embeddings=53, seed=3)
+        labels = (np.random.default_rng(0).random((8, conftest.C, conftest.A)) < 0.3).astype(np.float32)
+        tmp = tempfile.mkdtemp()
+        for kind, make, cfg, runner_type in (
+                ("ranker", training.make_ranking_trainer, tiny_ranker_config(), RecsysInferenceRunner),
+                ("retrieval", training.make_retrieval_trainer, tiny_retrieval_config(), RecsysRetrievalInferenceRunner)):
+            cfg = dataclasses.replace(cfg, hash_config=tables).initialize()
+            trainer = make(cfg, data_parallel=True, shard_tables=True)
+            state = trainer.init(jax.random.PRNGKey(0), batch)
+            state, _ = trainer.step(state, batch, labels) if kind == "ranker" else trainer.step(state, batch)
+            path = os.path.join(tmp, kind)
+            trainer.save(path, state, sharded=True)
+            whole = runner_type.from_checkpoint(path)
+            served = {"sharded": runner_type.from_checkpoint(path, shard_tables=True),
+                      "sharded, data-parallel": runner_type.from_checkpoint(path, shard_tables=True, data_parallel=True)}
+            for name, table in whole.runner.hash_tables["hash_embeddings"].items():
+                assert isinstance(table, np.ndarray) and table.shape[0] == getattr(tables, name[:-6] + "_table_size")
+            want = whole.embed(batch)
+            for label, runner in served.items():
+                for name, table in runner.runner.hash_tables["hash_embeddings"].items():
+                    rows = getattr(tables, name[:-6] + "_table_size")
+                    padded = phoenix_sharding.padded_rows(rows, 8)
+                    assert table.shape[0] == padded and len(table.addressable_shards) == 8, (label, name)
+                    assert {s.data.shape for s in table.addressable_shards} == {(padded // 8, conftest.D)}
+                    np.testing.assert_array_equal(np.asarray(table)[:rows], whole.runner.hash_tables[
+                        "hash_embeddings"][name])
+                for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(runner.embed(batch)), strict=True):
+                    np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=label)  # exact gathers
+                if kind == "ranker":
+                    a, b = whole.rank(batch), runner.rank(batch)
+                    np.testing.assert_allclose(np.asarray(b.scores), np.asarray(a.scores), rtol=1e-5, atol=1e-6,
+                                               err_msg=label)
+                    np.testing.assert_array_equal(np.asarray(b.ranked_indices), np.asarray(a.ranked_indices))
+                else:
+                    corpus = np.asarray(whole.encode_candidates(batch)).reshape(-1, conftest.D)  # [B * C, D]
+                    whole.set_corpus(corpus, normalize=True)
+                    runner.set_corpus(corpus, normalize=True)
+                    a, b = whole.retrieve(batch, top_k=5), runner.retrieve(batch, top_k=5)
+                    np.testing.assert_allclose(np.asarray(b.top_k_scores), np.asarray(a.top_k_scores), rtol=1e-5,
+                                               atol=1e-6, err_msg=label)
+                    np.testing.assert_array_equal(np.asarray(b.top_k_indices), np.asarray(a.top_k_indices))
+        print("SERVED EQUAL OK")
+
+    def suite_rows():
+        # bench.py's device-suite case: with sharded tables device 0 holds 1/8 of each (padded) table and
+        # of its row-wise Adagrad state; replicated, all of them
+        import bench
+        dim, rows, small = 8, 300, bench.SHARDED_SMALL_TABLE
+        sharded = bench.sharded_table_case(rows, dim, "sharded", 2)
+        replicated = bench.sharded_table_case(rows, dim, "replicated", 2)
+        per_row = (dim + 1) * 4  # float32 row and its accumulator
+        assert sharded["device_bytes"] == (phoenix_sharding.padded_rows(rows, 8)
+                                           + 2 * phoenix_sharding.padded_rows(small, 8)) // 8 * per_row, sharded
+        assert replicated["device_bytes"] == (rows + 2 * small) * per_row, replicated
+        assert sharded["traces"] == replicated["traces"] == 1 and sharded["devices"] == 8
+        assert sharded["step_ms"] > 0 and sharded["device_peak_gb"] is None  # CPU reports no device memory
+        print("SUITE OK")
+
+    {"init_equal": init_equals_replicated, "init_memory": init_memory, "served": served_equal,
+     "suite": suite_rows}[sys.argv[1]]()
 """)
 
 
@@ -132,3 +200,19 @@ def test_sharded_init_draws_shard_by_shard():
     """The compiled sharded init's temporary bytes per device stay below a quarter of one device's
     share of a 64,000 x 16 table (the whole-shard draw it replaces needed about three shares)."""
     _run("init_memory")
+
+
+def test_sharded_checkpoint_served_sharded_equals_served_whole():
+    """Both runners load an 8-shard checkpoint with shard_tables=True (alone, and with data_parallel):
+    every table split 8 ways over the devices (addressable shards of padded/8 rows, the checkpoint's
+    rows), the batch's embeddings bit-identical to the same checkpoint loaded whole on the host and
+    served on one device, and the rankings / top-k equal (scores within rtol 1e-5, atol 1e-6 float32:
+    the data-parallel model runs partitioned)."""
+    _run("served")
+
+
+def test_device_suite_sharded_case_holds_one_eighth_per_device():
+    """bench.sharded_table_case (the device suite's sharded-table rows) on 8 forced CPU devices: device 0
+    holds 1/8 of each padded table and its row-wise Adagrad state sharded, all of them replicated; one
+    trace of the train step each."""
+    _run("suite")

@@ -12,6 +12,10 @@ Command:
                                     # one process, one table (+ suite.md/.json/.png): ~80 s on 2 CPU cores
   uv run bench.py --device-suite --suite-serve ""     # ... plus the load test of scripts/bench_serve.py
 
+The device suite also trains a ranker whose post table has N rows (each --suite-sizes N) with the
+tables sharded over every device and replicated on each (docs/sharding.md): bytes of table and
+table state per device, init seconds, a train step's median.
+
 Ranking rows: "masked" is the release's model under jax.jit (the reference of vs_masked);
 "isolated" is runner.rank with its default compute_dtype="auto" (float32 on CPU), and
 "isolated_fprop" runner.rank in the model's own dtype. --out OUT also writes the table to OUT.md
@@ -572,12 +576,81 @@ def suite_rounds(fns: dict, runs: int) -> int:
     return int(min(10 * runs, max(runs, SUITE_RANK_SECONDS / (time.perf_counter() - start))))
 
 
+SHARDED_DIM = 64  # the sharded-table rows: post table N x 64 float32, as scripts/bench_sharded_tables.py
+SHARDED_SMALL_TABLE = 1009  # rows of the user and author tables there
+SHARDED_BATCH = 64  # users per train step there (a multiple of every device count up to 64)
+
+
+def sharded_table_case(rows: int, dim: int, mode: str, steps: int, seed: int = 0) -> dict:
+    """A ranking trainer whose post table has `rows` x `dim` float32 (user and author tables
+    SHARDED_SMALL_TABLE rows), a one-layer model, row-wise Adagrad with lazy row updates, SHARDED_BATCH
+    users per step, over every device: `mode` "sharded" (shard_tables=True: each device holds 1/n of
+    every table) or "replicated" (data_parallel alone). -> bytes of tables and table state on device 0,
+    init seconds, first step (compile + run) seconds, median and min of `steps` more steps in ms, the
+    process's peak RSS, device 0's peak bytes in use where the backend reports it (GPU/TPU)."""
+    import jax
+    import jax.numpy as jnp
+
+    import phoenix_training as training
+    from grok import TransformerConfig
+    from phoenix_inputs import HashConfig, create_example_batch
+    from recsys_model import PhoenixModelConfig
+
+    hashes = HashConfig(user_table_size=SHARDED_SMALL_TABLE, post_table_size=rows,
+                        author_table_size=SHARDED_SMALL_TABLE)
+    config = PhoenixModelConfig(model=TransformerConfig(emb_size=dim, key_size=16, num_q_heads=2, num_kv_heads=1,
+                                                        num_layers=1, widening_factor=1.0),
+                                emb_size=dim, num_actions=19, history_seq_len=8, candidate_seq_len=4,
+                                hash_config=hashes, fprop_dtype=jnp.float32)
+    optimizer = training.OptimizerConfig(table_optimizer="rowwise_adagrad", warmup_steps=1)
+    trainer = training.make_ranking_trainer(config, hashes, optimizer, data_parallel=True,
+                                            shard_tables=mode == "sharded")
+    rng = np.random.default_rng(seed)
+
+    def batch(i):
+        b, _ = create_example_batch(SHARDED_BATCH, dim, 8, 4, 19, seed=seed + i)
+        small = SHARDED_SMALL_TABLE - 1
+        b = b._replace(user_hashes=np.minimum(b.user_hashes, small),
+                       history_author_hashes=np.minimum(b.history_author_hashes, small),
+                       candidate_author_hashes=np.minimum(b.candidate_author_hashes, small),
+                       history_post_hashes=rng.integers(1, rows, b.history_post_hashes.shape).astype(np.int32),
+                       candidate_post_hashes=rng.integers(1, rows, b.candidate_post_hashes.shape).astype(np.int32))
+        return b, (rng.random((SHARDED_BATCH, 4, 19)) < 0.3).astype(np.float32)
+
+    start = time.perf_counter()
+    state = trainer.init(jax.random.PRNGKey(seed), batch(0)[0])
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - start
+    device = jax.devices()[0]
+    on_device = sum(s.data.nbytes for leaf in jax.tree.leaves((state.params["hash_embeddings"],
+                                                               state.opt_state["tables"]))
+                    for s in leaf.addressable_shards if s.device == device)
+    batches = [batch(i) for i in range(steps + 1)]
+    start = time.perf_counter()
+    state, _ = trainer.step(state, *batches[0])
+    jax.block_until_ready(state)
+    first_s = time.perf_counter() - start
+    times = []
+    for b in batches[1:]:
+        start = time.perf_counter()
+        state, _ = trainer.step(state, *b)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - start)
+    memory = device.memory_stats() or {}
+    return {"device_bytes": on_device, "init_s": init_s, "first_step_s": first_s,
+            "step_ms": 1e3 * float(np.median(times)), "min_ms": 1e3 * float(np.min(times)),
+            "traces": trainer.trace_counts["step"], "devices": jax.device_count(),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "device_peak_gb": memory["peak_bytes_in_use"] / 2 ** 30 if "peak_bytes_in_use" in memory else None}
+
+
 def device_suite(args) -> list[dict]:
     """Ranking and retrieval rows on the default JAX backend, in this process (< 5 min on a GPU).
 
     Ranking: the release's masked model under jax.jit vs runner.rank (compute_dtype "auto") and
     runner.rank in the model's own dtype. Retrieval: the bare jitted matmul + lax.top_k vs the
-    exact CorpusIndex vs matmul + lax.approx_max_k, with recall against the exact result.
+    exact CorpusIndex vs matmul + lax.approx_max_k, with recall against the exact result. Sharded
+    tables: a ranker's train step with an N-row post table sharded vs replicated (sharded_table_case).
     """
     import jax
     import jax.numpy as jnp
@@ -635,6 +708,15 @@ def device_suite(args) -> list[dict]:
                                  vs_bare=round(median / timed["bare_matmul_top_k"][0], 3),
                                  recall=round(topk_recall(found[name], exact), 4), device=device))
         del exact_index, corpus
+    for n in args.suite_sizes:
+        for mode in ("sharded", "replicated"):
+            case = sharded_table_case(n, SHARDED_DIM, mode, args.runs, args.seed)
+            rows.append(dict(section="suite_sharded", method=mode, n=n, d=SHARDED_DIM, devices=case["devices"],
+                             table_mib_per_device=round(case["device_bytes"] / 2 ** 20, 2),
+                             init_s=round(case["init_s"], 2), first_step_s=round(case["first_step_s"], 2),
+                             median_ms=round(case["step_ms"], 3), min_ms=round(case["min_ms"], 3), runs=args.runs,
+                             device_peak_gb=None if case["device_peak_gb"] is None else round(case["device_peak_gb"], 3),
+                             device=device))
     return rows
 
 
@@ -642,6 +724,8 @@ PROFILE_COLUMNS = ("part", "c", "b", "s", "dtype", "traced_ms", "share", "median
                    "x_floor", "note")
 SUITE_RANK_COLUMNS = ("method", "c", "b", "s", "dtype", "median_ms", "min_ms", "vs_release", "runs", "device")
 SUITE_RETRIEVAL_COLUMNS = ("method", "n", "b", "k", "median_ms", "min_ms", "vs_bare", "recall", "runs", "device")
+SUITE_SHARDED_COLUMNS = ("method", "n", "d", "devices", "table_mib_per_device", "init_s", "first_step_s", "median_ms",
+                         "min_ms", "runs", "device_peak_gb", "device")
 
 
 def write_outputs(rows: list[dict], markdown: str, out: Optional[str], plot: bool) -> list[str]:
@@ -726,7 +810,8 @@ def parse_args(argv=None):
     parser.add_argument("--suite-rank", type=lambda s: [tuple(int(v) for v in x.split("x")) for x in s.split(",")],
                         default=list(SUITE_RANK), help="--device-suite ranking cases CxB (default 500x1,2000x1,500x8)")
     parser.add_argument("--suite-sizes", type=lambda s: [int(float(x)) for x in s.split(",")], default=None,
-                        help="--device-suite corpus sizes (default 1e6 on CPU; 1e6,1e7 on an accelerator)")
+                        help="--device-suite corpus sizes, and rows of the sharded-table rows' post table "
+                             "(default 1e6 on CPU; 1e6,1e7 on an accelerator)")
     parser.add_argument("--suite-serve", default=None, metavar="FLAGS",
                         help="--device-suite: also run scripts/bench_serve.py FLAGS ('' for its defaults) and "
                              "append its table (served vs in-process latency and throughput)")
@@ -778,7 +863,10 @@ def main(argv=None):
         markdown = (f"## Device suite ({rows[0]['device']}; medians of interleaved calls: ranking, runs per row; "
                     f"retrieval, {args.runs}; {load})\n\n"
                     + markdown_table(rank_rows, SUITE_RANK_COLUMNS) + "\n\n"
-                    + markdown_table([r for r in rows if r["section"] == "suite_retrieval"], SUITE_RETRIEVAL_COLUMNS))
+                    + markdown_table([r for r in rows if r["section"] == "suite_retrieval"], SUITE_RETRIEVAL_COLUMNS)
+                    + f"\n\n## Sharded tables (a ranker's train step, post table N x {SHARDED_DIM}, row-wise Adagrad, "
+                    f"{SHARDED_BATCH} users; docs/sharding.md)\n\n"
+                    + markdown_table([r for r in rows if r["section"] == "suite_sharded"], SUITE_SHARDED_COLUMNS))
         if args.suite_serve is not None:  # the load test's rows (scripts/bench_serve.py) on this backend too
             served = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                   "scripts", "bench_serve.py"),

@@ -6,6 +6,7 @@ model's (the release's parameter tree) and, when the forward owns hash tables, t
 
   forward.init(rng, batch)                  tables + model, as a trainer starts
   forward.init(rng, batch, embeddings)      the model alone, as a runner starts from given embeddings
+  forward.init(rng, batch, table_init=fn)   tables made by fn(name, key, shape, dtype) (sharded init)
   forward.apply(params, batch, embeddings=None, call="__call__", rng=None, **kwargs)
 
 `apply` looks the batch's hashes up in `params["hash_embeddings"]` (`embed`, a pure gather) when no
@@ -41,6 +42,14 @@ def both_towers(model, batch: RecsysBatch, embeddings):
 Call = Union[str, Callable]
 
 
+def _table_creator(table_init: Callable):
+    """A haiku creator that makes each table by `table_init` from the one key its own init would draw."""
+    def creator(next_creator, shape, dtype, init, context):
+        name = context.name
+        return next_creator(shape, dtype, lambda shape, dtype: table_init(name, hk.next_rng_key(), shape, dtype))
+    return creator
+
+
 def _run(model, call: Call, batch, embeddings, kwargs):
     if callable(call):
         return call(model, batch, embeddings, **kwargs)
@@ -55,20 +64,28 @@ class ModelForward:
                  table_init_stddev: Optional[float] = None):
         self.model_config = model_config.initialize()
         self.hash_config = hash_config or self.model_config.hash_config
-        stddev = DEFAULT_INIT_STDDEV if table_init_stddev is None else table_init_stddev
+        # The tables' initial rows are table_init_stddev * N(0, 1) (HashEmbeddings' RandomNormal).
+        self.table_init_stddev = stddev = DEFAULT_INIT_STDDEV if table_init_stddev is None else table_init_stddev
 
-        def forward(batch, embeddings=None, call: Call = "__call__", **kwargs):
+        def forward(batch, embeddings=None, call: Call = "__call__", table_init=None, **kwargs):
             if embeddings is None:  # only at init: create the tables (in the order checkpoints hold them)
-                embeddings = HashEmbeddings(self.hash_config, self.model_config.emb_size, stddev)(batch)
+                tables = HashEmbeddings(self.hash_config, self.model_config.emb_size, stddev)
+                if table_init is None:
+                    embeddings = tables(batch)
+                else:
+                    with hk.custom_creator(_table_creator(table_init)):
+                        embeddings = tables(batch)
             return _run(self.model_config.make(), call, batch, embeddings, kwargs)
 
         self.transformed = hk.transform(forward)
 
     def init(self, rng, batch: RecsysBatch, embeddings: Optional[RecsysEmbeddings] = None,
-             call: Call = "__call__", **kwargs):
+             call: Call = "__call__", table_init: Optional[Callable] = None, **kwargs):
         """Parameters: tables + model without `embeddings`, the model alone with them. `call` must
-        reach every parameter the model should have (e.g. both towers of the retrieval model)."""
-        return self.transformed.init(rng, batch, embeddings, call, **kwargs)
+        reach every parameter the model should have (e.g. both towers of the retrieval model).
+        `table_init(name, key, shape, dtype) -> [M, D]`, if given, makes each table in place of its
+        random-normal init, from the key haiku gives that table (the model's keys stay the same)."""
+        return self.transformed.init(rng, batch, embeddings, call, table_init, **kwargs)
 
     def apply(self, params, batch: RecsysBatch, embeddings: Optional[RecsysEmbeddings] = None,
               call: Call = "__call__", rng=None, **kwargs):

@@ -207,19 +207,22 @@ def _read_index(path: str) -> dict:
 
 
 def load_sharded_checkpoint(path, params_template, opt_state_template=None, *, is_split: Callable,
-                            shardings=None, decode_config=None) -> checkpoint.Checkpoint:
+                            shardings=None, decode_config=None, ignore_unexpected: bool = False
+                            ) -> checkpoint.Checkpoint:
     """Reads a sharded checkpoint into the templates' structure. Split leaves take the template's rows
     (at least the saved rows; rows beyond them are zeros, e.g. padding). `shardings`: a pytree
     {"params": ..., "opt_state": ...} of shardings for the split leaves' results (jax Arrays, each
     device's rows read from the shards that hold them); None: host NumPy arrays. Other leaves come
     back as host arrays. Parts of another save, a missing part or a shape mismatch raise
-    CheckpointError naming the file."""
+    CheckpointError naming the file. `ignore_unexpected`: parameters absent from the template are skipped
+    (phoenix_checkpoint.load_checkpoint's), e.g. a model-only template (the runners)."""
     path = os.path.abspath(os.fspath(path))
     index = _read_index(path)
     templates = {"params": params_template, "opt_state": opt_state_template}
     dense_templates = {t: None if tree is None else _placeholders(tree, is_split) for t, tree in templates.items()}
     dense = checkpoint.load_checkpoint(os.path.join(path, DENSE_DIR), dense_templates["params"],
-                                       dense_templates["opt_state"], decode_config=decode_config)
+                                       dense_templates["opt_state"], decode_config=decode_config,
+                                       ignore_unexpected=ignore_unexpected)
     if dense.meta.get("save_id") != index["parts"].get(DENSE_DIR):
         raise checkpoint.CheckpointError(f"{path}/{DENSE_DIR}: written by another save than {path}/{INDEX_FILE} "
                                          f"names (save id {dense.meta.get('save_id')!r})")

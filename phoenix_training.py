@@ -38,7 +38,7 @@ import phoenix_configs as configs
 import phoenix_sharded_checkpoint as sharded_checkpoint
 import phoenix_sharding as sharding
 from phoenix_forward import ModelForward, both_towers
-from phoenix_inputs import ACTIONS, HashConfig, RecsysBatch
+from phoenix_inputs import ACTIONS, TABLE_MODULE, HashConfig, RecsysBatch
 # The losses, optimiser and resume machinery are re-exported: `training.X` is the one-stop API.
 from phoenix_losses import (DEFAULT_TEMPERATURE, MASKED_LOGIT, RankingLossTerms, RetrievalLossTerms,  # noqa: F401
                             check_action_weights, check_ranking_targets, check_retrieval_targets,
@@ -212,7 +212,16 @@ class Trainer:
 
     def _init(self, rng, example_batch) -> TrainState:
         init_rng, state_rng = jax.random.split(rng)
-        params = self.forward.init(init_rng, self._prepare_batch(example_batch), call=self._outputs_call)
+        drawn = {}  # sharded tables: {name: [Mp, D] row-split}, each shard's rows drawn on its own device
+
+        def draw_sharded(name, key, shape, dtype):  # the replicated init's values (phoenix_sharding.normal_table)
+            drawn[name] = sharding.normal_table(self.mesh, key, shape[0], shape[1], self.forward.table_init_stddev)
+            return jnp.zeros(shape, dtype)  # haiku's [M, D] stand-in, replaced below (unused: XLA drops it)
+
+        params = self.forward.init(init_rng, self._prepare_batch(example_batch), call=self._outputs_call,
+                                   table_init=None if self.table_shards is None else draw_sharded)
+        if self.table_shards is not None:  # the tables drawn shard by shard, padded, in place of the stand-ins
+            params = {**params, TABLE_MODULE: {name: drawn[name] for name in params[TABLE_MODULE]}}
         if self.sparse:
             dense, tables = split_tables(params)
             opt_state = {"dense": self.optimizer.init(dense),

@@ -400,7 +400,8 @@ def distributed_args(args, kind: str, error) -> Optional[Distributed]:
     if args.num_processes > 1:
         if kind != "synthetic":
             error(f"--num-processes {args.num_processes}: multi-process runs are supported on --data synthetic only "
-                  f"so far, got --data {args.data}")
+                  f"so far, got --data {args.data} (a log run's time budget, early stopping and run directory are "
+                  "decided and written in each process: docs/sharding.md, Not done)")
         if not args.data_parallel:
             error(f"--num-processes {args.num_processes}: add --data-parallel (the batch is split over every "
                   "process's devices)")

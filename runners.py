@@ -22,6 +22,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 import phoenix_checkpoint as checkpoint
 import phoenix_configs as configs
+import phoenix_sharded_checkpoint as sharded_checkpoint
+import phoenix_sharding as sharding
 from grok import TrainingState
 # ACTIONS and the example factories are the release's names in this module.
 from phoenix_forward import ModelForward, both_towers
@@ -119,14 +121,22 @@ class CheckpointInfo(NamedTuple):
     save_id: Optional[str]  # None for version-1 checkpoints
 
 
+def _meta_dir(path) -> str:
+    """The directory holding a checkpoint's meta.json: `path`, or a sharded checkpoint's dense part."""
+    if sharded_checkpoint.is_sharded_checkpoint(path):
+        return os.path.join(os.fspath(path), sharded_checkpoint.DENSE_DIR)
+    return path
+
+
 def describe_checkpoint(path) -> CheckpointInfo:
     """The kind of model a checkpoint holds (from the type of its saved config, or of the config's
     "model" entry as a Trainer saves it), with its step and save id.
 
     Reads meta.json's JSON only, before any model is built: a ranker checkpoint given to the
-    retrieval runner (or back) would otherwise fail deep inside Haiku.
+    retrieval runner (or back) would otherwise fail deep inside Haiku. A sharded checkpoint's is in
+    its dense part.
     """
-    meta = checkpoint.read_meta(path)
+    meta = checkpoint.read_meta(_meta_dir(path))
     config = meta.get("config")
     if isinstance(config, dict) and configs.TYPE_TAG not in config:  # a trainer's {"model": ..., ...}
         config = config.get("model")
@@ -167,7 +177,10 @@ class BaseModelRunner:
     `load_or_init` loads the model's parameters from it instead of initialising them, checking
     every parameter's path, shape and dtype against the model (a mismatch names the parameter and
     the file; a checkpoint of the other model kind is refused before anything is built). Hash tables saved beside the model (`hash_embeddings/*`) are loaded into
-    `self.hash_tables`, so inference runners can embed raw batches themselves.
+    `self.hash_tables`, so inference runners can embed raw batches themselves: whole on the host, or,
+    with `table_mesh` set (an inference runner's `shard_tables`), split by rows over the mesh's table
+    axis (phoenix_sharding; each device reads its own rows from a sharded checkpoint's shards).
+    Regular and sharded checkpoints (phoenix_sharded_checkpoint) load either way.
     """
 
     CONFIG: type  # the model config class this runner builds
@@ -183,6 +196,7 @@ class BaseModelRunner:
         self.rng_seed = rng_seed
         self.checkpoint_path = checkpoint_path
         self.hash_tables = None
+        self.table_mesh: Optional[Mesh] = None  # set: tables split by rows over it, padded (phoenix_sharding)
 
     def _load_or_init(self, init_fn) -> TrainingState:
         """init_fn() -> TrainingState; its shapes are the template a checkpoint must match."""
@@ -196,12 +210,28 @@ class BaseModelRunner:
             name: jax.ShapeDtypeStruct((size, D), jnp.float32)
             for name, size in (("user_table", hc.user_table_size), ("post_table", hc.post_table_size),
                                ("author_table", hc.author_table_size))}}
-        has_tables = any(p.startswith("hash_embeddings/") for p in checkpoint.read_meta(self.checkpoint_path)["params"])
-        ckpt = checkpoint.load_checkpoint(self.checkpoint_path, params_template={**template, **tables} if has_tables
-                                          else template, ignore_unexpected=True)
+        meta = checkpoint.read_meta(_meta_dir(self.checkpoint_path))
+        has_tables = any(p.startswith("hash_embeddings/") for p in meta["params"])
+        if sharded_checkpoint.is_sharded_checkpoint(self.checkpoint_path):
+            if self.table_mesh is not None:  # each device's rows, padded, read from the shards holding them
+                shards = sharding.table_shards(self.table_mesh)
+                tables = jax.tree.map(lambda t: jax.ShapeDtypeStruct((sharding.padded_rows(t.shape[0], shards),
+                                                                      t.shape[1]), t.dtype), tables)
+            full = {**template, **tables}
+            ckpt = sharded_checkpoint.load_sharded_checkpoint(
+                self.checkpoint_path, full, is_split=sharding.is_table_path, ignore_unexpected=True,
+                shardings=None if self.table_mesh is None else
+                {"params": sharding.state_shardings(full, self.table_mesh), "opt_state": None})
+        else:
+            ckpt = checkpoint.load_checkpoint(self.checkpoint_path, params_template={**template, **tables}
+                                              if has_tables else template, ignore_unexpected=True)
         params = dict(ckpt.params)
         if has_tables:
             self.hash_tables = {"hash_embeddings": params.pop("hash_embeddings")}
+            if self.table_mesh is not None and not isinstance(jax.tree.leaves(self.hash_tables)[0], jax.Array):
+                shards = sharding.table_shards(self.table_mesh)  # a regular checkpoint: whole tables, split here
+                padded = sharding.pad_tables(jax.tree.map(np.asarray, self.hash_tables), hc, shards)
+                self.hash_tables = sharding.place_global(padded, sharding.state_shardings(padded, self.table_mesh))
         return TrainingState(params=params)
 
     def initialize(self):
@@ -263,17 +293,24 @@ class BaseInferenceRunner:
     batch is split along B over a 1-D device mesh ("data"); the same compiled functions then run
     on all devices (XLA partitions them). B must then be a multiple of the device count.
     Multi-host: call `jax.distributed.initialize()` first; each host feeds its own slice of users.
+
+    With `shard_tables=True` the hash tables loaded from a checkpoint are split by rows over the
+    devices (the data mesh, or one of every device without data parallelism): each device holds 1/n of
+    every table, and `embed` looks rows up in `shard_map` (phoenix_sharding.sharded_embed: each device
+    its own rows, a psum adds them), then the model runs as without it. docs/sharding.md, "Serving".
     """
 
     MODEL_RUNNER: type = BaseModelRunner  # the model runner (and so the config) this runner drives
 
-    def __init__(self, runner: BaseModelRunner, name: str = "phoenix", data_parallel: bool = False):
+    def __init__(self, runner: BaseModelRunner, name: str = "phoenix", data_parallel: bool = False,
+                 shard_tables: bool = False):
         if not isinstance(runner, self.MODEL_RUNNER):
             raise TypeError(f"runner: expected a {self.MODEL_RUNNER.__name__} for {type(self).__name__}, "
                             f"got {type(runner).__name__}")
         if not isinstance(name, str):
             raise TypeError(f"name: expected a str, got {type(name).__name__} {name!r}")
         _check_bool(data_parallel, "data_parallel")
+        _check_bool(shard_tables, "shard_tables")
         self.runner = runner
         self.name = name
         self.trace_counts = collections.Counter()  # entry point -> number of traces (compiles)
@@ -281,6 +318,12 @@ class BaseInferenceRunner:
         # Auto axes: XLA partitions the unchanged model code (explicit axes would need per-op shardings).
         self.mesh = (jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
                      if data_parallel else None)
+        # The tables' rows split over this mesh's axis ("data": phoenix_sharding.table_axis); None: whole.
+        self.table_mesh = None
+        if shard_tables:
+            self.table_mesh = self.mesh or jax.make_mesh((jax.device_count(),), ("data",),
+                                                         axis_types=(AxisType.Auto,))
+            runner.table_mesh = self.table_mesh
 
     @classmethod
     def from_checkpoint(cls, path: str, name: Optional[str] = None, **kwargs):
@@ -290,7 +333,7 @@ class BaseInferenceRunner:
         CheckpointError naming the runner that loads it.
         """
         _check_checkpoint_kind(path, cls.MODEL_RUNNER.CONFIG)
-        config = configs.load_checkpoint_config(path)
+        config = configs.load_checkpoint_config(_meta_dir(path))
         model_config = config.get("model") if isinstance(config, dict) else config
         if not isinstance(model_config, cls.MODEL_RUNNER.CONFIG):
             raise checkpoint.CheckpointError(f"{path}: holds no {cls.MODEL_RUNNER.CONFIG.__name__} config")
@@ -302,7 +345,11 @@ class BaseInferenceRunner:
         return runner
 
     def _init_embedder(self):
-        self._embed = self._jit("embed", lambda tables, b: embed(tables[TABLE_MODULE], b))
+        if self.table_mesh is None:
+            self._embed = self._jit("embed", lambda tables, b: embed(tables[TABLE_MODULE], b))
+        else:
+            mesh = self.table_mesh
+            self._embed = self._jit("embed", lambda tables, b: sharding.sharded_embed(mesh, tables[TABLE_MODULE], b))
         self._initialized = True  # the last step of every initialize()
 
     def _require_initialized(self, method: str) -> None:
@@ -436,8 +483,8 @@ class RecsysInferenceRunner(BaseInferenceRunner):
     MODEL_RUNNER = ModelRunner
 
     def __init__(self, runner: ModelRunner, name: str = "ranker", path: str = "isolated",
-                 data_parallel: bool = False, compute_dtype="auto"):
-        super().__init__(runner, name, data_parallel)
+                 data_parallel: bool = False, compute_dtype="auto", shard_tables: bool = False):
+        super().__init__(runner, name, data_parallel, shard_tables)
         if path not in ("isolated", "masked"):
             raise ValueError(f"path: expected 'isolated' or 'masked', got {path!r}")
         self.path = path
@@ -599,8 +646,9 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
 
     MODEL_RUNNER = RetrievalModelRunner
 
-    def __init__(self, runner: RetrievalModelRunner, name: str = "retrieval", data_parallel: bool = False):
-        super().__init__(runner, name, data_parallel)
+    def __init__(self, runner: RetrievalModelRunner, name: str = "retrieval", data_parallel: bool = False,
+                 shard_tables: bool = False):
+        super().__init__(runner, name, data_parallel, shard_tables)
         self.index = None  # CorpusIndex / ShardedCorpusIndex built by set_corpus
         self.corpus_embeddings = None
         self.corpus_post_ids = None

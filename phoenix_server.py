@@ -110,6 +110,7 @@ def recommend_rows(served: ServedRun, rows, ks) -> list[tuple[list, np.ndarray]]
     items and scores phoenix_serving.recommend gives each, from one top_items call."""
     rows = np.asarray(rows, np.int64)
     columns, scores = serving.top_items(served, served.split, rows, served.split.offsets[rows + 1])  # [U, K]
+    scores = scores.astype(np.float64)  # float32 where no float64 term enters: written as recommend's floats
     return [(served.item_tokens(columns[i, :k]), scores[i, :k]) for i, k in enumerate(ks)]
 
 

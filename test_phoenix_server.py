@@ -237,6 +237,23 @@ def test_answers_encode_floats_as_json_dumps_does():
     assert np.array_equal(np.array(got["probabilities"]).view(np.int64), array.view(np.int64))
 
 
+def test_float32_scores_are_answered_as_recommend_gives_them(server):
+    """With the three re-ranking weights 0 the two-stage scores stay float32 (as on MovieLens, where
+    validation chose 0): the answer's floats are recommend's (float32 values read as float64), not
+    their shortest float32 spelling."""
+    import dataclasses
+
+    _, _, run, _ = server
+    plain = dataclasses.replace(run, retrieval_weight=0.0, popularity_weight=0.0, transition_weight=0.0)
+    rows = np.arange(3)
+    _, scores = phoenix_server.serving.top_items(plain, plain.split, rows, plain.split.offsets[rows + 1])
+    assert scores.dtype == np.float32  # else this test could not fail
+    for user, (items, scores) in zip(plain.user_tokens(rows), phoenix_server.recommend_rows(plain, rows, [10] * 3)):
+        got = json.loads(phoenix_server._json({"items": items, "scores": scores}))
+        want = pipeline.recommend(plain, user, 10)
+        assert got["items"] == [item for item, _ in want] and got["scores"] == [score for _, score in want]
+
+
 def test_bench_serve_runs_at_tiny_sizes(server, tmp_path, capsys):
     """scripts/bench_serve.py (the load test, also the device suite's rows), in this process, on the
     module's server of the tiny run (--url) and on the nano model cut to history 8, width 32, one layer

@@ -72,7 +72,7 @@ def handoff(batch: int, repeats: int) -> float:
 def http_cost(run: Path, requests: int) -> float:
     """Server CPU seconds per GET /health on a run_serve.py of `run`."""
     process, base, _ = start_server([sys.executable, str(ROOT / "run_serve.py"), "--run", str(run), "--port", "0",
-                                     "--max-rank-rows", "1"])
+                                     "--no-warmup"])  # /health runs no model
     try:
         host, port = base.split("//")[1].split(":")
         connection = http.client.HTTPConnection(host, int(port))

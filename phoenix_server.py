@@ -17,13 +17,16 @@ Bad input (unknown user or item, empty or too many candidates, k out of range, m
 unknown fields) is answered 400 with {"error": "<field>: expected ..., got ..."}, the library's
 messages; only a fault of the server itself is a 500.
 
-Micro-batching: each endpoint has a queue served by one worker thread (the model runs outside the
-event loop, which keeps accepting requests). The worker takes every request waiting, up to
-`max_batch`; when the previous batch held more than one request (clients are concurrent) it also
-waits up to `max_wait_ms` for more, so a lone client never waits. A batch runs as one computation:
-/recommend through phoenix_serving.top_items (padded EVAL_BATCH blocks: a user's answer is the one
-recommend gives, bit for bit, whoever shares the batch), /rank through ranker_logits with its rows
-padded to the next of RANK_BUCKETS (one compilation per bucket, all compiled at startup).
+Micro-batching: each endpoint has a queue on the event loop. While no batch of it is running, a
+request starts one; the batch takes every request waiting, up to `max_batch` (when the previous batch
+held more than one request, clients are concurrent, and it also waits up to `max_wait_ms` for as many
+as that batch held, so a lone client never waits) and runs as one computation on the endpoint's
+worker thread (the event loop keeps accepting and parsing requests meanwhile); its answers are
+encoded on the worker from NumPy arrays (orjson: no Python float per number) and handed back to the
+loop in one call. /recommend runs through phoenix_serving.top_items (padded EVAL_BATCH blocks: a
+user's answer is the one recommend gives, bit for bit, whoever shares the batch), /rank through
+ranker_logits with its rows padded to the next of RANK_BUCKETS (one compilation per bucket, all
+compiled at startup).
 
 Shape glossary
   U  users in a batch   K  items a user gets   C  candidates   Ct  the ranker's training candidates
@@ -32,16 +35,16 @@ Shape glossary
 
 import asyncio
 import dataclasses
-import json
+import importlib.util
 import os
-import queue
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from typing import Callable, Optional
 
 import jax
 import numpy as np
+import orjson
 
 import phoenix_serving as serving
 import phoenix_split
@@ -57,6 +60,8 @@ __all__ = ["ServerConfig", "MicroBatcher", "make_app", "serve", "rank", "rank_lo
 RANK_BUCKETS = (1, 4, 16, 32, 64, 128, 256)
 MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused (413)
 DRAIN_BYTES = 16 << 20  # ... after reading this much of it at most
+BACKLOG = 1024  # connections the listening socket queues before accepting them
+JSON_DEPTH = 1024  # arrays and objects nested deeper are refused (orjson's limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +105,13 @@ def check_recommend(served: ServedRun, user, k) -> tuple[int, int]:
     return row, k
 
 
-def recommend_rows(served: ServedRun, rows, ks) -> list[list[tuple]]:
-    """[(original item id, score)] best first for each user row [U] and its k [U]: what
-    phoenix_serving.recommend gives each, from one top_items call."""
+def recommend_rows(served: ServedRun, rows, ks) -> list[tuple[list, np.ndarray]]:
+    """(original item ids [k], scores [k] float64) best first for each user row [U] and its k [U]: the
+    items and scores phoenix_serving.recommend gives each, from one top_items call."""
     rows = np.asarray(rows, np.int64)
     columns, scores = serving.top_items(served, served.split, rows, served.split.offsets[rows + 1])  # [U, K]
-    return [list(zip(served.item_tokens(columns[i, :k]), scores[i, :k].tolist())) for i, k in enumerate(ks)]
+    scores = scores.astype(np.float64)  # float32 where no float64 term enters: written as recommend's floats
+    return [(served.item_tokens(columns[i, :k]), scores[i, :k]) for i, k in enumerate(ks)]
 
 
 def check_rank(served: ServedRun, user, candidates, max_candidates: int) -> tuple[int, np.ndarray]:
@@ -175,83 +181,69 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Pending:
-    __slots__ = ("payload", "loop", "future")
-
-    def __init__(self, payload, loop, future):
-        self.payload, self.loop, self.future = payload, loop, future
-
-
-_STOP = object()
-
-
 class MicroBatcher:
-    """One worker thread running `run_batch(payloads) -> results` (one per payload, in order) on the
-    requests waiting (module docstring). `submit` from the event loop returns an awaitable."""
+    """Batches of `run_batch(payloads) -> results` (one per payload, in order) on the requests waiting
+    (module docstring), run one at a time on a worker thread. `submit` from the event loop returns an
+    awaitable; the loop it is first called on is the one the batches are scheduled on."""
 
     def __init__(self, run_batch: Callable[[list], list], max_batch: int, max_wait_s: float, name: str):
         self.run_batch, self.max_batch, self.max_wait_s = run_batch, max_batch, max_wait_s
-        self.queue: queue.Queue = queue.Queue()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"batcher-{name}")
+        self.pending: list = []  # [(payload, future)] waiting for the next batch
         self.batch_sizes: list = []  # sizes of the batches run (for the bench)
-        self.thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
-        self.thread.start()
+        self.running = False  # a batch task is scheduled (it runs batches while requests wait)
+        self.enough: Optional[asyncio.Event] = None  # set once `want` requests wait
+        self.want = 0
+        self.task: Optional[asyncio.Future] = None
 
     def submit(self, payload) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self.queue.put(_Pending(payload, loop, future))
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((payload, future))
+        if not self.running:
+            self.running = True
+            self.task = asyncio.ensure_future(self._run())  # held: a task nobody references may be collected
+        elif self.enough is not None and len(self.pending) >= self.want:
+            self.enough.set()
         return future
 
     def stop(self) -> None:
-        self.queue.put(_STOP)
-        self.thread.join()
+        """Waits for the batch running (if any) and ends the worker thread."""
+        self.executor.shutdown(wait=True)
 
-    def _take(self, first) -> tuple[list, bool]:
-        """The next batch: `first`, every request waiting, and, while clients are concurrent (the last
-        batch held several), those that arrive within max_wait_s until the last batch's size is reached."""
-        batch, stop = [first], False
+    async def _take(self) -> list:
+        """The next batch: every request waiting up to max_batch and, while clients are concurrent
+        (the last batch held several), those that arrive within max_wait_s until the last batch's size."""
         expected = min(self.batch_sizes[-1], self.max_batch) if self.batch_sizes else 1
-        deadline = time.monotonic() + (self.max_wait_s if expected > 1 else 0.0)
-        while len(batch) < self.max_batch:
-            remaining = deadline - time.monotonic()
+        if len(self.pending) < expected and self.max_wait_s > 0:
+            self.enough, self.want = asyncio.Event(), expected
             try:
-                if remaining > 0 and len(batch) < expected:
-                    item = self.queue.get(timeout=remaining)
-                else:
-                    item = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:
-                stop = True
-                break
-            batch.append(item)
-        return batch, stop
+                await asyncio.wait_for(self.enough.wait(), self.max_wait_s)
+            except asyncio.TimeoutError:
+                pass
+            self.enough = None
+        batch, self.pending = self.pending[:self.max_batch], self.pending[self.max_batch:]
+        return batch
 
-    def _loop(self) -> None:
-        while True:
-            first = self.queue.get()
-            if first is _STOP:
-                return
-            batch, stop = self._take(first)
-            self.batch_sizes.append(len(batch))
-            try:
-                results = self.run_batch([p.payload for p in batch])
-                outcomes = [(r, None) for r in results]
-            except Exception as e:  # a fault of the computation: every request of the batch gets it
-                outcomes = [(None, e)] * len(batch)
-            for pending, (result, error) in zip(batch, outcomes):
-                pending.loop.call_soon_threadsafe(_settle, pending.future, result, error)
-            if stop:
-                return
-
-
-def _settle(future: asyncio.Future, result, error) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.pending:
+                batch = await self._take()
+                self.batch_sizes.append(len(batch))
+                try:
+                    results = await loop.run_in_executor(self.executor, self.run_batch, [p for p, _ in batch])
+                    outcomes = [(r, None) for r in results]
+                except Exception as e:  # a fault of the computation: every request of the batch gets it
+                    outcomes = [(None, e)] * len(batch)
+                for (_, future), (result, error) in zip(batch, outcomes):
+                    if future.cancelled():  # its client went away
+                        continue
+                    if error is not None:
+                        future.set_exception(error)
+                    else:
+                        future.set_result(result)
+        finally:
+            self.running = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,29 +276,39 @@ def _fields(body, allowed: dict) -> dict:
     return body
 
 
+def _json(value) -> bytes:
+    """`value` as JSON: NumPy arrays written by orjson from their buffers, floats in their shortest
+    round-trip form (as json.dumps writes them)."""
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 def make_app(served: ServedRun, config: ServerConfig = ServerConfig()):
-    """The Starlette app serving `served` (module docstring), with its two batchers started.
+    """The Starlette app serving `served` (module docstring), with its two batchers ready.
     app.state.batchers: {"recommend", "rank"}; stop them with app.state.stop()."""
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
+    from starlette.responses import Response
     from starlette.routing import Route
 
-    def run_recommend(payloads):
-        rows, ks = zip(*payloads)
-        return recommend_rows(served, rows, ks)
+    actions = list(ACTIONS)
 
-    def run_rank(payloads):
-        rows, columns = zip(*payloads)
-        return [_sigmoid(logits).tolist()
-                for logits in rank_logits(served, rows, list(columns), max_rows=config.max_rank_rows)]
+    def run_recommend(payloads):  # [(user, row, k)] -> response bodies
+        users, rows, ks = zip(*payloads)
+        return [_json({"user": user, "items": items, "scores": scores})
+                for user, (items, scores) in zip(users, recommend_rows(served, rows, ks))]
+
+    def run_rank(payloads):  # [(user, candidates, row, columns)] -> response bodies
+        users, candidates, rows, columns = zip(*payloads)
+        logits = rank_logits(served, rows, list(columns), max_rows=config.max_rank_rows)  # U x [C, A]
+        return [_json({"user": user, "candidates": names, "actions": actions, "probabilities": _sigmoid(x)})
+                for user, names, x in zip(users, candidates, logits)]
 
     batchers = {"recommend": MicroBatcher(run_recommend, config.max_batch, config.max_wait_ms / 1e3, "recommend"),
                 "rank": MicroBatcher(run_rank, config.max_batch, config.max_wait_ms / 1e3, "rank")}
-    version = _version_info(served)
+    version = _json(_version_info(served))
 
-    def error(status: int, message: str) -> Response:
-        return JSONResponse({"error": message}, status_code=status)
+    def answer(body: bytes, status: int = 200) -> Response:
+        return Response(body, status_code=status, media_type="application/json")
 
     async def read_json(request: Request):
         # An oversized body is read to its end (up to DRAIN_BYTES) before the 413, so that a client
@@ -322,18 +324,18 @@ def make_app(served: ServedRun, config: ServerConfig = ServerConfig()):
             raise RequestError(f"body: expected at most {MAX_BODY_BYTES} bytes, got {size}"
                                f"{' or more' if size > DRAIN_BYTES else ''}", status=413)
         try:
-            return json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return orjson.loads(b"".join(chunks) if len(chunks) != 1 else chunks[0])
+        except orjson.JSONDecodeError as e:
+            if str(e).startswith("depth limit exceeded"):
+                raise RequestError(f"body: expected JSON nested at most {JSON_DEPTH} levels deep, got deeper") from None
             raise RequestError(f"body: expected JSON, got {e}") from None
-        except RecursionError:
-            raise RequestError("body: expected JSON nested at most a few hundred levels deep, got deeper") from None
 
     def endpoint(handler):
         async def wrapped(request: Request) -> Response:
             try:
-                return JSONResponse(await handler(request))
+                return answer(await handler(request))
             except RequestError as e:  # bad input; anything else is a fault of the server (500)
-                return error(e.status, str(e))
+                return answer(_json({"error": str(e)}), e.status)
         return wrapped
 
     def checked(check, *args):
@@ -343,24 +345,21 @@ def make_app(served: ServedRun, config: ServerConfig = ServerConfig()):
         except (ValueError, TypeError, OverflowError) as e:  # e.g. an integer id beyond int64
             raise RequestError(str(e)) from None
 
-    async def recommend(request: Request):
+    async def recommend(request: Request) -> bytes:
         body = _fields(await read_json(request), {"user": True, "k": False})
         user = body["user"]
         row, k = checked(check_recommend, served, user, body.get("k", two_stage.FINAL_K))
-        items = await batchers["recommend"].submit((row, k))
-        return {"user": user, "items": [item for item, _ in items], "scores": [score for _, score in items]}
+        return await batchers["recommend"].submit((user, row, k))
 
-    async def rank_endpoint(request: Request):
+    async def rank_endpoint(request: Request) -> bytes:
         body = _fields(await read_json(request), {"user": True, "candidates": True})
         row, columns = checked(check_rank, served, body["user"], body["candidates"], config.max_candidates)
-        probabilities = await batchers["rank"].submit((row, columns))
-        return {"user": body["user"], "candidates": body["candidates"], "actions": list(ACTIONS),
-                "probabilities": probabilities}
+        return await batchers["rank"].submit((body["user"], body["candidates"], row, columns))
 
-    async def health(request: Request):
-        return {"status": "ok"}
+    async def health(request: Request) -> bytes:
+        return b'{"status":"ok"}'
 
-    async def version_endpoint(request: Request):
+    async def version_endpoint(request: Request) -> bytes:
         return version
 
     routes = [Route("/recommend", endpoint(recommend), methods=["POST"])] if config.recommend else []
@@ -401,8 +400,12 @@ def serve(served: ServedRun, host: str = "127.0.0.1", port: int = 8000, config: 
         warm_up(served, config)
         log(f"compiled in {time.perf_counter() - start:.1f} s")
     app = make_app(served, config)
+    # One worker process (the model and its compilations are loaded once), httptools' C parser,
+    # uvloop where it is installed, no access log and no per-response Date/Server headers.
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                   lifespan="off"))
+                                   lifespan="off", http="httptools", loop=loop, workers=1, backlog=BACKLOG,
+                                   server_header=False, date_header=False))
     try:
         server.run()
     finally:

@@ -1,11 +1,12 @@
 """phoenix_export.py and phoenix_exported.py: the exported functions compute what the in-process
 library computes, and load with JAX and NumPy alone.
 
-The tiny run is test_phoenix_serving's (`trained`: string ids, varied actions, both re-ranking
-weights non-zero); its recipe has C = 4 ranker candidates and retrieve_k = 12, so K spans three
-ranker chunks. Tolerances: float32 1e-5 (absolute and relative) between exported and in-process
-logits / cosines, which are separate XLA compilations of the same arithmetic; recommend lists are
-compared for equality (same items, same order) and their scores at 1e-5.
+The tiny run is test_phoenix_serving's (`trained`, trained once for this module and
+test_phoenix_server: `tiny_run`; string ids, varied actions, both re-ranking weights non-zero); its
+recipe has C = 4 ranker candidates and retrieve_k = 12, so K spans three ranker chunks. Tolerances:
+float32 1e-5 (absolute and relative) between exported and in-process logits / cosines, which are
+separate XLA compilations of the same arithmetic; recommend lists are compared for equality (same
+items, same order) and their scores at 1e-5.
 """
 
 import json
@@ -23,16 +24,16 @@ import phoenix_pipeline as pipeline
 import phoenix_serving as serving
 import phoenix_split
 import phoenix_two_stage as two_stage
-from test_phoenix_serving import trained  # noqa: F401  (the module-scoped tiny run)
+from test_phoenix_server import tiny_run  # noqa: F401  (the tiny run, trained once for both modules)
 
 REPO = Path(__file__).resolve().parent
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
-def exported(trained):  # noqa: F811
+def exported(tiny_run):  # noqa: F811
     """(served run, export directory, phoenix_exported.load of it)."""
-    tmp, _ = trained
+    tmp = tiny_run
     run = pipeline.load_run(tmp / "run")
     path = phoenix_export.export_run(run)
     return run, path, phoenix_exported.load(path)
@@ -90,8 +91,9 @@ def test_candidate_isolation_survives_export(exported):
     np.testing.assert_array_equal(changed[0, 4], base[0, 4])
     alone = ex.rank_columns(np.array([0]), np.array([[N - 1, N - 2, N - 3, N - 4, columns[0, 4]]]))
     np.testing.assert_allclose(alone[0, 4], base[0, 4], **TOL)
-    # ... and the slot does matter (rotary position c mod C): the check above could fail
-    moved = ex.rank_columns(np.array([0]), np.array([[columns[0, 4]] * 2]))
+    # ... and the slot does matter (rotary position c mod C): the check above could fail (the shape
+    # of `alone`, compiled once)
+    moved = ex.rank_columns(np.array([0]), np.array([[columns[0, 4]] * 5]))
     assert not np.allclose(moved[0, 1], base[0, 4], rtol=0, atol=1e-7)
 
 
@@ -178,13 +180,13 @@ def test_loading_needs_jax_and_numpy_only(exported):
     np.testing.assert_allclose(out["rank"], 1 / (1 + np.exp(-logits)), **TOL)
 
 
-def test_run_serve_export_replaces_the_directory_atomically(exported, trained):  # noqa: F811
+def test_run_serve_export_replaces_the_directory_atomically(exported, tiny_run):  # noqa: F811
     """`run_serve.py --run DIR --export` over an existing DIR/export: the new directory replaces the
     old one whole (nothing left beside it) and serves the same lists."""
     import run_serve
 
     run, path, _ = exported
-    tmp, _ = trained
+    tmp = tiny_run
     before = os.stat(path).st_ino
     assert run_serve.main(["--run", str(tmp / "run"), "--export"]) == 0
     assert os.stat(path).st_ino != before

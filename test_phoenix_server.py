@@ -2,13 +2,16 @@
 bad input with a 4xx naming the field, batches concurrent requests, and stops cleanly.
 
 The server runs in a subprocess (`run_serve.py --run DIR --port P`, as a user starts it) on the tiny
-run of test_phoenix_serving (`trained`). /recommend answers are compared for equality with
-phoenix_pipeline.recommend (items, order and scores: JSON carries a float64 exactly; a user's
-answer does not depend on its batch, phoenix_serving.top_items); /rank probabilities with
-phoenix_server.rank at atol 1e-6 (float32 logits of a different padded batch shape).
+run of test_phoenix_serving (`trained`, once for this module and test_phoenix_export: `tiny_run`).
+/recommend answers are compared for equality with phoenix_pipeline.recommend (items, order and
+scores: JSON carries a float64 exactly; a user's answer does not depend on its batch,
+phoenix_serving.top_items); /rank probabilities with phoenix_server.rank at atol 1e-6 (float32
+logits of a different padded batch shape).
 """
 
 import asyncio
+import fcntl
+import importlib.util
 import json
 import os
 import signal
@@ -26,9 +29,26 @@ import pytest
 
 import phoenix_pipeline as pipeline
 import phoenix_server
-from test_phoenix_serving import trained  # noqa: F401  (the module-scoped tiny run)
+import test_phoenix_serving
 
 REPO = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """The directory holding test_phoenix_serving's tiny run (`trained`: run/, top.csv), trained once
+    per test session for this module and test_phoenix_export, which imports this fixture: a module
+    finds it through a file in the session's temporary directory, which xdist's workers share (they
+    take turns under a lock, the first trains)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this session's, every worker's
+    with open(root / "phoenix_server_tiny_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        where = root / "phoenix_server_tiny_run.txt"
+        if not where.exists():
+            tmp, _ = test_phoenix_serving.trained.__wrapped__(tmp_path_factory)
+            where.write_text(str(tmp))
+        return Path(where.read_text())
 
 
 def call(base: str, path: str, body=None, raw: bytes = None, method=None) -> tuple[int, dict]:
@@ -47,9 +67,9 @@ def call(base: str, path: str, body=None, raw: bytes = None, method=None) -> tup
 
 
 @pytest.fixture(scope="module")
-def server(trained):  # noqa: F811
+def server(tiny_run):
     """(process, base URL, served run in this process) of `run_serve.py --run DIR` on a free port."""
-    tmp, _ = trained
+    tmp = tiny_run
     process = subprocess.Popen([sys.executable, str(REPO / "run_serve.py"), "--run", str(tmp / "run"), "--port", "0",
                                 "--max-rank-rows", "16"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, cwd=tmp,
@@ -180,23 +200,82 @@ def test_micro_batching_collects_concurrent_requests():
     assert batcher.batch_sizes == [1, 8, 2]  # max_batch caps a batch
 
 
-def test_bench_serve_runs_at_tiny_sizes(trained, tmp_path):  # noqa: F811
-    """scripts/bench_serve.py (the load test, also the device suite's rows) on the tiny run and on the
-    nano model cut to history 8: it checks every served answer against the in-process one itself."""
-    tmp, _ = trained
+def test_a_failing_batch_fails_each_of_its_requests_and_the_next_batch_runs():
+    """A fault of the computation reaches every request of its batch (the server answers them 500);
+    a request whose client went away (cancelled) is skipped; the batcher keeps serving."""
+    def run_batch(payloads):
+        if "bad" in payloads:
+            raise RuntimeError("model fault")
+        return [p.upper() for p in payloads]
+
+    batcher = phoenix_server.MicroBatcher(run_batch, max_batch=8, max_wait_s=0.0, name="test")
+
+    async def main():
+        first = [batcher.submit(p) for p in ("a", "bad", "c")]
+        first[2].cancel()
+        outcomes = await asyncio.gather(*first[:2], return_exceptions=True)
+        return outcomes, await asyncio.gather(batcher.submit("d"), batcher.submit("e"))
+
+    try:
+        (a, bad), after = asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert isinstance(a, RuntimeError) and isinstance(bad, RuntimeError) and str(a) == "model fault"
+    assert after == ["D", "E"] and batcher.batch_sizes == [3, 2]
+
+
+def test_answers_encode_floats_as_json_dumps_does():
+    """_json writes float64 NumPy arrays (the served probabilities and scores) as json.dumps writes
+    their Python floats: every value reads back bit for bit."""
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.standard_normal(40) * 10.0 ** rng.integers(-30, 30, 40),
+                             [0.0, -0.0, 1.0, 1 - 2 ** -53, 5e-324, 1e-300, 1.7976931348623157e308, 1 / 3]])
+    array = values.reshape(-1, 4)  # [C, A]
+    got = json.loads(phoenix_server._json({"probabilities": array, "user": "u1"}))
+    assert got["user"] == "u1"
+    assert got["probabilities"] == json.loads(json.dumps(array.tolist()))  # float == float: bit for bit
+    assert np.array_equal(np.array(got["probabilities"]).view(np.int64), array.view(np.int64))
+
+
+def test_float32_scores_are_answered_as_recommend_gives_them(server):
+    """With the three re-ranking weights 0 the two-stage scores stay float32 (as on MovieLens, where
+    validation chose 0): the answer's floats are recommend's (float32 values read as float64), not
+    their shortest float32 spelling."""
+    import dataclasses
+
+    _, _, run, _ = server
+    plain = dataclasses.replace(run, retrieval_weight=0.0, popularity_weight=0.0, transition_weight=0.0)
+    rows = np.arange(3)
+    _, scores = phoenix_server.serving.top_items(plain, plain.split, rows, plain.split.offsets[rows + 1])
+    assert scores.dtype == np.float32  # else this test could not fail
+    for user, (items, scores) in zip(plain.user_tokens(rows), phoenix_server.recommend_rows(plain, rows, [10] * 3)):
+        got = json.loads(phoenix_server._json({"items": items, "scores": scores}))
+        want = pipeline.recommend(plain, user, 10)
+        assert got["items"] == [item for item, _ in want] and got["scores"] == [score for _, score in want]
+
+
+def test_bench_serve_runs_at_tiny_sizes(server, tmp_path, capsys):
+    """scripts/bench_serve.py (the load test, also the device suite's rows), in this process, on the
+    module's server of the tiny run (--url) and on the nano model cut to history 8, width 32, one layer
+    (its own server subprocess): it checks every served answer against the in-process one itself."""
+    _, base, run, _ = server
+    spec = importlib.util.spec_from_file_location("bench_serve", REPO / "scripts" / "bench_serve.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_serve.py"), "--run", str(tmp / "run"),
-                           "--requests", "6", "--nano-requests", "2", "--nano-history", "8", "--clients", "1,2",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode == 0, done.stderr[-3000:]
+    bench.main(["--run", run.path, "--url", base, "--max-rank-rows", "16", "--label", "tiny", "--requests", "6",
+                "--nano-requests", "2", "--nano-history", "8", "--nano-emb-size", "32", "--nano-layers", "1",
+                "--nano-max-rank-rows", "1", "--clients", "1,2", "--out", str(out)], served=run)
     rows = json.loads(out.read_text())["rows"]
     assert {(r["model"], r["endpoint"], r["mode"], r["clients"]) for r in rows} == {
-        (model, endpoint, mode, clients) for model, endpoint in (("small", "rank"), ("small", "recommend"),
+        (model, endpoint, mode, clients) for model, endpoint in (("tiny", "rank"), ("tiny", "recommend"),
                                                                  ("nano", "rank"))
         for mode in ("served", "in-process") for clients in (1, 2)}
-    assert all(r["requests"] == 6 if r["model"] == "small" else r["requests"] == 2 for r in rows)
-    assert "| small | /rank | 1 | 6 |" in done.stdout
+    assert all(r["requests"] == 6 if r["model"] == "tiny" else r["requests"] == 2 for r in rows)
+    served = [r for r in rows if r["mode"] == "served"]  # the server's CPU is read where the script started it
+    assert all((r["server_cpu_ms"] is None) == (r["model"] == "tiny") for r in served)
+    assert all(r["client_cpu_ms"] >= 0 for r in served)
+    assert "| tiny | /rank | 1 | 6 |" in capsys.readouterr().out
 
 
 def test_sigterm_stops_the_server_cleanly(server):

@@ -1,15 +1,17 @@
 """Load test of phoenix-serve on 127.0.0.1: p50 / p99 latency and throughput for 1, 8 and 32
 concurrent clients, against the in-process library on the same requests batched the same way.
 
-    uv run python scripts/bench_serve.py                      # trains a small run (~1 min), then both models
-    uv run python scripts/bench_serve.py --run DIR            # a run of run_train.py --data LOG instead
-                                                              # (trained there first if DIR does not exist)
+    uv run python scripts/bench_serve.py                      # trains a MovieLens fixture run, then both models
+    uv run python scripts/bench_serve.py --run DIR            # a run of run_train.py instead (trained there
+                                                              # first, as the fixture, if DIR does not exist)
+    uv run python scripts/bench_serve.py --run DIR --url http://127.0.0.1:8000   # a server already serving DIR
     uv run python scripts/bench_serve.py --skip-nano --requests 400 --out /tmp/bench_serve.json
 
 Two servers, each a subprocess started as a user starts it (run_serve.py; the nano one through this
 script's --serve-nano, which builds the model and calls phoenix_server.serve):
-  small   the run (given, or trained here on a log of 300 users x 400 items with a tiny recipe):
-          /rank (a user + 16 candidates) and /recommend (k = 10)
+  movielens  the run (given, or trained here: `run_train.py --data movielens-100k` with the MovieLens
+          recipe's geometry, four two-tower members and the ranker, but 0.05 of its epochs: a
+          timing fixture): /rank (a user + 16 candidates) and /recommend (k = 10)
   nano    a ranker of the nano geometry (emb 512, 4 layers, 4 heads, history 1022, 64 candidates;
           random parameters: timing only) over 64 users with 1,100 interactions each: /rank with 64
           candidates. Bounded by --nano-requests (each call ranks 1,087 tokens through 4 layers).
@@ -19,15 +21,18 @@ after another. The in-process baseline runs the very requests in batches of min(
 same padding buckets), with no HTTP, JSON or threads; its latency is its batch's time. Every served
 answer is checked: /recommend equal to the baseline's (items, order, scores), /rank within atol 1e-5
 (float32 logits computed in a differently padded batch). overhead = p50 served - p50 in-process at
-1 client. Prints a markdown table (and the load average before and after); --out writes the rows
-as JSON. Runs on the default JAX backend (a GPU when one is present): the same rows for the device suite.
+1 client. CPU columns: the CPU time (user + system, all threads) per request of the server process,
+of the clients (this process while it sends) and of the in-process baseline; the served throughput
+on this machine's cores cannot pass cores / (server + client CPU per request). Prints a markdown
+table (and the load average before and after); --out writes the rows as JSON. Runs on the default
+JAX backend (a GPU when one is present): the same rows for the device suite.
 """
 
 import argparse
-import csv
 import http.client
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -47,12 +52,12 @@ import phoenix_split  # noqa: E402
 import phoenix_two_stage as two_stage  # noqa: E402
 from phoenix_serving import ServedRun  # noqa: E402
 
-SMALL_RECIPE = ["--emb-size", "32", "--num-layers", "2", "--history-len", "8", "--ranker-history-len", "8",
-                "--retrieval-epochs", "1", "--ranker-epochs", "0.5", "--evals-per-stage", "1", "--hard-negatives", "6",
-                "--random-negatives", "1", "--retrieval-weight", "0.5", "--popularity-weight", "0.1"]
+# The MovieLens recipe's geometry (phoenix_two_stage.MOVIELENS_RECIPE: D 64, 2 layers, S 5, C 8,
+# four two-tower members, retrieve_k 100) at 0.05 of its epochs: a timing fixture, not its figures.
+FIXTURE_FLAGS = ["--retrieval-epochs", "0.05", "--ranker-epochs", "0.05", "--evals-per-stage", "1"]
 NANO = dict(emb_size=512, num_layers=4, num_heads=4, ranker_history_len=1022, candidates=64, users=64, items=4096,
             interactions=1100)
-SMALL_CANDIDATES = 16
+RUN_CANDIDATES = 16  # candidates of a /rank request to the run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,36 +65,24 @@ SMALL_CANDIDATES = 16
 # ---------------------------------------------------------------------------------------------
 
 
-def write_log(path: Path, users: int = 300, items: int = 400, seed: int = 0) -> None:
-    """A log of string ids: each user walks 12-30 items of one of 10 item groups."""
-    rng = np.random.default_rng(seed)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["user_id", "item_id", "timestamp", "rating", "author_id"])
-        for u in range(users):
-            group = rng.integers(10)
-            walk = rng.choice(np.arange(group, items, 10), size=int(rng.integers(12, 31)), replace=False)
-            for t, item in enumerate(walk):
-                writer.writerow([f"u{u}", f"i{item}", 1000 + t, int(rng.integers(1, 6)), f"a{item % 13}"])
-
-
-def small_run(tmp: Path, run: Path) -> Path:
-    """Trains the small run into `run` on a log written into `tmp`."""
-    write_log(tmp / "log.csv")
+def movielens_fixture(run: Path) -> Path:
+    """Trains the MovieLens timing fixture (FIXTURE_FLAGS) into `run`."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--data", str(tmp / "log.csv"), "--checkpoint-dir",
-                    str(run), *SMALL_RECIPE], check=True, cwd=tmp, stdout=subprocess.DEVNULL)
-    print(f"trained the small run in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    subprocess.run([sys.executable, str(ROOT / "run_train.py"), "--data", "movielens-100k", "--checkpoint-dir",
+                    str(run), *FIXTURE_FLAGS], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    print(f"trained the MovieLens fixture in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return run
 
 
-def nano_served(history_len: int, seed: int = 0) -> ServedRun:
-    """A ranker of the nano geometry with random parameters (seeded: the server and the baseline
-    build the same one) over users with long integer-id histories; no retrieval stage."""
+def nano_served(history_len: int, seed: int = 0, emb_size: int = NANO["emb_size"],
+                num_layers: int = NANO["num_layers"]) -> ServedRun:
+    """A ranker of the nano geometry (history, width and depth as given) with random parameters
+    (seeded: the server and the baseline build the same one) over users with long integer-id
+    histories; no retrieval stage."""
     import jax
 
     import phoenix_training as training
-    recipe = two_stage.Recipe(emb_size=NANO["emb_size"], num_layers=NANO["num_layers"], num_heads=NANO["num_heads"],
+    recipe = two_stage.Recipe(emb_size=emb_size, num_layers=num_layers, num_heads=NANO["num_heads"],
                               ranker_history_len=history_len, hard_negatives=NANO["candidates"] - 1,
                               random_negatives=0, retrieve_k=NANO["candidates"], user_table_size=4096,
                               post_table_size=8192, author_table_size=1024, retrieval_weight=0.0,
@@ -137,60 +130,82 @@ def stop_server(process: subprocess.Popen) -> None:
         raise SystemExit(f"the server exited with status {code} on SIGTERM")
 
 
-def serve_load(base: str, path: str, bodies: list, clients: int) -> tuple[list, list, float]:
-    """(answers, latencies s, wall s) of `bodies` sent by `clients` threads, one keep-alive connection each."""
+def process_cpu(pid) -> float:
+    """CPU seconds (user + system, all threads) process `pid` has used; 0.0 when unknown (None)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def serve_load(base: str, path: str, bodies: list, clients: int, server_pid=None) -> dict:
+    """{answers, latencies s, wall s, server / client CPU s} of `bodies` sent by `clients` threads, one
+    keep-alive connection each."""
     host, port = base.split("//")[1].split(":")
     answers, latencies = [None] * len(bodies), [0.0] * len(bodies)
+    data = [json.dumps(body).encode() for body in bodies]
 
     def client(t: int):
         connection = http.client.HTTPConnection(host, int(port), timeout=600)
         for i in range(t, len(bodies), clients):
-            data = json.dumps(bodies[i]).encode()
             start = time.perf_counter()
-            connection.request("POST", path, data, {"Content-Type": "application/json"})
+            connection.request("POST", path, data[i], {"Content-Type": "application/json"})
             response = connection.getresponse()
             payload = response.read()
             latencies[i] = time.perf_counter() - start
             if response.status != 200:
                 raise RuntimeError(f"{path} {bodies[i]}: {response.status} {payload[:200]!r}")
-            answers[i] = json.loads(payload)
+            answers[i] = payload
         connection.close()
 
+    server_cpu, client_cpu = process_cpu(server_pid), own_cpu()
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
-    return answers, latencies, time.perf_counter() - start
+    wall = time.perf_counter() - start
+    server_cpu, client_cpu = process_cpu(server_pid) - server_cpu, own_cpu() - client_cpu
+    return {"answers": [json.loads(a) for a in answers], "latencies": latencies, "wall": wall,
+            "server_cpu": server_cpu if server_pid is not None else None, "client_cpu": client_cpu}
 
 
-def in_process_load(run_batch, payloads: list, batch: int) -> tuple[list, list, float]:
-    """(answers, latencies s, wall s) of `payloads` run `batch` at a time through run_batch."""
+def in_process_load(run_batch, payloads: list, batch: int) -> dict:
+    """{answers, latencies s, wall s, CPU s} of `payloads` run `batch` at a time through run_batch."""
     answers, latencies = [], []
-    start = time.perf_counter()
+    cpu, start = own_cpu(), time.perf_counter()
     for i in range(0, len(payloads), batch):
         t = time.perf_counter()
         answers.extend(run_batch(payloads[i:i + batch]))
         latencies.extend([time.perf_counter() - t] * len(payloads[i:i + batch]))
-    return answers, latencies, time.perf_counter() - start
+    return {"answers": answers, "latencies": latencies, "wall": time.perf_counter() - start,
+            "cpu": own_cpu() - cpu}
 
 
-def row(model: str, endpoint: str, mode: str, clients: int, latencies: list, wall: float) -> dict:
+def row(model: str, endpoint: str, mode: str, clients: int, latencies: list, wall: float, cpu: dict) -> dict:
     ms = np.asarray(latencies) * 1e3
     return {"model": model, "endpoint": endpoint, "mode": mode, "clients": clients, "requests": len(latencies),
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "throughput_rps": len(latencies) / wall}
+            "throughput_rps": len(latencies) / wall,
+            **{f"{name}_cpu_ms": None if v is None else v * 1e3 / len(latencies) for name, v in cpu.items()}}
 
 
-def bench_endpoint(model, endpoint, base, served, bodies, payloads, run_batch, check, clients_list, max_batch,
-                   count) -> list:
+def bench_endpoint(model, endpoint, base, bodies, payloads, run_batch, check, clients_list, max_batch, count,
+                   server_pid=None) -> list:
     rows = []
     for clients in clients_list:
         n = max(count, clients)
-        got, lat, wall = serve_load(base, "/" + endpoint, bodies[:n], clients)
-        want, base_lat, base_wall = in_process_load(run_batch, payloads[:n], min(clients, max_batch))
-        for g, w in zip(got, want):
+        got = serve_load(base, "/" + endpoint, bodies[:n], clients, server_pid)
+        want = in_process_load(run_batch, payloads[:n], min(clients, max_batch))
+        for g, w in zip(got["answers"], want["answers"]):
             check(g, w)
-        rows += [row(model, endpoint, "served", clients, lat, wall),
-                 row(model, endpoint, "in-process", clients, base_lat, base_wall)]
+        rows += [row(model, endpoint, "served", clients, got["latencies"], got["wall"],
+                     {"server": got["server_cpu"], "client": got["client_cpu"]}),
+                 row(model, endpoint, "in-process", clients, want["latencies"], want["wall"],
+                     {"in_process": want["cpu"]})]
         print(f"  {model} /{endpoint} x{clients}: served p50 {rows[-2]['p50_ms']:.2f} ms "
               f"{rows[-2]['throughput_rps']:.1f}/s; in-process p50 {rows[-1]['p50_ms']:.2f} ms "
               f"{rows[-1]['throughput_rps']:.1f}/s; {n} answers checked", file=sys.stderr)
@@ -201,8 +216,9 @@ def check_rank(got: dict, want: np.ndarray) -> None:
     np.testing.assert_allclose(got["probabilities"], want, rtol=0, atol=1e-5)
 
 
-def check_recommend(got: dict, want: list) -> None:
-    assert got["items"] == [item for item, _ in want] and got["scores"] == [s for _, s in want], (got, want)
+def check_recommend(got: dict, want: tuple) -> None:
+    items, scores = want
+    assert got["items"] == items and got["scores"] == scores.tolist(), (got, want)
 
 
 def rank_batch(served: ServedRun, max_rows: int):
@@ -210,6 +226,13 @@ def rank_batch(served: ServedRun, max_rows: int):
         rows, columns = zip(*payloads)
         return [phoenix_server._sigmoid(x) for x in phoenix_server.rank_logits(served, rows, list(columns),
                                                                               max_rows=max_rows)]
+    return run
+
+
+def recommend_batch(served: ServedRun):
+    def run(payloads):
+        rows, ks = zip(*payloads)
+        return phoenix_server.recommend_rows(served, rows, ks)
     return run
 
 
@@ -221,6 +244,12 @@ def rank_requests(served: ServedRun, count: int, candidates: int, seed: int) -> 
     columns = [rng.integers(0, N, candidates) for _ in range(count)]
     bodies = [{"user": served.user_tokens([u])[0], "candidates": served.item_tokens(c)} for u, c in zip(users, columns)]
     return bodies, [(int(u), c.astype(np.int64)) for u, c in zip(users, columns)]
+
+
+def recommend_requests(served: ServedRun, count: int, k: int, seed: int) -> tuple[list, list]:
+    """(JSON bodies, in-process payloads) of `count` /recommend requests: random users, k items each."""
+    users = np.random.default_rng(seed).integers(0, len(served.split.user_ids), count)
+    return [{"user": served.user_tokens([u])[0], "k": k} for u in users], [(int(u), k) for u in users]
 
 
 def summary(rows: list) -> list:
@@ -240,35 +269,46 @@ def summary(rows: list) -> list:
 def markdown(rows: list) -> str:
     ratio = {(s["model"], s["endpoint"], s["clients"]): s for s in summary(rows)}
     lines = ["| model | endpoint | clients | requests | served p50 ms | served p99 ms | served req/s | "
-             "in-process p50 ms | in-process p99 ms | in-process req/s | overhead p50 ms | served / in-process |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "in-process p50 ms | in-process p99 ms | in-process req/s | overhead p50 ms | served / in-process | "
+             "CPU ms/req: server | clients | in-process |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by = {(r["model"], r["endpoint"], r["mode"], r["clients"]): r for r in rows}
     for (model, endpoint, mode, clients), r in by.items():
         if mode != "served":
             continue
         b, s = by[(model, endpoint, "in-process", clients)], ratio[(model, endpoint, clients)]
         overhead = "" if s["overhead_p50_ms"] is None else f"{s['overhead_p50_ms']:.2f}"
+        server = "" if r["server_cpu_ms"] is None else f"{r['server_cpu_ms']:.2f}"
         lines.append(f"| {model} | /{endpoint} | {clients} | {r['requests']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
                      f"{r['throughput_rps']:.1f} | {b['p50_ms']:.2f} | {b['p99_ms']:.2f} | {b['throughput_rps']:.1f} | "
-                     f"{overhead} | {s['throughput_ratio']:.2f} |")
+                     f"{overhead} | {s['throughput_ratio']:.2f} | {server} | {r['client_cpu_ms']:.2f} | "
+                     f"{b['in_process_cpu_ms']:.2f} |")
     return "\n".join(lines)
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", help="run directory to serve as the small model; trained there first (on this "
-                        "script's log and recipe) if it does not exist (default: a temporary one)")
-    parser.add_argument("--requests", type=int, default=200, help="requests per client count, small model")
+    parser.add_argument("--run", help="run directory to serve (run_train.py); the MovieLens fixture is trained "
+                        "there first if it does not exist (default: a temporary one)")
+    parser.add_argument("--url", help="a server already serving --run (its --max-batch and --max-rank-rows given "
+                        "here too); the script then starts and stops none for the run")
+    parser.add_argument("--label", help="the run's rows' model name (default: movielens for the fixture, else "
+                        "the run directory's name)")
+    parser.add_argument("--requests", type=int, default=200, help="requests per client count, the run")
     parser.add_argument("--nano-requests", type=int, default=16,
                         help="requests per client count, nano model (at least the client count)")
     parser.add_argument("--nano-history", type=int, default=NANO["ranker_history_len"], help="nano history length")
+    parser.add_argument("--nano-emb-size", type=int, default=NANO["emb_size"], help="nano width (tests: smaller)")
+    parser.add_argument("--nano-layers", type=int, default=NANO["num_layers"], help="nano depth (tests: fewer)")
     parser.add_argument("--clients", default="1,8,32", help="concurrent clients (default: %(default)s)")
-    parser.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
-    parser.add_argument("--max-wait-ms", type=float, default=2.0, help="the server's --max-wait-ms")
-    parser.add_argument("--small-endpoints", default="rank,recommend",
-                        help="the small model's endpoints to load (default: %(default)s)")
-    parser.add_argument("--skip-small", action="store_true")
+    parser.add_argument("--max-batch", type=int, default=32, help="the servers' --max-batch")
+    parser.add_argument("--max-wait-ms", type=float, default=2.0, help="the servers' --max-wait-ms")
+    parser.add_argument("--max-rank-rows", type=int, default=phoenix_server.ServerConfig.max_rank_rows,
+                        help="the run's server's --max-rank-rows (default: %(default)s)")
+    parser.add_argument("--run-endpoints", "--small-endpoints", default="rank,recommend",
+                        help="the run's endpoints to load (default: %(default)s)")
+    parser.add_argument("--skip-run", "--skip-small", action="store_true", help="bench the nano model alone")
     parser.add_argument("--skip-nano", action="store_true")
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--serve-nano", action="store_true", help=argparse.SUPPRESS)  # the nano server process
@@ -277,61 +317,76 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> list:
+def bench_run(args, run_path: Path, clients_list: list, server_flags: list, served=None) -> list:
+    """The run's rows: its server (started here unless --url) under load, against the library
+    (`served`: the run already loaded, else loaded here)."""
+    served = pipeline.load_run(run_path) if served is None else served
+    label = args.label or ("movielens" if not args.run else run_path.name)
+    process, base = (None, args.url) if args.url else start_server(
+        [sys.executable, str(ROOT / "run_serve.py"), "--run", str(run_path), "--port", "0", *server_flags,
+         "--max-rank-rows", str(args.max_rank_rows)])[:2]
+    rows = []
+    try:
+        count = max(args.requests, max(clients_list))
+        phoenix_server.warm_up(served, phoenix_server.ServerConfig(max_rank_rows=args.max_rank_rows))
+        pid = None if process is None else process.pid
+        endpoints = args.run_endpoints.split(",")
+        if "rank" in endpoints:
+            bodies, payloads = rank_requests(served, count, RUN_CANDIDATES, seed=1)
+            rows += bench_endpoint(label, "rank", base, bodies, payloads, rank_batch(served, args.max_rank_rows),
+                                   check_rank, clients_list, args.max_batch, args.requests, pid)
+        if "recommend" in endpoints:
+            bodies, payloads = recommend_requests(served, count, 10, seed=2)
+            rows += bench_endpoint(label, "recommend", base, bodies, payloads, recommend_batch(served),
+                                   check_recommend, clients_list, args.max_batch, args.requests, pid)
+    finally:
+        if process is not None:
+            stop_server(process)
+    return rows
+
+
+def nano_geometry(args) -> tuple:
+    return args.nano_history, 0, args.nano_emb_size, args.nano_layers
+
+
+def bench_nano(args, clients_list: list, server_flags: list) -> list:
+    served = nano_served(*nano_geometry(args))
+    process, base, _ = start_server([sys.executable, str(Path(__file__).resolve()), "--serve-nano",
+                                     "--nano-history", str(args.nano_history), "--nano-emb-size",
+                                     str(args.nano_emb_size), "--nano-layers", str(args.nano_layers),
+                                     "--nano-max-rank-rows", str(args.nano_max_rank_rows), *server_flags])
+    try:
+        count = max(args.nano_requests, max(clients_list))
+        bodies, payloads = rank_requests(served, count, NANO["candidates"], seed=3)
+        phoenix_server.warm_up(served, phoenix_server.ServerConfig(max_rank_rows=args.nano_max_rank_rows,
+                                                                   recommend=False))
+        return bench_endpoint("nano", "rank", base, bodies, payloads, rank_batch(served, args.nano_max_rank_rows),
+                              check_rank, clients_list, args.max_batch, args.nano_requests, process.pid)
+    finally:
+        stop_server(process)
+
+
+def main(argv=None, served=None) -> list:
+    """The rows of the command line `argv`; `served`: --run already loaded (phoenix_pipeline.load_run),
+    its compilations reused for the in-process baseline."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.serve_nano:
         config = phoenix_server.ServerConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                                              max_rank_rows=args.nano_max_rank_rows, recommend=False)
-        sys.exit(phoenix_server.serve(nano_served(args.nano_history), "127.0.0.1", 0, config,
+        sys.exit(phoenix_server.serve(nano_served(*nano_geometry(args)), "127.0.0.1", 0, config,
                                       log=lambda m: print(m, flush=True)))
     clients_list = [int(c) for c in args.clients.split(",")]
     load_before = os.getloadavg()
     rows = []
     server_flags = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
     with tempfile.TemporaryDirectory() as tmp:
-        if not args.skip_small:
+        if not args.skip_run:
             run_path = Path(args.run) if args.run else Path(tmp) / "run"
             if not run_path.exists():
-                small_run(Path(tmp), run_path)
-            served = pipeline.load_run(run_path)
-            process, base, _ = start_server([sys.executable, str(ROOT / "run_serve.py"), "--run", str(run_path),
-                                             "--port", "0", *server_flags])
-            try:
-                count = max(args.requests, max(clients_list))
-                bodies, payloads = rank_requests(served, count, SMALL_CANDIDATES, seed=1)
-                max_rows = phoenix_server.ServerConfig().max_rank_rows
-                phoenix_server.warm_up(served, phoenix_server.ServerConfig(max_rank_rows=max_rows))
-                if "rank" in args.small_endpoints.split(","):
-                    rows += bench_endpoint("small", "rank", base, served, bodies, payloads,
-                                           rank_batch(served, max_rows), check_rank, clients_list, args.max_batch,
-                                           args.requests)
-                if "recommend" in args.small_endpoints.split(","):
-                    users = np.random.default_rng(2).integers(0, len(served.split.user_ids), count)
-                    bodies = [{"user": served.user_tokens([u])[0], "k": 10} for u in users]
-                    payloads = [(int(u), 10) for u in users]
-
-                    def recommend_batch(batch):
-                        rows_, ks = zip(*batch)
-                        return phoenix_server.recommend_rows(served, rows_, ks)
-                    rows += bench_endpoint("small", "recommend", base, served, bodies, payloads, recommend_batch,
-                                           check_recommend, clients_list, args.max_batch, args.requests)
-            finally:
-                stop_server(process)
+                movielens_fixture(run_path)
+            rows += bench_run(args, run_path, clients_list, server_flags, served)
         if not args.skip_nano:
-            served = nano_served(args.nano_history)
-            process, base, _ = start_server([sys.executable, str(Path(__file__).resolve()), "--serve-nano",
-                                             "--nano-history", str(args.nano_history), "--nano-max-rank-rows",
-                                             str(args.nano_max_rank_rows), *server_flags])
-            try:
-                count = max(args.nano_requests, max(clients_list))
-                bodies, payloads = rank_requests(served, count, NANO["candidates"], seed=3)
-                phoenix_server.warm_up(served, phoenix_server.ServerConfig(max_rank_rows=args.nano_max_rank_rows,
-                                                                           recommend=False))
-                rows += bench_endpoint("nano", "rank", base, served, bodies, payloads,
-                                       rank_batch(served, args.nano_max_rank_rows), check_rank, clients_list,
-                                       args.max_batch, args.nano_requests)
-            finally:
-                stop_server(process)
+            rows += bench_nano(args, clients_list, server_flags)
     load_after = os.getloadavg()
     import jax
     print(markdown(rows))

@@ -6,7 +6,8 @@ Everything runs on a copy of the working tree in tmp_path (plus the clutter a cl
 checkpoints/, .cache/, a scratch module), so nothing is written into the repository. Each venv gets
 the locked dependencies from uv's cache (~1 s once the project has been synced); pip then installs
 the project with --no-deps --no-build-isolation (hatchling comes from uv's cache too), so no test
-downloads anything big. About 45 s in all on 2 CPU cores.
+downloads anything big. One venv with the wheel installed serves the two tests that only read it
+(imports, console scripts).
 """
 
 import configparser
@@ -105,14 +106,28 @@ def locked_requirements(tmp_path_factory) -> Path:
     return path
 
 
+def make_venv(tmp: Path, requirements: Path) -> Path:
+    """A fresh venv in tmp with the locked dependencies, pip and hatchling; returns its bin directory."""
+    run([uv(), "venv", "--quiet", "--python", sys.executable, tmp / "venv"], cwd=tmp)
+    python = tmp / "venv" / "bin" / "python"
+    run([uv(), "pip", "install", "--quiet", "--python", python, "-r", requirements, "pip", "hatchling>=1.21"],
+        cwd=tmp)
+    return python.parent
+
+
 @pytest.fixture
 def venv(tmp_path, locked_requirements) -> Path:
-    """A fresh venv with the locked dependencies, pip and hatchling; returns its bin directory."""
-    run([uv(), "venv", "--quiet", "--python", sys.executable, tmp_path / "venv"], cwd=tmp_path)
-    python = tmp_path / "venv" / "bin" / "python"
-    run([uv(), "pip", "install", "--quiet", "--python", python, "-r", locked_requirements, "pip", "hatchling>=1.21"],
-        cwd=tmp_path)
-    return python.parent
+    return make_venv(tmp_path, locked_requirements)
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(wheel, locked_requirements, tmp_path_factory) -> Path:
+    """A fresh venv with the wheel pip-installed from outside the clone: a wheel user's environment,
+    shared by the tests that only read it (the imports and the console scripts)."""
+    tmp = tmp_path_factory.mktemp("wheel_venv")
+    venv = make_venv(tmp, locked_requirements)
+    pip_install(venv, wheel, tmp=tmp)
+    return venv
 
 
 def pip_install(venv: Path, *args, tmp: Path):
@@ -169,23 +184,29 @@ def test_default_lock_installs_no_cuda_and_the_cuda12_extra_does():
     assert {"jax-cuda12-plugin", "jax-cuda12-pjrt", "nvidia-cudnn-cu12", "nvidia-cublas-cu12"} <= cuda
 
 
-def test_wheel_installs_into_a_fresh_venv_and_imports_from_outside_the_clone(venv, wheel, tmp_path):
-    elsewhere = pip_install(venv, wheel, tmp=tmp_path)
-    site = next((venv.parent / "lib").glob("python*/site-packages"))
-    files = module_files(venv, elsewhere, tmp_path, SHIPPED)
+def elsewhere_dir(tmp: Path) -> Path:
+    """An empty working directory outside the clone."""
+    (tmp / "elsewhere").mkdir()
+    return tmp / "elsewhere"
+
+
+def test_wheel_installs_into_a_fresh_venv_and_imports_from_outside_the_clone(wheel_venv, tmp_path):
+    elsewhere = elsewhere_dir(tmp_path)
+    site = next((wheel_venv.parent / "lib").glob("python*/site-packages"))
+    files = module_files(wheel_venv, elsewhere, tmp_path, SHIPPED)
     assert all(path.parent == site for path in files.values()), files
-    assert not_importable(venv, elsewhere, tmp_path, "conftest")
-    assert not_importable(venv, elsewhere, tmp_path, "test_demos")
+    assert not_importable(wheel_venv, elsewhere, tmp_path, "conftest")
+    assert not_importable(wheel_venv, elsewhere, tmp_path, "test_demos")
 
 
-def test_console_scripts_run_from_outside_the_clone(venv, wheel, tmp_path):
-    elsewhere = pip_install(venv, wheel, tmp=tmp_path)
+def test_console_scripts_run_from_outside_the_clone(wheel_venv, tmp_path):
+    elsewhere = elsewhere_dir(tmp_path)
     for script in CONSOLE_SCRIPTS:
-        out = run([venv / script, "--help"], cwd=elsewhere, env=outside_env(tmp_path)).stdout
+        out = run([wheel_venv / script, "--help"], cwd=elsewhere, env=outside_env(tmp_path)).stdout
         flag = "--run" if script in ("phoenix-recommend", "phoenix-serve") else "--seed"  # serving a run: no seed
         assert out.startswith("usage:") and flag in out, (script, out)
     # A real run exits 0: main()'s result dict must not reach sys.exit (it would print it, exit 1).
-    out = run([venv / "phoenix-rank", *TINY_DEMO], cwd=elsewhere, env=outside_env(tmp_path)).stdout
+    out = run([wheel_venv / "phoenix-rank", *TINY_DEMO], cwd=elsewhere, env=outside_env(tmp_path)).stdout
     assert "random init, untrained" in out and "steady-state rank()" in out
     assert not list(elsewhere.iterdir())  # nothing written into the working directory
 

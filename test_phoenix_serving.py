@@ -280,14 +280,14 @@ def test_load_run_refuses_a_directory_it_cannot_serve(trained, tmp_path):
 
 def test_an_integer_id_log_is_served_by_its_integer_ids(tmp_path):
     """A log of integer ids (from_arrays, through pipeline.run and dump_topk): ids come back as ints,
-    are accepted as ints or their decimal strings, and the served lists equal the dump."""
-    rng = np.random.default_rng(3)
-    users, items, times = [], [], []
-    for user in range(24):
-        walk = (rng.integers(40) + np.arange(int(rng.integers(8, 14)))) % 40
-        users += [1000 + user] * len(walk)
-        items += (7 * walk + 5).tolist()
-        times += list(range(len(walk)))
+    are accepted as ints or their decimal strings, and the served lists equal the dump. The log is
+    LOG's interactions with user u as 1000 + u and item i as 7 i + 5: the shared run's shapes, so its
+    compiled programs serve this run too."""
+    write_log(tmp_path / "log.csv")
+    rows = read_csv_rows(tmp_path / "log.csv")[1:]
+    users = [1000 + int(user[1:]) for user, *_ in rows]
+    items = [7 * int(item[1:]) + 5 for _, item, *_ in rows]
+    times = [int(time) for _, _, time, *_ in rows]
     split = pipeline.split_log(pipeline.from_arrays({"user_id": users, "item_id": items, "timestamp": times}))
     args = run_train.parse_args(["--data", "log.csv", *TINY_FLAGS, "--retrieval-weight", "0.5",
                                  "--popularity-weight", "0.25"])
@@ -309,8 +309,9 @@ def test_an_integer_id_log_is_served_by_its_integer_ids(tmp_path):
 
 def test_an_ensemble_run_directory_serves_as_evaluated(tmp_path):
     """--retrieval-members 2 --ranker-members 2: load_run rebuilds both ensembles from the members'
-    checkpoints, and every test user's list on their evaluation history equals the dump."""
-    write_log(tmp_path / "log.csv", seed=1)
+    checkpoints, and every test user's list on their evaluation history equals the dump. (LOG itself:
+    each member compiles the shared run's programs.)"""
+    write_log(tmp_path / "log.csv")
     result = run_train.main(["--data", str(tmp_path / "log.csv"), "--checkpoint-dir", str(tmp_path / "run"),
                              "--dump-topk", str(tmp_path / "top.csv"), *TINY_FLAGS, "--retrieval-members", "2",
                              "--ranker-members", "2", "--retrieval-weight", "0.5", "--popularity-weight", "0.25"])

@@ -129,8 +129,9 @@ def python_snippets(path: Path) -> list:
 
 def write_log(path: Path, users: int = 60, items: int = 64, seed: int = 0) -> None:
     """A small CSV log with string ids (u0..u59, i0..i63): each user's items come from one of four item
-    groups, so both stages have something to learn. The quickstart notebook's fast sizes (60 users, 64
-    items), so the two tests compile the same training programs (the session's compilation cache)."""
+    groups, so both stages have something to learn. 60 users and the recipe below, as the quickstart
+    notebook's fast run, so the two tests compile mostly the same training programs (the session's
+    compilation cache)."""
     rng = np.random.default_rng(seed)
     rows = ["user_id,item_id,timestamp"]
     for user in range(users):

@@ -25,14 +25,6 @@ def pytest_configure(config):
     session (its xdist workers, and subprocesses through the environment) compiles each program once.
     The directory is a fresh temporary one, removed when the session ends: no compiled program outlives
     the run or lands in the user's home, and results never depend on an earlier run."""
-    if not os.environ.get("PHOENIX_TEST_OPTIMIZED"):
-        # XLA's CPU backend without LLVM's optimisations: most of the suite is compiling small programs
-        # that then run for milliseconds, and compiling them unoptimised takes about 30% less CPU
-        # (docs/guarantees.md, "The test suite"). The programs compute the same functions; every test
-        # compares programs compiled alike, or checks against NumPy with its stated tolerance.
-        # PHOENIX_TEST_OPTIMIZED=1 runs the suite with XLA's optimisations, as users' programs run.
-        os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # and in subprocesses
-        jax.config.update("jax_disable_most_optimizations", True)
     if os.environ.get("PHOENIX_TEST_NO_XLA_CACHE"):  # to compare: the suite compiling every program itself
         return
     directory = os.environ.get(CACHE_VARIABLE)

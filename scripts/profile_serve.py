@@ -41,14 +41,16 @@ from bench_serve import (process_cpu, rank_requests, recommend_requests, start_s
                          stop_server)
 
 
+def seconds_of(fn) -> float:
+    """Wall seconds of one fn() call."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def per_call(fn, repeats: int) -> float:
     """Median seconds of fn() over `repeats` calls."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return float(np.median([seconds_of(fn) for _ in range(repeats)]))
 
 
 def handoff(batch: int, repeats: int) -> float:

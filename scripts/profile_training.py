@@ -29,6 +29,7 @@ import os
 import threading
 import time
 
+import jax
 import numpy as np
 
 import phoenix_log
@@ -70,10 +71,10 @@ def host_ms(stream, steps: int) -> float:
 def loop_ms(trainer, state, batches, steps: int) -> float:
     """ms per step of training.fit over `steps` steps of `batches` (first_step -> iterable), the step
     already compiled; the state is a copy (fit donates it)."""
-    state = training.jax.tree.map(lambda x: x.copy(), state)
+    state = jax.tree.map(lambda x: x.copy(), state)
     start = time.perf_counter()
     state, _ = training.fit(trainer, state, batches, steps, log_every=steps, stream=open(os.devnull, "w"))
-    training.jax.block_until_ready(state.step)
+    jax.block_until_ready(state.step)
     return 1e3 * (time.perf_counter() - start) / steps
 
 

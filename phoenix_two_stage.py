@@ -882,8 +882,8 @@ def resumable_stream(first, rest, make):
     is the stream already started (`first` drawn, `rest` to come); a later step (a resumed run) is
     `make(first_step)`, a fresh stream that draws and skips the batches before it without building
     them, so it yields exactly what the uninterrupted stream yields from there. `batches.first` is
-    the first batch, for timing a step without starting the stream. (No prefetch thread: building a
-    batch takes 1.3-1.6 ms against a 23-75 ms step on a million-row log, scripts/profile_training.py.)"""
+    the first batch, for timing a step without starting the stream. No prefetch thread: building a
+    batch costs a small fraction of a step (docs/recipes.md, "Where a training step's time goes")."""
     def batches(first_step: int):
         return with_first(first, rest) if first_step == 0 else make(first_step)
     batches.first = first

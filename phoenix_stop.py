@@ -116,6 +116,7 @@ class _State:
         self.installed = 0  # the current stop_on_signals block's number (0: outside one)
         self.blocks = 0  # stop_on_signals blocks entered so far
         self.deferring = 0  # depth of deferred() blocks
+        self.in_hook = False  # inside the unraisable hook (it must not raise: the stop is rescheduled there)
         self.lock = threading.Lock()  # orders the helper threads against leaving stop_on_signals
 
 
@@ -131,8 +132,8 @@ def stop_requested() -> Optional[int]:
 def _handle(signum, frame) -> None:
     if _STATE.signum is None:
         _STATE.signum, _STATE.first_at = signum, time.monotonic()
-    elif not _STATE.reraise:
-        return  # already stopping: a repeated SIGTERM, or uv's forwarded copy of the Ctrl-C
+    elif not _STATE.reraise or _STATE.in_hook:
+        return  # already stopping: a repeated SIGTERM, uv's copy of the Ctrl-C, or the re-raise is being set up
     _STATE.reraise = False
     if not _STATE.deferring:
         raise TrainingStopped(_STATE.signum)
@@ -145,10 +146,14 @@ def _unraisable(hook, block: int):
     def unraisable(info):
         if not isinstance(info.exc_value, TrainingStopped):
             return hook(info)
-        _STATE.reraise = True
-        again = threading.Timer(RERAISE_AFTER_S, _raise_again, args=(block,))
-        again.daemon = True
-        again.start()
+        _STATE.in_hook = True  # a signal arriving meanwhile is left to the timer (a raise here would be lost)
+        try:
+            _STATE.reraise = True
+            again = threading.Timer(RERAISE_AFTER_S, _raise_again, args=(block,))
+            again.daemon = True
+            again.start()
+        finally:
+            _STATE.in_hook = False
 
     return unraisable
 
@@ -207,6 +212,7 @@ def stop_on_signals():
     _STATE.blocks += 1
     block = _STATE.blocks
     _STATE.signum, _STATE.reraise, _STATE.deferring, _STATE.installed = None, False, 0, block
+    _STATE.in_hook = False
     previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     threading.Thread(target=_watch, args=(read_fd, block), name="phoenix-stop", daemon=True).start()
     try:

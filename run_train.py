@@ -797,9 +797,13 @@ def describe_stop(stop: phoenix_stop.TrainingStopped, options: pipeline.RunOptio
 def main(argv=None) -> dict:
     """The command line `argv` (default sys.argv[1:]) run to the end; returns the run's figures."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = parse_args(argv)
-    if command.distributed is not None:
-        initialize_distributed(command.distributed)
+    try:
+        command = parse_args(argv)
+        if command.distributed is not None:
+            initialize_distributed(command.distributed)
+    except phoenix_stop.TrainingStopped as stop:  # nothing written yet: the same command starts it again
+        stop.resume_argv, stop.why_not = argv, "stopped before the run began"
+        raise
     if command.kind == "synthetic":
         return train_synthetic.run(command.run, argv)
     try:

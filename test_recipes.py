@@ -18,6 +18,9 @@ import run_train
 
 TINY = two_stage.Recipe(emb_size=16, num_layers=1, history_len=4, ranker_history_len=4, retrieval_batch_size=16,
                         retrieval_epochs=1.0, ranker_epochs=1.0, warmup_steps=2)
+# The steps a stage is planned for (its learning-rate schedule) are part of its compiled train step: tests
+# whose checks do not depend on them share one plan, and so one program.
+PLANNED = 12
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +69,13 @@ def test_budget_steps(planned, step_seconds, seconds, expected):
 
 def test_timing_a_stage_leaves_its_state_and_stream_as_they_were(split):
     recipe = two_stage.resolve_recipe(TINY, split)
-    trainer, state, batches, _ = two_stage.start_retrieval(split, recipe, 0)
+    trainer, state, batches, _ = two_stage.start_retrieval(split, recipe, 0, steps=PLANNED)
     before = two_stage.host_copy(state.params)
     seconds = pipeline.seconds_per_step(trainer, state, batches, steps=2)
     assert 0 < seconds < 60
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(two_stage.host_copy(state.params))):
         np.testing.assert_array_equal(a, b)  # the donated copy was the probe's, not the state
-    _, fresh_state, fresh, _ = two_stage.start_retrieval(split, recipe, 0)
+    _, fresh_state, fresh, _ = two_stage.start_retrieval(split, recipe, 0, steps=PLANNED)
     for ours, theirs in zip(batches(0), fresh(0)):  # the same stream from its first batch
         for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -107,7 +110,7 @@ def test_a_budgeted_stage_records_its_plan_and_a_resume_reads_it_back(split, tmp
 
 def test_patience_stops_a_stage_that_no_longer_improves_and_keeps_its_best(split, tmp_path):
     recipe = two_stage.resolve_recipe(TINY, split)
-    trainer, state, batches, _ = two_stage.start_retrieval(split, recipe, 0, steps=12)
+    trainer, state, batches, _ = two_stage.start_retrieval(split, recipe, 0, steps=PLANNED)
     seen = []
 
     def evaluate(params):  # NDCG@10 0.5 at the first evaluation, worse after it
@@ -122,7 +125,7 @@ def test_patience_stops_a_stage_that_no_longer_improves_and_keeps_its_best(split
     assert len(seen) == 3  # the best, then two without improvement: stopped at step 6 of 12
     assert "early stop at step 6 of 12" in stream.getvalue()
     seen.clear()
-    trainer, state, batches, _ = two_stage.start_retrieval(split, recipe, 0, steps=12)
+    trainer, state, batches, _ = two_stage.start_retrieval(split, recipe, 0, steps=PLANNED)
     pipeline._fit_keeping_best(trainer, state, batches, 12, evaluate, str(tmp_path / "again"), {}, 6, io.StringIO(),
                                "retrieval", None, patience=0)
     assert len(seen) == 6  # patience 0: every evaluation, to the end
@@ -130,7 +133,7 @@ def test_patience_stops_a_stage_that_no_longer_improves_and_keeps_its_best(split
 
 def test_fit_runs_no_step_when_it_is_to_stop_from_the_start(split):
     recipe = two_stage.resolve_recipe(TINY, split)
-    trainer, state, batches, _ = two_stage.start_retrieval(split, recipe, 0, steps=5)
+    trainer, state, batches, _ = two_stage.start_retrieval(split, recipe, 0, steps=PLANNED)
     calls = []
     state, history = training.fit(trainer, state, batches, 5, eval_fn=lambda s: calls.append(1) or {"x": 0.0},
                                   eval_every=1, stream=io.StringIO(), should_stop=lambda: True)
@@ -144,8 +147,8 @@ def test_validation_on_a_sample_of_users_equals_the_full_evaluation_restricted_t
     assert len(rows) == users // 3 and np.all(np.diff(rows) > 0)
     np.testing.assert_array_equal(rows, two_stage.validation_rows(split, limit=users // 3, seed=5))  # fixed
     recipe = two_stage.resolve_recipe(dataclasses.replace(TINY, transition_weight=None), split)
-    trainer, state, batches, _ = two_stage.start_retrieval(split, recipe, 0, steps=4)
-    state, _ = training.fit(trainer, state, batches, 4, stream=io.StringIO())
+    trainer, state, batches, _ = two_stage.start_retrieval(split, recipe, 0, steps=PLANNED)
+    state, _ = training.fit(trainer, state, batches, 4, stream=io.StringIO())  # 4 steps of the schedule's 12
     every = two_stage.StageOne(trainer, state.params, split, "val", recipe.history_len, recipe.retrieve_k)
     some = two_stage.StageOne(trainer, state.params, split, "val", recipe.history_len, recipe.retrieve_k, rows=rows)
     np.testing.assert_array_equal(some.ranks, every.ranks[rows])

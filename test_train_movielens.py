@@ -168,12 +168,12 @@ def test_prefix_representations_equal_each_examples_user_tower(world, retrieval)
 @pytest.mark.parametrize("pooling", ["mean", "last"])
 def test_window_representations_follow_the_models_pooling(world, pooling):
     """The windowed path (training, mining) pools as the user tower does, for each pooling: freshly
-    initialised models, S longer than every training part so each example's history is exact."""
+    initialised models, S longer than every training part so each example's history is exact. (The model
+    accepts any S: it starts as the experiment's retrieval stage starts, and is read at S = 50.)"""
     _, split = world
-    recipe = dataclasses.replace(TINY, pooling=pooling, history_len=50)
-    trainer = two_stage.SequenceRetrievalTrainer(two_stage.retrieval_config(recipe), two_stage.hash_config(recipe))
-    batch = next(two_stage.retrieval_batches(split, recipe, trainer.hash_config, np.random.default_rng(0)))[0]
-    params = trainer.init(jax.random.PRNGKey(0), batch).params
+    recipe = dataclasses.replace(TINY, pooling=pooling)
+    trainer, state, _, _ = two_stage.start_retrieval(split, recipe, 0)
+    params = state.params
     by_windows = two_stage.example_representations(trainer, params, split, 50)
     direct = two_stage.encode_users(trainer, params, split, phoenix_split.phoenix_examples(split, "train", 50))
     np.testing.assert_allclose(by_windows, direct, atol=2e-5)

@@ -405,9 +405,11 @@ def distributed_args(args, kind: str, error) -> Optional[Distributed]:
         if not args.data_parallel:
             error(f"--num-processes {args.num_processes}: add --data-parallel (the batch is split over every "
                   "process's devices)")
-        if args.checkpoint_every or args.resume:
-            error(f"--num-processes {args.num_processes}: step checkpoints and --resume are single-process only so "
-                  "far; drop --checkpoint-every / --resume")
+        if (args.checkpoint_every or args.resume) and not args.shard_tables:
+            error(f"--num-processes {args.num_processes}: step checkpoints and --resume of a multi-process run need "
+                  "--shard-tables (its step checkpoints are sharded ones, each process writing its devices' rows); "
+                  "with replicated tables they are single-process only so far: add --shard-tables, or drop "
+                  "--checkpoint-every / --resume")
     return Distributed(args.coordinator_address, args.num_processes, args.process_id)
 
 

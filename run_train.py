@@ -30,7 +30,8 @@ docs/resume.md).
 
 Several processes (each with its devices, one mesh over all): the same command in each with
 --coordinator-address HOST:PORT --num-processes N --process-id I (--data synthetic, with --data-parallel;
---shard-tables splits the hash tables' rows over every device: docs/sharding.md).
+--shard-tables splits the hash tables' rows over every device: docs/sharding.md). With --shard-tables such a
+run keeps step checkpoints (--checkpoint-every, each process writing its shards) and resumes (--resume).
 
 This module holds every training flag and is the command-line toolkit of the other entry points
 (run_ranker.py, run_retrieval.py: `cli`, `dataclass_parser`); the library below it takes dataclasses.

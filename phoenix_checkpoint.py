@@ -342,7 +342,8 @@ def _save_target(path: str) -> str:
     return target
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host is running (this process counts: another thread may be saving)."""
     if pid == os.getpid():
         return True  # another thread of this process may be saving
     try:
@@ -365,7 +366,7 @@ def remove_leftovers(parent: str, name: str) -> None:
     for entry in entries:
         full = os.path.join(parent, entry)
         tmp, old = _orphan_match(entry, name, "tmp"), _orphan_match(entry, name, "old")
-        if tmp and tmp.group(1) is not None and _pid_alive(int(tmp.group(1))):
+        if tmp and tmp.group(1) is not None and pid_alive(int(tmp.group(1))):
             continue
         try:
             ours = (tmp or old) and why_not_ours(full, complete=bool(old)) is None
@@ -866,7 +867,7 @@ def read_meta(path) -> dict:
 
 
 __all__ = ["ARRAYS_FILE", "FORMAT_VERSION", "META_FILE", "MAX_STEP", "READABLE_VERSIONS", "Checkpoint",
-           "CheckpointError", "check_json", "check_step", "checked_path", "load_checkpoint", "read_meta",
+           "CheckpointError", "check_json", "check_step", "checked_path", "load_checkpoint", "pid_alive", "read_meta",
            "remove_leftovers", "save_checkpoint", "why_not_ours"]
 
 

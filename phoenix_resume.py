@@ -17,9 +17,11 @@ from typing import Callable, Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 import phoenix_checkpoint as checkpoint
 import phoenix_configs as configs
+import phoenix_sharded_checkpoint as sharded_checkpoint
 from phoenix_validation import check_number
 
 # Step checkpoints a resumable run keeps: the newest, and older ones to fall back on should the
@@ -86,7 +88,8 @@ def xla_cpu_threads() -> int:
 def run_devices(mesh) -> dict:
     """What a run's bits depend on besides its configuration, recorded with its checkpoints and
     compared on resume: the platform, how many devices JAX sees, the data-parallel mesh ({axis:
-    size}; None without one) and, on CPU, XLA's intra-op thread count (xla_cpu_threads). `mesh`:
+    size}; None without one), the process count of a multi-process run and, on CPU, XLA's intra-op
+    thread count (xla_cpu_threads). `mesh`:
     a Trainer's (a jax Mesh or None), or True / False for Trainer(data_parallel=True / False)."""
     platform = jax.default_backend()
     if mesh is True:
@@ -94,6 +97,8 @@ def run_devices(mesh) -> dict:
     else:
         shape = None if mesh is None or mesh is False else {str(k): int(v) for k, v in mesh.shape.items()}
     devices = {"platform": platform, "count": jax.device_count(), "mesh": shape}
+    if jax.process_count() > 1:  # absent for one process: runs recorded before it resume unchanged
+        devices["processes"] = jax.process_count()
     if platform == "cpu":
         devices["intra_op_threads"] = xla_cpu_threads()
     return devices
@@ -215,12 +220,41 @@ class RunLock:
         os.close(self._fd)  # closing drops the flock
 
 
+# What a process made of a step checkpoint it tried to resume from (multi-process runs agree on the worst).
+_USABLE, _DAMAGED, _REFUSED = 0, 1, 2
+
+
+def _agreed_step_checkpoints(checkpoint_dir: str) -> list[tuple[int, str]]:
+    """list_step_checkpoints as process 0 sees it, in every process (the same list everywhere, even
+    where a process sees the directory otherwise)."""
+    found = list_step_checkpoints(checkpoint_dir)
+    if jax.process_count() == 1:
+        return found
+    count = int(multihost_utils.broadcast_one_to_all(np.int32(len(found))))
+    if count == 0:
+        return []
+    steps = np.array([step for step, _ in found] if jax.process_index() == 0 else [0] * count, np.int32)  # [count]
+    steps = np.asarray(multihost_utils.broadcast_one_to_all(steps))
+    return [(int(step), step_checkpoint_path(checkpoint_dir, int(step))) for step in steps]
+
+
+def _worst_of_processes(status: int) -> int:
+    """The largest `status` over every process of the run (this one's in a single-process run)."""
+    if jax.process_count() == 1:
+        return status
+    return int(np.max(multihost_utils.process_allgather(np.int32(status))))
+
+
 def resume_point(trainer, state, checkpoint_dir: str, resume: bool, expected: dict,
                   end_step: int, aux, notify) -> Optional[tuple]:
     """The state and history of the newest readable step checkpoint in `checkpoint_dir` (None if
     there is none), after checking that it belongs to this run. A checkpoint damaged after its save
-    is reported and skipped for the one before it; one of another configuration raises ResumeError."""
-    found = list_step_checkpoints(checkpoint_dir)
+    is reported and skipped for the one before it; one of another configuration raises ResumeError.
+    Either format (a sharded checkpoint's metadata is its dense part's). In a multi-process run every
+    process takes part and all resume from the same checkpoint: process 0's listing is broadcast, and
+    a checkpoint is used only if every process read its share of it (one that any process finds
+    damaged is skipped by all; one that any refuses stops all)."""
+    found = _agreed_step_checkpoints(checkpoint_dir)
     if found and not resume:
         raise ResumeError(f"checkpoint_dir {checkpoint_dir}: holds checkpoints of an earlier run (newest "
                           f"{os.path.basename(found[-1][1])}); pass resume=True (--resume) to continue it, or "
@@ -231,20 +265,29 @@ def resume_point(trainer, state, checkpoint_dir: str, resume: bool, expected: di
         return None
     damaged = []
     for step, path in reversed(found):
+        error = None
         try:
-            _check_resumable(checkpoint.read_meta(path), path, expected)
+            _check_resumable(sharded_checkpoint.read_meta(path), path, expected)
             if step > end_step:
                 raise ResumeError(f"{path}: cannot resume, the checkpoint is at step {step}, past this run's "
                                   f"last step {end_step}")
             restored, ckpt = trainer.load(path, like=state)
-        except checkpoint.CheckpointError as e:
-            notify(f"skipping damaged checkpoint {path}: {e}")
+            if aux is not None and ckpt.aux is None:
+                raise ResumeError(f"{path}: cannot resume, it holds no aux arrays and this run keeps some "
+                                  f"({type(aux).__name__})")
+        except (checkpoint.CheckpointError, ResumeError) as e:
+            error = e
+        worst = _worst_of_processes(_USABLE if error is None else
+                                    _REFUSED if isinstance(error, ResumeError) else _DAMAGED)
+        if worst == _REFUSED:
+            raise error if isinstance(error, ResumeError) else ResumeError(
+                f"{path}: cannot resume, another process of this run refused the checkpoint (its error says why)")
+        if worst == _DAMAGED:
+            why = error if error is not None else "another process of this run could not read its part"
+            notify(f"skipping damaged checkpoint {path}: {why}")
             damaged.append(path)
             continue
         if aux is not None:
-            if ckpt.aux is None:
-                raise ResumeError(f"{path}: cannot resume, it holds no aux arrays and this run keeps some "
-                                  f"({type(aux).__name__})")
             aux.load_state_dict(ckpt.aux)
         notify(f"resuming from {path} (step {step} of {end_step})")
         return restored, decode_json((ckpt.extra or {}).get("history") or [])
@@ -264,7 +307,8 @@ def step_checkpoint_path(directory, step: int) -> str:
 def list_step_checkpoints(directory) -> list[tuple[int, str]]:
     """(step, path) of the step checkpoints in `directory`, oldest first; none if it is missing.
     Only directories that a save renamed into place carry a step name (a save in progress or
-    killed leaves a `.step-N.tmp-*` sibling instead), so each listed one is complete unless
+    killed leaves a `.step-N.tmp-*` sibling instead, a sharded one `.step-N.tmp-sharded-*`), so
+    each listed one is complete unless
     damaged after its save (a load then raises CheckpointError)."""
     directory = checkpoint.checked_path(directory)
     try:
@@ -280,8 +324,8 @@ def list_step_checkpoints(directory) -> list[tuple[int, str]]:
 
 
 def prune_step_checkpoints(directory, keep: int) -> list[str]:
-    """Deletes all but the `keep` (>= 1) newest step checkpoints of `directory`, and the leftovers
-    of saves and prunes that were killed there. Call it once a save is complete, so that the newest
+    """Deletes all but the `keep` (>= 1) newest step checkpoints of `directory` (either format), and
+    the leftovers of saves and prunes that were killed there. Call it once a save is complete, so that the newest
     checkpoint is never deleted before its successor is in place. A checkpoint is first renamed to
     `.step-N.del-*` and then deleted, so a prune killed midway leaves no half-deleted checkpoint
     under a step name (the next prune finishes it). Returns the paths deleted."""
@@ -291,7 +335,7 @@ def prune_step_checkpoints(directory, keep: int) -> list[str]:
     directory = checkpoint.checked_path(directory)
     deleted = []
     for _, path in list_step_checkpoints(directory)[:-keep]:
-        if checkpoint.why_not_ours(path) is not None:
+        if not _ours(path, complete=True):
             continue  # not written by a save (or damaged): not ours to delete
         doomed = os.path.join(directory, f".{os.path.basename(path)}.del-{uuid.uuid4().hex[:16]}")
         os.rename(path, doomed)
@@ -303,11 +347,18 @@ def prune_step_checkpoints(directory, keep: int) -> list[str]:
             continue
         name, kind = match.groups()
         full = os.path.join(directory, entry)
-        if kind != "del":
-            checkpoint.remove_leftovers(directory, name)  # skips the temporary directories of live saves
-        elif DELETING_PATTERN.fullmatch(entry) and checkpoint.why_not_ours(full, complete=False) is None:
+        if kind != "del":  # either format's; both skip the temporary directories of live saves
+            checkpoint.remove_leftovers(directory, name)
+            sharded_checkpoint.remove_leftovers(directory, name)
+        elif DELETING_PATTERN.fullmatch(entry) and _ours(full, complete=False):
             shutil.rmtree(full, ignore_errors=True)  # a prune killed while deleting it
     return deleted
+
+
+def _ours(path: str, complete: bool) -> bool:
+    """Whether `path` looks written by a save of either format (phoenix_checkpoint's or a sharded one)."""
+    return (checkpoint.why_not_ours(path, complete=complete) is None
+            or sharded_checkpoint.why_not_ours(path, complete=complete) is None)
 
 
 __all__ = ["DEFAULT_KEEP_CHECKPOINTS", "LOCK_FILE", "STEP_PATTERN", "ResumeError", "RunLock", "list_step_checkpoints",

@@ -17,7 +17,8 @@ Ownership. At the paths a run writes (its entries: {name pattern: kind}), anythi
 did not write is refused whether or not --overwrite is given, every such entry listed
 (ForeignFilesError); Phoenix's own entries of an earlier run are refused unless --overwrite
 (FileExistsError). Other files in the run directory (notes.txt) are never touched. Phoenix's own:
-  checkpoint   a directory a save wrote (phoenix_checkpoint's test, the one a save applies itself)
+  checkpoint   a directory a save wrote (phoenix_checkpoint's test, the one a save applies itself), or
+               a sharded checkpoint (phoenix_sharded_checkpoint's: step checkpoints of sharded tables)
   checkpoints  a directory of such checkpoint directories (train+val/ranker, train+val/retrieval)
   steps        a directory of such directories of step checkpoints (steps/ranker/step-00000050)
   metrics      a metrics.jsonl whose first line is METRICS_HEADER; or, written before the header
@@ -42,6 +43,7 @@ import tempfile
 from typing import Mapping, Optional
 
 import phoenix_checkpoint as checkpoint
+import phoenix_sharded_checkpoint as sharded_checkpoint
 from phoenix_resume import LOCK_FILE
 
 __all__ = ["Input", "OutputError", "ForeignFilesError", "check_outputs", "check_checkpoint_target", "write_manifest",
@@ -253,8 +255,8 @@ def _lock_problem(path: str) -> Optional[str]:
 def _checkpoints_problem(path: str, depth: int) -> Optional[str]:
     """None if `path` is a directory of (`depth` - 1 levels of directories of) checkpoint
     directories, the leftovers of killed saves included; else why not."""
-    if depth == 0:
-        return checkpoint.why_not_ours(path)
+    if depth == 0:  # either format: a step checkpoint of sharded tables is a sharded one
+        return _either_format_problem(path, complete=True)
     if os.path.islink(path) or not os.path.isdir(path):
         return "is not a directory"
     for entry in sorted(os.listdir(path)):
@@ -263,12 +265,24 @@ def _checkpoints_problem(path: str, depth: int) -> Optional[str]:
         if depth == 1 and entry == LOCK_FILE:  # phoenix_training.fit's run lock
             problem = entry_problem(full, "lock")
         elif depth == 1 and leftover:
-            problem = checkpoint.why_not_ours(full, complete=False)
+            problem = _either_format_problem(full, complete=False)
         else:
             problem = _checkpoints_problem(full, depth - 1)
         if problem:
             return f"holds {entry}, which {problem}" if depth == 1 else f"{entry}/{problem}"
     return None
+
+
+def _either_format_problem(path: str, complete: bool) -> Optional[str]:
+    """None if `path` looks written by a save of a checkpoint, regular or sharded; else why not (as a
+    regular checkpoint, unless it holds a sharded checkpoint's index.json)."""
+    problem = checkpoint.why_not_ours(path, complete=complete)
+    if problem is None:
+        return None
+    sharded = sharded_checkpoint.why_not_ours(path, complete=complete)
+    if sharded is None:
+        return None
+    return sharded if os.path.lexists(os.path.join(path, sharded_checkpoint.INDEX_FILE)) else problem
 
 
 def entry_problem(path, kind: str) -> Optional[str]:

@@ -16,11 +16,12 @@ Layout of a sharded checkpoint directory `path/`:
 
 Every part is a phoenix_checkpoint directory (pickle-free, sha256-verified on load); index.json names
 each part's save id, so parts of two saves are never mixed. A save writes everything into a temporary
-sibling `.NAME.tmp-sharded-<save id>` and, once all processes have written their parts, process 0
-writes index.json there and renames it over `path` (the previous checkpoint set aside, then deleted):
-a save killed at any point leaves the previous checkpoint whole (killed between the two renames, under
-`.NAME.old-sharded-<save id>`, which loads do not look for yet). Multi-process runs need a file system all
-processes see (the same path).
+sibling `.NAME.tmp-sharded-<pid>-<save id>` (pid: process 0's) and, once all processes have written
+their parts, process 0 writes index.json there and renames it over `path` (the previous checkpoint set
+aside, then deleted): a save killed at any point leaves the previous checkpoint whole (killed between
+the two renames, under `.NAME.old-sharded-<save id>`, which loads do not look for yet). Such leftovers
+are deleted by the next save of `path` (`remove_leftovers`: a temporary directory only once the pid
+that made it is gone). Multi-process runs need a file system all processes see (the same path).
 
 Loading reads only the rows each device needs, from the shards that hold them: any shard count and
 any sharding of the result (resharding is exact: the same float32 values in other places).
@@ -31,7 +32,9 @@ Shape glossary
 
 import json
 import os
+import re
 import shutil
+import stat
 import uuid
 from typing import Callable
 
@@ -42,12 +45,13 @@ from jax.experimental import multihost_utils
 import phoenix_checkpoint as checkpoint
 
 __all__ = ["INDEX_FILE", "DENSE_DIR", "SHARDED_MARKER", "is_sharded_checkpoint", "save_sharded_checkpoint",
-           "load_sharded_checkpoint", "shard_dir_name"]
+           "load_sharded_checkpoint", "shard_dir_name", "read_meta", "why_not_ours", "remove_leftovers"]
 
 INDEX_FILE = "index.json"
 DENSE_DIR = "dense"
 SHARDED_MARKER = "phoenix-sharded-checkpoint"  # index.json's "format"
 SHARDED_VERSION = 1
+SHARD_DIR_PATTERN = re.compile(r"shard-\d{5,}-of-\d{5,}")
 
 
 def shard_dir_name(shard: int, shards: int) -> str:
@@ -57,6 +61,97 @@ def shard_dir_name(shard: int, shards: int) -> str:
 def is_sharded_checkpoint(path) -> bool:
     """Whether `path` is a directory holding a sharded checkpoint's index.json."""
     return os.path.isfile(os.path.join(os.fspath(path), INDEX_FILE))
+
+
+def read_meta(path) -> dict:
+    """The schema-checked meta.json of a checkpoint: a sharded one's dense part (step, config, extra),
+    refused unless its index.json names that part; a regular one's own (phoenix_checkpoint.read_meta)."""
+    path = os.path.abspath(os.fspath(path))
+    if not is_sharded_checkpoint(path):
+        return checkpoint.read_meta(path)
+    index = _read_index(path)
+    meta = checkpoint.read_meta(os.path.join(path, DENSE_DIR))
+    if meta.get("save_id") != index.get("parts", {}).get(DENSE_DIR):
+        raise checkpoint.CheckpointError(f"{path}/{DENSE_DIR}: written by another save than {path}/{INDEX_FILE} "
+                                         f"names (save id {meta.get('save_id')!r})")
+    return meta
+
+
+# The leftovers of a killed save of one part inside a sharded save's directory (phoenix_checkpoint's names).
+_PART_LEFTOVER = re.compile(rf"\.({DENSE_DIR}|shard-\d+-of-\d+)\.(tmp|old)-[A-Za-z0-9_-]+")
+
+
+def why_not_ours(path, complete: bool = True) -> str | None:
+    """None if `path` is absent, an empty directory, or a directory that looks written by a sharded save:
+    only index.json (a sharded checkpoint's), dense/ and shard-*-of-*/ parts, each a directory a
+    phoenix_checkpoint save wrote (phoenix_checkpoint.why_not_ours). Otherwise why not. `complete=False`
+    accepts an unfinished save's temporary directory or a deletion cut short: index.json or parts
+    missing, parts unfinished, and the leftovers of the parts' own killed saves."""
+    path = os.fspath(path)
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is a file, not a directory"
+    entries = sorted(os.listdir(path))
+    for entry in entries:
+        full = os.path.join(path, entry)
+        if entry == INDEX_FILE or (not complete and entry == INDEX_FILE + ".tmp"):
+            problem = None if stat.S_ISREG(os.lstat(full).st_mode) else "is not a regular file"
+        elif entry == DENSE_DIR or SHARD_DIR_PATTERN.fullmatch(entry):
+            problem = checkpoint.why_not_ours(full, complete)
+        elif not complete and _PART_LEFTOVER.fullmatch(entry):
+            problem = checkpoint.why_not_ours(full, complete=False)
+        else:
+            return f"holds {entry}, which a sharded save does not write"
+        if problem:
+            return f"its {entry} {problem}"
+    if complete and entries:
+        if INDEX_FILE not in entries:
+            return f"has no {INDEX_FILE}"
+        try:
+            _read_index(path)
+        except checkpoint.CheckpointError as e:
+            return f"its {INDEX_FILE} is not a sharded checkpoint's ({e})"
+    return None
+
+
+def _leftover_match(entry: str, name: str):
+    """A match of the names a sharded save of `name` gives its temporary (`.name.tmp-sharded-<pid>-<id>`)
+    and set-aside (`.name.old-sharded-<id>`) directories: groups kind ("tmp" / "old") and pid (None
+    where not recorded)."""
+    return re.fullmatch(rf"\.{re.escape(name)}\.(tmp|old)-sharded-(?:(\d+)-)?[0-9a-f]+", entry)
+
+
+def remove_leftovers(parent, name: str) -> list:
+    """Deletes the temporary and set-aside directories that killed sharded saves of `parent/name` left:
+    only those that look like ours (why_not_ours), and a temporary one only once the process 0 that
+    made it (its pid, on this host) is gone. Returns the paths deleted."""
+    parent = os.fspath(parent)
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return []
+    deleted = []
+    for entry in sorted(entries):
+        match = _leftover_match(entry, name)
+        if match is None:
+            continue
+        kind, pid = match.groups()
+        if kind == "tmp" and pid is not None and checkpoint.pid_alive(int(pid)):
+            continue  # a save still running
+        full = os.path.join(parent, entry)
+        try:
+            ours = why_not_ours(full, complete=kind == "old") is None
+        except OSError:  # unreadable: not ours to judge
+            continue
+        if ours:
+            shutil.rmtree(full, ignore_errors=True)
+            deleted.append(full)
+    return deleted
 
 
 def _split_leaves(tree, is_split) -> list:
@@ -79,12 +174,13 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _shared_save_id() -> str:
-    """A random id, the same in every process (process 0's)."""
-    value = np.frombuffer(uuid.uuid4().bytes[:8], np.uint32).copy()  # [2]
+def _shared_save_id() -> tuple[str, int]:
+    """(a random id, process 0's pid), the same in every process (process 0's)."""
+    value = np.concatenate([np.frombuffer(uuid.uuid4().bytes[:8], np.uint32),
+                            np.array([os.getpid()], np.uint32)])  # [3]: the id's two words, the pid
     if jax.process_count() > 1:
         value = np.asarray(multihost_utils.broadcast_one_to_all(value))
-    return "".join(f"{int(v):08x}" for v in value)
+    return "".join(f"{int(v):08x}" for v in value[:2]), int(value[2])
 
 
 def _check_target(target: str) -> None:
@@ -136,8 +232,8 @@ def save_sharded_checkpoint(path, params, opt_state=None, step=0, config=None, e
             mine[lo // block] = (lo, max(lo, hi), np.asarray(s.data)[:max(0, hi - lo)])
         blocks[k] = mine
 
-    save_id = _shared_save_id()
-    tmp = os.path.join(parent, f".{name}.tmp-sharded-{save_id}")
+    save_id, pid = _shared_save_id()
+    tmp = os.path.join(parent, f".{name}.tmp-sharded-{pid}-{save_id}")  # the pid: is this save still running
     if jax.process_index() == 0:
         os.makedirs(tmp)
     _barrier(f"phoenix sharded save {save_id} start")
@@ -186,6 +282,7 @@ def save_sharded_checkpoint(path, params, opt_state=None, step=0, config=None, e
             os.close(fd)
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
+        remove_leftovers(parent, name)  # of earlier saves of `path` that were killed
     _barrier(f"phoenix sharded save {save_id} done")
     return target
 

@@ -734,7 +734,10 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
     which is intact. `aux`: an object with state_dict() -> {name: array} and load_state_dict(dict),
     saved and restored with the state (e.g. counters that the data stream updates). The devices are
     part of a run (phoenix_resume.run_devices: platform, device count, data-parallel mesh, XLA's CPU
-    thread pool): a resume on others raises ResumeError listing them.
+    thread pool): a resume on others raises ResumeError listing them. With sharded tables the step
+    checkpoints are sharded ones (phoenix_sharded_checkpoint: no table gathered on one host). In a
+    multi-process run every process calls `fit` alike: each writes its shards of every save, process
+    0 holds the lock, writes the rest and prunes, and all resume from the same checkpoint.
 
     Clean stops (phoenix_stop: a command-line entry's SIGTERM / SIGINT). A stop signal takes effect
     between two steps: the step in flight (and its logging, evaluation and save) finishes, the state
@@ -769,7 +772,8 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
     lock = opened = None
     if checkpoint_dir is not None:
         checkpoint_dir = os.path.abspath(os.fspath(checkpoint_dir))
-        lock = RunLock(checkpoint_dir, write_line)
+        if jax.process_index() == 0:  # a multi-process run's first process holds it for the run
+            lock = RunLock(checkpoint_dir, write_line)
     try:
         restored = None
         if checkpoint_dir is not None:
@@ -820,17 +824,19 @@ def fit(trainer: Trainer, state: TrainState, batch_iterator, num_steps: int, log
             nonlocal last_saved
             step = start_step + done
             path = step_checkpoint_path(checkpoint_dir, step)
-            try:
+            try:  # sharded tables: a sharded checkpoint, each process writing its devices' rows
                 trainer.save(path, state, aux=None if aux is None else aux.state_dict(), extra={
                     "run_config": expected["run_config"], "run_start_step": start_step,
-                    "devices": expected["devices"], "history": encode_json(history)})
+                    "devices": expected["devices"], "history": encode_json(history)},
+                    sharded=trainer.table_shards is not None)
             except OSError as e:
                 newest = list_step_checkpoints(checkpoint_dir)
                 kept = newest[-1][1] if newest else "none yet"
                 why = e.strerror if e.errno is not None else str(e)  # str(e) would repeat "[Errno N]"
                 raise OSError(e.errno, f"checkpoint of step {step} was not written, training stopped: {why}. "
                                        f"The newest complete checkpoint, intact: {kept}") from e
-            prune_step_checkpoints(checkpoint_dir, keep_checkpoints)
+            if jax.process_index() == 0:  # after the save's last barrier: every process has written
+                prune_step_checkpoints(checkpoint_dir, keep_checkpoints)
             last_saved = step
 
         def stop() -> None:

@@ -30,7 +30,8 @@ docs/resume.md).
 
 Several processes (each with its devices, one mesh over all): the same command in each with
 --coordinator-address HOST:PORT --num-processes N --process-id I (--data synthetic, with --data-parallel;
---shard-tables splits the hash tables' rows over every device: docs/sharding.md).
+--shard-tables splits the hash tables' rows over every device: docs/sharding.md). With --shard-tables such a
+run keeps step checkpoints (--checkpoint-every, each process writing its shards) and resumes (--resume).
 
 This module holds every training flag and is the command-line toolkit of the other entry points
 (run_ranker.py, run_retrieval.py: `cli`, `dataclass_parser`); the library below it takes dataclasses.
@@ -405,9 +406,11 @@ def distributed_args(args, kind: str, error) -> Optional[Distributed]:
         if not args.data_parallel:
             error(f"--num-processes {args.num_processes}: add --data-parallel (the batch is split over every "
                   "process's devices)")
-        if args.checkpoint_every or args.resume:
-            error(f"--num-processes {args.num_processes}: step checkpoints and --resume are single-process only so "
-                  "far; drop --checkpoint-every / --resume")
+        if (args.checkpoint_every or args.resume) and not args.shard_tables:
+            error(f"--num-processes {args.num_processes}: step checkpoints and --resume of a multi-process run need "
+                  "--shard-tables (its step checkpoints are sharded ones, each process writing its devices' rows); "
+                  "with replicated tables they are single-process only so far: add --shard-tables, or drop "
+                  "--checkpoint-every / --resume")
     return Distributed(args.coordinator_address, args.num_processes, args.process_id)
 
 

@@ -5,8 +5,8 @@ The device count must be fixed before JAX is imported, so the checks run in subp
 together by the module fixture `started`: one process with 8 forced CPU devices runs every 8-device
 check (`eight_device_main`: one section per test, each section's verdict reported on its own; the
 single-device runs the sections compare with are trained once), a pair of processes x 4 devices runs
-run_train.py and then a sharded save (`two_process_main`), and a 1-device process the reference
-run_train.py run. A process costs a JAX import and its own compiles: sharing them is most of this
+run_train.py with step checkpoints, resumes it from a mid-run one, then makes a sharded save
+(`two_process_main`), and a 1-device process the reference run_train.py run. A process costs a JAX import and its own compiles: sharing them is most of this
 file's time.
 """
 
@@ -25,6 +25,7 @@ import pytest
 
 import phoenix_checkpoint
 import phoenix_resume
+import phoenix_run_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 B, STEPS = 8, 20  # the 8-device trainer runs: one example per device, 20 steps compared
@@ -35,7 +36,9 @@ TINY_SYNTHETIC = ["--data", "synthetic", "--only", "ranker", "--num-users", "120
                   "--emb-size", "16", "--key-size", "8", "--num-layers", "1", "--batch-size", "16",
                   "--steps-ranker", "10", "--log-every", "2", "--eval-repeats", "1", "--overwrite"]
 SHARDED_FLAGS = ["--data-parallel", "--shard-tables"]
-SECTIONS = ["run_train", "runners", "data_parallel_training", "sharded_sparse", "sharded_dense"]
+SECTIONS = ["run_train", "runners", "data_parallel_training", "sharded_sparse", "sharded_dense", "sharded_resume"]
+# The 2-process run keeps step checkpoints every 2 of its 10 steps (the newest 3), and is resumed from step 6.
+EVERY, RESUMED_FROM = 2, 6
 
 
 # --------------------------------------------------------------------------- the 8-device process
@@ -258,6 +261,76 @@ def check_sharded_tables(variant):
             training.RankingTrainer(model_configs()[0], **bad)
 
 
+def _shard_parts(shards: int) -> list[str]:
+    """The entries of a sharded checkpoint directory of `shards` shards, sorted."""
+    return ["dense", "index.json"] + [f"shard-{i:05d}-of-{shards:05d}" for i in range(shards)]
+
+
+def _exited_pid() -> int:
+    """The pid of a process that has exited (a killed save's, for a leftover directory's name)."""
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+def check_sharded_resume():
+    """fit's step checkpoints with sharded tables on 8 devices: sharded on disk, pruned to the newest K;
+    a run resumed from a mid-run one ends bit for bit as the uninterrupted run; a killed save's leftover
+    is no checkpoint and the next save of its name deletes it (a live save's is kept); a resume on
+    another mesh, or on one device, is refused with the difference listed."""
+    import io
+
+    import jax
+    from jax.sharding import Mesh
+
+    import phoenix_training as training
+    from test_phoenix_training import OPTIMIZER, random_batch
+    _, make, args_of = models(OPTIMIZER)[0]  # the ranker, lazy row updates
+    steps = 6
+
+    def batches(first):
+        return (args_of(i) for i in range(first, steps))
+
+    def fit(trainer, directory, **kw):
+        state = trainer.init(jax.random.PRNGKey(0), random_batch(0, B))
+        out = io.StringIO()
+        state, history = training.fit(trainer, state, batches, steps, log_every=1, stream=out, checkpoint_dir=directory,
+                                      checkpoint_every=2, keep_checkpoints=2, **kw)
+        return state, [h["loss"] for h in history], out.getvalue()
+
+    trainer = make(data_parallel=True, shard_tables=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        whole, resumed = os.path.join(tmp, "whole"), os.path.join(tmp, "resumed")
+        full, full_losses, _ = fit(trainer, whole)
+        found = training.list_step_checkpoints(whole)
+        assert [step for step, _ in found] == [4, 6], found  # step 2 pruned
+        for _, path in found:
+            assert sorted(os.listdir(path)) == _shard_parts(8), os.listdir(path)
+        os.makedirs(resumed)
+        shutil.copytree(found[0][1], os.path.join(resumed, "step-00000004"))
+        # a save of step 6 killed before its index (its process gone), and a save in progress (this pid)
+        dead = os.path.join(resumed, f".step-00000006.tmp-sharded-{_exited_pid()}-0123456789abcdef")
+        live = os.path.join(resumed, f".step-00000008.tmp-sharded-{os.getpid()}-0123456789abcdef")
+        for leftover in (dead, live):
+            shutil.copytree(found[1][1], leftover)
+            os.remove(os.path.join(leftover, "index.json"))
+        assert [step for step, _ in training.list_step_checkpoints(resumed)] == [4]
+        again, losses, out = fit(trainer, resumed, resume=True)
+        assert f"resuming from {os.path.join(resumed, 'step-00000004')} (step 4 of 6)" in out, out
+        assert losses == full_losses, (losses, full_losses)  # the history: steps 1-4 read back, 5-6 trained
+        for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(again), strict=True):
+            np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+        assert not os.path.exists(dead) and os.path.isdir(live), os.listdir(resumed)
+        assert [step for step, _ in training.list_step_checkpoints(resumed)] == [4, 6]
+        mesh_2d = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "table"))
+        for other, listed in ((make(data_parallel=mesh_2d, shard_tables=True),
+                               "devices.mesh.data: checkpoint 8, now 4\n  devices.mesh.table: absent in the "
+                               "checkpoint, now 2"),
+                              (make(), "devices.mesh: checkpoint {'data': 8}, now None")):
+            with pytest.raises(training.ResumeError, match=re.escape(listed)):
+                fit(other, resumed, resume=True)
+
+
 def run_train_eight(run_dir):
     """run_train.py --data-parallel --shard-tables on the 8 devices; its output between BEGIN/END lines."""
     import run_train
@@ -275,7 +348,7 @@ def eight_device_main(run_dir):
     checks = {"run_train": lambda: run_train_eight(run_dir), "runners": check_runners,
               "data_parallel_training": check_data_parallel_training,
               "sharded_sparse": lambda: check_sharded_tables("sparse"),
-              "sharded_dense": lambda: check_sharded_tables("dense")}
+              "sharded_dense": lambda: check_sharded_tables("dense"), "sharded_resume": check_sharded_resume}
     assert list(checks) == SECTIONS
     results = {}
     for name, check in checks.items():
@@ -291,13 +364,31 @@ def eight_device_main(run_dir):
 
 
 def two_process_main(address, process_id, run_dir, ckpt):
-    """One of 2 processes x 4 devices: run_train.py's sharded run (jax.distributed through its flags),
-    then 3 steps of the tiny ranker with sharded tables saved as a sharded checkpoint (each process
-    writes the shards of its devices) and read back bit for bit; prints LOSSES [3 losses]."""
+    """One of 2 processes x 4 devices: run_train.py's sharded run (jax.distributed through its flags)
+    with step checkpoints every EVERY steps; then, as after a kill at step RESUMED_FROM (process 0 sets
+    the uninterrupted run's final checkpoint aside and deletes the later step checkpoints), the same
+    command with --resume, its output between BEGIN/END resume lines; then 3 steps of the tiny ranker
+    with sharded tables saved as a sharded checkpoint (each process writes the shards of its devices)
+    and read back bit for bit; prints LOSSES [3 losses]."""
     import run_train
-    run_train.main([*TINY_SYNTHETIC, "--checkpoint-dir", run_dir, *SHARDED_FLAGS, "--coordinator-address",
-                    address, "--num-processes", "2", "--process-id", str(process_id)])
+    import train_synthetic
+    argv = [*TINY_SYNTHETIC, "--checkpoint-dir", run_dir, *SHARDED_FLAGS, "--checkpoint-every", str(EVERY),
+            "--coordinator-address", address, "--num-processes", "2", "--process-id", str(process_id)]
+    run_train.main(argv)
     import jax
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+        os.rename(os.path.join(run_dir, "ranker"), os.path.join(os.path.dirname(run_dir), "two-uninterrupted"))
+        steps = os.path.join(run_dir, "steps", "ranker")
+        for step, path in phoenix_resume.list_step_checkpoints(steps):
+            if step > RESUMED_FROM:
+                shutil.rmtree(path)
+    multihost_utils.sync_global_devices("test_multidevice: later step checkpoints deleted")
+    print("BEGIN resume", flush=True)
+    argv = [a for a in argv if a != "--overwrite"] + ["--resume"]
+    train_synthetic.run(run_train.parse_args(argv).run, argv)  # run_train.main, jax.distributed initialised
+    sys.stderr.flush()
+    print("END resume", flush=True)
 
     from test_phoenix_training import random_batch, three_ranker_steps
     assert (jax.device_count(), jax.local_device_count()) == (8, 4), jax.devices()
@@ -414,22 +505,108 @@ def test_two_processes_equal_one_process_and_one_device(started, eight_devices):
     eight = eight_devices[1]
     outputs = {"one": _output(started, "one"),
                "eight": eight[eight.index("BEGIN run_train\n"):eight.index("END run_train\n")],
-               **{f"p{i}": _output(started, f"p{i}") for i in range(2)}}
+               **{f"p{i}": _output(started, f"p{i}").split("BEGIN resume\n")[0] for i in range(2)}}
     printed = {name: _printed_losses(out) for name, out in outputs.items()}
     assert len(printed["one"]) == 5, outputs["one"]
     for name in ("eight", "p0", "p1"):
         assert printed[name] == printed["one"], (name, outputs[name])
     recorded = {}
-    for name in ("one", "eight", "two"):
-        extra = phoenix_checkpoint.read_meta(tmp / name / "ranker")["extra"]
+    for name in ("one", "eight", "two-uninterrupted"):  # the 2-process run's before it was resumed
+        extra = phoenix_checkpoint.read_meta(tmp / name if name.startswith("two") else tmp / name / "ranker")["extra"]
         history = phoenix_resume.decode_json(extra["result"])["history"]
         recorded[name] = np.array([h["loss"] for h in history if "loss" in h])
-        if name == "two":
+        if name == "two-uninterrupted":
             assert extra["devices"]["count"] == 8 and extra["devices"]["mesh"] == {"data": 8}, extra["devices"]
+            assert extra["devices"]["processes"] == 2, extra["devices"]
     assert len(recorded["one"]) == 5
+    two = recorded["two-uninterrupted"]
     np.testing.assert_allclose(recorded["eight"], recorded["one"], rtol=1e-5)
-    np.testing.assert_allclose(recorded["two"], recorded["one"], rtol=1e-5)
-    np.testing.assert_allclose(recorded["two"], recorded["eight"], rtol=1e-6)
+    np.testing.assert_allclose(two, recorded["one"], rtol=1e-5)
+    np.testing.assert_allclose(two, recorded["eight"], rtol=1e-6)
+
+
+def _step_lines(out: str) -> dict:
+    return dict(re.findall(r"^step (\d+)/\d+  loss (\S+)", out, re.M))
+
+
+def test_two_processes_resume_from_a_step_checkpoint(started):
+    """The 2 x 4 run_train.py run (sharded tables) writes sharded step checkpoints every 2 steps, each
+    process its 4 shards, pruned to the newest 3; resumed by both processes from step 6 (the later ones
+    deleted, as after a kill), it prints the uninterrupted run's losses for steps 8 and 10 and records
+    its whole history and figures bit for bit; the run directory holds nothing but its entries."""
+    tmp = started[0]
+    steps = tmp / "two" / "steps" / "ranker"
+    for i in range(2):
+        first, rest = _output(started, f"p{i}").split("BEGIN resume\n")
+        resumed = rest.split("END resume\n")[0]
+        assert f"resuming from {steps / 'step-00000006'} (step 6 of 10)" in resumed, resumed
+        assert sorted(_step_lines(first), key=int) == ["2", "4", "6", "8", "10"], first
+        assert sorted(_step_lines(resumed), key=int) == ["8", "10"], resumed
+        assert _step_lines(resumed) == {k: _step_lines(first)[k] for k in ("8", "10")}, (first, resumed)
+    before = phoenix_checkpoint.read_meta(tmp / "two-uninterrupted")["extra"]
+    after = phoenix_checkpoint.read_meta(tmp / "two" / "ranker")["extra"]
+    history = [phoenix_resume.decode_json(extra["result"])["history"] for extra in (before, after)]
+    assert [h["step"] for h in history[1]] == [h["step"] for h in history[0]]
+    assert [h.get("loss") for h in history[1]] == [h.get("loss") for h in history[0]]  # bit for bit
+    assert (after["auc_favorite"], after["mean_auc"]) == (before["auc_favorite"], before["mean_auc"])
+    assert [step for step, _ in phoenix_resume.list_step_checkpoints(steps)] == [6, 8, 10]
+    assert sorted(os.listdir(steps)) == [".lock", "step-00000006", "step-00000008", "step-00000010"]
+    for step in (6, 8, 10):
+        path = steps / f"step-{step:08d}"
+        assert sorted(os.listdir(path)) == _shard_parts(8), os.listdir(path)
+        index = json.load(open(path / "index.json"))
+        assert (index["step"], index["shards"]) == (step, 8), index
+        writers = {name: phoenix_checkpoint.read_meta(path / name)["extra"]["process"]
+                   for name in _shard_parts(8)[2:]}
+        assert writers == {f"shard-{i:05d}-of-00008": i // 4 for i in range(8)}, writers
+    assert phoenix_run_dir.entry_problem(tmp / "two" / "steps", "steps") is None
+
+
+def test_resume_of_the_two_process_run_on_one_device_is_refused(started, tmp_path):
+    """--resume of a copy of the 2 x 4 run in this 1-device process stops before training, listing the
+    devices that differ (a resume on another device count is refused, as for one process)."""
+    import run_train
+    for i in range(2):
+        _output(started, f"p{i}")
+    shutil.copytree(started[0] / "two", tmp_path / "two")
+    argv = [a for a in TINY_SYNTHETIC if a != "--overwrite"] + [
+        "--checkpoint-dir", str(tmp_path / "two"), *SHARDED_FLAGS, "--checkpoint-every", str(EVERY), "--resume"]
+    with pytest.raises(phoenix_resume.ResumeError) as info:
+        run_train.main(argv)
+    for line in ("devices.count: checkpoint 8, now 1", "devices.mesh.data: checkpoint 8, now 1",
+                 "devices.processes: checkpoint 2, now absent"):
+        assert line in str(info.value), str(info.value)
+    assert str(tmp_path / "two" / "steps" / "ranker" / "step-00000010") in str(info.value)
+
+
+def test_sharded_step_checkpoints_leftovers_and_pruning(started, tmp_path):
+    """On copies of the 2-process run's sharded step checkpoints: a killed save's temporary directory
+    (no index.json) is no checkpoint; a prune deletes it once its pid is gone (not while it lives),
+    the set-aside copy of a killed save, and the older sharded checkpoints; something a save does not
+    write is refused as ours, so neither pruned nor taken for a run directory's entry."""
+    import phoenix_sharded_checkpoint as sharded
+    for i in range(2):
+        _output(started, f"p{i}")
+    steps = tmp_path / "ranker"
+    shutil.copytree(started[0] / "two" / "steps" / "ranker", steps)
+    step_10 = steps / "step-00000010"
+    dead = steps / f".step-00000012.tmp-sharded-{_exited_pid()}-00000000000000ab"
+    live = steps / f".step-00000014.tmp-sharded-{os.getppid()}-00000000000000ab"
+    aside = steps / ".step-00000010.old-sharded-00000000000000ab"
+    for leftover in (dead, live, aside):
+        shutil.copytree(step_10, leftover)
+    for leftover in (dead, live):
+        os.remove(leftover / "index.json")
+    assert sharded.why_not_ours(step_10) is None and sharded.why_not_ours(dead, complete=False) is None
+    assert sharded.why_not_ours(dead) == "has no index.json"
+    assert [step for step, _ in phoenix_resume.list_step_checkpoints(steps)] == [6, 8, 10]
+    assert phoenix_run_dir.entry_problem(tmp_path, "steps") is None  # leftovers included
+    (steps / "step-00000006" / "notes.txt").write_text("mine")
+    assert sharded.why_not_ours(steps / "step-00000006") == "holds notes.txt, which a sharded save does not write"
+    assert "notes.txt" in phoenix_run_dir.entry_problem(tmp_path, "steps")
+    deleted = phoenix_resume.prune_step_checkpoints(steps, 1)
+    assert deleted == [str(steps / "step-00000008")], deleted  # step 6 holds a file of someone else's
+    assert sorted(os.listdir(steps)) == [".lock", live.name, "step-00000006", "step-00000010"]
 
 
 def test_two_processes_write_their_own_shards(started):

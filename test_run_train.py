@@ -249,6 +249,9 @@ def test_shard_tables_and_multi_process_flags_reach_the_library():
                                       "--num-processes", "2", "--process-id", "1"])
     assert synthetic.run.shard_tables and synthetic.run.data_parallel
     assert synthetic.distributed == run_train.Distributed("127.0.0.1:1234", 2, 1)
+    resumable = run_train.parse_args(["--data-parallel", "--shard-tables", "--checkpoint-every", "5", "--resume",
+                                      "--coordinator-address", "h:1", "--num-processes", "2", "--process-id", "0"])
+    assert (resumable.run.checkpoint_every, resumable.run.resume, resumable.distributed.num_processes) == (5, True, 2)
     assert "shard_tables" not in train_synthetic.run_config(train_synthetic.SyntheticRun(), "ranker")  # old runs resume
     assert train_synthetic.run_config(synthetic.run, "ranker")["shard_tables"] is True
 
@@ -266,7 +269,9 @@ def test_shard_tables_and_multi_process_flags_reach_the_library():
     (["--data", "log.csv", "--data-parallel", "--coordinator-address", "h:1", "--num-processes", "2",
       "--process-id", "0"], "supported on --data synthetic only so far, got --data log.csv"),
     (["--data-parallel", "--checkpoint-every", "5", "--coordinator-address", "h:1", "--num-processes", "2",
-      "--process-id", "0"], "step checkpoints and --resume are single-process only so far"),
+      "--process-id", "0"], "step checkpoints and --resume of a multi-process run need --shard-tables"),
+    (["--data-parallel", "--resume", "--coordinator-address", "h:1", "--num-processes", "2",
+      "--process-id", "1"], "with replicated tables they are single-process only so far"),
 ])
 def test_bad_shard_and_multi_process_flags_are_one_error_line(argv, message, capsys):
     with pytest.raises(SystemExit) as info:

@@ -67,6 +67,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 import phoenix_checkpoint as checkpoint
 import phoenix_run_dir as run_dir
@@ -79,7 +80,7 @@ from phoenix_synthetic import (FAVORITE, RECALL_K, STREAM_VERSION, TABLE_INIT_ST
                                gap_closed, held_out_examples, optimizer_config, ranking_stream, retrieval_stream,
                                to_retrieval_batch, unknown_user_id, world_config)
 
-__all__ = ["SyntheticRun", "run", "run_config", "check_run_dir", "describe_stop", "format_table",
+__all__ = ["SyntheticRun", "run", "run_config", "check_run_dir", "prepare_run_dir", "describe_stop", "format_table",
            "format_action_table"]
 
 # What the experiment checks its figures against: the ranker closes at least this share of the gap
@@ -410,6 +411,27 @@ def check_run_dir(options: SyntheticRun) -> None:
         shutil.rmtree(steps)
 
 
+def prepare_run_dir(options: SyntheticRun) -> None:
+    """check_run_dir and the manifest, by the first process of a multi-process run (it writes the run
+    directory; every process writes its shards of the step checkpoints). The others wait for it (so that
+    none reads the directory before an --overwrite has cleared it) and stop too if it refused."""
+    refused = None
+    if jax.process_index() == 0:
+        try:
+            check_run_dir(options)
+            if not (options.resume and os.path.exists(os.path.join(options.checkpoint_dir, run_dir.MANIFEST_FILE))):
+                run_dir.write_manifest(options.checkpoint_dir, "synthetic", RUN_ENTRIES, seed=options.seed,
+                                       flags=dict(sorted({"data": "synthetic", **dataclasses.asdict(options)}.items())))
+        except Exception as e:  # every process hears of it: the others would wait for it in a collective
+            refused = e
+    if jax.process_count() > 1 and int(multihost_utils.broadcast_one_to_all(np.int32(refused is not None))):
+        if refused is None:
+            raise run_dir.OutputError(f"--checkpoint-dir {options.checkpoint_dir}: process 0 refused it (its error "
+                                      "says why); nothing trained")
+    if refused is not None:
+        raise refused
+
+
 def run(options: SyntheticRun, argv: Optional[list] = None) -> dict:
     """The experiment (module docstring); returns the figures. A clean stop (SIGTERM / Ctrl-C under a
     command-line entry, phoenix_stop) raises TrainingStopped filled in by describe_stop, whose resume
@@ -423,12 +445,7 @@ def run(options: SyntheticRun, argv: Optional[list] = None) -> dict:
 
 def _run(options: SyntheticRun) -> dict:
     """run's work."""
-    if jax.process_index() == 0:  # multi-process: the first process writes (Trainer.save too)
-        check_run_dir(options)
-    if jax.process_index() == 0 and not (options.resume and os.path.exists(os.path.join(options.checkpoint_dir,
-                                                                                         run_dir.MANIFEST_FILE))):
-        run_dir.write_manifest(options.checkpoint_dir, "synthetic", RUN_ENTRIES, seed=options.seed,
-                               flags=dict(sorted({"data": "synthetic", **dataclasses.asdict(options)}.items())))
+    prepare_run_dir(options)
     t_start = time.perf_counter()
     world = SyntheticWorld(options.world())
     train_ids, held_out = world.split_users()
@@ -439,7 +456,7 @@ def _run(options: SyntheticRun) -> dict:
     # One process at a time trains a resumable run (a resume started while a killed run's process
     # is still exiting waits for it).
     lock = (training.RunLock(options.checkpoint_dir, lambda m: print(m, file=sys.stderr, flush=True))
-            if options.checkpoint_every or options.resume else None)
+            if (options.checkpoint_every or options.resume) and jax.process_index() == 0 else None)
     try:
         ranker = None if options.only == "retrieval" else train_ranker(options, world, train_ids, held_out)
         retrieval = None if options.only == "ranker" else train_retrieval(options, world, train_ids, held_out)

@@ -23,7 +23,9 @@ def test_ffn_size_matches_rule(emb_size, widening, expected):
                               "many_candidates"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
 def test_recsys_attn_mask_structure(T, offset, bidirectional):
-    got = np.asarray(grok.make_recsys_attn_mask(T, offset, bidirectional_prefix=bidirectional))
+    # Traced, as the model builds it: one program per case (eager, each op compiles per shape).
+    got = np.asarray(jax.jit(grok.make_recsys_attn_mask, static_argnums=(0, 1), static_argnames="bidirectional_prefix")(
+        T, offset, bidirectional_prefix=bidirectional))
     assert got.shape == (1, 1, T, T) and got.dtype == np.float32
     np.testing.assert_array_equal(got[0, 0], ref.recsys_mask(T, offset, bidirectional))
 
@@ -39,32 +41,34 @@ def test_rms_norm_matches_formula():
     x = np.random.default_rng(0).standard_normal((3, 5, 16)).astype(np.float32)
     scale = np.random.default_rng(1).standard_normal(16).astype(np.float32)
     f = hk.transform(lambda x: grok.RMSNorm()(x))
-    out = f.apply({"rms_norm": {"scale": scale}}, None, x)
+    apply = jax.jit(f.apply)  # jitted: eager, each op compiles its own program
+    out = apply({"rms_norm": {"scale": scale}}, None, x)
     np.testing.assert_allclose(out, ref.rms_norm(np.float64(x), scale), rtol=1e-5, atol=1e-6)
     # bf16 in -> bf16 out, computed in float32
-    out16 = f.apply({"rms_norm": {"scale": scale}}, None, jnp.asarray(x, jnp.bfloat16))
+    out16 = apply({"rms_norm": {"scale": scale}}, None, jnp.asarray(x, jnp.bfloat16))
     assert out16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.float32(out16), ref.rms_norm(np.float64(x), scale), rtol=2e-2, atol=2e-2)
 
 
 def test_rms_norm_default_scale_is_one():
-    params = hk.transform(lambda x: grok.hk_rms_norm(x)).init(jax.random.PRNGKey(0), jnp.ones((2, 4)))
+    params = jax.jit(hk.transform(lambda x: grok.hk_rms_norm(x)).init)(jax.random.PRNGKey(0), jnp.ones((2, 4)))
     np.testing.assert_array_equal(params["rms_norm"]["scale"], np.ones(4))
 
 
 def test_rotate_half_and_rope_match_formula():
     x = np.random.default_rng(0).standard_normal((2, 7, 3, 8)).astype(np.float32)
-    np.testing.assert_array_equal(grok.rotate_half(x), ref.rotate_half(x))
-    got = hk.transform(lambda x: grok.RotaryEmbedding(8)(x, seq_dim=1, offset=0)).apply({}, None, x)
+    np.testing.assert_array_equal(jax.jit(grok.rotate_half)(x), ref.rotate_half(x))
+    # jitted: eager, each op compiles its own program
+    got = jax.jit(hk.transform(lambda x: grok.RotaryEmbedding(8)(x, seq_dim=1, offset=0)).apply)({}, None, x)
     np.testing.assert_allclose(got, ref.rope(np.float64(x), np.arange(7.0)), rtol=1e-5, atol=1e-5)
     # explicit positions equal an offset
-    off = hk.transform(lambda x: grok.RotaryEmbedding(8)(x, offset=3)).apply({}, None, x)
+    off = jax.jit(hk.transform(lambda x: grok.RotaryEmbedding(8)(x, offset=3)).apply)({}, None, x)
     np.testing.assert_allclose(off, ref.rope(np.float64(x), np.arange(3.0, 10.0)), rtol=1e-5, atol=1e-5)
 
 
 def test_rope_position_zero_is_identity_and_norm_preserving():
     x = np.random.default_rng(2).standard_normal((1, 5, 1, 16)).astype(np.float32)
-    y = np.asarray(hk.transform(lambda x: grok.RotaryEmbedding(16)(x)).apply({}, None, x))
+    y = np.asarray(jax.jit(hk.transform(lambda x: grok.RotaryEmbedding(16)(x)).apply)({}, None, x))
     np.testing.assert_allclose(y[:, 0], x[:, 0], atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
 
@@ -72,6 +76,13 @@ def test_rope_position_zero_is_identity_and_norm_preserving():
 @pytest.mark.parametrize("logit", [-1000.0, -30.0, -1.0, 0.0, 0.5, 29.0, 90.0])
 def test_soft_cap_formula(logit):
     assert float(grok.soft_cap(jnp.float32(logit))) == pytest.approx(30 * np.tanh(logit / 30), rel=1e-6, abs=1e-6)
+
+
+def random_param(rng, path, shape) -> np.ndarray:
+    """float32 values for the parameter at `path`: RMSNorm scales near 1, matrices scaled by 1/sqrt(fan-in)."""
+    if jax.tree_util.keystr(path).endswith("['scale']"):
+        return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    return (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
 
 
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
@@ -84,8 +95,10 @@ def test_transformer_matches_numpy_reference(num_q_heads, num_kv_heads):
     pad[1, 3:5] = False  # padded history positions
     pad[0, 7] = False  # a padded candidate
     f = hk.transform(lambda x, m: cfg.make()(x, m, candidate_start_offset=offset).embeddings)
-    params = jax.jit(f.init)(jax.random.PRNGKey(1), x, pad)  # jitted: eager init dispatches op by op
-    params = jax.tree_util.tree_map(lambda p: p + 0.1 * rng.standard_normal(p.shape).astype(np.float32), params)
+    # Random values in init's tree (names and shapes from jax.eval_shape: compiling init's initialisers
+    # costs several times the forward pass; test_fused_projections_equal_separate_ones runs init).
+    params = jax.tree_util.tree_map_with_path(lambda path, p: random_param(rng, path, p.shape),
+                                              jax.eval_shape(f.init, jax.random.PRNGKey(1), x, pad))
     got = np.asarray(jax.jit(f.apply)(params, None, x, pad))
     layers = [{
         "mha": {n: np.float64(params[f"transformer/decoder_layer_{i}/multi_head_attention/{n}"]["w"])
@@ -142,15 +155,18 @@ def test_deferred_norm_matmul_equals_the_normalised_rows_matmul():
                                         grok.Linear(24, with_bias=False, name="b")])
 
     f = hk.transform(net)
-    params = f.init(jax.random.PRNGKey(0), x, False)
-    assert jax.tree_util.tree_structure(f.init(jax.random.PRNGKey(0), x, True)) == jax.tree_util.tree_structure(params)
+    # Jitted: eager, each op compiles its own program. The deferred init's tree by jax.eval_shape.
+    params = jax.jit(f.init, static_argnums=2)(jax.random.PRNGKey(0), x, False)
+    assert jax.tree_util.tree_structure(jax.eval_shape(lambda r, x: f.init(r, x, True), jax.random.PRNGKey(0), x)) == (
+        jax.tree_util.tree_structure(params))
     params["rms_norm"]["scale"] = jnp.asarray(rng.standard_normal(16), jnp.float32)  # a learned scale, not ones
-    want = f.apply(params, None, x, False)
-    got = f.apply(params, None, x, True)
+    apply = jax.jit(f.apply, static_argnums=3)
+    want = apply(params, None, x, False)
+    got = apply(params, None, x, True)
     assert [g.shape for g in got] == [(2, 9, 8), (2, 9, 24)]
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
-    rows = hk.transform(lambda x: grok.RMSNorm().deferred(x)).apply(params, None, x)
+    rows = jax.jit(hk.transform(lambda x: grok.RMSNorm().deferred(x)).apply)(params, None, x)
     np.testing.assert_allclose(rows.x * rows.inv_rms * rows.scale, ref.rms_norm(np.float64(x), params["rms_norm"]["scale"]),
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="float32"):
@@ -158,5 +174,5 @@ def test_deferred_norm_matmul_equals_the_normalised_rows_matmul():
     # pre_norm defers only on the fused float32 path; elsewhere it returns the normalised rows
     for dtype, fused, deferred in ((jnp.float32, True, True), (jnp.float32, False, False),
                                    (jnp.bfloat16, True, False)):
-        out = hk.transform(lambda x: grok.pre_norm(x, fused)).apply(params, None, x.astype(dtype))
+        out = jax.eval_shape(hk.transform(lambda x: grok.pre_norm(x, fused)).apply, params, None, x.astype(dtype))
         assert isinstance(out, grok.DeferredNorm) == deferred

@@ -230,6 +230,9 @@ def test_device_suite_runs_on_cpu_at_tiny_sizes(tmp_path):
         assert row["k"] == 5 and row["median_ms"] > 0
         if row["method"] != "approx_max_k":
             assert row["recall"] == 1.0  # the exact index returns the bare top_k's entries
+    sharded = {r["method"]: r for r in rows if r["section"] == "suite_sharded"}  # one device here: equal shares
+    assert set(sharded) == {"sharded", "replicated"} and all(r["n"] == 300 and r["devices"] == 1 for r in sharded.values())
+    assert sharded["sharded"]["table_mib_per_device"] == sharded["replicated"]["table_mib_per_device"] > 0
     assert all(r["device"].startswith("cpu") for r in rows)
     markdown = out.with_suffix(".md").read_text()
     assert "vs_release" in markdown and "vs_bare" in markdown

@@ -1101,6 +1101,33 @@ def test_near_ties_equal_brute_force(batch, chunk):
         assert_same_as_brute_force(idx.search(user, k), user, corpus, k)
 
 
+def compiled_programs(call):
+    """(call's result, names of the XLA programs compiled while it ran)."""
+    names = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        return call(), names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_checking_a_new_corpus_shape_compiles_one_program():
+    """The finite check and the norm bound of a corpus of a shape not seen before are one program
+    (before: the bad-row count and the first bad row compiled two more per shape)."""
+    corpus = np.ones((131, 7), np.float32)  # a shape no other test builds
+    idx, names = compiled_programs(lambda: CorpusIndex(corpus, coarse=False))
+    assert names == ["jit(_rows_finite)"]
+    assert float(idx.max_row_norm) >= np.sqrt(7)
+    corpus[[40, 99], 3] = np.nan
+    with pytest.raises(ValueError, match=r"NaN or inf in 2 rows \(first: row 40\)"):
+        CorpusIndex(corpus)
+
+
 def test_max_row_norm_bounds_the_largest_row_norm():
     corpus = np.ones((1000, 16), np.float32)
     corpus[123] *= 3.0

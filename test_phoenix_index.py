@@ -1014,20 +1014,21 @@ def test_approx_recall_returns_exact_scores_in_index_order():
 
 
 def _drop_cases():
-    """[B, n] arrays for `_drop_hopeless`: order, ties, padding and a guess that fails."""
+    """[B, n] arrays for `_drop_hopeless`: order, ties, padding and a guess that fails. All [3, n]
+    (rows are independent), so each k compiles one program."""
     rng = np.random.default_rng(7)
     n = 4000
     random = rng.standard_normal((3, n)).astype(np.float32)
-    rising = np.tile(np.arange(n, dtype=np.float32), (2, 1))  # every entry enters a running best-K
+    rising = np.tile(np.arange(n, dtype=np.float32), (3, 1))  # every entry enters a running best-K
     falling = rising[:, ::-1].copy()
-    ties = rng.integers(0, 3, (2, n)).astype(np.float32)  # ~n / 3 entries tie at the top
+    ties = rng.integers(0, 3, (3, n)).astype(np.float32)  # ~n / 3 entries tie at the top
     padded = random.copy()
     padded[:, n // 2:] = -np.inf  # PAD_SCORE tail
     padded[1] = -np.inf  # a row that is padding only
-    spiky = np.zeros((1, n), np.float32)
-    spiky[0, ::index.SAMPLE_STRIDE] = 1.0  # the sample sees only the spikes: guess 1.0 is verified
-    lonely = np.zeros((1, n), np.float32)
-    lonely[0, ::index.SAMPLE_STRIDE][:3] = 1.0  # too few entries reach the guess: row kept whole
+    spiky = np.zeros((3, n), np.float32)
+    spiky[:, ::index.SAMPLE_STRIDE] = 1.0  # the sample sees only the spikes: guess 1.0 is verified
+    lonely = np.zeros((3, n), np.float32)
+    lonely[:, ::index.SAMPLE_STRIDE][:, :3] = 1.0  # too few entries reach the guess: rows kept whole
     return {"random": random, "rising": rising, "falling": falling, "ties": ties, "padded": padded,
             "spiky": spiky, "lonely": lonely}
 
@@ -1066,7 +1067,7 @@ def test_drop_hopeless_margin_keeps_entries_near_the_kth(name, k):
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
     if name == "spiky" and k == 40:  # the guess is the k-th (1.0) itself: zeros 1.0 below it go
         assert not (np.asarray(index._drop_hopeless(jnp.asarray(x), k)) == 0).any()  # without a margin,
-        wide = index._drop_hopeless(jnp.asarray(x), k, jnp.full((1, 1), 1.5))  # and stay within 1.5
+        wide = index._drop_hopeless(jnp.asarray(x), k, jnp.full((3, 1), 1.5))  # and stay within 1.5
         np.testing.assert_array_equal(np.asarray(wide), x)
 
 

@@ -1128,9 +1128,10 @@ def test_checking_a_new_corpus_shape_compiles_one_program():
     idx, names = compiled_programs(lambda: CorpusIndex(corpus, coarse=False))
     assert names == ["jit(_rows_finite)"]
     assert float(idx.max_row_norm) >= np.sqrt(7)
-    corpus[[40, 99], 3] = np.nan
+    bad = corpus.copy()  # the index may hold `corpus` in place, read-only
+    bad[[40, 99], 3] = np.nan
     with pytest.raises(ValueError, match=r"NaN or inf in 2 rows \(first: row 40\)"):
-        CorpusIndex(corpus)
+        CorpusIndex(bad)
 
 
 def test_max_row_norm_bounds_the_largest_row_norm():

@@ -341,20 +341,23 @@ def _check_finite_device(corpus: jax.Array) -> jax.Array:
     """Rejects NaN/inf rows with a pointer to the first one; fused reductions, no [N, D] temporary.
     Only scalars come back to the host, so this also works on a corpus sharded across hosts.
     Returns an upper bound on the largest row norm (a device scalar, `_norm_bound`)."""
-    row_ok, max_norm = _rows_finite(corpus)  # [N], []
-    num_bad = int(jnp.sum(~row_ok))
+    num_bad, first_bad, max_norm = _rows_finite(corpus)  # [] each
+    num_bad = int(num_bad)
     if num_bad:
         raise ValueError(f"corpus_embeddings: expected finite values, got NaN or inf in {num_bad} rows "
-                         f"(first: row {int(jnp.argmin(row_ok))})")
+                         f"(first: row {int(first_bad)})")
     return max_norm
 
 
 @jax.jit
 def _rows_finite(corpus):
+    """(rows with NaN/inf, the first of them, `_norm_bound`'s largest row): one program per corpus
+    shape (counting and locating the bad rows eagerly compiled two more)."""
     # x * 0 is NaN exactly for NaN and +-inf, and a sum keeps any NaN (IEEE), so this row sum is
     # finite iff the row is. A float sum fuses with its input; isfinite(corpus).all(1)
     # materialised an [N, D] bool (1.3 GB at N = 10M), and XNNPACK's max drops NaNs.
-    return jnp.isfinite(jnp.sum(corpus * 0.0, axis=1)), jnp.max(_norm_bound(corpus))
+    row_ok = jnp.isfinite(jnp.sum(corpus * 0.0, axis=1))  # [N]
+    return jnp.sum(~row_ok), jnp.argmin(row_ok), jnp.max(_norm_bound(corpus))
 
 
 def _check_corpus(corpus_embeddings) -> None:

@@ -195,15 +195,16 @@ def test_exact_scores_never_fuse_multiply_add():
 def test_zero_scores_are_positive_zero_and_tie_by_index():
     """A zero user against all-negative rows gives products of -0.0, whose sum is -0.0; XLA's top_k
     (a total order) would put +0.0 scores before it. Scores are +0.0, so all zero scores tie and come
-    in index order, as brute force (NumPy) orders them."""
-    corpus = np.abs(np.random.default_rng(3).standard_normal((64, 16))).astype(np.float32)
+    in index order, as brute force (NumPy) orders them. The shapes of
+    test_identical_rows_score_identically[1-float32] (compiled once)."""
+    corpus = np.abs(np.random.default_rng(3).standard_normal((1000, 128))).astype(np.float32)
     corpus[::3] *= -1  # rows 0, 3, 6, ...: every product with a zero user is -0.0
-    user = np.zeros((1, 16), np.float32)
+    user = np.zeros((1, 128), np.float32)
     scores = np.asarray(exact_scores(user, corpus))
     np.testing.assert_array_equal(scores.view(np.uint32), 0)  # +0.0 bit patterns
     for kwargs in ({}, dict(block_size=4, chunk_size=8)):
-        indices, _ = CorpusIndex(corpus, **kwargs).search(user, 10)
-        np.testing.assert_array_equal(np.asarray(indices), [np.arange(10)])
+        indices, _ = CorpusIndex(corpus, **kwargs).search(user, 7)
+        np.testing.assert_array_equal(np.asarray(indices), [np.arange(7)])
 
 
 @pytest.mark.parametrize("coarse", [False, True], ids=["float32", "coarse"])
@@ -440,8 +441,10 @@ def test_aliased_corpus_becomes_read_only_and_copies_stay_writable():
     stays writable, and writing to it changes nothing the index returns."""
     if jax.default_backend() != "cpu":
         pytest.skip("zero-copy aliasing of host memory is a CPU property")
-    user, original, _ = int_corpus(304, 8, 2)
-    for cls in (CorpusIndex, ShardedCorpusIndex):  # 304 rows: one shard of whole 16-row groups
+    # The shapes of test_one_ulp_staircase_with_two_users_equals_brute_force at K = 20 (its coarse
+    # search compiles once); 2000 rows: one shard of whole 16-row groups.
+    user, original, _ = int_corpus(2000, 32, 2)
+    for cls in (CorpusIndex, ShardedCorpusIndex):
         corpus = index.aligned_empty(original.shape)
         corpus[:] = original
         idx = cls(corpus, block_size=8)
@@ -450,13 +453,13 @@ def test_aliased_corpus_becomes_read_only_and_copies_stay_writable():
             corpus[3] = 100.0
         with pytest.raises(ValueError, match="read-only"):
             corpus.base[:] = 0  # the buffer it is a view of
-        assert_same_as_brute_force(idx.search(user, 10), user, original, 10)
-    buffer = index.aligned_empty((304 * 8 + 1,))
-    for corpus in (buffer[1:].reshape(304, 8), original.astype(np.float64)):  # 4 bytes off alignment; float64
+        assert_same_as_brute_force(idx.search(user, 20), user, original, 20)
+    buffer = index.aligned_empty((original.size + 1,))
+    for corpus in (buffer[1:].reshape(original.shape), original.astype(np.float64)):  # 4 bytes off alignment; float64
         corpus[:] = original
         idx = CorpusIndex(corpus, block_size=8, coarse=True)
         corpus[:] = -corpus  # allowed: the index holds its own copy
-        assert_same_as_brute_force(idx.search(user, 10), user, original, 10)
+        assert_same_as_brute_force(idx.search(user, 20), user, original, 20)
 
 
 def test_corpus_is_not_copied_when_aligned():
@@ -648,7 +651,7 @@ def faiss_setup():
 
 def test_faiss_recall_against_exact(faiss_setup):
     corpus, user, ann = faiss_setup
-    exact_indices, _ = CorpusIndex(corpus).search(user, 100)
+    exact_indices = np.asarray(CorpusIndex(corpus).search(user, 101)[0])[:, :100]  # the next test's K (compiled once)
     indices, scores = ann.search(user, 100)
     assert indices.shape == scores.shape == (8, 100)
     assert recall_at_k(indices, exact_indices) >= MIN_FAISS_RECALL
@@ -1011,20 +1014,21 @@ def test_approx_recall_returns_exact_scores_in_index_order():
 
 
 def _drop_cases():
-    """[B, n] arrays for `_drop_hopeless`: order, ties, padding and a guess that fails."""
+    """[B, n] arrays for `_drop_hopeless`: order, ties, padding and a guess that fails. All [3, n]
+    (rows are independent), so each k compiles one program."""
     rng = np.random.default_rng(7)
     n = 4000
     random = rng.standard_normal((3, n)).astype(np.float32)
-    rising = np.tile(np.arange(n, dtype=np.float32), (2, 1))  # every entry enters a running best-K
+    rising = np.tile(np.arange(n, dtype=np.float32), (3, 1))  # every entry enters a running best-K
     falling = rising[:, ::-1].copy()
-    ties = rng.integers(0, 3, (2, n)).astype(np.float32)  # ~n / 3 entries tie at the top
+    ties = rng.integers(0, 3, (3, n)).astype(np.float32)  # ~n / 3 entries tie at the top
     padded = random.copy()
     padded[:, n // 2:] = -np.inf  # PAD_SCORE tail
     padded[1] = -np.inf  # a row that is padding only
-    spiky = np.zeros((1, n), np.float32)
-    spiky[0, ::index.SAMPLE_STRIDE] = 1.0  # the sample sees only the spikes: guess 1.0 is verified
-    lonely = np.zeros((1, n), np.float32)
-    lonely[0, ::index.SAMPLE_STRIDE][:3] = 1.0  # too few entries reach the guess: row kept whole
+    spiky = np.zeros((3, n), np.float32)
+    spiky[:, ::index.SAMPLE_STRIDE] = 1.0  # the sample sees only the spikes: guess 1.0 is verified
+    lonely = np.zeros((3, n), np.float32)
+    lonely[:, ::index.SAMPLE_STRIDE][:, :3] = 1.0  # too few entries reach the guess: rows kept whole
     return {"random": random, "rising": rising, "falling": falling, "ties": ties, "padded": padded,
             "spiky": spiky, "lonely": lonely}
 
@@ -1063,7 +1067,7 @@ def test_drop_hopeless_margin_keeps_entries_near_the_kth(name, k):
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
     if name == "spiky" and k == 40:  # the guess is the k-th (1.0) itself: zeros 1.0 below it go
         assert not (np.asarray(index._drop_hopeless(jnp.asarray(x), k)) == 0).any()  # without a margin,
-        wide = index._drop_hopeless(jnp.asarray(x), k, jnp.full((1, 1), 1.5))  # and stay within 1.5
+        wide = index._drop_hopeless(jnp.asarray(x), k, jnp.full((3, 1), 1.5))  # and stay within 1.5
         np.testing.assert_array_equal(np.asarray(wide), x)
 
 
@@ -1087,18 +1091,47 @@ def test_scores_rising_with_the_index_match_brute_force(batch, chunk, masked):
         assert_same_as_brute_force(idx.search(user, k, mask), user, corpus, k, mask)
 
 
-@pytest.mark.parametrize("batch, chunk", [(1, None), (16, 512)], ids=["one-piece", "chunked"])
+@pytest.mark.parametrize("batch, chunk", [(4, None), (16, 2048)], ids=["one-piece", "chunked"])
 def test_near_ties_equal_brute_force(batch, chunk):
     """Rows a few float32 ulps apart around the K-th score, where the scan and the canonical
     rescoring round differently: brute force's indices and scores, bit for bit (the band and the
-    row cut are what keep it; without their margins this fails)."""
+    row cut are what keep it; without their margins, BOUND_SAFETY = 0, this fails). The shapes of
+    test_unit_vectors_are_answered_by_the_fast_passes (compiled once)."""
     rng = np.random.default_rng(11)
-    base = unit_rows(rng.standard_normal((1, 64)))
-    corpus = unit_rows(base + 1e-6 * rng.standard_normal((20000, 64)))  # scores within ~1e-6
-    user = unit_rows(base + 1e-3 * rng.standard_normal((batch, 64)))
+    base = unit_rows(rng.standard_normal((1, 32)))
+    corpus = unit_rows(base + 1e-6 * rng.standard_normal((20000, 32)))  # scores within ~1e-6
+    user = unit_rows(base + 1e-3 * rng.standard_normal((batch, 32)))
     idx = CorpusIndex(corpus, chunk_size=chunk, block_size=8, coarse=False)
-    for k in (20, 100):
+    for k in (1, 50):
         assert_same_as_brute_force(idx.search(user, k), user, corpus, k)
+
+
+def compiled_programs(call):
+    """(call's result, names of the XLA programs compiled while it ran)."""
+    names = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        return call(), names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_checking_a_new_corpus_shape_compiles_one_program():
+    """The finite check and the norm bound of a corpus of a shape not seen before are one program
+    (before: the bad-row count and the first bad row compiled two more per shape)."""
+    corpus = np.ones((131, 7), np.float32)  # a shape no other test builds
+    idx, names = compiled_programs(lambda: CorpusIndex(corpus, coarse=False))
+    assert names == ["jit(_rows_finite)"]
+    assert float(idx.max_row_norm) >= np.sqrt(7)
+    bad = corpus.copy()  # the index may hold `corpus` in place, read-only
+    bad[[40, 99], 3] = np.nan
+    with pytest.raises(ValueError, match=r"NaN or inf in 2 rows \(first: row 40\)"):
+        CorpusIndex(bad)
 
 
 def test_max_row_norm_bounds_the_largest_row_norm():
